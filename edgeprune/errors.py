@@ -1,0 +1,13 @@
+"""One exception type for every user-facing failure: the CLI prints its message and exits 2."""
+
+
+class EdgepruneError(Exception):
+    """A problem with the user's input or environment, described so they can fix it."""
+
+    def __init__(self, message: str, stage: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        return f"[{self.stage}] {msg}" if self.stage else msg
