@@ -1,0 +1,75 @@
+"""Turn what the user names (a .pt / .onnx path or a zoo name) into a model and its input shape."""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import models
+from .errors import EdgepruneError
+
+# Attribute under which edgeprune stores a module's static input shape when it saves it.
+INPUT_SHAPE_ATTR = "edgeprune_input_shape"
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise EdgepruneError(f"--input-shape '{text}' is not a list of integers like 1,1,28,28")
+    if not dims or any(d <= 0 for d in dims):
+        raise EdgepruneError(f"--input-shape '{text}' must have positive dimensions")
+    return dims
+
+
+def is_zoo_name(spec: str) -> bool:
+    return spec in models.ZOO and not Path(spec).exists()
+
+
+def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
+               num_classes: int = 10) -> tuple[nn.Module, tuple[int, ...]]:
+    """A torch module (eval mode) and its input shape from a zoo name or a torch.save file."""
+    if is_zoo_name(spec):
+        return models.build(spec, input_shape, num_classes=num_classes)
+    path = Path(spec)
+    if not path.exists():
+        raise EdgepruneError(f"model file {path} does not exist (nor is '{spec}' a zoo model: "
+                             f"{', '.join(models.zoo_names())})")
+    if path.suffix == ".onnx":
+        from .onnx_to_torch import onnx_to_torch
+        return onnx_to_torch(path, input_shape)
+    model = _torch_load(path)
+    shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None)
+    if shape is None:
+        raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
+                             "pass --input-shape, e.g. --input-shape 1,1,28,28")
+    return model.eval(), tuple(shape)
+
+
+def _torch_load(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # A whole pickled nn.Module cannot load with weights_only; it is the user's own file.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise EdgepruneError(f"{path}: not a PyTorch model file ({type(e).__name__}: {e})")
+    if isinstance(obj, dict) and "zoo" in obj and "state_dict" in obj:
+        model, shape = models.build(obj["zoo"], obj.get("input_shape"),
+                                    num_classes=obj.get("num_classes", 10))
+        model.load_state_dict(obj["state_dict"])
+        setattr(model, INPUT_SHAPE_ATTR, shape)
+        return model
+    if not isinstance(obj, nn.Module):
+        raise EdgepruneError(f"{path}: holds a {type(obj).__name__}, not an nn.Module "
+                             "(save the module itself, or {'zoo': name, 'state_dict': ...})")
+    return obj
+
+
+def save_torch(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """Save a whole module with its input shape, so every command can load it back alone."""
+    setattr(model, INPUT_SHAPE_ATTR, tuple(input_shape))
+    torch.save(model, path)

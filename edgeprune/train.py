@@ -1,0 +1,74 @@
+"""Training and evaluation loops shared by every stage that touches weights."""
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import Dataset
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
+    idx = np.random.default_rng(seed).permutation(len(x)) if shuffle else np.arange(len(x))
+    for i in range(0, len(x), batch_size):
+        j = idx[i:i + batch_size]
+        yield torch.from_numpy(x[j]), torch.from_numpy(y[j])
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for xb, yb in batches(x, y, batch_size, shuffle=False):
+            correct += int((model(xb).argmax(1) == yb).sum())
+    return 100.0 * correct / max(1, len(x))
+
+
+def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01,
+          batch_size: int = 64, seed: int = 0, max_samples: int | None = None,
+          extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+          after_step: Callable[[nn.Module], None] | None = None,
+          progress: Callable[[float, float], None] | None = None) -> nn.Module:
+    """SGD with momentum and a cosine schedule; `epochs` may be fractional.
+
+    `extra_loss` adds a regulariser (sparsity penalties, ADMM terms); `after_step` runs after
+    each optimiser step (masking, projection); `progress(fraction, loss)` reports progress.
+    """
+    torch.manual_seed(seed)
+    x, y = data.x_train, data.y_train
+    if max_samples:
+        x, y = x[:max_samples], y[:max_samples]
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    loss_fn = nn.CrossEntropyLoss()
+    step, epoch = 0, 0
+    model.train()
+    while step < total:
+        for xb, yb in batches(x, y, batch_size, shuffle=True, seed=seed + epoch):
+            loss = loss_fn(model(xb), yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step(model)
+            step += 1
+            if progress is not None and (step % 50 == 0 or step == total):
+                progress(step / total, float(loss))
+            if step >= total:
+                break
+        epoch += 1
+    return model.eval()
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
