@@ -1,0 +1,540 @@
+"""Post-training quantization: torch module -> folded float graph -> calibration -> QuantModel.
+
+Pipeline:
+1. `extract`: fx-trace the model, fold BatchNorm into the preceding conv/linear
+   (`torch.fx.experimental.optimization.fuse`), and rewrite it as an `IRNet`: a flat list of
+   `FNode`s (conv2d / dense / add / maxpool / avgpool / reshape) with ReLU / ReLU6 / clamp fused
+   into the producing conv/dense/add.  The IRNet is a trainable nn.Module (QAT and ADMM train it)
+   whose forward can fake-quantize exactly where the integer model rounds.
+2. `calibrate`: run real data through the float IRNet, record each tensor's range (min/max or a
+   percentile, since a few outliers can waste most of an 8-bit range).
+3. `to_qmodel`: per-channel symmetric weights, asymmetric int8 (or symmetric int16) activations,
+   int32 bias = round(b / (s_in * s_w)), requantization multipliers, activation as clamp range.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import EdgepruneError
+from .qmodel import DTYPE_RANGE, Op, QuantModel, TensorInfo
+from .requant import INT32_MAX, INT32_MIN, quantize_multiplier, quantize_multipliers, \
+    shared_shift_multipliers
+from .wquant import quantize_weights
+
+INPUT = "input"
+
+
+@dataclass
+class FNode:
+    """One float op of the folded graph.  `act` is None, ("relu",), ("relu6",) or ("clip", lo, hi)."""
+    kind: str
+    name: str
+    inputs: list[str]
+    output: str
+    attrs: dict = field(default_factory=dict)
+    act: tuple | None = None
+    out_shape: tuple[int, ...] = ()
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+
+
+def _act_range(act: tuple | None) -> tuple[float, float]:
+    if act is None:
+        return -np.inf, np.inf
+    if act[0] == "relu":
+        return 0.0, np.inf
+    if act[0] == "relu6":
+        return 0.0, 6.0
+    return float(act[1]), float(act[2])
+
+
+def fake_quant(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through gradient inside the clamp range."""
+    lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
+    xc = torch.clamp(x, lo, hi)
+    q = torch.floor(xc / scale + 0.5)
+    return xc + ((q * scale) - xc).detach()
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-output-channel symmetric max-abs fake quantization (STE) for QAT."""
+    qmax = 2 ** (bits - 1) - 1
+    a = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12) / qmax
+    a = a.view((-1,) + (1,) * (w.dim() - 1))
+    q = torch.clamp(torch.round(w / a), -qmax, qmax) * a
+    return w + (q - w).detach()
+
+
+class IRNet(nn.Module):
+    """The folded float graph as a module: `nodes` in order, conv/dense weights as parameters.
+
+    `qconfig` (set by QAT) turns on fake quantization: {"act": {tensor: (scale, zp, qmin, qmax)},
+    "weight_bits": {node: bits}}.
+    """
+
+    def __init__(self, nodes: list[FNode], input_shape: tuple[int, ...],
+                 weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]):
+        super().__init__()
+        self.nodes = nodes
+        self.input_shape = tuple(input_shape)
+        self.weight = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float())
+                                        for k, v in weights.items()})
+        self.bias = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float())
+                                      for k, v in biases.items()})
+        self.qconfig: dict | None = None
+        self.weight_override: dict[str, torch.Tensor] = {}
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1].output
+
+    def weight_nodes(self) -> list[FNode]:
+        return [n for n in self.nodes if n.kind in ("conv2d", "dense")]
+
+    def _w(self, name: str) -> torch.Tensor:
+        if name in self.weight_override:
+            return self.weight_override[name]
+        w = self.weight[name]
+        if self.qconfig is not None and name in self.qconfig.get("weight_bits", {}):
+            w = fake_quant_weight(w, self.qconfig["weight_bits"][name])
+        return w
+
+    def _fq(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.qconfig is None or name not in self.qconfig.get("act", {}):
+            return x
+        return fake_quant(x, *self.qconfig["act"][name])
+
+    def forward(self, x: torch.Tensor, record: dict | None = None) -> torch.Tensor:
+        env = {INPUT: self._fq(INPUT, x)}
+        if record is not None:
+            record[INPUT] = env[INPUT]
+        for n in self.nodes:
+            a = n.attrs
+            xs = [env[i] for i in n.inputs]
+            if n.kind == "conv2d":
+                t, l, b, r = a["padding"]
+                h = xs[0]
+                if any(a["padding"]):
+                    h = F.pad(h, (l, r, t, b))
+                y = F.conv2d(h, self._w(n.name), self.bias[n.name], a["strides"], 0,
+                             a["dilation"], a["groups"])
+            elif n.kind == "dense":
+                y = F.linear(xs[0], self._w(n.name), self.bias[n.name])
+            elif n.kind == "add":
+                y = xs[0] + xs[1]
+            elif n.kind == "maxpool":
+                t, l, b, r = a["padding"]
+                h = F.pad(xs[0], (l, r, t, b), value=-np.inf) if any(a["padding"]) else xs[0]
+                y = F.max_pool2d(h, a["kernel"], a["strides"], 0, a["dilation"])
+            elif n.kind == "avgpool":
+                t, l, b, r = a["padding"]
+                h = F.pad(xs[0], (l, r, t, b)) if any(a["padding"]) else xs[0]
+                y = F.avg_pool2d(h, a["kernel"], a["strides"], 0)
+            elif n.kind == "reshape":
+                y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))
+            else:
+                raise EdgepruneError(f"IRNet: unknown node kind {n.kind}")
+            if n.act is not None:
+                lo, hi = _act_range(n.act)
+                y = torch.clamp(y, lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
+            y = self._fq(n.output, y)
+            env[n.output] = y
+            if record is not None:
+                record[n.output] = y
+        return env[self.output]
+
+
+# --- extraction ---------------------------------------------------------------------------
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
+def _activation_of(mod_or_fn, node) -> tuple | None:
+    if isinstance(mod_or_fn, nn.ReLU6):
+        return ("relu6",)
+    if isinstance(mod_or_fn, nn.Hardtanh):
+        return ("clip", float(mod_or_fn.min_val), float(mod_or_fn.max_val))
+    if isinstance(mod_or_fn, nn.ReLU):
+        return ("relu",)
+    if mod_or_fn in (F.relu, torch.relu, "relu", "relu_"):
+        return ("relu",)
+    if mod_or_fn is F.relu6:
+        return ("relu6",)
+    if mod_or_fn in (F.hardtanh,):
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return ("clip", float(lo), float(hi))
+    if mod_or_fn in (torch.clamp, torch.clip, "clamp", "clip"):
+        lo = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+        hi = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
+        return ("clip", -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi))
+    return None
+
+
+def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
+    """Fold BN and turn `model` into an IRNet (raises naming the first unsupported node)."""
+    import torch.fx as fx
+    from torch.fx.experimental.optimization import fuse
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    model = copy.deepcopy(model).eval()
+    try:
+        gm = fuse(model)
+    except Exception as e:
+        raise EdgepruneError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
+                             "quantize supports traceable conv/linear/pool/add networks") from None
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(input_shape))
+
+    nodes: list[FNode] = []
+    by_out: dict[str, FNode] = {}
+    alias: dict[str, str] = {}
+    weights, biases = {}, {}
+    users = {n.name: len(n.users) for n in gm.graph.nodes}
+
+    def src(a) -> str:
+        if not isinstance(a, fx.Node):
+            raise EdgepruneError(f"unsupported non-tensor operand {a!r}")
+        return alias.get(a.name, a.name)
+
+    def shape_of(node) -> tuple[int, ...]:
+        return tuple(node.meta["tensor_meta"].shape)
+
+    def add_node(fnode: FNode):
+        nodes.append(fnode)
+        by_out[fnode.output] = fnode
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if alias:
+                raise EdgepruneError("models with several inputs are not supported")
+            alias[node.name] = INPUT
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            if isinstance(out, (tuple, list)):
+                if len(out) != 1:
+                    raise EdgepruneError("models with several outputs are not supported")
+                out = out[0]
+            final = src(out)
+            break
+        target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+        where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
+        shape = shape_of(node)
+
+        # pass-through ops
+        if isinstance(target, _PASS_MODULES) or target in (F.dropout, "contiguous", "clone"):
+            alias[node.name] = src(node.args[0])
+            continue
+        act = _activation_of(target, node)
+        if act is not None:
+            prev = src(node.args[0])
+            producer = by_out.get(prev)
+            if (producer is None or producer.act is not None
+                    or producer.kind not in ("conv2d", "dense", "add") or users[prev] != 1):
+                raise EdgepruneError(f"{where}: a standalone activation (not directly after a "
+                                     "single-use conv/linear/add) is not supported")
+            producer.act = act
+            alias[node.name] = prev
+            users[node.name] = users[prev]
+            continue
+        if isinstance(target, nn.Conv2d):
+            if target.padding_mode != "zeros":
+                raise EdgepruneError(f"{where}: padding_mode '{target.padding_mode}' unsupported")
+            if isinstance(target.padding, str):
+                ih, iw = shape_of(node.args[0])[2:]
+                pads = []
+                for k, d, s, i in zip(target.kernel_size, target.dilation, target.stride, (ih, iw)):
+                    total = max(0, d * (k - 1)) if target.padding == "same" else 0
+                    pads.append((total // 2, total - total // 2))
+                padding = [pads[0][0], pads[1][0], pads[0][1], pads[1][1]]
+            else:
+                ph, pw = _pair(target.padding)
+                padding = [ph, pw, ph, pw]
+            attrs = {"strides": _pair(target.stride), "padding": padding,
+                     "dilation": _pair(target.dilation), "groups": int(target.groups)}
+            weights[node.name] = target.weight.detach()
+            biases[node.name] = (target.bias.detach() if target.bias is not None
+                                 else torch.zeros(target.out_channels))
+            add_node(FNode("conv2d", node.name, [src(node.args[0])], node.name, attrs,
+                           out_shape=shape))
+            continue
+        if isinstance(target, nn.Linear):
+            if len(shape) != 2:
+                raise EdgepruneError(f"{where}: linear on a {len(shape)}-D tensor; flatten first")
+            weights[node.name] = target.weight.detach()
+            biases[node.name] = (target.bias.detach() if target.bias is not None
+                                 else torch.zeros(target.out_features))
+            add_node(FNode("dense", node.name, [src(node.args[0])], node.name, out_shape=shape))
+            continue
+        if target in (operator.add, torch.add, "add"):
+            a, b = node.args[0], node.args[1]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node.kwargs.get("alpha"):
+                raise EdgepruneError(f"{where}: only tensor + tensor adds are supported")
+            add_node(FNode("add", node.name, [src(a), src(b)], node.name, out_shape=shape))
+            continue
+        if isinstance(target, nn.MaxPool2d) or target is F.max_pool2d:
+            if isinstance(target, nn.MaxPool2d):
+                k, s, p, d, ceil = (target.kernel_size, target.stride, target.padding,
+                                    target.dilation, target.ceil_mode)
+            else:
+                ar = list(node.args) + [None] * 6
+                k = node.kwargs.get("kernel_size", ar[1])
+                s = node.kwargs.get("stride", ar[2]) or k
+                p = node.kwargs.get("padding", ar[3] or 0)
+                d = node.kwargs.get("dilation", ar[4] or 1)
+                ceil = node.kwargs.get("ceil_mode", ar[5] or False)
+            p = _pair(p)
+            attrs = {"kernel": _pair(k), "strides": _pair(s if s is not None else k),
+                     "padding": [p[0], p[1], p[0], p[1]], "dilation": _pair(d)}
+            _check_pool_shape(where, shape_of(node.args[0]), shape, attrs, ceil)
+            add_node(FNode("maxpool", node.name, [src(node.args[0])], node.name, attrs,
+                           out_shape=shape))
+            continue
+        if isinstance(target, nn.AvgPool2d):
+            if target.padding and not target.count_include_pad:
+                raise EdgepruneError(f"{where}: count_include_pad=False with padding unsupported")
+            if target.divisor_override:
+                raise EdgepruneError(f"{where}: divisor_override unsupported")
+            p = _pair(target.padding)
+            attrs = {"kernel": _pair(target.kernel_size),
+                     "strides": _pair(target.stride or target.kernel_size),
+                     "padding": [p[0], p[1], p[0], p[1]], "dilation": [1, 1]}
+            _check_pool_shape(where, shape_of(node.args[0]), shape, attrs, target.ceil_mode)
+            add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
+                           out_shape=shape))
+            continue
+        if isinstance(target, nn.AdaptiveAvgPool2d) or target is F.adaptive_avg_pool2d:
+            ih, iw = shape_of(node.args[0])[2:]
+            oh, ow = shape[2:]
+            if ih % oh or iw % ow:
+                raise EdgepruneError(f"{where}: adaptive pooling {ih}x{iw} -> {oh}x{ow} is not a "
+                                     "uniform window")
+            attrs = {"kernel": [ih // oh, iw // ow], "strides": [ih // oh, iw // ow],
+                     "padding": [0, 0, 0, 0], "dilation": [1, 1]}
+            add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
+                           out_shape=shape))
+            continue
+        if target in (torch.mean, "mean"):
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = sorted(d % 4 for d in ((dims,) if isinstance(dims, int) else dims))
+            ishape = shape_of(node.args[0])
+            if dims != [2, 3] or len(ishape) != 4:
+                raise EdgepruneError(f"{where}: only mean over H, W of NCHW is supported")
+            attrs = {"kernel": list(ishape[2:]), "strides": list(ishape[2:]),
+                     "padding": [0, 0, 0, 0], "dilation": [1, 1]}
+            pooled = (ishape[0], ishape[1], 1, 1)
+            pname = node.name if tuple(shape) == pooled else node.name + "_pool"
+            add_node(FNode("avgpool", pname, [src(node.args[0])], pname, attrs, out_shape=pooled))
+            if pname != node.name:
+                add_node(FNode("reshape", node.name, [pname], node.name,
+                               {"shape": list(shape)}, out_shape=shape))
+            continue
+        if (isinstance(target, nn.Flatten) or target in (torch.flatten, torch.reshape, "flatten",
+                                                          "view", "reshape", "squeeze")):
+            add_node(FNode("reshape", node.name, [src(node.args[0])], node.name,
+                           {"shape": list(shape)}, out_shape=shape))
+            continue
+        raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
+                             "Linear, BatchNorm after conv/linear, ReLU/ReLU6/Hardtanh/clamp, "
+                             "add, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
+    else:
+        raise EdgepruneError("traced graph has no output")
+    if not nodes:
+        raise EdgepruneError("the model has no ops to quantize")
+    if final != nodes[-1].output:
+        raise EdgepruneError(f"the model output '{final}' is not the last op's output")
+    return IRNet(nodes, input_shape, weights, biases)
+
+
+def _check_pool_shape(where, ishape, oshape, attrs, ceil):
+    from .qmodel import conv_out_hw
+    if tuple(conv_out_hw(ishape[2], ishape[3], attrs["kernel"], attrs["strides"],
+                         attrs["padding"], attrs["dilation"])) != tuple(oshape[2:]):
+        raise EdgepruneError(f"{where}: pooling with ceil_mode={ceil} gives {tuple(oshape)} from "
+                             f"{tuple(ishape)}; only floor-mode windows are supported")
+
+
+# --- calibration ------------------------------------------------------------------------
+def calibrate(net: IRNet, x: np.ndarray, method: str = "minmax", percentile: float = 99.99,
+              batch_size: int = 100, max_keep: int = 200_000, seed: int = 0
+              ) -> dict[str, tuple[float, float]]:
+    """Float range (lo, hi) of the input and every node output over the calibration images.
+
+    "minmax" takes the extremes; "percentile" takes the (100-p, p) percentiles of a random
+    subsample of each tensor's values (clips rare outliers, which matters for 8-bit and less).
+    """
+    if method not in ("minmax", "percentile"):
+        raise EdgepruneError(f"calibration method '{method}' unknown (minmax, percentile)")
+    if len(x) == 0:
+        raise EdgepruneError("calibration needs at least one sample")
+    rng = np.random.default_rng(seed)
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+    keep: dict[str, list[np.ndarray]] = {}
+    saved, net.qconfig = net.qconfig, None
+    net.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            rec: dict[str, torch.Tensor] = {}
+            net(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size], np.float32)), rec)
+            for k, v in rec.items():
+                v = v.numpy().ravel()
+                lo[k] = min(lo.get(k, np.inf), float(v.min()))
+                hi[k] = max(hi.get(k, -np.inf), float(v.max()))
+                if method == "percentile":
+                    take = min(v.size, max(1, max_keep * batch_size // max(1, len(x))))
+                    keep.setdefault(k, []).append(rng.choice(v, take, replace=False))
+    net.qconfig = saved
+    if method == "minmax":
+        return {k: (lo[k], hi[k]) for k in lo}
+    out = {}
+    for k, parts in keep.items():
+        v = np.concatenate(parts)
+        out[k] = (float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile)))
+        if k == INPUT:
+            out[k] = (lo[k], hi[k])   # inputs are bounded data: never clip them
+    return out
+
+
+def act_qparams(lo: float, hi: float, dtype: str = "int8") -> tuple[float, int]:
+    """(scale, zero point): asymmetric for int8 (range widened to include 0), symmetric int16."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = DTYPE_RANGE[dtype]
+    if dtype == "int16":
+        m = max(abs(lo), abs(hi))
+        return (m / qmax if m > 0 else 1.0), 0
+    if hi - lo <= 0:
+        return 1.0, 0
+    scale = (hi - lo) / (qmax - qmin)
+    zp = int(np.clip(np.round(qmin - lo / scale), qmin, qmax))
+    return float(scale), zp
+
+
+def qconfig_for(net: IRNet, ranges: dict[str, tuple[float, float]],
+                act_dtypes: dict[str, str] | None = None, weight_bits: int | None = 8) -> dict:
+    """Fake-quant settings (for QAT) that mirror `to_qmodel`'s choices."""
+    act_dtypes = act_dtypes or {}
+    act = {}
+    params = {INPUT: act_qparams(*ranges[INPUT], act_dtypes.get(INPUT, "int8"))}
+    dt = {INPUT: act_dtypes.get(INPUT, "int8")}
+    for n in net.nodes:
+        if n.kind in ("maxpool", "reshape"):
+            params[n.output], dt[n.output] = params[n.inputs[0]], dt[n.inputs[0]]
+        else:
+            dt[n.output] = act_dtypes.get(n.output, "int8")
+            params[n.output] = act_qparams(*ranges[n.output], dt[n.output])
+    for k, (s, zp) in params.items():
+        qmin, qmax = DTYPE_RANGE[dt[k]]
+        act[k] = (s, zp, qmin, qmax)
+    wb = {} if weight_bits is None else {n.name: weight_bits for n in net.weight_nodes()}
+    return {"act": act, "weight_bits": wb}
+
+
+# --- export -----------------------------------------------------------------------------
+def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
+              weight_cfg: dict[str, tuple[str, int]] | None = None,
+              act_dtypes: dict[str, str] | None = None,
+              quantized_weights: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+              meta: dict | None = None) -> QuantModel:
+    """Integer model from the float graph and calibrated ranges.
+
+    weight_cfg: node -> (format, bits), default ("int", 8).  act_dtypes: tensor -> "int8" |
+    "int16" (default int8).  quantized_weights: node -> (Q int8, scale (O,)) already chosen
+    (ADMM), used instead of quantizing the float weights.
+    """
+    weight_cfg = weight_cfg or {}
+    act_dtypes = act_dtypes or {}
+    quantized_weights = quantized_weights or {}
+    tensors: dict[str, TensorInfo] = {}
+    s, zp = act_qparams(*ranges[INPUT], act_dtypes.get(INPUT, "int8"))
+    tensors[INPUT] = TensorInfo(INPUT, list(net.input_shape), act_dtypes.get(INPUT, "int8"), s, zp)
+    ops: list[Op] = []
+    params: dict[str, np.ndarray] = {}
+    for n in net.nodes:
+        tin = tensors[n.inputs[0]]
+        if n.kind in ("maxpool", "reshape"):
+            out = TensorInfo(n.output, list(n.out_shape), tin.dtype, tin.scale, tin.zero_point)
+        else:
+            if n.output not in ranges:
+                raise EdgepruneError(f"no calibration range for '{n.output}'")
+            dt = act_dtypes.get(n.output, "int8")
+            s, zp = act_qparams(*ranges[n.output], dt)
+            out = TensorInfo(n.output, list(n.out_shape), dt, s, zp)
+        tensors[n.output] = out
+        attrs = dict(n.attrs)
+        if n.kind in ("conv2d", "dense", "add", "avgpool"):
+            flo, fhi = _act_range(n.act)
+            lo = out.qmin if not np.isfinite(flo) else max(out.qmin, out.zero_point +
+                                                           int(np.floor(flo / out.scale + 0.5)))
+            hi = out.qmax if not np.isfinite(fhi) else min(out.qmax, out.zero_point +
+                                                           int(np.floor(fhi / out.scale + 0.5)))
+            attrs["clamp"] = [int(lo), int(max(lo, hi))]
+            attrs["activation"] = None if n.act is None else n.act[0]
+        if n.kind in ("conv2d", "dense"):
+            fmt, bits = weight_cfg.get(n.name, ("int", 8))
+            w = net.weight[n.name].detach().double().numpy()
+            b = net.bias[n.name].detach().double().numpy()
+            if n.name in quantized_weights:
+                q, a = quantized_weights[n.name]
+            else:
+                q, a = quantize_weights(w, fmt, bits)
+            a = np.asarray(a, np.float64)
+            eff = tin.scale * a
+            bias = _saturate_bias(np.round(b / eff), np.asarray(q), tin, n.name)
+            m, sh = quantize_multipliers(eff / out.scale)
+            attrs.update({"weight_bits": int(bits), "weight_format": fmt})
+            params.update({f"{n.name}.weight": np.asarray(q, np.int8),
+                           f"{n.name}.weight_scale": a.astype(np.float32),
+                           f"{n.name}.bias": bias, f"{n.name}.multiplier": m,
+                           f"{n.name}.shift": sh})
+        elif n.kind == "add":
+            ta, tb = tensors[n.inputs[0]], tensors[n.inputs[1]]
+            ms, st = shared_shift_multipliers([ta.scale / out.scale, tb.scale / out.scale])
+            attrs.update({"multipliers": ms, "shift_total": int(st)})
+        elif n.kind == "avgpool":
+            k = attrs["kernel"][0] * attrs["kernel"][1]
+            m, sh = quantize_multiplier(tin.scale / (out.scale * k))
+            attrs.update({"multiplier": int(m), "shift": int(sh)})
+        ops.append(Op(n.kind, n.name, list(n.inputs), n.output, attrs))
+    qm = QuantModel(INPUT, net.output, tensors, ops, params, dict(meta or {}))
+    qm.meta.setdefault("float_ranges", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
+    from .qmodel import validate
+    validate(qm)
+    return qm
+
+
+def _saturate_bias(bias: np.ndarray, q: np.ndarray, tin: TensorInfo, name: str) -> np.ndarray:
+    """int32 bias limited so that bias + the worst-case product sum still fits int32.
+
+    Only degenerate layers hit this (a bias millions of times larger than the products, e.g.
+    an untrained head after a near-constant feature map); the clipped part is then far below
+    one output step, since the output scale is set by that huge bias.
+    """
+    xmax = max(tin.qmax - tin.zero_point, tin.zero_point - tin.qmin)
+    room = INT32_MAX - xmax * np.abs(q.astype(np.int64).reshape(q.shape[0], -1)).sum(1)
+    if np.any(room < 0):
+        raise EdgepruneError(f"op '{name}': weights alone can overflow the int32 accumulator")
+    return np.clip(bias, -room, room).astype(np.int32)
+
+
+def quantize_ptq(model: nn.Module, input_shape: tuple[int, ...], calib_x: np.ndarray,
+                 calib_method: str = "minmax", percentile: float = 99.99,
+                 weight_cfg: dict[str, tuple[str, int]] | None = None,
+                 act_dtypes: dict[str, str] | None = None) -> QuantModel:
+    """The whole PTQ flow in one call (extract, calibrate, export)."""
+    net = extract(model, input_shape)
+    ranges = calibrate(net, calib_x, calib_method, percentile)
+    return to_qmodel(net, ranges, weight_cfg, act_dtypes,
+                     meta={"method": "ptq", "calibration": calib_method,
+                           "calibration_samples": int(len(calib_x))})

@@ -1,0 +1,334 @@
+"""`QuantModel`: an integer network as an ordered list of ops over named NCHW tensors.
+
+This is the contract between the quantizer (ptq/qat/admm/mixed), the numpy golden model
+(`reference.py`) and the TVM lowering (`to_relax.py`).  Everything integer lives here: int8/int4/
+int2 weight values, int32 biases, per-channel (M, shift) multipliers, clamp ranges.  Floats
+(scales) are kept only to quantize the input, dequantize the output and for reports.
+
+Tensors (`TensorInfo`): name, shape (NCHW or N,K), dtype "int8" | "int16", scale, zero_point.
+int16 tensors are symmetric (zero_point 0).  The real value is ``scale * (q - zero_point)``.
+
+Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>.<key>"]`):
+
+* ``conv2d``  attrs: strides [sh, sw], padding [top, left, bottom, right], dilation [dh, dw],
+  groups, clamp [lo, hi], weight_bits (8/4/2), weight_format "int" | "pow2" | "ternary",
+  activation (informational: "relu", "relu6", "clip" or null).
+  params: weight int8 (O, I/groups, KH, KW) holding the integer codes' *values*, weight_scale
+  float32 (O,), bias int32 (O,), multiplier int64 (O,), shift int64 (O,).
+  acc[o] = bias[o] + sum (x - zp_in) * w over the window, padding contributes 0 (= pads x with
+  zp_in); y = requantize(acc, M[o], shift[o], zp_out, lo, hi).
+* ``dense``   input (N, K); params as conv2d with weight (O, K); same arithmetic.
+* ``add``     two inputs; attrs: multipliers [Ma, Mb] and shift_total s (one shared shift),
+  clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
+  both inputs are rescaled to the output scale with a single rounding (ties up).
+* ``maxpool`` attrs: kernel, strides, padding (pads with the dtype minimum), dilation.
+  Output scale/zero point equal the input's.
+* ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
+  contributes 0), multiplier, shift, clamp.  acc = sum over window of (x - zp_in);
+  y = requantize(acc, M, shift, zp_out, lo, hi) with M*2**(shift-31) ~= s_in / (s_out * KH*KW).
+  Global average pooling is kernel = full spatial size.
+* ``reshape`` attrs: shape (the output shape).  Same scale/zero point (flatten is a reshape).
+
+Weight bits: weight_bits 8 = values in [-127, 127]; 4 = [-7, 7] (two per byte in flash);
+2 = [-1, 1]; weight_format "pow2" = values in {0, +-1, +-2, +-4, ..., +-2**(2**(bits-1)-2)}
+(a 4-bit sign+exponent code: {0, +-2**0..+-2**6}); "ternary" = {-1, 0, 1} (2 bits).
+
+On disk: ``qmodel.json`` (everything but arrays) + ``weights.npz`` (params).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgepruneError
+
+FORMAT_VERSION = 1
+DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
+OP_KINDS = ("conv2d", "dense", "add", "maxpool", "avgpool", "reshape")
+WEIGHT_FORMATS = ("int", "pow2", "ternary")
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str = "int8"
+    scale: float = 1.0
+    zero_point: int = 0
+
+    @property
+    def qmin(self) -> int:
+        return DTYPE_RANGE[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return DTYPE_RANGE[self.dtype][1]
+
+
+@dataclass
+class Op:
+    kind: str
+    name: str
+    inputs: list[str]
+    output: str
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantModel:
+    input: str
+    output: str
+    tensors: dict[str, TensorInfo]
+    ops: list[Op]
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    # --- access -------------------------------------------------------------------------
+    def param(self, op: Op | str, key: str) -> np.ndarray:
+        name = op.name if isinstance(op, Op) else op
+        try:
+            return self.params[f"{name}.{key}"]
+        except KeyError:
+            raise EdgepruneError(f"op '{name}' has no parameter '{key}'") from None
+
+    def op(self, name: str) -> Op:
+        for o in self.ops:
+            if o.name == name:
+                return o
+        raise EdgepruneError(f"no op named '{name}'")
+
+    @property
+    def input_info(self) -> TensorInfo:
+        return self.tensors[self.input]
+
+    @property
+    def output_info(self) -> TensorInfo:
+        return self.tensors[self.output]
+
+    def weight_ops(self) -> list[Op]:
+        return [o for o in self.ops if o.kind in ("conv2d", "dense")]
+
+    def weight_bytes(self, op: Op) -> int:
+        """Flash bytes of this op's weights when packed at its bit width (bias/M/shift aside)."""
+        n = int(self.param(op, "weight").size)
+        return (n * int(op.attrs.get("weight_bits", 8)) + 7) // 8
+
+    def param_bytes(self, op: Op) -> int:
+        """Flash bytes of bias (int32) + multiplier (int32) + shift (int8) per output channel."""
+        c = int(self.param(op, "bias").size)
+        return c * (4 + 4 + 1)
+
+    def layer_table(self) -> list[dict]:
+        """Per weight layer: bits, format, weight count and packed weight bytes (for reports)."""
+        rows = []
+        for o in self.weight_ops():
+            rows.append({"layer": o.name, "kind": o.kind,
+                         "weight_bits": int(o.attrs.get("weight_bits", 8)),
+                         "weight_format": o.attrs.get("weight_format", "int"),
+                         "activation_dtype": self.tensors[o.output].dtype,
+                         "weights": int(self.param(o, "weight").size),
+                         "weight_bytes": self.weight_bytes(o),
+                         "bias_bytes": self.param_bytes(o)})
+        return rows
+
+    def total_weight_bytes(self) -> int:
+        return sum(self.weight_bytes(o) for o in self.weight_ops())
+
+    # --- persistence --------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format": "edgeprune-qmodel", "version": FORMAT_VERSION,
+                "input": self.input, "output": self.output,
+                "tensors": [asdict(t) for t in self.tensors.values()],
+                "ops": [asdict(o) for o in self.ops], "meta": self.meta}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``qmodel.json`` and ``weights.npz`` into `directory` (created if needed)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        validate(self)
+        (d / "qmodel.json").write_text(json.dumps(_jsonable(self.to_json()), indent=1))
+        np.savez(d / "weights.npz", **self.params)
+        return d
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def load(directory: str | Path) -> QuantModel:
+    """Read a QuantModel folder; errors name the file and what is wrong with it."""
+    d = Path(directory)
+    jpath, wpath = d / "qmodel.json", d / "weights.npz"
+    if not d.is_dir():
+        raise EdgepruneError(f"{d}: not a quantized model folder (expected qmodel.json + "
+                             "weights.npz, as written by `edgeprune quantize`)")
+    for p in (jpath, wpath):
+        if not p.exists():
+            raise EdgepruneError(f"{p} is missing (a quantized model folder holds qmodel.json "
+                                 "and weights.npz; re-run `edgeprune quantize`)")
+    try:
+        doc = json.loads(jpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgepruneError(f"{jpath}: corrupt JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != "edgeprune-qmodel":
+        raise EdgepruneError(f"{jpath}: not an edgeprune qmodel file (no format tag)")
+    if doc.get("version") != FORMAT_VERSION:
+        raise EdgepruneError(f"{jpath}: qmodel version {doc.get('version')} not supported "
+                             f"(this edgeprune reads version {FORMAT_VERSION})")
+    try:
+        with np.load(wpath, allow_pickle=False) as z:
+            params = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise EdgepruneError(f"{wpath}: corrupt weights archive ({type(e).__name__}: {e})") \
+            from None
+    try:
+        tensors = {t["name"]: TensorInfo(**t) for t in doc["tensors"]}
+        ops = [Op(**o) for o in doc["ops"]]
+        qm = QuantModel(doc["input"], doc["output"], tensors, ops, params, doc.get("meta", {}))
+    except (KeyError, TypeError) as e:
+        raise EdgepruneError(f"{jpath}: malformed qmodel ({type(e).__name__}: {e})") from None
+    try:
+        validate(qm)
+    except EdgepruneError as e:
+        raise EdgepruneError(f"{d}: {e}") from None
+    return qm
+
+
+# --- shape inference & validation -------------------------------------------------------
+def conv_out_hw(h: int, w: int, kernel, strides, padding, dilation) -> tuple[int, int]:
+    kh, kw = kernel
+    oh = (h + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (w + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    return oh, ow
+
+
+def infer_shape(qm: QuantModel, op: Op) -> list[int]:
+    """The output shape `op` produces from its input tensors (raises on inconsistencies)."""
+    ins = [qm.tensors[i].shape for i in op.inputs]
+    a = op.attrs
+    if op.kind == "conv2d":
+        n, c, h, w = ins[0]
+        wt = qm.param(op, "weight")
+        o, cg, kh, kw = wt.shape
+        g = int(a["groups"])
+        if c != cg * g or o % g:
+            raise EdgepruneError(f"conv2d '{op.name}': input has {c} channels, weight "
+                                 f"{list(wt.shape)} with groups={g} does not fit")
+        oh, ow = conv_out_hw(h, w, (kh, kw), a["strides"], a["padding"], a["dilation"])
+        return [n, o, oh, ow]
+    if op.kind == "dense":
+        n, k = ins[0]
+        wt = qm.param(op, "weight")
+        if wt.shape[1] != k:
+            raise EdgepruneError(f"dense '{op.name}': input has {k} features, weight is "
+                                 f"{list(wt.shape)}")
+        return [n, int(wt.shape[0])]
+    if op.kind == "add":
+        if ins[0] != ins[1]:
+            raise EdgepruneError(f"add '{op.name}': input shapes {ins[0]} and {ins[1]} differ "
+                                 "(broadcasting is not supported)")
+        return list(ins[0])
+    if op.kind in ("maxpool", "avgpool"):
+        n, c, h, w = ins[0]
+        oh, ow = conv_out_hw(h, w, a["kernel"], a["strides"], a["padding"],
+                             a.get("dilation", [1, 1]))
+        return [n, c, oh, ow]
+    if op.kind == "reshape":
+        shape = [int(s) for s in a["shape"]]
+        if int(np.prod(shape)) != int(np.prod(ins[0])):
+            raise EdgepruneError(f"reshape '{op.name}': {ins[0]} -> {shape} changes the size")
+        return shape
+    raise EdgepruneError(f"op '{op.name}': unknown kind '{op.kind}' (known: {OP_KINDS})")
+
+
+def weight_value_range(op: Op) -> tuple[int, int]:
+    bits = int(op.attrs.get("weight_bits", 8))
+    fmt = op.attrs.get("weight_format", "int")
+    if fmt == "ternary":
+        return -1, 1
+    if fmt == "pow2":
+        m = 2 ** (2 ** (bits - 1) - 2)
+        return -m, m
+    q = 2 ** (bits - 1) - 1
+    return -q, q
+
+
+def accumulator_bound(qm: QuantModel, op: Op) -> int:
+    """Worst-case |acc| over all inputs for a conv/dense op (must stay below 2**31)."""
+    t = qm.tensors[op.inputs[0]]
+    xmax = max(t.qmax - t.zero_point, t.zero_point - t.qmin)
+    w = qm.param(op, "weight").astype(np.int64).reshape(qm.param(op, "weight").shape[0], -1)
+    b = np.abs(qm.param(op, "bias").astype(np.int64))
+    return int((np.abs(w).sum(1) * xmax + b).max(initial=0))
+
+
+def validate(qm: QuantModel) -> None:
+    """Check names, order, shapes, dtypes and integer ranges; errors name the op and numbers."""
+    if qm.input not in qm.tensors:
+        raise EdgepruneError(f"input tensor '{qm.input}' is not declared")
+    defined = {qm.input}
+    for t in qm.tensors.values():
+        if t.dtype not in DTYPE_RANGE:
+            raise EdgepruneError(f"tensor '{t.name}': dtype {t.dtype} (supported: int8, int16)")
+        if not t.qmin <= t.zero_point <= t.qmax:
+            raise EdgepruneError(f"tensor '{t.name}': zero point {t.zero_point} outside {t.dtype}")
+        if not (t.scale > 0 and np.isfinite(t.scale)):
+            raise EdgepruneError(f"tensor '{t.name}': scale {t.scale} must be positive")
+    for op in qm.ops:
+        for i in op.inputs:
+            if i not in defined:
+                raise EdgepruneError(f"op '{op.name}' reads '{i}' before it is computed")
+        if op.output in defined:
+            raise EdgepruneError(f"op '{op.name}' writes '{op.output}' a second time")
+        if op.output not in qm.tensors:
+            raise EdgepruneError(f"op '{op.name}': output tensor '{op.output}' not declared")
+        shape = infer_shape(qm, op)
+        out = qm.tensors[op.output]
+        if list(out.shape) != shape:
+            raise EdgepruneError(f"op '{op.name}': output '{op.output}' declared {out.shape}, "
+                                 f"computes {shape}")
+        if "clamp" in op.attrs:
+            lo, hi = op.attrs["clamp"]
+            if not out.qmin <= lo <= hi <= out.qmax:
+                raise EdgepruneError(f"op '{op.name}': clamp [{lo}, {hi}] outside {out.dtype}")
+        if op.kind in ("maxpool", "reshape"):
+            src = qm.tensors[op.inputs[0]]
+            if (src.scale, src.zero_point, src.dtype) != (out.scale, out.zero_point, out.dtype):
+                raise EdgepruneError(f"{op.kind} '{op.name}': output must keep the input's "
+                                     "scale, zero point and dtype")
+        if op.kind in ("conv2d", "dense"):
+            wt = qm.param(op, "weight")
+            fmt = op.attrs.get("weight_format", "int")
+            if fmt not in WEIGHT_FORMATS:
+                raise EdgepruneError(f"op '{op.name}': weight_format '{fmt}' unknown")
+            lo, hi = weight_value_range(op)
+            if wt.size and (int(wt.min()) < lo or int(wt.max()) > hi):
+                raise EdgepruneError(f"op '{op.name}': weights in [{int(wt.min())}, "
+                                     f"{int(wt.max())}] exceed the {op.attrs.get('weight_bits')}"
+                                     f"-bit {fmt} range [{lo}, {hi}]")
+            if fmt == "pow2":
+                a = np.abs(wt[wt != 0].astype(np.int64))
+                if a.size and np.any(a & (a - 1)):
+                    raise EdgepruneError(f"op '{op.name}': pow2 weights must be 0 or +-2**k")
+            bound = accumulator_bound(qm, op)
+            if bound >= 2 ** 31:
+                raise EdgepruneError(f"op '{op.name}': worst-case accumulator {bound} overflows "
+                                     "int32 (use 8-bit activations or smaller weights here)")
+        defined.add(op.output)
+    if qm.output not in defined:
+        raise EdgepruneError(f"output tensor '{qm.output}' is never computed")

@@ -1,0 +1,161 @@
+"""The golden model: numpy integer execution of a QuantModel, bit for bit what the C code does.
+
+All values are integers.  Convolutions and dense layers accumulate exactly: products and sums
+are formed with a float64 BLAS matmul on integer-valued arrays, which is exact because every
+partial sum is an integer of magnitude below 2**31 (checked statically by
+`qmodel.accumulator_bound`) << 2**53, so no rounding can occur; `exact_int64=True` uses a pure
+int64 matmul instead (slower; the tests check both agree).  Requantization is `requant.requantize`
+in int64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EdgepruneError
+from .qmodel import Op, QuantModel, TensorInfo
+from .requant import requantize, rounding_shift
+
+
+def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
+    """Float input -> integer input: clamp(floor(x / scale + 0.5) + zp) (round half up)."""
+    t = qm.input_info
+    q = np.floor(np.asarray(x, np.float64) / t.scale + 0.5) + t.zero_point
+    return np.clip(q, t.qmin, t.qmax).astype(t.dtype)
+
+
+def dequantize_output(qm: QuantModel, y: np.ndarray) -> np.ndarray:
+    """Integer output -> float: scale * (y - zp)."""
+    t = qm.output_info
+    return (t.scale * (np.asarray(y, np.float64) - t.zero_point)).astype(np.float32)
+
+
+def _windows(x: np.ndarray, kernel, strides, padding, dilation, pad_value) -> np.ndarray:
+    """(N, C, OH, OW, KH, KW) view of the padded input's sliding windows."""
+    kh, kw = kernel
+    t, l, b, r = padding
+    if any(padding):
+        x = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=pad_value)
+    dh, dw = dilation
+    ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (ekh, ekw), axis=(2, 3))
+    return win[:, :, ::strides[0], ::strides[1], ::dh, ::dw]
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, exact_int64: bool) -> np.ndarray:
+    if exact_int64:
+        return np.matmul(a.astype(np.int64), b.astype(np.int64))
+    return np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
+
+
+def conv_accumulator(qm: QuantModel, op: Op, x: np.ndarray, exact_int64: bool = False
+                     ) -> np.ndarray:
+    """int32 accumulator (as int64) of a conv2d: bias + sum (x - zp_in) * w, zero-padded."""
+    a = op.attrs
+    zp = qm.tensors[op.inputs[0]].zero_point
+    w = qm.param(op, "weight")
+    o, cg, kh, kw = w.shape
+    g = int(a["groups"])
+    xs = x.astype(np.int64) - zp
+    win = _windows(xs, (kh, kw), a["strides"], a["padding"], a["dilation"], 0)
+    n, c, oh, ow = win.shape[:4]
+    # (N, G, Cg*KH*KW, OH*OW)
+    cols = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(0, 1, 2, 5, 6, 3, 4)
+    cols = cols.reshape(n, g, cg * kh * kw, oh * ow)
+    wm = w.reshape(g, o // g, cg * kh * kw)[None]       # (1, G, Og, K)
+    acc = _matmul(wm, cols, exact_int64).reshape(n, o, oh, ow)
+    return acc + qm.param(op, "bias").astype(np.int64).reshape(1, o, 1, 1)
+
+
+def dense_accumulator(qm: QuantModel, op: Op, x: np.ndarray, exact_int64: bool = False
+                      ) -> np.ndarray:
+    zp = qm.tensors[op.inputs[0]].zero_point
+    w = qm.param(op, "weight")
+    acc = _matmul(x.astype(np.int64) - zp, w.T, exact_int64)
+    return acc + qm.param(op, "bias").astype(np.int64)[None]
+
+
+def _requant_out(qm: QuantModel, op: Op, acc: np.ndarray, per_channel_shape) -> np.ndarray:
+    out: TensorInfo = qm.tensors[op.output]
+    m = qm.param(op, "multiplier").reshape(per_channel_shape)
+    sh = qm.param(op, "shift").reshape(per_channel_shape)
+    lo, hi = op.attrs["clamp"]
+    return requantize(acc, m, sh, out.zero_point, lo, hi).astype(out.dtype)
+
+
+def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool = False
+           ) -> np.ndarray:
+    """Execute one op on the integer tensors in `env`; returns its output array."""
+    a = op.attrs
+    x = env[op.inputs[0]]
+    tin = qm.tensors[op.inputs[0]]
+    out = qm.tensors[op.output]
+    if op.kind == "conv2d":
+        acc = conv_accumulator(qm, op, x, exact_int64)
+        return _requant_out(qm, op, acc, (1, -1, 1, 1))
+    if op.kind == "dense":
+        acc = dense_accumulator(qm, op, x, exact_int64)
+        return _requant_out(qm, op, acc, (1, -1))
+    if op.kind == "add":
+        tb = qm.tensors[op.inputs[1]]
+        ma, mb = (int(v) for v in a["multipliers"])
+        s = int(a["shift_total"])
+        acc = (np.int64(ma) * (x.astype(np.int64) - tin.zero_point)
+               + np.int64(mb) * (env[op.inputs[1]].astype(np.int64) - tb.zero_point))
+        lo, hi = a["clamp"]
+        y = rounding_shift(acc, s) + out.zero_point
+        return np.clip(y, lo, hi).astype(out.dtype)
+    if op.kind == "maxpool":
+        win = _windows(x, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]),
+                       tin.qmin)
+        return win.max(axis=(4, 5)).astype(out.dtype)
+    if op.kind == "avgpool":
+        xs = x.astype(np.int64) - tin.zero_point
+        win = _windows(xs, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]), 0)
+        acc = win.sum(axis=(4, 5))
+        lo, hi = a["clamp"]
+        return requantize(acc, int(a["multiplier"]), int(a["shift"]), out.zero_point, lo,
+                          hi).astype(out.dtype)
+    if op.kind == "reshape":
+        return x.reshape([int(s) for s in a["shape"]])
+    raise EdgepruneError(f"reference: op '{op.name}' has unknown kind '{op.kind}'")
+
+
+def run(qm: QuantModel, x: np.ndarray, return_all: bool = False, exact_int64: bool = False):
+    """Integer forward pass.  `x` is the integer input with the model's static shape (its batch
+    may differ: any N is accepted).  Returns the integer output, or every tensor if
+    `return_all`."""
+    tin = qm.input_info
+    x = np.asarray(x)
+    if list(x.shape[1:]) != list(tin.shape[1:]):
+        raise EdgepruneError(f"reference: input shape {list(x.shape)} does not match the "
+                             f"model's {tin.shape} (any batch size is fine)")
+    if x.dtype.kind not in "iu" or x.min(initial=0) < tin.qmin or x.max(initial=0) > tin.qmax:
+        raise EdgepruneError(f"reference: input must be integers in [{tin.qmin}, {tin.qmax}] "
+                             "(use quantize_input on float data)")
+    env = {qm.input: x.astype(tin.dtype)}
+    n = x.shape[0]
+    for op in qm.ops:
+        if op.kind == "reshape":       # static shapes carry the model's batch: use the live one
+            env[op.output] = env[op.inputs[0]].reshape([n] + [int(s) for s in op.attrs["shape"][1:]])
+        else:
+            env[op.output] = run_op(qm, op, env, exact_int64)
+    return env if return_all else env[qm.output]
+
+
+def predict(qm: QuantModel, x_float: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Dequantized float outputs of the integer model for float inputs (batched)."""
+    outs = []
+    for i in range(0, len(x_float), batch_size):
+        xq = quantize_input(qm, x_float[i:i + batch_size])
+        outs.append(dequantize_output(qm, run(qm, xq)))
+    return np.concatenate(outs) if outs else np.zeros((0,) + tuple(qm.output_info.shape[1:]))
+
+
+def accuracy(qm: QuantModel, x_float: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy (percent) of the integer model, argmax of the integer outputs."""
+    correct = 0
+    for i in range(0, len(x_float), batch_size):
+        out = run(qm, quantize_input(qm, x_float[i:i + batch_size]))
+        correct += int((out.reshape(len(out), -1).argmax(1) == y[i:i + batch_size]).sum())
+    return 100.0 * correct / max(1, len(x_float))

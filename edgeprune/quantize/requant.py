@@ -1,0 +1,109 @@
+"""Integer-only requantization: the one rounding rule every integer op in edgeprune shares.
+
+A real scale r (e.g. s_in * s_w / s_out) is represented as a 32-bit multiplier M and a shift:
+``r ~= M * 2**(shift - 31)`` with ``M`` in [2**30, 2**31).  Applying it to an int32 accumulator
+uses *single rounding* (CMSIS-NN's ``CMSIS_NN_USE_SINGLE_ROUNDING``, expressible in TIR as plain
+int64 ops): with the total right shift ``s = 31 - shift`` (1 <= s <= 62)
+
+    y = clamp(zp + ((int64(acc) * M + (1 << (s - 1))) >> s), lo, hi)
+
+where ``>>`` is an arithmetic (floor) shift of a signed int64.  That is round-half-up:
+``acc * M / 2**s`` rounded to the nearest integer, **ties towards +infinity** (so -2.5 -> -2,
+2.5 -> 3).  The C code, the Relax graph and the numpy reference all compute exactly this.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import EdgepruneError
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+MIN_SHIFT_TOTAL, MAX_SHIFT_TOTAL = 1, 62
+
+
+def quantize_multiplier(real_scale: float) -> tuple[int, int]:
+    """(M, shift) with ``real_scale ~= M * 2**(shift - 31)`` and M in [2**30, 2**31).
+
+    Exact for powers of two; otherwise the relative error is below 2**-31.  ``real_scale == 0``
+    (a dead channel) gives ``(0, 30)``, which maps every accumulator to 0.  Scales so small that
+    the total shift would exceed 62 are flushed to ``(0, 30)`` too: for any int32 accumulator the
+    result would round to 0 anyway (|acc * M| < 2**62 <= 2**(s-1)).
+    """
+    r = float(real_scale)
+    if not math.isfinite(r) or r < 0:
+        raise EdgepruneError(f"requantization scale {real_scale!r} must be finite and >= 0")
+    if r == 0.0:
+        return 0, 30
+    mant, exp = math.frexp(r)            # r = mant * 2**exp, mant in [0.5, 1)
+    m = int(round(mant * (1 << 31)))    # in [2**30, 2**31]
+    if m == (1 << 31):                   # mantissa rounded up to 1.0
+        m //= 2
+        exp += 1
+    shift = exp                          # r ~= m * 2**(exp - 31)
+    s = 31 - shift
+    if s > MAX_SHIFT_TOTAL:
+        return 0, 30
+    if s < MIN_SHIFT_TOTAL:
+        raise EdgepruneError(f"requantization scale {r:.6g} is too large (>= 2**30): the "
+                             "int32 accumulator cannot be scaled up that far; check the "
+                             "calibration ranges")
+    return m, shift
+
+
+def quantize_multipliers(real_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``quantize_multiplier``: (M int64[C], shift int64[C])."""
+    pairs = [quantize_multiplier(float(r)) for r in np.asarray(real_scales, np.float64).ravel()]
+    m = np.array([p[0] for p in pairs], dtype=np.int64)
+    sh = np.array([p[1] for p in pairs], dtype=np.int64)
+    return m, sh
+
+
+def shared_shift_multipliers(real_scales: list[float]) -> tuple[list[int], int]:
+    """Several multipliers that share one total right shift ``s`` (for elementwise add).
+
+    ``real_scales[i] ~= M_i / 2**s``; the largest scale gets a full 31-bit M in [2**30, 2**31),
+    the others the same absolute precision (fewer significant bits).  Returns (Ms, s).
+    """
+    big = max(real_scales)
+    if big <= 0:
+        return [0 for _ in real_scales], 1
+    _, shift = quantize_multiplier(big)
+    s = 31 - shift
+    if s > MAX_SHIFT_TOTAL:
+        return [0 for _ in real_scales], 1
+    ms = [int(round(r * (2.0 ** s))) for r in real_scales]
+    # round() may push the largest to 2**31; keep every M below 2**31 by dropping one bit.
+    if max(ms) >= (1 << 31):
+        s -= 1
+        ms = [int(round(r * (2.0 ** s))) for r in real_scales]
+    if s < MIN_SHIFT_TOTAL:
+        raise EdgepruneError(f"add scales {real_scales} too large to requantize")
+    return ms, s
+
+
+def rounding_shift(x: np.ndarray, s: np.ndarray | int) -> np.ndarray:
+    """``(x + 2**(s-1)) >> s`` in int64 (floor shift): x / 2**s rounded half up."""
+    x = np.asarray(x, np.int64)
+    s = np.asarray(s, np.int64)
+    return (x + (np.int64(1) << (s - 1))) >> s
+
+
+def requantize(acc: np.ndarray, M: np.ndarray | int, shift: np.ndarray | int, zp: int,
+               lo: int, hi: int) -> np.ndarray:
+    """``clamp(zp + ((int64(acc) * M + (1 << (s-1))) >> s), lo, hi)`` with ``s = 31 - shift``.
+
+    ``acc`` is an int32 accumulator (any shape); M and shift broadcast against it (per-channel
+    arrays must already be shaped for broadcasting, e.g. (C, 1, 1) for NCHW).  Rounding is
+    half-up: ties go towards +infinity.  Returns int64 values in [lo, hi].
+    """
+    acc = np.asarray(acc, np.int64)
+    m = np.asarray(M, np.int64)
+    s = 31 - np.asarray(shift, np.int64)
+    if np.any((s < MIN_SHIFT_TOTAL) | (s > MAX_SHIFT_TOTAL)):
+        raise EdgepruneError(f"requantize: total shift 31 - shift must be in [1, 62], got "
+                             f"{np.unique(s).tolist()}")
+    y = rounding_shift(acc * m, s) + np.int64(zp)
+    return np.clip(y, lo, hi)

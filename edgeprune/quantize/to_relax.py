@@ -1,0 +1,249 @@
+"""QuantModel -> Relax IRModule computing exactly the golden model's integer arithmetic.
+
+`to_relax(qm)` returns a module whose ``main(input: int8/int16 NCHW) -> int8/int16`` uses plain
+Relax ops, arranged so that the standard CPU legalization (LegalizeOps, AnnotateTIROpPattern,
+FoldConstant, FuseOps, FuseTIR) puts each conv/dense and its whole requantization into ONE fused
+kernel (conv2d -> add bias -> int64 -> *M -> +round -> >>s -> +zp -> clip -> cast).
+
+How each op maps (integer identities; the golden model's formulas are in qmodel.py):
+* conv2d / dense: sum((x - zp) * w) + bias == sum(x * w) + (bias - zp * sum(w)), provided every
+  window element is real data or padding *with value zp*.  So the input is padded explicitly
+  with zp (``nn.pad``, only when there is padding and zp != 0), the conv itself runs on the raw
+  int8 (or int16) input with int8 weights and ``out_dtype="int32"``, and the zero-point
+  correction is folded into the int32 bias constant.  Both forms are checked to fit int32.
+* requantization: per-channel int64 constants M, 2**(s-1) and s (shape (1, C, 1, 1)).
+* add: int64 ((a*Ma + b*Mb + (2**(s-1) - zp_a*Ma - zp_b*Mb)) >> s) + zp_out, clip, cast.
+* avgpool: global -> int32 sum over H, W; windowed -> depthwise conv2d with all-ones int8
+  weights; then int64 ((sum*M + 2**(s-1) - K*zp_in*M) >> s) + zp_out (K = window size).
+* maxpool: ``nn.max_pool2d`` (pads with the dtype minimum, like the golden model).
+* sub-byte weights (weight_bits <= 4): see `_packed_conv` / `_packed_dense` (packed constants
+  unpacked inside the kernel) when ``pack_subbyte=True``.
+Constants are built with their dtype spelled out: ``relax.const`` silently turns int64 numpy
+arrays into int32 when no dtype is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EdgepruneError
+from .qmodel import Op, QuantModel, validate
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _const(arr, dtype: str):
+    from tvm import relax
+    a = np.asarray(arr)
+    if a.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if a.size and (a.min() < info.min or a.max() > info.max):
+            raise EdgepruneError(f"constant out of {dtype} range: [{a.min()}, {a.max()}]")
+    return relax.const(a.astype(dtype), dtype)
+
+
+def _scalar(v: int, dtype: str = "int64"):
+    return _const(np.array(v), dtype)
+
+
+def folded_bias(qm: QuantModel, op: Op) -> np.ndarray:
+    """bias - zp_in * sum(w) per output channel (int32; raises if it does not fit)."""
+    w = qm.param(op, "weight").astype(np.int64)
+    zp = qm.tensors[op.inputs[0]].zero_point
+    b = qm.param(op, "bias").astype(np.int64) - zp * w.reshape(w.shape[0], -1).sum(1)
+    tin = qm.tensors[op.inputs[0]]
+    xabs = max(abs(tin.qmin), abs(tin.qmax))
+    worst = np.abs(w.reshape(w.shape[0], -1)).sum(1) * xabs + np.abs(b)
+    if b.size and (worst.max() > INT32_MAX):
+        raise EdgepruneError(f"op '{op.name}': zero-point-folded accumulator bound "
+                             f"{int(worst.max())} does not fit int32")
+    return b.astype(np.int32)
+
+
+def _requant(bb, acc, op: Op, qm: QuantModel, m: np.ndarray, shift: np.ndarray, cshape,
+             offset: np.ndarray | int = 0):
+    """int32/int64 acc -> clamp(zp + ((acc*M + 2**(s-1) + offset) >> s)) as the output dtype.
+
+    `offset` (int64, broadcastable) is folded into the rounding constant (zero-point terms)."""
+    from tvm import relax
+    out = qm.tensors[op.output]
+    s = 31 - np.asarray(shift, np.int64)
+    if np.any((s < 1) | (s > 62)):
+        raise EdgepruneError(f"op '{op.name}': total shift outside [1, 62]: {np.unique(s)}")
+    rnd = (np.int64(1) << (s - 1)) + np.asarray(offset, np.int64)
+    m = np.asarray(m, np.int64)
+    uniform = m.size == 1 or (np.all(s == s.flat[0]) and np.all(m == m.flat[0])
+                              and np.all(rnd == rnd.flat[0]))
+
+    def c(v):
+        v = np.asarray(v, np.int64)
+        if uniform:
+            return _scalar(int(v.flat[0]))
+        return _const(np.broadcast_to(v, cshape) if v.size == 1 else v.reshape(cshape), "int64")
+    y = relax.op.astype(acc, "int64")
+    y = relax.op.multiply(y, c(m))
+    y = relax.op.add(y, c(rnd))
+    y = relax.op.right_shift(y, c(s))
+    y = relax.op.add(y, _scalar(out.zero_point))
+    lo, hi = op.attrs["clamp"]
+    y = relax.op.clip(y, int(lo), int(hi))
+    return bb.emit(relax.op.astype(y, out.dtype), name_hint=_ident(op.output))
+
+
+def _ident(name: str) -> str:
+    s = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+    return s if s and not s[0].isdigit() else "t_" + s
+
+
+def _pad_zp(bb, x, padding, zp: int):
+    """Pad H/W explicitly with the zero point; returns (x, conv padding)."""
+    from tvm import relax
+    t, l, b, r = (int(p) for p in padding)
+    if not any(padding) or zp == 0:
+        return x, [t, l, b, r]
+    return bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, t, b, l, r], pad_value=float(zp))), [0, 0, 0, 0]
+
+
+def _conv(bb, env, qm: QuantModel, op: Op, pack_subbyte: bool):
+    from tvm import relax
+    a = op.attrs
+    tin = qm.tensors[op.inputs[0]]
+    w = qm.param(op, "weight")
+    o = w.shape[0]
+    bias = folded_bias(qm, op)
+    if pack_subbyte and int(a.get("weight_bits", 8)) <= 4:
+        from .packing import packed_conv
+        acc = packed_conv(bb, env[op.inputs[0]], qm, op, bias)
+    else:
+        x, pad = _pad_zp(bb, env[op.inputs[0]], a["padding"], tin.zero_point)
+        acc = relax.op.nn.conv2d(x, _const(w, "int8"), strides=a["strides"], padding=pad,
+                                 dilation=a["dilation"], groups=int(a["groups"]),
+                                 out_dtype="int32")
+        acc = relax.op.add(acc, _const(bias.reshape(1, o, 1, 1), "int32"))
+    return _requant(bb, acc, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"),
+                    (1, o, 1, 1))
+
+
+def _dense(bb, env, qm: QuantModel, op: Op, pack_subbyte: bool):
+    from tvm import relax
+    w = qm.param(op, "weight")
+    o = w.shape[0]
+    bias = folded_bias(qm, op)
+    if pack_subbyte and int(op.attrs.get("weight_bits", 8)) <= 4:
+        from .packing import packed_dense
+        acc = packed_dense(bb, env[op.inputs[0]], qm, op, bias)
+    else:
+        acc = relax.op.matmul(env[op.inputs[0]], _const(np.ascontiguousarray(w.T), "int8"),
+                              out_dtype="int32")
+        acc = relax.op.add(acc, _const(bias.reshape(1, o), "int32"))
+    return _requant(bb, acc, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"), (1, o))
+
+
+def _add(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    ta, tb = qm.tensors[op.inputs[0]], qm.tensors[op.inputs[1]]
+    ma, mb = (int(v) for v in op.attrs["multipliers"])
+    s = int(op.attrs["shift_total"])
+    ya = relax.op.multiply(relax.op.astype(env[op.inputs[0]], "int64"), _scalar(ma))
+    yb = relax.op.multiply(relax.op.astype(env[op.inputs[1]], "int64"), _scalar(mb))
+    acc = relax.op.add(ya, yb)
+    offset = -ta.zero_point * ma - tb.zero_point * mb
+    # _requant multiplies by M; here the multipliers are already applied: M = 1, shift = 31 - s.
+    return _requant(bb, acc, op, qm, np.array(1), np.array(31 - s), None, offset)
+
+
+def _avgpool(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    a = op.attrs
+    tin = qm.tensors[op.inputs[0]]
+    n, c, h, w = tin.shape
+    kh, kw = a["kernel"]
+    x = env[op.inputs[0]]
+    is_global = ([kh, kw] == [h, w] and not any(a["padding"])
+                 and qm.tensors[op.output].shape[2:] == [1, 1])
+    if is_global:
+        acc = relax.op.sum(relax.op.astype(x, "int32"), axis=[2, 3], keepdims=True)
+    else:
+        x, pad = _pad_zp(bb, x, a["padding"], tin.zero_point)
+        ones = np.ones((c, 1, kh, kw), np.int8)
+        acc = relax.op.nn.conv2d(x, _const(ones, "int8"), strides=a["strides"], padding=pad,
+                                 dilation=a.get("dilation", [1, 1]), groups=c, out_dtype="int32")
+    m = int(a["multiplier"])
+    offset = -kh * kw * tin.zero_point * m
+    return _requant(bb, acc, op, qm, np.array(m), np.array(int(a["shift"])), None, offset)
+
+
+def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True,
+             func_name: str = "main"):
+    """A `tvm.IRModule` whose `main(input)` returns the integer output of `qm`, bit-exact.
+
+    batch: override the model's static batch size (e.g. to run many samples per call on the
+    host); default the QuantModel's own.  pack_subbyte: keep <= 4-bit weights packed in the
+    constants and unpack them inside the kernel (else they are stored as int8).
+    """
+    import tvm
+    from tvm import relax
+
+    validate(qm)
+
+    def shape(name):
+        s = list(qm.tensors[name].shape)
+        if batch is not None:
+            s[0] = int(batch)
+        return s
+
+    tin = qm.input_info
+    x = relax.Var("input", relax.TensorType(shape(qm.input), tin.dtype))
+    bb = relax.BlockBuilder()
+    with bb.function(func_name, [x]):
+        with bb.dataflow():
+            env = {qm.input: x}
+            for op in qm.ops:
+                if op.kind == "conv2d":
+                    y = _conv(bb, env, qm, op, pack_subbyte)
+                elif op.kind == "dense":
+                    y = _dense(bb, env, qm, op, pack_subbyte)
+                elif op.kind == "add":
+                    y = _add(bb, env, qm, op)
+                elif op.kind == "avgpool":
+                    y = _avgpool(bb, env, qm, op)
+                elif op.kind == "maxpool":
+                    a = op.attrs
+                    y = bb.emit(relax.op.nn.max_pool2d(
+                        env[op.inputs[0]], pool_size=a["kernel"], strides=a["strides"],
+                        padding=a["padding"], dilation=a.get("dilation", [1, 1])),
+                        name_hint=_ident(op.output))
+                elif op.kind == "reshape":
+                    y = bb.emit(relax.op.reshape(env[op.inputs[0]], shape(op.output)),
+                                name_hint=_ident(op.output))
+                else:
+                    raise EdgepruneError(f"to_relax: op '{op.name}' kind '{op.kind}' unsupported")
+                env[op.output] = y
+            out = bb.emit_output(env[qm.output])
+        bb.emit_func_output(out)
+    mod = bb.get()
+    return mod
+
+
+def legalize_and_fuse(mod, target: str = "c"):
+    """The CPU legalization + fusion passes the C pipeline uses (for tests and inspection)."""
+    import tvm
+    from tvm import relax
+    seq = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination()])
+    with tvm.target.Target(target):
+        return seq(mod)
+
+
+def build_host(mod):
+    """Compile for the host CPU (llvm) and return a callable numpy -> numpy (tests, checks)."""
+    import tvm
+    from tvm import relax
+    ex = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x))).numpy()
+    return run
