@@ -1,0 +1,158 @@
+"""Sub-byte weights: pack 4/2-bit codes into bytes, and conv/dense TE kernels that unpack them.
+
+Flash layout: the weight tensor's values in C order (OIHW / OK), element i in byte
+``i // (8 // b)`` at bit offset ``b * (i % (8 // b))`` (lowest bits first).  Codes:
+* "int" / "ternary" (b = 4 or 2; 3-bit layers use 4-bit slots): the value's b-bit two's complement;
+  decoded as ``f - ((f >> (b-1)) << b)``.
+* "pow2" (4 bits): 0 -> 0; +-2**k -> sign << 3 | (k + 1) (k = 0..6); the kernel multiplies by
+  shifting: ``x << k``, negated when the sign bit is set (no multiply instruction).
+
+Because the unpacking sits inside the conv's reduction (one TE compute reading the packed
+constant), FoldConstant cannot expand the weights back to int8: flash keeps the packed bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EdgepruneError
+from .qmodel import Op, QuantModel
+
+
+def slot_bits(op: Op) -> int:
+    bits = int(op.attrs.get("weight_bits", 8))
+    if op.attrs.get("weight_format", "int") == "pow2":
+        return 4
+    if bits <= 2:
+        return 2
+    if bits <= 4:
+        return 4
+    raise EdgepruneError(f"op '{op.name}': {bits}-bit weights are not packed (only <= 4 bits)")
+
+
+def encode(values: np.ndarray, fmt: str, b: int) -> np.ndarray:
+    """Integer weight values -> b-bit codes (uint8, one per value)."""
+    v = np.asarray(values, np.int64).ravel()
+    if fmt == "pow2":
+        mag = np.abs(v)
+        k = np.zeros_like(v)
+        nz = mag > 0
+        k[nz] = np.round(np.log2(mag[nz])).astype(np.int64) + 1
+        if np.any(k > 7) or np.any((mag[nz] & (mag[nz] - 1)) != 0):
+            raise EdgepruneError("pow2 weights must be 0 or +-2**k with k <= 6")
+        return (((v < 0).astype(np.int64) << 3) | k).astype(np.uint8)
+    lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
+    if v.size and (v.min() < lo or v.max() > hi):
+        raise EdgepruneError(f"weights in [{v.min()}, {v.max()}] do not fit {b}-bit codes")
+    return (v & ((1 << b) - 1)).astype(np.uint8)
+
+
+def decode(codes: np.ndarray, fmt: str, b: int) -> np.ndarray:
+    """Inverse of `encode` (numpy; the kernels do the same in TIR)."""
+    f = np.asarray(codes, np.int64)
+    if fmt == "pow2":
+        mag = f & 7
+        val = np.where(mag == 0, 0, np.left_shift(1, np.maximum(mag - 1, 0)))
+        return np.where(f >> 3 == 1, -val, val)
+    return f - ((f >> (b - 1)) << b)
+
+
+def pack(values: np.ndarray, fmt: str, b: int) -> np.ndarray:
+    """Values -> packed uint8 array of ceil(n * b / 8) bytes."""
+    codes = encode(values, fmt, b)
+    per = 8 // b
+    n = codes.size
+    padded = np.zeros(((n + per - 1) // per) * per, np.uint8)
+    padded[:n] = codes
+    padded = padded.reshape(-1, per).astype(np.uint16)
+    out = np.zeros(len(padded), np.uint16)
+    for j in range(per):
+        out |= padded[:, j] << (b * j)
+    return out.astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, n: int, fmt: str, b: int) -> np.ndarray:
+    per = 8 // b
+    p = np.asarray(packed, np.int64)
+    codes = np.stack([(p >> (b * j)) & ((1 << b) - 1) for j in range(per)], 1).ravel()[:n]
+    return decode(codes, fmt, b)
+
+
+def _te_product(x, packed, flat, fmt: str, b: int):
+    """x * w(flat) in int32 with w decoded from the packed bytes (TIR expression)."""
+    import tvm
+    from tvm import tirx
+    per = 8 // b
+    byte = packed[flat // per].astype("int32")
+    f = (byte >> ((flat % per) * b).astype("int32")) & ((1 << b) - 1)
+    xi = x.astype("int32")
+    if fmt == "pow2":
+        mag = f & 7
+        shifted = xi << tvm.te.max(mag - 1, 0)
+        signed = tirx.Select((f >> 3) == 1, tirx.const(0, "int32") - shifted, shifted)
+        return tirx.Select(mag == 0, tirx.const(0, "int32"), signed)
+    w = f - ((f >> (b - 1)) << b)
+    return xi * w
+
+
+def packed_conv(bb, x, qm: QuantModel, op: Op, bias: np.ndarray):
+    """int32 conv accumulator (bias included) reading packed weights; zero-padded with zp."""
+    from tvm import relax, te, tirx
+
+    from .to_relax import _const
+    a = op.attrs
+    w = qm.param(op, "weight")
+    fmt = a.get("weight_format", "int")
+    b = slot_bits(op)
+    o, cg, kh, kw = (int(d) for d in w.shape)
+    g = int(a["groups"])
+    og = o // g
+    sh, sw = a["strides"]
+    dh, dw = a["dilation"]
+    pt, pl, _, _ = a["padding"]
+    zp = qm.tensors[op.inputs[0]].zero_point
+    out_shape = [int(d) for d in qm.tensors[op.output].shape]
+    packed = pack(w, fmt, b)
+
+    def compute(data, pw, bvec):
+        n, c, h, wd = data.shape
+        ic = te.reduce_axis((0, cg), "ic")
+        ry = te.reduce_axis((0, kh), "ry")
+        rx = te.reduce_axis((0, kw), "rx")
+
+        def body(nn_, oc, yy, xx):
+            iy = yy * sh + ry * dh - pt
+            ix = xx * sw + rx * dw - pl
+            ch = (oc // og) * cg + ic
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < wd)
+            v = tirx.if_then_else(inside, data[nn_, ch, tirx.max(tirx.min(iy, h - 1), 0),
+                                               tirx.max(tirx.min(ix, wd - 1), 0)],
+                                  tirx.const(zp, data.dtype))
+            flat = ((oc * cg + ic) * kh + ry) * kw + rx
+            return te.sum(_te_product(v, pw, flat, fmt, b), axis=[ic, ry, rx])
+        shape = [data.shape[0]] + out_shape[1:]
+        acc = te.compute(shape, body, name="packed_conv")
+        return te.compute(shape, lambda n_, oc, yy, xx: acc[n_, oc, yy, xx] + bvec[oc],
+                          name="bias_add")
+    return bb.call_te(compute, x, _const(packed, "uint8"), _const(bias, "int32"),
+                      primfunc_name_hint=f"packed{b}_{fmt}_conv2d")
+
+
+def packed_dense(bb, x, qm: QuantModel, op: Op, bias: np.ndarray):
+    from tvm import te
+
+    from .to_relax import _const
+    w = qm.param(op, "weight")
+    fmt = op.attrs.get("weight_format", "int")
+    b = slot_bits(op)
+    o, k = (int(d) for d in w.shape)
+    packed = pack(w, fmt, b)
+
+    def compute(data, pw, bvec):
+        rk = te.reduce_axis((0, k), "k")
+        acc = te.compute([data.shape[0], o],
+                         lambda i, j: te.sum(_te_product(data[i, rk], pw, j * k + rk, fmt, b),
+                                             axis=rk), name="packed_dense")
+        return te.compute([data.shape[0], o], lambda i, j: acc[i, j] + bvec[j], name="bias_add")
+    return bb.call_te(compute, x, _const(packed, "uint8"), _const(bias, "int32"),
+                      primfunc_name_hint=f"packed{b}_{fmt}_dense")
