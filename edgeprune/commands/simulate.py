@@ -1,0 +1,59 @@
+"""`edgeprune simulate BUILD_DIR`: run the firmware in QEMU and compare with the host model."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgepruneError
+from ..qemu import TargetFailure
+
+
+def register(sub) -> None:
+    p = sub.add_parser("simulate", help="boot the compiled firmware in QEMU and check its outputs")
+    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile`")
+    p.add_argument("--input", type=Path, help=".npy input: the model's shape, or K of them stacked")
+    p.add_argument("--save-outputs", type=Path, help="write what the target computed to this .npy")
+    p.add_argument("--samples", type=int, default=4, help="test inputs when --input is not given")
+    p.add_argument("--timeout", type=float, default=300, help="wall-clock limit for QEMU (s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..simulate import simulate
+
+    x = None
+    if args.input is not None:
+        if not args.input.exists():
+            raise EdgepruneError(f"input file {args.input} does not exist")
+        try:
+            x = np.load(args.input)
+        except Exception as e:
+            raise EdgepruneError(f"{args.input}: not a .npy array ({e})")
+    if args.samples < 1:
+        raise EdgepruneError(f"--samples must be at least 1, got {args.samples}")
+    try:
+        result, outputs = simulate(args.build, x, args.samples, args.timeout)
+    except TargetFailure as e:
+        if args.json:
+            print(json.dumps({"outputs_match": False, "error": str(e)}))
+        else:
+            print(f"edgeprune simulate: target failure: {e}")
+        return 3
+    if args.save_outputs is not None:
+        first = np.stack([o[0] for o in outputs])
+        if args.input is not None and x is not None and x.shape == tuple(first.shape[1:]):
+            first = first[0]  # one input given in the model's own shape: same for the output
+        np.save(args.save_outputs, first)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"simulate: {result['target']}: {result['samples']} samples, "
+              f"outputs {'match' if result['outputs_match'] else 'MISMATCH'} "
+              f"(max abs err {result['max_abs_err']:.3g}"
+              + (f", mismatches {result['mismatches']}" if result['mismatches'] is not None else "")
+              + f"); {result['instructions']} instructions/inference; flash {result['flash_bytes']} B, "
+              f"SRAM {result['sram_bytes']} B, arena {result['arena_bytes']} B "
+              f"(lower bound {result['arena_lower_bound_bytes']} B), stack used {result['stack_used_bytes']} B")
+    return 0 if result["outputs_match"] else 1

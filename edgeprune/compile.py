@@ -1,0 +1,106 @@
+"""The compile stage: model → TVM kernels + AOT C library + firmware for a target's QEMU board."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import EdgepruneError
+from .targets import Target, load_target
+
+BUILD_FILE = "build.json"
+
+
+def prepare_out_dir(out: Path, force: bool) -> Path:
+    """A fresh temporary sibling of `out`; `finish_out_dir` moves it into place when all went well."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise EdgepruneError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_out_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+def is_quantized_dir(spec: str) -> bool:
+    return Path(spec).is_dir() and (Path(spec) / "qmodel.json").exists()
+
+
+def check_fits(target: Target, weights_bytes: int, arena_bytes: int | None, origin: str) -> None:
+    if weights_bytes > target.flash_bytes:
+        raise EdgepruneError(f"{origin}: the weights take {weights_bytes} B but {target.name} "
+                             f"({target.chip['part']}) has {target.flash_bytes} B of flash")
+    if arena_bytes is not None and arena_bytes > target.sram_bytes:
+        raise EdgepruneError(f"{origin}: the activation arena needs {arena_bytes} B but {target.name} "
+                             f"({target.chip['part']}) has {target.sram_bytes} B of SRAM")
+
+
+def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int, ...] | None = None,
+                  prefix: str = "model", force: bool = False, log=print) -> dict:
+    from . import frontend
+    from .elfinfo import read_elf
+    from .emit import write_library
+    from .firmware import build_firmware
+    from .lower import lower_relax
+    from .plan import plan_model
+
+    target = load_target(target_name)
+    tmp = prepare_out_dir(out, force)
+    try:
+        if is_quantized_dir(spec):
+            from .quantize.qmodel import load as load_qmodel
+            from .quantize.to_relax import to_relax
+            qmodel = load_qmodel(Path(spec))
+            kind, mod = "int", to_relax(qmodel)
+            shutil.copytree(spec, tmp / "qmodel")
+        else:
+            model = frontend.to_onnx(spec, input_shape)
+            kind = "float"
+            check_fits(target, sum(_init_bytes(i) for i in model.graph.initializer), None, spec)
+            import onnx
+            onnx.save(model, str(tmp / "model.onnx"))
+            from .lower import import_onnx
+            mod = import_onnx(model, spec)
+        log(f"lowering with TVM ({kind} model)")
+        lowered = lower_relax(mod, prefix)
+        plan = plan_model(lowered)
+        check_fits(target, lowered.weights_bytes, plan.arena_bytes, spec)
+        manifest = write_library(lowered, plan, tmp / "c_library")
+        log(f"cross-compiling for {target.name} ({target.toolchain['cc']})")
+        elf = build_firmware(target, tmp / "c_library", manifest, tmp / "firmware")
+        mem = read_elf(elf, prefix, target.qemu["ram_origin"], target.qemu["ram_size"])
+        build = {
+            "target": target.name, "model": spec, "kind": kind, **manifest,
+            "firmware": "firmware/firmware.elf",
+            "memory": {"flash_bytes": mem.flash_bytes, "sram_bytes": mem.sram_bytes,
+                       "weights_bytes": mem.weights_bytes, "kernels_bytes": mem.kernels_bytes,
+                       "arena_bytes": mem.arena_bytes, "stack_bytes": mem.stack_bytes},
+        }
+        (tmp / BUILD_FILE).write_text(json.dumps(build, indent=2))
+        finish_out_dir(tmp, out)
+        return build
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _init_bytes(init) -> int:
+    import numpy as np
+    from onnx import helper
+
+    n = int(np.prod(init.dims)) if init.dims else 1
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+
+
+def load_build(build_dir: Path) -> dict:
+    f = build_dir / BUILD_FILE
+    if not f.exists():
+        raise EdgepruneError(f"{build_dir} is not an edgeprune build folder (no {BUILD_FILE}); "
+                             "make one with `edgeprune compile`")
+    return json.loads(f.read_text())

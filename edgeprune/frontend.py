@@ -1,0 +1,125 @@
+"""Bring any model the user names to one form: a simplified ONNX graph with static shapes.
+
+PyTorch models are exported with the TorchScript exporter (the dynamo one needs onnxscript);
+ONNX files are checked, given static shapes, and simplified with onnxsim so BN and shape
+arithmetic are folded before TVM sees them.
+"""
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import EdgepruneError
+
+OPSET = 17
+
+
+def export_torch(model, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    import torch
+
+    x = torch.zeros(input_shape)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=OPSET,
+                              input_names=["input"], output_names=["output"])
+        except Exception as e:
+            raise EdgepruneError(f"the PyTorch model does not export to ONNX: {e}")
+    return onnx.load_from_string(buf.getvalue())
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise EdgepruneError(f"model file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise EdgepruneError(f"{path}: not a valid ONNX model ({type(e).__name__}: {e})")
+    return model
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def static_input_shapes(model: onnx.ModelProto, override: tuple[int, ...] | None,
+                        origin: str) -> dict[str, tuple[int, ...]]:
+    """The input shapes, made static: from the graph, or from --input-shape where it is dynamic."""
+    inputs = graph_inputs(model)
+    shapes = {}
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                      for d in dims)
+        if override is not None:
+            if len(inputs) > 1:
+                raise EdgepruneError(f"{origin}: --input-shape is ambiguous for a model with "
+                                     f"{len(inputs)} inputs")
+            if len(override) != len(shape):
+                raise EdgepruneError(f"{origin}: --input-shape {override} has rank {len(override)} "
+                                     f"but input '{inp.name}' has rank {len(shape)}")
+            for have, want in zip(shape, override):
+                if have is not None and have != want:
+                    raise EdgepruneError(f"{origin}: --input-shape {override} conflicts with the "
+                                         f"static shape {shape} of input '{inp.name}'")
+            shape = override
+        if any(d is None for d in shape):
+            raise EdgepruneError(f"{origin}: input '{inp.name}' has a dynamic shape "
+                                 f"{tuple(d if d else '?' for d in shape)}; pass --input-shape")
+        shapes[inp.name] = tuple(shape)
+    return shapes
+
+
+def simplify(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], origin: str) -> onnx.ModelProto:
+    import onnxsim
+
+    try:
+        simplified, ok = onnxsim.simplify(model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()})
+    except Exception as e:
+        raise EdgepruneError(f"{origin}: onnxsim could not simplify the graph: {e}")
+    if not ok:
+        raise EdgepruneError(f"{origin}: the simplified graph failed onnxsim's check")
+    return simplified
+
+
+def check_supported_ops(model: onnx.ModelProto, origin: str) -> None:
+    """Name the first node whose op TVM's ONNX frontend cannot convert, before converting."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    known = onnx_frontend._get_convert_map()
+    for node in model.graph.node:
+        if node.op_type not in known:
+            raise EdgepruneError(f"{origin}: node '{node.name or '(unnamed)'}' uses op "
+                                 f"'{node.op_type}', which the TVM ONNX frontend does not support")
+
+
+def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.ModelProto:
+    """Any model spec (zoo name, .pt, .onnx) as a simplified, static-shape ONNX model."""
+    from .load import is_zoo_name, load_torch
+
+    path = Path(spec)
+    if path.suffix == ".onnx" and not is_zoo_name(spec):
+        model = load_onnx(path)
+        origin = str(path)
+    else:
+        module, shape = load_torch(spec, input_shape)
+        model = export_torch(module, shape)
+        origin = spec
+        input_shape = shape
+    shapes = static_input_shapes(model, input_shape, origin)
+    model = simplify(model, shapes, origin)
+    check_supported_ops(model, origin)
+    return model
+
+
+def reference_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs on the host, by ONNX's own reference evaluator (independent of TVM)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return [np.asarray(o) for o in ReferenceEvaluator(model).run(None, inputs)]

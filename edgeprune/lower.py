@@ -1,0 +1,266 @@
+"""Lower a model through TVM Relax into C kernels plus the call list the AOT emitter needs.
+
+ONNX → `relax.frontend.onnx.from_onnx` → legalize/fuse → one `call_tir` per fused kernel.
+The kernels are built by TVM's `c` target (packed calling convention, asserts stripped); the
+graph around them (order, tensors, weights) is returned as plain data for `plan` and `emit`.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import EdgepruneError
+
+# Bytes the runtime shim rounds every workspace request up to (see codegen/edgeprune_runtime.c).
+WORKSPACE_ALIGN = 16
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class KernelCall:
+    kernel: str                 # fused PrimFunc name, e.g. fused_conv2d_add_relu
+    args: list[str]             # tensor names in the kernel's parameter order; the last is the output
+    workspace_bytes: int = 0    # scratch the kernel asks TVMBackendAllocWorkspace for (peak)
+
+    @property
+    def output(self) -> str:
+        return self.args[-1]
+
+    @property
+    def inputs(self) -> list[str]:
+        return self.args[:-1]
+
+
+@dataclass
+class LoweredModel:
+    prefix: str
+    kernels_c: str                          # one C file with every kernel
+    tensors: dict[str, TensorInfo]          # every activation, input, output and view
+    consts: dict[str, np.ndarray]           # weights, by tensor name
+    calls: list[KernelCall]
+    inputs: list[str]
+    outputs: list[str]
+    views: dict[str, str] = field(default_factory=dict)  # reshape view -> the tensor it aliases
+
+    def base(self, name: str) -> str:
+        while name in self.views:
+            name = self.views[name]
+        return name
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(int(c.nbytes) for c in self.consts.values())
+
+
+_registered = False
+
+
+def _register_c_intrinsics() -> None:
+    """`tirx.fabs` has no `c` lowering in TVM 0.27 (Abs, softplus, mish fail); map it to fabsf."""
+    global _registered
+    if _registered:
+        return
+    import tvm
+
+    def fabs(op):
+        name = "fabsf" if op.dtype == "float32" else "fabs"
+        return tvm.tirx.call_pure_extern(op.dtype, name, *op.args)
+
+    tvm.tirx.register_intrin_lowering("tirx.fabs", target="c", f=fabs, level=99)
+    _registered = True
+
+
+def import_onnx(model, origin: str = "model"):
+    import tvm  # noqa: F401  (heavy import, deferred until lowering is needed)
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(model, keep_params_in_input=False)
+    except Exception as e:
+        raise EdgepruneError(f"{origin}: TVM's ONNX frontend failed: {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}")
+
+
+def fuse(mod):
+    """The CPU backend's legalize passes plus reshape-as-view and dead-code elimination."""
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.DeadCodeElimination(),
+    ])
+    with tvm.target.Target("c"):
+        return seq(mod)
+
+
+def _tensor_type(ty, what: str) -> tuple[tuple[int, ...], str]:
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        raise EdgepruneError(f"{what}: its type {ty} is not a tensor with a static shape")
+    dims = []
+    for d in shape.values:
+        if not hasattr(d, "value"):
+            raise EdgepruneError(f"{what}: dimension '{d}' is not static; pass --input-shape")
+        dims.append(int(d.value))
+    return tuple(dims), str(ty.dtype)
+
+
+def collect_calls(mod, prefix: str) -> LoweredModel:
+    """Walk the fused `main` and record tensors, weights and kernel calls in execution order."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    tensors: dict[str, TensorInfo] = {}
+    consts: dict[str, np.ndarray] = {}
+    const_names: list[tuple[object, str]] = []
+    names: dict[object, str] = {}
+    calls: list[KernelCall] = []
+    views: dict[str, str] = {}
+
+    def name_of(var) -> str:
+        for v, n in names.items():
+            if v.same_as(var):
+                return n
+        raise EdgepruneError(f"internal: variable {var} used before it is defined")
+
+    def const_name(c) -> str:
+        for obj, n in const_names:
+            if obj.same_as(c):
+                return n
+        n = f"w{len(const_names)}"
+        const_names.append((c, n))
+        consts[n] = c.value.numpy()
+        shape, dtype = consts[n].shape, str(consts[n].dtype)
+        tensors[n] = TensorInfo(n, tuple(shape), dtype)
+        return n
+
+    def unique(name: str) -> str:
+        base, k = re.sub(r"\W", "_", name) or "t", 0
+        name = base
+        while name in tensors:
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
+    inputs = []
+    for p in main.params:
+        n = unique(p.name)
+        names[p] = n
+        shape, dtype = _tensor_type(p.ty, f"input '{p.name}'")
+        tensors[n] = TensorInfo(n, shape, dtype)
+        inputs.append(n)
+
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value, var = binding.value, binding.var
+            out = unique(var.name)
+            if isinstance(value, relax.Var):
+                names[var] = name_of(value)
+                continue
+            op = getattr(value, "op", None)
+            op_name = getattr(op, "name", None)
+            if op_name == "relax.call_tir":
+                kernel = value.args[0].name_hint
+                args = []
+                for a in value.args[1].fields:
+                    if isinstance(a, relax.Var):
+                        args.append(name_of(a))
+                    elif isinstance(a, tvm.ir.GenericConst) or type(a).__name__.endswith("Const"):
+                        args.append(const_name(a))
+                    else:
+                        raise EdgepruneError(f"kernel {kernel}: argument {a} of kind "
+                                             f"{type(a).__name__} is not supported")
+                shape, dtype = _tensor_type(value.ty_args[0], f"output of kernel {kernel}")
+                tensors[out] = TensorInfo(out, shape, dtype)
+                names[var] = out
+                calls.append(KernelCall(kernel, args + [out]))
+            elif op_name == "relax.reshape":
+                src = name_of(value.args[0])
+                shape, dtype = _tensor_type(var.ty, f"reshape {var.name}")
+                tensors[out] = TensorInfo(out, shape, dtype)
+                names[var] = out
+                views[out] = src
+            else:
+                raise EdgepruneError(f"op '{op_name or op}' (binding {var.name}) was not lowered "
+                                     "to a TIR kernel; the C target does not support it")
+
+    body = main.body.body
+    outs = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+    outputs = []
+    for o in outs:
+        if not isinstance(o, relax.Var):
+            raise EdgepruneError(f"model output {o} is not a tensor computed by a kernel")
+        outputs.append(name_of(o))
+    return LoweredModel(prefix, "", tensors, consts, calls, inputs, outputs, views)
+
+
+def build_kernels(mod, prefix: str) -> str:
+    """C source of every PrimFunc, exported as `__tvm_ffi_<prefix>_<name>`, asserts stripped."""
+    import tvm
+
+    _register_c_intrinsics()
+    funcs = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            funcs[tvm.ir.GlobalVar(gv.name_hint)] = f.with_attr("global_symbol", f"{prefix}_{gv.name_hint}")
+    if not funcs:
+        raise EdgepruneError("the model has no computation to lower (no kernels)")
+    tir_mod = tvm.IRModule(funcs)
+    try:
+        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+            lib = tvm.tirx.build(tir_mod, target="c")
+    except Exception as e:
+        raise EdgepruneError(f"TVM C code generation failed: {str(e).strip().splitlines()[-1]}")
+    src = lib.inspect_source()
+    # Every generated file defines this symbol; give it a per-model name so models can be linked together.
+    return src.replace("__tvm_ffi__library_ctx", f"{prefix}_tvm_library_ctx")
+
+
+_FUNC_RE = re.compile(r"^TVM_DLL int32_t __tvm_ffi_(\w+)\(void\* self_handle[^)]*\) \{", re.M)
+_ALLOC_RE = re.compile(r"TVMBackendAllocWorkspace\(1, dev_id, \(uint64_t\)(\d+)ULL")
+
+
+def workspace_per_kernel(src: str, prefix: str) -> dict[str, int]:
+    """Peak scratch bytes per kernel: the sum of its (LIFO-nested) workspace requests, aligned."""
+    starts = [(m.start(), m.group(1)) for m in _FUNC_RE.finditer(src)]
+    sizes = {}
+    for i, (pos, sym) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else len(src)
+        reqs = [int(n) for n in _ALLOC_RE.findall(src, pos, end)]
+        sizes[sym.removeprefix(prefix + "_")] = sum(-(-r // WORKSPACE_ALIGN) * WORKSPACE_ALIGN for r in reqs)
+    return sizes
+
+
+def lower_relax(mod, prefix: str = "model") -> LoweredModel:
+    """Lower a Relax IRModule (from ONNX or built by the quantizer) to kernels + call list."""
+    if not re.fullmatch(r"[A-Za-z_]\w*", prefix):
+        raise EdgepruneError(f"prefix '{prefix}' is not a C identifier")
+    mod = fuse(mod)
+    lowered = collect_calls(mod, prefix)
+    lowered.kernels_c = build_kernels(mod, prefix)
+    ws = workspace_per_kernel(lowered.kernels_c, prefix)
+    for call in lowered.calls:
+        call.workspace_bytes = ws.get(call.kernel, 0)
+    return lowered
+
+
+def lower_onnx(model, prefix: str = "model", origin: str = "model") -> LoweredModel:
+    return lower_relax(import_onnx(model, origin), prefix)

@@ -1,0 +1,70 @@
+"""Run firmware in QEMU and count its instructions exactly (TCG plugin at marker functions)."""
+
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgepruneError
+from .qemu_plugin import plugin_path
+from .targets import Target
+
+EXIT_FAULT = 126
+
+
+class TargetFailure(EdgepruneError):
+    """The firmware crashed, hung or reported an error (CLI exit code 3)."""
+
+
+@dataclass
+class QemuRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    marks: list[tuple[int, int]] = field(default_factory=list)  # (address, instructions so far)
+    total_instructions: int = 0
+
+
+def qemu_command(target: Target, elf: Path) -> list[str]:
+    q = target.qemu
+    return [q["binary"], "-M", q["machine"], *q.get("args", []), "-display", "none",
+            "-monitor", "none", "-serial", "stdio", "-kernel", str(elf)]
+
+
+def run_firmware(target: Target, elf: Path, io_blob: bytes | None = None, timeout: float = 120,
+                 marks: list[int] | None = None) -> QemuRun:
+    with tempfile.TemporaryDirectory(prefix="edgeprune-qemu-") as tmp:
+        cmd = qemu_command(target, elf)
+        if io_blob is not None:
+            if len(io_blob) > target.qemu["io_size"]:
+                raise EdgepruneError(f"{len(io_blob)} B of test inputs exceed the io region "
+                                     f"({target.qemu['io_size']} B); use fewer samples")
+            io_file = Path(tmp) / "io.bin"
+            io_file.write_bytes(io_blob)
+            cmd += ["-device", f"loader,file={io_file},addr={target.qemu['io_origin']:#x},force-raw=on"]
+        log = Path(tmp) / "icount.txt"
+        if marks is not None:
+            args = ",".join([f"out={log}"] + [f"mark={m:#x}" for m in marks])
+            cmd += ["-plugin", f"{plugin_path()},{args}"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise EdgepruneError(f"{cmd[0]} is not installed (run make setup)")
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace")
+            raise TargetFailure(f"the firmware hung: no exit within {timeout:.0f} s "
+                                f"(last output: {out[-200:]!r})")
+        run = QemuRun(r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
+        if marks is not None and log.exists():
+            for line in log.read_text().splitlines():
+                a, b = line.split()
+                if a == "total":
+                    run.total_instructions = int(b)
+                else:
+                    run.marks.append((int(a, 16), int(b)))
+    if "FAULT" in run.stdout or run.returncode in (EXIT_FAULT, 127):
+        fault = next((l for l in run.stdout.splitlines() if l.startswith("FAULT")), "FAULT")
+        raise TargetFailure(f"the firmware crashed on {target.name}: {fault}")
+    if run.returncode == 134:
+        raise TargetFailure(f"QEMU aborted (lockup) on {target.name}: {run.stderr[-300:]}")
+    return run

@@ -1,0 +1,3 @@
+from . import plugin_path
+
+print(plugin_path())

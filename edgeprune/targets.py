@@ -1,0 +1,90 @@
+"""Targets are data: one TOML file per target in targets/. Code asks the Target, never its name."""
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgepruneError
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware_templates"
+
+# (table, key, type) every target must define; read once here so a typo fails at load time.
+_REQUIRED = [
+    ("", "name", str), ("", "description", str),
+    ("chip", "part", str), ("chip", "core", str), ("chip", "clock_hz", int),
+    ("chip", "flash_bytes", int), ("chip", "sram_bytes", int), ("chip", "source", str),
+    ("toolchain", "cc", str), ("toolchain", "cflags", list), ("toolchain", "opt", str),
+    ("board", "template", str), ("board", "stack_bytes", int),
+    ("qemu", "binary", str), ("qemu", "machine", str),
+    ("counter", "board", str), ("counter", "qemu", str),
+    ("quant", "weight_bits", list), ("quant", "activation_bits", list),
+    ("power", "run_current_ma", float), ("power", "supply_v", float), ("power", "source", str),
+]
+
+
+@dataclass
+class Target:
+    name: str
+    description: str
+    chip: dict
+    toolchain: dict
+    board: dict
+    qemu: dict
+    counter: dict
+    quant: dict
+    power: dict
+    path: Path = field(default=Path())
+
+    @property
+    def flash_bytes(self) -> int:
+        return self.chip["flash_bytes"]
+
+    @property
+    def sram_bytes(self) -> int:
+        return self.chip["sram_bytes"]
+
+    @property
+    def board_dir(self) -> Path:
+        return FIRMWARE_DIR / self.board["template"]
+
+    @property
+    def power_mw(self) -> float:
+        p = self.power
+        return p["run_current_ma"] * p["supply_v"] * p.get("flash_wait_factor", 1.0)
+
+
+def target_names() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def load_target(name_or_path: str) -> Target:
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = TARGETS_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        raise EdgepruneError(f"unknown target '{name_or_path}'; known: {', '.join(target_names())}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EdgepruneError(f"{path}: not valid TOML: {e}")
+    for table, key, typ in _REQUIRED:
+        section = raw if not table else raw.get(table)
+        where = f"[{table}] {key}" if table else key
+        if not isinstance(section, dict) or key not in section:
+            raise EdgepruneError(f"{path}: missing field {where}")
+        value = section[key]
+        if typ is float and isinstance(value, int):
+            section[key] = value = float(value)
+        if not isinstance(value, typ):
+            raise EdgepruneError(f"{path}: field {where} must be {typ.__name__}, "
+                                 f"got {type(value).__name__} {value!r}")
+    t = Target(name=raw["name"], description=raw["description"],
+               **{k: raw[k] for k in ("chip", "toolchain", "board", "qemu", "counter", "quant", "power")},
+               path=path)
+    if t.name != path.stem:
+        raise EdgepruneError(f"{path}: name = '{t.name}' does not match the file name '{path.stem}'")
+    if not t.board_dir.is_dir():
+        raise EdgepruneError(f"{path}: [board] template '{t.board['template']}' has no folder "
+                             f"{t.board_dir}")
+    return t
