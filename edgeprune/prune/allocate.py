@@ -1,0 +1,126 @@
+"""How many units each group loses: uniform ratio, explicit per-layer ratios, global ranking
+with a per-group floor, or a ratio searched so the pruned model meets a MACs/params target.
+
+Counts use floor(ratio * units), so any ratio in [0, 1) leaves at least one channel; an explicit
+setting that would leave none is an error rather than a silently collapsed layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import EdgepruneError
+from .graph import DepGraph
+
+STAGE = "prune"
+
+
+def check_ratio(ratio: float, what: str = "--ratio") -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise EdgepruneError(f"{what} {ratio!r} is not a number", stage=STAGE) from None
+    if not 0.0 <= r < 1.0:
+        raise EdgepruneError(f"{what} {r} is outside [0, 1) (it is the fraction removed)",
+                             stage=STAGE)
+    return r
+
+
+def uniform(graph: DepGraph, ratio: float) -> dict[int, int]:
+    """Units to remove per group: the same fraction everywhere."""
+    ratio = check_ratio(ratio)
+    return {g.index: int(math.floor(ratio * g.units + 1e-9)) for g in graph.groups}
+
+
+def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0) -> dict[int, int]:
+    """Units to remove per group from {layer name: ratio}. A key may name any producer layer of
+    a group; coupled layers (e.g. both sides of a residual add) given different ratios get the
+    smallest one, since they can only lose the same channels. `"*"` sets the default."""
+    default = check_ratio(ratios.get("*", default), "default ratio")
+    chosen: dict[int, float] = {}
+    for name, r in ratios.items():
+        if name == "*":
+            continue
+        r = check_ratio(r, f"ratio for layer '{name}'")
+        try:
+            g = graph.group(name)
+        except EdgepruneError:
+            raise EdgepruneError(f"per-layer ratios name '{name}', which is not a prunable layer "
+                                 f"(the classifier and input layers are never pruned); "
+                                 f"prunable: {', '.join(graph.layer_names())}",
+                                 stage=STAGE) from None
+        chosen[g.index] = min(chosen.get(g.index, r), r)
+    counts = {}
+    for g in graph.groups:
+        r = chosen.get(g.index, default)
+        n = int(math.floor(r * g.units + 1e-9))
+        if n >= g.units:
+            raise EdgepruneError(f"ratio {r} would remove every channel of layer '{g.name}'",
+                                 stage=STAGE)
+        counts[g.index] = n
+    return counts
+
+
+def keep_lowest_removed(graph: DepGraph, scores: dict[int, torch.Tensor],
+                        counts: dict[int, int]) -> dict[int, list[int]]:
+    """Kept unit indices per group: remove the `counts[g]` lowest-scoring units."""
+    keep = {}
+    for g in graph.groups:
+        n = counts.get(g.index, 0)
+        if n >= g.units:
+            raise EdgepruneError(f"pruning would remove every channel of layer '{g.name}'",
+                                 stage=STAGE)
+        order = torch.argsort(scores[g.index], stable=True)
+        keep[g.index] = sorted(int(i) for i in order[n:])
+    return keep
+
+
+def global_counts(graph: DepGraph, scores: dict[int, torch.Tensor], fraction: float,
+                  min_keep: float = 0.1) -> dict[int, int]:
+    """Rank all units of all groups together (scores divided by their group's mean, so layers
+    of different scale compare) and remove the lowest `fraction` of them, never leaving a group
+    with fewer than max(1, ceil(min_keep * units)) units (no layer collapse)."""
+    fraction = check_ratio(fraction)
+    entries = []
+    for g in graph.groups:
+        s = scores[g.index].double()
+        norm = s / (s.abs().mean() + 1e-30)
+        entries += [(float(v), g.index) for v in norm]
+    entries.sort(key=lambda e: e[0])
+    total = int(math.floor(fraction * len(entries) + 1e-9))
+    floor = {g.index: max(1, math.ceil(min_keep * g.units)) for g in graph.groups}
+    left = {g.index: g.units for g in graph.groups}
+    counts = {g.index: 0 for g in graph.groups}
+    removed = 0
+    for _, gi in entries:
+        if removed >= total:
+            break
+        if left[gi] > floor[gi]:
+            left[gi] -= 1
+            counts[gi] += 1
+            removed += 1
+    return counts
+
+
+def search(measure: Callable[[float], float], target: float, hi: float = 0.99,
+           steps: int = 20) -> float:
+    """The smallest ratio in [0, hi] whose `measure(ratio)` (fraction of MACs or params
+    removed, non-decreasing in ratio) reaches `target`, by bisection."""
+    if not 0.0 < target < 1.0:
+        raise EdgepruneError(f"target {target} is outside (0, 1) (it is the fraction of MACs or "
+                             "params removed)", stage=STAGE)
+    if measure(hi) < target:
+        raise EdgepruneError(f"cannot remove {target:.0%}: even ratio {hi} removes only "
+                             f"{measure(hi):.1%} (frozen input/output layers set a floor)",
+                             stage=STAGE)
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if measure(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -1,0 +1,259 @@
+"""What a criterion may ask for: unit weight vectors, per-sample gradient×activation terms,
+and the loss of the model with some units switched off.
+
+Everything works on the *original* model through temporary hooks, so scoring never changes the
+user's weights and never needs the pruned model:
+
+* `UnitGate` multiplies the channels a group's units occupy at the **input of every layer that
+  reads them** (dense conv / linear). Zero there is exactly what physical removal does, so the
+  same mechanism gives the equivalence tests' reference, the meta-criterion's trial masks and the
+  differentiable L0 gates.
+* `taylor_terms` multiplies each producer's output channels by a ones tensor of shape (N, C) and
+  takes the gradient with respect to it: that is, per sample, sum over positions of
+  activation × gradient = g_i^T w_i for filter i (Molchanov's Taylor term, CCP's u and s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .graph import DepGraph, Group
+
+
+class UnitGate:
+    """Scale a group's units by `values[u]` wherever a layer reads them (context manager)."""
+
+    def __init__(self, graph: DepGraph, model: nn.Module):
+        self.graph, self.model = graph, model
+        self.values: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        # consumer layer -> [(group index, position index tensor, unit index tensor)]
+        self._index: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for g in graph.groups:
+            for m in g.by_role("in"):
+                pos = [p for u in range(g.units) for p in m.positions[u]]
+                unit = [u for u in range(g.units) for _ in m.positions[u]]
+                self._index.setdefault(m.layer, []).append(
+                    (g.index, torch.as_tensor(pos, dtype=torch.long),
+                     torch.as_tensor(unit, dtype=torch.long)))
+
+    def set(self, group_index: int, values: torch.Tensor | None) -> None:
+        if values is None:
+            self.values.pop(group_index, None)
+        else:
+            self.values[group_index] = values
+
+    def _hook(self, name: str):
+        entries = self._index[name]
+
+        def pre(module, args):
+            x = args[0]
+            active = [(gi, p, u) for gi, p, u in entries if gi in self.values]
+            if not active:
+                return None
+            mask = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            for gi, p, u in active:
+                mask = mask.index_copy(0, p, self.values[gi].to(x.dtype)[u])
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return (x * mask.view(shape),) + tuple(args[1:])
+        return pre
+
+    def __enter__(self):
+        for name in self._index:
+            self._hooks.append(self.model.get_submodule(name).register_forward_pre_hook(
+                self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def masked_reference(model: nn.Module, layers: dict[str, dict]) -> "_LayerMask":
+    """Hooks that zero, at the input of every conv/linear, the input channels a pruning record
+    says were removed (`layers[name]["in_kept"]` out of `in_before`). Used as the reference the
+    pruned model must equal: it is built from the record alone, not from the dependency graph."""
+    return _LayerMask(model, layers)
+
+
+class _LayerMask:
+    def __init__(self, model: nn.Module, layers: dict[str, dict]):
+        self.model, self.layers, self._hooks = model, layers, []
+
+    def __enter__(self):
+        for name, rec in self.layers.items():
+            if rec.get("type") not in ("Conv2d", "Linear") or rec.get("groups", 1) != 1:
+                continue
+            if len(rec["in_kept"]) == rec["in_before"]:
+                continue
+            mask = torch.zeros(rec["in_before"])
+            mask[torch.as_tensor(rec["in_kept"], dtype=torch.long)] = 1.0
+
+            def pre(module, args, mask=mask):
+                x = args[0]
+                return (x * mask.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2)),)
+            self._hooks.append(self.model.get_submodule(name).register_forward_pre_hook(pre))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+@dataclass
+class Context:
+    """Inputs a criterion may use. `batches` are (x, y) scoring batches, `meta_batch` a
+    held-out batch for criteria that evaluate trial masks, `budget[g]` the number of units of
+    group g that will be removed (criteria that solve for a pattern need it)."""
+    graph: DepGraph
+    model: nn.Module
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    meta_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    budget: dict[int, int] = field(default_factory=dict)
+    seed: int = 0
+    loss: str = "ce"  # "ce" or "mse" (one-hot targets): which Hessian approximation CCP uses
+    aux_heads: dict[int, tuple[str, nn.Module]] | None = None  # CCP-AC: group -> (layer, head)
+    notes: dict[str, str] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+
+    def require_data(self, criterion: str) -> None:
+        if not self.batches:
+            from ..errors import EdgepruneError
+            raise EdgepruneError(f"criterion '{criterion}' needs data: pass --data "
+                                 "(e.g. --data fashion-mnist)", stage="prune")
+
+    # ---- weights
+    def unit_vectors(self, group: Group) -> torch.Tensor:
+        """[units, D]: each unit's filter weights (and bias) over all its producer layers."""
+        parts = []
+        for m in group.by_role("out"):
+            mod = self.model.get_submodule(m.layer)
+            w = mod.weight.detach().flatten(1)
+            if getattr(mod, "bias", None) is not None:
+                w = torch.cat([w, mod.bias.detach()[:, None]], 1)
+            parts.append(torch.stack([w[p].sum(0) if p else torch.zeros(w.shape[1])
+                                      for p in m.positions]))
+        return torch.cat(parts, 1)
+
+    def bn_gammas(self, group: Group) -> torch.Tensor | None:
+        ms = group.by_role("bn")
+        if not ms:
+            return None
+        out = torch.zeros(group.units)
+        for m in ms:
+            g = self.model.get_submodule(m.layer).weight.detach().abs()
+            out += torch.stack([g[p].sum() for p in m.positions])
+        return out
+
+    # ---- gradients × activations
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss == "mse":
+            return ((logits - F.one_hot(y, logits.shape[1]).to(logits.dtype)) ** 2).sum()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def taylor_terms(self, group: Group) -> torch.Tensor:
+        """[samples, units]: per sample, d loss / d (scale of unit u) = sum of
+        activation × gradient over the unit's producer outputs (reduction: sum over samples,
+        model in eval mode, so each row is that sample's own gradient)."""
+        key = ("taylor", self.loss, self.aux_heads is not None)
+        if key not in self._cache:
+            self._cache[key] = self._collect(per_output=False)
+        return self._cache[key][group.index]
+
+    def jacobian_terms(self, group: Group) -> torch.Tensor:
+        """[samples, outputs, units]: d logit_o / d (scale of unit u), for the Gauss-Newton
+        Hessian of the MSE loss."""
+        key = ("jac", self.aux_heads is not None)
+        if key not in self._cache:
+            self._cache[key] = self._collect(per_output=True)
+        return self._cache[key][group.index]
+
+    def _collect(self, per_output: bool) -> dict[int, torch.Tensor]:
+        producers = {}  # layer -> list of (group, member)
+        for g in self.graph.groups:
+            for m in g.by_role("out"):
+                producers.setdefault(m.layer, []).append((g, m))
+        result: dict[int, list[torch.Tensor]] = {g.index: [] for g in self.graph.groups}
+        was = self.model.training
+        self.model.eval()
+        try:
+            for x, y in self.batches:
+                scales: dict[str, torch.Tensor] = {}
+                feats: dict[int, torch.Tensor] = {}
+                hooks = []
+                for name in producers:
+                    def fwd(module, args, out, name=name):
+                        s = torch.ones(out.shape[:2], requires_grad=True)
+                        scales[name] = s
+                        return out * s.view(s.shape + (1,) * (out.dim() - 2))
+                    hooks.append(self.model.get_submodule(name).register_forward_hook(fwd))
+                if self.aux_heads:
+                    for gi, (layer, _) in self.aux_heads.items():
+                        def cap(module, args, gi=gi):
+                            feats[gi] = args[0]
+                        hooks.append(self.model.get_submodule(layer).register_forward_pre_hook(cap))
+                try:
+                    logits = self.model(x)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                names = list(scales)
+                for g in self.graph.groups:
+                    mine = [(names.index(m.layer), m) for m in g.by_role("out")]
+                    if per_output:
+                        rows = []
+                        for o in range(logits.shape[1]):
+                            grads = torch.autograd.grad(logits[:, o].sum(), [scales[n] for n in names],
+                                                        retain_graph=True, allow_unused=True)
+                            rows.append(self._units(g, mine, grads, x.shape[0]))
+                        result[g.index].append(torch.stack(rows, 1).detach())
+                    else:
+                        loss = self._loss(logits, y)
+                        if self.aux_heads and g.index in self.aux_heads:
+                            head = self.aux_heads[g.index][1]
+                            loss = loss + self._loss(head(feats[g.index]), y)
+                        grads = torch.autograd.grad(loss, [scales[n] for n in names],
+                                                    retain_graph=True, allow_unused=True)
+                        result[g.index].append(self._units(g, mine, grads, x.shape[0]).detach())
+        finally:
+            self.model.train(was)
+        return {gi: torch.cat(v, 0) for gi, v in result.items()}
+
+    @staticmethod
+    def _units(g: Group, mine, grads, n: int) -> torch.Tensor:
+        t = torch.zeros(n, g.units)
+        for i, m in mine:
+            if grads[i] is None:
+                continue
+            for u, pos in enumerate(m.positions):
+                if pos:
+                    t[:, u] += grads[i][:, pos].sum(1)
+        return t
+
+    # ---- trial masks
+    def gate(self) -> UnitGate:
+        return UnitGate(self.graph, self.model)
+
+    def masked_eval(self, group: Group, keep: torch.Tensor) -> tuple[float, float]:
+        """(loss per sample, misclassification rate) on the meta batch with the units of
+        `group` where keep == 0 switched off."""
+        x, y = self.meta_batch if self.meta_batch is not None else self.batches[-1]
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.gate() as gate:
+                gate.set(group.index, keep.float())
+                logits = self.model(x)
+        finally:
+            self.model.train(was)
+        loss = float(F.cross_entropy(logits, y))
+        return loss, float((logits.argmax(1) != y).float().mean())
+
+    def rng(self, group: Group) -> np.random.Generator:
+        return np.random.default_rng([self.seed, group.index])

@@ -1,0 +1,561 @@
+"""Channel dependency analysis on a torch.fx trace: which channels must be pruned together.
+
+Why channel ids and not layers: a residual add ties channel j of one branch to channel j of the
+other, a concat places two layers' channels side by side, a depthwise conv passes channel j
+through untouched and flatten turns channel j into H*W consecutive features. Tracking every
+tensor's channel dimension as a list of *channel ids* (one id per channel a Conv2d/Linear
+produces) and merging ids that an elementwise op combines handles all of these with one rule.
+
+* a **unit** is a set of merged channel ids: it is removed as a whole (e.g. stem channel 3 and
+  the channel 3 of every residual branch added to it);
+* a **group** is the set of units that share producer layers (the units of one conv, or of all
+  convs tied by residual adds); criteria score the units of a group, allocation decides how many
+  of them to keep;
+* units that reach the graph output or come from the graph input, or pass through a layer whose
+  channels cannot change (grouped conv that is not depthwise, constant operands), are frozen.
+
+The graph is built once per model; `surgery` then removes units physically (new, smaller
+Conv2d/BatchNorm2d/Linear modules), never by masking.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import EdgepruneError
+
+STAGE = "prune"
+
+# Modules that act on each channel separately: channel layout passes through unchanged.
+PASSTHROUGH_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+PASSTHROUGH_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
+    F.elu, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
+}
+PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
+                       "clamp_", "float", "detach"}
+BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv,
+                    torch.add, torch.sub, torch.mul, torch.div}
+BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
+CAT_FUNCTIONS = {torch.cat, torch.concat}
+FLATTEN_FUNCTIONS = {torch.flatten}
+RESHAPE_FUNCTIONS = {torch.reshape}
+MEAN_FUNCTIONS = {torch.mean}
+
+
+class GraphError(EdgepruneError):
+    def __init__(self, message: str):
+        super().__init__(message, stage=STAGE)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The channel ids along a tensor's channel dimension; `repeat` > 1 after flatten
+    (each channel became `repeat` consecutive features)."""
+    ids: tuple[int, ...]
+    repeat: int = 1
+
+    def positions(self) -> list[tuple[int, int]]:
+        """(feature position, channel id) for every feature of the channel dimension."""
+        return [(i * self.repeat + r, cid) for i, cid in enumerate(self.ids)
+                for r in range(self.repeat)]
+
+
+CONST = "const"  # marker layout for get_attr constants
+
+
+@dataclass
+class Layer:
+    """A module that pruning may resize, with the channel layout it reads and writes."""
+    name: str
+    kind: str  # "conv" | "dwconv" | "frozen" | "bn" | "linear"
+    module: nn.Module
+    node: str
+    in_layout: Layout | None
+    out_layout: Layout | None
+
+
+@dataclass
+class Member:
+    """One place a group's units live: `positions[u]` are the indices of unit u along
+    `dim` of module `layer` ("out": weight rows of a conv/linear, "bn"/"dw": per-channel
+    params, "in": input columns of a dense conv/linear)."""
+    layer: str
+    role: str
+    positions: list[list[int]]
+
+
+@dataclass
+class Group:
+    index: int
+    name: str
+    units: int
+    members: list[Member] = field(default_factory=list)
+
+    def by_role(self, role: str) -> list[Member]:
+        return [m for m in self.members if m.role == role]
+
+    @property
+    def layers(self) -> list[str]:
+        """Producer layers (the convs/linears whose filters the group's units are)."""
+        return [m.layer for m in self.members if m.role == "out"]
+
+
+class DepGraph:
+    """Dependency groups of a model at a static input shape. Build once, query many times."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.model = model
+        self.example_input = example_input
+        try:
+            self.gm = fx.symbolic_trace(model)
+        except Exception as e:
+            raise GraphError(f"the model does not trace with torch.fx ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); data-dependent "
+                             "control flow in forward() cannot be pruned structurally") from None
+        try:
+            with torch.no_grad():
+                was = model.training
+                self.gm.eval()
+                ShapeProp(self.gm).propagate(example_input)
+                model.train(was)
+        except Exception as e:
+            raise GraphError(f"the traced model fails on an input of shape "
+                             f"{tuple(example_input.shape)}: {type(e).__name__}: {e}") from None
+        self._sizes: list[int] = []        # channels per space
+        self._space_frozen: list[bool] = []
+        self._space_layer: list[str | None] = []
+        self._parent: list[int] = []
+        self._frozen_ids: set[int] = set()
+        self._space_start: list[int] = []
+        self.layers: dict[str, Layer] = {}
+        self.layouts: dict[str, object] = {}
+        self.flatten_nodes: list[str] = []
+        self._walk()
+        self._build_groups()
+
+    # ---- union-find over channel ids
+    def _new_space(self, size: int, layer: str | None, frozen: bool) -> Layout:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + size))
+        self._sizes.append(size)
+        self._space_frozen.append(frozen)
+        self._space_layer.append(layer)
+        self._space_start.append(start)
+        ids = tuple(range(start, start + size))
+        if frozen:
+            self._frozen_ids.update(ids)
+        return Layout(ids)
+
+    def _find(self, a: int) -> int:
+        while self._parent[a] != a:
+            self._parent[a] = self._parent[self._parent[a]]
+            a = self._parent[a]
+        return a
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self._parent[max(ra, rb)] = min(ra, rb)
+
+    def _freeze(self, layout) -> None:
+        if isinstance(layout, Layout):
+            self._frozen_ids.update(layout.ids)
+
+    # ---- the walk
+    @staticmethod
+    def _shape(node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        if meta is None or not hasattr(meta, "shape"):
+            return None
+        return tuple(meta.shape)
+
+    def _layout_of(self, arg):
+        if isinstance(arg, fx.Node):
+            return self.layouts.get(arg.name)
+        return None
+
+    def _fail(self, node: fx.Node, what: str):
+        where = f"layer '{node.target}'" if node.op == "call_module" else f"node '{node.name}'"
+        raise GraphError(f"cannot prune through {where}: {what}")
+
+    def _walk(self) -> None:
+        for node in self.gm.graph.nodes:
+            shape = self._shape(node)
+            if node.op == "placeholder":
+                self.layouts[node.name] = (self._new_space(shape[1], None, True)
+                                           if shape and len(shape) >= 2 else None)
+            elif node.op == "get_attr":
+                self.layouts[node.name] = CONST
+            elif node.op == "call_module":
+                self.layouts[node.name] = self._module(node, shape)
+            elif node.op in ("call_function", "call_method"):
+                self.layouts[node.name] = self._function(node, shape)
+            elif node.op == "output":
+                fx.node.map_arg(node.args, lambda n: self._freeze(self.layouts.get(n.name)))
+
+    def _input_layout(self, node: fx.Node, ndim: int | None = None) -> Layout:
+        lay = self._layout_of(node.args[0]) if node.args else None
+        if not isinstance(lay, Layout):
+            self._fail(node, "its input has no channel dimension the analysis understands")
+        in_shape = self._shape(node.args[0])
+        if ndim is not None and (in_shape is None or len(in_shape) != ndim):
+            self._fail(node, f"expects a {ndim}-D input, got shape {in_shape}")
+        return lay
+
+    def _module(self, node: fx.Node, shape):
+        mod = self.gm.get_submodule(node.target)
+        name = node.target
+        if name in self.layers and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            self._fail(node, "a module with weights is called more than once (shared layers "
+                       "cannot be resized consistently)")
+        if isinstance(mod, nn.Conv2d):
+            lay = self._input_layout(node, 4)
+            if lay.repeat != 1:
+                self._fail(node, "conv input is flattened")
+            if mod.groups == 1:
+                out = self._new_space(mod.out_channels, name, False)
+                self.layers[name] = Layer(name, "conv", mod, node.name, lay, out)
+            elif mod.groups == mod.in_channels == mod.out_channels:
+                self.layers[name] = Layer(name, "dwconv", mod, node.name, lay, lay)
+                out = lay
+            else:  # grouped conv: keep its channels (pruning would break the group structure)
+                self._freeze(lay)
+                out = self._new_space(mod.out_channels, name, True)
+                self.layers[name] = Layer(name, "frozen", mod, node.name, lay, out)
+            return out
+        if isinstance(mod, nn.BatchNorm2d):
+            lay = self._input_layout(node, 4)
+            self.layers[name] = Layer(name, "bn", mod, node.name, lay, lay)
+            return lay
+        if isinstance(mod, nn.Linear):
+            lay = self._input_layout(node, 2)
+            if len(lay.ids) * lay.repeat != mod.in_features:
+                self._fail(node, f"input has {len(lay.ids) * lay.repeat} features, "
+                           f"layer expects {mod.in_features}")
+            out = self._new_space(mod.out_features, name, False)
+            self.layers[name] = Layer(name, "linear", mod, node.name, lay, out)
+            return out
+        if isinstance(mod, nn.Flatten):
+            return self._flatten(node, mod.start_dim, mod.end_dim)
+        if isinstance(mod, PASSTHROUGH_MODULES):
+            if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+                self._fail(node, "PReLU with per-channel slopes is not supported")
+            return self._input_layout(node)
+        self._fail(node, f"unsupported module type {type(mod).__name__} (supported: Conv2d, "
+                   "BatchNorm2d, Linear, pooling, elementwise activations, Flatten)")
+
+    def _flatten(self, node: fx.Node, start: int, end: int = -1):
+        lay = self._input_layout(node)
+        in_shape = self._shape(node.args[0])
+        if start != 1 or end not in (-1, len(in_shape) - 1):
+            self._fail(node, "only flatten(x, 1) (all dims after the batch) is supported")
+        return Layout(lay.ids, lay.repeat * int(np.prod(in_shape[2:], dtype=np.int64)))
+
+    def _function(self, node: fx.Node, shape):
+        t = node.target
+        is_fn = node.op == "call_function"
+        if (is_fn and t in PASSTHROUGH_FUNCTIONS) or (not is_fn and t in PASSTHROUGH_METHODS):
+            if shape is None:
+                return None
+            return self._input_layout(node)
+        if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS):
+            return self._binary(node, shape)
+        if is_fn and t in CAT_FUNCTIONS:
+            return self._cat(node, shape)
+        if (is_fn and t in FLATTEN_FUNCTIONS) or (not is_fn and t == "flatten"):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if start == 0:
+                self._fail(node, "flatten including the batch dimension")
+            return self._flatten(node, start, end)
+        if (is_fn and t in RESHAPE_FUNCTIONS) or (not is_fn and t in ("view", "reshape")):
+            return self._reshape(node, shape)
+        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t == "mean"):
+            return self._mean(node, shape)
+        if (not is_fn and t in ("size", "dim")) or (is_fn and t in (getattr, len)):
+            return None
+        if is_fn and t is operator.getitem and not isinstance(node.args[0], fx.Node):
+            return None
+        if is_fn and t is operator.getitem and self._shape(node.args[0]) is None:
+            return None  # indexing a shape tuple
+        name = getattr(t, "__name__", str(t))
+        self._fail(node, f"unsupported operation {name}")
+
+    def _binary(self, node: fx.Node, shape):
+        a, b = (node.args + (None,))[:2] if len(node.args) >= 2 else (node.args[0],
+                                                                       node.kwargs.get("other"))
+        la, lb = self._layout_of(a), self._layout_of(b)
+        if shape is None or len(shape) < 2:
+            return None
+        tensors = [(x, l) for x, l in ((a, la), (b, lb)) if isinstance(l, Layout)]
+        if not tensors:
+            return None
+        consts = [x for x, l in ((a, la), (b, lb)) if l is CONST]
+        for c in consts:
+            if _fetch_attr(self.gm, c.target).numel() != 1:  # a per-channel constant: its channels cannot change
+                for _, l in tensors:
+                    self._freeze(l)
+        if len(tensors) == 1:
+            return tensors[0][1]
+        (xa, la), (xb, lb) = tensors
+        sa, sb = self._shape(xa), self._shape(xb)
+        if len(la.ids) == len(lb.ids) and la.repeat == lb.repeat:
+            for i, j in zip(la.ids, lb.ids):
+                self._union(i, j)
+            return la
+        if sa[1] == 1:
+            self._freeze(la)
+            return lb
+        if sb[1] == 1:
+            self._freeze(lb)
+            return la
+        self._fail(node, f"operands with channel shapes {sa} and {sb} do not line up")
+
+    def _cat(self, node: fx.Node, shape):
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        nd = len(shape)
+        dim = dim % nd
+        lays = [self._layout_of(x) for x in tensors]
+        if not all(isinstance(l, Layout) for l in lays):
+            self._fail(node, "concatenates a tensor without a tracked channel dimension")
+        if dim == 1:
+            if len({l.repeat for l in lays}) != 1:
+                self._fail(node, "concatenates flattened features of different spatial sizes")
+            return Layout(tuple(i for l in lays for i in l.ids), lays[0].repeat)
+        if dim == 0 or nd == 4:  # batch or spatial concat: channels line up one to one
+            for l in lays[1:]:
+                if len(l.ids) != len(lays[0].ids):
+                    self._fail(node, "concatenated tensors differ in channels")
+                for i, j in zip(lays[0].ids, l.ids):
+                    self._union(i, j)
+            return lays[0]
+        self._fail(node, f"concatenation along dim {dim}")
+
+    def _reshape(self, node: fx.Node, shape):
+        in_shape = self._shape(node.args[0])
+        if in_shape is None:
+            self._fail(node, "reshape of an unknown shape")
+        if tuple(shape) == tuple(in_shape):
+            return self._input_layout(node)
+        if len(in_shape) >= 3 and len(shape) == 2 and shape[0] == in_shape[0]:
+            self.flatten_nodes.append(node.name)
+            return self._flatten(node, 1, -1)
+        self._fail(node, f"reshape {in_shape} -> {tuple(shape)} is not a flatten after the "
+                   "batch dimension")
+
+    def _mean(self, node: fx.Node, shape):
+        in_shape = self._shape(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        dims = {d % len(in_shape) for d in dims}
+        if dims and 0 not in dims and 1 not in dims:
+            lay = self._input_layout(node)
+            if len(shape) == 2:
+                return Layout(lay.ids, 1) if lay.repeat == 1 else self._fail(node, "mean of "
+                                                                            "flattened tensor")
+            return lay
+        self._fail(node, "mean over the batch or channel dimension")
+
+    # ---- groups
+    def _build_groups(self) -> None:
+        roots_frozen = {self._find(i) for i in self._frozen_ids}
+        # unit = union-find root; the spaces (producer layers) it touches
+        n_spaces = len(self._sizes)
+        space_of = np.zeros(len(self._parent), dtype=np.int64)
+        for s, start in enumerate(self._space_start):
+            space_of[start:start + self._sizes[s]] = s
+        unit_spaces: dict[int, set[int]] = {}
+        for cid in range(len(self._parent)):
+            r = self._find(cid)
+            unit_spaces.setdefault(r, set()).add(int(space_of[cid]))
+        # spaces tied by units form a group
+        sp_parent = list(range(n_spaces))
+
+        def sfind(a):
+            while sp_parent[a] != a:
+                sp_parent[a] = sp_parent[sp_parent[a]]
+                a = sp_parent[a]
+            return a
+        for spaces in unit_spaces.values():
+            spaces = sorted(spaces)
+            for s in spaces[1:]:
+                ra, rb = sfind(spaces[0]), sfind(s)
+                if ra != rb:
+                    sp_parent[max(ra, rb)] = min(ra, rb)
+        group_units: dict[int, list[int]] = {}
+        for r, spaces in sorted(unit_spaces.items()):
+            group_units.setdefault(sfind(next(iter(spaces))), []).append(r)
+        self.frozen_roots = roots_frozen
+        self.groups: list[Group] = []
+        self.unit_of_root: dict[int, tuple[int, int]] = {}  # root -> (group index, unit index)
+        for gkey in sorted(group_units):
+            roots = [r for r in group_units[gkey] if r not in roots_frozen]
+            if not roots:
+                continue
+            producers = [self._space_layer[s] for s in range(n_spaces)
+                         if sfind(s) == gkey and self._space_layer[s]]
+            g = Group(len(self.groups), producers[0] if producers else f"group{gkey}", len(roots))
+            for u, r in enumerate(roots):
+                self.unit_of_root[r] = (g.index, u)
+            self.groups.append(g)
+        for layer in self.layers.values():
+            self._add_members(layer)
+
+    def _positions(self, layout: Layout, expand: bool) -> dict[int, dict[int, list[int]]]:
+        """group -> unit -> positions of that unit in `layout`."""
+        out: dict[int, dict[int, list[int]]] = {}
+        items = layout.positions() if expand else list(enumerate(layout.ids))
+        for pos, cid in items:
+            gu = self.unit_of_root.get(self._find(cid))
+            if gu is not None:
+                out.setdefault(gu[0], {}).setdefault(gu[1], []).append(pos)
+        return out
+
+    def _add_members(self, layer: Layer) -> None:
+        roles = []
+        if layer.kind in ("conv", "linear"):
+            roles += [("out", layer.out_layout, False), ("in", layer.in_layout, True)]
+        elif layer.kind in ("bn", "dwconv"):
+            roles += [("bn" if layer.kind == "bn" else "dw", layer.in_layout, False)]
+        for role, lay, expand in roles:
+            for gi, units in self._positions(lay, expand).items():
+                g = self.groups[gi]
+                g.members.append(Member(layer.name, role,
+                                        [units.get(u, []) for u in range(g.units)]))
+
+    # ---- queries
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name or name in g.layers:
+                return g
+        raise GraphError(f"no prunable layer '{name}'; prunable: {', '.join(self.layer_names())}")
+
+    def layer_names(self) -> list[str]:
+        return [n for g in self.groups for n in g.layers]
+
+    def keep_mask(self, keep: dict[int, list[int] | np.ndarray]) -> dict[str, dict[str, list[int]]]:
+        """Per layer, the positions kept along "out" and "in" given kept units per group."""
+        kept_units = {gi: set(int(u) for u in us) for gi, us in keep.items()}
+
+        def alive(cid: int) -> bool:
+            gu = self.unit_of_root.get(self._find(cid))
+            return gu is None or gu[0] not in kept_units or gu[1] in kept_units[gu[0]]
+        out = {}
+        for name, layer in self.layers.items():
+            rec = {}
+            if layer.in_layout is not None:
+                rec["in"] = [p for p, cid in layer.in_layout.positions() if alive(cid)]
+                rec["in_before"] = len(layer.in_layout.ids) * layer.in_layout.repeat
+            if layer.out_layout is not None and layer.kind in ("conv", "linear", "frozen"):
+                rec["out"] = [i for i, cid in enumerate(layer.out_layout.ids) if alive(cid)]
+                rec["out_before"] = len(layer.out_layout.ids)
+            out[name] = rec
+        return out
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else torch.as_tensor(obj)
+
+
+# ---------------------------------------------------------------- surgery
+
+def _idx(positions: list[int]) -> torch.Tensor:
+    return torch.as_tensor(positions, dtype=torch.long)
+
+
+def _new_conv(m: nn.Conv2d, keep_out: list[int], keep_in: list[int], depthwise: bool) -> nn.Conv2d:
+    if depthwise:
+        c = len(keep_in)
+        new = nn.Conv2d(c, c, m.kernel_size, m.stride, m.padding, m.dilation, groups=c,
+                        bias=m.bias is not None, padding_mode=m.padding_mode)
+        w = m.weight.data[_idx(keep_in)]
+        b = m.bias.data[_idx(keep_in)] if m.bias is not None else None
+    else:
+        new = nn.Conv2d(len(keep_in), len(keep_out), m.kernel_size, m.stride, m.padding,
+                        m.dilation, groups=1, bias=m.bias is not None,
+                        padding_mode=m.padding_mode)
+        w = m.weight.data[_idx(keep_out)][:, _idx(keep_in)]
+        b = m.bias.data[_idx(keep_out)] if m.bias is not None else None
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    return new.to(m.weight.dtype)
+
+
+def _new_bn(m: nn.BatchNorm2d, keep: list[int]) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
+    i = _idx(keep)
+    if m.affine:
+        new.weight.data.copy_(m.weight.data[i])
+        new.bias.data.copy_(m.bias.data[i])
+    if m.track_running_stats:
+        new.running_mean.copy_(m.running_mean[i])
+        new.running_var.copy_(m.running_var[i])
+        new.num_batches_tracked.copy_(m.num_batches_tracked)
+    return new
+
+
+def _new_linear(m: nn.Linear, keep_out: list[int], keep_in: list[int]) -> nn.Linear:
+    new = nn.Linear(len(keep_in), len(keep_out), bias=m.bias is not None)
+    new.weight.data.copy_(m.weight.data[_idx(keep_out)][:, _idx(keep_in)])
+    if m.bias is not None:
+        new.bias.data.copy_(m.bias.data[_idx(keep_out)])
+    return new.to(m.weight.dtype)
+
+
+def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule, dict]:
+    """A new GraphModule with the units not in `keep` (group index -> kept unit indices)
+    physically removed, and per-layer kept positions. The input model is left unchanged."""
+    for gi, units in keep.items():
+        if len(units) == 0:
+            g = graph.groups[gi]
+            raise GraphError(f"pruning would remove every channel of layer '{g.name}'")
+    masks = graph.keep_mask(keep)
+    gm = copy.deepcopy(graph.gm)
+    for name, layer in graph.layers.items():
+        rec = masks[name]
+        m = gm.get_submodule(name)
+        if layer.kind == "conv":
+            new = _new_conv(m, rec["out"], rec["in"], False)
+        elif layer.kind == "dwconv":
+            new = _new_conv(m, rec["in"], rec["in"], True)
+        elif layer.kind == "bn":
+            new = _new_bn(m, rec["in"])
+        elif layer.kind == "linear":
+            new = _new_linear(m, rec["out"], rec["in"])
+        else:
+            continue
+        new.train(m.training)
+        _set(gm, name, new)
+    # view/reshape with baked-in feature counts become flatten(x, 1)
+    for node in gm.graph.nodes:
+        if node.name in graph.flatten_nodes:
+            node.op, node.target = "call_function", torch.flatten
+            node.args, node.kwargs = (node.args[0], 1), {}
+    gm.recompile()
+    gm.train(graph.model.training)
+    return gm, masks
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
