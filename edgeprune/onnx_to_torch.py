@@ -1,0 +1,330 @@
+"""An ONNX model as a torch.fx GraphModule with the same outputs, so ONNX input can be pruned,
+fine-tuned and exported back.
+
+Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Add, Concat, MaxPool, AveragePool,
+GlobalAveragePool, Flatten, Reshape, Gemm, MatMul (constant right operand), plus Identity,
+Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d / nn.Linear
+modules (so pruning, MAC counting and training see them); everything else becomes a plain fx
+call. Each node is also executed once on an example tensor while the graph is built, which
+resolves Reshape's 0/-1 entries into the static shape the model runs at.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import EdgepruneError
+
+SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Add", "Concat", "MaxPool",
+             "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul",
+             "Identity", "Dropout", "Constant")
+
+
+def _err(msg: str) -> EdgepruneError:
+    return EdgepruneError(msg, stage="onnx")
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Builder:
+    def __init__(self, onnx_model, input_shape):
+        from onnx import numpy_helper
+        self.m = onnx_model
+        self.g = onnx_model.graph
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i)
+                                              for i in self.g.initializer}
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[str, fx.Node] = {}
+        self.val: dict[str, torch.Tensor] = {}
+        self.names: set[str] = set()
+        self.users: dict[str, int] = {}
+        for n in self.g.node:
+            for i in n.input:
+                self.users[i] = self.users.get(i, 0) + 1
+        inputs = [i for i in self.g.input if i.name not in self.consts]
+        if len(inputs) != 1:
+            raise _err(f"expected one graph input, found {len(inputs)}: "
+                       f"{', '.join(i.name for i in inputs)}")
+        inp = inputs[0]
+        dims = []
+        for k, d in enumerate(inp.type.tensor_type.shape.dim):
+            dims.append(d.dim_value if d.HasField("dim_value") else (1 if k == 0 else None))
+        if input_shape is not None:
+            if dims and len(input_shape) != len(dims):
+                raise _err(f"--input-shape {tuple(input_shape)} has rank {len(input_shape)}, "
+                           f"the model's input '{inp.name}' has rank {len(dims)}")
+            dims = list(input_shape)
+        if not dims or any(d is None or d <= 0 for d in dims):
+            raise _err(f"input '{inp.name}' has a dynamic shape; pass --input-shape, "
+                       "e.g. --input-shape 1,1,28,28")
+        self.shape = tuple(int(d) for d in dims)
+        self.input_name = inp.name
+        self.env[inp.name] = self.graph.placeholder("input")
+        self.val[inp.name] = torch.randn(self.shape)
+
+    # ---- helpers
+    def _name(self, node, op: str) -> str:
+        base = re.sub(r"\W", "_", node.name or op.lower()).strip("_") or op.lower()
+        if base[0].isdigit():
+            base = f"{op.lower()}_{base}"
+        name, k = base, 1
+        while name in self.names or hasattr(nn.Module(), name):
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def _const(self, name: str, node, what: str) -> np.ndarray:
+        if name not in self.consts:
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): {what} '{name}' must be a "
+                       "constant initializer")
+        return self.consts[name]
+
+    def _in(self, name: str):
+        """An fx argument for an ONNX value: a node, or a constant registered as a buffer."""
+        if name in self.env:
+            return self.env[name], self.val[name]
+        c = self.consts[name]
+        t = torch.as_tensor(np.array(c))
+        if t.numel() == 1:
+            return float(t.reshape(())), t.reshape(())
+        bname = self._name(type("n", (), {"name": f"const_{name}"})(), "const")
+        self.root.register_buffer(bname, t.float())
+        node = self.graph.get_attr(bname)
+        return node, t.float()
+
+    def _module(self, node, op, mod: nn.Module, x):
+        name = self._name(node, op)
+        self.root.add_module(name, mod)
+        n = self.graph.call_module(name, (x[0],))
+        with torch.no_grad():
+            v = mod.eval()(x[1])
+        return n, v
+
+    def _fn(self, fn, args, vals, kwargs=None):
+        n = self.graph.call_function(fn, tuple(args), kwargs or {})
+        with torch.no_grad():
+            v = fn(*vals, **(kwargs or {}))
+        return n, v
+
+    def _pad_if_asymmetric(self, node, x, pads, value=0.0):
+        """ONNX pads [t, l, b, r]; torch layers take symmetric padding only."""
+        if not pads or len(pads) != 4:
+            return x, (0, 0)
+        t, l, b, r = pads
+        if t == b and l == r:
+            return x, (t, l)
+        return self._fn(F.pad, [x[0], (l, r, t, b)], [x[1], (l, r, t, b)],
+                        {"value": value}), (0, 0)
+
+    # ---- ops
+    def build(self) -> fx.GraphModule:
+        for node in self.g.node:
+            op = node.op_type
+            handler = getattr(self, f"op_{op}", None)
+            if handler is None:
+                raise _err(f"ONNX node '{node.name}' ({op}) is not supported; supported ops: "
+                           f"{', '.join(SUPPORTED)}")
+            try:
+                out = handler(node, _attrs(node))
+            except EdgepruneError:
+                raise
+            except Exception as e:
+                raise _err(f"ONNX node '{node.name}' ({op}) could not be converted: "
+                           f"{type(e).__name__}: {e}") from None
+            if out is not None:
+                self.env[node.output[0]], self.val[node.output[0]] = out
+        outs = [self.env[o.name] for o in self.g.output]
+        self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+        gm = fx.GraphModule(self.root, self.graph)
+        gm.graph.lint()
+        return gm.eval()
+
+    def op_Constant(self, node, a):
+        from onnx import numpy_helper
+        if "value" not in a:
+            raise _err(f"ONNX node '{node.name}' (Constant): only 'value' constants are supported")
+        self.consts[node.output[0]] = numpy_helper.to_array(a["value"])
+        return None
+
+    def op_Identity(self, node, a):
+        if node.input[0] in self.consts:  # exporters alias shared initializers this way
+            self.consts[node.output[0]] = self.consts[node.input[0]]
+            return None
+        return self._in(node.input[0])
+
+    op_Dropout = op_Identity
+
+    def op_Conv(self, node, a):
+        w = self._const(node.input[1], node, "weight")
+        if w.ndim != 4:
+            raise _err(f"ONNX node '{node.name}' (Conv): only 2-D convolutions are supported")
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise _err(f"ONNX node '{node.name}' (Conv): auto_pad is not supported; "
+                       "export with explicit pads")
+        b = self._const(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
+        x = self._in(node.input[0])
+        x, pad = self._pad_if_asymmetric(node, x, a.get("pads"))
+        groups = int(a.get("group", 1))
+        conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
+                         tuple(a.get("strides", (1, 1))), pad, tuple(a.get("dilations", (1, 1))),
+                         groups=groups, bias=b is not None)
+        conv.weight.data.copy_(torch.as_tensor(w))
+        if b is not None:
+            conv.bias.data.copy_(torch.as_tensor(b))
+        return self._module(node, "Conv", conv, x)
+
+    def op_BatchNormalization(self, node, a):
+        scale, bias, mean, var = (self._const(n, node, "parameter") for n in node.input[1:5])
+        bn = nn.BatchNorm2d(len(scale), eps=float(a.get("epsilon", 1e-5)),
+                            momentum=1.0 - float(a.get("momentum", 0.9)))
+        bn.weight.data.copy_(torch.as_tensor(scale))
+        bn.bias.data.copy_(torch.as_tensor(bias))
+        bn.running_mean.copy_(torch.as_tensor(mean))
+        bn.running_var.copy_(torch.as_tensor(var))
+        return self._module(node, "BatchNormalization", bn, self._in(node.input[0]))
+
+    def op_Relu(self, node, a):
+        return self._module(node, "Relu", nn.ReLU(), self._in(node.input[0]))
+
+    def op_Clip(self, node, a):
+        lo, hi = a.get("min"), a.get("max")
+        if len(node.input) > 1 and node.input[1]:
+            lo = float(self._const(node.input[1], node, "min"))
+        if len(node.input) > 2 and node.input[2]:
+            hi = float(self._const(node.input[2], node, "max"))
+        x = self._in(node.input[0])
+        if lo == 0.0 and hi == 6.0:
+            return self._module(node, "Clip", nn.ReLU6(), x)
+        if lo == 0.0 and hi is None:
+            return self._module(node, "Clip", nn.ReLU(), x)
+        if lo is not None and hi is not None:
+            return self._module(node, "Clip", nn.Hardtanh(lo, hi), x)
+        return self._fn(torch.clamp, [x[0]], [x[1]], {"min": lo, "max": hi})
+
+    def op_Add(self, node, a):
+        # MatMul + constant vector = Linear with bias (what exporters emit for nn.Linear)
+        for i, j in ((0, 1), (1, 0)):
+            src, other = node.input[i], node.input[j]
+            n = self.env.get(src)
+            if (n is not None and n.op == "call_module" and other in self.consts
+                    and self.users.get(src, 0) == 1):
+                mod = self.root.get_submodule(n.target)
+                c = np.asarray(self.consts[other])
+                if isinstance(mod, nn.Linear) and mod.bias is None and c.size == mod.out_features:
+                    mod.bias = nn.Parameter(torch.as_tensor(c.reshape(-1)).float())
+                    with torch.no_grad():
+                        v = mod(self.val[n.args[0].name])
+                    return n, v
+        x, y = self._in(node.input[0]), self._in(node.input[1])
+        return self._fn(operator.add, [x[0], y[0]], [x[1], y[1]])
+
+    def op_Concat(self, node, a):
+        xs = [self._in(n) for n in node.input]
+        n = self.graph.call_function(torch.cat, ([x[0] for x in xs],), {"dim": int(a["axis"])})
+        return n, torch.cat([x[1] for x in xs], dim=int(a["axis"]))
+
+    def _pool_args(self, node, a):
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): auto_pad is not supported")
+        k = tuple(a["kernel_shape"])
+        if len(k) != 2:
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): only 2-D pooling is supported")
+        return k, tuple(a.get("strides", (1, 1))), bool(a.get("ceil_mode", 0))
+
+    def op_MaxPool(self, node, a):
+        if len(node.output) > 1 and node.output[1]:
+            raise _err(f"ONNX node '{node.name}' (MaxPool): the indices output is not supported")
+        k, s, ceil = self._pool_args(node, a)
+        x, pad = self._pad_if_asymmetric(node, self._in(node.input[0]), a.get("pads"),
+                                         value=float("-inf"))
+        pool = nn.MaxPool2d(k, s, pad, tuple(a.get("dilations", (1, 1))), ceil_mode=ceil)
+        return self._module(node, "MaxPool", pool, x)
+
+    def op_AveragePool(self, node, a):
+        k, s, ceil = self._pool_args(node, a)
+        include = bool(a.get("count_include_pad", 0))
+        pads = a.get("pads")
+        x = self._in(node.input[0])
+        if pads and len(pads) == 4 and not (pads[0] == pads[2] and pads[1] == pads[3]):
+            if not include:
+                raise _err(f"ONNX node '{node.name}' (AveragePool): asymmetric pads without "
+                           "count_include_pad are not supported")
+            x, pad = self._pad_if_asymmetric(node, x, pads)
+        else:
+            pad = (pads[0], pads[1]) if pads else (0, 0)
+        pool = nn.AvgPool2d(k, s, pad, ceil_mode=ceil, count_include_pad=include)
+        return self._module(node, "AveragePool", pool, x)
+
+    def op_GlobalAveragePool(self, node, a):
+        return self._module(node, "GlobalAveragePool", nn.AdaptiveAvgPool2d(1),
+                            self._in(node.input[0]))
+
+    def op_Flatten(self, node, a):
+        axis = int(a.get("axis", 1))
+        x = self._in(node.input[0])
+        shape = tuple(x[1].shape)
+        axis = axis % len(shape) if len(shape) else 0
+        if axis == 1:
+            return self._fn(torch.flatten, [x[0], 1], [x[1], 1])
+        target = (int(np.prod(shape[:axis], dtype=np.int64)), -1)
+        return self._fn(torch.reshape, [x[0], target], [x[1], target])
+
+    def op_Reshape(self, node, a):
+        shape = [int(d) for d in self._const(node.input[1], node, "shape").reshape(-1)]
+        x = self._in(node.input[0])
+        in_shape = tuple(x[1].shape)
+        if not a.get("allowzero", 0):
+            shape = [in_shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        shape = list(torch.empty(in_shape).reshape(shape).shape)  # resolve -1 statically
+        return self._fn(torch.reshape, [x[0], tuple(shape)], [x[1], tuple(shape)])
+
+    def op_Gemm(self, node, a):
+        if a.get("transA", 0):
+            raise _err(f"ONNX node '{node.name}' (Gemm): transA is not supported")
+        b = np.asarray(self._const(node.input[1], node, "B"), dtype=np.float32)
+        w = (b if a.get("transB", 0) else b.T) * float(a.get("alpha", 1.0))
+        c = None
+        if len(node.input) > 2 and node.input[2]:
+            c = np.asarray(self._const(node.input[2], node, "C"), dtype=np.float32)
+            c = np.broadcast_to(c.reshape(-1) if c.size == w.shape[0] else c,
+                                (w.shape[0],)) * float(a.get("beta", 1.0))
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=c is not None)
+        lin.weight.data.copy_(torch.as_tensor(np.ascontiguousarray(w)))
+        if c is not None:
+            lin.bias.data.copy_(torch.as_tensor(np.ascontiguousarray(c)))
+        return self._module(node, "Gemm", lin, self._in(node.input[0]))
+
+    def op_MatMul(self, node, a):
+        b = np.asarray(self._const(node.input[1], node, "right operand"), dtype=np.float32)
+        if b.ndim != 2:
+            raise _err(f"ONNX node '{node.name}' (MatMul): only a 2-D constant right operand "
+                       "is supported")
+        lin = nn.Linear(b.shape[0], b.shape[1], bias=False)
+        lin.weight.data.copy_(torch.as_tensor(np.ascontiguousarray(b.T)))
+        return self._module(node, "MatMul", lin, self._in(node.input[0]))
+
+
+def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None
+                  ) -> tuple[nn.Module, tuple[int, ...]]:
+    """(GraphModule in eval mode, static input shape) for the ONNX file at `path`."""
+    import onnx
+    path = Path(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise _err(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    builder = _Builder(model, input_shape)
+    gm = builder.build()
+    return gm, builder.shape
