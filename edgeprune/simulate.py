@@ -45,6 +45,17 @@ def as_samples(x: np.ndarray, shape: tuple[int, ...], origin: str) -> np.ndarray
                          f"{shape} (give {shape} or (K,) + {shape})")
 
 
+def outputs_like_input(outputs: list[np.ndarray], x: np.ndarray | None,
+                       in_shape: tuple[int, ...]) -> np.ndarray:
+    """Stack per-sample outputs the way the input was given (inverse of `as_samples`)."""
+    y = np.stack(outputs)
+    if x is None or x.shape[1:] == tuple(in_shape):
+        return y
+    if x.shape == tuple(in_shape):
+        return y[0]
+    return y.reshape((y.shape[0],) + y.shape[2:])  # K batch-1 rows in, K rows out
+
+
 def pack_inputs(samples: list[list[np.ndarray]], tensors: list[dict]) -> bytes:
     offsets, size = io_layout(tensors)
     blob = bytearray(struct.pack("<4I", IO_MAGIC, len(samples), size, 0))

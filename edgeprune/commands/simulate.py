@@ -42,10 +42,10 @@ def run(args) -> int:
             print(f"edgeprune simulate: target failure: {e}")
         return 3
     if args.save_outputs is not None:
-        first = np.stack([o[0] for o in outputs])
-        if args.input is not None and x is not None and x.shape == tuple(first.shape[1:]):
-            first = first[0]  # one input given in the model's own shape: same for the output
-        np.save(args.save_outputs, first)
+        from ..compile import load_build
+        from ..simulate import outputs_like_input
+        in_shape = tuple(load_build(args.build)["inputs"][0]["shape"])
+        np.save(args.save_outputs, outputs_like_input([o[0] for o in outputs], x, in_shape))
     if args.json:
         print(json.dumps(result))
     else:

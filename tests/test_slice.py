@@ -1,0 +1,165 @@
+"""The vertical slice: models compile through TVM, boot in QEMU and match the host model."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeprune import cli
+from edgeprune.load import save_torch
+from edgeprune.simulate import simulate
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet8", "dscnn", "mobilenet"])
+def test_zoo_model_runs_in_qemu_and_matches_onnx_reference(zoo_build, name):
+    result, _ = simulate(zoo_build(name), samples=2)
+    assert result["outputs_match"], result
+    assert result["rel_err"] <= 1e-4
+    assert result["instructions"] > 0
+    assert sum(l["instructions"] for l in result["layers"]) <= result["instructions"]
+    assert result["arena_lower_bound_bytes"] <= result["arena_bytes"]
+    assert 0 < result["stack_used_bytes"] < result["stack_bytes"]
+    assert result["flash_bytes"] > result["weights_bytes"] > 0
+
+
+def test_instruction_count_is_deterministic(zoo_build):
+    a, _ = simulate(zoo_build("cnn"), samples=1)
+    b, _ = simulate(zoo_build("cnn"), samples=1)
+    assert a["instructions"] == b["instructions"]
+    assert [l["instructions"] for l in a["layers"]] == [l["instructions"] for l in b["layers"]]
+
+
+def test_simulate_json_reports_the_documented_fields(zoo_build, capsys):
+    rc, out, _ = run_cli(capsys, "simulate", zoo_build("cnn"), "--json", "--samples", "2")
+    assert rc == 0
+    result = json.loads(out)
+    for key in ("outputs_match", "max_abs_err", "instructions", "flash_bytes", "sram_bytes",
+                "arena_bytes", "arena_lower_bound_bytes"):
+        assert key in result
+    assert result["outputs_match"] is True
+
+
+class TwoHeads(nn.Module):
+    """Batch > 1, a residual add, a concat and a final flatten (an output that is a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 2, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        y = torch.cat([a + self.b(x), a], dim=1)
+        return torch.sigmoid(self.c(y)).flatten(1)
+
+
+def test_batch_input_file_and_saved_outputs_match_torch(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    shape = (3, 3, 10, 12)
+    save_torch(model, shape, tmp_path / "m.pt")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "m.pt", "--target", "cortex-m7",
+                         "--out", tmp_path / "b")
+    assert rc == 0, err
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    rc, out, err = run_cli(capsys, "simulate", tmp_path / "b", "--input", tmp_path / "x.npy",
+                           "--save-outputs", tmp_path / "y.npy", "--json")
+    assert rc == 0, err
+    y = np.load(tmp_path / "y.npy")
+    expected = model(torch.from_numpy(x)).detach().numpy()
+    assert y.shape == expected.shape == (3, 2 * 5 * 6)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def _export(model, shape, path, dynamic_batch=False):
+    torch.onnx.export(model.eval(), (torch.zeros(shape),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}} if dynamic_batch else None)
+
+
+def test_dynamic_onnx_needs_input_shape(tmp_path, capsys):
+    _export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), (1, 1, 8, 8), tmp_path / "d.onnx", True)
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "d.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "dynamic shape" in err and "--input-shape" in err
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "d.onnx", "--out", tmp_path / "o",
+                         "--input-shape", "2,1,8,8")
+    assert rc == 0, err
+    result, _ = simulate(tmp_path / "o", samples=1)
+    assert result["outputs_match"]
+
+
+def test_missing_file_is_a_clear_error(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "nope.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "nope.onnx" in err and "does not exist" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "junk.onnx").write_text("hello")
+    (tmp_path / "junk.pt").write_text("hello")
+    for f in ("junk.onnx", "junk.pt"):
+        rc, _, err = run_cli(capsys, "compile", tmp_path / f, "--out", tmp_path / "o",
+                             "--input-shape", "1,1,8,8")
+        assert rc == 2 and f in err and "not a" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_op_names_the_op_and_node(tmp_path, capsys):
+    _export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.CELU()), (1, 1, 8, 8), tmp_path / "c.onnx")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "c.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "'Celu'" in err and "node" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_too_big_for_flash_says_both_numbers(tmp_path, capsys):
+    big = nn.Sequential(nn.Flatten(), nn.Linear(784, 512))  # 1.6 MB of float weights
+    _export(big, (1, 1, 28, 28), tmp_path / "big.onnx")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "big.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "flash" in err and "1607680" in err and "1048576" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_arena_too_big_for_sram_says_both_numbers(tmp_path, capsys):
+    wide = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+    _export(wide, (1, 1, 64, 64), tmp_path / "wide.onnx")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "wide.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "SRAM" in err and "327680" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_overwritten_without_force(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    rc, _, err = run_cli(capsys, "compile", "cnn", "--out", out)
+    assert rc == 2 and "--force" in err
+    assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_targets_lists_chip_facts(capsys):
+    rc, out, _ = run_cli(capsys, "targets", "--json")
+    facts = json.loads(out)
+    assert rc == 0 and facts["cortex-m7"]["chip"]["part"] == "STM32F746NG"
+
+
+def test_broken_target_file_names_the_field(tmp_path):
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.targets import TARGETS_DIR, load_target
+
+    text = (TARGETS_DIR / "cortex-m7.toml").read_text().replace("sram_bytes", "sram_byte")
+    bad = tmp_path / "cortex-m7.toml"
+    bad.write_text(text)
+    with pytest.raises(EdgepruneError, match=r"missing field \[chip\] sram_bytes"):
+        load_target(str(bad))
