@@ -1,0 +1,104 @@
+"""to_relax(qmodel) compiled for the host (llvm) is bit-identical to the numpy golden model."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeprune import data, models
+from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.quantize.train_utils import quick_train
+
+torch.set_num_threads(1)
+N = 40
+
+
+class Mix(nn.Module):
+    """Every op kind: strided/dilated/asymmetric convs, depthwise, ReLU6, residual add,
+    padded max and avg pools, global average pool, flatten, dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8, bias=False), nn.BatchNorm2d(8),
+                                nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU()
+        self.mp = nn.MaxPool2d(3, 2, 1)
+        self.c3 = nn.Conv2d(8, 16, (3, 2), (1, 2), (1, 0), dilation=(2, 1))
+        self.ap = nn.AvgPool2d(2, 1, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.dw(self.c1(x))
+        h = self.relu(self.pw(h) + h)
+        h = torch.clamp(self.c3(self.mp(h)), -1.0, 4.0)
+        return self.fc(self.gap(self.ap(h)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return data.load("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def mix(fmnist):
+    model = Mix().eval()
+    quick_train(model, fmnist, samples=2000, epochs=1.0, lr=0.05)
+    return model
+
+
+def _check(qm, x):
+    xq = reference.quantize_input(qm, x)
+    want = reference.run(qm, xq)
+    got = to_relax.build_host(to_relax.to_relax(qm, batch=len(x)))(xq)
+    assert got.dtype == want.dtype
+    assert np.array_equal(got, want), f"{int((got != want).sum())} mismatches"
+    return want
+
+
+def _kernels(qm):
+    fused = to_relax.legalize_and_fuse(to_relax.to_relax(qm))
+    return [b.value.args[0].name_hint for blk in fused["main"].body.blocks for b in blk.bindings]
+
+
+def test_int8_mix_bit_exact_and_fused(fmnist, mix):
+    qm = ptq.quantize_ptq(mix, (1, 1, 28, 28), fmnist.x_train[:200])
+    kinds = {o.kind for o in qm.ops}
+    assert kinds == {"conv2d", "dense", "add", "maxpool", "avgpool", "reshape"}
+    out = _check(qm, fmnist.x_test[:N])
+    assert len(np.unique(out.argmax(1))) > 1          # a live model, not a constant
+    names = _kernels(qm)
+    conv_kernels = [k for k in names if "conv2d" in k or "matmul" in k]
+    # each conv/dense sits in one kernel with its requantization (multiply + shift + clip)
+    assert len(conv_kernels) == len([o for o in qm.ops if o.kind in ("conv2d", "dense")]) + 1
+    for k in conv_kernels:
+        assert "right_shift" in k and "clip" in k, k
+
+
+def test_packed_subbyte_int16_bit_exact(fmnist, mix):
+    cfg = {"c1_0": ("int", 4), "dw_0": ("pow2", 4), "pw_0": ("ternary", 2), "c3": ("int", 2),
+           "fc": ("int", 4)}
+    qm = ptq.quantize_ptq(mix, (1, 1, 28, 28), fmnist.x_train[:200], weight_cfg=cfg,
+                          act_dtypes={"dw_0": "int16", "c3": "int16"})
+    _check(qm, fmnist.x_test[:N])
+    packed = {}
+    for blk in to_relax.legalize_and_fuse(to_relax.to_relax(qm))["main"].body.blocks:
+        for b in blk.bindings:
+            name = b.value.args[0].name_hint
+            for f in b.value.args[1].fields:
+                if hasattr(f, "value") and f.ty.dtype == "uint8":
+                    packed[name] = f.value.numpy().size
+    assert len(packed) == 5, packed
+    # packed bytes reach the kernels: 8 * 9 weights at 4 bits = 36 bytes for c1
+    assert 36 in packed.values(), packed
+    # pow2 and packed kernels still fuse the requantization
+    assert all("right_shift" in k for k in packed), packed
+
+
+def test_zoo_cnn_bit_exact(fmnist):
+    model, shape = models.build("cnn")
+    quick_train(model, fmnist, samples=1000, epochs=0.5)
+    qm = ptq.quantize_ptq(model, shape, fmnist.x_train[:100], calib_method="percentile")
+    _check(qm, fmnist.x_test[:N])
