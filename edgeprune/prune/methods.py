@@ -1,0 +1,438 @@
+"""Pruning schedules around `prune()`: when to score, how often to cut, how to recover.
+
+Every method takes the same arguments and returns (smaller model, record); `run()` dispatches
+by name. The fine-tuning budget is `epochs` for every method, so they compare fairly: methods
+that train before cutting (soft, lasso, gates, slimming) spend part of it before the cut.
+
+    oneshot      prune once, fine-tune (the baseline schedule)
+    iterative    `steps` prune/fine-tune rounds with a growing ratio
+    lr-rewind    prune once, retrain with the original training schedule's learning rate
+                 instead of a small fine-tuning rate (Renda et al. 2020)
+    soft         soft filter pruning (He et al. 2018): zero the lowest filters after every
+                 epoch but keep training them (they may regrow); cut physically at the end
+    lasso        group LASSO on each channel group with a proximal step, so groups reach exactly
+                 zero; cut the smallest groups, fine-tune
+    gates        L0 channel gates with the hard-concrete estimator (Louizos et al. 2018) trained
+                 with the weights; cut by learned gate, fine-tune without gates
+    slimming     network slimming: L1 on BatchNorm scales, then cut by |gamma|, fine-tune
+    lth          lottery-ticket rewinding: choose channels on the trained model, then retrain the
+                 smaller architecture from early-training weights (`rewind_state`)
+    ccp-ac       CCP with auxiliary classifiers (one linear head per channel group, trained on
+                 frozen features) adding their loss to the gradients each layer is scored with
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import Dataset
+from ..errors import EdgepruneError
+from ..train import train
+from .context import UnitGate
+from .criteria import Fixed
+from .graph import DepGraph, surgery
+
+FINETUNE_LR = 0.01   # fine-tuning after a cut
+TRAIN_LR = 0.05      # the from-scratch schedule's peak rate (lr-rewind, lth)
+
+
+def scoring_batches(data: Dataset | None, batches: int = 4, batch_size: int = 128, seed: int = 0
+                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple | None]:
+    """A few random training batches for data-driven criteria, and a disjoint held-out batch
+    (meta-attribute of MFP, misclassification rate of the particle filter). Never test data."""
+    if data is None or data.x_train is None:
+        return [], None
+    rng = np.random.default_rng(seed + 1000)
+    idx = rng.choice(len(data.x_train), (batches + 1) * batch_size, replace=False)
+    out = []
+    for b in range(batches + 1):
+        j = np.sort(idx[b * batch_size:(b + 1) * batch_size])
+        out.append((torch.from_numpy(data.x_train[j]), torch.from_numpy(data.y_train[j])))
+    return out[:-1], out[-1]
+
+
+def _finetune(model: nn.Module, data: Dataset | None, epochs: float, lr: float, seed: int,
+              max_samples: int | None, **kw) -> nn.Module:
+    if epochs <= 0:
+        return model.eval()
+    if data is None or data.x_train is None:
+        raise EdgepruneError("fine-tuning needs training data: pass --data", stage="prune")
+    return train(model, data, epochs=epochs, lr=lr, seed=seed, max_samples=max_samples, **kw)
+
+
+def _prune(model, example, data, spec: dict, seed: int, **kw):
+    from . import prune
+    batches, meta = scoring_batches(data, seed=seed)
+    return prune(model, example, data=batches, meta_batch=meta, seed=seed, **spec, **kw)
+
+
+def _evaluate_into(record: dict, key: str, model: nn.Module, evaluate) -> None:
+    if evaluate is not None:
+        record[key] = evaluate(model)
+
+
+# ------------------------------------------------------------------------ schedules
+
+def oneshot(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+            lr=FINETUNE_LR, **_):
+    pruned, record = _prune(model, example, data, spec, seed)
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples)
+    return pruned, record
+
+
+def lr_rewind(model, example, data, spec, **kw):
+    kw["lr"] = TRAIN_LR
+    return oneshot(model, example, data, spec, **kw)
+
+
+def _step_fraction(total: float, i: int, n: int) -> float:
+    """Fraction to remove at step i (1-based) of n, relative to what step i-1 left, so that
+    after n steps `total` of the original is gone."""
+    before, after = 1 - total * (i - 1) / n, 1 - total * i / n
+    return 1 - after / before
+
+
+def _compose(prev: dict | None, rec: dict) -> dict:
+    """Express a later step's kept indices in the original model's numbering."""
+    if prev is None:
+        return rec
+    for name, layer in rec["layers"].items():
+        old = prev["layers"].get(name)
+        if old is None:
+            continue
+        for kept, before, okept in (("out_kept", "out_before", "out_kept"),
+                                    ("in_kept", "in_before", "in_kept"),
+                                    ("kept", "channels_before", "kept")):
+            if kept in layer and okept in old:
+                layer[kept] = [old[okept][i] for i in layer[kept]]
+                layer[before] = old[before]
+    rec["macs_before"], rec["params_before"] = prev["macs_before"], prev["params_before"]
+    return rec
+
+
+def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None,
+              evaluate=None, steps=3, lr=FINETUNE_LR, **_):
+    record, steps_log = None, []
+    for i in range(1, steps + 1):
+        s = dict(spec)
+        if isinstance(s.get("ratios"), dict):
+            s["ratios"] = {k: _step_fraction(v, i, steps) for k, v in s["ratios"].items()}
+        for key in ("flops_target", "params_target"):
+            if s.get(key) is not None:
+                s[key] = _step_fraction(s[key], i, steps)
+        if s.get("flops_target") is None and s.get("params_target") is None \
+                and not isinstance(s.get("ratios"), dict):
+            s["ratios"] = _step_fraction(float(s["ratios"]), i, steps)
+        model, rec = _prune(model, example, data, s, seed + i)
+        steps_log.append({k: rec[k] for k in ("macs_after", "params_after", "searched_ratio")})
+        record = _compose(record, rec)
+        if i == steps:
+            _evaluate_into(record, "acc_before_finetune", model, evaluate)
+        model = _finetune(model, data, epochs / steps, lr, seed + i, max_samples)
+    record["steps"] = steps_log
+    return model, record
+
+
+def _zero_units(graph: DepGraph, model: nn.Module, removed: dict[int, list[int]]) -> None:
+    """Make the given units output exactly zero: producer rows, BN scale/shift, depthwise
+    rows. Their weights stay trainable, so they may regrow (soft pruning)."""
+    with torch.no_grad():
+        for g in graph.groups:
+            units = removed.get(g.index, [])
+            if not units:
+                continue
+            for m in g.members:
+                if m.role == "in":
+                    continue
+                mod = model.get_submodule(m.layer)
+                pos = torch.as_tensor([p for u in units for p in m.positions[u]], dtype=torch.long)
+                if len(pos) == 0:
+                    continue
+                mod.weight[pos] = 0
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias[pos] = 0
+
+
+def _plan(model, example, data, spec, seed, criterion=None):
+    """Kept/removed units per group for the current weights, without cutting."""
+    _, rec = _prune(model, example, data, dict(spec, **({"criterion": criterion}
+                                                        if criterion else {})), seed)
+    removed = {gi: sorted(set(range(g["channels_before"])) - set(g["kept"]))
+               for gi, g in enumerate(rec["groups"])}
+    return rec, removed
+
+
+def soft(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+         lr=FINETUNE_LR, **_):
+    model = copy.deepcopy(model)
+    graph = DepGraph(model, example)
+    n_train = min(len(data.x_train), max_samples or len(data.x_train))
+    per_epoch = max(1, n_train // 64)
+    step = [0]
+
+    def after_step(m):
+        step[0] += 1
+        if step[0] % per_epoch == 0:
+            _, removed = _plan(model, example, data, spec, seed)
+            _zero_units(graph, model, removed)
+    _, removed = _plan(model, example, data, spec, seed)
+    _zero_units(graph, model, removed)
+    model = _finetune(model, data, epochs, lr, seed, max_samples, after_step=after_step)
+    rec, removed = _plan(model, example, data, spec, seed)
+    _zero_units(graph, model, removed)
+    final = {gi: torch.as_tensor(g["scores"]) for gi, g in enumerate(rec["groups"])}
+    for gi, units in removed.items():
+        final[gi][units] = -torch.inf  # exactly the zeroed units go
+    pruned, record = _prune(model, example, data, dict(spec, criterion=Fixed(final)), seed)
+    record["criterion"] = rec["criterion"]
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    record["note"] = "soft pruning: the budget is spent before the cut; no fine-tuning after"
+    return pruned, record
+
+
+def _group_params(graph: DepGraph, model: nn.Module):
+    """Per group: (list of (param, position index per unit)) over producers and BatchNorms."""
+    out = {}
+    for g in graph.groups:
+        items = []
+        for m in g.members:
+            if m.role == "in":
+                continue
+            mod = model.get_submodule(m.layer)
+            for p in (mod.weight, getattr(mod, "bias", None)):
+                if p is not None:
+                    items.append((p, [torch.as_tensor(pos, dtype=torch.long)
+                                      for pos in m.positions]))
+        out[g.index] = items
+    return out
+
+
+def _unit_norms(graph: DepGraph, model: nn.Module) -> dict[int, torch.Tensor]:
+    norms = {}
+    for gi, items in _group_params(graph, model).items():
+        sq = torch.zeros(graph.groups[gi].units)
+        for p, pos in items:
+            flat = p.detach().reshape(p.shape[0], -1)
+            sq += torch.stack([flat[i].pow(2).sum() for i in pos])
+        norms[gi] = sq.sqrt()
+    return norms
+
+
+def lasso(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+          lr=FINETUNE_LR, lam=0.05, **_):
+    """Proximal group LASSO: after each SGD step shrink every unit's parameter group by
+    lr*lam in norm (to exactly zero when smaller); half the budget, then cut by group norm."""
+    model = copy.deepcopy(model)
+    graph = DepGraph(model, example)
+    groups = _group_params(graph, model)
+    shrink = lr * lam
+
+    def after_step(m):
+        with torch.no_grad():
+            for gi, items in groups.items():
+                sq = torch.zeros(graph.groups[gi].units)
+                for p, pos in items:
+                    flat = p.reshape(p.shape[0], -1)
+                    sq += torch.stack([flat[i].pow(2).sum() for i in pos])
+                factor = torch.clamp(1 - shrink / (sq.sqrt() + 1e-12), min=0)
+                for p, pos in items:
+                    for u, i in enumerate(pos):
+                        if len(i):
+                            p[i] *= factor[u]
+    model = _finetune(model, data, epochs / 2, lr, seed, max_samples, after_step=after_step)
+    norms = _unit_norms(graph, model)
+    zero = sum(int((n == 0).sum()) for n in norms.values())
+    pruned, record = _prune(model, example, data, dict(spec, criterion=Fixed(norms)), seed)
+    record["criterion"] = "group-lasso-norm"
+    record["note"] = f"group LASSO lam={lam}: {zero} channel groups reached exactly zero"
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples)
+    return pruned, record
+
+
+class _Gated(nn.Module):
+    """The model with one hard-concrete gate per unit, applied where the units are read."""
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+
+    def __init__(self, model: nn.Module, graph: DepGraph):
+        super().__init__()
+        self.model = model
+        self.log_alpha = nn.ParameterList([nn.Parameter(torch.full((g.units,), 3.0))
+                                           for g in graph.groups])
+        self.gate = UnitGate(graph, model).__enter__()
+
+    def gates(self) -> list[torch.Tensor]:
+        out = []
+        for la in self.log_alpha:
+            if self.training:
+                u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
+                s = torch.sigmoid((u.log() - (1 - u).log() + la) / self.beta)
+            else:
+                s = torch.sigmoid(la)
+            out.append((s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1))
+        return out
+
+    def expected_l0(self) -> torch.Tensor:
+        c = self.beta * math.log(-self.gamma / self.zeta)
+        return sum(torch.sigmoid(la - c).sum() for la in self.log_alpha)
+
+    def forward(self, x):
+        for gi, z in enumerate(self.gates()):
+            self.gate.set(gi, z)
+        return self.model(x)
+
+    def close(self):
+        self.gate.__exit__(None, None, None)
+
+
+def gates(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+          lr=FINETUNE_LR, lam=1.0, **_):
+    """Train hard-concrete gates with the weights (half the budget, L0 penalty lam per channel
+    fraction), then cut by log alpha and fine-tune the rest without gates."""
+    model = copy.deepcopy(model)
+    graph = DepGraph(model, example)
+    gated = _Gated(model, graph)
+    total = sum(g.units for g in graph.groups)
+    try:
+        _finetune(gated, data, epochs / 2, lr, seed, max_samples,
+                  extra_loss=lambda m: lam * m.expected_l0() / total)
+    finally:
+        gated.close()
+    scores = {gi: la.detach().clone() for gi, la in enumerate(gated.log_alpha)}
+    # kept gates are ~1 after training; what they scaled is left to the fine-tuning
+    pruned, record = _prune(model, example, data, dict(spec, criterion=Fixed(scores)), seed)
+    record["criterion"] = "hard-concrete-gate"
+    closed = sum(int((torch.sigmoid(s) < 0.5).sum()) for s in scores.values())
+    record["note"] = f"L0 gates lam={lam}: {closed} of {total} gates closed"
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples)
+    return pruned, record
+
+
+def slimming(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None,
+             evaluate=None, lr=FINETUNE_LR, lam=1e-4, **_):
+    """Network slimming: L1 on BatchNorm scales for half the budget, cut, fine-tune."""
+    model = copy.deepcopy(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model = _finetune(model, data, epochs / 2, lr, seed, max_samples,
+                      extra_loss=lambda m: lam * sum(b.weight.abs().sum() for b in bns))
+    crit = spec.get("criterion", "bn-scale")
+    pruned, record = _prune(model, example, data, dict(spec, criterion=crit), seed)
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples)
+    return pruned, record
+
+
+def lth(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+        rewind_state: dict | None = None, **_):
+    if rewind_state is None:
+        raise EdgepruneError("method 'lth' needs weights from early in training to rewind to "
+                             "(--rewind-from FILE: a state_dict or model saved after a few "
+                             "hundred steps)", stage="prune")
+    _, record = _prune(model, example, data, spec, seed)
+    early = copy.deepcopy(model)
+    try:
+        early.load_state_dict(rewind_state)
+    except Exception as e:
+        raise EdgepruneError(f"--rewind-from weights do not fit the model: {e}",
+                             stage="prune") from None
+    graph = DepGraph(early, example)
+    keep = {gi: g["kept"] for gi, g in enumerate(record["groups"])}
+    pruned, _ = surgery(graph, keep)
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    record["note"] = "lottery-ticket rewinding: channels chosen on the trained model, weights " \
+                     "rewound to the early checkpoint, retrained at the training learning rate"
+    pruned = _finetune(pruned, data, epochs, TRAIN_LR, seed, max_samples)
+    return pruned, record
+
+
+def _aux_heads(model, example, graph: DepGraph, data: Dataset, seed: int,
+               steps: int = 300) -> dict[int, tuple[str, nn.Module]]:
+    """One linear classifier per group on the activation the group's first reader sees,
+    trained on frozen features."""
+    torch.manual_seed(seed)
+    readers = {}
+    for g in graph.groups:
+        ins = g.by_role("in")
+        if ins:
+            readers[g.index] = ins[0].layer
+    shapes = {}
+    hooks = [model.get_submodule(layer).register_forward_pre_hook(
+        lambda m, a, gi=gi: shapes.__setitem__(gi, a[0].shape)) for gi, layer in readers.items()]
+    with torch.no_grad():
+        model.eval()(example)
+    for h in hooks:
+        h.remove()
+    classes = int(data.y_train.max()) + 1
+    heads = {gi: nn.Sequential(*([nn.AdaptiveAvgPool2d(1)] if len(shapes[gi]) == 4 else []),
+                               nn.Flatten(), nn.Linear(shapes[gi][1], classes))
+             for gi in readers}
+    params = [p for h in heads.values() for p in h.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    feats = {}
+    hooks = [model.get_submodule(layer).register_forward_pre_hook(
+        lambda m, a, gi=gi: feats.__setitem__(gi, a[0].detach())) for gi, layer in readers.items()]
+    rng = np.random.default_rng(seed)
+    try:
+        for _ in range(steps):
+            j = rng.choice(len(data.x_train), 64, replace=False)
+            x, y = torch.from_numpy(data.x_train[j]), torch.from_numpy(data.y_train[j])
+            with torch.no_grad():
+                model(x)
+            loss = sum(F.cross_entropy(heads[gi](feats[gi]), y) for gi in heads)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    for h in heads.values():
+        h.eval()
+    return {gi: (readers[gi], heads[gi]) for gi in heads}
+
+
+def ccp_ac(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+           lr=FINETUNE_LR, **_):
+    if data is None or data.x_train is None:
+        raise EdgepruneError("method 'ccp-ac' needs --data", stage="prune")
+    graph = DepGraph(model, example)
+    heads = _aux_heads(model, example, graph, data, seed)
+    spec = dict(spec, criterion="ccp")
+    pruned, record = _prune(model, example, data, spec, seed, aux_heads=heads, graph=graph)
+    record["criterion"] = "ccp-ac"
+    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples)
+    return pruned, record
+
+
+METHODS: dict[str, Callable] = {
+    "oneshot": oneshot, "iterative": iterative, "lr-rewind": lr_rewind, "soft": soft,
+    "lasso": lasso, "gates": gates, "slimming": slimming, "lth": lth, "ccp-ac": ccp_ac,
+}
+DATA_FREE_OK = {"oneshot"}
+
+
+def run(method: str, model: nn.Module, example_input: torch.Tensor, data: Dataset | None,
+        spec: dict, *, epochs: float = 0.0, seed: int = 0, max_samples: int | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None, **kw) -> tuple[nn.Module, dict]:
+    """Prune with `method`. `spec` holds prune()'s criterion/ratios/allocation/targets."""
+    if method not in METHODS:
+        raise EdgepruneError(f"unknown method '{method}'; known: {', '.join(METHODS)}",
+                             stage="prune")
+    if method not in DATA_FREE_OK and (data is None or data.x_train is None):
+        raise EdgepruneError(f"method '{method}' trains, so it needs --data", stage="prune")
+    if epochs > 0 and (data is None or data.x_train is None):
+        raise EdgepruneError("fine-tuning needs --data", stage="prune")
+    torch.manual_seed(seed)
+    model, record = METHODS[method](model, example_input, data, spec, epochs=epochs, seed=seed,
+                                    max_samples=max_samples, evaluate=evaluate, **kw)
+    record.update({"method": method, "finetune_epochs": epochs, "seed": seed})
+    return model.eval(), record
