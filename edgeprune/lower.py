@@ -249,11 +249,24 @@ def workspace_per_kernel(src: str, prefix: str) -> dict[str, int]:
     return sizes
 
 
+def schedule_kernels(mod):
+    """Apply the small-RAM schedule to every kernel (see schedule.py)."""
+    import tvm
+
+    from .schedule import schedule_for_small_ram
+
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, tvm.tirx.PrimFunc):
+            mod[gv] = schedule_for_small_ram(f)
+    return mod
+
+
 def lower_relax(mod, prefix: str = "model") -> LoweredModel:
     """Lower a Relax IRModule (from ONNX or built by the quantizer) to kernels + call list."""
     if not re.fullmatch(r"[A-Za-z_]\w*", prefix):
         raise EdgepruneError(f"prefix '{prefix}' is not a C identifier")
     mod = fuse(mod)
+    mod = schedule_kernels(mod)
     lowered = collect_calls(mod, prefix)
     lowered.kernels_c = build_kernels(mod, prefix)
     ws = workspace_per_kernel(lowered.kernels_c, prefix)

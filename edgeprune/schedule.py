@@ -1,0 +1,101 @@
+"""Schedules that shrink kernel scratch RAM, applied to each fused PrimFunc before codegen.
+
+Legalized TIR materialises whole intermediates: the padded input and the reduction result
+before its epilogue (bias, ReLU, residual add). On an MCU that scratch can exceed the
+activations. Two rewrites, each tried and kept only if TVM accepts it:
+  1. the elementwise epilogue is computed right after each output element's reduction, so the
+     reduction result shrinks to one scalar;
+  2. the padding copy is computed per output row (loops reordered so rows are outermost), so
+     the padded buffer shrinks to the kernel's receptive rows.
+Correctness is checked end to end: every model is compared with the host in QEMU.
+"""
+
+from tvm.s_tir import Schedule
+
+
+def _iter_kinds(sch: Schedule, block) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _is_reduction(sch: Schedule, block) -> bool:
+    return 2 in _iter_kinds(sch, block)
+
+
+def _spatial_prefix(sch: Schedule, block) -> int | None:
+    """Number of leading spatial loops, when loops map 1:1 onto spatial-then-reduce iters."""
+    kinds = _iter_kinds(sch, block)
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds):
+        return None
+    n = 0
+    while n < len(kinds) and kinds[n] == 0:
+        n += 1
+    if any(k != 2 for k in kinds[n:]):
+        return None
+    return n
+
+
+def _try(sch: Schedule, fn) -> Schedule:
+    trial = sch.copy()
+    try:
+        fn(trial)
+        return trial
+    except Exception:
+        return sch
+
+
+def schedule_for_small_ram(func):
+    sch = Schedule(func)
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    if root is None:
+        return func
+    reductions = [b for b in sch.get_child_blocks(root) if _is_reduction(sch, b)]
+    for red_name in [sch.get(b).name_hint for b in reductions]:
+        sch = _fuse_epilogue(sch, red_name)
+        sch = _pad_per_row(sch, red_name)
+    return sch.mod["main"]
+
+
+def _has_root(sch: Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:
+        return False
+
+
+def _fuse_epilogue(sch: Schedule, red_name: str) -> Schedule:
+    def apply(s: Schedule):
+        red = s.get_sblock(red_name)
+        consumers = s.get_consumers(red)
+        # Inline a chain of elementwise consumers into its last block, then move that block
+        # under the reduction's innermost spatial loop.
+        while len(consumers) == 1:
+            nxt = s.get_consumers(consumers[0])
+            if len(nxt) != 1:
+                break
+            s.compute_inline(consumers[0])
+            consumers = s.get_consumers(red)
+        if len(consumers) != 1:
+            raise ValueError("no single epilogue")
+        n = _spatial_prefix(s, red)
+        if not n:
+            raise ValueError("unexpected loop nest")
+        s.reverse_compute_at(consumers[0], s.get_loops(red)[n - 1])
+    return _try(sch, apply)
+
+
+def _pad_per_row(sch: Schedule, red_name: str) -> Schedule:
+    def apply(s: Schedule):
+        red = s.get_sblock(red_name)
+        pads = [p for p in s.get_producers(red)
+                if not _is_reduction(s, p) and "pad" in s.get(p).name_hint]
+        if len(pads) != 1:
+            raise ValueError("no padding producer")
+        loops = s.get_loops(red)
+        n = _spatial_prefix(s, red)
+        if n != 4:  # NCHW-style 2-D conv / pool: (n, c, h, w) spatial loops
+            raise ValueError("not a 2-D spatial reduction")
+        s.reorder(loops[0], loops[2], loops[1], loops[3])
+        s.compute_at(pads[0], s.get_loops(red)[1])
+    return _try(sch, apply)
