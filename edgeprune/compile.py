@@ -58,10 +58,11 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
             from .quantize.to_relax import to_relax
             qmodel = load_qmodel(Path(spec))
             kind, mod = "int", to_relax(qmodel)
+            quant_note = quantization_note(qmodel)
             shutil.copytree(spec, tmp / "qmodel")
         else:
             model = frontend.to_onnx(spec, input_shape)
-            kind = "float"
+            kind, quant_note = "float", ""
             check_fits(target, sum(_init_bytes(i) for i in model.graph.initializer), None, spec)
             import onnx
             onnx.save(model, str(tmp / "model.onnx"))
@@ -71,7 +72,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
         lowered = lower_relax(mod, prefix)
         plan = plan_model(lowered)
         check_fits(target, lowered.weights_bytes, plan.arena_bytes, spec)
-        manifest = write_library(lowered, plan, tmp / "c_library")
+        manifest = write_library(lowered, plan, tmp / "c_library", quant_note)
         log(f"cross-compiling for {target.name} ({target.toolchain['cc']})")
         elf = build_firmware(target, tmp / "c_library", manifest, tmp / "firmware")
         mem = read_elf(elf, prefix, target.qemu["ram_origin"], target.qemu["ram_size"])
@@ -88,6 +89,14 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def quantization_note(qmodel) -> str:
+    """How a user turns real values into the library's integers and back (for its README)."""
+    i, o = qmodel.input_info, qmodel.output_info
+    return ("The model is integer-only. Quantize the input as "
+            f"`q = clamp(floor(x / {i.scale!r} + 0.5) + {i.zero_point}, {i.qmin}, {i.qmax})`; "
+            f"the output means `y = {o.scale!r} * (q - {o.zero_point})`.")
 
 
 def _init_bytes(init) -> int:

@@ -174,7 +174,23 @@ def manifest(lm: LoweredModel, plan: Plan) -> dict:
     }
 
 
-def write_library(lm: LoweredModel, plan: Plan, out_dir: Path) -> dict:
+def write_packaging(m: dict, out_dir: Path, quant_note: str = "") -> None:
+    """README.md, CMakeLists.txt and model.mk, so the library drops into a user's build."""
+    p, i, o = m["prefix"], m["inputs"][0], m["outputs"][0]
+    subst = {"@PREFIX_UPPER@": p.upper(), "@PREFIX@": p, "@ARENA_BYTES@": str(m["arena_bytes"]),
+             "@IN_T@": c_type(i["dtype"]), "@OUT_T@": c_type(o["dtype"]),
+             "@IN_DESC@": f"'{i['name']}' {i['dtype']} {i['shape']}",
+             "@OUT_DESC@": f"'{o['name']}' {o['dtype']} {o['shape']}",
+             "@NUM_LAYERS@": str(len(m["layers"])),
+             "@QUANT_NOTE@": f"\n{quant_note}\n" if quant_note else ""}
+    for name in ("README.md", "CMakeLists.txt", "model.mk"):
+        text = (CODEGEN_DIR / "library" / f"{name}.in").read_text()
+        for k, v in subst.items():
+            text = text.replace(k, v)
+        (out_dir / name).write_text(text)
+
+
+def write_library(lm: LoweredModel, plan: Plan, out_dir: Path, quant_note: str = "") -> dict:
     """Write the C library into out_dir (which must exist and be empty). Returns the manifest."""
     (out_dir / "include").mkdir(parents=True, exist_ok=True)
     (out_dir / "model.h").write_text(_header(lm, plan))
@@ -192,4 +208,5 @@ def write_library(lm: LoweredModel, plan: Plan, out_dir: Path) -> dict:
         shutil.copy(roots[pkg] / rel, dst)
     m = manifest(lm, plan)
     (out_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+    write_packaging(m, out_dir, quant_note)
     return m
