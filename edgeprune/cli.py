@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "edgeprune.commands.compile",
     "edgeprune.commands.simulate",
     "edgeprune.prune.cli",
+    "edgeprune.commands.deploy",
+    "edgeprune.commands.report",
 ]
 
 

@@ -1,0 +1,329 @@
+"""`edgeprune deploy`: the whole pipeline in one call, each stage named in its errors.
+
+load or train → prune (+ fine-tune), or the measured feedback search when a budget is given →
+quantize (word lengths from the target) → compile with TVM → check in QEMU (bit-exact against the
+golden model; accuracy on real test samples run on the target) → report.
+
+Everything is written to a temporary folder next to `out` and renamed at the end, so a failed run
+leaves nothing half-written and an existing `out` is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgepruneError
+
+DEFAULT_MODEL = "resnet8"
+BUDGET_KEYS = {"latency_ms", "energy_uj", "flash_kb", "sram_kb"}
+
+
+@dataclass
+class DeployConfig:
+    out: Path
+    target: str = "cortex-m7"
+    model: str | None = None          # path (.pt/.onnx) or zoo name; None: DEFAULT_MODEL
+    data: str = "fashion-mnist"
+    input_shape: tuple[int, ...] | None = None
+    train_epochs: float = 1.0         # for zoo models (built untrained), cached per settings
+    criterion: str = "l1"
+    ratio: float = 0.5
+    per_layer: dict[str, float] | None = None
+    budget: dict[str, float] = field(default_factory=dict)
+    finetune_epochs: float = 1.0
+    calib_samples: int = 512
+    eval_samples: int = 2000          # host accuracy (float, pruned, quantized)
+    target_samples: int = 100         # real test samples run on the target
+    seed: int = 0
+    force: bool = False
+
+
+def parse_budget(text: str | None) -> dict[str, float]:
+    """'latency_ms=5,flash_kb=256' -> {'latency_ms': 5.0, 'flash_kb': 256.0}."""
+    if not text:
+        return {}
+    budget = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in BUDGET_KEYS:
+            raise EdgepruneError(f"--budget item '{part}' is not KEY=VALUE with KEY in "
+                                 f"{', '.join(sorted(BUDGET_KEYS))}", stage="deploy")
+        try:
+            budget[key] = float(value)
+        except ValueError:
+            raise EdgepruneError(f"--budget {key}={value!r}: not a number", stage="deploy")
+        if budget[key] <= 0:
+            raise EdgepruneError(f"--budget {key} must be positive, got {value}", stage="deploy")
+    return budget
+
+
+@contextlib.contextmanager
+def stage(name: str, progress=None):
+    """Run one pipeline stage: errors carry its name; progress shows it."""
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress.start(name)
+    try:
+        yield
+    except EdgepruneError as e:
+        if e.stage is None:
+            e.stage = name
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # a bug or an unforeseen input: still say where it happened
+        raise EdgepruneError(f"{type(e).__name__}: {e}", stage=name) from e
+    finally:
+        if progress is not None:
+            progress.done(name, time.perf_counter() - t0)
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "edgeprune" / "models"
+
+
+def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, log,
+                      on_step=None):
+    """A zoo model trained on `data`, cached by (name, data, shape, epochs, seed)."""
+    import torch
+
+    from . import models
+    from .train import train
+
+    model, shape = models.build(name, input_shape or data.input_shape, data.num_classes, seed)
+    _check_data_fits(shape, data, name)
+    key = f"{name}-{data.name}-{'x'.join(map(str, shape))}-e{epochs:g}-s{seed}.pt"
+    path = cache_dir() / key
+    if path.exists():
+        log(f"using cached trained {name} ({path})")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval(), shape
+    log(f"training {name} on {data.name} for {epochs:g} epoch(s) (cached afterwards)")
+    train(model, data, epochs=epochs, lr=0.05, seed=seed, progress=on_step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model.eval(), shape
+
+
+def _check_data_fits(shape, data, origin: str) -> None:
+    if tuple(shape[1:]) != tuple(data.x_test.shape[1:]):
+        raise EdgepruneError(f"{origin} takes inputs {list(shape)} but {data.name} samples are "
+                             f"{list(data.x_test.shape[1:])}; give --data that fits the model "
+                             "or --input-shape", stage="load")
+
+
+def _accuracy_of_outputs(outputs: list[np.ndarray], labels: np.ndarray) -> float:
+    pred = np.array([int(np.argmax(o.reshape(-1))) for o in outputs])
+    return float(100.0 * np.mean(pred == labels[:len(pred)]))
+
+
+def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
+    import torch
+
+    from . import data as datasets
+    from .compile import compile_model, prepare_out_dir, finish_out_dir
+    from .load import load_torch, save_torch
+    from .targets import load_target
+    from .train import evaluate, train
+
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    on_step = progress.update if progress is not None else None
+    with stage("deploy"):
+        target = load_target(cfg.target)
+    tmp = prepare_out_dir(cfg.out, cfg.force)
+    try:
+        with stage("data", progress):
+            data = datasets.load(cfg.data)
+            x_eval, y_eval = data.x_test[:cfg.eval_samples], data.y_test[:cfg.eval_samples]
+
+        with stage("load", progress):
+            name = cfg.model or DEFAULT_MODEL
+            from .load import is_zoo_name
+            if is_zoo_name(name):
+                model, shape = trained_zoo_model(name, data, cfg.input_shape, cfg.train_epochs,
+                                                 cfg.seed, log, on_step)
+            else:
+                model, shape = load_torch(name, cfg.input_shape, data.num_classes)
+            _check_data_fits(shape, data, name)
+            acc_float = evaluate(model, x_eval, y_eval)
+            log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
+
+        example = torch.from_numpy(data.x_train[:1].reshape(shape) if shape[0] == 1
+                                   else data.x_train[:shape[0]])
+        feedback_result = None
+        if cfg.budget:
+            with stage("feedback", progress):
+                from .feedback import search
+                feedback_result = search(model, example, data, target, cfg.budget,
+                                         criterion=cfg.criterion, seed=cfg.seed,
+                                         work_dir=tmp / "feedback", log=log)
+                pruned, record = feedback_result.model, feedback_result.record
+        else:
+            with stage("prune", progress):
+                from .prune import prune
+                ratios = cfg.per_layer if cfg.per_layer is not None else cfg.ratio
+                batches = [(torch.from_numpy(data.x_train[i:i + 128]),
+                            torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
+                pruned, record = prune(model, example, criterion=cfg.criterion, ratios=ratios,
+                                       data=batches, meta_batch=batches[-1], seed=cfg.seed)
+            with stage("finetune", progress):
+                if cfg.finetune_epochs > 0:
+                    log(f"fine-tuning the pruned model for {cfg.finetune_epochs:g} epoch(s)")
+                    train(pruned, data, epochs=cfg.finetune_epochs, lr=0.01, seed=cfg.seed,
+                          progress=on_step)
+        acc_pruned = evaluate(pruned, x_eval, y_eval)
+        log(f"pruned model: {acc_pruned:.2f} %")
+        save_torch(pruned, shape, tmp / "model.pt")
+        from .frontend import to_onnx
+        import onnx
+        onnx.save(to_onnx(str(tmp / "model.pt"), shape), str(tmp / "model.onnx"))
+        (tmp / "pruning.json").write_text(json.dumps(record, indent=1, default=_jsonable))
+
+        with stage("quantize", progress):
+            qmodel, quant_report = quantize_for_target(pruned, shape, data, target, cfg)
+            qmodel.save(tmp / "qmodel")
+            from .quantize import reference
+            xq = reference.quantize_input(qmodel, x_eval)
+            acc_quant = _accuracy_of_outputs(list(np.asarray(reference.run(qmodel, xq))), y_eval)
+            log(f"quantized model (integer reference): {acc_quant:.2f} %")
+
+        with stage("compile", progress):
+            build = compile_model(str(tmp / "qmodel"), target.name, tmp / "build", log=log)
+            c_lib = tmp / "build" / "c_library"
+            shutil.copytree(c_lib, tmp / "c_library")
+            elf = tmp / "build" / build["firmware"]
+            shutil.copy(elf, tmp / "firmware.elf")
+            write_bin(target, elf, tmp / "firmware.bin")
+
+        with stage("simulate", progress):
+            from .simulate import simulate
+            n = min(cfg.target_samples, len(data.x_test))
+            sim, outputs = simulate(tmp / "build", data.x_test[:n], timeout=600)
+            if not sim["outputs_match"]:
+                raise EdgepruneError(f"the target's outputs differ from the golden model in "
+                                     f"{sim['mismatches']} values over {n} samples", stage="simulate")
+            acc_target = _accuracy_of_outputs([o[0] for o in outputs], data.y_test[:n])
+            log(f"on target ({target.name}, QEMU): {acc_target:.2f} % on {n} samples, bit-exact")
+
+        with stage("profile", progress):
+            profile = measure(tmp / "build", target, sim)
+
+        with stage("baseline", progress):
+            # The unpruned model through the same quantizer and compiler: the "before" numbers.
+            base_q, _ = quantize_for_target(model, shape, data, target, cfg)
+            base_q.save(tmp / "work" / "baseline_qmodel")
+            compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
+                          tmp / "work" / "baseline_build", log=lambda *_: None)
+            base_sim, _ = simulate(tmp / "work" / "baseline_build", data.x_test[:1])
+            baseline = measure(tmp / "work" / "baseline_build", target, base_sim)
+            xq = reference.quantize_input(base_q, x_eval)
+            baseline["accuracy"] = _accuracy_of_outputs(list(np.asarray(reference.run(base_q, xq))),
+                                                        y_eval)
+
+        met, violations = check_budget(cfg.budget, profile)
+        report = {
+            **profile,
+            "model": name, "data": data.name, "input_shape": list(shape),
+            "accuracy": {"float": acc_float, "pruned": acc_pruned, "quantized": acc_quant,
+                         "on_target": acc_target, "samples": len(x_eval), "on_target_samples": n},
+            "pruning": {"criterion": cfg.criterion,
+                        "ratio": None if (cfg.per_layer or cfg.budget) else cfg.ratio,
+                        "per_layer": per_layer_summary(record)},
+            "quantization": quant_report,
+            "baseline": baseline,
+            "budget": cfg.budget, "met": met, "violations": violations,
+            "feedback": feedback_result.summary() if feedback_result is not None else None,
+            "check": {"outputs_match": sim["outputs_match"], "mismatches": sim["mismatches"],
+                      "samples": sim["samples"]},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "wall_s": round(time.perf_counter() - t_start, 1),
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
+        from .report import write_html
+        write_html(report, tmp / "report.html")
+        shutil.rmtree(tmp / "work", ignore_errors=True)
+        finish_out_dir(tmp, cfg.out)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def quantize_for_target(model, shape, data, target, cfg: DeployConfig):
+    """PTQ with per-channel int8 weights (the target's word lengths); returns (qmodel, report)."""
+    from .quantize.ptq import quantize_ptq
+
+    calib = data.x_train[:cfg.calib_samples]
+    qmodel = quantize_ptq(model, shape, calib)
+    report = {"method": "ptq", "calibration_samples": int(len(calib)),
+              "layers": qmodel.layer_table(), "weight_bytes": qmodel.total_weight_bytes()}
+    return qmodel, report
+
+
+def measure(build_dir: Path, target, sim: dict) -> dict:
+    """Latency, energy and memory in the profiler's report format, from a QEMU run."""
+    instructions = sim["instructions"]
+    ms = 1000.0 * instructions / target.chip["clock_hz"]
+    power = target.power
+    mw = power["run_current_ma"] * power["supply_v"] * power.get("flash_wait_factor", 1.0)
+    layers = [{"name": l["name"], "instructions": l["instructions"],
+               "ms": 1000.0 * l["instructions"] / target.chip["clock_hz"],
+               "energy_uj": mw * 1000.0 * l["instructions"] / target.chip["clock_hz"] / 1000.0}
+              for l in sim["layers"]]
+    return {
+        "target": target.name,
+        "latency": {"cycles": None, "instructions": instructions, "ms": ms,
+                    "source": "qemu-instructions (1 instruction = 1 cycle at the chip clock)"},
+        "energy": {"uj": mw * ms, "source": f"power model: {power['source']}"},
+        "memory": {"flash_bytes": sim["flash_bytes"], "sram_bytes": sim["sram_bytes"],
+                   "arena_bytes": sim["arena_bytes"], "stack_bytes": sim["stack_used_bytes"],
+                   "weights_bytes": sim["weights_bytes"]},
+        "layers": layers,
+    }
+
+
+def check_budget(budget: dict, profile: dict) -> tuple[bool, list[str]]:
+    measured = {"latency_ms": profile["latency"]["ms"], "energy_uj": profile["energy"]["uj"],
+                "flash_kb": profile["memory"]["flash_bytes"] / 1024,
+                "sram_kb": profile["memory"]["sram_bytes"] / 1024}
+    violations = [f"{k}: measured {measured[k]:.4g} > budget {v:g}"
+                  for k, v in budget.items() if measured[k] > v]
+    return not violations, violations
+
+
+def per_layer_summary(record: dict) -> list[dict]:
+    """Output channels before/after per pruned layer, from the pruning record."""
+    return [{"layer": name, "channels_before": e["out_before"], "channels_after": len(e["out_kept"]),
+             "ratio": round(1 - len(e["out_kept"]) / max(1, e["out_before"]), 4)}
+            for name, e in record.get("layers", {}).items() if "out_before" in e]
+
+
+def write_bin(target, elf: Path, out: Path) -> None:
+    import subprocess
+    objcopy = target.toolchain["cc"].replace("gcc", "objcopy")
+    r = subprocess.run([objcopy, "-O", "binary", str(elf), str(out)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise EdgepruneError(f"{objcopy} could not write {out.name}: {r.stderr.strip()}")
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)

@@ -1,0 +1,138 @@
+"""`edgeprune deploy` end to end on a tiny model: real training, pruning, quantization, TVM,
+cross compiler and QEMU; then the C library built standalone by CMake and by its Makefile fragment."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EP = [sys.executable, "-m", "edgeprune.cli"]
+TINY = ["--model", "cnn", "--train-epochs", "0.05", "--finetune", "0.02", "--calib-samples", "64",
+        "--eval-samples", "200", "--target-samples", "10", "--ratio", "0.5"]
+
+
+def edgeprune(*args, cache: Path, check=False):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    r = subprocess.run([*EP, *map(str, args)], capture_output=True, text=True, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"edgeprune {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    out = root / "out"
+    r = edgeprune("deploy", *TINY, "--out", out, "--json", cache=root / "cache", check=True)
+    return out, json.loads(r.stdout), root
+
+
+def test_deploy_writes_every_artifact(deployed):
+    out, report, _ = deployed
+    for name in ("model.onnx", "model.pt", "pruning.json", "qmodel/qmodel.json", "firmware.elf",
+                 "firmware.bin", "report.json", "report.html", "c_library/model.c",
+                 "c_library/model.h", "c_library/kernels.c", "c_library/edgeprune_runtime.c",
+                 "c_library/README.md", "c_library/CMakeLists.txt", "c_library/model.mk"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "report.json").read_text()) == report
+    assert not list(out.parent.glob(".*tmp*")), "temporary folders left behind"
+
+
+def test_report_fields(deployed):
+    _, r, _ = deployed
+    assert r["target"] == "cortex-m7"
+    assert r["latency"]["instructions"] > 0 and r["latency"]["ms"] > 0 and r["latency"]["source"]
+    assert r["energy"]["uj"] > 0 and "power model" in r["energy"]["source"]
+    m = r["memory"]
+    assert m["flash_bytes"] > m["weights_bytes"] > 0 and m["sram_bytes"] > m["arena_bytes"] > 0
+    acc = r["accuracy"]
+    assert set(acc) >= {"float", "pruned", "quantized", "on_target", "samples"}
+    assert all(0 <= acc[k] <= 100 for k in ("float", "pruned", "quantized", "on_target"))
+    assert r["check"]["outputs_match"] and r["check"]["mismatches"] == 0
+    assert r["pruning"]["criterion"] == "l1"
+    assert any(l["channels_after"] < l["channels_before"] for l in r["pruning"]["per_layer"])
+    assert r["met"] is True and r["budget"] == {}
+    # Pruning half the channels must make the measured model cheaper than the unpruned one.
+    assert r["latency"]["instructions"] < r["baseline"]["latency"]["instructions"]
+    assert sum(l["instructions"] for l in r["layers"]) <= r["latency"]["instructions"]
+    html = (deployed[0] / "report.html").read_text()
+    assert html.count("<svg") >= 4 and "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+MAIN_C = r"""
+#include <stdio.h>
+#include "model.h"
+static model_input0_t in[MODEL_INPUT0_SIZE];
+static model_output0_t out[MODEL_OUTPUT0_SIZE];
+int main(void) {
+  int s = model_run(in, out);
+  for (int i = 0; i < MODEL_OUTPUT0_SIZE; i++) printf("%d ", (int)out[i]);
+  printf("\n");
+  return s;
+}
+"""
+
+
+def test_c_library_builds_standalone_with_cmake(deployed, tmp_path):
+    out, _, _ = deployed
+    lib = tmp_path / "c_library"
+    shutil.copytree(out / "c_library", lib)  # it must not need anything from the deploy folder
+    (tmp_path / "main.c").write_text(MAIN_C)
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.13)\nproject(app C)\nadd_subdirectory(c_library)\n"
+        "add_executable(app main.c)\ntarget_link_libraries(app PRIVATE model)\n")
+    subprocess.run(["cmake", "-S", tmp_path, "-B", tmp_path / "build"], check=True,
+                   capture_output=True)
+    subprocess.run(["cmake", "--build", tmp_path / "build"], check=True, capture_output=True)
+    r = subprocess.run([tmp_path / "build" / "app"], capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.split()) == 10
+
+
+def test_c_library_builds_with_makefile_fragment_for_the_target(deployed, tmp_path):
+    out, _, _ = deployed
+    (tmp_path / "main.c").write_text(MAIN_C.replace("#include <stdio.h>", "")
+                                     .replace('printf("%d ", (int)out[i]);', "")
+                                     .replace('printf("\\n");', ""))
+    (tmp_path / "Makefile").write_text(
+        f"include {out}/c_library/model.mk\n"
+        "CC := arm-none-eabi-gcc\n"
+        "CFLAGS := -mcpu=cortex-m7 -mthumb -mfpu=fpv5-d16 -mfloat-abi=hard -O2 $(MODEL_CFLAGS)\n"
+        "OBJS := $(notdir $(MODEL_SRCS:.c=.o)) main.o\n"
+        "libapp.a: $(OBJS)\n\tarm-none-eabi-ar rcs $@ $^\n"
+        "%.o: $(MODEL_DIR)/%.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n"
+        "main.o: main.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n")
+    r = subprocess.run(["make", "-C", tmp_path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "libapp.a").stat().st_size > 0
+
+
+def test_deploy_refuses_to_overwrite_without_force(deployed):
+    out, _, root = deployed
+    before = (out / "report.json").read_text()
+    r = edgeprune("deploy", *TINY, "--out", out, "--quiet", cache=root / "cache")
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (out / "report.json").read_text() == before
+
+
+def test_report_command_prints_the_summary(deployed):
+    out, _, root = deployed
+    r = edgeprune("report", out, cache=root / "cache", check=True)
+    assert "instructions" in r.stdout and "cortex-m7" in r.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--budget", "latency=5"], ["[deploy]", "latency_ms"]),
+    (["--model", "nosuch.onnx"], ["[load]", "nosuch.onnx"]),
+    (["--input-shape", "1,1,32,32"], ["[load]", "32", "28"]),
+    (["--target", "cortex-z9"], ["cortex-z9"]),
+])
+def test_bad_input_names_the_stage(args, words, tmp_path):
+    r = edgeprune("deploy", *TINY, *args, "--out", tmp_path / "o", "--quiet", cache=tmp_path / "c")
+    assert r.returncode == 2, r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+    assert not (tmp_path / "o").exists()
