@@ -61,7 +61,7 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
                 after_step(model)
             step += 1
             if progress is not None and (step % 50 == 0 or step == total):
-                progress(step / total, float(loss))
+                progress(step / total, float(loss.detach()))
             if step >= total:
                 break
         epoch += 1
