@@ -1,0 +1,250 @@
+"""The quantize stage from Python: a float torch model + data + target -> QuantModel + report.
+
+Methods:
+* "ptq": calibrate and export;
+* "qat": PTQ calibration, then straight-through fine-tuning of the weights, then export;
+* "auto" (default): PTQ, and QAT only when PTQ loses more than `max_drop` points against
+  float; the better of the two is kept;
+* "admm": low-bit weights trained by ADMM (Leng et al. 2018) in `fmt` ("int", "pow2",
+  "ternary") at `bits`, first and last layers kept at 8 bits unless `mixed` chooses.
+
+Word lengths come from the target's ``[quant]`` table: weight and activation widths outside it
+are refused; `mixed` picks per-layer widths among them by sensitivity (`mixed.py`).
+`quantize_to_folder` adds what the CLI needs: load the model, write atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgepruneError
+from . import reference
+from .qmodel import QuantModel
+
+METHODS = ("auto", "ptq", "qat", "admm")
+FORMATS = ("int", "pow2", "ternary")
+REPORT_FILE = "quantize.json"
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "auto"
+    fmt: str = "int"                   # weight format for admm / mixed: int | pow2 | ternary
+    bits: int = 8                      # weight bits for ptq/qat/admm (mixed: chosen per layer)
+    mixed: bool = False
+    max_drop: float = 0.5              # accuracy points: auto's QAT trigger, mixed's budget
+    calib_samples: int = 512
+    calib_method: str = "minmax"
+    eval_samples: int = 1000           # held-out test samples for accuracy (and mixed's checks)
+    epochs: float = 1.0                # QAT / ADMM training epochs
+    lr: float | None = None            # None: method default (QAT 0.005, ADMM 0.01)
+    max_train_samples: int | None = None
+    seed: int = 0
+
+
+def slot_bits(fmt: str, bits: int) -> int:
+    """Flash bits per weight of a (format, bits) choice (pow2 codes are 4 bits wide)."""
+    return {"pow2": 4, "ternary": 2}.get(fmt, bits)
+
+
+def check_config(cfg: QuantizeConfig, target) -> None:
+    """Refuse settings the target's word lengths or the quantizer cannot honour."""
+    wb = [int(b) for b in target.quant["weight_bits"]]
+    ab = [int(b) for b in target.quant["activation_bits"]]
+    if cfg.method not in METHODS:
+        raise EdgepruneError(f"--method '{cfg.method}' unknown (one of {', '.join(METHODS)})")
+    if cfg.fmt not in FORMATS:
+        raise EdgepruneError(f"--format '{cfg.fmt}' unknown (one of {', '.join(FORMATS)})")
+    if 8 not in ab:
+        raise EdgepruneError(f"target {target.name}: [quant] activation_bits {ab} lacks 8; "
+                             "the quantizer's activations are 8-bit (16 where mixed needs it)")
+    if cfg.fmt == "ternary" and cfg.bits != 2:
+        raise EdgepruneError(f"--format ternary takes --bits 2, got {cfg.bits}")
+    if cfg.fmt == "pow2" and cfg.bits != 4:
+        raise EdgepruneError(f"--format pow2 uses 4-bit codes (0, +-2**0..+-2**6): give --bits 4, "
+                             f"got {cfg.bits}")
+    if cfg.bits not in (2, 4, 8):
+        raise EdgepruneError(f"--bits {cfg.bits}: weights are 8, 4 or 2 bits wide")
+    need = slot_bits(cfg.fmt, cfg.bits)
+    if need not in wb:
+        raise EdgepruneError(f"target {target.name}: {need}-bit weights are not among its "
+                             f"[quant] weight_bits {wb} ({target.path})")
+    if cfg.fmt != "int" and cfg.method in ("ptq", "qat", "auto") and not cfg.mixed:
+        raise EdgepruneError(f"--format {cfg.fmt} needs --method admm (PTQ/QAT weights are "
+                             "uniform integers)")
+    if cfg.bits < 8 and cfg.method in ("qat", "auto") and not cfg.mixed:
+        raise EdgepruneError(f"--bits {cfg.bits} with --method {cfg.method}: QAT fine-tunes 8-bit "
+                             "weights; use --method admm (or ptq) for low-bit weights")
+    if cfg.mixed and cfg.method == "qat":
+        raise EdgepruneError("--mixed with --method qat: QAT keeps 8-bit weights; use ptq, auto "
+                             "or admm")
+    for name, v in (("--calib-samples", cfg.calib_samples), ("--eval-samples", cfg.eval_samples)):
+        if v < 1:
+            raise EdgepruneError(f"{name} must be at least 1, got {v}")
+    if cfg.epochs <= 0 and cfg.method in ("qat", "admm"):
+        raise EdgepruneError(f"--epochs must be positive for {cfg.method}, got {cfg.epochs}")
+    if cfg.max_drop < 0:
+        raise EdgepruneError(f"--max-drop must be >= 0, got {cfg.max_drop}")
+
+
+def check_data_fits(shape: tuple[int, ...], data, origin: str) -> None:
+    if tuple(shape[1:]) != tuple(data.x_test.shape[1:]):
+        raise EdgepruneError(f"{origin} takes inputs {list(shape)} but {data.name} samples are "
+                             f"{list(data.x_test.shape[1:])}; give --data that fits the model "
+                             "or --input-shape")
+    if data.x_train is None:
+        raise EdgepruneError(f"dataset {data.name} has no training split to calibrate on")
+
+
+def float_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
+    from ..train import evaluate
+    return evaluate(model, x, y)
+
+
+def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
+             log: Callable[[str], None] = print,
+             progress: Callable[[float, float], None] | None = None
+             ) -> tuple[QuantModel, dict]:
+    """Quantize a float torch model for `target`; returns (QuantModel, report dict)."""
+    import torch
+
+    from .admm import admm_train, default_layer_formats
+    from .ptq import calibrate, extract, to_qmodel
+    from .qat import qat_finetune
+
+    check_config(cfg, target)
+    check_data_fits(shape, data, "the model")
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    calib = data.x_train[:cfg.calib_samples]
+    # Accuracy on the first `eval_samples` test samples; mixed precision makes its choices on
+    # the test samples after those, so the reported accuracy is not the one it tuned for.
+    n = cfg.eval_samples
+    x_eval, y_eval = data.x_test[:n], data.y_test[:n]
+    x_tune, y_tune = data.x_test[n:2 * n], data.y_test[n:2 * n]
+    net = extract(model, shape)
+    out_shape = tuple(net.nodes[-1].out_shape)
+    if len(out_shape) != 2 or out_shape[1] < data.num_classes:
+        raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
+                             f"needs class scores (N, {data.num_classes})")
+    acc_float = float_accuracy(model, x_eval, y_eval)
+    log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
+    ranges = calibrate(net, calib, cfg.calib_method, seed=cfg.seed)
+    weight_cfg: dict[str, tuple[str, int]] = {}
+    act_dtypes: dict[str, str] = {}
+    mixed_record = None
+    if cfg.mixed:
+        from .mixed import choose
+        fmt = cfg.fmt if cfg.method == "admm" else "int"
+        if len(x_tune) == 0:
+            raise EdgepruneError(f"--mixed tunes on test samples after the first "
+                                 f"--eval-samples {n}, but {data.name} has only "
+                                 f"{len(data.x_test)}; lower --eval-samples")
+        weight_cfg, act_dtypes, mixed_record = choose(
+            net, ranges, x_tune, y_tune, float_accuracy(model, x_tune, y_tune),
+            target.quant["weight_bits"],
+            target.quant["activation_bits"], fmt, cfg.max_drop, log=log)
+    elif cfg.bits < 8 or cfg.fmt != "int":
+        weight_cfg = default_layer_formats(net, cfg.fmt, cfg.bits)
+
+    method = cfg.method
+    report_methods: dict[str, float] = {}
+    qw = None
+    if method in ("ptq", "auto"):
+        qm = to_qmodel(net, ranges, weight_cfg, act_dtypes)
+        acc = reference.accuracy(qm, x_eval, y_eval)
+        report_methods["ptq"] = acc
+        log(f"PTQ: {acc:.2f} % (integer reference)")
+        method = "ptq"
+        if cfg.method == "auto" and acc_float - acc > cfg.max_drop and \
+                all(b == 8 for _, b in weight_cfg.values()):
+            log(f"PTQ loses {acc_float - acc:.2f} points (> {cfg.max_drop}): QAT fine-tuning")
+            qat_net = extract(model, shape)
+            qat_finetune(qat_net, data, ranges, cfg.epochs, cfg.lr or 0.005, act_dtypes, 8,
+                         cfg.max_train_samples, cfg.seed, progress)
+            qm_qat = to_qmodel(qat_net, ranges, weight_cfg, act_dtypes)
+            acc_qat = reference.accuracy(qm_qat, x_eval, y_eval)
+            report_methods["qat"] = acc_qat
+            log(f"QAT: {acc_qat:.2f} %")
+            if acc_qat > acc:
+                qm, method = qm_qat, "qat"
+    elif method == "qat":
+        qat_finetune(net, data, ranges, cfg.epochs, cfg.lr or 0.005, act_dtypes, 8,
+                     cfg.max_train_samples, cfg.seed, progress)
+        qm = to_qmodel(net, ranges, weight_cfg, act_dtypes)
+    else:  # admm
+        if not weight_cfg:
+            raise EdgepruneError("--method admm needs low-bit weights: give --bits 4/2, "
+                                 "--format pow2/ternary, or --mixed")
+        log(f"ADMM: {sum(1 for v in weight_cfg.values() if v != ('int', 8))} constrained layers, "
+            f"{cfg.epochs:g} epoch(s)")
+        qw = admm_train(net, data, weight_cfg, ranges, cfg.epochs, cfg.lr or 0.01,
+                        max_samples=cfg.max_train_samples, seed=cfg.seed, progress=progress)
+        ranges = calibrate(net, calib, cfg.calib_method, seed=cfg.seed)
+        qm = to_qmodel(net, ranges, weight_cfg, act_dtypes, quantized_weights=qw)
+
+    acc_q = report_methods[method] if method in report_methods else \
+        reference.accuracy(qm, x_eval, y_eval)
+    qm.meta.update({"method": method, "calibration": cfg.calib_method,
+                    "calibration_samples": int(len(calib))})
+    int8_bytes = sum(int(qm.param(o, "weight").size) for o in qm.weight_ops())
+    report = {
+        "method": method, "requested_method": cfg.method, "target": target.name,
+        "data": data.name, "input_shape": list(shape),
+        "accuracy": {"float": acc_float, "quantized": acc_q, "samples": int(len(x_eval)),
+                     "by_method": report_methods, "source": "numpy integer reference"},
+        "weight_bytes": qm.total_weight_bytes(), "weight_bytes_int8": int8_bytes,
+        "layers": qm.layer_table(),
+        "activations": {t: qm.tensors[t].dtype for t in qm.tensors},
+        "target_word_lengths": {"weight_bits": target.quant["weight_bits"],
+                                "activation_bits": target.quant["activation_bits"]},
+        "mixed": mixed_record, "config": asdict(cfg),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    log(f"quantized ({method}): {acc_q:.2f} % vs float {acc_float:.2f} %; weights "
+        f"{report['weight_bytes']} B (int8 would be {int8_bytes} B)")
+    return qm, report
+
+
+def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
+                       data_name: str = "fashion-mnist", cfg: QuantizeConfig | None = None,
+                       input_shape: tuple[int, ...] | None = None, train_epochs: float = 1.0,
+                       force: bool = False, log: Callable[[str], None] = print,
+                       progress=None) -> dict:
+    """Load `spec` (a .pt/.onnx path or a zoo name, zoo models trained on `data_name` and
+    cached), quantize it, write qmodel.json + weights.npz + quantize.json to `out` atomically."""
+    from .. import data as datasets
+    from ..compile import finish_out_dir, prepare_out_dir
+    from ..load import is_zoo_name, load_torch
+    from ..targets import load_target
+
+    cfg = cfg or QuantizeConfig()
+    target = load_target(target_name)
+    check_config(cfg, target)
+    data = datasets.load(data_name)
+    if is_zoo_name(spec):
+        from ..deploy import trained_zoo_model
+        model, shape = trained_zoo_model(spec, data, input_shape, train_epochs, cfg.seed, log,
+                                         progress)
+    else:
+        model, shape = load_torch(spec, input_shape, data.num_classes)
+    check_data_fits(shape, data, spec)
+    tmp = prepare_out_dir(out, force)
+    try:
+        qm, report = quantize(model, shape, data, target, cfg, log, progress)
+        report["model"] = spec
+        qm.save(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        finish_out_dir(tmp, out)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
