@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "edgeprune.commands.compile",
     "edgeprune.commands.simulate",
     "edgeprune.prune.cli",
+    "edgeprune.quantize.cli",
     "edgeprune.commands.deploy",
     "edgeprune.commands.report",
 ]
