@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import flops
 from ..errors import EdgepruneError
-from . import allocate, criteria
+from . import allocate, criteria, patterns
 from .context import Context, masked_reference
 from .graph import DepGraph, GraphError, surgery
 
@@ -46,17 +46,21 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
           data: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
           meta_batch: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
           loss: str = "ce", min_keep: float = 0.1, aux_heads=None,
+          kernel_ratio: float = 0.0, intra_stride: int = 1,
           graph: DepGraph | None = None) -> tuple[nn.Module, dict]:
     """Remove channels from `model` and return (smaller model, record).
 
     criterion: a name in CRITERIA or an object with `scores(group, ctx)`.
     ratios: fraction of channels removed per group (float, in [0, 1)), or {layer: ratio} with
         optional "*" default (explicit per-layer allocation; the feedback loop writes these).
+        With a MACs/params target, per-layer ratios are scaled together until it is met.
     allocation: "uniform" (same ratio per group) or "global" (rank all channels together,
         keep at least `min_keep` of each group).
     flops_target / params_target: fraction of MACs / parameters to remove instead of a ratio;
         the ratio (uniform or global) is searched to meet it.
     data: (x, y) batches for data-driven criteria; meta_batch: held-out batch (MFP, particle).
+    kernel_ratio / intra_stride: kernel-wise and intra-kernel strided patterns (patterns.py) in
+        the kept convs; their masks stay attached for fine-tuning until patterns.finalize().
     """
     t0 = time.perf_counter()
     crit = criteria.get(criterion) if isinstance(criterion, str) else criterion
@@ -73,6 +77,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
                              stage="prune")
     if not isinstance(ratios, dict) and target is None:
         allocate.check_ratio(ratios)
+    patterns.check(kernel_ratio, intra_stride)
     if getattr(crit, "needs_data", False) and not data:
         raise EdgepruneError(f"criterion '{crit_name}' needs data: pass --data "
                              "(e.g. --data fashion-mnist)", stage="prune")
@@ -85,7 +90,13 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     base = flops.count(graph.gm, shape)
 
     search_ratio = None
-    if isinstance(ratios, dict):
+    if isinstance(ratios, dict) and target is not None:
+        # the per-layer ratios give the shape, the target the scale (see allocate.scaled)
+        search_ratio = allocate.search(
+            lambda t: _removed_fraction(graph, allocate.per_layer(graph, allocate.scaled(ratios, t)),
+                                        shape, base, which), target)
+        counts = allocate.per_layer(graph, allocate.scaled(ratios, search_ratio))
+    elif isinstance(ratios, dict):
         counts = allocate.per_layer(graph, ratios)
     elif target is not None:
         search_ratio = allocate.search(
@@ -119,6 +130,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     pruned, masks = surgery(graph, keep)
     after = flops.count(pruned, shape)
     record = _record(graph, crit_name, allocation, scores, keep, masks, ctx.notes)
+    record["patterns"] = patterns.apply(pruned, kernel_ratio, intra_stride)
     record.update({
         "ratio": None if isinstance(ratios, dict) or target is not None else float(ratios),
         "per_layer": dict(ratios) if isinstance(ratios, dict) else None,

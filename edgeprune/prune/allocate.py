@@ -1,8 +1,9 @@
 """How many units each group loses: uniform ratio, explicit per-layer ratios, global ranking
 with a per-group floor, or a ratio searched so the pruned model meets a MACs/params target.
 
-Counts use floor(ratio * units), so any ratio in [0, 1) leaves at least one channel; an explicit
-setting that would leave none is an error rather than a silently collapsed layer.
+Counts are ratio * units rounded to the nearest integer (halves up); a ratio that would remove
+every channel of a layer (e.g. 0.6 of a 1-channel conv) is an error naming the layer rather than
+a silently collapsed or silently unpruned layer.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ def check_ratio(ratio: float, what: str = "--ratio") -> float:
     return r
 
 
+def units_removed(ratio: float, units: int) -> int:
+    return int(math.floor(ratio * units + 0.5 + 1e-9))
+
+
 def uniform(graph: DepGraph, ratio: float) -> dict[int, int]:
     """Units to remove per group: the same fraction everywhere."""
     ratio = check_ratio(ratio)
-    return {g.index: int(math.floor(ratio * g.units + 1e-9)) for g in graph.groups}
+    return {g.index: units_removed(ratio, g.units) for g in graph.groups}
 
 
 def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0) -> dict[int, int]:
@@ -56,12 +61,23 @@ def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0) -
     counts = {}
     for g in graph.groups:
         r = chosen.get(g.index, default)
-        n = int(math.floor(r * g.units + 1e-9))
+        n = units_removed(r, g.units)
         if n >= g.units:
             raise EdgepruneError(f"ratio {r} would remove every channel of layer '{g.name}'",
                                  stage=STAGE)
         counts[g.index] = n
     return counts
+
+
+def scaled(ratios: dict[str, float], top: float) -> dict[str, float]:
+    """Per-layer ratios scaled so the largest becomes `top` (their proportions kept): how
+    explicit per-layer ratios combine with a MACs/params target."""
+    largest = max((check_ratio(r, f"ratio for layer '{k}'") for k, r in ratios.items()),
+                  default=0.0)
+    if largest == 0.0:
+        raise EdgepruneError("per-layer ratios are all 0, so no scaling of them meets a target",
+                             stage=STAGE)
+    return {k: min(r * top / largest, top) for k, r in ratios.items()}
 
 
 def keep_lowest_removed(graph: DepGraph, scores: dict[int, torch.Tensor],

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..data import Dataset
 from ..errors import EdgepruneError
 from ..train import train
+from . import patterns
 from .context import UnitGate
 from .criteria import Fixed
 from .graph import DepGraph, surgery
@@ -123,6 +124,9 @@ def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=Non
     record, steps_log = None, []
     for i in range(1, steps + 1):
         s = dict(spec)
+        if i < steps:  # kernel patterns belong to the final architecture only
+            s.pop("kernel_ratio", None)
+            s.pop("intra_stride", None)
         if isinstance(s.get("ratios"), dict):
             s["ratios"] = {k: _step_fraction(v, i, steps) for k, v in s["ratios"].items()}
         for key in ("flops_target", "params_target"):
@@ -434,5 +438,6 @@ def run(method: str, model: nn.Module, example_input: torch.Tensor, data: Datase
     torch.manual_seed(seed)
     model, record = METHODS[method](model, example_input, data, spec, epochs=epochs, seed=seed,
                                     max_samples=max_samples, evaluate=evaluate, **kw)
+    patterns.finalize(model)
     record.update({"method": method, "finetune_epochs": epochs, "seed": seed})
     return model.eval(), record

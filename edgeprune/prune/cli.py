@@ -1,0 +1,167 @@
+"""`edgeprune prune MODEL --criterion C --ratio R [--data D --finetune E] --out DIR`.
+
+Writes DIR/model.onnx and DIR/model.pt (the physically smaller model) and DIR/pruning.json
+(per layer: channels before, kept indices, criterion scores; MACs/params before and after).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import EdgepruneError
+
+STAGE = "prune"
+
+
+def register(sub) -> None:
+    from . import ALLOCATIONS, CRITERIA
+    from .methods import METHODS
+
+    p = sub.add_parser("prune", help="structured pruning: a physically smaller model",
+                       description=__doc__)
+    p.add_argument("model", help="a .onnx or torch.save file, or a zoo name (built untrained)")
+    p.add_argument("--criterion", default="l1", choices=CRITERIA,
+                   help="channel importance; l1 l2 fpgm random need no --data")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float,
+                        help="fraction of channels removed per layer, in [0, 1) (default 0.5)")
+    amount.add_argument("--flops-target", type=float,
+                        help="fraction of MACs to remove; the ratio is searched to meet it")
+    amount.add_argument("--params-target", type=float,
+                        help="fraction of parameters to remove; the ratio is searched")
+    p.add_argument("--per-layer", type=Path,
+                   help="JSON {layer: ratio, '*': default} (or {'ratios': {...}}); with a target, "
+                        "the ratios are scaled together until it is met")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="uniform ratio, or global ranking with a per-layer minimum")
+    p.add_argument("--method", default="oneshot", choices=list(METHODS),
+                   help="schedule around the cut (methods.py); all but oneshot need --data")
+    p.add_argument("--data", help="dataset for data-driven criteria and fine-tuning "
+                                  "(e.g. fashion-mnist)")
+    p.add_argument("--finetune", type=float, default=0.0, help="fine-tuning epochs (needs --data)")
+    p.add_argument("--max-samples", type=int, help="fine-tune on the first N training samples")
+    p.add_argument("--kernel-ratio", type=float, default=0.0,
+                   help="also remove this fraction of k×k kernels per filter (kernel-wise pattern)")
+    p.add_argument("--intra-stride", type=int, default=1,
+                   help="also keep only every Nth tap inside each kernel (intra-kernel strided)")
+    p.add_argument("--eval-samples", type=int, default=2000,
+                   help="test samples for the accuracies in pruning.json (with --data)")
+    p.add_argument("--input-shape", help="static input shape where the model's is not stored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--json", action="store_true", help="print pruning.json's summary as JSON")
+    p.set_defaults(func=run)
+
+
+def read_per_layer(path: Path) -> dict[str, float]:
+    try:
+        obj = json.loads(path.read_text())
+    except OSError as e:
+        raise EdgepruneError(f"--per-layer {path}: cannot read it ({e.strerror})",
+                             stage=STAGE) from None
+    except ValueError as e:
+        raise EdgepruneError(f"--per-layer {path}: not valid JSON ({e})", stage=STAGE) from None
+    if isinstance(obj, dict) and isinstance(obj.get("ratios"), dict):
+        obj = obj["ratios"]  # the feedback loop's file
+    if not isinstance(obj, dict) or not obj:
+        raise EdgepruneError(f"--per-layer {path}: expected a JSON object {{layer: ratio}}",
+                             stage=STAGE)
+    for k, v in obj.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise EdgepruneError(f"--per-layer {path}: ratio for layer '{k}' is {v!r}, "
+                                 "not a number", stage=STAGE)
+    return {str(k): float(v) for k, v in obj.items()}
+
+
+def _load_data(name: str, shape: tuple[int, ...], origin: str):
+    from .. import data as datasets
+    d = datasets.load(name)
+    if tuple(d.x_test.shape[1:]) != tuple(shape[1:]):
+        raise EdgepruneError(f"{origin} takes inputs {list(shape)} but {d.name} samples are "
+                             f"{list(d.x_test.shape[1:])}; give --data that fits the model or "
+                             "--input-shape", stage=STAGE)
+    return d
+
+
+def run(args) -> int:
+    import torch
+
+    from ..compile import finish_out_dir, prepare_out_dir
+    from ..frontend import to_onnx
+    from ..load import load_torch, parse_shape, save_torch
+    from ..train import evaluate
+    from . import allocate, methods
+
+    log = (lambda *a: None) if args.json else (lambda msg: print(f"prune: {msg}", flush=True))
+    ratio = 0.5 if args.ratio is None else allocate.check_ratio(args.ratio)
+    per_layer = read_per_layer(args.per_layer) if args.per_layer else None
+    if args.finetune < 0:
+        raise EdgepruneError(f"--finetune {args.finetune} must be >= 0", stage=STAGE)
+    if args.finetune > 0 and not args.data:
+        raise EdgepruneError("--finetune needs training data: pass --data (e.g. fashion-mnist)",
+                             stage=STAGE)
+    out = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise EdgepruneError(f"output folder {out} exists and is not empty; pass --force to "
+                             "replace it", stage=STAGE)
+
+    model, shape = load_torch(args.model, parse_shape(args.input_shape))
+    data = _load_data(args.data, shape, args.model) if args.data else None
+    if data is not None and data.x_train is None and (args.finetune > 0 or
+                                                      args.method != "oneshot"):
+        raise EdgepruneError(f"dataset {data.name} has no training split to fine-tune on",
+                             stage=STAGE)
+    torch.manual_seed(args.seed)
+    example = (torch.from_numpy(data.x_test[:shape[0]]).reshape(shape) if data is not None
+               else torch.randn(shape))
+    spec = {"criterion": args.criterion, "allocation": args.allocation,
+            "ratios": per_layer if per_layer is not None else ratio,
+            "flops_target": args.flops_target, "params_target": args.params_target,
+            "kernel_ratio": args.kernel_ratio, "intra_stride": args.intra_stride}
+    score = None
+    if data is not None:
+        x_eval, y_eval = data.x_test[:args.eval_samples], data.y_test[:args.eval_samples]
+        score = lambda m: round(evaluate(m, x_eval, y_eval), 3)  # noqa: E731
+
+    acc_original = score(model) if score else None
+    log(f"{args.model}: criterion {args.criterion}, method {args.method}"
+        + (f", accuracy {acc_original:.2f} % on {len(x_eval)} test samples" if score else ""))
+    pruned, record = methods.run(args.method, model, example, data, spec, epochs=args.finetune,
+                                 seed=args.seed, max_samples=args.max_samples, evaluate=score)
+    if score:
+        record["accuracy"] = {"original": acc_original,
+                              "before_finetune": record.pop("acc_before_finetune", None),
+                              "after": score(pruned), "samples": len(x_eval),
+                              "dataset": data.name}
+    record["model"] = args.model
+
+    tmp = prepare_out_dir(out, args.force)
+    try:
+        save_torch(pruned, shape, tmp / "model.pt")
+        import onnx
+        onnx.save(to_onnx(str(tmp / "model.pt"), shape), str(tmp / "model.onnx"))
+        (tmp / "pruning.json").write_text(json.dumps(record, indent=1))
+        finish_out_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    summary = {k: record.get(k) for k in ("criterion", "method", "macs_before", "macs_after",
+                                          "params_before", "params_after", "accuracy")}
+    summary["out"] = str(out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        macs = 1 - record["macs_after"] / max(1, record["macs_before"])
+        params = 1 - record["params_after"] / max(1, record["params_before"])
+        log(f"MACs {record['macs_before']:,} -> {record['macs_after']:,} (-{macs:.1%}), params "
+            f"{record['params_before']:,} -> {record['params_after']:,} (-{params:.1%})")
+        if score:
+            a = record["accuracy"]
+            log(f"accuracy {a['original']:.2f} % -> {a['before_finetune']:.2f} % after the cut"
+                f" -> {a['after']:.2f} % after {args.finetune:g} epoch(s) of fine-tuning")
+        log(f"wrote {out}/model.onnx, model.pt, pruning.json")
+    return 0

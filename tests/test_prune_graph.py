@@ -1,0 +1,209 @@
+"""Dependency analysis and surgery: coupled channels stay consistent, removal is physical and
+the pruned model equals the original with the same channels zeroed."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeprune import models
+from edgeprune.errors import EdgepruneError
+from edgeprune.prune import DepGraph, masked_reference, prune
+
+
+class ResidualConcatNet(nn.Module):
+    """Residual add, concat, depthwise conv, pooling and a spatial flatten -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+        self.dw = nn.Conv2d(10, 10, 3, padding=1, groups=10)
+        self.bn_dw = nn.BatchNorm2d(10)
+        self.pw = nn.Conv2d(10, 12, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x):
+        s = F.relu(self.bn(self.stem(x)))
+        s = s + self.a(s)                                 # residual: stem and a share channels
+        y = torch.cat([self.b(s), self.c(s)], 1)          # concat: 6 + 4 channels side by side
+        y = F.relu(self.bn_dw(self.dw(y)))                # depthwise: channel j passes through
+        y = self.pool(F.relu(self.pw(y)))
+        return self.fc(y.view(y.size(0), -1))             # flatten: channel j -> 16 features
+
+
+def _check_equivalent(model, pruned, record, x):
+    model.eval(), pruned.eval()
+    with torch.no_grad():
+        with masked_reference(model, record["layers"]):
+            ref = model(x)
+        out = pruned(x)
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g)
+            m.running_mean = torch.randn(m.num_features, generator=g)
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+
+
+def test_groups_tie_residual_concat_depthwise_and_flatten():
+    torch.manual_seed(0)
+    graph = DepGraph(ResidualConcatNet().eval(), torch.randn(1, 1, 8, 8))
+    by_layer = {layer: g for g in graph.groups for layer in g.layers}
+    assert by_layer["stem"] is by_layer["a"]              # residual add ties them
+    assert by_layer["b"] is not by_layer["c"]             # concat keeps them apart
+    assert by_layer["b"].units == 6 and by_layer["c"].units == 4
+    assert "fc" not in by_layer                           # the classifier feeds the output
+    c_group = by_layer["c"]
+    dw = [m for m in c_group.members if m.layer == "dw"][0]
+    assert [p for u in dw.positions for p in u] == [6, 7, 8, 9]  # c's channels after b's
+    pw = by_layer["pw"]
+    fc_in = [m for m in pw.members if m.layer == "fc" and m.role == "in"][0]
+    assert fc_in.positions[1] == list(range(16, 32))      # channel 1 -> 16 flattened features
+
+
+def test_surgery_is_physical_and_equivalent():
+    torch.manual_seed(0)
+    model = ResidualConcatNet().eval()
+    _randomize_bn(model)
+    pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
+    m = dict(pruned.named_modules())
+    assert m["stem"].out_channels == 4 and m["a"].in_channels == 4 and m["a"].out_channels == 4
+    assert m["b"].out_channels == 3 and m["c"].out_channels == 2
+    assert m["dw"].in_channels == m["dw"].out_channels == m["dw"].groups == 5
+    assert m["bn_dw"].num_features == 5 and m["bn"].num_features == 4
+    assert m["pw"].out_channels == 6 and m["fc"].in_features == 6 * 16 and m["fc"].out_features == 5
+    assert record["macs_after"] < record["macs_before"]
+    assert record["params_after"] < record["params_before"]
+    _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))
+    # the input model is untouched
+    assert model.stem.out_channels == 8
+
+
+@pytest.mark.parametrize("name", ["resnet8", "dscnn", "mobilenet", "cnn"])
+def test_zoo_models_prune_equivalently(name):
+    model, shape = models.build(name)
+    _randomize_bn(model)
+    pruned, record = prune(model, torch.randn(shape), criterion="l2", ratios=0.5)
+    _check_equivalent(model, pruned, record, torch.randn(2, *shape[1:]))
+    assert record["macs_after"] < 0.4 * record["macs_before"]
+
+
+def test_resnet_residual_stacks_share_channels():
+    model, shape = models.build("resnet8")
+    pruned, record = prune(model, torch.randn(shape), criterion="l1", ratios=0.5)
+    layers = record["layers"]
+    # the stem, layer1.conv2 (added to it) and layer2's shortcut input keep the same channels
+    assert layers["conv1"]["out_kept"] == layers["layer1.conv2"]["out_kept"] \
+        == layers["layer2.conv1"]["in_kept"] == layers["layer2.shortcut.0"]["in_kept"]
+    assert layers["layer2.conv2"]["out_kept"] == layers["layer2.shortcut.0"]["out_kept"]
+    assert pruned(torch.randn(2, *shape[1:])).shape == (2, 10)
+
+
+def test_global_allocation_keeps_a_floor_per_layer():
+    model, shape = models.build("resnet8")
+    pruned, record = prune(model, torch.randn(shape), criterion="l1", ratios=0.7,
+                           allocation="global", min_keep=0.25)
+    for g in record["groups"]:
+        assert len(g["kept"]) >= max(1, -(-g["channels_before"] // 4))
+    assert sum(len(g["kept"]) for g in record["groups"]) <= \
+        0.31 * sum(g["channels_before"] for g in record["groups"]) + len(record["groups"])
+
+
+def test_flops_target_is_met():
+    model, shape = models.build("resnet8")
+    _, record = prune(model, torch.randn(shape), criterion="l1", ratios=0.0, flops_target=0.5)
+    removed = 1 - record["macs_after"] / record["macs_before"]
+    assert 0.5 <= removed < 0.56
+    _, record = prune(model, torch.randn(shape), criterion="l1", ratios=0.0, params_target=0.3)
+    assert 1 - record["params_after"] / record["params_before"] >= 0.3
+
+
+def test_per_layer_ratios_and_their_errors():
+    model, shape = models.build("resnet8")
+    x = torch.randn(shape)
+    pruned, record = prune(model, x, ratios={"layer1.conv1": 0.5, "layer3.conv1": 0.25})
+    assert pruned.layer1.conv1.out_channels == 8 and pruned.layer3.conv1.out_channels == 48
+    assert pruned.layer2.conv1.out_channels == 32
+    with pytest.raises(EdgepruneError, match="'nope'.*prunable: .*layer1.conv1"):
+        prune(model, x, ratios={"nope": 0.5})
+    with pytest.raises(EdgepruneError, match="'fc', which is not a prunable layer"):
+        prune(model, x, ratios={"fc": 0.5})
+    with pytest.raises(EdgepruneError, match=r"layer1.conv1.*outside \[0, 1\)"):
+        prune(model, x, ratios={"layer1.conv1": 1.0})
+    # with a target, per-layer ratios keep their proportions and scale to meet it
+    _, rec = prune(model, x, ratios={"*": 0.2, "layer3.conv1": 0.4}, flops_target=0.3)
+    assert 1 - rec["macs_after"] / rec["macs_before"] >= 0.3
+    kept = {g["name"]: len(g["kept"]) / g["channels_before"] for g in rec["groups"]}
+    assert kept["layer3.conv1"] < kept["layer1.conv1"]
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_outside_range_is_refused(ratio):
+    model, shape = models.build("cnn")
+    with pytest.raises(EdgepruneError, match="outside"):
+        prune(model, torch.randn(shape), ratios=ratio)
+
+
+def test_ratio_removing_every_channel_names_the_layer():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.narrow = nn.Conv2d(1, 1, 3)
+            self.head = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.narrow(x))
+    with pytest.raises(EdgepruneError, match="every channel of layer 'narrow'"):
+        prune(Tiny(), torch.randn(1, 1, 6, 6), ratios={"narrow": 0.99, "*": 0.0})
+
+
+def test_unsupported_pattern_names_the_layer():
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.up(self.conv(x)))
+    with pytest.raises(EdgepruneError, match="layer 'up'.*ConvTranspose2d"):
+        prune(Transposed(), torch.randn(1, 1, 8, 8))
+
+
+def test_untraceable_model_is_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if y.sum() > 0 else -y
+    with pytest.raises(EdgepruneError, match="does not trace"):
+        prune(Branchy(), torch.randn(1, 1, 8, 8))
+
+
+def test_shared_layer_is_refused_by_name():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(self.stem(x)))
+    with pytest.raises(EdgepruneError, match="layer 'conv'.*more than once"):
+        prune(Shared(), torch.randn(1, 1, 8, 8))
