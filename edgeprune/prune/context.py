@@ -8,9 +8,11 @@ user's weights and never needs the pruned model:
   reads them** (dense conv / linear). Zero there is exactly what physical removal does, so the
   same mechanism gives the equivalence tests' reference, the meta-criterion's trial masks and the
   differentiable L0 gates.
+* `gate_terms` differentiates the loss with respect to per-sample gates of 1 at those consumer
+  inputs: activation × gradient of the activation that removal zeroes (Molchanov's Taylor term).
 * `taylor_terms` multiplies each producer's output channels by a ones tensor of shape (N, C) and
   takes the gradient with respect to it: that is, per sample, sum over positions of
-  activation × gradient = g_i^T w_i for filter i (Molchanov's Taylor term, CCP's u and s).
+  activation × gradient = g_i^T w_i for filter i (the weight-space terms of CCP's u and s).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class UnitGate:
                      torch.as_tensor(unit, dtype=torch.long)))
 
     def set(self, group_index: int, values: torch.Tensor | None) -> None:
+        """values: [units] for every sample alike, or [N, units] per sample."""
         if values is None:
             self.values.pop(group_index, None)
         else:
@@ -56,10 +59,14 @@ class UnitGate:
             active = [(gi, p, u) for gi, p, u in entries if gi in self.values]
             if not active:
                 return None
-            mask = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            per_sample = any(self.values[gi].dim() == 2 for gi, _, _ in active)
+            mask = torch.ones((x.shape[0] if per_sample else 1, x.shape[1]), dtype=x.dtype,
+                              device=x.device)
             for gi, p, u in active:
-                mask = mask.index_copy(0, p, self.values[gi].to(x.dtype)[u])
-            shape = (1, -1) + (1,) * (x.dim() - 2)
+                v = self.values[gi].to(x.dtype)
+                v = v[:, u] if v.dim() == 2 else v[u].expand(mask.shape[0], -1)
+                mask = mask.index_copy(1, p, v)
+            shape = mask.shape + (1,) * (x.dim() - 2)
             return (x * mask.view(shape),) + tuple(args[1:])
         return pre
 
@@ -165,6 +172,36 @@ class Context:
         if key not in self._cache:
             self._cache[key] = self._collect(per_output=False)
         return self._cache[key][group.index]
+
+    def gate_terms(self, group: Group) -> torch.Tensor:
+        """[samples, units]: per sample, d loss / d (gate of unit u) at gate 1, the gate sitting
+        at the input of every layer that reads the unit. That is sum over positions of
+        activation × gradient of exactly the activation that removal zeroes (after BN and
+        ReLU), so it is the first-order loss change of removing the unit (Molchanov)."""
+        key = ("gate", self.loss)
+        if key not in self._cache:
+            self._cache[key] = self._collect_gates()
+        return self._cache[key][group.index]
+
+    def _collect_gates(self) -> dict[int, torch.Tensor]:
+        result: dict[int, list[torch.Tensor]] = {g.index: [] for g in self.graph.groups}
+        was = self.model.training
+        self.model.eval()
+        try:
+            for x, y in self.batches:
+                values = {g.index: torch.ones(x.shape[0], g.units, requires_grad=True)
+                          for g in self.graph.groups}
+                with self.gate() as gate:
+                    for gi, v in values.items():
+                        gate.set(gi, v)
+                    loss = self._loss(self.model(x), y)
+                grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
+                for gi, gr in zip(values, grads):
+                    result[gi].append(torch.zeros(x.shape[0], self.graph.groups[gi].units)
+                                      if gr is None else gr.detach())
+        finally:
+            self.model.train(was)
+        return {gi: torch.cat(v, 0) for gi, v in result.items()}
 
     def jacobian_terms(self, group: Group) -> torch.Tensor:
         """[samples, outputs, units]: d logit_o / d (scale of unit u), for the Gauss-Newton

@@ -56,12 +56,14 @@ class BNScale:
 
 class Taylor:
     """First-order Taylor expansion of the loss change when a channel is removed (Molchanov et
-    al. 2017): per sample |sum over positions of activation × gradient|, averaged."""
+    al. 2017): per sample |sum over positions of activation × gradient|, averaged over samples.
+    The activation is the one removal zeroes: the unit's channel where layers read it (after
+    BatchNorm and the nonlinearity; for a residual group, wherever the sum is read)."""
     needs_data = True
 
     def scores(self, group: Group, ctx: Context) -> torch.Tensor:
         ctx.require_data("taylor")
-        return ctx.taylor_terms(group).abs().mean(0)
+        return ctx.gate_terms(group).abs().mean(0)
 
 
 def minkowski(w: torch.Tensor, p: float) -> torch.Tensor:
