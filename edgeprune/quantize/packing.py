@@ -5,7 +5,7 @@ Flash layout: the weight tensor's values in C order (OIHW / OK), element i in by
 * "int" / "ternary" (b = 4 or 2; 3-bit layers use 4-bit slots): the value's b-bit two's complement;
   decoded as ``f - ((f >> (b-1)) << b)``.
 * "pow2" (4 bits): 0 -> 0; +-2**k -> sign << 3 | (k + 1) (k = 0..6); the kernel multiplies by
-  shifting: ``x << k``, negated when the sign bit is set (no multiply instruction).
+  shifting: ``x << k``, negated when the sign bit is set, branch-free (no multiply instruction).
 
 Because the unpacking sits inside the conv's reduction (one TE compute reading the packed
 constant), FoldConstant cannot expand the weights back to int8: flash keeps the packed bytes.
@@ -80,17 +80,28 @@ def unpack(packed: np.ndarray, n: int, fmt: str, b: int) -> np.ndarray:
 
 def _te_product(x, packed, flat, fmt: str, b: int):
     """x * w(flat) in int32 with w decoded from the packed bytes (TIR expression)."""
-    import tvm
     from tvm import tirx
     per = 8 // b
+    mask = (1 << b) - 1
     byte = packed[flat // per].astype("int32")
-    f = (byte >> ((flat % per) * b).astype("int32")) & ((1 << b) - 1)
+    # Constant shifts chosen by the element's slot: a shift *by* an index-derived amount would
+    # make Relax's int64 index normalisation widen the whole product to int64 (slow on a
+    # 32-bit core).
+    pos = flat % per
+    f = byte & mask
+    for j in range(1, per):
+        f = tirx.Select(pos == j, (byte >> (j * b)) & mask, f)
     xi = x.astype("int32")
     if fmt == "pow2":
+        # Branch-free, shifts and logic only: nz = (mag != 0); v = (x << (mag - 1)) & -nz;
+        # the sign bit s negates by (v ^ -s) + s.  (gcc defines << of negative ints as the
+        # two's complement shift.)
+        zero = tirx.const(0, "int32")
         mag = f & 7
-        shifted = xi << tvm.te.max(mag - 1, 0)
-        signed = tirx.Select((f >> 3) == 1, tirx.const(0, "int32") - shifted, shifted)
-        return tirx.Select(mag == 0, tirx.const(0, "int32"), signed)
+        nz = (mag + 7) >> 3
+        v = (xi << (mag - nz)) & (zero - nz)
+        s = f >> 3
+        return (v ^ (zero - s)) + s
     w = f - ((f >> (b - 1)) << b)
     return xi * w
 
