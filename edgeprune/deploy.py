@@ -39,6 +39,8 @@ class DeployConfig:
     per_layer: dict[str, float] | None = None
     budget: dict[str, float] = field(default_factory=dict)
     finetune_epochs: float = 1.0
+    quant_method: str = "auto"        # ptq, qat, admm or auto (QAT when PTQ loses accuracy)
+    mixed_precision: bool = False     # per-layer word lengths within the target's
     calib_samples: int = 512
     eval_samples: int = 2000          # host accuracy (float, pruned, quantized)
     target_samples: int = 100         # real test samples run on the target
@@ -98,10 +100,11 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     import torch
 
     from . import models
+    from .quantize.stage import check_data_fits
     from .train import train
 
     model, shape = models.build(name, input_shape or data.input_shape, data.num_classes, seed)
-    _check_data_fits(shape, data, name)
+    check_data_fits(shape, data, name)
     key = f"{name}-{data.name}-{'x'.join(map(str, shape))}-e{epochs:g}-s{seed}.pt"
     path = cache_dir() / key
     if path.exists():
@@ -117,13 +120,6 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     return model.eval(), shape
 
 
-def _check_data_fits(shape, data, origin: str) -> None:
-    if tuple(shape[1:]) != tuple(data.x_test.shape[1:]):
-        raise EdgepruneError(f"{origin} takes inputs {list(shape)} but {data.name} samples are "
-                             f"{list(data.x_test.shape[1:])}; give --data that fits the model "
-                             "or --input-shape", stage="load")
-
-
 def _accuracy_of_outputs(outputs: list[np.ndarray], labels: np.ndarray) -> float:
     pred = np.array([int(np.argmax(o.reshape(-1))) for o in outputs])
     return float(100.0 * np.mean(pred == labels[:len(pred)]))
@@ -136,6 +132,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     from .compile import compile_model, prepare_out_dir, finish_out_dir
     from .load import load_torch, save_torch
     from .targets import load_target
+    from .quantize.stage import check_data_fits
     from .train import evaluate, train
 
     torch.set_num_threads(1)
@@ -157,7 +154,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                                                  cfg.seed, log, on_step)
             else:
                 model, shape = load_torch(name, cfg.input_shape, data.num_classes)
-            _check_data_fits(shape, data, name)
+            check_data_fits(shape, data, name)
             acc_float = evaluate(model, x_eval, y_eval)
             log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
 
@@ -193,12 +190,9 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         (tmp / "pruning.json").write_text(json.dumps(record, indent=1, default=_jsonable))
 
         with stage("quantize", progress):
-            qmodel, quant_report = quantize_for_target(pruned, shape, data, target, cfg)
+            qmodel, quant_report = quantize_for_target(pruned, shape, data, target, cfg, log=log)
             qmodel.save(tmp / "qmodel")
-            from .quantize import reference
-            xq = reference.quantize_input(qmodel, x_eval)
-            acc_quant = _accuracy_of_outputs(list(np.asarray(reference.run(qmodel, xq))), y_eval)
-            log(f"quantized model (integer reference): {acc_quant:.2f} %")
+            acc_quant = quant_report["accuracy"]["quantized"]
 
         with stage("compile", progress):
             build = compile_model(str(tmp / "qmodel"), target.name, tmp / "build", log=log)
@@ -223,15 +217,14 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
 
         with stage("baseline", progress):
             # The unpruned model through the same quantizer and compiler: the "before" numbers.
-            base_q, _ = quantize_for_target(model, shape, data, target, cfg)
+            base_q, base_report = quantize_for_target(model, shape, data, target, cfg, "ptq",
+                                                      log=lambda *_: None)
             base_q.save(tmp / "work" / "baseline_qmodel")
             compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
                           tmp / "work" / "baseline_build", log=lambda *_: None)
             base_sim, _ = simulate(tmp / "work" / "baseline_build", data.x_test[:1])
             baseline = measure(tmp / "work" / "baseline_build", target, base_sim)
-            xq = reference.quantize_input(base_q, x_eval)
-            baseline["accuracy"] = _accuracy_of_outputs(list(np.asarray(reference.run(base_q, xq))),
-                                                        y_eval)
+            baseline["accuracy"] = base_report["accuracy"]["quantized"]
 
         met, violations = check_budget(cfg.budget, profile)
         report = {
@@ -262,15 +255,15 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         raise
 
 
-def quantize_for_target(model, shape, data, target, cfg: DeployConfig):
-    """PTQ with per-channel int8 weights (the target's word lengths); returns (qmodel, report)."""
-    from .quantize.ptq import quantize_ptq
+def quantize_for_target(model, shape, data, target, cfg: DeployConfig, method: str | None = None,
+                        log=print):
+    """Quantize with the target's word lengths (edgeprune.quantize.stage); (qmodel, report)."""
+    from .quantize.stage import QuantizeConfig, quantize
 
-    calib = data.x_train[:cfg.calib_samples]
-    qmodel = quantize_ptq(model, shape, calib)
-    report = {"method": "ptq", "calibration_samples": int(len(calib)),
-              "layers": qmodel.layer_table(), "weight_bytes": qmodel.total_weight_bytes()}
-    return qmodel, report
+    qcfg = QuantizeConfig(method=method or cfg.quant_method, mixed=cfg.mixed_precision,
+                          calib_samples=cfg.calib_samples, eval_samples=cfg.eval_samples,
+                          seed=cfg.seed)
+    return quantize(model, shape, data, target, qcfg, log=log)
 
 
 def measure(build_dir: Path, target, sim: dict) -> dict:

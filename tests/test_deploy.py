@@ -12,7 +12,8 @@ import pytest
 
 EP = [sys.executable, "-m", "edgeprune.cli"]
 TINY = ["--model", "cnn", "--train-epochs", "0.05", "--finetune", "0.02", "--calib-samples", "64",
-        "--eval-samples", "200", "--target-samples", "10", "--ratio", "0.5"]
+        "--eval-samples", "200", "--target-samples", "10", "--ratio", "0.5",
+        "--quant-method", "ptq"]
 
 
 def edgeprune(*args, cache: Path, check=False):

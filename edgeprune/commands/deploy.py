@@ -28,6 +28,10 @@ def register(sub) -> None:
                    "search per-layer ratios on the target until every budget holds")
     p.add_argument("--train-epochs", type=float, default=1.0, help="training of zoo models (cached)")
     p.add_argument("--finetune", type=float, default=1.0, help="fine-tuning epochs after pruning")
+    p.add_argument("--quant-method", default="auto", choices=("auto", "ptq", "qat", "admm"),
+                   help="auto: PTQ, then QAT fine-tuning if PTQ loses accuracy")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="per-layer word lengths within the target's, by sensitivity")
     p.add_argument("--calib-samples", type=int, default=512, help="quantization calibration samples")
     p.add_argument("--eval-samples", type=int, default=2000, help="test samples for host accuracy")
     p.add_argument("--target-samples", type=int, default=100, help="test samples run on the target")
@@ -84,6 +88,7 @@ def run(args) -> int:
                        input_shape=parse_shape(args.input_shape), train_epochs=args.train_epochs,
                        criterion=args.criterion, ratio=args.ratio, per_layer=per_layer,
                        budget=parse_budget(args.budget), finetune_epochs=args.finetune,
+                       quant_method=args.quant_method, mixed_precision=args.mixed_precision,
                        calib_samples=args.calib_samples, eval_samples=args.eval_samples,
                        target_samples=args.target_samples, seed=args.seed, force=args.force)
     quiet = args.quiet or args.json
