@@ -42,8 +42,8 @@ class _Builder:
         from onnx import numpy_helper
         self.m = onnx_model
         self.g = onnx_model.graph
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i)
-                                              for i in self.g.initializer}
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i).copy()
+                                              for i in self.g.initializer}  # writable
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[str, fx.Node] = {}

@@ -93,8 +93,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     if isinstance(ratios, dict) and target is not None:
         # the per-layer ratios give the shape, the target the scale (see allocate.scaled)
         search_ratio = allocate.search(
-            lambda t: _removed_fraction(graph, allocate.per_layer(graph, allocate.scaled(ratios, t)),
-                                        shape, base, which), target)
+            lambda t: _removed_fraction(graph, allocate.per_layer(
+                graph, allocate.scaled(ratios, t), strict=False), shape, base, which), target)
         counts = allocate.per_layer(graph, allocate.scaled(ratios, search_ratio))
     elif isinstance(ratios, dict):
         counts = allocate.per_layer(graph, ratios)

@@ -40,10 +40,12 @@ def uniform(graph: DepGraph, ratio: float) -> dict[int, int]:
     return {g.index: units_removed(ratio, g.units) for g in graph.groups}
 
 
-def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0) -> dict[int, int]:
+def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0,
+              strict: bool = True) -> dict[int, int]:
     """Units to remove per group from {layer name: ratio}. A key may name any producer layer of
     a group; coupled layers (e.g. both sides of a residual add) given different ratios get the
-    smallest one, since they can only lose the same channels. `"*"` sets the default."""
+    smallest one, since they can only lose the same channels. `"*"` sets the default.
+    `strict=False` (target searches) returns collapsing counts instead of raising."""
     default = check_ratio(ratios.get("*", default), "default ratio")
     chosen: dict[int, float] = {}
     for name, r in ratios.items():
@@ -62,7 +64,7 @@ def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0) -
     for g in graph.groups:
         r = chosen.get(g.index, default)
         n = units_removed(r, g.units)
-        if n >= g.units:
+        if n >= g.units and strict:
             raise EdgepruneError(f"ratio {r} would remove every channel of layer '{g.name}'",
                                  stage=STAGE)
         counts[g.index] = n

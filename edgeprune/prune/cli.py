@@ -132,9 +132,10 @@ def run(args) -> int:
     pruned, record = methods.run(args.method, model, example, data, spec, epochs=args.finetune,
                                  seed=args.seed, max_samples=args.max_samples, evaluate=score)
     if score:
-        record["accuracy"] = {"original": acc_original,
-                              "before_finetune": record.pop("acc_before_finetune", None),
-                              "after": score(pruned), "samples": len(x_eval),
+        before = record.pop("acc_before_finetune", None)
+        record["accuracy"] = {"original": acc_original, "before_finetune": before,
+                              "after": score(pruned) if args.finetune > 0 or before is None
+                              else before, "samples": len(x_eval),
                               "dataset": data.name}
     record["model"] = args.model
 

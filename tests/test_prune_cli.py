@@ -1,0 +1,140 @@
+"""`edgeprune prune` end to end: the three output files, refusal to overwrite, ONNX in and out,
+clear errors naming the file or layer, and a pruned model that compiles and runs in QEMU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.cli import main
+from edgeprune.load import load_torch
+from edgeprune.onnx_to_torch import onnx_to_torch
+
+
+def _prune(*args):
+    return main(["prune", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def pruned_cnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "p"
+    assert _prune("cnn", "--criterion", "l1", "--ratio", "0.5", "--out", out) == 0
+    return out
+
+
+def test_writes_smaller_model_onnx_and_record(pruned_cnn):
+    assert sorted(p.name for p in pruned_cnn.iterdir()) == ["model.onnx", "model.pt",
+                                                            "pruning.json"]
+    rec = json.loads((pruned_cnn / "pruning.json").read_text())
+    conv = rec["layers"]["features.0.0"]
+    assert conv["out_before"] == 8 and len(conv["out_kept"]) == 4 and len(conv["scores"]) == 8
+    assert rec["layers"]["features.2.0"]["in_kept"] == conv["out_kept"]
+    assert rec["macs_after"] < rec["macs_before"] and rec["criterion"] == "l1"
+    model, shape = load_torch(str(pruned_cnn / "model.pt"))
+    assert shape == (1, 1, 28, 28)
+    assert model.get_submodule("features.0.0").out_channels == 4 and model.fc.in_features == 8
+
+
+def test_onnx_round_trip_keeps_the_outputs(pruned_cnn):
+    model, _ = load_torch(str(pruned_cnn / "model.pt"))
+    back, shape = onnx_to_torch(pruned_cnn / "model.onnx")
+    x = torch.rand(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    convs = [m for m in back.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8]
+
+
+def test_refuses_to_overwrite_without_force(pruned_cnn, capsys):
+    before = (pruned_cnn / "pruning.json").read_text()
+    assert _prune("cnn", "--criterion", "random", "--out", pruned_cnn) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (pruned_cnn / "pruning.json").read_text() == before
+    assert _prune("cnn", "--criterion", "random", "--out", pruned_cnn, "--force") == 0
+    assert json.loads((pruned_cnn / "pruning.json").read_text())["criterion"] == "random"
+
+
+def test_pruned_onnx_compiles_and_runs_in_qemu(pruned_cnn, tmp_path, capsys):
+    build = tmp_path / "build"
+    assert main(["compile", str(pruned_cnn / "model.onnx"), "--out", str(build)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(build), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs_match"] is True
+
+
+def test_onnx_input_with_per_layer_ratios_and_flops_target(tmp_path):
+    """ONNX in: converted to torch, pruned with per-layer ratios scaled to a MACs target,
+    exported back."""
+    import onnx
+
+    from edgeprune.frontend import to_onnx
+    onnx.save(to_onnx("resnet8"), str(tmp_path / "r8.onnx"))
+    src, shape = onnx_to_torch(tmp_path / "r8.onnx")
+    convs = [n for n, m in src.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    ratios = tmp_path / "ratios.json"
+    ratios.write_text(json.dumps({"*": 0.5, convs[1]: 0.25}))
+    out = tmp_path / "p"
+    assert _prune(tmp_path / "r8.onnx", "--criterion", "fpgm", "--flops-target", "0.5",
+                  "--per-layer", ratios, "--out", out) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["macs_after"] <= 0.5 * rec["macs_before"]
+    back, _ = onnx_to_torch(out / "model.onnx")
+    pruned, _ = load_torch(str(out / "model.pt"))
+    x = torch.rand(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), atol=1e-5, rtol=1e-4)
+
+
+def test_data_criterion_and_finetune_with_real_data(tmp_path):
+    out = tmp_path / "p"
+    assert _prune("cnn", "--criterion", "taylor", "--ratio", "0.25", "--data", "fashion-mnist",
+                  "--finetune", "1", "--max-samples", "256", "--eval-samples", "200",
+                  "--kernel-ratio", "0.5", "--intra-stride", "2", "--out", out) == 0
+    rec = json.loads((out / "pruning.json").read_text())
+    acc = rec["accuracy"]
+    assert acc["samples"] == 200 and acc["dataset"] == "fashion-mnist"
+    assert all(0 <= acc[k] <= 100 for k in ("original", "before_finetune", "after"))
+    # kernel-wise and strided patterns are recorded and hold in the fine-tuned weights
+    pat = rec["patterns"]["features.2.0"]
+    model, _ = load_torch(str(out / "model.pt"))
+    w = model.get_submodule("features.2.0").weight.detach()
+    for f, kept in enumerate(pat["kernel"]["kept_inputs"]):
+        dropped = sorted(set(range(w.shape[1])) - set(kept))
+        assert (w[f, dropped] == 0).all()
+    taps = w.flatten(2)[:, :, [p for p in range(9) if p not in pat["intra_kernel"]["kept_positions"]]]
+    assert pat["intra_kernel"]["stride"] == 2 and (taps == 0).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--criterion", "taylor"], "criterion 'taylor' needs data"),
+    (["--ratio", "1.0"], r"--ratio 1.0 is outside \[0, 1\)"),
+    (["--finetune", "1"], "--finetune needs training data"),
+    (["--data", "ecg200"], "cnn takes inputs"),
+])
+def test_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
+    assert _prune("cnn", *args, "--out", tmp_path / "p") == 2
+    err = capsys.readouterr().err
+    assert message.replace("\\", "") in err or __import__("re").search(message, err)
+    assert not (tmp_path / "p").exists()
+
+
+def test_per_layer_file_errors_name_the_file_or_layer(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert _prune("resnet8", "--per-layer", bad, "--out", tmp_path / "p") == 2
+    assert str(bad) in capsys.readouterr().err
+    missing = tmp_path / "missing.json"
+    assert _prune("resnet8", "--per-layer", missing, "--out", tmp_path / "p") == 2
+    assert str(missing) in capsys.readouterr().err
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"layer9.conv": 0.5}))
+    assert _prune("resnet8", "--per-layer", unknown, "--out", tmp_path / "p") == 2
+    err = capsys.readouterr().err
+    assert "'layer9.conv'" in err and "layer1.conv1" in err
+
+
+def test_missing_model_file_is_named(tmp_path, capsys):
+    assert _prune(tmp_path / "nope.pt", "--out", tmp_path / "p") == 2
+    assert "nope.pt" in capsys.readouterr().err
