@@ -1,0 +1,98 @@
+"""Cost tables measured on the target, and the model of them used between measurements.
+
+For each prunable group g and each width k on a grid, the model with only g at k (every other
+group at full width) is measured. Per measured kernel j (the firmware's per-kernel instruction
+counts), r[g][j](k) = count_j(g at k) / count_j(full) is the factor that g's width puts on j's
+cost. A conv between groups A and B costs ~ cin * cout, so its count is predicted as the
+*product* of the two factors: count_j(K) = count_j(full) * prod_g r[g][j](K[g]), exact for a
+bilinear kernel, and linear interpolation in k between grid points. Memory (flash, SRAM) is
+predicted additively: full + sum_g (mem(g at k) - mem(full)).
+
+Predictions are always anchored to the last *measured* configuration (see `Predictor.anchored`):
+the model only has to get the difference right, and every accepted step is measured again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+INSTRUCTION_METRICS = ("latency_ms", "energy_uj")   # both proportional to instructions
+MEMORY_METRICS = ("flash_kb", "sram_kb")
+
+
+def grid_widths(units: int, fractions: tuple[float, ...], min_keep: float) -> list[int]:
+    """Widths measured for a group of `units` channels: full, the fractions, and the minimum."""
+    lo = min_width(units, min_keep)
+    ks = {units, lo} | {max(lo, int(round(f * units))) for f in fractions}
+    return sorted(ks)
+
+
+def min_width(units: int, min_keep: float) -> int:
+    return max(1, math.ceil(min_keep * units))
+
+
+@dataclass
+class Predictor:
+    """The cost model built from the base and the one-group-at-a-time measurements."""
+    base: dict                                  # measured costs at full width
+    tables: dict[str, dict[int, dict]]          # group -> width -> measured costs
+    full: dict[str, int]                        # group -> full width
+
+    @property
+    def per_kernel(self) -> bool:
+        """Kernels can be matched one to one only if every measurement has the same kernel list."""
+        n = len(self.base["kernels"])
+        return n > 0 and all(len(c["kernels"]) == n for t in self.tables.values()
+                             for c in t.values())
+
+    def _kernels(self, costs: dict) -> np.ndarray:
+        if self.per_kernel:
+            return np.asarray(costs["kernels"], dtype=np.float64)
+        return np.asarray([costs["instructions"]], dtype=np.float64)
+
+    def _interp(self, g: str, k: int, value) -> np.ndarray | float:
+        """`value(costs)` of group g's table, linearly interpolated at width k."""
+        widths = sorted(self.tables[g])
+        if k <= widths[0]:
+            return value(self.tables[g][widths[0]])
+        for lo, hi in zip(widths, widths[1:]):
+            if k <= hi:
+                t = (k - lo) / (hi - lo)
+                return (1 - t) * value(self.tables[g][lo]) + t * value(self.tables[g][hi])
+        return value(self.tables[g][widths[-1]])
+
+    def instructions(self, widths: dict[str, int]) -> float:
+        base = self._kernels(self.base)
+        total = base.copy()
+        for g, k in widths.items():
+            if k != self.full[g]:
+                factor = self._interp(g, k, self._kernels) / np.maximum(base, 1.0)
+                total *= factor
+        return float(total.sum())
+
+    def memory(self, widths: dict[str, int], metric: str) -> float:
+        return self.base[metric] + sum(self._interp(g, k, lambda c: c[metric]) - self.base[metric]
+                                       for g, k in widths.items() if k != self.full[g])
+
+    def predict(self, widths: dict[str, int]) -> dict[str, float]:
+        """Absolute predicted costs (the model alone; use `anchored` near a measured point)."""
+        i = self.instructions(widths)
+        ratio = i / max(1.0, self.base["instructions"])
+        out = {m: self.base[m] * ratio for m in INSTRUCTION_METRICS}
+        out.update({m: self.memory(widths, m) for m in MEMORY_METRICS})
+        out["instructions"] = i
+        return out
+
+    def anchored(self, measured: dict, measured_widths: dict[str, int],
+                 widths: dict[str, int]) -> dict[str, float]:
+        """Costs of `widths` predicted from a measured neighbour: the model supplies the
+        change (a ratio for instruction-driven metrics, a difference for memory)."""
+        p_new, p_old = self.predict(widths), self.predict(measured_widths)
+        ratio = p_new["instructions"] / max(1.0, p_old["instructions"])
+        out = {m: measured[m] * ratio for m in INSTRUCTION_METRICS}
+        out.update({m: measured[m] + p_new[m] - p_old[m] for m in MEMORY_METRICS})
+        out["instructions"] = measured["instructions"] * ratio
+        return out

@@ -1,0 +1,83 @@
+"""Measure a torch model on the target: PTQ (int8, as deploy quantizes it) → TVM → firmware →
+QEMU, per-kernel instruction counts plus flash/SRAM from the ELF.
+
+`measure_model` is a pure function of (model, target, calibration input): the search runs it in
+worker processes, each with its own QEMU, and caches its result on disk by model hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+METRICS = ("latency_ms", "energy_uj", "flash_kb", "sram_kb")
+
+
+def model_hash(model: nn.Module) -> str:
+    """Architecture (fx code or module repr) and every tensor of the state dict."""
+    h = hashlib.sha256()
+    h.update(str(getattr(model, "code", None) or model).encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def to_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    return buf.getvalue()
+
+
+def from_bytes(blob: bytes) -> nn.Module:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False).eval()
+
+
+def costs_from_simulation(build_dir: Path, target, sim: dict) -> dict:
+    """Instructions → ms and µJ, memory from the ELF: the one place the conversion happens.
+
+    It delegates to deploy's `measure` (instructions at the chip clock, the target's power model)
+    so that the search and deploy's final budget check agree to the last digit; when the
+    profiler (issue 5) lands, this is the function to switch to it.
+    """
+    from ..deploy import measure
+
+    prof = measure(build_dir, target, sim)
+    return {
+        "instructions": int(prof["latency"]["instructions"]),
+        "latency_ms": float(prof["latency"]["ms"]),
+        "energy_uj": float(prof["energy"]["uj"]),
+        "flash_kb": prof["memory"]["flash_bytes"] / 1024,
+        "sram_kb": prof["memory"]["sram_bytes"] / 1024,
+        "kernels": [int(l["instructions"]) for l in prof["layers"]],
+        "kernel_names": [l["name"] for l in prof["layers"]],
+        "source": {"latency": prof["latency"]["source"], "energy": prof["energy"]["source"],
+                   "memory": "ELF sections + static arena"},
+    }
+
+
+def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
+                  calib_x: np.ndarray) -> dict:
+    """Quantize, compile and run `model` once on the target; its measured costs."""
+    from ..compile import compile_model
+    from ..quantize.ptq import quantize_ptq
+    from ..simulate import simulate
+    from ..targets import load_target
+
+    target = load_target(target) if isinstance(target, str) else target
+    with tempfile.TemporaryDirectory(prefix="edgeprune-feedback-") as tmp:
+        qmodel = quantize_ptq(model, tuple(input_shape), calib_x)
+        qmodel.save(Path(tmp) / "q")
+        compile_model(str(Path(tmp) / "q"), str(target.path), Path(tmp) / "b",
+                      log=lambda *a: None)
+        x = calib_x[:input_shape[0]].reshape((1,) + tuple(input_shape))
+        sim, _ = simulate(Path(tmp) / "b", x,
+                          timeout=600)
+        return costs_from_simulation(Path(tmp) / "b", target, sim)

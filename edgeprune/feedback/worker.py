@@ -1,0 +1,152 @@
+"""The two pure jobs of the search, run inline or in a process pool, with an on-disk cache.
+
+* `measure_job(model bytes, input shape, target file)` → measured costs (compile + QEMU);
+* `candidate_job(model bytes, example, removal, criterion, ...)` → (pruned and briefly
+  fine-tuned model bytes, holdout accuracy, pruning record).
+
+Each is a function of its arguments and of the data handed to the worker once at start-up, so a
+result is cached under a hash of those arguments; a restarted search replays its cache.
+Workers use the "spawn" start method: a fresh interpreter per worker (no forked torch/TVM state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .measure import from_bytes, measure_model, to_bytes
+
+
+@dataclass
+class JobData:
+    """What every worker needs, sent once per worker: training/holdout slices and calibration."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    calib: np.ndarray
+    name: str = "data"
+
+    def dataset(self):
+        from ..data import Dataset
+        return Dataset(self.name, self.x_train, self.y_train, self.x_val, self.y_val)
+
+    def criterion_batches(self, n: int = 4, size: int = 128):
+        b = [(torch.from_numpy(self.x_train[i:i + size]), torch.from_numpy(self.y_train[i:i + size]))
+             for i in range(0, min(n * size, len(self.x_train)), size)]
+        return b, b[-1]
+
+
+_DATA: JobData | None = None
+
+
+def init_worker(data: JobData) -> None:
+    global _DATA
+    torch.set_num_threads(1)
+    _DATA = data
+
+
+def measure_job(blob: bytes, input_shape: tuple[int, ...], target_file: str) -> dict:
+    return measure_model(from_bytes(blob), input_shape, target_file, _DATA.calib)
+
+
+def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float], criterion: str,
+                  seed: int, samples: int, lr: float) -> tuple[bytes, float, dict]:
+    from ..prune import prune
+    from ..train import evaluate, train
+
+    model = from_bytes(blob)
+    batches, meta = _DATA.criterion_batches()
+    pruned, record = prune(model, example, criterion=criterion, ratios={"*": 0.0, **removal},
+                           data=batches, meta_batch=meta, seed=seed)
+    if samples > 0:
+        train(pruned, _DATA.dataset(), epochs=samples / len(_DATA.x_train), lr=lr, seed=seed)
+    acc = evaluate(pruned, _DATA.x_val, _DATA.y_val)
+    return to_bytes(pruned), acc, {"layers": record["layers"]}
+
+
+def job_key(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+class Runner:
+    """Runs jobs inline (workers=1) or in a spawn process pool; results cached under `cache`."""
+
+    def __init__(self, data: JobData, cache: Path, workers: int):
+        self.cache, self.workers = cache, max(1, workers)
+        self.pool = None
+        self.hits = self.runs = 0
+        if self.workers > 1:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                            initializer=init_worker, initargs=(data,))
+        else:
+            init_worker(data)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, kind: str, fn: Callable, jobs: list[tuple[str, tuple]],
+            done: Callable[[], None] | None = None) -> list:
+        """[(key, args)] → results in order; cached results are not run again."""
+        results: list = [None] * len(jobs)
+        pending = []
+        for i, (key, args) in enumerate(jobs):
+            hit = self._load(kind, key)
+            if hit is not None:
+                results[i] = hit
+                self.hits += 1
+                if done:
+                    done()
+            else:
+                pending.append((i, key, args))
+        if self.pool is None:
+            futures = [(i, key, None, args) for i, key, args in pending]
+        else:
+            futures = [(i, key, self.pool.submit(fn, *args), args) for i, key, args in pending]
+        for i, key, fut, args in futures:
+            results[i] = fut.result() if fut is not None else fn(*args)
+            self._store(kind, key, results[i])
+            self.runs += 1
+            if done:
+                done()
+        return results
+
+    # cache layout: <cache>/<kind>/<key>.json (+ <key>.pt for model bytes)
+    def _load(self, kind: str, key: str):
+        f = self.cache / kind / f"{key}.json"
+        if not f.exists():
+            return None
+        obj = json.loads(f.read_text())
+        if kind == "candidate":
+            return (self.cache / kind / f"{key}.pt").read_bytes(), obj["accuracy"], obj["record"]
+        return obj
+
+    def _store(self, kind: str, key: str, result) -> None:
+        d = self.cache / kind
+        d.mkdir(parents=True, exist_ok=True)
+        if kind == "candidate":
+            blob, acc, record = result
+            _atomic_write(d / f"{key}.pt", blob)
+            obj = {"accuracy": acc, "record": record}
+        else:
+            obj = result
+        _atomic_write(d / f"{key}.json", json.dumps(obj).encode())  # written last: marks done
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
