@@ -1,0 +1,445 @@
+"""Shape-specialized int8 conv / depthwise / dense kernels for microcontrollers.
+
+The quantizer's Relax graph (quantize/to_relax.py) spells a quantized layer as a chain:
+  [nn.pad(x, zp)] -> conv2d|matmul(int8, const int8 w, out int32) -> add(const bias)
+  -> astype(int64) -> multiply(M) -> add(rnd) -> right_shift(s) -> add(zp_out) -> clip -> astype
+TVM's default lowering of that chain runs at ~5 instructions per MAC on a Cortex-M7.
+`specialize_int8` replaces each such chain by one `call_tir` to a PrimFunc written here for
+the layer's exact shape, with its weights repacked at build time:
+
+* conv (groups=1) and dense (= 1x1 conv on a 1x1 image): the input is copied once into a
+  scratch of int32 words, each holding two input channels as signed 16-bit halves, padded
+  with the zero point (so the MAC loop has no bounds checks). Weights are repacked the same
+  way, 8 output channels side by side. The MAC loop keeps 8 output-channel sums in
+  registers, unrolls the kernel window, and does two MACs per `ep_smlad` (SMLAD on cores
+  with the DSP extension, portable C elsewhere; see C_PRELUDE).
+* depthwise (groups = channels = outputs): per channel, a zero-point-padded int16 copy of the
+  plane and the window's weights held in registers; scalar multiply-accumulate.
+* requantization is fused per output: acc*M + rnd in one 64-bit multiply-accumulate; when
+  every channel's shift is >= 32 only the high word is kept (exact: floor division composes).
+Anything else (grouped convs, int16 inputs, sub-byte packed weights, other layouts) keeps
+TVM's lowering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+OC_BLOCK = 8  # output-channel sums kept in registers (Cortex-M has 13 usable)
+
+# Prepended to the kernels' C file when a kernel uses ep_smlad. TVM's codegen declares the
+# extern itself afterwards; a later declaration without `static` keeps the internal linkage.
+C_PRELUDE = """\
+/* edgeprune int8 kernels: two 16x16-bit multiply-accumulates per call. */
+#include <stdint.h>
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#include <arm_acle.h>
+static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) { return __smlad(a, b, acc); }
+#else
+static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) {
+  return (int32_t)((uint32_t)acc + (uint32_t)((int16_t)a * (int16_t)b)
+                   + (uint32_t)((a >> 16) * (b >> 16)));
+}
+#endif
+"""
+
+KERNEL_ATTR = "edgeprune.kernel"
+
+
+@dataclass
+class QLayer:
+    """One quantized conv/dense layer, NCHW, as read off the Relax chain."""
+    kind: str                 # "conv" | "depthwise" | "dense"
+    x_shape: tuple            # input (unpadded) shape
+    y_shape: tuple
+    out_dtype: str
+    weight: np.ndarray        # int8, (O, I, KH, KW) or (O, K)
+    bias: np.ndarray          # int32 (O,)
+    mult: np.ndarray          # int64 (O,)
+    rnd: np.ndarray           # int64 (O,)
+    shift: np.ndarray         # int64 (O,) total right shift s
+    zp_out: int
+    lo: int
+    hi: int
+    strides: tuple = (1, 1)
+    dilation: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
+    pad_value: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Relax side: find the chains, repack constants, swap in call_tir.
+
+def _op(value) -> str | None:
+    return getattr(getattr(value, "op", None), "name", None)
+
+
+def _const(expr):
+    import tvm
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+
+
+def _per_channel(arr, o: int, dtype) -> np.ndarray | None:
+    a = np.asarray(arr)
+    if a.size == 1:
+        return np.full(o, a.reshape(()), dtype)
+    if a.size == o:
+        return a.reshape(o).astype(dtype)
+    return None
+
+
+def _uses(func) -> dict:
+    from tvm import relax
+    count: dict = {}
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            count[e] = count.get(e, 0) + 1
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                visit(f)
+        elif hasattr(e, "args") and hasattr(e, "op"):
+            for a in e.args:
+                visit(a)
+    for block in func.body.blocks:
+        for b in block.bindings:
+            visit(b.value)
+    visit(func.body.body)
+    return count
+
+
+def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
+    """The chain ending in binding var `end`, or None. Returns (layer, unpadded input var)."""
+    def producer(var, op_name, n_uses=1):
+        v = defs.get(var)
+        if v is None or _op(v) != op_name or uses.get(var, 0) != n_uses:
+            return None
+        return v
+
+    last = defs.get(end)
+    if _op(last) != "relax.astype" or str(last.attrs.dtype) not in ("int8", "int16"):
+        return None
+    out_dtype = str(last.attrs.dtype)
+    steps = {}
+    var = last.args[0]
+    for name in ("relax.clip", "relax.add", "relax.right_shift", "relax.add", "relax.multiply",
+                 "relax.astype", "relax.add"):
+        v = producer(var, name)
+        if v is None:
+            return None
+        steps.setdefault(name, []).append(v)
+        var = v.args[0]
+    clip = steps["relax.clip"][0]
+    add_zp, add_rnd, add_bias = steps["relax.add"]
+    if str(steps["relax.astype"][0].attrs.dtype) != "int64":
+        return None
+    core = defs.get(var)
+    if uses.get(var, 0) != 1 or _op(core) not in ("relax.nn.conv2d", "relax.matmul"):
+        return None
+    x = core.args[0]
+    w = _const(core.args[1])
+    consts = [_const(a.args[1]) for a in (add_bias, steps["relax.multiply"][0], add_rnd,
+                                         steps["relax.right_shift"][0], add_zp)]
+    if w is None or w.dtype != np.int8 or any(c is None for c in consts):
+        return None
+    x_ty = x.ty
+    if str(x_ty.dtype) != "int8":
+        return None
+    x_shape = tuple(int(d.value) for d in x_ty.shape.values)
+    y_shape = tuple(int(d.value) for d in end.ty.shape.values)
+    bias, mult, rnd, shift, zp = consts
+    if zp.size != 1:
+        return None
+    if _op(core) == "relax.matmul":
+        if len(x_shape) != 2 or w.ndim != 2 or str(core.attrs.out_dtype) != "int32":
+            return None
+        o = w.shape[1]
+        weight, kind, extra = np.ascontiguousarray(w.T), "dense", {}
+    else:
+        a = core.attrs
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW") \
+                or str(a.out_dtype) != "int32":
+            return None
+        o, groups, c = w.shape[0], int(a.groups), x_shape[1]
+        if groups == 1:
+            kind = "conv"
+        elif groups == c == o and w.shape[1] == 1:
+            kind = "depthwise"
+        else:
+            return None
+        weight = w
+        t, l, b, r = (int(p) for p in a.padding)
+        extra = {"strides": tuple(int(s) for s in a.strides),
+                 "dilation": tuple(int(d) for d in a.dilation),
+                 "padding": (t, l, b, r), "pad_value": 0}
+        pad = defs.get(x)
+        # Fold an explicit zero-point pad (H/W only) into the kernel.
+        if _op(pad) == "relax.nn.pad" and uses.get(x, 0) == 1 and not any(extra["padding"]):
+            pw = [int(p) for p in pad.attrs.pad_width]
+            pv = float(pad.attrs.pad_value)
+            if len(pw) == 8 and not any(pw[:4]) and str(pad.attrs.pad_mode) == "constant" \
+                    and pv == int(pv) and -128 <= pv <= 127:
+                x = pad.args[0]
+                x_shape = tuple(int(d.value) for d in x.ty.shape.values)
+                extra["padding"] = (pw[4], pw[6], pw[5], pw[7])
+                extra["pad_value"] = int(pv)
+    per = [_per_channel(v, o, dt) for v, dt in ((bias, np.int32), (mult, np.int64),
+                                                 (rnd, np.int64), (shift, np.int64))]
+    if any(p is None for p in per) or np.any(per[1] < 0) or np.any(per[1] >= 2 ** 31):
+        return None
+    lo, hi = (int(v.value) for v in clip.args[1:3])
+    layer = QLayer(kind, x_shape, y_shape, out_dtype, weight, *per, int(zp.reshape(())),
+                   lo, hi, **extra)
+    return layer, x
+
+
+def specialize_int8(mod, prefix_hint: str = "ep_int8"):
+    """Replace every recognised quantized conv/dense chain in `main` by one specialized kernel."""
+    import tvm
+    from tvm import relax
+
+    func = mod["main"]
+    if not isinstance(func.body, relax.SeqExpr):
+        return mod
+    defs = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    uses = _uses(func)
+    bb = relax.BlockBuilder(mod)  # registers each new PrimFunc with a typed GlobalVar
+    blocks, added = [], 0
+    for block in func.body.blocks:
+        bindings = []
+        for b in block.bindings:
+            found = _match(b.var, defs, uses) if _op(b.value) == "relax.astype" else None
+            if found is None:
+                bindings.append(b)
+                continue
+            layer, x = found
+            prim, consts = build_kernel(layer)
+            gv = bb.add_func(prim, f"{prefix_hint}_{layer.kind}{added}")
+            added += 1
+            args = [x] + [relax.const(c, str(c.dtype)) for c in consts]
+            bindings.append(relax.VarBinding(b.var, relax.call_tir(gv, relax.Tuple(args), b.var.ty)))
+        blocks.append(type(block)(bindings))
+    if not added:
+        return mod
+    new_main = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
+                              func.is_pure, func.attrs)
+    funcs = {gv: (new_main if gv.name_hint == "main" else f) for gv, f in bb.get().functions.items()}
+    return relax.transform.Normalize()(tvm.IRModule(funcs, attrs=mod.attrs))
+
+
+# --------------------------------------------------------------------------------------------
+# TIR side: the kernels, as TVMScript generated for one shape.
+
+def _requant_consts(layer: QLayer):
+    """(bias, M as int32, rnd, shift) and whether the high-word form is exact for all channels."""
+    hiword = bool(np.all(layer.shift >= 32))
+    shift = layer.shift - 32 if hiword else layer.shift
+    return [layer.bias.astype(np.int32), layer.mult.astype(np.int32),
+            layer.rnd.astype(np.int64), shift.astype(np.int32)], hiword
+
+
+def _requant_expr(acc: str, oc: str, hiword: bool, layer: QLayer) -> str:
+    v = f'T.Cast("int64", {acc}) * T.Cast("int64", mult[{oc}]) + rnd[{oc}]'
+    if hiword:
+        r = f'T.shift_right(T.Cast("int32", T.shift_right({v}, T.int64(32))), shift[{oc}]) + {layer.zp_out}'
+        return f'T.Cast("{layer.out_dtype}", T.max(T.min({r}, {layer.hi}), {layer.lo}))'
+    r = f'T.shift_right({v}, T.Cast("int64", shift[{oc}])) + T.int64({layer.zp_out})'
+    return (f'T.Cast("{layer.out_dtype}", T.max(T.min({r}, T.int64({layer.hi})), '
+            f'T.int64({layer.lo})))')
+
+
+def _shape(s) -> str:
+    return "(" + ", ".join(str(int(d)) for d in s) + ("," if len(s) == 1 else "") + ")"
+
+
+def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str) -> list[str]:
+    return [
+        "@T.prim_func(private=True)",
+        f'def main(x: T.Buffer({_shape(layer.x_shape)}, "int8"), '
+        f'w: T.Buffer({_shape(wshape)}, "{wdtype}"), bias: T.Buffer(({o},), "int32"), '
+        f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "int64"), '
+        f'shift: T.Buffer(({o},), "int32"), '
+        f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
+        f'    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{tag}"}})',
+    ]
+
+
+def _geometry(layer: QLayer):
+    """Scratch plane size and how output pixels index it: (Hs, Ws, sample, step)."""
+    if layer.kind == "dense":
+        return 1, 1, False, (1, 1)
+    _, _, h, w = layer.x_shape
+    kh, kw = layer.weight.shape[2:]
+    t, l, b, r = layer.padding
+    if kh == kw == 1 and not any(layer.padding):
+        # 1x1 without padding: copy only the pixels the strides visit.
+        return layer.y_shape[2], layer.y_shape[3], True, (1, 1)
+    return h + t + b, w + l + r, False, layer.strides
+
+
+def _fill_loops(layer: QLayer, hs: int, ws: int, sample: bool, dst: str, src, pad: str,
+                ind: str, cvars: str) -> list[str]:
+    """Copy the input into a padded scratch: border cells get `pad`, interior cells `src(i, j)`."""
+    lines = []
+    if layer.kind == "dense" or sample:
+        lines.append(f"{ind}for i, j in T.grid({hs}, {ws}):")
+        si, sj = (f"i * {layer.strides[0]}", f"j * {layer.strides[1]}") if sample else ("i", "j")
+        lines.append(f"{ind}    {dst('i', 'j')} = {src(si, sj)}")
+        return lines
+    _, _, h, w = layer.x_shape
+    t, l, b, r = layer.padding
+    lines.append(f"{ind}for i, j in T.grid({h}, {w}):")
+    lines.append(f"{ind}    {dst(f'i + {t}', f'j + {l}')} = {src('i', 'j')}")
+    return lines
+
+
+def _border_loops(layer: QLayer, hs: int, ws: int, dst, pad: str, ind: str) -> list[str]:
+    if layer.kind == "dense" or not any(layer.padding):
+        return []
+    _, _, h, w = layer.x_shape
+    t, l, b, r = layer.padding
+    lines = []
+    for start, count in ((0, t), (t + h, b)):
+        if count:
+            lines += [f"{ind}for i, j in T.grid({count}, {ws}):",
+                      f"{ind}    {dst(f'i + {start}', 'j')} = {pad}"]
+    for start, count in ((0, l), (l + w, r)):
+        if count:
+            lines += [f"{ind}for i, j in T.grid({h}, {count}):",
+                      f"{ind}    {dst(f'i + {t}', f'j + {start}')} = {pad}"]
+    return lines
+
+
+def _pack_pair(lo: str, hi: str | None) -> str:
+    lo = f'(T.Cast("int32", {lo}) & 65535)'
+    return lo if hi is None else f'({lo} | (T.Cast("int32", {hi}) * 65536))'
+
+
+def _conv_kernel(layer: QLayer):
+    """conv (groups=1) or dense: SMLAD on channel pairs, OC_BLOCK output channels at a time."""
+    dense = layer.kind == "dense"
+    if dense:
+        o, c = layer.weight.shape
+        kh = kw = 1
+        n = layer.x_shape[0]
+        w4 = layer.weight.reshape(o, c, 1, 1)
+    else:
+        o, c, kh, kw = layer.weight.shape
+        n = layer.x_shape[0]
+        w4 = layer.weight
+    c2 = (c + 1) // 2
+    ob = -(-o // OC_BLOCK)
+    # Weights: (ob, c2, kh, kw, OC_BLOCK) words of two int16 halves (channels 2k, 2k+1).
+    wpad = np.zeros((ob * OC_BLOCK, c2 * 2, kh, kw), np.int64)
+    wpad[:o, :c] = w4
+    wpad = wpad.reshape(ob, OC_BLOCK, c2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    words = ((wpad[..., 0] & 0xFFFF) | (wpad[..., 1] << 16)).astype(np.uint32).view(np.int32)
+    words = np.ascontiguousarray(words)
+    consts, hiword = _requant_consts(layer)
+    hs, ws, sample, (sh, sw) = _geometry(layer)
+    dh, dw = layer.dilation
+    pv = layer.pad_value
+    if dense:
+        def xin(ch, i, j):
+            return f"x[nb, {ch}]"
+    else:
+        def xin(ch, i, j):
+            return f"x[nb, {ch}, {i}, {j}]"
+
+    L = _header(layer, words.shape, "int32", o, layer.kind)
+    L += [f'    xs = T.alloc_buffer(({c2}, {hs}, {ws}), "int32")',
+          f'    acc = T.alloc_buffer(({OC_BLOCK},), "int32")',
+          f"    for nb in range({n}):"]
+    # Border (zero point) of the scratch; an odd channel count leaves the last high half 0
+    # (its weights are 0 too).
+    border = _border_loops(layer, hs, ws, lambda i, j: f"xs[cc, {i}, {j}]",
+                           _pack_pair(str(pv), str(pv)), "            ")
+    if border:
+        L.append(f"        for cc in range({c2}):")
+        L += border
+    if c // 2:
+        L.append(f"        for cc in range({c // 2}):")
+        L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
+                         lambda i, j: _pack_pair(xin("cc * 2", i, j), xin("cc * 2 + 1", i, j)),
+                         "", "            ", "cc")
+    if c % 2:
+        L.append(f"        for cc in range({c // 2}, {c2}):")
+        L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
+                         lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "", "            ", "cc")
+    out_idx = (lambda oc: f"y[nb, {oc}]") if dense else (lambda oc: f"y[nb, {oc}, oh, ow]")
+    oh_n, ow_n = (1, 1) if dense else layer.y_shape[2:]
+    for block_start, count, blocks in ((0, OC_BLOCK, o // OC_BLOCK),
+                                       (o // OC_BLOCK, o % OC_BLOCK, 1 if o % OC_BLOCK else 0)):
+        if not blocks or not count:
+            continue
+        obv = "ob" if count == OC_BLOCK else str(block_start)
+        ind = "        "
+        if count == OC_BLOCK:
+            L.append(f"{ind}for ob in range({blocks}):")
+            ind += "    "
+        L += [f"{ind}for oh, ow in T.grid({oh_n}, {ow_n}):",
+              f"{ind}    for o in T.unroll({count}):",
+              f"{ind}        acc[o] = bias[{obv} * {OC_BLOCK} + o]",
+              f"{ind}    for cc in range({c2}):",
+              f"{ind}        for ry in T.unroll({kh}):",
+              f"{ind}            for rx in T.unroll({kw}):",
+              f"{ind}                for o in T.unroll({count}):",
+              f'{ind}                    acc[o] = T.call_extern("int32", "ep_smlad", '
+              f"xs[cc, oh * {sh} + ry * {dh}, ow * {sw} + rx * {dw}], "
+              f"w[{obv}, cc, ry, rx, o], acc[o])",
+              f"{ind}    for o in T.unroll({count}):",
+              f"{ind}        {out_idx(f'{obv} * {OC_BLOCK} + o')} = "
+              f"{_requant_expr('acc[o]', f'{obv} * {OC_BLOCK} + o', hiword, layer)}"]
+    return "\n".join(L), [words] + consts
+
+
+def _depthwise_kernel(layer: QLayer):
+    """depthwise: per channel, an int16 zero-point-padded plane and its weights in registers."""
+    o, _, kh, kw = layer.weight.shape
+    n = layer.x_shape[0]
+    wd = layer.weight.reshape(o, kh * kw).astype(np.int32)
+    consts, hiword = _requant_consts(layer)
+    hs, ws, sample, (sh, sw) = _geometry(layer)
+    dh, dw = layer.dilation
+    oh_n, ow_n = layer.y_shape[2:]
+    L = _header(layer, wd.shape, "int32", o, "depthwise")
+    L += [f'    xs = T.alloc_buffer(({hs}, {ws}), "int16")',
+          f'    wl = T.alloc_buffer(({kh * kw},), "int32")',
+          f'    acc = T.alloc_buffer((1,), "int32")']
+    L += _border_loops(layer, hs, ws, lambda i, j: f"xs[{i}, {j}]",
+                       f'T.int16({layer.pad_value})', "    ")
+    L += [f"    for nb, c in T.grid({n}, {o}):",
+          f"        for k in T.unroll({kh * kw}):",
+          f"            wl[k] = w[c, k]"]
+    L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[{i}, {j}]",
+                     lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "", "        ", "c")
+    L += [f"        for oh, ow in T.grid({oh_n}, {ow_n}):",
+          f"            acc[0] = bias[c]",
+          f"            for ry in T.unroll({kh}):",
+          f"                for rx in T.unroll({kw}):",
+          f'                    acc[0] = acc[0] + T.Cast("int32", xs[oh * {sh} + ry * {dh}, '
+          f"ow * {sw} + rx * {dw}]) * wl[ry * {kw} + rx]",
+          f"            y[nb, c, oh, ow] = {_requant_expr('acc[0]', 'c', hiword, layer)}"]
+    return "\n".join(L), [wd] + consts
+
+
+def kernel_source(layer: QLayer) -> tuple[str, list[np.ndarray]]:
+    """TVMScript of the layer's kernel and its constant arguments (after the input)."""
+    if layer.kind == "depthwise":
+        return _depthwise_kernel(layer)
+    return _conv_kernel(layer)
+
+
+def build_kernel(layer: QLayer):
+    import tvm
+    from tvm.script import tirx as T  # noqa: F401  (the parsed source refers to T)
+
+    src, consts = kernel_source(layer)
+    try:
+        return tvm.script.from_source(src), consts
+    except Exception as e:  # a generator bug: say which layer and show the source
+        from ..errors import EdgepruneError
+        raise EdgepruneError(f"int8 kernel for {layer.kind} {layer.x_shape}->{layer.y_shape} "
+                             f"did not parse: {e}\n{src}") from None
