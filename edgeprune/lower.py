@@ -230,6 +230,9 @@ def build_kernels(mod, prefix: str) -> str:
     except Exception as e:
         raise EdgepruneError(f"TVM C code generation failed: {str(e).strip().splitlines()[-1]}")
     src = lib.inspect_source()
+    if "ep_smlad" in src:
+        from .kernels import C_PRELUDE
+        src = C_PRELUDE + src
     # Every generated file defines this symbol; give it a per-model name so models can be linked together.
     return src.replace("__tvm_ffi__library_ctx", f"{prefix}_tvm_library_ctx")
 
@@ -256,7 +259,7 @@ def schedule_kernels(mod):
     from .schedule import schedule_for_small_ram
 
     for gv, f in list(mod.functions.items()):
-        if isinstance(f, tvm.tirx.PrimFunc):
+        if isinstance(f, tvm.tirx.PrimFunc) and "edgeprune.kernel" not in (f.attrs or {}):
             mod[gv] = schedule_for_small_ram(f)
     return mod
 
@@ -265,6 +268,8 @@ def lower_relax(mod, prefix: str = "model") -> LoweredModel:
     """Lower a Relax IRModule (from ONNX or built by the quantizer) to kernels + call list."""
     if not re.fullmatch(r"[A-Za-z_]\w*", prefix):
         raise EdgepruneError(f"prefix '{prefix}' is not a C identifier")
+    from .kernels import specialize_int8
+    mod = specialize_int8(mod)  # quantized conv/dense chains -> hand-scheduled int8 kernels
     mod = fuse(mod)
     mod = schedule_kernels(mod)
     lowered = collect_calls(mod, prefix)
