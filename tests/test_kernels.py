@@ -1,0 +1,120 @@
+"""The hand-scheduled int8 kernels (edgeprune/kernels) run bit-exact in QEMU on odd shapes.
+
+Two small integer networks are built op by op with random int8 weights and per-channel
+requantization, compiled for the Cortex-M7 and compared with the numpy golden model.
+"""
+
+import numpy as np
+
+from edgeprune.compile import compile_model
+from edgeprune.quantize.qmodel import Op, QuantModel, TensorInfo, conv_out_hw
+from edgeprune.quantize.requant import quantize_multipliers
+from edgeprune.simulate import simulate
+
+
+class Net:
+    """Builds a QuantModel layer by layer (NCHW), random weights, outputs spread over int8."""
+
+    def __init__(self, shape, zp, seed):
+        self.rng = np.random.default_rng(seed)
+        self.tensors = {"x": TensorInfo("x", list(shape), "int8", 0.1, zp)}
+        self.ops, self.params, self.last = [], {}, "x"
+
+    def _add(self, kind, out_shape, attrs, weight=None, scale_range=(0.5, 2.0), zp_out=-3,
+             real_scales=None):
+        name = f"op{len(self.ops)}"
+        tin = self.tensors[self.last]
+        out = f"t{len(self.ops)}"
+        self.tensors[out] = TensorInfo(out, list(out_shape), "int8", 0.1, zp_out)
+        if weight is not None:
+            o = weight.shape[0]
+            fan_in = weight[0].size
+            acc_std = np.sqrt(fan_in) * 100.0 * 73.0
+            scales = self.rng.uniform(*scale_range, o) * 40.0 / acc_std
+            bias_max = 3000
+            if real_scales is not None:  # absolute requantization scales, small accumulators
+                scales, bias_max = self.rng.uniform(*real_scales, o), 20
+            m, sh = quantize_multipliers(scales)
+            self.params.update({f"{name}.weight": weight, f"{name}.weight_scale": np.ones(o, np.float32),
+                                f"{name}.bias": self.rng.integers(-bias_max, bias_max, o).astype(np.int32),
+                                f"{name}.multiplier": m, f"{name}.shift": sh})
+            attrs = {**attrs, "clamp": [-128, 127], "weight_bits": 8, "weight_format": "int",
+                     "activation": None}
+        self.ops.append(Op(kind, name, [self.last], out, attrs))
+        self.last = out
+        return self
+
+    def conv(self, out_ch, kernel, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
+             wmax=127, **kw):
+        n, c, h, w = self.tensors[self.last].shape
+        oh, ow = conv_out_hw(h, w, kernel, stride, padding, dilation)
+        wt = self.rng.integers(-wmax, wmax + 1, (out_ch, c // groups, *kernel), dtype=np.int8)
+        attrs = {"strides": list(stride), "padding": list(padding), "dilation": list(dilation),
+                 "groups": groups}
+        return self._add("conv2d", (n, out_ch, oh, ow), attrs, wt, **kw)
+
+    def flatten(self):
+        t = self.tensors[self.last]
+        shape = [t.shape[0], int(np.prod(t.shape[1:]))]
+        name, out = f"op{len(self.ops)}", f"t{len(self.ops)}"
+        self.tensors[out] = TensorInfo(out, shape, "int8", t.scale, t.zero_point)
+        self.ops.append(Op("reshape", name, [self.last], out, {"shape": shape}))
+        self.last = out
+        return self
+
+    def dense(self, out_features, **kw):
+        n, k = self.tensors[self.last].shape
+        wt = self.rng.integers(-127, 128, (out_features, k), dtype=np.int8)
+        return self._add("dense", (n, out_features), {}, wt, **kw)
+
+    def build(self):
+        return QuantModel("x", self.last, self.tensors, self.ops, self.params)
+
+
+def _run(qm, tmp_path, name):
+    qdir = qm.save(tmp_path / f"{name}-q")
+    out = tmp_path / name
+    build = compile_model(str(qdir), "cortex-m7", out, log=lambda *a: None)
+    rng = np.random.default_rng(7)
+    shape = qm.input_info.shape
+    x = rng.integers(-128, 128, (4, *shape)).astype(np.int8)
+    x[0] = -128          # all padding-like values
+    x[1] = 127           # extremes: largest accumulators
+    result, _ = simulate(out, inputs=x)
+    return build, result
+
+
+def test_odd_shapes_bit_exact(tmp_path):
+    """Zero point -128 (explicit zero-point padding folded into the kernels), 3->5 channels,
+    stride 2, non-square, asymmetric padding with dilation, a 1x1 stride-2 conv, a grouped
+    conv TVM keeps, and a dense layer with a partial output-channel block."""
+    qm = (Net((1, 3, 9, 7), zp=-128, seed=1)
+          .conv(5, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
+          .conv(5, (3, 3), padding=(1, 0, 1, 2), dilation=(1, 2), groups=5)
+          .conv(10, (1, 1), groups=5)                       # channel multiplier 2: TVM's path
+          .conv(11, (1, 1), stride=(2, 2))
+          .flatten().dense(10).build())
+    build, result = _run(qm, tmp_path, "odd")
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 2, kernels
+    assert sum(k.startswith("ep_int8_depthwise") for k in kernels) == 1, kernels
+    assert sum(k.startswith("ep_int8_dense") for k in kernels) == 1, kernels
+    assert not any(k == "pad" or k.startswith("pad") for k in kernels), kernels
+    assert result["mismatches"] == 0 and result["outputs_match"]
+
+
+def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
+    """Zero point 0 (the conv's own padding), scales up to 0.9 (total shift 31: the 64-bit
+    requantization path), more than one full 8-channel block, non-square stride (2, 1)."""
+    qm = (Net((1, 4, 6, 10), zp=0, seed=2)
+          .conv(17, (3, 3), stride=(2, 1), padding=(1, 1, 1, 1))
+          .conv(17, (3, 3), padding=(1, 1, 1, 1), groups=17, zp_out=0, wmax=1,
+                real_scales=(0.2, 0.9))
+          .conv(3, (1, 1), wmax=1, real_scales=(0.1, 0.6))
+          .flatten().dense(9).build())
+    shifts = np.concatenate([qm.params[f"{o.name}.shift"] for o in qm.weight_ops()])
+    assert (31 - shifts).min() < 32 < (31 - shifts).max()  # both requantization forms occur
+    build, result = _run(qm, tmp_path, "zp0")
+    kernels = [l["name"] for l in build["layers"]]
+    assert all(k.startswith("ep_int8_") for k in kernels if "reshape" not in k), kernels
+    assert result["mismatches"] == 0 and result["outputs_match"]
