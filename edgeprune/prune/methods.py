@@ -122,12 +122,19 @@ def _compose(prev: dict | None, rec: dict) -> dict:
 def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None,
               evaluate=None, steps=3, lr=FINETUNE_LR, **_):
     record, steps_log = None, []
+    exact = _final_counts(model, example, spec)
     for i in range(1, steps + 1):
         s = dict(spec)
         if i < steps:  # kernel patterns belong to the final architecture only
             s.pop("kernel_ratio", None)
             s.pop("intra_stride", None)
-        if isinstance(s.get("ratios"), dict):
+        if exact is not None:
+            # per-group ratios for this step, so that rounding never drifts from the final count
+            units_now = {g["name"]: len(g["kept"]) for g in record["groups"]} if record else {}
+            s["ratios"] = {name: 1 - (units - round(removed * i / steps))
+                           / units_now.get(name, units)
+                           for name, (units, removed) in exact.items()}
+        elif isinstance(s.get("ratios"), dict):
             s["ratios"] = {k: _step_fraction(v, i, steps) for k, v in s["ratios"].items()}
         for key in ("flops_target", "params_target"):
             if s.get(key) is not None:
@@ -143,6 +150,19 @@ def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=Non
         model = _finetune(model, data, epochs / steps, lr, seed + i, max_samples)
     record["steps"] = steps_log
     return model, record
+
+
+def _final_counts(model, example, spec) -> dict[str, tuple[int, int]] | None:
+    """{group name: (units, units removed at the end)} for a uniform or per-layer ratio without
+    a MACs/params target; None where the counts depend on scores (global) or a search."""
+    from . import allocate
+    if spec.get("allocation", "uniform") != "uniform" or spec.get("flops_target") is not None \
+            or spec.get("params_target") is not None:
+        return None
+    graph = DepGraph(model, example)
+    r = spec.get("ratios", 0.5)
+    counts = allocate.per_layer(graph, r) if isinstance(r, dict) else allocate.uniform(graph, r)
+    return {g.name: (g.units, counts[g.index]) for g in graph.groups}
 
 
 def _zero_units(graph: DepGraph, model: nn.Module, removed: dict[int, list[int]]) -> None:
@@ -404,11 +424,11 @@ def _aux_heads(model, example, graph: DepGraph, data: Dataset, seed: int,
 
 
 def ccp_ac(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-           lr=FINETUNE_LR, **_):
+           lr=FINETUNE_LR, aux_steps=300, **_):
     if data is None or data.x_train is None:
         raise EdgepruneError("method 'ccp-ac' needs --data", stage="prune")
     graph = DepGraph(model, example)
-    heads = _aux_heads(model, example, graph, data, seed)
+    heads = _aux_heads(model, example, graph, data, seed, aux_steps)
     spec = dict(spec, criterion="ccp")
     pruned, record = _prune(model, example, data, spec, seed, aux_heads=heads, graph=graph)
     record["criterion"] = "ccp-ac"
