@@ -30,6 +30,29 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
+# What turns a model into measured numbers: a change to any of these invalidates cached costs.
+CODEGEN_SOURCES = ("compile.py", "lower.py", "emit.py", "plan.py", "schedule.py", "firmware.py",
+                   "frontend.py", "simulate.py", "qemu.py", "elfinfo.py", "deploy.py",
+                   "kernels", "quantize", "qemu_plugin")
+
+
+def toolchain_fingerprint(target) -> str:
+    """Hash of the code generator, firmware templates and target file (the cache's namespace)."""
+    from ..targets import FIRMWARE_DIR
+
+    root = Path(__file__).resolve().parent.parent
+    files = [target.path] + sorted(FIRMWARE_DIR.rglob("*"))
+    for name in CODEGEN_SOURCES:
+        p = root / name
+        files += sorted(p.rglob("*.[pc]*")) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file() and "__pycache__" not in f.parts:
+            h.update(str(f.name).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def to_bytes(model: nn.Module) -> bytes:
     buf = io.BytesIO()
     torch.save(model, buf)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..errors import EdgepruneError
 from .costs import Predictor, grid_widths, min_width
-from .measure import METRICS, from_bytes, model_hash, to_bytes
+from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_fingerprint
 from .worker import JobData, Runner, candidate_job, job_key, measure_job
 
 STAGE = "feedback"
@@ -43,12 +43,14 @@ class FeedbackResult:
     trajectory: list[dict] = field(default_factory=list)
     accuracy: float | None = None     # test accuracy of the final float model
     files: dict[str, str] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)    # where results are cached; jobs run vs reused
 
     def summary(self) -> dict:
         return {"met": self.met, "message": self.message, "budget": self.budget,
                 "ratios": self.ratios, "bits": self.bits, "widths": self.widths,
                 "measured": {k: v for k, v in self.measured.items() if k in METRICS + ("instructions",)},
-                "accuracy": self.accuracy, "trajectory": self.trajectory, "files": self.files}
+                "accuracy": self.accuracy, "trajectory": self.trajectory, "files": self.files,
+                "cache": self.cache}
 
 
 def check_budget(budget: dict[str, float]) -> dict[str, float]:
@@ -154,6 +156,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     full = {n: g.units for n, g in groups.items()}
     lowest = {n: min_width(u, min_keep) for n, u in full.items()}
     base_hash = model_hash(base)
+    fingerprint = toolchain_fingerprint(target)
     cache = Path(cache_dir or default_cache_dir()) / target.name / base_hash
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"criterion": criterion, "seed": seed, "short": short_finetune_samples, "lr": lr,
@@ -171,7 +174,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         jobs = []
         for m in models:
             blob = to_bytes(m)
-            jobs.append((job_key(target.name, model_hash(m), calib_samples),
+            jobs.append((job_key(fingerprint, model_hash(m), calib_samples),
                          (blob, shape, str(target.path))))
         return runner.map("measure", measure_job, jobs, done=bar.advance)
 
@@ -291,7 +294,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     record = {"criterion": criterion, "allocation": "feedback", "layers": composed,
               "per_layer": ratios, "widths": cur_widths, "budget": budget, "met": met}
     result = FeedbackResult(cur_model, record, ratios, bits, cur_widths, final_costs, budget, met,
-                            message, trajectory, test_acc)
+                            message, trajectory, test_acc,
+                            cache={"dir": str(cache), "runs": runner.runs, "hits": runner.hits})
     if work_dir is not None:
         result.files = write_outputs(result, Path(work_dir), target.name, criterion, table_json)
     log(f"feedback: measurements {runner.runs} run, {runner.hits} from cache")

@@ -1,0 +1,192 @@
+"""Hardware-in-the-loop feedback study: ResNet-8 on Fashion-MNIST, Cortex-M7 in QEMU, latency
+budget = 30 % of the unpruned model's measured latency (int8, as deployed). Three ways to meet it,
+each followed by the same fine-tuning (same epochs on the same training samples):
+
+(a) uniform: one ratio for every layer (best criterion of bench/results/prune_criteria.json at
+    75 %, else l1), the smallest ratio whose *measured* latency meets the budget (bisection);
+(b) global: global ranking of that criterion's scores (per-layer floor), the smallest fraction
+    whose measured latency meets the budget (bisection);
+(c) feedback: edgeprune.feedback.search (NetAdapt-style on measured per-kernel counts), then the
+    same fine-tuning. Its candidates' short fine-tunes come on top and are reported.
+
+Writes bench/results/feedback.json: {uniform, global, feedback} each with accuracy (percent, on
+the test samples), latency_instructions (measured), budget_instructions, met; plus settings.
+
+    python -m bench.run feedback [--quick]
+    python -m bench.feedback --train-samples 8000 --epochs 0.5      # a reduced run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+RESULT = Path(__file__).parent / "results" / "feedback.json"
+CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
+BUDGET_FRACTION = 0.30
+FULL = {"train_epochs": 1, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
+        "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2}
+QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
+         "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2}
+
+
+def best_criterion() -> str:
+    """The criterion with the best mean accuracy at 75 % in the criteria study, else l1."""
+    try:
+        crit = json.loads(CRITERIA_RESULT.read_text())["criteria"]
+        at = {n: v["75%"]["acc_after"]["mean"] for n, v in crit.items() if "75%" in v}
+        return max(at, key=at.get) if at else "l1"
+    except (OSError, ValueError, KeyError):
+        return "l1"
+
+
+def bisect_measured(make, measure, budget_instr: int, steps: int, hi: float = 0.95):
+    """The smallest x in [0, hi] whose model `make(x)` measures <= budget_instr instructions
+    (instructions fall as x grows). Returns (x, costs, [(x, instructions)])."""
+    tried = []
+    costs_hi = measure(make(hi))
+    tried.append((hi, costs_hi["instructions"]))
+    if costs_hi["instructions"] > budget_instr:
+        return hi, costs_hi, tried
+    lo, best = 0.0, (hi, costs_hi)
+    for _ in range(steps):
+        mid = round((lo + best[0]) / 2, 4)
+        c = measure(make(mid))
+        tried.append((mid, c["instructions"]))
+        if c["instructions"] <= budget_instr:
+            best = (mid, c)
+        else:
+            lo = mid
+    return best[0], best[1], tried
+
+
+def main(quick: bool = False, **overrides) -> dict:
+    import torch
+
+    from edgeprune import data as datasets
+    from edgeprune.deploy import trained_zoo_model
+    from edgeprune.feedback import search
+    from edgeprune.feedback.measure import measure_model
+    from edgeprune.prune import prune
+    from edgeprune.targets import load_target
+    from edgeprune.train import evaluate, train
+
+    torch.set_num_threads(1)
+    cfg = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
+    t_start = time.perf_counter()
+    data = datasets.fashion_mnist()
+    target = load_target("cortex-m7")
+    model, shape = trained_zoo_model("resnet8", data, None, cfg["train_epochs"], 0, print)
+    example = torch.from_numpy(data.x_train[:1])
+    n_train = len(data.x_train) - cfg["val_samples"]
+    if cfg["train_samples"]:
+        n_train = min(n_train, cfg["train_samples"])
+    train_set = datasets.Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
+                                 data.x_test, data.y_test)
+    x_test, y_test = data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]]
+    calib = data.x_train[:64]
+    batches = [(torch.from_numpy(data.x_train[i:i + 128]), torch.from_numpy(data.y_train[i:i + 128]))
+               for i in range(0, 512, 128)]
+    criterion = cfg.get("criterion") or best_criterion()
+
+    def measure(m):
+        c = measure_model(m, shape, target, calib)
+        print(f"bench feedback: measured {c['instructions']:,} instructions", flush=True)
+        return c
+
+    base = measure(model)
+    budget_instr = int(BUDGET_FRACTION * base["instructions"])
+    budget_ms = BUDGET_FRACTION * base["latency_ms"]
+    print(f"bench feedback: unpruned {base['instructions']:,} instructions "
+          f"({base['latency_ms']:.3f} ms); budget {budget_instr:,} ({budget_ms:.3f} ms); "
+          f"criterion {criterion}", flush=True)
+    acc_float = evaluate(model, x_test, y_test)
+
+    def finish(pruned, name, extra):
+        t0 = time.perf_counter()
+        train(pruned, train_set, epochs=cfg["finetune_epochs"], lr=0.01, seed=0)
+        costs = measure(pruned)
+        entry = {"accuracy": round(evaluate(pruned, x_test, y_test), 3),
+                 "latency_instructions": costs["instructions"],
+                 "budget_instructions": budget_instr,
+                 "met": costs["instructions"] <= budget_instr,
+                 "latency_ms": round(costs["latency_ms"], 4),
+                 "energy_uj": round(costs["energy_uj"], 2), "flash_kb": round(costs["flash_kb"], 2),
+                 "sram_kb": round(costs["sram_kb"], 2),
+                 "finetune_seconds": round(time.perf_counter() - t0, 1), **extra}
+        print(f"bench feedback: {name}: {entry['accuracy']:.2f} % at "
+              f"{entry['latency_instructions']:,} instructions (met: {entry['met']})", flush=True)
+        return entry
+
+    result = {"model": "resnet8", "data": data.name, "target": target.name,
+              "quick": quick, "config": cfg, "criterion": criterion,
+              "float_accuracy": round(acc_float, 3),
+              "unpruned": {"latency_instructions": base["instructions"],
+                           "latency_ms": round(base["latency_ms"], 4)},
+              "budget": {"fraction": BUDGET_FRACTION, "latency_instructions": budget_instr,
+                         "latency_ms": round(budget_ms, 4)}}
+
+    # (a) uniform ratio, measured bisection
+    def uniform_model(r):
+        return prune(model, example, criterion=criterion, ratios=r, data=batches,
+                     meta_batch=batches[-1])[0]
+    r, _, tried = bisect_measured(uniform_model, measure, budget_instr, cfg["bisect_steps"])
+    result["uniform"] = finish(uniform_model(r), "uniform",
+                               {"ratio": r, "bisection": tried})
+    _write(result)
+
+    # (b) global ranking, measured bisection over the fraction removed
+    def global_model(f):
+        return prune(model, example, criterion=criterion, ratios=f, allocation="global",
+                     data=batches, meta_batch=batches[-1])[0]
+    f, _, tried = bisect_measured(global_model, measure, budget_instr, cfg["bisect_steps"])
+    result["global"] = finish(global_model(f), "global", {"fraction": f, "bisection": tried})
+    _write(result)
+
+    # (c) the feedback loop: search, then the same fine-tuning (inside search: finetune_epochs)
+    t0 = time.perf_counter()
+    fb = search(model, example, data, target, {"latency_ms": budget_ms}, criterion=criterion,
+                finetune_epochs=0.0, train_samples=n_train,
+                val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
+                eval_samples=cfg["eval_samples"], workers=cfg["workers"],
+                work_dir=RESULT.parent / "feedback")
+    search_s = time.perf_counter() - t0
+    accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
+    result["feedback"] = finish(fb.model, "feedback", {
+        "ratios": fb.ratios, "widths": fb.widths, "iterations": len(accepted),
+        "search_seconds": round(search_s, 1),
+        "search_short_finetune_samples_per_candidate": cfg["short_samples"],
+        "search_candidates": sum(len(p.get("candidates", [])) for p in accepted),
+        "trajectory": [{k: p[k] for k in ("iteration", "group", "accuracy", "latency_ms")}
+                       for p in fb.trajectory],
+        "files": fb.files})
+    result["feedback_minus_uniform_pt"] = round(result["feedback"]["accuracy"]
+                                                - result["uniform"]["accuracy"], 3)
+    result["goal"] = ("(c) meets the budget with >= 1 pt more accuracy than (a): "
+                      + str(result["feedback"]["met"] and result["feedback_minus_uniform_pt"] >= 1.0))
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    _write(result)
+    return result
+
+
+def _write(result: dict) -> None:
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(RESULT)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--train-samples", type=int)
+    ap.add_argument("--epochs", type=float, dest="finetune_epochs")
+    ap.add_argument("--short-samples", type=int)
+    ap.add_argument("--eval-samples", type=int)
+    ap.add_argument("--val-samples", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--criterion")
+    a = vars(ap.parse_args())
+    main(a.pop("quick"), **a)

@@ -1,0 +1,104 @@
+"""The feedback search on a tiny CNN with real measurements: PTQ, TVM, the cross compiler and
+QEMU's instruction counts. One cache per module, so the cost table is measured once."""
+
+import json
+
+import pytest
+import torch
+
+from edgeprune import data as datasets
+from edgeprune.errors import EdgepruneError
+from edgeprune.feedback import search
+from edgeprune.feedback.measure import measure_model
+from edgeprune.models.cnn import SmallCNN
+from edgeprune.train import train
+
+# Small settings: two groups (4 and 8 channels), one grid point each, tiny fine-tunes.
+SETTINGS = dict(workers=1, grid=(0.5,), min_keep=0.5, short_finetune_samples=128,
+                finetune_epochs=0.0, train_samples=1000, val_samples=200, eval_samples=200,
+                calib_samples=16, step_iterations=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    data = datasets.load("fashion-mnist")
+    torch.manual_seed(0)
+    model = SmallCNN(width=4)
+    train(model, data, epochs=0.3, lr=0.05, max_samples=2000)
+    return model, torch.from_numpy(data.x_train[:1]), data, tmp_path_factory.mktemp("fbcache")
+
+
+@pytest.fixture(scope="module")
+def impossible(tiny):
+    """A flash budget below the firmware's own code: no pruning can meet it."""
+    model, example, data, cache = tiny
+    return search(model, example, data, "cortex-m7", {"flash_kb": 1.0}, cache_dir=cache,
+                  log=lambda *a: None, **SETTINGS)
+
+
+def test_impossible_budget_says_which_and_gives_the_closest_point(impossible):
+    r = impossible
+    assert r.met is False
+    assert "cannot be met" in r.message and "flash_kb" in r.message and "> budget 1" in r.message
+    assert "closest point" in r.message
+    # the closest point is the smallest model, measured: every group at its minimum width
+    assert r.widths == {"features.0.0": 2, "features.2.0": 4}
+    base = r.trajectory[0]["measured"]
+    assert r.measured["instructions"] < base["instructions"]
+    assert r.measured["flash_kb"] > 1.0
+
+
+def test_search_meets_the_budget_as_re_measured(tiny, impossible, tmp_path):
+    model, example, data, cache = tiny
+    base = impossible.trajectory[0]["measured"]
+    budget = {"latency_ms": 0.7 * base["latency_ms"]}
+    r = search(model, example, data, "cortex-m7", budget, cache_dir=cache, work_dir=tmp_path,
+               log=lambda *a: None, **SETTINGS)
+    assert r.met, r.message
+    assert r.measured["latency_ms"] <= budget["latency_ms"]
+    assert len(r.trajectory) >= 3  # start, at least one accepted step, final
+    # measured once more from scratch, outside the search and its cache
+    again = measure_model(r.model, (1, 1, 28, 28), "cortex-m7", data.x_train[:16])
+    assert again["latency_ms"] <= budget["latency_ms"]
+    assert again["instructions"] == r.measured["instructions"]
+    # the per-layer file reproduces the chosen widths through `prune --per-layer`'s reader
+    from edgeprune.prune import prune
+    from edgeprune.prune.cli import read_per_layer
+    ratios = read_per_layer(tmp_path / "ratios.json")
+    pruned, _ = prune(model, example, criterion="l1", ratios=ratios)
+    assert pruned.get_submodule("features.0.0").out_channels == r.widths["features.0.0"]
+    assert pruned.get_submodule("features.2.0").out_channels == r.widths["features.2.0"]
+    traj = json.loads((tmp_path / "trajectory.json").read_text())
+    assert traj[-1]["group"] == "final" and all("latency_ms" in p for p in traj)
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r.record["layers"]["features.0.0"]["out_before"] == 4
+    assert len(r.record["layers"]["features.0.0"]["out_kept"]) == r.widths["features.0.0"]
+
+
+def test_interrupted_search_resumes_from_its_cache(tiny, impossible):
+    model, example, data, cache = tiny
+    budget = {"latency_ms": 0.5 * impossible.trajectory[0]["measured"]["latency_ms"],
+              "sram_kb": 1e6}
+
+    def interrupt(msg):
+        if "iteration 1:" in msg:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        search(model, example, data, "cortex-m7", budget, cache_dir=cache, log=interrupt,
+               **SETTINGS)
+    r = search(model, example, data, "cortex-m7", budget, cache_dir=cache, log=lambda *a: None,
+               **{**SETTINGS, "workers": 2})
+    assert r.met, r.message
+    # the table, iteration 1's candidates and its measurement came from the cache
+    assert r.cache["hits"] >= 6
+    again = search(model, example, data, "cortex-m7", budget, cache_dir=cache,
+                   log=lambda *a: None, **SETTINGS)
+    assert again.cache["runs"] == 0 and again.widths == r.widths
+
+
+def test_bad_budget_names_the_key(tiny):
+    model, example, data, cache = tiny
+    with pytest.raises(EdgepruneError, match="unknown budget 'latency'"):
+        search(model, example, data, "cortex-m7", {"latency": 1.0}, cache_dir=cache, **SETTINGS)
+    with pytest.raises(EdgepruneError, match="flash_kb=-1"):
+        search(model, example, data, "cortex-m7", {"flash_kb": -1}, cache_dir=cache, **SETTINGS)
