@@ -32,8 +32,8 @@ def register(sub) -> None:
     amount.add_argument("--params-target", type=float,
                         help="fraction of parameters to remove; the ratio is searched")
     p.add_argument("--per-layer", type=Path,
-                   help="JSON {layer: ratio, '*': default} (or {'ratios': {...}}); with a target, "
-                        "the ratios are scaled together until it is met")
+                   help="JSON {layer: ratio, '*': default} (or {'ratios': {...}}); --ratio sets "
+                        "the default; with a target, the ratios are scaled until it is met")
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="uniform ratio, or global ranking with a per-layer minimum")
     p.add_argument("--method", default="oneshot", choices=list(METHODS),
@@ -98,6 +98,8 @@ def run(args) -> int:
     log = (lambda *a: None) if args.json else (lambda msg: print(f"prune: {msg}", flush=True))
     ratio = 0.5 if args.ratio is None else allocate.check_ratio(args.ratio)
     per_layer = read_per_layer(args.per_layer) if args.per_layer else None
+    if per_layer is not None and args.ratio is not None:
+        per_layer.setdefault("*", ratio)  # --ratio: the layers the file does not name
     if args.finetune < 0:
         raise EdgepruneError(f"--finetune {args.finetune} must be >= 0", stage=STAGE)
     if args.finetune > 0 and not args.data:
