@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-OC_BLOCK = 8  # output-channel sums kept in registers (Cortex-M has 13 usable)
+# A conv tile keeps OC_BLOCK x PX_BLOCK sums in registers (Cortex-M has 13 usable): per kernel
+# tap it loads PX_BLOCK input words and OC_BLOCK weight words for OC_BLOCK*PX_BLOCK SMLADs.
+OC_BLOCK, PX_BLOCK = 4, 2
 
 # Prepended to the kernels' C file when a kernel uses ep_smlad. TVM's codegen declares the
 # extern itself afterwards; a later declaration without `static` keeps the internal linkage.
@@ -317,40 +319,42 @@ def _pack_pair(lo: str, hi: str | None) -> str:
     return lo if hi is None else f'({lo} | (T.Cast("int32", {hi}) * 65536))'
 
 
-def _conv_kernel(layer: QLayer):
-    """conv (groups=1) or dense: SMLAD on channel pairs, OC_BLOCK output channels at a time."""
+def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | None = None):
+    """conv (groups=1) or dense: SMLAD on channel pairs; each tile keeps oc_block output
+    channels x px_block neighbouring pixels of one row in registers."""
     dense = layer.kind == "dense"
+    if oc_block is None:  # one-pixel rows (dense) spend the registers on output channels
+        one_px = dense or layer.y_shape[3] == 1
+        oc_block, px_block = (OC_BLOCK * PX_BLOCK, 1) if one_px else (OC_BLOCK, PX_BLOCK)
     if dense:
         o, c = layer.weight.shape
         kh = kw = 1
-        n = layer.x_shape[0]
         w4 = layer.weight.reshape(o, c, 1, 1)
+        oh_n, ow_n = 1, 1
     else:
         o, c, kh, kw = layer.weight.shape
-        n = layer.x_shape[0]
         w4 = layer.weight
+        oh_n, ow_n = layer.y_shape[2:]
+    n = layer.x_shape[0]
     c2 = (c + 1) // 2
-    ob = -(-o // OC_BLOCK)
-    # Weights: (ob, c2, kh, kw, OC_BLOCK) words of two int16 halves (channels 2k, 2k+1).
-    wpad = np.zeros((ob * OC_BLOCK, c2 * 2, kh, kw), np.int64)
+    ob = -(-o // oc_block)
+    # Weights: (ob, c2, kh, kw, oc_block) words of two int16 halves (channels 2k, 2k+1).
+    wpad = np.zeros((ob * oc_block, c2 * 2, kh, kw), np.int64)
     wpad[:o, :c] = w4
-    wpad = wpad.reshape(ob, OC_BLOCK, c2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    wpad = wpad.reshape(ob, oc_block, c2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
     words = ((wpad[..., 0] & 0xFFFF) | (wpad[..., 1] << 16)).astype(np.uint32).view(np.int32)
     words = np.ascontiguousarray(words)
     consts, hiword = _requant_consts(layer)
     hs, ws, sample, (sh, sw) = _geometry(layer)
     dh, dw = layer.dilation
     pv = layer.pad_value
-    if dense:
-        def xin(ch, i, j):
-            return f"x[nb, {ch}]"
-    else:
-        def xin(ch, i, j):
-            return f"x[nb, {ch}, {i}, {j}]"
+
+    def xin(ch, i, j):
+        return f"x[nb, {ch}]" if dense else f"x[nb, {ch}, {i}, {j}]"
 
     L = _header(layer, words.shape, "int32", o, layer.kind)
     L += [f'    xs = T.alloc_buffer(({c2}, {hs}, {ws}), "int32")',
-          f'    acc = T.alloc_buffer(({OC_BLOCK},), "int32")',
+          f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
           f"    for nb in range({n}):"]
     # Border (zero point) of the scratch; an odd channel count leaves the last high half 0
     # (its weights are 0 too).
@@ -368,30 +372,42 @@ def _conv_kernel(layer: QLayer):
         L.append(f"        for cc in range({c // 2}, {c2}):")
         L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
                          lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "", "            ", "cc")
-    out_idx = (lambda oc: f"y[nb, {oc}]") if dense else (lambda oc: f"y[nb, {oc}, oh, ow]")
-    oh_n, ow_n = (1, 1) if dense else layer.y_shape[2:]
-    for block_start, count, blocks in ((0, OC_BLOCK, o // OC_BLOCK),
-                                       (o // OC_BLOCK, o % OC_BLOCK, 1 if o % OC_BLOCK else 0)):
+
+    def tile(ind: str, obv: str, count: int, owv: str, npx: int) -> list[str]:
+        """One tile: `count` output channels from block `obv`, `npx` pixels from column `owv`."""
+        def a(k, p):
+            return f"acc[{p * count + k}]"
+
+        def col(p):
+            return f"({owv} + {p}) * {sw} + rx * {dw}"
+        lines = [f"{ind}{a(k, p)} = bias[{obv} * {oc_block} + {k}]"
+                 for p in range(npx) for k in range(count)]
+        lines += [f"{ind}for cc in range({c2}):",
+                  f"{ind}    for ry in T.unroll({kh}):",
+                  f"{ind}        for rx in T.unroll({kw}):"]
+        lines += [f'{ind}            {a(k, p)} = T.call_extern("int32", "ep_smlad", '
+                  f"xs[cc, oh * {sh} + ry * {dh}, {col(p)}], w[{obv}, cc, ry, rx, {k}], {a(k, p)})"
+                  for k in range(count) for p in range(npx)]
+        for p in range(npx):
+            for k in range(count):
+                oc = f"{obv} * {oc_block} + {k}"
+                dst = f"y[nb, {oc}]" if dense else f"y[nb, {oc}, oh, {owv} + {p}]"
+                lines.append(f"{ind}{dst} = {_requant_expr(a(k, p), oc, hiword, layer)}")
+        return lines
+
+    px_full, px_tail = divmod(ow_n, px_block)
+    for count, blocks in ((oc_block, o // oc_block), (o % oc_block, 1 if o % oc_block else 0)):
         if not blocks or not count:
             continue
-        obv = "ob" if count == OC_BLOCK else str(block_start)
-        ind = "        "
-        if count == OC_BLOCK:
-            L.append(f"{ind}for ob in range({blocks}):")
-            ind += "    "
-        L += [f"{ind}for oh, ow in T.grid({oh_n}, {ow_n}):",
-              f"{ind}    for o in T.unroll({count}):",
-              f"{ind}        acc[o] = bias[{obv} * {OC_BLOCK} + o]",
-              f"{ind}    for cc in range({c2}):",
-              f"{ind}        for ry in T.unroll({kh}):",
-              f"{ind}            for rx in T.unroll({kw}):",
-              f"{ind}                for o in T.unroll({count}):",
-              f'{ind}                    acc[o] = T.call_extern("int32", "ep_smlad", '
-              f"xs[cc, oh * {sh} + ry * {dh}, ow * {sw} + rx * {dw}], "
-              f"w[{obv}, cc, ry, rx, o], acc[o])",
-              f"{ind}    for o in T.unroll({count}):",
-              f"{ind}        {out_idx(f'{obv} * {OC_BLOCK} + o')} = "
-              f"{_requant_expr('acc[o]', f'{obv} * {OC_BLOCK} + o', hiword, layer)}"]
+        obv, ind = ("ob", "            ") if count == oc_block else (str(o // oc_block), "        ")
+        if count == oc_block:
+            L.append(f"        for ob in range({blocks}):")
+        L.append(f"{ind}for oh in range({oh_n}):")
+        if px_full:
+            L.append(f"{ind}    for owb in range({px_full}):")
+            L += tile(ind + "        ", obv, count, f"owb * {px_block}", px_block)
+        if px_tail:
+            L += tile(ind + "    ", obv, count, str(px_full * px_block), px_tail)
     return "\n".join(L), [words] + consts
 
 
