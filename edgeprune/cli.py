@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "edgeprune.quantize.cli",
     "edgeprune.commands.deploy",
     "edgeprune.commands.report",
+    "edgeprune.feedback.cli",
 ]
 
 
