@@ -1,0 +1,89 @@
+"""`edgeprune feedback MODEL --target T --data D --budget latency_ms=5,... --out DIR`.
+
+Searches per-layer pruning ratios on measured target costs (`deploy --budget` runs the same search
+inside the whole pipeline). DIR receives ratios.json (for `prune --per-layer` / `deploy
+--per-layer`), trajectory.json, cost_table.json, pareto.png, model.pt and pruning.json.
+Exit code 0 when every budget is met as measured, 1 when not (the message names the budget and
+the closest point reached).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+STAGE = "feedback"
+
+
+def register(sub) -> None:
+    from ..prune import CRITERIA
+
+    p = sub.add_parser("feedback", help="search per-layer pruning ratios on measured target costs",
+                       description=__doc__)
+    p.add_argument("model", help="a .pt/.onnx file, or a zoo name (trained first, cached)")
+    p.add_argument("--target", default="cortex-m7")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--budget", required=True,
+                   help="latency_ms=5,energy_uj=300,flash_kb=256,sram_kb=64 (any subset)")
+    p.add_argument("--criterion", default="l1", choices=CRITERIA)
+    p.add_argument("--finetune", type=float, default=1.0, help="final fine-tuning epochs")
+    p.add_argument("--short-finetune", type=int, default=2000,
+                   help="training samples each candidate is fine-tuned on")
+    p.add_argument("--train-samples", type=int, help="fine-tune on the first N training samples")
+    p.add_argument("--train-epochs", type=float, default=1.0, help="training of a zoo model")
+    p.add_argument("--workers", type=int, help="parallel candidate evaluations (default 2)")
+    p.add_argument("--input-shape", help="static input shape where the model's is not stored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import data as datasets
+    from ..compile import finish_out_dir, prepare_out_dir
+    from ..deploy import parse_budget, trained_zoo_model
+    from ..load import is_zoo_name, load_torch, parse_shape, save_torch
+    from . import search
+
+    from ..errors import EdgepruneError
+
+    try:
+        budget = parse_budget(args.budget)
+    except EdgepruneError as e:
+        e.stage = STAGE
+        raise
+    log = (lambda *a: None) if args.json else (lambda msg: print(msg, flush=True))
+    tmp = prepare_out_dir(args.out, args.force)
+    try:
+        data = datasets.load(args.data)
+        if is_zoo_name(args.model):
+            model, shape = trained_zoo_model(args.model, data, parse_shape(args.input_shape),
+                                             args.train_epochs, args.seed, log)
+        else:
+            model, shape = load_torch(args.model, parse_shape(args.input_shape), data.num_classes)
+        example = torch.from_numpy(data.x_train[:shape[0]].reshape(shape))
+        result = search(model, example, data, args.target, budget, criterion=args.criterion,
+                        seed=args.seed, work_dir=tmp, log=log, workers=args.workers,
+                        finetune_epochs=args.finetune, train_samples=args.train_samples,
+                        short_finetune_samples=args.short_finetune, progress=not args.json)
+        save_torch(result.model, shape, tmp / "model.pt")
+        (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
+        finish_out_dir(tmp, args.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = result.summary()
+    summary["files"] = {k: str(args.out / k) for k in result.files} | {
+        "model.pt": str(args.out / "model.pt"), "pruning.json": str(args.out / "pruning.json")}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(result.message)
+        print(f"wrote {args.out}/ratios.json (use with `edgeprune prune --per-layer`), "
+              "trajectory.json, cost_table.json, pareto.png, model.pt, pruning.json")
+    return 0 if result.met else 1
