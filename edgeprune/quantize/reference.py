@@ -1,11 +1,12 @@
 """The golden model: numpy integer execution of a QuantModel, bit for bit what the C code does.
 
 All values are integers.  Convolutions and dense layers accumulate exactly: products and sums
-are formed with a float64 BLAS matmul on integer-valued arrays, which is exact because every
-partial sum is an integer of magnitude below 2**31 (checked statically by
-`qmodel.accumulator_bound`) << 2**53, so no rounding can occur; `exact_int64=True` uses a pure
-int64 matmul instead (slower; the tests check both agree).  Requantization is `requant.requantize`
-in int64.
+are formed with a BLAS matmul on integer-valued float arrays, which is exact because every
+partial sum is an integer whose magnitude is bounded by sum|w| * max|x - zp| (below 2**31, checked
+statically by `qmodel.accumulator_bound`): float32 is used when that bound is below 2**24, float64
+(exact below 2**53) otherwise, so no rounding can occur; `exact_int64=True` uses a pure int64
+matmul instead (slower; the tests check both agree).  Requantization is `requant.requantize` in
+int64.
 """
 
 from __future__ import annotations
@@ -42,10 +43,25 @@ def _windows(x: np.ndarray, kernel, strides, padding, dilation, pad_value) -> np
     return win[:, :, ::strides[0], ::strides[1], ::dh, ::dw]
 
 
-def _matmul(a: np.ndarray, b: np.ndarray, exact_int64: bool) -> np.ndarray:
+def _work_dtype(qm: QuantModel, op: Op, exact_int64: bool):
+    """The narrowest type in which this op's integer matmul is exact (see the module doc)."""
     if exact_int64:
-        return np.matmul(a.astype(np.int64), b.astype(np.int64))
-    return np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
+        return np.int64
+    return np.float32 if _product_bound(qm, op) < 2 ** 24 else np.float64
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, dtype) -> np.ndarray:
+    """Integer-valued a @ b computed in `dtype` (exact by the caller's bound), as int64."""
+    y = np.matmul(a.astype(dtype, copy=False), b.astype(dtype, copy=False))
+    return y if dtype is np.int64 else np.rint(y).astype(np.int64)
+
+
+def _product_bound(qm: QuantModel, op: Op) -> int:
+    """max over output channels of sum|w| * max|x - zp|: bounds every partial sum."""
+    t = qm.tensors[op.inputs[0]]
+    w = qm.param(op, "weight")
+    xmax = max(t.qmax - t.zero_point, t.zero_point - t.qmin)
+    return int(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(1).max(initial=0)) * xmax
 
 
 def conv_accumulator(qm: QuantModel, op: Op, x: np.ndarray, exact_int64: bool = False
@@ -56,14 +72,16 @@ def conv_accumulator(qm: QuantModel, op: Op, x: np.ndarray, exact_int64: bool = 
     w = qm.param(op, "weight")
     o, cg, kh, kw = w.shape
     g = int(a["groups"])
-    xs = x.astype(np.int64) - zp
+    dt = _work_dtype(qm, op, exact_int64)
+    xs = x.astype(dt) - dt(zp)
     win = _windows(xs, (kh, kw), a["strides"], a["padding"], a["dilation"], 0)
     n, c, oh, ow = win.shape[:4]
-    # (N, G, Cg*KH*KW, OH*OW)
-    cols = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(0, 1, 2, 5, 6, 3, 4)
-    cols = cols.reshape(n, g, cg * kh * kw, oh * ow)
-    wm = w.reshape(g, o // g, cg * kh * kw)[None]       # (1, G, Og, K)
-    acc = _matmul(wm, cols, exact_int64).reshape(n, o, oh, ow)
+    # One GEMM per group over the whole batch: (G, Og, K) @ (G, K, N*OH*OW), both contiguous
+    # (a broadcast batch dimension would make numpy skip BLAS).
+    cols = win.reshape(n, g, cg, oh, ow, kh, kw).transpose(1, 2, 5, 6, 0, 3, 4)
+    cols = np.ascontiguousarray(cols).reshape(g, cg * kh * kw, n * oh * ow)
+    wm = w.reshape(g, o // g, cg * kh * kw)
+    acc = _matmul(wm, cols, dt).reshape(o, n, oh, ow).transpose(1, 0, 2, 3)
     return acc + qm.param(op, "bias").astype(np.int64).reshape(1, o, 1, 1)
 
 
@@ -71,7 +89,8 @@ def dense_accumulator(qm: QuantModel, op: Op, x: np.ndarray, exact_int64: bool =
                       ) -> np.ndarray:
     zp = qm.tensors[op.inputs[0]].zero_point
     w = qm.param(op, "weight")
-    acc = _matmul(x.astype(np.int64) - zp, w.T, exact_int64)
+    dt = _work_dtype(qm, op, exact_int64)
+    acc = _matmul(x.astype(dt) - dt(zp), w.T, dt)
     return acc + qm.param(op, "bias").astype(np.int64)[None]
 
 
