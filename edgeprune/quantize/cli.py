@@ -36,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile"))
     p.add_argument("--eval-samples", type=int, default=1000, help="test samples for accuracy")
+    p.add_argument("--tune-samples", type=int, default=500,
+                   help="--mixed decides on this many test samples after the --eval-samples")
     p.add_argument("--epochs", type=float, default=1.0, help="QAT / ADMM training epochs")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--train-samples", type=int, default=None,
@@ -55,6 +57,7 @@ def run(args) -> int:
     cfg = QuantizeConfig(method=args.method, fmt=args.fmt, bits=bits, mixed=args.mixed,
                          max_drop=args.max_drop, calib_samples=args.calib_samples,
                          calib_method=args.calib_method, eval_samples=args.eval_samples,
+                         tune_samples=args.tune_samples,
                          epochs=args.epochs, lr=args.lr, max_train_samples=args.train_samples,
                          seed=args.seed)
     log = (lambda *a: None) if args.json else (lambda msg: print(f"quantize: {msg}", flush=True))

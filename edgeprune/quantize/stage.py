@@ -42,7 +42,8 @@ class QuantizeConfig:
     max_drop: float = 0.5              # accuracy points: auto's QAT trigger, mixed's budget
     calib_samples: int = 512
     calib_method: str = "minmax"
-    eval_samples: int = 1000           # held-out test samples for accuracy (and mixed's checks)
+    eval_samples: int = 1000           # test samples for the reported accuracy
+    tune_samples: int = 500            # test samples after those, for mixed's choices
     epochs: float = 1.0                # QAT / ADMM training epochs
     lr: float | None = None            # None: method default (QAT 0.005, ADMM 0.01)
     max_train_samples: int | None = None
@@ -85,7 +86,8 @@ def check_config(cfg: QuantizeConfig, target) -> None:
     if cfg.mixed and cfg.method == "qat":
         raise EdgepruneError("--mixed with --method qat: QAT keeps 8-bit weights; use ptq, auto "
                              "or admm")
-    for name, v in (("--calib-samples", cfg.calib_samples), ("--eval-samples", cfg.eval_samples)):
+    for name, v in (("--calib-samples", cfg.calib_samples), ("--eval-samples", cfg.eval_samples),
+                    ("--tune-samples", cfg.tune_samples)):
         if v < 1:
             raise EdgepruneError(f"{name} must be at least 1, got {v}")
     if cfg.epochs <= 0 and cfg.method in ("qat", "admm"):
@@ -129,7 +131,7 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     # the test samples after those, so the reported accuracy is not the one it tuned for.
     n = cfg.eval_samples
     x_eval, y_eval = data.x_test[:n], data.y_test[:n]
-    x_tune, y_tune = data.x_test[n:2 * n], data.y_test[n:2 * n]
+    x_tune, y_tune = data.x_test[n:n + cfg.tune_samples], data.y_test[n:n + cfg.tune_samples]
     net = extract(model, shape)
     out_shape = tuple(net.nodes[-1].out_shape)
     if len(out_shape) != 2 or out_shape[1] < data.num_classes:
