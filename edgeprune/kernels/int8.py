@@ -45,9 +45,36 @@ static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) {
                    + (uint32_t)((a >> 16) * (b >> 16)));
 }
 #endif
+/* clamp(v, lo, hi); one SSAT when [lo, hi] is the whole int8/int16 range. */
+static inline int32_t ep_clamp(int32_t v, int32_t lo, int32_t hi) {
+#if defined(__ARM_FEATURE_SAT) && __ARM_FEATURE_SAT
+  if (lo == -128 && hi == 127) return __ssat(v, 8);
+  if (lo == -32768 && hi == 32767) return __ssat(v, 16);
+#endif
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+/* clamp(zp + ((acc * m + rnd) >> (sh + 32)), lo, hi): the high word of one 64-bit
+   multiply-accumulate (SMLAL), for total shifts >= 32. */
+static inline int32_t ep_requant_hi(int32_t acc, int32_t m, int64_t rnd, int32_t sh, int32_t zp,
+                                    int32_t lo, int32_t hi) {
+  return ep_clamp(((int32_t)(((int64_t)acc * m + rnd) >> 32) >> sh) + zp, lo, hi);
+}
+/* The same for any total shift in [1, 62], in 64 bits. */
+static inline int32_t ep_requant(int32_t acc, int32_t m, int64_t rnd, int32_t sh, int32_t zp,
+                                 int32_t lo, int32_t hi) {
+  int64_t v = (((int64_t)acc * m + rnd) >> sh) + zp;
+  return (int32_t)(v < lo ? lo : v > hi ? hi : v);
+}
 """
 
 KERNEL_ATTR = "edgeprune.kernel"
+PRELUDE_FUNCS = ("ep_smlad", "ep_requant", "ep_clamp")
+
+
+def with_prelude(c_source: str) -> str:
+    """The kernels' C file, with C_PRELUDE in front when a kernel calls one of its helpers."""
+    return C_PRELUDE + c_source if any(f in c_source for f in PRELUDE_FUNCS) else c_source
 
 
 @dataclass
@@ -243,13 +270,9 @@ def _requant_consts(layer: QLayer):
 
 
 def _requant_expr(acc: str, oc: str, hiword: bool, layer: QLayer) -> str:
-    v = f'T.Cast("int64", {acc}) * T.Cast("int64", mult[{oc}]) + rnd[{oc}]'
-    if hiword:
-        r = f'T.shift_right(T.Cast("int32", T.shift_right({v}, T.int64(32))), shift[{oc}]) + {layer.zp_out}'
-        return f'T.Cast("{layer.out_dtype}", T.max(T.min({r}, {layer.hi}), {layer.lo}))'
-    r = f'T.shift_right({v}, T.Cast("int64", shift[{oc}])) + T.int64({layer.zp_out})'
-    return (f'T.Cast("{layer.out_dtype}", T.max(T.min({r}, T.int64({layer.hi})), '
-            f'T.int64({layer.lo})))')
+    fn = "ep_requant_hi" if hiword else "ep_requant"
+    return (f'T.Cast("{layer.out_dtype}", T.call_extern("int32", "{fn}", {acc}, mult[{oc}], '
+            f"rnd[{oc}], shift[{oc}], {layer.zp_out}, {layer.lo}, {layer.hi}))")
 
 
 def _shape(s) -> str:
@@ -355,6 +378,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     L = _header(layer, words.shape, "int32", o, layer.kind)
     L += [f'    xs = T.alloc_buffer(({c2}, {hs}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
+          f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")',
           f"    for nb in range({n}):"]
     # Border (zero point) of the scratch; an odd channel count leaves the last high half 0
     # (its weights are 0 too).
@@ -388,11 +412,17 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         lines += [f'{ind}            {a(k, p)} = T.call_extern("int32", "ep_smlad", '
                   f"xs[cc, oh * {sh} + ry * {dh}, {col(p)}], w[{obv}, cc, ry, rx, {k}], {a(k, p)})"
                   for k in range(count) for p in range(npx)]
+        # All results first, then the stores: an int8 store may alias any constant, which
+        # would force the per-channel constants to be reloaded for every pixel.
+        for p in range(npx):
+            for k in range(count):
+                oc = f"{obv} * {oc_block} + {k}"
+                lines.append(f"{ind}res[{p * count + k}] = {_requant_expr(a(k, p), oc, hiword, layer)}")
         for p in range(npx):
             for k in range(count):
                 oc = f"{obv} * {oc_block} + {k}"
                 dst = f"y[nb, {oc}]" if dense else f"y[nb, {oc}, oh, {owv} + {p}]"
-                lines.append(f"{ind}{dst} = {_requant_expr(a(k, p), oc, hiword, layer)}")
+                lines.append(f"{ind}{dst} = res[{p * count + k}]")
         return lines
 
     px_full, px_tail = divmod(ow_n, px_block)
