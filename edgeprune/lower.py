@@ -230,9 +230,8 @@ def build_kernels(mod, prefix: str) -> str:
     except Exception as e:
         raise EdgepruneError(f"TVM C code generation failed: {str(e).strip().splitlines()[-1]}")
     src = lib.inspect_source()
-    if "ep_smlad" in src:
-        from .kernels import C_PRELUDE
-        src = C_PRELUDE + src
+    from .kernels import with_prelude
+    src = with_prelude(src)  # helpers the hand-scheduled int8 kernels call, if any
     # Every generated file defines this symbol; give it a per-model name so models can be linked together.
     return src.replace("__tvm_ffi__library_ctx", f"{prefix}_tvm_library_ctx")
 
