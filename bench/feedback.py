@@ -68,7 +68,9 @@ def main(quick: bool = False, **overrides) -> dict:
     from edgeprune import data as datasets
     from edgeprune.deploy import trained_zoo_model
     from edgeprune.feedback import search
-    from edgeprune.feedback.measure import measure_model
+    from edgeprune.feedback.measure import toolchain_fingerprint
+    from edgeprune.feedback.search import default_cache_dir
+    from edgeprune.feedback.worker import JobData, Runner
     from edgeprune.prune import prune
     from edgeprune.targets import load_target
     from edgeprune.train import evaluate, train
@@ -91,8 +93,14 @@ def main(quick: bool = False, **overrides) -> dict:
                for i in range(0, 512, 128)]
     criterion = cfg.get("criterion") or best_criterion()
 
+    # measurements in a worker process (TVM and torch training must not share a process),
+    # cached like the search's own
+    runner = Runner(JobData(data.x_train[:8], data.y_train[:8], data.x_test[:8], data.y_test[:8],
+                            calib), default_cache_dir() / target.name / "bench", 1)
+    fingerprint = toolchain_fingerprint(target)
+
     def measure(m):
-        c = measure_model(m, shape, target, calib)
+        c = runner.measure([m], shape, target, fingerprint)[0]
         print(f"bench feedback: measured {c['instructions']:,} instructions", flush=True)
         return c
 
@@ -167,6 +175,7 @@ def main(quick: bool = False, **overrides) -> dict:
     result["goal"] = ("(c) meets the budget with >= 1 pt more accuracy than (a): "
                       + str(result["feedback"]["met"] and result["feedback_minus_uniform_pt"] >= 1.0))
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    runner.close()
     _write(result)
     return result
 

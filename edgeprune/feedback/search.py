@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..errors import EdgepruneError
 from .costs import Predictor, grid_widths, min_width
 from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_fingerprint
-from .worker import JobData, Runner, candidate_job, job_key, measure_job
+from .worker import JobData, Runner, candidate_job, job_key
 
 STAGE = "feedback"
 
@@ -171,12 +171,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
 
     def measure(models: list[nn.Module], what: str) -> list[dict]:
         bar.start(what, len(models))
-        jobs = []
-        for m in models:
-            blob = to_bytes(m)
-            jobs.append((job_key(fingerprint, model_hash(m), calib_samples),
-                         (blob, shape, str(target.path))))
-        return runner.map("measure", measure_job, jobs, done=bar.advance)
+        return runner.measure(models, shape, target, fingerprint, done=bar.advance)
 
     def at_widths(widths: dict[str, int]) -> nn.Module:
         """The base model cut to `widths` (by L1: cost does not depend on which channels)."""

@@ -82,21 +82,37 @@ def job_key(*parts) -> str:
 
 
 class Runner:
-    """Runs jobs inline (workers=1) or in a spawn process pool; results cached under `cache`."""
+    """Runs jobs in a spawn process pool; results cached under `cache`.
+
+    Always a pool, even of one: TVM compilation and torch training in one process corrupt the
+    heap (observed: "double free or corruption" in a later backward pass), so the caller's
+    process, which fine-tunes, never compiles. The pool starts on the first job that is not
+    cached, so a fully cached (resumed) search starts no process.
+    """
 
     def __init__(self, data: JobData, cache: Path, workers: int):
-        self.cache, self.workers = cache, max(1, workers)
-        self.pool = None
+        self.cache, self.workers, self.data = cache, max(1, workers), data
+        self._pool = None
         self.hits = self.runs = 0
-        if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                            initializer=init_worker, initargs=(data,))
-        else:
-            init_worker(data)
+
+    @property
+    def pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                             initializer=init_worker, initargs=(self.data,))
+        return self._pool
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def measure(self, models: list, input_shape: tuple[int, ...], target, fingerprint: str,
+                done: Callable[[], None] | None = None) -> list[dict]:
+        """Measured costs of each model on `target`, cached by code generator and model hash."""
+        from .measure import model_hash
+        jobs = [(job_key(fingerprint, model_hash(m), len(self.data.calib)),
+                 (to_bytes(m), tuple(input_shape), str(target.path))) for m in models]
+        return self.map("measure", measure_job, jobs, done)
 
     def map(self, kind: str, fn: Callable, jobs: list[tuple[str, tuple]],
             done: Callable[[], None] | None = None) -> list:
@@ -112,12 +128,9 @@ class Runner:
                     done()
             else:
                 pending.append((i, key, args))
-        if self.pool is None:
-            futures = [(i, key, None, args) for i, key, args in pending]
-        else:
-            futures = [(i, key, self.pool.submit(fn, *args), args) for i, key, args in pending]
-        for i, key, fut, args in futures:
-            results[i] = fut.result() if fut is not None else fn(*args)
+        futures = [(i, key, self.pool.submit(fn, *args)) for i, key, args in pending]
+        for i, key, fut in futures:
+            results[i] = fut.result()
             self._store(kind, key, results[i])
             self.runs += 1
             if done:
