@@ -1,8 +1,10 @@
 """Schedules that shrink kernel scratch RAM, applied to each fused PrimFunc before codegen.
 
 Legalized TIR materialises whole intermediates: the padded input and the reduction result
-before its epilogue (bias, ReLU, residual add). On an MCU that scratch can exceed the
-activations. Two rewrites, each tried and kept only if TVM accepts it:
+before its epilogue (bias, ReLU, residual add), and every step of an elementwise chain. On an
+MCU that scratch can exceed the activations. Kernels without a reduction get every
+intermediate inlined into the output block. For reductions, two rewrites, each tried and kept
+only if TVM accepts it:
   1. the elementwise epilogue is computed right after each output element's reduction, so the
      reduction result shrinks to one scalar;
   2. the padding copy is computed per output row (loops reordered so rows are outermost), so
@@ -50,10 +52,44 @@ def schedule_for_small_ram(func):
     if root is None:
         return func
     reductions = [b for b in sch.get_child_blocks(root) if _is_reduction(sch, b)]
+    if not reductions:
+        return _inline_elementwise(sch).mod["main"]
     for red_name in [sch.get(b).name_hint for b in reductions]:
+        sch = _inline_read_once_producers(sch, red_name)
         sch = _fuse_epilogue(sch, red_name)
         sch = _pad_per_row(sch, red_name)
     return sch.mod["main"]
+
+
+def _inline_elementwise(sch: Schedule) -> Schedule:
+    """A kernel without reductions (casts, requantized adds, activations): compute every
+    intermediate inside the block that writes the output, so none is materialised."""
+    for name in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:
+        sch = _try(sch, lambda s: s.compute_inline(s.get_sblock(name)))
+    return sch
+
+
+def _extent_product(values) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
+def _inline_read_once_producers(sch: Schedule, red_name: str) -> Schedule:
+    """Elementwise producers of a reduction that reads each of their elements once (a sum or
+    mean over axes, not a convolution window) are computed inside it instead of stored."""
+    while True:
+        red = sch.get_sblock(red_name)
+        domain = _extent_product(iv.dom.extent for iv in sch.get(red).iter_vars)
+        candidates = [p for p in sch.get_producers(red) if not _is_reduction(sch, p)
+                      and _extent_product(iv.dom.extent for iv in sch.get(p).iter_vars) == domain]
+        before = sch
+        for p in candidates:
+            name = sch.get(p).name_hint
+            sch = _try(sch, lambda s: s.compute_inline(s.get_sblock(name)))
+        if sch is before:
+            return sch
 
 
 def _has_root(sch: Schedule) -> bool:
