@@ -5,9 +5,14 @@ zero point -128 as after a ReLU), compiled with `compile_model` for every Cortex
 exists and run with `simulate`: retired instructions per layer (all kernels the layer became),
 kernel code bytes, arena bytes, and a bit-exact check against the numpy integer reference.
 
+Also the whole zoo networks ResNet-8 and DS-CNN (PTQ int8), with edgeprune's kernels and with
+TVM's default lowering for comparison.
+
 Writes bench/results/kernels.json keyed by target:
   {"cortex-m7": {"layers": {"L1": instructions, ...}, "total_instructions": N,
-                 "code_bytes": N, "arena_bytes": N, "bit_exact": true, ...}, ...}
+                 "code_bytes": N, "arena_bytes": N, "bit_exact": true, ...,
+                 "networks": {"resnet8": {"instructions": N, "tvm_default_instructions": N,
+                                          "bit_exact": true, ...}, ...}}, ...}
 """
 
 import json
@@ -116,6 +121,42 @@ def run_target(target: str, layers: dict, work: Path, samples: int = 2) -> dict:
     return result
 
 
+NETWORKS = ["resnet8", "dscnn"]
+
+
+def network_qmodel(name: str, seed: int = 0):
+    """A zoo network, PTQ-quantized to int8 on seeded uniform inputs (instruction counts do not
+    depend on the weights' values; bit-exactness is checked all the same)."""
+    from edgeprune import models
+    from edgeprune.quantize import ptq
+
+    model, shape = models.build(name, seed=seed)
+    calib = np.random.default_rng(seed).random((64, *shape[1:]), dtype=np.float32)
+    return ptq.quantize_ptq(model, shape, calib)
+
+
+def run_network(target: str, name: str, work: Path, specialized: bool = True) -> dict:
+    """Whole-network instructions; specialized=False measures TVM's default lowering instead."""
+    import edgeprune.kernels as kernels
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    qdir = network_qmodel(name).save(work / f"{name}-q")
+    out = work / f"{name}-{target}-{int(specialized)}"
+    original = kernels.specialize_int8
+    if not specialized:
+        kernels.specialize_int8 = lambda mod: mod
+    try:
+        build = compile_model(str(qdir), target, out, force=True, log=lambda *a: None)
+    finally:
+        kernels.specialize_int8 = original
+    res, _ = simulate(out, samples=2, seed=1)
+    print(f"  {target} {name}{'' if specialized else ' (TVM default)'}: "
+          f"{res['instructions']:,} instructions, mismatches {res['mismatches']}", flush=True)
+    return {"instructions": res["instructions"], "bit_exact": bool(res["outputs_match"]),
+            "code_bytes": build["memory"]["kernels_bytes"], "arena_bytes": build["arena_bytes"]}
+
+
 def main(quick: bool = False) -> dict:
     from edgeprune.targets import target_names
 
@@ -127,6 +168,12 @@ def main(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="ep-kernels-") as tmp:
         for t in targets:
             results[t] = run_target(t, LAYERS, Path(tmp))
+            nets = {}
+            for name in NETWORKS[:1] if quick else NETWORKS:
+                nets[name] = run_network(t, name, Path(tmp))
+                nets[name]["tvm_default_instructions"] = \
+                    run_network(t, name, Path(tmp), specialized=False)["instructions"]
+            results[t]["networks"] = nets
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if not quick:
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
