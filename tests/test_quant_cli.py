@@ -65,6 +65,20 @@ def test_pow2_admm_cli_to_qemu_bit_exact(tmp_path, capsys):
     assert "<<" in body
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.zoo_names())
+def test_every_zoo_model_int8_bit_exact_on_100_real_samples(name, tmp_path, capsys):
+    # The acceptance, through the CLI: trained zoo model (1 epoch, cached), default
+    # quantization, TVM C on the Cortex-M7 in QEMU against the golden model.
+    q, b = tmp_path / "q", tmp_path / "b"
+    assert _cli(capsys, "quantize", name, "--target", "cortex-m7", "--data", "fashion-mnist",
+                "--out", q)[0] == 0
+    assert _cli(capsys, "compile", q, "--out", b, "--force")[0] == 0
+    rc, out, _ = _cli(capsys, "simulate", b, "--samples", 100, "--json")
+    sim = json.loads(out)
+    assert rc == 0 and sim["samples"] == 100 and sim["mismatches"] == 0
+
 def test_cli_refuses_bad_input_and_keeps_existing_out(tmp_path, capsys, cnn):
     model, shape = cnn
     q = tmp_path / "q"
@@ -164,3 +178,19 @@ def test_mixed_precision_promotes_activations_to_int16(fmnist, cnn):
     _, act8, _ = mixed.choose(net, ranges, x, y, float_acc + 50.0, [8], [8], max_drop=0.0)
     assert act8 == {}
 
+
+
+def test_auto_fine_tunes_with_qat_when_ptq_loses_accuracy(fmnist, cnn):
+    from edgeprune.quantize.stage import QuantizeConfig, quantize
+    from edgeprune.targets import load_target
+
+    model, shape = cnn
+    # one calibration image with clipped ranges: PTQ loses accuracy, so auto runs QAT
+    cfg = QuantizeConfig(calib_samples=1, calib_method="percentile", max_drop=0.0,
+                         eval_samples=300, epochs=0.05)
+    qm, report = quantize(model, shape, fmnist, load_target("cortex-m7"), cfg, log=lambda m: None)
+    acc = report["accuracy"]
+    assert acc["by_method"]["ptq"] < acc["float"]
+    assert set(acc["by_method"]) == {"ptq", "qat"}
+    assert acc["quantized"] == max(acc["by_method"].values())
+    assert report["method"] == qm.meta["method"] == max(acc["by_method"], key=acc["by_method"].get)
