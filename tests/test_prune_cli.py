@@ -148,3 +148,15 @@ def test_ratio_is_the_default_for_layers_the_file_does_not_name(tmp_path):
     model, _ = load_torch(str(out / "model.pt"))
     assert model.get_submodule("layer1.conv1").out_channels == 8
     assert model.get_submodule("layer2.conv1").out_channels == 24
+
+
+def test_lottery_ticket_rewinds_from_a_file(tmp_path):
+    model, _ = load_torch("cnn")
+    torch.save(model.state_dict(), tmp_path / "early.pt")
+    out = tmp_path / "p"
+    assert _prune("cnn", "--method", "lth", "--rewind-from", tmp_path / "early.pt", "--data",
+                  "fashion-mnist", "--eval-samples", "100", "--out", out) == 0
+    pruned, _ = load_torch(str(out / "model.pt"))
+    kept = json.loads((out / "pruning.json").read_text())["layers"]["features.0.0"]["out_kept"]
+    torch.testing.assert_close(pruned.get_submodule("features.0.0").weight,
+                               model.get_submodule("features.0.0").weight[kept])

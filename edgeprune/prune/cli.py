@@ -42,6 +42,8 @@ def register(sub) -> None:
                                   "(e.g. fashion-mnist)")
     p.add_argument("--finetune", type=float, default=0.0, help="fine-tuning epochs (needs --data)")
     p.add_argument("--max-samples", type=int, help="fine-tune on the first N training samples")
+    p.add_argument("--rewind-from", type=Path,
+                   help="--method lth: weights from early in training (state_dict or model file)")
     p.add_argument("--kernel-ratio", type=float, default=0.0,
                    help="also remove this fraction of k×k kernels per filter (kernel-wise pattern)")
     p.add_argument("--intra-stride", type=int, default=1,
@@ -74,6 +76,28 @@ def read_per_layer(path: Path) -> dict[str, float]:
             raise EdgepruneError(f"--per-layer {path}: ratio for layer '{k}' is {v!r}, "
                                  "not a number", stage=STAGE)
     return {str(k): float(v) for k, v in obj.items()}
+
+
+def read_rewind_state(path: Path) -> dict:
+    """A state_dict from a state_dict file, a saved module or a zoo checkpoint."""
+    import torch.nn as nn
+
+    from ..load import _torch_load
+    if not path.exists():
+        raise EdgepruneError(f"--rewind-from {path} does not exist", stage=STAGE)
+    try:
+        import torch
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        obj = _torch_load(path)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise EdgepruneError(f"--rewind-from {path}: holds a {type(obj).__name__}, not a "
+                             "state_dict or a model", stage=STAGE)
+    return obj
 
 
 def _load_data(name: str, shape: tuple[int, ...], origin: str):
@@ -131,8 +155,10 @@ def run(args) -> int:
     acc_original = score(model) if score else None
     log(f"{args.model}: criterion {args.criterion}, method {args.method}"
         + (f", accuracy {acc_original:.2f} % on {len(x_eval)} test samples" if score else ""))
+    extra = {"rewind_state": read_rewind_state(args.rewind_from)} if args.rewind_from else {}
     pruned, record = methods.run(args.method, model, example, data, spec, epochs=args.finetune,
-                                 seed=args.seed, max_samples=args.max_samples, evaluate=score)
+                                 seed=args.seed, max_samples=args.max_samples, evaluate=score,
+                                 **extra)
     if score:
         before = record.pop("acc_before_finetune", None)
         record["accuracy"] = {"original": acc_original, "before_finetune": before,
