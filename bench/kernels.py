@@ -91,11 +91,24 @@ def macs(kind, cin, cout, k, hw, stride, groups) -> int:
     return cout * oh * oh * (cin // groups) * k * k
 
 
+RUNTIME_SYMBOLS = ("model_run", "ep_workspace_set", "TVMBackendAllocWorkspace",
+                   "TVMBackendFreeWorkspace")
+
+
+def runtime_code_bytes(elf: Path) -> int:
+    """Code of the generated driver and the workspace shim (what runs besides the kernels)."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(elf, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        return sum(s["st_size"] for s in symtab.iter_symbols() if s.name in RUNTIME_SYMBOLS)
+
+
 def run_target(target: str, layers: dict, work: Path, samples: int = 2) -> dict:
     from edgeprune.compile import compile_model
     from edgeprune.simulate import simulate
 
-    per_layer, code, arena, exact, mismatches, kernels = {}, 0, 0, True, 0, {}
+    per_layer, code, arena, exact, mismatches, kernels, runtime = {}, 0, 0, True, 0, {}, 0
     for name, spec in layers.items():
         qdir = layer_qmodel(*spec).save(work / f"{name}-q")
         out = work / f"{name}-{target}"
@@ -104,6 +117,7 @@ def run_target(target: str, layers: dict, work: Path, samples: int = 2) -> dict:
         per_layer[name] = sum(l["instructions"] for l in res["layers"])
         kernels[name] = [l["name"] for l in res["layers"]]
         code += build["memory"]["kernels_bytes"]
+        runtime = max(runtime, runtime_code_bytes(out / build["firmware"]))
         arena = max(arena, build["arena_bytes"])
         mismatches += res["mismatches"]
         exact &= bool(res["outputs_match"])
@@ -112,6 +126,7 @@ def run_target(target: str, layers: dict, work: Path, samples: int = 2) -> dict:
     total = sum(per_layer.values())
     ref = CMSIS_NN.get(target, {})
     result = {"layers": per_layer, "total_instructions": total, "code_bytes": code,
+              "runtime_code_bytes": runtime,
               "arena_bytes": arena, "bit_exact": exact, "mismatches": mismatches,
               "instructions_per_mac": {n: round(per_layer[n] / macs(*layers[n]), 3) for n in layers},
               "kernels": kernels, "macs": sum(macs(*s) for s in layers.values()),
