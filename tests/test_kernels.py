@@ -21,16 +21,16 @@ class Net:
         self.ops, self.params, self.last = [], {}, "x"
 
     def _add(self, kind, out_shape, attrs, weight=None, scale_range=(0.5, 2.0), zp_out=-3,
-             real_scales=None):
+             real_scales=None, out_dtype="int8"):
         name = f"op{len(self.ops)}"
-        tin = self.tensors[self.last]
         out = f"t{len(self.ops)}"
-        self.tensors[out] = TensorInfo(out, list(out_shape), "int8", 0.1, zp_out)
+        wide = out_dtype == "int16"  # symmetric, outputs spread over the int16 range
+        self.tensors[out] = TensorInfo(out, list(out_shape), out_dtype, 0.1, 0 if wide else zp_out)
         if weight is not None:
             o = weight.shape[0]
             fan_in = weight[0].size
             acc_std = np.sqrt(fan_in) * 100.0 * 73.0
-            scales = self.rng.uniform(*scale_range, o) * 40.0 / acc_std
+            scales = self.rng.uniform(*scale_range, o) * (10000.0 if wide else 40.0) / acc_std
             bias_max = 3000
             if real_scales is not None:  # absolute requantization scales, small accumulators
                 scales, bias_max = self.rng.uniform(*real_scales, o), 20
@@ -38,7 +38,8 @@ class Net:
             self.params.update({f"{name}.weight": weight, f"{name}.weight_scale": np.ones(o, np.float32),
                                 f"{name}.bias": self.rng.integers(-bias_max, bias_max, o).astype(np.int32),
                                 f"{name}.multiplier": m, f"{name}.shift": sh})
-            attrs = {**attrs, "clamp": [-128, 127], "weight_bits": 8, "weight_format": "int",
+            attrs = {**attrs, "clamp": [-32768, 32767] if wide else [-128, 127],
+                     "weight_bits": 8, "weight_format": "int",
                      "activation": None}
         self.ops.append(Op(kind, name, [self.last], out, attrs))
         self.last = out
@@ -105,13 +106,14 @@ def test_odd_shapes_bit_exact(tmp_path):
 
 def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     """Zero point 0 (the conv's own padding), scales up to 0.9 (total shift 31: the 64-bit
-    requantization path), more than one full 8-channel block, non-square stride (2, 1)."""
+    requantization path), more than one full 8-channel block, non-square stride (2, 1), an int16
+    output (16-bit saturation)."""
     qm = (Net((1, 4, 6, 10), zp=0, seed=2)
           .conv(17, (3, 3), stride=(2, 1), padding=(1, 1, 1, 1))
           .conv(17, (3, 3), padding=(1, 1, 1, 1), groups=17, zp_out=0, wmax=1,
                 real_scales=(0.2, 0.9))
           .conv(3, (1, 1), wmax=1, real_scales=(0.1, 0.6))
-          .flatten().dense(9).build())
+          .flatten().dense(9, out_dtype="int16").build())
     shifts = np.concatenate([qm.params[f"{o.name}.shift"] for o in qm.weight_ops()])
     assert (31 - shifts).min() < 32 < (31 - shifts).max()  # both requantization forms occur
     build, result = _run(qm, tmp_path, "zp0")
