@@ -406,11 +406,16 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
             return f"({owv} + {p}) * {sw} + rx * {dw}"
         lines = [f"{ind}{a(k, p)} = bias[{obv} * {oc_block} + {k}]"
                  for p in range(npx) for k in range(count)]
-        lines += [f"{ind}for cc in range({c2}):",
-                  f"{ind}    for ry in T.unroll({kh}):",
-                  f"{ind}        for rx in T.unroll({kw}):"]
-        lines += [f'{ind}            {a(k, p)} = T.call_extern("int32", "ep_smlad", '
-                  f"xs[cc, oh * {sh} + ry * {dh}, {col(p)}], w[{obv}, cc, ry, rx, {k}], {a(k, p)})"
+        # Small windows (1x1) unroll channel pairs too, so the loop overhead is shared.
+        u = next(f for f in (4, 2, 1) if c2 % f == 0 and kh * kw * f <= 4 or f == 1)
+        lines += [f"{ind}for cco in range({c2 // u}):",
+                  f"{ind}    for cci in T.unroll({u}):",
+                  f"{ind}        for ry in T.unroll({kh}):",
+                  f"{ind}            for rx in T.unroll({kw}):"]
+        cc = f"cco * {u} + cci"
+        lines += [f'{ind}                {a(k, p)} = T.call_extern("int32", "ep_smlad", '
+                  f"xs[{cc}, oh * {sh} + ry * {dh}, {col(p)}], w[{obv}, {cc}, ry, rx, {k}], "
+                  f"{a(k, p)})"
                   for k in range(count) for p in range(npx)]
         # All results first, then the stores: an int8 store may alias any constant, which
         # would force the per-channel constants to be reloaded for every pixel.
