@@ -14,7 +14,8 @@ from .stage import FORMATS, METHODS, QuantizeConfig
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="integer-only fixed-point model (PTQ/QAT/ADMM, mixed "
                        "precision) for `edgeprune compile`", description=__doc__)
-    p.add_argument("model", help="a .pt/.onnx file or a zoo name")
+    p.add_argument("model", help="a .pt/.onnx file, an `edgeprune prune` output folder, or a "
+                   "zoo name")
     p.add_argument("--target", default="cortex-m7", help="word lengths come from its [quant] table")
     p.add_argument("--data", default="fashion-mnist", help="calibration, training and accuracy data")
     p.add_argument("--out", required=True, type=Path, help="output folder")

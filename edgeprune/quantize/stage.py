@@ -221,8 +221,8 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
                        input_shape: tuple[int, ...] | None = None, train_epochs: float = 1.0,
                        force: bool = False, log: Callable[[str], None] = print,
                        progress=None) -> dict:
-    """Load `spec` (a .pt/.onnx path or a zoo name, zoo models trained on `data_name` and
-    cached), quantize it, write qmodel.json + weights.npz + quantize.json to `out` atomically."""
+    """Load `spec` (a .pt/.onnx path, a prune output folder or a zoo name, zoo models trained on
+    `data_name` and cached), quantize it, write qmodel.json + weights.npz + quantize.json to `out` atomically."""
     from .. import data as datasets
     from ..compile import finish_out_dir, prepare_out_dir
     from ..load import is_zoo_name, load_torch
@@ -232,6 +232,8 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
     target = load_target(target_name)
     check_config(cfg, target)
     data = datasets.load(data_name)
+    if Path(spec).is_dir() and (Path(spec) / "model.pt").exists():
+        spec = str(Path(spec) / "model.pt")       # an `edgeprune prune` output folder
     if is_zoo_name(spec):
         from ..deploy import trained_zoo_model
         model, shape = trained_zoo_model(spec, data, input_shape, train_epochs, cfg.seed, log,
