@@ -30,6 +30,7 @@ import numpy as np
 # A conv tile keeps OC_BLOCK x PX_BLOCK sums in registers (Cortex-M has 13 usable): per kernel
 # tap it loads PX_BLOCK input words and OC_BLOCK weight words for OC_BLOCK*PX_BLOCK SMLADs.
 OC_BLOCK, PX_BLOCK = 4, 2
+DW_PX_BLOCK = 4  # depthwise: outputs of one row computed together (weights loaded once)
 
 # Prepended to the kernels' C file when a kernel uses ep_smlad. TVM's codegen declares the
 # extern itself afterwards; a later declaration without `static` keeps the internal linkage.
@@ -447,7 +448,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
 
 
 def _depthwise_kernel(layer: QLayer):
-    """depthwise: per channel, an int16 zero-point-padded plane and its weights in registers."""
+    """depthwise: per channel, an int16 zero-point-padded plane; tiles of DW_PX_BLOCK outputs."""
     o, _, kh, kw = layer.weight.shape
     n = layer.x_shape[0]
     wd = layer.weight.reshape(o, kh * kw).astype(np.int32)
@@ -458,7 +459,8 @@ def _depthwise_kernel(layer: QLayer):
     L = _header(layer, wd.shape, "int32", o, "depthwise")
     L += [f'    xs = T.alloc_buffer(({hs}, {ws}), "int16")',
           f'    wl = T.alloc_buffer(({kh * kw},), "int32")',
-          f'    acc = T.alloc_buffer((1,), "int32")']
+          f'    acc = T.alloc_buffer(({DW_PX_BLOCK},), "int32")',
+          f'    res = T.alloc_buffer(({DW_PX_BLOCK},), "{layer.out_dtype}")']
     L += _border_loops(layer, hs, ws, lambda i, j: f"xs[{i}, {j}]",
                        f'T.int16({layer.pad_value})', "    ")
     L += [f"    for nb, c in T.grid({n}, {o}):",
@@ -466,13 +468,24 @@ def _depthwise_kernel(layer: QLayer):
           f"            wl[k] = w[c, k]"]
     L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[{i}, {j}]",
                      lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "", "        ", "c")
-    L += [f"        for oh, ow in T.grid({oh_n}, {ow_n}):",
-          f"            acc[0] = bias[c]",
-          f"            for ry in T.unroll({kh}):",
-          f"                for rx in T.unroll({kw}):",
-          f'                    acc[0] = acc[0] + T.Cast("int32", xs[oh * {sh} + ry * {dh}, '
-          f"ow * {sw} + rx * {dw}]) * wl[ry * {kw} + rx]",
-          f"            y[nb, c, oh, ow] = {_requant_expr('acc[0]', 'c', hiword, layer)}"]
+
+    def tile(ind: str, owv: str, npx: int) -> list[str]:
+        """npx neighbouring outputs of one row: each weight is loaded once for all of them."""
+        lines = [f"{ind}acc[{p}] = bias[c]" for p in range(npx)]
+        lines += [f"{ind}for ry in T.unroll({kh}):", f"{ind}    for rx in T.unroll({kw}):"]
+        lines += [f'{ind}        acc[{p}] = acc[{p}] + T.Cast("int32", xs[oh * {sh} + ry * {dh}, '
+                  f"({owv} + {p}) * {sw} + rx * {dw}]) * wl[ry * {kw} + rx]" for p in range(npx)]
+        lines += [f"{ind}res[{p}] = {_requant_expr(f'acc[{p}]', 'c', hiword, layer)}"
+                  for p in range(npx)]
+        return lines + [f"{ind}y[nb, c, oh, {owv} + {p}] = res[{p}]" for p in range(npx)]
+
+    full, tail = divmod(ow_n, DW_PX_BLOCK)
+    L.append(f"        for oh in range({oh_n}):")
+    if full:
+        L.append(f"            for owb in range({full}):")
+        L += tile("                ", f"owb * {DW_PX_BLOCK}", DW_PX_BLOCK)
+    if tail:
+        L += tile("            ", str(full * DW_PX_BLOCK), tail)
     return "\n".join(L), [wd] + consts
 
 
