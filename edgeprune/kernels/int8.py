@@ -10,13 +10,16 @@ the layer's exact shape, with its weights repacked at build time:
 * conv (groups=1) and dense (= 1x1 conv on a 1x1 image): the input is copied once into a
   scratch of int32 words, each holding two input channels as signed 16-bit halves, padded
   with the zero point (so the MAC loop has no bounds checks). Weights are repacked the same
-  way, 8 output channels side by side. The MAC loop keeps 8 output-channel sums in
-  registers, unrolls the kernel window, and does two MACs per `ep_smlad` (SMLAD on cores
-  with the DSP extension, portable C elsewhere; see C_PRELUDE).
+  way, OC_BLOCK output channels side by side. A tile keeps OC_BLOCK channels x PX_BLOCK
+  neighbouring pixels (8 sums) in registers, unrolls the kernel window, and does two MACs per
+  `ep_smlad` (SMLAD on cores with the DSP extension, portable C elsewhere; see C_PRELUDE).
+  Measured on the M7 (issue 9 layers L7/L2, instr/MAC): 8x1 1.13/1.26, 4x2 0.90/1.02,
+  2x4 1.11/1.24, 4x3 1.12/1.29, 3x3 1.05/1.36.
 * depthwise (groups = channels = outputs): per channel, a zero-point-padded int16 copy of the
-  plane and the window's weights held in registers; scalar multiply-accumulate.
-* requantization is fused per output: acc*M + rnd in one 64-bit multiply-accumulate; when
-  every channel's shift is >= 32 only the high word is kept (exact: floor division composes).
+  plane; tiles of DW_PX_BLOCK outputs of a row share each weight load; scalar MLA.
+* requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
+  one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
+  kept (exact: floor division composes), then SSAT.
 Anything else (grouped convs, int16 inputs, sub-byte packed weights, other layouts) keeps
 TVM's lowering.
 """
