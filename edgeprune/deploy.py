@@ -166,7 +166,10 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                 from .feedback import search
                 feedback_result = search(model, example, data, target, cfg.budget,
                                          criterion=cfg.criterion, seed=cfg.seed,
-                                         work_dir=tmp / "feedback", log=log)
+                                         work_dir=tmp / "feedback", log=log,
+                                         finetune_epochs=cfg.finetune_epochs,
+                                         eval_samples=cfg.eval_samples,
+                                         calib_samples=cfg.calib_samples)
                 pruned, record = feedback_result.model, feedback_result.record
         else:
             with stage("prune", progress):
