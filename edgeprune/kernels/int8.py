@@ -308,9 +308,9 @@ def _geometry(layer: QLayer):
     return h + t + b, w + l + r, False, layer.strides
 
 
-def _fill_loops(layer: QLayer, hs: int, ws: int, sample: bool, dst: str, src, pad: str,
-                ind: str, cvars: str) -> list[str]:
-    """Copy the input into a padded scratch: border cells get `pad`, interior cells `src(i, j)`."""
+def _fill_loops(layer: QLayer, hs: int, ws: int, sample: bool, dst, src, ind: str) -> list[str]:
+    """Copy the input into the scratch's interior: dst(i, j) = src(input row, input column).
+    The zero-point border is written once by `_border_loops`."""
     lines = []
     if layer.kind == "dense" or sample:
         lines.append(f"{ind}for i, j in T.grid({hs}, {ws}):")
@@ -318,13 +318,14 @@ def _fill_loops(layer: QLayer, hs: int, ws: int, sample: bool, dst: str, src, pa
         lines.append(f"{ind}    {dst('i', 'j')} = {src(si, sj)}")
         return lines
     _, _, h, w = layer.x_shape
-    t, l, b, r = layer.padding
+    t, l = layer.padding[:2]
     lines.append(f"{ind}for i, j in T.grid({h}, {w}):")
     lines.append(f"{ind}    {dst(f'i + {t}', f'j + {l}')} = {src('i', 'j')}")
     return lines
 
 
 def _border_loops(layer: QLayer, hs: int, ws: int, dst, pad: str, ind: str) -> list[str]:
+    """Write `pad` into the scratch cells around the input (the zero-point padding)."""
     if layer.kind == "dense" or not any(layer.padding):
         return []
     _, _, h, w = layer.x_shape
@@ -395,11 +396,11 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         L.append(f"        for cc in range({c // 2}):")
         L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
                          lambda i, j: _pack_pair(xin("cc * 2", i, j), xin("cc * 2 + 1", i, j)),
-                         "", "            ", "cc")
+                         "            ")
     if c % 2:
         L.append(f"        for cc in range({c // 2}, {c2}):")
         L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
-                         lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "", "            ", "cc")
+                         lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "            ")
 
     def tile(ind: str, obv: str, count: int, owv: str, npx: int) -> list[str]:
         """One tile: `count` output channels from block `obv`, `npx` pixels from column `owv`."""
@@ -470,7 +471,7 @@ def _depthwise_kernel(layer: QLayer):
           f"        for k in T.unroll({kh * kw}):",
           f"            wl[k] = w[c, k]"]
     L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[{i}, {j}]",
-                     lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "", "        ", "c")
+                     lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "        ")
 
     def tile(ind: str, owv: str, npx: int) -> list[str]:
         """npx neighbouring outputs of one row: each weight is loaded once for all of them."""
