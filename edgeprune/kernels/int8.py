@@ -40,8 +40,10 @@ DW_PX_BLOCK = 4  # depthwise: outputs of one row computed together (weights load
 C_PRELUDE = """\
 /* edgeprune int8 kernels: two 16x16-bit multiply-accumulates per call. */
 #include <stdint.h>
-#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#if (defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP) || (defined(__ARM_FEATURE_SAT) && __ARM_FEATURE_SAT)
 #include <arm_acle.h>
+#endif
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
 static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) { return __smlad(a, b, acc); }
 #else
 static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) {
