@@ -120,3 +120,54 @@ def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     kernels = [l["name"] for l in build["layers"]]
     assert all(k.startswith("ep_int8_") for k in kernels if "reshape" not in k), kernels
     assert result["mismatches"] == 0 and result["outputs_match"]
+
+
+def test_c_helpers_portable_fallback_match_reference(tmp_path):
+    """Cores without the DSP extension (and any host) run the portable C of the kernels' helpers:
+    two 16-bit MACs, both requantization forms and the clamp agree with numpy on random and
+    extreme operands."""
+    import subprocess
+
+    from edgeprune.kernels import C_PRELUDE
+    from edgeprune.quantize.requant import requantize
+
+    rng = np.random.default_rng(3)
+    n = 500
+    halves = rng.integers(-32768, 32768, (n, 4))
+    halves[:4] = [[-32768, -32768, -32768, -32768], [32767, 32767, 32767, 32767],
+                  [-128, 127, -127, 127], [0, -1, -1, 0]]
+    acc = rng.integers(-2 ** 30, 2 ** 30, n)
+    m = rng.integers(2 ** 30, 2 ** 31, n)
+    s = rng.integers(1, 63, n)
+    zp = rng.integers(-20, 20, n)
+    lo = np.where(rng.random(n) < 0.5, -128, zp)
+    hi = np.full(n, 127)
+
+    def word(h0, h1):
+        return ((h0 & 0xFFFF) | ((h1 & 0xFFFF) << 16)).astype(np.uint32).view(np.int32)
+    a, b = word(halves[:, 0], halves[:, 1]), word(halves[:, 2], halves[:, 3])
+    rows = ",\n".join(f"{{{a[i]}, {b[i]}, {acc[i]}, {m[i]}, {s[i]}, {zp[i]}, {lo[i]}, {hi[i]}}}"
+                      for i in range(n))
+    prog = tmp_path / "helpers.c"
+    prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
+                    f"static const long long t[{n}][8] = {{\n{rows}\n}};\n"
+                    "int main(void) {\n"
+                    f"  for (int i = 0; i < {n}; i++) {{\n"
+                    "    int32_t acc = (int32_t)t[i][2], sh = (int32_t)t[i][4];\n"
+                    "    int64_t rnd = (int64_t)1 << (sh - 1);\n"
+                    "    printf(\"%ld %ld %ld\\n\", (long)ep_smlad((int32_t)t[i][0], (int32_t)t[i][1], acc),\n"
+                    "           (long)ep_requant(acc, (int32_t)t[i][3], rnd, sh, (int32_t)t[i][5],\n"
+                    "                            (int32_t)t[i][6], (int32_t)t[i][7]),\n"
+                    "           (long)(sh >= 32 ? ep_requant_hi(acc, (int32_t)t[i][3], rnd, sh - 32,\n"
+                    "                  (int32_t)t[i][5], (int32_t)t[i][6], (int32_t)t[i][7]) : 0));\n"
+                    "  }\n  return 0;\n}\n")
+    exe = tmp_path / "helpers"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
+    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
+                                    check=True).stdout.splitlines(), dtype=np.int64)
+    mac = acc + halves[:, 0] * halves[:, 2] + halves[:, 1] * halves[:, 3]
+    want_mac = ((mac + 2 ** 31) % 2 ** 32) - 2 ** 31  # SMLAD wraps like int32
+    want_rq = np.array([requantize(acc[i], m[i], 31 - s[i], zp[i], lo[i], hi[i]) for i in range(n)])
+    assert np.array_equal(got[:, 0], want_mac)
+    assert np.array_equal(got[:, 1], want_rq)
+    assert np.array_equal(got[s >= 32, 2], want_rq[s >= 32])
