@@ -194,3 +194,17 @@ def test_auto_fine_tunes_with_qat_when_ptq_loses_accuracy(fmnist, cnn):
     assert set(acc["by_method"]) == {"ptq", "qat"}
     assert acc["quantized"] == max(acc["by_method"].values())
     assert report["method"] == qm.meta["method"] == max(acc["by_method"], key=acc["by_method"].get)
+
+
+def test_int16_activations_and_int4_weights_bit_exact_in_qemu(tmp_path, fmnist, cnn):
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    model, shape = cnn
+    qm = ptq.quantize_ptq(model, shape, fmnist.x_train[:200],
+                          weight_cfg={"features_2_0": ("int", 4), "fc": ("ternary", 2)},
+                          act_dtypes={"input": "int16", "features_0_0": "int16"})
+    qm.save(tmp_path / "q")
+    compile_model(str(tmp_path / "q"), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    sim, _ = simulate(tmp_path / "b", fmnist.x_test[:20])
+    assert sim["mismatches"] == 0 and sim["samples"] == 20
