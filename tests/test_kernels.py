@@ -86,10 +86,10 @@ def _run(qm, tmp_path, name):
 
 
 def test_odd_shapes_bit_exact(tmp_path):
-    """Zero point -128 (explicit zero-point padding folded into the kernels), 3->5 channels,
-    stride 2, non-square, asymmetric padding with dilation, a 1x1 stride-2 conv, a grouped
-    conv TVM keeps, and a dense layer with a partial output-channel block."""
-    qm = (Net((1, 3, 9, 7), zp=-128, seed=1)
+    """Batch 2, zero point -128 (explicit zero-point padding folded into the kernels), 3->5
+    channels, stride 2, non-square, asymmetric padding with dilation, a 1x1 stride-2 conv, a
+    grouped conv TVM keeps, and a dense layer with a partial output-channel block."""
+    qm = (Net((2, 3, 9, 7), zp=-128, seed=1)
           .conv(5, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
           .conv(5, (3, 3), padding=(1, 0, 1, 2), dilation=(1, 2), groups=5)
           .conv(10, (1, 1), groups=5)                       # channel multiplier 2: TVM's path
