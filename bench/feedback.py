@@ -70,10 +70,10 @@ def main(quick: bool = False, **overrides) -> dict:
     from edgeprune.feedback import search
     from edgeprune.feedback.measure import toolchain_fingerprint
     from edgeprune.feedback.search import default_cache_dir
-    from edgeprune.feedback.worker import JobData, Runner
+    from edgeprune.feedback.worker import JobData, Runner, finetune
     from edgeprune.prune import prune
     from edgeprune.targets import load_target
-    from edgeprune.train import evaluate, train
+    from edgeprune.train import evaluate
 
     torch.set_num_threads(1)
     cfg = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
@@ -114,7 +114,7 @@ def main(quick: bool = False, **overrides) -> dict:
 
     def finish(pruned, name, extra):
         t0 = time.perf_counter()
-        train(pruned, train_set, epochs=cfg["finetune_epochs"], lr=0.01, seed=0)
+        finetune(pruned, train_set, cfg["finetune_epochs"], 0.01, 0)  # oneDNN off, as the search
         costs = measure(pruned)
         entry = {"accuracy": round(evaluate(pruned, x_test, y_test), 3),
                  "latency_instructions": costs["instructions"],

@@ -7,6 +7,7 @@ worker processes, each with its own QEMU, and caches its result on disk by model
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import tempfile
@@ -37,11 +38,17 @@ CODEGEN_SOURCES = ("compile.py", "lower.py", "emit.py", "plan.py", "schedule.py"
 
 
 def toolchain_fingerprint(target) -> str:
-    """Hash of the code generator, firmware templates and target file (the cache's namespace)."""
+    """Hash of the code generator, firmware templates and target file (the cache's namespace).
+    Taken once per process, like the imports it stands for."""
+    return _fingerprint(Path(target.path))
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(target_file: Path) -> str:
     from ..targets import FIRMWARE_DIR
 
     root = Path(__file__).resolve().parent.parent
-    files = [target.path] + sorted(FIRMWARE_DIR.rglob("*"))
+    files = [target_file] + sorted(FIRMWARE_DIR.rglob("*"))
     for name in CODEGEN_SOURCES:
         p = root / name
         files += sorted(p.rglob("*.[pc]*")) if p.is_dir() else [p]

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..errors import EdgepruneError
 from .costs import Predictor, grid_widths, min_width
 from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_fingerprint
-from .worker import JobData, Runner, candidate_job, job_key
+from .worker import JobData, Runner, candidate_job, finetune, job_key
 
 STAGE = "feedback"
 
@@ -131,7 +131,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     """
     from ..prune import DepGraph
     from ..targets import load_target
-    from ..train import evaluate, train
+    from ..train import evaluate
 
     budget = check_budget(budget)
     target = load_target(target) if isinstance(target, str) else target
@@ -180,19 +180,24 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         return prune(base, example_input, "l1", ratios={"*": 0.0, **ratios}, graph=graph)[0]
 
     try:
-        # 1. the cost table
-        table_points = [(n, k) for n in groups for k in grid_widths(full[n], grid, min_keep)
-                        if k < full[n]]
-        models = [base, at_widths(lowest)] + [at_widths({n: k}) for n, k in table_points]
-        measured = measure(models, "cost table (QEMU)")
-        base_costs, min_costs = measured[0], measured[1]
-        tables: dict[str, dict[int, dict]] = {n: {full[n]: base_costs} for n in groups}
-        for (n, k), c in zip(table_points, measured[2:]):
-            tables[n][k] = c
-        predictor = Predictor(base_costs, tables, full)
-        model_err = predictor.predict(lowest)["instructions"] / max(1, min_costs["instructions"]) - 1
+        # 1. the unpruned and the smallest model; the cost table only if a search is needed
+        base_costs, min_costs = measure([base, at_widths(lowest)], "unpruned and smallest (QEMU)")
         log(f"feedback: unpruned {_fmt(base_costs)}; smallest (every group at its minimum) "
-            f"{_fmt(min_costs)}; cost model error there {model_err:+.1%}")
+            f"{_fmt(min_costs)}")
+        tables: dict[str, dict[int, dict]] = {n: {full[n]: base_costs} for n in groups}
+        model_err = None
+        if violations(base_costs, budget) and not violations(min_costs, budget):
+            table_points = [(n, k) for n in groups for k in grid_widths(full[n], grid, min_keep)
+                            if k < full[n]]
+            measured = measure([at_widths({n: k}) for n, k in table_points], "cost table (QEMU)")
+            for (n, k), c in zip(table_points, measured):
+                tables[n][k] = c
+            predictor = Predictor(base_costs, tables, full)
+            model_err = (predictor.predict(lowest)["instructions"]
+                         / max(1, min_costs["instructions"]) - 1)
+            log(f"feedback: cost table of {len(table_points)} measurements; the model of it "
+                f"predicts the smallest model within {model_err:+.1%}")
+        predictor = Predictor(base_costs, tables, full)
         table_json = {"base": _slim(base_costs), "minimum": _slim(min_costs),
                       "minimum_widths": lowest, "model_error_at_minimum": model_err,
                       "groups": {n: {str(k): _slim(c) for k, c in sorted(t.items())}
@@ -257,7 +262,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         # 3. long fine-tune and the final measurement
         if finetune_epochs > 0:
             log(f"feedback: fine-tuning the chosen model for {finetune_epochs:g} epoch(s)")
-            train(cur_model, jd.dataset(), epochs=finetune_epochs, lr=lr, seed=seed)
+            finetune(cur_model, jd.dataset(), finetune_epochs, lr, seed)
         final_costs = measure([cur_model], "final measurement")[0]
         x_test, y_test = data.x_test[:eval_samples], data.y_test[:eval_samples]
         test_acc = evaluate(cur_model, x_test, y_test)
