@@ -107,13 +107,13 @@ def test_odd_shapes_bit_exact(tmp_path):
 def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     """Zero point 0 (the conv's own padding), scales up to 0.9 (total shift 31: the 64-bit
     requantization path), more than one full 8-channel block, non-square stride (2, 1), an int16
-    output (16-bit saturation)."""
+    output (16-bit saturation) feeding an int16-input dense layer."""
     qm = (Net((1, 4, 6, 10), zp=0, seed=2)
           .conv(17, (3, 3), stride=(2, 1), padding=(1, 1, 1, 1))
           .conv(17, (3, 3), padding=(1, 1, 1, 1), groups=17, zp_out=0, wmax=1,
                 real_scales=(0.2, 0.9))
           .conv(3, (1, 1), wmax=1, real_scales=(0.1, 0.6))
-          .flatten().dense(9, out_dtype="int16").build())
+          .flatten().dense(9, out_dtype="int16").dense(5, real_scales=(1e-5, 4e-5)).build())
     shifts = np.concatenate([qm.params[f"{o.name}.shift"] for o in qm.weight_ops()])
     assert (31 - shifts).min() < 32 < (31 - shifts).max()  # both requantization forms occur
     build, result = _run(qm, tmp_path, "zp0")

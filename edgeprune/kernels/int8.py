@@ -98,6 +98,7 @@ class QLayer:
     zp_out: int
     lo: int
     hi: int
+    x_dtype: str = "int8"
     strides: tuple = (1, 1)
     dilation: tuple = (1, 1)
     padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
@@ -180,7 +181,8 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
     if w is None or w.dtype != np.int8 or any(c is None for c in consts):
         return None
     x_ty = x.ty
-    if str(x_ty.dtype) != "int8":
+    x_dtype = str(x_ty.dtype)
+    if x_dtype not in ("int8", "int16"):  # 16-bit activations fit SMLAD's halves as well
         return None
     x_shape = tuple(int(d.value) for d in x_ty.shape.values)
     y_shape = tuple(int(d.value) for d in end.ty.shape.values)
@@ -226,7 +228,7 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
         return None
     lo, hi = (int(v.value) for v in clip.args[1:3])
     layer = QLayer(kind, x_shape, y_shape, out_dtype, weight, *per, int(zp.reshape(())),
-                   lo, hi, **extra)
+                   lo, hi, x_dtype, **extra)
     return layer, x
 
 
@@ -288,7 +290,7 @@ def _shape(s) -> str:
 def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str) -> list[str]:
     return [
         "@T.prim_func(private=True)",
-        f'def main(x: T.Buffer({_shape(layer.x_shape)}, "int8"), '
+        f'def main(x: T.Buffer({_shape(layer.x_shape)}, "{layer.x_dtype}"), '
         f'w: T.Buffer({_shape(wshape)}, "{wdtype}"), bias: T.Buffer(({o},), "int32"), '
         f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "int64"), '
         f'shift: T.Buffer(({o},), "int32"), '
