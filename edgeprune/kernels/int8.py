@@ -20,7 +20,8 @@ the layer's exact shape, with its weights repacked at build time:
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
-Anything else (grouped convs, int16 inputs, sub-byte packed weights, other layouts) keeps
+Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
+else (grouped convs with a channel multiplier, sub-byte packed weights, other layouts) keeps
 TVM's lowering.
 """
 
