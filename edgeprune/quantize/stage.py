@@ -159,7 +159,6 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
 
     method = cfg.method
     report_methods: dict[str, float] = {}
-    qw = None
     if method in ("ptq", "auto"):
         qm = to_qmodel(net, ranges, weight_cfg, act_dtypes)
         acc = reference.accuracy(qm, x_eval, y_eval)
