@@ -112,7 +112,8 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), shape
     log(f"training {name} on {data.name} for {epochs:g} epoch(s) (cached afterwards)")
-    train(model, data, epochs=epochs, lr=0.05, seed=seed, progress=on_step)
+    # The zoo's own widths are safe for oneDNN (see train), and this is the longest training.
+    train(model, data, epochs=epochs, lr=0.05, seed=seed, progress=on_step, onednn=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)

@@ -31,12 +31,28 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
           batch_size: int = 64, seed: int = 0, max_samples: int | None = None,
           extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
           after_step: Callable[[nn.Module], None] | None = None,
-          progress: Callable[[float, float], None] | None = None) -> nn.Module:
+          progress: Callable[[float, float], None] | None = None,
+          onednn: bool = False) -> nn.Module:
     """SGD with momentum and a cosine schedule; `epochs` may be fractional.
+
+    oneDNN is off unless `onednn`: torch 2.13's oneDNN conv backward aborts the process
+    ("double free or corruption") on some pruned widths (ResNet-8 at 7/15/30 channels); the
+    native kernels are ~1.5x slower, so only callers training known-good widths turn it on.
 
     `extra_loss` adds a regulariser (sparsity penalties, ADMM terms); `after_step` runs after
     each optimiser step (masking, projection); `progress(fraction, loss)` reports progress.
     """
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = onednn
+    try:
+        return _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss,
+                      after_step, progress)
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, after_step,
+           progress) -> nn.Module:
     torch.manual_seed(seed)
     x, y = data.x_train, data.y_train
     if max_samples:
