@@ -122,6 +122,17 @@ def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     assert result["mismatches"] == 0 and result["outputs_match"]
 
 
+def test_single_channel_input_pairs_taps_bit_exact(tmp_path):
+    """One input channel (a grey image, a spectrogram): SMLAD pairs neighbouring taps of a row
+    instead of channels; with dilation, strides (1, 2) and (2, 2), a 10x4 window, zero point 3."""
+    qm = (Net((1, 1, 13, 10), zp=3, seed=5)
+          .conv(1, (3, 3), stride=(1, 2), padding=(1, 2, 1, 2), dilation=(1, 2))
+          .conv(9, (10, 4), stride=(2, 2), padding=(5, 1, 4, 2)).build())
+    build, result = _run(qm, tmp_path, "taps")
+    assert [l["name"][:12] for l in build["layers"]] == ["ep_int8_conv"] * 2, build["layers"]
+    assert result["mismatches"] == 0 and result["outputs_match"]
+
+
 def test_c_helpers_portable_fallback_match_reference(tmp_path):
     """Cores without the DSP extension (and any host) run the portable C of the kernels' helpers:
     two 16-bit MACs, both requantization forms and the clamp agree with numpy on random and

@@ -13,6 +13,8 @@ the layer's exact shape, with its weights repacked at build time:
   way, OC_BLOCK output channels side by side. A tile keeps OC_BLOCK channels x PX_BLOCK
   neighbouring pixels (8 sums) in registers, unrolls the kernel window, and does two MACs per
   `ep_smlad` (SMLAD on cores with the DSP extension, portable C elsewhere; see C_PRELUDE).
+  Where pairing channels wastes half the SMLADs (one input channel, e.g. a grey image or a
+  spectrogram) the words pair two neighbouring taps of a row instead.
   Measured on the M7 (issue 9 layers L7/L2, instr/MAC): 8x1 1.13/1.26, 4x2 0.90/1.02,
   2x4 1.11/1.24, 4x3 1.12/1.29, 3x3 1.05/1.36.
 * depthwise (groups = channels = outputs): per channel, a zero-point-padded int16 copy of the
@@ -369,43 +371,64 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         w4 = layer.weight
         oh_n, ow_n = layer.y_shape[2:]
     n = layer.x_shape[0]
-    c2 = (c + 1) // 2
     ob = -(-o // oc_block)
-    # Weights: (ob, c2, kh, kw, oc_block) words of two int16 halves (channels 2k, 2k+1).
-    wpad = np.zeros((ob * oc_block, c2 * 2, kh, kw), np.int64)
-    wpad[:o, :c] = w4
-    wpad = wpad.reshape(ob, oc_block, c2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    words = ((wpad[..., 0] & 0xFFFF) | (wpad[..., 1] << 16)).astype(np.uint32).view(np.int32)
-    words = np.ascontiguousarray(words)
     consts, hiword = _requant_consts(layer)
     hs, ws, sample, (sh, sw) = _geometry(layer)
     dh, dw = layer.dilation
     pv = layer.pad_value
+    # SMLAD pairs: two input channels per word, or, where that needs fewer SMLADs (one or few
+    # input channels, e.g. a first layer on a grey image), two horizontal taps per word.
+    kq = -(-kw // 2)
+    by_width = not dense and not sample and c * kh * kq < -(-c // 2) * kh * kw
+    if by_width:
+        nred, taps, step = c, kq, 2 * dw   # word (i, j) = (v(i, j), v(i, j + dw))
+        wpad = np.zeros((ob * oc_block, c, kh, 2 * kq), np.int64)
+        wpad[:o, :, :, :kw] = w4
+        wpad = wpad.reshape(ob, oc_block, c, kh, kq, 2).transpose(0, 2, 3, 4, 1, 5)
+    else:
+        nred, taps, step = (c + 1) // 2, kw, dw  # word (i, j) = (x[2c](i, j), x[2c+1](i, j))
+        wpad = np.zeros((ob * oc_block, nred * 2, kh, kw), np.int64)
+        wpad[:o, :c] = w4
+        wpad = wpad.reshape(ob, oc_block, nred, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    # Weights: (ob, nred, kh, taps, oc_block) words of two int16 halves.
+    words = ((wpad[..., 0] & 0xFFFF) | (wpad[..., 1] << 16)).astype(np.uint32).view(np.int32)
+    words = np.ascontiguousarray(words)
 
     def xin(ch, i, j):
         return f"x[nb, {ch}]" if dense else f"x[nb, {ch}, {i}, {j}]"
 
     L = _header(layer, words.shape, "int32", o, layer.kind)
-    L += [f'    xs = T.alloc_buffer(({c2}, {hs}, {ws}), "int32")',
+    L += [f'    xs = T.alloc_buffer(({nred}, {hs}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
           f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")',
           f"    for nb in range({n}):"]
-    # Border (zero point) of the scratch; an odd channel count leaves the last high half 0
-    # (its weights are 0 too).
-    border = _border_loops(layer, hs, ws, lambda i, j: f"xs[cc, {i}, {j}]",
-                           _pack_pair(str(pv), str(pv)), "            ")
-    if border:
-        L.append(f"        for cc in range({c2}):")
-        L += border
-    if c // 2:
-        L.append(f"        for cc in range({c // 2}):")
-        L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
-                         lambda i, j: _pack_pair(xin("cc * 2", i, j), xin("cc * 2 + 1", i, j)),
-                         "            ")
-    if c % 2:
-        L.append(f"        for cc in range({c // 2}, {c2}):")
-        L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
-                         lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "            ")
+    if by_width:
+        # Few channels: one pass with the padding test per element is cheap enough.
+        _, _, h, w = layer.x_shape
+        t, l = layer.padding[:2]
+
+        def v(i, j):
+            return (f"T.if_then_else({t} <= {i} and {i} < {t + h} and {l} <= {j} and "
+                    f"{j} < {l + w}, {xin('cc', f'{i} - {t}', f'{j} - {l}')}, T.{layer.x_dtype}({pv}))")
+        L += [f"        for cc, i, j in T.grid({c}, {hs}, {ws}):",
+              f"            xs[cc, i, j] = {_pack_pair(v('i', 'j'), v('i', f'j + {dw}'))}"]
+    else:
+        # Border (zero point) of the scratch; an odd channel count leaves the last high half 0
+        # (its weights are 0 too).
+        border = _border_loops(layer, hs, ws, lambda i, j: f"xs[cc, {i}, {j}]",
+                               _pack_pair(str(pv), str(pv)), "            ")
+        if border:
+            L.append(f"        for cc in range({nred}):")
+            L += border
+        if c // 2:
+            L.append(f"        for cc in range({c // 2}):")
+            L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
+                             lambda i, j: _pack_pair(xin("cc * 2", i, j), xin("cc * 2 + 1", i, j)),
+                             "            ")
+        if c % 2:
+            L.append(f"        for cc in range({c // 2}, {nred}):")
+            L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
+                             lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "            ")
 
     def tile(ind: str, obv: str, count: int, owv: str, npx: int) -> list[str]:
         """One tile: `count` output channels from block `obv`, `npx` pixels from column `owv`."""
@@ -413,15 +436,15 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
             return f"acc[{p * count + k}]"
 
         def col(p):
-            return f"({owv} + {p}) * {sw} + rx * {dw}"
+            return f"({owv} + {p}) * {sw} + rx * {step}"
         lines = [f"{ind}{a(k, p)} = bias[{obv} * {oc_block} + {k}]"
                  for p in range(npx) for k in range(count)]
         # Small windows (1x1) unroll channel pairs too, so the loop overhead is shared.
-        u = next(f for f in (4, 2, 1) if c2 % f == 0 and kh * kw * f <= 4 or f == 1)
-        lines += [f"{ind}for cco in range({c2 // u}):",
+        u = next(f for f in (4, 2, 1) if nred % f == 0 and kh * taps * f <= 4 or f == 1)
+        lines += [f"{ind}for cco in range({nred // u}):",
                   f"{ind}    for cci in T.unroll({u}):",
                   f"{ind}        for ry in T.unroll({kh}):",
-                  f"{ind}            for rx in T.unroll({kw}):"]
+                  f"{ind}            for rx in T.unroll({taps}):"]
         cc = f"cco * {u} + cci"
         lines += [f'{ind}                {a(k, p)} = T.call_extern("int32", "ep_smlad", '
                   f"xs[{cc}, oh * {sh} + ry * {dh}, {col(p)}], w[{obv}, {cc}, ry, rx, {k}], "
