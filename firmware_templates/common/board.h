@@ -10,5 +10,6 @@ int board_getc(void);                       /* blocking read of one byte from th
 void board_exit(int code) __attribute__((noreturn));
 uint32_t board_stack_used(void);            /* bytes of stack touched so far (painted stack) */
 uint32_t board_stack_size(void);
+uint32_t board_cycles(void);                /* free-running core cycle counter; 0 where none (QEMU) */
 
 #endif

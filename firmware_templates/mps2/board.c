@@ -29,6 +29,17 @@ int board_getc(void) {
   return (int)(UART_DATA & 0xFFu);
 }
 
+/* DWT CYCCNT (Cortex-M3/M4/M7/M33/M55). QEMU does not model it: reads stay 0 there. */
+uint32_t board_cycles(void) {
+  static int started;
+  if (!started) {
+    *(volatile uint32_t *)0xE000EDFCu |= 1u << 24; /* DEMCR.TRCENA */
+    *(volatile uint32_t *)0xE0001000u |= 1u;       /* DWT_CTRL.CYCCNTENA */
+    started = 1;
+  }
+  return *(volatile uint32_t *)0xE0001004u;
+}
+
 /* Semihosting SYS_EXIT_EXTENDED: QEMU exits with `code` as its status. */
 void board_exit(int code) {
   uint32_t block[2] = {0x20026u /* ADP_Stopped_ApplicationExit */, (uint32_t)code};
