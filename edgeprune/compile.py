@@ -75,7 +75,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
         manifest = write_library(lowered, plan, tmp / "c_library", quant_note)
         log(f"cross-compiling for {target.name} ({target.toolchain['cc']})")
         elf = build_firmware(target, tmp / "c_library", manifest, tmp / "firmware")
-        mem = read_elf(elf, prefix, target.qemu["ram_origin"], target.qemu["ram_size"])
+        mem = read_elf(elf, prefix)
         build = {
             "target": target.name, "model": spec, "kind": kind, **manifest,
             "firmware": "firmware/firmware.elf",

@@ -18,14 +18,15 @@ class ElfMemory:
     symbols: dict[str, int]   # address of every function/object symbol
 
 
-def read_elf(path: Path, prefix: str, ram_origin: int, ram_size: int) -> ElfMemory:
+def read_elf(path: Path, prefix: str) -> ElfMemory:
+    """Flash = every loaded section's bytes; SRAM = the writable ones (data, bss, stack)."""
     with open(path, "rb") as f:
         elf = ELFFile(f)
         flash = sram = 0
         for s in elf.iter_sections():
             if not s["sh_flags"] & SH_FLAGS.SHF_ALLOC or s.name == ".tbss_space":
                 continue
-            in_ram = ram_origin <= s["sh_addr"] < ram_origin + ram_size
+            in_ram = bool(s["sh_flags"] & SH_FLAGS.SHF_WRITE)
             if s["sh_type"] != "SHT_NOBITS":
                 flash += s["sh_size"]
             if in_ram:

@@ -47,6 +47,25 @@ def compiler_flags(target: Target) -> list[str]:
             "-Wall", "-Wno-unused-variable", "-Wno-unused-parameter", "-Wno-unused-but-set-variable"]
 
 
+def link_flags(target: Target, out_dir: Path) -> list[str]:
+    """The C library and memory layout: picolibc on the board's linker script (bare metal, sizes
+    from the target file), or a static glibc binary (Linux user mode, the kernel lays it out)."""
+    libc = target.toolchain.get("libc", "picolibc")
+    if libc == "glibc":
+        return ["-static", "-Wl,--gc-sections", f"-Wl,-Map={out_dir / 'firmware.map'}", "-lm"]
+    if libc != "picolibc":
+        raise EdgepruneError(f"{target.path}: [toolchain] libc = '{libc}' is not supported "
+                             "(picolibc or glibc)")
+    q = target.qemu
+    flash = min(q["flash_size"], target.flash_bytes)
+    ram = min(q["ram_size"], target.sram_bytes)
+    return ["--specs=picolibc.specs", "-nostartfiles", f"-T{target.board_dir / 'link.ld'}",
+            "-Wl,--gc-sections", f"-Wl,-Map={out_dir / 'firmware.map'}",
+            f"-Wl,--defsym=__flash_origin={q['flash_origin']},--defsym=__flash_size={flash}",
+            f"-Wl,--defsym=__ram_origin={q['ram_origin']},--defsym=__ram_size={ram}",
+            f"-Wl,--defsym=__stack_size={target.board['stack_bytes']}"]
+
+
 def build_firmware(target: Target, lib_dir: Path, manifest: dict, out_dir: Path,
                    harness: str = "sim_main.c", defines: dict[str, str] | None = None) -> Path:
     """Compile and link one firmware ELF for `target`'s QEMU board; returns its path."""
@@ -54,23 +73,17 @@ def build_firmware(target: Target, lib_dir: Path, manifest: dict, out_dir: Path,
     write_glue(manifest, out_dir)
     board, common = target.board_dir, FIRMWARE_DIR / "common"
     q = target.qemu
-    flash = min(q["flash_size"], target.flash_bytes)
-    ram = min(q["ram_size"], target.sram_bytes)
-    defs = {"EP_PROFILE": "1", "EP_UART_BASE": hex(q["uart_base"]) + "u",
-            "EP_IO_ORIGIN": hex(q["io_origin"]) + "u", **(defines or {})}
+    defs = {"EP_PROFILE": "1", "EP_IO_ORIGIN": hex(q["io_origin"]) + "u",
+            "EP_IO_SIZE": hex(q["io_size"]) + "u", "EP_STACK_BYTES": str(target.board["stack_bytes"]),
+            **({"EP_UART_BASE": hex(q["uart_base"]) + "u"} if "uart_base" in q else {}),
+            **(defines or {})}
     sources = sorted(lib_dir.glob("*.c")) + [out_dir / "ep_glue.c", common / harness,
-                                             common / "markers.c"] + sorted(board.glob("*.c"))
+                                             common / "markers.c"] + sorted(board.glob("*.[cS]"))
     elf = out_dir / "firmware.elf"
     cmd = [target.toolchain["cc"], *compiler_flags(target),
            *[f"-D{k}={v}" for k, v in defs.items()],
            f"-I{lib_dir}", f"-I{lib_dir / 'include'}", f"-I{out_dir}", f"-I{common}", f"-I{board}",
-           *map(str, sources),
-           "--specs=picolibc.specs", "-nostartfiles", f"-T{board / 'link.ld'}",
-           "-Wl,--gc-sections", f"-Wl,-Map={out_dir / 'firmware.map'}",
-           f"-Wl,--defsym=__flash_origin={q['flash_origin']},--defsym=__flash_size={flash}",
-           f"-Wl,--defsym=__ram_origin={q['ram_origin']},--defsym=__ram_size={ram}",
-           f"-Wl,--defsym=__stack_size={target.board['stack_bytes']}",
-           "-o", str(elf)]
+           *map(str, sources), *link_flags(target, out_dir), "-o", str(elf)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
@@ -78,7 +91,9 @@ def build_firmware(target: Target, lib_dir: Path, manifest: dict, out_dir: Path,
     if r.returncode != 0:
         overflow = [l for l in r.stderr.splitlines() if "overflowed by" in l]
         if overflow:
-            raise EdgepruneError(f"the firmware does not fit {target.name} "
-                                 f"(flash {flash} B, SRAM {ram} B): {overflow[0].strip()}")
+            raise EdgepruneError(f"the firmware does not fit {target.name} (flash "
+                                 f"{min(q['flash_size'], target.flash_bytes)} B, SRAM "
+                                 f"{min(q['ram_size'], target.sram_bytes)} B): {overflow[0].strip()}")
         raise EdgepruneError(f"cross compilation for {target.name} failed:\n{r.stderr[-4000:]}")
     return elf
+

@@ -134,7 +134,7 @@ def simulate(build_dir: Path, inputs: np.ndarray | None = None, samples: int = 4
 
     elf = build_dir / build["firmware"]
     from .elfinfo import read_elf
-    mem = read_elf(elf, build["prefix"], target.qemu["ram_origin"], target.qemu["ram_size"])
+    mem = read_elf(elf, build["prefix"])
     marks = [mem.symbols[n] & ~1 for n in ("ep_bench_start", "ep_bench_stop", "ep_layer_mark")]
     run = run_firmware(target, elf, pack_inputs([[s] for s in x_dev], in_t), timeout, marks)
     if run.returncode != 0:
