@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "edgeprune.commands.targets",
     "edgeprune.commands.compile",
     "edgeprune.commands.simulate",
+    "edgeprune.commands.profile",
     "edgeprune.prune.cli",
     "edgeprune.quantize.cli",
     "edgeprune.commands.deploy",

@@ -2,6 +2,7 @@
 
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +26,54 @@ class QemuRun:
     total_instructions: int = 0
 
 
-def qemu_command(target: Target, elf: Path) -> list[str]:
+def qemu_command(target: Target, elf: Path, serial: str = "stdio") -> list[str]:
     q = target.qemu
     return [q["binary"], "-M", q["machine"], *q.get("args", []), "-display", "none",
-            "-monitor", "none", "-serial", "stdio", "-kernel", str(elf)]
+            "-monitor", "none", "-serial", serial, "-kernel", str(elf)]
+
+
+def start_qemu_tcp(target: Target, elf: Path, connect, plugin_args: str | None = None,
+                   tries: int = 5):
+    """Start QEMU with UART0 as a TCP server on a free loopback port; (process, connect(port)).
+
+    `wait=on`: the guest starts only when the host connects, so nothing it sends is lost.
+    `connect(port)` opens the host's end (raising OSError-like errors until QEMU listens).
+    `plugin_args`: the icount plugin's arguments (out=..,mark=..). Stop it with `stop_qemu`.
+    """
+    import socket
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = qemu_command(target, elf, f"tcp:127.0.0.1:{port},server=on,wait=on")
+        if plugin_args:
+            cmd += ["-plugin", f"{plugin_path()},{plugin_args}"]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise EdgepruneError(f"{cmd[0]} is not installed (run make setup)")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                return proc, connect(port)
+            except Exception:
+                time.sleep(0.02)
+        err = stop_qemu(proc, timeout=1)
+        if "Address already in use" not in err:
+            raise EdgepruneError(f"QEMU did not open its serial port on 127.0.0.1:{port}: "
+                                 f"{err[-300:] or 'no message'}")
+    raise EdgepruneError(f"QEMU found no free loopback port in {tries} tries")
+
+
+def stop_qemu(proc: subprocess.Popen, timeout: float = 5) -> str:
+    """Wait for QEMU to exit (kill it by PID after `timeout`); returns its stderr."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return (err or b"").decode(errors="replace")
 
 
 def run_firmware(target: Target, elf: Path, io_blob: bytes | None = None, timeout: float = 120,
