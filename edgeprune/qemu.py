@@ -28,6 +28,8 @@ class QemuRun:
 
 def qemu_command(target: Target, elf: Path, serial: str = "stdio") -> list[str]:
     q = target.qemu
+    if user_mode(target):  # a static Linux binary under qemu-<arch>: no machine, no UART
+        return [q["binary"], *q.get("args", []), str(elf)]
     return [q["binary"], "-M", q["machine"], *q.get("args", []), "-display", "none",
             "-monitor", "none", "-serial", serial, "-kernel", str(elf)]
 
@@ -76,6 +78,19 @@ def stop_qemu(proc: subprocess.Popen, timeout: float = 5) -> str:
     return (err or b"").decode(errors="replace")
 
 
+def user_mode(target: Target) -> bool:
+    """Cortex-A targets run as static Linux binaries in QEMU user mode ([qemu] machine = "user")."""
+    return target.qemu["machine"] == "user"
+
+
+def io_options(target: Target, io_file: Path) -> list[str]:
+    """Preload the test inputs at the io region: `-device loader` on a board; in user mode the
+    board code maps the file there itself (linux-user/board.c reads EP_IO_FILE)."""
+    if user_mode(target):
+        return ["-E", f"EP_IO_FILE={io_file}"]
+    return ["-device", f"loader,file={io_file},addr={target.qemu['io_origin']:#x},force-raw=on"]
+
+
 def run_firmware(target: Target, elf: Path, io_blob: bytes | None = None, timeout: float = 120,
                  marks: list[int] | None = None) -> QemuRun:
     with tempfile.TemporaryDirectory(prefix="edgeprune-qemu-") as tmp:
@@ -86,11 +101,14 @@ def run_firmware(target: Target, elf: Path, io_blob: bytes | None = None, timeou
                                      f"({target.qemu['io_size']} B); use fewer samples")
             io_file = Path(tmp) / "io.bin"
             io_file.write_bytes(io_blob)
-            cmd += ["-device", f"loader,file={io_file},addr={target.qemu['io_origin']:#x},force-raw=on"]
+            cmd += io_options(target, io_file)
         log = Path(tmp) / "icount.txt"
         if marks is not None:
             args = ",".join([f"out={log}"] + [f"mark={m:#x}" for m in marks])
             cmd += ["-plugin", f"{plugin_path()},{args}"]
+        if user_mode(target):  # qemu-<arch> reads its options before the program
+            cmd.remove(str(elf))
+            cmd.append(str(elf))
         try:
             r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
