@@ -26,7 +26,7 @@ from . import protocol as P
 from .compile import load_build
 from .errors import EdgepruneError
 from .firmware import io_layout
-from .targets import Target, load_target
+from .targets import FIRMWARE_DIR as FIRMWARE_TEMPLATES, Target, load_target
 
 HARNESS = "profile_main.c"
 FIRMWARE_DIR = "firmware_profile"
@@ -114,7 +114,11 @@ def profile_firmware(build_dir: Path, defines: dict | None = None, out_dir: Path
     build = load_build(build_dir)
     target = load_target(build["target"])
     out = out_dir or build_dir / FIRMWARE_DIR
-    digest = f"{model_hash(build_dir):08x} {sorted((defines or {}).items())}"
+    # Rebuilt when the model, the defines, the harness or the board support change.
+    sources = sorted((target.board_dir).glob("*")) + sorted((FIRMWARE_TEMPLATES / "common").glob("*"))
+    digest = hashlib.sha256(repr(sorted((defines or {}).items())).encode()
+                            + b"".join(f.read_bytes() for f in sources if f.is_file())).hexdigest()
+    digest = f"{model_hash(build_dir):08x} {digest}"
     stamp = out / "model_hash"
     if (out / "firmware.elf").exists() and stamp.exists() and stamp.read_text() == digest:
         return out / "firmware.elf"

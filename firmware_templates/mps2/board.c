@@ -15,6 +15,8 @@
 void board_init(void) {
   UART_BAUDDIV = 16;
   UART_CTRL = 3; /* TX and RX enabled */
+  *(volatile uint32_t *)0xE000EDFCu |= 1u << 24; /* DEMCR.TRCENA: DWT on */
+  *(volatile uint32_t *)0xE0001000u |= 1u;       /* DWT_CTRL.CYCCNTENA */
 }
 
 void board_putc(char c) {
@@ -29,16 +31,8 @@ int board_getc(void) {
   return (int)(UART_DATA & 0xFFu);
 }
 
-/* DWT CYCCNT (Cortex-M3/M4/M7/M33/M55). QEMU does not model it: reads stay 0 there. */
-uint32_t board_cycles(void) {
-  static int started;
-  if (!started) {
-    *(volatile uint32_t *)0xE000EDFCu |= 1u << 24; /* DEMCR.TRCENA */
-    *(volatile uint32_t *)0xE0001000u |= 1u;       /* DWT_CTRL.CYCCNTENA */
-    started = 1;
-  }
-  return *(volatile uint32_t *)0xE0001004u;
-}
+/* DWT CYCCNT (Cortex-M3/M4/M7/M33/M55; started in board_init). QEMU does not model it: reads 0. */
+uint32_t board_cycles(void) { return *(volatile uint32_t *)0xE0001004u; }
 
 /* Semihosting SYS_EXIT_EXTENDED: QEMU exits with `code` as its status. */
 void board_exit(int code) {
