@@ -4,7 +4,6 @@ and bad input."""
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 

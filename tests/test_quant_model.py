@@ -107,8 +107,8 @@ def test_reference_conv_matches_torch_integer_conv():
                                                    "groups": groups})
         qm.params = {"c.weight": w.astype(np.int8), "c.bias": np.arange(w.shape[0], dtype=np.int32)}
         acc = reference.conv_accumulator(qm, op, x)
-        t, l, b, r = pad
-        xt = torch.nn.functional.pad(torch.tensor(x - 3, dtype=torch.float64), (l, r, t, b))
+        pt, pl, pb, pr = pad
+        xt = torch.nn.functional.pad(torch.tensor(x - 3, dtype=torch.float64), (pl, pr, pt, pb))
         want = torch.nn.functional.conv2d(xt, torch.tensor(w, dtype=torch.float64),
                                           torch.arange(w.shape[0], dtype=torch.float64),
                                           stride, 0, dil, groups)

@@ -108,7 +108,7 @@ def _te_product(x, packed, flat, fmt: str, b: int):
 
 def packed_conv(bb, x, qm: QuantModel, op: Op, bias: np.ndarray):
     """int32 conv accumulator (bias included) reading packed weights; zero-padded with zp."""
-    from tvm import relax, te, tirx
+    from tvm import te, tirx
 
     from .to_relax import _const
     a = op.attrs

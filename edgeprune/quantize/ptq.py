@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import EdgepruneError
 from .qmodel import DTYPE_RANGE, Op, QuantModel, TensorInfo
-from .requant import INT32_MAX, INT32_MIN, quantize_multiplier, quantize_multipliers, \
+from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
     shared_shift_multipliers
 from .wquant import quantize_weights
 
@@ -122,10 +122,10 @@ class IRNet(nn.Module):
             a = n.attrs
             xs = [env[i] for i in n.inputs]
             if n.kind == "conv2d":
-                t, l, b, r = a["padding"]
+                pt, pl, pb, pr = a["padding"]
                 h = xs[0]
                 if any(a["padding"]):
-                    h = F.pad(h, (l, r, t, b))
+                    h = F.pad(h, (pl, pr, pt, pb))
                 y = F.conv2d(h, self._w(n.name), self.bias[n.name], a["strides"], 0,
                              a["dilation"], a["groups"])
             elif n.kind == "dense":
@@ -133,12 +133,12 @@ class IRNet(nn.Module):
             elif n.kind == "add":
                 y = xs[0] + xs[1]
             elif n.kind == "maxpool":
-                t, l, b, r = a["padding"]
-                h = F.pad(xs[0], (l, r, t, b), value=-np.inf) if any(a["padding"]) else xs[0]
+                pt, pl, pb, pr = a["padding"]
+                h = F.pad(xs[0], (pl, pr, pt, pb), value=-np.inf) if any(a["padding"]) else xs[0]
                 y = F.max_pool2d(h, a["kernel"], a["strides"], 0, a["dilation"])
             elif n.kind == "avgpool":
-                t, l, b, r = a["padding"]
-                h = F.pad(xs[0], (l, r, t, b)) if any(a["padding"]) else xs[0]
+                pt, pl, pb, pr = a["padding"]
+                h = F.pad(xs[0], (pl, pr, pt, pb)) if any(a["padding"]) else xs[0]
                 y = F.avg_pool2d(h, a["kernel"], a["strides"], 0)
             elif n.kind == "reshape":
                 y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))

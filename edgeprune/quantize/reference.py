@@ -34,9 +34,9 @@ def dequantize_output(qm: QuantModel, y: np.ndarray) -> np.ndarray:
 def _windows(x: np.ndarray, kernel, strides, padding, dilation, pad_value) -> np.ndarray:
     """(N, C, OH, OW, KH, KW) view of the padded input's sliding windows."""
     kh, kw = kernel
-    t, l, b, r = padding
+    pt, pl, pb, pr = padding
     if any(padding):
-        x = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=pad_value)
+        x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_value)
     dh, dw = dilation
     ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     win = np.lib.stride_tricks.sliding_window_view(x, (ekh, ekw), axis=(2, 3))

@@ -98,10 +98,10 @@ def _ident(name: str) -> str:
 def _pad_zp(bb, x, padding, zp: int):
     """Pad H/W explicitly with the zero point; returns (x, conv padding)."""
     from tvm import relax
-    t, l, b, r = (int(p) for p in padding)
+    pt, pl, pb, pr = (int(p) for p in padding)
     if not any(padding) or zp == 0:
-        return x, [t, l, b, r]
-    return bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, t, b, l, r], pad_value=float(zp))), [0, 0, 0, 0]
+        return x, [pt, pl, pb, pr]
+    return bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=float(zp))), [0, 0, 0, 0]
 
 
 def _conv(bb, env, qm: QuantModel, op: Op, pack_subbyte: bool):
@@ -181,7 +181,6 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
     host); default the QuantModel's own.  pack_subbyte: keep <= 4-bit weights packed in the
     constants and unpack them inside the kernel (else they are stored as int8).
     """
-    import tvm
     from tvm import relax
 
     validate(qm)
