@@ -8,7 +8,7 @@ import numpy as np
 
 from edgeprune.compile import compile_model
 from edgeprune.quantize.qmodel import Op, QuantModel, TensorInfo, conv_out_hw
-from edgeprune.quantize.requant import quantize_multipliers
+from edgeprune.quantize.requant import quantize_multipliers, shared_shift_multipliers
 from edgeprune.simulate import simulate
 
 
@@ -53,6 +53,17 @@ class Net:
         attrs = {"strides": list(stride), "padding": list(padding), "dilation": list(dilation),
                  "groups": groups}
         return self._add("conv2d", (n, out_ch, oh, ow), attrs, wt, **kw)
+
+    def add(self, other, zp_out=2, relu=False):
+        """Requantized residual add of the last tensor and `other` (output scale 0.17)."""
+        ta, tb = self.tensors[self.last], self.tensors[other]
+        ms, st = shared_shift_multipliers([ta.scale / 0.17, tb.scale / 0.17])
+        name, out = f"op{len(self.ops)}", f"t{len(self.ops)}"
+        self.tensors[out] = TensorInfo(out, list(ta.shape), "int8", 0.17, zp_out)
+        attrs = {"multipliers": ms, "shift_total": int(st), "clamp": [zp_out if relu else -128, 127]}
+        self.ops.append(Op("add", name, [self.last, other], out, attrs))
+        self.last = out
+        return self
 
     def flatten(self):
         t = self.tensors[self.last]
@@ -107,11 +118,12 @@ def test_odd_shapes_bit_exact(tmp_path):
 def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     """Zero point 0 (the conv's own padding), scales up to 0.9 (total shift 31: the 64-bit
     requantization path), more than one full 8-channel block, non-square stride (2, 1), an int16
-    output (16-bit saturation) feeding an int16-input dense layer."""
+    output (16-bit saturation) feeding an int16-input dense layer, a residual add with ReLU."""
     qm = (Net((1, 4, 6, 10), zp=0, seed=2)
           .conv(17, (3, 3), stride=(2, 1), padding=(1, 1, 1, 1))
           .conv(17, (3, 3), padding=(1, 1, 1, 1), groups=17, zp_out=0, wmax=1,
                 real_scales=(0.2, 0.9))
+          .add("t0", relu=True)
           .conv(3, (1, 1), wmax=1, real_scales=(0.1, 0.6))
           .flatten().dense(9, out_dtype="int16").dense(5, real_scales=(1e-5, 4e-5)).build())
     shifts = np.concatenate([qm.params[f"{o.name}.shift"] for o in qm.weight_ops()])
@@ -119,6 +131,7 @@ def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     build, result = _run(qm, tmp_path, "zp0")
     kernels = [l["name"] for l in build["layers"]]
     assert all(k.startswith("ep_int8_") for k in kernels if "reshape" not in k), kernels
+    assert sum(k.startswith("ep_int8_add") for k in kernels) == 1, kernels
     assert result["mismatches"] == 0 and result["outputs_match"]
 
 

@@ -22,6 +22,8 @@ the layer's exact shape, with its weights repacked at build time:
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
+* requantized residual add (to_relax._add): one pass, two 64-bit multiply-accumulates per
+  element, when the shifted sum provably fits 32 bits (then SSAT).
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
 else (grouped convs with a channel multiplier, sub-byte packed weights, other layouts) keeps
 TVM's lowering.
@@ -69,6 +71,12 @@ static inline int32_t ep_requant_hi(int32_t acc, int32_t m, int64_t rnd, int32_t
                                     int32_t lo, int32_t hi) {
   return ep_clamp(((int32_t)(((int64_t)acc * m + rnd) >> 32) >> sh) + zp, lo, hi);
 }
+/* Requantized residual add: clamp(zp + ((a * ma + b * mb + rnd) >> sh), lo, hi), two 64-bit
+   multiply-accumulates; the generator checks that the shifted sum fits 32 bits. */
+static inline int32_t ep_requant_add(int32_t a, int32_t ma, int32_t b, int32_t mb, int64_t rnd,
+                                     int32_t sh, int32_t zp, int32_t lo, int32_t hi) {
+  return ep_clamp((int32_t)(((int64_t)a * ma + (int64_t)b * mb + rnd) >> sh) + zp, lo, hi);
+}
 /* The same for any total shift in [1, 62], in 64 bits. */
 static inline int32_t ep_requant(int32_t acc, int32_t m, int64_t rnd, int32_t sh, int32_t zp,
                                  int32_t lo, int32_t hi) {
@@ -78,6 +86,7 @@ static inline int32_t ep_requant(int32_t acc, int32_t m, int64_t rnd, int32_t sh
 """
 
 KERNEL_ATTR = "edgeprune.kernel"
+# Every kernel here is marked opaque (op_pattern 8) so that FuseOps keeps it a call of its own.
 PRELUDE_FUNCS = ("ep_smlad", "ep_requant", "ep_clamp")
 
 
@@ -235,6 +244,82 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
     return layer, x
 
 
+def _add_chain(end, defs: dict, uses: dict):
+    """The quantizer's requantized add (to_relax._add) ending in `end`:
+    astype(clip(((a*Ma + b*Mb) * 1 + rnd) >> s + zp)) -> (TVMScript, [a, b], [Ma, Mb]) or None."""
+    last = defs.get(end)
+    out_dtype = str(last.attrs.dtype)
+    if out_dtype not in ("int8", "int16"):
+        return None
+    steps, var = [], last.args[0]
+    for name in ("relax.clip", "relax.add", "relax.right_shift", "relax.add", "relax.multiply",
+                 "relax.astype", "relax.add"):
+        v = defs.get(var)
+        if v is None or _op(v) != name or uses.get(var, 0) != 1:
+            return None
+        steps.append(v)
+        var = v.args[0]
+    clip, add_zp, shr, add_rnd, mul1, cast64, add_ab = steps
+    scalars = [_const(v.args[1]) for v in (add_zp, shr, add_rnd, mul1)]
+    if any(c is None or c.size != 1 for c in scalars) or int(scalars[3]) != 1 \
+            or str(cast64.attrs.dtype) != "int64":
+        return None
+    zp, sh, rnd = (int(c.reshape(())) for c in scalars[:3])
+    inputs, mults = [], []
+    for y in add_ab.args:
+        mul = defs.get(y)
+        if _op(mul) != "relax.multiply" or uses.get(y, 0) != 1:
+            return None
+        m, cast = _const(mul.args[1]), defs.get(mul.args[0])
+        if m is None or m.size != 1 or not 0 <= int(m.reshape(())) < 2 ** 31 \
+                or _op(cast) != "relax.astype" or uses.get(mul.args[0], 0) != 1:
+            return None
+        x = cast.args[0]
+        if str(x.ty.dtype) not in ("int8", "int16"):
+            return None
+        inputs.append(x)
+        mults.append(int(m.reshape(())))
+    shape = tuple(int(d.value) for d in end.ty.shape.values)
+    if any(tuple(int(d.value) for d in x.ty.shape.values) != shape for x in inputs) \
+            or not 1 <= sh <= 62:
+        return None
+    lo, hi = (int(v.value) for v in clip.args[1:3])
+    xmax = max(2 ** (8 * np.dtype(str(x.ty.dtype)).itemsize - 1) for x in inputs)
+    if ((xmax * sum(mults) + abs(rnd)) >> sh) + abs(zp) >= 2 ** 31:  # ep_requant_add's int32
+        return None
+    size = int(np.prod(shape))
+    a_t, b_t = (str(x.ty.dtype) for x in inputs)
+    # The multipliers come in as an array, copied to locals: as literals GCC would multiply
+    # by a 64-bit constant (UMULL + MLA fix-ups) instead of one SMULL / SMLAL.
+    src = "\n".join([
+        "@T.prim_func(private=True)",
+        f'def main(a: T.Buffer({_shape(shape)}, "{a_t}"), b: T.Buffer({_shape(shape)}, "{b_t}"), '
+        f'm: T.Buffer((2,), "int32"), y: T.Buffer({_shape(shape)}, "{out_dtype}")):',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "add"}})',
+        f'    af = T.decl_buffer(({size},), "{a_t}", data=a.data)',
+        f'    bf = T.decl_buffer(({size},), "{b_t}", data=b.data)',
+        f'    yf = T.decl_buffer(({size},), "{out_dtype}", data=y.data)',
+        '    mr = T.alloc_buffer((2,), "int32")',
+        "    mr[0] = m[0]",
+        "    mr[1] = m[1]",
+        f"    for i in range({size}):",
+        f'        yf[i] = T.Cast("{out_dtype}", T.call_extern("int32", "ep_requant_add", '
+        f'T.Cast("int32", af[i]), mr[0], T.Cast("int32", bf[i]), mr[1], '
+        f"T.int64({rnd}), {sh}, {zp}, {lo}, {hi}))"])
+    return src, inputs, np.array(mults, np.int32)
+
+
+def _parse(src: str, what: str):
+    import tvm
+    from tvm.script import tirx as T  # noqa: F401  (the parsed source refers to T)
+
+    try:
+        return tvm.script.from_source(src)
+    except Exception as e:  # a generator bug: say which layer and show the source
+        from ..errors import EdgepruneError
+        raise EdgepruneError(f"int8 kernel for {what} did not parse: {e}\n{src}") from None
+
+
 def specialize_int8(mod, prefix_hint: str = "ep_int8"):
     """Replace every recognised quantized conv/dense chain in `main` by one specialized kernel."""
     import tvm
@@ -250,15 +335,24 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8"):
     for block in func.body.blocks:
         bindings = []
         for b in block.bindings:
-            found = _match(b.var, defs, uses) if _op(b.value) == "relax.astype" else None
-            if found is None:
+            if _op(b.value) != "relax.astype":
                 bindings.append(b)
                 continue
-            layer, x = found
-            prim, consts = build_kernel(layer)
-            gv = bb.add_func(prim, f"{prefix_hint}_{layer.kind}{added}")
+            conv, add = _match(b.var, defs, uses), None
+            if conv is None:
+                add = _add_chain(b.var, defs, uses)
+                if add is None:
+                    bindings.append(b)
+                    continue
+            if conv is not None:
+                layer, x = conv
+                prim, consts = build_kernel(layer)
+                kind, args = layer.kind, [x] + [relax.const(c, str(c.dtype)) for c in consts]
+            else:
+                prim, kind = _parse(add[0], f"add {b.var.name}"), "add"
+                args = add[1] + [relax.const(add[2], "int32")]
+            gv = bb.add_func(prim, f"{prefix_hint}_{kind}{added}")
             added += 1
-            args = [x] + [relax.const(c, str(c.dtype)) for c in consts]
             bindings.append(relax.VarBinding(b.var, relax.call_tir(gv, relax.Tuple(args), b.var.ty)))
         blocks.append(type(block)(bindings))
     if not added:
@@ -298,7 +392,7 @@ def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str) -> list[str]:
         f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "int64"), '
         f'shift: T.Buffer(({o},), "int32"), '
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
-        f'    T.func_attr({{"tirx.noalias": True, "{KERNEL_ATTR}": "{tag}"}})',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"}})',
     ]
 
 
@@ -529,13 +623,5 @@ def kernel_source(layer: QLayer) -> tuple[str, list[np.ndarray]]:
 
 
 def build_kernel(layer: QLayer):
-    import tvm
-    from tvm.script import tirx as T  # noqa: F401  (the parsed source refers to T)
-
     src, consts = kernel_source(layer)
-    try:
-        return tvm.script.from_source(src), consts
-    except Exception as e:  # a generator bug: say which layer and show the source
-        from ..errors import EdgepruneError
-        raise EdgepruneError(f"int8 kernel for {layer.kind} {layer.x_shape}->{layer.y_shape} "
-                             f"did not parse: {e}\n{src}") from None
+    return _parse(src, f"{layer.kind} {layer.x_shape}->{layer.y_shape}"), consts
