@@ -79,10 +79,39 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
         build = {
             "target": target.name, "model": spec, "kind": kind, **manifest,
             "firmware": "firmware/firmware.elf",
-            "memory": {"flash_bytes": mem.flash_bytes, "sram_bytes": mem.sram_bytes,
-                       "weights_bytes": mem.weights_bytes, "kernels_bytes": mem.kernels_bytes,
-                       "arena_bytes": mem.arena_bytes, "stack_bytes": mem.stack_bytes},
+            "memory": memory_summary(mem),
         }
+        (tmp / BUILD_FILE).write_text(json.dumps(build, indent=2))
+        finish_out_dir(tmp, out)
+        return build
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def memory_summary(mem) -> dict:
+    return {"flash_bytes": mem.flash_bytes, "sram_bytes": mem.sram_bytes,
+            "weights_bytes": mem.weights_bytes, "kernels_bytes": mem.kernels_bytes,
+            "arena_bytes": mem.arena_bytes, "stack_bytes": mem.stack_bytes}
+
+
+def retarget_build(build_dir: Path, target_name: str, out: Path, force: bool = False) -> dict:
+    """The same generated C library cross-compiled for another target (it is target-independent:
+    the kernels pick DSP/portable code with the compiler's own macros), without lowering again."""
+    from .elfinfo import read_elf
+    from .firmware import build_firmware
+
+    build = load_build(build_dir)
+    target = load_target(target_name)
+    check_fits(target, build["memory"]["weights_bytes"], build["arena_bytes"], str(build_dir))
+    tmp = prepare_out_dir(out, force)
+    try:
+        for item in build_dir.iterdir():
+            if item.name not in ("firmware", BUILD_FILE):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        elf = build_firmware(target, tmp / "c_library", build, tmp / "firmware")
+        build = {**build, "target": target.name,
+                 "memory": memory_summary(read_elf(elf, build["prefix"]))}
         (tmp / BUILD_FILE).write_text(json.dumps(build, indent=2))
         finish_out_dir(tmp, out)
         return build

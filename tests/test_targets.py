@@ -1,0 +1,84 @@
+"""Every target (issue 6): one float and one int8 zoo model cross-compiled for each target's
+toolchain and run in its QEMU (system or user mode) with outputs checked against the host.
+
+The TVM lowering is done once per model (for cortex-m7); every other target cross-compiles the
+same generated C library (`retarget_build`), so the test stays fast.
+"""
+
+import re
+import subprocess
+
+import pytest
+
+from edgeprune.compile import compile_model, retarget_build
+from edgeprune.firmware import compiler_flags
+from edgeprune.simulate import simulate
+from edgeprune.targets import FIRMWARE_DIR, load_target, target_names
+
+TARGETS = target_names()
+MISSION = {"cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55", "cortex-a53", "cortex-a72",
+           "riscv32", "riscv64"}
+
+
+@pytest.fixture(scope="session")
+def reference_builds(build_root, zoo_build):
+    """cortex-m7 builds of the zoo 'cnn': float, and int8 (PTQ on 32 Fashion-MNIST images)."""
+    from edgeprune import data, models
+    from edgeprune.quantize import ptq
+
+    model, shape = models.build("cnn")
+    qdir = ptq.quantize_ptq(model.eval(), shape, data.load("fashion-mnist").x_train[:32]) \
+        .save(build_root / "cnn-int8-q")
+    int8 = build_root / "cnn-int8-cortex-m7"
+    compile_model(str(qdir), "cortex-m7", int8, log=lambda *a: None)
+    return {"float": zoo_build("cnn"), "int8": int8}
+
+
+def test_mission_targets_exist_with_chip_facts():
+    assert MISSION <= set(TARGETS)
+    for name in TARGETS:
+        t = load_target(name)
+        assert t.chip["part"] and t.chip["source"] and t.power["source"]
+        assert t.power_mw > 0 and t.chip["clock_hz"] > 0
+
+
+@pytest.mark.parametrize("board", sorted({load_target(n).board["template"] for n in TARGETS}))
+def test_every_board_implements_board_h(board, tmp_path):
+    """Each board folder defines every function common/board.h declares (compiled, then nm)."""
+    declared = set(re.findall(r"\b(board_\w+)\s*\(", (FIRMWARE_DIR / "common" / "board.h").read_text()))
+    t = next(load_target(n) for n in TARGETS if load_target(n).board["template"] == board)
+    cc, q = t.toolchain["cc"], t.qemu
+    defined = set()
+    for src in sorted((FIRMWARE_DIR / board).glob("*.[cS]")):
+        obj = tmp_path / (src.name + ".o")
+        libc = ["--specs=picolibc.specs"] if t.toolchain.get("libc", "picolibc") == "picolibc" else []
+        subprocess.run([cc, *compiler_flags(t), *libc, "-c", f"-I{FIRMWARE_DIR / 'common'}",
+                        f"-DEP_UART_BASE={q.get('uart_base', 0)}u", f"-DEP_IO_ORIGIN={q['io_origin']}u",
+                        f"-DEP_IO_SIZE={q['io_size']}u", f"-DEP_STACK_BYTES={t.board['stack_bytes']}",
+                        str(src), "-o", str(obj)], check=True)
+        nm = subprocess.run([cc.replace("gcc", "nm"), "--defined-only", str(obj)],
+                            capture_output=True, text=True, check=True).stdout
+        defined |= {line.split()[-1] for line in nm.splitlines() if " T " in line}
+    assert declared and declared <= defined, f"{board} lacks {sorted(declared - defined)}"
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_zoo_model_runs_on_target(target, kind, reference_builds, build_root):
+    build_dir = reference_builds[kind]
+    if target != "cortex-m7":
+        out = build_root / f"cnn-{kind}-{target}"
+        build = retarget_build(build_dir, target, out, force=True)
+        assert build["target"] == target
+        build_dir = out
+    result, _ = simulate(build_dir, samples=2)
+    assert result["target"] == target and result["samples"] == 2
+    assert result["outputs_match"], result
+    if kind == "int8":
+        assert result["mismatches"] == 0
+    else:
+        assert result["rel_err"] <= 1e-4
+    assert result["instructions"] > 10_000
+    assert len(result["layers"]) == len([l for l in result["layers"] if l["instructions"] > 0])
+    assert 0 < result["flash_bytes"] and 0 < result["sram_bytes"]
+    assert 0 < result["stack_used_bytes"] <= load_target(target).board["stack_bytes"]
