@@ -50,7 +50,12 @@ def measurement(target: Target, instructions: int | None, layers: list[dict], me
     """
     clock = target.chip["clock_hz"]
     count = cycles if cycles else instructions
-    source = target.counter["board"] if cycles else QEMU_SOURCE
+    if cycles:
+        source = target.counter["board"]
+    elif instructions is not None:
+        source = QEMU_SOURCE
+    else:
+        source = "none: the device's cycle counter read 0 and no instruction counter is attached"
     ms = None if count is None else 1000.0 * count / clock
     out_layers = []
     for l in layers:

@@ -3,7 +3,8 @@
 Frame, both directions: 0xA5, type, seq, length (u16 LE), payload, CRC-16/CCITT-FALSE (u16 LE)
 over type..payload. Responses carry the request's type | 0x80 and its seq; 0xFF is an error
 (u8 code, text). The reader hunts for the start byte, so garbage on the line is skipped, and a
-frame with a bad CRC is dropped byte by byte until a good one parses. Every request is retried on
+frame with a bad CRC is dropped byte by byte until a good one parses; so is a header whose
+length runs past a quiet line (IDLE_GAP of silence). Every request is retried on
 a timeout, a CRC error or a NAK, up to a budget; the firmware answers a repeated request from its
 cache, so a retry never runs the model twice. After the budget: ProtocolError, never a hang.
 """
@@ -19,6 +20,8 @@ VERSION = 1
 MAGIC = b"EPPF"
 MAX_PAYLOAD = 512
 HEADER = 5  # start, type, seq, length
+FILL = HEADER + MAX_PAYLOAD + 2
+IDLE_GAP = 0.05  # s of silence inside a frame that mark its header as garbage
 
 HELLO, LAYER_NAME, UPLOAD, RUN, READ_OUTPUT, READ_LAYERS, STACK, BYE = range(1, 9)
 BOOT, ERROR = 0x7E, 0xFF
@@ -81,6 +84,10 @@ class FrameReader:
             del self.buf[:HEADER + n + 2]
             return type_, seq, body[4:]
 
+    def drop_stalled(self) -> None:
+        """The line went quiet inside a frame: its header was garbage (a bogus length), skip it."""
+        self._skip_start()
+
     def _skip_start(self):
         self.dropped += 1
         del self.buf[:1]
@@ -104,6 +111,10 @@ class Link:
         for attempt in range(self.retries + 1):
             if attempt:
                 self.retried += 1
+            if problems and problems[-1].startswith("no answer"):
+                # The device may sit inside a frame whose length byte was damaged: zeros (never
+                # a start byte) fill any such frame; it fails its CRC and the device hunts again.
+                self.port.write(bytes(FILL))
             self.port.write(frame)
             self.port.flush()
             status, data = self._await(type_, timeout or self.timeout)
@@ -123,8 +134,12 @@ class Link:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return "timeout", f"no answer within {timeout:g} s"
-                self.port.timeout = min(left, 0.05)
-                self.reader.feed(self._read())
+                self.port.timeout = min(left, IDLE_GAP)
+                data = self._read()
+                if data:
+                    self.reader.feed(data)
+                elif self.reader.buf:
+                    self.reader.drop_stalled()
                 continue
             rtype, rseq, payload = frame
             if rtype == BOOT:
@@ -151,17 +166,6 @@ class Link:
             return self.port.read(max(1, self.port.in_waiting))
         except (serial.SerialException, OSError) as e:
             raise ProtocolError(f"the link to {self.what} closed ({e})")
-
-    def wait_boot(self, timeout: float) -> None:
-        """Consume the firmware's boot frame if it comes (it is not sent again for a re-connect)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.booted_once:
-            frame = self.reader.next_frame()
-            if frame is None:
-                self.port.timeout = 0.05
-                self.reader.feed(self._read())
-            elif frame[0] == BOOT:
-                self.booted_once = True
 
 
 def parse_hello(payload: bytes) -> dict:
