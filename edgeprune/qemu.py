@@ -43,6 +43,8 @@ def start_qemu_tcp(target: Target, elf: Path, connect, plugin_args: str | None =
     `plugin_args`: the icount plugin's arguments (out=..,mark=..). Stop it with `stop_qemu`.
     """
     import socket
+    if user_mode(target):
+        return _start_user_tcp(target, elf, connect, plugin_args)
     for _ in range(tries):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -66,6 +68,27 @@ def start_qemu_tcp(target: Target, elf: Path, connect, plugin_args: str | None =
             raise EdgepruneError(f"QEMU did not open its serial port on 127.0.0.1:{port}: "
                                  f"{err[-300:] or 'no message'}")
     raise EdgepruneError(f"QEMU found no free loopback port in {tries} tries")
+
+
+def _start_user_tcp(target: Target, elf: Path, connect, plugin_args: str | None):
+    """User mode has no UART: the binary's stdin/stdout become one end of a loopback TCP
+    connection whose other end is `connect(port)`, so the host side is the same as on a board."""
+    import socket
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        link = connect(server.getsockname()[1])
+        conn, _ = server.accept()
+    with conn:
+        cmd = qemu_command(target, elf)
+        if plugin_args:  # options go before the program in user mode
+            cmd[-1:-1] = ["-plugin", f"{plugin_path()},{plugin_args}"]
+        try:
+            proc = subprocess.Popen(cmd, stdin=conn, stdout=conn, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            link.close()
+            raise EdgepruneError(f"{cmd[0]} is not installed (run make setup)")
+    return proc, link
 
 
 def stop_qemu(proc: subprocess.Popen, timeout: float = 5) -> str:
