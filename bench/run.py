@@ -11,7 +11,7 @@ import sys
 import time
 
 # Benchmark modules (bench/<name>.py), in the order they run.
-BENCHMARKS: list[str] = ["prune", "kernels", "feedback", "quant"]
+BENCHMARKS: list[str] = ["prune", "kernels", "feedback", "quant", "targets"]
 
 
 def main(argv: list[str] | None = None) -> int:
