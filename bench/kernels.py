@@ -173,6 +173,7 @@ def run_network(target: str, name: str, work: Path, specialized: bool = True) ->
 
 
 def main(quick: bool = False) -> dict:
+    from edgeprune.errors import EdgepruneError
     from edgeprune.targets import target_names
 
     known = set(target_names())
@@ -186,8 +187,13 @@ def main(quick: bool = False) -> dict:
             nets = {}
             for name in NETWORKS[:1] if quick else NETWORKS:
                 nets[name] = run_network(t, name, Path(tmp))
-                nets[name]["tvm_default_instructions"] = \
-                    run_network(t, name, Path(tmp), specialized=False)["instructions"]
+                try:
+                    nets[name]["tvm_default_instructions"] = \
+                        run_network(t, name, Path(tmp), specialized=False)["instructions"]
+                except EdgepruneError as e:  # e.g. TVM's default scratch exceeds the SRAM
+                    nets[name]["tvm_default_instructions"] = None
+                    nets[name]["tvm_default_error"] = str(e).split(": ", 1)[-1]
+                    print(f"  {t} {name} (TVM default): {e}", flush=True)
             results[t]["networks"] = nets
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if not quick:
