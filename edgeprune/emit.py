@@ -166,8 +166,8 @@ def manifest(lm: LoweredModel, plan: Plan) -> dict:
         "prefix": lm.prefix,
         "inputs": io(lm.inputs),
         "outputs": io(lm.outputs),
-        "layers": [{"name": c.kernel, "args": c.args, "workspace_bytes": c.workspace_bytes}
-                   for c in lm.calls],
+        "layers": [{"name": c.kernel, "args": c.args, "workspace_bytes": c.workspace_bytes,
+                    "macs": c.macs} for c in lm.calls],
         "arena_bytes": plan.arena_bytes,
         "arena_lower_bound_bytes": plan.lower_bound_bytes,
         "weights_bytes": lm.weights_bytes,

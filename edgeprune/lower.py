@@ -32,6 +32,7 @@ class KernelCall:
     kernel: str                 # fused PrimFunc name, e.g. fused_conv2d_add_relu
     args: list[str]             # tensor names in the kernel's parameter order; the last is the output
     workspace_bytes: int = 0    # scratch the kernel asks TVMBackendAllocWorkspace for (peak)
+    macs: int | None = None     # multiply-accumulates of its conv/matmul (None: not one)
 
     @property
     def output(self) -> str:
@@ -263,15 +264,51 @@ def schedule_kernels(mod):
     return mod
 
 
+MAC_OPS = ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d", "relax.matmul")
+MAC_KERNEL = re.compile(r"conv|matmul|dense|depthwise")  # names of kernels that hold one
+
+
+def mac_ops(mod) -> list[tuple[tuple[int, ...], int]]:
+    """(output shape, MACs) of every conv/matmul in `main`, in order, before fusion renames them."""
+    found = []
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            name = getattr(getattr(b.value, "op", None), "name", None)
+            if name not in MAC_OPS:
+                continue
+            out, _ = _tensor_type(b.var.ty, f"{name} {b.var.name}")
+            a, _ = _tensor_type(b.value.args[0].ty, f"input of {b.var.name}")
+            w, _ = _tensor_type(b.value.args[1].ty, f"weight of {b.var.name}")
+            if name == "relax.matmul":
+                per_output = a[-1]
+            else:  # weight elements per output channel = (in channels / groups) x window
+                per_output = int(np.prod(w)) // w[str(b.value.attrs.kernel_layout).index("O")]
+            found.append((out, int(np.prod(out)) * per_output))
+    return found
+
+
+def assign_macs(calls: list[KernelCall], tensors: dict, ops: list[tuple[tuple[int, ...], int]]) -> None:
+    """Give each conv/matmul kernel its op's MACs. Fusion keeps their order; if the kernels and
+    ops do not pair up one to one with equal output shapes, no kernel gets a (possibly wrong) count."""
+    kernels = [c for c in calls if MAC_KERNEL.search(c.kernel)]
+    if len(kernels) != len(ops) or any(tensors[c.output].shape != shape
+                                       for c, (shape, _) in zip(kernels, ops)):
+        return
+    for c, (_, macs) in zip(kernels, ops):
+        c.macs = macs
+
+
 def lower_relax(mod, prefix: str = "model") -> LoweredModel:
     """Lower a Relax IRModule (from ONNX or built by the quantizer) to kernels + call list."""
     if not re.fullmatch(r"[A-Za-z_]\w*", prefix):
         raise EdgepruneError(f"prefix '{prefix}' is not a C identifier")
     from .kernels import specialize_int8
+    ops = mac_ops(mod)
     mod = specialize_int8(mod)  # quantized conv/dense chains -> hand-scheduled int8 kernels
     mod = fuse(mod)
     mod = schedule_kernels(mod)
     lowered = collect_calls(mod, prefix)
+    assign_macs(lowered.calls, lowered.tensors, ops)
     lowered.kernels_c = build_kernels(mod, prefix)
     ws = workspace_per_kernel(lowered.kernels_c, prefix)
     for call in lowered.calls:
