@@ -276,7 +276,8 @@ def profile(build_dir: Path, port: str = "qemu", baud: int = 115200, runs: int =
     cycles = session["cycles"] or None  # 0: the core has no cycle counter (QEMU)
     layers = []
     for i, l in enumerate(build["layers"]):
-        entry = {"name": session["names"][i], "op": _op_of(l["name"]), "instructions": per_layer[i]}
+        entry = {"name": session["names"][i], "op": _op_of(l["name"]), "macs": l.get("macs"),
+                 "instructions": per_layer[i]}
         if cycles:
             entry["cycles"] = session["layer_cycles"][i]
         layers.append(entry)
