@@ -4,7 +4,7 @@ Frame, both directions: 0xA5, type, seq, length (u16 LE), payload, CRC-16/CCITT-
 over type..payload. Responses carry the request's type | 0x80 and its seq; 0xFF is an error
 (u8 code, text). The reader hunts for the start byte, so garbage on the line is skipped, and a
 frame with a bad CRC is dropped byte by byte until a good one parses; so is a header whose
-length runs past a quiet line (IDLE_GAP of silence). Every request is retried on
+(bogus) length would swallow a good frame that follows it. Every request is retried on
 a timeout, a CRC error or a NAK, up to a budget; the firmware answers a repeated request from its
 cache, so a retry never runs the model twice. After the budget: ProtocolError, never a hang.
 """
@@ -21,7 +21,7 @@ MAGIC = b"EPPF"
 MAX_PAYLOAD = 512
 HEADER = 5  # start, type, seq, length
 FILL = HEADER + MAX_PAYLOAD + 2
-IDLE_GAP = 0.05  # s of silence inside a frame that mark its header as garbage
+POLL = 0.05  # s per read while waiting
 
 HELLO, LAYER_NAME, UPLOAD, RUN, READ_OUTPUT, READ_LAYERS, STACK, BYE = range(1, 9)
 BOOT, ERROR = 0x7E, 0xFF
@@ -75,7 +75,7 @@ class FrameReader:
                 self._skip_start()
                 continue
             if len(self.buf) < HEADER + n + 2:
-                return None
+                return self._frame_behind_incomplete()
             body = bytes(self.buf[1:HEADER + n])
             (crc,) = struct.unpack_from("<H", self.buf, HEADER + n)
             if crc != crc16(body):
@@ -84,9 +84,21 @@ class FrameReader:
             del self.buf[:HEADER + n + 2]
             return type_, seq, body[4:]
 
-    def drop_stalled(self) -> None:
-        """The line went quiet inside a frame: its header was garbage (a bogus length), skip it."""
-        self._skip_start()
+    def _frame_behind_incomplete(self):
+        """A good frame complete behind an incomplete one means the first header was garbage
+        (a bogus length would otherwise stall the reader until the line brings that many bytes)."""
+        j = self.buf.find(START, 1)
+        while j > 0:
+            if len(self.buf) - j >= HEADER + 2:
+                n = struct.unpack_from("<H", self.buf, j + 3)[0]
+                end = j + HEADER + n + 2
+                if n <= MAX_PAYLOAD and end <= len(self.buf) and \
+                        struct.unpack_from("<H", self.buf, end - 2)[0] == crc16(bytes(self.buf[j + 1:end - 2])):
+                    self.dropped += j
+                    del self.buf[:j]
+                    return self.next_frame()
+            j = self.buf.find(START, j + 1)
+        return None
 
     def _skip_start(self):
         self.dropped += 1
@@ -134,12 +146,8 @@ class Link:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return "timeout", f"no answer within {timeout:g} s"
-                self.port.timeout = min(left, IDLE_GAP)
-                data = self._read()
-                if data:
-                    self.reader.feed(data)
-                elif self.reader.buf:
-                    self.reader.drop_stalled()
+                self.port.timeout = min(left, POLL)
+                self.reader.feed(self._read())
                 continue
             rtype, rseq, payload = frame
             if rtype == BOOT:
