@@ -42,7 +42,7 @@ class FeedbackResult:
     message: str
     trajectory: list[dict] = field(default_factory=list)
     accuracy: float | None = None     # test accuracy of the final float model
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # name -> path from work_dir's parent
     cache: dict = field(default_factory=dict)    # where results are cached; jobs run vs reused
 
     def summary(self) -> dict:
@@ -410,11 +410,11 @@ def write_outputs(result: FeedbackResult, out: Path, target: str, criterion: str
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out / name)
-        written[name] = str(out / name)
+        written[name] = f"{out.name}/{name}"
     tmp = out / ".pareto.png.tmp"
     tmp.write_bytes(pareto_png(result.trajectory, result.budget.get("latency_ms")))
     tmp.replace(out / "pareto.png")
-    written["pareto.png"] = str(out / "pareto.png")
+    written["pareto.png"] = f"{out.name}/pareto.png"
     return written
 
 
