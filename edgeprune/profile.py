@@ -75,6 +75,17 @@ def measurement(target: Target, instructions: int | None, layers: list[dict], me
             "energy": energy, "memory": memory, "layers": out_layers}
 
 
+def from_simulation(target: Target, sim: dict) -> dict:
+    """The report's format from an `edgeprune simulate` result (no serial link: the marks of
+    simulate's QEMU run, the ELF's memory, the stack it painted)."""
+    memory = {"flash_bytes": sim["flash_bytes"], "sram_bytes": sim["sram_bytes"],
+              "arena_bytes": sim["arena_bytes"], "stack_bytes": sim["stack_used_bytes"],
+              "stack_reserved_bytes": sim["stack_bytes"], "weights_bytes": sim["weights_bytes"]}
+    layers = [{"name": l["name"], "op": _op_of(l["name"]), "instructions": l["instructions"]}
+              for l in sim["layers"]]
+    return measurement(target, sim["instructions"], layers, memory)
+
+
 def read_energy_meter(path: Path, runs: int) -> tuple[float, str]:
     """µJ per inference from a meter CSV (format in the module docstring)."""
     if not path.exists():

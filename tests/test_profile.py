@@ -11,7 +11,7 @@ import pytest
 
 from edgeprune import protocol as P
 from edgeprune.cli import main
-from edgeprune.profile import profile, profile_firmware, read_energy_meter
+from edgeprune.profile import from_simulation, profile, profile_firmware, read_energy_meter
 from edgeprune.qemu import start_qemu_tcp, stop_qemu
 from edgeprune.simulate import simulate
 from edgeprune.targets import load_target
@@ -58,6 +58,11 @@ def test_qemu_profile_counts_sum_match_simulate_and_repeat(cnn, image, tmp_path,
     for mine, theirs in zip(r["layers"], sim["layers"]):
         assert abs(mine["instructions"] - theirs["instructions"]) <= 32, (mine, theirs)
     assert abs(lat["instructions"] - sim["instructions"]) <= 32 * len(r["layers"])
+    # deploy/feedback's conversion of a simulate run: the same power model and clock.
+    target = load_target("cortex-m7")
+    from_sim = from_simulation(target, sim)
+    assert from_sim["energy"]["uj"] == pytest.approx(target.power_mw * sim["instructions"] / 216e3)
+    assert from_sim["energy"]["source"].startswith("power-model")
     assert r["check"]["outputs_match"] and r["check"]["mismatches"] == 0
     # MACs of the convs and the dense layer (28x28 grey input, 8 then 16 3x3 filters, 16 -> 10).
     assert [l["macs"] for l in r["layers"]] == [8 * 28 * 28 * 9, None, 16 * 14 * 14 * 8 * 9,
