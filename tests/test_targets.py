@@ -26,12 +26,13 @@ def reference_builds(build_root, zoo_build):
     from edgeprune import data, models
     from edgeprune.quantize import ptq
 
+    fmnist = data.load("fashion-mnist")
     model, shape = models.build("cnn")
-    qdir = ptq.quantize_ptq(model.eval(), shape, data.load("fashion-mnist").x_train[:32]) \
-        .save(build_root / "cnn-int8-q")
+    qdir = ptq.quantize_ptq(model.eval(), shape, fmnist.x_train[:32]).save(build_root / "cnn-int8-q")
     int8 = build_root / "cnn-int8-cortex-m7"
     compile_model(str(qdir), "cortex-m7", int8, log=lambda *a: None)
-    return {"float": zoo_build("cnn"), "int8": int8}
+    # two real test images, given explicitly: simulate would otherwise reload the data set each time
+    return {"float": zoo_build("cnn"), "int8": int8, "inputs": fmnist.x_test[:2]}
 
 
 def test_mission_targets_exist_with_chip_facts():
@@ -62,16 +63,28 @@ def test_every_board_implements_board_h(board, tmp_path):
     assert declared and declared <= defined, f"{board} lacks {sorted(declared - defined)}"
 
 
+@pytest.fixture(scope="session")
+def target_build(reference_builds, build_root):
+    """The reference build of `kind` cross-compiled for `target` (once per session)."""
+    cache = {}
+
+    def get(kind: str, target: str):
+        if target == "cortex-m7":
+            return reference_builds[kind]
+        if (kind, target) not in cache:
+            out = build_root / f"cnn-{kind}-{target}"
+            build = retarget_build(reference_builds[kind], target, out, force=True)
+            assert build["target"] == target
+            cache[kind, target] = out
+        return cache[kind, target]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["float", "int8"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_zoo_model_runs_on_target(target, kind, reference_builds, build_root):
-    build_dir = reference_builds[kind]
-    if target != "cortex-m7":
-        out = build_root / f"cnn-{kind}-{target}"
-        build = retarget_build(build_dir, target, out, force=True)
-        assert build["target"] == target
-        build_dir = out
-    result, _ = simulate(build_dir, samples=2)
+def test_zoo_model_runs_on_target(target, kind, target_build, reference_builds):
+    result, _ = simulate(target_build(kind, target), inputs=reference_builds["inputs"])
     assert result["target"] == target and result["samples"] == 2
     assert result["outputs_match"], result
     if kind == "int8":
@@ -82,3 +95,19 @@ def test_zoo_model_runs_on_target(target, kind, reference_builds, build_root):
     assert len(result["layers"]) == len([l for l in result["layers"] if l["instructions"] > 0])
     assert 0 < result["flash_bytes"] and 0 < result["sram_bytes"]
     assert 0 < result["stack_used_bytes"] <= load_target(target).board["stack_bytes"]
+
+
+@pytest.mark.parametrize("target", ["cortex-a53", "riscv32"])
+def test_profile_over_the_serial_protocol(target, target_build, reference_builds):
+    """The host paths new with these boards: user-mode QEMU's stdin/stdout on a TCP socket, and
+    RISC-V's mcycle, which counts exact instructions under -icount."""
+    from edgeprune.profile import profile
+
+    build_dir = target_build("int8", target)
+    report = profile(build_dir, inputs=reference_builds["inputs"][:1])
+    sim, _ = simulate(build_dir, inputs=reference_builds["inputs"][:1])
+    assert report["check"]["outputs_match"] and report["deterministic"]
+    assert report["latency"]["instructions"] == pytest.approx(sim["instructions"], rel=1e-3)
+    if target == "riscv32":
+        assert report["latency"]["source"] == "mcycle"
+        assert report["latency"]["cycles"] == pytest.approx(report["latency"]["instructions"], rel=1e-3)
