@@ -50,12 +50,8 @@ def compiler_flags(target: Target) -> list[str]:
 def link_flags(target: Target, out_dir: Path) -> list[str]:
     """The C library and memory layout: picolibc on the board's linker script (bare metal, sizes
     from the target file), or a static glibc binary (Linux user mode, the kernel lays it out)."""
-    libc = target.toolchain.get("libc", "picolibc")
-    if libc == "glibc":
+    if target.toolchain.get("libc", "picolibc") == "glibc":
         return ["-static", "-Wl,--gc-sections", f"-Wl,-Map={out_dir / 'firmware.map'}", "-lm"]
-    if libc != "picolibc":
-        raise EdgepruneError(f"{target.path}: [toolchain] libc = '{libc}' is not supported "
-                             "(picolibc or glibc)")
     q = target.qemu
     flash = min(q["flash_size"], target.flash_bytes)
     ram = min(q["ram_size"], target.sram_bytes)

@@ -21,6 +21,12 @@ _REQUIRED = [
     ("quant", "weight_bits", list), ("quant", "activation_bits", list),
     ("power", "run_current_ma", float), ("power", "supply_v", float), ("power", "source", str),
 ]
+# [qemu] addresses a bare-metal board needs; user mode ([qemu] machine = "user", a static Linux
+# binary under qemu-<arch>) needs only the io region its board code maps the inputs to.
+_QEMU_BOARD = ["flash_origin", "flash_size", "ram_origin", "ram_size", "io_origin", "io_size",
+               "uart_base"]
+_QEMU_USER = ["io_origin", "io_size"]
+LIBCS = ("picolibc", "glibc")
 
 
 @dataclass
@@ -79,6 +85,14 @@ def load_target(name_or_path: str) -> Target:
         if not isinstance(value, typ):
             raise EdgepruneError(f"{path}: field {where} must be {typ.__name__}, "
                                  f"got {type(value).__name__} {value!r}")
+    q = raw["qemu"]
+    for key in _QEMU_USER if q["machine"] == "user" else _QEMU_BOARD:
+        if not isinstance(q.get(key), int):
+            raise EdgepruneError(f"{path}: [qemu] {key} must be an integer address/size "
+                                 f"(got {q.get(key)!r})")
+    libc = raw["toolchain"].get("libc", "picolibc")
+    if libc not in LIBCS:
+        raise EdgepruneError(f"{path}: [toolchain] libc = '{libc}' is not supported ({', '.join(LIBCS)})")
     t = Target(name=raw["name"], description=raw["description"],
                **{k: raw[k] for k in ("chip", "toolchain", "board", "qemu", "counter", "quant", "power")},
                path=path)

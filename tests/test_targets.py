@@ -111,3 +111,20 @@ def test_profile_over_the_serial_protocol(target, target_build, reference_builds
     if target == "riscv32":
         assert report["latency"]["source"] == "mcycle"
         assert report["latency"]["cycles"] == pytest.approx(report["latency"]["instructions"], rel=1e-3)
+
+
+@pytest.mark.parametrize("target, old, new, message", [
+    ("cortex-m55", "uart_base = 0x59303000", 'uart_base = "uart0"', "[qemu] uart_base"),
+    ("cortex-a53", "io_origin = 0x70000000", "", "[qemu] io_origin"),
+    ("riscv64", 'libc = "picolibc"', 'libc = "newlib"', "libc = 'newlib' is not supported"),
+])
+def test_bad_target_file_names_the_field(tmp_path, target, old, new, message):
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.targets import TARGETS_DIR
+
+    text = (TARGETS_DIR / f"{target}.toml").read_text()
+    assert old in text
+    bad = tmp_path / f"{target}.toml"
+    bad.write_text(text.replace(old, new))
+    with pytest.raises(EdgepruneError, match=re.escape(message)):
+        load_target(str(bad))
