@@ -44,6 +44,7 @@ class DeployConfig:
     calib_samples: int = 512
     eval_samples: int = 2000          # host accuracy (float, pruned, quantized)
     target_samples: int = 100         # real test samples run on the target
+    port: str = "qemu"                # where profile runs: qemu, socket://host:port, /dev/tty*
     seed: int = 0
     force: bool = False
 
@@ -217,7 +218,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             log(f"on target ({target.name}, QEMU): {acc_target:.2f} % on {n} samples, bit-exact")
 
         with stage("profile", progress):
-            profile = measure(tmp / "build", target, sim)
+            profile = measure(tmp / "build", cfg.port)
 
         with stage("baseline", progress):
             # The unpruned model through the same quantizer and compiler: the "before" numbers.
@@ -226,8 +227,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             base_q.save(tmp / "work" / "baseline_qmodel")
             compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
                           tmp / "work" / "baseline_build", log=lambda *_: None)
-            base_sim, _ = simulate(tmp / "work" / "baseline_build", data.x_test[:1])
-            baseline = measure(tmp / "work" / "baseline_build", target, base_sim)
+            baseline = measure(tmp / "work" / "baseline_build")
             baseline["accuracy"] = base_report["accuracy"]["quantized"]
 
         met, violations = check_budget(cfg.budget, profile)
@@ -246,6 +246,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             "check": {"outputs_match": sim["outputs_match"], "mismatches": sim["mismatches"],
                       "samples": sim["samples"]},
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "firmware": "firmware.elf",
             "wall_s": round(time.perf_counter() - t_start, 1),
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
@@ -270,26 +271,15 @@ def quantize_for_target(model, shape, data, target, cfg: DeployConfig, method: s
     return quantize(model, shape, data, target, qcfg, log=log)
 
 
-def measure(build_dir: Path, target, sim: dict) -> dict:
-    """Latency, energy and memory in the profiler's report format, from a QEMU run."""
-    instructions = sim["instructions"]
-    ms = 1000.0 * instructions / target.chip["clock_hz"]
-    power = target.power
-    mw = power["run_current_ma"] * power["supply_v"] * power.get("flash_wait_factor", 1.0)
-    layers = [{"name": l["name"], "instructions": l["instructions"],
-               "ms": 1000.0 * l["instructions"] / target.chip["clock_hz"],
-               "energy_uj": mw * 1000.0 * l["instructions"] / target.chip["clock_hz"] / 1000.0}
-              for l in sim["layers"]]
-    return {
-        "target": target.name,
-        "latency": {"cycles": None, "instructions": instructions, "ms": ms,
-                    "source": "qemu-instructions (1 instruction = 1 cycle at the chip clock)"},
-        "energy": {"uj": mw * ms, "source": f"power model: {power['source']}"},
-        "memory": {"flash_bytes": sim["flash_bytes"], "sram_bytes": sim["sram_bytes"],
-                   "arena_bytes": sim["arena_bytes"], "stack_bytes": sim["stack_used_bytes"],
-                   "weights_bytes": sim["weights_bytes"]},
-        "layers": layers,
-    }
+def measure(build_dir: Path, port: str = "qemu") -> dict:
+    """Latency, energy, memory and per-layer costs from the profiler (QEMU or a board)."""
+    from .profile import profile
+
+    report = profile(build_dir, port=port)
+    if not report["check"].get("outputs_match", True):
+        raise EdgepruneError(f"the profiled outputs differ from the golden model: {report['check']}",
+                             stage="profile")
+    return report
 
 
 def check_budget(budget: dict, profile: dict) -> tuple[bool, list[str]]:

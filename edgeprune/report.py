@@ -191,7 +191,7 @@ energy source: {html.escape(report['energy']['source'])}. Outputs on the target
 {_scatter('Accuracy vs measured latency', points, 'latency (ms)', 'accuracy (%)')}
 <h2>Per layer</h2>
 {_per_layer(report, 'ms', 'ms', 'Latency per layer (ms)')}
-{_per_layer(report, 'energy_uj', 'uJ', 'Energy per layer (uJ)')}
+{_per_layer(report, 'uj', 'uJ', 'Energy per layer (uJ)')}
 <h2>Memory</h2>
 {_memory_map(report, flash_total, sram_total)}
 <h2>Pruning ({html.escape(str(report.get('pruning', {}).get('criterion')))})</h2>

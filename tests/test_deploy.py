@@ -47,7 +47,7 @@ def test_report_fields(deployed):
     _, r, _ = deployed
     assert r["target"] == "cortex-m7"
     assert r["latency"]["instructions"] > 0 and r["latency"]["ms"] > 0 and r["latency"]["source"]
-    assert r["energy"]["uj"] > 0 and "power model" in r["energy"]["source"]
+    assert r["energy"]["uj"] > 0 and "power-model" in r["energy"]["source"]
     m = r["memory"]
     assert m["flash_bytes"] > m["weights_bytes"] > 0 and m["sram_bytes"] > m["arena_bytes"] > 0
     acc = r["accuracy"]

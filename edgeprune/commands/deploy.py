@@ -35,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=512, help="quantization calibration samples")
     p.add_argument("--eval-samples", type=int, default=2000, help="test samples for host accuracy")
     p.add_argument("--target-samples", type=int, default=100, help="test samples run on the target")
+    p.add_argument("--port", default="qemu", help="where to profile: qemu (default), "
+                   "socket://host:port, or a board's serial port such as /dev/ttyACM0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--json", action="store_true", help="print report.json only")
@@ -90,7 +92,7 @@ def run(args) -> int:
                        budget=parse_budget(args.budget), finetune_epochs=args.finetune,
                        quant_method=args.quant_method, mixed_precision=args.mixed_precision,
                        calib_samples=args.calib_samples, eval_samples=args.eval_samples,
-                       target_samples=args.target_samples, seed=args.seed, force=args.force)
+                       target_samples=args.target_samples, port=args.port, seed=args.seed, force=args.force)
     quiet = args.quiet or args.json
     console = Console(stderr=True)
     progress = None if quiet else StageProgress(console)

@@ -73,13 +73,12 @@ def from_bytes(blob: bytes) -> nn.Module:
 def costs_from_simulation(build_dir: Path, target, sim: dict) -> dict:
     """Instructions → ms and µJ, memory from the ELF: the one place the conversion happens.
 
-    It delegates to deploy's `measure` (instructions at the chip clock, the target's power model)
-    so that the search and deploy's final budget check agree to the last digit; when the
-    profiler (issue 5) lands, this is the function to switch to it.
+    It delegates to the profiler's `from_simulation` (instructions at the chip clock, the
+    target's power model), the conversion deploy's profile step uses too.
     """
-    from ..deploy import measure
+    from ..profile import from_simulation
 
-    prof = measure(build_dir, target, sim)
+    prof = from_simulation(target, sim)
     return {
         "instructions": int(prof["latency"]["instructions"]),
         "latency_ms": float(prof["latency"]["ms"]),
