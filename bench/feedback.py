@@ -27,9 +27,11 @@ RESULT = Path(__file__).parent / "results" / "feedback.json"
 CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
 FULL = {"train_epochs": 1, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
-        "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2}
+        "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
+        "step_iterations": 6, "seed": 0}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
-         "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2}
+         "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2,
+         "step_iterations": 6, "seed": 0}
 
 
 def best_criterion() -> str:
@@ -114,7 +116,7 @@ def main(quick: bool = False, **overrides) -> dict:
 
     def finish(pruned, name, extra):
         t0 = time.perf_counter()
-        finetune(pruned, train_set, cfg["finetune_epochs"], 0.01, 0)  # oneDNN off, as the search
+        finetune(pruned, train_set, cfg["finetune_epochs"], 0.01, cfg["seed"])  # oneDNN off
         costs = measure(pruned)
         entry = {"accuracy": round(evaluate(pruned, x_test, y_test), 3),
                  "latency_instructions": costs["instructions"],
@@ -156,9 +158,11 @@ def main(quick: bool = False, **overrides) -> dict:
     # (c) the feedback loop: search, then the same fine-tuning (inside search: finetune_epochs)
     t0 = time.perf_counter()
     fb = search(model, example, data, target, {"latency_ms": budget_ms}, criterion=criterion,
+                seed=cfg["seed"],
                 finetune_epochs=0.0, train_samples=n_train,
                 val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
+                step_iterations=cfg["step_iterations"],
                 work_dir=RESULT.parent / "feedback")
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
@@ -197,5 +201,11 @@ if __name__ == "__main__":
     ap.add_argument("--val-samples", type=int)
     ap.add_argument("--workers", type=int)
     ap.add_argument("--criterion")
+    ap.add_argument("--step-iterations", type=int)
+    ap.add_argument("--seed", type=int, help="fine-tuning seed (the trained model is seed 0)")
+    ap.add_argument("--result", type=Path, help="write here instead of bench/results/")
     a = vars(ap.parse_args())
+    if a.get("result"):
+        RESULT = a["result"]
+    a.pop("result")
     main(a.pop("quick"), **a)
