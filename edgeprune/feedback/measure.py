@@ -33,7 +33,7 @@ def model_hash(model: nn.Module) -> str:
 
 # What turns a model into measured numbers: a change to any of these invalidates cached costs.
 CODEGEN_SOURCES = ("compile.py", "lower.py", "emit.py", "plan.py", "schedule.py", "firmware.py",
-                   "frontend.py", "simulate.py", "qemu.py", "elfinfo.py", "deploy.py",
+                   "frontend.py", "simulate.py", "qemu.py", "elfinfo.py", "profile.py",
                    "kernels", "quantize", "qemu_plugin")
 
 
