@@ -236,7 +236,8 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
                 extra["pad_value"] = int(pv)
     per = [_per_channel(v, o, dt) for v, dt in ((bias, np.int32), (mult, np.int64),
                                                  (rnd, np.int64), (shift, np.int64))]
-    if any(p is None for p in per) or np.any(per[1] < 0) or np.any(per[1] >= 2 ** 31):
+    if any(p is None for p in per) or np.any(per[1] < 0) or np.any(per[1] >= 2 ** 31) \
+            or np.any((per[3] < 1) | (per[3] > 62)):  # M must fit SMLAL's int32, s a shift
         return None
     lo, hi = (int(v.value) for v in clip.args[1:3])
     layer = QLayer(kind, x_shape, y_shape, out_dtype, weight, *per, int(zp.reshape(())),
