@@ -3,11 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import EdgepruneError
-
-
 def register(sub) -> None:
     p = sub.add_parser("profile", help="per-layer latency, energy and memory over the serial link")
     p.add_argument("build", type=Path, help="a folder written by `edgeprune compile`")
@@ -30,14 +25,9 @@ def run(args) -> int:
     from ..profile import profile
     from ..protocol import ProtocolError
 
-    x = None
-    if args.input is not None:
-        if not args.input.exists():
-            raise EdgepruneError(f"input file {args.input} does not exist")
-        try:
-            x = np.load(args.input)
-        except Exception as e:
-            raise EdgepruneError(f"{args.input}: not a .npy array ({e})")
+    from .simulate import load_npy
+
+    x = load_npy(args.input) if args.input is not None else None
     try:
         report = profile(args.build, args.port, args.baud, args.runs, x, args.energy_meter,
                          args.timeout, args.retries)

@@ -20,17 +20,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def load_npy(path: Path) -> np.ndarray:
+    """A user's .npy input, or an error that names the file."""
+    if not path.exists():
+        raise EdgepruneError(f"input file {path} does not exist")
+    try:
+        return np.load(path)
+    except Exception as e:
+        raise EdgepruneError(f"{path}: not a .npy array ({e})")
+
+
 def run(args) -> int:
     from ..simulate import simulate
 
-    x = None
-    if args.input is not None:
-        if not args.input.exists():
-            raise EdgepruneError(f"input file {args.input} does not exist")
-        try:
-            x = np.load(args.input)
-        except Exception as e:
-            raise EdgepruneError(f"{args.input}: not a .npy array ({e})")
+    x = load_npy(args.input) if args.input is not None else None
     if args.samples < 1:
         raise EdgepruneError(f"--samples must be at least 1, got {args.samples}")
     try:
