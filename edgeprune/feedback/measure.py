@@ -1,5 +1,5 @@
 """Measure a torch model on the target: PTQ (int8, as deploy quantizes it) → TVM → firmware →
-QEMU, per-kernel instruction counts plus flash/SRAM from the ELF.
+the profiler (edgeprune.profile over QEMU), per-kernel counts plus flash/SRAM from the ELF.
 
 `measure_model` is a pure function of (model, target, calibration input): the search runs it in
 worker processes, each with its own QEMU, and caches its result on disk by model hash.
@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..errors import EdgepruneError
 
 METRICS = ("latency_ms", "energy_uj", "flash_kb", "sram_kb")
 
@@ -70,34 +72,33 @@ def from_bytes(blob: bytes) -> nn.Module:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False).eval()
 
 
-def costs_from_simulation(build_dir: Path, target, sim: dict) -> dict:
-    """Instructions → ms and µJ, memory from the ELF: the one place the conversion happens.
-
-    It delegates to the profiler's `from_simulation` (instructions at the chip clock, the
-    target's power model), the conversion deploy's profile step uses too.
-    """
-    from ..profile import from_simulation
-
-    prof = from_simulation(target, sim)
+def costs_from_profile(prof: dict) -> dict:
+    """The search's view of a profiler report (edgeprune.profile: counts → ms at the chip
+    clock, µJ from the target's power model, memory of the profiled firmware) — the same report
+    deploy checks its budget against, so both agree."""
+    if prof["latency"]["ms"] is None or prof["energy"]["uj"] is None:
+        raise EdgepruneError(f"the profiler returned no latency for {prof['target']} "
+                             f"({prof['latency']['source']}); the search needs a counted run")
     return {
-        "instructions": int(prof["latency"]["instructions"]),
+        "instructions": int(prof["latency"]["cycles"] or prof["latency"]["instructions"]),
         "latency_ms": float(prof["latency"]["ms"]),
         "energy_uj": float(prof["energy"]["uj"]),
         "flash_kb": prof["memory"]["flash_bytes"] / 1024,
         "sram_kb": prof["memory"]["sram_bytes"] / 1024,
-        "kernels": [int(l["instructions"]) for l in prof["layers"]],
+        "kernels": [int(l.get("cycles") or l["instructions"]) for l in prof["layers"]],
         "kernel_names": [l["name"] for l in prof["layers"]],
         "source": {"latency": prof["latency"]["source"], "energy": prof["energy"]["source"],
-                   "memory": "ELF sections + static arena"},
+                   "memory": "ELF of the profiled firmware + static arena"},
     }
 
 
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
                   calib_x: np.ndarray) -> dict:
-    """Quantize, compile and run `model` once on the target; its measured costs."""
+    """Quantize, compile and profile `model` once on the target (QEMU over the serial
+    protocol, per-kernel counts); its measured costs."""
     from ..compile import compile_model
+    from ..profile import profile
     from ..quantize.ptq import quantize_ptq
-    from ..simulate import simulate
     from ..targets import load_target
 
     target = load_target(target) if isinstance(target, str) else target
@@ -107,6 +108,8 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
         compile_model(str(Path(tmp) / "q"), str(target.path), Path(tmp) / "b",
                       log=lambda *a: None)
         x = calib_x[:input_shape[0]].reshape((1,) + tuple(input_shape))
-        sim, _ = simulate(Path(tmp) / "b", x,
-                          timeout=600)
-        return costs_from_simulation(Path(tmp) / "b", target, sim)
+        prof = profile(Path(tmp) / "b", port="qemu", inputs=x)
+        if prof["check"].get("mismatches"):
+            raise EdgepruneError(f"the target's outputs differ from the golden model "
+                                 f"({prof['check']}) while measuring a candidate")
+        return costs_from_profile(prof)
