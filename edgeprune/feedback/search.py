@@ -87,10 +87,12 @@ class _Bar:
     def __init__(self, enabled: bool):
         self.p = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            # stderr: stdout may carry JSON (`deploy --json`, `feedback --json`)
             p = Progress(TextColumn("{task.description:<28}"), BarColumn(),
                          TextColumn("{task.completed:g}/{task.total:g}"), TimeElapsedColumn(),
-                         transient=True)
+                         console=Console(stderr=True), transient=True)
             try:
                 p.start()
                 self.p = p
