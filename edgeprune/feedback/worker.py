@@ -98,10 +98,9 @@ def job_key(*parts) -> str:
 class Runner:
     """Runs jobs in a spawn process pool; results cached under `cache`.
 
-    Always a pool, even of one: TVM compilation and torch training in one process corrupt the
-    heap (observed: "double free or corruption" in a later backward pass), so the caller's
-    process, which fine-tunes, never compiles. The pool starts on the first job that is not
-    cached, so a fully cached (resumed) search starts no process.
+    Always a pool, even of one, so every job runs the same way in a fresh interpreter and the
+    caller's process (which fine-tunes) never holds TVM/QEMU state. The pool starts on the first
+    job that is not cached, so a fully cached (resumed) search starts no process.
     """
 
     def __init__(self, data: JobData, cache: Path, workers: int):
