@@ -177,10 +177,11 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             with stage("prune", progress):
                 from .prune import prune
                 ratios = cfg.per_layer if cfg.per_layer is not None else cfg.ratio
+                # Scoring batches for data-driven criteria, and a held-out one for MFP/particle.
                 batches = [(torch.from_numpy(data.x_train[i:i + 128]),
-                            torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
+                            torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 640, 128)]
                 pruned, record = prune(model, example, criterion=cfg.criterion, ratios=ratios,
-                                       data=batches, meta_batch=batches[-1], seed=cfg.seed)
+                                       data=batches[:-1], meta_batch=batches[-1], seed=cfg.seed)
             with stage("finetune", progress):
                 if cfg.finetune_epochs > 0:
                     log(f"fine-tuning the pruned model for {cfg.finetune_epochs:g} epoch(s)")

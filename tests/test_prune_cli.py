@@ -91,6 +91,7 @@ def test_data_criterion_and_finetune_with_real_data(tmp_path):
     out = tmp_path / "p"
     assert _prune("cnn", "--criterion", "taylor", "--ratio", "0.25", "--data", "fashion-mnist",
                   "--finetune", "1", "--max-samples", "256", "--eval-samples", "200",
+                  "--train-epochs", "0.02",
                   "--kernel-ratio", "0.5", "--intra-stride", "2", "--out", out) == 0
     rec = json.loads((out / "pruning.json").read_text())
     acc = rec["accuracy"]
@@ -155,7 +156,8 @@ def test_lottery_ticket_rewinds_from_a_file(tmp_path):
     torch.save(model.state_dict(), tmp_path / "early.pt")
     out = tmp_path / "p"
     assert _prune("cnn", "--method", "lth", "--rewind-from", tmp_path / "early.pt", "--data",
-                  "fashion-mnist", "--eval-samples", "100", "--out", out) == 0
+                  "fashion-mnist", "--eval-samples", "100", "--train-epochs", "0.02",
+                  "--out", out) == 0
     pruned, _ = load_torch(str(out / "model.pt"))
     kept = json.loads((out / "pruning.json").read_text())["layers"]["features.0.0"]["out_kept"]
     torch.testing.assert_close(pruned.get_submodule("features.0.0").weight,

@@ -51,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="test samples for the accuracies in pruning.json (with --data)")
     p.add_argument("--input-shape", help="static input shape where the model's is not stored")
+    p.add_argument("--train-epochs", type=float, default=1.0,
+                   help="a zoo model is first trained on --data for this long (cached)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -115,7 +117,7 @@ def run(args) -> int:
 
     from ..compile import finish_out_dir, prepare_out_dir
     from ..frontend import to_onnx
-    from ..load import load_torch, parse_shape, save_torch
+    from ..load import is_zoo_name, load_torch, parse_shape, save_torch
     from ..train import evaluate
     from . import allocate, methods
 
@@ -134,7 +136,15 @@ def run(args) -> int:
         raise EdgepruneError(f"output folder {out} exists and is not empty; pass --force to "
                              "replace it", stage=STAGE)
 
-    model, shape = load_torch(args.model, parse_shape(args.input_shape))
+    if is_zoo_name(args.model) and args.data:
+        # A zoo name is an architecture: prune the trained network, as quantize and deploy do.
+        from .. import data as datasets
+        from ..deploy import trained_zoo_model
+        model, shape = trained_zoo_model(args.model, datasets.load(args.data),
+                                         parse_shape(args.input_shape), args.train_epochs,
+                                         args.seed, log)
+    else:
+        model, shape = load_torch(args.model, parse_shape(args.input_shape))
     data = _load_data(args.data, shape, args.model) if args.data else None
     if data is not None and data.x_train is None and (args.finetune > 0 or
                                                       args.method != "oneshot"):
