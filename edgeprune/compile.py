@@ -1,5 +1,6 @@
 """The compile stage: model → TVM kernels + AOT C library + firmware for a target's QEMU board."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,19 @@ def finish_out_dir(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+@contextlib.contextmanager
+def atomic_out_dir(out: Path, force: bool):
+    """Write into a temporary sibling of `out`, renamed into place only if the block succeeds;
+    on any error nothing is left behind and an existing `out` is untouched."""
+    tmp = prepare_out_dir(out, force)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finish_out_dir(tmp, out)
+
+
 def is_quantized_dir(spec: str) -> bool:
     return Path(spec).is_dir() and (Path(spec) / "qmodel.json").exists()
 
@@ -51,8 +65,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
     from .plan import plan_model
 
     target = load_target(target_name)
-    tmp = prepare_out_dir(out, force)
-    try:
+    with atomic_out_dir(out, force) as tmp:
         if is_quantized_dir(spec):
             from .quantize.qmodel import load as load_qmodel
             from .quantize.to_relax import to_relax
@@ -82,11 +95,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
             "memory": memory_summary(mem),
         }
         (tmp / BUILD_FILE).write_text(json.dumps(build, indent=2))
-        finish_out_dir(tmp, out)
         return build
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def memory_summary(mem) -> dict:
@@ -104,8 +113,7 @@ def retarget_build(build_dir: Path, target_name: str, out: Path, force: bool = F
     build = load_build(build_dir)
     target = load_target(target_name)
     check_fits(target, build["memory"]["weights_bytes"], build["arena_bytes"], str(build_dir))
-    tmp = prepare_out_dir(out, force)
-    try:
+    with atomic_out_dir(out, force) as tmp:
         for item in build_dir.iterdir():
             if item.name not in ("firmware", BUILD_FILE):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
@@ -113,11 +121,7 @@ def retarget_build(build_dir: Path, target_name: str, out: Path, force: bool = F
         build = {**build, "target": target.name,
                  "memory": memory_summary(read_elf(elf, build["prefix"]))}
         (tmp / BUILD_FILE).write_text(json.dumps(build, indent=2))
-        finish_out_dir(tmp, out)
         return build
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def quantization_note(qmodel) -> str:

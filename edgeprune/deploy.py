@@ -131,7 +131,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     import torch
 
     from . import data as datasets
-    from .compile import compile_model, prepare_out_dir, finish_out_dir
+    from .compile import atomic_out_dir, compile_model
     from .load import load_torch, save_torch
     from .targets import load_target
     from .quantize.stage import check_data_fits
@@ -142,8 +142,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     on_step = progress.update if progress is not None else None
     with stage("deploy"):
         target = load_target(cfg.target)
-    tmp = prepare_out_dir(cfg.out, cfg.force)
-    try:
+    with atomic_out_dir(cfg.out, cfg.force) as tmp:
         with stage("data", progress):
             data = datasets.load(cfg.data)
             x_eval, y_eval = data.x_test[:cfg.eval_samples], data.y_test[:cfg.eval_samples]
@@ -254,11 +253,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         from .report import write_html
         write_html(report, tmp / "report.html")
         shutil.rmtree(tmp / "work", ignore_errors=True)
-        finish_out_dir(tmp, cfg.out)
         return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def quantize_for_target(model, shape, data, target, cfg: DeployConfig, method: str | None = None,

@@ -10,7 +10,6 @@ the closest point reached).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 STAGE = "feedback"
@@ -45,7 +44,7 @@ def run(args) -> int:
     import torch
 
     from .. import data as datasets
-    from ..compile import finish_out_dir, prepare_out_dir
+    from ..compile import atomic_out_dir
     from ..deploy import parse_budget, trained_zoo_model
     from ..load import is_zoo_name, load_torch, parse_shape, save_torch
     from . import search
@@ -58,8 +57,7 @@ def run(args) -> int:
         e.stage = STAGE
         raise
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, flush=True))
-    tmp = prepare_out_dir(args.out, args.force)
-    try:
+    with atomic_out_dir(args.out, args.force) as tmp:
         data = datasets.load(args.data)
         if is_zoo_name(args.model):
             model, shape = trained_zoo_model(args.model, data, parse_shape(args.input_shape),
@@ -73,10 +71,6 @@ def run(args) -> int:
                         short_finetune_samples=args.short_finetune, progress=not args.json)
         save_torch(result.model, shape, tmp / "model.pt")
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
-        finish_out_dir(tmp, args.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = result.summary()
     summary["files"] = {k: str(args.out / k) for k in result.files} | {
         "model.pt": str(args.out / "model.pt"), "pruning.json": str(args.out / "pruning.json")}

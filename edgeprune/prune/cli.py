@@ -7,7 +7,6 @@ Writes DIR/model.onnx and DIR/model.pt (the physically smaller model) and DIR/pr
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import EdgepruneError
@@ -115,7 +114,7 @@ def _load_data(name: str, shape: tuple[int, ...], origin: str):
 def run(args) -> int:
     import torch
 
-    from ..compile import finish_out_dir, prepare_out_dir
+    from ..compile import atomic_out_dir
     from ..frontend import to_onnx
     from ..load import is_zoo_name, load_torch, parse_shape, save_torch
     from ..train import evaluate
@@ -177,16 +176,11 @@ def run(args) -> int:
                               "dataset": data.name}
     record["model"] = args.model
 
-    tmp = prepare_out_dir(out, args.force)
-    try:
+    with atomic_out_dir(out, args.force) as tmp:
         save_torch(pruned, shape, tmp / "model.pt")
         import onnx
         onnx.save(to_onnx(str(tmp / "model.pt"), shape), str(tmp / "model.onnx"))
         (tmp / "pruning.json").write_text(json.dumps(record, indent=1))
-        finish_out_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     summary = {k: record.get(k) for k in ("criterion", "method", "macs_before", "macs_after",
                                           "params_before", "params_after", "accuracy")}

@@ -16,7 +16,6 @@ are refused; `mixed` picks per-layer widths among them by sensitivity (`mixed.py
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -223,7 +222,7 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
     """Load `spec` (a .pt/.onnx path, a prune output folder or a zoo name, zoo models trained on
     `data_name` and cached), quantize it, write qmodel.json + weights.npz + quantize.json to `out` atomically."""
     from .. import data as datasets
-    from ..compile import finish_out_dir, prepare_out_dir
+    from ..compile import atomic_out_dir
     from ..load import is_zoo_name, load_torch
     from ..targets import load_target
 
@@ -240,14 +239,9 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
     else:
         model, shape = load_torch(spec, input_shape, data.num_classes)
     check_data_fits(shape, data, spec)
-    tmp = prepare_out_dir(out, force)
-    try:
+    with atomic_out_dir(out, force) as tmp:
         qm, report = quantize(model, shape, data, target, cfg, log, progress)
         report["model"] = spec
         qm.save(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
-        finish_out_dir(tmp, out)
         return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
