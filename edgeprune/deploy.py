@@ -23,7 +23,6 @@ import numpy as np
 from .errors import EdgepruneError
 
 DEFAULT_MODEL = "resnet8"
-BUDGET_KEYS = {"latency_ms", "energy_uj", "flash_kb", "sram_kb"}
 
 
 @dataclass
@@ -51,6 +50,8 @@ class DeployConfig:
 
 def parse_budget(text: str | None) -> dict[str, float]:
     """'latency_ms=5,flash_kb=256' -> {'latency_ms': 5.0, 'flash_kb': 256.0}."""
+    from .feedback.measure import METRICS as BUDGET_KEYS
+
     if not text:
         return {}
     budget = {}
@@ -59,7 +60,7 @@ def parse_budget(text: str | None) -> dict[str, float]:
         key = key.strip()
         if not sep or key not in BUDGET_KEYS:
             raise EdgepruneError(f"--budget item '{part}' is not KEY=VALUE with KEY in "
-                                 f"{', '.join(sorted(BUDGET_KEYS))}", stage="deploy")
+                                 f"{', '.join(BUDGET_KEYS)}", stage="deploy")
         try:
             budget[key] = float(value)
         except ValueError:
@@ -279,12 +280,12 @@ def measure(build_dir: Path, port: str = "qemu") -> dict:
 
 
 def check_budget(budget: dict, profile: dict) -> tuple[bool, list[str]]:
-    measured = {"latency_ms": profile["latency"]["ms"], "energy_uj": profile["energy"]["uj"],
-                "flash_kb": profile["memory"]["flash_bytes"] / 1024,
-                "sram_kb": profile["memory"]["sram_bytes"] / 1024}
-    violations = [f"{k}: measured {measured[k]:.4g} > budget {v:g}"
-                  for k, v in budget.items() if measured[k] > v]
-    return not violations, violations
+    """Every budget against the profiled numbers, in the feedback search's terms."""
+    from .feedback.measure import costs_from_profile
+    from .feedback.search import violations
+
+    bad = violations(costs_from_profile(profile), budget) if budget else []
+    return not bad, bad
 
 
 def per_layer_summary(record: dict) -> list[dict]:
