@@ -137,3 +137,17 @@ def test_bad_input_names_the_stage(args, words, tmp_path):
     for w in words:
         assert w in r.stderr, (w, r.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_deploy_with_a_budget_runs_the_measured_search(tmp_path):
+    """--budget: the feedback search prunes until the latency measured on the target fits."""
+    out = tmp_path / "out"
+    r = edgeprune("deploy", *TINY, "--budget", "latency_ms=1.5", "--out", out, "--json",
+                  cache=tmp_path / "cache", check=True)
+    report = json.loads(r.stdout)
+    assert report["budget"] == {"latency_ms": 1.5}
+    assert report["met"] is True and report["latency"]["ms"] <= 1.5
+    assert report["baseline"]["latency"]["ms"] > 1.5  # the unpruned model did not fit
+    assert report["feedback"]["met"] and report["feedback"]["trajectory"]
+    for name in ("ratios.json", "trajectory.json", "pareto.png"):
+        assert (out / "feedback" / name).exists(), name
