@@ -195,3 +195,29 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
     assert np.array_equal(got[:, 0], want_mac)
     assert np.array_equal(got[:, 1], want_rq)
     assert np.array_equal(got[s >= 32, 2], want_rq[s >= 32])
+
+
+def test_sxtb16_portable_fallback_widens_bytes_0_2_and_1_3(tmp_path):
+    """Conv weights stay int8 in flash; off DSP cores the portable ep_sxtb16 / ep_sxtb16_ror8
+    must widen bytes 0,2 and 1,3 of a word to two int16 halves exactly as SXTB16 does."""
+    import subprocess
+
+    from edgeprune.kernels import C_PRELUDE
+
+    words = np.random.default_rng(4).integers(-2 ** 31, 2 ** 31, 300)
+    words[:3] = [-2 ** 31, 2 ** 31 - 1, -1]
+    prog = tmp_path / "sxtb16.c"
+    prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
+                    f"static const long long t[] = {{{', '.join(map(str, words))}}};\n"
+                    "int main(void) {\n"
+                    f"  for (int i = 0; i < {len(words)}; i++)\n"
+                    "    printf(\"%lu %lu\\n\", (unsigned long)(uint32_t)ep_sxtb16((int32_t)t[i]),\n"
+                    "           (unsigned long)(uint32_t)ep_sxtb16_ror8((int32_t)t[i]));\n"
+                    "  return 0;\n}\n")
+    exe = tmp_path / "sxtb16"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
+    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
+                                    check=True).stdout.splitlines(), dtype=np.int64)
+    b = words.astype(np.uint32).view(np.uint8).reshape(-1, 4).view(np.int8).astype(np.int64)
+    for col, (lo, hi) in enumerate(((0, 2), (1, 3))):
+        assert np.array_equal(got[:, col], (b[:, lo] & 0xFFFF) | ((b[:, hi] & 0xFFFF) << 16))

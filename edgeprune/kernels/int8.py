@@ -9,8 +9,11 @@ the layer's exact shape, with its weights repacked at build time:
 
 * conv (groups=1) and dense (= 1x1 conv on a 1x1 image): the input is copied once into a
   scratch of int32 words, each holding two input channels as signed 16-bit halves, padded
-  with the zero point (so the MAC loop has no bounds checks). Weights are repacked the same
-  way, OC_BLOCK output channels side by side. A tile keeps OC_BLOCK channels x PX_BLOCK
+  with the zero point (so the MAC loop has no bounds checks). Weights stay int8 in flash,
+  one word holding the same channel pair of two output channels (bytes 0,2 and 1,3: the
+  lanes of SXTB16 and SXTB16 ROR #8); per block of OC_BLOCK output channels they are widened
+  once into a small int16-pair scratch (in the MAC loop the unpacking would spill registers).
+  A tile keeps OC_BLOCK channels x PX_BLOCK
   neighbouring pixels (8 sums) in registers, unrolls the kernel window, and does two MACs per
   `ep_smlad` (SMLAD on cores with the DSP extension, portable C elsewhere; see C_PRELUDE).
   Where pairing channels wastes half the SMLADs (one input channel, e.g. a grey image or a
@@ -50,11 +53,23 @@ C_PRELUDE = """\
 #endif
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
 static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) { return __smlad(a, b, acc); }
+/* Weights are int8 in flash: bytes 0,2 (ep_sxtb16) and 1,3 (ep_sxtb16_ror8) of a word,
+   sign-extended into two 16-bit halves, as SXTB16 / SXTB16 ROR #8 do. */
+static inline int32_t ep_sxtb16(int32_t w) { return __sxtb16(w); }
+static inline int32_t ep_sxtb16_ror8(int32_t w) {  /* GCC 12 won't fold a rotate into SXTB16 */
+  int32_t r;
+  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(w));
+  return r;
+}
 #else
 static inline int32_t ep_smlad(int32_t a, int32_t b, int32_t acc) {
   return (int32_t)((uint32_t)acc + (uint32_t)((int16_t)a * (int16_t)b)
                    + (uint32_t)((a >> 16) * (b >> 16)));
 }
+static inline int32_t ep_sxtb16(int32_t w) {
+  return (int32_t)(((uint32_t)(int32_t)(int8_t)w & 0xFFFFu) | ((uint32_t)(int8_t)(w >> 16) << 16));
+}
+static inline int32_t ep_sxtb16_ror8(int32_t w) { return ep_sxtb16(w >> 8); }
 #endif
 /* clamp(v, lo, hi); one SSAT when [lo, hi] is the whole int8/int16 range. */
 static inline int32_t ep_clamp(int32_t v, int32_t lo, int32_t hi) {
@@ -87,7 +102,7 @@ static inline int32_t ep_requant(int32_t acc, int32_t m, int64_t rnd, int32_t sh
 
 KERNEL_ATTR = "edgeprune.kernel"
 # Every kernel here is marked opaque (op_pattern 8) so that FuseOps keeps it a call of its own.
-PRELUDE_FUNCS = ("ep_smlad", "ep_requant", "ep_clamp")
+PRELUDE_FUNCS = ("ep_smlad", "ep_sxtb16", "ep_requant", "ep_clamp")
 
 
 def with_prelude(c_source: str) -> str:
@@ -449,6 +464,11 @@ def _pack_pair(lo: str, hi: str | None) -> str:
     return lo if hi is None else f'({lo} | (T.Cast("int32", {hi}) * 65536))'
 
 
+def _unpack(word: str, k: int) -> str:
+    """Output channel k's int16 pair from its int8 weight word (bytes 0,2 or 1,3)."""
+    return f'T.call_extern("int32", "{"ep_sxtb16_ror8" if k % 2 else "ep_sxtb16"}", {word})'
+
+
 def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | None = None):
     """conv (groups=1) or dense: SMLAD on channel pairs; each tile keeps oc_block output
     channels x px_block neighbouring pixels of one row in registers."""
@@ -485,14 +505,22 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         wpad = np.zeros((ob * oc_block, nred * 2, kh, kw), np.int64)
         wpad[:o, :c] = w4
         wpad = wpad.reshape(ob, oc_block, nred, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    # Weights: (ob, nred, kh, taps, oc_block) words of two int16 halves.
-    words = ((wpad[..., 0] & 0xFFFF) | (wpad[..., 1] << 16)).astype(np.uint32).view(np.int32)
+    # Weights stay int8 in flash: (ob, nred, kh, taps, oc_block / 2) words, each holding the
+    # pair of output channel 2q in bytes 0,2 and of channel 2q+1 in bytes 1,3, the lanes that
+    # ep_sxtb16 / ep_sxtb16_ror8 (SXTB16, SXTB16 ROR #8) widen to 16-bit halves for SMLAD.
+    if oc_block % 2:
+        wpad = np.concatenate([wpad, np.zeros(wpad.shape[:-2] + (1, 2), wpad.dtype)], axis=-2)
+    b = (wpad & 0xFF).astype(np.uint32)
+    words = (b[..., 0::2, 0] | (b[..., 1::2, 0] << 8) | (b[..., 0::2, 1] << 16)
+             | (b[..., 1::2, 1] << 24)).view(np.int32)
     words = np.ascontiguousarray(words)
 
     def xin(ch, i, j):
         return f"x[nb, {ch}]" if dense else f"x[nb, {ch}, {i}, {j}]"
 
     L = _header(layer, words.shape, "int32", o, layer.kind)
+    if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
+        L.append(f'    wu = T.alloc_buffer(({nred}, {kh}, {taps}, {2 * words.shape[-1]}), "int32")')
     L += [f'    xs = T.alloc_buffer(({nred}, {hs}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
           f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")',
@@ -541,9 +569,13 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                   f"{ind}        for ry in T.unroll({kh}):",
                   f"{ind}            for rx in T.unroll({taps}):"]
         cc = f"cco * {u} + cci"
+
+        def wk(k):  # output channel k's two int16 halves
+            if px_block > 1:  # widened once per channel block (unpack_loops)
+                return f"wu[{cc}, ry, rx, {k}]"
+            return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)
         lines += [f'{ind}                {a(k, p)} = T.call_extern("int32", "ep_smlad", '
-                  f"xs[{cc}, oh * {sh} + ry * {dh}, {col(p)}], w[{obv}, {cc}, ry, rx, {k}], "
-                  f"{a(k, p)})"
+                  f"xs[{cc}, oh * {sh} + ry * {dh}, {col(p)}], {wk(k)}, {a(k, p)})"
                   for k in range(count) for p in range(npx)]
         # All results first, then the stores: an int8 store may alias any constant, which
         # would force the per-channel constants to be reloaded for every pixel.
@@ -558,6 +590,17 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                 lines.append(f"{ind}{dst} = res[{p * count + k}]")
         return lines
 
+    def unpack_loops(ind: str, obv: str) -> list[str]:
+        """Widen block `obv`'s int8 weights into wu once, shared by all its pixel tiles; inline
+        the SXTB16s would need more registers than a Cortex-M has and spill (+30 % on L7)."""
+        if px_block == 1:  # one pixel per tile: each weight is used once anyway
+            return []
+        q = words.shape[-1]
+        return [f"{ind}for a, ry, rx in T.grid({nred}, {kh}, {taps}):",
+                f"{ind}    for k in T.unroll({q}):",
+                f"{ind}        wu[a, ry, rx, k * 2] = {_unpack(f'w[{obv}, a, ry, rx, k]', 0)}",
+                f"{ind}        wu[a, ry, rx, k * 2 + 1] = {_unpack(f'w[{obv}, a, ry, rx, k]', 1)}"]
+
     px_full, px_tail = divmod(ow_n, px_block)
     for count, blocks in ((oc_block, o // oc_block), (o % oc_block, 1 if o % oc_block else 0)):
         if not blocks or not count:
@@ -565,6 +608,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         obv, ind = ("ob", "            ") if count == oc_block else (str(o // oc_block), "        ")
         if count == oc_block:
             L.append(f"        for ob in range({blocks}):")
+        L += unpack_loops(ind, obv)
         L.append(f"{ind}for oh in range({oh_n}):")
         if px_full:
             L.append(f"{ind}    for owb in range({px_full}):")
