@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+from bench.run import write_result
+
 RESULT = Path(__file__).parent / "results" / "feedback.json"
 CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
@@ -145,7 +147,7 @@ def main(quick: bool = False, **overrides) -> dict:
     r, _, tried = bisect_measured(uniform_model, measure, budget_instr, cfg["bisect_steps"])
     result["uniform"] = finish(uniform_model(r), "uniform",
                                {"ratio": r, "bisection": tried})
-    _write(result)
+    write_result(RESULT, result)
 
     # (b) global ranking, measured bisection over the fraction removed
     def global_model(f):
@@ -153,7 +155,7 @@ def main(quick: bool = False, **overrides) -> dict:
                      data=batches, meta_batch=batches[-1])[0]
     f, _, tried = bisect_measured(global_model, measure, budget_instr, cfg["bisect_steps"])
     result["global"] = finish(global_model(f), "global", {"fraction": f, "bisection": tried})
-    _write(result)
+    write_result(RESULT, result)
 
     # (c) the feedback loop: search, then the same fine-tuning (inside search: finetune_epochs)
     t0 = time.perf_counter()
@@ -180,15 +182,8 @@ def main(quick: bool = False, **overrides) -> dict:
                       + str(result["feedback"]["met"] and result["feedback_minus_uniform_pt"] >= 1.0))
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     runner.close()
-    _write(result)
+    write_result(RESULT, result)
     return result
-
-
-def _write(result: dict) -> None:
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(RESULT)
 
 
 if __name__ == "__main__":

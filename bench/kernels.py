@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.run import write_result
+
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
 TARGETS = ["cortex-m7", "cortex-m4", "cortex-m55"]
 
@@ -195,9 +197,8 @@ def main(quick: bool = False) -> dict:
                     nets[name]["tvm_default_error"] = str(e).split(": ", 1)[-1]
                     print(f"  {t} {name} (TVM default): {e}", flush=True)
             results[t]["networks"] = nets
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     if not quick:
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        write_result(RESULTS, results)
     return results
 
 

@@ -14,10 +14,11 @@ per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
+
+from bench.run import write_result
 
 RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 TARGETS = (0.5, 0.75)
@@ -98,7 +99,7 @@ def main(quick: bool = False) -> dict:
                       f"{runs[-1]['acc_after']:.2f} % ({runs[-1]['wall_seconds']:.0f} s)",
                       flush=True)
             result["criteria"].setdefault(crit, {})[key] = _summary(runs)
-            _write(result)
+            write_result(RESULT, result)
     for crit, allocation, method in SCHEDULES:
         runs = [_run(model, example, data, cfg, score, crit, allocation, method, GOAL_TARGET, s)
                 for s in range(cfg["schedule_seeds"])]
@@ -106,7 +107,7 @@ def main(quick: bool = False) -> dict:
         result["schedules"][name] = _summary(runs)
         print(f"{name} -{GOAL_TARGET:.0%}: {result['schedules'][name]['acc_after']['mean']:.2f} %",
               flush=True)
-        _write(result)
+        write_result(RESULT, result)
 
     ranking = {}
     for key in (f"{int(t * 100)}%" for t in TARGETS):
@@ -121,15 +122,8 @@ def main(quick: bool = False) -> dict:
     gap = acc_float - result["schedules"][best]["acc_after"]["mean"]
     result["goal"] = {"best_schedule": best, "macs_removed": GOAL_TARGET,
                       "points_below_float": round(gap, 3), "met": gap <= 0.5}
-    _write(result)
+    write_result(RESULT, result)
     return {k: result[k] for k in ("float", "ranking", "goal")}
-
-
-def _write(result: dict) -> None:
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(RESULT)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from bench.run import write_result
+
 RESULT = Path(__file__).parent / "results" / "quantization.json"
 WORK = Path(__file__).parent / "work" / "quant"
 FULL = {"train_epochs": 10, "epochs": 2.0, "train_samples": None, "eval_samples": 10000,
@@ -127,6 +129,5 @@ def main(quick: bool = False) -> dict:
             "note": "first and last layers stay 8-bit; +1 KiB slack for them"},
         "bit_exact_on_target": all(x["on_target"]["mismatches"] == 0 for x in v.values()),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1))
+    write_result(RESULT, result)
     return result

@@ -9,9 +9,18 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
 
 # Benchmark modules (bench/<name>.py), in the order they run.
 BENCHMARKS: list[str] = ["prune", "kernels", "feedback", "quant", "targets"]
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a study's JSON atomically (a study may checkpoint it many times while it runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from bench.run import write_result
+
 RESULTS = Path(__file__).parent / "results" / "targets.json"
 MODEL = "resnet8"
 
@@ -52,8 +54,7 @@ def main(quick: bool = False) -> dict:
             print(f"  {name}: {res['instructions']:,} instructions, flash {res['flash_bytes']:,} B, "
                   f"SRAM {res['sram_bytes']:,} B, mismatches {res['mismatches']}", flush=True)
     if not quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        write_result(RESULTS, results)
     return results
 
 
