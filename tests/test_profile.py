@@ -2,7 +2,6 @@
 
 import json
 import socket
-import struct
 import threading
 import time
 
@@ -12,9 +11,9 @@ import pytest
 from edgeprune import protocol as P
 from edgeprune.cli import main
 from edgeprune.profile import from_simulation, profile, profile_firmware, read_energy_meter
-from edgeprune.qemu import start_qemu_tcp, stop_qemu
 from edgeprune.simulate import simulate
 from edgeprune.targets import load_target
+from tcp_proxy import ManInTheMiddle, profile_through
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def test_power_model_energy_and_table(cnn, image, capsys):
     assert "power-model" in out
 
 
-class Proxy:
+class Proxy(ManInTheMiddle):
     """A TCP man in the middle between the host and QEMU that damages the byte stream.
 
     Byte offsets count the stream in each direction: `flip_*` XOR that byte, `garbage_down`
@@ -95,22 +94,9 @@ class Proxy:
     GARBAGE = b"\xa5\x13\x00\xff\x01garbage\x00"
 
     def __init__(self, flip_down=(), flip_up=(), garbage_down=(), boot_down_at=None):
+        super().__init__()
         self.flip = {True: set(flip_down), False: set(flip_up)}
         self.garbage_down, self.boot_down_at = set(garbage_down), boot_down_at
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.upstream = None
-
-    def connect_upstream(self, qemu_port):
-        self.upstream = socket.create_connection(("127.0.0.1", qemu_port), timeout=1)
-        self.upstream.settimeout(None)
-        threading.Thread(target=self._serve, daemon=True).start()
-        return self
-
-    def _serve(self):
-        client, _ = self.listener.accept()
-        threading.Thread(target=self._pump, args=(self.upstream, client, True), daemon=True).start()
-        self._pump(client, self.upstream, False)
 
     def _pump(self, src, dst, down):
         count = 0
@@ -130,15 +116,7 @@ class Proxy:
 
 
 def through_proxy(cnn, image, proxy, **kw):
-    """Profile via socket:// through `proxy` to a QEMU this test starts; QEMU is always stopped."""
-    from edgeprune.compile import load_build
-    elf = profile_firmware(cnn)
-    target = load_target(load_build(cnn)["target"])
-    proc, _ = start_qemu_tcp(target, elf, proxy.connect_upstream)
-    try:
-        return profile(cnn, f"socket://127.0.0.1:{proxy.port}", inputs=np.load(image), elf=elf, **kw)
-    finally:
-        stop_qemu(proc, timeout=2)
+    return profile_through(cnn, proxy, np.load(image), **kw)
 
 
 def test_garbage_and_corrupted_frames_are_survived_with_the_same_numbers(cnn, image):

@@ -4,18 +4,17 @@ Real QEMU, its UART on a real TCP socket, pyserial on the host."""
 
 import socket
 import subprocess
-import threading
 import time
 
-import numpy as np
 import pytest
 
 from edgeprune import protocol as P
 from edgeprune.compile import load_build
 from edgeprune.profile import profile, profile_firmware
-from edgeprune.qemu import qemu_command, start_qemu_tcp, stop_qemu
+from edgeprune.qemu import qemu_command
 from edgeprune.simulate import default_inputs
 from edgeprune.targets import load_target
+from tcp_proxy import ManInTheMiddle, profile_through
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def x():
     return default_inputs((1, 1, 28, 28), 1)[0]
 
 
-class FramePump:
+class FramePump(ManInTheMiddle):
     """A TCP man in the middle that forwards whole frames and can lose the tail of some.
 
     `cut_down` / `cut_up`: indices of frames (device->host / host->device, counted from 0) of
@@ -36,21 +35,9 @@ class FramePump:
     """
 
     def __init__(self, cut_down=(), cut_up=(), on_up=None):
+        super().__init__()
         self.cut = {True: set(cut_down), False: set(cut_up)}
         self.on_up = on_up
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-
-    def connect_upstream(self, qemu_port):
-        self.upstream = socket.create_connection(("127.0.0.1", qemu_port), timeout=1)
-        self.upstream.settimeout(None)
-        threading.Thread(target=self._serve, daemon=True).start()
-        return self
-
-    def _serve(self):
-        client, _ = self.listener.accept()
-        threading.Thread(target=self._pump, args=(self.upstream, client, True), daemon=True).start()
-        self._pump(client, self.upstream, False)
 
     def _pump(self, src, dst, down):
         buf, sent = bytearray(), 0
@@ -77,20 +64,10 @@ class FramePump:
             pass
 
 
-def _profile_through(cnn, x, pump, **kw):
-    elf = profile_firmware(cnn)
-    target = load_target(load_build(cnn)["target"])
-    proc, _ = start_qemu_tcp(target, elf, pump.connect_upstream)
-    try:
-        return profile(cnn, f"socket://127.0.0.1:{pump.port}", inputs=x, elf=elf, **kw)
-    finally:
-        stop_qemu(proc, timeout=2)
-
-
 def test_truncated_frames_both_ways_are_retried_to_the_same_numbers(cnn, x):
     # Frame 0 down is the boot frame; halve two upload requests and two upload answers.
-    clean = _profile_through(cnn, x, FramePump())
-    cut = _profile_through(cnn, x, FramePump(cut_down={9, 17}, cut_up={8, 14}), timeout=0.5)
+    clean = profile_through(cnn, FramePump(), x)
+    cut = profile_through(cnn, FramePump(cut_down={9, 17}, cut_up={8, 14}), x, timeout=0.5)
     assert cut["link"]["retries"] >= 2  # a retry per cut, or fewer where two cuts hit one exchange
     assert clean["link"]["retries"] == 0
     assert cut["check"] == clean["check"] and cut["check"]["outputs_match"]
