@@ -62,7 +62,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
     from .emit import write_library
     from .firmware import build_firmware
     from .lower import lower_relax
-    from .plan import plan_model
+    from .plan import plan_model, reorder_for_memory
 
     target = load_target(target_name)
     with atomic_out_dir(out, force) as tmp:
@@ -83,6 +83,9 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
             mod = import_onnx(model, spec)
         log(f"lowering with TVM ({kind} model)")
         lowered = lower_relax(mod, prefix)
+        saved = reorder_for_memory(lowered)  # branches: the call order with the lowest peak
+        if saved:
+            log(f"call order changed for memory: peak -{saved} bytes")
         plan = plan_model(lowered)
         check_fits(target, lowered.weights_bytes, plan.arena_bytes, spec)
         manifest = write_library(lowered, plan, tmp / "c_library", quant_note)

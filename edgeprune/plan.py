@@ -4,8 +4,14 @@ Liveness is by call index: a tensor lives from the call that writes it to the la
 reads it (directly or through a reshape view); a kernel's workspace lives during its call only.
 The lower bound is the largest sum of sizes live at one call; several placement heuristics run
 and the smallest arena wins (equal to the bound on chains, see tests/test_plan.py).
+
+Where the graph branches (a residual block's shortcut, parallel paths before a concat) the
+order of the calls changes what is live at once: `best_order` searches the topological orders
+for the lowest peak before planning.
 """
 
+import dataclasses
+import heapq
 from dataclasses import dataclass
 
 ALIGN = 16
@@ -115,8 +121,98 @@ def plan_buffers(buffers: list[Buffer]) -> Plan:
     return Plan(best, buffers, _arena(buffers, best), bound)
 
 
+def _dependencies(lowered) -> tuple[list[set[int]], dict[str, int], dict[str, set[int]]]:
+    """Per call, the calls it must follow; producer call and reader calls of each base tensor."""
+    producer: dict[str, int] = {}
+    readers: dict[str, set[int]] = {}
+    for i, call in enumerate(lowered.calls):
+        for name in call.inputs:
+            readers.setdefault(lowered.base(name), set()).add(i)
+        producer.setdefault(lowered.base(call.output), i)
+    deps = [{producer[lowered.base(n)] for n in c.inputs if lowered.base(n) in producer} - {i}
+            for i, c in enumerate(lowered.calls)]
+    # A call that writes into a tensor another call produced (in place) keeps its place after
+    # the producer and its readers so far: order those writes as they were.
+    for i, call in enumerate(lowered.calls):
+        out = lowered.base(call.output)
+        if producer[out] != i:
+            deps[i] |= {producer[out]} | {r for r in readers.get(out, ()) if r < i}
+    return deps, producer, readers
+
+
+def peak_bytes(lowered, order: list[int]) -> int:
+    """The lower bound of the arena (largest sum of live intermediates + scratch) for `order`."""
+    return _order_peaks(lowered, [order])[0]
+
+
+def _order_peaks(lowered, orders) -> list[int]:
+    peaks = []
+    for order in orders:
+        calls = [lowered.calls[i] for i in order]
+        moved = dataclasses.replace(lowered, calls=calls)
+        peaks.append(lower_bound(_buffers(moved)))
+    return peaks
+
+
+def best_order(lowered, max_states: int = 50_000) -> list[int]:
+    """The topological order of `lowered.calls` with the lowest peak of live bytes.
+
+    A search over the sets of calls already run (the live tensors depend only on that set),
+    cheapest peak first; ties keep the original order. Graphs with too many such sets (very
+    wide) keep the original order."""
+    n = len(lowered.calls)
+    deps, producer, readers = _dependencies(lowered)
+    external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
+    final = {lowered.base(o) for o in lowered.outputs if o in lowered.views}
+    size = {t: _align(lowered.tensors[t].nbytes) for t in producer if t not in external}
+    out_of = [lowered.base(c.output) for c in lowered.calls]
+    work = [_align(c.workspace_bytes) for c in lowered.calls]
+
+    def live(done: int) -> int:
+        return sum(s for t, s in size.items() if done >> producer[t] & 1 and
+                   (t in final or any(not done >> r & 1 for r in readers.get(t, ()))))
+
+    full = (1 << n) - 1
+    heap = [(0, (), 0)]           # (peak so far, order so far, done mask)
+    seen: set[int] = set()
+    while heap:
+        peak, order, done = heapq.heappop(heap)
+        if done == full:
+            return list(order)
+        if done in seen:
+            continue
+        seen.add(done)
+        if len(seen) > max_states:
+            return list(range(n))
+        base = live(done)
+        for i in range(n):
+            if done >> i & 1 or any(not done >> d & 1 for d in deps[i]):
+                continue
+            fresh = size.get(out_of[i], 0) if producer[out_of[i]] == i else 0  # else in place
+            step = max(peak, base + fresh + work[i])
+            nxt = done | 1 << i
+            if nxt not in seen:
+                heapq.heappush(heap, (step, order + (i,), nxt))
+    return list(range(n))
+
+
+def reorder_for_memory(lowered) -> int:
+    """Run `lowered`'s calls in the order of `best_order` (in place); the bytes saved."""
+    before = peak_bytes(lowered, list(range(len(lowered.calls))))
+    order = best_order(lowered)
+    after = peak_bytes(lowered, order)
+    if after < before:
+        lowered.calls = [lowered.calls[i] for i in order]
+        return before - after
+    return 0
+
+
 def plan_model(lowered) -> Plan:
     """Arena plan for a LoweredModel: intermediates (not inputs/outputs/weights/views) + scratch."""
+    return plan_buffers(_buffers(lowered))
+
+
+def _buffers(lowered) -> list[Buffer]:
     external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -135,4 +231,4 @@ def plan_model(lowered) -> Plan:
                for n in first if n not in external]
     buffers += [Buffer(f"__workspace{i}", _align(c.workspace_bytes), i, i)
                 for i, c in enumerate(lowered.calls) if c.workspace_bytes]
-    return plan_buffers(buffers)
+    return buffers
