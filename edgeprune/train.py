@@ -32,7 +32,9 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
           extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
           after_step: Callable[[nn.Module], None] | None = None,
           progress: Callable[[float, float], None] | None = None,
-          onednn: bool = False) -> nn.Module:
+          onednn: bool = False,
+          loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+          ) -> nn.Module:
     """SGD with momentum and a cosine schedule; `epochs` may be fractional.
 
     oneDNN is off unless `onednn`: torch 2.13's oneDNN conv backward aborts the process
@@ -41,18 +43,19 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
 
     `extra_loss` adds a regulariser (sparsity penalties, ADMM terms); `after_step` runs after
     each optimiser step (masking, projection); `progress(fraction, loss)` reports progress.
+    `loss(logits, x, y)` replaces the cross-entropy (e.g. distillation from a teacher).
     """
     was = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = onednn
     try:
         return _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss,
-                      after_step, progress)
+                      after_step, progress, loss)
     finally:
         torch.backends.mkldnn.enabled = was
 
 
 def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, after_step,
-           progress) -> nn.Module:
+           progress, loss_of=None) -> nn.Module:
     torch.manual_seed(seed)
     x, y = data.x_train, data.y_train
     if max_samples:
@@ -61,12 +64,13 @@ def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, a
     total = max(1, int(round(epochs * steps_per_epoch)))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    loss_fn = nn.CrossEntropyLoss()
+    ce = nn.CrossEntropyLoss()
+    loss_fn = loss_of or (lambda out, xb, yb: ce(out, yb))
     step, epoch = 0, 0
     model.train()
     while step < total:
         for xb, yb in batches(x, y, batch_size, shuffle=True, seed=seed + epoch):
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(model(xb), xb, yb)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
             opt.zero_grad()

@@ -15,7 +15,7 @@ STAGE = "prune"
 
 
 def register(sub) -> None:
-    from . import ALLOCATIONS, CRITERIA
+    from . import ALLOCATIONS, CRITERIA, methods
     from .methods import METHODS
 
     p = sub.add_parser("prune", help="structured pruning: a physically smaller model",
@@ -41,6 +41,15 @@ def register(sub) -> None:
                                   "(e.g. fashion-mnist)")
     p.add_argument("--finetune", type=float, default=0.0, help="fine-tuning epochs (needs --data)")
     p.add_argument("--max-samples", type=int, help="fine-tune on the first N training samples")
+    p.add_argument("--finetune-lr", type=float,
+                   help="peak learning rate of fine-tuning (cosine); default: the method's")
+    p.add_argument("--distill", type=float, nargs="?", const=0.9, default=0.0, metavar="ALPHA",
+                   help="fine-tune with distillation from the unpruned model, weight ALPHA "
+                        "(0.9 when given alone) of the soft-target loss")
+    p.add_argument("--distill-temp", type=float, default=4.0, help="distillation temperature")
+    p.add_argument("--bn-recal", type=int, default=methods.BN_BATCHES, metavar="BATCHES",
+                   help="re-estimate BatchNorm statistics on this many training batches after "
+                        "the cut (0: keep the stored ones)")
     p.add_argument("--rewind-from", type=Path,
                    help="--method lth: weights from early in training (state_dict or model file)")
     p.add_argument("--kernel-ratio", type=float, default=0.0,
@@ -165,12 +174,19 @@ def run(args) -> int:
     log(f"{args.model}: criterion {args.criterion}, method {args.method}"
         + (f", accuracy {acc_original:.2f} % on {len(x_eval)} test samples" if score else ""))
     extra = {"rewind_state": read_rewind_state(args.rewind_from)} if args.rewind_from else {}
+    if args.distill and args.finetune <= 0:
+        raise EdgepruneError("--distill acts while fine-tuning: give --finetune EPOCHS",
+                             stage=STAGE)
     pruned, record = methods.run(args.method, model, example, data, spec, epochs=args.finetune,
                                  seed=args.seed, max_samples=args.max_samples, evaluate=score,
-                                 **extra)
+                                 bn_batches=args.bn_recal if data is not None else 0,
+                                 distill=args.distill, temperature=args.distill_temp,
+                                 lr=args.finetune_lr, **extra)
     if score:
         before = record.pop("acc_before_finetune", None)
-        record["accuracy"] = {"original": acc_original, "before_finetune": before,
+        record["accuracy"] = {"original": acc_original,
+                              "after_cut": record.pop("acc_after_cut", before),
+                              "before_finetune": before,
                               "after": score(pruned) if args.finetune > 0 or before is None
                               else before, "samples": len(x_eval),
                               "dataset": data.name}
@@ -194,7 +210,9 @@ def run(args) -> int:
             f"{record['params_before']:,} -> {record['params_after']:,} (-{params:.1%})")
         if score:
             a = record["accuracy"]
-            log(f"accuracy {a['original']:.2f} % -> {a['before_finetune']:.2f} % after the cut"
+            recal = (f" -> {a['before_finetune']:.2f} % with re-estimated BatchNorm statistics"
+                     if a["after_cut"] != a["before_finetune"] else "")
+            log(f"accuracy {a['original']:.2f} % -> {a['after_cut']:.2f} % after the cut{recal}"
                 f" -> {a['after']:.2f} % after {args.finetune:g} epoch(s) of fine-tuning")
         log(f"wrote {out}/model.onnx, model.pt, pruning.json")
     return 0

@@ -19,6 +19,11 @@ that train before cutting (soft, lasso, gates, slimming) spend part of it before
                  smaller architecture from early-training weights (`rewind_state`)
     ccp-ac       CCP with auxiliary classifiers (one linear head per channel group, trained on
                  frozen features) adding their loss to the gradients each layer is scored with
+
+Recovery after every cut (`Recovery`): the BatchNorm running statistics are re-estimated on a
+few training batches (the kept channels' inputs lost their removed neighbours, so the stored
+statistics are stale), and fine-tuning may distil from the unpruned model (Hinton et al.:
+soft targets at temperature T, weight alpha, plus (1 - alpha) cross-entropy).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,6 +48,78 @@ from .graph import DepGraph, surgery
 
 FINETUNE_LR = 0.01   # fine-tuning after a cut
 TRAIN_LR = 0.05      # the from-scratch schedule's peak rate (lr-rewind, lth)
+BN_BATCHES = 20      # training batches of 128 for BatchNorm re-estimation after a cut
+
+
+@dataclass
+class Recovery:
+    """What happens between a cut and the end of fine-tuning (see the module docstring).
+    bn_batches=0 keeps the stored BatchNorm statistics; teacher=None fine-tunes on labels only."""
+    bn_batches: int = BN_BATCHES
+    teacher: nn.Module | None = None
+    alpha: float = 0.9
+    temperature: float = 4.0
+
+    def __post_init__(self):
+        if self.bn_batches < 0:
+            raise EdgepruneError(f"BatchNorm re-estimation batches {self.bn_batches} must be "
+                                 ">= 0", stage="prune")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise EdgepruneError(f"distillation weight alpha {self.alpha} is outside [0, 1]",
+                                 stage="prune")
+        if self.temperature <= 0:
+            raise EdgepruneError(f"distillation temperature {self.temperature} must be > 0",
+                                 stage="prune")
+
+
+def recalibrate_bn(model: nn.Module, data: Dataset | None, batches: int = BN_BATCHES,
+                   batch_size: int = 128, seed: int = 0) -> nn.Module:
+    """Replace every BatchNorm's running mean/variance by their average over `batches` random
+    training batches (the rest of the model in eval mode, no gradients, weights untouched)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns or batches <= 0 or data is None or data.x_train is None:
+        return model
+    was = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches, not an EMA
+        m.train()
+    rng = np.random.default_rng(seed + 2000)
+    n = min(len(data.x_train), batches * batch_size)
+    idx = rng.choice(len(data.x_train), n, replace=False)
+    try:
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                model(torch.from_numpy(data.x_train[np.sort(idx[i:i + batch_size])]))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was)
+    return model
+
+
+def distill_loss(teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.0):
+    """train()'s `loss`: alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE."""
+    teacher.eval()
+    t2 = temperature * temperature
+
+    def loss(out, x, y):
+        # the teacher only runs forward, where oneDNN is safe (train() turns it off for the
+        # backward of pruned widths) and ~2x faster
+        was = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = True
+        try:
+            with torch.no_grad():
+                soft = F.log_softmax(teacher(x) / temperature, 1)
+        finally:
+            torch.backends.mkldnn.enabled = was
+        kd = F.kl_div(F.log_softmax(out / temperature, 1), soft, reduction="batchmean",
+                      log_target=True) * t2
+        return alpha * kd + (1 - alpha) * F.cross_entropy(out, y) if alpha < 1 else kd
+    return loss
 
 
 def scoring_batches(data: Dataset | None, batches: int = 4, batch_size: int = 128, seed: int = 0
@@ -60,12 +138,28 @@ def scoring_batches(data: Dataset | None, batches: int = 4, batch_size: int = 12
 
 
 def _finetune(model: nn.Module, data: Dataset | None, epochs: float, lr: float, seed: int,
-              max_samples: int | None, **kw) -> nn.Module:
+              max_samples: int | None, recovery: Recovery | None = None, **kw) -> nn.Module:
+    """Fine-tune a cut model; with `recovery`, distil from its teacher when it has one."""
     if epochs <= 0:
         return model.eval()
     if data is None or data.x_train is None:
         raise EdgepruneError("fine-tuning needs training data: pass --data", stage="prune")
+    if recovery is not None and recovery.teacher is not None:
+        kw["loss"] = distill_loss(recovery.teacher, recovery.alpha, recovery.temperature)
     return train(model, data, epochs=epochs, lr=lr, seed=seed, max_samples=max_samples, **kw)
+
+
+def _after_cut(record: dict, model: nn.Module, data, recovery: Recovery | None, seed: int,
+               evaluate) -> nn.Module:
+    """Re-estimate BatchNorm statistics of a freshly cut model; record the accuracy before
+    (acc_after_cut) and after (acc_before_finetune, what fine-tuning starts from)."""
+    if recovery is not None and recovery.bn_batches > 0 and data is not None \
+            and data.x_train is not None:
+        _evaluate_into(record, "acc_after_cut", model, evaluate)
+        recalibrate_bn(model, data, recovery.bn_batches, seed=seed)
+        record["bn_recalibrated_batches"] = recovery.bn_batches
+    _evaluate_into(record, "acc_before_finetune", model, evaluate)
+    return model
 
 
 def _prune(model, example, data, spec: dict, seed: int, **kw):
@@ -82,10 +176,10 @@ def _evaluate_into(record: dict, key: str, model: nn.Module, evaluate) -> None:
 # ------------------------------------------------------------------------ schedules
 
 def oneshot(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-            lr=FINETUNE_LR, **_):
+            lr=FINETUNE_LR, recovery=None, **_):
     pruned, record = _prune(model, example, data, spec, seed)
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
-    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
+    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples, recovery)
     return pruned, record
 
 
@@ -120,7 +214,7 @@ def _compose(prev: dict | None, rec: dict) -> dict:
 
 
 def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None,
-              evaluate=None, steps=3, lr=FINETUNE_LR, **_):
+              evaluate=None, steps=3, lr=FINETUNE_LR, recovery=None, **_):
     record, steps_log = None, []
     exact = _final_counts(model, example, spec)
     for i in range(1, steps + 1):
@@ -146,8 +240,10 @@ def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=Non
         steps_log.append({k: rec[k] for k in ("macs_after", "params_after", "searched_ratio")})
         record = _compose(record, rec)
         if i == steps:
-            _evaluate_into(record, "acc_before_finetune", model, evaluate)
-        model = _finetune(model, data, epochs / steps, lr, seed + i, max_samples)
+            model = _after_cut(record, model, data, recovery, seed, evaluate)
+        else:
+            model = _after_cut({}, model, data, recovery, seed + i, None)
+        model = _finetune(model, data, epochs / steps, lr, seed + i, max_samples, recovery)
     record["steps"] = steps_log
     return model, record
 
@@ -195,7 +291,7 @@ def _plan(model, example, data, spec, seed, criterion=None):
 
 
 def soft(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-         lr=FINETUNE_LR, **_):
+         lr=FINETUNE_LR, recovery=None, **_):
     model = copy.deepcopy(model)
     graph = DepGraph(model, example)
     n_train = min(len(data.x_train), max_samples or len(data.x_train))
@@ -217,7 +313,7 @@ def soft(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, ev
         final[gi][units] = -torch.inf  # exactly the zeroed units go
     pruned, record = _prune(model, example, data, dict(spec, criterion=Fixed(final)), seed)
     record["criterion"] = rec["criterion"]
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
     record["note"] = "soft pruning: the budget is spent before the cut; no fine-tuning after"
     return pruned, record
 
@@ -251,7 +347,7 @@ def _unit_norms(graph: DepGraph, model: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def lasso(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-          lr=FINETUNE_LR, lam=0.05, **_):
+          lr=FINETUNE_LR, lam=0.05, recovery=None, **_):
     """Proximal group LASSO: after each SGD step shrink every unit's parameter group by
     lr*lam in norm (to exactly zero when smaller); half the budget, then cut by group norm."""
     model = copy.deepcopy(model)
@@ -277,8 +373,8 @@ def lasso(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, e
     pruned, record = _prune(model, example, data, dict(spec, criterion=Fixed(norms)), seed)
     record["criterion"] = "group-lasso-norm"
     record["note"] = f"group LASSO lam={lam}: {zero} channel groups reached exactly zero"
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
-    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
+    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples, recovery)
     return pruned, record
 
 
@@ -318,7 +414,7 @@ class _Gated(nn.Module):
 
 
 def gates(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-          lr=FINETUNE_LR, lam=1.0, **_):
+          lr=FINETUNE_LR, lam=1.0, recovery=None, **_):
     """Train hard-concrete gates with the weights (half the budget, L0 penalty lam per channel
     fraction), then cut by log alpha and fine-tune the rest without gates."""
     model = copy.deepcopy(model)
@@ -336,13 +432,13 @@ def gates(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, e
     record["criterion"] = "hard-concrete-gate"
     closed = sum(int((torch.sigmoid(s) < 0.5).sum()) for s in scores.values())
     record["note"] = f"L0 gates lam={lam}: {closed} of {total} gates closed"
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
-    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
+    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples, recovery)
     return pruned, record
 
 
 def slimming(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None,
-             evaluate=None, lr=FINETUNE_LR, lam=1e-4, **_):
+             evaluate=None, lr=FINETUNE_LR, lam=1e-4, recovery=None, **_):
     """Network slimming: L1 on BatchNorm scales for half the budget, cut, fine-tune."""
     model = copy.deepcopy(model)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -350,13 +446,13 @@ def slimming(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None
                       extra_loss=lambda m: lam * sum(b.weight.abs().sum() for b in bns))
     crit = spec.get("criterion", "bn-scale")
     pruned, record = _prune(model, example, data, dict(spec, criterion=crit), seed)
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
-    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
+    pruned = _finetune(pruned, data, epochs / 2, lr, seed, max_samples, recovery)
     return pruned, record
 
 
 def lth(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-        rewind_state: dict | None = None, **_):
+        rewind_state: dict | None = None, recovery=None, **_):
     if rewind_state is None:
         raise EdgepruneError("method 'lth' needs weights from early in training to rewind to "
                              "(--rewind-from FILE: a state_dict or model saved after a few "
@@ -371,10 +467,10 @@ def lth(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, eva
     graph = DepGraph(early, example)
     keep = {gi: g["kept"] for gi, g in enumerate(record["groups"])}
     pruned, _ = surgery(graph, keep)
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
     record["note"] = "lottery-ticket rewinding: channels chosen on the trained model, weights " \
                      "rewound to the early checkpoint, retrained at the training learning rate"
-    pruned = _finetune(pruned, data, epochs, TRAIN_LR, seed, max_samples)
+    pruned = _finetune(pruned, data, epochs, TRAIN_LR, seed, max_samples, recovery)
     return pruned, record
 
 
@@ -424,7 +520,7 @@ def _aux_heads(model, example, graph: DepGraph, data: Dataset, seed: int,
 
 
 def ccp_ac(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-           lr=FINETUNE_LR, aux_steps=300, **_):
+           lr=FINETUNE_LR, aux_steps=300, recovery=None, **_):
     if data is None or data.x_train is None:
         raise EdgepruneError("method 'ccp-ac' needs --data", stage="prune")
     graph = DepGraph(model, example)
@@ -432,8 +528,8 @@ def ccp_ac(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, 
     spec = dict(spec, criterion="ccp")
     pruned, record = _prune(model, example, data, spec, seed, aux_heads=heads, graph=graph)
     record["criterion"] = "ccp-ac"
-    _evaluate_into(record, "acc_before_finetune", pruned, evaluate)
-    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples)
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
+    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples, recovery)
     return pruned, record
 
 
@@ -446,8 +542,13 @@ DATA_FREE_OK = {"oneshot"}
 
 def run(method: str, model: nn.Module, example_input: torch.Tensor, data: Dataset | None,
         spec: dict, *, epochs: float = 0.0, seed: int = 0, max_samples: int | None = None,
-        evaluate: Callable[[nn.Module], float] | None = None, **kw) -> tuple[nn.Module, dict]:
-    """Prune with `method`. `spec` holds prune()'s criterion/ratios/allocation/targets."""
+        evaluate: Callable[[nn.Module], float] | None = None, bn_batches: int = BN_BATCHES,
+        distill: float = 0.0, temperature: float = 4.0, **kw) -> tuple[nn.Module, dict]:
+    """Prune with `method`. `spec` holds prune()'s criterion/ratios/allocation/targets.
+
+    bn_batches: training batches to re-estimate BatchNorm statistics after each cut (0: off).
+    distill: weight alpha of distillation from the unpruned model while fine-tuning (0: off).
+    `lr` (in kw) overrides the method's fine-tuning learning rate."""
     if method not in METHODS:
         raise EdgepruneError(f"unknown method '{method}'; known: {', '.join(METHODS)}",
                              stage="prune")
@@ -455,9 +556,21 @@ def run(method: str, model: nn.Module, example_input: torch.Tensor, data: Datase
         raise EdgepruneError(f"method '{method}' trains, so it needs --data", stage="prune")
     if epochs > 0 and (data is None or data.x_train is None):
         raise EdgepruneError("fine-tuning needs --data", stage="prune")
+    if kw.get("lr") is None:
+        kw.pop("lr", None)
+    teacher = None
+    if distill > 0:
+        teacher = copy.deepcopy(model).eval()  # frozen: some methods train `model` in place
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    recovery = Recovery(bn_batches, teacher, distill, temperature)
     torch.manual_seed(seed)
     model, record = METHODS[method](model, example_input, data, spec, epochs=epochs, seed=seed,
-                                    max_samples=max_samples, evaluate=evaluate, **kw)
+                                    max_samples=max_samples, evaluate=evaluate,
+                                    recovery=recovery, **kw)
     patterns.finalize(model)
-    record.update({"method": method, "finetune_epochs": epochs, "seed": seed})
+    record.update({"method": method, "finetune_epochs": epochs, "seed": seed,
+                   "recovery": {"bn_batches": bn_batches, "distill_alpha": distill,
+                                "temperature": temperature if distill > 0 else None,
+                                "lr": kw.get("lr")}})
     return model.eval(), record

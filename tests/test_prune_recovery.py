@@ -1,0 +1,119 @@
+"""Recovery after a cut: BatchNorm re-estimation keeps the pruned == zeroed equivalence and
+replaces stale statistics by the data's; distillation from the unpruned model trains a cut
+model on real Fashion-MNIST."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeprune import data as datasets
+from edgeprune import models
+from edgeprune.errors import EdgepruneError
+from edgeprune.prune import masked_reference, methods, prune
+from edgeprune.prune.methods import Recovery, distill_loss, recalibrate_bn
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return datasets.fashion_mnist()
+
+
+def _trained_resnet(fmnist):
+    torch.manual_seed(0)
+    model, shape = models.build("resnet8", fmnist.input_shape, fmnist.num_classes, 0)
+    from edgeprune.train import train
+    train(model, fmnist, epochs=1, lr=0.05, max_samples=512)
+    return model, shape
+
+
+def test_bn_recalibration_keeps_pruned_equal_to_zeroed(fmnist):
+    model, shape = _trained_resnet(fmnist)
+    x = torch.from_numpy(fmnist.x_test[:16])
+    pruned, record = prune(model, x[:1], "l1", 0.5)
+    stale = pruned.get_submodule("layer1.bn2").running_var.clone()
+    recalibrate_bn(pruned, fmnist, batches=3, seed=1)
+    assert not torch.allclose(pruned.get_submodule("layer1.bn2").running_var, stale)
+    reference = copy.deepcopy(model)
+    with masked_reference(reference, record["layers"]):  # the same batches, channels zeroed
+        recalibrate_bn(reference, fmnist, batches=3, seed=1)
+        with torch.no_grad():
+            expected = reference.eval()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.eval()(x), expected, rtol=1e-4, atol=1e-4)
+    assert not pruned.training and not reference.training
+
+
+def test_bn_recalibration_uses_batch_statistics(fmnist):
+    model, _ = models.build("cnn")
+    model.eval()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    recalibrate_bn(model, fmnist, batches=2, batch_size=64, seed=3)
+    idx = np.random.default_rng(3 + 2000).choice(len(fmnist.x_train), 128, replace=False)
+    with torch.no_grad():
+        feats = [conv(torch.from_numpy(fmnist.x_train[np.sort(idx[i:i + 64])]))
+                 for i in (0, 64)]
+    means = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    torch.testing.assert_close(bn.running_mean, means, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and not model.training  # restored
+    for k, v in weights.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+
+def test_distill_loss_is_zero_against_itself_and_has_gradients():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    kd_only = distill_loss(copy.deepcopy(net), alpha=1.0, temperature=4.0)
+    assert float(kd_only(net(x), x, y).detach()) == pytest.approx(0.0, abs=1e-5)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    mixed = distill_loss(other, alpha=0.5, temperature=4.0)(net(x), x, y)
+    mixed.backward()
+    assert float(mixed.detach()) > 0 and net[1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in other.parameters())
+
+
+def test_oneshot_with_recovery_records_it(fmnist):
+    model, shape = models.build("cnn")
+    accs = []
+    pruned, rec = methods.run("oneshot", model, torch.zeros(shape), fmnist,
+                              {"criterion": "l1", "ratios": 0.5}, epochs=1, max_samples=256,
+                              distill=0.9, bn_batches=2, lr=0.02,
+                              evaluate=lambda m: accs.append(1) or float(len(accs)))
+    assert rec["acc_after_cut"] == 1.0 and rec["acc_before_finetune"] == 2.0
+    assert rec["recovery"] == {"bn_batches": 2, "distill_alpha": 0.9, "temperature": 4.0,
+                               "lr": 0.02}
+    assert torch.isfinite(pruned(torch.from_numpy(fmnist.x_test[:4]))).all()
+    _, plain = methods.run("oneshot", model, torch.zeros(shape), fmnist,
+                           {"criterion": "l1", "ratios": 0.5}, bn_batches=0,
+                           evaluate=lambda m: 0.0)
+    assert "acc_after_cut" not in plain and plain["recovery"]["distill_alpha"] == 0.0
+
+
+@pytest.mark.parametrize("kw, msg", [({"alpha": 1.5}, "alpha 1.5 is outside"),
+                                     ({"temperature": 0}, "temperature 0 must be"),
+                                     ({"bn_batches": -1}, "batches -1 must be")])
+def test_recovery_rejects_bad_settings(kw, msg):
+    with pytest.raises(EdgepruneError, match=msg):
+        Recovery(**kw)
+
+
+def test_cli_distill_and_bn_recal_are_recorded(tmp_path, capsys):
+    from edgeprune.cli import main
+    out = tmp_path / "p"
+    assert main(["prune", "cnn", "--ratio", "0.5", "--data", "fashion-mnist", "--finetune", "1",
+                 "--max-samples", "256", "--eval-samples", "200", "--train-epochs", "0.02",
+                 "--distill", "--finetune-lr", "0.02", "--bn-recal", "2", "--out", str(out)]) == 0
+    import json
+    rec = json.loads((out / "pruning.json").read_text())
+    assert rec["recovery"] == {"bn_batches": 2, "distill_alpha": 0.9, "temperature": 4.0,
+                               "lr": 0.02}
+    assert set(rec["accuracy"]) >= {"original", "after_cut", "before_finetune", "after"}
+    assert main(["prune", "cnn", "--data", "fashion-mnist", "--distill", "--train-epochs",
+                 "0.02", "--out", str(tmp_path / "q")]) != 0
+    assert "--distill acts while fine-tuning" in capsys.readouterr().err
