@@ -14,6 +14,7 @@ from .errors import EdgepruneError
 COMMAND_MODULES = [
     "edgeprune.commands.targets",
     "edgeprune.commands.compile",
+    "edgeprune.commands.tune",
     "edgeprune.commands.simulate",
     "edgeprune.commands.profile",
     "edgeprune.prune.cli",

@@ -34,6 +34,7 @@ TVM's lowering.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,11 @@ static inline int32_t ep_requant(int32_t acc, int32_t m, int64_t rnd, int32_t sh
 """
 
 KERNEL_ATTR = "edgeprune.kernel"
+
+# Set by the tuner (kernels/tune.py) around one lowering: the (oc_block, px_block) tile per
+# layer key, and a dict that receives kernel name -> layer key as the kernels are made.
+TUNED_TILES: ContextVar[dict] = ContextVar("edgeprune_tuned_tiles", default={})
+KERNEL_LAYERS: ContextVar[dict | None] = ContextVar("edgeprune_kernel_layers", default=None)
 # Every kernel here is marked opaque (op_pattern 8) so that FuseOps keeps it a call of its own.
 PRELUDE_FUNCS = ("ep_smlad", "ep_sxtb16", "ep_requant", "ep_clamp")
 
@@ -130,6 +136,14 @@ class QLayer:
     dilation: tuple = (1, 1)
     padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
     pad_value: int = 0
+
+
+def layer_key(layer: QLayer) -> str:
+    """What a conv/dense kernel's speed depends on (shapes, not weight values): the tuner's key."""
+    parts = [layer.kind, f"x{_shape(layer.x_shape)}", f"w{_shape(layer.weight.shape)}",
+             f"y{_shape(layer.y_shape)}", f"s{_shape(layer.strides)}", f"d{_shape(layer.dilation)}",
+             f"p{_shape(layer.padding)}", f"{layer.x_dtype}->{layer.out_dtype}"]
+    return "|".join(parts).replace(" ", "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +382,8 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8"):
                 prim, kind = _parse(add[0], f"add {b.var.name}"), "add"
                 args = add[1] + [relax.const(add[2], "int32")]
             gv = bb.add_func(prim, f"{prefix_hint}_{kind}{added}")
+            if conv is not None and KERNEL_LAYERS.get() is not None:
+                KERNEL_LAYERS.get()[gv.name_hint] = layer_key(layer)
             added += 1
             bindings.append(relax.VarBinding(b.var, relax.call_tir(gv, relax.Tuple(args), b.var.ty)))
         blocks.append(type(block)(bindings))
@@ -473,6 +489,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     """conv (groups=1) or dense: SMLAD on channel pairs; each tile keeps oc_block output
     channels x px_block neighbouring pixels of one row in registers."""
     dense = layer.kind == "dense"
+    if oc_block is None:  # the tuner's measured choice for this shape (kernels/tune.py), if any
+        oc_block, px_block = TUNED_TILES.get().get(layer_key(layer), (None, None))
     if oc_block is None:  # one-pixel rows (dense) spend the registers on output channels
         one_px = dense or layer.y_shape[3] == 1
         oc_block, px_block = (OC_BLOCK * PX_BLOCK, 1) if one_px else (OC_BLOCK, PX_BLOCK)
