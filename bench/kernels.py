@@ -162,7 +162,7 @@ def run_network(target: str, name: str, work: Path, specialized: bool = True) ->
     out = work / f"{name}-{target}-{int(specialized)}"
     original = kernels.specialize_int8
     if not specialized:
-        kernels.specialize_int8 = lambda mod: mod
+        kernels.specialize_int8 = lambda mod, **kw: mod
     try:
         build = compile_model(str(qdir), target, out, force=True, log=lambda *a: None)
     finally:

@@ -84,7 +84,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
         log(f"lowering with TVM ({kind} model)")
         from .kernels.tune import tiles_for
         with tiles_for(target):  # the tile tuner's choices for this target, if it ran
-            lowered = lower_relax(mod, prefix)
+            lowered = lower_relax(mod, prefix, features=target.chip.get("features", ()))
         saved = reorder_for_memory(lowered)  # branches: the call order with the lowest peak
         if saved:
             log(f"call order changed for memory: peak -{saved} bytes")

@@ -298,13 +298,14 @@ def assign_macs(calls: list[KernelCall], tensors: dict, ops: list[tuple[tuple[in
         c.macs = macs
 
 
-def lower_relax(mod, prefix: str = "model") -> LoweredModel:
-    """Lower a Relax IRModule (from ONNX or built by the quantizer) to kernels + call list."""
+def lower_relax(mod, prefix: str = "model", features=()) -> LoweredModel:
+    """Lower a Relax IRModule (from ONNX or built by the quantizer) to kernels + call list.
+    `features`: the target's [chip] features (they pick e.g. the Helium int8 kernels)."""
     if not re.fullmatch(r"[A-Za-z_]\w*", prefix):
         raise EdgepruneError(f"prefix '{prefix}' is not a C identifier")
     from .kernels import specialize_int8
     ops = mac_ops(mod)
-    mod = specialize_int8(mod)  # quantized conv/dense chains -> hand-scheduled int8 kernels
+    mod = specialize_int8(mod, features=features)  # quantized conv/dense chains -> hand-scheduled int8 kernels
     mod = fuse(mod)
     mod = schedule_kernels(mod)
     lowered = collect_calls(mod, prefix)

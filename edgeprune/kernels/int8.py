@@ -112,7 +112,11 @@ PRELUDE_FUNCS = ("ep_smlad", "ep_sxtb16", "ep_requant", "ep_clamp")
 
 
 def with_prelude(c_source: str) -> str:
-    """The kernels' C file, with C_PRELUDE in front when a kernel calls one of its helpers."""
+    """The kernels' C file, with C_PRELUDE in front when a kernel calls one of its helpers
+    (and the Helium kernels of mve_c when one calls those)."""
+    from .mve_c import MVE_PRELUDE
+    if "ep_mve_" in c_source:
+        return C_PRELUDE + MVE_PRELUDE + c_source
     return C_PRELUDE + c_source if any(f in c_source for f in PRELUDE_FUNCS) else c_source
 
 
@@ -350,8 +354,9 @@ def _parse(src: str, what: str):
         raise EdgepruneError(f"int8 kernel for {what} did not parse: {e}\n{src}") from None
 
 
-def specialize_int8(mod, prefix_hint: str = "ep_int8"):
-    """Replace every recognised quantized conv/dense chain in `main` by one specialized kernel."""
+def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
+    """Replace every recognised quantized conv/dense chain in `main` by one specialized kernel.
+    `features`: the target's [chip] features; "mve-i" selects the Helium kernels (mve.py)."""
     import tvm
     from tvm import relax
 
@@ -376,7 +381,7 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8"):
                     continue
             if conv is not None:
                 layer, x = conv
-                prim, consts = build_kernel(layer)
+                prim, consts = build_kernel(layer, features)
                 kind, args = layer.kind, [x] + [relax.const(c, str(c.dtype)) for c in consts]
             else:
                 prim, kind = _parse(add[0], f"add {b.var.name}"), "add"
@@ -685,6 +690,10 @@ def kernel_source(layer: QLayer) -> tuple[str, list[np.ndarray]]:
     return _conv_kernel(layer)
 
 
-def build_kernel(layer: QLayer):
-    src, consts = kernel_source(layer)
+def build_kernel(layer: QLayer, features=()):
+    from . import mve
+    if mve.wants_mve(layer, features):
+        src, consts = (mve.depthwise_kernel if layer.kind == "depthwise" else mve.conv_kernel)(layer)
+    else:
+        src, consts = kernel_source(layer)
     return _parse(src, f"{layer.kind} {layer.x_shape}->{layer.y_shape}"), consts

@@ -1,0 +1,140 @@
+"""Helium (MVE) int8 kernels for cores whose target lists the "mve-i" feature (Cortex-M55).
+
+Each layer becomes a TIR PrimFunc that only allocates its scratch (so the planner sees it) and
+calls one C function of mve_c.MVE_PRELUDE with the layer's shape as literals:
+
+* conv (groups=1) / dense: the input is copied once into a zero-point-padded NHWC int8 scratch,
+  so one output's reduction is a few contiguous runs (a kernel row = kw x C bytes); weights stay
+  int8 in flash, OHWI, each run zero-padded to a multiple of 16 bytes. A tile is 4 neighbouring
+  output pixels x Q output channels; every 16 bytes of a run cost one weight load per channel,
+  one input load per pixel and 4 x Q VMLADAVA (16 MACs each). Where the runs are short (few input
+  channels: a first layer) the tile's windows are first gathered into one contiguous patch.
+* depthwise: one padded int8 plane per channel, 4 outputs per vector lane group, VMLA by a weight
+  held in a core register.
+* requantization on 4 outputs at once (VMULH / VRMULH, see mve_c), else 64-bit per output.
+Results are bit-exact with the integer reference (the same arithmetic, reordered sums of int32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .int8 import KERNEL_ATTR, QLayer, _shape
+
+MVE_FEATURE = "mve-i"
+
+
+def wants_mve(layer: QLayer, features) -> bool:
+    return MVE_FEATURE in tuple(features or ()) and layer.x_dtype == "int8"
+
+
+def _requant(layer: QLayer):
+    """Per-channel (bias, M, rnd, s) and the C requantization mode (1: vector, see mve_c)."""
+    s = layer.shift.astype(np.int64)
+    rnd = layer.rnd.astype(np.int64)
+    low = rnd & 0xFFFFFFFF
+    vec = bool(np.all(s >= 32) and np.all((low == 0) | (low == 2 ** 31))
+               and np.all(np.abs(rnd >> 32) < 2 ** 29))
+    return [layer.bias.astype(np.int32), layer.mult.astype(np.int32), rnd,
+            s.astype(np.int32)], int(vec)
+
+
+def _header(layer: QLayer, nw: int, o: int, tag: str) -> list[str]:
+    return [
+        "@T.prim_func(private=True)",
+        f'def main(x: T.Buffer({_shape(layer.x_shape)}, "int8"), w: T.Buffer(({nw},), "int8"), '
+        f'bias: T.Buffer(({o},), "int32"), mult: T.Buffer(({o},), "int32"), '
+        f'rnd: T.Buffer(({o},), "int64"), shift: T.Buffer(({o},), "int32"), '
+        f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"}})',
+    ]
+
+
+def _plane(layer: QLayer):
+    """How the scratch is filled: (Hs, Ws, pt, pl, hi_n, wi_n, fh, fw, conv strides)."""
+    _, _, h, w = layer.x_shape
+    kh, kw = layer.weight.shape[2:]
+    t, l, b, r = layer.padding
+    if kh == kw == 1 and not any(layer.padding):  # copy only the pixels the strides visit
+        oh, ow = layer.y_shape[2:]
+        return oh, ow, 0, 0, oh, ow, layer.strides[0], layer.strides[1], (1, 1)
+    return h + t + b, w + l + r, t, l, h, w, 1, 1, layer.strides
+
+
+def _call(fn: str, layer: QLayer, xs: str, ints: list[int]) -> str:
+    suffix = "16" if layer.out_dtype == "int16" else "8"
+    args = ", ".join(str(int(v)) for v in ints)
+    return (f'    T.evaluate(T.call_extern("int32", "{fn}{suffix}", x.data, {xs}, w.data, bias.data, '
+            f"mult.data, rnd.data, shift.data, y.data, {args}))")
+
+
+def conv_kernel(layer: QLayer, q: int | None = None):
+    """conv (groups=1) or dense -> (TVMScript, constants after the input)."""
+    consts, mode = _requant(layer)
+    if layer.kind == "dense":
+        n, c = layer.x_shape
+        o = layer.weight.shape[0]
+        w4 = layer.weight.reshape(o, c, 1, 1)
+        h = wd = hs = ws = oh = ow = hi_n = wi_n = fh = fw = 1
+        pt = pl = 0
+        sh = sw = dh = dw = 1
+    else:
+        n, c, h, wd = layer.x_shape
+        w4 = layer.weight
+        o = w4.shape[0]
+        oh, ow = layer.y_shape[2:]
+        hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
+        dh, dw = layer.dilation
+    kh, kw = w4.shape[2:]
+    direct = int(hs == ws == 1 and h == wd == 1)  # a 1x1 NCHW image already is NHWC
+    # Runs of one output's reduction in the NHWC scratch: kernel rows, or taps when dilated.
+    if dw == 1:
+        nsy, nsx, seg, offy, offx = kh, 1, kw * c, dh * ws * c, 0
+    else:
+        nsy, nsx, seg, offy, offx = kh, kw, c, dh * ws * c, dw * c
+    k = kh * kw * c
+    patch = -(-k // 16) < nsy * nsx * -(-seg // 16)
+    wo = w4.transpose(0, 2, 3, 1).reshape(o, nsy, nsx, seg)  # OHWI, one run per row
+    piece = (seg, nsy, nsx, offy, offx)
+    if patch:  # the MAC loop sees one run of k bytes per output
+        nsy, nsx, seg, offy, offx = 1, 1, k, 0, 0
+        wo = wo.reshape(o, 1, 1, k)
+    segp = -(-seg // 16) * 16
+    wpad = np.zeros((o, nsy, nsx, segp), np.int8)
+    wpad[..., :seg] = wo
+    # Lanes of a partial tile read up to 3 pixels past the row (not stored): slack.
+    scratch = 0 if direct else hs * ws * c + (0 if oh * ow == 1 else 3 * sw * c)
+    patch_off = -1
+    if patch:
+        patch_off = -(-scratch // 16) * 16
+        scratch = patch_off + 4 * segp
+    if q is None:
+        q = 1
+    L = _header(layer, wpad.size, o, layer.kind)
+    xs = "x.data"
+    if scratch:
+        L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
+        xs = "xs.data"
+    ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, direct, patch_off,
+            oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode, layer.zp_out,
+            layer.lo, layer.hi, q]
+    L.append(_call("ep_mve_conv", layer, xs, ints))
+    return "\n".join(L), [wpad.reshape(-1)] + consts
+
+
+def depthwise_kernel(layer: QLayer):
+    consts, mode = _requant(layer)
+    n, c, h, wd = layer.x_shape
+    o, _, kh, kw = layer.weight.shape
+    oh, ow = layer.y_shape[2:]
+    hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
+    dh, dw = layer.dilation
+    # A tile of 8 outputs reads up to 8 * sw + (kw - 1) * dw bytes from its corner: slack past
+    # the plane's end for the last row's tiles.
+    scratch = hs * ws + 8 * sw + (kw - 1) * dw + 16
+    L = _header(layer, o * kh * kw, o, "depthwise")
+    L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
+    ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
+            sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
+    L.append(_call("ep_mve_dw", layer, "xs.data", ints))
+    return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts

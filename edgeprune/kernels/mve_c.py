@@ -1,0 +1,358 @@
+"""C of the Helium (MVE) int8 kernels, prepended to the kernels' file when one is used (mve.py).
+
+The functions are `static inline always_inline` with every shape argument a literal at the
+call site, so GCC specializes each call to its layer (constant loop bounds, low-overhead loops
+at -O3). Under __ARM_FEATURE_MVE they use <arm_mve.h>; elsewhere a plain C version with the
+same arguments and the same results keeps the library compilable (and correct, slowly) for
+every target, e.g. after `edgeprune retarget`.
+
+Requantization per output channel, with total shift s and rounding constant rnd:
+  clamp(zp + ((acc * M + rnd) >> s), lo, hi).
+`mode` 1 (the generator checked: every s >= 32, rnd's low word 0 or 2^31): the high word of
+acc * M (VMULH, or VRMULH when the low word of rnd is 2^31, which adds exactly that 2^31),
+plus rnd >> 32, then >> (s - 32); floor divisions compose, so this is exact. `mode` 0: the
+64-bit ep_requant per output.
+"""
+
+MVE_PRELUDE = r"""
+/* ---- edgeprune Helium (MVE) int8 kernels ---- */
+#include <string.h>
+#define EP_AI static inline __attribute__((always_inline))
+#if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1)
+#include <arm_mve.h>
+#define EP_MVE 1
+#endif
+
+/* NCHW input plane(s) -> zero-point-padded NHWC scratch xs[Hs][Ws][C]: xs(i + pt, j + pl, c) =
+   x[c][i * fh][j * fw] for i < hi_n, j < wi_n; every other cell is `pad`. */
+EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
+                       int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw) {
+  memset(xs, pad, (size_t)Hs * Ws * C);
+#ifdef EP_MVE
+  /* 8 pixels of one channel per step: a (gather) load widened to 16 bits, a scatter store of
+     their low bytes C apart. */
+  uint16x8_t so = vmulq_n_u16(vidupq_n_u16(0, 1), (uint16_t)C);
+  uint16x8_t go = vmulq_n_u16(vidupq_n_u16(0, 1), (uint16_t)fw);
+  for (int c = 0; c < C; c++)
+    for (int i = 0; i < hi_n; i++) {
+      const int8_t *src = x + ((size_t)c * H + (size_t)i * fh) * W;
+      int8_t *dst = xs + ((size_t)(i + pt) * Ws + pl) * C + c;
+      for (int j = 0; j < wi_n; j += 8) {
+        mve_pred16_t p = vctp16q(wi_n - j);
+        int16x8_t v = fw == 1 ? vldrbq_z_s16(src + j, p)
+                              : vldrbq_gather_offset_z_s16(src + j * fw, go, p);
+        vstrbq_scatter_offset_p_s16(dst + j * C, so, v, p);
+      }
+    }
+#else
+  for (int c = 0; c < C; c++)
+    for (int i = 0; i < hi_n; i++)
+      for (int j = 0; j < wi_n; j++)
+        xs[((size_t)(i + pt) * Ws + j + pl) * C + c] = x[((size_t)c * H + (size_t)i * fh) * W + (size_t)j * fw];
+#endif
+}
+
+EP_AI int32_t ep_mve_rq1(int32_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp, int32_t lo,
+                         int32_t hi) {
+  int64_t v = (((int64_t)acc * m + rnd) >> s) + zp;
+  return (int32_t)(v < lo ? lo : v > hi ? hi : v);
+}
+
+#ifdef EP_MVE
+/* Four accumulators (lanes) of one output channel -> requantized, clamped int32 lanes. */
+EP_AI int32x4_t ep_mve_rq(int32x4_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp,
+                          int32_t lo, int32_t hi, int32_t mode) {
+  int32x4_t h;
+  if (mode == 1) {
+    int32x4_t mv = vdupq_n_s32(m);
+    h = (uint32_t)rnd ? vrmulhq_s32(acc, mv) : vmulhq_s32(acc, mv);
+    h = vshlq_r_s32(vaddq_n_s32(h, (int32_t)(rnd >> 32)), 32 - s);
+    h = vaddq_n_s32(h, zp);
+  } else {
+    int32_t a[4];
+    vst1q_s32(a, acc);
+    for (int k = 0; k < 4; k++) a[k] = ep_mve_rq1(a[k], m, rnd, s, zp, lo, hi);
+    return vld1q_s32(a);
+  }
+  return vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi));
+}
+
+/* Store lanes < npx of v as int8 or int16 at y[0], y[1], ... */
+EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
+  mve_pred16_t p = vctp32q(npx);
+  if (out16) vstrhq_p_s32((int16_t *)y, v, p); else vstrbq_p_s32((int8_t *)y, v, p);
+}
+#endif
+
+/* conv (groups = 1) / dense on an NHWC int8 image. The reduction of one output is nsy x nsx
+   segments of `seg` contiguous bytes, at offsets sy * offy + sx * offx from the pixel's corner
+   (a kernel row of kw * C bytes when the kernel is not dilated horizontally, a tap of C bytes
+   otherwise). Weights w[O][nsy][nsx][segp] int8 (segp = seg rounded up to 16, zero padded).
+   With `patch` set, each tile's four pixels are first gathered into patch[4][segp] (one segment
+   of `seg` = kh * kw * C bytes: fewer vectors when C is small). Tiles: 4 neighbouring pixels of
+   an output row (lanes) x Q output channels, each 16-byte step one weight load per channel, one
+   input load per pixel and 4 x Q VMLADAVA (16 MACs each). */
+#ifdef EP_MVE
+/* 16 bytes at p, or only the first `left` (< 16) of them, the rest 0. */
+#define EP_LD(p, left) ((left) >= 16 ? vldrbq_s8(p) : vldrbq_z_s8((p), vctp8q(left)))
+#endif
+
+EP_AI void ep_mve_conv_q(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
+                         const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                         int32_t C, int32_t Ws, int32_t OH, int32_t OW, int32_t O, int32_t sh,
+                         int32_t sw, int32_t nsy, int32_t nsx, int32_t offy, int32_t offx,
+                         int32_t seg, int32_t pseg, int32_t pnsy, int32_t pnsx, int32_t poffy,
+                         int32_t poffx, int32_t mode, int32_t zp, int32_t lo, int32_t hi,
+                         int32_t out16, int32_t Q) {
+  int segp = (seg + 15) & ~15;
+  int wst = nsy * nsx * segp;  /* weight bytes per output channel */
+  int esz = out16 ? 2 : 1;
+  for (int oh = 0; oh < OH; oh++)
+    for (int ow0 = 0; ow0 < OW; ow0 += 4) {
+      int npx = OW - ow0 < 4 ? OW - ow0 : 4;
+      /* pixel p of the tile starts pstep * p bytes after pixel 0 (past the row's end for a
+         partial tile: the scratch has slack, those lanes are not stored) */
+      const int8_t *x0 = xs + ((size_t)oh * sh * Ws + (size_t)ow0 * sw) * C;
+      int pstep = sw * C;
+      if (patch) {  /* gather the tile's windows: pnsy x pnsx pieces of pseg bytes each */
+        for (int p = 0; p < 4; p++) {
+          int8_t *d = patch + p * segp;
+          for (int a = 0; a < pnsy; a++)
+            for (int b = 0; b < pnsx; b++, d += pseg) {
+              const int8_t *s = x0 + p * pstep + a * poffy + b * poffx;
+#ifdef EP_MVE
+              for (int k = 0; k < pseg; k += 16) {
+                mve_pred16_t pr = vctp8q(pseg - k);
+                vstrbq_p_s8(d + k, vldrbq_z_s8(s + k, pr), pr);
+              }
+#else
+              memcpy(d, s, (size_t)pseg);
+#endif
+            }
+        }
+        x0 = patch;
+        pstep = segp;
+      }
+      char *yo = (char *)y + ((size_t)oh * OW + ow0) * esz;
+      const int8_t *wo = w;
+      for (int o = 0; o < O; o += Q, wo += Q * wst) {
+        int32_t a0 = bias[o], a1 = a0, a2 = a0, a3 = a0;
+        int32_t b0 = bias[o + Q - 1], b1 = b0, b2 = b0, b3 = b0;
+        for (int a = 0; a < nsy; a++)
+          for (int b = 0; b < nsx; b++) {
+            const int8_t *xp = x0 + a * offy + b * offx;
+            const int8_t *wp = wo + (a * nsx + b) * segp;
+            for (int k = 0; k < seg; k += 16) {
+#ifdef EP_MVE
+              int8x16_t v0 = EP_LD(xp + k, seg - k), v1 = EP_LD(xp + pstep + k, seg - k);
+              int8x16_t v2 = EP_LD(xp + 2 * pstep + k, seg - k);
+              int8x16_t v3 = EP_LD(xp + 3 * pstep + k, seg - k);
+              int8x16_t wv = vldrbq_s8(wp + k);
+              a0 = vmladavaq_s8(a0, v0, wv);
+              a1 = vmladavaq_s8(a1, v1, wv);
+              a2 = vmladavaq_s8(a2, v2, wv);
+              a3 = vmladavaq_s8(a3, v3, wv);
+              if (Q == 2) {
+                wv = vldrbq_s8(wp + wst + k);
+                b0 = vmladavaq_s8(b0, v0, wv);
+                b1 = vmladavaq_s8(b1, v1, wv);
+                b2 = vmladavaq_s8(b2, v2, wv);
+                b3 = vmladavaq_s8(b3, v3, wv);
+              }
+#else
+              for (int j = k; j < k + 16 && j < seg; j++) {
+                a0 += xp[j] * wp[j];
+                a1 += xp[pstep + j] * wp[j];
+                a2 += xp[2 * pstep + j] * wp[j];
+                a3 += xp[3 * pstep + j] * wp[j];
+                if (Q == 2) {
+                  b0 += xp[j] * wp[wst + j];
+                  b1 += xp[pstep + j] * wp[wst + j];
+                  b2 += xp[2 * pstep + j] * wp[wst + j];
+                  b3 += xp[3 * pstep + j] * wp[wst + j];
+                }
+              }
+#endif
+            }
+          }
+        for (int q = 0; q < Q; q++) {
+          int c = o + q;
+          void *yc = yo + (size_t)c * OH * OW * esz;
+          int32_t r0 = q ? b0 : a0, r1 = q ? b1 : a1, r2 = q ? b2 : a2, r3 = q ? b3 : a3;
+#ifdef EP_MVE
+          int32x4_t v = vsetq_lane_s32(r3, vsetq_lane_s32(r2, vsetq_lane_s32(r1,
+                                       vdupq_n_s32(r0), 1), 2), 3);
+          ep_mve_store(yc, ep_mve_rq(v, mult[c], rnd[c], shift[c], zp, lo, hi, mode), npx, out16);
+#else
+          int32_t r[4] = {r0, r1, r2, r3};
+          for (int p = 0; p < npx; p++) {
+            int32_t v = ep_mve_rq1(r[p], mult[c], rnd[c], shift[c], zp, lo, hi);
+            if (out16) ((int16_t *)yc)[p] = (int16_t)v; else ((int8_t *)yc)[p] = (int8_t)v;
+          }
+#endif
+        }
+      }
+    }
+}
+
+/* One output pixel (dense, or a conv down to 1x1): 4 output channels share each input load. */
+EP_AI void ep_mve_conv_1px(const int8_t *x0, const int8_t *w, const int32_t *bias,
+                           const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                           int32_t O, int32_t nsy, int32_t nsx, int32_t offy, int32_t offx,
+                           int32_t seg, int32_t mode, int32_t zp, int32_t lo, int32_t hi,
+                           int32_t out16) {
+  int segp = (seg + 15) & ~15;
+  int wst = nsy * nsx * segp;
+  for (int o = 0; o < O; o += 4) {
+    int nq = O - o < 4 ? O - o : 4;
+    /* channels past O repeat the last one (not stored) */
+    const int8_t *w0 = w + (size_t)o * wst, *w1 = w0 + (nq > 1 ? wst : 0);
+    const int8_t *w2 = w0 + (nq > 2 ? 2 * wst : 0), *w3 = w0 + (nq > 3 ? 3 * wst : 0);
+    int32_t acc[4];
+    for (int q = 0; q < 4; q++) acc[q] = bias[o + (q < nq ? q : 0)];
+    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    for (int a = 0; a < nsy; a++)
+      for (int b = 0; b < nsx; b++) {
+        const int8_t *xp = x0 + a * offy + b * offx;
+        int woff = (a * nsx + b) * segp;
+        for (int k = 0; k < seg; k += 16) {
+#ifdef EP_MVE
+          int8x16_t v = EP_LD(xp + k, seg - k);
+          a0 = vmladavaq_s8(a0, v, vldrbq_s8(w0 + woff + k));
+          a1 = vmladavaq_s8(a1, v, vldrbq_s8(w1 + woff + k));
+          a2 = vmladavaq_s8(a2, v, vldrbq_s8(w2 + woff + k));
+          a3 = vmladavaq_s8(a3, v, vldrbq_s8(w3 + woff + k));
+#else
+          for (int j = k; j < k + 16 && j < seg; j++) {
+            a0 += xp[j] * w0[woff + j];
+            a1 += xp[j] * w1[woff + j];
+            a2 += xp[j] * w2[woff + j];
+            a3 += xp[j] * w3[woff + j];
+          }
+#endif
+        }
+      }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+    for (int q = 0; q < nq; q++) {
+      int32_t v = ep_mve_rq1(acc[q], mult[o + q], rnd[o + q], shift[o + q], zp, lo, hi);
+      if (out16) ((int16_t *)y)[o + q] = (int16_t)v; else ((int8_t *)y)[o + q] = (int8_t)v;
+    }
+  }
+}
+
+/* One image at a time: the NHWC scratch (unless the input already is one, `direct`: dense, or
+   a 1x1 image), then the tiles. */
+EP_AI void ep_mve_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+                       const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                       int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
+                       int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
+                       int32_t fw, int32_t direct, int32_t patch_off, int32_t OH, int32_t OW,
+                       int32_t O, int32_t sh, int32_t sw, int32_t nsy, int32_t nsx, int32_t offy,
+                       int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy, int32_t pnsx,
+                       int32_t poffy, int32_t poffx, int32_t mode, int32_t zp, int32_t lo,
+                       int32_t hi, int32_t out16, int32_t Q) {
+  for (int nb = 0; nb < n; nb++) {
+    const int8_t *img = x + (size_t)nb * C * H * W;
+    if (!direct) {
+      ep_mve_nhwc(img, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
+      img = xs;
+    }
+    if (OH * OW == 1) {
+      ep_mve_conv_1px(img, w, bias, mult, rnd, shift,
+                      (char *)y + (size_t)nb * O * (out16 ? 2 : 1), O, nsy, nsx, offy, offx,
+                      seg, mode, zp, lo, hi, out16);
+      continue;
+    }
+    ep_mve_conv_q(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift,
+                  (char *)y + (size_t)nb * O * OH * OW * (out16 ? 2 : 1), C, Ws, OH, OW, O, sh,
+                  sw, nsy, nsx, offy, offx, seg, pseg, pnsy, pnsx, poffy, poffx, mode, zp, lo, hi,
+                  out16, Q);
+  }
+}
+
+/* depthwise on one zero-point-padded int8 plane per channel: lanes are 4 neighbouring outputs
+   of a row (a widening load, or a gather for strided rows), 4 MACs per VMLA by a weight held in
+   a core register; tiles of 8 outputs share each weight. */
+EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+                     const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                     int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt,
+                     int32_t pl, int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw, int32_t sh,
+                     int32_t sw, int32_t dh, int32_t dw, int32_t mode, int32_t zp, int32_t lo, int32_t hi, int32_t out16) {
+  int esz = out16 ? 2 : 1;
+  for (int nb = 0; nb < n; nb++)
+    for (int c = 0; c < C; c++) {
+      const int8_t *xc = x + ((size_t)nb * C + c) * H * W;
+      ep_mve_nhwc(xc, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
+      const int8_t *wc = w + (size_t)c * kh * kw;
+      int32_t m = mult[c], s = shift[c], b0 = bias[c];
+      int64_t r = rnd[c];
+      char *yc = (char *)y + ((size_t)nb * C + c) * OH * OW * esz;
+      for (int oh = 0; oh < OH; oh++)
+        for (int ow0 = 0; ow0 < OW; ow0 += 8) {
+          const int8_t *row = xs + (size_t)oh * sh * Ws + (size_t)ow0 * sw;
+#ifdef EP_MVE
+          int32x4_t a0 = vdupq_n_s32(b0), a1 = a0;
+          uint32x4_t go = vmulq_n_u32(vidupq_n_u32(0, 1), (uint32_t)sw);
+          for (int ry = 0; ry < kh; ry++)
+            for (int rx = 0; rx < kw; rx++) {
+              const int8_t *s0 = row + ry * dh * Ws + rx * dw;
+              int32_t wk = wc[ry * kw + rx];
+              int32x4_t v0 = sw == 1 ? vldrbq_s32(s0) : vldrbq_gather_offset_s32(s0, go);
+              int32x4_t v1 = sw == 1 ? vldrbq_s32(s0 + 4) : vldrbq_gather_offset_s32(s0 + 4 * sw, go);
+              a0 = vmlaq_n_s32(a0, v0, wk);
+              a1 = vmlaq_n_s32(a1, v1, wk);
+            }
+          int left = OW - ow0;
+          ep_mve_store(yc + ((size_t)oh * OW + ow0) * esz, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode),
+                       left < 4 ? left : 4, out16);
+          if (left > 4)
+            ep_mve_store(yc + ((size_t)oh * OW + ow0 + 4) * esz,
+                         ep_mve_rq(a1, m, r, s, zp, lo, hi, mode), left - 4, out16);
+#else
+          for (int p = 0; p < 8 && ow0 + p < OW; p++) {
+            int32_t acc = b0;
+            for (int ry = 0; ry < kh; ry++)
+              for (int rx = 0; rx < kw; rx++)
+                acc += row[ry * dh * Ws + p * sw + rx * dw] * wc[ry * kw + rx];
+            int32_t v = ep_mve_rq1(acc, m, r, s, zp, lo, hi);
+            if (out16) ((int16_t *)yc)[oh * OW + ow0 + p] = (int16_t)v;
+            else ((int8_t *)yc)[oh * OW + ow0 + p] = (int8_t)v;
+          }
+#endif
+        }
+    }
+}
+
+/* Entry points, typed as TVM declares its externs (int32_t is `long` on arm-none-eabi). */
+#define EP_MVE_CONV_ARGS int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, \
+  int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw, \
+  int32_t direct, int32_t patch_off, int32_t OH, int32_t OW, int32_t O, int32_t sh, int32_t sw, \
+  int32_t nsy, int32_t nsx, int32_t offy, int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy, \
+  int32_t pnsx, int32_t poffy, int32_t poffx, int32_t mode, int32_t zp, int32_t lo, int32_t hi, int32_t Q
+#define EP_MVE_CONV_PASS n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw, direct, patch_off, \
+  OH, OW, O, sh, sw, nsy, nsx, offy, offx, seg, pseg, pnsy, pnsx, poffy, poffx, mode, zp, lo, hi
+#define EP_MVE_DW_ARGS int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, \
+  int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw, int32_t OH, \
+  int32_t OW, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t mode, \
+  int32_t zp, int32_t lo, int32_t hi
+#define EP_MVE_DW_PASS n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw, OH, OW, kh, kw, sh, sw, \
+  dh, dw, mode, zp, lo, hi
+#define EP_MVE_PTRS int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult, int64_t *rnd, \
+  int32_t *shift
+EP_AI int32_t ep_mve_conv8(EP_MVE_PTRS, int8_t *y, EP_MVE_CONV_ARGS) {
+  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_CONV_PASS, 0, Q);
+  return 0;
+}
+EP_AI int32_t ep_mve_conv16(EP_MVE_PTRS, int16_t *y, EP_MVE_CONV_ARGS) {
+  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_CONV_PASS, 1, Q);
+  return 0;
+}
+EP_AI int32_t ep_mve_dw8(EP_MVE_PTRS, int8_t *y, EP_MVE_DW_ARGS) {
+  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_DW_PASS, 0);
+  return 0;
+}
+EP_AI int32_t ep_mve_dw16(EP_MVE_PTRS, int16_t *y, EP_MVE_DW_ARGS) {
+  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_DW_PASS, 1);
+  return 0;
+}
+"""
