@@ -7,9 +7,10 @@ TVM's default lowering of that chain runs at ~5 instructions per MAC on a Cortex
 `specialize_int8` replaces each such chain by one `call_tir` to a PrimFunc written here for
 the layer's exact shape, with its weights repacked at build time:
 
-* conv (groups=1) and dense (= 1x1 conv on a 1x1 image): the input is copied once into a
+* conv (groups=1) and dense (= 1x1 conv on a 1x1 image): the input is copied into a
   scratch of int32 words, each holding two input channels as signed 16-bit halves, padded
-  with the zero point (so the MAC loop has no bounds checks). Weights stay int8 in flash,
+  with the zero point (so the MAC loop has no bounds checks); one band of rows at a time
+  (BAND_PIXELS outputs), so the scratch is a few rows, not twice the image. Weights stay int8 in flash,
   one word holding the same channel pair of two output channels (bytes 0,2 and 1,3: the
   lanes of SXTB16 and SXTB16 ROR #8); per block of OC_BLOCK output channels they are widened
   once into a small int16-pair scratch (in the MAC loop the unpacking would spill registers).
@@ -42,6 +43,7 @@ import numpy as np
 # A conv tile keeps OC_BLOCK x PX_BLOCK sums in registers (Cortex-M has 13 usable): per kernel
 # tap it loads PX_BLOCK input words and OC_BLOCK weight words for OC_BLOCK*PX_BLOCK SMLADs.
 OC_BLOCK, PX_BLOCK = 4, 2
+BAND_PIXELS = 128  # conv scratch: the input rows of about this many outputs (see _conv_kernel)
 DW_PX_BLOCK = 4  # depthwise: outputs of one row computed together (weights loaded once)
 
 # Prepended to the kernels' C file when a kernel uses ep_smlad. TVM's codegen declares the
@@ -541,43 +543,79 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     def xin(ch, i, j):
         return f"x[nb, {ch}]" if dense else f"x[nb, {ch}, {i}, {j}]"
 
+    # Row bands: the scratch holds only the padded-input rows of `band` output rows, refilled
+    # per band, instead of the whole image (the scratch is 2-4x the input: it set the arena
+    # peak of the first layers). The band is long enough (BAND_PIXELS outputs) that widening
+    # the weights once per band and channel block, and refilling the rows the window overlaps,
+    # stay small next to the MACs.
+    band = oh_n if dense or by_width else min(oh_n, max(1, -(-BAND_PIXELS // ow_n)))
+    hb = hs if band == oh_n else (band - 1) * sh + (kh - 1) * dh + 1
     L = _header(layer, words.shape, "int32", o, layer.kind)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
         L.append(f'    wu = T.alloc_buffer(({nred}, {kh}, {taps}, {2 * words.shape[-1]}), "int32")')
-    L += [f'    xs = T.alloc_buffer(({nred}, {hs}, {ws}), "int32")',
+    L += [f'    xs = T.alloc_buffer(({nred}, {hb}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
-          f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")',
-          f"    for nb in range({n}):"]
-    if by_width:
-        # Few channels: one pass with the padding test per element is cheap enough.
-        _, _, h, w = layer.x_shape
-        t, l = layer.padding[:2]
+          f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")']
+    if not dense and not by_width:
+        # The left/right zero-point columns are the same in every band: written once.
+        t, l, b, r = (0, 0, 0, 0) if sample else layer.padding
+        pad = _pack_pair(str(pv), str(pv))
+        cols = [(0, l), (ws - r, r)]
+        if any(n_ for _, n_ in cols):
+            L.append(f"    for cc, i in T.grid({nred}, {hb}):")
+            L += [f"        for j in range({n_}):\n            xs[cc, i, j + {j0}] = {pad}"
+                  for j0, n_ in cols if n_]
+    L.append(f"    for nb in range({n}):")
 
-        def v(i, j):
-            return (f"T.if_then_else({t} <= {i} and {i} < {t + h} and {l} <= {j} and "
-                    f"{j} < {l + w}, {xin('cc', f'{i} - {t}', f'{j} - {l}')}, T.{layer.x_dtype}({pv}))")
-        L += [f"        for cc, i, j in T.grid({c}, {hs}, {ws}):",
-              f"            xs[cc, i, j] = {_pack_pair(v('i', 'j'), v('i', f'j + {dw}'))}"]
-    else:
-        # Border (zero point) of the scratch; an odd channel count leaves the last high half 0
-        # (its weights are 0 too).
-        border = _border_loops(layer, hs, ws, lambda i, j: f"xs[cc, {i}, {j}]",
-                               _pack_pair(str(pv), str(pv)), "            ")
-        if border:
-            L.append(f"        for cc in range({nred}):")
-            L += border
+    def fill(ind: str, r0: str) -> list[str]:
+        """The band's scratch rows: padded-input rows r0 .. r0 + hb - 1 (zero point outside)."""
+        if dense:
+            return _dense_fill(ind)
+        if by_width:
+            _, _, h, w = layer.x_shape
+            t, l = layer.padding[:2]
+
+            def v(i, j):
+                return (f"T.if_then_else({t} <= {i} and {i} < {t + h} and {l} <= {j} and "
+                        f"{j} < {l + w}, {xin('cc', f'{i} - {t}', f'{j} - {l}')}, "
+                        f"T.{layer.x_dtype}({pv}))")
+            return [f"{ind}for cc, i, j in T.grid({c}, {hs}, {ws}):",
+                    f"{ind}    xs[cc, i, j] = {_pack_pair(v('i', 'j'), v('i', f'j + {dw}'))}"]
+        if sample:
+            h_in, w_in, t, l, fh, fw = hs, ws, 0, 0, layer.strides[0], layer.strides[1]
+        else:
+            (_, _, h_in, w_in), (t, l), fh, fw = layer.x_shape, layer.padding[:2], 1, 1
+        pad = _pack_pair(str(pv), str(pv))
+        lines = []
+        for lo, hi, odd in ((0, c // 2, False), (c // 2, nred, True)):
+            if hi <= lo:
+                continue
+
+            ch = f"(cc + {lo})" if lo else "cc"
+            row, col = f"({r0} + i - {t}) * {fh}", f"j * {fw}"
+            src = _pack_pair(xin(f"{ch} * 2", row, col),
+                             None if odd else xin(f"{ch} * 2 + 1", row, col))
+            lines += [f"{ind}for cc, i in T.grid({hi - lo}, {hb}):",
+                      f"{ind}    if {t} <= {r0} + i and {r0} + i < {t + h_in}:",
+                      f"{ind}        for j in range({w_in}):",
+                      f"{ind}            xs[{ch}, i, j + {l}] = {src}",
+                      f"{ind}    else:",
+                      f"{ind}        for j in range({w_in}):",
+                      f"{ind}            xs[{ch}, i, j + {l}] = {pad}"]
+        return lines
+
+    def _dense_fill(ind: str) -> list[str]:
+        lines = []
         if c // 2:
-            L.append(f"        for cc in range({c // 2}):")
-            L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
-                             lambda i, j: _pack_pair(xin("cc * 2", i, j), xin("cc * 2 + 1", i, j)),
-                             "            ")
+            lines += [f"{ind}for cc in range({c // 2}):",
+                      f"{ind}    xs[cc, 0, 0] = {_pack_pair(xin('cc * 2', 0, 0), xin('cc * 2 + 1', 0, 0))}"]
         if c % 2:
-            L.append(f"        for cc in range({c // 2}, {nred}):")
-            L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[cc, {i}, {j}]",
-                             lambda i, j: _pack_pair(xin("cc * 2", i, j), None), "            ")
+            lines += [f"{ind}xs[{c // 2}, 0, 0] = {_pack_pair(xin(str(c - 1), 0, 0), None)}"]
+        return lines
 
-    def tile(ind: str, obv: str, count: int, owv: str, npx: int) -> list[str]:
-        """One tile: `count` output channels from block `obv`, `npx` pixels from column `owv`."""
+    def tile(ind: str, obv: str, count: int, owv: str, npx: int, orow: str) -> list[str]:
+        """One tile: `count` output channels from block `obv`, `npx` pixels from column `owv`,
+        output row `orow` (scratch row ohl of the band)."""
         def a(k, p):
             return f"acc[{p * count + k}]"
 
@@ -598,7 +636,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                 return f"wu[{cc}, ry, rx, {k}]"
             return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)
         lines += [f'{ind}                {a(k, p)} = T.call_extern("int32", "ep_smlad", '
-                  f"xs[{cc}, oh * {sh} + ry * {dh}, {col(p)}], {wk(k)}, {a(k, p)})"
+                  f"xs[{cc}, ohl * {sh} + ry * {dh}, {col(p)}], {wk(k)}, {a(k, p)})"
                   for k in range(count) for p in range(npx)]
         # All results first, then the stores: an int8 store may alias any constant, which
         # would force the per-channel constants to be reloaded for every pixel.
@@ -609,7 +647,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         for p in range(npx):
             for k in range(count):
                 oc = f"{obv} * {oc_block} + {k}"
-                dst = f"y[nb, {oc}]" if dense else f"y[nb, {oc}, oh, {owv} + {p}]"
+                dst = f"y[nb, {oc}]" if dense else f"y[nb, {oc}, {orow}, {owv} + {p}]"
                 lines.append(f"{ind}{dst} = res[{p * count + k}]")
         return lines
 
@@ -624,20 +662,32 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                 f"{ind}        wu[a, ry, rx, k * 2] = {_unpack(f'w[{obv}, a, ry, rx, k]', 0)}",
                 f"{ind}        wu[a, ry, rx, k * 2 + 1] = {_unpack(f'w[{obv}, a, ry, rx, k]', 1)}"]
 
-    px_full, px_tail = divmod(ow_n, px_block)
-    for count, blocks in ((oc_block, o // oc_block), (o % oc_block, 1 if o % oc_block else 0)):
-        if not blocks or not count:
-            continue
-        obv, ind = ("ob", "            ") if count == oc_block else (str(o // oc_block), "        ")
-        if count == oc_block:
-            L.append(f"        for ob in range({blocks}):")
-        L += unpack_loops(ind, obv)
-        L.append(f"{ind}for oh in range({oh_n}):")
-        if px_full:
-            L.append(f"{ind}    for owb in range({px_full}):")
-            L += tile(ind + "        ", obv, count, f"owb * {px_block}", px_block)
-        if px_tail:
-            L += tile(ind + "    ", obv, count, str(px_full * px_block), px_tail)
+    def band_loops(ind: str, bv: str, rows: int) -> list[str]:
+        """Fill band `bv` (`rows` output rows), then every channel block over its rows."""
+        lines = fill(ind, f"{bv} * {band * sh}")
+        px_full, px_tail = divmod(ow_n, px_block)
+        for count, blocks in ((oc_block, o // oc_block), (o % oc_block, 1 if o % oc_block else 0)):
+            if not blocks or not count:
+                continue
+            obv, ind2 = ("ob", ind + "    ") if count == oc_block else (str(o // oc_block), ind)
+            if count == oc_block:
+                lines.append(f"{ind}for ob in range({blocks}):")
+            lines += unpack_loops(ind2, obv)
+            lines.append(f"{ind2}for ohl in range({rows}):")
+            orow = f"{bv} * {band} + ohl"
+            if px_full:
+                lines.append(f"{ind2}    for owb in range({px_full}):")
+                lines += tile(ind2 + "        ", obv, count, f"owb * {px_block}", px_block, orow)
+            if px_tail:
+                lines += tile(ind2 + "    ", obv, count, str(px_full * px_block), px_tail, orow)
+        return lines
+
+    full_bands, tail_rows = divmod(oh_n, band)
+    if full_bands:
+        L.append(f"        for bnd in range({full_bands}):")
+        L += band_loops("            ", "bnd", band)
+    if tail_rows:
+        L += band_loops("        ", str(full_bands), tail_rows)
     return "\n".join(L), [words] + consts
 
 
