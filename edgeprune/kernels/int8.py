@@ -144,6 +144,12 @@ class QLayer:
     pad_value: int = 0
 
 
+def _tiled(layer: QLayer, features) -> bool:
+    """Whether the layer's kernel is the SMLAD conv/dense whose register tile the tuner picks."""
+    from .mve import wants_mve
+    return layer.kind in ("conv", "dense") and not wants_mve(layer, features)
+
+
 def layer_key(layer: QLayer) -> str:
     """What a conv/dense kernel's speed depends on (shapes, not weight values): the tuner's key."""
     parts = [layer.kind, f"x{_shape(layer.x_shape)}", f"w{_shape(layer.weight.shape)}",
@@ -389,7 +395,7 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
                 prim, kind = _parse(add[0], f"add {b.var.name}"), "add"
                 args = add[1] + [relax.const(add[2], "int32")]
             gv = bb.add_func(prim, f"{prefix_hint}_{kind}{added}")
-            if conv is not None and KERNEL_LAYERS.get() is not None:
+            if conv is not None and KERNEL_LAYERS.get() is not None and _tiled(layer, features):
                 KERNEL_LAYERS.get()[gv.name_hint] = layer_key(layer)
             added += 1
             bindings.append(relax.VarBinding(b.var, relax.call_tir(gv, relax.Tuple(args), b.var.ty)))

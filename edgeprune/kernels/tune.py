@@ -120,8 +120,9 @@ def tune(spec: str, target_name: str, port: str = "qemu", log=print) -> dict:
             log(f"tuning round {r + 1}/{rounds}")
             names, counts = _measure_round(spec, target, tiles, Path(tmp) / f"r{r}", port)
             if not names:
-                raise EdgepruneError(f"{spec}: no int8 conv/dense kernel to tune (quantize the "
-                                     f"model first: `edgeprune quantize`)")
+                raise EdgepruneError(f"{spec}: no tiled int8 conv/dense kernel to tune on "
+                                     f"{target.name} (a float model: run `edgeprune quantize` "
+                                     f"first; Helium (MVE) kernels have no register tile)")
             keys = sorted(set(names.values()))
             per_key: dict[str, int] = {}
             for name, key in names.items():
