@@ -28,23 +28,30 @@ def wants_mve(layer: QLayer, features) -> bool:
     return MVE_FEATURE in tuple(features or ()) and layer.x_dtype == "int8"
 
 
-def _requant(layer: QLayer):
-    """Per-channel (bias, M, rnd, s) and the C requantization mode (1: vector, see mve_c)."""
+def _requant(layer: QLayer, n_out: int | None = None):
+    """Per-channel (bias, M, rnd, s), padded with zeros to n_out channels, and the C
+    requantization mode: 1 VMULH (every rnd's low word 0), 2 VRMULH (every low word 2^31),
+    both exact when every s >= 32 (see mve_c); 0: 64-bit per output."""
     s = layer.shift.astype(np.int64)
     rnd = layer.rnd.astype(np.int64)
     low = rnd & 0xFFFFFFFF
-    vec = bool(np.all(s >= 32) and np.all((low == 0) | (low == 2 ** 31))
-               and np.all(np.abs(rnd >> 32) < 2 ** 29))
-    return [layer.bias.astype(np.int32), layer.mult.astype(np.int32), rnd,
-            s.astype(np.int32)], int(vec)
+    mode = 0
+    if np.all(s >= 32) and np.all(np.abs(rnd >> 32) < 2 ** 29):
+        mode = 1 if np.all(low == 0) else 2 if np.all(low == 2 ** 31) else 0
+    pad = (n_out or len(s)) - len(s)
+    consts = [np.pad(a, (0, pad)) for a in (layer.bias.astype(np.int32),
+                                            layer.mult.astype(np.int32), rnd,
+                                            s.astype(np.int32))]
+    return consts, mode
 
 
-def _header(layer: QLayer, nw: int, o: int, tag: str) -> list[str]:
+def _header(layer: QLayer, nw: int, o: int, tag: str, nqp: int = 0) -> list[str]:
+    qp = f'qp: T.Buffer(({nqp},), "int32"), ' if nqp else ""
     return [
         "@T.prim_func(private=True)",
         f'def main(x: T.Buffer({_shape(layer.x_shape)}, "int8"), w: T.Buffer(({nw},), "int8"), '
         f'bias: T.Buffer(({o},), "int32"), mult: T.Buffer(({o},), "int32"), '
-        f'rnd: T.Buffer(({o},), "int64"), shift: T.Buffer(({o},), "int32"), '
+        f'rnd: T.Buffer(({o},), "int64"), shift: T.Buffer(({o},), "int32"), {qp}'
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
         f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"}})',
     ]
@@ -61,16 +68,15 @@ def _plane(layer: QLayer):
     return h + t + b, w + l + r, t, l, h, w, 1, 1, layer.strides
 
 
-def _call(fn: str, layer: QLayer, xs: str, ints: list[int]) -> str:
+def _call(fn: str, layer: QLayer, xs: str, ints: list[int], qp: bool = False) -> str:
     suffix = "16" if layer.out_dtype == "int16" else "8"
     args = ", ".join(str(int(v)) for v in ints)
     return (f'    T.evaluate(T.call_extern("int32", "{fn}{suffix}", x.data, {xs}, w.data, bias.data, '
-            f"mult.data, rnd.data, shift.data, y.data, {args}))")
+            f"mult.data, rnd.data, shift.data, {'qp.data, ' if qp else ''}y.data, {args}))")
 
 
-def conv_kernel(layer: QLayer, q: int | None = None):
+def conv_kernel(layer: QLayer):
     """conv (groups=1) or dense -> (TVMScript, constants after the input)."""
-    consts, mode = _requant(layer)
     if layer.kind == "dense":
         n, c = layer.x_shape
         o = layer.weight.shape[0]
@@ -100,30 +106,39 @@ def conv_kernel(layer: QLayer, q: int | None = None):
         nsy, nsx, seg, offy, offx = 1, 1, k, 0, 0
         wo = wo.reshape(o, 1, 1, k)
     segp = -(-seg // 16) * 16
-    wpad = np.zeros((o, nsy, nsx, segp), np.int8)
-    wpad[..., :seg] = wo
-    # Lanes of a partial tile read up to 3 pixels past the row (not stored): slack.
-    scratch = 0 if direct else hs * ws * c + (0 if oh * ow == 1 else 3 * sw * c)
+    # Tiles of 4 outputs: 2 channels x 2 pixels, or 4 channels of a lone pixel.
+    g = 4 if oh * ow == 1 else 2
+    ng = -(-o // g)
+    consts, mode = _requant(layer, ng * g)
+    # Weights in the order a tile reads them: [group][run][16-byte step][channel][16].
+    wpad = np.zeros((ng * g, nsy, nsx, segp), np.int8)
+    wpad[:o, ..., :seg] = wo
+    wpad = wpad.reshape(ng, g, nsy, nsx, segp // 16, 16).transpose(0, 2, 3, 4, 1, 5)
+    # Per group, per lane (pixel * g + channel): M, rnd >> 32, -(s - 32).
+    _, m, rnd, sft = consts
+    lanes = (np.arange(ng)[:, None] * g + np.arange(4)[None, :] % g)
+    qp = np.stack([m[lanes], (rnd >> 32)[lanes], (32 - sft.astype(np.int64))[lanes]], 1)
+    scratch = 0 if direct else hs * ws * c
     patch_off = -1
     if patch:
         patch_off = -(-scratch // 16) * 16
-        scratch = patch_off + 4 * segp
-    if q is None:
-        q = 1
-    L = _header(layer, wpad.size, o, layer.kind)
+        scratch = patch_off + (4 // g) * segp
+    L = _header(layer, wpad.size, ng * g, layer.kind, qp.size)
     xs = "x.data"
     if scratch:
         L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
         xs = "xs.data"
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, direct, patch_off,
             oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode, layer.zp_out,
-            layer.lo, layer.hi, q]
-    L.append(_call("ep_mve_conv", layer, xs, ints))
-    return "\n".join(L), [wpad.reshape(-1)] + consts
+            layer.lo, layer.hi, g]
+    L.append(_call("ep_mve_conv", layer, xs, ints, qp=True))
+    return "\n".join(L), [np.ascontiguousarray(wpad).reshape(-1)] + consts \
+        + [qp.astype(np.int32).reshape(-1)]
 
 
 def depthwise_kernel(layer: QLayer):
     consts, mode = _requant(layer)
+    mode = min(mode, 1)  # the depthwise C knows VMULH (mode 1) and 64-bit only
     n, c, h, wd = layer.x_shape
     o, _, kh, kw = layer.weight.shape
     oh, ow = layer.y_shape[2:]

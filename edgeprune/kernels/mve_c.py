@@ -95,147 +95,150 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
 #ifdef EP_MVE
 /* 16 bytes at p, or only the first `left` (< 16) of them, the rest 0. */
 #define EP_LD(p, left) ((left) >= 16 ? vldrbq_s8(p) : vldrbq_z_s8((p), vctp8q(left)))
+/* One 16-byte step of a conv tile (ep_mve_conv_t): G = 2: two pixels' inputs (LX0, LX1) x
+   two channels' weights; G = 4: one pixel x four channels. */
+#define EP_STEP(LX0, LX1)                                                   \
+  do {                                                                      \
+    int8x16_t v0_ = (LX0);                                                  \
+    if (G == 2) {                                                           \
+      int8x16_t v1_ = (LX1), w0_ = vldrbq_s8(wp), w1_ = vldrbq_s8(wp + 16); \
+      a0 = vmladavaq_s8(a0, v0_, w0_);                                      \
+      a1 = vmladavaq_s8(a1, v0_, w1_);                                      \
+      a2 = vmladavaq_s8(a2, v1_, w0_);                                      \
+      a3 = vmladavaq_s8(a3, v1_, w1_);                                      \
+    } else {                                                                \
+      a0 = vmladavaq_s8(a0, v0_, vldrbq_s8(wp));                            \
+      a1 = vmladavaq_s8(a1, v0_, vldrbq_s8(wp + 16));                       \
+      a2 = vmladavaq_s8(a2, v0_, vldrbq_s8(wp + 32));                       \
+      a3 = vmladavaq_s8(a3, v0_, vldrbq_s8(wp + 48));                       \
+    }                                                                       \
+  } while (0)
 #endif
 
-EP_AI void ep_mve_conv_q(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
-                         const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
-                         int32_t C, int32_t Ws, int32_t OH, int32_t OW, int32_t O, int32_t sh,
-                         int32_t sw, int32_t nsy, int32_t nsx, int32_t offy, int32_t offx,
-                         int32_t seg, int32_t pseg, int32_t pnsy, int32_t pnsx, int32_t poffy,
-                         int32_t poffx, int32_t mode, int32_t zp, int32_t lo, int32_t hi,
-                         int32_t out16, int32_t Q) {
+/* conv (groups = 1) / dense on an NHWC int8 image. The reduction of one output is nsy x nsx
+   runs of `seg` contiguous bytes, at offsets a * offy + b * offx from the pixel's corner (a
+   kernel row of kw x C bytes when the kernel is not dilated horizontally, a tap of C bytes
+   otherwise). A tile is 4 outputs: G = 2 output channels x 2 pixels (consecutive in NCHW
+   order), or G = 4 channels x 1 pixel. Weights are int8, per group of G channels in the order
+   the tile reads them: [run][16-byte step][channel][16], zero-padded past `seg` (and past O).
+   Each step costs 4 / G input loads, G weight loads and 4 VMLADAVA (16 MACs each). With
+   `patch` set, the tile's windows are first gathered into patch[pixel][segp] (one run of
+   kh x kw x C bytes: fewer vectors when C is small). qp[group][3][4]: the requantization
+   multiplier, rnd >> 32 and -(s - 32) per lane (lane = pixel * G + channel). */
+EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
+                         const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                         const int32_t *qp, void *y, int32_t C, int32_t Ws, int32_t OH,
+                         int32_t OW, int32_t O, int32_t sh, int32_t sw, int32_t nsy, int32_t nsx,
+                         int32_t offy, int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy,
+                         int32_t pnsx, int32_t poffy, int32_t poffx, int32_t mode, int32_t zp,
+                         int32_t lo, int32_t hi, int32_t out16, int32_t G) {
   int segp = (seg + 15) & ~15;
-  int wst = nsy * nsx * segp;  /* weight bytes per output channel */
-  int esz = out16 ? 2 : 1;
-  for (int oh = 0; oh < OH; oh++)
-    for (int ow0 = 0; ow0 < OW; ow0 += 4) {
-      int npx = OW - ow0 < 4 ? OW - ow0 : 4;
-      /* pixel p of the tile starts pstep * p bytes after pixel 0 (past the row's end for a
-         partial tile: the scratch has slack, those lanes are not stored) */
-      const int8_t *x0 = xs + ((size_t)oh * sh * Ws + (size_t)ow0 * sw) * C;
-      int pstep = sw * C;
-      if (patch) {  /* gather the tile's windows: pnsy x pnsx pieces of pseg bytes each */
-        for (int p = 0; p < 4; p++) {
-          int8_t *d = patch + p * segp;
-          for (int a = 0; a < pnsy; a++)
-            for (int b = 0; b < pnsx; b++, d += pseg) {
-              const int8_t *s = x0 + p * pstep + a * poffy + b * poffx;
+  int P = 4 / G, ohw = OH * OW, esz = out16 ? 2 : 1;
+  int ng = (O + G - 1) / G, last = O - (ng - 1) * G;  /* channels in the last group */
 #ifdef EP_MVE
-              for (int k = 0; k < pseg; k += 16) {
-                mve_pred16_t pr = vctp8q(pseg - k);
-                vstrbq_p_s8(d + k, vldrbq_z_s8(s + k, pr), pr);
-              }
-#else
-              memcpy(d, s, (size_t)pseg);
+  uint32_t so[4];
+  for (int l = 0; l < 4; l++) so[l] = (uint32_t)(((l % G) * ohw + l / G) * esz);
+  uint32x4_t soff = vld1q_u32(so);  /* lane -> byte offset of its output */
+  mve_pred16_t lastg = G == 4 ? vctp32q(last) : (last == 2 ? 0xFFFF : 0x0F0F);
 #endif
-            }
-        }
-        x0 = patch;
-        pstep = segp;
-      }
-      char *yo = (char *)y + ((size_t)oh * OW + ow0) * esz;
-      const int8_t *wo = w;
-      for (int o = 0; o < O; o += Q, wo += Q * wst) {
-        int32_t a0 = bias[o], a1 = a0, a2 = a0, a3 = a0;
-        int32_t b0 = bias[o + Q - 1], b1 = b0, b2 = b0, b3 = b0;
-        for (int a = 0; a < nsy; a++)
-          for (int b = 0; b < nsx; b++) {
-            const int8_t *xp = x0 + a * offy + b * offx;
-            const int8_t *wp = wo + (a * nsx + b) * segp;
-            for (int k = 0; k < seg; k += 16) {
-#ifdef EP_MVE
-              int8x16_t v0 = EP_LD(xp + k, seg - k), v1 = EP_LD(xp + pstep + k, seg - k);
-              int8x16_t v2 = EP_LD(xp + 2 * pstep + k, seg - k);
-              int8x16_t v3 = EP_LD(xp + 3 * pstep + k, seg - k);
-              int8x16_t wv = vldrbq_s8(wp + k);
-              a0 = vmladavaq_s8(a0, v0, wv);
-              a1 = vmladavaq_s8(a1, v1, wv);
-              a2 = vmladavaq_s8(a2, v2, wv);
-              a3 = vmladavaq_s8(a3, v3, wv);
-              if (Q == 2) {
-                wv = vldrbq_s8(wp + wst + k);
-                b0 = vmladavaq_s8(b0, v0, wv);
-                b1 = vmladavaq_s8(b1, v1, wv);
-                b2 = vmladavaq_s8(b2, v2, wv);
-                b3 = vmladavaq_s8(b3, v3, wv);
-              }
-#else
-              for (int j = k; j < k + 16 && j < seg; j++) {
-                a0 += xp[j] * wp[j];
-                a1 += xp[pstep + j] * wp[j];
-                a2 += xp[2 * pstep + j] * wp[j];
-                a3 += xp[3 * pstep + j] * wp[j];
-                if (Q == 2) {
-                  b0 += xp[j] * wp[wst + j];
-                  b1 += xp[pstep + j] * wp[wst + j];
-                  b2 += xp[2 * pstep + j] * wp[wst + j];
-                  b3 += xp[3 * pstep + j] * wp[wst + j];
-                }
-              }
-#endif
-            }
-          }
-        for (int q = 0; q < Q; q++) {
-          int c = o + q;
-          void *yc = yo + (size_t)c * OH * OW * esz;
-          int32_t r0 = q ? b0 : a0, r1 = q ? b1 : a1, r2 = q ? b2 : a2, r3 = q ? b3 : a3;
-#ifdef EP_MVE
-          int32x4_t v = vsetq_lane_s32(r3, vsetq_lane_s32(r2, vsetq_lane_s32(r1,
-                                       vdupq_n_s32(r0), 1), 2), 3);
-          ep_mve_store(yc, ep_mve_rq(v, mult[c], rnd[c], shift[c], zp, lo, hi, mode), npx, out16);
-#else
-          int32_t r[4] = {r0, r1, r2, r3};
-          for (int p = 0; p < npx; p++) {
-            int32_t v = ep_mve_rq1(r[p], mult[c], rnd[c], shift[c], zp, lo, hi);
-            if (out16) ((int16_t *)yc)[p] = (int16_t)v; else ((int8_t *)yc)[p] = (int8_t)v;
-          }
-#endif
-        }
-      }
+  int oh = 0, ow = 0;
+  for (int i = 0; i < ohw; i += P) {
+    const int8_t *x0 = xs + ((size_t)oh * sh * Ws + (size_t)ow * sw) * C, *x1 = x0;
+    int two = P == 2 && i + 1 < ohw;  /* else lanes 2, 3 repeat pixel i (not stored) */
+    if (++ow == OW) ow = 0, oh++;
+    if (two) {
+      x1 = xs + ((size_t)oh * sh * Ws + (size_t)ow * sw) * C;
+      if (++ow == OW) ow = 0, oh++;
     }
-}
-
-/* One output pixel (dense, or a conv down to 1x1): 4 output channels share each input load. */
-EP_AI void ep_mve_conv_1px(const int8_t *x0, const int8_t *w, const int32_t *bias,
-                           const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
-                           int32_t O, int32_t nsy, int32_t nsx, int32_t offy, int32_t offx,
-                           int32_t seg, int32_t mode, int32_t zp, int32_t lo, int32_t hi,
-                           int32_t out16) {
-  int segp = (seg + 15) & ~15;
-  int wst = nsy * nsx * segp;
-  for (int o = 0; o < O; o += 4) {
-    int nq = O - o < 4 ? O - o : 4;
-    /* channels past O repeat the last one (not stored) */
-    const int8_t *w0 = w + (size_t)o * wst, *w1 = w0 + (nq > 1 ? wst : 0);
-    const int8_t *w2 = w0 + (nq > 2 ? 2 * wst : 0), *w3 = w0 + (nq > 3 ? 3 * wst : 0);
-    int32_t acc[4];
-    for (int q = 0; q < 4; q++) acc[q] = bias[o + (q < nq ? q : 0)];
-    int32_t a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    for (int a = 0; a < nsy; a++)
-      for (int b = 0; b < nsx; b++) {
-        const int8_t *xp = x0 + a * offy + b * offx;
-        int woff = (a * nsx + b) * segp;
-        for (int k = 0; k < seg; k += 16) {
+    if (patch) {  /* gather the windows: pnsy x pnsx pieces of pseg bytes each */
+      for (int p = 0; p < P; p++) {
+        int8_t *d = patch + p * segp;
+        for (int a = 0; a < pnsy; a++)
+          for (int b = 0; b < pnsx; b++, d += pseg) {
+            const int8_t *src = (p ? x1 : x0) + a * poffy + b * poffx;
 #ifdef EP_MVE
-          int8x16_t v = EP_LD(xp + k, seg - k);
-          a0 = vmladavaq_s8(a0, v, vldrbq_s8(w0 + woff + k));
-          a1 = vmladavaq_s8(a1, v, vldrbq_s8(w1 + woff + k));
-          a2 = vmladavaq_s8(a2, v, vldrbq_s8(w2 + woff + k));
-          a3 = vmladavaq_s8(a3, v, vldrbq_s8(w3 + woff + k));
+            for (int k = 0; k < pseg; k += 16) {
+              mve_pred16_t pr = vctp8q(pseg - k);
+              vstrbq_p_s8(d + k, vldrbq_z_s8(src + k, pr), pr);
+            }
 #else
-          for (int j = k; j < k + 16 && j < seg; j++) {
-            a0 += xp[j] * w0[woff + j];
-            a1 += xp[j] * w1[woff + j];
-            a2 += xp[j] * w2[woff + j];
-            a3 += xp[j] * w3[woff + j];
+            memcpy(d, src, (size_t)pseg);
+#endif
           }
+      }
+      x0 = patch;
+      x1 = P == 2 ? patch + segp : patch;
+    }
+    const int8_t *wp = w;
+    char *yo = (char *)y + (size_t)i * esz;
+#pragma GCC unroll 1
+    for (int g = 0; g < ng; g++) {
+      int o = g * G;
+      int32_t a0 = bias[o], a1 = bias[o + 1];
+      int32_t a2 = G == 2 ? a0 : bias[o + 2], a3 = G == 2 ? a1 : bias[o + 3];
+#pragma GCC unroll 1
+      for (int a = 0; a < nsy; a++)
+#pragma GCC unroll 1
+        for (int b = 0; b < nsx; b++) {
+          const int8_t *xa = x0 + a * offy + b * offx, *xb = x1 + a * offy + b * offx;
+#ifdef EP_MVE
+          /* whole 16-byte steps (unrolled: the loop overhead would cost as much as a step),
+             then a partial one */
+#pragma GCC unroll 4
+          for (int k = 0; k < (seg & ~15); k += 16, wp += 16 * G)
+            EP_STEP(vldrbq_s8(xa + k), vldrbq_s8(xb + k));
+          if (seg & 15) {
+            mve_pred16_t pr = vctp8q(seg & 15);
+            int k = seg & ~15;
+            EP_STEP(vldrbq_z_s8(xa + k, pr), vldrbq_z_s8(xb + k, pr));
+            wp += 16 * G;
+          }
+#else
+          for (int k = 0; k < seg; k += 16, wp += 16 * G)
+            for (int j = k; j < k + 16 && j < seg; j++) {
+              const int8_t *wj = wp + (j - k);
+              if (G == 2) {
+                a0 += xa[j] * wj[0], a1 += xa[j] * wj[16];
+                a2 += xb[j] * wj[0], a3 += xb[j] * wj[16];
+              } else {
+                a0 += xa[j] * wj[0], a1 += xa[j] * wj[16];
+                a2 += xa[j] * wj[32], a3 += xa[j] * wj[48];
+              }
+            }
 #endif
         }
+#ifdef EP_MVE
+      int32x4_t acc = vsetq_lane_s32(a3, vsetq_lane_s32(a2, vsetq_lane_s32(a1,
+                                     vdupq_n_s32(a0), 1), 2), 3);
+      int32x4_t h;
+      if (mode) {
+        const int32_t *q = qp + g * 12;
+        h = mode == 2 ? vrmulhq_s32(acc, vld1q_s32(q)) : vmulhq_s32(acc, vld1q_s32(q));
+        h = vshlq_s32(vaddq_s32(h, vld1q_s32(q + 4)), vld1q_s32(q + 8));
+        h = vminq_s32(vmaxq_s32(vaddq_n_s32(h, zp), vdupq_n_s32(lo)), vdupq_n_s32(hi));
+      } else {
+        int32_t r[4];
+        vst1q_s32(r, acc);
+        for (int l = 0; l < 4; l++) {
+          int c = o + l % G;
+          r[l] = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+        }
+        h = vld1q_s32(r);
       }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-    for (int q = 0; q < nq; q++) {
-      int32_t v = ep_mve_rq1(acc[q], mult[o + q], rnd[o + q], shift[o + q], zp, lo, hi);
-      if (out16) ((int16_t *)y)[o + q] = (int16_t)v; else ((int8_t *)y)[o + q] = (int8_t)v;
+      mve_pred16_t pr = two || P == 1 ? 0xFFFF : 0x00FF;
+      if (g == ng - 1) pr &= lastg;
+      if (out16) vstrhq_scatter_offset_p_s32((int16_t *)(yo + (size_t)o * ohw * esz), soff, h, pr);
+      else vstrbq_scatter_offset_p_s32((int8_t *)(yo + (size_t)o * ohw * esz), soff, h, pr);
+#else
+      int32_t r[4] = {a0, a1, a2, a3};
+      for (int l = 0; l < 4; l++) {
+        int c = o + l % G, p = l / G;
+        if (c >= O || (p && !two)) continue;
+        int32_t v = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+        size_t at = (size_t)c * ohw + (size_t)i + (size_t)p;
+        if (out16) ((int16_t *)y)[at] = (int16_t)v; else ((int8_t *)y)[at] = (int8_t)v;
+      }
+#endif
     }
   }
 }
@@ -243,30 +246,25 @@ EP_AI void ep_mve_conv_1px(const int8_t *x0, const int8_t *w, const int32_t *bia
 /* One image at a time: the NHWC scratch (unless the input already is one, `direct`: dense, or
    a 1x1 image), then the tiles. */
 EP_AI void ep_mve_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
-                       const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                       const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                       const int32_t *qp, void *y,
                        int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                        int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
                        int32_t fw, int32_t direct, int32_t patch_off, int32_t OH, int32_t OW,
                        int32_t O, int32_t sh, int32_t sw, int32_t nsy, int32_t nsx, int32_t offy,
                        int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy, int32_t pnsx,
                        int32_t poffy, int32_t poffx, int32_t mode, int32_t zp, int32_t lo,
-                       int32_t hi, int32_t out16, int32_t Q) {
+                       int32_t hi, int32_t out16, int32_t G) {
   for (int nb = 0; nb < n; nb++) {
     const int8_t *img = x + (size_t)nb * C * H * W;
     if (!direct) {
       ep_mve_nhwc(img, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
       img = xs;
     }
-    if (OH * OW == 1) {
-      ep_mve_conv_1px(img, w, bias, mult, rnd, shift,
-                      (char *)y + (size_t)nb * O * (out16 ? 2 : 1), O, nsy, nsx, offy, offx,
-                      seg, mode, zp, lo, hi, out16);
-      continue;
-    }
-    ep_mve_conv_q(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift,
+    ep_mve_conv_t(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift, qp,
                   (char *)y + (size_t)nb * O * OH * OW * (out16 ? 2 : 1), C, Ws, OH, OW, O, sh,
                   sw, nsy, nsx, offy, offx, seg, pseg, pnsy, pnsx, poffy, poffx, mode, zp, lo, hi,
-                  out16, Q);
+                  out16, G);
   }
 }
 
@@ -328,7 +326,7 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
   int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw, \
   int32_t direct, int32_t patch_off, int32_t OH, int32_t OW, int32_t O, int32_t sh, int32_t sw, \
   int32_t nsy, int32_t nsx, int32_t offy, int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy, \
-  int32_t pnsx, int32_t poffy, int32_t poffx, int32_t mode, int32_t zp, int32_t lo, int32_t hi, int32_t Q
+  int32_t pnsx, int32_t poffy, int32_t poffx, int32_t mode, int32_t zp, int32_t lo, int32_t hi, int32_t G
 #define EP_MVE_CONV_PASS n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw, direct, patch_off, \
   OH, OW, O, sh, sw, nsy, nsx, offy, offx, seg, pseg, pnsy, pnsx, poffy, poffx, mode, zp, lo, hi
 #define EP_MVE_DW_ARGS int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, \
@@ -339,12 +337,12 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
   dh, dw, mode, zp, lo, hi
 #define EP_MVE_PTRS int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult, int64_t *rnd, \
   int32_t *shift
-EP_AI int32_t ep_mve_conv8(EP_MVE_PTRS, int8_t *y, EP_MVE_CONV_ARGS) {
-  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_CONV_PASS, 0, Q);
+EP_AI int32_t ep_mve_conv8(EP_MVE_PTRS, int32_t *qp, int8_t *y, EP_MVE_CONV_ARGS) {
+  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 0, G);
   return 0;
 }
-EP_AI int32_t ep_mve_conv16(EP_MVE_PTRS, int16_t *y, EP_MVE_CONV_ARGS) {
-  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_CONV_PASS, 1, Q);
+EP_AI int32_t ep_mve_conv16(EP_MVE_PTRS, int32_t *qp, int16_t *y, EP_MVE_CONV_ARGS) {
+  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 1, G);
   return 0;
 }
 EP_AI int32_t ep_mve_dw8(EP_MVE_PTRS, int8_t *y, EP_MVE_DW_ARGS) {
