@@ -44,6 +44,7 @@ import numpy as np
 # tap it loads PX_BLOCK input words and OC_BLOCK weight words for OC_BLOCK*PX_BLOCK SMLADs.
 OC_BLOCK, PX_BLOCK = 4, 2
 BAND_PIXELS = 128  # conv scratch: the input rows of about this many outputs (see _conv_kernel)
+BAND_PIXELS_1X1 = 32  # 1x1 windows refill no overlapping rows: shorter bands cost less
 DW_PX_BLOCK = 4  # depthwise: outputs of one row computed together (weights loaded once)
 
 # Prepended to the kernels' C file when a kernel uses ep_smlad. TVM's codegen declares the
@@ -554,7 +555,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     # peak of the first layers). The band is long enough (BAND_PIXELS outputs) that widening
     # the weights once per band and channel block, and refilling the rows the window overlaps,
     # stay small next to the MACs.
-    band = oh_n if dense or by_width else min(oh_n, max(1, -(-BAND_PIXELS // ow_n)))
+    pixels = BAND_PIXELS_1X1 if kh * kw == 1 else BAND_PIXELS
+    band = oh_n if dense or by_width else min(oh_n, max(1, -(-pixels // ow_n)))
     hb = hs if band == oh_n else (band - 1) * sh + (kh - 1) * dh + 1
     L = _header(layer, words.shape, "int32", o, layer.kind)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
