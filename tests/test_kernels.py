@@ -83,10 +83,10 @@ class Net:
         return QuantModel("x", self.last, self.tensors, self.ops, self.params)
 
 
-def _run(qm, tmp_path, name):
+def _run(qm, tmp_path, name, target="cortex-m7"):
     qdir = qm.save(tmp_path / f"{name}-q")
     out = tmp_path / name
-    build = compile_model(str(qdir), "cortex-m7", out, log=lambda *a: None)
+    build = compile_model(str(qdir), target, out, log=lambda *a: None)
     rng = np.random.default_rng(7)
     shape = qm.input_info.shape
     x = rng.integers(-128, 128, (4, *shape)).astype(np.int8)
@@ -221,3 +221,26 @@ def test_sxtb16_portable_fallback_widens_bytes_0_2_and_1_3(tmp_path):
     b = words.astype(np.uint32).view(np.uint8).reshape(-1, 4).view(np.int8).astype(np.int64)
     for col, (lo, hi) in enumerate(((0, 2), (1, 3))):
         assert np.array_equal(got[:, col], (b[:, lo] & 0xFFFF) | ((b[:, hi] & 0xFFFF) << 16))
+
+
+def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path):
+    """Cortex-M55 ("mve-i") gets the Helium kernels (kernels/mve.py): batch 2, a 3-channel first
+    layer (windows gathered into a patch) with stride 2 and an odd pixel count (partial tiles),
+    a horizontally dilated conv (one run per tap) with an odd channel count, a strided depthwise,
+    the 64-bit requantization (total shift 31) in a depthwise and a 1x1 conv, and a dense layer
+    with int16 outputs, not a multiple of 4 of them. Checked bit-exact against the integer reference in QEMU."""
+    qm = (Net((2, 3, 9, 9), zp=-128, seed=11)
+          .conv(16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
+          .conv(5, (3, 3), padding=(1, 2, 1, 2), dilation=(1, 2))
+          .conv(5, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=5, zp_out=0, wmax=1,
+                real_scales=(0.2, 0.9))
+          .conv(20, (1, 1), wmax=1, real_scales=(0.1, 0.6))
+          .flatten().dense(7, out_dtype="int16").build())
+    build, result = _run(qm, tmp_path, "m55", target="cortex-m55")
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels
+    assert sum(k.startswith("ep_int8_depthwise") for k in kernels) == 1, kernels
+    assert sum(k.startswith("ep_int8_dense") for k in kernels) == 1, kernels
+    src = (tmp_path / "m55" / "c_library" / "kernels.c").read_text()
+    assert "ep_mve_conv8(x" in src and "ep_mve_conv16(x" in src and "ep_mve_dw8(x" in src
+    assert result["mismatches"] == 0 and result["outputs_match"]

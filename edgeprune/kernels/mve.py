@@ -30,14 +30,14 @@ def wants_mve(layer: QLayer, features) -> bool:
 
 def _requant(layer: QLayer, n_out: int | None = None):
     """Per-channel (bias, M, rnd, s), padded with zeros to n_out channels, and the C
-    requantization mode: 1 VMULH (every rnd's low word 0), 2 VRMULH (every low word 2^31),
-    both exact when every s >= 32 (see mve_c); 0: 64-bit per output."""
+    requantization mode: 1 VMULH, exact when every s >= 32 and rnd's low word is 0 (see
+    mve_c; the quantizer's usual s >= 33), else 0: 64-bit per output."""
     s = layer.shift.astype(np.int64)
     rnd = layer.rnd.astype(np.int64)
     low = rnd & 0xFFFFFFFF
     mode = 0
     if np.all(s >= 32) and np.all(np.abs(rnd >> 32) < 2 ** 29):
-        mode = 1 if np.all(low == 0) else 2 if np.all(low == 2 ** 31) else 0
+        mode = int(np.all(low == 0))
     pad = (n_out or len(s)) - len(s)
     consts = [np.pad(a, (0, pad)) for a in (layer.bias.astype(np.int32),
                                             layer.mult.astype(np.int32), rnd,
@@ -138,7 +138,6 @@ def conv_kernel(layer: QLayer):
 
 def depthwise_kernel(layer: QLayer):
     consts, mode = _requant(layer)
-    mode = min(mode, 1)  # the depthwise C knows VMULH (mode 1) and 64-bit only
     n, c, h, wd = layer.x_shape
     o, _, kh, kw = layer.weight.shape
     oh, ow = layer.y_shape[2:]

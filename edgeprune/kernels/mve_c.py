@@ -1,17 +1,16 @@
 """C of the Helium (MVE) int8 kernels, prepended to the kernels' file when one is used (mve.py).
 
 The functions are `static inline always_inline` with every shape argument a literal at the
-call site, so GCC specializes each call to its layer (constant loop bounds, low-overhead loops
-at -O3). Under __ARM_FEATURE_MVE they use <arm_mve.h>; elsewhere a plain C version with the
+call site, so GCC specializes each call to its layer (constant loop bounds
+and offsets). Under __ARM_FEATURE_MVE they use <arm_mve.h>; elsewhere a plain C version with the
 same arguments and the same results keeps the library compilable (and correct, slowly) for
 every target, e.g. after `edgeprune retarget`.
 
 Requantization per output channel, with total shift s and rounding constant rnd:
   clamp(zp + ((acc * M + rnd) >> s), lo, hi).
-`mode` 1 (the generator checked: every s >= 32, rnd's low word 0 or 2^31): the high word of
-acc * M (VMULH, or VRMULH when the low word of rnd is 2^31, which adds exactly that 2^31),
-plus rnd >> 32, then >> (s - 32); floor divisions compose, so this is exact. `mode` 0: the
-64-bit ep_requant per output.
+`mode` 1 (the generator checked: every s >= 32 and rnd's low word is 0): the high word of
+acc * M (VMULH), plus rnd >> 32, then >> (s - 32); floor divisions compose, so this is exact.
+`mode` 0: 64 bits per output (ep_mve_rq1).
 """
 
 MVE_PRELUDE = r"""
@@ -65,7 +64,7 @@ EP_AI int32x4_t ep_mve_rq(int32x4_t acc, int32_t m, int64_t rnd, int32_t s, int3
   int32x4_t h;
   if (mode == 1) {
     int32x4_t mv = vdupq_n_s32(m);
-    h = (uint32_t)rnd ? vrmulhq_s32(acc, mv) : vmulhq_s32(acc, mv);
+    h = vmulhq_s32(acc, mv);
     h = vshlq_r_s32(vaddq_n_s32(h, (int32_t)(rnd >> 32)), 32 - s);
     h = vaddq_n_s32(h, zp);
   } else {
@@ -213,7 +212,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
       int32x4_t h;
       if (mode) {
         const int32_t *q = qp + g * 12;
-        h = mode == 2 ? vrmulhq_s32(acc, vld1q_s32(q)) : vmulhq_s32(acc, vld1q_s32(q));
+        h = vmulhq_s32(acc, vld1q_s32(q));
         h = vshlq_s32(vaddq_s32(h, vld1q_s32(q + 4)), vld1q_s32(q + 8));
         h = vminq_s32(vmaxq_s32(vaddq_n_s32(h, zp), vdupq_n_s32(lo)), vdupq_n_s32(hi));
       } else {
