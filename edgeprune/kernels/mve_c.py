@@ -96,6 +96,31 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
 #define EP_LD(p, left) ((left) >= 16 ? vldrbq_s8(p) : vldrbq_z_s8((p), vctp8q(left)))
 /* One 16-byte step of a conv tile (ep_mve_conv_t): G = 2: two pixels' inputs (LX0, LX1) x
    two channels' weights; G = 4: one pixel x four channels. */
+/* The same for a whole step, with post-incremented pointers: GCC 12 left alone spills the
+   accumulators (VMLADAVA needs even registers: "Te") or keeps one address register per load. */
+#define EP_STEP_ASM(PA, PB, WP)                                                        \
+  do {                                                                                 \
+    if (G == 2)                                                                        \
+      __asm__("vldrb.8 q0, [%[pa]], #16\n\tvldrb.8 q1, [%[pb]], #16\n\t"               \
+              "vldrb.8 q2, [%[wp]], #16\n\tvldrb.8 q3, [%[wp]], #16\n\t"               \
+              "vmladava.s8 %[a0], q0, q2\n\tvmladava.s8 %[a1], q0, q3\n\t"             \
+              "vmladava.s8 %[a2], q1, q2\n\tvmladava.s8 %[a3], q1, q3"                  \
+              : [a0] "+Te"(a0), [a1] "+Te"(a1), [a2] "+Te"(a2), [a3] "+Te"(a3),       \
+                [pa] "+r"(PA), [pb] "+r"(PB), [wp] "+r"(WP)                            \
+              : "m"(*(const int8_t(*)[16])(PA)), "m"(*(const int8_t(*)[16])(PB)),      \
+                "m"(*(const int8_t(*)[32])(WP))                                        \
+              : "q0", "q1", "q2", "q3");                                               \
+    else                                                                               \
+      __asm__("vldrb.8 q0, [%[pa]], #16\n\tvldrb.8 q1, [%[wp]], #16\n\t"               \
+              "vldrb.8 q2, [%[wp]], #16\n\tvmladava.s8 %[a0], q0, q1\n\t"              \
+              "vldrb.8 q3, [%[wp]], #16\n\tvmladava.s8 %[a1], q0, q2\n\t"              \
+              "vldrb.8 q1, [%[wp]], #16\n\tvmladava.s8 %[a2], q0, q3\n\t"              \
+              "vmladava.s8 %[a3], q0, q1"                                              \
+              : [a0] "+Te"(a0), [a1] "+Te"(a1), [a2] "+Te"(a2), [a3] "+Te"(a3),       \
+                [pa] "+r"(PA), [wp] "+r"(WP)                                           \
+              : "m"(*(const int8_t(*)[16])(PA)), "m"(*(const int8_t(*)[64])(WP))       \
+              : "q0", "q1", "q2", "q3");                                               \
+  } while (0)
 #define EP_STEP(LX0, LX1)                                                   \
   do {                                                                      \
     int8x16_t v0_ = (LX0);                                                  \
@@ -183,9 +208,9 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
 #ifdef EP_MVE
           /* whole 16-byte steps (unrolled: the loop overhead would cost as much as a step),
              then a partial one */
+          const int8_t *pa = xa, *pb = xb;
 #pragma GCC unroll 4
-          for (int k = 0; k < (seg & ~15); k += 16, wp += 16 * G)
-            EP_STEP(vldrbq_s8(xa + k), vldrbq_s8(xb + k));
+          for (int k = 0; k < (seg & ~15); k += 16) EP_STEP_ASM(pa, pb, wp);
           if (seg & 15) {
             mve_pred16_t pr = vctp8q(seg & 15);
             int k = seg & ~15;
