@@ -8,7 +8,8 @@ kernel code bytes, arena bytes, and a bit-exact check against the numpy integer 
 Also the whole zoo networks ResNet-8 and DS-CNN (PTQ int8), with edgeprune's kernels and with
 TVM's default lowering for comparison.
 
-Writes bench/results/kernels.json keyed by target:
+Writes bench/results/kernels.json keyed by target (`python -m bench.kernels --targets
+cortex-m55` re-measures one target and keeps the others' entries):
   {"cortex-m7": {"layers": {"L1": instructions, ...}, "total_instructions": N,
                  "code_bytes": N, "arena_bytes": N, "bit_exact": true, ...,
                  "networks": {"resnet8": {"instructions": N, "tvm_default_instructions": N,
@@ -135,6 +136,10 @@ def run_target(target: str, layers: dict, work: Path, samples: int = 2) -> dict:
               "counter": "QEMU TCG plugin, retired instructions, first inference"}
     if "total" in ref and len(layers) == len(LAYERS):
         result["vs_cmsis_nn"] = round(total / ref["total"], 3)
+    per = {n: round(per_layer[n] / ref[n], 3) for n in layers if n in ref}
+    if per:  # the issue's goal: no layer above CMSIS-NN
+        result["vs_cmsis_nn_layers"] = per
+        result["layers_above_cmsis_nn"] = [n for n, r in per.items() if r > 1]
     return result
 
 
@@ -174,15 +179,17 @@ def run_network(target: str, name: str, work: Path, specialized: bool = True) ->
             "code_bytes": build["memory"]["kernels_bytes"], "arena_bytes": build["arena_bytes"]}
 
 
-def main(quick: bool = False) -> dict:
+def main(quick: bool = False, targets: list[str] | None = None) -> dict:
+    """`targets`: measure only these; their entries replace those in the existing JSON."""
     from edgeprune.errors import EdgepruneError
     from edgeprune.targets import target_names
 
     known = set(target_names())
-    targets = [t for t in TARGETS if t in known]
+    subset = targets is not None
+    targets = [t for t in (targets or TARGETS) if t in known]
     if quick:
         targets = targets[:1]
-    results = {}
+    results = json.loads(RESULTS.read_text()) if subset and RESULTS.exists() else {}
     with tempfile.TemporaryDirectory(prefix="ep-kernels-") as tmp:
         for t in targets:
             results[t] = run_target(t, LAYERS, Path(tmp))
@@ -203,4 +210,10 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=1))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="issue 9's kernel benchmark (see the docstring)")
+    ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS)
+                    + "; their results replace those in bench/results/kernels.json")
+    args = ap.parse_args()
+    print(json.dumps(main(targets=args.targets.split(",") if args.targets else None), indent=1))
