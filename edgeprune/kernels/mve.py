@@ -102,9 +102,9 @@ def conv_kernel(layer: QLayer):
     patch = -(-k // 16) < nsy * nsx * -(-seg // 16)
     wo = w4.transpose(0, 2, 3, 1).reshape(o, nsy, nsx, seg)  # OHWI, one run per row
     piece = (seg, nsy, nsx, offy, offx)
-    if patch:  # the MAC loop sees one run of k bytes per output
-        nsy, nsx, seg, offy, offx = 1, 1, k, 0, 0
-        wo = wo.reshape(o, 1, 1, k)
+    if patch:  # the MAC loop sees one run per output: its k bytes, then bytes of no weight
+        nsy, nsx, seg, offy, offx = 1, 1, -(-k // 16) * 16, 0, 0
+        wo = np.pad(wo.reshape(o, 1, 1, k), ((0, 0), (0, 0), (0, 0), (0, seg - k)))
     segp = -(-seg // 16) * 16
     # Tiles of 4 outputs: 2 channels x 2 pixels, or 4 channels of a lone pixel.
     g = 4 if oh * ow == 1 else 2

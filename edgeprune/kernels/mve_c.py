@@ -26,8 +26,13 @@ MVE_PRELUDE = r"""
    x[c][i * fh][j * fw] for i < hi_n, j < wi_n; every other cell is `pad`. */
 EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                        int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw) {
-  memset(xs, pad, (size_t)Hs * Ws * C);
 #ifdef EP_MVE
+  {  /* the padding value everywhere first (16 bytes a store; memset goes byte/word-wise) */
+    int8x16_t pv = vdupq_n_s8((int8_t)pad);
+    int32_t nfill = Hs * Ws * C;
+    int8_t *d = xs;
+    for (int32_t k = 0; k < nfill; k += 16, d += 16) vstrbq_p_s8(d, pv, vctp8q(nfill - k));
+  }
   /* 8 pixels of one channel per step: a (gather) load widened to 16 bits, a scatter store of
      their low bytes C apart. */
   uint16x8_t so = vmulq_n_u16(vidupq_n_u16(0, 1), (uint16_t)C);
@@ -44,6 +49,7 @@ EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_
       }
     }
 #else
+  memset(xs, pad, (size_t)Hs * Ws * C);
   for (int c = 0; c < C; c++)
     for (int i = 0; i < hi_n; i++)
       for (int j = 0; j < wi_n; j++)
@@ -83,21 +89,13 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
 }
 #endif
 
-/* conv (groups = 1) / dense on an NHWC int8 image. The reduction of one output is nsy x nsx
-   segments of `seg` contiguous bytes, at offsets sy * offy + sx * offx from the pixel's corner
-   (a kernel row of kw * C bytes when the kernel is not dilated horizontally, a tap of C bytes
-   otherwise). Weights w[O][nsy][nsx][segp] int8 (segp = seg rounded up to 16, zero padded).
-   With `patch` set, each tile's four pixels are first gathered into patch[4][segp] (one segment
-   of `seg` = kh * kw * C bytes: fewer vectors when C is small). Tiles: 4 neighbouring pixels of
-   an output row (lanes) x Q output channels, each 16-byte step one weight load per channel, one
-   input load per pixel and 4 x Q VMLADAVA (16 MACs each). */
 #ifdef EP_MVE
 /* 16 bytes at p, or only the first `left` (< 16) of them, the rest 0. */
 #define EP_LD(p, left) ((left) >= 16 ? vldrbq_s8(p) : vldrbq_z_s8((p), vctp8q(left)))
-/* One 16-byte step of a conv tile (ep_mve_conv_t): G = 2: two pixels' inputs (LX0, LX1) x
-   two channels' weights; G = 4: one pixel x four channels. */
-/* The same for a whole step, with post-incremented pointers: GCC 12 left alone spills the
-   accumulators (VMLADAVA needs even registers: "Te") or keeps one address register per load. */
+/* One 16-byte step of a conv tile (ep_mve_conv_t): G = 2: two pixels' inputs x two channels'
+   weights; G = 4: one pixel x four channels. In asm with post-incremented pointers: GCC 12 left
+   alone spills the accumulators (VMLADAVA needs even registers: "Te") or keeps one address
+   register per load. EP_STEP: the same in C, for a partial last step (predicated loads). */
 #define EP_STEP_ASM(PA, PB, WP)                                                        \
   do {                                                                                 \
     if (G == 2)                                                                        \
@@ -147,7 +145,8 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
    the tile reads them: [run][16-byte step][channel][16], zero-padded past `seg` (and past O).
    Each step costs 4 / G input loads, G weight loads and 4 VMLADAVA (16 MACs each). With
    `patch` set, the tile's windows are first gathered into patch[pixel][segp] (one run of
-   kh x kw x C bytes: fewer vectors when C is small). qp[group][3][4]: the requantization
+   kh x kw x C bytes, fewer vectors when C is small; the MAC loop then reads all segp bytes,
+   those past the window unwritten, their weights 0). qp[group][3][4]: the requantization
    multiplier, rnd >> 32 and -(s - 32) per lane (lane = pixel * G + channel). */
 EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
                          const int32_t *mult, const int64_t *rnd, const int32_t *shift,
@@ -232,8 +231,9 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
 #endif
         }
 #ifdef EP_MVE
-      int32x4_t acc = vsetq_lane_s32(a3, vsetq_lane_s32(a2, vsetq_lane_s32(a1,
-                                     vdupq_n_s32(a0), 1), 2), 3);
+      int32x4_t acc;  /* two VMOVs of two core registers each (GCC: one per lane) */
+      __asm__("vmov %q0[2], %q0[0], %1, %3\n\tvmov %q0[3], %q0[1], %2, %4"
+              : "=&w"(acc) : "r"(a0), "r"(a1), "r"(a2), "r"(a3));
       int32x4_t h;
       if (mode) {
         const int32_t *q = qp + g * 12;
@@ -319,10 +319,16 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
             for (int rx = 0; rx < kw; rx++) {
               const int8_t *s0 = row + ry * dh * Ws + rx * dw;
               int32_t wk = wc[ry * kw + rx];
-              int32x4_t v0 = sw == 1 ? vldrbq_s32(s0) : vldrbq_gather_offset_s32(s0, go);
-              int32x4_t v1 = sw == 1 ? vldrbq_s32(s0 + 4) : vldrbq_gather_offset_s32(s0 + 4 * sw, go);
-              a0 = vmlaq_n_s32(a0, v0, wk);
-              a1 = vmlaq_n_s32(a1, v1, wk);
+              if (sw == 1) {  /* asm: GCC 12 keeps one address register per load and spills */
+                __asm__("vldrb.s32 q0, [%[p]]\n\tvldrb.s32 q1, [%[p], #4]\n\t"
+                        "vmla.s32 %q[a0], q0, %[w]\n\tvmla.s32 %q[a1], q1, %[w]"
+                        : [a0] "+w"(a0), [a1] "+w"(a1)
+                        : [p] "r"(s0), [w] "r"(wk), "m"(*(const int8_t(*)[8])s0)
+                        : "q0", "q1");
+              } else {
+                a0 = vmlaq_n_s32(a0, vldrbq_gather_offset_s32(s0, go), wk);
+                a1 = vmlaq_n_s32(a1, vldrbq_gather_offset_s32(s0 + 4 * sw, go), wk);
+              }
             }
           int left = OW - ow0;
           ep_mve_store(yc + ((size_t)oh * OW + ow0) * esz, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode),
