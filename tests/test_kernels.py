@@ -228,7 +228,8 @@ def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path):
     layer (windows gathered into a patch) with stride 2 and an odd pixel count (partial tiles),
     a horizontally dilated conv (one run per tap) with an odd channel count, a strided depthwise,
     the 64-bit requantization (total shift 31) in a depthwise and a 1x1 conv, and a dense layer
-    with int16 outputs, not a multiple of 4 of them. Checked bit-exact against the integer reference in QEMU."""
+    with int16 outputs, not a multiple of 4 of them. Checked bit-exact against the integer
+    reference in QEMU, and again after retargeting the library to the M7 (portable C)."""
     qm = (Net((2, 3, 9, 9), zp=-128, seed=11)
           .conv(16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
           .conv(5, (3, 3), padding=(1, 2, 1, 2), dilation=(1, 2))
@@ -243,4 +244,9 @@ def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path):
     assert sum(k.startswith("ep_int8_dense") for k in kernels) == 1, kernels
     src = (tmp_path / "m55" / "c_library" / "kernels.c").read_text()
     assert "ep_mve_conv8(x" in src and "ep_mve_conv16(x" in src and "ep_mve_dw8(x" in src
+    assert result["mismatches"] == 0 and result["outputs_match"]
+    # The same C library retargeted to a core without Helium runs the kernels' portable C.
+    from edgeprune.compile import retarget_build
+    retarget_build(tmp_path / "m55", "cortex-m7", tmp_path / "m7")
+    result, _ = simulate(tmp_path / "m7", samples=2)
     assert result["mismatches"] == 0 and result["outputs_match"]

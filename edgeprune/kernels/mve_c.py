@@ -163,6 +163,8 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
   for (int l = 0; l < 4; l++) so[l] = (uint32_t)(((l % G) * ohw + l / G) * esz);
   uint32x4_t soff = vld1q_u32(so);  /* lane -> byte offset of its output */
   mve_pred16_t lastg = G == 4 ? vctp32q(last) : (last == 2 ? 0xFFFF : 0x0F0F);
+#else
+  (void)qp, (void)mode, (void)last, (void)esz;
 #endif
   int oh = 0, ow = 0;
   for (int i = 0; i < ohw; i += P) {
@@ -193,7 +195,9 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
       x1 = P == 2 ? patch + segp : patch;
     }
     const int8_t *wp = w;
+#ifdef EP_MVE
     char *yo = (char *)y + (size_t)i * esz;
+#endif
 #pragma GCC unroll 1
     for (int g = 0; g < ng; g++) {
       int o = g * G;
@@ -301,6 +305,7 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
                      int32_t pl, int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw, int32_t sh,
                      int32_t sw, int32_t dh, int32_t dw, int32_t mode, int32_t zp, int32_t lo, int32_t hi, int32_t out16) {
   int esz = out16 ? 2 : 1;
+  (void)mode;  /* ep_mve_rq's; the portable C has one form */
   for (int nb = 0; nb < n; nb++)
     for (int c = 0; c < C; c++) {
       const int8_t *xc = x + ((size_t)nb * C + c) * H * W;
