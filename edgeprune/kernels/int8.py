@@ -75,6 +75,13 @@ static inline int32_t ep_sxtb16(int32_t w) {
 }
 static inline int32_t ep_sxtb16_ror8(int32_t w) { return ep_sxtb16(w >> 8); }
 #endif
+/* Two neighbouring int16 values as one word, p[0] in the low half (one LDR; v7-M and later
+   allow it unaligned): a pair of horizontal taps of a depthwise plane for ep_smlad. */
+static inline int32_t ep_ld2(int16_t *p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
 /* clamp(v, lo, hi); one SSAT when [lo, hi] is the whole int8/int16 range. */
 static inline int32_t ep_clamp(int32_t v, int32_t lo, int32_t hi) {
 #if defined(__ARM_FEATURE_SAT) && __ARM_FEATURE_SAT
@@ -699,34 +706,52 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     return "\n".join(L), [words] + consts
 
 
-def _depthwise_kernel(layer: QLayer):
-    """depthwise: per channel, an int16 zero-point-padded plane; tiles of DW_PX_BLOCK outputs."""
+def _depthwise_kernel(layer: QLayer, dsp: bool = False):
+    """depthwise: per channel, an int16 zero-point-padded plane; tiles of DW_PX_BLOCK outputs.
+    dsp (cores with SMLAD, kernel rows not dilated): two horizontal taps per ep_smlad, their
+    inputs one (unaligned) word load from the plane, the weights packed in pairs (a zero weight
+    after an odd row's last tap)."""
     o, _, kh, kw = layer.weight.shape
     n = layer.x_shape[0]
-    wd = layer.weight.reshape(o, kh * kw).astype(np.int32)
     consts, hiword = _requant_consts(layer)
     hs, ws, sample, (sh, sw) = _geometry(layer)
     dh, dw = layer.dilation
     oh_n, ow_n = layer.y_shape[2:]
+    pairs = dsp and dw == 1 and kw > 1
+    kq = -(-kw // 2) if pairs else kw  # weight words per kernel row
+    if pairs:
+        wp = np.zeros((o, kh, 2 * kq), np.int64)
+        wp[..., :kw] = layer.weight.reshape(o, kh, kw)
+        wd = ((wp[..., 0::2] & 0xFFFF) | (wp[..., 1::2] << 16)).astype(np.uint32).view(np.int32)
+        wd = np.ascontiguousarray(wd.reshape(o, kh * kq))
+    else:
+        wd = layer.weight.reshape(o, kh * kw).astype(np.int32)
     L = _header(layer, wd.shape, "int32", o, "depthwise")
-    L += [f'    xs = T.alloc_buffer(({hs}, {ws}), "int16")',
-          f'    wl = T.alloc_buffer(({kh * kw},), "int32")',
+    # Flat plane, one element of slack: an odd row's last pair reads one past the plane.
+    L += [f'    xs = T.alloc_buffer(({hs * ws + 1},), "int16")',
+          f'    wl = T.alloc_buffer(({kh * kq},), "int32")',
           f'    acc = T.alloc_buffer(({DW_PX_BLOCK},), "int32")',
           f'    res = T.alloc_buffer(({DW_PX_BLOCK},), "{layer.out_dtype}")']
-    L += _border_loops(layer, hs, ws, lambda i, j: f"xs[{i}, {j}]",
+    L += _border_loops(layer, hs, ws, lambda i, j: f"xs[({i}) * {ws} + {j}]",
                        f'T.int16({layer.pad_value})', "    ")
     L += [f"    for nb, c in T.grid({n}, {o}):",
-          f"        for k in T.unroll({kh * kw}):",
+          f"        for k in T.unroll({kh * kq}):",
           f"            wl[k] = w[c, k]"]
-    L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[{i}, {j}]",
+    L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[({i}) * {ws} + {j}]",
                      lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "        ")
 
     def tile(ind: str, owv: str, npx: int) -> list[str]:
         """npx neighbouring outputs of one row: each weight is loaded once for all of them."""
         lines = [f"{ind}acc[{p}] = bias[c]" for p in range(npx)]
-        lines += [f"{ind}for ry in T.unroll({kh}):", f"{ind}    for rx in T.unroll({kw}):"]
-        lines += [f'{ind}        acc[{p}] = acc[{p}] + T.Cast("int32", xs[oh * {sh} + ry * {dh}, '
-                  f"({owv} + {p}) * {sw} + rx * {dw}]) * wl[ry * {kw} + rx]" for p in range(npx)]
+        lines += [f"{ind}for ry in T.unroll({kh}):", f"{ind}    for rx in T.unroll({kq}):"]
+        at = f"(oh * {sh} + ry * {dh}) * {ws} + ({owv} + {{p}}) * {sw} + rx * {2 if pairs else dw}"
+        if pairs:
+            lines += [f'{ind}        acc[{p}] = T.call_extern("int32", "ep_smlad", T.call_extern('
+                      f'"int32", "ep_ld2", T.address_of(xs[{at.format(p=p)}])), '
+                      f"wl[ry * {kq} + rx], acc[{p}])" for p in range(npx)]
+        else:
+            lines += [f'{ind}        acc[{p}] = acc[{p}] + T.Cast("int32", xs[{at.format(p=p)}])'
+                      f" * wl[ry * {kw} + rx]" for p in range(npx)]
         lines += [f"{ind}res[{p}] = {_requant_expr(f'acc[{p}]', 'c', hiword, layer)}"
                   for p in range(npx)]
         return lines + [f"{ind}y[nb, c, oh, {owv} + {p}] = res[{p}]" for p in range(npx)]
@@ -741,10 +766,10 @@ def _depthwise_kernel(layer: QLayer):
     return "\n".join(L), [wd] + consts
 
 
-def kernel_source(layer: QLayer) -> tuple[str, list[np.ndarray]]:
+def kernel_source(layer: QLayer, features=()) -> tuple[str, list[np.ndarray]]:
     """TVMScript of the layer's kernel and its constant arguments (after the input)."""
     if layer.kind == "depthwise":
-        return _depthwise_kernel(layer)
+        return _depthwise_kernel(layer, dsp="dsp" in tuple(features or ()))
     return _conv_kernel(layer)
 
 
@@ -753,5 +778,5 @@ def build_kernel(layer: QLayer, features=()):
     if mve.wants_mve(layer, features):
         src, consts = (mve.depthwise_kernel if layer.kind == "depthwise" else mve.conv_kernel)(layer)
     else:
-        src, consts = kernel_source(layer)
+        src, consts = kernel_source(layer, features)
     return _parse(src, f"{layer.kind} {layer.x_shape}->{layer.y_shape}"), consts
