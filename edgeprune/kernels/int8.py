@@ -22,7 +22,10 @@ the layer's exact shape, with its weights repacked at build time:
   Measured on the M7 (issue 9 layers L7/L2, instr/MAC): 8x1 1.13/1.26, 4x2 0.90/1.02,
   2x4 1.11/1.24, 4x3 1.12/1.29, 3x3 1.05/1.36.
 * depthwise (groups = channels = outputs): per channel, a zero-point-padded int16 copy of the
-  plane; tiles of DW_PX_BLOCK outputs of a row share each weight load; scalar MLA.
+  plane; tiles of DW_PX_BLOCK outputs of a row share each weight load; on cores with the DSP
+  extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
+* cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
+  mve.py instead for int8 inputs.
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
