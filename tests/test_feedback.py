@@ -43,10 +43,11 @@ def test_impossible_budget_says_which_and_gives_the_closest_point(impossible):
     assert r.met is False
     assert "cannot be met" in r.message and "flash_kb" in r.message and "> budget 1" in r.message
     assert "closest point" in r.message
-    # the closest point is the smallest model, measured: every group at its minimum width
+    # the closest point is the smallest model, measured: every group at its minimum width (and
+    # the fewest bits, if they measure less flash)
     assert r.widths == {"features.0.0": 2, "features.2.0": 4}
     base = r.trajectory[0]["measured"]
-    assert r.measured["instructions"] < base["instructions"]
+    assert r.measured["flash_kb"] < base["flash_kb"]
     assert r.measured["flash_kb"] > 1.0
 
 
@@ -108,3 +109,64 @@ def test_bad_budget_names_the_key(tiny):
         search(model, example, data, "cortex-m7", {"latency": 1.0}, cache_dir=cache, **SETTINGS)
     with pytest.raises(EdgepruneError, match="flash_kb=-1"):
         search(model, example, data, "cortex-m7", {"flash_kb": -1}, cache_dir=cache, **SETTINGS)
+
+
+class TinyMLP(torch.nn.Module):
+    """A dense layer that holds most of the flash: where fewer bits pay (memory-bound)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(784, 32)
+        self.fc2 = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_flash_budget_only_fewer_bits_can_meet(tmp_path_factory, tmp_path):
+    """Pruning fc1 to its minimum (half) saves ~12 kB of ~34 kB; the budget asks ~15 kB less:
+    the search must lower fc1's word length (seen from the measured table), and the chosen bits
+    are what the quantize stage deploys."""
+    data = datasets.load("fashion-mnist")
+    torch.manual_seed(0)
+    model = TinyMLP()
+    train(model, data, epochs=0.3, lr=0.05, max_samples=2000)
+    example = torch.from_numpy(data.x_train[:1])
+    cache = tmp_path_factory.mktemp("fbmlp")
+    quiet = dict(cache_dir=cache, log=lambda *a: None, **SETTINGS)
+    start = search(model, example, data, "cortex-m7", {"flash_kb": 1e6}, **quiet)
+    base_flash = start.trajectory[0]["measured"]["flash_kb"]
+    budget = {"flash_kb": base_flash - 0.6 * 784 * 32 / 1024}
+    # widths alone cannot: the smallest int8 model misses the budget
+    widths_only = search(model, example, data, "cortex-m7", budget, word_lengths=(8,), **quiet)
+    assert not widths_only.met and "cannot be met" in widths_only.message
+    r = search(model, example, data, "cortex-m7", budget, work_dir=tmp_path, **quiet)
+    assert r.met, r.message
+    assert r.bits["fc1"] < 8, r.bits
+    assert r.measured["flash_kb"] <= budget["flash_kb"]
+    assert any(p["bits"] for p in r.trajectory[1:])
+    ratios_file = json.loads((tmp_path / "ratios.json").read_text())
+    assert ratios_file["bits"] == r.bits
+    # re-measured from scratch at the chosen word lengths, outside the search and its cache
+    fresh = Runner(JobData(data.x_train[:16], data.y_train[:16], data.x_test[:16],
+                           data.y_test[:16], data.x_train[:16]), tmp_path / "fresh", 1)
+    target = load_target("cortex-m7")
+    again = fresh.measure([r.model], (1, 1, 28, 28), target, toolchain_fingerprint(target),
+                          bits=[r.bits])[0]
+    fresh.close()
+    assert again["flash_kb"] <= budget["flash_kb"]
+    assert again["instructions"] == r.measured["instructions"]
+    # the quantize stage takes the chosen bits (what `deploy --budget` deploys)
+    from edgeprune.quantize.stage import QuantizeConfig, quantize
+    _, report = quantize(r.model, (1, 1, 28, 28), data, target,
+                         QuantizeConfig(method="ptq", layer_bits=r.bits, eval_samples=200,
+                                        calib_samples=16), log=lambda *a: None)
+    by_layer = {l["layer"]: l for l in report["layers"]}
+    assert by_layer["fc1"]["weight_bits"] == r.bits["fc1"]
+
+
+def test_search_refuses_a_board_port(tiny):
+    model, example, data, cache = tiny
+    with pytest.raises(EdgepruneError, match="only run them in QEMU"):
+        search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
+               port="/dev/ttyACM0", **SETTINGS)

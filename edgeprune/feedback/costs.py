@@ -8,6 +8,12 @@ cost. A conv between groups A and B costs ~ cin * cout, so its count is predicte
 bilinear kernel, and linear interpolation in k between grid points. Memory (flash, SRAM) is
 predicted additively: full + sum_g (mem(g at k) - mem(full)).
 
+Word lengths are a second axis: each weight layer L is measured alone at each word length b
+the target offers (every group at full width). Its per-kernel factor multiplies like a width's
+(a packed sub-byte kernel is slower by a factor, whatever its width); its memory difference is
+scaled by the fraction of L's weights the widths keep (`keep`): with Δw measured at 8 bits and
+Δb at full width, base + Δw + Δb·keep is exact for the weight bytes of a pruned low-bit layer.
+
 Predictions are always anchored to the last *measured* configuration (see `Predictor.anchored`):
 the model only has to get the difference right, and every accepted step is measured again.
 """
@@ -15,7 +21,7 @@ the model only has to get the difference right, and every accepted step is measu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,12 +46,15 @@ class Predictor:
     base: dict                                  # measured costs at full width
     tables: dict[str, dict[int, dict]]          # group -> width -> measured costs
     full: dict[str, int]                        # group -> full width
+    bit_tables: dict[str, dict[int, dict]] = field(default_factory=dict)  # layer -> bits -> costs
+    members: dict[str, list[str]] = field(default_factory=dict)  # layer -> groups of its in/out
 
     @property
     def per_kernel(self) -> bool:
         """Kernels can be matched one to one only if every measurement has the same kernel list."""
         n = len(self.base["kernels"])
-        return n > 0 and all(len(c["kernels"]) == n for t in self.tables.values()
+        return n > 0 and all(len(c["kernels"]) == n
+                             for t in list(self.tables.values()) + list(self.bit_tables.values())
                              for c in t.values())
 
     def _kernels(self, costs: dict) -> np.ndarray:
@@ -64,33 +73,50 @@ class Predictor:
                 return (1 - t) * value(self.tables[g][lo]) + t * value(self.tables[g][hi])
         return value(self.tables[g][widths[-1]])
 
-    def instructions(self, widths: dict[str, int]) -> float:
+    def keep(self, layer: str, widths: dict[str, int]) -> float:
+        """Fraction of `layer`'s weights left at `widths` (its output and input groups)."""
+        f = 1.0
+        for g in self.members.get(layer, []):
+            f *= widths[g] / self.full[g]
+        return f
+
+    def instructions(self, widths: dict[str, int], bits: dict[str, int] | None = None) -> float:
         base = self._kernels(self.base)
         total = base.copy()
         for g, k in widths.items():
             if k != self.full[g]:
                 factor = self._interp(g, k, self._kernels) / np.maximum(base, 1.0)
                 total *= factor
+        for layer, b in (bits or {}).items():
+            if b != 8:
+                total *= self._kernels(self.bit_tables[layer][b]) / np.maximum(base, 1.0)
         return float(total.sum())
 
-    def memory(self, widths: dict[str, int], metric: str) -> float:
-        return self.base[metric] + sum(self._interp(g, k, lambda c: c[metric]) - self.base[metric]
-                                       for g, k in widths.items() if k != self.full[g])
+    def memory(self, widths: dict[str, int], metric: str,
+               bits: dict[str, int] | None = None) -> float:
+        m = self.base[metric] + sum(self._interp(g, k, lambda c: c[metric]) - self.base[metric]
+                                    for g, k in widths.items() if k != self.full[g])
+        return m + sum((self.bit_tables[layer][b][metric] - self.base[metric])
+                       * self.keep(layer, widths)
+                       for layer, b in (bits or {}).items() if b != 8)
 
-    def predict(self, widths: dict[str, int]) -> dict[str, float]:
+    def predict(self, widths: dict[str, int], bits: dict[str, int] | None = None
+                ) -> dict[str, float]:
         """Absolute predicted costs (the model alone; use `anchored` near a measured point)."""
-        i = self.instructions(widths)
+        i = self.instructions(widths, bits)
         ratio = i / max(1.0, self.base["instructions"])
         out = {m: self.base[m] * ratio for m in INSTRUCTION_METRICS}
-        out.update({m: self.memory(widths, m) for m in MEMORY_METRICS})
+        out.update({m: self.memory(widths, m, bits) for m in MEMORY_METRICS})
         out["instructions"] = i
         return out
 
     def anchored(self, measured: dict, measured_widths: dict[str, int],
-                 widths: dict[str, int]) -> dict[str, float]:
-        """Costs of `widths` predicted from a measured neighbour: the model supplies the
-        change (a ratio for instruction-driven metrics, a difference for memory)."""
-        p_new, p_old = self.predict(widths), self.predict(measured_widths)
+                 widths: dict[str, int], measured_bits: dict[str, int] | None = None,
+                 bits: dict[str, int] | None = None) -> dict[str, float]:
+        """Costs of (`widths`, `bits`) predicted from a measured neighbour: the model supplies
+        the change (a ratio for instruction-driven metrics, a difference for memory)."""
+        p_new = self.predict(widths, bits if bits is not None else measured_bits)
+        p_old = self.predict(measured_widths, measured_bits)
         ratio = p_new["instructions"] / max(1.0, p_old["instructions"])
         out = {m: measured[m] * ratio for m in INSTRUCTION_METRICS}
         out.update({m: measured[m] + p_new[m] - p_old[m] for m in MEMORY_METRICS})

@@ -92,10 +92,23 @@ def costs_from_profile(prof: dict) -> dict:
     }
 
 
+def weight_cfg(model: nn.Module, bits: dict[str, int]) -> dict[str, tuple[str, int]]:
+    """{module name: bits} -> the quantizer's {IR node: ("int", bits)} (fx names: '.' -> '_')."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    out = {}
+    for name, b in bits.items():
+        if name not in layers:
+            raise EdgepruneError(f"bits for '{name}': no conv/linear layer of that name in the "
+                                 f"model (layers: {', '.join(sorted(layers))})")
+        if int(b) != 8:
+            out[name.replace(".", "_")] = ("int", int(b))
+    return out
+
+
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
-                  calib_x: np.ndarray) -> dict:
-    """Quantize, compile and profile `model` once on the target (QEMU over the serial
-    protocol, per-kernel counts); its measured costs."""
+                  calib_x: np.ndarray, bits: dict[str, int] | None = None) -> dict:
+    """Quantize (weights of layer L at `bits[L]`, default 8), compile and profile `model` once
+    on the target (QEMU over the serial protocol, per-kernel counts); its measured costs."""
     from ..compile import compile_model
     from ..profile import profile
     from ..quantize.ptq import quantize_ptq
@@ -103,7 +116,8 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
 
     target = load_target(target) if isinstance(target, str) else target
     with tempfile.TemporaryDirectory(prefix="edgeprune-feedback-") as tmp:
-        qmodel = quantize_ptq(model, tuple(input_shape), calib_x)
+        qmodel = quantize_ptq(model, tuple(input_shape), calib_x,
+                              weight_cfg=weight_cfg(model, bits or {}))
         qmodel.save(Path(tmp) / "q")
         compile_model(str(Path(tmp) / "q"), str(target.path), Path(tmp) / "b",
                       log=lambda *a: None)

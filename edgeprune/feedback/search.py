@@ -1,11 +1,16 @@
-"""NetAdapt-style search driven by measurements on the target.
+"""NetAdapt-style search driven by measurements on the target, over widths and word lengths.
 
-1. Measure the unpruned model, each group alone at a grid of widths (the cost table, costs.py),
-   and every group at its minimum width (if that misses a budget, no search can meet it: say so).
-2. While a budget is missed: take the most violated budget; each group proposes the largest width
-   whose predicted cost (anchored to the last measurement) drops by one step; each proposal is
-   pruned with the criterion and briefly fine-tuned (in parallel); the most accurate on a holdout
-   split is accepted and measured again on the target.
+1. Measure the unpruned model, each group alone at a grid of widths and each weight layer alone
+   at each word length the target offers (the cost table, costs.py), and every group at its
+   minimum width (at 8 bits, and at the fewest bits when that misses a budget: if both miss it,
+   no search can meet it: say so).
+2. While a budget is missed: take the most violated budget; each group proposes the largest width,
+   and each weight layer the most bits, whose predicted cost (anchored to the last measurement)
+   drops by one step; a width proposal is pruned with the criterion and briefly fine-tuned, a
+   word-length proposal only re-quantized (in parallel); the one whose quantized model (PTQ at
+   its word lengths, as deployed) is most accurate on a holdout split is accepted and measured
+   again on the target. Word lengths are chosen only where measurement says they cut the violated
+   cost: sub-byte kernels are slower than int8, so in practice they cut flash, not latency.
 3. Long fine-tune of the accepted model and a final measurement: the numbers reported are measured.
 """
 
@@ -24,7 +29,7 @@ import torch.nn as nn
 from ..errors import EdgepruneError
 from .costs import Predictor, grid_widths, min_width
 from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_fingerprint
-from .worker import JobData, Runner, candidate_job, finetune, job_key
+from .worker import JobData, Runner, candidate_job, finetune, job_key, quantized_accuracy
 
 STAGE = "feedback"
 
@@ -34,14 +39,15 @@ class FeedbackResult:
     model: nn.Module                  # the pruned, fine-tuned model
     record: dict                      # pruning record relative to the input model (deploy's pruning.json)
     ratios: dict[str, float]          # per producer layer: fraction of channels removed
-    bits: dict[str, int]              # per layer: weight word length
+    bits: dict[str, int]              # per conv/linear layer: weight word length (8, 4, 2)
     widths: dict[str, int]            # per group: channels kept
     measured: dict                    # final costs, measured on the target
     budget: dict[str, float]
     met: bool
     message: str
     trajectory: list[dict] = field(default_factory=list)
-    accuracy: float | None = None     # test accuracy of the final float model
+    accuracy: float | None = None     # test accuracy of the final quantized model (at `bits`)
+    float_accuracy: float | None = None  # test accuracy of the final float model
     files: dict[str, str] = field(default_factory=dict)  # name -> path from work_dir's parent
     cache: dict = field(default_factory=dict)    # where results are cached; jobs run vs reused
 
@@ -49,7 +55,8 @@ class FeedbackResult:
         return {"met": self.met, "message": self.message, "budget": self.budget,
                 "ratios": self.ratios, "bits": self.bits, "widths": self.widths,
                 "measured": {k: v for k, v in self.measured.items() if k in METRICS + ("instructions",)},
-                "accuracy": self.accuracy, "trajectory": self.trajectory, "files": self.files,
+                "accuracy": self.accuracy, "float_accuracy": self.float_accuracy,
+                "trajectory": self.trajectory, "files": self.files,
                 "cache": self.cache}
 
 
@@ -120,7 +127,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            min_keep: float = 0.1, short_finetune_samples: int = 2000,
            finetune_epochs: float = 1.0, train_samples: int | None = None,
            val_samples: int = 1000, eval_samples: int = 2000, calib_samples: int = 64,
-           lr: float = 0.01, margin: float = 0.002, progress: bool = True) -> FeedbackResult:
+           lr: float = 0.01, margin: float = 0.002, progress: bool = True,
+           word_lengths: tuple[int, ...] | None = None, port: str = "qemu") -> FeedbackResult:
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
@@ -132,6 +140,10 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     Results (measurements, candidates) are cached under cache_dir/<target>/<model hash>, so an
     interrupted search resumes. If a budget cannot be met, the result has met=False, the closest
     point reached, and a message naming the budget and the numbers.
+    word_lengths: weight bits a layer may take (default: the target's [quant] weight_bits;
+    (8,) searches widths only). Candidates are ranked by the holdout accuracy of their PTQ model.
+    port: where candidates are measured; only "qemu" (a board would need each candidate's
+    firmware flashed, which edgeprune does not do).
     """
     from ..prune import DepGraph
     from ..targets import load_target
@@ -139,6 +151,14 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
 
     budget = check_budget(budget)
     target = load_target(target) if isinstance(target, str) else target
+    if port != "qemu":
+        raise EdgepruneError(
+            f"the feedback search measures every candidate (tens of firmwares) and can only run "
+            f"them in QEMU: a board on {port} would have to be flashed with each one, which "
+            f"edgeprune does not do. Search with --port qemu, then profile the deployed firmware "
+            f"on the board (`edgeprune profile BUILD --port {port}` after flashing it)",
+            stage=STAGE)
+    options = _bit_options(word_lengths, target)
     if data.x_train is None or len(data.x_train) <= val_samples:
         raise EdgepruneError(f"dataset {data.name} has no training split larger than the "
                              f"{val_samples} holdout samples the search ranks candidates on",
@@ -159,13 +179,22 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         raise EdgepruneError("the model has no prunable channel groups", stage=STAGE)
     full = {n: g.units for n, g in groups.items()}
     lowest = {n: min_width(u, min_keep) for n, u in full.items()}
+    # weight layers (word lengths) and the groups that set their in/out channels (weight counts)
+    wlayers = [n for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    members: dict[str, list[str]] = {n: [] for n in wlayers}
+    for n, g in groups.items():
+        for mem in g.members:
+            if mem.role in ("out", "in") and mem.layer in members and n not in members[mem.layer]:
+                members[mem.layer].append(n)
+    eight = {n: 8 for n in wlayers}
+    layer_options = {n: list(options) for n in wlayers}
     base_hash = model_hash(base)
     fingerprint = toolchain_fingerprint(target)
     cache = Path(cache_dir or default_cache_dir()) / target.name / base_hash
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"criterion": criterion, "seed": seed, "short": short_finetune_samples, "lr": lr,
                 "n_train": n_train, "val": val_samples, "calib": calib_samples,
-                "data": data.name}
+                "data": data.name, "rank": "ptq-accuracy"}
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _Bar(progress)
     runner = Runner(jd, cache, workers)
@@ -173,9 +202,20 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         + ", ".join(f"{k}={v:g}" for k, v in budget.items())
         + f", criterion {criterion}, {workers} worker(s), cache {cache}")
 
-    def measure(models: list[nn.Module], what: str) -> list[dict]:
+    def measure(models: list[nn.Module], what: str, bits: list[dict] | None = None,
+                probe: bool = False) -> list[dict]:
+        """Measured costs; a probe (cost table, corner) may return {"error"} for word lengths a
+        kernel cannot take, anything else must measure."""
         bar.start(what, len(models))
-        return runner.measure(models, shape, target, fingerprint, done=bar.advance)
+        out = runner.measure(models, shape, target, fingerprint, done=bar.advance, bits=bits)
+        for c in out:
+            if "error" in c and not probe:
+                raise EdgepruneError(f"measuring on {target.name} failed: {c['error']}",
+                                     stage=STAGE)
+        return out
+
+    def qacc(m: nn.Module, bits: dict[str, int], x, y) -> float:
+        return quantized_accuracy(m, shape, jd.calib, x, y, bits)
 
     def at_widths(widths: dict[str, int]) -> nn.Module:
         """The base model cut to `widths` (by L1: cost does not depend on which channels)."""
@@ -188,44 +228,76 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         base_costs, min_costs = measure([base, at_widths(lowest)], "unpruned and smallest (QEMU)")
         log(f"feedback: unpruned {_fmt(base_costs)}; smallest (every group at its minimum) "
             f"{_fmt(min_costs)}")
+        fewest = {n: min(layer_options[n] or [8]) for n in wlayers}
+        corners = [(min_costs, eight)]
+        if options and violations(min_costs, budget):
+            # fewer bits may reach what widths alone cannot (flash, SRAM): measure, not assume
+            low_costs = measure([at_widths(lowest)], "smallest at fewest bits (QEMU)",
+                                bits=[fewest], probe=True)[0]
+            if "error" in low_costs:
+                log(f"feedback: the smallest model at {min(options)} bits cannot be built "
+                    f"({low_costs['error']}); judging from 8 bits only")
+            else:
+                corners.append((low_costs, fewest))
+                log(f"feedback: smallest at {min(options)}-bit weights {_fmt(low_costs)}")
         tables: dict[str, dict[int, dict]] = {n: {full[n]: base_costs} for n in groups}
+        bit_tables: dict[str, dict[int, dict]] = {n: {} for n in wlayers}
         model_err = None
-        if violations(base_costs, budget) and not violations(min_costs, budget):
+        # a budget no corner meets: no width and word-length assignment can meet it
+        impossible = [k for k in budget if all(c[k] > budget[k] for c, _ in corners)]
+        if violations(base_costs, budget) and not impossible:
             table_points = [(n, k) for n in groups for k in grid_widths(full[n], grid, min_keep)
                             if k < full[n]]
-            measured = measure([at_widths({n: k}) for n, k in table_points], "cost table (QEMU)")
+            bit_points = [(n, b) for n in wlayers for b in layer_options[n]]
+            measured = measure([at_widths({n: k}) for n, k in table_points]
+                               + [base] * len(bit_points), "cost table (QEMU)",
+                               bits=[None] * len(table_points)
+                               + [{n: b} for n, b in bit_points], probe=True)
             for (n, k), c in zip(table_points, measured):
                 tables[n][k] = c
-            predictor = Predictor(base_costs, tables, full)
+            for (n, b), c in zip(bit_points, measured[len(table_points):]):
+                if "error" in c:   # this layer's kernel cannot take b bits
+                    log(f"feedback: {n} at {b} bits cannot be built; not searched ({c['error']})")
+                    layer_options[n].remove(b)
+                else:
+                    bit_tables[n][b] = c
+            predictor = Predictor(base_costs, tables, full, bit_tables, members)
             model_err = (predictor.predict(lowest)["instructions"]
                          / max(1, min_costs["instructions"]) - 1)
-            log(f"feedback: cost table of {len(table_points)} measurements; the model of it "
-                f"predicts the smallest model within {model_err:+.1%}")
-        predictor = Predictor(base_costs, tables, full)
+            log(f"feedback: cost table of {len(table_points)} width and {len(bit_points)} "
+                f"word-length measurements; the model of it predicts the smallest model within "
+                f"{model_err:+.1%}")
+        predictor = Predictor(base_costs, tables, full, bit_tables, members)
         table_json = {"base": _slim(base_costs), "minimum": _slim(min_costs),
                       "minimum_widths": lowest, "model_error_at_minimum": model_err,
                       "groups": {n: {str(k): _slim(c) for k, c in sorted(t.items())}
-                                 for n, t in tables.items()}}
+                                 for n, t in tables.items()},
+                      "word_lengths": {n: {str(b): _slim(c) for b, c in sorted(t.items())}
+                                       for n, t in bit_tables.items() if t}}
+        if len(corners) > 1:
+            table_json["minimum_fewest_bits"] = _slim(corners[1][0])
 
-        # accuracy of the starting point on the holdout split (ranks candidates)
-        cur_model, cur_widths, cur_costs = base, dict(full), base_costs
-        cur_acc = evaluate(cur_model, jd.x_val, jd.y_val)
-        trajectory = [_point(0, None, cur_widths, cur_acc, cur_costs, None)]
+        # accuracy of the starting point's int8 PTQ on the holdout split (ranks candidates)
+        cur_model, cur_widths, cur_bits, cur_costs = base, dict(full), dict(eight), base_costs
+        cur_acc = qacc(cur_model, cur_bits, jd.x_val, jd.y_val)
+        trajectory = [_point(0, None, cur_widths, cur_acc, cur_costs, None, bits=cur_bits)]
         composed = _identity_record(graph)
 
-        impossible = violations(min_costs, budget)
         if impossible:
-            # No width assignment reaches the budget: report the smallest model as the closest point.
+            # No width and word-length assignment reaches the budget: report the closest corner.
+            costs, bits = min(corners, key=lambda cb: excess(cb[0], budget))
+            what = ("every layer at its minimum width" if bits == eight else
+                    f"every layer at its minimum width and {min(options)}-bit weights")
             message = ("budget cannot be met on " + target.name + ": even the smallest model "
-                       "(every layer at its minimum width) measures " + "; ".join(impossible))
+                       f"({what}) measures " + "; ".join(violations(costs, budget)))
             log(f"feedback: {message}")
             blob, acc, rec = runner.map("candidate", candidate_job, [(
-                job_key(base_hash, "minimum", lowest, settings),
+                job_key(base_hash, "minimum", lowest, bits, settings),
                 (to_bytes(base), example_input, _removal(groups, full, lowest), criterion, seed,
-                 short_finetune_samples, lr))])[0]
-            cur_model, cur_widths, cur_costs = from_bytes(blob), dict(lowest), min_costs
+                 short_finetune_samples, lr, bits))])[0]
+            cur_model, cur_widths, cur_bits, cur_costs = from_bytes(blob), dict(lowest), bits, costs
             composed = _compose(composed, rec)
-            trajectory.append(_point(1, "minimum", cur_widths, acc, cur_costs, None))
+            trajectory.append(_point(1, "minimum", cur_widths, acc, cur_costs, None, bits=bits))
         else:
             aim = {k: v * (1 - margin) for k, v in budget.items()}
             step = {m: (base_costs[m] - aim[m]) / step_iterations for m in budget
@@ -238,52 +310,79 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 metric = max(budget, key=lambda k: cur_costs[k] / aim[k])
                 gap = cur_costs[metric] - aim[metric]
                 goal = cur_costs[metric] - min(step.get(metric) or gap, gap)
-                proposals = _propose(predictor, cur_costs, cur_widths, lowest, metric, goal)
+                # other budgets may not be pushed over (a sub-byte kernel is slower)
+                limits = {k: max(aim[k], cur_costs[k]) for k in budget if k != metric}
+                proposals = _propose(predictor, cur_costs, cur_widths, cur_bits, lowest,
+                                     layer_options, metric, goal, limits)
                 if not proposals:
                     break
                 parent = to_bytes(cur_model)
                 parent_hash = model_hash(cur_model)
-                jobs = [(job_key(parent_hash, g, w[g], settings),
-                         (parent, example_input, _removal(groups, cur_widths, w), criterion, seed,
-                          short_finetune_samples, lr)) for g, w, _ in proposals]
+                jobs = []
+                for p in proposals:
+                    if p.kind == "width":
+                        jobs.append((job_key(parent_hash, p.name, p.widths[p.name], cur_bits,
+                                             settings),
+                                     (parent, example_input, _removal(groups, cur_widths,
+                                                                      p.widths),
+                                      criterion, seed, short_finetune_samples, lr, cur_bits)))
+                    else:  # word length: the same float model, quantized differently
+                        jobs.append((job_key(parent_hash, "bits", p.bits, settings),
+                                     (parent, example_input, {}, criterion, seed, 0, lr,
+                                      p.bits)))
                 bar.start(f"iteration {it}: {len(jobs)} candidates", len(jobs))
                 results = runner.map("candidate", candidate_job, jobs, done=bar.advance)
                 best = max(range(len(results)), key=lambda i: (results[i][1],
-                                                               -proposals[i][2][metric]))
-                g, widths, predicted = proposals[best]
+                                                               -proposals[i].pred[metric]))
+                chosen = proposals[best]
                 blob, acc, rec = results[best]
                 new_model = from_bytes(blob)
-                new_costs = measure([new_model], f"iteration {it}: measure")[0]
+                new_costs = measure([new_model], f"iteration {it}: measure",
+                                    bits=[chosen.bits])[0]
                 before = len(violations(cur_costs, aim))
-                cur_model, cur_widths, cur_costs = new_model, widths, new_costs
+                cur_model, cur_widths, cur_bits, cur_costs = (new_model, chosen.widths,
+                                                              chosen.bits, new_costs)
                 composed = _compose(composed, rec)
                 bar.advance(before - len(violations(cur_costs, aim)))
-                trajectory.append(_point(it, g, cur_widths, acc, cur_costs, predicted,
-                                         [r[1] for r in results], [p[0] for p in proposals]))
+                trajectory.append(_point(it, chosen.label, cur_widths, acc, cur_costs,
+                                         chosen.pred, [r[1] for r in results],
+                                         [p.label for p in proposals], bits=cur_bits))
+                change = (f"{chosen.name} -> {chosen.widths[chosen.name]} channels"
+                          if chosen.kind == "width" else
+                          f"{chosen.name} -> {chosen.bits[chosen.name]}-bit weights")
                 log(f"feedback: iteration {it}: cut {metric}, {len(proposals)} candidates, chose "
-                    f"{g} -> {widths[g]} channels, holdout accuracy {acc:.2f} %, measured "
-                    f"{_fmt(cur_costs)} (predicted {metric} {predicted[metric]:.4g})")
+                    f"{change}, holdout accuracy (quantized) {acc:.2f} %, measured "
+                    f"{_fmt(cur_costs)} (predicted {metric} {chosen.pred[metric]:.4g})")
 
         # 3. long fine-tune and the final measurement
         if finetune_epochs > 0:
             log(f"feedback: fine-tuning the chosen model for {finetune_epochs:g} epoch(s)")
             finetune(cur_model, jd.dataset(), finetune_epochs, lr, seed)
-        final_costs = measure([cur_model], "final measurement")[0]
+        final_costs = measure([cur_model], "final measurement", bits=[cur_bits])[0]
         x_test, y_test = data.x_test[:eval_samples], data.y_test[:eval_samples]
-        test_acc = evaluate(cur_model, x_test, y_test)
-        holdout = evaluate(cur_model, jd.x_val, jd.y_val)
-        trajectory.append(_point(len(trajectory), "final", cur_widths, holdout, final_costs, None))
+        # the accuracies of what runs on the target: PTQ at the chosen word lengths
+        test_acc = qacc(cur_model, cur_bits, x_test, y_test)
+        float_acc = evaluate(cur_model, x_test, y_test)
+        holdout = qacc(cur_model, cur_bits, jd.x_val, jd.y_val)
+        trajectory.append(_point(len(trajectory), "final", cur_widths, holdout, final_costs, None,
+                                 bits=cur_bits))
         trajectory[-1]["test_accuracy"] = test_acc
+        trajectory[-1]["float_test_accuracy"] = float_acc
 
         bad = violations(final_costs, budget)
         met = not bad
         if met:
+            low = {n: b for n, b in cur_bits.items() if b != 8}
             message = (f"every budget met as measured on {target.name}: {_fmt(final_costs)}; "
-                       f"test accuracy {test_acc:.2f} %")
+                       f"test accuracy {test_acc:.2f} % quantized ({float_acc:.2f} % float)"
+                       + (f"; weights below 8 bits: " + ", ".join(f"{n} {b}"
+                                                                   for n, b in low.items())
+                          if low else ""))
         elif not impossible:
             closest = min(trajectory, key=lambda p: excess(p["measured"], budget))
             message = (f"budget not met on {target.name}: " + "; ".join(bad) + ". The search "
-                       f"stopped (no group can shrink further or {max_iterations} iterations); "
+                       f"stopped (no group can shrink further, no layer lose bits, or "
+                       f"{max_iterations} iterations); "
                        f"closest point: iteration {closest['iteration']} with "
                        f"{_fmt(closest['measured'])}")
         else:
@@ -295,11 +394,12 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
 
     ratios = {layer: round(1 - cur_widths[n] / full[n], 6) for n, g in groups.items()
               for layer in g.layers}
-    bits = _bits(cur_model, target)
+    bits = {n: int(cur_bits.get(n, 8)) for n in wlayers}
     record = {"criterion": criterion, "allocation": "feedback", "layers": composed,
-              "per_layer": ratios, "widths": cur_widths, "budget": budget, "met": met}
+              "per_layer": ratios, "widths": cur_widths, "bits": bits, "budget": budget,
+              "met": met}
     result = FeedbackResult(cur_model, record, ratios, bits, cur_widths, final_costs, budget, met,
-                            message, trajectory, test_acc,
+                            message, trajectory, test_acc, float_acc,
                             cache={"dir": str(cache), "runs": runner.runs, "hits": runner.hits})
     if work_dir is not None:
         result.files = write_outputs(result, Path(work_dir), target.name, criterion, table_json)
@@ -307,30 +407,84 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     return result
 
 
+@dataclass
+class Proposal:
+    kind: str                 # "width" | "bits"
+    name: str                 # the group (width) or the layer (bits)
+    widths: dict[str, int]
+    bits: dict[str, int]
+    pred: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "width" else f"{self.name}@{self.bits[self.name]}b"
+
+
 def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
-             lowest: dict[str, int], metric: str, goal: float):
-    """Per group, the largest width whose predicted `metric` reaches `goal` (NetAdapt's
-    "smallest pruning that cuts the cost by a step"); groups that cannot reach it alone propose
-    their minimum only when no group can."""
+             cur_bits: dict[str, int], lowest: dict[str, int], options: dict[str, list[int]],
+             metric: str, goal: float, limits: dict[str, float]) -> list[Proposal]:
+    """Per group, the largest width, and per weight layer the most bits, whose predicted `metric`
+    reaches `goal` (NetAdapt's "smallest change that cuts the cost by a step"); knobs that
+    cannot reach it alone propose their extreme only when none can, and only if it cuts
+    `metric`. A proposal predicted to push another budget over its `limits` is dropped."""
     reach, partial = [], []
+
+    def pred(w, b):
+        return predictor.anchored(cur_costs, cur_widths, w, cur_bits, b)
+
+    def ok(p):
+        return all(p[k] <= v for k, v in limits.items())
+
     for g, k in cur_widths.items():
         if k <= lowest[g]:
             continue
         chosen = None
         for k2 in range(k - 1, lowest[g] - 1, -1):
             w = {**cur_widths, g: k2}
-            pred = predictor.anchored(cur_costs, cur_widths, w)
-            if pred[metric] <= goal:
-                chosen = (g, w, pred)
+            p = pred(w, cur_bits)
+            if p[metric] <= goal:
+                chosen = Proposal("width", g, w, cur_bits, p)
                 break
         if chosen:
-            reach.append(chosen)
+            if ok(chosen.pred):
+                reach.append(chosen)
         else:
             w = {**cur_widths, g: lowest[g]}
-            pred = predictor.anchored(cur_costs, cur_widths, w)
-            if pred[metric] < cur_costs[metric]:
-                partial.append((g, w, pred))
+            p = pred(w, cur_bits)
+            if p[metric] < cur_costs[metric] and ok(p):
+                partial.append(Proposal("width", g, w, cur_bits, p))
+    for layer, opts in options.items():
+        lower = sorted((b for b in opts if b < cur_bits[layer]), reverse=True)
+        if not lower:
+            continue
+        chosen = None
+        for b in lower:
+            bits = {**cur_bits, layer: b}
+            p = pred(cur_widths, bits)
+            if p[metric] <= goal:
+                chosen = Proposal("bits", layer, cur_widths, bits, p)
+                break
+        if chosen:
+            if ok(chosen.pred):
+                reach.append(chosen)
+        else:
+            bits = {**cur_bits, layer: lower[-1]}
+            p = pred(cur_widths, bits)
+            if p[metric] < cur_costs[metric] and ok(p):
+                partial.append(Proposal("bits", layer, cur_widths, bits, p))
     return reach or partial
+
+
+def _bit_options(word_lengths, target) -> list[int]:
+    """Sub-8 weight word lengths the search may give a layer: the target's, or those asked."""
+    offered = sorted({int(b) for b in target.quant["weight_bits"]})
+    asked = offered if word_lengths is None else sorted({int(b) for b in word_lengths})
+    for b in asked:
+        if b not in (2, 4, 8) or b not in offered:
+            raise EdgepruneError(f"word length {b}: target {target.name} offers weight bits "
+                                 f"{offered} ({target.path}); the quantizer takes 8, 4 or 2",
+                                 stage=STAGE)
+    return [b for b in asked if b < 8]
 
 
 def _removal(groups, cur: dict[str, int], new: dict[str, int]) -> dict[str, float]:
@@ -366,11 +520,6 @@ def _compose(prev: dict, step: dict) -> dict:
     return out
 
 
-def _bits(model: nn.Module, target) -> dict[str, int]:
-    """Weight word length per conv/linear layer: deploy's int8 PTQ (the search does not vary it)."""
-    return {n: 8 for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 def _slim(c: dict) -> dict:
     return {k: c[k] for k in ("instructions",) + METRICS + ("kernels",)}
 
@@ -380,8 +529,10 @@ def _fmt(c: dict) -> str:
             f"flash {c['flash_kb']:.1f} kB, SRAM {c['sram_kb']:.1f} kB")
 
 
-def _point(it, group, widths, acc, costs, predicted, candidates=None, groups=None) -> dict:
-    p = {"iteration": it, "group": group, "widths": dict(widths), "accuracy": acc,
+def _point(it, group, widths, acc, costs, predicted, candidates=None, groups=None,
+           bits=None) -> dict:
+    p = {"iteration": it, "group": group, "widths": dict(widths),
+         "bits": {n: b for n, b in (bits or {}).items() if b != 8}, "accuracy": acc,
          "measured": {k: costs[k] for k in ("instructions",) + METRICS},
          **{k: costs[k] for k in METRICS}}
     if predicted is not None:

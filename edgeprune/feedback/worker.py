@@ -1,8 +1,9 @@
 """The two pure jobs of the search, run inline or in a process pool, with an on-disk cache.
 
 * `measure_job(model bytes, input shape, target file)` → measured costs (compile + QEMU);
-* `candidate_job(model bytes, example, removal, criterion, ...)` → (pruned and briefly
-  fine-tuned model bytes, holdout accuracy, pruning record).
+* `candidate_job(model bytes, example, removal, criterion, ..., bits)` → (pruned and briefly
+  fine-tuned model bytes, holdout accuracy of its int8/low-bit PTQ — what runs on the target —,
+  pruning record). A word-length move has no removal and no fine-tune: only the PTQ changes.
 
 Each is a function of its arguments and of the data handed to the worker once at start-up, so a
 result is cached under a hash of those arguments; a restarted search replays its cache.
@@ -69,23 +70,47 @@ def init_worker(data: JobData) -> None:
     _DATA = data
 
 
-def measure_job(blob: bytes, input_shape: tuple[int, ...], target_file: str) -> dict:
-    return measure_model(from_bytes(blob), input_shape, target_file, _DATA.calib)
+def measure_job(blob: bytes, input_shape: tuple[int, ...], target_file: str,
+                bits: dict[str, int] | None = None) -> dict:
+    if not bits:
+        return measure_model(from_bytes(blob), input_shape, target_file, _DATA.calib)
+    try:
+        return measure_model(from_bytes(blob), input_shape, target_file, _DATA.calib, bits)
+    except Exception as e:  # a word length this layer's kernel cannot take: the search drops it
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def quantized_accuracy(model, input_shape: tuple[int, ...], calib: np.ndarray, x: np.ndarray,
+                       y: np.ndarray, bits: dict[str, int] | None = None) -> float:
+    """Accuracy (percent) of the PTQ model the target runs (weights at `bits`, default int8),
+    by the numpy integer reference: bit-exact with the firmware, no compile needed."""
+    from ..quantize import reference
+    from ..quantize.ptq import quantize_ptq
+    from .measure import weight_cfg
+
+    qm = quantize_ptq(model, tuple(input_shape), calib, weight_cfg=weight_cfg(model, bits or {}))
+    return reference.accuracy(qm, x, y)
 
 
 def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float], criterion: str,
-                  seed: int, samples: int, lr: float) -> tuple[bytes, float, dict]:
+                  seed: int, samples: int, lr: float, bits: dict[str, int] | None = None
+                  ) -> tuple[bytes, float, dict]:
     from ..prune import prune
     from ..train import evaluate
 
     model = from_bytes(blob)
-    batches, meta = _DATA.criterion_batches()
-    pruned, record = prune(model, example, criterion=criterion, ratios={"*": 0.0, **removal},
-                           data=batches, meta_batch=meta, seed=seed)
-    if samples > 0:
-        finetune(pruned, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed)
-    acc = evaluate(pruned, _DATA.x_val, _DATA.y_val)
-    return to_bytes(pruned), acc, {"layers": record["layers"]}
+    layers: dict = {}
+    if removal:
+        batches, meta = _DATA.criterion_batches()
+        model, record = prune(model, example, criterion=criterion, ratios={"*": 0.0, **removal},
+                              data=batches, meta_batch=meta, seed=seed)
+        layers = record["layers"]
+        if samples > 0:
+            finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed)
+    acc = quantized_accuracy(model, tuple(example.shape), _DATA.calib, _DATA.x_val, _DATA.y_val,
+                             bits)
+    return to_bytes(model), acc, {"layers": layers,
+                                  "float_accuracy": evaluate(model, _DATA.x_val, _DATA.y_val)}
 
 
 def job_key(*parts) -> str:
@@ -120,11 +145,18 @@ class Runner:
             self._pool.shutdown(cancel_futures=True)
 
     def measure(self, models: list, input_shape: tuple[int, ...], target, fingerprint: str,
-                done: Callable[[], None] | None = None) -> list[dict]:
-        """Measured costs of each model on `target`, cached by code generator and model hash."""
+                done: Callable[[], None] | None = None,
+                bits: list[dict[str, int] | None] | None = None) -> list[dict]:
+        """Measured costs of each model on `target` (weights of layer L at bits[i][L], default
+        8), cached by code generator, model hash and word lengths."""
         from .measure import model_hash
-        jobs = [(job_key(fingerprint, model_hash(m), len(self.data.calib)),
-                 (to_bytes(m), tuple(input_shape), str(target.path))) for m in models]
+        bits = bits or [None] * len(models)
+        jobs = []
+        for m, b in zip(models, bits):
+            low = {k: int(v) for k, v in (b or {}).items() if int(v) != 8}
+            # all-int8 keys stay those of before word lengths were searched (caches stay valid)
+            key = job_key(fingerprint, model_hash(m), len(self.data.calib), *([low] if low else []))
+            jobs.append((key, (to_bytes(m), tuple(input_shape), str(target.path), low)))
         return self.map("measure", measure_job, jobs, done)
 
     def map(self, kind: str, fn: Callable, jobs: list[tuple[str, tuple]],
