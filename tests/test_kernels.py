@@ -5,6 +5,7 @@ requantization, compiled for the Cortex-M7 and compared with the numpy golden mo
 """
 
 import numpy as np
+import pytest
 
 from edgeprune.compile import compile_model
 from edgeprune.quantize.qmodel import Op, QuantModel, TensorInfo, conv_out_hw
@@ -223,30 +224,78 @@ def test_sxtb16_portable_fallback_widens_bytes_0_2_and_1_3(tmp_path):
         assert np.array_equal(got[:, col], (b[:, lo] & 0xFFFF) | ((b[:, hi] & 0xFFFF) << 16))
 
 
-def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path):
-    """Cortex-M55 ("mve-i") gets the Helium kernels (kernels/mve.py): batch 2, a 3-channel first
-    layer (windows gathered into a patch) with stride 2 and an odd pixel count (partial tiles),
-    a horizontally dilated conv (one run per tap) with an odd channel count, a strided depthwise,
-    the 64-bit requantization (total shift 31) in a depthwise and a 1x1 conv, and a dense layer
-    with int16 outputs, not a multiple of 4 of them. Checked bit-exact against the integer
-    reference in QEMU, and again after retargeting the library to the M7 (portable C)."""
-    qm = (Net((2, 3, 9, 9), zp=-128, seed=11)
-          .conv(16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
-          .conv(5, (3, 3), padding=(1, 2, 1, 2), dilation=(1, 2))
-          .conv(5, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=5, zp_out=0, wmax=1,
-                real_scales=(0.2, 0.9))
-          .conv(20, (1, 1), wmax=1, real_scales=(0.1, 0.6))
-          .flatten().dense(7, out_dtype="int16").build())
-    build, result = _run(qm, tmp_path, "m55", target="cortex-m55")
-    kernels = [l["name"] for l in build["layers"]]
-    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels
-    assert sum(k.startswith("ep_int8_depthwise") for k in kernels) == 1, kernels
-    assert sum(k.startswith("ep_int8_dense") for k in kernels) == 1, kernels
-    src = (tmp_path / "m55" / "c_library" / "kernels.c").read_text()
-    assert "ep_mve_conv8(x" in src and "ep_mve_conv16(x" in src and "ep_mve_dw8(x" in src
+def _helium_models():
+    """Two small networks for the Helium kernels, each ending in the layers it checks (an
+    off-by-one in a middle layer can vanish in the layers after it)."""
+    convs = (Net((2, 3, 9, 9), zp=-128, seed=11)
+             .conv(16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
+             .conv(5, (3, 3), padding=(1, 2, 1, 2), dilation=(1, 2))
+             .conv(5, (3, 3), padding=(1, 1, 1, 1)).add("t1", relu=True).build())
+    others = (Net((2, 6, 7, 7), zp=-3, seed=12)
+              .conv(6, (3, 3), padding=(1, 1, 1, 1), groups=6)
+              .conv(6, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=6, zp_out=0, wmax=1,
+                    real_scales=(0.2, 0.9))
+              .conv(20, (1, 1), wmax=1, real_scales=(0.1, 0.6))
+              .flatten().dense(7, out_dtype="int16").build())
+    return {"convs": (convs, {"ep_mve_conv8(x": 3, "ep_mve_add8(a": 1}),
+            "others": (others, {"ep_mve_dw8(x": 2, "ep_mve_conv8(x": 1, "ep_mve_conv16(x": 1})}
+
+
+@pytest.mark.parametrize("name", ["convs", "others"])
+def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path, name):
+    """Cortex-M55 ("mve-i") gets the Helium kernels (kernels/mve.py). "convs": batch 2, a
+    3-channel first layer (windows gathered into a patch) with stride 2 and an odd pixel count
+    (partial tiles), a horizontally dilated conv (one run per tap) with an odd channel count,
+    a residual add with ReLU (odd element count). "others": depthwise with stride 1 and 2
+    (partial tiles), the 64-bit requantization (total shift 31) in a depthwise and a 1x1 conv,
+    a dense layer with int16 outputs, not a multiple of 4 of them. Checked bit-exact against
+    the integer reference in QEMU, and again after retargeting the library to the M7 (the
+    kernels' portable C)."""
+    qm, calls = _helium_models()[name]
+    build, result = _run(qm, tmp_path, name, target="cortex-m55")
+    src = (tmp_path / name / "c_library" / "kernels.c").read_text()
+    assert {c: src.count(f"  {c}") for c in calls} == calls, [l["name"] for l in build["layers"]]
     assert result["mismatches"] == 0 and result["outputs_match"]
-    # The same C library retargeted to a core without Helium runs the kernels' portable C.
     from edgeprune.compile import retarget_build
-    retarget_build(tmp_path / "m55", "cortex-m7", tmp_path / "m7")
+    retarget_build(tmp_path / name, "cortex-m7", tmp_path / "m7")
     result, _ = simulate(tmp_path / "m7", samples=2)
     assert result["mismatches"] == 0 and result["outputs_match"]
+
+
+def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
+    """The Helium residual add computes (a*Ma + b*Mb + rnd) >> s in 32-bit lanes by splitting
+    M and rnd at bit 16 (mve_c.ep_mve_add); its portable C is the same formula: check it
+    against 64-bit numpy on random and extreme int8 inputs, multipliers and shifts 16..46."""
+    import subprocess
+
+    from edgeprune.kernels import C_PRELUDE
+    from edgeprune.kernels.mve_c import MVE_PRELUDE
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for _ in range(40):
+        ma, mb = (int(v) for v in rng.integers(0, 2 ** 31, 2))
+        sh = int(rng.integers(16, 47))
+        rnd = (1 << (sh - 1)) + int(rng.integers(-2 ** 20, 2 ** 20))
+        cases.append((ma, mb, sh, rnd, int(rng.integers(-20, 20))))
+    cases += [(2 ** 31 - 1, 2 ** 31 - 1, 16, 2 ** 15, 0), (65535, 65536, 17, 2 ** 16 - 1, 3)]
+    a = rng.integers(-128, 128, 64)
+    b = rng.integers(-128, 128, 64)
+    a[:4], b[:4] = [-128, 127, -128, 127], [-128, 127, 127, -128]
+    calls = "\n".join(
+        f"  ep_mve_add8(a, b, y, 64, {ma >> 16}, {ma & 0xFFFF}, {mb >> 16}, {mb & 0xFFFF}, "
+        f"{rnd >> 16}, {rnd & 0xFFFF}, {sh - 16}, {zp}, -128, 127);\n"
+        '  for (int i = 0; i < 64; i++) printf("%d ", y[i]);\n  printf("\\n");'
+        for ma, mb, sh, rnd, zp in cases)
+    prog = tmp_path / "add.c"
+    prog.write_text(C_PRELUDE + MVE_PRELUDE + "#include <stdio.h>\n"
+                    f"static int8_t a[64] = {{{', '.join(map(str, a))}}};\n"
+                    f"static int8_t b[64] = {{{', '.join(map(str, b))}}};\n"
+                    "int main(void) {\n  int8_t y[64];\n" + calls + "\n  return 0;\n}\n")
+    exe = tmp_path / "add"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
+    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
+                                    check=True).stdout.splitlines(), dtype=np.int64)
+    for row, (ma, mb, sh, rnd, zp) in zip(got, cases):
+        want = np.clip(((a * ma + b * mb + rnd) >> sh) + zp, -128, 127)
+        assert np.array_equal(row, want), (ma, mb, sh, rnd, zp)

@@ -297,7 +297,7 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
     return layer, x
 
 
-def _add_chain(end, defs: dict, uses: dict):
+def _add_chain(end, defs: dict, uses: dict, features=()):
     """The quantizer's requantized add (to_relax._add) ending in `end`:
     astype(clip(((a*Ma + b*Mb) * 1 + rnd) >> s + zp)) -> (TVMScript, [a, b], [Ma, Mb]) or None."""
     last = defs.get(end)
@@ -342,6 +342,11 @@ def _add_chain(end, defs: dict, uses: dict):
         return None
     size = int(np.prod(shape))
     a_t, b_t = (str(x.ty.dtype) for x in inputs)
+    from . import mve
+    if mve.MVE_FEATURE in tuple(features or ()):  # Helium: 4 elements at a time, if it can
+        src = mve.add_source(shape, a_t, b_t, out_dtype, mults, rnd, sh, zp, lo, hi)
+        if src is not None:
+            return src, inputs, np.array(mults, np.int32)
     # The multipliers come in as an array, copied to locals: as literals GCC would multiply
     # by a 64-bit constant (UMULL + MLA fix-ups) instead of one SMULL / SMLAL.
     src = "\n".join([
@@ -394,7 +399,7 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
                 continue
             conv, add = _match(b.var, defs, uses), None
             if conv is None:
-                add = _add_chain(b.var, defs, uses)
+                add = _add_chain(b.var, defs, uses, features)
                 if add is None:
                     bindings.append(b)
                     continue

@@ -152,3 +152,23 @@ def depthwise_kernel(layer: QLayer):
             sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
     L.append(_call("ep_mve_dw", layer, "xs.data", ints))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts
+
+
+def add_source(shape, a_t: str, b_t: str, out_dtype: str, mults, rnd: int, sh: int, zp: int,
+               lo: int, hi: int) -> str | None:
+    """The requantized residual add clamp(zp + ((a * Ma + b * Mb + rnd) >> sh)) on 4 lanes of
+    int32 (mve_c's ep_mve_add), or None where that is not exact: int8 inputs, sh >= 16."""
+    if (a_t, b_t) != ("int8", "int8") or sh < 16 or abs(rnd >> 16) >= 2 ** 29:
+        return None
+    size = int(np.prod(shape))
+    ma, mb = (int(m) for m in mults)
+    ints = [size, ma >> 16, ma & 0xFFFF, mb >> 16, mb & 0xFFFF, rnd >> 16, rnd & 0xFFFF, sh - 16,
+            zp, lo, hi]
+    suffix = "16" if out_dtype == "int16" else "8"
+    return "\n".join([
+        "@T.prim_func(private=True)",
+        f'def main(a: T.Buffer({_shape(shape)}, "int8"), b: T.Buffer({_shape(shape)}, "int8"), '
+        f'm: T.Buffer((2,), "int32"), y: T.Buffer({_shape(shape)}, "{out_dtype}")):',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "add"}})',
+        f'    T.evaluate(T.call_extern("int32", "ep_mve_add{suffix}", a.data, b.data, y.data, '
+        + ", ".join(str(v) for v in ints) + "))"])

@@ -356,6 +356,34 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
     }
 }
 
+/* Requantized residual add, exact in 32 bits for int8 inputs: with M = Mh * 2^16 + Ml and
+   rnd = Rh * 2^16 + Rl, a*Ma + b*Mb + rnd = (Sh + Rh) * 2^16 + (Sl + Rl), Sh = a*Mah + b*Mbh,
+   Sl = a*Mal + b*Mbl (each < 2^25); so (.. >> sh) = (Sh + Rh + ((Sl + Rl) >> 16)) >> (sh - 16). */
+EP_AI void ep_mve_add(const int8_t *a, const int8_t *b, void *y, int32_t n, int32_t mah,
+                      int32_t mal, int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t,
+                      int32_t zp, int32_t lo, int32_t hi, int32_t out16) {
+#ifdef EP_MVE
+  for (int32_t i = 0; i < n; i += 4) {
+    /* whole vectors unpredicated (GCC re-derives the pointers from a predicated loop) */
+    mve_pred16_t p = n - i >= 4 ? 0xFFFF : vctp32q(n - i);
+    int32x4_t va = n - i >= 4 ? vldrbq_s32(a + i) : vldrbq_z_s32(a + i, p);
+    int32x4_t vb = n - i >= 4 ? vldrbq_s32(b + i) : vldrbq_z_s32(b + i, p);
+    int32x4_t sh = vmlaq_n_s32(vmulq_n_s32(va, mah), vb, mbh);
+    int32x4_t sl = vaddq_n_s32(vmlaq_n_s32(vmulq_n_s32(va, mal), vb, mbl), rl);
+    int32x4_t v = vaddq_s32(vaddq_n_s32(sh, rh), vshrq_n_s32(sl, 16));
+    v = vaddq_n_s32(vshlq_r_s32(v, -t), zp);
+    v = vminq_s32(vmaxq_s32(v, vdupq_n_s32(lo)), vdupq_n_s32(hi));
+    if (out16) vstrhq_p_s32((int16_t *)y + i, v, p); else vstrbq_p_s32((int8_t *)y + i, v, p);
+  }
+#else
+  for (int32_t i = 0; i < n; i++) {
+    int32_t v = ((a[i] * mah + b[i] * mbh + rh + ((a[i] * mal + b[i] * mbl + rl) >> 16)) >> t) + zp;
+    v = v < lo ? lo : v > hi ? hi : v;
+    if (out16) ((int16_t *)y)[i] = (int16_t)v; else ((int8_t *)y)[i] = (int8_t)v;
+  }
+#endif
+}
+
 /* Entry points, typed as TVM declares its externs (int32_t is `long` on arm-none-eabi). */
 #define EP_MVE_CONV_ARGS int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, \
   int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw, \
@@ -386,6 +414,18 @@ EP_AI int32_t ep_mve_dw8(EP_MVE_PTRS, int8_t *y, EP_MVE_DW_ARGS) {
 }
 EP_AI int32_t ep_mve_dw16(EP_MVE_PTRS, int16_t *y, EP_MVE_DW_ARGS) {
   ep_mve_dw(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_DW_PASS, 1);
+  return 0;
+}
+EP_AI int32_t ep_mve_add8(int8_t *a, int8_t *b, int8_t *y, int32_t n, int32_t mah, int32_t mal,
+                          int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t, int32_t zp,
+                          int32_t lo, int32_t hi) {
+  ep_mve_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 0);
+  return 0;
+}
+EP_AI int32_t ep_mve_add16(int8_t *a, int8_t *b, int16_t *y, int32_t n, int32_t mah, int32_t mal,
+                           int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t, int32_t zp,
+                           int32_t lo, int32_t hi) {
+  ep_mve_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 1);
   return 0;
 }
 """
