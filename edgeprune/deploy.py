@@ -36,6 +36,7 @@ class DeployConfig:
     criterion: str = "l1"
     ratio: float = 0.5
     per_layer: dict[str, float] | None = None
+    layer_bits: dict[str, int] | None = None  # per-layer weight bits (a feedback ratios.json)
     budget: dict[str, float] = field(default_factory=dict)
     finetune_epochs: float = 1.0
     quant_method: str = "auto"        # ptq, qat, admm or auto (QAT when PTQ loses accuracy)
@@ -163,6 +164,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         example = torch.from_numpy(data.x_train[:1].reshape(shape) if shape[0] == 1
                                    else data.x_train[:shape[0]])
         feedback_result = None
+        layer_bits = cfg.layer_bits
         if cfg.budget:
             with stage("feedback", progress):
                 from .feedback import search
@@ -171,8 +173,12 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                                          work_dir=tmp / "feedback", log=log,
                                          finetune_epochs=cfg.finetune_epochs,
                                          eval_samples=cfg.eval_samples,
-                                         calib_samples=cfg.calib_samples)
+                                         calib_samples=cfg.calib_samples, port=cfg.port)
                 pruned, record = feedback_result.model, feedback_result.record
+                layer_bits = feedback_result.bits   # the word lengths the search measured
+                if cfg.mixed_precision:
+                    log("--mixed-precision not applied: the feedback search chose the word "
+                        "lengths on measured costs")
         else:
             with stage("prune", progress):
                 from .prune import prune
@@ -196,7 +202,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         (tmp / "pruning.json").write_text(json.dumps(record, indent=1, default=_jsonable))
 
         with stage("quantize", progress):
-            qmodel, quant_report = quantize_for_target(pruned, shape, data, target, cfg, log=log)
+            qmodel, quant_report = quantize_for_target(pruned, shape, data, target, cfg, log=log,
+                                                       layer_bits=layer_bits)
             qmodel.save(tmp / "qmodel")
             acc_quant = quant_report["accuracy"]["quantized"]
 
@@ -258,11 +265,17 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
 
 
 def quantize_for_target(model, shape, data, target, cfg: DeployConfig, method: str | None = None,
-                        log=print):
-    """Quantize with the target's word lengths (edgeprune.quantize.stage); (qmodel, report)."""
+                        log=print, layer_bits: dict[str, int] | None = None):
+    """Quantize with the target's word lengths (edgeprune.quantize.stage), per layer at
+    `layer_bits` where given (others 8); (qmodel, report)."""
     from .quantize.stage import QuantizeConfig, quantize
 
-    qcfg = QuantizeConfig(method=method or cfg.quant_method, mixed=cfg.mixed_precision,
+    low = bool(layer_bits) and any(b < 8 for b in layer_bits.values())
+    # QAT fine-tunes 8-bit weights: with chosen low-bit layers "auto" stays PTQ (as the search
+    # measured and ranked them)
+    qcfg = QuantizeConfig(method=method or ("ptq" if low and cfg.quant_method == "auto"
+                                            else cfg.quant_method),
+                          mixed=cfg.mixed_precision and not layer_bits, layer_bits=layer_bits,
                           calib_samples=cfg.calib_samples, eval_samples=cfg.eval_samples,
                           seed=cfg.seed)
     return quantize(model, shape, data, target, qcfg, log=log)

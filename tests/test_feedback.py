@@ -170,3 +170,15 @@ def test_search_refuses_a_board_port(tiny):
     with pytest.raises(EdgepruneError, match="only run them in QEMU"):
         search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
                port="/dev/ttyACM0", **SETTINGS)
+
+
+def test_per_layer_bits_in_the_quantize_stage_name_layer_and_bits():
+    from edgeprune.quantize.stage import QuantizeConfig, quantize
+    data = datasets.load("fashion-mnist")
+    target = load_target("cortex-m7")
+    model = TinyMLP().eval()
+    for bits, match in (({"fc3": 4}, "no conv/linear layer 'fc3'"), ({"fc1": 3}, "'fc1' has 3")):
+        with pytest.raises(EdgepruneError, match=match):
+            quantize(model, (1, 1, 28, 28), data, target,
+                     QuantizeConfig(method="ptq", layer_bits=bits, eval_samples=50,
+                                    calib_samples=8), log=lambda *a: None)

@@ -76,19 +76,22 @@ def run(args) -> int:
     from ..load import parse_shape
     from ..report import print_summary
 
-    per_layer = None
+    per_layer = layer_bits = None
     if args.per_layer is not None:
         try:
             per_layer = json.loads(args.per_layer.read_text())
         except (OSError, ValueError) as e:
             raise EdgepruneError(f"--per-layer {args.per_layer}: not a readable JSON file ({e})",
                                  stage="deploy")
+        if isinstance(per_layer, dict) and isinstance(per_layer.get("bits"), dict):
+            layer_bits = per_layer["bits"]  # the feedback loop's chosen word lengths
         per_layer = per_layer.get("ratios", per_layer)  # the feedback loop's file or a plain map
     if not 0 <= args.ratio < 1:
         raise EdgepruneError(f"--ratio must be in [0, 1), got {args.ratio}", stage="deploy")
     cfg = DeployConfig(out=args.out, target=args.target, model=args.model, data=args.data,
                        input_shape=parse_shape(args.input_shape), train_epochs=args.train_epochs,
                        criterion=args.criterion, ratio=args.ratio, per_layer=per_layer,
+                       layer_bits=layer_bits,
                        budget=parse_budget(args.budget), finetune_epochs=args.finetune,
                        quant_method=args.quant_method, mixed_precision=args.mixed_precision,
                        calib_samples=args.calib_samples, eval_samples=args.eval_samples,

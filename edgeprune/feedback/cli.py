@@ -1,8 +1,9 @@
 """`edgeprune feedback MODEL --target T --data D --budget latency_ms=5,... --out DIR`.
 
-Searches per-layer pruning ratios on measured target costs (`deploy --budget` runs the same search
-inside the whole pipeline). DIR receives ratios.json (for `prune --per-layer` / `deploy
---per-layer`), trajectory.json, cost_table.json, pareto.png, model.pt and pruning.json.
+Searches per-layer pruning ratios and weight word lengths on measured target costs (`deploy
+--budget` runs the same search inside the whole pipeline). DIR receives ratios.json (ratios for
+`prune --per-layer`; ratios and bits for `deploy --per-layer`), trajectory.json, cost_table.json,
+pareto.png, model.pt (float, pruned) and pruning.json.
 Exit code 0 when every budget is met as measured, 1 when not (the message names the budget and
 the closest point reached).
 """
@@ -33,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--train-epochs", type=float, default=1.0, help="training of a zoo model")
     p.add_argument("--workers", type=int, help="parallel candidate evaluations (default 2)")
     p.add_argument("--input-shape", help="static input shape where the model's is not stored")
+    p.add_argument("--word-lengths", default=None,
+                   help="weight bits a layer may take, e.g. 8,4,2 (default: the target's "
+                        "[quant] weight_bits; 8: prune only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -56,6 +60,13 @@ def run(args) -> int:
     except EdgepruneError as e:
         e.stage = STAGE
         raise
+    word_lengths = None
+    if args.word_lengths:
+        try:
+            word_lengths = tuple(int(b) for b in args.word_lengths.split(","))
+        except ValueError:
+            raise EdgepruneError(f"--word-lengths {args.word_lengths!r}: give bits like 8,4,2",
+                                 stage=STAGE)
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, flush=True))
     with atomic_out_dir(args.out, args.force) as tmp:
         data = datasets.load(args.data)
@@ -68,7 +79,8 @@ def run(args) -> int:
         result = search(model, example, data, args.target, budget, criterion=args.criterion,
                         seed=args.seed, work_dir=tmp, log=log, workers=args.workers,
                         finetune_epochs=args.finetune, train_samples=args.train_samples,
-                        short_finetune_samples=args.short_finetune, progress=not args.json)
+                        short_finetune_samples=args.short_finetune, progress=not args.json,
+                        word_lengths=word_lengths)
         save_torch(result.model, shape, tmp / "model.pt")
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
     summary = result.summary()
@@ -78,6 +90,6 @@ def run(args) -> int:
         print(json.dumps(summary))
     else:
         print(result.message)
-        print(f"wrote {args.out}/ratios.json (use with `edgeprune prune --per-layer`), "
+        print(f"wrote {args.out}/ratios.json (ratios and bits: `edgeprune deploy --per-layer`), "
               "trajectory.json, cost_table.json, pareto.png, model.pt, pruning.json")
     return 0 if result.met else 1

@@ -38,6 +38,8 @@ class QuantizeConfig:
     fmt: str = "int"                   # weight format for admm / mixed: int | pow2 | ternary
     bits: int = 8                      # weight bits for ptq/qat/admm (mixed: chosen per layer)
     mixed: bool = False
+    layer_bits: dict[str, int] | None = None  # per layer (module name): weight bits, e.g. the
+                                       # feedback search's ratios.json "bits"; others stay 8
     max_drop: float = 0.5              # accuracy points: auto's QAT trigger, mixed's budget
     calib_samples: int = 512
     calib_method: str = "minmax"
@@ -82,6 +84,16 @@ def check_config(cfg: QuantizeConfig, target) -> None:
     if cfg.bits < 8 and cfg.method in ("qat", "auto") and not cfg.mixed:
         raise EdgepruneError(f"--bits {cfg.bits} with --method {cfg.method}: QAT fine-tunes 8-bit "
                              "weights; use --method admm (or ptq) for low-bit weights")
+    if cfg.layer_bits:
+        for layer, b in cfg.layer_bits.items():
+            if isinstance(b, bool) or not isinstance(b, int) or b not in (2, 4, 8) or b not in wb:
+                raise EdgepruneError(f"per-layer bits: layer '{layer}' has {b!r}; target "
+                                     f"{target.name} takes weight bits {wb} ({target.path})")
+        if cfg.mixed:
+            raise EdgepruneError("per-layer bits and --mixed both choose word lengths; give one")
+        if cfg.method == "qat" and any(b < 8 for b in cfg.layer_bits.values()):
+            raise EdgepruneError("per-layer bits below 8 with --method qat: QAT fine-tunes 8-bit "
+                                 "weights; use ptq, auto or admm")
     if cfg.mixed and cfg.method == "qat":
         raise EdgepruneError("--mixed with --method qat: QAT keeps 8-bit weights; use ptq, auto "
                              "or admm")
@@ -93,6 +105,21 @@ def check_config(cfg: QuantizeConfig, target) -> None:
         raise EdgepruneError(f"--epochs must be positive for {cfg.method}, got {cfg.epochs}")
     if cfg.max_drop < 0:
         raise EdgepruneError(f"--max-drop must be >= 0, got {cfg.max_drop}")
+
+
+def layer_weight_cfg(net, layer_bits: dict[str, int]) -> dict[str, tuple[str, int]]:
+    """{module name or IR node: bits} -> the quantizer's {IR node: ("int", bits)}; the IR names a
+    layer as torch.fx does ('layer1.conv1' -> 'layer1_conv1')."""
+    nodes = {n.name for n in net.weight_nodes()}
+    out = {}
+    for layer, b in layer_bits.items():
+        node = layer if layer in nodes else layer.replace(".", "_")
+        if node not in nodes:
+            raise EdgepruneError(f"per-layer bits: no conv/linear layer '{layer}' in the model "
+                                 f"(layers: {', '.join(sorted(nodes))})")
+        if b != 8:
+            out[node] = ("int", int(b))
+    return out
 
 
 def check_data_fits(shape: tuple[int, ...], data, origin: str) -> None:
@@ -153,6 +180,8 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
             net, ranges, x_tune, y_tune, float_accuracy(model, x_tune, y_tune),
             target.quant["weight_bits"],
             target.quant["activation_bits"], fmt, cfg.max_drop, log=log)
+    elif cfg.layer_bits:
+        weight_cfg = layer_weight_cfg(net, cfg.layer_bits)
     elif cfg.bits < 8 or cfg.fmt != "int":
         weight_cfg = default_layer_formats(net, cfg.fmt, cfg.bits)
 
