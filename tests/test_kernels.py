@@ -231,7 +231,7 @@ def _helium_models():
              .conv(16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
              .conv(5, (3, 3), padding=(1, 2, 1, 2), dilation=(1, 2))
              .conv(5, (3, 3), padding=(1, 1, 1, 1)).add("t1", relu=True).build())
-    others = (Net((2, 6, 7, 7), zp=-3, seed=12)
+    others = (Net((2, 6, 7, 11), zp=-3, seed=12)
               .conv(6, (3, 3), padding=(1, 1, 1, 1), groups=6)
               .conv(6, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=6, zp_out=0, wmax=1,
                     real_scales=(0.2, 0.9))

@@ -324,11 +324,12 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
             for (int rx = 0; rx < kw; rx++) {
               const int8_t *s0 = row + ry * dh * Ws + rx * dw;
               int32_t wk = wc[ry * kw + rx];
-              if (sw == 1) {  /* asm: GCC 12 keeps one address register per load and spills */
+              if (sw == 1) {  /* asm: GCC 12 keeps one address register per load and spills;
+                                 a widening VLDRB needs a low base register ("l") */
                 __asm__("vldrb.s32 q0, [%[p]]\n\tvldrb.s32 q1, [%[p], #4]\n\t"
                         "vmla.s32 %q[a0], q0, %[w]\n\tvmla.s32 %q[a1], q1, %[w]"
                         : [a0] "+w"(a0), [a1] "+w"(a1)
-                        : [p] "r"(s0), [w] "r"(wk), "m"(*(const int8_t(*)[8])s0)
+                        : [p] "l"(s0), [w] "r"(wk), "m"(*(const int8_t(*)[8])s0)
                         : "q0", "q1");
               } else {
                 a0 = vmlaq_n_s32(a0, vldrbq_gather_offset_s32(s0, go), wk);
