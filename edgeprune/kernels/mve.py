@@ -117,7 +117,13 @@ def conv_kernel(layer: QLayer):
     # Per group, per lane (pixel * g + channel): M, rnd >> 32, -(s - 32).
     _, m, rnd, sft = consts
     lanes = (np.arange(ng)[:, None] * g + np.arange(4)[None, :] % g)
-    qp = np.stack([m[lanes], (rnd >> 32)[lanes], (32 - sft.astype(np.int64))[lanes]], 1)
+    t = np.maximum(sft.astype(np.int64) - 32, 0)  # (padding channels: s = 0, never stored)
+    radd, zp = rnd >> 32, layer.zp_out
+    # ((h + radd) >> t) + zp == (h + radd + (zp << t)) >> t: one vector add less, if it fits
+    # (|h| <= 2^30, see mve_c).
+    if mode == 1 and np.all(np.abs(radd + (zp << t)) < 2 ** 30):
+        radd, zp = radd + (zp << t), 0
+    qp = np.stack([m[lanes], radd[lanes], -t[lanes]], 1)
     scratch = 0 if direct else hs * ws * c
     patch_off = -1
     if patch:
@@ -129,7 +135,7 @@ def conv_kernel(layer: QLayer):
         L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
         xs = "xs.data"
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, direct, patch_off,
-            oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode, layer.zp_out,
+            oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode, zp,
             layer.lo, layer.hi, g]
     L.append(_call("ep_mve_conv", layer, xs, ints, qp=True))
     return "\n".join(L), [np.ascontiguousarray(wpad).reshape(-1)] + consts \

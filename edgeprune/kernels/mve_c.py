@@ -243,7 +243,8 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
         const int32_t *q = qp + g * 12;
         h = vmulhq_s32(acc, vld1q_s32(q));
         h = vshlq_s32(vaddq_s32(h, vld1q_s32(q + 4)), vld1q_s32(q + 8));
-        h = vminq_s32(vmaxq_s32(vaddq_n_s32(h, zp), vdupq_n_s32(lo)), vdupq_n_s32(hi));
+        if (zp) h = vaddq_n_s32(h, zp);  /* (usually folded into rnd by the generator) */
+        h = vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi));
       } else {
         int32_t r[4];
         vst1q_s32(r, acc);
