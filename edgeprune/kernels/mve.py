@@ -120,9 +120,9 @@ def conv_kernel(layer: QLayer):
     t = np.maximum(sft.astype(np.int64) - 32, 0)  # (padding channels: s = 0, never stored)
     radd, zp = rnd >> 32, layer.zp_out
     # ((h + radd) >> t) + zp == (h + radd + (zp << t)) >> t: one vector add less, if it fits
-    # (|h| <= 2^30, see mve_c).
+    # (|h| <= 2^30, see mve_c); mode 2 tells the vector code (the portable C adds zp itself).
     if mode == 1 and np.all(np.abs(radd + (zp << t)) < 2 ** 30):
-        radd, zp = radd + (zp << t), 0
+        radd, mode = radd + (zp << t), 2
     qp = np.stack([m[lanes], radd[lanes], -t[lanes]], 1)
     scratch = 0 if direct else hs * ws * c
     patch_off = -1

@@ -10,6 +10,7 @@ Requantization per output channel, with total shift s and rounding constant rnd:
   clamp(zp + ((acc * M + rnd) >> s), lo, hi).
 `mode` 1 (the generator checked: every s >= 32 and rnd's low word is 0): the high word of
 acc * M (VMULH), plus rnd >> 32, then >> (s - 32); floor divisions compose, so this is exact.
+`mode` 2 (conv only): the same with zp << (s - 32) already added to the rnd >> 32 term.
 `mode` 0: 64 bits per output (ep_mve_rq1).
 """
 
@@ -243,7 +244,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
         const int32_t *q = qp + g * 12;
         h = vmulhq_s32(acc, vld1q_s32(q));
         h = vshlq_s32(vaddq_s32(h, vld1q_s32(q + 4)), vld1q_s32(q + 8));
-        if (zp) h = vaddq_n_s32(h, zp);  /* (usually folded into rnd by the generator) */
+        if (mode == 1) h = vaddq_n_s32(h, zp);  /* mode 2: zp is in qp's rnd term already */
         h = vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi));
       } else {
         int32_t r[4];
