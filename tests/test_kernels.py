@@ -299,3 +299,19 @@ def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
     for row, (ma, mb, sh, rnd, zp) in zip(got, cases):
         want = np.clip(((a * ma + b * mb + rnd) >> sh) + zp, -128, 127)
         assert np.array_equal(row, want), (ma, mb, sh, rnd, zp)
+
+
+def test_row_bands_with_a_short_last_band_bit_exact(tmp_path):
+    """Tall, narrow images: the conv scratch holds bands of rows and the last band is shorter
+    (3x3 stride 1 and stride 2 with padding, and a 1x1 stride-2 conv in sampled bands)."""
+    from edgeprune.kernels.int8 import BAND_PIXELS, BAND_PIXELS_1X1
+
+    # outputs 75x7, 38x4 and 19x2: bands of 19, 32 and 16 rows, each with a shorter last band
+    assert (BAND_PIXELS, BAND_PIXELS_1X1) == (128, 32)
+    qm = (Net((1, 3, 75, 7), zp=-128, seed=4)
+          .conv(6, (3, 3), padding=(1, 1, 1, 1))
+          .conv(5, (3, 3), stride=(2, 2), padding=(1, 0, 1, 2))
+          .conv(4, (1, 1), stride=(2, 2))
+          .flatten().dense(3).build())
+    _, result = _run(qm, tmp_path, "bands")
+    assert result["mismatches"] == 0 and result["outputs_match"]

@@ -78,6 +78,18 @@ static inline int32_t ep_sxtb16(int32_t w) {
 }
 static inline int32_t ep_sxtb16_ror8(int32_t w) { return ep_sxtb16(w >> 8); }
 #endif
+/* Widen n words of int8 weight pairs into 2n int16-pair words (SXTB16, SXTB16 ROR #8). One
+   small shared copy: written as a loop in each kernel, GCC unrolled it into ~0.5 KB of flash
+   per conv, for a loop that runs once per output-channel block. */
+__attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep_widen(
+    int32_t *w, int32_t *wu, int32_t n) {  /* TVM declares it without const */
+  for (; n >= 2; n -= 2, w += 2, wu += 4) {  /* two words a step: LDRD, STRD x2 */
+    int32_t a = w[0], b = w[1];
+    wu[0] = ep_sxtb16(a), wu[1] = ep_sxtb16_ror8(a), wu[2] = ep_sxtb16(b), wu[3] = ep_sxtb16_ror8(b);
+  }
+  if (n) wu[0] = ep_sxtb16(w[0]), wu[1] = ep_sxtb16_ror8(w[0]);
+  return 0;
+}
 /* Two neighbouring int16 values as one word, p[0] in the low half (one LDR; v7-M and later
    allow it unaligned): a pair of horizontal taps of a depthwise plane for ep_smlad. */
 static inline int32_t ep_ld2(int16_t *p) {
@@ -579,15 +591,6 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     L += [f'    xs = T.alloc_buffer(({nred}, {hb}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
           f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")']
-    if not dense and not by_width:
-        # The left/right zero-point columns are the same in every band: written once.
-        t, l, b, r = (0, 0, 0, 0) if sample else layer.padding
-        pad = _pack_pair(str(pv), str(pv))
-        cols = [(0, l), (ws - r, r)]
-        if any(n_ for _, n_ in cols):
-            L.append(f"    for cc, i in T.grid({nred}, {hb}):")
-            L += [f"        for j in range({n_}):\n            xs[cc, i, j + {j0}] = {pad}"
-                  for j0, n_ in cols if n_]
     L.append(f"    for nb in range({n}):")
 
     def fill(ind: str, r0: str) -> list[str]:
@@ -618,13 +621,18 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
             row, col = f"({r0} + i - {t}) * {fh}", f"j * {fw}"
             src = _pack_pair(xin(f"{ch} * 2", row, col),
                              None if odd else xin(f"{ch} * 2 + 1", row, col))
+            # A row is input (with its zero-point columns) or all zero point. The columns are
+            # rewritten per band: a separate loop for them, unrolled by GCC, cost more flash.
+            r = ws - l - w_in
             lines += [f"{ind}for cc, i in T.grid({hi - lo}, {hb}):",
                       f"{ind}    if {t} <= {r0} + i and {r0} + i < {t + h_in}:",
+                      *[f"{ind}        for j in range({n_}):\n{ind}            xs[{ch}, i, j + {j0}] = {pad}"
+                        for j0, n_ in ((0, l), (l + w_in, r)) if n_],
                       f"{ind}        for j in range({w_in}):",
                       f"{ind}            xs[{ch}, i, j + {l}] = {src}",
                       f"{ind}    else:",
-                      f"{ind}        for j in range({w_in}):",
-                      f"{ind}            xs[{ch}, i, j + {l}] = {pad}"]
+                      f"{ind}        for j in range({ws}):",
+                      f"{ind}            xs[{ch}, i, j] = {pad}"]
         return lines
 
     def _dense_fill(ind: str) -> list[str]:
@@ -679,13 +687,11 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         the SXTB16s would need more registers than a Cortex-M has and spill (+30 % on L7)."""
         if px_block == 1:  # one pixel per tile: each weight is used once anyway
             return []
-        q = words.shape[-1]
-        return [f"{ind}for a, ry, rx in T.grid({nred}, {kh}, {taps}):",
-                f"{ind}    for k in T.unroll({q}):",
-                f"{ind}        wu[a, ry, rx, k * 2] = {_unpack(f'w[{obv}, a, ry, rx, k]', 0)}",
-                f"{ind}        wu[a, ry, rx, k * 2 + 1] = {_unpack(f'w[{obv}, a, ry, rx, k]', 1)}"]
+        n_words = nred * kh * taps * words.shape[-1]
+        return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen", '
+                f"T.address_of(w[{obv}, 0, 0, 0, 0]), wu.data, {n_words}))"]
 
-    def band_loops(ind: str, bv: str, rows: int) -> list[str]:
+    def band_loops(ind: str, bv: str, rows: str) -> list[str]:
         """Fill band `bv` (`rows` output rows), then every channel block over its rows."""
         lines = fill(ind, f"{bv} * {band * sh}")
         px_full, px_tail = divmod(ow_n, px_block)
@@ -705,12 +711,12 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                 lines += tile(ind2 + "    ", obv, count, str(px_full * px_block), px_tail, orow)
         return lines
 
-    full_bands, tail_rows = divmod(oh_n, band)
-    if full_bands:
-        L.append(f"        for bnd in range({full_bands}):")
-        L += band_loops("            ", "bnd", band)
-    if tail_rows:
-        L += band_loops("        ", str(full_bands), tail_rows)
+    # One loop over the bands (the last may be shorter): a copy of the tiles for a tail band
+    # would cost code size (flash) for a few rows.
+    nbands = -(-oh_n // band)
+    rows = str(band) if oh_n % band == 0 else f"T.min({band}, {oh_n} - bnd * {band})"
+    L.append(f"        for bnd in range({nbands}):")
+    L += band_loops("            ", "bnd", rows)
     return "\n".join(L), [words] + consts
 
 
