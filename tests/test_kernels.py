@@ -231,14 +231,15 @@ def _helium_models():
              .conv(16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
              .conv(5, (3, 3), padding=(1, 2, 1, 2), dilation=(1, 2))
              .conv(5, (3, 3), padding=(1, 1, 1, 1)).add("t1", relu=True).build())
-    others = (Net((2, 6, 7, 11), zp=-3, seed=12)
+    others = (Net((2, 6, 7, 16), zp=-3, seed=12)
               .conv(6, (3, 3), padding=(1, 1, 1, 1), groups=6)
               .conv(6, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=6, zp_out=0, wmax=1,
                     real_scales=(0.2, 0.9))
+              .conv(6, (3, 3), padding=(0, 1, 0, 2), groups=6)
               .conv(20, (1, 1), wmax=1, real_scales=(0.1, 0.6))
               .flatten().dense(7, out_dtype="int16").build())
     return {"convs": (convs, {"ep_mve_conv8(x": 3, "ep_mve_add8(a": 1}),
-            "others": (others, {"ep_mve_dw8(x": 2, "ep_mve_conv8(x": 1, "ep_mve_conv16(x": 1})}
+            "others": (others, {"ep_mve_dw8(x": 3, "ep_mve_conv8(x": 1, "ep_mve_conv16(x": 1})}
 
 
 @pytest.mark.parametrize("name", ["convs", "others"])
@@ -246,11 +247,11 @@ def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path, name):
     """Cortex-M55 ("mve-i") gets the Helium kernels (kernels/mve.py). "convs": batch 2, a
     3-channel first layer (windows gathered into a patch) with stride 2 and an odd pixel count
     (partial tiles), a horizontally dilated conv (one run per tap) with an odd channel count,
-    a residual add with ReLU (odd element count). "others": depthwise with stride 1 and 2
-    (partial tiles), the 64-bit requantization (total shift 31) in a depthwise and a 1x1 conv,
-    a dense layer with int16 outputs, not a multiple of 4 of them. Checked bit-exact against
-    the integer reference in QEMU, and again after retargeting the library to the M7 (the
-    kernels' portable C)."""
+    a residual add with ReLU (odd element count). "others": depthwise on rows of 16 (contiguous
+    loads) and rows of 4 and 9 outputs (tiles across rows, gathers), strides 1 and 2, the
+    64-bit requantization (total shift 31) in a depthwise and a 1x1 conv, a dense layer with
+    int16 outputs, not a multiple of 4 of them. Checked bit-exact against the integer reference
+    in QEMU, and again after retargeting the library to the M7 (the kernels' portable C)."""
     qm, calls = _helium_models()[name]
     build, result = _run(qm, tmp_path, name, target="cortex-m55")
     src = (tmp_path / name / "c_library" / "kernels.c").read_text()

@@ -149,15 +149,16 @@ def depthwise_kernel(layer: QLayer):
     oh, ow = layer.y_shape[2:]
     hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
     dh, dw = layer.dilation
-    # A tile of 8 outputs reads up to 8 * sw + (kw - 1) * dw bytes from its corner: slack past
-    # the plane's end for the last row's tiles.
-    scratch = hs * ws + 8 * sw + (kw - 1) * dw + 16
-    L = _header(layer, o * kh * kw, o, "depthwise")
-    L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
+    # Per output (NCHW order, in tiles of 8, the last one repeated): its window's corner in the
+    # channel's padded plane, the gather offsets of the tiles' lanes.
+    j = np.minimum(np.arange(-(-oh * ow // 8) * 8), oh * ow - 1)
+    po = ((j // ow) * sh * ws + (j % ow) * sw).astype(np.int32)
+    L = _header(layer, o * kh * kw, o, "depthwise", po.size)
+    L.append(f'    xs = T.alloc_buffer(({hs * ws},), "int8")')
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
             sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
-    L.append(_call("ep_mve_dw", layer, "xs.data", ints))
-    return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts
+    L.append(_call("ep_mve_dw", layer, "xs.data", ints, qp=True))
+    return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts + [po]
 
 
 def add_source(shape, a_t: str, b_t: str, out_dtype: str, mults, rnd: int, sh: int, zp: int,

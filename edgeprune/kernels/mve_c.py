@@ -298,16 +298,22 @@ EP_AI void ep_mve_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32
   }
 }
 
-/* depthwise on one zero-point-padded int8 plane per channel: lanes are 4 neighbouring outputs
-   of a row (a widening load, or a gather for strided rows), 4 MACs per VMLA by a weight held in
-   a core register; tiles of 8 outputs share each weight. */
+/* depthwise on one zero-point-padded int8 plane per channel: a tile is 8 outputs, two vectors
+   of 4, per tap one load per vector and a VMLA by the weight held in a core register. Rows of a
+   multiple of 8 outputs (stride 1): contiguous loads. Else the tile is 8 consecutive outputs in
+   NCHW order, across rows (narrow images waste no lanes), gathered with the offsets po[] (per
+   output its window's corner in the plane, the last output repeated past the end). */
 EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
-                     const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
-                     int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt,
-                     int32_t pl, int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw, int32_t sh,
-                     int32_t sw, int32_t dh, int32_t dw, int32_t mode, int32_t zp, int32_t lo, int32_t hi, int32_t out16) {
-  int esz = out16 ? 2 : 1;
-  (void)mode;  /* ep_mve_rq's; the portable C has one form */
+                     const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                     const int32_t *po, void *y, int32_t n, int32_t C, int32_t H, int32_t W,
+                     int32_t hi_n, int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt, int32_t pl,
+                     int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW, int32_t kh,
+                     int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t mode,
+                     int32_t zp, int32_t lo, int32_t hi, int32_t out16) {
+  int esz = out16 ? 2 : 1, ohw = OH * OW;
+#ifndef EP_MVE
+  (void)mode, (void)po;
+#endif
   for (int nb = 0; nb < n; nb++)
     for (int c = 0; c < C; c++) {
       const int8_t *xc = x + ((size_t)nb * C + c) * H * W;
@@ -315,47 +321,66 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
       const int8_t *wc = w + (size_t)c * kh * kw;
       int32_t m = mult[c], s = shift[c], b0 = bias[c];
       int64_t r = rnd[c];
-      char *yc = (char *)y + ((size_t)nb * C + c) * OH * OW * esz;
-      for (int oh = 0; oh < OH; oh++)
-        for (int ow0 = 0; ow0 < OW; ow0 += 8) {
-          const int8_t *row = xs + (size_t)oh * sh * Ws + (size_t)ow0 * sw;
+      char *yc = (char *)y + ((size_t)nb * C + c) * ohw * esz;
 #ifdef EP_MVE
-          int32x4_t a0 = vdupq_n_s32(b0), a1 = a0;
-          uint32x4_t go = vmulq_n_u32(vidupq_n_u32(0, 1), (uint32_t)sw);
-          for (int ry = 0; ry < kh; ry++)
-            for (int rx = 0; rx < kw; rx++) {
-              const int8_t *s0 = row + ry * dh * Ws + rx * dw;
-              int32_t wk = wc[ry * kw + rx];
-              if (sw == 1) {  /* asm: GCC 12 keeps one address register per load and spills;
-                                 a widening VLDRB needs a low base register ("l") */
+      if (OW % 8 == 0 && sw == 1) {  /* whole rows of 8: contiguous loads, no offset table */
+        for (int oh = 0; oh < OH; oh++)
+          for (int ow0 = 0; ow0 < OW; ow0 += 8) {
+            const int8_t *row = xs + (size_t)oh * sh * Ws + ow0;
+            int32x4_t a0 = vdupq_n_s32(b0), a1 = a0;
+            for (int ry = 0; ry < kh; ry++)
+              for (int rx = 0; rx < kw; rx++) {
+                const int8_t *s0 = row + ry * dh * Ws + rx * dw;
+                int32_t wk = wc[ry * kw + rx];
+                /* asm: GCC 12 keeps one address register per load and spills; a widening
+                   VLDRB needs a low base register ("l") */
                 __asm__("vldrb.s32 q0, [%[p]]\n\tvldrb.s32 q1, [%[p], #4]\n\t"
                         "vmla.s32 %q[a0], q0, %[w]\n\tvmla.s32 %q[a1], q1, %[w]"
                         : [a0] "+w"(a0), [a1] "+w"(a1)
                         : [p] "l"(s0), [w] "r"(wk), "m"(*(const int8_t(*)[8])s0)
                         : "q0", "q1");
-              } else {
-                a0 = vmlaq_n_s32(a0, vldrbq_gather_offset_s32(s0, go), wk);
-                a1 = vmlaq_n_s32(a1, vldrbq_gather_offset_s32(s0 + 4 * sw, go), wk);
               }
-            }
-          int left = OW - ow0;
-          ep_mve_store(yc + ((size_t)oh * OW + ow0) * esz, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode),
-                       left < 4 ? left : 4, out16);
-          if (left > 4)
-            ep_mve_store(yc + ((size_t)oh * OW + ow0 + 4) * esz,
-                         ep_mve_rq(a1, m, r, s, zp, lo, hi, mode), left - 4, out16);
-#else
-          for (int p = 0; p < 8 && ow0 + p < OW; p++) {
-            int32_t acc = b0;
-            for (int ry = 0; ry < kh; ry++)
-              for (int rx = 0; rx < kw; rx++)
-                acc += row[ry * dh * Ws + p * sw + rx * dw] * wc[ry * kw + rx];
-            int32_t v = ep_mve_rq1(acc, m, r, s, zp, lo, hi);
-            if (out16) ((int16_t *)yc)[oh * OW + ow0 + p] = (int16_t)v;
-            else ((int8_t *)yc)[oh * OW + ow0 + p] = (int8_t)v;
+            char *yo = yc + ((size_t)oh * OW + ow0) * esz;
+            ep_mve_store(yo, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode), 4, out16);
+            ep_mve_store(yo + 4 * esz, ep_mve_rq(a1, m, r, s, zp, lo, hi, mode), 4, out16);
           }
-#endif
+        continue;
+      }
+      for (int i = 0; i < ohw; i += 8) {
+        uint32x4_t o0 = vld1q_u32((const uint32_t *)po + i);
+        uint32x4_t o1 = vld1q_u32((const uint32_t *)po + i + 4);
+        int32x4_t a0 = vdupq_n_s32(b0), a1 = a0;
+        for (int ry = 0; ry < kh; ry++)
+          for (int rx = 0; rx < kw; rx++) {
+            const int8_t *s0 = xs + ry * dh * Ws + rx * dw;
+            int32_t wk = wc[ry * kw + rx];
+            /* the same in asm, with gathers ("memory": they read anywhere in the plane) */
+            __asm__("vldrb.s32 q0, [%[p], %q[o0]]\n\tvldrb.s32 q1, [%[p], %q[o1]]\n\t"
+                    "vmla.s32 %q[a0], q0, %[w]\n\tvmla.s32 %q[a1], q1, %[w]"
+                    : [a0] "+w"(a0), [a1] "+w"(a1)
+                    : [p] "l"(s0), [w] "r"(wk), [o0] "w"(o0), [o1] "w"(o1)
+                    : "q0", "q1", "memory");
+          }
+        int left = ohw - i;
+        ep_mve_store(yc + (size_t)i * esz, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode),
+                     left < 4 ? left : 4, out16);
+        if (left > 4)
+          ep_mve_store(yc + (size_t)(i + 4) * esz, ep_mve_rq(a1, m, r, s, zp, lo, hi, mode),
+                       left - 4, out16);
+      }
+#else
+      for (int oh = 0; oh < OH; oh++)
+        for (int ow = 0; ow < OW; ow++) {
+          const int8_t *corner = xs + (size_t)oh * sh * Ws + (size_t)ow * sw;
+          int32_t acc = b0;
+          for (int ry = 0; ry < kh; ry++)
+            for (int rx = 0; rx < kw; rx++)
+              acc += corner[ry * dh * Ws + rx * dw] * wc[ry * kw + rx];
+          int32_t v = ep_mve_rq1(acc, m, r, s, zp, lo, hi);
+          if (out16) ((int16_t *)yc)[oh * OW + ow] = (int16_t)v;
+          else ((int8_t *)yc)[oh * OW + ow] = (int8_t)v;
         }
+#endif
     }
 }
 
@@ -411,12 +436,12 @@ EP_AI int32_t ep_mve_conv16(EP_MVE_PTRS, int32_t *qp, int16_t *y, EP_MVE_CONV_AR
   ep_mve_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 1, G);
   return 0;
 }
-EP_AI int32_t ep_mve_dw8(EP_MVE_PTRS, int8_t *y, EP_MVE_DW_ARGS) {
-  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_DW_PASS, 0);
+EP_AI int32_t ep_mve_dw8(EP_MVE_PTRS, int32_t *po, int8_t *y, EP_MVE_DW_ARGS) {
+  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, po, y, EP_MVE_DW_PASS, 0);
   return 0;
 }
-EP_AI int32_t ep_mve_dw16(EP_MVE_PTRS, int16_t *y, EP_MVE_DW_ARGS) {
-  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, y, EP_MVE_DW_PASS, 1);
+EP_AI int32_t ep_mve_dw16(EP_MVE_PTRS, int32_t *po, int16_t *y, EP_MVE_DW_ARGS) {
+  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, po, y, EP_MVE_DW_PASS, 1);
   return 0;
 }
 EP_AI int32_t ep_mve_add8(int8_t *a, int8_t *b, int8_t *y, int32_t n, int32_t mah, int32_t mal,
