@@ -78,6 +78,18 @@ static inline int32_t ep_sxtb16(int32_t w) {
 }
 static inline int32_t ep_sxtb16_ror8(int32_t w) { return ep_sxtb16(w >> 8); }
 #endif
+/* ep_smlad on two words in memory. Without SMLAD, two sign-extending halfword loads per
+   operand are cheaper than extracting the halves of a loaded word (in the unrolled tiles GCC
+   spills the extracted halves). */
+typedef int16_t __attribute__((may_alias)) ep_i16;
+static inline int32_t ep_mac2(int32_t *a, int32_t *b, int32_t acc) {
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+  return __smlad(*a, *b, acc);
+#else
+  const ep_i16 *x = (const ep_i16 *)a, *y = (const ep_i16 *)b;
+  return (int32_t)((uint32_t)acc + (uint32_t)(x[0] * y[0]) + (uint32_t)(x[1] * y[1]));
+#endif
+}
 /* Widen n words of int8 weight pairs into 2n int16-pair words (SXTB16, SXTB16 ROR #8). One
    small shared copy: written as a loop in each kernel, GCC unrolled it into ~0.5 KB of flash
    per conv, for a loop that runs once per output-channel block. */
@@ -133,7 +145,7 @@ KERNEL_ATTR = "edgeprune.kernel"
 TUNED_TILES: ContextVar[dict] = ContextVar("edgeprune_tuned_tiles", default={})
 KERNEL_LAYERS: ContextVar[dict | None] = ContextVar("edgeprune_kernel_layers", default=None)
 # Every kernel here is marked opaque (op_pattern 8) so that FuseOps keeps it a call of its own.
-PRELUDE_FUNCS = ("ep_smlad", "ep_sxtb16", "ep_requant", "ep_clamp")
+PRELUDE_FUNCS = ("ep_smlad", "ep_mac2", "ep_sxtb16", "ep_requant", "ep_clamp")
 
 
 def with_prelude(c_source: str) -> str:
@@ -526,9 +538,12 @@ def _unpack(word: str, k: int) -> str:
     return f'T.call_extern("int32", "{"ep_sxtb16_ror8" if k % 2 else "ep_sxtb16"}", {word})'
 
 
-def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | None = None):
+def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | None = None,
+                 dsp: bool = True):
     """conv (groups=1) or dense: SMLAD on channel pairs; each tile keeps oc_block output
-    channels x px_block neighbouring pixels of one row in registers."""
+    channels x px_block neighbouring pixels of one row in registers. Without `dsp` (no SMLAD:
+    RISC-V, Cortex-A's scalar path) a pair's MACs read their operands as two int16 halves from
+    memory (ep_mac2) instead of extracting them from a word."""
     dense = layer.kind == "dense"
     if oc_block is None:  # the tuner's measured choice for this shape (kernels/tune.py), if any
         oc_block, px_block = TUNED_TILES.get().get(layer_key(layer), (None, None))
@@ -658,7 +673,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         u = next(f for f in (4, 2, 1) if nred % f == 0 and kh * taps * f <= 4 or f == 1)
         lines += [f"{ind}for cco in range({nred // u}):",
                   f"{ind}    for cci in T.unroll({u}):",
-                  f"{ind}        for ry in T.unroll({kh}):",
+                  f"{ind}        for ry in {'T.unroll' if dsp else 'range'}({kh}):",
                   f"{ind}            for rx in T.unroll({taps}):"]
         cc = f"cco * {u} + cci"
 
@@ -666,8 +681,13 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
             if px_block > 1:  # widened once per channel block (unpack_loops)
                 return f"wu[{cc}, ry, rx, {k}]"
             return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)
-        lines += [f'{ind}                {a(k, p)} = T.call_extern("int32", "ep_smlad", '
-                  f"xs[{cc}, ohl * {sh} + ry * {dh}, {col(p)}], {wk(k)}, {a(k, p)})"
+        def mac(k, p):
+            x = f"xs[{cc}, ohl * {sh} + ry * {dh}, {col(p)}]"
+            if not dsp and px_block > 1:
+                return (f'T.call_extern("int32", "ep_mac2", T.address_of({x}), '
+                        f"T.address_of({wk(k)}), {a(k, p)})")
+            return f'T.call_extern("int32", "ep_smlad", {x}, {wk(k)}, {a(k, p)})'
+        lines += [f"{ind}                {a(k, p)} = {mac(k, p)}"
                   for k in range(count) for p in range(npx)]
         # All results first, then the stores: an int8 store may alias any constant, which
         # would force the per-channel constants to be reloaded for every pixel.
@@ -784,7 +804,7 @@ def kernel_source(layer: QLayer, features=()) -> tuple[str, list[np.ndarray]]:
     """TVMScript of the layer's kernel and its constant arguments (after the input)."""
     if layer.kind == "depthwise":
         return _depthwise_kernel(layer, dsp="dsp" in tuple(features or ()))
-    return _conv_kernel(layer)
+    return _conv_kernel(layer, dsp="dsp" in tuple(features or ()))
 
 
 def build_kernel(layer: QLayer, features=()):
