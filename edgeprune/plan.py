@@ -8,11 +8,18 @@ and the smallest arena wins (equal to the bound on chains, see tests/test_plan.p
 Where the graph branches (a residual block's shortcut, parallel paths before a concat) the
 order of the calls changes what is live at once: `best_order` searches the topological orders
 for the lowest peak before planning.
+
+In place: a depthwise conv or a residual add whose input dies at that call writes its output
+over the input (`inplace_aliases`); both kernels read each input element before they write the
+output bytes that cover it.
 """
 
 import dataclasses
 import heapq
+import re
 from dataclasses import dataclass
+
+import numpy as np
 
 ALIGN = 16
 
@@ -207,12 +214,64 @@ def reorder_for_memory(lowered) -> int:
     return 0
 
 
+# Kernels that may overwrite a dying input (kernels/int8.py, kernels/mve.py): a depthwise conv
+# copies each channel's plane into its scratch before writing that channel's outputs, which
+# land on the bytes of planes already copied (an output plane is no larger than an input
+# plane); an add reads a[i] and b[i] before it writes y[i].
+INPLACE_KERNEL = re.compile(r"ep_int8_(depthwise|add)\d*$")
+
+
+def inplace_aliases(lowered) -> dict[str, str]:
+    """Output tensor -> the dying input tensor whose bytes it reuses (in call order)."""
+    external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
+    last: dict[str, int] = {}
+    for i, call in enumerate(lowered.calls):
+        for name in call.inputs:
+            last[lowered.base(name)] = i
+    for name in lowered.outputs:
+        last[lowered.base(name)] = len(lowered.calls)
+    aliases: dict[str, str] = {}
+    for i, call in enumerate(lowered.calls):
+        out = call.output
+        if not INPLACE_KERNEL.match(call.kernel) or out in external or out in lowered.views:
+            continue
+        y = lowered.tensors[out]
+        for name in call.inputs[:1] if "depthwise" in call.kernel else call.inputs:
+            t = lowered.base(name)
+            if t in external or last.get(t) != i or t in aliases.values():
+                continue
+            x = lowered.tensors[t]
+            if "depthwise" in call.kernel:  # same N, C; an output plane within an input plane
+                fits = (len(x.shape) == len(y.shape) == 4 and x.shape[:2] == y.shape[:2] and
+                        y.nbytes <= x.nbytes)
+            else:  # elementwise, same shape; an output element within its input element
+                fits = (x.shape == y.shape and
+                        np.dtype(y.dtype).itemsize <= np.dtype(x.dtype).itemsize)
+            if fits:
+                aliases[out] = t
+                break
+    return aliases
+
+
+def _root(aliases: dict[str, str], name: str) -> str:
+    while name in aliases:
+        name = aliases[name]
+    return name
+
+
 def plan_model(lowered) -> Plan:
-    """Arena plan for a LoweredModel: intermediates (not inputs/outputs/weights/views) + scratch."""
-    return plan_buffers(_buffers(lowered))
+    """Arena plan for a LoweredModel: intermediates (not inputs/outputs/weights/views) + scratch,
+    in-place outputs sharing their input's bytes."""
+    aliases = inplace_aliases(lowered)
+    plan = plan_buffers(_buffers(lowered, aliases))
+    for name in aliases:
+        plan.offsets[name] = plan.offsets[_root(aliases, name)]
+    return plan
 
 
-def _buffers(lowered) -> list[Buffer]:
+def _buffers(lowered, aliases: dict[str, str] | None = None) -> list[Buffer]:
+    """The arena's buffers; tensors in `aliases` are folded into their root's buffer."""
+    aliases = aliases or {}
     external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -227,8 +286,13 @@ def _buffers(lowered) -> list[Buffer]:
     for name in lowered.outputs:
         if name in lowered.views:
             last[lowered.base(name)] = end
-    buffers = [Buffer(n, _align(lowered.tensors[n].nbytes), first[n], last[n])
-               for n in first if n not in external]
+    groups: dict[str, list[str]] = {}
+    for n in first:
+        if n not in external:
+            groups.setdefault(_root(aliases, n), []).append(n)
+    buffers = [Buffer(root, _align(max(lowered.tensors[n].nbytes for n in names)),
+                      min(first[n] for n in names), max(last[n] for n in names))
+               for root, names in groups.items()]
     buffers += [Buffer(f"__workspace{i}", _align(c.workspace_bytes), i, i)
                 for i, c in enumerate(lowered.calls) if c.workspace_bytes]
     return buffers

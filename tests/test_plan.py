@@ -119,3 +119,46 @@ def test_best_order_is_the_optimum_of_all_topological_orders():
         order = best_order(lm)
         assert tuple(order) in valid
         assert peak_bytes(lm, order) == min(peak_bytes(lm, list(p)) for p in valid)
+
+
+class _DepthwiseResidual(torch.nn.Module):
+    """A depthwise conv and a residual add whose inputs die there: both can run in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = torch.nn.Conv2d(4, 16, 1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project = torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Conv2d(16, 8, 1, stride=2)
+
+    def forward(self, x):
+        a = torch.relu(self.dw(torch.relu(self.expand(x))))
+        return self.head(torch.relu(self.project(a) + a))
+
+
+def test_depthwise_and_add_run_in_place_and_stay_bit_exact(tmp_path):
+    """The depthwise conv and the add overwrite their dying inputs (a smaller arena), and the
+    firmware still matches the integer reference on the SMLAD (M7), Helium (M55) and portable
+    (RISC-V) kernels."""
+    from edgeprune.compile import compile_model
+    from edgeprune.lower import lower_relax
+    from edgeprune.plan import _buffers, inplace_aliases, lower_bound, plan_model
+    from edgeprune.quantize.ptq import quantize_ptq
+    from edgeprune.quantize.to_relax import to_relax
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(1)
+    shape = (1, 4, 12, 12)
+    qm = quantize_ptq(_DepthwiseResidual().eval(), shape,
+                      np.random.RandomState(1).randn(8, *shape[1:]).astype(np.float32))
+    lowered = lower_relax(to_relax(qm), "model")
+    aliases = inplace_aliases(lowered)
+    kinds = {c.kernel.rstrip("0123456789") for c in lowered.calls if c.output in aliases}
+    assert kinds == {"ep_int8_depthwise", "ep_int8_add"}, [c.kernel for c in lowered.calls]
+    assert plan_model(lowered).arena_bytes < lower_bound(_buffers(lowered))
+
+    qdir = qm.save(tmp_path / "q")
+    for target in ("cortex-m7", "cortex-m55", "riscv32"):
+        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
+        result, _ = simulate(tmp_path / target, samples=3)
+        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
