@@ -93,16 +93,10 @@ def costs_from_profile(prof: dict) -> dict:
 
 
 def weight_cfg(model: nn.Module, bits: dict[str, int]) -> dict[str, tuple[str, int]]:
-    """{module name: bits} -> the quantizer's {IR node: ("int", bits)} (fx names: '.' -> '_')."""
-    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    out = {}
-    for name, b in bits.items():
-        if name not in layers:
-            raise EdgepruneError(f"bits for '{name}': no conv/linear layer of that name in the "
-                                 f"model (layers: {', '.join(sorted(layers))})")
-        if int(b) != 8:
-            out[name.replace(".", "_")] = ("int", int(b))
-    return out
+    """{module name: bits} -> the quantizer's {IR node: ("int", bits)} (quantize.stage's map)."""
+    from ..quantize.stage import layer_weight_cfg
+
+    return layer_weight_cfg(model, bits) if any(int(b) != 8 for b in bits.values()) else {}
 
 
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
@@ -116,8 +110,13 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
 
     target = load_target(target) if isinstance(target, str) else target
     with tempfile.TemporaryDirectory(prefix="edgeprune-feedback-") as tmp:
-        qmodel = quantize_ptq(model, tuple(input_shape), calib_x,
-                              weight_cfg=weight_cfg(model, bits or {}))
+        cfg = weight_cfg(model, bits or {})
+        qmodel = quantize_ptq(model, tuple(input_shape), calib_x, weight_cfg=cfg)
+        got = {o.name: int(o.attrs.get("weight_bits", 8)) for o in qmodel.weight_ops()}
+        wrong = {n: (b, got.get(n)) for n, (_, b) in cfg.items() if got.get(n) != b}
+        if wrong:  # never measure int8 while believing it is fewer bits
+            raise EdgepruneError(f"word lengths not applied by the quantizer (node: (asked, "
+                                 f"got)): {wrong}")
         qmodel.save(Path(tmp) / "q")
         compile_model(str(Path(tmp) / "q"), str(target.path), Path(tmp) / "b",
                       log=lambda *a: None)

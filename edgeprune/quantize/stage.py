@@ -107,18 +107,28 @@ def check_config(cfg: QuantizeConfig, target) -> None:
         raise EdgepruneError(f"--max-drop must be >= 0, got {cfg.max_drop}")
 
 
-def layer_weight_cfg(net, layer_bits: dict[str, int]) -> dict[str, tuple[str, int]]:
-    """{module name or IR node: bits} -> the quantizer's {IR node: ("int", bits)}; the IR names a
-    layer as torch.fx does ('layer1.conv1' -> 'layer1_conv1')."""
-    nodes = {n.name for n in net.weight_nodes()}
+def layer_weight_cfg(model, layer_bits: dict[str, int],
+                     nodes: set[str] | None = None) -> dict[str, tuple[str, int]]:
+    """{module name: bits} -> the quantizer's {IR node: ("int", bits)}. The IR names a layer as
+    torch.fx's trace does ('layer1.conv1' -> 'layer1_conv1', Sequential's '1' -> '_1'); a name
+    that is not a conv/linear layer of `model` is refused (never silently left at 8 bits)."""
+    import torch.fx as fx
+    import torch.nn as nn
+
+    weights = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as e:
+        raise EdgepruneError(f"per-layer bits: cannot trace the model with torch.fx ({e})")
+    node_of = {str(n.target): n.name for n in traced.graph.nodes if n.op == "call_module"}
     out = {}
     for layer, b in layer_bits.items():
-        node = layer if layer in nodes else layer.replace(".", "_")
-        if node not in nodes:
+        if layer not in weights or layer not in node_of or \
+                (nodes is not None and node_of[layer] not in nodes):
             raise EdgepruneError(f"per-layer bits: no conv/linear layer '{layer}' in the model "
-                                 f"(layers: {', '.join(sorted(nodes))})")
-        if b != 8:
-            out[node] = ("int", int(b))
+                                 f"(layers: {', '.join(sorted(weights))})")
+        if int(b) != 8:
+            out[node_of[layer]] = ("int", int(b))
     return out
 
 
@@ -181,7 +191,8 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
             target.quant["weight_bits"],
             target.quant["activation_bits"], fmt, cfg.max_drop, log=log)
     elif cfg.layer_bits:
-        weight_cfg = layer_weight_cfg(net, cfg.layer_bits)
+        weight_cfg = layer_weight_cfg(model, cfg.layer_bits,
+                                      {n.name for n in net.weight_nodes()})
     elif cfg.bits < 8 or cfg.fmt != "int":
         weight_cfg = default_layer_formats(net, cfg.fmt, cfg.bits)
 
