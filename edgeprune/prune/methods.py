@@ -8,6 +8,7 @@ that train before cutting (soft, lasso, gates, slimming) spend part of it before
     iterative    `steps` prune/fine-tune rounds with a growing ratio
     lr-rewind    prune once, retrain with the original training schedule's learning rate
                  instead of a small fine-tuning rate (Renda et al. 2020)
+    fade         choose the channels once, fade them out while training, then cut and fine-tune
     soft         soft filter pruning (He et al. 2018): zero the lowest filters after every
                  epoch but keep training them (they may regrow); cut physically at the end
     lasso        group LASSO on each channel group with a proximal step, so groups reach exactly
@@ -318,6 +319,45 @@ def soft(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, ev
     return pruned, record
 
 
+def fade(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
+         lr=FINETUNE_LR, recovery=None, fade_fraction=0.5, **_):
+    """Gradual removal: choose the channels on the trained model, scale them down linearly to
+    zero where they are read over the first 80 % of the first `fade_fraction` of the budget
+    while training (the rest of the network adapts as they go), cut (exact: they read as zero
+    by then), fine-tune the rest of the budget."""
+    model = copy.deepcopy(model)
+    graph = DepGraph(model, example)
+    rec, removed = _plan(model, example, data, spec, seed)
+    n_train = min(len(data.x_train), max_samples or len(data.x_train))
+    fade_steps = max(1, int(0.8 * round(epochs * fade_fraction * math.ceil(n_train / 64))))
+    step = [0]
+
+    def set_gates(_m=None):
+        factor = max(0.0, 1.0 - step[0] / fade_steps)
+        for gi, units in removed.items():
+            v = torch.ones(graph.groups[gi].units)
+            v[units] = factor
+            gate.set(gi, v)
+
+    def after_step(m):
+        step[0] += 1
+        set_gates()
+    with UnitGate(graph, model) as gate:
+        set_gates()
+        _finetune(model, data, epochs * fade_fraction, lr, seed, max_samples, recovery,
+                  after_step=after_step)
+    final = {gi: torch.ones(graph.groups[gi].units) for gi in removed}
+    for gi, units in removed.items():
+        final[gi][units] = 0.0  # exactly the faded units go
+    pruned, record = _prune(model, example, data, dict(spec, criterion=Fixed(final)), seed)
+    record["criterion"] = rec["criterion"]
+    record["note"] = f"channels faded out over {fade_steps} steps before the cut"
+    pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
+    pruned = _finetune(pruned, data, epochs * (1 - fade_fraction), lr, seed + 1, max_samples,
+                       recovery)
+    return pruned, record
+
+
 def _group_params(graph: DepGraph, model: nn.Module):
     """Per group: (list of (param, position index per unit)) over producers and BatchNorms."""
     out = {}
@@ -536,6 +576,7 @@ def ccp_ac(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, 
 METHODS: dict[str, Callable] = {
     "oneshot": oneshot, "iterative": iterative, "lr-rewind": lr_rewind, "soft": soft,
     "lasso": lasso, "gates": gates, "slimming": slimming, "lth": lth, "ccp-ac": ccp_ac,
+    "fade": fade,
 }
 DATA_FREE_OK = {"oneshot"}
 
