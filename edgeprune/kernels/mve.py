@@ -22,10 +22,14 @@ import numpy as np
 from .int8 import KERNEL_ATTR, QLayer, _shape
 
 MVE_FEATURE = "mve-i"
+# Cortex-A (AArch64 NEON) runs the same kernels: mve_c's EP_NEON branches (conv steps by
+# SMULL + SADALP, the NHWC fill by 8x8 byte transposes); the arguments and layouts are the same.
+SIMD_FEATURES = (MVE_FEATURE, "neon")
 
 
 def wants_mve(layer: QLayer, features) -> bool:
-    return MVE_FEATURE in tuple(features or ()) and layer.x_dtype == "int8"
+    """This module's kernels (Helium, or NEON on Cortex-A) for an int8-input layer."""
+    return any(f in SIMD_FEATURES for f in tuple(features or ())) and layer.x_dtype == "int8"
 
 
 def _requant(layer: QLayer, n_out: int | None = None):

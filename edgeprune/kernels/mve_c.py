@@ -21,6 +21,9 @@ MVE_PRELUDE = r"""
 #if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1)
 #include <arm_mve.h>
 #define EP_MVE 1
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
+#define EP_NEON 1  /* Cortex-A: the same layouts, NEON in the hot loops (see the docstring) */
 #endif
 
 /* NCHW input plane(s) -> zero-point-padded NHWC scratch xs[Hs][Ws][C]: xs(i + pt, j + pl, c) =
@@ -51,7 +54,47 @@ EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_
     }
 #else
   memset(xs, pad, (size_t)Hs * Ws * C);
-  for (int c = 0; c < C; c++)
+  int c0 = 0;
+#ifdef EP_NEON
+  /* 8 channels x 8 pixels per step: 8 row loads (every fw-th byte: fw 1 or 2), an 8x8 byte
+     transpose (3 levels of TRN), 8 stores of 8 channels each; the rest below, byte by byte */
+  if (fw <= 2)
+    for (; c0 + 8 <= C; c0 += 8)
+      for (int i = 0; i < hi_n; i++) {
+        const int8_t *src = x + ((size_t)c0 * H + (size_t)i * fh) * W;
+        int8_t *dst = xs + ((size_t)(i + pt) * Ws + pl) * C + c0;
+        size_t cs = (size_t)H * W;
+        int j = 0;
+        for (; j + 8 <= wi_n && j * fw + 8 * fw <= W; j += 8) {  /* reads stay in the row */
+          int8x8_t r[8];
+          for (int k = 0; k < 8; k++)
+            r[k] = fw == 1 ? vld1_s8(src + k * cs + j) : vld2_s8(src + k * cs + 2 * j).val[0];
+          int8x8x2_t t01 = vtrn_s8(r[0], r[1]), t23 = vtrn_s8(r[2], r[3]);
+          int8x8x2_t t45 = vtrn_s8(r[4], r[5]), t67 = vtrn_s8(r[6], r[7]);
+          int16x4x2_t u0 = vtrn_s16(vreinterpret_s16_s8(t01.val[0]), vreinterpret_s16_s8(t23.val[0]));
+          int16x4x2_t u1 = vtrn_s16(vreinterpret_s16_s8(t01.val[1]), vreinterpret_s16_s8(t23.val[1]));
+          int16x4x2_t u4 = vtrn_s16(vreinterpret_s16_s8(t45.val[0]), vreinterpret_s16_s8(t67.val[0]));
+          int16x4x2_t u5 = vtrn_s16(vreinterpret_s16_s8(t45.val[1]), vreinterpret_s16_s8(t67.val[1]));
+          /* u0: pixels 0, 4 | 2, 6 of channels 0-3; u1: 1, 5 | 3, 7; u4, u5: channels 4-7 */
+          int32x2x2_t p04 = vtrn_s32(vreinterpret_s32_s16(u0.val[0]), vreinterpret_s32_s16(u4.val[0]));
+          int32x2x2_t p26 = vtrn_s32(vreinterpret_s32_s16(u0.val[1]), vreinterpret_s32_s16(u4.val[1]));
+          int32x2x2_t p15 = vtrn_s32(vreinterpret_s32_s16(u1.val[0]), vreinterpret_s32_s16(u5.val[0]));
+          int32x2x2_t p37 = vtrn_s32(vreinterpret_s32_s16(u1.val[1]), vreinterpret_s32_s16(u5.val[1]));
+          int8_t *d = dst + (size_t)j * C;
+          vst1_s8(d, vreinterpret_s8_s32(p04.val[0]));
+          vst1_s8(d + C, vreinterpret_s8_s32(p15.val[0]));
+          vst1_s8(d + 2 * C, vreinterpret_s8_s32(p26.val[0]));
+          vst1_s8(d + 3 * C, vreinterpret_s8_s32(p37.val[0]));
+          vst1_s8(d + 4 * C, vreinterpret_s8_s32(p04.val[1]));
+          vst1_s8(d + 5 * C, vreinterpret_s8_s32(p15.val[1]));
+          vst1_s8(d + 6 * C, vreinterpret_s8_s32(p26.val[1]));
+          vst1_s8(d + 7 * C, vreinterpret_s8_s32(p37.val[1]));
+        }
+        for (; j < wi_n; j++)
+          for (int k = 0; k < 8; k++) dst[(size_t)j * C + k] = src[k * cs + (size_t)j * fw];
+      }
+#endif
+  for (int c = c0; c < C; c++)
     for (int i = 0; i < hi_n; i++)
       for (int j = 0; j < wi_n; j++)
         xs[((size_t)(i + pt) * Ws + j + pl) * C + c] = x[((size_t)c * H + (size_t)i * fh) * W + (size_t)j * fw];
@@ -136,6 +179,29 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
       a3 = vmladavaq_s8(a3, v0_, vldrbq_s8(wp + 48));                       \
     }                                                                       \
   } while (0)
+#elif defined(EP_NEON)
+/* NEON: one 16-byte step of a conv tile into int32x4 accumulators v0..v3 (lanes summed at the
+   end of the tile): per (pixel, channel) pair two SMULLs (8 int16 products each, low and high
+   halves) and two SADALPs (pairwise into int32). Not SMLAL into int16: two products of
+   (-128) * (-128) overflow it. */
+#define EP_NMAC(V, X, W) \
+  V = vpadalq_s16(vpadalq_s16(V, vmull_s8(vget_low_s8(X), vget_low_s8(W))), vmull_high_s8(X, W))
+#define EP_NSTEP(LX0, LX1)                                                   \
+  do {                                                                       \
+    int8x16_t v0_ = (LX0);                                                   \
+    if (G == 2) {                                                            \
+      int8x16_t v1_ = (LX1), w0_ = vld1q_s8(wp), w1_ = vld1q_s8(wp + 16);    \
+      EP_NMAC(v0, v0_, w0_);                                                 \
+      EP_NMAC(v1, v0_, w1_);                                                 \
+      EP_NMAC(v2, v1_, w0_);                                                 \
+      EP_NMAC(v3, v1_, w1_);                                                 \
+    } else {                                                                 \
+      EP_NMAC(v0, v0_, vld1q_s8(wp));                                        \
+      EP_NMAC(v1, v0_, vld1q_s8(wp + 16));                                   \
+      EP_NMAC(v2, v0_, vld1q_s8(wp + 32));                                   \
+      EP_NMAC(v3, v0_, vld1q_s8(wp + 48));                                   \
+    }                                                                        \
+  } while (0)
 #endif
 
 /* conv (groups = 1) / dense on an NHWC int8 image. The reduction of one output is nsy x nsx
@@ -204,6 +270,9 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
       int o = g * G;
       int32_t a0 = bias[o], a1 = bias[o + 1];
       int32_t a2 = G == 2 ? a0 : bias[o + 2], a3 = G == 2 ? a1 : bias[o + 3];
+#ifdef EP_NEON
+      int32x4_t v0 = vdupq_n_s32(0), v1 = v0, v2 = v0, v3 = v0;
+#endif
 #pragma GCC unroll 1
       for (int a = 0; a < nsy; a++)
 #pragma GCC unroll 1
@@ -219,6 +288,19 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
             mve_pred16_t pr = vctp8q(seg & 15);
             int k = seg & ~15;
             EP_STEP(vldrbq_z_s8(xa + k, pr), vldrbq_z_s8(xb + k, pr));
+            wp += 16 * G;
+          }
+#elif defined(EP_NEON)
+          const int8_t *pa = xa, *pb = xb;
+#pragma GCC unroll 4
+          for (int k = 0; k < (seg & ~15); k += 16, pa += 16, pb += 16, wp += 16 * G)
+            EP_NSTEP(vld1q_s8(pa), vld1q_s8(pb));
+          if (seg & 15) {  /* a partial last step: its bytes copied into zeroed vectors (the
+                              run may end at the end of the input, `direct`) */
+            int8_t ta[16] = {0}, tb[16] = {0};
+            memcpy(ta, pa, (size_t)(seg & 15));
+            memcpy(tb, pb, (size_t)(seg & 15));
+            EP_NSTEP(vld1q_s8(ta), vld1q_s8(tb));
             wp += 16 * G;
           }
 #else
@@ -261,10 +343,33 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
       else vstrbq_scatter_offset_p_s32((int8_t *)(yo + (size_t)o * ohw * esz), soff, h, pr);
 #else
       int32_t r[4] = {a0, a1, a2, a3};
+#ifdef EP_NEON
+      /* lanes l = the tile's 4 sums (pixel l / G, channel l % G), then requantized as mve's */
+      int32x4_t acc = vaddq_s32(vpaddq_s32(vpaddq_s32(v0, v1), vpaddq_s32(v2, v3)), vld1q_s32(r));
+      if (mode) {  /* VMULH: the high words of the 64-bit products */
+        const int32_t *q = qp + g * 12;
+        int32x4_t mq = vld1q_s32(q);
+        int32x4_t h = vuzp2q_s32(vreinterpretq_s32_s64(vmull_s32(vget_low_s32(acc), vget_low_s32(mq))),
+                                 vreinterpretq_s32_s64(vmull_high_s32(acc, mq)));
+        h = vshlq_s32(vaddq_s32(h, vld1q_s32(q + 4)), vld1q_s32(q + 8));
+        if (mode == 1) h = vaddq_s32(h, vdupq_n_s32(zp));
+        vst1q_s32(r, vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi)));
+      } else {
+        vst1q_s32(r, acc);
+        for (int l = 0; l < 4; l++) {
+          int c = o + l % G;
+          r[l] = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+        }
+      }
+#endif
       for (int l = 0; l < 4; l++) {
         int c = o + l % G, p = l / G;
         if (c >= O || (p && !two)) continue;
+#ifdef EP_NEON
+        int32_t v = r[l];
+#else
         int32_t v = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+#endif
         size_t at = (size_t)c * ohw + (size_t)i + (size_t)p;
         if (out16) ((int16_t *)y)[at] = (int16_t)v; else ((int8_t *)y)[at] = (int8_t)v;
       }
