@@ -138,8 +138,10 @@ def conv_kernel(layer: QLayer):
     if scratch:
         L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
         xs = "xs.data"
+    # mode | 4: no weight is -128 (NEON sums two products in int16; Helium ignores the bit)
+    w127 = 4 * int(wpad.min(initial=0) > -128)
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, direct, patch_off,
-            oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode, zp,
+            oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode | w127, zp,
             layer.lo, layer.hi, g]
     L.append(_call("ep_mve_conv", layer, xs, ints, qp=True))
     return "\n".join(L), [np.ascontiguousarray(wpad).reshape(-1)] + consts \

@@ -182,10 +182,12 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
 #elif defined(EP_NEON)
 /* NEON: one 16-byte step of a conv tile into int32x4 accumulators v0..v3 (lanes summed at the
    end of the tile): per (pixel, channel) pair two SMULLs (8 int16 products each, low and high
-   halves) and two SADALPs (pairwise into int32). Not SMLAL into int16: two products of
-   (-128) * (-128) overflow it. */
-#define EP_NMAC(V, X, W) \
-  V = vpadalq_s16(vpadalq_s16(V, vmull_s8(vget_low_s8(X), vget_low_s8(W))), vmull_high_s8(X, W))
+   halves) and two SADALPs (pairwise into int32). With `w127` (no weight is -128: a product is
+   at most 128 * 127, two fit in int16) SMULL + SMLAL2 + one SADALP instead; two products of
+   (-128) * (-128) would overflow it. */
+#define EP_NMAC(V, X, W)                                                                         \
+  V = w127 ? vpadalq_s16(V, vmlal_high_s8(vmull_s8(vget_low_s8(X), vget_low_s8(W)), X, W))     \
+           : vpadalq_s16(vpadalq_s16(V, vmull_s8(vget_low_s8(X), vget_low_s8(W))), vmull_high_s8(X, W))
 #define EP_NSTEP(LX0, LX1)                                                   \
   do {                                                                       \
     int8x16_t v0_ = (LX0);                                                   \
@@ -222,8 +224,10 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
                          int32_t offy, int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy,
                          int32_t pnsx, int32_t poffy, int32_t poffx, int32_t mode, int32_t zp,
                          int32_t lo, int32_t hi, int32_t out16, int32_t G) {
+  int w127 = mode >> 2;  /* mode | 4: no weight is -128 (for EP_NMAC) */
   int segp = (seg + 15) & ~15;
   int P = 4 / G, ohw = OH * OW, esz = out16 ? 2 : 1;
+  mode &= 3;
   int ng = (O + G - 1) / G, last = O - (ng - 1) * G;  /* channels in the last group */
 #ifdef EP_MVE
   uint32_t so[4];
@@ -231,7 +235,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
   uint32x4_t soff = vld1q_u32(so);  /* lane -> byte offset of its output */
   mve_pred16_t lastg = G == 4 ? vctp32q(last) : (last == 2 ? 0xFFFF : 0x0F0F);
 #else
-  (void)qp, (void)mode, (void)last, (void)esz;
+  (void)qp, (void)mode, (void)last, (void)esz, (void)w127;
 #endif
   int oh = 0, ow = 0;
   for (int i = 0; i < ohw; i += P) {
