@@ -316,3 +316,61 @@ def test_row_bands_with_a_short_last_band_bit_exact(tmp_path):
           .flatten().dense(3).build())
     _, result = _run(qm, tmp_path, "bands")
     assert result["mismatches"] == 0 and result["outputs_match"]
+
+
+@pytest.mark.parametrize("name", ["convs", "others"])
+def test_neon_kernels_bit_exact_on_cortex_a53(tmp_path, name):
+    """Cortex-A ("neon" in the features) runs the Helium kernels' NEON branches (kernels/mve_c,
+    EP_NEON) and a NEON depthwise: the Helium test's networks (patch path, dilated taps, odd
+    channels and pixels, batch 2, depthwise stride 1 and 2 with rows wider than a tile, the
+    64-bit requantization, int16 dense) in qemu-aarch64, the inputs' extremes included. Then
+    the same library retargeted to the M7 (the portable C)."""
+    qm, calls = _helium_models()[name]
+    calls = {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()
+             if not c.startswith("ep_mve_add")}
+    build, result = _run(qm, tmp_path, name, target="cortex-a53")
+    src = (tmp_path / name / "c_library" / "kernels.c").read_text()
+    assert {c: src.count(f"  {c}") for c in calls} == calls, [l["name"] for l in build["layers"]]
+    assert result["mismatches"] == 0 and result["outputs_match"]
+    from edgeprune.compile import retarget_build
+    retarget_build(tmp_path / name, "cortex-m7", tmp_path / "m7")
+    result, _ = simulate(tmp_path / "m7", samples=2)
+    assert result["mismatches"] == 0 and result["outputs_match"]
+
+
+def test_neon_conv_step_with_minus_128_weights_keeps_int32_sums(tmp_path):
+    """The NEON conv step sums two int8 products in int16 only when no weight is -128 (mode | 4,
+    set by mve.conv_kernel); (-128) * (-128) twice overflows int16. A dense step on -128 inputs
+    and weights, run in qemu-aarch64: the int32 form (mode 0) is exact; the int16 form (mode 4)
+    would give the wrapped sum, which is why the generator clears the bit."""
+    import subprocess
+
+    from edgeprune.kernels import C_PRELUDE
+    from edgeprune.kernels.mve_c import MVE_PRELUDE
+
+    prog = tmp_path / "step.c"
+    # dense: C = 32 -> O = 4 (G = 4), x = w = -128, bias 5, y = (acc * 1) >> 13
+    prog.write_text(C_PRELUDE + MVE_PRELUDE + r"""
+#include <stdio.h>
+static int8_t x[32], w[128];
+static int32_t bias[4] = {5, 5, 5, 5}, mult[4] = {1, 1, 1, 1}, shift[4] = {13, 13, 13, 13};
+static int64_t rnd[4];
+int main(void) {
+  int8_t y[4];
+  memset(x, -128, sizeof x);
+  memset(w, -128, sizeof w);
+  for (int mode = 0; mode <= 4; mode += 4) {
+    ep_mve_conv8(x, 0, w, bias, mult, rnd, shift, 0, y, 1, 32, 1, 1, 1, 1, 1, 1, 0, 0, -128, 1,
+                 1, 1, -1, 1, 1, 4, 1, 1, 1, 1, 0, 0, 32, 32, 1, 1, 0, 0, mode, 0, -128, 127, 4);
+    printf("%d %d %d %d\n", y[0], y[1], y[2], y[3]);
+  }
+  return 0;
+}
+""")
+    exe = tmp_path / "step"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-static", "-Wall", "-Werror", str(prog),
+                    "-o", str(exe)], check=True)
+    out = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:4] == [str((5 + 32 * 16384) >> 13)] * 4  # 64: the int32 sums
+    assert out[4:] == [str((5 - 16 * 32768) >> 13)] * 4   # -64: int16 pairs wrapped

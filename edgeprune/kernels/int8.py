@@ -810,7 +810,7 @@ def kernel_source(layer: QLayer, features=()) -> tuple[str, list[np.ndarray]]:
 def build_kernel(layer: QLayer, features=()):
     from . import mve
     if mve.wants_mve(layer, features):
-        src, consts = (mve.depthwise_kernel if layer.kind == "depthwise" else mve.conv_kernel)(layer)
+        src, consts = mve.simd_kernel(layer, features)
     else:
         src, consts = kernel_source(layer, features)
     return _parse(src, f"{layer.kind} {layer.x_shape}->{layer.y_shape}"), consts

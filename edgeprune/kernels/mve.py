@@ -167,6 +167,34 @@ def depthwise_kernel(layer: QLayer):
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts + [po]
 
 
+def neon_depthwise_kernel(layer: QLayer):
+    """depthwise on Cortex-A (mve_c.ep_mve_neon_dw): per channel a padded plane as above,
+    tiles of 8 outputs of a row, contiguous 8- or 16-byte loads per tap."""
+    consts, mode = _requant(layer)
+    n, c, h, wd = layer.x_shape
+    o, _, kh, kw = layer.weight.shape
+    oh, ow = layer.y_shape[2:]
+    hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
+    dh, dw = layer.dilation
+    # A tile reads at most 8 * sw bytes past its last output's window: slack past the plane.
+    scratch = hs * ws + 8 * sw + 16
+    L = _header(layer, o * kh * kw, o, "depthwise")
+    L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
+    ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
+            sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
+    L.append(_call("ep_mve_neon_dw", layer, "xs.data", ints))
+    return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts
+
+
+def simd_kernel(layer: QLayer, features):
+    """(TVMScript, constants) of a layer wants_mve accepted, for Helium or NEON."""
+    if layer.kind != "depthwise":
+        return conv_kernel(layer)
+    if MVE_FEATURE in tuple(features or ()):
+        return depthwise_kernel(layer)
+    return neon_depthwise_kernel(layer)
+
+
 def add_source(shape, a_t: str, b_t: str, out_dtype: str, mults, rnd: int, sh: int, zp: int,
                lo: int, hi: int) -> str | None:
     """The requantized residual add clamp(zp + ((a * Ma + b * Mb + rnd) >> sh)) on 4 lanes of

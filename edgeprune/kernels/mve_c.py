@@ -58,6 +58,9 @@ EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_
 #ifdef EP_NEON
   /* 8 channels x 8 pixels per step: 8 row loads (every fw-th byte: fw 1 or 2), an 8x8 byte
      transpose (3 levels of TRN), 8 stores of 8 channels each; the rest below, byte by byte */
+  if (C == 1 && fw == 1)  /* one plane (depthwise): row copies */
+    for (int i = 0; i < hi_n; i++, c0 = 1)
+      memcpy(xs + (size_t)(i + pt) * Ws + pl, x + (size_t)i * fh * W, (size_t)wi_n);
   if (fw <= 2)
     for (; c0 + 8 <= C; c0 += 8)
       for (int i = 0; i < hi_n; i++) {
@@ -563,6 +566,108 @@ EP_AI int32_t ep_mve_add16(int8_t *a, int8_t *b, int16_t *y, int32_t n, int32_t 
                            int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t, int32_t zp,
                            int32_t lo, int32_t hi) {
   ep_mve_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 1);
+  return 0;
+}
+
+/* depthwise for NEON (Cortex-A; mve.neon_depthwise_kernel): one zero-point-padded int8 plane
+   per channel, as ep_mve_dw; a tile is 8 outputs of a row, per tap one 8-lane load (stride 1;
+   stride 2: VLD2's even bytes; else lane by lane), SXTL and two SMLALs by the weight. The tile
+   may read up to 8 * sw bytes past its row: the scratch has that much slack past the plane. */
+EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+                          const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                          int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
+                          int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
+                          int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw, int32_t sh,
+                          int32_t sw, int32_t dh, int32_t dw, int32_t mode, int32_t zp, int32_t lo,
+                          int32_t hi, int32_t out16) {
+  int esz = out16 ? 2 : 1;
+#ifndef EP_NEON
+  (void)mode;
+#endif
+  for (int nb = 0; nb < n; nb++)
+    for (int c = 0; c < C; c++) {
+      ep_mve_nhwc(x + ((size_t)nb * C + c) * H * W, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad,
+                  fh, fw);
+      const int8_t *wc = w + (size_t)c * kh * kw;
+      int32_t m = mult[c], s = shift[c], b0 = bias[c];
+      int64_t r = rnd[c];
+      char *yc = (char *)y + ((size_t)nb * C + c) * OH * OW * esz;
+      for (int oh = 0; oh < OH; oh++)
+        for (int ow0 = 0; ow0 < OW; ow0 += 8) {
+          const int8_t *row = xs + (size_t)oh * sh * Ws + (size_t)ow0 * sw;
+          char *yo = yc + ((size_t)oh * OW + ow0) * esz;
+          int left = OW - ow0;
+#ifdef EP_NEON
+          int32x4_t a0 = vdupq_n_s32(b0), a1 = a0;
+          for (int ry = 0; ry < kh; ry++)
+            for (int rx = 0; rx < kw; rx++) {
+              const int8_t *s0 = row + ry * dh * Ws + rx * dw;
+              int8x8_t v;
+              if (sw == 1) v = vld1_s8(s0);
+              else if (sw == 2) v = vld2_s8(s0).val[0];
+              else {
+                int8_t t[8];
+                for (int p = 0; p < 8; p++) t[p] = s0[p * sw];
+                v = vld1_s8(t);
+              }
+              int16x8_t v16 = vmovl_s8(v);
+              int16_t wk = wc[ry * kw + rx];
+              a0 = vmlal_n_s16(a0, vget_low_s16(v16), wk);
+              a1 = vmlal_high_n_s16(a1, v16, wk);
+            }
+          int32x4_t q[2] = {a0, a1};
+          for (int k = 0; k < 2; k++) {
+            if (mode == 1) {  /* as ep_mve_rq: the high words of acc * m, + rnd >> 32, >> s - 32 */
+              int32x4_t mv = vdupq_n_s32(m), h;
+              h = vuzp2q_s32(vreinterpretq_s32_s64(vmull_s32(vget_low_s32(q[k]), vget_low_s32(mv))),
+                             vreinterpretq_s32_s64(vmull_high_s32(q[k], mv)));
+              h = vshlq_s32(vaddq_s32(h, vdupq_n_s32((int32_t)(r >> 32))), vdupq_n_s32(32 - s));
+              h = vaddq_s32(h, vdupq_n_s32(zp));
+              q[k] = vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi));
+            } else {
+              int32_t t[4];
+              vst1q_s32(t, q[k]);
+              for (int l = 0; l < 4; l++) t[l] = ep_mve_rq1(t[l], m, r, s, zp, lo, hi);
+              q[k] = vld1q_s32(t);
+            }
+          }
+          int16x8_t h16 = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]));  /* in [lo, hi] */
+          if (left >= 8) {
+            if (out16) vst1q_s16((int16_t *)yo, h16); else vst1_s8((int8_t *)yo, vmovn_s16(h16));
+          } else {
+            int16_t t[8];
+            vst1q_s16(t, h16);
+            for (int p = 0; p < left; p++)
+              if (out16) ((int16_t *)yo)[p] = t[p]; else ((int8_t *)yo)[p] = (int8_t)t[p];
+          }
+#else
+          for (int p = 0; p < 8 && p < left; p++) {
+            int32_t acc = b0;
+            for (int ry = 0; ry < kh; ry++)
+              for (int rx = 0; rx < kw; rx++)
+                acc += row[ry * dh * Ws + p * sw + rx * dw] * wc[ry * kw + rx];
+            int32_t v = ep_mve_rq1(acc, m, r, s, zp, lo, hi);
+            if (out16) ((int16_t *)yo)[p] = (int16_t)v; else ((int8_t *)yo)[p] = (int8_t)v;
+          }
+#endif
+        }
+    }
+}
+#define EP_NEON_DW(OUT16)                                                                      \
+  ep_mve_neon_dw(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,  \
+                 pad, fh, fw, OH, OW, kh, kw, sh, sw, dh, dw, mode, zp, lo, hi, OUT16)
+#define EP_NEON_DW_ARGS int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, \
+  int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw, int32_t OH, \
+  int32_t OW, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t mode, \
+  int32_t zp, int32_t lo, int32_t hi
+EP_AI int32_t ep_mve_neon_dw8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
+                              int64_t *rnd, int32_t *shift, int8_t *y, EP_NEON_DW_ARGS) {
+  EP_NEON_DW(0);
+  return 0;
+}
+EP_AI int32_t ep_mve_neon_dw16(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
+                               int64_t *rnd, int32_t *shift, int16_t *y, EP_NEON_DW_ARGS) {
+  EP_NEON_DW(1);
   return 0;
 }
 """
