@@ -318,16 +318,31 @@ def test_row_bands_with_a_short_last_band_bit_exact(tmp_path):
     assert result["mismatches"] == 0 and result["outputs_match"]
 
 
-@pytest.mark.parametrize("name", ["convs", "others"])
+def _neon_models():
+    """The Helium test's networks, and "wide": inputs of 8+ channels and 8+ pixels a row, for
+    the NHWC fill's 8x8 transposes (12 and 9 channels: a block and a remainder; 31 columns with
+    stride 1 and 2: whole blocks, the stride-2 block that would read past the row, the rest)."""
+    models = {n: (qm, {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()
+                       if not c.startswith("ep_mve_add")})
+              for n, (qm, calls) in _helium_models().items()}
+    wide = (Net((1, 12, 5, 31), zp=-128, seed=13)
+            .conv(9, (3, 3), padding=(1, 1, 1, 1))
+            .conv(16, (1, 1), stride=(2, 2))
+            .conv(8, (3, 3), padding=(1, 1, 1, 1))
+            .conv(8, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), groups=8).build())
+    models["wide"] = (wide, {"ep_mve_conv8(x": 3, "ep_mve_neon_dw8(x": 1})
+    return models
+
+
+@pytest.mark.parametrize("name", ["convs", "others", "wide"])
 def test_neon_kernels_bit_exact_on_cortex_a53(tmp_path, name):
     """Cortex-A ("neon" in the features) runs the Helium kernels' NEON branches (kernels/mve_c,
     EP_NEON) and a NEON depthwise: the Helium test's networks (patch path, dilated taps, odd
     channels and pixels, batch 2, depthwise stride 1 and 2 with rows wider than a tile, the
-    64-bit requantization, int16 dense) in qemu-aarch64, the inputs' extremes included. Then
-    the same library retargeted to the M7 (the portable C)."""
-    qm, calls = _helium_models()[name]
-    calls = {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()
-             if not c.startswith("ep_mve_add")}
+    64-bit requantization, int16 dense) and "wide" (the NHWC fill's transposes) in
+    qemu-aarch64, the inputs' extremes included. Then the same library retargeted to the M7
+    (the portable C)."""
+    qm, calls = _neon_models()[name]
     build, result = _run(qm, tmp_path, name, target="cortex-a53")
     src = (tmp_path / name / "c_library" / "kernels.c").read_text()
     assert {c: src.count(f"  {c}") for c in calls} == calls, [l["name"] for l in build["layers"]]
