@@ -25,6 +25,11 @@ MVE_PRELUDE = r"""
 #include <arm_neon.h>
 #define EP_NEON 1  /* Cortex-A: the same layouts, NEON in the hot loops (see the docstring) */
 #endif
+#ifdef EP_NEON
+#define EP_ROWS_UNROLL _Pragma("GCC unroll 4")
+#else
+#define EP_ROWS_UNROLL _Pragma("GCC unroll 1")
+#endif
 
 /* NCHW input plane(s) -> zero-point-padded NHWC scratch xs[Hs][Ws][C]: xs(i + pt, j + pl, c) =
    x[c][i * fh][j * fw] for i < hi_n, j < wi_n; every other cell is `pad`. */
@@ -280,7 +285,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
 #ifdef EP_NEON
       int32x4_t v0 = vdupq_n_s32(0), v1 = v0, v2 = v0, v3 = v0;
 #endif
-#pragma GCC unroll 1
+      EP_ROWS_UNROLL  /* (Helium: 1, for code size; NEON: the rows' loop costs register moves) */
       for (int a = 0; a < nsy; a++)
 #pragma GCC unroll 1
         for (int b = 0; b < nsx; b++) {
