@@ -1,8 +1,9 @@
 """Issue 9's int8 reference layer set, compiled by edgeprune, counted in QEMU.
 
 Each layer is a one-layer QuantModel (random int8 weights, per-channel requantization, input
-zero point -128 as after a ReLU), compiled with `compile_model` for every Cortex-M target that
-exists and run with `simulate`: retired instructions per layer (all kernels the layer became),
+zero point -128 as after a ReLU), compiled with `compile_model` for every target of TARGETS
+that exists (Cortex-M, and Cortex-A in qemu-aarch64, no CMSIS-NN reference) and run with
+`simulate`: retired instructions per layer (all kernels the layer became),
 kernel code bytes, arena bytes, and a bit-exact check against the numpy integer reference.
 
 Also the whole zoo networks ResNet-8 and DS-CNN (PTQ int8), with edgeprune's kernels and with
@@ -25,7 +26,8 @@ import numpy as np
 from bench.run import write_result
 
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
-TARGETS = ["cortex-m7", "cortex-m4", "cortex-m55"]
+TARGETS = ["cortex-m7", "cortex-m4", "cortex-m55", "cortex-a53", "cortex-a72"]
+# (Cortex-A: qemu-aarch64 user mode, the NEON branches of kernels/mve_c; no CMSIS-NN reference)
 
 # name: (kind, in_ch, out_ch, kernel, in_hw, stride, groups)
 LAYERS = {

@@ -25,7 +25,7 @@ the layer's exact shape, with its weights repacked at build time:
   plane; tiles of DW_PX_BLOCK outputs of a row share each weight load; on cores with the DSP
   extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
 * cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
-  mve.py instead for int8 inputs.
+  mve.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.

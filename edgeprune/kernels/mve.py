@@ -1,4 +1,5 @@
-"""Helium (MVE) int8 kernels for cores whose target lists the "mve-i" feature (Cortex-M55).
+"""Helium (MVE) int8 kernels for cores whose target lists the "mve-i" feature (Cortex-M55);
+the same kernels with NEON inside for "neon" (Cortex-A, see mve_c's docstring).
 
 Each layer becomes a TIR PrimFunc that only allocates its scratch (so the planner sees it) and
 calls one C function of mve_c.MVE_PRELUDE with the layer's shape as literals:

@@ -6,6 +6,12 @@ and offsets). Under __ARM_FEATURE_MVE they use <arm_mve.h>; elsewhere a plain C 
 same arguments and the same results keeps the library compilable (and correct, slowly) for
 every target, e.g. after `edgeprune retarget`.
 
+On AArch64 with NEON (Cortex-A targets, EP_NEON) the same functions run NEON code in the hot
+parts: a conv step is per (pixel, channel) pair SMULL + SMLAL2 (two products in int16, when
+no weight is -128: `mode | 4`) or SMULL x 2 + SADALP x 2, into int32x4 accumulators summed at
+the end of the tile (VMULH's high words by SMULL + UZP2); the NHWC fill transposes 8x8 bytes;
+depthwise has its own NEON function (ep_mve_neon_dw, mve.neon_depthwise_kernel).
+
 Requantization per output channel, with total shift s and rounding constant rnd:
   clamp(zp + ((acc * M + rnd) >> s), lo, hi).
 `mode` 1 (the generator checked: every s >= 32 and rnd's low word is 0): the high word of
