@@ -363,22 +363,40 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
       int32_t r[4] = {a0, a1, a2, a3};
 #ifdef EP_NEON
       /* lanes l = the tile's 4 sums (pixel l / G, channel l % G), then requantized as mve's */
-      int32x4_t acc = vaddq_s32(vpaddq_s32(vpaddq_s32(v0, v1), vpaddq_s32(v2, v3)), vld1q_s32(r));
+      int32x4_t acc = vpaddq_s32(vpaddq_s32(v0, v1), vpaddq_s32(v2, v3)), hv;
+      if (G == 2) {  /* biases (o, o + 1, o, o + 1): one 64-bit load, duplicated */
+        int64_t b2;
+        memcpy(&b2, bias + o, 8);
+        acc = vaddq_s32(acc, vreinterpretq_s32_s64(vdupq_n_s64(b2)));
+      } else {
+        acc = vaddq_s32(acc, vld1q_s32(bias + o));
+      }
       if (mode) {  /* VMULH: the high words of the 64-bit products */
         const int32_t *q = qp + g * 12;
         int32x4_t mq = vld1q_s32(q);
-        int32x4_t h = vuzp2q_s32(vreinterpretq_s32_s64(vmull_s32(vget_low_s32(acc), vget_low_s32(mq))),
-                                 vreinterpretq_s32_s64(vmull_high_s32(acc, mq)));
-        h = vshlq_s32(vaddq_s32(h, vld1q_s32(q + 4)), vld1q_s32(q + 8));
-        if (mode == 1) h = vaddq_s32(h, vdupq_n_s32(zp));
-        vst1q_s32(r, vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi)));
+        hv = vuzp2q_s32(vreinterpretq_s32_s64(vmull_s32(vget_low_s32(acc), vget_low_s32(mq))),
+                        vreinterpretq_s32_s64(vmull_high_s32(acc, mq)));
+        hv = vshlq_s32(vaddq_s32(hv, vld1q_s32(q + 4)), vld1q_s32(q + 8));
+        if (mode == 1) hv = vaddq_s32(hv, vdupq_n_s32(zp));
+        hv = vminq_s32(vmaxq_s32(hv, vdupq_n_s32(lo)), vdupq_n_s32(hi));
       } else {
         vst1q_s32(r, acc);
         for (int l = 0; l < 4; l++) {
           int c = o + l % G;
           r[l] = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
         }
+        hv = vld1q_s32(r);
       }
+      if (!out16 && (G == 4 || two) && o + G <= O) {  /* all 4 lanes: byte stores by lane */
+        int8x16_t b = vreinterpretq_s8_s32(hv);
+        int8_t *yb = (int8_t *)y + (size_t)o * ohw + i;  /* lane l: channel o + l % G, pixel i + l / G */
+        vst1q_lane_s8(yb, b, 0);
+        vst1q_lane_s8(yb + ohw, b, 4);
+        vst1q_lane_s8(yb + (G == 2 ? 1 : 2 * ohw), b, 8);
+        vst1q_lane_s8(yb + (G == 2 ? ohw + 1 : 3 * ohw), b, 12);
+        continue;
+      }
+      vst1q_s32(r, hv);
 #endif
       for (int l = 0; l < 4; l++) {
         int c = o + l % G, p = l / G;
