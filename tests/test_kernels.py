@@ -322,8 +322,7 @@ def _neon_models():
     """The Helium test's networks, and "wide": inputs of 8+ channels and 8+ pixels a row, for
     the NHWC fill's 8x8 transposes (12 and 9 channels: a block and a remainder; 31 columns with
     stride 1 and 2: whole blocks, the stride-2 block that would read past the row, the rest)."""
-    models = {n: (qm, {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()
-                       if not c.startswith("ep_mve_add")})
+    models = {n: (qm, {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()})
               for n, (qm, calls) in _helium_models().items()}
     wide = (Net((1, 12, 5, 31), zp=-128, seed=13)
             .conv(9, (3, 3), padding=(1, 1, 1, 1))
@@ -339,7 +338,7 @@ def test_neon_kernels_bit_exact_on_cortex_a53(tmp_path, name):
     """Cortex-A ("neon" in the features) runs the Helium kernels' NEON branches (kernels/mve_c,
     EP_NEON) and a NEON depthwise: the Helium test's networks (patch path, dilated taps, odd
     channels and pixels, batch 2, depthwise stride 1 and 2 with rows wider than a tile, the
-    64-bit requantization, int16 dense) and "wide" (the NHWC fill's transposes) in
+    64-bit requantization, int16 dense, the residual add in ep_mve_add's 32-bit form) and "wide" (the NHWC fill's transposes) in
     qemu-aarch64, the inputs' extremes included. Then the same library retargeted to the M7
     (the portable C)."""
     qm, calls = _neon_models()[name]

@@ -367,7 +367,7 @@ def _add_chain(end, defs: dict, uses: dict, features=()):
     size = int(np.prod(shape))
     a_t, b_t = (str(x.ty.dtype) for x in inputs)
     from . import mve
-    if mve.MVE_FEATURE in tuple(features or ()):  # Helium: 4 elements at a time, if it can
+    if any(f in mve.SIMD_FEATURES for f in tuple(features or ())):  # Helium / NEON, if it can
         src = mve.add_source(shape, a_t, b_t, out_dtype, mults, rnd, sh, zp, lo, hi)
         if src is not None:
             return src, inputs, np.array(mults, np.int32)
