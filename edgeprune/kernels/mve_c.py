@@ -663,11 +663,22 @@ EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const in
           int16x8_t h16 = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]));  /* in [lo, hi] */
           if (left >= 8) {
             if (out16) vst1q_s16((int16_t *)yo, h16); else vst1_s8((int8_t *)yo, vmovn_s16(h16));
+          } else if (!out16) {  /* left < 8 bytes: 4-, 2-, 1-byte lane stores */
+            int8x8_t b8 = vmovn_s16(h16);
+            int8_t *yb = (int8_t *)yo;
+            if (left & 4) {
+              vst1_lane_s32((int32_t *)yb, vreinterpret_s32_s8(b8), 0);
+              b8 = vext_s8(b8, b8, 4), yb += 4;
+            }
+            if (left & 2) {
+              vst1_lane_s16((int16_t *)yb, vreinterpret_s16_s8(b8), 0);
+              b8 = vext_s8(b8, b8, 2), yb += 2;
+            }
+            if (left & 1) vst1_lane_s8(yb, b8, 0);
           } else {
             int16_t t[8];
             vst1q_s16(t, h16);
-            for (int p = 0; p < left; p++)
-              if (out16) ((int16_t *)yo)[p] = t[p]; else ((int8_t *)yo)[p] = (int8_t)t[p];
+            for (int p = 0; p < left; p++) ((int16_t *)yo)[p] = t[p];
           }
 #else
           for (int p = 0; p < 8 && p < left; p++) {
