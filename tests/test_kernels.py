@@ -322,15 +322,19 @@ def _neon_models():
     """The Helium test's networks, and "wide": inputs of 8+ channels and 8+ pixels a row, for
     the NHWC fill's 8x8 transposes (12 and 9 channels: a block and a remainder; 31 columns with
     stride 1 and 2: whole blocks, the stride-2 block that would read past the row, the rest),
-    and a depthwise with rows of 15 outputs (a tile of 8, then 7: 4-, 2- and 1-byte stores)."""
+    a 16-channel depthwise (channels in lanes, ep_mve_neon_dwc; stride (2, 1), over its dying
+    input), and an 8-channel one with rows of 15 outputs (a planar tile of 8, then 7: 4-, 2- and
+    1-byte stores)."""
     models = {n: (qm, {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()})
               for n, (qm, calls) in _helium_models().items()}
     wide = (Net((1, 12, 5, 31), zp=-128, seed=13)
             .conv(9, (3, 3), padding=(1, 1, 1, 1))
             .conv(16, (1, 1), stride=(2, 2))
-            .conv(8, (3, 3), padding=(1, 1, 1, 1))
-            .conv(8, (3, 3), stride=(2, 1), padding=(1, 1, 1, 0), groups=8).build())
-    models["wide"] = (wide, {"ep_mve_conv8(x": 3, "ep_mve_neon_dw8(x": 1})
+            .conv(16, (3, 3), padding=(1, 1, 1, 1))
+            .conv(16, (3, 3), stride=(2, 1), padding=(1, 1, 1, 0), groups=16)
+            .conv(8, (1, 1))
+            .conv(8, (3, 3), padding=(1, 1, 1, 1), groups=8).build())
+    models["wide"] = (wide, {"ep_mve_conv8(x": 4, "ep_mve_neon_dwc8(x": 1, "ep_mve_neon_dw8(x": 1})
     return models
 
 

@@ -169,14 +169,27 @@ def depthwise_kernel(layer: QLayer):
 
 
 def neon_depthwise_kernel(layer: QLayer):
-    """depthwise on Cortex-A (mve_c.ep_mve_neon_dw): per channel a padded plane as above,
-    tiles of 8 outputs of a row, contiguous 8- or 16-byte loads per tap."""
+    """depthwise on Cortex-A. Channels a multiple of 16, vector requantization (mode 1), int8
+    out, no -128 weight: channels in lanes on the NHWC scratch (mve_c.ep_mve_neon_dwc, weights
+    [C / 16][tap][16]); else mve_c.ep_mve_neon_dw: per channel a padded plane as above, tiles of
+    8 outputs of a row, contiguous 8- or 16-byte loads per tap."""
     consts, mode = _requant(layer)
     n, c, h, wd = layer.x_shape
     o, _, kh, kw = layer.weight.shape
     oh, ow = layer.y_shape[2:]
     hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
     dh, dw = layer.dilation
+    if (c % 16 == 0 and o == c and mode == 1 and layer.out_dtype == "int8"
+            and layer.weight.min() > -128):  # channels in lanes (ep_mve_neon_dwc)
+        wc = layer.weight.reshape(c // 16, 16, kh * kw).transpose(0, 2, 1)
+        L = _header(layer, o * kh * kw, o, "depthwise")
+        L.append(f'    xs = T.alloc_buffer(({hs * ws * c},), "int8")')
+        ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
+                sh, sw, dh, dw, layer.zp_out, layer.lo, layer.hi]
+        args = ", ".join(str(int(v)) for v in ints)
+        L.append('    T.evaluate(T.call_extern("int32", "ep_mve_neon_dwc8", x.data, xs.data, w.data, '
+                 f"bias.data, mult.data, rnd.data, shift.data, y.data, {args}))")
+        return "\n".join(L), [np.ascontiguousarray(wc).reshape(-1).astype(np.int8)] + consts
     # A tile reads at most 8 * sw bytes past its last output's window: slack past the plane.
     scratch = hs * ws + 8 * sw + 16
     L = _header(layer, o * kh * kw, o, "depthwise")

@@ -10,7 +10,8 @@ On AArch64 with NEON (Cortex-A targets, EP_NEON) the same functions run NEON cod
 parts: a conv step is per (pixel, channel) pair SMULL + SMLAL2 (two products in int16, when
 no weight is -128: `mode | 4`) or SMULL x 2 + SADALP x 2, into int32x4 accumulators summed at
 the end of the tile (VMULH's high words by SMULL + UZP2); the NHWC fill transposes 8x8 bytes;
-depthwise has its own NEON function (ep_mve_neon_dw, mve.neon_depthwise_kernel).
+depthwise has its own NEON functions (ep_mve_neon_dwc: 16 channels in lanes; ep_mve_neon_dw:
+planar rows of 8; mve.neon_depthwise_kernel chooses).
 
 Requantization per output channel, with total shift s and rounding constant rnd:
   clamp(zp + ((acc * M + rnd) >> s), lo, hi).
@@ -692,6 +693,93 @@ EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const in
 #endif
         }
     }
+}
+/* depthwise for NEON with channels in lanes (mve.neon_depthwise_kernel picks it for C % 16 == 0,
+   the vector requantization, int8 out, no -128 weight): the whole image in the NHWC scratch
+   (ep_mve_nhwc), then per block of 16 channels and per output pixel one 16-byte load per tap;
+   two taps' products summed in int16 (SMULL + SMLAL, |x * w| <= 128 * 127), widened into four
+   int32x4 by SADDW; requantized as ep_mve_rq (mode 1) and stored by lane (NCHW output).
+   Weights w[C / 16][kh * kw][16]. The image is read whole before any output is written (the
+   plan's in-place aliasing stays safe). */
+EP_AI void ep_mve_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+                           const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                           int8_t *y, int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n,
+                           int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt, int32_t pl,
+                           int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW,
+                           int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t dh,
+                           int32_t dw, int32_t zp, int32_t lo, int32_t hi) {
+  int ohw = OH * OW, nt = kh * kw;
+  for (int nb = 0; nb < n; nb++) {
+    ep_mve_nhwc(x + (size_t)nb * C * H * W, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
+    int8_t *yn = y + (size_t)nb * C * ohw;
+    for (int cb = 0; cb < C; cb += 16) {
+      const int8_t *wb = w + (size_t)cb * nt;
+#ifdef EP_NEON
+      int32x4_t m[4], ra[4], sv[4], bv[4];
+      for (int k = 0; k < 4; k++) {
+        int c = cb + 4 * k;
+        m[k] = vld1q_s32(mult + c);
+        bv[k] = vld1q_s32(bias + c);
+        sv[k] = vsubq_s32(vdupq_n_s32(32), vld1q_s32(shift + c));
+        ra[k] = vcombine_s32(vshrn_n_s64(vld1q_s64(rnd + c), 32), vshrn_n_s64(vld1q_s64(rnd + c + 2), 32));
+      }
+#endif
+      for (int oh = 0; oh < OH; oh++)
+        for (int ow = 0; ow < OW; ow++) {
+          const int8_t *px = xs + ((size_t)oh * sh * Ws + (size_t)ow * sw) * C + cb;
+          int8_t *yo = yn + (size_t)cb * ohw + (size_t)oh * OW + ow;
+#define EP_TAP(t) (px + ((size_t)((t) / kw) * dh * Ws + (size_t)((t) % kw) * dw) * C)
+#ifdef EP_NEON
+          int32x4_t a0 = bv[0], a1 = bv[1], a2 = bv[2], a3 = bv[3];
+          for (int t = 0; t < nt; t += 2) {
+            int8x16_t x0 = vld1q_s8(EP_TAP(t)), w0 = vld1q_s8(wb + t * 16);
+            int16x8_t l16 = vmull_s8(vget_low_s8(x0), vget_low_s8(w0)), h16 = vmull_high_s8(x0, w0);
+            if (t + 1 < nt) {
+              int8x16_t x1 = vld1q_s8(EP_TAP(t + 1)), w1 = vld1q_s8(wb + (t + 1) * 16);
+              l16 = vmlal_s8(l16, vget_low_s8(x1), vget_low_s8(w1));
+              h16 = vmlal_high_s8(h16, x1, w1);
+            }
+            a0 = vaddw_s16(a0, vget_low_s16(l16));
+            a1 = vaddw_high_s16(a1, l16);
+            a2 = vaddw_s16(a2, vget_low_s16(h16));
+            a3 = vaddw_high_s16(a3, h16);
+          }
+          int32x4_t q[4] = {a0, a1, a2, a3};
+          for (int k = 0; k < 4; k++) {
+            int32x4_t h = vuzp2q_s32(vreinterpretq_s32_s64(vmull_s32(vget_low_s32(q[k]), vget_low_s32(m[k]))),
+                                     vreinterpretq_s32_s64(vmull_high_s32(q[k], m[k])));
+            h = vaddq_s32(vshlq_s32(vaddq_s32(h, ra[k]), sv[k]), vdupq_n_s32(zp));
+            q[k] = vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi));
+          }
+          int8x16_t o8 = vcombine_s8(vmovn_s16(vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]))),
+                                     vmovn_s16(vcombine_s16(vmovn_s32(q[2]), vmovn_s32(q[3]))));
+#define EP_ST(l) vst1q_lane_s8(yo + (size_t)(l) * ohw, o8, l)
+          EP_ST(0); EP_ST(1); EP_ST(2); EP_ST(3); EP_ST(4); EP_ST(5); EP_ST(6); EP_ST(7);
+          EP_ST(8); EP_ST(9); EP_ST(10); EP_ST(11); EP_ST(12); EP_ST(13); EP_ST(14); EP_ST(15);
+#undef EP_ST
+#else
+          for (int l = 0; l < 16; l++) {
+            int32_t acc = bias[cb + l];
+            for (int t = 0; t < nt; t++) acc += EP_TAP(t)[l] * wb[t * 16 + l];
+            yo[(size_t)l * ohw] = (int8_t)ep_mve_rq1(acc, mult[cb + l], rnd[cb + l],
+                                                     shift[cb + l], zp, lo, hi);
+          }
+#endif
+#undef EP_TAP
+        }
+    }
+  }
+}
+EP_AI int32_t ep_mve_neon_dwc8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
+                               int64_t *rnd, int32_t *shift, int8_t *y, int32_t n, int32_t C,
+                               int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, int32_t Hs,
+                               int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
+                               int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw,
+                               int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t zp,
+                               int32_t lo, int32_t hi) {
+  ep_mve_neon_dwc(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,
+                  pad, fh, fw, OH, OW, kh, kw, sh, sw, dh, dw, zp, lo, hi);
+  return 0;
 }
 #define EP_NEON_DW(OUT16)                                                                      \
   ep_mve_neon_dw(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,  \
