@@ -27,7 +27,7 @@ from bench.run import write_result
 
 RESULTS = Path(__file__).parent / "results" / "kernels.json"
 TARGETS = ["cortex-m7", "cortex-m4", "cortex-m55", "cortex-a53", "cortex-a72", "riscv32"]
-# (Cortex-A: qemu-aarch64 user mode, the NEON branches of kernels/mve_c; no CMSIS-NN reference)
+# (Cortex-A: qemu-aarch64 user mode, the NEON branches of kernels/simd_c; no CMSIS-NN reference)
 
 # name: (kind, in_ch, out_ch, kernel, in_hw, stride, groups)
 LAYERS = {

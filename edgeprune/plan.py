@@ -214,7 +214,7 @@ def reorder_for_memory(lowered) -> int:
     return 0
 
 
-# Kernels that may overwrite a dying input (kernels/int8.py, kernels/mve.py): a depthwise conv
+# Kernels that may overwrite a dying input (kernels/int8.py, kernels/simd.py): a depthwise conv
 # copies each channel's plane into its scratch before writing that channel's outputs, which
 # land on the bytes of planes already copied (an output plane is no larger than an input
 # plane); an add reads a[i] and b[i] before it writes y[i].

@@ -238,13 +238,13 @@ def _helium_models():
               .conv(6, (3, 3), padding=(0, 1, 0, 2), groups=6)
               .conv(20, (1, 1), wmax=1, real_scales=(0.1, 0.6))
               .flatten().dense(7, out_dtype="int16").build())
-    return {"convs": (convs, {"ep_mve_conv8(x": 3, "ep_mve_add8(a": 1}),
-            "others": (others, {"ep_mve_dw8(x": 3, "ep_mve_conv8(x": 1, "ep_mve_conv16(x": 1})}
+    return {"convs": (convs, {"ep_simd_conv8(x": 3, "ep_simd_add8(a": 1}),
+            "others": (others, {"ep_simd_dw8(x": 3, "ep_simd_conv8(x": 1, "ep_simd_conv16(x": 1})}
 
 
 @pytest.mark.parametrize("name", ["convs", "others"])
 def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path, name):
-    """Cortex-M55 ("mve-i") gets the Helium kernels (kernels/mve.py). "convs": batch 2, a
+    """Cortex-M55 ("mve-i") gets the Helium kernels (kernels/simd.py). "convs": batch 2, a
     3-channel first layer (windows gathered into a patch) with stride 2 and an odd pixel count
     (partial tiles), a horizontally dilated conv (one run per tap) with an odd channel count,
     a residual add with ReLU (odd element count). "others": depthwise on rows of 16 (contiguous
@@ -265,12 +265,12 @@ def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path, name):
 
 def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
     """The Helium residual add computes (a*Ma + b*Mb + rnd) >> s in 32-bit lanes by splitting
-    M and rnd at bit 16 (mve_c.ep_mve_add); its portable C is the same formula: check it
+    M and rnd at bit 16 (simd_c.ep_simd_add); its portable C is the same formula: check it
     against 64-bit numpy on random and extreme int8 inputs, multipliers and shifts 16..46."""
     import subprocess
 
     from edgeprune.kernels import C_PRELUDE
-    from edgeprune.kernels.mve_c import MVE_PRELUDE
+    from edgeprune.kernels.simd_c import SIMD_PRELUDE
 
     rng = np.random.default_rng(5)
     cases = []
@@ -284,12 +284,12 @@ def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
     b = rng.integers(-128, 128, 64)
     a[:4], b[:4] = [-128, 127, -128, 127], [-128, 127, 127, -128]
     calls = "\n".join(
-        f"  ep_mve_add8(a, b, y, 64, {ma >> 16}, {ma & 0xFFFF}, {mb >> 16}, {mb & 0xFFFF}, "
+        f"  ep_simd_add8(a, b, y, 64, {ma >> 16}, {ma & 0xFFFF}, {mb >> 16}, {mb & 0xFFFF}, "
         f"{rnd >> 16}, {rnd & 0xFFFF}, {sh - 16}, {zp}, -128, 127);\n"
         '  for (int i = 0; i < 64; i++) printf("%d ", y[i]);\n  printf("\\n");'
         for ma, mb, sh, rnd, zp in cases)
     prog = tmp_path / "add.c"
-    prog.write_text(C_PRELUDE + MVE_PRELUDE + "#include <stdio.h>\n"
+    prog.write_text(C_PRELUDE + SIMD_PRELUDE + "#include <stdio.h>\n"
                     f"static int8_t a[64] = {{{', '.join(map(str, a))}}};\n"
                     f"static int8_t b[64] = {{{', '.join(map(str, b))}}};\n"
                     "int main(void) {\n  int8_t y[64];\n" + calls + "\n  return 0;\n}\n")
@@ -322,10 +322,10 @@ def _neon_models():
     """The Helium test's networks, and "wide": inputs of 8+ channels and 8+ pixels a row, for
     the NHWC fill's 8x8 transposes (12 and 9 channels: a block and a remainder; 31 columns with
     stride 1 and 2: whole blocks, the stride-2 block that would read past the row, the rest),
-    a 16-channel depthwise (channels in lanes, ep_mve_neon_dwc; stride (2, 1), over its dying
+    a 16-channel depthwise (channels in lanes, ep_simd_neon_dwc; stride (2, 1), over its dying
     input), and an 8-channel one with rows of 15 outputs (a planar tile of 8, then 7: 4-, 2- and
     1-byte stores)."""
-    models = {n: (qm, {c.replace("ep_mve_dw", "ep_mve_neon_dw"): k for c, k in calls.items()})
+    models = {n: (qm, {c.replace("ep_simd_dw", "ep_simd_neon_dw"): k for c, k in calls.items()})
               for n, (qm, calls) in _helium_models().items()}
     wide = (Net((1, 12, 5, 31), zp=-128, seed=13)
             .conv(9, (3, 3), padding=(1, 1, 1, 1))
@@ -334,16 +334,16 @@ def _neon_models():
             .conv(16, (3, 3), stride=(2, 1), padding=(1, 1, 1, 0), groups=16)
             .conv(8, (1, 1))
             .conv(8, (3, 3), padding=(1, 1, 1, 1), groups=8).build())
-    models["wide"] = (wide, {"ep_mve_conv8(x": 4, "ep_mve_neon_dwc8(x": 1, "ep_mve_neon_dw8(x": 1})
+    models["wide"] = (wide, {"ep_simd_conv8(x": 4, "ep_simd_neon_dwc8(x": 1, "ep_simd_neon_dw8(x": 1})
     return models
 
 
 @pytest.mark.parametrize("name", ["convs", "others", "wide"])
 def test_neon_kernels_bit_exact_on_cortex_a53(tmp_path, name):
-    """Cortex-A ("neon" in the features) runs the Helium kernels' NEON branches (kernels/mve_c,
+    """Cortex-A ("neon" in the features) runs the Helium kernels' NEON branches (kernels/simd_c,
     EP_NEON) and a NEON depthwise: the Helium test's networks (patch path, dilated taps, odd
     channels and pixels, batch 2, depthwise stride 1 and 2 with rows wider than a tile, the
-    64-bit requantization, int16 dense, the residual add in ep_mve_add's 32-bit form) and "wide" (the NHWC fill's transposes) in
+    64-bit requantization, int16 dense, the residual add in ep_simd_add's 32-bit form) and "wide" (the NHWC fill's transposes) in
     qemu-aarch64, the inputs' extremes included. Then the same library retargeted to the M7
     (the portable C)."""
     qm, calls = _neon_models()[name]
@@ -359,17 +359,17 @@ def test_neon_kernels_bit_exact_on_cortex_a53(tmp_path, name):
 
 def test_neon_conv_step_with_minus_128_weights_keeps_int32_sums(tmp_path):
     """The NEON conv step sums two int8 products in int16 only when no weight is -128 (mode | 4,
-    set by mve.conv_kernel); (-128) * (-128) twice overflows int16. A dense step on -128 inputs
+    set by simd.conv_kernel); (-128) * (-128) twice overflows int16. A dense step on -128 inputs
     and weights, run in qemu-aarch64: the int32 form (mode 0) is exact; the int16 form (mode 4)
     would give the wrapped sum, which is why the generator clears the bit."""
     import subprocess
 
     from edgeprune.kernels import C_PRELUDE
-    from edgeprune.kernels.mve_c import MVE_PRELUDE
+    from edgeprune.kernels.simd_c import SIMD_PRELUDE
 
     prog = tmp_path / "step.c"
     # dense: C = 32 -> O = 4 (G = 4), x = w = -128, bias 5, y = (acc * 1) >> 13
-    prog.write_text(C_PRELUDE + MVE_PRELUDE + r"""
+    prog.write_text(C_PRELUDE + SIMD_PRELUDE + r"""
 #include <stdio.h>
 static int8_t x[32], w[128];
 static int32_t bias[4] = {5, 5, 5, 5}, mult[4] = {1, 1, 1, 1}, shift[4] = {13, 13, 13, 13};
@@ -379,7 +379,7 @@ int main(void) {
   memset(x, -128, sizeof x);
   memset(w, -128, sizeof w);
   for (int mode = 0; mode <= 4; mode += 4) {
-    ep_mve_conv8(x, 0, w, bias, mult, rnd, shift, 0, y, 1, 32, 1, 1, 1, 1, 1, 1, 0, 0, -128, 1,
+    ep_simd_conv8(x, 0, w, bias, mult, rnd, shift, 0, y, 1, 32, 1, 1, 1, 1, 1, 1, 0, 0, -128, 1,
                  1, 1, -1, 1, 1, 4, 1, 1, 1, 1, 0, 0, 32, 32, 1, 1, 0, 0, mode, 0, -128, 127, 4);
     printf("%d %d %d %d\n", y[0], y[1], y[2], y[3]);
   }

@@ -25,7 +25,7 @@ the layer's exact shape, with its weights repacked at build time:
   plane; tiles of DW_PX_BLOCK outputs of a row share each weight load; on cores with the DSP
   extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
 * cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
-  mve.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
+  simd.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
@@ -150,10 +150,10 @@ PRELUDE_FUNCS = ("ep_smlad", "ep_mac2", "ep_sxtb16", "ep_requant", "ep_clamp")
 
 def with_prelude(c_source: str) -> str:
     """The kernels' C file, with C_PRELUDE in front when a kernel calls one of its helpers
-    (and the Helium kernels of mve_c when one calls those)."""
-    from .mve_c import MVE_PRELUDE
-    if "ep_mve_" in c_source:
-        return C_PRELUDE + MVE_PRELUDE + c_source
+    (and the Helium kernels of simd_c when one calls those)."""
+    from .simd_c import SIMD_PRELUDE
+    if "ep_simd_" in c_source:
+        return C_PRELUDE + SIMD_PRELUDE + c_source
     return C_PRELUDE + c_source if any(f in c_source for f in PRELUDE_FUNCS) else c_source
 
 
@@ -181,8 +181,8 @@ class QLayer:
 
 def _tiled(layer: QLayer, features) -> bool:
     """Whether the layer's kernel is the SMLAD conv/dense whose register tile the tuner picks."""
-    from .mve import wants_mve
-    return layer.kind in ("conv", "dense") and not wants_mve(layer, features)
+    from .simd import wants_simd
+    return layer.kind in ("conv", "dense") and not wants_simd(layer, features)
 
 
 def layer_key(layer: QLayer) -> str:
@@ -366,9 +366,9 @@ def _add_chain(end, defs: dict, uses: dict, features=()):
         return None
     size = int(np.prod(shape))
     a_t, b_t = (str(x.ty.dtype) for x in inputs)
-    from . import mve
-    if any(f in mve.SIMD_FEATURES for f in tuple(features or ())):  # Helium / NEON, if it can
-        src = mve.add_source(shape, a_t, b_t, out_dtype, mults, rnd, sh, zp, lo, hi)
+    from . import simd
+    if any(f in simd.SIMD_FEATURES for f in tuple(features or ())):  # Helium / NEON, if it can
+        src = simd.add_source(shape, a_t, b_t, out_dtype, mults, rnd, sh, zp, lo, hi)
         if src is not None:
             return src, inputs, np.array(mults, np.int32)
     # The multipliers come in as an array, copied to locals: as literals GCC would multiply
@@ -404,7 +404,7 @@ def _parse(src: str, what: str):
 
 def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
     """Replace every recognised quantized conv/dense chain in `main` by one specialized kernel.
-    `features`: the target's [chip] features; "mve-i" selects the Helium kernels (mve.py)."""
+    `features`: the target's [chip] features; "mve-i" selects the Helium kernels (simd.py)."""
     import tvm
     from tvm import relax
 
@@ -808,9 +808,9 @@ def kernel_source(layer: QLayer, features=()) -> tuple[str, list[np.ndarray]]:
 
 
 def build_kernel(layer: QLayer, features=()):
-    from . import mve
-    if mve.wants_mve(layer, features):
-        src, consts = mve.simd_kernel(layer, features)
+    from . import simd
+    if simd.wants_simd(layer, features):
+        src, consts = simd.simd_kernel(layer, features)
     else:
         src, consts = kernel_source(layer, features)
     return _parse(src, f"{layer.kind} {layer.x_shape}->{layer.y_shape}"), consts

@@ -1,8 +1,8 @@
-"""Helium (MVE) int8 kernels for cores whose target lists the "mve-i" feature (Cortex-M55);
-the same kernels with NEON inside for "neon" (Cortex-A, see mve_c's docstring).
+"""SIMD int8 kernels: Helium (MVE) for cores whose target lists the "mve-i" feature (Cortex-M55);
+the same kernels with NEON inside for "neon" (Cortex-A, see simd_c's docstring).
 
 Each layer becomes a TIR PrimFunc that only allocates its scratch (so the planner sees it) and
-calls one C function of mve_c.MVE_PRELUDE with the layer's shape as literals:
+calls one C function of simd_c.SIMD_PRELUDE with the layer's shape as literals:
 
 * conv (groups=1) / dense: the input is copied once into a zero-point-padded NHWC int8 scratch,
   so one output's reduction is a few contiguous runs (a kernel row = kw x C bytes); weights stay
@@ -12,7 +12,7 @@ calls one C function of mve_c.MVE_PRELUDE with the layer's shape as literals:
   channels: a first layer) the tile's windows are first gathered into one contiguous patch.
 * depthwise: one padded int8 plane per channel, 4 outputs per vector lane group, VMLA by a weight
   held in a core register.
-* requantization on 4 outputs at once (VMULH / VRMULH, see mve_c), else 64-bit per output.
+* requantization on 4 outputs at once (VMULH / VRMULH, see simd_c), else 64-bit per output.
 Results are bit-exact with the integer reference (the same arithmetic, reordered sums of int32).
 """
 
@@ -23,12 +23,12 @@ import numpy as np
 from .int8 import KERNEL_ATTR, QLayer, _shape
 
 MVE_FEATURE = "mve-i"
-# Cortex-A (AArch64 NEON) runs the same kernels: mve_c's EP_NEON branches (conv steps by
+# Cortex-A (AArch64 NEON) runs the same kernels: simd_c's EP_NEON branches (conv steps by
 # SMULL + SADALP, the NHWC fill by 8x8 byte transposes); the arguments and layouts are the same.
 SIMD_FEATURES = (MVE_FEATURE, "neon")
 
 
-def wants_mve(layer: QLayer, features) -> bool:
+def wants_simd(layer: QLayer, features) -> bool:
     """This module's kernels (Helium, or NEON on Cortex-A) for an int8-input layer."""
     return any(f in SIMD_FEATURES for f in tuple(features or ())) and layer.x_dtype == "int8"
 
@@ -36,7 +36,7 @@ def wants_mve(layer: QLayer, features) -> bool:
 def _requant(layer: QLayer, n_out: int | None = None):
     """Per-channel (bias, M, rnd, s), padded with zeros to n_out channels, and the C
     requantization mode: 1 VMULH, exact when every s >= 32 and rnd's low word is 0 (see
-    mve_c; the quantizer's usual s >= 33), else 0: 64-bit per output."""
+    simd_c; the quantizer's usual s >= 33), else 0: 64-bit per output."""
     s = layer.shift.astype(np.int64)
     rnd = layer.rnd.astype(np.int64)
     low = rnd & 0xFFFFFFFF
@@ -125,7 +125,7 @@ def conv_kernel(layer: QLayer):
     t = np.maximum(sft.astype(np.int64) - 32, 0)  # (padding channels: s = 0, never stored)
     radd, zp = rnd >> 32, layer.zp_out
     # ((h + radd) >> t) + zp == (h + radd + (zp << t)) >> t: one vector add less, if it fits
-    # (|h| <= 2^30, see mve_c); mode 2 tells the vector code (the portable C adds zp itself).
+    # (|h| <= 2^30, see simd_c); mode 2 tells the vector code (the portable C adds zp itself).
     if mode == 1 and np.all(np.abs(radd + (zp << t)) < 2 ** 30):
         radd, mode = radd + (zp << t), 2
     qp = np.stack([m[lanes], radd[lanes], -t[lanes]], 1)
@@ -144,7 +144,7 @@ def conv_kernel(layer: QLayer):
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, direct, patch_off,
             oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode | w127, zp,
             layer.lo, layer.hi, g]
-    L.append(_call("ep_mve_conv", layer, xs, ints, qp=True))
+    L.append(_call("ep_simd_conv", layer, xs, ints, qp=True))
     return "\n".join(L), [np.ascontiguousarray(wpad).reshape(-1)] + consts \
         + [qp.astype(np.int32).reshape(-1)]
 
@@ -164,14 +164,14 @@ def depthwise_kernel(layer: QLayer):
     L.append(f'    xs = T.alloc_buffer(({hs * ws},), "int8")')
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
             sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
-    L.append(_call("ep_mve_dw", layer, "xs.data", ints, qp=True))
+    L.append(_call("ep_simd_dw", layer, "xs.data", ints, qp=True))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts + [po]
 
 
 def neon_depthwise_kernel(layer: QLayer):
     """depthwise on Cortex-A. Channels a multiple of 16, vector requantization (mode 1), int8
-    out, no -128 weight: channels in lanes on the NHWC scratch (mve_c.ep_mve_neon_dwc, weights
-    [C / 16][tap][16]); else mve_c.ep_mve_neon_dw: per channel a padded plane as above, tiles of
+    out, no -128 weight: channels in lanes on the NHWC scratch (simd_c.ep_simd_neon_dwc, weights
+    [C / 16][tap][16]); else simd_c.ep_simd_neon_dw: per channel a padded plane as above, tiles of
     8 outputs of a row, contiguous 8- or 16-byte loads per tap."""
     consts, mode = _requant(layer)
     n, c, h, wd = layer.x_shape
@@ -180,14 +180,14 @@ def neon_depthwise_kernel(layer: QLayer):
     hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
     dh, dw = layer.dilation
     if (c % 16 == 0 and o == c and mode == 1 and layer.out_dtype == "int8"
-            and layer.weight.min() > -128):  # channels in lanes (ep_mve_neon_dwc)
+            and layer.weight.min() > -128):  # channels in lanes (ep_simd_neon_dwc)
         wc = layer.weight.reshape(c // 16, 16, kh * kw).transpose(0, 2, 1)
         L = _header(layer, o * kh * kw, o, "depthwise")
         L.append(f'    xs = T.alloc_buffer(({hs * ws * c},), "int8")')
         ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
                 sh, sw, dh, dw, layer.zp_out, layer.lo, layer.hi]
         args = ", ".join(str(int(v)) for v in ints)
-        L.append('    T.evaluate(T.call_extern("int32", "ep_mve_neon_dwc8", x.data, xs.data, w.data, '
+        L.append('    T.evaluate(T.call_extern("int32", "ep_simd_neon_dwc8", x.data, xs.data, w.data, '
                  f"bias.data, mult.data, rnd.data, shift.data, y.data, {args}))")
         return "\n".join(L), [np.ascontiguousarray(wc).reshape(-1).astype(np.int8)] + consts
     # A tile reads at most 8 * sw bytes past its last output's window: slack past the plane.
@@ -196,12 +196,12 @@ def neon_depthwise_kernel(layer: QLayer):
     L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
             sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
-    L.append(_call("ep_mve_neon_dw", layer, "xs.data", ints))
+    L.append(_call("ep_simd_neon_dw", layer, "xs.data", ints))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts
 
 
 def simd_kernel(layer: QLayer, features):
-    """(TVMScript, constants) of a layer wants_mve accepted, for Helium or NEON."""
+    """(TVMScript, constants) of a layer wants_simd accepted, for Helium or NEON."""
     if layer.kind != "depthwise":
         return conv_kernel(layer)
     if MVE_FEATURE in tuple(features or ()):
@@ -212,7 +212,7 @@ def simd_kernel(layer: QLayer, features):
 def add_source(shape, a_t: str, b_t: str, out_dtype: str, mults, rnd: int, sh: int, zp: int,
                lo: int, hi: int) -> str | None:
     """The requantized residual add clamp(zp + ((a * Ma + b * Mb + rnd) >> sh)) on 4 lanes of
-    int32 (mve_c's ep_mve_add), or None where that is not exact: int8 inputs, sh >= 16."""
+    int32 (simd_c's ep_simd_add), or None where that is not exact: int8 inputs, sh >= 16."""
     if (a_t, b_t) != ("int8", "int8") or sh < 16 or abs(rnd >> 16) >= 2 ** 29:
         return None
     size = int(np.prod(shape))
@@ -225,5 +225,5 @@ def add_source(shape, a_t: str, b_t: str, out_dtype: str, mults, rnd: int, sh: i
         f'def main(a: T.Buffer({_shape(shape)}, "int8"), b: T.Buffer({_shape(shape)}, "int8"), '
         f'm: T.Buffer((2,), "int32"), y: T.Buffer({_shape(shape)}, "{out_dtype}")):',
         f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "add"}})',
-        f'    T.evaluate(T.call_extern("int32", "ep_mve_add{suffix}", a.data, b.data, y.data, '
+        f'    T.evaluate(T.call_extern("int32", "ep_simd_add{suffix}", a.data, b.data, y.data, '
         + ", ".join(str(v) for v in ints) + "))"])

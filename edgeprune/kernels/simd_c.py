@@ -1,4 +1,4 @@
-"""C of the Helium (MVE) int8 kernels, prepended to the kernels' file when one is used (mve.py).
+"""C of the Helium (MVE) int8 kernels, prepended to the kernels' file when one is used (simd.py).
 
 The functions are `static inline always_inline` with every shape argument a literal at the
 call site, so GCC specializes each call to its layer (constant loop bounds
@@ -10,18 +10,18 @@ On AArch64 with NEON (Cortex-A targets, EP_NEON) the same functions run NEON cod
 parts: a conv step is per (pixel, channel) pair SMULL + SMLAL2 (two products in int16, when
 no weight is -128: `mode | 4`) or SMULL x 2 + SADALP x 2, into int32x4 accumulators summed at
 the end of the tile (VMULH's high words by SMULL + UZP2); the NHWC fill transposes 8x8 bytes;
-depthwise has its own NEON functions (ep_mve_neon_dwc: 16 channels in lanes; ep_mve_neon_dw:
-planar rows of 8; mve.neon_depthwise_kernel chooses).
+depthwise has its own NEON functions (ep_simd_neon_dwc: 16 channels in lanes; ep_simd_neon_dw:
+planar rows of 8; simd.neon_depthwise_kernel chooses).
 
 Requantization per output channel, with total shift s and rounding constant rnd:
   clamp(zp + ((acc * M + rnd) >> s), lo, hi).
 `mode` 1 (the generator checked: every s >= 32 and rnd's low word is 0): the high word of
 acc * M (VMULH), plus rnd >> 32, then >> (s - 32); floor divisions compose, so this is exact.
 `mode` 2 (conv only): the same with zp << (s - 32) already added to the rnd >> 32 term.
-`mode` 0: 64 bits per output (ep_mve_rq1).
+`mode` 0: 64 bits per output (ep_simd_rq1).
 """
 
-MVE_PRELUDE = r"""
+SIMD_PRELUDE = r"""
 /* ---- edgeprune Helium (MVE) int8 kernels ---- */
 #include <string.h>
 #define EP_AI static inline __attribute__((always_inline))
@@ -40,7 +40,7 @@ MVE_PRELUDE = r"""
 
 /* NCHW input plane(s) -> zero-point-padded NHWC scratch xs[Hs][Ws][C]: xs(i + pt, j + pl, c) =
    x[c][i * fh][j * fw] for i < hi_n, j < wi_n; every other cell is `pad`. */
-EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
+EP_AI void ep_simd_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                        int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw) {
 #ifdef EP_MVE
   {  /* the padding value everywhere first (16 bytes a store; memset goes byte/word-wise) */
@@ -116,7 +116,7 @@ EP_AI void ep_mve_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32_
 #endif
 }
 
-EP_AI int32_t ep_mve_rq1(int32_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp, int32_t lo,
+EP_AI int32_t ep_simd_rq1(int32_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp, int32_t lo,
                          int32_t hi) {
   int64_t v = (((int64_t)acc * m + rnd) >> s) + zp;
   return (int32_t)(v < lo ? lo : v > hi ? hi : v);
@@ -124,7 +124,7 @@ EP_AI int32_t ep_mve_rq1(int32_t acc, int32_t m, int64_t rnd, int32_t s, int32_t
 
 #ifdef EP_MVE
 /* Four accumulators (lanes) of one output channel -> requantized, clamped int32 lanes. */
-EP_AI int32x4_t ep_mve_rq(int32x4_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp,
+EP_AI int32x4_t ep_simd_rq(int32x4_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp,
                           int32_t lo, int32_t hi, int32_t mode) {
   int32x4_t h;
   if (mode == 1) {
@@ -135,14 +135,14 @@ EP_AI int32x4_t ep_mve_rq(int32x4_t acc, int32_t m, int64_t rnd, int32_t s, int3
   } else {
     int32_t a[4];
     vst1q_s32(a, acc);
-    for (int k = 0; k < 4; k++) a[k] = ep_mve_rq1(a[k], m, rnd, s, zp, lo, hi);
+    for (int k = 0; k < 4; k++) a[k] = ep_simd_rq1(a[k], m, rnd, s, zp, lo, hi);
     return vld1q_s32(a);
   }
   return vminq_s32(vmaxq_s32(h, vdupq_n_s32(lo)), vdupq_n_s32(hi));
 }
 
 /* Store lanes < npx of v as int8 or int16 at y[0], y[1], ... */
-EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
+EP_AI void ep_simd_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
   mve_pred16_t p = vctp32q(npx);
   if (out16) vstrhq_p_s32((int16_t *)y, v, p); else vstrbq_p_s32((int8_t *)y, v, p);
 }
@@ -151,7 +151,7 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
 #ifdef EP_MVE
 /* 16 bytes at p, or only the first `left` (< 16) of them, the rest 0. */
 #define EP_LD(p, left) ((left) >= 16 ? vldrbq_s8(p) : vldrbq_z_s8((p), vctp8q(left)))
-/* One 16-byte step of a conv tile (ep_mve_conv_t): G = 2: two pixels' inputs x two channels'
+/* One 16-byte step of a conv tile (ep_simd_conv_t): G = 2: two pixels' inputs x two channels'
    weights; G = 4: one pixel x four channels. In asm with post-incremented pointers: GCC 12 left
    alone spills the accumulators (VMLADAVA needs even registers: "Te") or keeps one address
    register per load. EP_STEP: the same in C, for a partial last step (predicated loads). */
@@ -232,7 +232,7 @@ EP_AI void ep_mve_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
    kh x kw x C bytes, fewer vectors when C is small; the MAC loop then reads all segp bytes,
    those past the window unwritten, their weights 0). qp[group][3][4]: the requantization
    multiplier, rnd >> 32 and -(s - 32) per lane (lane = pixel * G + channel). */
-EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
+EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
                          const int32_t *mult, const int64_t *rnd, const int32_t *shift,
                          const int32_t *qp, void *y, int32_t C, int32_t Ws, int32_t OH,
                          int32_t OW, int32_t O, int32_t sh, int32_t sw, int32_t nsy, int32_t nsx,
@@ -352,7 +352,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
         vst1q_s32(r, acc);
         for (int l = 0; l < 4; l++) {
           int c = o + l % G;
-          r[l] = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+          r[l] = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
         }
         h = vld1q_s32(r);
       }
@@ -363,7 +363,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
 #else
       int32_t r[4] = {a0, a1, a2, a3};
 #ifdef EP_NEON
-      /* lanes l = the tile's 4 sums (pixel l / G, channel l % G), then requantized as mve's */
+      /* lanes l = the tile's 4 sums (pixel l / G, channel l % G), then requantized as on Helium */
       int32x4_t acc = vpaddq_s32(vpaddq_s32(v0, v1), vpaddq_s32(v2, v3)), hv;
       if (G == 2) {  /* biases (o, o + 1, o, o + 1): one 64-bit load, duplicated */
         int64_t b2;
@@ -384,7 +384,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
         vst1q_s32(r, acc);
         for (int l = 0; l < 4; l++) {
           int c = o + l % G;
-          r[l] = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+          r[l] = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
         }
         hv = vld1q_s32(r);
       }
@@ -405,7 +405,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
 #ifdef EP_NEON
         int32_t v = r[l];
 #else
-        int32_t v = ep_mve_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+        int32_t v = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
 #endif
         size_t at = (size_t)c * ohw + (size_t)i + (size_t)p;
         if (out16) ((int16_t *)y)[at] = (int16_t)v; else ((int8_t *)y)[at] = (int8_t)v;
@@ -417,7 +417,7 @@ EP_AI void ep_mve_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const
 
 /* One image at a time: the NHWC scratch (unless the input already is one, `direct`: dense, or
    a 1x1 image), then the tiles. */
-EP_AI void ep_mve_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+EP_AI void ep_simd_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
                        const int32_t *mult, const int64_t *rnd, const int32_t *shift,
                        const int32_t *qp, void *y,
                        int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
@@ -430,10 +430,10 @@ EP_AI void ep_mve_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32
   for (int nb = 0; nb < n; nb++) {
     const int8_t *img = x + (size_t)nb * C * H * W;
     if (!direct) {
-      ep_mve_nhwc(img, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
+      ep_simd_nhwc(img, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
       img = xs;
     }
-    ep_mve_conv_t(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift, qp,
+    ep_simd_conv_t(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift, qp,
                   (char *)y + (size_t)nb * O * OH * OW * (out16 ? 2 : 1), C, Ws, OH, OW, O, sh,
                   sw, nsy, nsx, offy, offx, seg, pseg, pnsy, pnsx, poffy, poffx, mode, zp, lo, hi,
                   out16, G);
@@ -445,7 +445,7 @@ EP_AI void ep_mve_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32
    multiple of 8 outputs (stride 1): contiguous loads. Else the tile is 8 consecutive outputs in
    NCHW order, across rows (narrow images waste no lanes), gathered with the offsets po[] (per
    output its window's corner in the plane, the last output repeated past the end). */
-EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+EP_AI void ep_simd_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
                      const int32_t *mult, const int64_t *rnd, const int32_t *shift,
                      const int32_t *po, void *y, int32_t n, int32_t C, int32_t H, int32_t W,
                      int32_t hi_n, int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt, int32_t pl,
@@ -459,7 +459,7 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
   for (int nb = 0; nb < n; nb++)
     for (int c = 0; c < C; c++) {
       const int8_t *xc = x + ((size_t)nb * C + c) * H * W;
-      ep_mve_nhwc(xc, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
+      ep_simd_nhwc(xc, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
       const int8_t *wc = w + (size_t)c * kh * kw;
       int32_t m = mult[c], s = shift[c], b0 = bias[c];
       int64_t r = rnd[c];
@@ -483,8 +483,8 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
                         : "q0", "q1");
               }
             char *yo = yc + ((size_t)oh * OW + ow0) * esz;
-            ep_mve_store(yo, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode), 4, out16);
-            ep_mve_store(yo + 4 * esz, ep_mve_rq(a1, m, r, s, zp, lo, hi, mode), 4, out16);
+            ep_simd_store(yo, ep_simd_rq(a0, m, r, s, zp, lo, hi, mode), 4, out16);
+            ep_simd_store(yo + 4 * esz, ep_simd_rq(a1, m, r, s, zp, lo, hi, mode), 4, out16);
           }
         continue;
       }
@@ -504,10 +504,10 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
                     : "q0", "q1", "memory");
           }
         int left = ohw - i;
-        ep_mve_store(yc + (size_t)i * esz, ep_mve_rq(a0, m, r, s, zp, lo, hi, mode),
+        ep_simd_store(yc + (size_t)i * esz, ep_simd_rq(a0, m, r, s, zp, lo, hi, mode),
                      left < 4 ? left : 4, out16);
         if (left > 4)
-          ep_mve_store(yc + (size_t)(i + 4) * esz, ep_mve_rq(a1, m, r, s, zp, lo, hi, mode),
+          ep_simd_store(yc + (size_t)(i + 4) * esz, ep_simd_rq(a1, m, r, s, zp, lo, hi, mode),
                        left - 4, out16);
       }
 #else
@@ -518,7 +518,7 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
           for (int ry = 0; ry < kh; ry++)
             for (int rx = 0; rx < kw; rx++)
               acc += corner[ry * dh * Ws + rx * dw] * wc[ry * kw + rx];
-          int32_t v = ep_mve_rq1(acc, m, r, s, zp, lo, hi);
+          int32_t v = ep_simd_rq1(acc, m, r, s, zp, lo, hi);
           if (out16) ((int16_t *)yc)[oh * OW + ow] = (int16_t)v;
           else ((int8_t *)yc)[oh * OW + ow] = (int8_t)v;
         }
@@ -529,7 +529,7 @@ EP_AI void ep_mve_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t
 /* Requantized residual add, exact in 32 bits for int8 inputs: with M = Mh * 2^16 + Ml and
    rnd = Rh * 2^16 + Rl, a*Ma + b*Mb + rnd = (Sh + Rh) * 2^16 + (Sl + Rl), Sh = a*Mah + b*Mbh,
    Sl = a*Mal + b*Mbl (each < 2^25); so (.. >> sh) = (Sh + Rh + ((Sl + Rl) >> 16)) >> (sh - 16). */
-EP_AI void ep_mve_add(const int8_t *a, const int8_t *b, void *y, int32_t n, int32_t mah,
+EP_AI void ep_simd_add(const int8_t *a, const int8_t *b, void *y, int32_t n, int32_t mah,
                       int32_t mal, int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t,
                       int32_t zp, int32_t lo, int32_t hi, int32_t out16) {
 #ifdef EP_MVE
@@ -570,40 +570,40 @@ EP_AI void ep_mve_add(const int8_t *a, const int8_t *b, void *y, int32_t n, int3
   dh, dw, mode, zp, lo, hi
 #define EP_MVE_PTRS int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult, int64_t *rnd, \
   int32_t *shift
-EP_AI int32_t ep_mve_conv8(EP_MVE_PTRS, int32_t *qp, int8_t *y, EP_MVE_CONV_ARGS) {
-  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 0, G);
+EP_AI int32_t ep_simd_conv8(EP_MVE_PTRS, int32_t *qp, int8_t *y, EP_MVE_CONV_ARGS) {
+  ep_simd_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 0, G);
   return 0;
 }
-EP_AI int32_t ep_mve_conv16(EP_MVE_PTRS, int32_t *qp, int16_t *y, EP_MVE_CONV_ARGS) {
-  ep_mve_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 1, G);
+EP_AI int32_t ep_simd_conv16(EP_MVE_PTRS, int32_t *qp, int16_t *y, EP_MVE_CONV_ARGS) {
+  ep_simd_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 1, G);
   return 0;
 }
-EP_AI int32_t ep_mve_dw8(EP_MVE_PTRS, int32_t *po, int8_t *y, EP_MVE_DW_ARGS) {
-  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, po, y, EP_MVE_DW_PASS, 0);
+EP_AI int32_t ep_simd_dw8(EP_MVE_PTRS, int32_t *po, int8_t *y, EP_MVE_DW_ARGS) {
+  ep_simd_dw(x, xs, w, bias, mult, rnd, shift, po, y, EP_MVE_DW_PASS, 0);
   return 0;
 }
-EP_AI int32_t ep_mve_dw16(EP_MVE_PTRS, int32_t *po, int16_t *y, EP_MVE_DW_ARGS) {
-  ep_mve_dw(x, xs, w, bias, mult, rnd, shift, po, y, EP_MVE_DW_PASS, 1);
+EP_AI int32_t ep_simd_dw16(EP_MVE_PTRS, int32_t *po, int16_t *y, EP_MVE_DW_ARGS) {
+  ep_simd_dw(x, xs, w, bias, mult, rnd, shift, po, y, EP_MVE_DW_PASS, 1);
   return 0;
 }
-EP_AI int32_t ep_mve_add8(int8_t *a, int8_t *b, int8_t *y, int32_t n, int32_t mah, int32_t mal,
+EP_AI int32_t ep_simd_add8(int8_t *a, int8_t *b, int8_t *y, int32_t n, int32_t mah, int32_t mal,
                           int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t, int32_t zp,
                           int32_t lo, int32_t hi) {
-  ep_mve_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 0);
+  ep_simd_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 0);
   return 0;
 }
-EP_AI int32_t ep_mve_add16(int8_t *a, int8_t *b, int16_t *y, int32_t n, int32_t mah, int32_t mal,
+EP_AI int32_t ep_simd_add16(int8_t *a, int8_t *b, int16_t *y, int32_t n, int32_t mah, int32_t mal,
                            int32_t mbh, int32_t mbl, int32_t rh, int32_t rl, int32_t t, int32_t zp,
                            int32_t lo, int32_t hi) {
-  ep_mve_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 1);
+  ep_simd_add(a, b, y, n, mah, mal, mbh, mbl, rh, rl, t, zp, lo, hi, 1);
   return 0;
 }
 
-/* depthwise for NEON (Cortex-A; mve.neon_depthwise_kernel): one zero-point-padded int8 plane
-   per channel, as ep_mve_dw; a tile is 8 outputs of a row, per tap one 8-lane load (stride 1;
+/* depthwise for NEON (Cortex-A; simd.neon_depthwise_kernel): one zero-point-padded int8 plane
+   per channel, as ep_simd_dw; a tile is 8 outputs of a row, per tap one 8-lane load (stride 1;
    stride 2: VLD2's even bytes; else lane by lane), SXTL and two SMLALs by the weight. The tile
    may read up to 8 * sw bytes past its row: the scratch has that much slack past the plane. */
-EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+EP_AI void ep_simd_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
                           const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
                           int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                           int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
@@ -616,7 +616,7 @@ EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const in
 #endif
   for (int nb = 0; nb < n; nb++)
     for (int c = 0; c < C; c++) {
-      ep_mve_nhwc(x + ((size_t)nb * C + c) * H * W, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad,
+      ep_simd_nhwc(x + ((size_t)nb * C + c) * H * W, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad,
                   fh, fw);
       const int8_t *wc = w + (size_t)c * kh * kw;
       int32_t m = mult[c], s = shift[c], b0 = bias[c];
@@ -647,7 +647,7 @@ EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const in
             }
           int32x4_t q[2] = {a0, a1};
           for (int k = 0; k < 2; k++) {
-            if (mode == 1) {  /* as ep_mve_rq: the high words of acc * m, + rnd >> 32, >> s - 32 */
+            if (mode == 1) {  /* as ep_simd_rq: the high words of acc * m, + rnd >> 32, >> s - 32 */
               int32x4_t mv = vdupq_n_s32(m), h;
               h = vuzp2q_s32(vreinterpretq_s32_s64(vmull_s32(vget_low_s32(q[k]), vget_low_s32(mv))),
                              vreinterpretq_s32_s64(vmull_high_s32(q[k], mv)));
@@ -657,7 +657,7 @@ EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const in
             } else {
               int32_t t[4];
               vst1q_s32(t, q[k]);
-              for (int l = 0; l < 4; l++) t[l] = ep_mve_rq1(t[l], m, r, s, zp, lo, hi);
+              for (int l = 0; l < 4; l++) t[l] = ep_simd_rq1(t[l], m, r, s, zp, lo, hi);
               q[k] = vld1q_s32(t);
             }
           }
@@ -687,21 +687,21 @@ EP_AI void ep_mve_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const in
             for (int ry = 0; ry < kh; ry++)
               for (int rx = 0; rx < kw; rx++)
                 acc += row[ry * dh * Ws + p * sw + rx * dw] * wc[ry * kw + rx];
-            int32_t v = ep_mve_rq1(acc, m, r, s, zp, lo, hi);
+            int32_t v = ep_simd_rq1(acc, m, r, s, zp, lo, hi);
             if (out16) ((int16_t *)yo)[p] = (int16_t)v; else ((int8_t *)yo)[p] = (int8_t)v;
           }
 #endif
         }
     }
 }
-/* depthwise for NEON with channels in lanes (mve.neon_depthwise_kernel picks it for C % 16 == 0,
+/* depthwise for NEON with channels in lanes (simd.neon_depthwise_kernel picks it for C % 16 == 0,
    the vector requantization, int8 out, no -128 weight): the whole image in the NHWC scratch
-   (ep_mve_nhwc), then per block of 16 channels and per output pixel one 16-byte load per tap;
+   (ep_simd_nhwc), then per block of 16 channels and per output pixel one 16-byte load per tap;
    two taps' products summed in int16 (SMULL + SMLAL, |x * w| <= 128 * 127), widened into four
-   int32x4 by SADDW; requantized as ep_mve_rq (mode 1) and stored by lane (NCHW output).
+   int32x4 by SADDW; requantized as ep_simd_rq (mode 1) and stored by lane (NCHW output).
    Weights w[C / 16][kh * kw][16]. The image is read whole before any output is written (the
    plan's in-place aliasing stays safe). */
-EP_AI void ep_mve_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
+EP_AI void ep_simd_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
                            const int32_t *mult, const int64_t *rnd, const int32_t *shift,
                            int8_t *y, int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n,
                            int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt, int32_t pl,
@@ -710,7 +710,7 @@ EP_AI void ep_mve_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const i
                            int32_t dw, int32_t zp, int32_t lo, int32_t hi) {
   int ohw = OH * OW, nt = kh * kw;
   for (int nb = 0; nb < n; nb++) {
-    ep_mve_nhwc(x + (size_t)nb * C * H * W, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
+    ep_simd_nhwc(x + (size_t)nb * C * H * W, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
     int8_t *yn = y + (size_t)nb * C * ohw;
     for (int cb = 0; cb < C; cb += 16) {
       const int8_t *wb = w + (size_t)cb * nt;
@@ -761,7 +761,7 @@ EP_AI void ep_mve_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const i
           for (int l = 0; l < 16; l++) {
             int32_t acc = bias[cb + l];
             for (int t = 0; t < nt; t++) acc += EP_TAP(t)[l] * wb[t * 16 + l];
-            yo[(size_t)l * ohw] = (int8_t)ep_mve_rq1(acc, mult[cb + l], rnd[cb + l],
+            yo[(size_t)l * ohw] = (int8_t)ep_simd_rq1(acc, mult[cb + l], rnd[cb + l],
                                                      shift[cb + l], zp, lo, hi);
           }
 #endif
@@ -770,30 +770,30 @@ EP_AI void ep_mve_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const i
     }
   }
 }
-EP_AI int32_t ep_mve_neon_dwc8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
+EP_AI int32_t ep_simd_neon_dwc8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
                                int64_t *rnd, int32_t *shift, int8_t *y, int32_t n, int32_t C,
                                int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, int32_t Hs,
                                int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
                                int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw,
                                int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t zp,
                                int32_t lo, int32_t hi) {
-  ep_mve_neon_dwc(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,
+  ep_simd_neon_dwc(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,
                   pad, fh, fw, OH, OW, kh, kw, sh, sw, dh, dw, zp, lo, hi);
   return 0;
 }
 #define EP_NEON_DW(OUT16)                                                                      \
-  ep_mve_neon_dw(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,  \
+  ep_simd_neon_dw(x, xs, w, bias, mult, rnd, shift, y, n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl,  \
                  pad, fh, fw, OH, OW, kh, kw, sh, sw, dh, dw, mode, zp, lo, hi, OUT16)
 #define EP_NEON_DW_ARGS int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, \
   int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh, int32_t fw, int32_t OH, \
   int32_t OW, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t mode, \
   int32_t zp, int32_t lo, int32_t hi
-EP_AI int32_t ep_mve_neon_dw8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
+EP_AI int32_t ep_simd_neon_dw8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
                               int64_t *rnd, int32_t *shift, int8_t *y, EP_NEON_DW_ARGS) {
   EP_NEON_DW(0);
   return 0;
 }
-EP_AI int32_t ep_mve_neon_dw16(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
+EP_AI int32_t ep_simd_neon_dw16(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
                                int64_t *rnd, int32_t *shift, int16_t *y, EP_NEON_DW_ARGS) {
   EP_NEON_DW(1);
   return 0;
