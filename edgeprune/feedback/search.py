@@ -132,7 +132,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
-    last `val_samples` training samples are the holdout the search ranks candidates on, the first
+    last `val_samples` training samples are the holdout the search ranks candidates on (a zoo
+    model never trains on them: deploy.zoo_holdout; a user's model should not either), the first
     `train_samples` (all others by default) fine-tune; the test split gives the final accuracy.
     step_iterations: the measured excess of each budget is cut in about this many steps.
     margin: the loop aims this fraction below each budget, since the final fine-tune moves the
