@@ -130,6 +130,19 @@ def test_pt_file_ptq_and_qmodel_loads(tmp_path, capsys, cnn):
     qm = qmodel.load(tmp_path / "q")
     assert [r["weight_bits"] for r in qm.layer_table()] == [8, 8, 8]
 
+    # --layer-bits: the feedback loop's ratios.json (its "bits") sets one layer's word length
+    layer = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    (tmp_path / "ratios.json").write_text(json.dumps({"ratios": {}, "bits": {layer: 4}}))
+    rc, _, _ = _cli(capsys, "quantize", pt, "--out", tmp_path / "q4", "--method", "ptq",
+                    "--eval-samples", 200, "--calib-samples", 200,
+                    "--layer-bits", tmp_path / "ratios.json")
+    assert rc == 0
+    assert [r["weight_bits"] for r in qmodel.load(tmp_path / "q4").layer_table()] == [8, 8, 4]
+    (tmp_path / "bad.json").write_text(json.dumps({layer: "four"}))
+    rc, _, err = _cli(capsys, "quantize", pt, "--out", tmp_path / "qb",
+                      "--layer-bits", tmp_path / "bad.json")
+    assert rc == 2 and "--layer-bits" in err and "integer bits" in err
+
 
 def _mixed_setup(fmnist, cnn):
     model, shape = cnn

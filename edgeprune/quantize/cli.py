@@ -8,6 +8,7 @@ accepts) and quantize.json (per layer bits and weight bytes, accuracy float vs q
 import json
 from pathlib import Path
 
+from ..errors import EdgepruneError
 from .stage import FORMATS, METHODS, QuantizeConfig
 
 
@@ -32,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--mixed", action="store_true",
                    help="per-layer weight/activation widths among the target's word lengths, "
                    "chosen by sensitivity within --max-drop")
+    p.add_argument("--layer-bits", type=Path, default=None,
+                   help="JSON: per-layer weight bits, {layer: bits} or a feedback ratios.json "
+                   "(its \"bits\")")
     p.add_argument("--max-drop", type=float, default=0.5,
                    help="accuracy points: QAT trigger for auto, loss budget for --mixed")
     p.add_argument("--calib-samples", type=int, default=512)
@@ -60,7 +64,7 @@ def run(args) -> int:
                          calib_method=args.calib_method, eval_samples=args.eval_samples,
                          tune_samples=args.tune_samples,
                          epochs=args.epochs, lr=args.lr, max_train_samples=args.train_samples,
-                         seed=args.seed)
+                         seed=args.seed, layer_bits=_layer_bits(args.layer_bits))
     log = (lambda *a: None) if args.json else (lambda msg: print(f"quantize: {msg}", flush=True))
     report = quantize_to_folder(args.model, args.out, args.target, args.data, cfg,
                                 parse_shape(args.input_shape), args.train_epochs, args.force, log)
@@ -75,3 +79,17 @@ def run(args) -> int:
         print(f"quantize: {report['method']}: {a['quantized']:.2f} % (float {a['float']:.2f} %, "
               f"{a['samples']} samples); weights {report['weight_bytes']} B -> {args.out}")
     return 0
+
+
+def _layer_bits(path: Path | None) -> dict[str, int] | None:
+    """--layer-bits: {layer: bits}, or the "bits" of a feedback ratios.json."""
+    if path is None:
+        return None
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgepruneError(f"--layer-bits {path}: not a readable JSON file ({e})")
+    spec = spec.get("bits", spec) if isinstance(spec, dict) else spec
+    if not isinstance(spec, dict) or not all(isinstance(b, int) for b in spec.values()):
+        raise EdgepruneError(f"--layer-bits {path}: expected {{layer: bits}} with integer bits")
+    return spec
