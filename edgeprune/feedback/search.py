@@ -436,43 +436,26 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
     def ok(p):
         return all(p[k] <= v for k, v in limits.items())
 
-    for g, k in cur_widths.items():
-        if k <= lowest[g]:
-            continue
-        chosen = None
-        for k2 in range(k - 1, lowest[g] - 1, -1):
-            w = {**cur_widths, g: k2}
-            p = pred(w, cur_bits)
+    def knob(kind: str, name: str, steps: list[tuple[dict, dict]]) -> None:
+        """`steps`: the knob's (widths, bits) settings, smallest change first."""
+        for w, b in steps:
+            p = pred(w, b)
             if p[metric] <= goal:
-                chosen = Proposal("width", g, w, cur_bits, p)
-                break
-        if chosen:
-            if ok(chosen.pred):
-                reach.append(chosen)
-        else:
-            w = {**cur_widths, g: lowest[g]}
-            p = pred(w, cur_bits)
-            if p[metric] < cur_costs[metric] and ok(p):
-                partial.append(Proposal("width", g, w, cur_bits, p))
+                if ok(p):
+                    reach.append(Proposal(kind, name, w, b, p))
+                return
+        # none reaches the goal: the knob's extreme (the last step, `w, b, p` above), if it helps
+        if p[metric] < cur_costs[metric] and ok(p):
+            partial.append(Proposal(kind, name, w, b, p))
+
+    for g, k in cur_widths.items():
+        if k > lowest[g]:
+            knob("width", g, [({**cur_widths, g: k2}, cur_bits)
+                              for k2 in range(k - 1, lowest[g] - 1, -1)])
     for layer, opts in options.items():
         lower = sorted((b for b in opts if b < cur_bits[layer]), reverse=True)
-        if not lower:
-            continue
-        chosen = None
-        for b in lower:
-            bits = {**cur_bits, layer: b}
-            p = pred(cur_widths, bits)
-            if p[metric] <= goal:
-                chosen = Proposal("bits", layer, cur_widths, bits, p)
-                break
-        if chosen:
-            if ok(chosen.pred):
-                reach.append(chosen)
-        else:
-            bits = {**cur_bits, layer: lower[-1]}
-            p = pred(cur_widths, bits)
-            if p[metric] < cur_costs[metric] and ok(p):
-                partial.append(Proposal("bits", layer, cur_widths, bits, p))
+        if lower:
+            knob("bits", layer, [(cur_widths, {**cur_bits, layer: b}) for b in lower])
     return reach or partial
 
 
