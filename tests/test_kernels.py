@@ -252,15 +252,7 @@ def test_helium_kernels_bit_exact_on_cortex_m55(tmp_path, name):
     64-bit requantization (total shift 31) in a depthwise and a 1x1 conv, a dense layer with
     int16 outputs, not a multiple of 4 of them. Checked bit-exact against the integer reference
     in QEMU, and again after retargeting the library to the M7 (the kernels' portable C)."""
-    qm, calls = _helium_models()[name]
-    build, result = _run(qm, tmp_path, name, target="cortex-m55")
-    src = (tmp_path / name / "c_library" / "kernels.c").read_text()
-    assert {c: src.count(f"  {c}") for c in calls} == calls, [l["name"] for l in build["layers"]]
-    assert result["mismatches"] == 0 and result["outputs_match"]
-    from edgeprune.compile import retarget_build
-    retarget_build(tmp_path / name, "cortex-m7", tmp_path / "m7")
-    result, _ = simulate(tmp_path / "m7", samples=2)
-    assert result["mismatches"] == 0 and result["outputs_match"]
+    _check_simd_model(*_helium_models()[name], tmp_path, name, "cortex-m55")
 
 
 def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
@@ -346,12 +338,18 @@ def test_neon_kernels_bit_exact_on_cortex_a53(tmp_path, name):
     64-bit requantization, int16 dense, the residual add in ep_simd_add's 32-bit form) and "wide" (the NHWC fill's transposes) in
     qemu-aarch64, the inputs' extremes included. Then the same library retargeted to the M7
     (the portable C)."""
-    qm, calls = _neon_models()[name]
-    build, result = _run(qm, tmp_path, name, target="cortex-a53")
+    _check_simd_model(*_neon_models()[name], tmp_path, name, "cortex-a53")
+
+
+def _check_simd_model(qm, calls, tmp_path, name, target):
+    """`qm` on `target`: its kernels.c calls the SIMD functions `calls` (name -> count), the run
+    is bit-exact, and so is the library retargeted to the M7 (the portable C)."""
+    from edgeprune.compile import retarget_build
+
+    build, result = _run(qm, tmp_path, name, target=target)
     src = (tmp_path / name / "c_library" / "kernels.c").read_text()
     assert {c: src.count(f"  {c}") for c in calls} == calls, [l["name"] for l in build["layers"]]
     assert result["mismatches"] == 0 and result["outputs_match"]
-    from edgeprune.compile import retarget_build
     retarget_build(tmp_path / name, "cortex-m7", tmp_path / "m7")
     result, _ = simulate(tmp_path / "m7", samples=2)
     assert result["mismatches"] == 0 and result["outputs_match"]
