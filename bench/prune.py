@@ -144,10 +144,11 @@ def main(quick: bool = False) -> dict:
 
 
 def best_method(model, example, data, cfg, score, acc_float, seeds: int,
-                save=lambda entry: None) -> dict:
+                save=lambda entry: None, finetune_epochs: int | None = None) -> dict:
     """BEST and BASELINE at GOAL_TARGET, `seeds` seeds each, the same fine-tuning budget
-    (BEST's own, which may differ from the criteria study's); `save(entry)` after each seed."""
-    cfg = dict(cfg, finetune_epochs=BEST["finetune_epochs"])
+    (BEST's own unless `finetune_epochs`, which may differ from the criteria study's);
+    `save(entry)` after each seed."""
+    cfg = dict(cfg, finetune_epochs=finetune_epochs or BEST["finetune_epochs"])
     out = {"target": GOAL_TARGET, "finetune_epochs": cfg["finetune_epochs"],
            "float": {"accuracy": round(acc_float, 3), "train_epochs": cfg["train_epochs"]},
            "eval_samples": cfg["eval_samples"]}
@@ -183,9 +184,10 @@ def goal_fields(out: dict) -> dict:
     return out
 
 
-def main_best(seeds: int = 1) -> dict:
+def main_best(seeds: int = 1, finetune_epochs: int | None = None) -> dict:
     """Only the goal's recipe and its baseline, on the full study's float model; updates the
-    "best_method" entry of the existing result and keeps the rest."""
+    "best_method" entry (or "best_method_e<N>" for another fine-tuning budget) of the existing
+    result and keeps the rest."""
     import json
 
     import torch
@@ -206,10 +208,12 @@ def main_best(seeds: int = 1) -> dict:
     print(f"resnet8 float ({cfg['train_epochs']} epochs) {acc_float:.2f} %", flush=True)
     def save(entry):
         result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-        result["best_method"] = entry
+        key = "best_method" if finetune_epochs in (None, BEST["finetune_epochs"]) \
+            else f"best_method_e{finetune_epochs}"
+        result[key] = entry
         write_result(RESULT, result)
     return best_method(model, torch.from_numpy(data.x_test[:1]), data, cfg, score, acc_float,
-                       seeds, save)
+                       seeds, save, finetune_epochs)
 
 
 if __name__ == "__main__":
@@ -217,8 +221,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="python -m bench.prune [best --seeds N]")
     ap.add_argument("what", nargs="?", default="quick", choices=("quick", "full", "best"))
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="best: another fine-tuning budget than BEST's")
     a = ap.parse_args()
     if a.what == "best":
-        main_best(a.seeds)
+        main_best(a.seeds, a.finetune_epochs)
     else:
         main(quick=a.what == "quick")
