@@ -78,24 +78,33 @@ def _summary(runs: list[dict]) -> dict:
             "wall_seconds": _stats([r["wall_seconds"] for r in runs]), "runs": runs}
 
 
-def main(quick: bool = False) -> dict:
+def _float_model(cfg: dict):
+    """The study's trained ResNet-8 on Fashion-MNIST: (model, shape, data, score, its accuracy),
+    `score(m)` = accuracy on the first eval_samples test samples."""
     import torch
 
     from edgeprune import data as datasets
-    from edgeprune import flops
     from edgeprune.deploy import trained_zoo_model
-    from edgeprune.prune import CRITERIA
     from edgeprune.train import evaluate
 
     torch.set_num_threads(1)
-    cfg = QUICK if quick else FULL
     data = datasets.fashion_mnist()
     model, shape = trained_zoo_model("resnet8", data, None, cfg["train_epochs"], 0, print)
     x_eval, y_eval = data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]]
 
     def score(m):
         return evaluate(m, x_eval, y_eval)
-    acc_float = score(model)
+    return model, shape, data, score, score(model)
+
+
+def main(quick: bool = False) -> dict:
+    import torch
+
+    from edgeprune import flops
+    from edgeprune.prune import CRITERIA
+
+    cfg = QUICK if quick else FULL
+    model, shape, data, score, acc_float = _float_model(cfg)
     macs, params = flops.count(model, shape)
     example = torch.from_numpy(data.x_test[:1])
     print(f"resnet8 float {acc_float:.2f} %, {macs:,} MACs, {params:,} params", flush=True)
@@ -192,19 +201,8 @@ def main_best(seeds: int = 1, finetune_epochs: int | None = None) -> dict:
 
     import torch
 
-    from edgeprune import data as datasets
-    from edgeprune.deploy import trained_zoo_model
-    from edgeprune.train import evaluate
-
-    torch.set_num_threads(1)
     cfg = FULL
-    data = datasets.fashion_mnist()
-    model, _ = trained_zoo_model("resnet8", data, None, cfg["train_epochs"], 0, print)
-    x_eval, y_eval = data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]]
-
-    def score(m):
-        return evaluate(m, x_eval, y_eval)
-    acc_float = score(model)
+    model, _, data, score, acc_float = _float_model(cfg)
     print(f"resnet8 float ({cfg['train_epochs']} epochs) {acc_float:.2f} %", flush=True)
     def save(entry):
         result = json.loads(RESULT.read_text()) if RESULT.exists() else {}

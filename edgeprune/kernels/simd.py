@@ -149,22 +149,32 @@ def conv_kernel(layer: QLayer):
         + [qp.astype(np.int32).reshape(-1)]
 
 
-def depthwise_kernel(layer: QLayer):
-    consts, mode = _requant(layer)
+def _dw_shape(layer: QLayer) -> tuple[list[int], list[int], dict]:
+    """What every depthwise C function takes around its `mode`: the shape arguments before it,
+    the output clamp after it, and the sizes the generators need."""
     n, c, h, wd = layer.x_shape
     o, _, kh, kw = layer.weight.shape
     oh, ow = layer.y_shape[2:]
     hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
     dh, dw = layer.dilation
+    head = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
+            sh, sw, dh, dw]
+    return head, [layer.zp_out, layer.lo, layer.hi], dict(c=c, o=o, kh=kh, kw=kw, oh=oh, ow=ow,
+                                                          hs=hs, ws=ws, sh=sh, sw=sw)
+
+
+def depthwise_kernel(layer: QLayer):
+    consts, mode = _requant(layer)
+    head, clamp, d = _dw_shape(layer)
+    o, kh, kw, oh, ow, hs, ws, sh, sw = (d[k] for k in ("o", "kh", "kw", "oh", "ow", "hs", "ws",
+                                                        "sh", "sw"))
     # Per output (NCHW order, in tiles of 8, the last one repeated): its window's corner in the
     # channel's padded plane, the gather offsets of the tiles' lanes.
     j = np.minimum(np.arange(-(-oh * ow // 8) * 8), oh * ow - 1)
     po = ((j // ow) * sh * ws + (j % ow) * sw).astype(np.int32)
     L = _header(layer, o * kh * kw, o, "depthwise", po.size)
     L.append(f'    xs = T.alloc_buffer(({hs * ws},), "int8")')
-    ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
-            sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
-    L.append(_call("ep_simd_dw", layer, "xs.data", ints, qp=True))
+    L.append(_call("ep_simd_dw", layer, "xs.data", head + [mode] + clamp, qp=True))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts + [po]
 
 
@@ -174,19 +184,14 @@ def neon_depthwise_kernel(layer: QLayer):
     [C / 16][tap][16]); else simd_c.ep_simd_neon_dw: per channel a padded plane as above, tiles of
     8 outputs of a row, contiguous 8- or 16-byte loads per tap."""
     consts, mode = _requant(layer)
-    n, c, h, wd = layer.x_shape
-    o, _, kh, kw = layer.weight.shape
-    oh, ow = layer.y_shape[2:]
-    hs, ws, pt, pl, hi_n, wi_n, fh, fw, (sh, sw) = _plane(layer)
-    dh, dw = layer.dilation
+    head, clamp, d = _dw_shape(layer)
+    c, o, kh, kw, hs, ws, sw = (d[k] for k in ("c", "o", "kh", "kw", "hs", "ws", "sw"))
     if (c % 16 == 0 and o == c and mode == 1 and layer.out_dtype == "int8"
             and layer.weight.min() > -128):  # channels in lanes (ep_simd_neon_dwc)
         wc = layer.weight.reshape(c // 16, 16, kh * kw).transpose(0, 2, 1)
         L = _header(layer, o * kh * kw, o, "depthwise")
         L.append(f'    xs = T.alloc_buffer(({hs * ws * c},), "int8")')
-        ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
-                sh, sw, dh, dw, layer.zp_out, layer.lo, layer.hi]
-        args = ", ".join(str(int(v)) for v in ints)
+        args = ", ".join(str(int(v)) for v in head + clamp)
         L.append('    T.evaluate(T.call_extern("int32", "ep_simd_neon_dwc8", x.data, xs.data, w.data, '
                  f"bias.data, mult.data, rnd.data, shift.data, y.data, {args}))")
         return "\n".join(L), [np.ascontiguousarray(wc).reshape(-1).astype(np.int8)] + consts
@@ -194,9 +199,7 @@ def neon_depthwise_kernel(layer: QLayer):
     scratch = hs * ws + 8 * sw + 16
     L = _header(layer, o * kh * kw, o, "depthwise")
     L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
-    ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, oh, ow, kh, kw,
-            sh, sw, dh, dw, mode, layer.zp_out, layer.lo, layer.hi]
-    L.append(_call("ep_simd_neon_dw", layer, "xs.data", ints))
+    L.append(_call("ep_simd_neon_dw", layer, "xs.data", head + [mode] + clamp))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts
 
 
