@@ -9,20 +9,25 @@ each followed by the same fine-tuning (same epochs on the same training samples)
 (c) feedback: edgeprune.feedback.search (NetAdapt-style on measured per-kernel counts), then the
     same fine-tuning. Its candidates' short fine-tunes come on top and are reported.
 
-Writes bench/results/feedback.json: {uniform, global, feedback} each with accuracy (float,
-percent, on the test samples), quantized_accuracy (its PTQ model as deployed: int8, or the
+Each seed (FULL: 0, 1, 2; the seed of every fine-tuning, the trained model is seed 0) writes
+bench/results/feedback/seed<N>.json, and bench/results/feedback.json summarises them:
+{uniform, global, feedback} each with accuracy (float, percent, on the test samples, mean over
+the seeds), quantized_accuracy (its PTQ model as deployed: int8, or the
 search's word lengths), latency_instructions (measured), budget_instructions, met; plus settings.
 The search ranks its candidates by their PTQ model's holdout accuracy and may lower word lengths
 where measured to help (with a latency budget it does not: sub-byte kernels are slower).
 
     python -m bench.run feedback [--quick]
     python -m bench.feedback --train-samples 8000 --epochs 0.5      # a reduced run
+    python -m bench.feedback --seeds 1 --result /tmp/s1.json        # one seed (run several at once)
+    python -m bench.feedback a/seed0.json b/seed1.json ...          # only summarise seeds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -33,10 +38,10 @@ CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
 FULL = {"train_epochs": 1, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
         "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
-        "step_iterations": 6, "seed": 0}
+        "step_iterations": 12, "seed": 0, "seeds": 3}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
          "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2,
-         "step_iterations": 6, "seed": 0}
+         "step_iterations": 6, "seed": 0, "seeds": 1}
 
 
 def best_criterion() -> str:
@@ -69,7 +74,55 @@ def bisect_measured(make, measure, budget_instr: int, steps: int, hi: float = 0.
     return best[0], best[1], tried
 
 
-def main(quick: bool = False, **overrides) -> dict:
+def main(quick: bool = False, seeds: list[int] | None = None, **overrides) -> dict:
+    """Every seed of the config (FULL: 3) in turn, each into bench/results/feedback/seed<N>.json,
+    then their summary into RESULT."""
+    cfg = QUICK if quick else FULL
+    per_seed = []
+    for s in seeds if seeds is not None else range(cfg["seeds"]):
+        path = RESULT.parent / "feedback" / f"seed{s}.json"
+        per_seed.append(run_seed(quick, path, **{**overrides, "seed": s}))
+    result = combine(per_seed)
+    write_result(RESULT, result)
+    return {k: result[k] for k in ("seeds", "uniform", "global", "feedback", "goal")}
+
+
+def combine(per_seed: list[dict]) -> dict:
+    """One entry per method over the seeds: accuracy = mean (percent), latency_instructions =
+    the largest measured, met = met in every seed; each seed's own numbers under "runs"."""
+    first = per_seed[0]
+    out = {k: first[k] for k in ("model", "data", "target", "criterion", "float_accuracy",
+                                 "unpruned", "budget")}
+    out["config"] = {k: v for k, v in first["config"].items() if k != "seed"}
+    out["seeds"] = [r["config"]["seed"] for r in per_seed]
+    for name in ("uniform", "global", "feedback"):
+        runs = [r[name] for r in per_seed]
+        acc = [e["accuracy"] for e in runs]
+        qacc = [e["quantized_accuracy"] for e in runs]
+        out[name] = {"accuracy": round(statistics.fmean(acc), 3),
+                     "accuracy_std": round(statistics.pstdev(acc), 3),
+                     "quantized_accuracy": round(statistics.fmean(qacc), 3),
+                     "latency_instructions": max(e["latency_instructions"] for e in runs),
+                     "budget_instructions": runs[0]["budget_instructions"],
+                     "met": all(e["met"] for e in runs),
+                     "runs": [{"seed": s, **{k: e[k] for k in
+                                             ("accuracy", "quantized_accuracy",
+                                              "latency_instructions", "met")}}
+                              for s, e in zip(out["seeds"], runs)]}
+    diffs = [r["feedback"]["accuracy"] - r["uniform"]["accuracy"] for r in per_seed]
+    out["feedback_minus_uniform_pt"] = round(statistics.fmean(diffs), 3)
+    out["feedback_minus_uniform_pt_per_seed"] = [round(d, 3) for d in diffs]
+    out["feedback_minus_uniform_quantized_pt"] = round(
+        out["feedback"]["quantized_accuracy"] - out["uniform"]["quantized_accuracy"], 3)
+    out["goal"] = ("(c) meets the budget with >= 1 pt more accuracy than (a), mean over seeds: "
+                   + str(out["feedback"]["met"] and out["feedback_minus_uniform_pt"] >= 1.0))
+    out["wall_seconds"] = round(sum(r["wall_seconds"] for r in per_seed), 1)
+    return out
+
+
+def run_seed(quick: bool, path: Path, **overrides) -> dict:
+    """One seed of the study (fine-tuning seed; the trained model is seed 0), written to `path`
+    as it goes; the search's own files go to the folder beside it named after it."""
     import torch
 
     from edgeprune import data as datasets
@@ -153,7 +206,7 @@ def main(quick: bool = False, **overrides) -> dict:
     r, _, tried = bisect_measured(uniform_model, measure, budget_instr, cfg["bisect_steps"])
     result["uniform"] = finish(uniform_model(r), "uniform",
                                {"ratio": r, "bisection": tried})
-    write_result(RESULT, result)
+    write_result(path, result)
 
     # (b) global ranking, measured bisection over the fraction removed
     def global_model(f):
@@ -161,7 +214,7 @@ def main(quick: bool = False, **overrides) -> dict:
                      data=batches, meta_batch=batches[-1])[0]
     f, _, tried = bisect_measured(global_model, measure, budget_instr, cfg["bisect_steps"])
     result["global"] = finish(global_model(f), "global", {"fraction": f, "bisection": tried})
-    write_result(RESULT, result)
+    write_result(path, result)
 
     # (c) the feedback loop: search, then the same fine-tuning (inside search: finetune_epochs)
     t0 = time.perf_counter()
@@ -171,7 +224,7 @@ def main(quick: bool = False, **overrides) -> dict:
                 val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
                 step_iterations=cfg["step_iterations"],
-                work_dir=RESULT.parent / "feedback", progress=False)
+                work_dir=path.with_suffix(""), progress=False)
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
     result["feedback"] = finish(fb.model, "feedback", {
@@ -192,12 +245,14 @@ def main(quick: bool = False, **overrides) -> dict:
                       + str(result["feedback"]["met"] and result["feedback_minus_uniform_pt"] >= 1.0))
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     runner.close()
-    write_result(RESULT, result)
+    write_result(path, result)
     return result
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("combine", nargs="*", type=Path, metavar="SEED_JSON",
+                    help="only summarise these per-seed results into the result file")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--train-samples", type=int)
     ap.add_argument("--epochs", type=float, dest="finetune_epochs")
@@ -207,10 +262,15 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int)
     ap.add_argument("--criterion")
     ap.add_argument("--step-iterations", type=int)
-    ap.add_argument("--seed", type=int, help="fine-tuning seed (the trained model is seed 0)")
-    ap.add_argument("--result", type=Path, help="write here instead of bench/results/")
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
+                    help="fine-tuning seeds, e.g. 0,1,2 (the trained model is seed 0)")
+    ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
     a = vars(ap.parse_args())
     if a.get("result"):
         RESULT = a["result"]
     a.pop("result")
-    main(a.pop("quick"), **a)
+    files = a.pop("combine")
+    if files:
+        write_result(RESULT, combine([json.loads(f.read_text()) for f in files]))
+    else:
+        main(a.pop("quick"), a.pop("seeds"), **a)

@@ -122,7 +122,7 @@ class _Bar:
 
 def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: dict[str, float],
            criterion: str = "l1", *, seed: int = 0, work_dir: Path | None = None, log=print,
-           workers: int | None = None, cache_dir: Path | None = None, step_iterations: int = 6,
+           workers: int | None = None, cache_dir: Path | None = None, step_iterations: int = 12,
            max_iterations: int = 40, grid: tuple[float, ...] = (0.75, 0.5, 0.25),
            min_keep: float = 0.1, short_finetune_samples: int = 2000,
            finetune_epochs: float = 1.0, train_samples: int | None = None,
@@ -136,6 +136,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     model never trains on them: deploy.zoo_holdout; a user's model should not either), the first
     `train_samples` (all others by default) fine-tune; the test split gives the final accuracy.
     step_iterations: the measured excess of each budget is cut in about this many steps.
+    Small steps keep many groups able to make each one (at 6 on ResNet-8 the last steps had 2
+    candidates and cut a layer to 2 channels); 12 measured +0.76 pt over uniform (bench seed 0).
     margin: the loop aims this fraction below each budget, since the final fine-tune moves the
     measured counts a little (by ~0.02 % observed: requantization constants change).
     Results (measurements, candidates) are cached under cache_dir/<target>/<model hash>, so an
