@@ -10,11 +10,11 @@ per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and 
 2 fine-tuning epochs per run, 66 runs) is estimated at about 3-4 h on one core.
 
     python -m bench.run prune [--quick]
-    python -m bench.prune best --seeds 2   # only the "best_method" entry (goal recipe vs L1)
+    python -m bench.prune best --seeds 0,1,2 [--no-baseline]   # only "best_method" (goal recipe vs L1)
 
-"best_method": the goal's recipe (BEST: one-shot L1, BatchNorm re-estimation, distillation
-from the float model, fine-tuned BEST["finetune_epochs"]) and plain one-shot L1 (BASELINE) at
-the same budget, on the full study's float model: float and pruned accuracy, the gap, MACs
+"best_method": the goal's recipe (BEST: one-shot L1, BatchNorm re-estimation, a long fine-tune
+of BEST["finetune_epochs"] at the float model's learning rate) and plain one-shot L1 (BASELINE:
+the pruning default's learning rate 0.01, no re-estimation) at the same budget, on the full study's float model: float and pruned accuracy, the gap, MACs
 removed, per seed. The other entries are kept as they are.
 """
 
@@ -34,10 +34,12 @@ SCHEDULES = [("l1", "uniform", "oneshot"), ("taylor", "global", "oneshot"),
              ("taylor", "global", "iterative"), ("l1", "uniform", "lr-rewind")]
 FULL = {"train_epochs": 10, "finetune_epochs": 2, "max_samples": None, "seeds": 3,
         "eval_samples": 10000, "schedule_seeds": 3}
-# The goal's recipe (selectable: edgeprune prune ... --distill --finetune-lr LR; BatchNorm
-# re-estimation is the default) against plain one-shot L1, at the same fine-tuning budget.
-BEST = {"criterion": "l1", "allocation": "uniform", "method": "oneshot", "finetune_epochs": 5,
-        "recovery": {"bn_batches": 20, "distill": 0.9, "temperature": 4.0, "lr": 0.01}}
+# The goal's recipe: one-shot uniform L1, BatchNorm re-estimation (the default), then a long
+# fine-tune at the float model's own learning rate (`edgeprune prune resnet8 --criterion l1
+# --flops-target 0.72 --finetune 15 --finetune-lr 0.05`). Measured on seed 0 at 15 epochs:
+# 92.55 % at lr 0.05, 92.41 % with distillation (alpha 0.9) added; 5 epochs at lr 0.01: 92.31 %.
+BEST = {"criterion": "l1", "allocation": "uniform", "method": "oneshot", "finetune_epochs": 15,
+        "recovery": {"bn_batches": 20, "distill": 0.0, "temperature": 4.0, "lr": 0.05}}
 BASELINE = {"criterion": "l1", "allocation": "uniform", "method": "oneshot",
             "recovery": {"bn_batches": 0, "distill": 0.0, "lr": 0.01}}
 QUICK = {"train_epochs": 1, "finetune_epochs": 1, "max_samples": 6000, "seeds": 3,
@@ -143,7 +145,7 @@ def main(quick: bool = False) -> dict:
                                                <= floor]}
     result["ranking"] = ranking
     result["best_method"] = best_method(model, example, data, cfg, score, acc_float,
-                                        cfg["schedule_seeds"])
+                                        list(range(cfg["schedule_seeds"])))
     best = max(result["schedules"], key=lambda n: result["schedules"][n]["acc_after"]["mean"])
     gap = acc_float - result["schedules"][best]["acc_after"]["mean"]
     result["goal"] = {"best_schedule": best, "macs_removed": GOAL_TARGET,
@@ -152,18 +154,20 @@ def main(quick: bool = False) -> dict:
     return {k: result[k] for k in ("float", "ranking", "goal")}
 
 
-def best_method(model, example, data, cfg, score, acc_float, seeds: int,
-                save=lambda entry: None, finetune_epochs: int | None = None) -> dict:
-    """BEST and BASELINE at GOAL_TARGET, `seeds` seeds each, the same fine-tuning budget
-    (BEST's own unless `finetune_epochs`, which may differ from the criteria study's);
-    `save(entry)` after each seed."""
+def best_method(model, example, data, cfg, score, acc_float, seeds: list[int],
+                save=lambda entry: None, finetune_epochs: int | None = None,
+                baseline: bool = True) -> dict:
+    """BEST and (unless not `baseline`) BASELINE at GOAL_TARGET, for each of `seeds`, the same
+    fine-tuning budget (BEST's own unless `finetune_epochs`, which may differ from the criteria
+    study's); `save(entry)` after each seed."""
     cfg = dict(cfg, finetune_epochs=finetune_epochs or BEST["finetune_epochs"])
     out = {"target": GOAL_TARGET, "finetune_epochs": cfg["finetune_epochs"],
            "float": {"accuracy": round(acc_float, 3), "train_epochs": cfg["train_epochs"]},
            "eval_samples": cfg["eval_samples"]}
     runs = {"baseline_l1": [], "best": []}
-    for seed in range(seeds):
-        for key, recipe in (("baseline_l1", BASELINE), ("best", BEST)):
+    recipes = (("baseline_l1", BASELINE),) * baseline + (("best", BEST),)
+    for i, seed in enumerate(seeds):
+        for key, recipe in recipes:
             r = _run(model, example, data, cfg, score, recipe["criterion"], recipe["allocation"],
                      recipe["method"], GOAL_TARGET, seed, **recipe["recovery"])
             runs[key].append(r)
@@ -173,7 +177,7 @@ def best_method(model, example, data, cfg, score, acc_float, seeds: int,
             summary["acc_after_cut"] = _stats([x["acc_after_cut"] for x in runs[key]])
             gap = acc_float - summary["acc_after"]["mean"]
             out[key] = {"recipe": recipe, "points_below_float": round(gap, 3), **summary}
-        out["seeds"] = seed + 1
+        out["seeds"] = list(seeds[:i + 1])
         save(goal_fields(out))
     return out
 
@@ -181,19 +185,22 @@ def best_method(model, example, data, cfg, score, acc_float, seeds: int,
 def goal_fields(out: dict) -> dict:
     """The goal's numbers from whichever recipe measured higher (BEST is a hypothesis, and
     at 5 epochs plain L1 measured better than distillation)."""
-    winner = max(("best", "baseline_l1"), key=lambda k: out[k]["acc_after"]["mean"])
+    measured = [k for k in ("best", "baseline_l1") if k in out]
+    winner = max(measured, key=lambda k: out[k]["acc_after"]["mean"])
     out["winner"] = winner
     out["pruned_accuracy"] = out[winner]["acc_after"]["mean"]
     out["macs_removed"] = out[winner]["macs_removed"]
     out["gap"] = out[winner]["points_below_float"]
-    out["gain_best_over_baseline"] = round(out["best"]["acc_after"]["mean"]
-                                           - out["baseline_l1"]["acc_after"]["mean"], 3)
+    if len(measured) == 2:
+        out["gain_best_over_baseline"] = round(out["best"]["acc_after"]["mean"]
+                                               - out["baseline_l1"]["acc_after"]["mean"], 3)
     out.pop("gain_over_baseline", None)
     out["met"] = out["gap"] <= 0.5 and out["macs_removed"] >= GOAL_TARGET
     return out
 
 
-def main_best(seeds: int = 1, finetune_epochs: int | None = None) -> dict:
+def main_best(seeds: list[int] = (0,), finetune_epochs: int | None = None,
+              baseline: bool = True) -> dict:
     """Only the goal's recipe and its baseline, on the full study's float model; updates the
     "best_method" entry (or "best_method_e<N>" for another fine-tuning budget) of the existing
     result and keeps the rest."""
@@ -211,18 +218,21 @@ def main_best(seeds: int = 1, finetune_epochs: int | None = None) -> dict:
         result[key] = entry
         write_result(RESULT, result)
     return best_method(model, torch.from_numpy(data.x_test[:1]), data, cfg, score, acc_float,
-                       seeds, save, finetune_epochs)
+                       list(seeds), save, finetune_epochs, baseline)
 
 
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="python -m bench.prune [best --seeds N]")
     ap.add_argument("what", nargs="?", default="quick", choices=("quick", "full", "best"))
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="best: the seeds, e.g. 0,1,2")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="best: only the goal's recipe, not plain L1 at the same budget")
     ap.add_argument("--finetune-epochs", type=int, default=None,
                     help="best: another fine-tuning budget than BEST's")
     a = ap.parse_args()
     if a.what == "best":
-        main_best(a.seeds, a.finetune_epochs)
+        main_best(a.seeds, a.finetune_epochs, not a.no_baseline)
     else:
         main(quick=a.what == "quick")
