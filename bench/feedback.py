@@ -38,10 +38,10 @@ CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
 FULL = {"train_epochs": 1, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
         "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
-        "step_iterations": 12, "seed": 0, "seeds": 3}
+        "step_iterations": 12, "step_schedule": "linear", "seed": 0, "seeds": 3}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
          "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2,
-         "step_iterations": 6, "seed": 0, "seeds": 1}
+         "step_iterations": 6, "step_schedule": "linear", "seed": 0, "seeds": 1}
 
 
 def best_criterion() -> str:
@@ -224,6 +224,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
                 val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
                 step_iterations=cfg["step_iterations"],
+                step_schedule=cfg.get("step_schedule", "linear"),
                 work_dir=path.with_suffix(""), progress=False)
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
@@ -262,6 +263,7 @@ if __name__ == "__main__":
     ap.add_argument("--workers", type=int)
     ap.add_argument("--criterion")
     ap.add_argument("--step-iterations", type=int)
+    ap.add_argument("--step-schedule", choices=("linear", "geometric"))
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
                     help="fine-tuning seeds, e.g. 0,1,2 (the trained model is seed 0)")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
