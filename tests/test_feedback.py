@@ -172,6 +172,13 @@ def test_search_refuses_a_board_port(tiny):
                port="/dev/ttyACM0", **SETTINGS)
 
 
+def test_unknown_step_schedule_is_named(tiny):
+    model, example, data, cache = tiny
+    with pytest.raises(EdgepruneError, match="step schedule 'halving'"):
+        search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
+               step_schedule="halving", **SETTINGS)
+
+
 def test_per_layer_bits_in_the_quantize_stage_name_layer_and_bits():
     from edgeprune.quantize.stage import QuantizeConfig, quantize
     data = datasets.load("fashion-mnist")
