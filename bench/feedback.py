@@ -36,7 +36,7 @@ from bench.run import write_result
 RESULT = Path(__file__).parent / "results" / "feedback.json"
 CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
-FULL = {"train_epochs": 1, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
+FULL = {"train_epochs": 10, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
         "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
         "step_iterations": 12, "step_schedule": "linear", "seed": 0, "seeds": 3}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
@@ -255,6 +255,7 @@ if __name__ == "__main__":
     ap.add_argument("combine", nargs="*", type=Path, metavar="SEED_JSON",
                     help="only summarise these per-seed results into the result file")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--train-epochs", type=float, help="of the float model (cached per epochs)")
     ap.add_argument("--train-samples", type=int)
     ap.add_argument("--epochs", type=float, dest="finetune_epochs")
     ap.add_argument("--short-samples", type=int)
