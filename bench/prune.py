@@ -14,8 +14,9 @@ per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and 
 
 "best_method": the goal's recipe (BEST: one-shot L1, BatchNorm re-estimation, a long fine-tune
 of BEST["finetune_epochs"] at the float model's learning rate) and plain one-shot L1 (BASELINE:
-the pruning default's learning rate 0.01, no re-estimation) at the same budget, on the full study's float model: float and pruned accuracy, the gap, MACs
-removed, per seed. The other entries are kept as they are.
+the pruning default's learning rate 0.01, no re-estimation) at the same budget, on the full
+study's float model: float and pruned accuracy, the gap, MACs removed, per seed. The other
+entries are kept as they are.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def best_method(model, example, data, cfg, score, acc_float, seeds: list[int],
            "float": {"accuracy": round(acc_float, 3), "train_epochs": cfg["train_epochs"]},
            "eval_samples": cfg["eval_samples"]}
     runs = {"baseline_l1": [], "best": []}
-    recipes = (("baseline_l1", BASELINE),) * baseline + (("best", BEST),)
+    recipes = [("baseline_l1", BASELINE), ("best", BEST)] if baseline else [("best", BEST)]
     for i, seed in enumerate(seeds):
         for key, recipe in recipes:
             r = _run(model, example, data, cfg, score, recipe["criterion"], recipe["allocation"],
