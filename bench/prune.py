@@ -10,7 +10,7 @@ per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and 
 2 fine-tuning epochs per run, 66 runs) is estimated at about 3-4 h on one core.
 
     python -m bench.run prune [--quick]
-    python -m bench.prune best --seeds 0,1,2 [--no-baseline]   # only "best_method" (goal recipe vs L1)
+    python -m bench.prune best --seeds 0,1,2 [--no-baseline]   # only "best_method"
 
 "best_method": the goal's recipe (BEST: one-shot L1, BatchNorm re-estimation, a long fine-tune
 of BEST["finetune_epochs"] at the float model's learning rate) and plain one-shot L1 (BASELINE:
