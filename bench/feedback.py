@@ -224,7 +224,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
                 val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
                 step_iterations=cfg["step_iterations"],
-                step_schedule=cfg.get("step_schedule", "linear"),
+                step_schedule=cfg["step_schedule"],
                 work_dir=path.with_suffix(""), progress=False)
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
