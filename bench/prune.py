@@ -10,6 +10,8 @@ per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and 
 2 fine-tuning epochs per run, 66 runs) is estimated at about 3-4 h on one core.
 
     python -m bench.run prune [--quick]
+    python -m bench.prune full --targets 0.5 --no-schedules --result A.json   # one part per core
+    python -m bench.prune combine A.json B.json                 # merge parts into the result
     python -m bench.prune best --seeds 0,1,2 [--no-baseline]   # only "best_method"
 
 "best_method": the goal's recipe (BEST: one-shot L1, BatchNorm re-estimation, a long fine-tune
@@ -21,6 +23,7 @@ entries are kept as they are.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -100,7 +103,11 @@ def _float_model(cfg: dict):
     return model, shape, data, score, score(model)
 
 
-def main(quick: bool = False) -> dict:
+def main(quick: bool = False, targets=TARGETS, schedules: bool = True,
+         result_path: Path = RESULT) -> dict:
+    """The criteria study at `targets` (and, if `schedules`, the SCHEDULES at GOAL_TARGET),
+    written to `result_path`. A study split over processes (`--targets 0.5 --result A.json`,
+    `--targets 0.75 --result B.json`) is merged with `combine`."""
     import torch
 
     from edgeprune import flops
@@ -112,10 +119,12 @@ def main(quick: bool = False) -> dict:
     example = torch.from_numpy(data.x_test[:1])
     print(f"resnet8 float {acc_float:.2f} %, {macs:,} MACs, {params:,} params", flush=True)
 
+    old = json.loads(result_path.read_text()) if result_path.exists() else {}
     result = {"model": "resnet8", "data": "fashion-mnist", "quick": quick, "config": cfg,
               "float": {"accuracy": round(acc_float, 3), "macs": macs, "params": params},
-              "criteria": {}, "schedules": {}}
-    for target in TARGETS:
+              "criteria": {}, "schedules": {},
+              **{k: v for k, v in old.items() if k.startswith("best_method")}}
+    for target in targets:
         key = f"{int(target * 100)}%"
         for crit in CRITERIA:
             runs = []
@@ -126,18 +135,27 @@ def main(quick: bool = False) -> dict:
                       f"{runs[-1]['acc_after']:.2f} % ({runs[-1]['wall_seconds']:.0f} s)",
                       flush=True)
             result["criteria"].setdefault(crit, {})[key] = _summary(runs)
-            write_result(RESULT, result)
-    for crit, allocation, method in SCHEDULES:
+            write_result(result_path, result)
+    for crit, allocation, method in SCHEDULES if schedules else []:
         runs = [_run(model, example, data, cfg, score, crit, allocation, method, GOAL_TARGET, s)
                 for s in range(cfg["schedule_seeds"])]
         name = f"{crit}+{allocation}+{method}"
         result["schedules"][name] = _summary(runs)
         print(f"{name} -{GOAL_TARGET:.0%}: {result['schedules'][name]['acc_after']['mean']:.2f} %",
               flush=True)
-        write_result(RESULT, result)
+        write_result(result_path, result)
+    return _finish(result, result_path)
+
+
+def _finish(result: dict, result_path: Path) -> dict:
+    """Add the ranking (when every criterion was measured at a target) and the goal (from
+    "best_method" when it was measured on this study's float model, else the best schedule)."""
+    from edgeprune.prune import CRITERIA
 
     ranking = {}
     for key in (f"{int(t * 100)}%" for t in TARGETS):
+        if not all(key in result["criteria"].get(c, {}) for c in CRITERIA):
+            continue
         order = sorted(CRITERIA, key=lambda c: -result["criteria"][c][key]["acc_after"]["mean"])
         floor = result["criteria"]["random"][key]["acc_after"]["mean"]
         ranking[key] = {"by_acc_after": order,
@@ -145,14 +163,38 @@ def main(quick: bool = False) -> dict:
                                                result["criteria"][c][key]["acc_after"]["mean"]
                                                <= floor]}
     result["ranking"] = ranking
-    result["best_method"] = best_method(model, example, data, cfg, score, acc_float,
-                                        list(range(cfg["schedule_seeds"])))
-    best = max(result["schedules"], key=lambda n: result["schedules"][n]["acc_after"]["mean"])
-    gap = acc_float - result["schedules"][best]["acc_after"]["mean"]
-    result["goal"] = {"best_schedule": best, "macs_removed": GOAL_TARGET,
-                      "points_below_float": round(gap, 3), "met": gap <= 0.5}
-    write_result(RESULT, result)
-    return {k: result[k] for k in ("float", "ranking", "goal")}
+    best = result.get("best_method")
+    if best and best["float"]["train_epochs"] == result["config"]["train_epochs"]:
+        result["goal"] = {"from": "best_method", "recipe": best[best["winner"]]["recipe"],
+                          "finetune_epochs": best["finetune_epochs"],
+                          "macs_removed": best["macs_removed"],
+                          "points_below_float": best["gap"], "met": best["met"]}
+    elif result["schedules"]:
+        name = max(result["schedules"],
+                   key=lambda n: result["schedules"][n]["acc_after"]["mean"])
+        gap = result["float"]["accuracy"] - result["schedules"][name]["acc_after"]["mean"]
+        result["goal"] = {"from": f"schedules.{name}", "macs_removed": GOAL_TARGET,
+                          "points_below_float": round(gap, 3), "met": gap <= 0.5}
+    write_result(result_path, result)
+    return {k: result.get(k) for k in ("float", "ranking", "goal")}
+
+
+def combine(parts: list[Path], result_path: Path = RESULT) -> dict:
+    """Merge the criteria/schedules of study parts run in separate processes into
+    `result_path`, keeping its "best_method" entries."""
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    keep = {k: v for k, v in result.items() if k.startswith("best_method")}
+    loaded = [json.loads(p.read_text()) for p in parts]
+    configs = {json.dumps(d["config"], sort_keys=True) for d in loaded}
+    if len(configs) != 1:
+        raise SystemExit(f"parts {[str(p) for p in parts]} were run with different configs")
+    result = {k: loaded[0][k] for k in ("model", "data", "quick", "config", "float")}
+    result.update(criteria={}, schedules={}, **keep)
+    for d in loaded:
+        for crit, by_target in d["criteria"].items():
+            result["criteria"].setdefault(crit, {}).update(by_target)
+        result["schedules"].update(d["schedules"])
+    return _finish(result, result_path)
 
 
 def best_method(model, example, data, cfg, score, acc_float, seeds: list[int],
@@ -205,8 +247,6 @@ def main_best(seeds: list[int] = (0,), finetune_epochs: int | None = None,
     """Only the goal's recipe and its baseline, on the full study's float model; updates the
     "best_method" entry (or "best_method_e<N>" for another fine-tuning budget) of the existing
     result and keeps the rest."""
-    import json
-
     import torch
 
     cfg = FULL
@@ -224,16 +264,24 @@ def main_best(seeds: list[int] = (0,), finetune_epochs: int | None = None,
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description="python -m bench.prune [best --seeds N]")
-    ap.add_argument("what", nargs="?", default="quick", choices=("quick", "full", "best"))
+    ap = argparse.ArgumentParser(description="python -m bench.prune [quick|full|best|combine]")
+    ap.add_argument("what", nargs="?", default="quick",
+                    choices=("quick", "full", "best", "combine"))
+    ap.add_argument("parts", nargs="*", type=Path, help="combine: the parts' JSON files")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                     help="best: the seeds, e.g. 0,1,2")
     ap.add_argument("--no-baseline", action="store_true",
                     help="best: only the goal's recipe, not plain L1 at the same budget")
     ap.add_argument("--finetune-epochs", type=int, default=None,
                     help="best: another fine-tuning budget than BEST's")
+    ap.add_argument("--targets", type=lambda v: [float(x) for x in v.split(",")],
+                    default=list(TARGETS), help="quick/full: MACs fractions to remove")
+    ap.add_argument("--no-schedules", action="store_true", help="quick/full: criteria only")
+    ap.add_argument("--result", type=Path, default=RESULT, help="quick/full: where to write")
     a = ap.parse_args()
     if a.what == "best":
         main_best(a.seeds, a.finetune_epochs, not a.no_baseline)
+    elif a.what == "combine":
+        print(json.dumps(combine(a.parts), indent=1))
     else:
-        main(quick=a.what == "quick")
+        main(a.what == "quick", a.targets, not a.no_schedules, a.result)
