@@ -14,7 +14,7 @@ bench/results/feedback/seed<N>.json, and bench/results/feedback.json summarises 
 {uniform, global, feedback} each with accuracy (float, percent, on the test samples, mean over
 the seeds), quantized_accuracy (its PTQ model as deployed: int8, or the
 search's word lengths), latency_instructions (measured), budget_instructions, met; plus settings.
-The search ranks its candidates by their PTQ model's holdout accuracy and may lower word lengths
+The search ranks its candidates by their PTQ model's holdout loss and may lower word lengths
 where measured to help (with a latency budget it does not: sub-byte kernels are slower).
 
     python -m bench.run feedback [--quick]
@@ -38,10 +38,12 @@ CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
 FULL = {"train_epochs": 10, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
         "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
-        "step_iterations": 12, "step_schedule": "linear", "seed": 0, "seeds": 3}
+        "step_iterations": 12, "step_schedule": "linear", "rank": "loss", "seed": 0,
+        "seeds": 3}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
          "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2,
-         "step_iterations": 6, "step_schedule": "linear", "seed": 0, "seeds": 1}
+         "step_iterations": 6, "step_schedule": "linear", "rank": "loss", "seed": 0,
+         "seeds": 1}
 
 
 def best_criterion() -> str:
@@ -224,14 +226,14 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
                 val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
                 step_iterations=cfg["step_iterations"],
-                step_schedule=cfg["step_schedule"],
+                step_schedule=cfg["step_schedule"], rank=cfg["rank"],
                 work_dir=path.with_suffix(""), progress=False)
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
     result["feedback"] = finish(fb.model, "feedback", {
         "ratios": fb.ratios, "widths": fb.widths, "iterations": len(accepted),
         "bits": {n: b for n, b in fb.bits.items() if b != 8},
-        "search_ranking": "holdout accuracy of each candidate's PTQ model",
+        "search_ranking": f"holdout {cfg['rank']} of each candidate's PTQ model",
         "search_seconds": round(search_s, 1),
         "search_short_finetune_samples_per_candidate": cfg["short_samples"],
         "search_candidates": sum(len(p.get("candidates", [])) for p in accepted),
@@ -265,6 +267,7 @@ if __name__ == "__main__":
     ap.add_argument("--criterion")
     ap.add_argument("--step-iterations", type=int)
     ap.add_argument("--step-schedule", choices=("linear", "geometric"))
+    ap.add_argument("--rank", choices=("loss", "accuracy"), help="what ranks the candidates")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
                     help="fine-tuning seeds, e.g. 0,1,2 (the trained model is seed 0)")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")

@@ -179,6 +179,31 @@ def test_unknown_step_schedule_is_named(tiny):
                step_schedule="halving", **SETTINGS)
 
 
+
+def test_unknown_rank_is_named(tiny):
+    model, example, data, cache = tiny
+    with pytest.raises(EdgepruneError, match="rank 'top5'"):
+        search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
+               rank="top5", **SETTINGS)
+
+
+def test_quantized_scores_agree_with_the_reference_accuracy(tiny):
+    """The loss that ranks candidates comes from the same integer outputs as the accuracy."""
+    import numpy as np
+
+    from edgeprune.feedback.worker import quantized_scores
+    from edgeprune.quantize import reference
+    from edgeprune.quantize.ptq import quantize_ptq
+
+    model, example, data, _ = tiny
+    x, y = data.x_test[:300], data.y_test[:300]
+    acc, loss = quantized_scores(model, tuple(example.shape), data.x_train[:16], x, y)
+    qm = quantize_ptq(model, tuple(example.shape), data.x_train[:16])
+    assert acc == reference.accuracy(qm, x, y)
+    logits = torch.from_numpy(reference.predict(qm, x)).double()
+    expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long()).item()
+    assert np.isclose(loss, expected, rtol=1e-9) and 0 < loss < 5
+
 def test_per_layer_bits_in_the_quantize_stage_name_layer_and_bits():
     from edgeprune.quantize.stage import QuantizeConfig, quantize
     data = datasets.load("fashion-mnist")

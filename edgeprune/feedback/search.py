@@ -129,7 +129,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            val_samples: int = 1000, eval_samples: int = 2000, calib_samples: int = 64,
            lr: float = 0.01, margin: float = 0.002, progress: bool = True,
            word_lengths: tuple[int, ...] | None = None, port: str = "qemu",
-           step_schedule: str = "linear") -> FeedbackResult:
+           step_schedule: str = "linear", rank: str = "loss") -> FeedbackResult:
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
@@ -148,7 +148,11 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     interrupted search resumes. If a budget cannot be met, the result has met=False, the closest
     point reached, and a message naming the budget and the numbers.
     word_lengths: weight bits a layer may take (default: the target's [quant] weight_bits;
-    (8,) searches widths only). Candidates are ranked by the holdout accuracy of their PTQ model.
+    (8,) searches widths only).
+    rank: what picks the candidate, on its PTQ model (at its word lengths) on the holdout split:
+    "loss" (cross-entropy, the default) or "accuracy". The loss is far less noisy: on 2000
+    holdout samples accuracy moves in steps of 0.05 pt with a sampling spread of ~0.6 pt, about
+    the gap between the candidates of one iteration.
     port: where candidates are measured; only "qemu" (a board would need each candidate's
     firmware flashed, which edgeprune does not do).
     """
@@ -168,6 +172,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     if step_schedule not in ("linear", "geometric"):
         raise EdgepruneError(f"step schedule '{step_schedule}': use linear or geometric",
                              stage=STAGE)
+    if rank not in ("loss", "accuracy"):
+        raise EdgepruneError(f"rank '{rank}': use loss or accuracy", stage=STAGE)
     options = _bit_options(word_lengths, target)
     if data.x_train is None or len(data.x_train) <= val_samples:
         raise EdgepruneError(f"dataset {data.name} has no training split larger than the "
@@ -204,7 +210,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"criterion": criterion, "seed": seed, "short": short_finetune_samples, "lr": lr,
                 "n_train": n_train, "val": val_samples, "calib": calib_samples,
-                "data": data.name, "rank": "ptq-accuracy"}
+                "data": data.name, "rank": f"ptq-{rank}"}
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _Bar(progress)
     runner = Runner(jd, cache, workers)
@@ -346,8 +352,9 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                                       p.bits)))
                 bar.start(f"iteration {it}: {len(jobs)} candidates", len(jobs))
                 results = runner.map("candidate", candidate_job, jobs, done=bar.advance)
-                best = max(range(len(results)), key=lambda i: (results[i][1],
-                                                               -proposals[i].pred[metric]))
+                best = max(range(len(results)), key=lambda i: (
+                    -results[i][2]["holdout_loss"] if rank == "loss" else results[i][1],
+                    -proposals[i].pred[metric]))
                 chosen = proposals[best]
                 blob, acc, rec = results[best]
                 new_model = from_bytes(blob)
@@ -359,13 +366,14 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 composed = _compose(composed, rec)
                 bar.advance(before - len(violations(cur_costs, aim)))
                 trajectory.append(_point(it, chosen.label, cur_widths, acc, cur_costs,
-                                         chosen.pred, [r[1] for r in results],
-                                         [p.label for p in proposals], bits=cur_bits))
+                                         chosen.pred, results, [p.label for p in proposals],
+                                         bits=cur_bits))
                 change = (f"{chosen.name} -> {chosen.widths[chosen.name]} channels"
                           if chosen.kind == "width" else
                           f"{chosen.name} -> {chosen.bits[chosen.name]}-bit weights")
                 log(f"feedback: iteration {it}: cut {metric}, {len(proposals)} candidates, chose "
-                    f"{change}, holdout accuracy (quantized) {acc:.2f} %, measured "
+                    f"{change}, holdout (quantized) {acc:.2f} %, loss "
+                    f"{rec.get('holdout_loss', float('nan')):.4f}, measured "
                     f"{_fmt(cur_costs)} (predicted {metric} {chosen.pred[metric]:.4g})")
 
         # 3. long fine-tune and the final measurement
@@ -534,8 +542,9 @@ def _point(it, group, widths, acc, costs, predicted, candidates=None, groups=Non
          **{k: costs[k] for k in METRICS}}
     if predicted is not None:
         p["predicted"] = {k: predicted[k] for k in ("instructions",) + METRICS}
-    if candidates is not None:
-        p["candidates"] = [{"group": g, "accuracy": a} for g, a in zip(groups, candidates)]
+    if candidates is not None:   # candidate_job results
+        p["candidates"] = [{"group": g, "accuracy": a, "loss": rec.get("holdout_loss")}
+                           for g, (_, a, rec) in zip(groups, candidates)]
     return p
 
 

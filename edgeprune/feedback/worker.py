@@ -3,7 +3,7 @@
 * `measure_job(model bytes, input shape, target file)` → measured costs (compile + QEMU);
 * `candidate_job(model bytes, example, removal, criterion, ..., bits)` → (pruned and briefly
   fine-tuned model bytes, holdout accuracy of its int8/low-bit PTQ — what runs on the target —,
-  pruning record). A word-length move has no removal and no fine-tune: only the PTQ changes.
+  pruning record with the PTQ model's holdout loss). A word-length move has no removal and no fine-tune: only the PTQ changes.
 
 Each is a function of its arguments and of the data handed to the worker once at start-up, so a
 result is cached under a hash of those arguments; a restarted search replays its cache.
@@ -80,16 +80,28 @@ def measure_job(blob: bytes, input_shape: tuple[int, ...], target_file: str,
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
-def quantized_accuracy(model, input_shape: tuple[int, ...], calib: np.ndarray, x: np.ndarray,
-                       y: np.ndarray, bits: dict[str, int] | None = None) -> float:
-    """Accuracy (percent) of the PTQ model the target runs (weights at `bits`, default int8),
-    by the numpy integer reference: bit-exact with the firmware, no compile needed."""
+def quantized_scores(model, input_shape: tuple[int, ...], calib: np.ndarray, x: np.ndarray,
+                     y: np.ndarray, bits: dict[str, int] | None = None) -> tuple[float, float]:
+    """(accuracy in percent, mean cross-entropy) of the PTQ model the target runs (weights at
+    `bits`, default int8), by the numpy integer reference: bit-exact with the firmware, no
+    compile needed. The loss is on the dequantized outputs (monotone: same argmax)."""
     from ..quantize import reference
     from ..quantize.ptq import quantize_ptq
     from .measure import weight_cfg
 
     qm = quantize_ptq(model, tuple(input_shape), calib, weight_cfg=weight_cfg(model, bits or {}))
-    return reference.accuracy(qm, x, y)
+    logits = reference.predict(qm, x).reshape(len(x), -1).astype(np.float64)
+    shifted = logits - logits.max(1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    y = np.asarray(y, np.int64)
+    return (100.0 * float((logits.argmax(1) == y).mean()),
+            float(-log_p[np.arange(len(y)), y].mean()))
+
+
+def quantized_accuracy(model, input_shape: tuple[int, ...], calib: np.ndarray, x: np.ndarray,
+                       y: np.ndarray, bits: dict[str, int] | None = None) -> float:
+    """Accuracy (percent) of the PTQ model the target runs: quantized_scores' first half."""
+    return quantized_scores(model, input_shape, calib, x, y, bits)[0]
 
 
 def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float], criterion: str,
@@ -107,9 +119,9 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
         layers = record["layers"]
         if samples > 0:
             finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed)
-    acc = quantized_accuracy(model, tuple(example.shape), _DATA.calib, _DATA.x_val, _DATA.y_val,
-                             bits)
-    return to_bytes(model), acc, {"layers": layers,
+    acc, loss = quantized_scores(model, tuple(example.shape), _DATA.calib, _DATA.x_val,
+                                 _DATA.y_val, bits)
+    return to_bytes(model), acc, {"layers": layers, "holdout_loss": loss,
                                   "float_accuracy": evaluate(model, _DATA.x_val, _DATA.y_val)}
 
 
