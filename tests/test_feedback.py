@@ -165,26 +165,15 @@ def test_flash_budget_only_fewer_bits_can_meet(tmp_path_factory, tmp_path):
     assert by_layer["fc1"]["weight_bits"] == r.bits["fc1"]
 
 
-def test_search_refuses_a_board_port(tiny):
+@pytest.mark.parametrize("option, message", [
+    ({"port": "/dev/ttyACM0"}, "only run them in QEMU"),
+    ({"step_schedule": "halving"}, "step schedule 'halving'"),
+    ({"rank": "top5"}, "rank 'top5'")])
+def test_a_bad_option_is_named(tiny, option, message):
     model, example, data, cache = tiny
-    with pytest.raises(EdgepruneError, match="only run them in QEMU"):
+    with pytest.raises(EdgepruneError, match=message):
         search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
-               port="/dev/ttyACM0", **SETTINGS)
-
-
-def test_unknown_step_schedule_is_named(tiny):
-    model, example, data, cache = tiny
-    with pytest.raises(EdgepruneError, match="step schedule 'halving'"):
-        search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
-               step_schedule="halving", **SETTINGS)
-
-
-
-def test_unknown_rank_is_named(tiny):
-    model, example, data, cache = tiny
-    with pytest.raises(EdgepruneError, match="rank 'top5'"):
-        search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
-               rank="top5", **SETTINGS)
+               **option, **SETTINGS)
 
 
 def test_quantized_scores_agree_with_the_reference_accuracy(tiny):
