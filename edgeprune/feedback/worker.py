@@ -3,7 +3,8 @@
 * `measure_job(model bytes, input shape, target file)` → measured costs (compile + QEMU);
 * `candidate_job(model bytes, example, removal, criterion, ..., bits)` → (pruned and briefly
   fine-tuned model bytes, holdout accuracy of its int8/low-bit PTQ — what runs on the target —,
-  pruning record with the PTQ model's holdout loss). A word-length move has no removal and no fine-tune: only the PTQ changes.
+  pruning record with the PTQ model's holdout loss). A word-length move has no removal and no
+  fine-tune: only the PTQ changes.
 
 Each is a function of its arguments and of the data handed to the worker once at start-up, so a
 result is cached under a hash of those arguments; a restarted search replays its cache.
