@@ -104,9 +104,9 @@ def _float_model(cfg: dict):
 
 
 def main(quick: bool = False, targets=TARGETS, schedules: bool = True,
-         result_path: Path = RESULT) -> dict:
-    """The criteria study at `targets` (and, if `schedules`, the SCHEDULES at GOAL_TARGET),
-    written to `result_path`. A study split over processes (`--targets 0.5 --result A.json`,
+         result_path: Path = RESULT, criteria=None) -> dict:
+    """The criteria study (every criterion, or those of `criteria`) at `targets` (and, if
+    `schedules`, the SCHEDULES at GOAL_TARGET), written to `result_path`. A study split over processes (`--targets 0.5 --result A.json`,
     `--targets 0.75 --result B.json`) is merged with `combine`."""
     import torch
 
@@ -126,7 +126,7 @@ def main(quick: bool = False, targets=TARGETS, schedules: bool = True,
               **{k: v for k, v in old.items() if k.startswith("best_method")}}
     for target in targets:
         key = f"{int(target * 100)}%"
-        for crit in CRITERIA:
+        for crit in criteria or CRITERIA:
             runs = []
             for seed in range(cfg["seeds"]):
                 runs.append(_run(model, example, data, cfg, score, crit, "uniform", "oneshot",
@@ -276,6 +276,8 @@ if __name__ == "__main__":
                     help="best: another fine-tuning budget than BEST's")
     ap.add_argument("--targets", type=lambda v: [float(x) for x in v.split(",")],
                     default=list(TARGETS), help="quick/full: MACs fractions to remove")
+    ap.add_argument("--criteria", type=lambda v: v.split(","), default=None,
+                    help="quick/full: a subset of the criteria, e.g. particle,random")
     ap.add_argument("--no-schedules", action="store_true", help="quick/full: criteria only")
     ap.add_argument("--result", type=Path, default=RESULT, help="quick/full: where to write")
     a = ap.parse_args()
@@ -284,4 +286,4 @@ if __name__ == "__main__":
     elif a.what == "combine":
         print(json.dumps(combine(a.parts), indent=1))
     else:
-        main(a.what == "quick", a.targets, not a.no_schedules, a.result)
+        main(a.what == "quick", a.targets, not a.no_schedules, a.result, a.criteria)
