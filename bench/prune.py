@@ -6,8 +6,9 @@ point (<= 0.5 pt below float).
 Writes bench/results/prune_criteria.json (the name the issue's acceptance asks for):
 float accuracy, and per criterion and target, accuracy before/after fine-tuning (mean, std,
 per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and fine-tunes on
-6000 samples (measured: 43 min on the shared 2-core box); the full study (10-epoch float model,
-2 fine-tuning epochs per run, 66 runs) is estimated at about 3-4 h on one core.
+6000 samples (measured: 43 min on the shared 2-core box). The full study's criteria (10-epoch
+float model, 2 fine-tuning epochs per run, 54 runs) took 1 h 46 min as three parts on 2 cores
+(2-5 min per run); its 12 schedule runs (not yet run in full) add about an hour.
 
     python -m bench.run prune [--quick]
     python -m bench.prune full --targets 0.5 --no-schedules --result A.json   # one part per core
