@@ -8,7 +8,8 @@ float accuracy, and per criterion and target, accuracy before/after fine-tuning 
 per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and fine-tunes on
 6000 samples (measured: 43 min on the shared 2-core box). The full study's criteria (10-epoch
 float model, 2 fine-tuning epochs per run, 54 runs) took 1 h 46 min as three parts on 2 cores
-(2-5 min per run); its 12 schedule runs (not yet run in full) add about an hour.
+(2-5 min per run); its 12 schedule runs (not yet run in full) add about an hour, and
+best_method's 6 runs of 15 epochs (16 min each on one core) more.
 
     python -m bench.run prune [--quick]
     python -m bench.prune full --targets 0.5 --no-schedules --result A.json   # one part per core
@@ -106,9 +107,11 @@ def _float_model(cfg: dict):
 
 def main(quick: bool = False, targets=TARGETS, schedules: bool = True,
          result_path: Path = RESULT, criteria=None) -> dict:
-    """The criteria study (every criterion, or those of `criteria`) at `targets` (and, if
-    `schedules`, the SCHEDULES at GOAL_TARGET), written to `result_path`. A study split over processes (`--targets 0.5 --result A.json`,
-    `--targets 0.75 --result B.json`) is merged with `combine`."""
+    """The criteria study (every criterion, or those of `criteria`) at `targets`, written to
+    `result_path`; with `schedules` (the whole study, as `make bench` runs it) also the
+    SCHEDULES and best_method at GOAL_TARGET. A study split over processes (`--targets 0.5
+    --no-schedules --result A.json`, ...) is merged with `combine`, which keeps the result's
+    best_method (`python -m bench.prune best` measures it alone)."""
     import torch
 
     from edgeprune import flops
@@ -145,6 +148,9 @@ def main(quick: bool = False, targets=TARGETS, schedules: bool = True,
         print(f"{name} -{GOAL_TARGET:.0%}: {result['schedules'][name]['acc_after']['mean']:.2f} %",
               flush=True)
         write_result(result_path, result)
+    if schedules:
+        result["best_method"] = best_method(model, example, data, cfg, score, acc_float,
+                                            list(range(cfg["schedule_seeds"])))
     return _finish(result, result_path)
 
 
