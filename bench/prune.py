@@ -8,7 +8,7 @@ float accuracy, and per criterion and target, accuracy before/after fine-tuning 
 per seed), MACs, params and wall time. `--quick` uses a 1-epoch float model and fine-tunes on
 6000 samples (measured: 43 min on the shared 2-core box). The full study's criteria (10-epoch
 float model, 2 fine-tuning epochs per run, 54 runs) took 1 h 46 min as three parts on 2 cores
-(2-5 min per run); its 12 schedule runs (not yet run in full) add about an hour, and
+(2-6 min per run); its 12 schedule runs (not yet run in full) add about an hour, and
 best_method's 6 runs of 15 epochs (16 min each on one core) more.
 
     python -m bench.run prune [--quick]
