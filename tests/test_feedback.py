@@ -193,6 +193,7 @@ def test_quantized_scores_agree_with_the_reference_accuracy(tiny):
     expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long()).item()
     assert np.isclose(loss, expected, rtol=1e-9) and 0 < loss < 5
 
+
 def test_per_layer_bits_in_the_quantize_stage_name_layer_and_bits():
     from edgeprune.quantize.stage import QuantizeConfig, quantize
     data = datasets.load("fashion-mnist")
