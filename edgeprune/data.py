@@ -1,10 +1,13 @@
 """Offline datasets as numpy arrays (images NCHW float32 in [0, 1], labels int64).
 
 Nothing downloads: Fashion-MNIST comes from Debian's `dataset-fashion-mnist`; the other sets are
-read from a data folder (`$EDGEPRUNE_DATA`, else `../shared/data` next to the checkout).
+read from a data folder (`$EDGEPRUNE_DATA`, else `../shared/data` next to the checkout). A
+user's own data is a `.npz` file with x_train, y_train, x_test, y_test (see `from_npz`).
 """
 
 import gzip
+import hashlib
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -105,7 +108,52 @@ def ecg200() -> Dataset:
 LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist_test, "ecg200": ecg200}
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+HELP = ("fashion-mnist, mnist, ecg200, or a .npz file with x_train, y_train, x_test, y_test "
+        "(samples shaped like the model input without the batch axis, integer labels)")
+
+
+def from_npz(path: Path) -> Dataset:
+    """A user's dataset: x_* float samples shaped like the model's input without the batch
+    (N, C, H, W), y_* integer class labels 0..K-1. The name carries a hash of the file, since
+    it keys caches (trained models, search candidates)."""
+    if not path.is_file():
+        raise EdgepruneError(f"dataset file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # zip, pickle or format errors all mean "not a usable .npz"
+        raise EdgepruneError(f"{path}: not a numpy .npz file ({type(e).__name__}: {e})") from e
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise EdgepruneError(f"{path}: missing array(s) {', '.join(missing)}; a dataset .npz "
+                             f"holds {', '.join(NPZ_KEYS)} (has: {', '.join(arrays) or 'none'})")
+    out = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
+            raise EdgepruneError(f"{path}: x_{split} must be numeric samples (N, C, ...), "
+                                 f"got {x.dtype} {list(x.shape)}")
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise EdgepruneError(f"{path}: y_{split} must be {len(x)} integer labels (one per "
+                                 f"x_{split} sample), got {y.dtype} {list(y.shape)}")
+        if len(x) == 0 or not np.all(np.isfinite(x)) or y.min() < 0:
+            raise EdgepruneError(f"{path}: {split} split is empty, has non-finite samples or "
+                                 "negative labels")
+        out[split] = (x.astype(np.float32), y.astype(np.int64))
+    if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
+        raise EdgepruneError(f"{path}: x_train samples are {list(out['train'][0].shape[1:])} but "
+                             f"x_test samples are {list(out['test'][0].shape[1:])}")
+    name = f"{path.stem}-{hashlib.sha256(raw).hexdigest()[:10]}"
+    return Dataset(name, *out["train"], *out["test"])
+
+
 def load(name: str) -> Dataset:
+    """A dataset by name (LOADERS) or a path to a `.npz` file."""
+    if name.endswith(".npz"):
+        return from_npz(Path(name))
     if name not in LOADERS:
-        raise EdgepruneError(f"unknown dataset '{name}'; known: {', '.join(sorted(LOADERS))}")
+        raise EdgepruneError(f"unknown dataset '{name}'; known: {', '.join(sorted(LOADERS))}, "
+                             "or a .npz file with x_train, y_train, x_test, y_test")
     return LOADERS[name]()

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from ..data import HELP as DATA_HELP
 from ..errors import EdgepruneError
 from ..qemu import TargetFailure
 
@@ -17,7 +18,7 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--target", default="cortex-m7", help="a target name (edgeprune targets)")
     p.add_argument("--model", help="a .pt/.onnx path or a zoo name (default: resnet8 trained on --data)")
-    p.add_argument("--data", default="fashion-mnist", help="dataset for training, calibration, accuracy")
+    p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--input-shape", help="static input shape when the model has none, e.g. 1,1,28,28")
     p.add_argument("--out", type=Path, default=Path("build/deploy"), help="output folder")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")

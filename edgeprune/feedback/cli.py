@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data import HELP as DATA_HELP
+
 STAGE = "feedback"
 
 
@@ -23,7 +25,7 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("model", help="a .pt/.onnx file, or a zoo name (trained first, cached)")
     p.add_argument("--target", default="cortex-m7")
-    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--budget", required=True,
                    help="latency_ms=5,energy_uj=300,flash_kb=256,sram_kb=64 (any subset)")
     p.add_argument("--criterion", default="l1", choices=CRITERIA)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data import HELP as DATA_HELP
 from ..errors import EdgepruneError
 
 STAGE = "prune"
@@ -37,8 +38,7 @@ def register(sub) -> None:
                    help="uniform ratio, or global ranking with a per-layer minimum")
     p.add_argument("--method", default="oneshot", choices=list(METHODS),
                    help="schedule around the cut (methods.py); all but oneshot need --data")
-    p.add_argument("--data", help="dataset for data-driven criteria and fine-tuning "
-                                  "(e.g. fashion-mnist)")
+    p.add_argument("--data", help="for data-driven criteria and fine-tuning: " + DATA_HELP)
     p.add_argument("--finetune", type=float, default=0.0, help="fine-tuning epochs (needs --data)")
     p.add_argument("--max-samples", type=int, help="fine-tune on the first N training samples")
     p.add_argument("--finetune-lr", type=float,

@@ -8,6 +8,7 @@ accepts) and quantize.json (per layer bits and weight bytes, accuracy float vs q
 import json
 from pathlib import Path
 
+from ..data import HELP as DATA_HELP
 from ..errors import EdgepruneError
 from .stage import FORMATS, METHODS, QuantizeConfig
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("model", help="a .pt/.onnx file, an `edgeprune prune` output folder, or a "
                    "zoo name")
     p.add_argument("--target", default="cortex-m7", help="word lengths come from its [quant] table")
-    p.add_argument("--data", default="fashion-mnist", help="calibration, training and accuracy data")
+    p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--input-shape", help="static input shape where the model stores none")
