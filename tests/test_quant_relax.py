@@ -102,3 +102,46 @@ def test_zoo_cnn_bit_exact(fmnist):
     quick_train(model, fmnist, samples=1000, epochs=0.5)
     qm = ptq.quantize_ptq(model, shape, fmnist.x_train[:100], calib_method="percentile")
     _check(qm, fmnist.x_test[:N])
+
+
+class Cat(nn.Module):
+    """Concatenations: branches with their own scales, a ReLU after the concat (fused into it),
+    the graph input as a branch, one tensor twice (an exact copy) and dense outputs (2-D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, 1, 1)
+        self.b = nn.Conv2d(1, 4, 5, 1, 2)
+        self.c = nn.Conv2d(11, 8, 3, 2, 1)
+        self.fa = nn.Linear(16, 6)
+        self.fb = nn.Linear(16, 4)
+        self.fc = nn.Linear(10, 10)
+
+    def forward(self, x):
+        h = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+        h = torch.relu(self.c(torch.cat((h, x), dim=1)))
+        h = nn.functional.max_pool2d(h, 2)
+        h = nn.functional.adaptive_avg_pool2d(torch.cat([h, h], -3), 1).flatten(1)
+        return self.fc(torch.cat([self.fa(h), torch.relu(self.fb(h))], -1))
+
+
+def test_concat_bit_exact_on_host_and_in_qemu(fmnist, tmp_path):
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    model = Cat().eval()
+    quick_train(model, fmnist, samples=2000, epochs=1.0, lr=0.05)
+    shape = (2, 1, 28, 28)                      # a static batch of 2
+    qm = ptq.quantize_ptq(model, shape, fmnist.x_train[:200], act_dtypes={"a": "int16"})
+    cats = [o for o in qm.ops if o.kind == "concat"]
+    assert len(cats) == 4 and cats[0].attrs["activation"] == "relu"
+    assert qm.tensors[cats[0].inputs[0]].dtype == "int16"
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+    assert np.mean(out.argmax(1) == want) >= 0.9   # the integer model computes the same thing
+
+    compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:4])
+    assert result["outputs_match"] and result["mismatches"] == 0, result

@@ -132,6 +132,8 @@ class IRNet(nn.Module):
                 y = F.linear(xs[0], self._w(n.name), self.bias[n.name])
             elif n.kind == "add":
                 y = xs[0] + xs[1]
+            elif n.kind == "concat":
+                y = torch.cat(xs, 1)
             elif n.kind == "maxpool":
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb), value=-np.inf) if any(a["padding"]) else xs[0]
@@ -241,9 +243,10 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             prev = src(node.args[0])
             producer = by_out.get(prev)
             if (producer is None or producer.act is not None
-                    or producer.kind not in ("conv2d", "dense", "add") or users[prev] != 1):
+                    or producer.kind not in ("conv2d", "dense", "add", "concat")
+                    or users[prev] != 1):
                 raise EdgepruneError(f"{where}: a standalone activation (not directly after a "
-                                     "single-use conv/linear/add) is not supported")
+                                     "single-use conv/linear/add/cat) is not supported")
             producer.act = act
             alias[node.name] = prev
             users[node.name] = users[prev]
@@ -282,6 +285,19 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node.kwargs.get("alpha"):
                 raise EdgepruneError(f"{where}: only tensor + tensor adds are supported")
             add_node(FNode("add", node.name, [src(a), src(b)], node.name, out_shape=shape))
+            continue
+        if target in (torch.cat, torch.concat):
+            parts = node.kwargs.get("tensors", node.args[0] if node.args else None)
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if (not isinstance(parts, (list, tuple)) or not parts
+                    or not all(isinstance(t, fx.Node) for t in parts)):
+                raise EdgepruneError(f"{where}: only a concatenation of tensors is supported")
+            if dim % len(shape) != 1:
+                raise EdgepruneError(f"{where}: concatenation along dim {dim} of a "
+                                     f"{len(shape)}-D tensor; only the channel axis (1) is "
+                                     "supported")
+            add_node(FNode("concat", node.name, [src(t) for t in parts], node.name,
+                           out_shape=shape))
             continue
         if isinstance(target, nn.MaxPool2d) or target is F.max_pool2d:
             if isinstance(target, nn.MaxPool2d):
@@ -347,7 +363,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             continue
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm after conv/linear, ReLU/ReLU6/Hardtanh/clamp, "
-                             "add, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
+                             "add, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
@@ -473,7 +489,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             out = TensorInfo(n.output, list(n.out_shape), dt, s, zp)
         tensors[n.output] = out
         attrs = dict(n.attrs)
-        if n.kind in ("conv2d", "dense", "add", "avgpool"):
+        if n.kind in ("conv2d", "dense", "add", "concat", "avgpool"):
             flo, fhi = _act_range(n.act)
             lo = out.qmin if not np.isfinite(flo) else max(out.qmin, out.zero_point +
                                                            int(np.floor(flo / out.scale + 0.5)))
@@ -502,6 +518,10 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             ta, tb = tensors[n.inputs[0]], tensors[n.inputs[1]]
             ms, st = shared_shift_multipliers([ta.scale / out.scale, tb.scale / out.scale])
             attrs.update({"multipliers": ms, "shift_total": int(st)})
+        elif n.kind == "concat":
+            pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
+            attrs.update({"multipliers": [int(m) for m, _ in pairs],
+                          "shifts": [int(sh) for _, sh in pairs]})
         elif n.kind == "avgpool":
             k = attrs["kernel"][0] * attrs["kernel"][1]
             m, sh = quantize_multiplier(tin.scale / (out.scale * k))

@@ -21,6 +21,10 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``add``     two inputs; attrs: multipliers [Ma, Mb] and shift_total s (one shared shift),
   clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
   both inputs are rescaled to the output scale with a single rounding (ties up).
+* ``concat``  inputs joined along the channel axis (1); attrs: multipliers [M_i], shifts [s_i]
+  (one per input), clamp.  Each input is requantized to the output's scale:
+  y = requantize(x_i - zp_i, M_i, s_i, zp_out, lo, hi), as avgpool does (exact copy when the
+  input already has the output's scale and zero point).
 * ``maxpool`` attrs: kernel, strides, padding (pads with the dtype minimum), dilation.
   Output scale/zero point equal the input's.
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
@@ -49,7 +53,7 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "maxpool", "avgpool", "reshape")
+OP_KINDS = ("conv2d", "dense", "add", "concat", "maxpool", "avgpool", "reshape")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -243,6 +247,15 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"add '{op.name}': input shapes {ins[0]} and {ins[1]} differ "
                                  "(broadcasting is not supported)")
         return list(ins[0])
+    if op.kind == "concat":
+        rest = {tuple(sh[:1] + sh[2:]) for sh in ins}
+        if len(rest) != 1 or any(len(sh) < 2 for sh in ins):
+            raise EdgepruneError(f"concat '{op.name}': input shapes {ins} differ outside the "
+                                 "channel axis")
+        if not len(a["multipliers"]) == len(a["shifts"]) == len(ins):
+            raise EdgepruneError(f"concat '{op.name}': {len(ins)} inputs but "
+                                 f"{len(a['multipliers'])} multipliers, {len(a['shifts'])} shifts")
+        return [ins[0][0], sum(sh[1] for sh in ins)] + list(ins[0][2:])
     if op.kind in ("maxpool", "avgpool"):
         n, c, h, w = ins[0]
         oh, ow = conv_out_hw(h, w, a["kernel"], a["strides"], a["padding"],

@@ -124,6 +124,12 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         lo, hi = a["clamp"]
         y = rounding_shift(acc, s) + out.zero_point
         return np.clip(y, lo, hi).astype(out.dtype)
+    if op.kind == "concat":
+        lo, hi = a["clamp"]
+        parts = [requantize(env[i].astype(np.int64) - qm.tensors[i].zero_point, int(m), int(sh),
+                            out.zero_point, lo, hi)
+                 for i, m, sh in zip(op.inputs, a["multipliers"], a["shifts"])]
+        return np.concatenate(parts, axis=1).astype(out.dtype)
     if op.kind == "maxpool":
         win = _windows(x, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]),
                        tin.qmin)

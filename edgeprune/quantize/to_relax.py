@@ -13,6 +13,8 @@ How each op maps (integer identities; the golden model's formulas are in qmodel.
   correction is folded into the int32 bias constant.  Both forms are checked to fit int32.
 * requantization: per-channel int64 constants M, 2**(s-1) and s (shape (1, C, 1, 1)).
 * add: int64 ((a*Ma + b*Mb + (2**(s-1) - zp_a*Ma - zp_b*Mb)) >> s) + zp_out, clip, cast.
+* concat: each input requantized to the output scale like avgpool's sum (skipped where it is
+  the identity), then ``concat`` on the channel axis.
 * avgpool: global -> int32 sum over H, W; windowed -> depthwise conv2d with all-ones int8
   weights; then int64 ((sum*M + 2**(s-1) - K*zp_in*M) >> s) + zp_out (K = window size).
 * maxpool: ``nn.max_pool2d`` (pads with the dtype minimum, like the golden model).
@@ -152,6 +154,21 @@ def _add(bb, env, qm: QuantModel, op: Op):
     return _requant(bb, acc, op, qm, np.array(1), np.array(31 - s), None, offset)
 
 
+def _concat(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    out = qm.tensors[op.output]
+    lo, hi = op.attrs["clamp"]
+    parts = []
+    for i, m, sh in zip(op.inputs, op.attrs["multipliers"], op.attrs["shifts"]):
+        t = qm.tensors[i]
+        same = ((t.dtype, t.zero_point) == (out.dtype, out.zero_point)
+                and (int(m), int(sh)) == (1 << 30, 1) and (lo, hi) == (out.qmin, out.qmax))
+        parts.append(env[i] if same else  # identity: M * 2**(shift-31) == 1, no clamp
+                     _requant(bb, env[i], op, qm, np.array(int(m)), np.array(int(sh)), None,
+                              -t.zero_point * int(m)))
+    return bb.emit(relax.op.concat(parts, axis=1), name_hint=_ident(op.output))
+
+
 def _avgpool(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     a = op.attrs
@@ -204,6 +221,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _dense(bb, env, qm, op, pack_subbyte)
                 elif op.kind == "add":
                     y = _add(bb, env, qm, op)
+                elif op.kind == "concat":
+                    y = _concat(bb, env, qm, op)
                 elif op.kind == "avgpool":
                     y = _avgpool(bb, env, qm, op)
                 elif op.kind == "maxpool":
