@@ -135,8 +135,9 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     return model.eval(), shape
 
 
-def _accuracy_of_outputs(outputs: list[np.ndarray], labels: np.ndarray) -> float:
-    pred = np.array([int(np.argmax(o.reshape(-1))) for o in outputs])
+def _accuracy_of_outputs(outputs: list[np.ndarray], labels: np.ndarray, batch: int) -> float:
+    """Top-1 accuracy of per-call outputs, each holding `batch` samples' scores."""
+    pred = np.concatenate([o.reshape(batch, -1).argmax(1) for o in outputs])
     return float(100.0 * np.mean(pred == labels[:len(pred)]))
 
 
@@ -228,12 +229,13 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
 
         with stage("simulate", progress):
             from .simulate import simulate
-            n = min(cfg.target_samples, len(data.x_test))
+            batch = shape[0]  # the firmware runs the model's static batch per call
+            n = max(batch, min(cfg.target_samples, len(data.x_test)) // batch * batch)
             sim, outputs = simulate(tmp / "build", data.x_test[:n], timeout=600)
             if not sim["outputs_match"]:
                 raise EdgepruneError(f"the target's outputs differ from the golden model in "
                                      f"{sim['mismatches']} values over {n} samples", stage="simulate")
-            acc_target = _accuracy_of_outputs([o[0] for o in outputs], data.y_test[:n])
+            acc_target = _accuracy_of_outputs([o[0] for o in outputs], data.y_test[:n], batch)
             log(f"on target ({target.name}, QEMU): {acc_target:.2f} % on {n} samples, bit-exact")
 
         with stage("profile", progress):

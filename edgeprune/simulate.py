@@ -33,16 +33,18 @@ def default_inputs(shape: tuple[int, ...], samples: int, seed: int = 0) -> np.nd
 
 
 def as_samples(x: np.ndarray, shape: tuple[int, ...], origin: str) -> np.ndarray:
-    """Accept one input of the model's shape, or K of them stacked, or K batch-1 rows."""
+    """Accept one input of the model's shape, or K of them stacked, or rows (samples without
+    the batch axis) whose count is a multiple of the model's batch: K calls of that batch."""
     shape = tuple(shape)
     if x.shape == shape:
         return x[None]
     if x.shape[1:] == shape:
         return x
-    if shape[0] == 1 and x.shape[1:] == shape[1:]:
-        return x[:, None]
+    if x.shape[1:] == shape[1:] and len(x) and len(x) % shape[0] == 0:
+        return x.reshape((len(x) // shape[0],) + shape)
     raise EdgepruneError(f"{origin}: input of shape {x.shape} does not fit the model's input "
-                         f"{shape} (give {shape} or (K,) + {shape})")
+                         f"{shape} (give {shape}, (K,) + {shape}, or N rows of {shape[1:]} "
+                         f"with N a multiple of the batch {shape[0]})")
 
 
 def outputs_like_input(outputs: list[np.ndarray], x: np.ndarray | None,
@@ -53,7 +55,7 @@ def outputs_like_input(outputs: list[np.ndarray], x: np.ndarray | None,
         return y
     if x.shape == tuple(in_shape):
         return y[0]
-    return y.reshape((y.shape[0],) + y.shape[2:])  # K batch-1 rows in, K rows out
+    return y.reshape((-1,) + y.shape[2:])  # N rows in (K calls of batch B), N rows out
 
 
 def pack_inputs(samples: list[list[np.ndarray]], tensors: list[dict]) -> bytes:

@@ -151,3 +151,49 @@ def test_deploy_with_a_budget_runs_the_measured_search(tmp_path):
     assert report["feedback"]["met"] and report["feedback"]["trajectory"]
     for name in ("ratios.json", "trajectory.json", "pareto.png"):
         assert (out / "feedback" / name).exists(), name
+
+
+def test_user_onnx_model_with_batch_and_concat_on_npz_data(tmp_path):
+    """A user's own model (ONNX, a static batch of 2, concatenated branches) on a user's own
+    data (.npz) deploys: pruned through the concat, int8 with a requantizing concat, and
+    bit-exact on the target over whole batches."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from edgeprune import data
+    from edgeprune.quantize.train_utils import quick_train
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 3, 2, 1), nn.Conv2d(1, 8, 5, 2, 2)
+            self.c = nn.Conv2d(16, 16, 3, 2, 1)
+            self.fc = nn.Linear(16 * 7 * 7, 10)
+
+        def forward(self, x):
+            h = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+            return self.fc(torch.relu(self.c(h)).flatten(1))
+
+    torch.manual_seed(0)
+    fm = data.load("fashion-mnist")
+    model = Branches()
+    quick_train(model, fm, samples=3000, epochs=1.0, lr=0.05)
+    torch.onnx.export(model.eval(), (torch.zeros(2, 1, 28, 28),), str(tmp_path / "m.onnx"),
+                      dynamo=False)
+    np.savez(tmp_path / "d.npz", x_train=fm.x_train[:3000], y_train=fm.y_train[:3000],
+             x_test=fm.x_test[:200], y_test=fm.y_test[:200])
+    out = tmp_path / "out"
+    r = edgeprune("deploy", "--model", tmp_path / "m.onnx", "--data", tmp_path / "d.npz",
+                  "--ratio", "0.25", "--finetune", "0.3", "--calib-samples", "64",
+                  "--eval-samples", "200", "--target-samples", "11", "--quant-method", "ptq",
+                  "--out", out, "--json", cache=tmp_path / "cache", check=True)
+    report = json.loads(r.stdout)
+    assert report["input_shape"] == [2, 1, 28, 28]
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert report["accuracy"]["on_target_samples"] == 10       # whole batches of 2
+    assert report["accuracy"]["quantized"] > 50                 # fine-tuned on the .npz
+    branches = [l for l in report["pruning"]["per_layer"] if l["channels_before"] == 8]
+    assert len(branches) == 2 and all(l["channels_after"] < 8 for l in branches), branches
+    ops = json.loads((out / "qmodel" / "qmodel.json").read_text())["ops"]
+    assert "concat" in {o["kind"] for o in ops}
