@@ -95,7 +95,7 @@ class _LayerMask:
 
     def __enter__(self):
         for name, rec in self.layers.items():
-            if rec.get("type") not in ("Conv2d", "Linear") or rec.get("groups", 1) != 1:
+            if rec.get("kind") not in ("conv", "gconv", "linear"):  # dwconv: its input is its output
                 continue
             if len(rec["in_kept"]) == rec["in_before"]:
                 continue

@@ -82,7 +82,7 @@ CONST = "const"  # marker layout for get_attr constants
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
     name: str
-    kind: str  # "conv" | "dwconv" | "frozen" | "bn" | "linear"
+    kind: str  # "conv" | "gconv" | "dwconv" | "frozen" | "bn" | "linear"
     module: nn.Module
     node: str
     in_layout: Layout | None
@@ -233,7 +233,17 @@ class DepGraph:
             elif mod.groups == mod.in_channels == mod.out_channels:
                 self.layers[name] = Layer(name, "dwconv", mod, node.name, lay, lay)
                 out = lay
-            else:  # grouped conv: keep its channels (pruning would break the group structure)
+            elif mod.in_channels > mod.groups and mod.out_channels > mod.groups:
+                # grouped conv: channel j of every group is one unit, so that pruning removes
+                # the same number of channels from each group and it stays a grouped conv
+                out = self._new_space(mod.out_channels, name, False)
+                for layout in (lay, out):
+                    per = len(layout.ids) // mod.groups
+                    for j in range(per):
+                        for k in range(1, mod.groups):
+                            self._union(layout.ids[j], layout.ids[k * per + j])
+                self.layers[name] = Layer(name, "gconv", mod, node.name, lay, out)
+            else:  # one channel per group (a depthwise multiplier): keep its channels
                 self._freeze(lay)
                 out = self._new_space(mod.out_channels, name, True)
                 self.layers[name] = Layer(name, "frozen", mod, node.name, lay, out)
@@ -374,6 +384,7 @@ class DepGraph:
 
     # ---- groups
     def _build_groups(self) -> None:
+        self._freeze_uneven_grouped_convs()
         roots_frozen = {self._find(i) for i in self._frozen_ids}
         # unit = union-find root; the spaces (producer layers) it touches
         n_spaces = len(self._sizes)
@@ -417,6 +428,24 @@ class DepGraph:
         for layer in self.layers.values():
             self._add_members(layer)
 
+    def _freeze_uneven_grouped_convs(self) -> None:
+        """A grouped conv whose units do not each hold one channel of every group (other ties
+        merged channels across its groups unevenly) keeps its channels: removing a unit must
+        leave every group the same size."""
+        for layer in self.layers.values():
+            if layer.kind != "gconv":
+                continue
+            g = layer.module.groups
+            for layout in (layer.in_layout, layer.out_layout):
+                per = len(layout.ids) // g
+                count: dict[int, list[int]] = {}
+                for pos, cid in enumerate(layout.ids):
+                    count.setdefault(self._find(cid), [0] * g)[pos // per] += 1
+                if any(len(set(c)) != 1 for c in count.values()):
+                    self._freeze(layer.in_layout)
+                    self._freeze(layer.out_layout)
+                    break
+
     def _positions(self, layout: Layout, expand: bool) -> dict[int, dict[int, list[int]]]:
         """group -> unit -> positions of that unit in `layout`."""
         out: dict[int, dict[int, list[int]]] = {}
@@ -429,7 +458,7 @@ class DepGraph:
 
     def _add_members(self, layer: Layer) -> None:
         roles = []
-        if layer.kind in ("conv", "linear"):
+        if layer.kind in ("conv", "gconv", "linear"):
             roles += [("out", layer.out_layout, False), ("in", layer.in_layout, True)]
         elif layer.kind in ("bn", "dwconv"):
             roles += [("bn" if layer.kind == "bn" else "dw", layer.in_layout, False)]
@@ -462,7 +491,8 @@ class DepGraph:
             if layer.in_layout is not None:
                 rec["in"] = [p for p, cid in layer.in_layout.positions() if alive(cid)]
                 rec["in_before"] = len(layer.in_layout.ids) * layer.in_layout.repeat
-            if layer.out_layout is not None and layer.kind in ("conv", "linear", "frozen"):
+            if layer.out_layout is not None and layer.kind in ("conv", "gconv", "linear",
+                                                                 "frozen"):
                 rec["out"] = [i for i, cid in enumerate(layer.out_layout.ids) if alive(cid)]
                 rec["out_before"] = len(layer.out_layout.ids)
             out[name] = rec
@@ -501,6 +531,25 @@ def _new_conv(m: nn.Conv2d, keep_out: list[int], keep_in: list[int], depthwise: 
     return new.to(m.weight.dtype)
 
 
+def _new_grouped_conv(m: nn.Conv2d, keep_out: list[int], keep_in: list[int]) -> nn.Conv2d:
+    """The grouped conv on the kept channels: every group keeps as many inputs and outputs
+    (the graph ties channel j of each group into one unit); each output row takes the kept
+    inputs of its own group."""
+    g = m.groups
+    ci, co = m.in_channels // g, m.out_channels // g
+    local = [[p - k * ci for p in keep_in if k * ci <= p < (k + 1) * ci] for k in range(g)]
+    if len({len(x) for x in local}) != 1 or len(keep_out) % g:
+        raise GraphError(f"grouped conv would be left with uneven groups ({[len(x) for x in local]}"
+                         f" inputs, {len(keep_out)} outputs over {g} groups)")
+    new = nn.Conv2d(len(keep_in), len(keep_out), m.kernel_size, m.stride, m.padding, m.dilation,
+                    groups=g, bias=m.bias is not None, padding_mode=m.padding_mode)
+    w = torch.stack([m.weight.data[o][_idx(local[o // co])] for o in keep_out])
+    new.weight.data.copy_(w)
+    if m.bias is not None:
+        new.bias.data.copy_(m.bias.data[_idx(keep_out)])
+    return new.to(m.weight.dtype)
+
+
 def _new_bn(m: nn.BatchNorm2d, keep: list[int]) -> nn.BatchNorm2d:
     new = nn.BatchNorm2d(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
     i = _idx(keep)
@@ -536,6 +585,8 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
         m = gm.get_submodule(name)
         if layer.kind == "conv":
             new = _new_conv(m, rec["out"], rec["in"], False)
+        elif layer.kind == "gconv":
+            new = _new_grouped_conv(m, rec["out"], rec["in"])
         elif layer.kind == "dwconv":
             new = _new_conv(m, rec["in"], rec["in"], True)
         elif layer.kind == "bn":
