@@ -145,3 +145,37 @@ def test_concat_bit_exact_on_host_and_in_qemu(fmnist, tmp_path):
     compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", fmnist.x_test[:4])
     assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+class PreAct(nn.Module):
+    """Pre-activation residual block: BatchNorms with no conv before them (on the input, after
+    the add) and shape arithmetic in forward (x.shape, x.size(0)) feeding functional pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(1)
+        self.c0 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1, self.c1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(self.c0(self.bn0(x)), x.size(-1) // 14)
+        y = torch.relu(self.bn2(y + self.c1(torch.relu(self.bn1(y)))))
+        y = nn.functional.avg_pool2d(y, y.shape[2:])
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_standalone_batchnorm_and_shape_arithmetic(fmnist):
+    torch.manual_seed(0)
+    model = PreAct().eval()
+    quick_train(model, fmnist, samples=2000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    # a BatchNorm with no conv before it becomes a per-channel scale: a 1x1 depthwise conv
+    bns = [o for o in qm.ops if o.name in ("bn0", "bn2")]
+    assert [(o.kind, o.attrs["groups"]) for o in bns] == [("conv2d", 1), ("conv2d", 8)]
+    assert bns[1].attrs["activation"] == "relu"
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+    assert np.mean(out.argmax(1) == want) >= 0.9

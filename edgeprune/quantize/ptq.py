@@ -188,6 +188,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     import torch.fx as fx
     from torch.fx.experimental.optimization import fuse
     from torch.fx.passes.shape_prop import ShapeProp
+    from torch.utils._pytree import tree_leaves
 
     model = copy.deepcopy(model).eval()
     try:
@@ -195,14 +196,23 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     except Exception as e:
         raise EdgepruneError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
                              "quantize supports traceable conv/linear/pool/add networks") from None
+    static: dict[str, object] = {}  # nodes computing no tensor (x.size(0), x.shape[2:]): values
+
+    class _Prop(ShapeProp):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.op != "output" and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v)):
+                static[n.name] = v
+            return v
     with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(input_shape))
+        _Prop(gm).propagate(torch.zeros(input_shape))
 
     nodes: list[FNode] = []
     by_out: dict[str, FNode] = {}
     alias: dict[str, str] = {}
     weights, biases = {}, {}
-    users = {n.name: len(n.users) for n in gm.graph.nodes}
+    # shape arithmetic on a tensor is not a use of its values (fusing an activation is fine)
+    users = {n.name: len([u for u in n.users if u.name not in static]) for n in gm.graph.nodes}
 
     def src(a) -> str:
         if not isinstance(a, fx.Node):
@@ -211,6 +221,17 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
 
     def shape_of(node) -> tuple[int, ...]:
         return tuple(node.meta["tensor_meta"].shape)
+
+    def arg(node, i: int, name: str, default=None):
+        """Positional argument i or keyword `name` of a call, shape arithmetic evaluated."""
+        v = node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+
+        def value(n):
+            if n.name not in static:
+                raise EdgepruneError(f"node '{node.name}': argument '{name}' is a tensor, "
+                                     "where a constant is expected")
+            return static[n.name]
+        return fx.node.map_arg(v, value)
 
     def add_node(fnode: FNode):
         nodes.append(fnode)
@@ -230,6 +251,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 out = out[0]
             final = src(out)
             break
+        if node.name in static:   # evaluated once here: the shapes are static
+            continue
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
         where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
         shape = shape_of(node)
@@ -272,6 +295,23 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("conv2d", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
+        if isinstance(target, nn.BatchNorm2d):
+            # a BatchNorm fuse() could not fold into a conv (on the input, after an add or a
+            # pool, as in pre-activation blocks) is a per-channel affine map: a 1x1 depthwise conv
+            if target.running_var is None:
+                raise EdgepruneError(f"{where}: BatchNorm without running statistics "
+                                     "(track_running_stats=False) cannot be quantized")
+            c = target.num_features
+            inv = torch.rsqrt(target.running_var + target.eps)
+            if target.weight is not None:
+                inv = inv * target.weight.detach()
+            shift = target.bias.detach() if target.bias is not None else torch.zeros(c)
+            weights[node.name] = inv.reshape(c, 1, 1, 1)
+            biases[node.name] = shift - target.running_mean * inv
+            attrs = {"strides": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": c}
+            add_node(FNode("conv2d", node.name, [src(node.args[0])], node.name, attrs,
+                           out_shape=shape))
+            continue
         if isinstance(target, nn.Linear):
             if len(shape) != 2:
                 raise EdgepruneError(f"{where}: linear on a {len(shape)}-D tensor; flatten first")
@@ -288,7 +328,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             continue
         if target in (torch.cat, torch.concat):
             parts = node.kwargs.get("tensors", node.args[0] if node.args else None)
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            dim = arg(node, 1, "dim", 0)
             if (not isinstance(parts, (list, tuple)) or not parts
                     or not all(isinstance(t, fx.Node) for t in parts)):
                 raise EdgepruneError(f"{where}: only a concatenation of tensors is supported")
@@ -304,12 +344,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 k, s, p, d, ceil = (target.kernel_size, target.stride, target.padding,
                                     target.dilation, target.ceil_mode)
             else:
-                ar = list(node.args) + [None] * 6
-                k = node.kwargs.get("kernel_size", ar[1])
-                s = node.kwargs.get("stride", ar[2]) or k
-                p = node.kwargs.get("padding", ar[3] or 0)
-                d = node.kwargs.get("dilation", ar[4] or 1)
-                ceil = node.kwargs.get("ceil_mode", ar[5] or False)
+                k = arg(node, 1, "kernel_size")
+                s = arg(node, 2, "stride") or k
+                p = arg(node, 3, "padding", 0)
+                d = arg(node, 4, "dilation", 1)
+                ceil = arg(node, 5, "ceil_mode", False)
             p = _pair(p)
             attrs = {"kernel": _pair(k), "strides": _pair(s if s is not None else k),
                      "padding": [p[0], p[1], p[0], p[1]], "dilation": _pair(d)}
@@ -317,16 +356,25 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("maxpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
-        if isinstance(target, nn.AvgPool2d):
-            if target.padding and not target.count_include_pad:
+        if isinstance(target, nn.AvgPool2d) or target is F.avg_pool2d:
+            if isinstance(target, nn.AvgPool2d):
+                k, s, p, ceil, include_pad, divisor = (
+                    target.kernel_size, target.stride, target.padding, target.ceil_mode,
+                    target.count_include_pad, target.divisor_override)
+            else:
+                k, s, p = arg(node, 1, "kernel_size"), arg(node, 2, "stride"), \
+                    arg(node, 3, "padding", 0)
+                ceil, include_pad = arg(node, 4, "ceil_mode", False), \
+                    arg(node, 5, "count_include_pad", True)
+                divisor = arg(node, 6, "divisor_override")
+            if p and not include_pad:
                 raise EdgepruneError(f"{where}: count_include_pad=False with padding unsupported")
-            if target.divisor_override:
+            if divisor:
                 raise EdgepruneError(f"{where}: divisor_override unsupported")
-            p = _pair(target.padding)
-            attrs = {"kernel": _pair(target.kernel_size),
-                     "strides": _pair(target.stride or target.kernel_size),
+            p = _pair(p)
+            attrs = {"kernel": _pair(k), "strides": _pair(s or k),
                      "padding": [p[0], p[1], p[0], p[1]], "dilation": [1, 1]}
-            _check_pool_shape(where, shape_of(node.args[0]), shape, attrs, target.ceil_mode)
+            _check_pool_shape(where, shape_of(node.args[0]), shape, attrs, ceil)
             add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
@@ -342,7 +390,9 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                            out_shape=shape))
             continue
         if target in (torch.mean, "mean"):
-            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = arg(node, 1, "dim")
+            if dims is None:
+                raise EdgepruneError(f"{where}: a mean over every axis is not supported")
             dims = sorted(d % 4 for d in ((dims,) if isinstance(dims, int) else dims))
             ishape = shape_of(node.args[0])
             if dims != [2, 3] or len(ishape) != 4:
@@ -362,7 +412,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                            {"shape": list(shape)}, out_shape=shape))
             continue
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
-                             "Linear, BatchNorm after conv/linear, ReLU/ReLU6/Hardtanh/clamp, "
+                             "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, "
                              "add, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
     else:
         raise EdgepruneError("traced graph has no output")
