@@ -3,7 +3,7 @@ fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Add, Concat, MaxPool, AveragePool,
 GlobalAveragePool, Flatten, Reshape, Gemm, MatMul (constant right operand), plus Identity,
-Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d / nn.Linear
+Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear
 modules (so pruning, MAC counting and training see them); everything else becomes a plain fx
 call. Each node is also executed once on an example tensor while the graph is built, which
 resolves Reshape's 0/-1 entries into the static shape the model runs at.
@@ -187,13 +187,15 @@ class _Builder:
 
     def op_BatchNormalization(self, node, a):
         scale, bias, mean, var = (self._const(n, node, "parameter") for n in node.input[1:5])
-        bn = nn.BatchNorm2d(len(scale), eps=float(a.get("epsilon", 1e-5)),
-                            momentum=1.0 - float(a.get("momentum", 0.9)))
+        x = self._in(node.input[0])
+        kind = nn.BatchNorm2d if x[1].dim() == 4 else nn.BatchNorm1d  # after a Gemm: (N, C)
+        bn = kind(len(scale), eps=float(a.get("epsilon", 1e-5)),
+                  momentum=1.0 - float(a.get("momentum", 0.9)))
         bn.weight.data.copy_(torch.as_tensor(scale))
         bn.bias.data.copy_(torch.as_tensor(bias))
         bn.running_mean.copy_(torch.as_tensor(mean))
         bn.running_var.copy_(torch.as_tensor(var))
-        return self._module(node, "BatchNormalization", bn, self._in(node.input[0]))
+        return self._module(node, "BatchNormalization", bn, x)
 
     def op_Relu(self, node, a):
         return self._module(node, "Relu", nn.ReLU(), self._in(node.input[0]))

@@ -132,6 +132,27 @@ def test_grouped_convs_prune_every_group_alike():
     _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))
 
 
+def test_mlp_with_batchnorm1d_prunes_equivalently_also_from_onnx(tmp_path):
+    """A plain MLP (features in, no image): Linear -> BatchNorm1d -> ReLU chains."""
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16),
+                          nn.ReLU6(), nn.Linear(16, 4)).eval()
+    model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+    torch.onnx.export(model, (torch.zeros(1, 20),), str(tmp_path / "mlp.onnx"), dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "mlp.onnx")
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    for m in (model, back):
+        pruned, record = prune(m, torch.randn(shape), criterion="l1", ratios=0.5)
+        widths = [mod.out_features for mod in pruned.modules() if isinstance(mod, nn.Linear)]
+        assert widths == [16, 8, 4]
+        assert [mod.num_features for mod in pruned.modules()
+                if isinstance(mod, nn.BatchNorm1d)] == [16]
+        _check_equivalent(m, pruned, record, x)
+
+
 @pytest.mark.parametrize("name", ["resnet8", "dscnn", "mobilenet", "cnn"])
 def test_zoo_models_prune_equivalently(name):
     model, shape = models.build(name)

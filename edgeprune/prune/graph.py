@@ -220,7 +220,8 @@ class DepGraph:
     def _module(self, node: fx.Node, shape):
         mod = self.gm.get_submodule(node.target)
         name = node.target
-        if name in self.layers and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+        if name in self.layers and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d,
+                                                     nn.BatchNorm1d)):
             self._fail(node, "a module with weights is called more than once (shared layers "
                        "cannot be resized consistently)")
         if isinstance(mod, nn.Conv2d):
@@ -248,8 +249,10 @@ class DepGraph:
                 out = self._new_space(mod.out_channels, name, True)
                 self.layers[name] = Layer(name, "frozen", mod, node.name, lay, out)
             return out
-        if isinstance(mod, nn.BatchNorm2d):
-            lay = self._input_layout(node, 4)
+        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            lay = self._input_layout(node, 4 if isinstance(mod, nn.BatchNorm2d) else 2)
+            if lay.repeat != 1:
+                self._fail(node, "BatchNorm1d on flattened conv features is not supported")
             self.layers[name] = Layer(name, "bn", mod, node.name, lay, lay)
             return lay
         if isinstance(mod, nn.Linear):
@@ -267,7 +270,8 @@ class DepGraph:
                 self._fail(node, "PReLU with per-channel slopes is not supported")
             return self._input_layout(node)
         self._fail(node, f"unsupported module type {type(mod).__name__} (supported: Conv2d, "
-                   "BatchNorm2d, Linear, pooling, elementwise activations, Flatten)")
+                   "BatchNorm2d, Linear, BatchNorm1d after it, pooling, elementwise activations, "
+                   "Flatten)")
 
     def _flatten(self, node: fx.Node, start: int, end: int = -1):
         lay = self._input_layout(node)
@@ -550,8 +554,8 @@ def _new_grouped_conv(m: nn.Conv2d, keep_out: list[int], keep_in: list[int]) -> 
     return new.to(m.weight.dtype)
 
 
-def _new_bn(m: nn.BatchNorm2d, keep: list[int]) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
+def _new_bn(m: nn.BatchNorm2d | nn.BatchNorm1d, keep: list[int]) -> nn.Module:
+    new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
     i = _idx(keep)
     if m.affine:
         new.weight.data.copy_(m.weight.data[i])

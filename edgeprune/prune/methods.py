@@ -481,7 +481,7 @@ def slimming(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None
              evaluate=None, lr=FINETUNE_LR, lam=1e-4, recovery=None, **_):
     """Network slimming: L1 on BatchNorm scales for half the budget, cut, fine-tune."""
     model = copy.deepcopy(model)
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d))]
     model = _finetune(model, data, epochs / 2, lr, seed, max_samples,
                       extra_loss=lambda m: lam * sum(b.weight.abs().sum() for b in bns))
     crit = spec.get("criterion", "bn-scale")
