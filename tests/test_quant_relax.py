@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from edgeprune import data, models
+from edgeprune.errors import EdgepruneError
 from edgeprune.quantize import ptq, reference, to_relax
 from edgeprune.quantize.train_utils import quick_train
 
@@ -179,3 +180,37 @@ def test_standalone_batchnorm_and_shape_arithmetic(fmnist):
     with torch.no_grad():
         want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
     assert np.mean(out.argmax(1) == want) >= 0.9
+
+
+class Acts(nn.Module):
+    """Activations that are not a clamp (hardswish, LeakyReLU, SiLU, GELU, tanh, sigmoid), and a
+    ReLU after a pool (nothing to fuse it into)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.act0 = nn.Conv2d(1, 8, 3, padding=1), nn.Hardswish()
+        self.c1, self.lrelu = nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.1)
+        self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = torch.relu(nn.functional.max_pool2d(self.act0(self.c0(x)), 2))
+        y = self.lrelu(self.c1(y))
+        y = torch.tanh(nn.functional.gelu(nn.functional.silu(self.c2(y))))
+        return torch.sigmoid(self.fc(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1)))
+
+
+def test_table_activations_bit_exact(fmnist):
+    torch.manual_seed(0)
+    model = Acts().eval()
+    quick_train(model, fmnist, samples=2000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    luts = [o.attrs["function"] for o in qm.ops if o.kind == "lut"]
+    assert luts == ["hardswish", "relu", "leaky_relu", "silu", "gelu", "tanh", "sigmoid"]
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+    assert np.mean(out.argmax(1) == want) >= 0.9
+    # a table needs an int8 input: int16 there is refused by name
+    with pytest.raises(EdgepruneError, match="'act0'.*int8 input.*int16"):
+        ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:50], act_dtypes={"c0": "int16"})

@@ -48,6 +48,56 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
 
 
+# Elementwise functions an int8 tensor passes through as a 256-entry table (op "lut").
+LUT_FUNCTIONS = {
+    "sigmoid": lambda x, a: torch.sigmoid(x), "tanh": lambda x, a: torch.tanh(x),
+    "hardswish": lambda x, a: F.hardswish(x), "hardsigmoid": lambda x, a: F.hardsigmoid(x),
+    "silu": lambda x, a: F.silu(x), "mish": lambda x, a: F.mish(x),
+    "gelu": lambda x, a: F.gelu(x, approximate=a or "none"),
+    "elu": lambda x, a: F.elu(x, a), "leaky_relu": lambda x, a: F.leaky_relu(x, a),
+    "relu": lambda x, a: F.relu(x), "relu6": lambda x, a: F.relu6(x),
+    "clip": lambda x, a: torch.clamp(x, a[0], a[1]),
+}
+
+
+def lut_apply(attrs: dict, x: torch.Tensor) -> torch.Tensor:
+    """The float function of a "lut" node (attrs: function, param)."""
+    return LUT_FUNCTIONS[attrs["function"]](x, attrs.get("param"))
+
+
+def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
+    """(function, param) for an elementwise module/function a "lut" node can compute."""
+    simple = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
+              nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.Mish: "mish"}
+    for cls, name in simple.items():
+        if type(mod_or_fn) is cls:
+            return name, None
+    if isinstance(mod_or_fn, nn.GELU):
+        return "gelu", mod_or_fn.approximate
+    if isinstance(mod_or_fn, nn.ELU):
+        return "elu", float(mod_or_fn.alpha)
+    if isinstance(mod_or_fn, nn.LeakyReLU):
+        return "leaky_relu", float(mod_or_fn.negative_slope)
+    if isinstance(mod_or_fn, nn.PReLU) and mod_or_fn.num_parameters == 1:
+        return "leaky_relu", float(mod_or_fn.weight.detach().reshape(()))
+    fns = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
+           torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", F.hardswish: "hardswish",
+           F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.mish: "mish"}
+    if isinstance(mod_or_fn, str) or callable(mod_or_fn):
+        try:
+            if mod_or_fn in fns:
+                return fns[mod_or_fn], None
+        except TypeError:   # unhashable module
+            return None
+    if mod_or_fn is F.gelu:
+        return "gelu", arg(node, 1, "approximate", "none")
+    if mod_or_fn is F.elu:
+        return "elu", float(arg(node, 1, "alpha", 1.0))
+    if mod_or_fn is F.leaky_relu:
+        return "leaky_relu", float(arg(node, 1, "negative_slope", 0.01))
+    return None
+
+
 def _act_range(act: tuple | None) -> tuple[float, float]:
     if act is None:
         return -np.inf, np.inf
@@ -134,6 +184,8 @@ class IRNet(nn.Module):
                 y = xs[0] + xs[1]
             elif n.kind == "concat":
                 y = torch.cat(xs, 1)
+            elif n.kind == "lut":
+                y = lut_apply(a, xs[0])
             elif n.kind == "maxpool":
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb), value=-np.inf) if any(a["padding"]) else xs[0]
@@ -265,14 +317,22 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         if act is not None:
             prev = src(node.args[0])
             producer = by_out.get(prev)
-            if (producer is None or producer.act is not None
-                    or producer.kind not in ("conv2d", "dense", "add", "concat")
-                    or users[prev] != 1):
-                raise EdgepruneError(f"{where}: a standalone activation (not directly after a "
-                                     "single-use conv/linear/add/cat) is not supported")
-            producer.act = act
-            alias[node.name] = prev
-            users[node.name] = users[prev]
+            if (producer is not None and producer.act is None
+                    and producer.kind in ("conv2d", "dense", "add", "concat")
+                    and users[prev] == 1):
+                producer.act = act      # fused: a clamp in the producer's requantization
+                alias[node.name] = prev
+                users[node.name] = users[prev]
+                continue
+            # elsewhere (after a pool, on a tensor used twice) it is a table like any function
+            param = [act[1], act[2]] if act[0] == "clip" else None
+            add_node(FNode("lut", node.name, [prev], node.name,
+                           {"function": act[0], "param": param}, out_shape=shape))
+            continue
+        lut = _lut_of(target, node, arg)
+        if lut is not None:
+            add_node(FNode("lut", node.name, [src(node.args[0])], node.name,
+                           {"function": lut[0], "param": lut[1]}, out_shape=shape))
             continue
         if isinstance(target, nn.Conv2d):
             if target.padding_mode != "zeros":
@@ -412,7 +472,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                            {"shape": list(shape)}, out_shape=shape))
             continue
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
-                             "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, "
+                             "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
+                             "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, "
                              "add, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
     else:
         raise EdgepruneError("traced graph has no output")
@@ -568,6 +629,15 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             ta, tb = tensors[n.inputs[0]], tensors[n.inputs[1]]
             ms, st = shared_shift_multipliers([ta.scale / out.scale, tb.scale / out.scale])
             attrs.update({"multipliers": ms, "shift_total": int(st)})
+        elif n.kind == "lut":
+            if tin.dtype != "int8":
+                raise EdgepruneError(f"op '{n.name}' ({n.attrs['function']}): a table needs an "
+                                     f"int8 input, '{tin.name}' is {tin.dtype}")
+            q = torch.arange(tin.qmin, tin.qmax + 1, dtype=torch.float64)
+            with torch.no_grad():
+                real = lut_apply(n.attrs, (q - tin.zero_point) * tin.scale).numpy()
+            table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin, out.qmax)
+            params[f"{n.name}.table"] = table.astype(out.dtype)
         elif n.kind == "concat":
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],

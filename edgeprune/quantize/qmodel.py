@@ -25,6 +25,9 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   (one per input), clamp.  Each input is requantized to the output's scale:
   y = requantize(x_i - zp_i, M_i, s_i, zp_out, lo, hi), as avgpool does (exact copy when the
   input already has the output's scale and zero point).
+* ``lut``     an elementwise function (attrs: function, param; e.g. sigmoid, hardswish,
+  leaky_relu 0.1) on an int8 input as a table: params table (256,) of the output dtype,
+  y = table[x - qmin_in].
 * ``maxpool`` attrs: kernel, strides, padding (pads with the dtype minimum), dilation.
   Output scale/zero point equal the input's.
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
@@ -53,7 +56,7 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "concat", "maxpool", "avgpool", "reshape")
+OP_KINDS = ("conv2d", "dense", "add", "concat", "lut", "maxpool", "avgpool", "reshape")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -256,6 +259,13 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"concat '{op.name}': {len(ins)} inputs but "
                                  f"{len(a['multipliers'])} multipliers, {len(a['shifts'])} shifts")
         return [ins[0][0], sum(sh[1] for sh in ins)] + list(ins[0][2:])
+    if op.kind == "lut":
+        table = qm.param(op, "table")
+        if qm.tensors[op.inputs[0]].dtype != "int8" or table.shape != (256,):
+            raise EdgepruneError(f"lut '{op.name}': needs an int8 input and 256 table entries "
+                                 f"(input {qm.tensors[op.inputs[0]].dtype}, table "
+                                 f"{list(table.shape)})")
+        return list(ins[0])
     if op.kind in ("maxpool", "avgpool"):
         n, c, h, w = ins[0]
         oh, ow = conv_out_hw(h, w, a["kernel"], a["strides"], a["padding"],
@@ -319,6 +329,10 @@ def validate(qm: QuantModel) -> None:
             lo, hi = op.attrs["clamp"]
             if not out.qmin <= lo <= hi <= out.qmax:
                 raise EdgepruneError(f"op '{op.name}': clamp [{lo}, {hi}] outside {out.dtype}")
+        if op.kind == "lut":
+            t = qm.param(op, "table")
+            if t.size and (int(t.min()) < out.qmin or int(t.max()) > out.qmax):
+                raise EdgepruneError(f"lut '{op.name}': table values outside {out.dtype}")
         if op.kind in ("maxpool", "reshape"):
             src = qm.tensors[op.inputs[0]]
             if (src.scale, src.zero_point, src.dtype) != (out.scale, out.zero_point, out.dtype):

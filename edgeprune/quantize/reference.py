@@ -130,6 +130,8 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
                             out.zero_point, lo, hi)
                  for i, m, sh in zip(op.inputs, a["multipliers"], a["shifts"])]
         return np.concatenate(parts, axis=1).astype(out.dtype)
+    if op.kind == "lut":
+        return qm.param(op, "table")[x.astype(np.int64) - tin.qmin].astype(out.dtype)
     if op.kind == "maxpool":
         win = _windows(x, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]),
                        tin.qmin)

@@ -15,6 +15,7 @@ How each op maps (integer identities; the golden model's formulas are in qmodel.
 * add: int64 ((a*Ma + b*Mb + (2**(s-1) - zp_a*Ma - zp_b*Mb)) >> s) + zp_out, clip, cast.
 * concat: each input requantized to the output scale like avgpool's sum (skipped where it is
   the identity), then ``concat`` on the channel axis.
+* lut: ``take`` from the 256-entry table at x - qmin (int32 index).
 * avgpool: global -> int32 sum over H, W; windowed -> depthwise conv2d with all-ones int8
   weights; then int64 ((sum*M + 2**(s-1) - K*zp_in*M) >> s) + zp_out (K = window size).
 * maxpool: ``nn.max_pool2d`` (pads with the dtype minimum, like the golden model).
@@ -169,6 +170,16 @@ def _concat(bb, env, qm: QuantModel, op: Op):
     return bb.emit(relax.op.concat(parts, axis=1), name_hint=_ident(op.output))
 
 
+def _lut(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
+    idx = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int32"),
+                            _scalar(tin.qmin, "int32"))
+    table = _const(qm.param(op, "table"), out.dtype)
+    # "clip", not "fast": indices are always in range, and "fast" makes TVM warn on every build
+    return bb.emit(relax.op.take(table, idx, axis=0, mode="clip"), name_hint=_ident(op.output))
+
+
 def _avgpool(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     a = op.attrs
@@ -223,6 +234,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _add(bb, env, qm, op)
                 elif op.kind == "concat":
                     y = _concat(bb, env, qm, op)
+                elif op.kind == "lut":
+                    y = _lut(bb, env, qm, op)
                 elif op.kind == "avgpool":
                     y = _avgpool(bb, env, qm, op)
                 elif op.kind == "maxpool":
