@@ -1,9 +1,10 @@
 """An ONNX model as a torch.fx GraphModule with the same outputs, so ONNX input can be pruned,
 fine-tuned and exported back.
 
-Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Add, Concat, MaxPool, AveragePool,
-GlobalAveragePool, Flatten, Reshape, Gemm, MatMul (constant right operand), plus Identity,
-Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear
+Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
+HardSigmoid, LeakyRelu, Elu, PRelu, Mul (only x * Sigmoid(x), i.e. SiLU), Add, Concat, MaxPool,
+AveragePool, GlobalAveragePool, Flatten, Reshape, Gemm, MatMul (constant right operand), plus
+Identity, Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear
 modules (so pruning, MAC counting and training see them); everything else becomes a plain fx
 call. Each node is also executed once on an example tensor while the graph is built, which
 resolves Reshape's 0/-1 entries into the static shape the model runs at.
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 
 from .errors import EdgepruneError
 
-SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Add", "Concat", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul",
-             "Identity", "Dropout", "Constant")
+SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
+             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul (SiLU)", "Add", "Concat",
+             "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm",
+             "MatMul", "Identity", "Dropout", "Constant")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -199,6 +201,48 @@ class _Builder:
 
     def op_Relu(self, node, a):
         return self._module(node, "Relu", nn.ReLU(), self._in(node.input[0]))
+
+    def op_Sigmoid(self, node, a):
+        return self._module(node, "Sigmoid", nn.Sigmoid(), self._in(node.input[0]))
+
+    def op_Tanh(self, node, a):
+        return self._module(node, "Tanh", nn.Tanh(), self._in(node.input[0]))
+
+    def op_HardSwish(self, node, a):
+        return self._module(node, "HardSwish", nn.Hardswish(), self._in(node.input[0]))
+
+    def op_HardSigmoid(self, node, a):
+        alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+        if abs(alpha - 1 / 6) > 1e-6 or abs(beta - 0.5) > 1e-6:
+            raise _err(f"ONNX node '{node.name}' (HardSigmoid): only alpha=1/6, beta=0.5 "
+                       f"(torch's hardsigmoid) is supported, got alpha={alpha}, beta={beta}")
+        return self._module(node, "HardSigmoid", nn.Hardsigmoid(), self._in(node.input[0]))
+
+    def op_LeakyRelu(self, node, a):
+        return self._module(node, "LeakyRelu", nn.LeakyReLU(float(a.get("alpha", 0.01))),
+                            self._in(node.input[0]))
+
+    def op_Elu(self, node, a):
+        return self._module(node, "Elu", nn.ELU(float(a.get("alpha", 1.0))),
+                            self._in(node.input[0]))
+
+    def op_PRelu(self, node, a):
+        slope = np.asarray(self._const(node.input[1], node, "slope"), np.float32).reshape(-1)
+        mod = nn.PReLU(slope.size)
+        mod.weight.data.copy_(torch.as_tensor(slope))
+        return self._module(node, "PRelu", mod, self._in(node.input[0]))
+
+    def op_Mul(self, node, a):
+        # x * Sigmoid(x) is how exporters write SiLU (swish)
+        for i, j in ((0, 1), (1, 0)):
+            sig, x = self.env.get(node.input[i]), self.env.get(node.input[j])
+            if (sig is not None and x is not None and sig.op == "call_module"
+                    and isinstance(self.root.get_submodule(sig.target), nn.Sigmoid)
+                    and sig.args[0] is x and self.users.get(node.input[i], 0) == 1):
+                self.graph.erase_node(sig)
+                delattr(self.root, sig.target)
+                return self._module(node, "SiLU", nn.SiLU(), (x, self.val[node.input[j]]))
+        raise _err(f"ONNX node '{node.name}' (Mul): only x * Sigmoid(x) (SiLU) is supported")
 
     def op_Clip(self, node, a):
         lo, hi = a.get("min"), a.get("max")
