@@ -2,7 +2,7 @@
 fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
-HardSigmoid, LeakyRelu, Elu, PRelu, Mul (only x * Sigmoid(x), i.e. SiLU), Add, Concat, MaxPool,
+HardSigmoid, LeakyRelu, Elu, PRelu, Mul (only x * Sigmoid(x), i.e. SiLU), Softmax, Add, Concat, MaxPool,
 AveragePool, GlobalAveragePool, Flatten, Reshape, Gemm, MatMul (constant right operand), plus
 Identity, Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear
 modules (so pruning, MAC counting and training see them); everything else becomes a plain fx
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul (SiLU)", "Add", "Concat",
+             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul (SiLU)", "Softmax", "Add", "Concat",
              "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm",
              "MatMul", "Identity", "Dropout", "Constant")
 
@@ -231,6 +231,10 @@ class _Builder:
         mod = nn.PReLU(slope.size)
         mod.weight.data.copy_(torch.as_tensor(slope))
         return self._module(node, "PRelu", mod, self._in(node.input[0]))
+
+    def op_Softmax(self, node, a):
+        return self._module(node, "Softmax", nn.Softmax(int(a.get("axis", -1))),
+                            self._in(node.input[0]))
 
     def op_Mul(self, node, a):
         # x * Sigmoid(x) is how exporters write SiLU (swish)

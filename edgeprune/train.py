@@ -6,6 +6,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .data import Dataset
 
@@ -54,6 +55,16 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
         torch.backends.mkldnn.enabled = was
 
 
+def cross_entropy(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a model's class scores: logits, or the probabilities of a model that
+    ends in a softmax (every row non-negative and summing to 1), whose log is taken instead
+    (cross-entropy on probabilities as logits barely trains)."""
+    if out.dim() == 2 and out.shape[1] > 1 and bool((out >= 0).all()) and torch.allclose(
+            out.detach().sum(1), torch.ones((), dtype=out.dtype), atol=1e-4):
+        return F.nll_loss(torch.log(out.clamp_min(1e-12)), y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
 def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, after_step,
            progress, loss_of=None) -> nn.Module:
     torch.manual_seed(seed)
@@ -64,8 +75,7 @@ def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, a
     total = max(1, int(round(epochs * steps_per_epoch)))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    ce = nn.CrossEntropyLoss()
-    loss_fn = loss_of or (lambda out, xb, yb: ce(out, yb))
+    loss_fn = loss_of or (lambda out, xb, yb: cross_entropy(out, yb))
     step, epoch = 0, 0
     model.train()
     while step < total:

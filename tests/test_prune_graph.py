@@ -269,3 +269,24 @@ def test_shared_layer_is_refused_by_name():
             return self.conv(self.conv(self.stem(x)))
     with pytest.raises(EdgepruneError, match="layer 'conv'.*more than once"):
         prune(Shared(), torch.randn(1, 1, 8, 8))
+
+
+def test_softmax_keeps_the_channels_it_normalises():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+            self.fc, self.sm = nn.Linear(6, 4), nn.Softmax(1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = h * torch.softmax(h, -1)                     # over a row: channel j stays j
+            h = torch.softmax(self.b(h), dim=1)              # over channels: b keeps all 6
+            return self.sm(self.fc(h.mean((2, 3))))
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    graph = DepGraph(model, torch.randn(1, 1, 8, 8))
+    assert [g.layers for g in graph.groups] == [["a"]]
+    pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
+    _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))

@@ -65,3 +65,15 @@ def test_training_methods_need_data():
     model, shape = models.build("cnn")
     with pytest.raises(EdgepruneError, match="method 'soft' trains, so it needs --data"):
         methods.run("soft", model, torch.zeros(shape), None, {"ratios": 0.5})
+
+
+def test_loss_of_a_softmax_model_is_the_cross_entropy_of_its_logits():
+    """Fine-tuning a model that ends in a softmax trains on log-probabilities, not on the
+    probabilities taken as logits (which barely moves it)."""
+    from edgeprune.train import cross_entropy
+
+    z, y = torch.randn(16, 10) * 3, torch.randint(0, 10, (16,))
+    want = torch.nn.functional.cross_entropy(z, y)
+    torch.testing.assert_close(cross_entropy(z, y), want)
+    torch.testing.assert_close(cross_entropy(torch.softmax(z, 1), y), want, atol=1e-5, rtol=1e-5)
+    assert cross_entropy(torch.relu(z), y) != want     # non-negative scores are still logits

@@ -238,3 +238,32 @@ def test_onnx_activations_convert_and_quantize(fmnist, tmp_path):
     qm = ptq.quantize_ptq(back, shape, fmnist.x_train[:200])
     assert len([o for o in qm.ops if o.kind == "lut"]) == 8    # none is a clamp: 8 tables
     _check(qm, fmnist.x_test[:N])
+
+
+def test_softmax_bit_exact_in_qemu(fmnist, tmp_path):
+    """A softmax head (probabilities out, as many deployed models end) and a channel softmax."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(1, 6, 3, stride=2), nn.Linear(6 * 13 * 13, 10)
+
+        def forward(self, x):
+            h = torch.softmax(self.c(x), 1)
+            return self.fc(h.flatten(1)).softmax(-1)
+
+    torch.manual_seed(0)
+    model = Heads().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    assert [o.attrs["axis"] for o in qm.ops if o.kind == "softmax"] == [1, 1]
+    out = _check(qm, fmnist.x_test[:N])
+    probs = reference.dequantize_output(qm, out)
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
+    assert np.abs(probs - want).max() < 0.05 and np.allclose(probs.sum(1), 1, atol=0.05)
+    compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:3])
+    assert result["outputs_match"] and result["mismatches"] == 0, result

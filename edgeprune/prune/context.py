@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..train import cross_entropy
 from .graph import DepGraph, Group
 
 
@@ -162,7 +163,7 @@ class Context:
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss == "mse":
             return ((logits - F.one_hot(y, logits.shape[1]).to(logits.dtype)) ** 2).sum()
-        return F.cross_entropy(logits, y, reduction="sum")
+        return cross_entropy(logits, y, reduction="sum")
 
     def taylor_terms(self, group: Group) -> torch.Tensor:
         """[samples, units]: per sample, d loss / d (scale of unit u) = sum of
@@ -289,7 +290,7 @@ class Context:
                 logits = self.model(x)
         finally:
             self.model.train(was)
-        loss = float(F.cross_entropy(logits, y))
+        loss = float(cross_entropy(logits, y))
         return loss, float((logits.argmax(1) != y).float().mean())
 
     def rng(self, group: Group) -> np.random.Generator:

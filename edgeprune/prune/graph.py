@@ -55,6 +55,7 @@ CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 RESHAPE_FUNCTIONS = {torch.reshape}
 MEAN_FUNCTIONS = {torch.mean}
+SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
 
 
 class GraphError(EdgepruneError):
@@ -265,6 +266,8 @@ class DepGraph:
             return out
         if isinstance(mod, nn.Flatten):
             return self._flatten(node, mod.start_dim, mod.end_dim)
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+            return self._softmax(node, mod.dim, shape)
         if isinstance(mod, PASSTHROUGH_MODULES):
             if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
                 self._fail(node, "PReLU with per-channel slopes is not supported")
@@ -280,6 +283,14 @@ class DepGraph:
             self._fail(node, "only flatten(x, 1) (all dims after the batch) is supported")
         return Layout(lay.ids, lay.repeat * int(np.prod(in_shape[2:], dtype=np.int64)))
 
+    def _softmax(self, node: fx.Node, dim, shape):
+        """Elementwise along other axes; along the channels every channel counts in the sum,
+        so they are kept."""
+        lay = self._input_layout(node)
+        if dim is None or shape is None or dim % len(shape) == 1:
+            self._freeze(lay)
+        return lay
+
     def _function(self, node: fx.Node, shape):
         t = node.target
         is_fn = node.op == "call_function"
@@ -289,6 +300,9 @@ class DepGraph:
             return self._input_layout(node)
         if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS):
             return self._binary(node, shape)
+        if (is_fn and t in SOFTMAX_FUNCTIONS) or (not is_fn and t in ("softmax", "log_softmax")):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return self._softmax(node, dim, shape)
         if is_fn and t in CAT_FUNCTIONS:
             return self._cat(node, shape)
         if (is_fn and t in FLATTEN_FUNCTIONS) or (not is_fn and t == "flatten"):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..data import Dataset
 from ..errors import EdgepruneError
-from ..train import train
+from ..train import cross_entropy, train
 from . import patterns
 from .context import UnitGate
 from .criteria import Fixed
@@ -119,7 +119,7 @@ def distill_loss(teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.
             torch.backends.mkldnn.enabled = was
         kd = F.kl_div(F.log_softmax(out / temperature, 1), soft, reduction="batchmean",
                       log_target=True) * t2
-        return alpha * kd + (1 - alpha) * F.cross_entropy(out, y) if alpha < 1 else kd
+        return alpha * kd + (1 - alpha) * cross_entropy(out, y) if alpha < 1 else kd
     return loss
 
 

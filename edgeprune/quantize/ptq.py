@@ -186,6 +186,8 @@ class IRNet(nn.Module):
                 y = torch.cat(xs, 1)
             elif n.kind == "lut":
                 y = lut_apply(a, xs[0])
+            elif n.kind == "softmax":
+                y = torch.softmax(xs[0], a["axis"])
             elif n.kind == "maxpool":
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb), value=-np.inf) if any(a["padding"]) else xs[0]
@@ -328,6 +330,13 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             param = [act[1], act[2]] if act[0] == "clip" else None
             add_node(FNode("lut", node.name, [prev], node.name,
                            {"function": act[0], "param": param}, out_shape=shape))
+            continue
+        if isinstance(target, nn.Softmax) or target in (torch.softmax, F.softmax, "softmax"):
+            dim = target.dim if isinstance(target, nn.Softmax) else arg(node, 1, "dim")
+            if dim is None:
+                raise EdgepruneError(f"{where}: softmax needs an explicit dim")
+            add_node(FNode("softmax", node.name, [src(node.args[0])], node.name,
+                           {"axis": int(dim) % len(shape)}, out_shape=shape))
             continue
         lut = _lut_of(target, node, arg)
         if lut is not None:
@@ -474,7 +483,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, "
-                             "add, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
+                             "softmax, add, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
@@ -558,6 +567,8 @@ def qconfig_for(net: IRNet, ranges: dict[str, tuple[float, float]],
     for n in net.nodes:
         if n.kind in ("maxpool", "reshape"):
             params[n.output], dt[n.output] = params[n.inputs[0]], dt[n.inputs[0]]
+        elif n.kind == "softmax":
+            params[n.output], dt[n.output] = (1 / 256, -128), "int8"
         else:
             dt[n.output] = act_dtypes.get(n.output, "int8")
             params[n.output] = act_qparams(*ranges[n.output], dt[n.output])
@@ -592,6 +603,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
         tin = tensors[n.inputs[0]]
         if n.kind in ("maxpool", "reshape"):
             out = TensorInfo(n.output, list(n.out_shape), tin.dtype, tin.scale, tin.zero_point)
+        elif n.kind == "softmax":   # probabilities: a fixed [0, 1) grid of 256 steps
+            out = TensorInfo(n.output, list(n.out_shape), "int8", 1 / 256, -128)
         else:
             if n.output not in ranges:
                 raise EdgepruneError(f"no calibration range for '{n.output}'")
@@ -638,6 +651,12 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                 real = lut_apply(n.attrs, (q - tin.zero_point) * tin.scale).numpy()
             table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin, out.qmax)
             params[f"{n.name}.table"] = table.astype(out.dtype)
+        elif n.kind == "softmax":
+            if tin.dtype != "int8":
+                raise EdgepruneError(f"op '{n.name}' (softmax): needs an int8 input, "
+                                     f"'{tin.name}' is {tin.dtype}")
+            d = np.arange(-255, 1, dtype=np.float64)
+            params[f"{n.name}.table"] = np.round(65536 * np.exp(tin.scale * d)).astype(np.int32)
         elif n.kind == "concat":
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],

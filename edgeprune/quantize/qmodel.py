@@ -28,6 +28,9 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``lut``     an elementwise function (attrs: function, param; e.g. sigmoid, hardswish,
   leaky_relu 0.1) on an int8 input as a table: params table (256,) of the output dtype,
   y = table[x - qmin_in].
+* ``softmax`` attrs: axis.  Input int8; output int8 with scale 1/256, zero point -128.
+  d = x - max(x) along the axis (in [-255, 0]); e = table[d + 255] (params table (256,) int32:
+  round(2**16 * exp(scale_in * d))); y = clamp((256 * e + sum(e) // 2) // sum(e) - 128).
 * ``maxpool`` attrs: kernel, strides, padding (pads with the dtype minimum), dilation.
   Output scale/zero point equal the input's.
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
@@ -56,7 +59,8 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "concat", "lut", "maxpool", "avgpool", "reshape")
+OP_KINDS = ("conv2d", "dense", "add", "concat", "lut", "softmax", "maxpool", "avgpool",
+            "reshape")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -265,6 +269,17 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"lut '{op.name}': needs an int8 input and 256 table entries "
                                  f"(input {qm.tensors[op.inputs[0]].dtype}, table "
                                  f"{list(table.shape)})")
+        return list(ins[0])
+    if op.kind == "softmax":
+        table = qm.param(op, "table")
+        out = qm.tensors[op.output]
+        if (qm.tensors[op.inputs[0]].dtype != "int8" or table.shape != (256,)
+                or (out.dtype, out.scale, out.zero_point) != ("int8", 1 / 256, -128)):
+            raise EdgepruneError(f"softmax '{op.name}': needs an int8 input, 256 table entries "
+                                 "and an int8 output of scale 1/256, zero point -128")
+        if not -len(ins[0]) <= int(a["axis"]) < len(ins[0]) or ins[0][int(a["axis"])] > 32767:
+            raise EdgepruneError(f"softmax '{op.name}': axis {a['axis']} of {ins[0]} (at most "
+                                 "32767 values per row)")
         return list(ins[0])
     if op.kind in ("maxpool", "avgpool"):
         n, c, h, w = ins[0]

@@ -132,6 +132,12 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return np.concatenate(parts, axis=1).astype(out.dtype)
     if op.kind == "lut":
         return qm.param(op, "table")[x.astype(np.int64) - tin.qmin].astype(out.dtype)
+    if op.kind == "softmax":
+        ax = int(a["axis"])
+        d = x.astype(np.int64) - x.max(axis=ax, keepdims=True)
+        e = qm.param(op, "table").astype(np.int64)[d + 255]
+        total = e.sum(axis=ax, keepdims=True)
+        return np.clip((256 * e + total // 2) // total - 128, -128, 127).astype(out.dtype)
     if op.kind == "maxpool":
         win = _windows(x, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]),
                        tin.qmin)

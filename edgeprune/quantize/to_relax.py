@@ -16,6 +16,7 @@ How each op maps (integer identities; the golden model's formulas are in qmodel.
 * concat: each input requantized to the output scale like avgpool's sum (skipped where it is
   the identity), then ``concat`` on the channel axis.
 * lut: ``take`` from the 256-entry table at x - qmin (int32 index).
+* softmax: integer max, table, sum and floor divisions, as the golden model spells them.
 * avgpool: global -> int32 sum over H, W; windowed -> depthwise conv2d with all-ones int8
   weights; then int64 ((sum*M + 2**(s-1) - K*zp_in*M) >> s) + zp_out (K = window size).
 * maxpool: ``nn.max_pool2d`` (pads with the dtype minimum, like the golden model).
@@ -180,6 +181,21 @@ def _lut(bb, env, qm: QuantModel, op: Op):
     return bb.emit(relax.op.take(table, idx, axis=0, mode="clip"), name_hint=_ident(op.output))
 
 
+def _softmax(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    ax = int(op.attrs["axis"])
+    x = relax.op.astype(env[op.inputs[0]], "int32")
+    d = relax.op.subtract(x, relax.op.max(x, axis=[ax], keepdims=True))
+    idx = relax.op.add(d, _scalar(255, "int32"))
+    e = relax.op.astype(relax.op.take(_const(qm.param(op, "table"), "int32"), idx, axis=0,
+                                      mode="clip"), "int64")
+    total = relax.op.sum(e, axis=[ax], keepdims=True)
+    y = relax.op.floor_divide(relax.op.add(relax.op.multiply(e, _scalar(256)),
+                                           relax.op.floor_divide(total, _scalar(2))), total)
+    y = relax.op.clip(relax.op.subtract(y, _scalar(128)), -128, 127)
+    return bb.emit(relax.op.astype(y, "int8"), name_hint=_ident(op.output))
+
+
 def _avgpool(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     a = op.attrs
@@ -236,6 +252,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _concat(bb, env, qm, op)
                 elif op.kind == "lut":
                     y = _lut(bb, env, qm, op)
+                elif op.kind == "softmax":
+                    y = _softmax(bb, env, qm, op)
                 elif op.kind == "avgpool":
                     y = _avgpool(bb, env, qm, op)
                 elif op.kind == "maxpool":
