@@ -142,6 +142,6 @@ def test_extract_rejects_unsupported_with_node_name():
             self.c = nn.Conv2d(1, 2, 3)
 
         def forward(self, x):
-            return torch.softmax(self.c(x), 1)
-    with pytest.raises(EdgepruneError, match="softmax"):
+            return nn.functional.interpolate(self.c(x), scale_factor=2)
+    with pytest.raises(EdgepruneError, match="interpolate"):
         ptq.extract(Bad().eval(), (1, 1, 8, 8))
