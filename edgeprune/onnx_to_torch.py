@@ -2,12 +2,14 @@
 fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
-HardSigmoid, LeakyRelu, Elu, PRelu, Mul (only x * Sigmoid(x), i.e. SiLU), Softmax, Add, Concat, MaxPool,
-AveragePool, GlobalAveragePool, Flatten, Reshape, Gemm, MatMul (constant right operand), plus
-Identity, Dropout and Constant. Layers with weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear
-modules (so pruning, MAC counting and training see them); everything else becomes a plain fx
-call. Each node is also executed once on an example tensor while the graph is built, which
-resolves Reshape's 0/-1 entries into the static shape the model runs at.
+HardSigmoid, LeakyRelu, Elu, PRelu, Mul (x * Sigmoid(x) becomes SiLU), Softmax, ReduceMean,
+Add, Concat, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape, Unsqueeze, Squeeze,
+Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant. Layers with weights
+become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so pruning, MAC
+counting and training see them); everything else becomes a plain fx call. Each node is also
+executed once on an example tensor while the graph is built, which resolves Reshape's 0/-1
+entries into the static shape the model runs at; a reshape that keeps the batch axis leaves it
+free (-1), so the model trains and evaluates at any batch size.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul (SiLU)", "Softmax", "Add", "Concat",
+             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Add", "Concat",
              "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm",
              "MatMul", "Identity", "Dropout", "Constant")
 
@@ -246,7 +248,18 @@ class _Builder:
                 self.graph.erase_node(sig)
                 delattr(self.root, sig.target)
                 return self._module(node, "SiLU", nn.SiLU(), (x, self.val[node.input[j]]))
-        raise _err(f"ONNX node '{node.name}' (Mul): only x * Sigmoid(x) (SiLU) is supported")
+        x, y = self._in(node.input[0]), self._in(node.input[1])
+        return self._fn(operator.mul, [x[0], y[0]], [x[1], y[1]])
+
+    def op_ReduceMean(self, node, a):
+        axes = self._axes(node, a)
+        x = self._in(node.input[0])
+        if axes is None:
+            raise _err(f"ONNX node '{node.name}' (ReduceMean): a mean over every axis is not "
+                       "supported")
+        dims = tuple(sorted(int(d) % x[1].dim() for d in np.asarray(axes).reshape(-1)))
+        keep = bool(a.get("keepdims", 1))
+        return self._fn(torch.mean, [x[0], dims], [x[1], dims], {"keepdim": keep})
 
     def op_Clip(self, node, a):
         lo, hi = a.get("min"), a.get("max")
@@ -338,7 +351,34 @@ class _Builder:
         if not a.get("allowzero", 0):
             shape = [in_shape[i] if d == 0 else d for i, d in enumerate(shape)]
         shape = list(torch.empty(in_shape).reshape(shape).shape)  # resolve -1 statically
-        return self._fn(torch.reshape, [x[0], tuple(shape)], [x[1], tuple(shape)])
+        return self._reshape_to(x, tuple(shape))
+
+    def _axes(self, node, a):
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:   # opset 13: an input
+            axes = self._const(node.input[1], node, "axes")
+        return None if axes is None else [int(d) for d in np.asarray(axes).reshape(-1)]
+
+    def op_Unsqueeze(self, node, a):
+        x = self._in(node.input[0])
+        v = x[1]
+        for d in sorted(d % (x[1].dim() + len(self._axes(node, a))) for d in self._axes(node, a)):
+            v = v.unsqueeze(d)
+        return self._reshape_to(x, tuple(v.shape))
+
+    def op_Squeeze(self, node, a):
+        x = self._in(node.input[0])
+        axes = self._axes(node, a)
+        dims = [d % x[1].dim() for d in axes] if axes else \
+            [d for d, n in enumerate(x[1].shape) if n == 1 and d > 0]
+        return self._reshape_to(x, tuple(n for d, n in enumerate(x[1].shape) if d not in dims))
+
+    def _reshape_to(self, x, shape: tuple):
+        """torch.reshape to a static shape; one that keeps the batch axis keeps it free
+        (training runs other batch sizes than the model's)."""
+        in_shape = tuple(x[1].shape)
+        target = (-1, *shape[1:]) if shape and in_shape and shape[0] == in_shape[0] else shape
+        return self._fn(torch.reshape, [x[0], tuple(target)], [x[1], tuple(shape)])
 
     def op_Gemm(self, node, a):
         if a.get("transA", 0):

@@ -290,3 +290,53 @@ def test_softmax_keeps_the_channels_it_normalises():
     assert [g.layers for g in graph.groups] == [["a"]]
     pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
     _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel weights from the pooled features, broadcast back over the map (SE blocks),
+    once with a baked-in channel count and once by indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.f1, self.f2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.c1 = nn.Conv2d(16, 8, 3, padding=1)
+        self.g = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c0(x)))
+        w = torch.sigmoid(self.f2(torch.relu(self.f1(y.mean((2, 3))))))
+        y = self.c1(y * w.view(x.size(0), 16, 1, 1))
+        y = y * torch.sigmoid(self.g(y.mean((2, 3))))[:, :, None, None]
+        return self.fc(y.mean((2, 3)))
+
+
+def test_squeeze_excite_ties_the_weights_to_their_channels():
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    _randomize_bn(model)
+    graph = DepGraph(model, torch.randn(1, 1, 8, 8))
+    by_layer = {layer: g for g in graph.groups for layer in g.layers}
+    assert by_layer["c0"] is by_layer["f2"] and by_layer["c1"] is by_layer["g"]
+    pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
+    m = dict(pruned.named_modules())
+    assert m["c0"].out_channels == m["f2"].out_features == m["f1"].in_features == 8
+    _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))
+
+
+def test_squeeze_excite_from_onnx_runs_any_batch_and_prunes(tmp_path):
+    """Exported at batch 1 (Mul, ReduceMean, a Reshape to [1, 16, 1, 1]), the converted model
+    still trains and evaluates on other batch sizes, and prunes like the original."""
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    _randomize_bn(model)
+    torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(tmp_path / "se.onnx"), dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "se.onnx")
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    pruned, record = prune(back, torch.randn(shape), criterion="l1", ratios=0.5)
+    assert record["macs_after"] < 0.5 * record["macs_before"]
+    _check_equivalent(back, pruned, record, x)

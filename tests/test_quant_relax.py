@@ -267,3 +267,30 @@ def test_softmax_bit_exact_in_qemu(fmnist, tmp_path):
     compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", fmnist.x_test[:3])
     assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_squeeze_excite_mul_bit_exact(fmnist):
+    """x * sigmoid(fc(pool(x))) broadcast over the map: the quantized product (op mul)."""
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.f1, self.f2 = nn.Conv2d(1, 8, 3, 2), nn.Linear(8, 4), nn.Linear(4, 8)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.c0(x))
+            w = torch.sigmoid(self.f2(torch.relu(self.f1(y.mean((2, 3))))))
+            y = torch.relu(w[:, :, None, None] * y)     # broadcast operand first, fused ReLU
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = SE().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (2, 1, 28, 28), fmnist.x_train[:200])
+    mul = [o for o in qm.ops if o.kind == "mul"]
+    assert len(mul) == 1 and mul[0].attrs["activation"] == "relu"
+    assert qm.tensors[mul[0].inputs[1]].shape == [2, 8, 1, 1]
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+    assert np.mean(out.argmax(1) == want) >= 0.9

@@ -146,6 +146,7 @@ class DepGraph:
         self.layers: dict[str, Layer] = {}
         self.layouts: dict[str, object] = {}
         self.flatten_nodes: list[str] = []
+        self.expand_nodes: dict[str, tuple[Layout, int]] = {}  # (N, C) -> (N, C, 1, 1), rank
         self._walk()
         self._build_groups()
 
@@ -317,6 +318,14 @@ class DepGraph:
             return self._mean(node, shape)
         if (not is_fn and t in ("size", "dim")) or (is_fn and t in (getattr, len)):
             return None
+        if (not is_fn and t == "unsqueeze") or (is_fn and t is torch.unsqueeze):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if shape is not None and dim % len(shape) >= 2:   # new trailing axes
+                return self._input_layout(node)
+            self._fail(node, f"unsqueeze at dim {dim} moves the channel axis")
+        if (is_fn and t is operator.getitem and isinstance(node.args[0], fx.Node)
+                and _adds_trailing_axes(node.args[1])):
+            return self._input_layout(node)             # x[:, :, None, None]
         if is_fn and t is operator.getitem and not isinstance(node.args[0], fx.Node):
             return None
         if is_fn and t is operator.getitem and self._shape(node.args[0]) is None:
@@ -384,6 +393,13 @@ class DepGraph:
         if len(in_shape) >= 3 and len(shape) == 2 and shape[0] == in_shape[0]:
             self.flatten_nodes.append(node.name)
             return self._flatten(node, 1, -1)
+        if (len(in_shape) >= 2 and tuple(shape[:2]) == tuple(in_shape[:2])
+                and set(in_shape[2:]) <= {1} and set(shape[2:]) <= {1}):
+            lay = self._input_layout(node)   # channel weights made broadcastable (SE blocks)
+            if lay.repeat != 1:
+                self._fail(node, "reshape of flattened conv features back to channels")
+            self.expand_nodes[node.name] = (lay, len(shape))
+            return lay
         self._fail(node, f"reshape {in_shape} -> {tuple(shape)} is not a flatten after the "
                    "batch dimension")
 
@@ -496,13 +512,17 @@ class DepGraph:
     def layer_names(self) -> list[str]:
         return [n for g in self.groups for n in g.layers]
 
+    def alive(self, cid: int, keep: dict[int, list[int] | np.ndarray]) -> bool:
+        """Whether channel id `cid` survives when `keep` (group -> kept units) is applied."""
+        gu = self.unit_of_root.get(self._find(cid))
+        return gu is None or gu[0] not in keep or gu[1] in keep[gu[0]]
+
     def keep_mask(self, keep: dict[int, list[int] | np.ndarray]) -> dict[str, dict[str, list[int]]]:
         """Per layer, the positions kept along "out" and "in" given kept units per group."""
         kept_units = {gi: set(int(u) for u in us) for gi, us in keep.items()}
 
         def alive(cid: int) -> bool:
-            gu = self.unit_of_root.get(self._find(cid))
-            return gu is None or gu[0] not in kept_units or gu[1] in kept_units[gu[0]]
+            return self.alive(cid, kept_units)
         out = {}
         for name, layer in self.layers.items():
             rec = {}
@@ -515,6 +535,16 @@ class DepGraph:
                 rec["out_before"] = len(layer.out_layout.ids)
             out[name] = rec
         return out
+
+
+def _adds_trailing_axes(index) -> bool:
+    """An index like [:, :, None, None]: every axis kept whole, new axes only after them."""
+    if not isinstance(index, tuple):
+        return False
+    full = [isinstance(i, slice) and i == slice(None) for i in index]
+    first_none = index.index(None) if None in index else len(index)
+    return first_none >= 2 and all(full[:first_none]) and \
+        all(i is None for i in index[first_none:])
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):
@@ -615,11 +645,17 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             continue
         new.train(m.training)
         _set(gm, name, new)
-    # view/reshape with baked-in feature counts become flatten(x, 1)
+    # view/reshape with baked-in feature counts become flatten(x, 1), or a reshape to the
+    # channels kept
     for node in gm.graph.nodes:
         if node.name in graph.flatten_nodes:
             node.op, node.target = "call_function", torch.flatten
             node.args, node.kwargs = (node.args[0], 1), {}
+        elif node.name in graph.expand_nodes:
+            layout, rank = graph.expand_nodes[node.name]
+            kept = sum(graph.alive(cid, keep) for cid in layout.ids)
+            node.op, node.target = "call_function", torch.reshape
+            node.args, node.kwargs = (node.args[0], (-1, kept) + (1,) * (rank - 2)), {}
     gm.recompile()
     gm.train(graph.model.training)
     return gm, masks

@@ -182,6 +182,8 @@ class IRNet(nn.Module):
                 y = F.linear(xs[0], self._w(n.name), self.bias[n.name])
             elif n.kind == "add":
                 y = xs[0] + xs[1]
+            elif n.kind == "mul":
+                y = xs[0] * xs[1]
             elif n.kind == "concat":
                 y = torch.cat(xs, 1)
             elif n.kind == "lut":
@@ -320,7 +322,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             prev = src(node.args[0])
             producer = by_out.get(prev)
             if (producer is not None and producer.act is None
-                    and producer.kind in ("conv2d", "dense", "add", "concat")
+                    and producer.kind in ("conv2d", "dense", "add", "mul", "concat")
                     and users[prev] == 1):
                 producer.act = act      # fused: a clamp in the producer's requantization
                 alias[node.name] = prev
@@ -394,6 +396,17 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node.kwargs.get("alpha"):
                 raise EdgepruneError(f"{where}: only tensor + tensor adds are supported")
             add_node(FNode("add", node.name, [src(a), src(b)], node.name, out_shape=shape))
+            continue
+        if target in (operator.mul, torch.mul, "mul"):
+            a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
+            if not all(isinstance(t, fx.Node) and t.name not in static for t in (a, b)):
+                raise EdgepruneError(f"{where}: only tensor * tensor products are supported")
+            if tuple(shape_of(a)) != tuple(shape):      # the full-size operand first
+                a, b = b, a
+            if tuple(shape_of(a)) != tuple(shape):
+                raise EdgepruneError(f"{where}: neither operand has the product's shape "
+                                     f"{tuple(shape)}")
+            add_node(FNode("mul", node.name, [src(a), src(b)], node.name, out_shape=shape))
             continue
         if target in (torch.cat, torch.concat):
             parts = node.kwargs.get("tensors", node.args[0] if node.args else None)
@@ -475,15 +488,19 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 add_node(FNode("reshape", node.name, [pname], node.name,
                                {"shape": list(shape)}, out_shape=shape))
             continue
-        if (isinstance(target, nn.Flatten) or target in (torch.flatten, torch.reshape, "flatten",
-                                                          "view", "reshape", "squeeze")):
+        adds_axes = target is operator.getitem and all(   # x[:, :, None, None]
+            i is None or i == slice(None) for i in (node.args[1] if isinstance(
+                node.args[1], tuple) else (node.args[1],)))
+        if (isinstance(target, nn.Flatten) or adds_axes
+                or target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+                              "flatten", "view", "reshape", "squeeze", "unsqueeze")):
             add_node(FNode("reshape", node.name, [src(node.args[0])], node.name,
                            {"shape": list(shape)}, out_shape=shape))
             continue
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, "
-                             "softmax, add, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
+                             "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
@@ -613,7 +630,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             out = TensorInfo(n.output, list(n.out_shape), dt, s, zp)
         tensors[n.output] = out
         attrs = dict(n.attrs)
-        if n.kind in ("conv2d", "dense", "add", "concat", "avgpool"):
+        if n.kind in ("conv2d", "dense", "add", "mul", "concat", "avgpool"):
             flo, fhi = _act_range(n.act)
             lo = out.qmin if not np.isfinite(flo) else max(out.qmin, out.zero_point +
                                                            int(np.floor(flo / out.scale + 0.5)))
@@ -642,6 +659,9 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             ta, tb = tensors[n.inputs[0]], tensors[n.inputs[1]]
             ms, st = shared_shift_multipliers([ta.scale / out.scale, tb.scale / out.scale])
             attrs.update({"multipliers": ms, "shift_total": int(st)})
+        elif n.kind == "mul":
+            m, sh = quantize_multiplier(tin.scale * tensors[n.inputs[1]].scale / out.scale)
+            attrs.update({"multiplier": int(m), "shift": int(sh)})
         elif n.kind == "lut":
             if tin.dtype != "int8":
                 raise EdgepruneError(f"op '{n.name}' ({n.attrs['function']}): a table needs an "

@@ -21,6 +21,9 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``add``     two inputs; attrs: multipliers [Ma, Mb] and shift_total s (one shared shift),
   clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
   both inputs are rescaled to the output scale with a single rounding (ties up).
+* ``mul``     two inputs, the second broadcast against the first (e.g. (N, C, 1, 1) channel
+  weights of a squeeze-and-excitation block); attrs: multiplier, shift, clamp.
+  y = requantize((a - zp_a) * (b - zp_b), M, shift, zp_out, lo, hi) in int64.
 * ``concat``  inputs joined along the channel axis (1); attrs: multipliers [M_i], shifts [s_i]
   (one per input), clamp.  Each input is requantized to the output's scale:
   y = requantize(x_i - zp_i, M_i, s_i, zp_out, lo, hi), as avgpool does (exact copy when the
@@ -59,7 +62,7 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "concat", "lut", "softmax", "maxpool", "avgpool",
+OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "maxpool", "avgpool",
             "reshape")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
@@ -254,6 +257,14 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"add '{op.name}': input shapes {ins[0]} and {ins[1]} differ "
                                  "(broadcasting is not supported)")
         return list(ins[0])
+    if op.kind == "mul":
+        try:
+            shape = list(np.broadcast_shapes(tuple(ins[0]), tuple(ins[1])))
+        except ValueError:
+            shape = None
+        if shape != list(ins[0]):
+            raise EdgepruneError(f"mul '{op.name}': {ins[1]} does not broadcast to {ins[0]}")
+        return shape
     if op.kind == "concat":
         rest = {tuple(sh[:1] + sh[2:]) for sh in ins}
         if len(rest) != 1 or any(len(sh) < 2 for sh in ins):

@@ -13,6 +13,7 @@ How each op maps (integer identities; the golden model's formulas are in qmodel.
   correction is folded into the int32 bias constant.  Both forms are checked to fit int32.
 * requantization: per-channel int64 constants M, 2**(s-1) and s (shape (1, C, 1, 1)).
 * add: int64 ((a*Ma + b*Mb + (2**(s-1) - zp_a*Ma - zp_b*Mb)) >> s) + zp_out, clip, cast.
+* mul: int64 (a - zp_a) * (b - zp_b) (broadcast), then requantized like a conv.
 * concat: each input requantized to the output scale like avgpool's sum (skipped where it is
   the identity), then ``concat`` on the channel axis.
 * lut: ``take`` from the 256-entry table at x - qmin (int32 index).
@@ -156,6 +157,14 @@ def _add(bb, env, qm: QuantModel, op: Op):
     return _requant(bb, acc, op, qm, np.array(1), np.array(31 - s), None, offset)
 
 
+def _mul(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    a, b = ((relax.op.subtract(relax.op.astype(env[i], "int64"),
+                               _scalar(qm.tensors[i].zero_point))) for i in op.inputs)
+    return _requant(bb, relax.op.multiply(a, b), op, qm, np.array(int(op.attrs["multiplier"])),
+                    np.array(int(op.attrs["shift"])), None)
+
+
 def _concat(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     out = qm.tensors[op.output]
@@ -248,6 +257,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _dense(bb, env, qm, op, pack_subbyte)
                 elif op.kind == "add":
                     y = _add(bb, env, qm, op)
+                elif op.kind == "mul":
+                    y = _mul(bb, env, qm, op)
                 elif op.kind == "concat":
                     y = _concat(bb, env, qm, op)
                 elif op.kind == "lut":
