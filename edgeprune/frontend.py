@@ -76,11 +76,15 @@ def static_input_shapes(model: onnx.ModelProto, override: tuple[int, ...] | None
     return shapes
 
 
-def simplify(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], origin: str) -> onnx.ModelProto:
+def simplify(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], origin: str,
+             keep_bn: bool = False) -> onnx.ModelProto:
+    """onnxsim at static input shapes; keep_bn: leave BatchNormalization unfused."""
     import onnxsim
 
     try:
-        simplified, ok = onnxsim.simplify(model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()})
+        simplified, ok = onnxsim.simplify(
+            model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()},
+            skip_fuse_bn=keep_bn)
     except Exception as e:
         raise EdgepruneError(f"{origin}: onnxsim could not simplify the graph: {e}")
     if not ok:

@@ -4,7 +4,9 @@ fine-tuned and exported back.
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Mul (x * Sigmoid(x) becomes SiLU), Softmax, ReduceMean,
 Add, Concat, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape, Unsqueeze, Squeeze,
-Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant. Layers with weights
+Pad (constant, H and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and
+Constant. The file is first simplified by onnxsim at its static input shape (shape arithmetic
+folded into constants; BatchNorm kept, pruning reads it). Layers with weights
 become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so pruning, MAC
 counting and training see them); everything else becomes a plain fx call. Each node is also
 executed once on an example tensor while the graph is built, which resolves Reshape's 0/-1
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Add", "Concat",
+             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Pad", "Add", "Concat",
              "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm",
              "MatMul", "Identity", "Dropout", "Constant")
 
@@ -39,6 +41,24 @@ def _err(msg: str) -> EdgepruneError:
 def _attrs(node) -> dict:
     from onnx import helper
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _auto_pads(a: dict, size: tuple, kernel: tuple) -> list[int] | None:
+    """Explicit [t, l, b, r] pads for a Conv's auto_pad (TensorFlow's SAME), else None."""
+    mode = a.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode in ("NOTSET", ""):
+        return None
+    if mode == "VALID":
+        return [0, 0, 0, 0]
+    strides, dil = a.get("strides", (1, 1)), a.get("dilations", (1, 1))
+    begin, end = [], []
+    for i, k, s, d in zip(size, kernel, strides, dil):
+        total = max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return begin + end
 
 
 class _Builder:
@@ -174,12 +194,10 @@ class _Builder:
         w = self._const(node.input[1], node, "weight")
         if w.ndim != 4:
             raise _err(f"ONNX node '{node.name}' (Conv): only 2-D convolutions are supported")
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise _err(f"ONNX node '{node.name}' (Conv): auto_pad is not supported; "
-                       "export with explicit pads")
         b = self._const(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
         x = self._in(node.input[0])
-        x, pad = self._pad_if_asymmetric(node, x, a.get("pads"))
+        pads = _auto_pads(a, tuple(x[1].shape[2:]), tuple(w.shape[2:])) or a.get("pads")
+        x, pad = self._pad_if_asymmetric(node, x, pads)
         groups = int(a.get("group", 1))
         conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
                          tuple(a.get("strides", (1, 1))), pad, tuple(a.get("dilations", (1, 1))),
@@ -380,6 +398,25 @@ class _Builder:
         target = (-1, *shape[1:]) if shape and in_shape and shape[0] == in_shape[0] else shape
         return self._fn(torch.reshape, [x[0], tuple(target)], [x[1], tuple(shape)])
 
+    def op_Pad(self, node, a):
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        pads = a.get("pads")
+        if pads is None:
+            pads = self._const(node.input[1], node, "pads")
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        value = 0.0
+        if len(node.input) > 2 and node.input[2]:
+            value = float(np.asarray(self._const(node.input[2], node, "value")).reshape(()))
+        x = self._in(node.input[0])
+        rank = x[1].dim()
+        if (mode != "constant" or len(pads) != 2 * rank or rank != 4
+                or any(pads[d] or pads[rank + d] for d in (0, 1))):
+            raise _err(f"ONNX node '{node.name}' (Pad): only constant padding of H and W of an "
+                       f"NCHW tensor is supported (mode {mode}, pads {pads})")
+        t, l, b, r = pads[2], pads[3], pads[6], pads[7]
+        return self._fn(F.pad, [x[0], (l, r, t, b)], [x[1], (l, r, t, b)], {"value": value})
+
     def op_Gemm(self, node, a):
         if a.get("transA", 0):
             raise _err(f"ONNX node '{node.name}' (Gemm): transA is not supported")
@@ -415,6 +452,16 @@ def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None
         model = onnx.load(str(path))
     except Exception as e:
         raise _err(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    from .frontend import graph_inputs, simplify, static_input_shapes
+    inputs = graph_inputs(model)
+    if input_shape is None and len(inputs) == 1:      # a free batch size: take 1
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in inputs[0].type.tensor_type.shape.dim]
+        if dims and dims[0] is None and None not in dims[1:]:
+            input_shape = (1, *dims[1:])
+    if len(inputs) == 1:
+        model = simplify(model, static_input_shapes(model, input_shape, str(path)), str(path),
+                         keep_bn=True)
     builder = _Builder(model, input_shape)
     gm = builder.build()
     return gm, builder.shape

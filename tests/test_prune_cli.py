@@ -4,6 +4,7 @@ clear errors naming the file or layer, and a pruned model that compiles and runs
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,28 @@ def test_lottery_ticket_rewinds_from_a_file(tmp_path):
     kept = json.loads((out / "pruning.json").read_text())["layers"]["features.0.0"]["out_kept"]
     torch.testing.assert_close(pruned.get_submodule("features.0.0").weight,
                                model.get_submodule("features.0.0").weight[kept])
+
+
+@pytest.mark.parametrize("auto_pad, stride", [("SAME_UPPER", 2), ("SAME_LOWER", 2),
+                                              ("SAME_UPPER", 1), ("VALID", 2)])
+def test_onnx_conv_auto_pad_converts(tmp_path, auto_pad, stride):
+    """Convs exported with auto_pad (TensorFlow's SAME/VALID) get the same explicit pads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad=auto_pad, strides=[stride] * 2,
+                            kernel_shape=[3, 3])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 9, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", "c", "h", "w"])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(tmp_path / "c.onnx"))
+    x = rng.standard_normal((1, 2, 9, 8)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    back, _ = onnx_to_torch(tmp_path / "c.onnx")
+    got = back(torch.from_numpy(x)).detach().numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)

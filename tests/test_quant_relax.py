@@ -294,3 +294,44 @@ def test_squeeze_excite_mul_bit_exact(fmnist):
     with torch.no_grad():
         want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
     assert np.mean(out.argmax(1) == want) >= 0.9
+
+
+class SamePad(nn.Module):
+    """TensorFlow's SAME padding: an explicit asymmetric F.pad before stride-2 convs and pools
+    (what Keras models carry through ONNX: Pad nodes, or auto_pad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 8, 3, stride=2)
+        self.c1 = nn.Conv2d(8, 8, 3, stride=2, groups=8)
+        self.c2 = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c0(nn.functional.pad(x, (0, 1, 0, 1))))
+        y = torch.relu(self.c1(nn.functional.pad(y, (1, 1, 0, 1))))
+        y = nn.functional.pad(torch.relu(self.c2(y)), (0, 1, 0, 1), value=float("-inf"))
+        y = nn.functional.avg_pool2d(nn.functional.pad(nn.functional.max_pool2d(y, 2),
+                                                       (1, 0, 1, 0)), 2)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_same_padding_folds_into_convs_and_pools(fmnist, tmp_path):
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = SamePad().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "p.onnx"), dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "p.onnx")
+    x = torch.from_numpy(fmnist.x_test[:N])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+        want = model(x).argmax(1).numpy()
+    for m in (model, back):
+        qm = ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200])
+        pads = [o.attrs["padding"] for o in qm.ops if o.kind in ("conv2d", "maxpool", "avgpool")]
+        assert pads[:5] == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1],
+                            [1, 1, 0, 0]], pads
+        out = _check(qm, fmnist.x_test[:N])
+        assert np.mean(out.argmax(1) == want) >= 0.9

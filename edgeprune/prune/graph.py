@@ -318,6 +318,11 @@ class DepGraph:
             return self._mean(node, shape)
         if (not is_fn and t in ("size", "dim")) or (is_fn and t in (getattr, len)):
             return None
+        if is_fn and t is F.pad:
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+            if len(pad) <= 4:                                  # H and W only
+                return self._input_layout(node)
+            self._fail(node, f"padding {tuple(pad)} reaches the channel axis")
         if (not is_fn and t == "unsqueeze") or (is_fn and t is torch.unsqueeze):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if shape is not None and dim % len(shape) >= 2:   # new trailing axes

@@ -253,6 +253,24 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
                              "quantize supports traceable conv/linear/pool/add networks") from None
     static: dict[str, object] = {}  # nodes computing no tensor (x.size(0), x.shape[2:]): values
+    pads: dict[str, tuple[list[int], float]] = {}   # F.pad nodes: [t, l, b, r], value
+
+    def unpadded_shape(node) -> tuple[int, ...]:
+        a = node.args[0]
+        return shape_of(a.args[0] if a.name in pads else a)
+
+    def padding_of(node, own: list[int], pool: str | None = None) -> list[int]:
+        """`own` padding plus that of an F.pad the op reads (zero for convs and average
+        pools, -inf for max pools: what the integer op pads with)."""
+        a = node.args[0]
+        if not isinstance(a, fx.Node) or a.name not in pads:
+            return own
+        extra, value = pads[a.name]
+        want = float("-inf") if pool == "max" else 0.0
+        if value != want:
+            raise EdgepruneError(f"node '{a.name}': padding with {value} before "
+                                 f"'{node.name}' (only {want} folds into it)")
+        return [o + e for o, e in zip(own, extra)]
 
     class _Prop(ShapeProp):
         def run_node(self, n):
@@ -313,6 +331,21 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
         shape = shape_of(node)
 
+        if target is F.pad:     # TensorFlow's SAME padding: folded into the conv/pool after it
+            p = list(arg(node, 1, "pad")) + [0] * 4
+            mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+            user = next(iter(node.users)) if len(node.users) == 1 else None
+            user = user and (gm.get_submodule(user.target) if user.op == "call_module"
+                             else user.target)
+            if (mode != "constant" or len(arg(node, 1, "pad")) > 4
+                    or not (isinstance(user, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+                            or user in (F.max_pool2d, F.avg_pool2d))):
+                raise EdgepruneError(f"{where}: only a constant H/W padding read by one conv or "
+                                     "pool is supported")
+            pads[node.name] = ([p[2], p[0], p[3], p[1]], float(value or 0.0))  # t, l, b, r
+            alias[node.name] = src(node.args[0])
+            continue
+
         # pass-through ops
         if isinstance(target, _PASS_MODULES) or target in (F.dropout, "contiguous", "clone"):
             alias[node.name] = src(node.args[0])
@@ -358,7 +391,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             else:
                 ph, pw = _pair(target.padding)
                 padding = [ph, pw, ph, pw]
-            attrs = {"strides": _pair(target.stride), "padding": padding,
+            attrs = {"strides": _pair(target.stride), "padding": padding_of(node, padding),
                      "dilation": _pair(target.dilation), "groups": int(target.groups)}
             weights[node.name] = target.weight.detach()
             biases[node.name] = (target.bias.detach() if target.bias is not None
@@ -433,8 +466,9 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 ceil = arg(node, 5, "ceil_mode", False)
             p = _pair(p)
             attrs = {"kernel": _pair(k), "strides": _pair(s if s is not None else k),
-                     "padding": [p[0], p[1], p[0], p[1]], "dilation": _pair(d)}
-            _check_pool_shape(where, shape_of(node.args[0]), shape, attrs, ceil)
+                     "padding": padding_of(node, [p[0], p[1], p[0], p[1]], "max"),
+                     "dilation": _pair(d)}
+            _check_pool_shape(where, unpadded_shape(node), shape, attrs, ceil)
             add_node(FNode("maxpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
@@ -455,8 +489,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 raise EdgepruneError(f"{where}: divisor_override unsupported")
             p = _pair(p)
             attrs = {"kernel": _pair(k), "strides": _pair(s or k),
-                     "padding": [p[0], p[1], p[0], p[1]], "dilation": [1, 1]}
-            _check_pool_shape(where, shape_of(node.args[0]), shape, attrs, ceil)
+                     "padding": padding_of(node, [p[0], p[1], p[0], p[1]]), "dilation": [1, 1]}
+            _check_pool_shape(where, unpadded_shape(node), shape, attrs, ceil)
             add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
