@@ -128,11 +128,12 @@ def simulate(build_dir: Path, inputs: np.ndarray | None = None, samples: int = 4
         x_dev = np.stack([reference.quantize_input(qmodel, s) for s in x]) if x.dtype.kind == "f" else x
         expected = [[np.asarray(o) for o in _as_list(reference.run(qmodel, s))] for s in x_dev]
     else:
-        from .frontend import reference_run
+        from .frontend import graph_inputs, reference_run
         import onnx
         model = onnx.load(str(build_dir / "model.onnx"))
         x_dev = x.astype(np.float32)
-        expected = [reference_run(model, {in_t[0]["name"]: s}) for s in x_dev]
+        name = graph_inputs(model)[0].name   # the C name is sanitised ("input.1" -> input_1)
+        expected = [reference_run(model, {name: s}) for s in x_dev]
 
     elf = build_dir / build["firmware"]
     from .elfinfo import read_elf

@@ -100,6 +100,18 @@ def test_dynamic_onnx_needs_input_shape(tmp_path, capsys):
     assert result["outputs_match"]
 
 
+def test_onnx_with_exporter_default_names_simulates(tmp_path, capsys):
+    """torch names the input "input.1" and the C code cannot: the check still feeds the ONNX
+    reference its own name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 3)).eval()
+    torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(tmp_path / "d.onnx"), dynamo=False)
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "d.onnx", "--out", tmp_path / "o")
+    assert rc == 0, err
+    result, _ = simulate(tmp_path / "o", samples=2)
+    assert result["outputs_match"], result
+
+
 def test_missing_file_is_a_clear_error(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "compile", tmp_path / "nope.onnx", "--out", tmp_path / "o")
     assert rc == 2 and "nope.onnx" in err and "does not exist" in err
