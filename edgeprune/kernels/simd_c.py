@@ -248,7 +248,6 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
   uint32_t so[4];
   for (int l = 0; l < 4; l++) so[l] = (uint32_t)(((l % G) * ohw + l / G) * esz);
   uint32x4_t soff = vld1q_u32(so);  /* lane -> byte offset of its output */
-  mve_pred16_t lastg = G == 4 ? vctp32q(last) : (last == 2 ? 0xFFFF : 0x0F0F);
 #else
   (void)qp, (void)mode, (void)last, (void)esz, (void)w127;
 #endif
@@ -356,10 +355,17 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
         }
         h = vld1q_s32(r);
       }
-      mve_pred16_t pr = two || P == 1 ? 0xFFFF : 0x00FF;
-      if (g == ng - 1) pr &= lastg;
-      if (out16) vstrhq_scatter_offset_p_s32((int16_t *)(yo + (size_t)o * ohw * esz), soff, h, pr);
-      else vstrbq_scatter_offset_p_s32((int8_t *)(yo + (size_t)o * ohw * esz), soff, h, pr);
+      if ((two || P == 1) && (g < ng - 1 || last == G)) {  /* all 4 lanes are outputs */
+        if (out16) vstrhq_scatter_offset_s32((int16_t *)(yo + (size_t)o * ohw * esz), soff, h);
+        else vstrbq_scatter_offset_s32((int8_t *)(yo + (size_t)o * ohw * esz), soff, h);
+        continue;
+      }
+      /* a partial tile (the last pixel of an odd count, or a last group short of G channels):
+         lane by lane below. The predicated scatter store this used to be also wrote the
+         masked lanes (2 output channels, odd pixel count: seen in QEMU, GCC 12), i.e. the
+         next channel's first output. */
+      int32_t r[4];
+      vst1q_s32(r, h);
 #else
       int32_t r[4] = {a0, a1, a2, a3};
 #ifdef EP_NEON
@@ -399,10 +405,11 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
       }
       vst1q_s32(r, hv);
 #endif
+#endif
       for (int l = 0; l < 4; l++) {
         int c = o + l % G, p = l / G;
         if (c >= O || (p && !two)) continue;
-#ifdef EP_NEON
+#if defined(EP_NEON) || defined(EP_MVE)
         int32_t v = r[l];
 #else
         int32_t v = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
@@ -410,7 +417,6 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
         size_t at = (size_t)c * ohw + (size_t)i + (size_t)p;
         if (out16) ((int16_t *)y)[at] = (int16_t)v; else ((int8_t *)y)[at] = (int8_t)v;
       }
-#endif
     }
   }
 }
