@@ -116,6 +116,30 @@ def test_odd_shapes_bit_exact(tmp_path):
     assert result["mismatches"] == 0 and result["outputs_match"]
 
 
+@pytest.mark.parametrize("target", ["cortex-m55", "cortex-a72"])
+def test_two_channels_odd_pixel_count_bit_exact(tmp_path, target):
+    """A tile of 2 channels x 2 pixels whose second pixel does not exist (5 outputs per
+    channel): only the real lanes are stored (Helium stored all four, overwriting the next
+    channel's first output)."""
+    qm = Net((1, 4, 1, 5), zp=-128, seed=3).conv(2, (1, 1)).conv(4, (1, 1)).build()
+    _, result = _run(qm, tmp_path, "odd-pixels", target)
+    assert result["mismatches"] == 0 and result["outputs_match"]
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "cortex-m55"])
+def test_grouped_conv_runs_as_one_fast_kernel_per_group(tmp_path, target):
+    """A grouped conv (3 groups of 4 -> 2 channels, zero point -128, padding, stride 2) is
+    sliced into ordinary convs the int8 kernels take, and stays bit-exact."""
+    qm = (Net((2, 12, 9, 11), zp=-128, seed=3)
+          .conv(6, (3, 3), stride=(2, 2), padding=(1, 0, 1, 1), groups=3)
+          .flatten().dense(4).build())
+    build, result = _run(qm, tmp_path, "grouped", target)
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels
+    assert not any("conv2d" in k for k in kernels), kernels          # no TVM conv left
+    assert result["mismatches"] == 0 and result["outputs_match"]
+
+
 def test_zero_point_zero_and_wide_scales_bit_exact(tmp_path):
     """Zero point 0 (the conv's own padding), scales up to 0.9 (total shift 31: the 64-bit
     requantization path), more than one full 8-channel block, non-square stride (2, 1), an int16
