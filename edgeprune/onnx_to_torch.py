@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Pad", "Add", "Concat",
-             "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm",
-             "MatMul", "Identity", "Dropout", "Constant")
+             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Mul", "Softmax", "ReduceMean",
+             "Unsqueeze", "Squeeze", "Pad", "Add", "Concat", "MaxPool", "AveragePool",
+             "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Identity", "Dropout",
+             "Constant")
 
 
 def _err(msg: str) -> EdgepruneError:

@@ -29,7 +29,8 @@ def test_npz_loads_like_a_named_dataset(tmp_path):
     ({"y_test": None}, ["missing", "y_test"]),
     ({"y_train": np.arange(19)}, ["y_train", "20 integer labels"]),
     ({"y_train": np.zeros(20, np.float32)}, ["y_train", "integer"]),
-    ({"x_test": np.zeros((8, 2, 6, 4), np.float32)}, ["x_train samples are [2, 6, 5]", "[2, 6, 4]"]),
+    ({"x_test": np.zeros((8, 2, 6, 4), np.float32)},
+     ["x_train samples are [2, 6, 5]", "[2, 6, 4]"]),
     ({"x_train": np.full((20, 2, 6, 5), np.nan, np.float32)}, ["train split", "non-finite"]),
 ])
 def test_bad_npz_names_the_array(tmp_path, arrays, words):

@@ -96,7 +96,7 @@ class _LayerMask:
 
     def __enter__(self):
         for name, rec in self.layers.items():
-            if rec.get("kind") not in ("conv", "gconv", "linear"):  # dwconv: its input is its output
+            if rec.get("kind") not in ("conv", "gconv", "linear"):  # dwconv: in is out
                 continue
             if len(rec["in_kept"]) == rec["in_before"]:
                 continue

@@ -83,12 +83,8 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
     fns = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
            torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", F.hardswish: "hardswish",
            F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.mish: "mish"}
-    if isinstance(mod_or_fn, str) or callable(mod_or_fn):
-        try:
-            if mod_or_fn in fns:
-                return fns[mod_or_fn], None
-        except TypeError:   # unhashable module
-            return None
+    if mod_or_fn in fns:
+        return fns[mod_or_fn], None
     if mod_or_fn is F.gelu:
         return "gelu", arg(node, 1, "approximate", "none")
     if mod_or_fn is F.elu:
@@ -534,7 +530,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, "
-                             "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view)")
+                             "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
+                             "mean, flatten/view)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
