@@ -112,12 +112,17 @@ class GroupedNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.mult(y)), 1).flatten(1))
 
 
-def test_grouped_convs_prune_every_group_alike():
+def _built(model_class):
+    """A fresh model (eval mode, random BatchNorm statistics) and its layer -> group map."""
     torch.manual_seed(0)
-    model = GroupedNet().eval()
+    model = model_class().eval()
     _randomize_bn(model)
     graph = DepGraph(model, torch.randn(1, 1, 8, 8))
-    by_layer = {layer: g for g in graph.groups for layer in g.layers}
+    return model, {layer: g for g in graph.groups for layer in g.layers}
+
+
+def test_grouped_convs_prune_every_group_alike():
+    model, by_layer = _built(GroupedNet)
     assert by_layer["a"] is by_layer["b"]          # the concat straddles g's two groups
     assert by_layer["a"].units == 6                # channel j of each group is one unit
     assert by_layer["g"] is by_layer["r"] and by_layer["g"].units == 4  # both tyings at once
@@ -313,11 +318,7 @@ class SqueezeExcite(nn.Module):
 
 
 def test_squeeze_excite_ties_the_weights_to_their_channels():
-    torch.manual_seed(0)
-    model = SqueezeExcite().eval()
-    _randomize_bn(model)
-    graph = DepGraph(model, torch.randn(1, 1, 8, 8))
-    by_layer = {layer: g for g in graph.groups for layer in g.layers}
+    model, by_layer = _built(SqueezeExcite)
     assert by_layer["c0"] is by_layer["f2"] and by_layer["c1"] is by_layer["g"]
     pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
     m = dict(pruned.named_modules())
