@@ -127,10 +127,15 @@ def _conv(bb, env, qm: QuantModel, op: Op, pack_subbyte: bool):
         from .packing import packed_conv
         acc = packed_conv(bb, env[op.inputs[0]], qm, op, bias)
     else:
-        x, pad = _pad_zp(bb, env[op.inputs[0]], a["padding"], tin.zero_point)
+        x = env[op.inputs[0]]
+        if 1 < g == tin.shape[1] and w.shape[1] == 1 and o > g:
+            # a depthwise multiplier: with each input channel repeated o / g times it is a
+            # plain depthwise conv (output c reads input c // (o / g) either way), which the
+            # fast kernels run
+            x, g = bb.emit(relax.op.repeat(x, o // g, axis=1)), o
+        x, pad = _pad_zp(bb, x, a["padding"], tin.zero_point)
         acc = relax.op.nn.conv2d(x, _const(w, "int8"), strides=a["strides"], padding=pad,
-                                 dilation=a["dilation"], groups=int(a["groups"]),
-                                 out_dtype="int32")
+                                 dilation=a["dilation"], groups=g, out_dtype="int32")
         acc = relax.op.add(acc, _const(bias.reshape(1, o, 1, 1), "int32"))
     return _requant(bb, acc, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"),
                     (1, o, 1, 1))
