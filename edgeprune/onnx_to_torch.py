@@ -380,8 +380,9 @@ class _Builder:
 
     def op_Unsqueeze(self, node, a):
         x = self._in(node.input[0])
+        axes = self._axes(node, a) or []
         v = x[1]
-        for d in sorted(d % (x[1].dim() + len(self._axes(node, a))) for d in self._axes(node, a)):
+        for d in sorted(d % (x[1].dim() + len(axes)) for d in axes):
             v = v.unsqueeze(d)
         return self._reshape_to(x, tuple(v.shape))
 
