@@ -340,7 +340,7 @@ class _Builder:
         pads = a.get("pads")
         x = self._in(node.input[0])
         if pads and len(pads) == 4 and not (pads[0] == pads[2] and pads[1] == pads[3]):
-            if not include:
+            if not include:  # (torch pools pad symmetrically; a pad before it would count)
                 raise _err(f"ONNX node '{node.name}' (AveragePool): asymmetric pads without "
                            "count_include_pad are not supported")
             x, pad = self._pad_if_asymmetric(node, x, pads)

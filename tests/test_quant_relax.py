@@ -335,3 +335,29 @@ def test_same_padding_folds_into_convs_and_pools(fmnist, tmp_path):
                             [1, 1, 0, 0]], pads
         out = _check(qm, fmnist.x_test[:N])
         assert np.mean(out.argmax(1) == want) >= 0.9
+
+
+def test_average_pool_that_does_not_count_padding(fmnist, tmp_path):
+    """count_include_pad=False (TensorFlow's SAME average pooling): each output divides by its
+    window's real taps, a multiplier per position; bit-exact on the host and in QEMU."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(),
+                          nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+                          nn.AvgPool2d((2, 3), 1, (1, 1), count_include_pad=False),
+                          nn.Flatten(), nn.Linear(4 * 8 * 7, 10)).eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    pools = [o for o in qm.ops if o.kind == "avgpool"]
+    assert all(o.attrs["count_include_pad"] is False for o in pools)
+    assert qm.param(pools[0], "multiplier").shape == (7, 7)
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
+    got = reference.dequantize_output(qm, out)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result

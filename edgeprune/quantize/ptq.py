@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EdgepruneError
-from .qmodel import DTYPE_RANGE, Op, QuantModel, TensorInfo
+from .qmodel import DTYPE_RANGE, Op, QuantModel, TensorInfo, window_counts
 from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
     shared_shift_multipliers
 from .wquant import quantize_weights
@@ -194,6 +194,10 @@ class IRNet(nn.Module):
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb)) if any(a["padding"]) else xs[0]
                 y = F.avg_pool2d(h, a["kernel"], a["strides"], 0)
+                if not a.get("count_include_pad", True):
+                    k = a["kernel"][0] * a["kernel"][1]
+                    counts = window_counts(*xs[0].shape[2:], a)
+                    y = y * torch.as_tensor(k / counts, dtype=y.dtype)
             elif n.kind == "reshape":
                 y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))
             else:
@@ -479,13 +483,16 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 ceil, include_pad = arg(node, 4, "ceil_mode", False), \
                     arg(node, 5, "count_include_pad", True)
                 divisor = arg(node, 6, "divisor_override")
-            if p and not include_pad:
-                raise EdgepruneError(f"{where}: count_include_pad=False with padding unsupported")
             if divisor:
                 raise EdgepruneError(f"{where}: divisor_override unsupported")
             p = _pair(p)
             attrs = {"kernel": _pair(k), "strides": _pair(s or k),
                      "padding": padding_of(node, [p[0], p[1], p[0], p[1]]), "dilation": [1, 1]}
+            if any(p) and not include_pad:
+                if attrs["padding"] != [p[0], p[1], p[0], p[1]]:
+                    raise EdgepruneError(f"{where}: an explicit pad before a pool that does not "
+                                         "count its own padding")
+                attrs["count_include_pad"] = False
             _check_pool_shape(where, unpadded_shape(node), shape, attrs, ceil)
             add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
@@ -712,10 +719,15 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],
                           "shifts": [int(sh) for _, sh in pairs]})
-        elif n.kind == "avgpool":
+        elif n.kind == "avgpool" and attrs.get("count_include_pad", True):
             k = attrs["kernel"][0] * attrs["kernel"][1]
             m, sh = quantize_multiplier(tin.scale / (out.scale * k))
             attrs.update({"multiplier": int(m), "shift": int(sh)})
+        elif n.kind == "avgpool":     # a divisor per output position
+            counts = window_counts(*tin.shape[2:], attrs)
+            m, sh = quantize_multipliers(tin.scale / (out.scale * counts))
+            params.update({f"{n.name}.multiplier": m.reshape(counts.shape),
+                           f"{n.name}.shift": sh.reshape(counts.shape)})
         ops.append(Op(n.kind, n.name, list(n.inputs), n.output, attrs))
     qm = QuantModel(INPUT, net.output, tensors, ops, params, dict(meta or {}))
     qm.meta.setdefault("float_ranges", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})

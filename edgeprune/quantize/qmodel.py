@@ -39,7 +39,9 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
   contributes 0), multiplier, shift, clamp.  acc = sum over window of (x - zp_in);
   y = requantize(acc, M, shift, zp_out, lo, hi) with M*2**(shift-31) ~= s_in / (s_out * KH*KW).
-  Global average pooling is kernel = full spatial size.
+  Global average pooling is kernel = full spatial size.  With count_include_pad false (padding
+  does not count: TensorFlow's SAME average pooling) the divisor is each window's count of
+  real taps: params multiplier and shift (OH, OW) per output position instead of the attrs.
 * ``reshape`` attrs: shape (the output shape).  Same scale/zero point (flatten is a reshape).
 
 Weight bits: weight_bits 8 = values in [-127, 127]; 4 = [-7, 7] (two per byte in flash);
@@ -305,6 +307,17 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
     raise EdgepruneError(f"op '{op.name}': unknown kind '{op.kind}' (known: {OP_KINDS})")
 
 
+def window_counts(h: int, w: int, attrs: dict) -> np.ndarray:
+    """(OH, OW): how many taps of each pooling window lie inside the unpadded H x W image."""
+    t, l, b, r = attrs["padding"]
+    kh, kw = attrs["kernel"]
+    sh, sw = attrs["strides"]
+    oh, ow = conv_out_hw(h, w, (kh, kw), (sh, sw), (t, l, b, r), attrs.get("dilation", [1, 1]))
+    rows = [min(i * sh - t + kh, h) - max(i * sh - t, 0) for i in range(oh)]
+    cols = [min(j * sw - l + kw, w) - max(j * sw - l, 0) for j in range(ow)]
+    return np.outer(rows, cols).astype(np.int64)
+
+
 def weight_value_range(op: Op) -> tuple[int, int]:
     bits = int(op.attrs.get("weight_bits", 8))
     fmt = op.attrs.get("weight_format", "int")
@@ -359,6 +372,11 @@ def validate(qm: QuantModel) -> None:
             t = qm.param(op, "table")
             if t.size and (int(t.min()) < out.qmin or int(t.max()) > out.qmax):
                 raise EdgepruneError(f"lut '{op.name}': table values outside {out.dtype}")
+        if op.kind == "avgpool" and not op.attrs.get("count_include_pad", True):
+            for key in ("multiplier", "shift"):
+                if list(qm.param(op, key).shape) != list(out.shape[2:]):
+                    raise EdgepruneError(f"avgpool '{op.name}': {key} must hold one value per "
+                                         f"output position {out.shape[2:]}")
         if op.kind in ("maxpool", "reshape"):
             src = qm.tensors[op.inputs[0]]
             if (src.scale, src.zero_point, src.dtype) != (out.scale, out.zero_point, out.dtype):

@@ -152,8 +152,11 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         win = _windows(xs, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]), 0)
         acc = win.sum(axis=(4, 5))
         lo, hi = a["clamp"]
-        return requantize(acc, int(a["multiplier"]), int(a["shift"]), out.zero_point, lo,
-                          hi).astype(out.dtype)
+        if a.get("count_include_pad", True):
+            m, sh = int(a["multiplier"]), int(a["shift"])
+        else:   # a divisor per output position
+            m, sh = qm.param(op, "multiplier"), qm.param(op, "shift")
+        return requantize(acc, m, sh, out.zero_point, lo, hi).astype(out.dtype)
     if op.kind == "reshape":
         return x.reshape([int(s) for s in a["shape"]])
     raise EdgepruneError(f"reference: op '{op.name}' has unknown kind '{op.kind}'")

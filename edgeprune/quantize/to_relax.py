@@ -257,9 +257,13 @@ def _avgpool(bb, env, qm: QuantModel, op: Op):
         ones = np.ones((c, 1, kh, kw), np.int8)
         acc = relax.op.nn.conv2d(x, _const(ones, "int8"), strides=a["strides"], padding=pad,
                                  dilation=a.get("dilation", [1, 1]), groups=c, out_dtype="int32")
-    m = int(a["multiplier"])
-    offset = -kh * kw * tin.zero_point * m
-    return _requant(bb, acc, op, qm, np.array(m), np.array(int(a["shift"])), None, offset)
+    if a.get("count_include_pad", True):
+        m, sh, cshape = np.array(int(a["multiplier"])), np.array(int(a["shift"])), None
+    else:   # a divisor per output position
+        m, sh = qm.param(op, "multiplier"), qm.param(op, "shift")
+        cshape = (1, 1) + m.shape
+    offset = -kh * kw * tin.zero_point * m.astype(np.int64)
+    return _requant(bb, acc, op, qm, m, sh, cshape, offset)
 
 
 def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True,
