@@ -361,3 +361,30 @@ def test_average_pool_that_does_not_count_padding(fmnist, tmp_path):
     compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
     assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_hand_written_hardswish_with_scalar_arithmetic(fmnist):
+    """x * relu6(x + 3) / 6 as MobileNetV3 code writes it: the scalar steps become tables, the
+    product an int8 mul."""
+    class HSwish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(1, 6, 3, 2), nn.Linear(6 * 13 * 13, 10)
+
+        def forward(self, x):
+            y = self.c(x)
+            y = y * nn.functional.relu6(y + 3) / 6
+            y = 1.0 - (0.5 * y)
+            return self.fc(y.flatten(1))
+
+    torch.manual_seed(0)
+    model = HSwish().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    luts = [(o.attrs["function"], o.attrs["param"]) for o in qm.ops if o.kind == "lut"]
+    assert luts == [("affine", [1.0, 3.0]), ("relu6", None), ("affine", [1 / 6, 0.0]),
+                    ("affine", [0.5, 0.0]), ("affine", [-1.0, 1.0])], luts
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+    assert np.mean(out.argmax(1) == want) >= 0.9

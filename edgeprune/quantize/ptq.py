@@ -57,7 +57,37 @@ LUT_FUNCTIONS = {
     "elu": lambda x, a: F.elu(x, a), "leaky_relu": lambda x, a: F.leaky_relu(x, a),
     "relu": lambda x, a: F.relu(x), "relu6": lambda x, a: F.relu6(x),
     "clip": lambda x, a: torch.clamp(x, a[0], a[1]),
+    "affine": lambda x, a: x * a[0] + a[1],
 }
+_SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub",
+               torch.sub: "sub", "sub": "sub", operator.mul: "mul", torch.mul: "mul",
+               "mul": "mul", operator.truediv: "div", torch.div: "div", "div": "div"}
+
+
+def _scalar_affine(target, node, is_static) -> tuple[float, float] | None:
+    """(a, b) when `node` computes a * x + b from one tensor x and a number (x + 3, 6 - x,
+    x * 0.5, x / 6), else None."""
+    try:
+        kind = _SCALAR_OPS.get(target)
+    except TypeError:   # an unhashable module
+        return None
+    if kind is None or len(node.args) != 2 or node.kwargs:
+        return None
+    x, c = node.args
+    swapped = not isinstance(x, torch.fx.Node) or is_static(x)
+    if swapped:
+        x, c = c, x
+    if not isinstance(x, torch.fx.Node) or is_static(x) or not isinstance(c, (int, float)) \
+            or isinstance(c, bool):
+        return None
+    c = float(c)
+    if kind == "add":
+        return 1.0, c
+    if kind == "sub":
+        return (-1.0, c) if swapped else (1.0, -c)
+    if kind == "mul":
+        return c, 0.0
+    return (1.0 / c, 0.0) if not swapped and c != 0 else None   # c / x is not affine
 
 
 def lut_apply(attrs: dict, x: torch.Tensor) -> torch.Tensor:
@@ -423,6 +453,12 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             biases[node.name] = (target.bias.detach() if target.bias is not None
                                  else torch.zeros(target.out_features))
             add_node(FNode("dense", node.name, [src(node.args[0])], node.name, out_shape=shape))
+            continue
+        affine = _scalar_affine(target, node, lambda n: n.name in static)
+        if affine is not None:      # x + 3, x * 0.5, 6 - x, x / 6: a table like an activation
+            tensor = next(t for t in node.args[:2] if isinstance(t, fx.Node))
+            add_node(FNode("lut", node.name, [src(tensor)], node.name,
+                           {"function": "affine", "param": list(affine)}, out_shape=shape))
             continue
         if target in (operator.add, torch.add, "add"):
             a, b = node.args[0], node.args[1]
