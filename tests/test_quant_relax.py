@@ -363,9 +363,11 @@ def test_average_pool_that_does_not_count_padding(fmnist, tmp_path):
     assert result["outputs_match"] and result["mismatches"] == 0, result
 
 
-def test_hand_written_hardswish_with_scalar_arithmetic(fmnist):
+def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
     """x * relu6(x + 3) / 6 as MobileNetV3 code writes it: the scalar steps become tables, the
-    product an int8 mul."""
+    product an int8 mul; the same from ONNX (Add, Clip, Mul, Div, Sub)."""
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
     class HSwish(nn.Module):
         def __init__(self):
             super().__init__()
@@ -388,3 +390,9 @@ def test_hand_written_hardswish_with_scalar_arithmetic(fmnist):
     with torch.no_grad():
         want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
     assert np.mean(out.argmax(1) == want) >= 0.9
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "h.onnx"), dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "h.onnx")
+    x = torch.from_numpy(fmnist.x_test[:N])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    _check(ptq.quantize_ptq(back, shape, fmnist.x_train[:200]), fmnist.x_test[:N])
