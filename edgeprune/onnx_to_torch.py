@@ -2,16 +2,16 @@
 fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
-HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Softmax,
-ReduceMean, Concat, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape, Unsqueeze,
-Squeeze, Pad (constant, H and W), Gemm, MatMul (constant right operand), plus Identity, Dropout
-and Constant. The file is first simplified by onnxsim at its static input shape (shape
-arithmetic folded into constants; BatchNorm kept, pruning reads it). Layers with weights become
-real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so pruning, MAC counting
-and training see them); everything else becomes a plain fx call. Each node is also executed
-once on an example tensor while the graph is built, which resolves Reshape's 0/-1 entries into
-the static shape the model runs at; a reshape that keeps the batch axis leaves it free (-1), so
-the model trains and evaluates at any batch size.
+HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf,
+Gelu, Softmax, ReduceMean, Concat, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape,
+Unsqueeze, Squeeze, Pad (constant, H and W), Gemm, MatMul (constant right operand), plus
+Identity, Dropout and Constant. The file is first simplified by onnxsim at its static input
+shape (shape arithmetic folded into constants; BatchNorm kept, pruning reads it). Layers with
+weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
+pruning, MAC counting and training see them); everything else becomes a plain fx call. Each
+node is also executed once on an example tensor while the graph is built, which resolves
+Reshape's 0/-1 entries into the static shape the model runs at; a reshape that keeps the batch
+axis leaves it free (-1), so the model trains and evaluates at any batch size.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Softmax",
-             "ReduceMean", "Unsqueeze", "Squeeze", "Pad", "Concat", "MaxPool", "AveragePool",
-             "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Identity", "Dropout",
-             "Constant")
+             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
+             "Gelu", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Pad", "Concat", "MaxPool",
+             "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul",
+             "Identity", "Dropout", "Constant")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -269,6 +269,15 @@ class _Builder:
                 return self._module(node, "SiLU", nn.SiLU(), (x, self.val[node.input[j]]))
         x, y = self._in(node.input[0]), self._in(node.input[1])
         return self._fn(operator.mul, [x[0], y[0]], [x[1], y[1]])
+
+    def op_Gelu(self, node, a):
+        approximate = a.get("approximate", b"none")
+        approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+        return self._module(node, "Gelu", nn.GELU(approximate), self._in(node.input[0]))
+
+    def op_Erf(self, node, a):   # exporters spell GELU as x * 0.5 * (1 + erf(x / sqrt 2))
+        x = self._in(node.input[0])
+        return self._fn(torch.erf, [x[0]], [x[1]])
 
     def op_Sub(self, node, a):
         x, y = self._in(node.input[0]), self._in(node.input[1])

@@ -218,25 +218,27 @@ def test_table_activations_bit_exact(fmnist):
 
 def test_onnx_activations_convert_and_quantize(fmnist, tmp_path):
     """What exporters write for these activations (HardSwish, LeakyRelu, PRelu, Elu, Tanh,
-    HardSigmoid, Sigmoid, and x * Sigmoid(x) for SiLU) comes back as the same torch modules."""
+    HardSigmoid, Sigmoid, Gelu, and x * Sigmoid(x) for SiLU) comes back as torch modules."""
     from edgeprune.onnx_to_torch import onnx_to_torch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Hardswish(), nn.MaxPool2d(2),
                           nn.LeakyReLU(0.1), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.SiLU(),
                           nn.PReLU(), nn.Tanh(), nn.ELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Hardsigmoid(), nn.Linear(8, 10), nn.Sigmoid()).eval()
+                          nn.Hardsigmoid(), nn.Linear(8, 10), nn.GELU(), nn.Linear(10, 10),
+                          nn.Sigmoid()).eval()
     quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
     torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "a.onnx"), dynamo=False)
     back, shape = onnx_to_torch(tmp_path / "a.onnx")
     kinds = [type(m).__name__ for m in back.modules() if not list(m.children())]
-    for k in ("Hardswish", "LeakyReLU", "SiLU", "PReLU", "Tanh", "ELU", "Hardsigmoid", "Sigmoid"):
+    for k in ("Hardswish", "LeakyReLU", "SiLU", "PReLU", "Tanh", "ELU", "Hardsigmoid", "GELU",
+              "Sigmoid"):
         assert k in kinds, (k, kinds)
     x = torch.from_numpy(fmnist.x_test[:N])
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
     qm = ptq.quantize_ptq(back, shape, fmnist.x_train[:200])
-    assert len([o for o in qm.ops if o.kind == "lut"]) == 8    # none is a clamp: 8 tables
+    assert len([o for o in qm.ops if o.kind == "lut"]) == 9    # none is a clamp: 9 tables
     _check(qm, fmnist.x_test[:N])
 
 

@@ -45,6 +45,7 @@ PASSTHROUGH_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
     F.elu, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
+    torch.erf,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
                        "clamp_", "float", "detach"}

@@ -57,7 +57,7 @@ LUT_FUNCTIONS = {
     "elu": lambda x, a: F.elu(x, a), "leaky_relu": lambda x, a: F.leaky_relu(x, a),
     "relu": lambda x, a: F.relu(x), "relu6": lambda x, a: F.relu6(x),
     "clip": lambda x, a: torch.clamp(x, a[0], a[1]),
-    "affine": lambda x, a: x * a[0] + a[1],
+    "affine": lambda x, a: x * a[0] + a[1], "erf": lambda x, a: torch.erf(x),
 }
 _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub",
                torch.sub: "sub", "sub": "sub", operator.mul: "mul", torch.mul: "mul",
@@ -112,7 +112,8 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
         return "leaky_relu", float(mod_or_fn.weight.detach().reshape(()))
     fns = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
            torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", F.hardswish: "hardswish",
-           F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.mish: "mish"}
+           F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.mish: "mish", torch.erf: "erf",
+           "erf": "erf"}
     if mod_or_fn in fns:
         return fns[mod_or_fn], None
     if mod_or_fn is F.gelu:
@@ -572,7 +573,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             continue
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
-                             "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, "
+                             "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
                              "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
                              "mean, flatten/view)")
     else:
