@@ -168,12 +168,37 @@ def test_flash_budget_only_fewer_bits_can_meet(tmp_path_factory, tmp_path):
 @pytest.mark.parametrize("option, message", [
     ({"port": "/dev/ttyACM0"}, "only run them in QEMU"),
     ({"step_schedule": "halving"}, "step schedule 'halving'"),
-    ({"rank": "top5"}, "rank 'top5'")])
+    ({"rank": "top5"}, "rank 'top5'"),
+    ({"distill": 1.5}, "distillation weight 1.5")])
 def test_a_bad_option_is_named(tiny, option, message):
     model, example, data, cache = tiny
     with pytest.raises(EdgepruneError, match=message):
         search(model, example, data, "cortex-m7", {"flash_kb": 10}, cache_dir=cache,
                **option, **SETTINGS)
+
+
+def test_short_finetune_distils_from_the_unpruned_model(tiny):
+    """A candidate's short fine-tune with distillation ends closer to the unpruned model's
+    outputs than the same fine-tune on labels."""
+    from edgeprune.feedback import worker
+    from edgeprune.feedback.measure import from_bytes, to_bytes
+
+    model, example, data, _ = tiny
+    x = torch.from_numpy(data.x_train[:300])
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(model.eval()(x), 1)
+
+    def kl_after(distill):
+        worker.init_worker(JobData(data.x_train[:512], data.y_train[:512], data.x_train[-100:],
+                                   data.y_train[-100:], data.x_train[:16], data.name,
+                                   to_bytes(model), distill))
+        blob, _, _ = worker.candidate_job(to_bytes(model), example, {"features.2.0": 0.5}, "l1",
+                                          0, 512, 0.01)
+        with torch.no_grad():
+            logp = torch.log_softmax(from_bytes(blob).eval()(x), 1)
+        return torch.nn.functional.kl_div(logp, teacher_logp, reduction="batchmean",
+                                          log_target=True).item()
+    assert kl_after(1.0) < kl_after(0.0)
 
 
 def test_quantized_scores_agree_with_the_reference_accuracy(tiny):

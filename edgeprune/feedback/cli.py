@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--finetune", type=float, default=1.0, help="final fine-tuning epochs")
     p.add_argument("--short-finetune", type=int, default=2000,
                    help="training samples each candidate is fine-tuned on")
+    p.add_argument("--distill", type=float, default=0.9, metavar="ALPHA",
+                   help="weight of distillation from the unpruned model in every fine-tune "
+                        "(0: labels only)")
     p.add_argument("--train-samples", type=int, help="fine-tune on the first N training samples")
     p.add_argument("--train-epochs", type=float, default=1.0, help="training of a zoo model")
     p.add_argument("--workers", type=int, help="parallel candidate evaluations (default 2)")
@@ -82,7 +85,7 @@ def run(args) -> int:
                         seed=args.seed, work_dir=tmp, log=log, workers=args.workers,
                         finetune_epochs=args.finetune, train_samples=args.train_samples,
                         short_finetune_samples=args.short_finetune, progress=not args.json,
-                        word_lengths=word_lengths)
+                        word_lengths=word_lengths, distill=args.distill)
         save_torch(result.model, shape, tmp / "model.pt")
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
     summary = result.summary()

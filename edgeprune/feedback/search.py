@@ -129,7 +129,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            val_samples: int = 1000, eval_samples: int = 2000, calib_samples: int = 64,
            lr: float = 0.01, margin: float = 0.002, progress: bool = True,
            word_lengths: tuple[int, ...] | None = None, port: str = "qemu",
-           step_schedule: str = "linear", rank: str = "loss") -> FeedbackResult:
+           step_schedule: str = "linear", rank: str = "loss", distill: float = 0.9
+           ) -> FeedbackResult:
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
@@ -153,6 +154,13 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     "loss" (cross-entropy, the default) or "accuracy". The loss is far less noisy: on 2000
     holdout samples accuracy moves in steps of 0.05 pt with a sampling spread of ~0.6 pt, about
     the gap between the candidates of one iteration.
+    Each iteration's short fine-tunes draw fresh training samples (its own shuffle; the
+    candidates of one iteration share theirs): the accepted path sees
+    step_iterations * short_finetune_samples distinct samples, not the same few again.
+    distill: weight alpha of distillation from the unpruned model in the short and the final
+    fine-tunes (0: labels only). On ResNet-8 at 30 % latency the accepted path ended at 89.3 %
+    holdout with it, 88.2 % without; one epoch of it after a uniform cut gave 91.06 % against
+    90.70 % on labels (bench/results/feedback.json).
     port: where candidates are measured; only "qemu" (a board would need each candidate's
     firmware flashed, which edgeprune does not do).
     """
@@ -174,6 +182,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                              stage=STAGE)
     if rank not in ("loss", "accuracy"):
         raise EdgepruneError(f"rank '{rank}': use loss or accuracy", stage=STAGE)
+    if not 0 <= distill <= 1:
+        raise EdgepruneError(f"distillation weight {distill} is outside [0, 1]", stage=STAGE)
     options = _bit_options(word_lengths, target)
     if data.x_train is None or len(data.x_train) <= val_samples:
         raise EdgepruneError(f"dataset {data.name} has no training split larger than the "
@@ -184,11 +194,11 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     n_train = len(data.x_train) - val_samples
     if train_samples:
         n_train = min(n_train, train_samples)
-    jd = JobData(data.x_train[:n_train], data.y_train[:n_train], data.x_train[-val_samples:],
-                 data.y_train[-val_samples:], data.x_train[:max(calib_samples, shape[0])],
-                 data.name)
     base = fx.symbolic_trace(copy.deepcopy(model).eval()) if not isinstance(model, fx.GraphModule) \
         else copy.deepcopy(model).eval()
+    jd = JobData(data.x_train[:n_train], data.y_train[:n_train], data.x_train[-val_samples:],
+                 data.y_train[-val_samples:], data.x_train[:max(calib_samples, shape[0])],
+                 data.name, to_bytes(base) if distill > 0 else None, distill)
     graph = DepGraph(base, example_input)
     groups = {g.name: g for g in graph.groups}
     if not groups:
@@ -210,7 +220,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"criterion": criterion, "seed": seed, "short": short_finetune_samples, "lr": lr,
                 "n_train": n_train, "val": val_samples, "calib": calib_samples,
-                "data": data.name, "rank": f"ptq-{rank}"}
+                "data": data.name, "rank": f"ptq-{rank}", "distill": distill}
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _Bar(progress)
     runner = Runner(jd, cache, workers)
@@ -338,14 +348,15 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                     break
                 parent = to_bytes(cur_model)
                 parent_hash = model_hash(cur_model)
+                it_seed = seed + 1000 * it   # fresh fine-tuning samples each iteration
                 jobs = []
                 for p in proposals:
                     if p.kind == "width":
                         jobs.append((job_key(parent_hash, p.name, p.widths[p.name], cur_bits,
-                                             settings),
+                                             settings, it_seed),
                                      (parent, example_input, _removal(groups, cur_widths,
                                                                       p.widths),
-                                      criterion, seed, short_finetune_samples, lr, cur_bits)))
+                                      criterion, it_seed, short_finetune_samples, lr, cur_bits)))
                     else:  # word length: the same float model, quantized differently
                         jobs.append((job_key(parent_hash, "bits", p.bits, settings),
                                      (parent, example_input, {}, criterion, seed, 0, lr,
@@ -379,7 +390,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         # 3. long fine-tune and the final measurement
         if finetune_epochs > 0:
             log(f"feedback: fine-tuning the chosen model for {finetune_epochs:g} epoch(s)")
-            finetune(cur_model, jd.dataset(), finetune_epochs, lr, seed)
+            finetune(cur_model, jd.dataset(), finetune_epochs, lr, seed,
+                     base if distill > 0 else None, distill)
         final_costs = measure([cur_model], "final measurement", bits=[cur_bits])[0]
         x_test, y_test = data.x_test[:eval_samples], data.y_test[:eval_samples]
         # the accuracies of what runs on the target: PTQ at the chosen word lengths

@@ -37,6 +37,8 @@ class JobData:
     y_val: np.ndarray
     calib: np.ndarray
     name: str = "data"
+    teacher: bytes | None = None    # the unpruned model: short fine-tunes distil from it
+    distill: float = 0.0            # its weight alpha (0: labels only)
 
     def dataset(self):
         from ..data import Dataset
@@ -49,26 +51,38 @@ class JobData:
 
 
 _DATA: JobData | None = None
+_TEACHER = None
 
 
-def finetune(model, dataset, epochs: float, lr: float, seed: int):
+def _teacher():
+    global _TEACHER
+    if _TEACHER is None and _DATA.teacher is not None:
+        _TEACHER = from_bytes(_DATA.teacher).eval()
+    return _TEACHER
+
+
+def finetune(model, dataset, epochs: float, lr: float, seed: int, teacher=None,
+             distill: float = 0.0):
     """edgeprune.train.train with oneDNN off: torch 2.13's oneDNN conv backward aborts the
     process ("double free or corruption") on some pruned widths (ResNet-8 at 7/15/30 channels,
-    reproduced), which a search visits by design. The native kernels are ~1.5x slower."""
+    reproduced), which a search visits by design. The native kernels are ~1.5x slower.
+    With a `teacher` and `distill` > 0, distils from it (weight alpha = distill)."""
+    from ..prune.methods import distill_loss
     from ..train import train
 
+    kw = {"loss": distill_loss(teacher, distill)} if teacher is not None and distill > 0 else {}
     was = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
-        return train(model, dataset, epochs=epochs, lr=lr, seed=seed)
+        return train(model, dataset, epochs=epochs, lr=lr, seed=seed, **kw)
     finally:
         torch.backends.mkldnn.enabled = was
 
 
 def init_worker(data: JobData) -> None:
-    global _DATA
+    global _DATA, _TEACHER
     torch.set_num_threads(1)
-    _DATA = data
+    _DATA, _TEACHER = data, None
 
 
 def measure_job(blob: bytes, input_shape: tuple[int, ...], target_file: str,
@@ -119,7 +133,8 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
                               data=batches, meta_batch=meta, seed=seed)
         layers = record["layers"]
         if samples > 0:
-            finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed)
+            finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed,
+                     _teacher(), _DATA.distill)
     acc, loss = quantized_scores(model, tuple(example.shape), _DATA.calib, _DATA.x_val,
                                  _DATA.y_val, bits)
     return to_bytes(model), acc, {"layers": layers, "holdout_loss": loss,
