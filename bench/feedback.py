@@ -1,6 +1,7 @@
 """Hardware-in-the-loop feedback study: ResNet-8 on Fashion-MNIST, Cortex-M7 in QEMU, latency
 budget = 30 % of the unpruned model's measured latency (int8, as deployed). Three ways to meet it,
-each followed by the same fine-tuning (same epochs on the same training samples):
+each followed by the same fine-tuning (same epochs on the same training samples, distilled from
+the unpruned model as the search's own fine-tunes are):
 
 (a) uniform: one ratio for every layer (best criterion of bench/results/prune_criteria.json at
     75 %, else l1), the smallest ratio whose *measured* latency meets the budget (bisection);
@@ -38,12 +39,12 @@ CRITERIA_RESULT = Path(__file__).parent / "results" / "prune_criteria.json"
 BUDGET_FRACTION = 0.30
 FULL = {"train_epochs": 10, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
         "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
-        "step_iterations": 12, "step_schedule": "linear", "rank": "loss", "seed": 0,
-        "seeds": 3}
+        "step_iterations": 12, "step_schedule": "linear", "rank": "loss", "distill": 0.9,
+        "seed": 0, "seeds": 3}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
          "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2,
-         "step_iterations": 6, "step_schedule": "linear", "rank": "loss", "seed": 0,
-         "seeds": 1}
+         "step_iterations": 6, "step_schedule": "linear", "rank": "loss", "distill": 0.9,
+         "seed": 0, "seeds": 1}
 
 
 def best_criterion() -> str:
@@ -176,7 +177,8 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
 
     def finish(pruned, name, extra, bits=None):
         t0 = time.perf_counter()
-        finetune(pruned, train_set, cfg["finetune_epochs"], 0.01, cfg["seed"])  # oneDNN off
+        finetune(pruned, train_set, cfg["finetune_epochs"], 0.01, cfg["seed"],  # oneDNN off
+                 model, cfg["distill"])
         costs = measure(pruned, bits)
         entry = {"accuracy": round(evaluate(pruned, x_test, y_test), 3),
                  # what runs on the target: PTQ (int8, or the search's word lengths)
@@ -227,6 +229,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
                 step_iterations=cfg["step_iterations"],
                 step_schedule=cfg["step_schedule"], rank=cfg["rank"],
+                distill=cfg["distill"],
                 work_dir=path.with_suffix(""), progress=False)
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
@@ -268,6 +271,9 @@ if __name__ == "__main__":
     ap.add_argument("--step-iterations", type=int)
     ap.add_argument("--step-schedule", choices=("linear", "geometric"))
     ap.add_argument("--rank", choices=("loss", "accuracy"), help="what ranks the candidates")
+    ap.add_argument("--distill", type=float,
+                    help="distillation weight from the unpruned model in every fine-tune: "
+                         "the search's short ones and each method's final one (0: labels)")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
                     help="fine-tuning seeds, e.g. 0,1,2 (the trained model is seed 0)")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
