@@ -37,6 +37,27 @@ class Dataset:
         return (1,) + tuple(self.x_test.shape[1:])
 
 
+def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | None = None,
+             train_to: str | None = None) -> Dataset:
+    """`data` as the model of input `shape` takes it. A 1-D model runs as 2-D with a unit height
+    (edgeprune.lift1d): its (C, L) samples become (C, 1, L), the same bytes. Anything else that
+    does not fit is an error naming both sample shapes; so is a missing training split where the
+    caller needs one `train_to` (e.g. "calibrate on")."""
+    want, have = tuple(shape[1:]), tuple(data.x_test.shape[1:])
+    if want != have and len(want) == 3 and want[1] == 1 and have == (want[0], want[2]):
+        def lift(x):
+            return None if x is None else x.reshape(len(x), *want)
+        data = Dataset(data.name, lift(data.x_train), data.y_train, lift(data.x_test), data.y_test)
+    elif want != have:
+        raise EdgepruneError(f"{origin} takes samples of shape {list(want)} (input {list(shape)}) "
+                             f"but {data.name} samples are {list(have)}; give --data that fits "
+                             "the model or --input-shape", stage=stage)
+    if train_to and data.x_train is None:
+        raise EdgepruneError(f"dataset {data.name} has no training split to {train_to}",
+                             stage=stage)
+    return data
+
+
 def data_root() -> Path:
     env = os.environ.get("EDGEPRUNE_DATA")
     if env:

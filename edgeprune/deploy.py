@@ -111,11 +111,11 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     import torch
 
     from . import models
-    from .quantize.stage import check_data_fits
+    from .data import fit_data
     from .train import train
 
     model, shape = models.build(name, input_shape or data.input_shape, data.num_classes, seed)
-    check_data_fits(shape, data, name)
+    data = fit_data(shape, data, name, train_to="train on")
     n_train = len(data.x_train)
     holdout = zoo_holdout(n_train)
     key = f"{name}-{data.name}-{'x'.join(map(str, shape))}-e{epochs:g}-s{seed}-h{holdout}.pt"
@@ -148,7 +148,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     from .compile import atomic_out_dir, compile_model
     from .load import load_torch, save_torch
     from .targets import load_target
-    from .quantize.stage import check_data_fits
+    from .data import fit_data
     from .train import evaluate, train
 
     torch.set_num_threads(1)
@@ -159,7 +159,6 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     with atomic_out_dir(cfg.out, cfg.force) as tmp:
         with stage("data", progress):
             data = datasets.load(cfg.data)
-            x_eval, y_eval = data.x_test[:cfg.eval_samples], data.y_test[:cfg.eval_samples]
 
         with stage("load", progress):
             name = cfg.model or DEFAULT_MODEL
@@ -169,7 +168,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                                                  cfg.seed, log, on_step)
             else:
                 model, shape = load_torch(name, cfg.input_shape, data.num_classes)
-            check_data_fits(shape, data, name)
+            data = fit_data(shape, data, name, train_to="calibrate on")
+            x_eval, y_eval = data.x_test[:cfg.eval_samples], data.y_test[:cfg.eval_samples]
             acc_float = evaluate(model, x_eval, y_eval)
             log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
 

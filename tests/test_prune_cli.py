@@ -113,7 +113,8 @@ def test_data_criterion_and_finetune_with_real_data(tmp_path):
     (["--criterion", "taylor"], "criterion 'taylor' needs data"),
     (["--ratio", "1.0"], r"--ratio 1.0 is outside \[0, 1\)"),
     (["--finetune", "1"], "--finetune needs training data"),
-    (["--data", "fashion-mnist", "--input-shape", "1,1,32,32"], "cnn takes inputs"),
+    (["--data", "fashion-mnist", "--input-shape", "1,1,32,32"],
+     r"cnn takes samples of shape \[1, 32, 32\].*are \[1, 28, 28\]"),
 ])
 def test_bad_input_is_a_clear_error(args, message, tmp_path, capsys):
     assert _prune("cnn", *args, "--out", tmp_path / "p") == 2

@@ -80,6 +80,7 @@ def run(args) -> int:
                                              args.train_epochs, args.seed, log)
         else:
             model, shape = load_torch(args.model, parse_shape(args.input_shape), data.num_classes)
+        data = datasets.fit_data(shape, data, args.model, STAGE, train_to="fine-tune on")
         example = torch.from_numpy(data.x_train[:shape[0]].reshape(shape))
         result = search(model, example, data, args.target, budget, criterion=args.criterion,
                         seed=args.seed, work_dir=tmp, log=log, workers=args.workers,

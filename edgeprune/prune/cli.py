@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import HELP as DATA_HELP
+from ..data import HELP as DATA_HELP, fit_data
 from ..errors import EdgepruneError
 
 STAGE = "prune"
@@ -110,19 +110,10 @@ def read_rewind_state(path: Path) -> dict:
     return obj
 
 
-def _load_data(name: str, shape: tuple[int, ...], origin: str):
-    from .. import data as datasets
-    d = datasets.load(name)
-    if tuple(d.x_test.shape[1:]) != tuple(shape[1:]):
-        raise EdgepruneError(f"{origin} takes inputs {list(shape)} but {d.name} samples are "
-                             f"{list(d.x_test.shape[1:])}; give --data that fits the model or "
-                             "--input-shape", stage=STAGE)
-    return d
-
-
 def run(args) -> int:
     import torch
 
+    from .. import data as datasets
     from ..compile import atomic_out_dir
     from ..frontend import to_onnx
     from ..load import is_zoo_name, load_torch, parse_shape, save_torch
@@ -146,14 +137,13 @@ def run(args) -> int:
 
     if is_zoo_name(args.model) and args.data:
         # A zoo name is an architecture: prune the trained network, as quantize and deploy do.
-        from .. import data as datasets
         from ..deploy import trained_zoo_model
         model, shape = trained_zoo_model(args.model, datasets.load(args.data),
                                          parse_shape(args.input_shape), args.train_epochs,
                                          args.seed, log)
     else:
         model, shape = load_torch(args.model, parse_shape(args.input_shape))
-    data = _load_data(args.data, shape, args.model) if args.data else None
+    data = fit_data(shape, datasets.load(args.data), args.model, STAGE) if args.data else None
     if data is not None and data.x_train is None and (args.finetune > 0 or
                                                       args.method != "oneshot"):
         raise EdgepruneError(f"dataset {data.name} has no training split to fine-tune on",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import fit_data
 from ..errors import EdgepruneError
 from . import reference
 from .qmodel import QuantModel
@@ -132,15 +133,6 @@ def layer_weight_cfg(model, layer_bits: dict[str, int],
     return out
 
 
-def check_data_fits(shape: tuple[int, ...], data, origin: str) -> None:
-    if tuple(shape[1:]) != tuple(data.x_test.shape[1:]):
-        raise EdgepruneError(f"{origin} takes inputs {list(shape)} but {data.name} samples are "
-                             f"{list(data.x_test.shape[1:])}; give --data that fits the model "
-                             "or --input-shape")
-    if data.x_train is None:
-        raise EdgepruneError(f"dataset {data.name} has no training split to calibrate on")
-
-
 def float_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     from ..train import evaluate
     return evaluate(model, x, y)
@@ -158,7 +150,7 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     from .qat import qat_finetune
 
     check_config(cfg, target)
-    check_data_fits(shape, data, "the model")
+    data = fit_data(shape, data, "the model", train_to="calibrate on")
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -278,7 +270,7 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
                                          progress)
     else:
         model, shape = load_torch(spec, input_shape, data.num_classes)
-    check_data_fits(shape, data, spec)
+    data = fit_data(shape, data, spec, train_to="calibrate on")
     with atomic_out_dir(out, force) as tmp:
         qm, report = quantize(model, shape, data, target, cfg, log, progress)
         report["model"] = spec
