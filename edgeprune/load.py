@@ -39,12 +39,16 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                              f"{', '.join(models.zoo_names())})")
     if path.suffix == ".onnx":
         from .onnx_to_torch import onnx_to_torch
-        return onnx_to_torch(path, input_shape)
-    model = _torch_load(path)
-    shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None)
-    if shape is None:
-        raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
-                             "pass --input-shape, e.g. --input-shape 1,1,28,28")
+        model, shape = onnx_to_torch(path, input_shape)
+    else:
+        model = _torch_load(path)
+        shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None)
+        if shape is None:
+            raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
+                                 "pass --input-shape, e.g. --input-shape 1,1,28,28")
+    from .lift1d import is_1d, lift_1d
+    if is_1d(model):   # every stage after this one works on 2-D convolutions
+        return lift_1d(model, tuple(shape))
     return model.eval(), tuple(shape)
 
 

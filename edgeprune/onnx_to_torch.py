@@ -144,7 +144,12 @@ class _Builder:
         return n, v
 
     def _pad_if_asymmetric(self, node, x, pads, value=0.0):
-        """ONNX pads [t, l, b, r]; torch layers take symmetric padding only."""
+        """ONNX pads [t, l, b, r] ([l, r] in 1-D); torch layers take symmetric padding only."""
+        if pads and len(pads) == 2:
+            l, r = pads
+            if l == r:
+                return x, (l,)
+            return self._fn(F.pad, [x[0], (l, r)], [x[1], (l, r)], {"value": value}), (0,)
         if not pads or len(pads) != 4:
             return x, (0, 0)
         t, l, b, r = pads
@@ -193,16 +198,18 @@ class _Builder:
 
     def op_Conv(self, node, a):
         w = self._const(node.input[1], node, "weight")
-        if w.ndim != 4:
-            raise _err(f"ONNX node '{node.name}' (Conv): only 2-D convolutions are supported")
+        if w.ndim not in (3, 4):
+            raise _err(f"ONNX node '{node.name}' (Conv): only 1-D and 2-D convolutions are "
+                       "supported")
         b = self._const(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
         x = self._in(node.input[0])
         pads = _auto_pads(a, tuple(x[1].shape[2:]), tuple(w.shape[2:])) or a.get("pads")
         x, pad = self._pad_if_asymmetric(node, x, pads)
-        groups = int(a.get("group", 1))
-        conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
-                         tuple(a.get("strides", (1, 1))), pad, tuple(a.get("dilations", (1, 1))),
-                         groups=groups, bias=b is not None)
+        groups, ones = int(a.get("group", 1)), (1,) * (w.ndim - 2)
+        kind = nn.Conv2d if w.ndim == 4 else nn.Conv1d   # 1-D: edgeprune.lift1d makes it 2-D
+        conv = kind(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
+                    tuple(a.get("strides", ones)), pad, tuple(a.get("dilations", ones)),
+                    groups=groups, bias=b is not None)
         conv.weight.data.copy_(torch.as_tensor(w))
         if b is not None:
             conv.bias.data.copy_(torch.as_tensor(b))
@@ -338,9 +345,10 @@ class _Builder:
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise _err(f"ONNX node '{node.name}' ({node.op_type}): auto_pad is not supported")
         k = tuple(a["kernel_shape"])
-        if len(k) != 2:
-            raise _err(f"ONNX node '{node.name}' ({node.op_type}): only 2-D pooling is supported")
-        return k, tuple(a.get("strides", (1, 1))), bool(a.get("ceil_mode", 0))
+        if len(k) not in (1, 2):
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): only 1-D and 2-D pooling is "
+                       "supported")
+        return k, tuple(a.get("strides", (1,) * len(k))), bool(a.get("ceil_mode", 0))
 
     def op_MaxPool(self, node, a):
         if len(node.output) > 1 and node.output[1]:
@@ -348,7 +356,8 @@ class _Builder:
         k, s, ceil = self._pool_args(node, a)
         x, pad = self._pad_if_asymmetric(node, self._in(node.input[0]), a.get("pads"),
                                          value=float("-inf"))
-        pool = nn.MaxPool2d(k, s, pad, tuple(a.get("dilations", (1, 1))), ceil_mode=ceil)
+        kind = nn.MaxPool2d if len(k) == 2 else nn.MaxPool1d
+        pool = kind(k, s, pad, tuple(a.get("dilations", (1,) * len(k))), ceil_mode=ceil)
         return self._module(node, "MaxPool", pool, x)
 
     def op_AveragePool(self, node, a):
@@ -356,19 +365,22 @@ class _Builder:
         include = bool(a.get("count_include_pad", 0))
         pads = a.get("pads")
         x = self._in(node.input[0])
-        if pads and len(pads) == 4 and not (pads[0] == pads[2] and pads[1] == pads[3]):
+        half = len(k)
+        if pads and pads[:half] != pads[half:]:
             if not include:  # (torch pools pad symmetrically; a pad before it would count)
                 raise _err(f"ONNX node '{node.name}' (AveragePool): asymmetric pads without "
                            "count_include_pad are not supported")
             x, pad = self._pad_if_asymmetric(node, x, pads)
         else:
-            pad = (pads[0], pads[1]) if pads else (0, 0)
-        pool = nn.AvgPool2d(k, s, pad, ceil_mode=ceil, count_include_pad=include)
+            pad = tuple(pads[:half]) if pads else (0,) * half
+        kind = nn.AvgPool2d if half == 2 else nn.AvgPool1d
+        pool = kind(k, s, pad, ceil_mode=ceil, count_include_pad=include)
         return self._module(node, "AveragePool", pool, x)
 
     def op_GlobalAveragePool(self, node, a):
-        return self._module(node, "GlobalAveragePool", nn.AdaptiveAvgPool2d(1),
-                            self._in(node.input[0]))
+        x = self._in(node.input[0])
+        pool = nn.AdaptiveAvgPool2d(1) if x[1].dim() == 4 else nn.AdaptiveAvgPool1d(1)
+        return self._module(node, "GlobalAveragePool", pool, x)
 
     def op_Flatten(self, node, a):
         axis = int(a.get("axis", 1))

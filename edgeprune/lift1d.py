@@ -1,0 +1,245 @@
+"""Run a 1-D model (Conv1d on (N, C, L) signals) as the 2-D model it equals: (N, C, 1, L).
+
+Every later stage (pruning, quantization, the int8 kernels, the golden model) works on 2-D
+convolutions; a Conv1d is a Conv2d with a 1 x k kernel, and an (N, C, L) tensor has the same
+bytes as (N, C, 1, L), so the firmware's input and output buffers do not change. Each node
+that carries a 3-D tensor is rewritten to its 2-D form; an op that cannot be (a transpose, a
+1-D op we do not know) is named in an error rather than guessed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import EdgepruneError
+
+STAGE = "load"
+
+# ops that act element by element (or broadcast), the same at any rank
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                        nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardtanh,
+                        nn.Dropout, nn.Identity)
+_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
+                          operator.neg, torch.add, torch.sub, torch.mul, torch.relu,
+                          torch.sigmoid, torch.tanh, F.relu, F.relu6, F.sigmoid, F.tanh,
+                          F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.leaky_relu,
+                          F.mish, F.hardtanh, F.dropout, torch.clamp, torch.clip}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "add", "sub", "mul", "div",
+                        "contiguous"}
+_DIM_OPS = {"mean", "sum", "amax", "softmax", "log_softmax"}   # (x, dim=...) along an axis
+
+
+def is_1d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv1d) for m in model.modules())
+
+
+def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
+    """(the 2-D GraphModule, its input shape) of a 1-D model: an (N, C, L) input becomes
+    (N, C, 1, L); an (N, L) one, made a signal inside the model, stays."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:
+        raise EdgepruneError(f"the 1-D model does not trace with torch.fx ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})", stage=STAGE) from None
+    from torch.fx.passes.shape_prop import ShapeProp
+    ShapeProp(gm).propagate(torch.zeros(shape))
+    modules = dict(gm.named_modules())
+    # which nodes read a signal, decided before the rewrite adds nodes without shapes
+    reads_signal = {n: any(_rank(a) == 3 for a in n.all_input_nodes) for n in gm.graph.nodes}
+
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        where = f"node '{node.name}' ({_describe(node, modules)})"
+        if not reads_signal[node]:
+            if _rank(node) == 3:   # a signal made from a vector: (N, L) -> (N, 1, L)
+                if not (_is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape")
+                        or _is(node, torch.unsqueeze, "unsqueeze")
+                        or _is(node, torch.squeeze, "squeeze")):
+                    raise _refuse(where, "makes a 3-D tensor")
+                _add_height_after(gm, node)
+            elif _is(node, getattr, None) and node.args[1] == "shape" and \
+                    _rank(node.args[0]) == 3:
+                _map_shape_reads(node, where)
+            continue
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, nn.Flatten):
+                if not (mod.start_dim in (1, -2) and mod.end_dim == -1):
+                    raise _refuse(where, "flattens other than from the channel axis")
+            elif not isinstance(mod, _ELEMENTWISE_MODULES):
+                _set_module(gm, node.target, _module_2d(mod, where))
+        elif node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            pass
+        elif node.target is F.pad and len(_arg(node, 1, "pad", ())) == 2:
+            pass   # pads the last axis (L) alone, at any rank
+        elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            pass
+        elif _is(node, torch.flatten, "flatten"):
+            if not (_arg(node, 1, "start_dim", 0) in (1, -2) and _arg(node, 2, "end_dim", -1) == -1):
+                raise _refuse(where, "flattens other than from the channel axis")
+        elif _is(node, torch.cat, None):
+            _set_dim(node, 1, "dim", 0, where)
+        elif _is(node, None, "size") and _arg(node, 1, "dim", None) is not None:
+            _set_dim(node, 1, "dim", None, where)
+        elif _is(node, getattr, None) and node.args[1] == "shape":
+            _map_shape_reads(node, where)
+        elif _is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape"):
+            if _rank(node) == 3:   # (N, C, L) -> (N, C', L'): the same bytes, then height 1
+                _add_height_after(gm, node)
+            elif _rank(node) != 2:
+                raise _refuse(where, "reshapes a signal to other than (N, C, L) or (N, features)")
+        elif _is(node, torch.squeeze, "squeeze") and _arg(node, 1, "dim", None) in (2, -1):
+            # (N, C, 1) -> (N, C): squeeze the unit height too
+            node.args, node.kwargs = (node.args[0], (2, 3)), {}
+        elif node.op in ("call_function", "call_method") and \
+                getattr(node.target, "__name__", node.target) in _DIM_OPS:
+            _reduce_dims(node, where)
+        else:
+            raise _refuse(where, "has no 2-D form edgeprune knows")
+    gm.graph.lint()
+    gm.recompile()
+    if len(shape) == 3:
+        n, c, length = shape
+        shape = (n, c, 1, length)
+    return gm.eval(), tuple(shape)
+
+
+def _add_height_after(gm: fx.GraphModule, node: fx.Node) -> None:
+    with gm.graph.inserting_after(node):
+        lifted = gm.graph.call_function(torch.unsqueeze, (node, 2))
+    node.replace_all_uses_with(lifted, delete_user_cb=lambda u: u is not lifted)
+
+
+def _map_shape_reads(node: fx.Node, where: str) -> None:
+    """x.shape[i] of a signal: the axis i of its 2-D form."""
+    for user in node.users:
+        if not (user.op == "call_function" and user.target is operator.getitem
+                and isinstance(user.args[1], int)):
+            raise _refuse(where, "uses the whole shape of a signal")
+        user.args = (user.args[0], _dim_2d(user.args[1]))
+
+
+def _reduce_dims(node: fx.Node, where: str) -> None:
+    """mean/sum/amax/softmax over an axis of (N, C, L): over L of the 2-D form also drops the
+    unit height unless keepdim; a reduction that drops the channel axis has no 2-D form here."""
+    d = _arg(node, 1, "dim", None)
+    if d is None:
+        if getattr(node.target, "__name__", node.target) in ("softmax", "log_softmax"):
+            raise _refuse(where, "has no axis")
+        return   # a reduction of everything
+    dims = [int(x) for x in d] if isinstance(d, (tuple, list)) else [d]
+    if not all(isinstance(x, int) for x in dims):
+        raise _refuse(where, "takes its axis from the graph")
+    dims = [x + 3 if x < 0 else x for x in dims]
+    keep = bool(_arg(node, 2, "keepdim", False))
+    softmax = getattr(node.target, "__name__", node.target) in ("softmax", "log_softmax")
+    if not softmax and not keep and dims != [2]:
+        raise _refuse(where, "reduces other than the signal axis without keepdim")
+    new = [3 if x == 2 else x for x in dims]
+    if not softmax and not keep and dims == [2]:
+        new = [2, 3]
+    new = new[0] if len(new) == 1 and not isinstance(d, (tuple, list)) else tuple(new)
+    if len(node.args) > 1:
+        node.args = (node.args[0], new, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "dim": new}
+
+
+def _module_2d(mod: nn.Module, where: str) -> nn.Module:
+    if isinstance(mod, nn.Conv1d):
+        pad = mod.padding if isinstance(mod.padding, str) else (0, mod.padding[0])
+        out = nn.Conv2d(mod.in_channels, mod.out_channels, (1, mod.kernel_size[0]),
+                        (1, mod.stride[0]), pad, (1, mod.dilation[0]), mod.groups,
+                        mod.bias is not None, mod.padding_mode)
+        out.weight.data.copy_(mod.weight.data.unsqueeze(2))
+        if mod.bias is not None:
+            out.bias.data.copy_(mod.bias.data)
+        return out
+    if isinstance(mod, nn.BatchNorm1d):
+        out = nn.BatchNorm2d(mod.num_features, mod.eps, mod.momentum, mod.affine,
+                             mod.track_running_stats)
+        out.load_state_dict(mod.state_dict())
+        return out
+    if isinstance(mod, nn.MaxPool1d):
+        if mod.return_indices:
+            raise _refuse(where, "returns indices")
+        return nn.MaxPool2d((1, _one(mod.kernel_size)), (1, _one(mod.stride)),
+                            (0, _one(mod.padding)), (1, _one(mod.dilation)),
+                            ceil_mode=mod.ceil_mode)
+    if isinstance(mod, nn.AvgPool1d):
+        return nn.AvgPool2d((1, _one(mod.kernel_size)), (1, _one(mod.stride)),
+                            (0, _one(mod.padding)), mod.ceil_mode, mod.count_include_pad)
+    if isinstance(mod, nn.AdaptiveAvgPool1d):
+        return nn.AdaptiveAvgPool2d((1, _one(mod.output_size)))
+    if isinstance(mod, nn.AdaptiveMaxPool1d):
+        return nn.AdaptiveMaxPool2d((1, _one(mod.output_size)))
+    if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
+        return mod
+    if isinstance(mod, nn.Softmax):
+        dim = mod.dim if mod.dim is not None else 1
+        return nn.Softmax(_dim_2d(dim))
+    if isinstance(mod, nn.Linear):   # on the last axis: the same at rank 4
+        return mod
+    raise _refuse(where, "has no 2-D form edgeprune knows")
+
+
+def _rank(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _is(node: fx.Node, fn, method: str | None) -> bool:
+    return (node.op == "call_function" and fn is not None and node.target is fn) or \
+        (node.op == "call_method" and method is not None and node.target == method)
+
+
+def _arg(node: fx.Node, pos: int, key: str, default):
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(key, default)
+
+
+def _dim_2d(d: int) -> int:
+    """An axis of (N, C, L) as an axis of (N, C, 1, L)."""
+    d = d + 3 if d < 0 else d
+    return 3 if d == 2 else d
+
+
+def _set_dim(node: fx.Node, pos: int, key: str, default, where: str) -> None:
+    d = _arg(node, pos, key, default)
+    if d is None:
+        return
+    if isinstance(d, (tuple, list)):
+        new = type(d)(_dim_2d(int(x)) for x in d)
+    elif isinstance(d, int):
+        new = _dim_2d(d)
+    else:
+        raise _refuse(where, "takes its axis from the graph")
+    if len(node.args) > pos:
+        node.args = (*node.args[:pos], new, *node.args[pos + 1:])
+    else:
+        node.kwargs = {**node.kwargs, key: new}
+
+
+def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, mod)
+
+
+def _one(v) -> int:
+    return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _refuse(where: str, why: str) -> EdgepruneError:
+    return EdgepruneError(f"1-D model: {where} {why}; edgeprune runs a Conv1d model as a 2-D one "
+                          "with height 1 and cannot rewrite this op", stage=STAGE)

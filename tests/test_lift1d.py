@@ -1,0 +1,140 @@
+"""1-D models (Conv1d on (N, C, L) signals) run as the 2-D models they equal: (N, C, 1, L)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from test_deploy import edgeprune
+from edgeprune.errors import EdgepruneError
+from edgeprune.lift1d import lift_1d
+
+
+class Signal1d(nn.Module):
+    """The 1-D ops a keyword-spotting or ECG model uses: a vector lifted to (N, 1, L), strided,
+    grouped and padded convs, BN, a residual, both pools, F.pad, a mean over time, shape reads."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.c1 = nn.Conv1d(1, 8, 9, stride=2, padding=4)
+        self.b1 = nn.BatchNorm1d(8)
+        self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv1d(8, 16, 1)
+        self.c3 = nn.Conv1d(16, 16, 4)
+        self.pool = nn.MaxPool1d(2)
+        self.avg = nn.AvgPool1d(2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = x.view(x.size(0), 1, -1)
+        x = F.relu(self.b1(self.c1(x)))
+        x = self.pool(x + F.relu(self.dw(x)))
+        x = F.relu(self.pw(x))
+        x = self.avg(F.relu(self.c3(F.pad(x, (1, 2)))) + x)
+        x = x.mean(-1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class Head1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(2, 4, 3, padding=1)
+        self.gap = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.gap(torch.relu(self.c(x))), 1))
+
+
+class FromVector(nn.Module):
+    """An (N, L) input made a signal inside the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(1, 4, 5, stride=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x.unsqueeze(1)))
+        return self.fc(h.amax(-1, keepdim=True).squeeze(-1))
+
+
+class Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(2, 4, 3)
+
+    def forward(self, x):
+        return self.c(x).transpose(1, 2)
+
+
+@pytest.mark.parametrize("model, shape", [(Signal1d(), (2, 1, 160)), (Head1d(), (3, 2, 50)),
+                                          (FromVector(), (2, 64))])
+def test_a_1d_model_lifts_to_the_same_function(model, shape):
+    torch.manual_seed(0)
+    for m in model.modules():   # BN statistics that are not the identity
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    lifted, shape2 = lift_1d(model, shape)
+    assert shape2 == ((*shape[:2], 1, shape[2]) if len(shape) == 3 else shape)
+    assert not any(isinstance(m, (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d,
+                                  nn.AdaptiveAvgPool1d)) for m in lifted.modules())
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.allclose(lifted(x.view(shape2)), model(x), atol=1e-5)
+
+
+def test_a_1d_op_without_a_2d_form_is_named():
+    with pytest.raises(EdgepruneError, match=r"node 'transpose' \(transpose\)"):
+        lift_1d(Transposed().eval(), (1, 2, 20))
+
+
+def test_data_that_does_not_fit_names_both_sample_shapes():
+    from edgeprune.data import Dataset, fit_data
+    d = Dataset("d", np.zeros((4, 1, 30), np.float32), np.zeros(4, np.int64),
+                np.zeros((2, 1, 30), np.float32), np.zeros(2, np.int64))
+    with pytest.raises(EdgepruneError, match=r"samples of shape \[1, 1, 40\].*are \[1, 30\]"):
+        fit_data((1, 1, 1, 40), d, "m.onnx")
+    assert fit_data((1, 1, 1, 30), d, "m.onnx").x_train.shape == (4, 1, 1, 30)
+
+
+def _tones(n, length, seed):
+    """10 classes of noisy tones of different pitch: (N, 1, L) signals."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    t = np.arange(length) / length
+    x = np.sin(2 * np.pi * (4 + 3 * y[:, None]) * t + rng.uniform(0, 6, (n, 1)))
+    x = x + 0.3 * rng.standard_normal((n, length))
+    return x[:, None, :].astype(np.float32), y.astype(np.int64)
+
+
+def test_conv1d_onnx_model_deploys_bit_exact_on_signal_data(tmp_path):
+    """A Conv1d model exported to ONNX, with (N, C, L) .npz data, deploys: pruned, int8,
+    bit-exact in QEMU, its C input the same bytes as the signal."""
+    from edgeprune import data
+    from edgeprune.quantize.train_utils import quick_train
+
+    x_train, y_train = _tones(2000, 160, 0)
+    x_test, y_test = _tones(200, 160, 1)
+    np.savez(tmp_path / "tones.npz", x_train=x_train, y_train=y_train, x_test=x_test,
+             y_test=y_test)
+    torch.manual_seed(0)
+    model = Signal1d()
+    quick_train(model, data.Dataset("tones", x_train, y_train, x_test, y_test), samples=2000,
+                epochs=2.0, lr=0.05)
+    torch.onnx.export(model.eval(), (torch.zeros(1, 1, 160),), str(tmp_path / "m.onnx"),
+                      dynamo=False)
+    out = tmp_path / "out"
+    r = edgeprune("deploy", "--model", tmp_path / "m.onnx", "--data", tmp_path / "tones.npz",
+                  "--ratio", "0.25", "--finetune", "0.5", "--calib-samples", "64",
+                  "--eval-samples", "200", "--target-samples", "10", "--quant-method", "ptq",
+                  "--out", out, "--json", cache=tmp_path / "cache", check=True)
+    report = json.loads(r.stdout)
+    assert report["input_shape"] == [1, 1, 1, 160]
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert report["accuracy"]["quantized"] > 60
