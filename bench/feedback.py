@@ -40,11 +40,11 @@ BUDGET_FRACTION = 0.30
 FULL = {"train_epochs": 10, "finetune_epochs": 1.0, "train_samples": None, "eval_samples": 10000,
         "short_samples": 2000, "val_samples": 2000, "bisect_steps": 6, "workers": 2,
         "step_iterations": 12, "step_schedule": "linear", "rank": "loss", "distill": 0.9,
-        "seed": 0, "seeds": 3}
+        "metric": "latency_ms", "fraction": BUDGET_FRACTION, "seed": 0, "seeds": 3}
 QUICK = {"train_epochs": 1, "finetune_epochs": 0.5, "train_samples": 6000, "eval_samples": 2000,
          "short_samples": 1000, "val_samples": 1000, "bisect_steps": 4, "workers": 2,
          "step_iterations": 6, "step_schedule": "linear", "rank": "loss", "distill": 0.9,
-         "seed": 0, "seeds": 1}
+         "metric": "latency_ms", "fraction": BUDGET_FRACTION, "seed": 0, "seeds": 1}
 
 
 def best_criterion() -> str:
@@ -57,20 +57,21 @@ def best_criterion() -> str:
         return "l1"
 
 
-def bisect_measured(make, measure, budget_instr: int, steps: int, hi: float = 0.95):
-    """The smallest x in [0, hi] whose model `make(x)` measures <= budget_instr instructions
-    (instructions fall as x grows). Returns (x, costs, [(x, instructions)])."""
+def bisect_measured(make, measure, limit: float, steps: int, hi: float = 0.95,
+                    key: str = "instructions"):
+    """The smallest x in [0, hi] whose model `make(x)` measures costs[key] <= limit (the cost
+    falls as x grows). Returns (x, costs, [(x, costs[key])])."""
     tried = []
     costs_hi = measure(make(hi))
-    tried.append((hi, costs_hi["instructions"]))
-    if costs_hi["instructions"] > budget_instr:
+    tried.append((hi, costs_hi[key]))
+    if costs_hi[key] > limit:
         return hi, costs_hi, tried
     lo, best = 0.0, (hi, costs_hi)
     for _ in range(steps):
         mid = round((lo + best[0]) / 2, 4)
         c = measure(make(mid))
-        tried.append((mid, c["instructions"]))
-        if c["instructions"] <= budget_instr:
+        tried.append((mid, c[key]))
+        if c[key] <= limit:
             best = (mid, c)
         else:
             lo = mid
@@ -168,11 +169,15 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
         return c
 
     base = measure(model)
-    budget_instr = int(BUDGET_FRACTION * base["instructions"])
-    budget_ms = BUDGET_FRACTION * base["latency_ms"]
+    metric, fraction = cfg["metric"], cfg["fraction"]
+    budget_instr = int(fraction * base["instructions"])
+    budget_ms = fraction * base["latency_ms"]
+    # what the budget limits: latency as counted instructions, memory as measured kB
+    key = "instructions" if metric == "latency_ms" else metric
+    limit = budget_instr if metric == "latency_ms" else fraction * base[metric]
     print(f"bench feedback: unpruned {base['instructions']:,} instructions "
-          f"({base['latency_ms']:.3f} ms); budget {budget_instr:,} ({budget_ms:.3f} ms); "
-          f"criterion {criterion}", flush=True)
+          f"({base['latency_ms']:.3f} ms), {metric} {base[metric]:.4g}; budget {key} "
+          f"{limit:,.6g}; criterion {criterion}", flush=True)
     acc_float = evaluate(model, x_test, y_test)
 
     def finish(pruned, name, extra, bits=None):
@@ -185,29 +190,32 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
                  "quantized_accuracy": round(quantized_accuracy(pruned, shape, calib, x_test,
                                                                 y_test, bits), 3),
                  "latency_instructions": costs["instructions"],
-                 "budget_instructions": budget_instr,
-                 "met": costs["instructions"] <= budget_instr,
+                 "budget_instructions": budget_instr if metric == "latency_ms" else None,
+                 "met": costs[key] <= limit,
                  "latency_ms": round(costs["latency_ms"], 4),
                  "energy_uj": round(costs["energy_uj"], 2), "flash_kb": round(costs["flash_kb"], 2),
                  "sram_kb": round(costs["sram_kb"], 2),
                  "finetune_seconds": round(time.perf_counter() - t0, 1), **extra}
-        print(f"bench feedback: {name}: {entry['accuracy']:.2f} % at "
-              f"{entry['latency_instructions']:,} instructions (met: {entry['met']})", flush=True)
+        print(f"bench feedback: {name}: {entry['accuracy']:.2f} % at {key} {costs[key]:,.6g} "
+              f"(met: {entry['met']})", flush=True)
         return entry
 
     result = {"model": "resnet8", "data": data.name, "target": target.name,
               "quick": quick, "config": cfg, "criterion": criterion,
               "float_accuracy": round(acc_float, 3),
               "unpruned": {"latency_instructions": base["instructions"],
-                           "latency_ms": round(base["latency_ms"], 4)},
-              "budget": {"fraction": BUDGET_FRACTION, "latency_instructions": budget_instr,
-                         "latency_ms": round(budget_ms, 4)}}
+                           "latency_ms": round(base["latency_ms"], 4),
+                           "flash_kb": round(base["flash_kb"], 2),
+                           "sram_kb": round(base["sram_kb"], 2)},
+              "budget": ({"fraction": fraction, "latency_instructions": budget_instr,
+                          "latency_ms": round(budget_ms, 4)} if metric == "latency_ms" else
+                         {"fraction": fraction, metric: round(limit, 3)})}
 
     # (a) uniform ratio, measured bisection
     def uniform_model(r):
         return prune(model, example, criterion=criterion, ratios=r, data=batches,
                      meta_batch=batches[-1])[0]
-    r, _, tried = bisect_measured(uniform_model, measure, budget_instr, cfg["bisect_steps"])
+    r, _, tried = bisect_measured(uniform_model, measure, limit, cfg["bisect_steps"], key=key)
     result["uniform"] = finish(uniform_model(r), "uniform",
                                {"ratio": r, "bisection": tried})
     write_result(path, result)
@@ -216,13 +224,14 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
     def global_model(f):
         return prune(model, example, criterion=criterion, ratios=f, allocation="global",
                      data=batches, meta_batch=batches[-1])[0]
-    f, _, tried = bisect_measured(global_model, measure, budget_instr, cfg["bisect_steps"])
+    f, _, tried = bisect_measured(global_model, measure, limit, cfg["bisect_steps"], key=key)
     result["global"] = finish(global_model(f), "global", {"fraction": f, "bisection": tried})
     write_result(path, result)
 
     # (c) the feedback loop: search, then the same fine-tuning (inside search: finetune_epochs)
     t0 = time.perf_counter()
-    fb = search(model, example, data, target, {"latency_ms": budget_ms}, criterion=criterion,
+    fb = search(model, example, data, target,
+                {metric: budget_ms if metric == "latency_ms" else limit}, criterion=criterion,
                 seed=cfg["seed"],
                 finetune_epochs=0.0, train_samples=n_train,
                 val_samples=cfg["val_samples"], short_finetune_samples=cfg["short_samples"],
@@ -274,6 +283,10 @@ if __name__ == "__main__":
     ap.add_argument("--distill", type=float,
                     help="distillation weight from the unpruned model in every fine-tune: "
                          "the search's short ones and each method's final one (0: labels)")
+    ap.add_argument("--metric", choices=("latency_ms", "flash_kb", "sram_kb"),
+                    help="what the budget limits (default latency_ms, the acceptance study)")
+    ap.add_argument("--fraction", type=float,
+                    help="the budget as a fraction of the unpruned model's measured cost")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
                     help="fine-tuning seeds, e.g. 0,1,2 (the trained model is seed 0)")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
