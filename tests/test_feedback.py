@@ -229,3 +229,21 @@ def test_per_layer_bits_in_the_quantize_stage_name_layer_and_bits():
             quantize(model, (1, 1, 28, 28), data, target,
                      QuantizeConfig(method="ptq", layer_bits=bits, eval_samples=50,
                                     calib_samples=8), log=lambda *a: None)
+
+
+def test_a_peak_budget_also_proposes_shrinking_every_group_together():
+    """SRAM is a peak over two live tensors of different groups: no group alone reaches the
+    step, so the search also proposes every group shrunk together (measured, not predicted)."""
+    from edgeprune.feedback.costs import Predictor
+    from edgeprune.feedback.search import _propose
+
+    def costs(sram):
+        return {"instructions": 1000, "latency_ms": 1.0, "energy_uj": 1.0, "flash_kb": 50.0,
+                "sram_kb": sram, "kernels": []}
+    base = costs(60.0)
+    tables = {"a": {16: base, 8: costs(58.0)}, "b": {32: base, 16: costs(58.0)}}
+    pred = Predictor(base, tables, {"a": 16, "b": 32})
+    args = (pred, base, {"a": 16, "b": 32}, {}, {"a": 2, "b": 4}, {}, "sram_kb", 50.0, {})
+    assert all(p.kind == "width" for p in _propose(*args))
+    joint = [p for p in _propose(*args, joint=True) if p.kind == "joint"]
+    assert len(joint) == 1 and joint[0].widths == {"a": 15, "b": 30}

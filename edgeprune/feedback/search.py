@@ -32,6 +32,8 @@ from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_finger
 from .worker import JobData, Runner, candidate_job, finetune, job_key, quantized_accuracy
 
 STAGE = "feedback"
+# costs that are a peak over the memory plan, not a sum over layers (see _propose's joint)
+PEAK_METRICS = ("sram_kb",)
 
 
 @dataclass
@@ -343,7 +345,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 # other budgets may not be pushed over (a sub-byte kernel is slower)
                 limits = {k: max(aim[k], cur_costs[k]) for k in budget if k != metric}
                 proposals = _propose(predictor, cur_costs, cur_widths, cur_bits, lowest,
-                                     layer_options, metric, goal, limits)
+                                     layer_options, metric, goal, limits,
+                                     joint=metric in PEAK_METRICS)
                 if not proposals:
                     break
                 parent = to_bytes(cur_model)
@@ -351,9 +354,9 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 it_seed = seed + 1000 * it   # fresh fine-tuning samples each iteration
                 jobs = []
                 for p in proposals:
-                    if p.kind == "width":
-                        jobs.append((job_key(parent_hash, p.name, p.widths[p.name], cur_bits,
-                                             settings, it_seed),
+                    if p.kind in ("width", "joint"):
+                        jobs.append((job_key(parent_hash, p.name, p.widths.get(p.name, p.widths),
+                                             cur_bits, settings, it_seed),
                                      (parent, example_input, _removal(groups, cur_widths,
                                                                       p.widths),
                                       criterion, it_seed, short_finetune_samples, lr, cur_bits)))
@@ -381,6 +384,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                                          bits=cur_bits))
                 change = (f"{chosen.name} -> {chosen.widths[chosen.name]} channels"
                           if chosen.kind == "width" else
+                          f"every group together -> {chosen.widths}"
+                          if chosen.kind == "joint" else
                           f"{chosen.name} -> {chosen.bits[chosen.name]}-bit weights")
                 log(f"feedback: iteration {it}: cut {metric}, {len(proposals)} candidates, chose "
                     f"{change}, holdout (quantized) {acc:.2f} %, loss "
@@ -443,24 +448,30 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
 
 @dataclass
 class Proposal:
-    kind: str                 # "width" | "bits"
-    name: str                 # the group (width) or the layer (bits)
+    kind: str                 # "width" | "joint" (every group) | "bits"
+    name: str                 # the group (width), "joint", or the layer (bits)
     widths: dict[str, int]
     bits: dict[str, int]
     pred: dict[str, float]
 
     @property
     def label(self) -> str:
-        return self.name if self.kind == "width" else f"{self.name}@{self.bits[self.name]}b"
+        return self.name if self.kind in ("width", "joint") else \
+            f"{self.name}@{self.bits[self.name]}b"
 
 
 def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
              cur_bits: dict[str, int], lowest: dict[str, int], options: dict[str, list[int]],
-             metric: str, goal: float, limits: dict[str, float]) -> list[Proposal]:
+             metric: str, goal: float, limits: dict[str, float],
+             joint: bool = False) -> list[Proposal]:
     """Per group, the largest width, and per weight layer the most bits, whose predicted `metric`
     reaches `goal` (NetAdapt's "smallest change that cuts the cost by a step"); knobs that
     cannot reach it alone propose their extreme only when none can, and only if it cuts
-    `metric`. A proposal predicted to push another budget over its `limits` is dropped."""
+    `metric`. A proposal predicted to push another budget over its `limits` is dropped.
+    joint: also every group shrunk by the same share (the first share predicted to reach the
+    goal, else the smallest): for a peak like SRAM, set by two live tensors of different
+    groups at once, the table (one group at a time) misses what shrinking both does, and the
+    search would otherwise cut one group to nothing."""
     reach, partial = [], []
 
     def pred(w, b):
@@ -489,7 +500,26 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
         lower = sorted((b for b in opts if b < cur_bits[layer]), reverse=True)
         if lower:
             knob("bits", layer, [(cur_widths, {**cur_bits, layer: b}) for b in lower])
-    return reach or partial
+    together = []
+    if joint:
+        steps = _shrink_together(cur_widths, lowest)
+        if steps:   # the first share predicted to reach the goal, else the smallest
+            preds = [pred(w, cur_bits) for w in steps]
+            i = next((i for i, p in enumerate(preds) if p[metric] <= goal), 0)
+            if ok(preds[i]):
+                together.append(Proposal("joint", "joint", steps[i], cur_bits, preds[i]))
+    return (reach or partial) + together
+
+
+def _shrink_together(widths: dict[str, int], lowest: dict[str, int]) -> list[dict[str, int]]:
+    """Every group shrunk by 5 %, 10 %, ... of its width (at least one unit, never below its
+    lowest), smallest change first, without repeats."""
+    out: list[dict[str, int]] = []
+    for i in range(1, 20):
+        w = {g: max(lowest[g], min(k - 1, round(k * (1 - i / 20)))) for g, k in widths.items()}
+        if w != widths and (not out or w != out[-1]):
+            out.append(w)
+    return out
 
 
 def _bit_options(word_lengths, target) -> list[int]:
