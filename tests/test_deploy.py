@@ -153,6 +153,16 @@ def test_deploy_with_a_budget_runs_the_measured_search(tmp_path):
         assert (out / "feedback" / name).exists(), name
 
 
+def deploy_user_model(model: Path, data: Path, tmp_path: Path, finetune: str,
+                      target_samples: int) -> dict:
+    """`deploy --json` of a user's model on a user's .npz, cut by 25 %, int8 PTQ: the report."""
+    r = edgeprune("deploy", "--model", model, "--data", data, "--ratio", "0.25", "--finetune",
+                  finetune, "--calib-samples", "64", "--eval-samples", "200",
+                  "--target-samples", str(target_samples), "--quant-method", "ptq",
+                  "--out", tmp_path / "out", "--json", cache=tmp_path / "cache", check=True)
+    return json.loads(r.stdout)
+
+
 def test_user_onnx_model_with_batch_and_concat_on_npz_data(tmp_path):
     """A user's own model (ONNX, a static batch of 2, concatenated branches) on a user's own
     data (.npz) deploys: pruned through the concat, int8 with a requantizing concat, and
@@ -183,17 +193,12 @@ def test_user_onnx_model_with_batch_and_concat_on_npz_data(tmp_path):
                       dynamo=False)
     np.savez(tmp_path / "d.npz", x_train=fm.x_train[:3000], y_train=fm.y_train[:3000],
              x_test=fm.x_test[:200], y_test=fm.y_test[:200])
-    out = tmp_path / "out"
-    r = edgeprune("deploy", "--model", tmp_path / "m.onnx", "--data", tmp_path / "d.npz",
-                  "--ratio", "0.25", "--finetune", "0.3", "--calib-samples", "64",
-                  "--eval-samples", "200", "--target-samples", "11", "--quant-method", "ptq",
-                  "--out", out, "--json", cache=tmp_path / "cache", check=True)
-    report = json.loads(r.stdout)
+    report = deploy_user_model(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path, "0.3", 11)
     assert report["input_shape"] == [2, 1, 28, 28]
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["on_target_samples"] == 10       # whole batches of 2
     assert report["accuracy"]["quantized"] > 50                 # fine-tuned on the .npz
     branches = [l for l in report["pruning"]["per_layer"] if l["channels_before"] == 8]
     assert len(branches) == 2 and all(l["channels_after"] < 8 for l in branches), branches
-    ops = json.loads((out / "qmodel" / "qmodel.json").read_text())["ops"]
+    ops = json.loads((tmp_path / "out" / "qmodel" / "qmodel.json").read_text())["ops"]
     assert "concat" in {o["kind"] for o in ops}

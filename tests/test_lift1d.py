@@ -1,16 +1,14 @@
 """1-D models (Conv1d on (N, C, L) signals) run as the 2-D models they equal: (N, C, 1, L)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from test_deploy import edgeprune
 from edgeprune.errors import EdgepruneError
 from edgeprune.lift1d import lift_1d
+from test_deploy import deploy_user_model
 
 
 class Signal1d(nn.Module):
@@ -129,12 +127,7 @@ def test_conv1d_onnx_model_deploys_bit_exact_on_signal_data(tmp_path):
                 epochs=2.0, lr=0.05)
     torch.onnx.export(model.eval(), (torch.zeros(1, 1, 160),), str(tmp_path / "m.onnx"),
                       dynamo=False)
-    out = tmp_path / "out"
-    r = edgeprune("deploy", "--model", tmp_path / "m.onnx", "--data", tmp_path / "tones.npz",
-                  "--ratio", "0.25", "--finetune", "0.5", "--calib-samples", "64",
-                  "--eval-samples", "200", "--target-samples", "10", "--quant-method", "ptq",
-                  "--out", out, "--json", cache=tmp_path / "cache", check=True)
-    report = json.loads(r.stdout)
+    report = deploy_user_model(tmp_path / "m.onnx", tmp_path / "tones.npz", tmp_path, "0.5", 10)
     assert report["input_shape"] == [1, 1, 1, 160]
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["quantized"] > 60
