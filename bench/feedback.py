@@ -22,6 +22,7 @@ where measured to help (with a latency budget it does not: sub-byte kernels are 
     python -m bench.feedback --train-samples 8000 --epochs 0.5      # a reduced run
     python -m bench.feedback --seeds 1 --result /tmp/s1.json        # one seed (run several at once)
     python -m bench.feedback a/seed0.json b/seed1.json ...          # only summarise seeds
+    python -m bench.feedback --control bench/results/feedback/seed*.json   # equal training
 """
 
 from __future__ import annotations
@@ -264,6 +265,49 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
     return result
 
 
+def equal_training_control(seed_results: list[dict]) -> dict:
+    """Does the search's own training, not its allocation, carry the feedback result? Per seed:
+    the uniform cut gets the training the feedback model's accepted path got (one short
+    distilled fine-tune per accepted iteration, on that iteration's samples), then the same
+    final fine-tune as every method."""
+    import torch
+
+    from edgeprune import data as datasets
+    from edgeprune.deploy import trained_zoo_model
+    from edgeprune.feedback.worker import finetune
+    from edgeprune.prune import prune
+    from edgeprune.train import evaluate
+
+    torch.set_num_threads(1)
+    runs = []
+    for r in seed_results:
+        cfg, seed = r["config"], r["config"]["seed"]
+        data = datasets.fashion_mnist()
+        model, _ = trained_zoo_model("resnet8", data, None, cfg["train_epochs"], 0, print)
+        n_train = len(data.x_train) - cfg["val_samples"]
+        train_set = datasets.Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
+                                     data.x_test, data.y_test)
+        batches = [(torch.from_numpy(data.x_train[i:i + 128]),
+                    torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
+        cut = prune(model, torch.from_numpy(data.x_train[:1]), criterion=r["criterion"],
+                    ratios=r["uniform"]["ratio"], data=batches, meta_batch=batches[-1])[0]
+        iterations = r["feedback"]["iterations"]
+        for it in range(1, iterations + 1):   # the search's samples: seed + 1000 * iteration
+            finetune(cut, train_set, cfg["short_samples"] / n_train, 0.01, seed + 1000 * it,
+                     model, cfg["distill"])
+        before = evaluate(cut, data.x_test, data.y_test)
+        finetune(cut, train_set, cfg["finetune_epochs"], 0.01, seed, model, cfg["distill"])
+        acc = evaluate(cut, data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]])
+        runs.append({"seed": seed, "iterations": iterations, "accuracy": round(acc, 3),
+                     "before_final_finetune": round(before, 3),
+                     "feedback_minus_control_pt": round(r["feedback"]["accuracy"] - acc, 3)})
+        print(f"bench feedback: control seed {seed}: {acc:.2f} % (feedback "
+              f"{r['feedback']['accuracy']:.2f} %)", flush=True)
+    return {"note": equal_training_control.__doc__.split("\n\n")[0].replace("\n    ", " "),
+            "accuracy": round(statistics.fmean(x["accuracy"] for x in runs), 3),
+            "runs": runs}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("combine", nargs="*", type=Path, metavar="SEED_JSON",
@@ -289,13 +333,22 @@ if __name__ == "__main__":
                     help="the budget as a fraction of the unpruned model's measured cost")
     ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
                     help="fine-tuning seeds, e.g. 0,1,2 (the trained model is seed 0)")
+    ap.add_argument("--control", action="store_true",
+                    help="with SEED_JSON files: only run the equal-training control of them, "
+                         "into the result file's other_runs")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
     a = vars(ap.parse_args())
     if a.get("result"):
         RESULT = a["result"]
     a.pop("result")
     files = a.pop("combine")
-    if files:
+    if files and a["control"]:
+        summary = json.loads(RESULT.read_text())
+        summary.setdefault("other_runs", {})["uniform_with_the_search_training"] = \
+            equal_training_control([json.loads(f.read_text()) for f in files])
+        write_result(RESULT, summary)
+    elif files:
         write_result(RESULT, combine([json.loads(f.read_text()) for f in files]))
     else:
+        a.pop("control")
         main(a.pop("quick"), a.pop("seeds"), **a)
