@@ -470,8 +470,9 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
     `metric`. A proposal predicted to push another budget over its `limits` is dropped.
     joint: also every group shrunk by the same share (the first share predicted to reach the
     goal, else the smallest): for a peak like SRAM, set by two live tensors of different
-    groups at once, the table (one group at a time) misses what shrinking both does, and the
-    search would otherwise cut one group to nothing."""
+    groups at once, the table (one group at a time) misses what shrinking both does; without
+    it, once no single group could make the step, the search stopped short of an SRAM budget
+    that uniform pruning meets (ResNet-8 at 60 %: 51.2 kB for 40.5)."""
     reach, partial = [], []
 
     def pred(w, b):
