@@ -23,6 +23,7 @@ where measured to help (with a latency budget it does not: sub-byte kernels are 
     python -m bench.feedback --seeds 1 --result /tmp/s1.json        # one seed (run several at once)
     python -m bench.feedback a/seed0.json b/seed1.json ...          # only summarise seeds
     python -m bench.feedback --control bench/results/feedback/seed*.json   # equal training
+    python -m bench.feedback --sweep 12 bench/results/feedback/seed0.json  # random allocations
 """
 
 from __future__ import annotations
@@ -308,6 +309,75 @@ def equal_training_control(seed_results: list[dict]) -> dict:
             "runs": runs}
 
 
+def allocation_sweep(seed_result: dict, count: int) -> dict:
+    """How much can any per-group allocation gain over uniform at this budget? `count` random
+    allocations (each group's share of the cut drawn from [0.3, 1.7], one seeded draw per
+    allocation), each scaled by measured bisection to the seed's budget like the uniform cut,
+    then given the same final fine-tune as every method. An estimate of the spread the search
+    chooses from, not of its result."""
+    import random
+
+    import torch
+
+    from edgeprune import data as datasets
+    from edgeprune.deploy import trained_zoo_model
+    from edgeprune.feedback.measure import toolchain_fingerprint
+    from edgeprune.feedback.search import default_cache_dir
+    from edgeprune.feedback.worker import JobData, Runner, finetune
+    from edgeprune.prune import prune
+    from edgeprune.targets import load_target
+    from edgeprune.train import evaluate
+
+    torch.set_num_threads(1)
+    cfg, seed, r = seed_result["config"], seed_result["config"]["seed"], seed_result
+    data = datasets.fashion_mnist()
+    target = load_target(r["target"])
+    model, shape = trained_zoo_model(r["model"], data, None, cfg["train_epochs"], 0, print)
+    example = torch.from_numpy(data.x_train[:1])
+    n_train = len(data.x_train) - cfg["val_samples"]
+    train_set = datasets.Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
+                                 data.x_test, data.y_test)
+    batches = [(torch.from_numpy(data.x_train[i:i + 128]),
+                torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
+    runner = Runner(JobData(data.x_train[:8], data.y_train[:8], data.x_test[:8], data.y_test[:8],
+                            data.x_train[:64]), default_cache_dir() / target.name / "bench", 1)
+    fingerprint = toolchain_fingerprint(target)
+    limit = r["budget"]["latency_instructions"]
+    groups = sorted(r["feedback"]["widths"])
+
+    def measure(m):
+        return runner.measure([m], shape, target, fingerprint, bits=[None])[0]
+
+    runs = []
+    for i in range(count):
+        rng = random.Random(f"allocation {i}")
+        share = {g: rng.uniform(0.3, 1.7) for g in groups}
+
+        def make(x):  # x: the uniform-equivalent ratio, each group's ratio x * its share
+            return prune(model, example, criterion=r["criterion"],
+                         ratios={g: min(0.95, x * share[g]) for g in groups}, data=batches,
+                         meta_batch=batches[-1])[0]
+        x, costs, _ = bisect_measured(make, measure, limit, cfg["bisect_steps"],
+                                      hi=0.95 / min(share.values()))
+        cut = make(x)
+        finetune(cut, train_set, cfg["finetune_epochs"], 0.01, seed, model, cfg["distill"])
+        acc = evaluate(cut, data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]])
+        widths = {n: m.out_channels for n, m in cut.named_modules() if n in share}
+        runs.append({"widths": widths, "accuracy": round(acc, 3),
+                     "latency_instructions": costs["instructions"],
+                     "met": costs["instructions"] <= limit})
+        print(f"bench feedback: allocation {i} {list(widths.values())}: {acc:.2f} % at "
+              f"{costs['instructions']:,} instructions", flush=True)
+    runner.close()
+    accs = [x["accuracy"] for x in runs]
+    return {"note": allocation_sweep.__doc__.split("\n\n")[0].replace("\n    ", " "),
+            "seed": seed, "uniform": r["uniform"]["accuracy"],
+            "feedback": r["feedback"]["accuracy"], "best": max(accs),
+            "median": round(statistics.median(accs), 3), "worst": min(accs),
+            "best_minus_uniform_pt": round(max(accs) - r["uniform"]["accuracy"], 3),
+            "above_uniform": sum(a > r["uniform"]["accuracy"] for a in accs), "runs": runs}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("combine", nargs="*", type=Path, metavar="SEED_JSON",
@@ -336,6 +406,9 @@ if __name__ == "__main__":
     ap.add_argument("--control", action="store_true",
                     help="with SEED_JSON files: only run the equal-training control of them, "
                          "into the result file's other_runs")
+    ap.add_argument("--sweep", type=int, metavar="N",
+                    help="with one SEED_JSON: only run N random allocations at its budget, "
+                         "into the result file's other_runs")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
     a = vars(ap.parse_args())
     if a.get("result"):
@@ -347,8 +420,13 @@ if __name__ == "__main__":
         summary.setdefault("other_runs", {})["uniform_with_the_search_training"] = \
             equal_training_control([json.loads(f.read_text()) for f in files])
         write_result(RESULT, summary)
+    elif files and a["sweep"]:
+        sweep = allocation_sweep(json.loads(files[0].read_text()), a["sweep"])
+        summary = json.loads(RESULT.read_text())  # read after the run: others may have written
+        summary.setdefault("other_runs", {}).setdefault("allocation_sweep", {})[files[0].stem] = sweep
+        write_result(RESULT, summary)
     elif files:
         write_result(RESULT, combine([json.loads(f.read_text()) for f in files]))
     else:
-        a.pop("control")
+        a.pop("control"), a.pop("sweep")
         main(a.pop("quick"), a.pop("seeds"), **a)
