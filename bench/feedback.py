@@ -16,7 +16,7 @@ bench/results/feedback/seed<N>.json, and bench/results/feedback.json summarises 
 the seeds), quantized_accuracy (its PTQ model as deployed: int8, or the
 search's word lengths), latency_instructions (measured), budget_instructions, met; plus settings.
 The search ranks its candidates by their PTQ model's holdout loss and may lower word lengths
-where measured to help (with a latency budget it does not: sub-byte kernels are slower).
+where measured to help (with a latency budget it does not: sub-byte kernels are no faster).
 
     python -m bench.run feedback [--quick]
     python -m bench.feedback --train-samples 8000 --epochs 0.5      # a reduced run

@@ -22,7 +22,7 @@ class Net:
         self.ops, self.params, self.last = [], {}, "x"
 
     def _add(self, kind, out_shape, attrs, weight=None, scale_range=(0.5, 2.0), zp_out=-3,
-             real_scales=None, out_dtype="int8"):
+             real_scales=None, out_dtype="int8", weight_bits=8):
         name = f"op{len(self.ops)}"
         out = f"t{len(self.ops)}"
         wide = out_dtype == "int16"  # symmetric, outputs spread over the int16 range
@@ -40,20 +40,21 @@ class Net:
                                 f"{name}.bias": self.rng.integers(-bias_max, bias_max, o).astype(np.int32),
                                 f"{name}.multiplier": m, f"{name}.shift": sh})
             attrs = {**attrs, "clamp": [-32768, 32767] if wide else [-128, 127],
-                     "weight_bits": 8, "weight_format": "int",
+                     "weight_bits": weight_bits, "weight_format": "int",
                      "activation": None}
         self.ops.append(Op(kind, name, [self.last], out, attrs))
         self.last = out
         return self
 
     def conv(self, out_ch, kernel, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
-             wmax=127, **kw):
+             wmax=127, weight_bits=8, **kw):
         n, c, h, w = self.tensors[self.last].shape
+        wmax = min(wmax, 2 ** (weight_bits - 1) - 1)
         oh, ow = conv_out_hw(h, w, kernel, stride, padding, dilation)
         wt = self.rng.integers(-wmax, wmax + 1, (out_ch, c // groups, *kernel), dtype=np.int8)
         attrs = {"strides": list(stride), "padding": list(padding), "dilation": list(dilation),
                  "groups": groups}
-        return self._add("conv2d", (n, out_ch, oh, ow), attrs, wt, **kw)
+        return self._add("conv2d", (n, out_ch, oh, ow), attrs, wt, weight_bits=weight_bits, **kw)
 
     def add(self, other, zp_out=2, relu=False):
         """Requantized residual add of the last tensor and `other` (output scale 0.17)."""
@@ -416,3 +417,30 @@ int main(void) {
                          check=True).stdout.split()
     assert out[:4] == [str((5 + 32 * 16384) >> 13)] * 4  # 64: the int32 sums
     assert out[4:] == [str((5 - 16 * 32768) >> 13)] * 4   # -64: int16 pairs wrapped
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "cortex-m55", "riscv32"])
+def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target):
+    """4- and 2-bit convs (odd channel counts, zero point -128, stride 2, an int16 output into a 1x1)
+    run in the SMLAD kernel, their codes widened per channel block from packed words, not in
+    TVM's lowering of the packed TE conv; bit-exact on the target, and their weight constants
+    stay packed (a quarter / an eighth of a word per int8 word)."""
+    qm = (Net((1, 5, 9, 8), zp=-128, seed=4)
+          .conv(7, (3, 3), padding=(1, 1, 1, 1), weight_bits=4)
+          .conv(6, (3, 3), stride=(2, 2), weight_bits=2, out_dtype="int16")
+          .conv(9, (1, 1), weight_bits=4)
+          .flatten().dense(5).build())
+    build, result = _run(qm, tmp_path, "subbyte", target)
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels
+    assert not any("packed" in k for k in kernels), kernels
+    assert result["mismatches"] == 0 and result["outputs_match"]
+
+    from edgeprune.kernels import specialize_int8
+    from edgeprune.quantize.to_relax import to_relax
+    main = specialize_int8(to_relax(qm))["main"]
+    calls = [b.value for blk in main.body.blocks for b in blk.bindings
+             if "ep_int8_conv" in getattr(getattr(b.value, "args", [None])[0], "name_hint", "")]
+    weights = [c.args[1].fields[1].value.numpy().nbytes for c in calls]
+    # blocks of 4 output channels x channel pairs x taps: 8x6x9 at 4 bits, 8x8x9 at 2, 12x6 at 4
+    assert weights == [216, 144, 36], weights

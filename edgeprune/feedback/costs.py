@@ -10,7 +10,7 @@ predicted additively: full + sum_g (mem(g at k) - mem(full)).
 
 Word lengths are a second axis: each weight layer L is measured alone at each word length b
 the target offers (every group at full width). Its per-kernel factor multiplies like a width's
-(a packed sub-byte kernel is slower by a factor, whatever its width); its memory difference is
+(a sub-byte kernel's cost differs by a factor, whatever its width); its memory difference is
 scaled by the fraction of L's weights the widths keep (`keep`): with Δw measured at 8 bits and
 Δb at full width, base + Δw + Δb·keep is exact for the weight bytes of a pruned low-bit layer.
 

@@ -10,7 +10,8 @@
    word-length proposal only re-quantized (in parallel); the one whose quantized model (PTQ at
    its word lengths, as deployed) is most accurate on a holdout split is accepted and measured
    again on the target. Word lengths are chosen only where measurement says they cut the violated
-   cost: sub-byte kernels are slower than int8, so in practice they cut flash, not latency.
+   cost: sub-byte kernels are no faster than int8 (the codes are widened to the same int16
+   pairs), so in practice they cut flash, not latency.
 3. Long fine-tune of the accepted model and a final measurement: the numbers reported are measured.
 """
 
@@ -342,7 +343,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                     goal = max(aim[metric], cur_costs[metric] * shrink[metric])
                 else:
                     goal = cur_costs[metric] - min(step.get(metric) or gap, gap)
-                # other budgets may not be pushed over (a sub-byte kernel is slower)
+                # other budgets may not be pushed over (a sub-byte kernel is not faster)
                 limits = {k: max(aim[k], cur_costs[k]) for k in budget if k != metric}
                 proposals = _propose(predictor, cur_costs, cur_widths, cur_bits, lowest,
                                      layer_options, metric, goal, limits,

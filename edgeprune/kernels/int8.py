@@ -26,14 +26,19 @@ the layer's exact shape, with its weights repacked at build time:
   extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
 * cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
   simd.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
+* sub-byte convs (4/2-bit two's-complement or ternary codes, groups 1; quantize/packing.py):
+  the same conv kernel on every core, with the codes packed 32 / 4b int8 words to a word in
+  flash and widened per channel block (ep_widen_sub) into the same int16 pairs; the MAC loop
+  is unchanged, so they run at about int8 speed (ResNet-8 layer1.conv1 on the M7: 1.81 M
+  instructions at 4 bits, 1.80 M at 8; TVM's lowering of the packed TE conv took 27.9 M).
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
 * requantized residual add (to_relax._add): one pass, two 64-bit multiply-accumulates per
   element, when the shifted sum provably fits 32 bits (then SSAT).
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
-else (grouped convs with a channel multiplier, sub-byte packed weights, other layouts) keeps
-TVM's lowering.
+else (grouped convs with a channel multiplier, power-of-two or depthwise sub-byte weights,
+sub-byte dense layers, other layouts) keeps TVM's lowering.
 """
 
 from __future__ import annotations
@@ -100,6 +105,23 @@ __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep
     wu[0] = ep_sxtb16(a), wu[1] = ep_sxtb16_ror8(a), wu[2] = ep_sxtb16(b), wu[3] = ep_sxtb16_ror8(b);
   }
   if (n) wu[0] = ep_sxtb16(w[0]), wu[1] = ep_sxtb16_ror8(w[0]);
+  return 0;
+}
+/* ep_widen for b-bit (4 or 2) weight codes: n words of four lanes packed 32 / 4b to a word,
+   lowest bits first (int8._pack_lanes), into the same int16-pair words as ep_widen. */
+__attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep_widen_sub(
+    int32_t *w, int32_t *wu, int32_t n, int32_t b) {
+  const int32_t sh = 32 - b, per = 32 / (4 * b);
+  for (int32_t i = 0; i < n; i += per, w++) {
+    uint32_t v = (uint32_t)*w;
+    for (int32_t j = 0; j < per && i + j < n; j++, wu += 2) {
+      int32_t l0 = (int32_t)(v << sh) >> sh, l1 = (int32_t)((v >> b) << sh) >> sh;
+      int32_t l2 = (int32_t)((v >> 2 * b) << sh) >> sh, l3 = (int32_t)((v >> 3 * b) << sh) >> sh;
+      wu[0] = (int32_t)(((uint32_t)l0 & 0xFFFFu) | ((uint32_t)l2 << 16));
+      wu[1] = (int32_t)(((uint32_t)l1 & 0xFFFFu) | ((uint32_t)l3 << 16));
+      v >>= 4 * b;
+    }
+  }
   return 0;
 }
 /* Two neighbouring int16 values as one word, p[0] in the low half (one LDR; v7-M and later
@@ -177,6 +199,7 @@ class QLayer:
     dilation: tuple = (1, 1)
     padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
     pad_value: int = 0
+    weight_bits: int = 8      # 4 / 2: the flash keeps b-bit codes, widened per channel block
 
 
 def _tiled(layer: QLayer, features) -> bool:
@@ -190,6 +213,8 @@ def layer_key(layer: QLayer) -> str:
     parts = [layer.kind, f"x{_shape(layer.x_shape)}", f"w{_shape(layer.weight.shape)}",
              f"y{_shape(layer.y_shape)}", f"s{_shape(layer.strides)}", f"d{_shape(layer.dilation)}",
              f"p{_shape(layer.padding)}", f"{layer.x_dtype}->{layer.out_dtype}"]
+    if layer.weight_bits != 8:
+        parts.append(f"w{layer.weight_bits}b")
     return "|".join(parts).replace(" ", "")
 
 
@@ -234,8 +259,9 @@ def _uses(func) -> dict:
     return count
 
 
-def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
-    """The chain ending in binding var `end`, or None. Returns (layer, unpadded input var)."""
+def _match(end, defs: dict, uses: dict, mod=None) -> tuple[QLayer, object] | None:
+    """The chain ending in binding var `end`, or None. Returns (layer, unpadded input var).
+    With `mod`, a sub-byte conv (quantize/packing.py's TE kernel, bias included) is a core too."""
     def producer(var, op_name, n_uses=1):
         v = defs.get(var)
         if v is None or _op(v) != op_name or uses.get(var, 0) != n_uses:
@@ -245,42 +271,42 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
     last = defs.get(end)
     if _op(last) != "relax.astype" or str(last.attrs.dtype) not in ("int8", "int16"):
         return None
-    out_dtype = str(last.attrs.dtype)
     steps = {}
     var = last.args[0]
     for name in ("relax.clip", "relax.add", "relax.right_shift", "relax.add", "relax.multiply",
-                 "relax.astype", "relax.add"):
+                 "relax.astype"):
         v = producer(var, name)
         if v is None:
             return None
         steps.setdefault(name, []).append(v)
         var = v.args[0]
     clip = steps["relax.clip"][0]
-    add_zp, add_rnd, add_bias = steps["relax.add"]
+    add_zp, add_rnd = steps["relax.add"]
     if str(steps["relax.astype"][0].attrs.dtype) != "int64":
         return None
+    consts = [_const(a.args[1]) for a in (steps["relax.multiply"][0], add_rnd,
+                                         steps["relax.right_shift"][0], add_zp)]
+    if any(c is None for c in consts):
+        return None
+    add_bias = producer(var, "relax.add")
+    if add_bias is None:
+        return _match_packed(defs.get(var), uses.get(var, 0), mod, consts, clip, end)
+    var = add_bias.args[0]
     core = defs.get(var)
     if uses.get(var, 0) != 1 or _op(core) not in ("relax.nn.conv2d", "relax.matmul"):
         return None
     x = core.args[0]
     w = _const(core.args[1])
-    consts = [_const(a.args[1]) for a in (add_bias, steps["relax.multiply"][0], add_rnd,
-                                         steps["relax.right_shift"][0], add_zp)]
-    if w is None or w.dtype != np.int8 or any(c is None for c in consts):
+    bias = _const(add_bias.args[1])
+    if w is None or w.dtype != np.int8 or bias is None:
         return None
-    x_ty = x.ty
-    x_dtype = str(x_ty.dtype)
+    x_dtype = str(x.ty.dtype)
     if x_dtype not in ("int8", "int16"):  # 16-bit activations fit SMLAD's halves as well
         return None
-    x_shape = tuple(int(d.value) for d in x_ty.shape.values)
-    y_shape = tuple(int(d.value) for d in end.ty.shape.values)
-    bias, mult, rnd, shift, zp = consts
-    if zp.size != 1:
-        return None
+    x_shape = tuple(int(d.value) for d in x.ty.shape.values)
     if _op(core) == "relax.matmul":
         if len(x_shape) != 2 or w.ndim != 2 or str(core.attrs.out_dtype) != "int32":
             return None
-        o = w.shape[1]
         weight, kind, extra = np.ascontiguousarray(w.T), "dense", {}
     else:
         a = core.attrs
@@ -310,15 +336,54 @@ def _match(end, defs: dict, uses: dict) -> tuple[QLayer, object] | None:
                 x_shape = tuple(int(d.value) for d in x.ty.shape.values)
                 extra["padding"] = (pw[4], pw[6], pw[5], pw[7])
                 extra["pad_value"] = int(pv)
+    layer = _layer(kind, x_shape, end, weight, bias, consts, clip, x_dtype, extra)
+    return (layer, x) if layer else None
+
+
+def _layer(kind, x_shape, end, weight, bias, consts, clip, x_dtype, extra) -> QLayer | None:
+    """The QLayer of a matched chain, if its requantization constants suit the kernels."""
+    mult, rnd, shift, zp = consts
+    if zp.size != 1:
+        return None
+    o = weight.shape[0]
     per = [_per_channel(v, o, dt) for v, dt in ((bias, np.int32), (mult, np.int64),
                                                  (rnd, np.int64), (shift, np.int64))]
     if any(p is None for p in per) or np.any(per[1] < 0) or np.any(per[1] >= 2 ** 31) \
             or np.any((per[3] < 1) | (per[3] > 62)):  # M must fit SMLAL's int32, s a shift
         return None
     lo, hi = (int(v.value) for v in clip.args[1:3])
-    layer = QLayer(kind, x_shape, y_shape, out_dtype, weight, *per, int(zp.reshape(())),
-                   lo, hi, x_dtype, **extra)
-    return layer, x
+    y_shape = tuple(int(d.value) for d in end.ty.shape.values)
+    return QLayer(kind, x_shape, y_shape, str(end.ty.dtype), weight, *per,
+                  int(zp.reshape(())), lo, hi, x_dtype, **extra)
+
+
+def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, object] | None:
+    """A sub-byte conv (groups 1, two's-complement codes: "int" or "ternary") whose TE kernel
+    quantize/packing.py made: decoded here, repacked per channel block by _conv_kernel."""
+    import json
+
+    from ..quantize.packing import PACKED_ATTR, unpack
+    if mod is None or n_uses != 1 or _op(core) != "relax.call_tir":
+        return None
+    attrs = mod[core.args[0]].attrs
+    if attrs is None or PACKED_ATTR not in attrs:
+        return None
+    info = json.loads(str(attrs[PACKED_ATTR]))
+    x, packed, bias = core.args[1].fields
+    packed, bias = _const(packed), _const(bias)
+    x_dtype = str(x.ty.dtype)
+    if info["format"] not in ("int", "ternary") or info["groups"] != 1 or packed is None \
+            or bias is None or x_dtype not in ("int8", "int16"):
+        return None
+    shape = info["weight_shape"]
+    weight = unpack(packed, int(np.prod(shape)), info["format"], info["bits"])
+    extra = {"strides": tuple(info["strides"]), "dilation": tuple(info["dilation"]),
+             "padding": tuple(info["padding"]), "pad_value": info["pad_value"],
+             "weight_bits": info["bits"]}
+    x_shape = tuple(int(d.value) for d in x.ty.shape.values)
+    layer = _layer("conv", x_shape, end, weight.reshape(shape).astype(np.int8), bias, consts,
+                   clip, x_dtype, extra)
+    return (layer, x) if layer else None
 
 
 def _add_chain(end, defs: dict, uses: dict, features=()):
@@ -421,7 +486,7 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
             if _op(b.value) != "relax.astype":
                 bindings.append(b)
                 continue
-            conv, add = _match(b.var, defs, uses), None
+            conv, add = _match(b.var, defs, uses, mod), None
             if conv is None:
                 add = _add_chain(b.var, defs, uses, features)
                 if add is None:
@@ -550,6 +615,9 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     if oc_block is None:  # one-pixel rows (dense) spend the registers on output channels
         one_px = dense or layer.y_shape[3] == 1
         oc_block, px_block = (OC_BLOCK * PX_BLOCK, 1) if one_px else (OC_BLOCK, PX_BLOCK)
+    sub = layer.weight_bits < 8
+    if sub and px_block == 1:  # b-bit codes are widened once per block (unpack_loops), never inline
+        oc_block, px_block = OC_BLOCK, PX_BLOCK
     if dense:
         o, c = layer.weight.shape
         kh = kw = 1
@@ -588,6 +656,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     words = (b[..., 0::2, 0] | (b[..., 1::2, 0] << 8) | (b[..., 0::2, 1] << 16)
              | (b[..., 1::2, 1] << 24)).view(np.int32)
     words = np.ascontiguousarray(words)
+    if sub:  # flash keeps b-bit codes: each word's four lanes in 4b bits, 32 / 4b words a word
+        words = _pack_lanes(words.reshape(ob, -1), layer.weight_bits)
 
     def xin(ch, i, j):
         return f"x[nb, {ch}]" if dense else f"x[nb, {ch}, {i}, {j}]"
@@ -602,7 +672,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     hb = hs if band == oh_n else (band - 1) * sh + (kh - 1) * dh + 1
     L = _header(layer, words.shape, "int32", o, layer.kind)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
-        L.append(f'    wu = T.alloc_buffer(({nred}, {kh}, {taps}, {2 * words.shape[-1]}), "int32")')
+        L.append(f'    wu = T.alloc_buffer(({nred}, {kh}, {taps}, {oc_block + oc_block % 2}), "int32")')
     L += [f'    xs = T.alloc_buffer(({nred}, {hb}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
           f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")']
@@ -707,7 +777,10 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         the SXTB16s would need more registers than a Cortex-M has and spill (+30 % on L7)."""
         if px_block == 1:  # one pixel per tile: each weight is used once anyway
             return []
-        n_words = nred * kh * taps * words.shape[-1]
+        n_words = nred * kh * taps * ((oc_block + 1) // 2)
+        if sub:
+            return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen_sub", '
+                    f"T.address_of(w[{obv}, 0]), wu.data, {n_words}, {layer.weight_bits}))"]
         return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen", '
                 f"T.address_of(w[{obv}, 0, 0, 0, 0]), wu.data, {n_words}))"]
 
@@ -738,6 +811,19 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     L.append(f"        for bnd in range({nbands}):")
     L += band_loops("            ", "bnd", rows)
     return "\n".join(L), [words] + consts
+
+
+def _pack_lanes(words: np.ndarray, bits: int) -> np.ndarray:
+    """(blocks, n) int32 words of four int8 lanes -> (blocks, ceil(n / per)) int32 words, per =
+    32 / (4 * bits) words each: word i's lane l at bit 4 * bits * (i % per) + bits * l, as
+    two's-complement codes (ep_widen_sub reads them back)."""
+    per = 32 // (4 * bits)
+    blocks, n = words.shape
+    lanes = np.zeros((blocks, -(-n // per) * per, 4), np.int64)
+    lanes[:, :n] = words.view(np.int8).reshape(blocks, n, 4)
+    codes = (lanes & ((1 << bits) - 1)).reshape(blocks, -1, per * 4)
+    shifts = bits * np.arange(per * 4, dtype=np.int64)
+    return np.ascontiguousarray((codes << shifts).sum(-1).astype(np.uint32).view(np.int32))
 
 
 def _depthwise_kernel(layer: QLayer, dsp: bool = False):

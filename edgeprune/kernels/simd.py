@@ -29,8 +29,10 @@ SIMD_FEATURES = (MVE_FEATURE, "neon")
 
 
 def wants_simd(layer: QLayer, features) -> bool:
-    """This module's kernels (Helium, or NEON on Cortex-A) for an int8-input layer."""
-    return any(f in SIMD_FEATURES for f in tuple(features or ())) and layer.x_dtype == "int8"
+    """This module's kernels (Helium, or NEON on Cortex-A) for an int8-input layer with int8
+    weights (sub-byte weights take int8.py's kernel, which keeps them packed in flash)."""
+    return any(f in SIMD_FEATURES for f in tuple(features or ())) and layer.x_dtype == "int8" \
+        and layer.weight_bits == 8
 
 
 def _requant(layer: QLayer, n_out: int | None = None):
