@@ -76,10 +76,11 @@ class Net:
         self.last = out
         return self
 
-    def dense(self, out_features, **kw):
+    def dense(self, out_features, weight_bits=8, **kw):
         n, k = self.tensors[self.last].shape
-        wt = self.rng.integers(-127, 128, (out_features, k), dtype=np.int8)
-        return self._add("dense", (n, out_features), {}, wt, **kw)
+        wmax = 2 ** (weight_bits - 1) - 1
+        wt = self.rng.integers(-wmax, wmax + 1, (out_features, k), dtype=np.int8)
+        return self._add("dense", (n, out_features), {}, wt, weight_bits=weight_bits, **kw)
 
     def build(self):
         return QuantModel("x", self.last, self.tensors, self.ops, self.params)
@@ -421,18 +422,19 @@ int main(void) {
 
 @pytest.mark.parametrize("target", ["cortex-m7", "cortex-m55", "riscv32"])
 def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target):
-    """4- and 2-bit convs (odd channel counts, zero point -128, stride 2, an int16 output into a 1x1)
-    run in the SMLAD kernel, their codes widened per channel block from packed words, not in
-    TVM's lowering of the packed TE conv; bit-exact on the target, and their weight constants
-    stay packed (a quarter / an eighth of a word per int8 word)."""
+    """4- and 2-bit convs (odd channel counts, zero point -128, stride 2, an int16 output into a
+    1x1) and dense layers run in the SMLAD kernel (conv codes widened per channel block, dense
+    codes decoded inline), not in TVM's lowering of the packed TE kernels; bit-exact on the
+    target, and their weight constants stay packed."""
     qm = (Net((1, 5, 9, 8), zp=-128, seed=4)
           .conv(7, (3, 3), padding=(1, 1, 1, 1), weight_bits=4)
           .conv(6, (3, 3), stride=(2, 2), weight_bits=2, out_dtype="int16")
           .conv(9, (1, 1), weight_bits=4)
-          .flatten().dense(5).build())
+          .flatten().dense(11, weight_bits=2).dense(5, weight_bits=4).build())
     build, result = _run(qm, tmp_path, "subbyte", target)
     kernels = [l["name"] for l in build["layers"]]
     assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels
+    assert sum(k.startswith("ep_int8_dense") for k in kernels) == 2, kernels
     assert not any("packed" in k for k in kernels), kernels
     assert result["mismatches"] == 0 and result["outputs_match"]
 
@@ -440,7 +442,8 @@ def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target)
     from edgeprune.quantize.to_relax import to_relax
     main = specialize_int8(to_relax(qm))["main"]
     calls = [b.value for blk in main.body.blocks for b in blk.bindings
-             if "ep_int8_conv" in getattr(getattr(b.value, "args", [None])[0], "name_hint", "")]
+             if "ep_int8_" in getattr(getattr(b.value, "args", [None])[0], "name_hint", "")]
     weights = [c.args[1].fields[1].value.numpy().nbytes for c in calls]
-    # blocks of 4 output channels x channel pairs x taps: 8x6x9 at 4 bits, 8x8x9 at 2, 12x6 at 4
-    assert weights == [216, 144, 36], weights
+    # blocks of 4 output channels (dense: 8) x channel pairs x taps, padded: convs 8x6x9 at 4
+    # bits, 8x8x9 at 2, 12x6 at 4; dense 16x108 at 2 bits, 8x12 at 4
+    assert weights == [216, 144, 36, 432, 48], weights

@@ -26,10 +26,11 @@ the layer's exact shape, with its weights repacked at build time:
   extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
 * cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
   simd.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
-* sub-byte convs (4/2-bit two's-complement or ternary codes, groups 1; quantize/packing.py):
-  the same conv kernel on every core, with the codes packed 32 / 4b int8 words to a word in
-  flash and widened per channel block (ep_widen_sub) into the same int16 pairs; the MAC loop
-  is unchanged, so they run at about int8 speed (ResNet-8 layer1.conv1 on the M7: 1.81 M
+* sub-byte convs (groups 1) and dense layers (4/2-bit two's-complement or ternary codes;
+  quantize/packing.py): the same kernel on every core, with the codes packed 32 / 4b int8
+  words to a word in flash and widened per channel block (ep_widen_sub) into the same int16
+  pairs, or decoded inline (ep_sub_pair) where a tile has one pixel and each weight is used
+  once; the MAC loop is unchanged, so convs run at about int8 speed (ResNet-8 layer1.conv1 on the M7: 1.81 M
   instructions at 4 bits, 1.80 M at 8; TVM's lowering of the packed TE conv took 27.9 M).
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
@@ -38,7 +39,7 @@ the layer's exact shape, with its weights repacked at build time:
   element, when the shifted sum provably fits 32 bits (then SSAT).
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
 else (grouped convs with a channel multiplier, power-of-two or depthwise sub-byte weights,
-sub-byte dense layers, other layouts) keeps TVM's lowering.
+other layouts) keeps TVM's lowering.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep
   }
   return 0;
 }
+/* The int16 pair of one output channel from a packed word (as ep_widen_sub): the b-bit
+   lanes at bit `off` and `off + 2b`, sign-extended. */
+static inline int32_t ep_sub_pair(int32_t w, int32_t off, int32_t b) {
+  int32_t lo = (int32_t)(((uint32_t)w >> off) << (32 - b)) >> (32 - b);
+  int32_t hi = (int32_t)(((uint32_t)w >> (off + 2 * b)) << (32 - b)) >> (32 - b);
+  return (int32_t)(((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16));
+}
 /* Two neighbouring int16 values as one word, p[0] in the low half (one LDR; v7-M and later
    allow it unaligned): a pair of horizontal taps of a depthwise plane for ep_smlad. */
 static inline int32_t ep_ld2(int16_t *p) {
@@ -167,7 +175,7 @@ KERNEL_ATTR = "edgeprune.kernel"
 TUNED_TILES: ContextVar[dict] = ContextVar("edgeprune_tuned_tiles", default={})
 KERNEL_LAYERS: ContextVar[dict | None] = ContextVar("edgeprune_kernel_layers", default=None)
 # Every kernel here is marked opaque (op_pattern 8) so that FuseOps keeps it a call of its own.
-PRELUDE_FUNCS = ("ep_smlad", "ep_mac2", "ep_sxtb16", "ep_requant", "ep_clamp")
+PRELUDE_FUNCS = ("ep_smlad", "ep_mac2", "ep_sxtb16", "ep_requant", "ep_clamp", "ep_sub_pair")
 
 
 def with_prelude(c_source: str) -> str:
@@ -358,8 +366,9 @@ def _layer(kind, x_shape, end, weight, bias, consts, clip, x_dtype, extra) -> QL
 
 
 def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, object] | None:
-    """A sub-byte conv (groups 1, two's-complement codes: "int" or "ternary") whose TE kernel
-    quantize/packing.py made: decoded here, repacked per channel block by _conv_kernel."""
+    """A sub-byte conv (groups 1) or dense layer with two's-complement codes ("int" or
+    "ternary") whose TE kernel quantize/packing.py made: decoded here, repacked per channel
+    block by _conv_kernel."""
     import json
 
     from ..quantize.packing import PACKED_ATTR, unpack
@@ -377,12 +386,13 @@ def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, ob
         return None
     shape = info["weight_shape"]
     weight = unpack(packed, int(np.prod(shape)), info["format"], info["bits"])
-    extra = {"strides": tuple(info["strides"]), "dilation": tuple(info["dilation"]),
-             "padding": tuple(info["padding"]), "pad_value": info["pad_value"],
-             "weight_bits": info["bits"]}
+    extra = {"weight_bits": info["bits"]}
+    if info["kind"] == "conv":
+        extra.update({"strides": tuple(info["strides"]), "dilation": tuple(info["dilation"]),
+                      "padding": tuple(info["padding"]), "pad_value": info["pad_value"]})
     x_shape = tuple(int(d.value) for d in x.ty.shape.values)
-    layer = _layer("conv", x_shape, end, weight.reshape(shape).astype(np.int8), bias, consts,
-                   clip, x_dtype, extra)
+    layer = _layer(info["kind"], x_shape, end, weight.reshape(shape).astype(np.int8), bias,
+                   consts, clip, x_dtype, extra)
     return (layer, x) if layer else None
 
 
@@ -616,7 +626,10 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         one_px = dense or layer.y_shape[3] == 1
         oc_block, px_block = (OC_BLOCK * PX_BLOCK, 1) if one_px else (OC_BLOCK, PX_BLOCK)
     sub = layer.weight_bits < 8
-    if sub and px_block == 1:  # b-bit codes are widened once per block (unpack_loops), never inline
+    per = 32 // (4 * layer.weight_bits) if sub else 1  # int8 words in one packed word
+    if sub and px_block == 1 and ((oc_block + 1) // 2) % per:
+        # one pixel per tile decodes the codes inline (ep_sub_pair), which needs each tap's
+        # words to fill whole packed words; else widen per block (unpack_loops) like two pixels
         oc_block, px_block = OC_BLOCK, PX_BLOCK
     if dense:
         o, c = layer.weight.shape
@@ -750,6 +763,11 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         def wk(k):  # output channel k's two int16 halves
             if px_block > 1:  # widened once per channel block (unpack_loops)
                 return f"wu[{cc}, ry, rx, {k}]"
+            if sub:  # lanes k % 2 and k % 2 + 2 of int8 word k // 2 of this tap, see _pack_lanes
+                b, nw = layer.weight_bits, (oc_block + 1) // 2
+                word = f"w[{obv}, (({cc}) * {kh * taps} + ry * {taps} + rx) * {nw // per} + {k // 2 // per}]"
+                return (f'T.call_extern("int32", "ep_sub_pair", {word}, '
+                        f"{(k // 2 % per) * 4 * b + k % 2 * b}, {b})")
             return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)
         def mac(k, p):
             x = f"xs[{cc}, ohl * {sh} + ry * {dh}, {col(p)}]"

@@ -9,7 +9,8 @@ Flash layout: the weight tensor's values in C order (OIHW / OK), element i in by
 
 Because the unpacking sits inside the conv's reduction (one TE compute reading the packed
 constant), FoldConstant cannot expand the weights back to int8: flash keeps the packed bytes.
-The fast kernels (kernels/int8.py) take over "int"/"ternary" convs with groups 1: the conv's
+The fast kernels (kernels/int8.py) take over "int"/"ternary" dense layers and convs with
+groups 1: the layer's
 PrimFunc carries its layout (PACKED_ATTR), they decode the codes and repack them in their own
 order, still b bits each; other packed layers run this TE kernel.
 """
@@ -155,7 +156,7 @@ def packed_conv(bb, x, qm: QuantModel, op: Op, bias: np.ndarray):
         return te.compute(shape, lambda n_, oc, yy, xx: acc[n_, oc, yy, xx] + bvec[oc],
                           name="bias_add")
     # what the fast kernels (kernels/int8.py) need to take this conv over from the TE
-    layout = {"bits": b, "format": fmt, "weight_shape": [o, cg, kh, kw], "groups": g,
+    layout = {"kind": "conv", "bits": b, "format": fmt, "weight_shape": [o, cg, kh, kw], "groups": g,
               "strides": [int(sh), int(sw)], "dilation": [int(dh), int(dw)],
               "padding": [int(p) for p in a["padding"]], "pad_value": int(zp)}
     return bb.call_te(compute, x, _const(packed, "uint8"), _const(bias, "int32"),
@@ -179,5 +180,7 @@ def packed_dense(bb, x, qm: QuantModel, op: Op, bias: np.ndarray):
                          lambda i, j: te.sum(_te_product(data[i, rk], pw, j * k + rk, fmt, b),
                                              axis=rk), name="packed_dense")
         return te.compute([data.shape[0], o], lambda i, j: acc[i, j] + bvec[j], name="bias_add")
+    layout = {"kind": "dense", "bits": b, "format": fmt, "weight_shape": [o, k], "groups": 1}
     return bb.call_te(compute, x, _const(packed, "uint8"), _const(bias, "int32"),
-                      primfunc_name_hint=f"packed{b}_{fmt}_dense")
+                      primfunc_name_hint=f"packed{b}_{fmt}_dense",
+                      primfunc_attrs={PACKED_ATTR: json.dumps(layout)})
