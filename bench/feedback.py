@@ -423,7 +423,8 @@ if __name__ == "__main__":
     elif files and a["sweep"]:
         sweep = allocation_sweep(json.loads(files[0].read_text()), a["sweep"])
         summary = json.loads(RESULT.read_text())  # read after the run: others may have written
-        summary.setdefault("other_runs", {}).setdefault("allocation_sweep", {})[files[0].stem] = sweep
+        sweeps = summary.setdefault("other_runs", {}).setdefault("allocation_sweep", {})
+        sweeps[files[0].stem] = sweep
         write_result(RESULT, summary)
     elif files:
         write_result(RESULT, combine([json.loads(f.read_text()) for f in files]))

@@ -30,8 +30,9 @@ the layer's exact shape, with its weights repacked at build time:
   quantize/packing.py): the same kernel on every core, with the codes packed 32 / 4b int8
   words to a word in flash and widened per channel block (ep_widen_sub) into the same int16
   pairs, or decoded inline (ep_sub_pair) where a tile has one pixel and each weight is used
-  once; the MAC loop is unchanged, so convs run at about int8 speed (ResNet-8 layer1.conv1 on the M7: 1.81 M
-  instructions at 4 bits, 1.80 M at 8; TVM's lowering of the packed TE conv took 27.9 M).
+  once. The MAC loop is unchanged: on the M7, ResNet-8's layer1.conv1 takes 1.81 M
+  instructions at 4 bits, 1.80 M at 8 (TVM's lowering of the packed TE conv: 27.9 M); a
+  784x128 dense 469 k at 4 bits, 203 k at 8 (TE: 1.26 M).
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
@@ -207,7 +208,7 @@ class QLayer:
     dilation: tuple = (1, 1)
     padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
     pad_value: int = 0
-    weight_bits: int = 8      # 4 / 2: the flash keeps b-bit codes, widened per channel block
+    weight_bits: int = 8      # 4 / 2: the flash keeps b-bit codes (_pack_lanes)
 
 
 def _tiled(layer: QLayer, features) -> bool:
@@ -269,7 +270,8 @@ def _uses(func) -> dict:
 
 def _match(end, defs: dict, uses: dict, mod=None) -> tuple[QLayer, object] | None:
     """The chain ending in binding var `end`, or None. Returns (layer, unpadded input var).
-    With `mod`, a sub-byte conv (quantize/packing.py's TE kernel, bias included) is a core too."""
+    With `mod`, a sub-byte conv or dense (quantize/packing.py's TE kernel, bias included) is
+    a core too."""
     def producer(var, op_name, n_uses=1):
         v = defs.get(var)
         if v is None or _op(v) != op_name or uses.get(var, 0) != n_uses:
@@ -685,7 +687,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     hb = hs if band == oh_n else (band - 1) * sh + (kh - 1) * dh + 1
     L = _header(layer, words.shape, "int32", o, layer.kind)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
-        L.append(f'    wu = T.alloc_buffer(({nred}, {kh}, {taps}, {oc_block + oc_block % 2}), "int32")')
+        wu_shape = (nred, kh, taps, oc_block + oc_block % 2)
+        L.append(f'    wu = T.alloc_buffer({wu_shape}, "int32")')
     L += [f'    xs = T.alloc_buffer(({nred}, {hb}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
           f'    res = T.alloc_buffer(({oc_block * px_block},), "{layer.out_dtype}")']
@@ -765,7 +768,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                 return f"wu[{cc}, ry, rx, {k}]"
             if sub:  # lanes k % 2 and k % 2 + 2 of int8 word k // 2 of this tap, see _pack_lanes
                 b, nw = layer.weight_bits, (oc_block + 1) // 2
-                word = f"w[{obv}, (({cc}) * {kh * taps} + ry * {taps} + rx) * {nw // per} + {k // 2 // per}]"
+                tap = f"(({cc}) * {kh * taps} + ry * {taps} + rx)"
+                word = f"w[{obv}, {tap} * {nw // per} + {k // 2 // per}]"
                 return (f'T.call_extern("int32", "ep_sub_pair", {word}, '
                         f"{(k // 2 % per) * 4 * b + k % 2 * b}, {b})")
             return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)

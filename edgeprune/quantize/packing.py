@@ -10,9 +10,8 @@ Flash layout: the weight tensor's values in C order (OIHW / OK), element i in by
 Because the unpacking sits inside the conv's reduction (one TE compute reading the packed
 constant), FoldConstant cannot expand the weights back to int8: flash keeps the packed bytes.
 The fast kernels (kernels/int8.py) take over "int"/"ternary" dense layers and convs with
-groups 1: the layer's
-PrimFunc carries its layout (PACKED_ATTR), they decode the codes and repack them in their own
-order, still b bits each; other packed layers run this TE kernel.
+groups 1: the layer's PrimFunc carries its layout (PACKED_ATTR); they decode the codes and
+repack them in their own order, still b bits each. Other packed layers run these TE kernels.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from ..errors import EdgepruneError
 from .qmodel import Op, QuantModel
 
 
-# PrimFunc attribute of a packed conv: its layout (JSON), read by kernels/int8.py
+# PrimFunc attribute of a packed conv or dense: its layout (JSON), read by kernels/int8.py
 PACKED_ATTR = "edgeprune.packed"
 
 
@@ -156,8 +155,8 @@ def packed_conv(bb, x, qm: QuantModel, op: Op, bias: np.ndarray):
         return te.compute(shape, lambda n_, oc, yy, xx: acc[n_, oc, yy, xx] + bvec[oc],
                           name="bias_add")
     # what the fast kernels (kernels/int8.py) need to take this conv over from the TE
-    layout = {"kind": "conv", "bits": b, "format": fmt, "weight_shape": [o, cg, kh, kw], "groups": g,
-              "strides": [int(sh), int(sw)], "dilation": [int(dh), int(dw)],
+    layout = {"kind": "conv", "bits": b, "format": fmt, "weight_shape": [o, cg, kh, kw],
+              "groups": g, "strides": [int(sh), int(sw)], "dilation": [int(dh), int(dw)],
               "padding": [int(p) for p in a["padding"]], "pad_value": int(zp)}
     return bb.call_te(compute, x, _const(packed, "uint8"), _const(bias, "int32"),
                       primfunc_name_hint=f"packed{b}_{fmt}_conv2d",
