@@ -423,11 +423,12 @@ int main(void) {
 @pytest.mark.parametrize("target", ["cortex-m7", "cortex-m55", "riscv32"])
 def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target):
     """4- and 2-bit convs (odd channel counts, zero point -128, stride 2, an int16 output into a
-    1x1) and dense layers run in the SMLAD kernel (conv codes widened per channel block, dense
-    codes decoded inline), not in TVM's lowering of the packed TE kernels; bit-exact on the
-    target, and their weight constants stay packed."""
+    1x1), a 2-bit depthwise conv and dense layers run in the fast kernels (conv codes widened
+    per channel block, depthwise codes per channel, dense codes decoded inline), not in TVM's
+    lowering of the packed TE kernels; bit-exact on the target; the weights stay packed."""
     qm = (Net((1, 5, 9, 8), zp=-128, seed=4)
           .conv(7, (3, 3), padding=(1, 1, 1, 1), weight_bits=4)
+          .conv(7, (3, 3), padding=(1, 1, 1, 1), groups=7, weight_bits=2)
           .conv(6, (3, 3), stride=(2, 2), weight_bits=2, out_dtype="int16")
           .conv(9, (1, 1), weight_bits=4)
           .flatten().dense(11, weight_bits=2).dense(5, weight_bits=4).build())
@@ -435,6 +436,7 @@ def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target)
     kernels = [l["name"] for l in build["layers"]]
     assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels
     assert sum(k.startswith("ep_int8_dense") for k in kernels) == 2, kernels
+    assert sum(k.startswith("ep_int8_depthwise") for k in kernels) == 1, kernels
     assert not any("packed" in k for k in kernels), kernels
     assert result["mismatches"] == 0 and result["outputs_match"]
 
@@ -445,5 +447,6 @@ def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target)
              if "ep_int8_" in getattr(getattr(b.value, "args", [None])[0], "name_hint", "")]
     weights = [c.args[1].fields[1].value.numpy().nbytes for c in calls]
     # blocks of 4 output channels (dense: 8) x channel pairs x taps, padded: convs 8x6x9 at 4
-    # bits, 8x8x9 at 2, 12x6 at 4; dense 16x108 at 2 bits, 8x12 at 4
-    assert weights == [216, 144, 36, 432, 48], weights
+    # bits, 8x8x9 at 2, 12x6 at 4; dense 16x108 at 2 bits, 8x12 at 4; depthwise: 9 taps at 2
+    # bits in one word per channel
+    assert weights == [216, 28, 144, 36, 432, 48], weights

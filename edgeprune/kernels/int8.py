@@ -32,15 +32,16 @@ the layer's exact shape, with its weights repacked at build time:
   pairs, or decoded inline (ep_sub_pair) where a tile has one pixel and each weight is used
   once. The MAC loop is unchanged: on the M7, ResNet-8's layer1.conv1 takes 1.81 M
   instructions at 4 bits, 1.80 M at 8 (TVM's lowering of the packed TE conv: 27.9 M); a
-  784x128 dense 469 k at 4 bits, 203 k at 8 (TE: 1.26 M).
+  784x128 dense 469 k at 4 bits, 203 k at 8 (TE: 1.26 M). A sub-byte depthwise conv keeps
+  each channel's codes in whole words and decodes them once per channel (ep_dw_codes).
 * requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
   one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
   kept (exact: floor division composes), then SSAT.
 * requantized residual add (to_relax._add): one pass, two 64-bit multiply-accumulates per
   element, when the shifted sum provably fits 32 bits (then SSAT).
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
-else (grouped convs with a channel multiplier, power-of-two or depthwise sub-byte weights,
-other layouts) keeps TVM's lowering.
+else (grouped convs with a channel multiplier, power-of-two sub-byte weights, other layouts)
+keeps TVM's lowering.
 """
 
 from __future__ import annotations
@@ -123,6 +124,19 @@ __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep
       wu[1] = (int32_t)(((uint32_t)l1 & 0xFFFFu) | ((uint32_t)l3 << 16));
       v >>= 4 * b;
     }
+  }
+  return 0;
+}
+/* Depthwise: one channel's m b-bit codes (lowest bits first) -> wl: with `pairs`, int16 pairs
+   (value 2k in the low half of word k), else one value per word. */
+__attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep_dw_codes(
+    int32_t *w, int32_t *wl, int32_t m, int32_t b, int32_t pairs) {
+  const int32_t sh = 32 - b, per = 32 / b;
+  for (int32_t k = 0; k < m; k++) {
+    int32_t v = (int32_t)(((uint32_t)w[k / per] >> (b * (k % per))) << sh) >> sh;
+    if (!pairs) wl[k] = v;
+    else if (k & 1) wl[k >> 1] = (int32_t)(((uint32_t)wl[k >> 1] & 0xFFFFu) | ((uint32_t)v << 16));
+    else wl[k >> 1] = v & 0xFFFF;
   }
   return 0;
 }
@@ -368,9 +382,9 @@ def _layer(kind, x_shape, end, weight, bias, consts, clip, x_dtype, extra) -> QL
 
 
 def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, object] | None:
-    """A sub-byte conv (groups 1) or dense layer with two's-complement codes ("int" or
-    "ternary") whose TE kernel quantize/packing.py made: decoded here, repacked per channel
-    block by _conv_kernel."""
+    """A sub-byte conv (groups 1), depthwise conv or dense layer with two's-complement codes
+    ("int" or "ternary") whose TE kernel quantize/packing.py made: decoded here, repacked by
+    _conv_kernel / _depthwise_kernel."""
     import json
 
     from ..quantize.packing import PACKED_ATTR, unpack
@@ -383,17 +397,21 @@ def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, ob
     x, packed, bias = core.args[1].fields
     packed, bias = _const(packed), _const(bias)
     x_dtype = str(x.ty.dtype)
-    if info["format"] not in ("int", "ternary") or info["groups"] != 1 or packed is None \
+    shape = info["weight_shape"]
+    kind = info["kind"]
+    if kind == "conv" and info["groups"] != 1:  # depthwise (no channel multiplier) or none
+        depthwise = info["groups"] == shape[0] == int(x.ty.shape.values[1]) and shape[1] == 1
+        kind = "depthwise" if depthwise else None
+    if info["format"] not in ("int", "ternary") or kind is None or packed is None \
             or bias is None or x_dtype not in ("int8", "int16"):
         return None
-    shape = info["weight_shape"]
     weight = unpack(packed, int(np.prod(shape)), info["format"], info["bits"])
     extra = {"weight_bits": info["bits"]}
-    if info["kind"] == "conv":
+    if info["kind"] == "conv":  # conv or depthwise
         extra.update({"strides": tuple(info["strides"]), "dilation": tuple(info["dilation"]),
                       "padding": tuple(info["padding"]), "pad_value": info["pad_value"]})
     x_shape = tuple(int(d.value) for d in x.ty.shape.values)
-    layer = _layer(info["kind"], x_shape, end, weight.reshape(shape).astype(np.int8), bias,
+    layer = _layer(kind, x_shape, end, weight.reshape(shape).astype(np.int8), bias,
                    consts, clip, x_dtype, extra)
     return (layer, x) if layer else None
 
@@ -868,6 +886,15 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
         wd = np.ascontiguousarray(wd.reshape(o, kh * kq))
     else:
         wd = layer.weight.reshape(o, kh * kw).astype(np.int32)
+    b = layer.weight_bits
+    if b < 8:  # flash keeps the values (int16 halves of pairs, or one per word) as b-bit codes
+        vals = wd.view(np.int16).reshape(o, -1) if pairs else wd
+        m = vals.shape[1]
+        per = 32 // b
+        codes = np.zeros((o, -(-m // per) * per), np.int64)
+        codes[:, :m] = vals.astype(np.int64) & ((1 << b) - 1)
+        codes = codes.reshape(o, -1, per) << (b * np.arange(per, dtype=np.int64))
+        wd = np.ascontiguousarray(codes.sum(-1).astype(np.uint32).view(np.int32))
     L = _header(layer, wd.shape, "int32", o, "depthwise")
     # Flat plane, one element of slack: an odd row's last pair reads one past the plane.
     L += [f'    xs = T.alloc_buffer(({hs * ws + 1},), "int16")',
@@ -876,9 +903,12 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
           f'    res = T.alloc_buffer(({DW_PX_BLOCK},), "{layer.out_dtype}")']
     L += _border_loops(layer, hs, ws, lambda i, j: f"xs[({i}) * {ws} + {j}]",
                        f'T.int16({layer.pad_value})', "    ")
-    L += [f"    for nb, c in T.grid({n}, {o}):",
-          f"        for k in T.unroll({kh * kq}):",
-          f"            wl[k] = w[c, k]"]
+    L.append(f"    for nb, c in T.grid({n}, {o}):")
+    if b < 8:
+        L.append(f'        T.evaluate(T.call_extern("int32", "ep_dw_codes", T.address_of(w[c, 0]), '
+                 f"wl.data, {m}, {b}, {int(pairs)}))")
+    else:
+        L += [f"        for k in T.unroll({kh * kq}):", f"            wl[k] = w[c, k]"]
     L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[({i}) * {ws} + {j}]",
                      lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "        ")
 
