@@ -22,7 +22,7 @@ class Net:
         self.ops, self.params, self.last = [], {}, "x"
 
     def _add(self, kind, out_shape, attrs, weight=None, scale_range=(0.5, 2.0), zp_out=-3,
-             real_scales=None, out_dtype="int8", weight_bits=8):
+             real_scales=None, out_dtype="int8", weight_bits=8, weight_format="int"):
         name = f"op{len(self.ops)}"
         out = f"t{len(self.ops)}"
         wide = out_dtype == "int16"  # symmetric, outputs spread over the int16 range
@@ -40,21 +40,28 @@ class Net:
                                 f"{name}.bias": self.rng.integers(-bias_max, bias_max, o).astype(np.int32),
                                 f"{name}.multiplier": m, f"{name}.shift": sh})
             attrs = {**attrs, "clamp": [-32768, 32767] if wide else [-128, 127],
-                     "weight_bits": weight_bits, "weight_format": "int",
+                     "weight_bits": weight_bits, "weight_format": weight_format,
                      "activation": None}
         self.ops.append(Op(kind, name, [self.last], out, attrs))
         self.last = out
         return self
 
-    def conv(self, out_ch, kernel, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
-             wmax=127, weight_bits=8, **kw):
-        n, c, h, w = self.tensors[self.last].shape
+    def _weights(self, shape, wmax=127, weight_bits=8, weight_format="int"):
+        if weight_format == "pow2":  # 0 or +-2**k, k <= 6 (4-bit codes)
+            pow2 = [0] + [s * 2 ** k for k in range(7) for s in (1, -1)]
+            return self.rng.choice(pow2, shape).astype(np.int8)
         wmax = min(wmax, 2 ** (weight_bits - 1) - 1)
+        return self.rng.integers(-wmax, wmax + 1, shape, dtype=np.int8)
+
+    def conv(self, out_ch, kernel, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
+             wmax=127, weight_bits=8, weight_format="int", **kw):
+        n, c, h, w = self.tensors[self.last].shape
         oh, ow = conv_out_hw(h, w, kernel, stride, padding, dilation)
-        wt = self.rng.integers(-wmax, wmax + 1, (out_ch, c // groups, *kernel), dtype=np.int8)
+        wt = self._weights((out_ch, c // groups, *kernel), wmax, weight_bits, weight_format)
         attrs = {"strides": list(stride), "padding": list(padding), "dilation": list(dilation),
                  "groups": groups}
-        return self._add("conv2d", (n, out_ch, oh, ow), attrs, wt, weight_bits=weight_bits, **kw)
+        return self._add("conv2d", (n, out_ch, oh, ow), attrs, wt, weight_bits=weight_bits,
+                         weight_format=weight_format, **kw)
 
     def add(self, other, zp_out=2, relu=False):
         """Requantized residual add of the last tensor and `other` (output scale 0.17)."""
@@ -76,11 +83,11 @@ class Net:
         self.last = out
         return self
 
-    def dense(self, out_features, weight_bits=8, **kw):
+    def dense(self, out_features, weight_bits=8, weight_format="int", **kw):
         n, k = self.tensors[self.last].shape
-        wmax = 2 ** (weight_bits - 1) - 1
-        wt = self.rng.integers(-wmax, wmax + 1, (out_features, k), dtype=np.int8)
-        return self._add("dense", (n, out_features), {}, wt, weight_bits=weight_bits, **kw)
+        wt = self._weights((out_features, k), 127, weight_bits, weight_format)
+        return self._add("dense", (n, out_features), {}, wt, weight_bits=weight_bits,
+                         weight_format=weight_format, **kw)
 
     def build(self):
         return QuantModel("x", self.last, self.tensors, self.ops, self.params)
@@ -423,15 +430,17 @@ int main(void) {
 @pytest.mark.parametrize("target", ["cortex-m7", "cortex-m55", "riscv32"])
 def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target):
     """4- and 2-bit convs (odd channel counts, zero point -128, stride 2, an int16 output into a
-    1x1), a 2-bit depthwise conv and dense layers run in the fast kernels (conv codes widened
+    1x1 with power-of-two weights), a 2-bit depthwise conv and dense layers (one power-of-two)
+    run in the fast kernels (conv codes widened
     per channel block, depthwise codes per channel, dense codes decoded inline), not in TVM's
     lowering of the packed TE kernels; bit-exact on the target; the weights stay packed."""
     qm = (Net((1, 5, 9, 8), zp=-128, seed=4)
           .conv(7, (3, 3), padding=(1, 1, 1, 1), weight_bits=4)
           .conv(7, (3, 3), padding=(1, 1, 1, 1), groups=7, weight_bits=2)
           .conv(6, (3, 3), stride=(2, 2), weight_bits=2, out_dtype="int16")
-          .conv(9, (1, 1), weight_bits=4)
-          .flatten().dense(11, weight_bits=2).dense(5, weight_bits=4).build())
+          .conv(9, (1, 1), weight_bits=4, weight_format="pow2")
+          .flatten().dense(11, weight_bits=2).dense(5, weight_bits=4, weight_format="pow2")
+          .build())
     build, result = _run(qm, tmp_path, "subbyte", target)
     kernels = [l["name"] for l in build["layers"]]
     assert sum(k.startswith("ep_int8_conv") for k in kernels) == 3, kernels

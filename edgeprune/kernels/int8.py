@@ -26,8 +26,8 @@ the layer's exact shape, with its weights repacked at build time:
   extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
 * cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
   simd.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
-* sub-byte convs (groups 1) and dense layers (4/2-bit two's-complement or ternary codes;
-  quantize/packing.py): the same kernel on every core, with the codes packed 32 / 4b int8
+* sub-byte convs (groups 1) and dense layers (4/2-bit two's-complement, ternary or
+  power-of-two codes; quantize/packing.py): the same kernel on every core, with the codes packed 32 / 4b int8
   words to a word in flash and widened per channel block (ep_widen_sub) into the same int16
   pairs, or decoded inline (ep_sub_pair) where a tile has one pixel and each weight is used
   once. The MAC loop is unchanged: on the M7, ResNet-8's layer1.conv1 takes 1.81 M
@@ -40,8 +40,7 @@ the layer's exact shape, with its weights repacked at build time:
 * requantized residual add (to_relax._add): one pass, two 64-bit multiply-accumulates per
   element, when the shifted sum provably fits 32 bits (then SSAT).
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
-else (grouped convs with a channel multiplier, power-of-two sub-byte weights, other layouts)
-keeps TVM's lowering.
+else (grouped convs with a channel multiplier, other layouts) keeps TVM's lowering.
 """
 
 from __future__ import annotations
@@ -110,16 +109,25 @@ __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep
   if (n) wu[0] = ep_sxtb16(w[0]), wu[1] = ep_sxtb16_ror8(w[0]);
   return 0;
 }
+/* The weight a b-bit code in the low bits of c stands for (quantize/packing.py): its two's
+   complement, or with `pow2` (4 bits) sign << 3 | (k + 1) for +-2**k and 0 for 0. */
+static inline int32_t ep_code(uint32_t c, int32_t b, int32_t pow2) {
+  if (pow2) {
+    int32_t m = (int32_t)(c & 7u), v = m ? 1 << (m - 1) : 0;
+    return (c & 8u) ? -v : v;
+  }
+  return (int32_t)(c << (32 - b)) >> (32 - b);
+}
 /* ep_widen for b-bit (4 or 2) weight codes: n words of four lanes packed 32 / 4b to a word,
    lowest bits first (int8._pack_lanes), into the same int16-pair words as ep_widen. */
 __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep_widen_sub(
-    int32_t *w, int32_t *wu, int32_t n, int32_t b) {
-  const int32_t sh = 32 - b, per = 32 / (4 * b);
+    int32_t *w, int32_t *wu, int32_t n, int32_t b, int32_t pow2) {
+  const int32_t per = 32 / (4 * b);
   for (int32_t i = 0; i < n; i += per, w++) {
     uint32_t v = (uint32_t)*w;
     for (int32_t j = 0; j < per && i + j < n; j++, wu += 2) {
-      int32_t l0 = (int32_t)(v << sh) >> sh, l1 = (int32_t)((v >> b) << sh) >> sh;
-      int32_t l2 = (int32_t)((v >> 2 * b) << sh) >> sh, l3 = (int32_t)((v >> 3 * b) << sh) >> sh;
+      int32_t l0 = ep_code(v, b, pow2), l1 = ep_code(v >> b, b, pow2);
+      int32_t l2 = ep_code(v >> 2 * b, b, pow2), l3 = ep_code(v >> 3 * b, b, pow2);
       wu[0] = (int32_t)(((uint32_t)l0 & 0xFFFFu) | ((uint32_t)l2 << 16));
       wu[1] = (int32_t)(((uint32_t)l1 & 0xFFFFu) | ((uint32_t)l3 << 16));
       v >>= 4 * b;
@@ -130,10 +138,10 @@ __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep
 /* Depthwise: one channel's m b-bit codes (lowest bits first) -> wl: with `pairs`, int16 pairs
    (value 2k in the low half of word k), else one value per word. */
 __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep_dw_codes(
-    int32_t *w, int32_t *wl, int32_t m, int32_t b, int32_t pairs) {
-  const int32_t sh = 32 - b, per = 32 / b;
+    int32_t *w, int32_t *wl, int32_t m, int32_t b, int32_t pairs, int32_t pow2) {
+  const int32_t per = 32 / b;
   for (int32_t k = 0; k < m; k++) {
-    int32_t v = (int32_t)(((uint32_t)w[k / per] >> (b * (k % per))) << sh) >> sh;
+    int32_t v = ep_code((uint32_t)w[k / per] >> (b * (k % per)), b, pow2);
     if (!pairs) wl[k] = v;
     else if (k & 1) wl[k >> 1] = (int32_t)(((uint32_t)wl[k >> 1] & 0xFFFFu) | ((uint32_t)v << 16));
     else wl[k >> 1] = v & 0xFFFF;
@@ -141,10 +149,10 @@ __attribute__((noinline, unused, optimize("no-unroll-loops"))) static int32_t ep
   return 0;
 }
 /* The int16 pair of one output channel from a packed word (as ep_widen_sub): the b-bit
-   lanes at bit `off` and `off + 2b`, sign-extended. */
-static inline int32_t ep_sub_pair(int32_t w, int32_t off, int32_t b) {
-  int32_t lo = (int32_t)(((uint32_t)w >> off) << (32 - b)) >> (32 - b);
-  int32_t hi = (int32_t)(((uint32_t)w >> (off + 2 * b)) << (32 - b)) >> (32 - b);
+   codes at bit `off` and `off + 2b`. */
+static inline int32_t ep_sub_pair(int32_t w, int32_t off, int32_t b, int32_t pow2) {
+  int32_t lo = ep_code((uint32_t)w >> off, b, pow2);
+  int32_t hi = ep_code((uint32_t)w >> (off + 2 * b), b, pow2);
   return (int32_t)(((uint32_t)lo & 0xFFFFu) | ((uint32_t)hi << 16));
 }
 /* Two neighbouring int16 values as one word, p[0] in the low half (one LDR; v7-M and later
@@ -223,6 +231,7 @@ class QLayer:
     padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
     pad_value: int = 0
     weight_bits: int = 8      # 4 / 2: the flash keeps b-bit codes (_pack_lanes)
+    weight_format: str = "int"  # of the codes: "int" / "ternary" (two's complement), "pow2"
 
 
 def _tiled(layer: QLayer, features) -> bool:
@@ -237,7 +246,7 @@ def layer_key(layer: QLayer) -> str:
              f"y{_shape(layer.y_shape)}", f"s{_shape(layer.strides)}", f"d{_shape(layer.dilation)}",
              f"p{_shape(layer.padding)}", f"{layer.x_dtype}->{layer.out_dtype}"]
     if layer.weight_bits != 8:
-        parts.append(f"w{layer.weight_bits}b")
+        parts.append(f"w{layer.weight_bits}b{layer.weight_format}")
     return "|".join(parts).replace(" ", "")
 
 
@@ -382,9 +391,9 @@ def _layer(kind, x_shape, end, weight, bias, consts, clip, x_dtype, extra) -> QL
 
 
 def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, object] | None:
-    """A sub-byte conv (groups 1), depthwise conv or dense layer with two's-complement codes
-    ("int" or "ternary") whose TE kernel quantize/packing.py made: decoded here, repacked by
-    _conv_kernel / _depthwise_kernel."""
+    """A sub-byte conv (groups 1), depthwise conv or dense layer (any code format) whose TE
+    kernel quantize/packing.py made: decoded here, repacked by _conv_kernel /
+    _depthwise_kernel."""
     import json
 
     from ..quantize.packing import PACKED_ATTR, unpack
@@ -402,11 +411,10 @@ def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, ob
     if kind == "conv" and info["groups"] != 1:  # depthwise (no channel multiplier) or none
         depthwise = info["groups"] == shape[0] == int(x.ty.shape.values[1]) and shape[1] == 1
         kind = "depthwise" if depthwise else None
-    if info["format"] not in ("int", "ternary") or kind is None or packed is None \
-            or bias is None or x_dtype not in ("int8", "int16"):
+    if kind is None or packed is None or bias is None or x_dtype not in ("int8", "int16"):
         return None
     weight = unpack(packed, int(np.prod(shape)), info["format"], info["bits"])
-    extra = {"weight_bits": info["bits"]}
+    extra = {"weight_bits": info["bits"], "weight_format": info["format"]}
     if info["kind"] == "conv":  # conv or depthwise
         extra.update({"strides": tuple(info["strides"]), "dilation": tuple(info["dilation"]),
                       "padding": tuple(info["padding"]), "pad_value": info["pad_value"]})
@@ -647,6 +655,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         oc_block, px_block = (OC_BLOCK * PX_BLOCK, 1) if one_px else (OC_BLOCK, PX_BLOCK)
     sub = layer.weight_bits < 8
     per = 32 // (4 * layer.weight_bits) if sub else 1  # int8 words in one packed word
+    pow2 = int(layer.weight_format == "pow2")
     if sub and px_block == 1 and ((oc_block + 1) // 2) % per:
         # one pixel per tile decodes the codes inline (ep_sub_pair), which needs each tap's
         # words to fill whole packed words; else widen per block (unpack_loops) like two pixels
@@ -690,7 +699,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
              | (b[..., 1::2, 1] << 24)).view(np.int32)
     words = np.ascontiguousarray(words)
     if sub:  # flash keeps b-bit codes: each word's four lanes in 4b bits, 32 / 4b words a word
-        words = _pack_lanes(words.reshape(ob, -1), layer.weight_bits)
+        words = _pack_lanes(words.reshape(ob, -1), layer.weight_bits, layer.weight_format)
 
     def xin(ch, i, j):
         return f"x[nb, {ch}]" if dense else f"x[nb, {ch}, {i}, {j}]"
@@ -789,7 +798,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                 tap = f"(({cc}) * {kh * taps} + ry * {taps} + rx)"
                 word = f"w[{obv}, {tap} * {nw // per} + {k // 2 // per}]"
                 return (f'T.call_extern("int32", "ep_sub_pair", {word}, '
-                        f"{(k // 2 % per) * 4 * b + k % 2 * b}, {b})")
+                        f"{(k // 2 % per) * 4 * b + k % 2 * b}, {b}, {pow2})")
             return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)
         def mac(k, p):
             x = f"xs[{cc}, ohl * {sh} + ry * {dh}, {col(p)}]"
@@ -820,7 +829,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         n_words = nred * kh * taps * ((oc_block + 1) // 2)
         if sub:
             return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen_sub", '
-                    f"T.address_of(w[{obv}, 0]), wu.data, {n_words}, {layer.weight_bits}))"]
+                    f"T.address_of(w[{obv}, 0]), wu.data, {n_words}, {layer.weight_bits}, "
+                    f"{pow2}))"]
         return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen", '
                 f"T.address_of(w[{obv}, 0, 0, 0, 0]), wu.data, {n_words}))"]
 
@@ -853,17 +863,25 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     return "\n".join(L), [words] + consts
 
 
-def _pack_lanes(words: np.ndarray, bits: int) -> np.ndarray:
+def _pack_codes(values: np.ndarray, bits: int, fmt: str) -> np.ndarray:
+    """(rows, m) weight values -> (rows, ceil(m / per)) int32 words of per = 32 / bits codes
+    (quantize/packing.encode), value j at bit bits * (j % per) of word j // per."""
+    from ..quantize.packing import encode
+    per = 32 // bits
+    rows, m = values.shape
+    codes = np.zeros((rows, -(-m // per) * per), np.int64)
+    codes[:, :m] = encode(values, fmt, bits).reshape(rows, m)
+    shifts = bits * np.arange(per, dtype=np.int64)
+    packed = (codes.reshape(rows, -1, per) << shifts).sum(-1)
+    return np.ascontiguousarray(packed.astype(np.uint32).view(np.int32))
+
+
+def _pack_lanes(words: np.ndarray, bits: int, fmt: str) -> np.ndarray:
     """(blocks, n) int32 words of four int8 lanes -> (blocks, ceil(n / per)) int32 words, per =
-    32 / (4 * bits) words each: word i's lane l at bit 4 * bits * (i % per) + bits * l, as
-    two's-complement codes (ep_widen_sub reads them back)."""
-    per = 32 // (4 * bits)
+    32 / (4 * bits) words each: word i's lane l at bit 4 * bits * (i % per) + bits * l
+    (ep_widen_sub and ep_sub_pair read them back)."""
     blocks, n = words.shape
-    lanes = np.zeros((blocks, -(-n // per) * per, 4), np.int64)
-    lanes[:, :n] = words.view(np.int8).reshape(blocks, n, 4)
-    codes = (lanes & ((1 << bits) - 1)).reshape(blocks, -1, per * 4)
-    shifts = bits * np.arange(per * 4, dtype=np.int64)
-    return np.ascontiguousarray((codes << shifts).sum(-1).astype(np.uint32).view(np.int32))
+    return _pack_codes(words.view(np.int8).reshape(blocks, 4 * n), bits, fmt)
 
 
 def _depthwise_kernel(layer: QLayer, dsp: bool = False):
@@ -890,11 +908,7 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
     if b < 8:  # flash keeps the values (int16 halves of pairs, or one per word) as b-bit codes
         vals = wd.view(np.int16).reshape(o, -1) if pairs else wd
         m = vals.shape[1]
-        per = 32 // b
-        codes = np.zeros((o, -(-m // per) * per), np.int64)
-        codes[:, :m] = vals.astype(np.int64) & ((1 << b) - 1)
-        codes = codes.reshape(o, -1, per) << (b * np.arange(per, dtype=np.int64))
-        wd = np.ascontiguousarray(codes.sum(-1).astype(np.uint32).view(np.int32))
+        wd = _pack_codes(vals, b, layer.weight_format)
     L = _header(layer, wd.shape, "int32", o, "depthwise")
     # Flat plane, one element of slack: an odd row's last pair reads one past the plane.
     L += [f'    xs = T.alloc_buffer(({hs * ws + 1},), "int16")',
@@ -906,7 +920,7 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
     L.append(f"    for nb, c in T.grid({n}, {o}):")
     if b < 8:
         L.append(f'        T.evaluate(T.call_extern("int32", "ep_dw_codes", T.address_of(w[c, 0]), '
-                 f"wl.data, {m}, {b}, {int(pairs)}))")
+                 f"wl.data, {m}, {b}, {int(pairs)}, {int(layer.weight_format == 'pow2')}))")
     else:
         L += [f"        for k in T.unroll({kh * kq}):", f"            wl[k] = w[c, k]"]
     L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[({i}) * {ws} + {j}]",

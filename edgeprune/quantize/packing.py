@@ -9,9 +9,10 @@ Flash layout: the weight tensor's values in C order (OIHW / OK), element i in by
 
 Because the unpacking sits inside the conv's reduction (one TE compute reading the packed
 constant), FoldConstant cannot expand the weights back to int8: flash keeps the packed bytes.
-The fast kernels (kernels/int8.py) take over "int"/"ternary" dense layers and convs with
-groups 1: the layer's PrimFunc carries its layout (PACKED_ATTR); they decode the codes and
-repack them in their own order, still b bits each. Other packed layers run these TE kernels.
+The fast kernels (kernels/int8.py) take over dense layers, convs with groups 1 and depthwise
+convs: the layer's PrimFunc carries its layout (PACKED_ATTR); they decode the codes and repack
+them in their own order, still b bits each, and multiply the decoded values (pow2 included).
+Other packed layers (a depthwise channel multiplier) run these TE kernels.
 """
 
 from __future__ import annotations
