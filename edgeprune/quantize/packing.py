@@ -4,8 +4,9 @@ Flash layout: the weight tensor's values in C order (OIHW / OK), element i in by
 ``i // (8 // b)`` at bit offset ``b * (i % (8 // b))`` (lowest bits first).  Codes:
 * "int" / "ternary" (b = 4 or 2; 3-bit layers use 4-bit slots): the value's b-bit two's complement;
   decoded as ``f - ((f >> (b-1)) << b)``.
-* "pow2" (4 bits): 0 -> 0; +-2**k -> sign << 3 | (k + 1) (k = 0..6); the kernel multiplies by
-  shifting: ``x << k``, negated when the sign bit is set, branch-free (no multiply instruction).
+* "pow2" (4 bits): 0 -> 0; +-2**k -> sign << 3 | (k + 1) (k = 0..6); the TE kernel here
+  multiplies by shifting: ``x << k``, negated when the sign bit is set, branch-free (no multiply
+  instruction); the fast kernels decode the value and multiply (SMLAD costs no more).
 
 Because the unpacking sits inside the conv's reduction (one TE compute reading the packed
 constant), FoldConstant cannot expand the weights back to int8: flash keeps the packed bytes.
