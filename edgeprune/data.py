@@ -40,7 +40,8 @@ class Dataset:
 def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | None = None,
              train_to: str | None = None) -> Dataset:
     """`data` as the model of input `shape` takes it. A 1-D model runs as 2-D with a unit height
-    (edgeprune.lift1d): its (C, L) samples become (C, 1, L), the same bytes. Anything else that
+    (edgeprune.lift1d): its (C, L) samples become (C, 1, L), the same bytes; a model that takes
+    channels last (H, W, C: Keras) gets (C, H, W) images transposed. Anything else that
     does not fit is an error naming both sample shapes; so is a missing training split where the
     caller needs one `train_to` (e.g. "calibrate on")."""
     want, have = tuple(shape[1:]), tuple(data.x_test.shape[1:])
@@ -48,6 +49,11 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
         def lift(x):
             return None if x is None else x.reshape(len(x), *want)
         data = Dataset(data.name, lift(data.x_train), data.y_train, lift(data.x_test), data.y_test)
+    elif want != have and len(want) == 3 and want == have[1:] + have[:1]:
+        def channels_last(x):  # a model that takes NHWC (Keras) on NCHW images
+            return None if x is None else np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        data = Dataset(data.name, channels_last(data.x_train), data.y_train,
+                       channels_last(data.x_test), data.y_test)
     elif want != have:
         raise EdgepruneError(f"{origin} takes samples of shape {list(want)} (input {list(shape)}) "
                              f"but {data.name} samples are {list(have)}; give --data that fits "

@@ -249,6 +249,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
                           tmp / "work" / "baseline_build", log=lambda *_: None)
             baseline = measure(tmp / "work" / "baseline_build")
+            baseline.pop("firmware", None)   # work/ is removed below: no path to it
             baseline["accuracy"] = base_report["accuracy"]["quantized"]
 
         met, violations = check_budget(cfg.budget, profile)

@@ -4,7 +4,9 @@ fine-tuned and exported back.
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf,
 Gelu, Softmax, ReduceMean, Concat, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape,
-Unsqueeze, Squeeze, Pad (constant, H and W), Gemm, MatMul (constant right operand), plus
+Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras models exported with tf2onnx
+carry around their NHWC input and before Flatten), Pad (constant, H and W), Gemm, MatMul
+(constant right operand), plus
 Identity, Dropout and Constant. The file is first simplified by onnxsim at its static input
 shape (shape arithmetic folded into constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
@@ -31,8 +33,8 @@ from .errors import EdgepruneError
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
              "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
              "Gelu", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Pad", "Concat", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul",
-             "Identity", "Dropout", "Constant")
+             "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Gemm",
+             "MatMul", "Identity", "Dropout", "Constant")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -421,6 +423,14 @@ class _Builder:
         dims = [d % x[1].dim() for d in axes] if axes else \
             [d for d, n in enumerate(x[1].shape) if n == 1 and d > 0]
         return self._reshape_to(x, tuple(n for d, n in enumerate(x[1].shape) if d not in dims))
+
+    def op_Transpose(self, node, a):
+        x = self._in(node.input[0])
+        perm = [int(d) for d in a.get("perm", range(x[1].dim() - 1, -1, -1))]
+        if perm[0] != 0:
+            raise _err(f"ONNX node '{node.name}' (Transpose): perm {perm} moves the batch axis; "
+                       "only transposes that keep it first are supported")
+        return self._fn(torch.permute, [x[0], tuple(perm)], [x[1], tuple(perm)])
 
     def _reshape_to(self, x, shape: tuple):
         """torch.reshape to a static shape; one that keeps the batch axis keeps it free

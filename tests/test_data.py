@@ -48,3 +48,13 @@ def test_not_an_npz_and_unknown_names(tmp_path):
         data.load(str(tmp_path / "nothing.npz"))
     with pytest.raises(EdgepruneError, match="fashion-mnist.*or a .npz file"):
         data.load("cifar10")
+
+
+def test_channels_last_model_gets_its_images_transposed():
+    """A model that takes (H, W, C) (Keras) fed (C, H, W) images: the same pixels, moved."""
+    from edgeprune.data import Dataset, fit_data
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    d = Dataset("d", x, np.zeros(2, np.int64), x, np.zeros(2, np.int64))
+    fitted = fit_data((1, 4, 5, 3), d, "k.onnx")
+    assert fitted.x_train.shape == (2, 4, 5, 3)
+    assert fitted.x_test[1, 2, 3, 0] == x[1, 0, 2, 3] and fitted.x_test[1, 2, 3, 2] == x[1, 2, 2, 3]

@@ -153,6 +153,54 @@ def test_deploy_with_a_budget_runs_the_measured_search(tmp_path):
         assert (out / "feedback" / name).exists(), name
 
 
+def test_keras_style_nhwc_onnx_model_deploys_bit_exact(tmp_path):
+    """A Keras model as tf2onnx writes it: NHWC input (3 channels) transposed to NCHW, the last
+    feature map transposed back to NHWC before Flatten. It prunes through the channels-last
+    flatten, quantizes the transposes as int8 moves and runs bit-exact on the target."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from edgeprune import data
+    from edgeprune.quantize.train_utils import quick_train
+
+    class KerasStyle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8)
+            self.b = nn.Conv2d(8, 12, 3, 2, 1)
+            self.fc = nn.Linear(12 * 7 * 7, 10)
+
+        def forward(self, x):                       # x: N, H, W, C
+            x = nn.functional.max_pool2d(torch.relu(self.bn(self.a(x.permute(0, 3, 1, 2)))), 2)
+            x = torch.relu(self.b(x))
+            return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+
+    def rgb(x):   # (N, 1, H, W) -> (N, H, W, 3), three different channels
+        return np.ascontiguousarray(np.concatenate([x, 0.5 * x, 1 - x], 1)
+                                    .transpose(0, 2, 3, 1)).astype(np.float32)
+
+    torch.manual_seed(0)
+    fm = data.load("fashion-mnist")
+    ds = data.Dataset("rgb", rgb(fm.x_train[:3000]), fm.y_train[:3000], rgb(fm.x_test[:200]),
+                      fm.y_test[:200])
+    model = KerasStyle()
+    quick_train(model, ds, samples=3000, epochs=1.0, lr=0.05)
+    torch.onnx.export(model.eval(), (torch.zeros(1, 28, 28, 3),), str(tmp_path / "k.onnx"),
+                      dynamo=False)
+    np.savez(tmp_path / "d.npz", x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test,
+             y_test=ds.y_test)
+    report = deploy_user_model(tmp_path / "k.onnx", tmp_path / "d.npz", tmp_path, "0.3", 4)
+    assert report["input_shape"] == [1, 28, 28, 3]
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert report["accuracy"]["quantized"] > 60
+    widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
+    assert widths[8] == 6 and widths[12] == 9, widths    # incl. the conv before the NHWC flatten
+    ops = json.loads((tmp_path / "out" / "qmodel" / "qmodel.json").read_text())["ops"]
+    assert [o["attrs"]["perm"] for o in ops if o["kind"] == "transpose"] == [[0, 3, 1, 2],
+                                                                              [0, 2, 3, 1]]
+
+
 def deploy_user_model(model: Path, data: Path, tmp_path: Path, finetune: str,
                       target_samples: int) -> dict:
     """`deploy --json` of a user's model on a user's .npz, cut by 25 %, int8 PTQ: the report."""

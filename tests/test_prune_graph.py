@@ -341,3 +341,64 @@ def test_squeeze_excite_from_onnx_runs_any_batch_and_prunes(tmp_path):
     pruned, record = prune(back, torch.randn(shape), criterion="l1", ratios=0.5)
     assert record["macs_after"] < 0.5 * record["macs_before"]
     _check_equivalent(back, pruned, record, x)
+
+
+class ChannelsLast(nn.Module):
+    """What a Keras model exported to ONNX looks like: an NHWC input made NCHW, and the last
+    feature map made NHWC again before Flatten (so channel j becomes every C-th feature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.a(x.permute(0, 3, 1, 2))))
+        x = F.relu(self.b(x))
+        return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+
+
+def test_channels_last_flatten_prunes_equivalently_also_from_onnx(tmp_path):
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = ChannelsLast().eval()
+    _randomize_bn(model)
+    torch.onnx.export(model, (torch.zeros(1, 8, 8, 3),), str(tmp_path / "nhwc.onnx"),
+                      dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "nhwc.onnx")
+    assert shape == (1, 8, 8, 3)
+    x = torch.randn(3, 8, 8, 3)
+    torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    for m in (model, back):
+        pruned, record = prune(m, torch.randn(shape), criterion="l1", ratios=0.5)
+        convs = [mod.out_channels for mod in pruned.modules() if isinstance(mod, nn.Conv2d)]
+        assert convs == [4, 3]
+        fc = [mod for mod in pruned.modules() if isinstance(mod, nn.Linear)][0]
+        assert fc.in_features == 3 * 4 * 4
+        _check_equivalent(m, pruned, record, x)
+
+
+def test_permute_that_the_analysis_cannot_follow_names_the_node():
+    class ChannelsToHeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x).permute(0, 2, 1, 3))
+
+    class ConvOnChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x).permute(0, 2, 3, 1))
+
+    with pytest.raises(EdgepruneError, match="node 'permute'.*channel axis to axis 2"):
+        prune(ChannelsToHeight(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(EdgepruneError, match="layer 'b'.*channels on the last axis"):
+        prune(ConvOnChannelsLast(), torch.randn(1, 1, 8, 8))

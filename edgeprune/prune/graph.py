@@ -2,7 +2,8 @@
 
 Why channel ids and not layers: a residual add ties channel j of one branch to channel j of the
 other, a concat places two layers' channels side by side, a depthwise conv passes channel j
-through untouched and flatten turns channel j into H*W consecutive features. Tracking every
+through untouched and flatten turns channel j into H*W consecutive features (or, after a
+permute to channels-last as Keras models exported to ONNX do, into every C-th). Tracking every
 tensor's channel dimension as a list of *channel ids* (one id per channel a Conv2d/Linear
 produces) and merging ids that an elementwise op combines handles all of these with one rule.
 
@@ -67,14 +68,25 @@ class GraphError(EdgepruneError):
 @dataclass(frozen=True)
 class Layout:
     """The channel ids along a tensor's channel dimension; `repeat` > 1 after flatten
-    (each channel became `repeat` consecutive features)."""
+    (each channel became `repeat` features). `channels_last`: the channels are the last axis
+    (after a permute), so flatten interleaves them: feature s * C + i is channel i."""
     ids: tuple[int, ...]
     repeat: int = 1
+    channels_last: bool = False
 
     def positions(self) -> list[tuple[int, int]]:
-        """(feature position, channel id) for every feature of the channel dimension."""
+        """(feature position, channel id) for every feature of the channel dimension, in
+        ascending position."""
+        if self.channels_last:
+            n = len(self.ids)
+            return [(r * n + i, cid) for r in range(self.repeat) for i, cid in enumerate(self.ids)]
         return [(i * self.repeat + r, cid) for i, cid in enumerate(self.ids)
                 for r in range(self.repeat)]
+
+    @property
+    def unflattened_last(self) -> bool:
+        """Channels on the last axis of a tensor that still has its spatial axes."""
+        return self.channels_last and self.repeat == 1
 
 
 CONST = "const"  # marker layout for get_attr constants
@@ -211,10 +223,14 @@ class DepGraph:
             elif node.op == "output":
                 fx.node.map_arg(node.args, lambda n: self._freeze(self.layouts.get(n.name)))
 
-    def _input_layout(self, node: fx.Node, ndim: int | None = None) -> Layout:
+    def _input_layout(self, node: fx.Node, ndim: int | None = None,
+                      channels_last_ok: bool = False) -> Layout:
         lay = self._layout_of(node.args[0]) if node.args else None
         if not isinstance(lay, Layout):
             self._fail(node, "its input has no channel dimension the analysis understands")
+        if lay.unflattened_last and not channels_last_ok:
+            self._fail(node, "its input has the channels on the last axis (after a permute); "
+                       "only elementwise ops, flatten or a permute back to NCHW may follow")
         in_shape = self._shape(node.args[0])
         if ndim is not None and (in_shape is None or len(in_shape) != ndim):
             self._fail(node, f"expects a {ndim}-D input, got shape {in_shape}")
@@ -279,11 +295,35 @@ class DepGraph:
                    "Flatten)")
 
     def _flatten(self, node: fx.Node, start: int, end: int = -1):
-        lay = self._input_layout(node)
+        lay = self._input_layout(node, channels_last_ok=True)
         in_shape = self._shape(node.args[0])
         if start != 1 or end not in (-1, len(in_shape) - 1):
             self._fail(node, "only flatten(x, 1) (all dims after the batch) is supported")
-        return Layout(lay.ids, lay.repeat * int(np.prod(in_shape[2:], dtype=np.int64)))
+        spatial = in_shape[1:-1] if lay.channels_last else in_shape[2:]
+        return Layout(lay.ids, lay.repeat * int(np.prod(spatial, dtype=np.int64)),
+                      lay.channels_last)
+
+    def _permute(self, node: fx.Node, shape):
+        """A permute that keeps the batch axis: channels move to dim 1 or to the last axis
+        (NHWC, before a flatten). Frozen channels (the input's) may go anywhere: the new
+        channel axis is a new frozen space."""
+        lay = self._input_layout(node, channels_last_ok=True)
+        rest = node.args[1:] or (node.kwargs.get("dims"),)
+        perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        nd = len(shape)
+        perm = [int(d) % nd for d in perm]
+        if perm[0] != 0:
+            self._fail(node, f"permute {perm} moves the batch axis")
+        if lay.repeat != 1:
+            self._fail(node, "permute of flattened features")
+        if set(lay.ids) <= self._frozen_ids:
+            return self._new_space(shape[1], None, True)
+        to = perm.index(nd - 1 if lay.channels_last else 1)
+        if to == 1:
+            return Layout(lay.ids)
+        if to == nd - 1:
+            return Layout(lay.ids, 1, True)
+        self._fail(node, f"permute {perm} moves the channel axis to axis {to}")
 
     def _softmax(self, node: fx.Node, dim, shape):
         """Elementwise along other axes; along the channels every channel counts in the sum,
@@ -299,7 +339,9 @@ class DepGraph:
         if (is_fn and t in PASSTHROUGH_FUNCTIONS) or (not is_fn and t in PASSTHROUGH_METHODS):
             if shape is None:
                 return None
-            return self._input_layout(node)
+            return self._input_layout(node, channels_last_ok=True)
+        if (is_fn and t is torch.permute) or (not is_fn and t == "permute"):
+            return self._permute(node, shape)
         if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS):
             return self._binary(node, shape)
         if (is_fn and t in SOFTMAX_FUNCTIONS) or (not is_fn and t in ("softmax", "log_softmax")):
@@ -357,6 +399,9 @@ class DepGraph:
             return tensors[0][1]
         (xa, la), (xb, lb) = tensors
         sa, sb = self._shape(xa), self._shape(xb)
+        if la.channels_last != lb.channels_last or (la.unflattened_last and sa != sb):
+            self._fail(node, f"operands with shapes {sa} and {sb} have their channels on "
+                       "different axes")
         if len(la.ids) == len(lb.ids) and la.repeat == lb.repeat:
             for i, j in zip(la.ids, lb.ids):
                 self._union(i, j)
@@ -377,6 +422,8 @@ class DepGraph:
         lays = [self._layout_of(x) for x in tensors]
         if not all(isinstance(l, Layout) for l in lays):
             self._fail(node, "concatenates a tensor without a tracked channel dimension")
+        if any(l.channels_last for l in lays):
+            self._fail(node, "concatenates tensors with the channels on the last axis")
         if dim == 1:
             if len({l.repeat for l in lays}) != 1:
                 self._fail(node, "concatenates flattened features of different spatial sizes")
@@ -395,7 +442,7 @@ class DepGraph:
         if in_shape is None:
             self._fail(node, "reshape of an unknown shape")
         if tuple(shape) == tuple(in_shape):
-            return self._input_layout(node)
+            return self._input_layout(node, channels_last_ok=True)
         if len(in_shape) >= 3 and len(shape) == 2 and shape[0] == in_shape[0]:
             self.flatten_nodes.append(node.name)
             return self._flatten(node, 1, -1)

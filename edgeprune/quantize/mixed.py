@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import EdgepruneError
 from . import reference
 from .ptq import INPUT, IRNet, to_qmodel
-from .qmodel import QuantModel
+from .qmodel import SAME_QPARAMS, QuantModel
 
 
 @dataclass
@@ -100,7 +100,7 @@ def choose(net: IRNet, ranges: dict, x: np.ndarray, y: np.ndarray, float_acc: fl
 
     # 1. activations that need 16 bits
     if 16 in activation_bits:
-        tensors = [INPUT] + [n.output for n in net.nodes if n.kind not in ("maxpool", "reshape")]
+        tensors = [INPUT] + [n.output for n in net.nodes if n.kind not in SAME_QPARAMS]
         yf = float_outputs(net, x)
         acc = acc8
         cur_y = y8

@@ -3,9 +3,10 @@
 Pipeline:
 1. `extract`: fx-trace the model, fold BatchNorm into the preceding conv/linear
    (`torch.fx.experimental.optimization.fuse`), and rewrite it as an `IRNet`: a flat list of
-   `FNode`s (conv2d / dense / add / maxpool / avgpool / reshape) with ReLU / ReLU6 / clamp fused
-   into the producing conv/dense/add.  The IRNet is a trainable nn.Module (QAT and ADMM train it)
-   whose forward can fake-quantize exactly where the integer model rounds.
+   `FNode`s (conv2d / dense / add / maxpool / avgpool / reshape / transpose ...) with ReLU /
+   ReLU6 / clamp fused into the producing conv/dense/add.  The IRNet is a trainable nn.Module
+   (QAT and ADMM train it) whose forward can fake-quantize exactly where the integer model
+   rounds.
 2. `calibrate`: run real data through the float IRNet, record each tensor's range (min/max or a
    percentile, since a few outliers can waste most of an 8-bit range).
 3. `to_qmodel`: per-channel symmetric weights, asymmetric int8 (or symmetric int16) activations,
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EdgepruneError
-from .qmodel import DTYPE_RANGE, Op, QuantModel, TensorInfo, window_counts
+from .qmodel import DTYPE_RANGE, SAME_QPARAMS, Op, QuantModel, TensorInfo, window_counts
 from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
     shared_shift_multipliers
 from .wquant import quantize_weights
@@ -231,6 +232,8 @@ class IRNet(nn.Module):
                     y = y * torch.as_tensor(k / counts, dtype=y.dtype)
             elif n.kind == "reshape":
                 y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))
+            elif n.kind == "transpose":
+                y = xs[0].permute(a["perm"])
             else:
                 raise EdgepruneError(f"IRNet: unknown node kind {n.kind}")
             if n.act is not None:
@@ -571,11 +574,20 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("reshape", node.name, [src(node.args[0])], node.name,
                            {"shape": list(shape)}, out_shape=shape))
             continue
+        if target in (torch.permute, "permute"):
+            rest = node.args[1:] or (node.kwargs.get("dims"),)
+            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            perm = [int(d) % len(shape) for d in perm]
+            if perm[0] != 0:
+                raise EdgepruneError(f"{where}: permute {perm} moves the batch axis")
+            add_node(FNode("transpose", node.name, [src(node.args[0])], node.name,
+                           {"perm": perm}, out_shape=shape))
+            continue
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
                              "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
-                             "mean, flatten/view)")
+                             "mean, flatten/view, permute)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
@@ -657,7 +669,7 @@ def qconfig_for(net: IRNet, ranges: dict[str, tuple[float, float]],
     params = {INPUT: act_qparams(*ranges[INPUT], act_dtypes.get(INPUT, "int8"))}
     dt = {INPUT: act_dtypes.get(INPUT, "int8")}
     for n in net.nodes:
-        if n.kind in ("maxpool", "reshape"):
+        if n.kind in SAME_QPARAMS:
             params[n.output], dt[n.output] = params[n.inputs[0]], dt[n.inputs[0]]
         elif n.kind == "softmax":
             params[n.output], dt[n.output] = (1 / 256, -128), "int8"
@@ -693,7 +705,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
     params: dict[str, np.ndarray] = {}
     for n in net.nodes:
         tin = tensors[n.inputs[0]]
-        if n.kind in ("maxpool", "reshape"):
+        if n.kind in SAME_QPARAMS:
             out = TensorInfo(n.output, list(n.out_shape), tin.dtype, tin.scale, tin.zero_point)
         elif n.kind == "softmax":   # probabilities: a fixed [0, 1) grid of 256 steps
             out = TensorInfo(n.output, list(n.out_shape), "int8", 1 / 256, -128)

@@ -43,6 +43,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   does not count: TensorFlow's SAME average pooling) the divisor is each window's count of
   real taps: params multiplier and shift (OH, OW) per output position instead of the attrs.
 * ``reshape`` attrs: shape (the output shape).  Same scale/zero point (flatten is a reshape).
+* ``transpose`` attrs: perm (axis 0, the batch, stays first).  Same scale/zero point (a Keras
+  model's NHWC input turned NCHW, or NCHW features turned NHWC before its Flatten).
 
 Weight bits: weight_bits 8 = values in [-127, 127]; 4 = [-7, 7] (two per byte in flash);
 2 = [-1, 1]; weight_format "pow2" = values in {0, +-1, +-2, +-4, ..., +-2**(2**(bits-1)-2)}
@@ -65,7 +67,9 @@ from ..errors import EdgepruneError
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
 OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "maxpool", "avgpool",
-            "reshape")
+            "reshape", "transpose")
+# ops that only move or pick int8 values: their output keeps the input's scale and zero point
+SAME_QPARAMS = ("maxpool", "reshape", "transpose")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -304,6 +308,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         if int(np.prod(shape)) != int(np.prod(ins[0])):
             raise EdgepruneError(f"reshape '{op.name}': {ins[0]} -> {shape} changes the size")
         return shape
+    if op.kind == "transpose":
+        perm = [int(d) for d in a["perm"]]
+        if sorted(perm) != list(range(len(ins[0]))) or perm[0] != 0:
+            raise EdgepruneError(f"transpose '{op.name}': perm {perm} is not a permutation of "
+                                 f"{len(ins[0])} axes that keeps the batch axis first")
+        return [ins[0][d] for d in perm]
     raise EdgepruneError(f"op '{op.name}': unknown kind '{op.kind}' (known: {OP_KINDS})")
 
 
@@ -377,7 +387,7 @@ def validate(qm: QuantModel) -> None:
                 if list(qm.param(op, key).shape) != list(out.shape[2:]):
                     raise EdgepruneError(f"avgpool '{op.name}': {key} must hold one value per "
                                          f"output position {out.shape[2:]}")
-        if op.kind in ("maxpool", "reshape"):
+        if op.kind in SAME_QPARAMS:
             src = qm.tensors[op.inputs[0]]
             if (src.scale, src.zero_point, src.dtype) != (out.scale, out.zero_point, out.dtype):
                 raise EdgepruneError(f"{op.kind} '{op.name}': output must keep the input's "

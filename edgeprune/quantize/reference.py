@@ -159,6 +159,8 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return requantize(acc, m, sh, out.zero_point, lo, hi).astype(out.dtype)
     if op.kind == "reshape":
         return x.reshape([int(s) for s in a["shape"]])
+    if op.kind == "transpose":
+        return np.ascontiguousarray(x.transpose([int(d) for d in a["perm"]]))
     raise EdgepruneError(f"reference: op '{op.name}' has unknown kind '{op.kind}'")
 
 

@@ -316,6 +316,9 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "reshape":
                     y = bb.emit(relax.op.reshape(env[op.inputs[0]], shape(op.output)),
                                 name_hint=_ident(op.output))
+                elif op.kind == "transpose":
+                    y = bb.emit(relax.op.permute_dims(env[op.inputs[0]], op.attrs["perm"]),
+                                name_hint=_ident(op.output))
                 else:
                     raise EdgepruneError(f"to_relax: op '{op.name}' kind '{op.kind}' unsupported")
                 env[op.output] = y
