@@ -47,14 +47,16 @@ def _attrs(node) -> dict:
 
 
 def _auto_pads(a: dict, size: tuple, kernel: tuple) -> list[int] | None:
-    """Explicit [t, l, b, r] pads for a Conv's auto_pad (TensorFlow's SAME), else None."""
+    """Explicit [t, l, b, r] pads (or [l, r] in 1-D) for a Conv's or pool's auto_pad
+    (TensorFlow's SAME), else None."""
     mode = a.get("auto_pad", b"NOTSET")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode in ("NOTSET", ""):
         return None
     if mode == "VALID":
-        return [0, 0, 0, 0]
-    strides, dil = a.get("strides", (1, 1)), a.get("dilations", (1, 1))
+        return [0] * 2 * len(kernel)
+    strides = a.get("strides", (1,) * len(kernel))
+    dil = a.get("dilations", (1,) * len(kernel))
     begin, end = [], []
     for i, k, s, d in zip(size, kernel, strides, dil):
         total = max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
@@ -344,12 +346,15 @@ class _Builder:
         return n, torch.cat([x[1] for x in xs], dim=int(a["axis"]))
 
     def _pool_args(self, node, a):
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise _err(f"ONNX node '{node.name}' ({node.op_type}): auto_pad is not supported")
+        """(kernel, strides, ceil_mode); auto_pad (TensorFlow's SAME) is made explicit pads."""
         k = tuple(a["kernel_shape"])
         if len(k) not in (1, 2):
             raise _err(f"ONNX node '{node.name}' ({node.op_type}): only 1-D and 2-D pooling is "
                        "supported")
+        size = tuple(self._in(node.input[0])[1].shape[2:])
+        pads = _auto_pads(a, size, k)
+        if pads is not None:
+            a["pads"] = pads
         return k, tuple(a.get("strides", (1,) * len(k))), bool(a.get("ceil_mode", 0))
 
     def op_MaxPool(self, node, a):

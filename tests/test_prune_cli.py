@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgeprune.cli import main
+from edgeprune.errors import EdgepruneError
 from edgeprune.load import load_torch
 from edgeprune.onnx_to_torch import onnx_to_torch
 
@@ -189,3 +190,45 @@ def test_onnx_conv_auto_pad_converts(tmp_path, auto_pad, stride):
     got = back(torch.from_numpy(x)).detach().numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("op, auto_pad, kernel, stride", [
+    ("MaxPool", "SAME_UPPER", 2, 2), ("MaxPool", "SAME_UPPER", 3, 2), ("MaxPool", "VALID", 3, 2),
+    ("AveragePool", "SAME_UPPER", 3, 1), ("AveragePool", "VALID", 2, 2)])
+def test_onnx_pool_auto_pad_converts(tmp_path, op, auto_pad, kernel, stride):
+    """Pools exported with auto_pad (Keras padding='same' through tf2onnx) get explicit pads:
+    -inf for max pools (asymmetric ones as a pad before the pool), uncounted for averages.
+    (No SAME_LOWER case: onnx.reference gives those pools floor(size / stride) outputs, not the
+    ceil the ONNX spec says.)"""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node(op, ["x"], ["y"], auto_pad=auto_pad, strides=[stride] * 2,
+                            kernel_shape=[kernel] * 2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 9, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", "c", "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(tmp_path / "p.onnx"))
+    x = np.random.default_rng(0).standard_normal((1, 2, 9, 8)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    back, _ = onnx_to_torch(tmp_path / "p.onnx")
+    got = back(torch.from_numpy(x)).detach().numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_onnx_same_average_pool_with_uneven_pads_is_named(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("AveragePool", ["x"], ["y"], name="pool_same", auto_pad="SAME_UPPER",
+                            strides=[2, 2], kernel_shape=[2, 2])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 9, 9])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["n", "c", "h", "w"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+              str(tmp_path / "p.onnx"))
+    with pytest.raises(EdgepruneError, match="'pool_same' .AveragePool.: asymmetric pads"):
+        onnx_to_torch(tmp_path / "p.onnx")
