@@ -41,7 +41,8 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
              train_to: str | None = None) -> Dataset:
     """`data` as the model of input `shape` takes it. A 1-D model runs as 2-D with a unit height
     (edgeprune.lift1d): its (C, L) samples become (C, 1, L), the same bytes; a model that takes
-    channels last (H, W, C: Keras) gets (C, H, W) images transposed. Anything else that
+    channels last (Keras: (H, W, C), or (L, C) lifted to (L, 1, C)) gets (C, H, W) images or
+    (C, L) signals transposed. Anything else that
     does not fit is an error naming both sample shapes; so is a missing training split where the
     caller needs one `train_to` (e.g. "calibrate on")."""
     want, have = tuple(shape[1:]), tuple(data.x_test.shape[1:])
@@ -49,9 +50,11 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
         def lift(x):
             return None if x is None else x.reshape(len(x), *want)
         data = Dataset(data.name, lift(data.x_train), data.y_train, lift(data.x_test), data.y_test)
-    elif want != have and len(want) == 3 and want == have[1:] + have[:1]:
-        def channels_last(x):  # a model that takes NHWC (Keras) on NCHW images
-            return None if x is None else np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    elif want != have and len(want) == 3 and (want == have[1:] + have[:1] or (
+            want[1] == 1 and have == (want[2], want[0]))):
+        def channels_last(x):  # a Keras model, (H, W, C) or (L, 1, C), on (C, H, W) / (C, L)
+            return None if x is None else np.ascontiguousarray(
+                np.moveaxis(x, 1, -1)).reshape(len(x), *want)
         data = Dataset(data.name, channels_last(data.x_train), data.y_train,
                        channels_last(data.x_test), data.y_test)
     elif want != have:

@@ -3,8 +3,10 @@
 Every later stage (pruning, quantization, the int8 kernels, the golden model) works on 2-D
 convolutions; a Conv1d is a Conv2d with a 1 x k kernel, and an (N, C, L) tensor has the same
 bytes as (N, C, 1, L), so the firmware's input and output buffers do not change. Each node
-that carries a 3-D tensor is rewritten to its 2-D form; an op that cannot be (a transpose, a
-1-D op we do not know) is named in an error rather than guessed.
+that carries a 3-D tensor is rewritten to its 2-D form (the unit height is always axis 2: a
+Keras model's (N, L, C) input becomes (N, L, 1, C), its permutes permute around the height);
+an op that cannot be (a transpose of two axes, a 1-D op we do not know) is named in an error
+rather than guessed.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
         elif _is(node, torch.flatten, "flatten"):
             if not (_arg(node, 1, "start_dim", 0) in (1, -2) and _arg(node, 2, "end_dim", -1) == -1):
                 raise _refuse(where, "flattens other than from the channel axis")
+        elif _is(node, torch.permute, "permute"):
+            _permute_dims(node, where)
         elif _is(node, torch.cat, None):
             _set_dim(node, 1, "dim", 0, where)
         elif _is(node, None, "size") and _arg(node, 1, "dim", None) is not None:
@@ -149,6 +153,17 @@ def _reduce_dims(node: fx.Node, where: str) -> None:
         node.args = (node.args[0], new, *node.args[2:])
     else:
         node.kwargs = {**node.kwargs, "dim": new}
+
+
+def _permute_dims(node: fx.Node, where: str) -> None:
+    """A permute of the three axes of a signal as the same permute of its 2-D form, the unit
+    height staying axis 2 ((N, L, C) -> (N, C, L) is (N, L, 1, C) -> (N, C, 1, L))."""
+    rest = node.args[1:] or (node.kwargs.get("dims"),)
+    perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    if len(perm) != 3 or not all(isinstance(d, int) for d in perm):
+        raise _refuse(where, "permutes other than the three axes of a signal")
+    p = [_dim_2d(int(d)) for d in perm]
+    node.args, node.kwargs = (node.args[0], (p[0], p[1], 2, p[2])), {}
 
 
 def _module_2d(mod: nn.Module, where: str) -> nn.Module:

@@ -58,3 +58,6 @@ def test_channels_last_model_gets_its_images_transposed():
     fitted = fit_data((1, 4, 5, 3), d, "k.onnx")
     assert fitted.x_train.shape == (2, 4, 5, 3)
     assert fitted.x_test[1, 2, 3, 0] == x[1, 0, 2, 3] and fitted.x_test[1, 2, 3, 2] == x[1, 2, 2, 3]
+    signals = Dataset("s", x[:, :, 0], np.zeros(2, np.int64), x[:, :, 0], np.zeros(2, np.int64))
+    lifted = fit_data((1, 5, 1, 3), signals, "k.onnx")    # a Keras Conv1D model's (L, 1, C)
+    assert lifted.x_test.shape == (2, 5, 1, 3) and lifted.x_test[1, 4, 0, 2] == x[1, 2, 0, 4]

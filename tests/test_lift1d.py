@@ -131,3 +131,44 @@ def test_conv1d_onnx_model_deploys_bit_exact_on_signal_data(tmp_path):
     assert report["input_shape"] == [1, 1, 1, 160]
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["quantized"] > 60
+
+
+def test_keras_style_conv1d_onnx_model_deploys_bit_exact(tmp_path):
+    """A Keras Conv1D model as tf2onnx writes it: (N, L, C) input, Transpose to (N, C, L), the
+    last feature map transposed back to (N, L, C) before Flatten. Lifted with its permutes
+    around the unit height, pruned through the channels-last flatten, bit-exact on the target
+    on (L, C) .npz signals."""
+    from edgeprune import data
+    from edgeprune.quantize.train_utils import quick_train
+
+    class KerasConv1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(2, 8, 9, stride=2, padding=4)
+            self.b = nn.Conv1d(8, 12, 5, stride=2, padding=2)
+            self.fc = nn.Linear(12 * 40, 10)
+
+        def forward(self, x):                     # x: N, L, C
+            x = torch.relu(self.b(torch.relu(self.a(x.permute(0, 2, 1)))))
+            return self.fc(x.permute(0, 2, 1).reshape(x.shape[0], -1))
+
+    def two_channels(x):   # (N, 1, L) tones -> (N, L, 2)
+        return np.ascontiguousarray(np.concatenate([x, x * x], 1).transpose(0, 2, 1))
+
+    x_train, y_train = _tones(2000, 160, 0)
+    x_test, y_test = _tones(200, 160, 1)
+    x_train, x_test = two_channels(x_train), two_channels(x_test)
+    np.savez(tmp_path / "tones.npz", x_train=x_train, y_train=y_train, x_test=x_test,
+             y_test=y_test)
+    torch.manual_seed(0)
+    model = KerasConv1d()
+    quick_train(model, data.Dataset("tones", x_train, y_train, x_test, y_test), samples=2000,
+                epochs=2.0, lr=0.05)
+    torch.onnx.export(model.eval(), (torch.zeros(1, 160, 2),), str(tmp_path / "k.onnx"),
+                      dynamo=False)
+    report = deploy_user_model(tmp_path / "k.onnx", tmp_path / "tones.npz", tmp_path, "0.5", 10)
+    assert report["input_shape"] == [1, 160, 1, 2]
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert report["accuracy"]["quantized"] > 60
+    widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
+    assert widths[8] == 6 and widths[12] == 9, widths
