@@ -24,6 +24,7 @@ where measured to help (with a latency budget it does not: sub-byte kernels are 
     python -m bench.feedback a/seed0.json b/seed1.json ...          # only summarise seeds
     python -m bench.feedback --control bench/results/feedback/seed*.json   # equal training
     python -m bench.feedback --sweep 12 bench/results/feedback/seed0.json  # random allocations
+    python -m bench.feedback --blocks bench/results/feedback/seed0.json    # depth, not width
 """
 
 from __future__ import annotations
@@ -378,6 +379,85 @@ def allocation_sweep(seed_result: dict, count: int) -> dict:
             "above_uniform": sum(a > r["uniform"]["accuracy"] for a in accs), "runs": runs}
 
 
+def _branch_removed(block):
+    """A ResNet basic block whose residual branch is pruned away whole: relu(shortcut(x) + the
+    branch's constant BN shift), the shift folded into the shortcut's BN; with an identity
+    shortcut the block is x itself (x is post-ReLU already; the shift is dropped)."""
+    import torch
+    import torch.nn as nn
+
+    class Shortcut(nn.Module):
+        def __init__(self, blk):
+            super().__init__()
+            self.shortcut = blk.shortcut
+            bn = blk.bn2
+            shift = bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            if len(self.shortcut):
+                self.shortcut[1].bias.data += shift.detach()
+
+        def forward(self, x):
+            return torch.relu(self.shortcut(x)) if len(self.shortcut) else x
+    return Shortcut(block)
+
+
+def block_removal(seed_result: dict) -> dict:
+    """Depth instead of width: each residual block of ResNet-8 in turn has its branch removed
+    whole, the rest is cut uniformly (same criterion) to the seed's budget by measured
+    bisection, then the same final fine-tune as every method."""
+    import copy
+
+    import torch
+
+    from edgeprune import data as datasets
+    from edgeprune.deploy import trained_zoo_model
+    from edgeprune.feedback.measure import toolchain_fingerprint
+    from edgeprune.feedback.search import default_cache_dir
+    from edgeprune.feedback.worker import JobData, Runner, finetune
+    from edgeprune.prune import prune
+    from edgeprune.targets import load_target
+    from edgeprune.train import evaluate
+
+    torch.set_num_threads(1)
+    cfg, seed, r = seed_result["config"], seed_result["config"]["seed"], seed_result
+    data = datasets.fashion_mnist()
+    target = load_target(r["target"])
+    model, shape = trained_zoo_model(r["model"], data, None, cfg["train_epochs"], 0, print)
+    example = torch.from_numpy(data.x_train[:1])
+    n_train = len(data.x_train) - cfg["val_samples"]
+    train_set = datasets.Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
+                                 data.x_test, data.y_test)
+    batches = [(torch.from_numpy(data.x_train[i:i + 128]),
+                torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
+    runner = Runner(JobData(data.x_train[:8], data.y_train[:8], data.x_test[:8], data.y_test[:8],
+                            data.x_train[:64]), default_cache_dir() / target.name / "bench", 1)
+    fingerprint = toolchain_fingerprint(target)
+    limit = r["budget"]["latency_instructions"]
+
+    def measure(m):
+        return runner.measure([m], shape, target, fingerprint, bits=[None])[0]
+
+    runs = []
+    for block in ("layer1", "layer2", "layer3"):
+        base = copy.deepcopy(model)
+        setattr(base, block, _branch_removed(getattr(base, block)))
+
+        def make(x, base=base):
+            return prune(base, example, criterion=r["criterion"], ratios=x, data=batches,
+                         meta_batch=batches[-1])[0]
+        x, costs, _ = bisect_measured(make, measure, limit, cfg["bisect_steps"])
+        cut = make(x)
+        finetune(cut, train_set, cfg["finetune_epochs"], 0.01, seed, model, cfg["distill"])
+        acc = evaluate(cut, data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]])
+        runs.append({"removed": block, "ratio_of_the_rest": x, "accuracy": round(acc, 3),
+                     "latency_instructions": costs["instructions"],
+                     "met": costs["instructions"] <= limit})
+        print(f"bench feedback: {block} removed, the rest cut by {x}: {acc:.2f} % at "
+              f"{costs['instructions']:,} instructions", flush=True)
+    runner.close()
+    return {"note": block_removal.__doc__.split("\n\n")[0].replace("\n    ", " "),
+            "seed": seed, "uniform": r["uniform"]["accuracy"], "runs": runs}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("combine", nargs="*", type=Path, metavar="SEED_JSON",
@@ -409,6 +489,9 @@ if __name__ == "__main__":
     ap.add_argument("--sweep", type=int, metavar="N",
                     help="with one SEED_JSON: only run N random allocations at its budget, "
                          "into the result file's other_runs")
+    ap.add_argument("--blocks", action="store_true",
+                    help="with one SEED_JSON: only remove each residual block in turn (the rest "
+                         "cut uniformly to its budget), into the result file's other_runs")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
     a = vars(ap.parse_args())
     if a.get("result"):
@@ -426,8 +509,14 @@ if __name__ == "__main__":
         sweeps = summary.setdefault("other_runs", {}).setdefault("allocation_sweep", {})
         sweeps[files[0].stem] = sweep
         write_result(RESULT, summary)
+    elif files and a["blocks"]:
+        blocks = block_removal(json.loads(files[0].read_text()))
+        summary = json.loads(RESULT.read_text())
+        summary.setdefault("other_runs", {}).setdefault("block_removal", {})[files[0].stem] = \
+            blocks
+        write_result(RESULT, summary)
     elif files:
         write_result(RESULT, combine([json.loads(f.read_text()) for f in files]))
     else:
-        a.pop("control"), a.pop("sweep")
+        a.pop("control"), a.pop("sweep"), a.pop("blocks")
         main(a.pop("quick"), a.pop("seeds"), **a)
