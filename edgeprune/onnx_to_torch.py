@@ -3,12 +3,12 @@ fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf,
-Gelu, Softmax, ReduceMean, Concat, MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape,
-Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras models exported with tf2onnx
-carry around their NHWC input and before Flatten), Pad (constant, H and W), Gemm, MatMul
-(constant right operand), plus
-Identity, Dropout and Constant. The file is first simplified by onnxsim at its static input
-shape (shape arithmetic folded into constants; BatchNorm kept, pruning reads it). Layers with
+Gelu, Softmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, GlobalAveragePool,
+GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
+models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant,
+H and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant. The file
+is first simplified by onnxsim at its static input shape (shape arithmetic folded into
+constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
 pruning, MAC counting and training see them); everything else becomes a plain fx call. Each
 node is also executed once on an example tensor while the graph is built, which resolves
@@ -32,9 +32,9 @@ from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
              "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
-             "Gelu", "Softmax", "ReduceMean", "Unsqueeze", "Squeeze", "Pad", "Concat", "MaxPool",
-             "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Gemm",
-             "MatMul", "Identity", "Dropout", "Constant")
+             "Gelu", "Softmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze", "Pad",
+             "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten",
+             "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout", "Constant")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -308,6 +308,16 @@ class _Builder:
         keep = bool(a.get("keepdims", 1))
         return self._fn(torch.mean, [x[0], dims], [x[1], dims], {"keepdim": keep})
 
+    def op_ReduceMax(self, node, a):
+        axes = self._axes(node, a)
+        x = self._in(node.input[0])
+        if axes is None:
+            raise _err(f"ONNX node '{node.name}' (ReduceMax): a max over every axis is not "
+                       "supported")
+        dims = tuple(sorted(int(d) % x[1].dim() for d in np.asarray(axes).reshape(-1)))
+        keep = bool(a.get("keepdims", 1))
+        return self._fn(torch.amax, [x[0], dims], [x[1], dims], {"keepdim": keep})
+
     def op_Clip(self, node, a):
         lo, hi = a.get("min"), a.get("max")
         if len(node.input) > 1 and node.input[1]:
@@ -373,14 +383,26 @@ class _Builder:
         pads = a.get("pads")
         x = self._in(node.input[0])
         half = len(k)
+        kind = nn.AvgPool2d if half == 2 else nn.AvgPool1d
+        if pads and pads[:half] != pads[half:] and not include:
+            # Uncounted padding only decides where the windows start: torch's symmetric begin
+            # pads start them alike, and its ceil_mode reaches the last one (TensorFlow's SAME).
+            size = x[1].shape[2:]
+            rnd = np.ceil if ceil else np.floor
+            want = tuple(int(rnd((n + b + e - kk) / st)) + 1
+                         for n, b, e, kk, st in zip(size, pads[:half], pads[half:], k, s))
+            begin = tuple(pads[:half])
+            if all(2 * b <= kk for b, kk in zip(begin, k)):
+                pool = kind(k, s, begin, ceil_mode=True, count_include_pad=False)
+                with torch.no_grad():
+                    if tuple(pool(x[1]).shape[2:]) == want:
+                        return self._module(node, "AveragePool", pool, x)
+            raise _err(f"ONNX node '{node.name}' (AveragePool): asymmetric pads {pads} without "
+                       "count_include_pad are not supported here")
         if pads and pads[:half] != pads[half:]:
-            if not include:  # (torch pools pad symmetrically; a pad before it would count)
-                raise _err(f"ONNX node '{node.name}' (AveragePool): asymmetric pads without "
-                           "count_include_pad are not supported")
             x, pad = self._pad_if_asymmetric(node, x, pads)
         else:
             pad = tuple(pads[:half]) if pads else (0,) * half
-        kind = nn.AvgPool2d if half == 2 else nn.AvgPool1d
         pool = kind(k, s, pad, ceil_mode=ceil, count_include_pad=include)
         return self._module(node, "AveragePool", pool, x)
 
@@ -388,6 +410,11 @@ class _Builder:
         x = self._in(node.input[0])
         pool = nn.AdaptiveAvgPool2d(1) if x[1].dim() == 4 else nn.AdaptiveAvgPool1d(1)
         return self._module(node, "GlobalAveragePool", pool, x)
+
+    def op_GlobalMaxPool(self, node, a):
+        x = self._in(node.input[0])
+        pool = nn.AdaptiveMaxPool2d(1) if x[1].dim() == 4 else nn.AdaptiveMaxPool1d(1)
+        return self._module(node, "GlobalMaxPool", pool, x)
 
     def op_Flatten(self, node, a):
         axis = int(a.get("axis", 1))

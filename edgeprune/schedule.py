@@ -92,6 +92,11 @@ def _inline_read_once_producers(sch: Schedule, red_name: str) -> Schedule:
             return sch
 
 
+def _spatial_size(sch: Schedule, block) -> int:
+    return _extent_product(iv.dom.extent for iv in sch.get(block).iter_vars
+                           if int(iv.iter_type) == 0)
+
+
 def _has_root(sch: Schedule) -> bool:
     try:
         sch.get_sblock("root")
@@ -114,6 +119,10 @@ def _fuse_epilogue(sch: Schedule, red_name: str) -> Schedule:
             consumers = s.get_consumers(red)
         if len(consumers) != 1:
             raise ValueError("no single epilogue")
+        # only an epilogue over the reduction's own output elements: a consumer with more
+        # (a pad for the next layer) would lose the elements no reduction output reaches
+        if _spatial_size(s, consumers[0]) != _spatial_size(s, red):
+            raise ValueError("the epilogue covers other elements than the reduction's")
         n = _spatial_prefix(s, red)
         if not n:
             raise ValueError("unexpected loop nest")

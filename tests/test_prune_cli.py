@@ -194,10 +194,12 @@ def test_onnx_conv_auto_pad_converts(tmp_path, auto_pad, stride):
 
 @pytest.mark.parametrize("op, auto_pad, kernel, stride", [
     ("MaxPool", "SAME_UPPER", 2, 2), ("MaxPool", "SAME_UPPER", 3, 2), ("MaxPool", "VALID", 3, 2),
-    ("AveragePool", "SAME_UPPER", 3, 1), ("AveragePool", "VALID", 2, 2)])
+    ("AveragePool", "SAME_UPPER", 3, 1), ("AveragePool", "VALID", 2, 2),
+    ("AveragePool", "SAME_UPPER", 2, 2), ("AveragePool", "SAME_UPPER", 3, 2)])
 def test_onnx_pool_auto_pad_converts(tmp_path, op, auto_pad, kernel, stride):
     """Pools exported with auto_pad (Keras padding='same' through tf2onnx) get explicit pads:
-    -inf for max pools (asymmetric ones as a pad before the pool), uncounted for averages.
+    -inf for max pools (asymmetric ones as a pad before the pool), uncounted for averages
+    (uneven ones as torch's ceil_mode windows).
     (No SAME_LOWER case: onnx.reference gives those pools floor(size / stride) outputs, not the
     ceil the ONNX spec says.)"""
     import onnx
@@ -219,16 +221,18 @@ def test_onnx_pool_auto_pad_converts(tmp_path, op, auto_pad, kernel, stride):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_onnx_same_average_pool_with_uneven_pads_is_named(tmp_path):
+def test_onnx_average_pool_with_pads_it_cannot_place_is_named(tmp_path):
+    """Uncounted end pads longer than a window can reach from the begin pads (stride 1)."""
     import onnx
     from onnx import TensorProto, helper
 
-    node = helper.make_node("AveragePool", ["x"], ["y"], name="pool_same", auto_pad="SAME_UPPER",
-                            strides=[2, 2], kernel_shape=[2, 2])
+    node = helper.make_node("AveragePool", ["x"], ["y"], name="pool_pads", pads=[0, 0, 2, 2],
+                            strides=[1, 1], kernel_shape=[3, 3])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, [1, 2, 9, 9])], [helper.make_tensor_value_info(
             "y", TensorProto.FLOAT, ["n", "c", "h", "w"])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
               str(tmp_path / "p.onnx"))
-    with pytest.raises(EdgepruneError, match="'pool_same' .AveragePool.: asymmetric pads"):
+    with pytest.raises(EdgepruneError, match=r"'pool_pads' .AveragePool.: asymmetric pads "
+                                             r"\[0, 0, 2, 2\]"):
         onnx_to_torch(tmp_path / "p.onnx")

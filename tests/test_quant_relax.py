@@ -365,6 +365,76 @@ def test_average_pool_that_does_not_count_padding(fmnist, tmp_path):
     assert result["outputs_match"] and result["mismatches"] == 0, result
 
 
+def test_ceil_mode_and_global_max_pools_bit_exact(fmnist, tmp_path):
+    """ceil_mode pools (their last window hangs off the end: the end padding grows to reach
+    it), a TensorFlow SAME average pool with uneven pads from ONNX, global max pooling as a
+    module (GlobalMaxPool) and as amax (ReduceMax): bit-exact on the host and in QEMU. (The
+    average pool's uneven zero-point pad fuses into the max pool's kernel: the RAM schedule
+    must not move a pad that writes more than the pool's outputs, edgeprune.schedule.)"""
+    from edgeprune.compile import compile_model
+    from edgeprune.onnx_to_torch import onnx_to_torch
+    from edgeprune.simulate import simulate
+
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 6, 3)                                    # 26 x 26
+            self.mp = nn.MaxPool2d(3, 2, ceil_mode=True)                   # 13 x 13
+            self.ap = nn.AvgPool2d(2, 2, ceil_mode=True)                   # 7 x 7
+            self.ap_pad = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)  # 4
+            self.c2 = nn.Conv2d(6, 8, 1)
+            self.gmp = nn.AdaptiveMaxPool2d(1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.ap_pad(self.ap(self.mp(torch.relu(self.c(x)))))
+            h = self.c2(h)
+            return self.fc(torch.cat([self.gmp(h).flatten(1), h.amax((2, 3))], 1))
+
+    torch.manual_seed(0)
+    model = Pools().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "p.onnx"),
+                      dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "p.onnx")
+    x = torch.from_numpy(fmnist.x_test[:N])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    for m in (model, back):
+        qm = ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200])
+        pools = [o for o in qm.ops if o.kind in ("maxpool", "avgpool")]
+        assert [o.kind for o in pools] == ["maxpool", "avgpool", "avgpool", "maxpool", "maxpool"]
+        assert pools[0].attrs["padding"] == [0, 0, 1, 1]          # reaches the 13th window
+        assert pools[1].attrs["padding"] == [0, 0, 1, 1]
+        assert pools[1].attrs["count_include_pad"] is False
+        out = _check(qm, fmnist.x_test[:N])
+        with torch.no_grad():
+            want = m(x).numpy()
+        got = reference.dequantize_output(qm, out)
+        assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_padding_modules_fold_into_the_layer_after_them(fmnist):
+    """nn.ZeroPad2d / nn.ConstantPad2d (how torch models write TensorFlow's SAME padding) fold
+    into the conv or pool that reads them, like F.pad; pruning passes through them."""
+    from edgeprune.prune import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(1, 6, 3, 2), nn.ReLU(),
+                          nn.ConstantPad2d((1, 0, 1, 0), float("-inf")), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(6 * 7 * 7, 10)).eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    assert [(o.kind, o.attrs.get("padding")) for o in qm.ops][:2] == [
+        ("conv2d", [0, 0, 1, 1]), ("maxpool", [1, 1, 0, 0])]
+    _check(qm, fmnist.x_test[:N])
+    pruned, _ = prune(model, torch.zeros(1, 1, 28, 28), criterion="l1", ratios=0.5)
+    assert pruned(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
     """x * relu6(x + 3) / 6 as MobileNetV3 code writes it: the scalar steps become tables, the
     product an int8 mul; the same from ONNX (Add, Clip, Mul, Div, Sub)."""

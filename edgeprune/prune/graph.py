@@ -40,8 +40,13 @@ STAGE = "prune"
 PASSTHROUGH_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
     nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
+    nn.ConstantPad2d,
 )
+# ... of those, the ones that work on the H, W axes of NCHW (not on channels-last tensors)
+SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                   nn.ZeroPad2d, nn.ConstantPad2d)
+SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 PASSTHROUGH_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
     F.elu, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
@@ -56,7 +61,7 @@ BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 RESHAPE_FUNCTIONS = {torch.reshape}
-MEAN_FUNCTIONS = {torch.mean}
+MEAN_FUNCTIONS = {torch.mean, torch.amax}   # over spatial axes: channels pass through
 SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
 
 
@@ -289,7 +294,8 @@ class DepGraph:
         if isinstance(mod, PASSTHROUGH_MODULES):
             if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
                 self._fail(node, "PReLU with per-channel slopes is not supported")
-            return self._input_layout(node)
+            return self._input_layout(node,
+                                      channels_last_ok=not isinstance(mod, SPATIAL_MODULES))
         self._fail(node, f"unsupported module type {type(mod).__name__} (supported: Conv2d, "
                    "BatchNorm2d, Linear, BatchNorm1d after it, pooling, elementwise activations, "
                    "Flatten)")
@@ -339,7 +345,7 @@ class DepGraph:
         if (is_fn and t in PASSTHROUGH_FUNCTIONS) or (not is_fn and t in PASSTHROUGH_METHODS):
             if shape is None:
                 return None
-            return self._input_layout(node, channels_last_ok=True)
+            return self._input_layout(node, channels_last_ok=t not in SPATIAL_FUNCTIONS)
         if (is_fn and t is torch.permute) or (not is_fn and t == "permute"):
             return self._permute(node, shape)
         if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS):
@@ -357,7 +363,7 @@ class DepGraph:
             return self._flatten(node, start, end)
         if (is_fn and t in RESHAPE_FUNCTIONS) or (not is_fn and t in ("view", "reshape")):
             return self._reshape(node, shape)
-        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t == "mean"):
+        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t in ("mean", "amax")):
             return self._mean(node, shape)
         if (not is_fn and t in ("size", "dim")) or (is_fn and t in (getattr, len)):
             return None

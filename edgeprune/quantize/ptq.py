@@ -365,13 +365,18 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
         shape = shape_of(node)
 
-        if target is F.pad:     # TensorFlow's SAME padding: folded into the conv/pool after it
-            p = list(arg(node, 1, "pad")) + [0] * 4
-            mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+        if target is F.pad or isinstance(target, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            # TensorFlow's SAME padding: folded into the conv/pool after it
+            if isinstance(target, nn.Module):
+                p, mode, value = list(target.padding) + [0] * 4, "constant", target.value
+                given = target.padding
+            else:
+                p, given = list(arg(node, 1, "pad")) + [0] * 4, arg(node, 1, "pad")
+                mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
             user = next(iter(node.users)) if len(node.users) == 1 else None
             user = user and (gm.get_submodule(user.target) if user.op == "call_module"
                              else user.target)
-            if (mode != "constant" or len(arg(node, 1, "pad")) > 4
+            if (mode != "constant" or len(given) > 4
                     or not (isinstance(user, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
                             or user in (F.max_pool2d, F.avg_pool2d))):
                 raise EdgepruneError(f"{where}: only a constant H/W padding read by one conv or "
@@ -508,6 +513,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             attrs = {"kernel": _pair(k), "strides": _pair(s if s is not None else k),
                      "padding": padding_of(node, [p[0], p[1], p[0], p[1]], "max"),
                      "dilation": _pair(d)}
+            if ceil:   # the last window may hang off the end: pad the end with -inf to reach it
+                _reach_last_window(unpadded_shape(node), shape, attrs)
             _check_pool_shape(where, unpadded_shape(node), shape, attrs, ceil)
             add_node(FNode("maxpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
@@ -533,11 +540,23 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                     raise EdgepruneError(f"{where}: an explicit pad before a pool that does not "
                                          "count its own padding")
                 attrs["count_include_pad"] = False
+            if ceil and _reach_last_window(unpadded_shape(node), shape, attrs):
+                # torch divides a window that hangs off the end by its taps inside the padded
+                # image: padding that counts would count there but not beyond it
+                if any(p) and include_pad:
+                    raise EdgepruneError(f"{where}: ceil_mode with counted padding is not "
+                                         "supported")
+                attrs["count_include_pad"] = False
             _check_pool_shape(where, unpadded_shape(node), shape, attrs, ceil)
             add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
-        if isinstance(target, nn.AdaptiveAvgPool2d) or target is F.adaptive_avg_pool2d:
+        adaptive = {nn.AdaptiveAvgPool2d: "avgpool", F.adaptive_avg_pool2d: "avgpool",
+                    nn.AdaptiveMaxPool2d: "maxpool", F.adaptive_max_pool2d: "maxpool"}
+        kind = adaptive.get(type(target) if isinstance(target, nn.Module) else target)
+        if kind:
+            if isinstance(target, nn.AdaptiveMaxPool2d) and target.return_indices:
+                raise EdgepruneError(f"{where}: pooling that returns indices is not supported")
             ih, iw = shape_of(node.args[0])[2:]
             oh, ow = shape[2:]
             if ih % oh or iw % ow:
@@ -545,22 +564,26 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                      "uniform window")
             attrs = {"kernel": [ih // oh, iw // ow], "strides": [ih // oh, iw // ow],
                      "padding": [0, 0, 0, 0], "dilation": [1, 1]}
-            add_node(FNode("avgpool", node.name, [src(node.args[0])], node.name, attrs,
+            add_node(FNode(kind, node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
-        if target in (torch.mean, "mean"):
+        if target in (torch.mean, "mean", torch.amax, "amax"):
+            what = "mean" if target in (torch.mean, "mean") else "max"
             dims = arg(node, 1, "dim")
-            if dims is None:
-                raise EdgepruneError(f"{where}: a mean over every axis is not supported")
+            if dims is None or dims == ():
+                raise EdgepruneError(f"{where}: a {what} over every axis is not supported")
             dims = sorted(d % 4 for d in ((dims,) if isinstance(dims, int) else dims))
             ishape = shape_of(node.args[0])
+            if dims == [3] and len(ishape) == 4 and ishape[2] == 1:
+                dims = [2, 3]   # over time of a lifted 1-D signal: its height is 1
             if dims != [2, 3] or len(ishape) != 4:
-                raise EdgepruneError(f"{where}: only mean over H, W of NCHW is supported")
+                raise EdgepruneError(f"{where}: only a {what} over H, W of NCHW is supported")
             attrs = {"kernel": list(ishape[2:]), "strides": list(ishape[2:]),
                      "padding": [0, 0, 0, 0], "dilation": [1, 1]}
             pooled = (ishape[0], ishape[1], 1, 1)
             pname = node.name if tuple(shape) == pooled else node.name + "_pool"
-            add_node(FNode("avgpool", pname, [src(node.args[0])], pname, attrs, out_shape=pooled))
+            add_node(FNode("avgpool" if what == "mean" else "maxpool", pname,
+                           [src(node.args[0])], pname, attrs, out_shape=pooled))
             if pname != node.name:
                 add_node(FNode("reshape", node.name, [pname], node.name,
                                {"shape": list(shape)}, out_shape=shape))
@@ -587,7 +610,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
                              "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
-                             "mean, flatten/view, permute)")
+                             "AdaptiveMaxPool2d, mean, amax, flatten/view, permute)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
@@ -595,6 +618,20 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     if final != nodes[-1].output:
         raise EdgepruneError(f"the model output '{final}' is not the last op's output")
     return IRNet(nodes, input_shape, weights, biases)
+
+
+def _reach_last_window(ishape, oshape, attrs) -> bool:
+    """Grow the end padding of a ceil_mode pool's attrs until floor-mode windows give the
+    output size torch gave (its last window may start inside the image and end past it).
+    Returns whether any padding was added."""
+    grown = False
+    for axis in (0, 1):
+        size, out = ishape[2 + axis], oshape[2 + axis]
+        k, s, d = attrs["kernel"][axis], attrs["strides"][axis], attrs["dilation"][axis]
+        need = (out - 1) * s + (k - 1) * d + 1 - size - attrs["padding"][axis]
+        if need > attrs["padding"][2 + axis]:
+            attrs["padding"][2 + axis], grown = need, True
+    return grown
 
 
 def _check_pool_shape(where, ishape, oshape, attrs, ceil):
