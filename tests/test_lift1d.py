@@ -172,3 +172,34 @@ def test_keras_style_conv1d_onnx_model_deploys_bit_exact(tmp_path):
     assert report["accuracy"]["quantized"] > 60
     widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
     assert widths[8] == 6 and widths[12] == 9, widths
+
+
+def test_global_max_over_time_quantizes_bit_exact():
+    """Global max pooling over time (AdaptiveMaxPool1d, amax over the last axis, with and
+    without keepdim), common in keyword-spotting and ECG heads: lifted, quantized, and the
+    host build of the integer model equals the golden model."""
+    from edgeprune.quantize import ptq, reference, to_relax
+
+    class GlobalMax1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(2, 6, 5, stride=2)
+            self.gmp = nn.AdaptiveMaxPool1d(1)
+            self.fc = nn.Linear(18, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            return self.fc(torch.cat([self.gmp(h).flatten(1), h.amax(-1),
+                                      h.amax(2, keepdim=True).flatten(1)], 1))
+
+    torch.manual_seed(0)
+    model = GlobalMax1d().eval()
+    lifted, shape = lift_1d(model, (1, 2, 50))
+    x = torch.randn(8, 2, 50)
+    with torch.no_grad():
+        assert torch.allclose(lifted(x.view(8, 2, 1, 50)), model(x), atol=1e-5)
+    qm = ptq.quantize_ptq(lifted, shape, x.view(8, 2, 1, 50).numpy())
+    assert [o.kind for o in qm.ops].count("maxpool") == 3
+    xq = reference.quantize_input(qm, x.view(8, 2, 1, 50).numpy())
+    got = to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq)
+    assert np.array_equal(got, reference.run(qm, xq))
