@@ -246,10 +246,15 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             base_q, base_report = quantize_for_target(model, shape, data, target, cfg, "ptq",
                                                       log=lambda *_: None)
             base_q.save(tmp / "work" / "baseline_qmodel")
-            compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
-                          tmp / "work" / "baseline_build", log=lambda *_: None)
-            baseline = measure(tmp / "work" / "baseline_build")
-            baseline.pop("firmware", None)   # work/ is removed below: no path to it
+            try:
+                compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
+                              tmp / "work" / "baseline_build", log=lambda *_: None)
+                baseline = measure(tmp / "work" / "baseline_build")
+                baseline.pop("firmware", None)   # work/ is removed below: no path to it
+            except EdgepruneError as e:   # e.g. too big for the chip: what pruning is for
+                why = str(e).replace(f"{tmp / 'work' / 'baseline_qmodel'}: ", "")
+                log(f"the unpruned model does not run on {target.name}: {why}")
+                baseline = {"error": why}
             baseline["accuracy"] = base_report["accuracy"]["quantized"]
 
         met, violations = check_budget(cfg.budget, profile)

@@ -3,10 +3,11 @@ fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf,
-Gelu, Softmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, GlobalAveragePool,
-GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
-models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant,
-H and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant. The file
+Gelu, Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool,
+GlobalAveragePool, GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in
+place: what Keras models exported with tf2onnx carry around their NHWC input and before
+Flatten), Pad (constant, H and W), Gemm, MatMul (constant right operand), plus Identity, Dropout
+and Constant. The file
 is first simplified by onnxsim at its static input shape (shape arithmetic folded into
 constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
@@ -32,9 +33,10 @@ from .errors import EdgepruneError
 
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
              "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
-             "Gelu", "Softmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze", "Pad",
-             "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten",
-             "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout", "Constant")
+             "Gelu", "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze",
+             "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+             "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
+             "Constant")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -266,6 +268,10 @@ class _Builder:
 
     def op_Softmax(self, node, a):
         return self._module(node, "Softmax", nn.Softmax(int(a.get("axis", -1))),
+                            self._in(node.input[0]))
+
+    def op_LogSoftmax(self, node, a):
+        return self._module(node, "LogSoftmax", nn.LogSoftmax(int(a.get("axis", -1))),
                             self._in(node.input[0]))
 
     def op_Mul(self, node, a):

@@ -19,6 +19,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     def kb(n):
         return f"{n / 1024:.1f} KiB" if n is not None else "-"
 
+    def num(v, spec):   # "-" where the unpruned model could not be measured
+        return format(v, spec) if v is not None else "-"
+
     def get(d, *keys):
         for k in keys:
             d = (d or {}).get(k)
@@ -28,14 +31,16 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         ("accuracy (host, %)", f"{acc['float']:.2f} float", f"{acc['quantized']:.2f} int8"),
         ("accuracy on target (%)", f"{b.get('accuracy', float('nan')):.2f} (host int8)",
          f"{acc['on_target']:.2f} ({acc['on_target_samples']} samples)"),
-        ("latency (ms)", f"{get(b, 'latency', 'ms') or 0:.3f}", f"{report['latency']['ms']:.3f}"),
-        ("instructions", f"{get(b, 'latency', 'instructions') or 0:,}",
+        ("latency (ms)", num(get(b, "latency", "ms"), ".3f"), f"{report['latency']['ms']:.3f}"),
+        ("instructions", num(get(b, "latency", "instructions"), ","),
          f"{report['latency']['instructions']:,}"),
-        ("energy (uJ)", f"{get(b, 'energy', 'uj') or 0:.1f}", f"{report['energy']['uj']:.1f}"),
+        ("energy (uJ)", num(get(b, "energy", "uj"), ".1f"), f"{report['energy']['uj']:.1f}"),
         ("flash", kb(get(b, "memory", "flash_bytes")), kb(report["memory"]["flash_bytes"])),
         ("SRAM", kb(get(b, "memory", "sram_bytes")), kb(report["memory"]["sram_bytes"])),
         ("arena", kb(get(b, "memory", "arena_bytes")), kb(report["memory"]["arena_bytes"])),
     ]
+    if b.get("error"):
+        rows.append(("unpruned model", "does not run on the target", b["error"]))
     if report.get("budget"):
         rows.append(("budget", ", ".join(f"{k}={v:g}" for k, v in report["budget"].items()),
                      "met" if report["met"] else "NOT met: " + "; ".join(report["violations"])))

@@ -201,6 +201,42 @@ def test_keras_style_nhwc_onnx_model_deploys_bit_exact(tmp_path):
                                                                               [0, 2, 3, 1]]
 
 
+def test_pytorch_mnist_example_too_big_unpruned_deploys_pruned(tmp_path):
+    """The PyTorch examples' MNIST net (log_softmax head, F.max_pool2d, dropout): its 1.2 MB of
+    int8 weights do not fit the M7's 1 MB of flash. Pruned by half it does: the deploy goes on,
+    and the report says the unpruned model does not run rather than failing."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, 1), nn.Conv2d(32, 64, 3, 1)
+            self.dropout1, self.dropout2 = nn.Dropout(0.25), nn.Dropout(0.5)
+            self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+            x = F.relu(self.fc1(torch.flatten(self.dropout1(x), 1)))
+            return F.log_softmax(self.fc2(self.dropout2(x)), dim=1)
+
+    torch.manual_seed(0)
+    torch.onnx.export(Net().eval(), (torch.zeros(1, 1, 28, 28),), str(tmp_path / "net.onnx"),
+                      dynamo=False)
+    r = edgeprune("deploy", "--model", tmp_path / "net.onnx", "--ratio", "0.5", "--finetune",
+                  "0.02", "--calib-samples", "64", "--eval-samples", "100", "--target-samples",
+                  "2", "--quant-method", "ptq", "--out", tmp_path / "out", "--json",
+                  cache=tmp_path / "cache", check=True)
+    report = json.loads(r.stdout)
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert "1048576 B of flash" in report["baseline"]["error"]
+    assert "tmp" not in report["baseline"]["error"]          # no path of the work folder
+    assert report["memory"]["flash_bytes"] < 1048576
+    ops = json.loads((tmp_path / "out" / "qmodel" / "qmodel.json").read_text())["ops"]
+    assert ops[-1]["kind"] == "log_softmax"
+
+
 def deploy_user_model(model: Path, data: Path, tmp_path: Path, finetune: str,
                       target_samples: int) -> dict:
     """`deploy --json` of a user's model on a user's .npz, cut by 25 %, int8 PTQ: the report."""

@@ -271,6 +271,37 @@ def test_softmax_bit_exact_in_qemu(fmnist, tmp_path):
     assert result["outputs_match"] and result["mismatches"] == 0, result
 
 
+def test_log_softmax_bit_exact_and_close_to_float(fmnist, tmp_path):
+    """A log_softmax head (what NLLLoss-trained models end with, the PyTorch MNIST example
+    among them): log-probabilities on a 1/16 grid, bit-exact on the host and in QEMU; the op
+    is within half a grid step (plus its log2 table's error) of the exact log_softmax of its
+    int8 input, above the grid's floor."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 13 * 13, 10), nn.LogSoftmax(dim=1)).eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    assert qm.ops[-1].kind == "log_softmax"
+    _check(qm, fmnist.x_test[:N])
+    x = fmnist.x_test[:1000]
+    env = reference.run(qm, reference.quantize_input(qm, x), return_all=True)
+    op = qm.ops[-1]
+    tin, tout = qm.tensors[op.inputs[0]], qm.tensors[op.output]
+    logits = (env[op.inputs[0]].astype(np.float64) - tin.zero_point) * tin.scale
+    exact = torch.log_softmax(torch.from_numpy(logits), 1).numpy()
+    got = (env[op.output].astype(np.float64) - tout.zero_point) * tout.scale
+    assert np.abs(got - exact)[exact > -15.9].max() < 1 / 32 + 0.005
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert (got.argmax(1) == want.argmax(1)).mean() > 0.95
+    compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
 def test_squeeze_excite_mul_bit_exact(fmnist):
     """x * sigmoid(fc(pool(x))) broadcast over the map: the quantized product (op mul)."""
     class SE(nn.Module):

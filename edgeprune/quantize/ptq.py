@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EdgepruneError
-from .qmodel import DTYPE_RANGE, SAME_QPARAMS, Op, QuantModel, TensorInfo, window_counts
+from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, SAME_QPARAMS, Op, QuantModel, TensorInfo,
+                     window_counts)
 from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
     shared_shift_multipliers
 from .wquant import quantize_weights
@@ -218,6 +219,8 @@ class IRNet(nn.Module):
                 y = lut_apply(a, xs[0])
             elif n.kind == "softmax":
                 y = torch.softmax(xs[0], a["axis"])
+            elif n.kind == "log_softmax":
+                y = torch.log_softmax(xs[0], a["axis"])
             elif n.kind == "maxpool":
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb), value=-np.inf) if any(a["padding"]) else xs[0]
@@ -405,11 +408,16 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("lut", node.name, [prev], node.name,
                            {"function": act[0], "param": param}, out_shape=shape))
             continue
-        if isinstance(target, nn.Softmax) or target in (torch.softmax, F.softmax, "softmax"):
-            dim = target.dim if isinstance(target, nn.Softmax) else arg(node, 1, "dim")
+        softmax = {nn.Softmax: "softmax", torch.softmax: "softmax", F.softmax: "softmax",
+                   "softmax": "softmax", nn.LogSoftmax: "log_softmax",
+                   torch.log_softmax: "log_softmax", F.log_softmax: "log_softmax",
+                   "log_softmax": "log_softmax"}
+        kind = softmax.get(type(target) if isinstance(target, nn.Module) else target)
+        if kind:
+            dim = target.dim if isinstance(target, nn.Module) else arg(node, 1, "dim")
             if dim is None:
-                raise EdgepruneError(f"{where}: softmax needs an explicit dim")
-            add_node(FNode("softmax", node.name, [src(node.args[0])], node.name,
+                raise EdgepruneError(f"{where}: {kind} needs an explicit dim")
+            add_node(FNode(kind, node.name, [src(node.args[0])], node.name,
                            {"axis": int(dim) % len(shape)}, out_shape=shape))
             continue
         lut = _lut_of(target, node, arg)
@@ -609,7 +617,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
-                             "softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
+                             "softmax, log_softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
                              "AdaptiveMaxPool2d, mean, amax, flatten/view, permute)")
     else:
         raise EdgepruneError("traced graph has no output")
@@ -710,6 +718,8 @@ def qconfig_for(net: IRNet, ranges: dict[str, tuple[float, float]],
             params[n.output], dt[n.output] = params[n.inputs[0]], dt[n.inputs[0]]
         elif n.kind == "softmax":
             params[n.output], dt[n.output] = (1 / 256, -128), "int8"
+        elif n.kind == "log_softmax":
+            params[n.output], dt[n.output] = LOG_SOFTMAX_OUT, "int8"
         else:
             dt[n.output] = act_dtypes.get(n.output, "int8")
             params[n.output] = act_qparams(*ranges[n.output], dt[n.output])
@@ -746,6 +756,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             out = TensorInfo(n.output, list(n.out_shape), tin.dtype, tin.scale, tin.zero_point)
         elif n.kind == "softmax":   # probabilities: a fixed [0, 1) grid of 256 steps
             out = TensorInfo(n.output, list(n.out_shape), "int8", 1 / 256, -128)
+        elif n.kind == "log_softmax":   # log-probabilities: a fixed grid of 1/16 down to -15.94
+            out = TensorInfo(n.output, list(n.out_shape), "int8", *LOG_SOFTMAX_OUT)
         else:
             if n.output not in ranges:
                 raise EdgepruneError(f"no calibration range for '{n.output}'")
@@ -795,12 +807,17 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                 real = lut_apply(n.attrs, (q - tin.zero_point) * tin.scale).numpy()
             table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin, out.qmax)
             params[f"{n.name}.table"] = table.astype(out.dtype)
-        elif n.kind == "softmax":
+        elif n.kind in ("softmax", "log_softmax"):
             if tin.dtype != "int8":
-                raise EdgepruneError(f"op '{n.name}' (softmax): needs an int8 input, "
+                raise EdgepruneError(f"op '{n.name}' ({n.kind}): needs an int8 input, "
                                      f"'{tin.name}' is {tin.dtype}")
             d = np.arange(-255, 1, dtype=np.float64)
             params[f"{n.name}.table"] = np.round(65536 * np.exp(tin.scale * d)).astype(np.int32)
+            if n.kind == "log_softmax":
+                f = (np.arange(256) + 0.5) / 256
+                params[f"{n.name}.log2_table"] = np.round(65536 * np.log2(1 + f)).astype(np.int32)
+                attrs.update({"multiplier": int(round(tin.scale / out.scale * 2 ** 28)),
+                              "ln2": int(round(np.log(2) / out.scale * 2 ** 12))})
         elif n.kind == "concat":
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],

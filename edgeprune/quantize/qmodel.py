@@ -34,6 +34,13 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``softmax`` attrs: axis.  Input int8; output int8 with scale 1/256, zero point -128.
   d = x - max(x) along the axis (in [-255, 0]); e = table[d + 255] (params table (256,) int32:
   round(2**16 * exp(scale_in * d))); y = clamp((256 * e + sum(e) // 2) // sum(e) - 128).
+* ``log_softmax`` attrs: axis, multiplier (A = round(s_in / s_out * 2**28)), ln2
+  (B = round(ln 2 / s_out * 2**12)).  Input int8; output int8 with scale 1/16, zero point 127
+  (log-probabilities in [-15.94, 0]).  d = x - max(x) along the axis; e = table[d + 255] as for
+  softmax; S = sum(e) (< 2**31); with m = floor(log2 S) and the 8 bits below its top bit
+  f = ((S << (30 - m)) >> 22) - 256, lg = 65536 * (m - 16) + log2_table[f] (log2(S / 2**16) in
+  Q16; params log2_table (256,) int32: round(65536 * log2(1 + (f + 0.5) / 256)));
+  y = clamp(127 + floor((A * d - B * lg + 2**27) / 2**28), -128, 127).
 * ``maxpool`` attrs: kernel, strides, padding (pads with the dtype minimum), dilation.
   Output scale/zero point equal the input's.
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
@@ -66,8 +73,9 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "maxpool", "avgpool",
-            "reshape", "transpose")
+OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "log_softmax",
+            "maxpool", "avgpool", "reshape", "transpose")
+LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
 SAME_QPARAMS = ("maxpool", "reshape", "transpose")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
@@ -297,6 +305,18 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         if not -len(ins[0]) <= int(a["axis"]) < len(ins[0]) or ins[0][int(a["axis"])] > 32767:
             raise EdgepruneError(f"softmax '{op.name}': axis {a['axis']} of {ins[0]} (at most "
                                  "32767 values per row)")
+        return list(ins[0])
+    if op.kind == "log_softmax":
+        out = qm.tensors[op.output]
+        if (qm.tensors[op.inputs[0]].dtype != "int8" or qm.param(op, "table").shape != (256,)
+                or qm.param(op, "log2_table").shape != (256,)
+                or (out.dtype, out.scale, out.zero_point) != ("int8", *LOG_SOFTMAX_OUT)):
+            raise EdgepruneError(f"log_softmax '{op.name}': needs an int8 input, 256-entry "
+                                 "exp and log2 tables and an int8 output of scale 1/16, zero "
+                                 "point 127")
+        if not -len(ins[0]) <= int(a["axis"]) < len(ins[0]) or ins[0][int(a["axis"])] > 32767:
+            raise EdgepruneError(f"log_softmax '{op.name}': axis {a['axis']} of {ins[0]} (at "
+                                 "most 32767 values per row)")
         return list(ins[0])
     if op.kind in ("maxpool", "avgpool"):
         n, c, h, w = ins[0]

@@ -143,6 +143,15 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         e = qm.param(op, "table").astype(np.int64)[d + 255]
         total = e.sum(axis=ax, keepdims=True)
         return np.clip((256 * e + total // 2) // total - 128, -128, 127).astype(out.dtype)
+    if op.kind == "log_softmax":
+        ax = int(a["axis"])
+        d = x.astype(np.int64) - x.max(axis=ax, keepdims=True)
+        total = qm.param(op, "table").astype(np.int64)[d + 255].sum(axis=ax, keepdims=True)
+        msb = sum((total >> i) > 0 for i in range(1, 31)).astype(np.int64)  # floor(log2 S)
+        frac = ((total << (30 - msb)) >> 22) - 256
+        lg = 65536 * (msb - 16) + qm.param(op, "log2_table").astype(np.int64)[frac]
+        acc = int(a["multiplier"]) * d - int(a["ln2"]) * lg
+        return np.clip(127 + ((acc + (1 << 27)) >> 28), -128, 127).astype(out.dtype)
     if op.kind == "maxpool":
         win = _windows(x, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]),
                        tin.qmin)

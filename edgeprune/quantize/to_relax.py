@@ -18,6 +18,8 @@ How each op maps (integer identities; the golden model's formulas are in qmodel.
   the identity), then ``concat`` on the channel axis.
 * lut: ``take`` from the 256-entry table at x - qmin (int32 index).
 * softmax: integer max, table, sum and floor divisions, as the golden model spells them.
+* log_softmax: the same max, table and sum, then the sum's top bit (a count of the thresholds
+  it reaches), a log2 table for the 8 bits below it, and one fixed-point combination.
 * avgpool: global -> int32 sum over H, W; windowed -> depthwise conv2d with all-ones int8
   weights; then int64 ((sum*M + 2**(s-1) - K*zp_in*M) >> s) + zp_out (K = window size).
 * maxpool: ``nn.max_pool2d`` (pads with the dtype minimum, like the golden model).
@@ -241,6 +243,34 @@ def _softmax(bb, env, qm: QuantModel, op: Op):
     return bb.emit(relax.op.astype(y, "int8"), name_hint=_ident(op.output))
 
 
+def _log_softmax(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    a = op.attrs
+    ax = int(a["axis"])
+    x = relax.op.astype(env[op.inputs[0]], "int64")
+    d = relax.op.subtract(x, relax.op.max(x, axis=[ax], keepdims=True))
+    idx = relax.op.astype(relax.op.add(d, _scalar(255)), "int32")
+    e = relax.op.astype(relax.op.take(_const(qm.param(op, "table"), "int32"), idx, axis=0,
+                                      mode="clip"), "int64")
+    total = relax.op.sum(e, axis=[ax], keepdims=True)
+    msb = None   # floor(log2 total): how many of 2, 4, ..., 2**30 it reaches
+    for i in range(1, 31):
+        hit = relax.op.astype(relax.op.greater_equal(total, _scalar(1 << i)), "int64")
+        msb = hit if msb is None else relax.op.add(msb, hit)
+    frac = relax.op.subtract(relax.op.right_shift(
+        relax.op.left_shift(total, relax.op.subtract(_scalar(30), msb)), _scalar(22)),
+        _scalar(256))
+    lg = relax.op.add(relax.op.multiply(relax.op.subtract(msb, _scalar(16)), _scalar(65536)),
+                      relax.op.astype(relax.op.take(_const(qm.param(op, "log2_table"), "int32"),
+                                                    relax.op.astype(frac, "int32"), axis=0,
+                                                    mode="clip"), "int64"))
+    acc = relax.op.subtract(relax.op.multiply(d, _scalar(int(a["multiplier"]))),
+                            relax.op.multiply(lg, _scalar(int(a["ln2"]))))
+    y = relax.op.floor_divide(relax.op.add(acc, _scalar(1 << 27)), _scalar(1 << 28))
+    y = relax.op.clip(relax.op.add(y, _scalar(127)), -128, 127)
+    return bb.emit(relax.op.astype(y, "int8"), name_hint=_ident(op.output))
+
+
 def _avgpool(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     a = op.attrs
@@ -305,6 +335,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _lut(bb, env, qm, op)
                 elif op.kind == "softmax":
                     y = _softmax(bb, env, qm, op)
+                elif op.kind == "log_softmax":
+                    y = _log_softmax(bb, env, qm, op)
                 elif op.kind == "avgpool":
                     y = _avgpool(bb, env, qm, op)
                 elif op.kind == "maxpool":
