@@ -617,8 +617,9 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
-                             "softmax, log_softmax, add, mul, cat, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
-                             "AdaptiveMaxPool2d, mean, amax, flatten/view, permute)")
+                             "softmax, log_softmax, add, mul, cat, MaxPool2d, AvgPool2d, "
+                             "AdaptiveAvgPool2d, AdaptiveMaxPool2d, mean, amax, flatten/view, "
+                             "permute)")
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
