@@ -25,14 +25,19 @@ STAGE = "load"
 # ops that act element by element (or broadcast), the same at any rank
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
                         nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardtanh,
-                        nn.Dropout, nn.Identity)
+                        nn.Dropout, nn.Identity, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign,
+                        nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
+                        nn.Dropout1d, nn.AlphaDropout)
 _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                           operator.neg, torch.add, torch.sub, torch.mul, torch.relu,
                           torch.sigmoid, torch.tanh, F.relu, F.relu6, F.sigmoid, F.tanh,
                           F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.leaky_relu,
-                          F.mish, F.hardtanh, F.dropout, torch.clamp, torch.clip}
+                          F.mish, F.hardtanh, F.dropout, torch.clamp, torch.clip, F.selu,
+                          torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid,
+                          F.tanhshrink, F.hardshrink, F.softshrink, torch.abs, torch.exp,
+                          torch.erf}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "add", "sub", "mul", "div",
-                        "contiguous"}
+                        "contiguous", "abs", "exp"}
 _DIM_OPS = {"mean", "sum", "amax", "softmax", "log_softmax"}   # (x, dim=...) along an axis
 
 

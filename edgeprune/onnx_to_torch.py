@@ -2,12 +2,12 @@
 fine-tuned and exported back.
 
 Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
-HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf,
-Gelu, Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool,
-GlobalAveragePool, GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in
-place: what Keras models exported with tf2onnx carry around their NHWC input and before
-Flatten), Pad (constant, H and W), Gemm, MatMul (constant right operand), plus Identity, Dropout
-and Constant. The file
+HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf, Gelu,
+Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, GlobalAveragePool,
+GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
+models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant, H
+and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
+Softplus, Softsign, Abs, Exp and Neg (table activations later). The file
 is first simplified by onnxsim at its static input shape (shape arithmetic folded into
 constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
@@ -36,7 +36,7 @@ SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "H
              "Gelu", "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze",
              "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
-             "Constant")
+             "Constant", "Selu", "Celu", "Softplus", "Softsign", "Abs", "Exp", "Neg")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -260,6 +260,34 @@ class _Builder:
         return self._module(node, "Elu", nn.ELU(float(a.get("alpha", 1.0))),
                             self._in(node.input[0]))
 
+    def op_Selu(self, node, a):
+        alpha, gamma = float(a.get("alpha", 1.67326319217681884765625)), \
+            float(a.get("gamma", 1.05070102214813232421875))
+        if abs(alpha - 1.6732632) > 1e-5 or abs(gamma - 1.0507010) > 1e-5:
+            raise _err(f"ONNX node '{node.name}' (Selu): only the standard alpha and gamma "
+                       f"are supported (got {alpha}, {gamma})")
+        return self._module(node, "Selu", nn.SELU(), self._in(node.input[0]))
+
+    def op_Celu(self, node, a):
+        return self._module(node, "Celu", nn.CELU(float(a.get("alpha", 1.0))),
+                            self._in(node.input[0]))
+
+    def op_Softplus(self, node, a):
+        return self._module(node, "Softplus", nn.Softplus(), self._in(node.input[0]))
+
+    def op_Softsign(self, node, a):
+        return self._module(node, "Softsign", nn.Softsign(), self._in(node.input[0]))
+
+    def op_Abs(self, node, a):
+        return self._fn(torch.abs, [self._in(node.input[0])[0]], [self._in(node.input[0])[1]])
+
+    def op_Exp(self, node, a):
+        return self._fn(torch.exp, [self._in(node.input[0])[0]], [self._in(node.input[0])[1]])
+
+    def op_Neg(self, node, a):
+        x = self._in(node.input[0])
+        return self._fn(operator.mul, [x[0], -1.0], [x[1], -1.0])
+
     def op_PRelu(self, node, a):
         slope = np.asarray(self._const(node.input[1], node, "slope"), np.float32).reshape(-1)
         mod = nn.PReLU(slope.size)
@@ -301,6 +329,18 @@ class _Builder:
         return self._fn(operator.sub, [x[0], y[0]], [x[1], y[1]])
 
     def op_Div(self, node, a):
+        # x / (|x| + 1) is how exporters write Softsign
+        den, x = self.env.get(node.input[1]), self.env.get(node.input[0])
+        if (den is not None and x is not None and den.target is operator.add
+                and self.users.get(node.input[1], 0) == 1):
+            parts = [p for p in den.args if isinstance(p, fx.Node)]
+            one = [p for p in den.args if not isinstance(p, fx.Node)]
+            if (len(parts) == 1 and one == [1.0] and parts[0].target is torch.abs
+                    and parts[0].args[0] is x and len(parts[0].users) == 1):
+                self.graph.erase_node(den)
+                self.graph.erase_node(parts[0])
+                return self._module(node, "Softsign", nn.Softsign(),
+                                    (x, self.val[node.input[0]]))
         x, y = self._in(node.input[0]), self._in(node.input[1])
         return self._fn(operator.truediv, [x[0], y[0]], [x[1], y[1]])
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from edgeprune import data, models
 from edgeprune.errors import EdgepruneError
@@ -239,6 +240,52 @@ def test_onnx_activations_convert_and_quantize(fmnist, tmp_path):
         torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
     qm = ptq.quantize_ptq(back, shape, fmnist.x_train[:200])
     assert len([o for o in qm.ops if o.kind == "lut"]) == 9    # none is a clamp: 9 tables
+    _check(qm, fmnist.x_test[:N])
+
+
+def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
+    """SELU, CELU, Softplus, Softsign, LogSigmoid, Tanhshrink, Hard/Softshrink, abs, exp and
+    negation are elementwise: each becomes a 256-entry table, from torch modules, functions and
+    the ONNX ops exporters write for them."""
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 6, 3, stride=2)
+            self.acts = nn.Sequential(nn.SELU(), nn.CELU(0.5), nn.Softplus(2.0), nn.Softsign(),
+                                      nn.LogSigmoid(), nn.Tanhshrink(), nn.Hardshrink(0.1),
+                                      nn.Softshrink(0.05))
+            self.fc = nn.Linear(6 * 13 * 13, 10)
+
+        def forward(self, x):
+            h = torch.exp(-torch.abs(self.acts(self.c(x))))
+            return self.fc(F.softplus(F.selu(h), beta=1.5).flatten(1))
+
+    torch.manual_seed(0)
+    model = Mix().eval()
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    assert [o.attrs["function"] for o in qm.ops if o.kind == "lut"] == [
+        "selu", "celu", "softplus", "softsign", "logsigmoid", "tanhshrink", "hardshrink",
+        "softshrink", "abs", "affine", "exp", "selu", "softplus"]
+    _check(qm, fmnist.x_test[:N])
+
+    onnx_model = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2), nn.SELU(), nn.CELU(0.5),
+                               nn.Softplus(), nn.Softsign(), nn.Flatten(),
+                               nn.Linear(6 * 13 * 13, 10)).eval()
+
+    class AbsExpNeg(nn.Module):
+        def forward(self, x):
+            return torch.exp(-torch.abs(x))
+    onnx_model.insert(5, AbsExpNeg())
+    torch.onnx.export(onnx_model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "a.onnx"),
+                      dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "a.onnx")
+    x = torch.from_numpy(fmnist.x_test[:N])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), onnx_model(x), atol=1e-5, rtol=1e-4)
+    qm = ptq.quantize_ptq(back, shape, fmnist.x_train[:200])
+    assert len([o for o in qm.ops if o.kind == "lut"]) == 7
     _check(qm, fmnist.x_test[:N])
 
 

@@ -40,7 +40,8 @@ STAGE = "prune"
 PASSTHROUGH_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
     nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
+    nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
+    nn.Softshrink, nn.Dropout1d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
     nn.ConstantPad2d,
 )
 # ... of those, the ones that work on the H, W axes of NCHW (not on channels-last tensors)
@@ -51,10 +52,11 @@ PASSTHROUGH_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
     F.elu, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
-    torch.erf,
+    torch.erf, F.selu, torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
+    F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
-                       "clamp_", "float", "detach"}
+                       "clamp_", "float", "detach", "abs", "exp", "erf", "neg"}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv,
                     torch.add, torch.sub, torch.mul, torch.div}
 BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}

@@ -60,6 +60,11 @@ LUT_FUNCTIONS = {
     "relu": lambda x, a: F.relu(x), "relu6": lambda x, a: F.relu6(x),
     "clip": lambda x, a: torch.clamp(x, a[0], a[1]),
     "affine": lambda x, a: x * a[0] + a[1], "erf": lambda x, a: torch.erf(x),
+    "selu": lambda x, a: F.selu(x), "celu": lambda x, a: F.celu(x, a),
+    "softplus": lambda x, a: F.softplus(x, a[0], a[1]), "softsign": lambda x, a: F.softsign(x),
+    "logsigmoid": lambda x, a: F.logsigmoid(x), "tanhshrink": lambda x, a: F.tanhshrink(x),
+    "hardshrink": lambda x, a: F.hardshrink(x, a), "softshrink": lambda x, a: F.softshrink(x, a),
+    "abs": lambda x, a: torch.abs(x), "exp": lambda x, a: torch.exp(x),
 }
 _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub",
                torch.sub: "sub", "sub": "sub", operator.mul: "mul", torch.mul: "mul",
@@ -68,11 +73,13 @@ _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub
 
 def _scalar_affine(target, node, is_static) -> tuple[float, float] | None:
     """(a, b) when `node` computes a * x + b from one tensor x and a number (x + 3, 6 - x,
-    x * 0.5, x / 6), else None."""
+    x * 0.5, x / 6, -x), else None."""
     try:
         kind = _SCALAR_OPS.get(target)
     except TypeError:   # an unhashable module
         return None
+    if target in (operator.neg, torch.neg, "neg") and len(node.args) == 1 and not node.kwargs:
+        return (-1.0, 0.0) if not is_static(node.args[0]) else None
     if kind is None or len(node.args) != 2 or node.kwargs:
         return None
     x, c = node.args
@@ -112,10 +119,22 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
         return "leaky_relu", float(mod_or_fn.negative_slope)
     if isinstance(mod_or_fn, nn.PReLU) and mod_or_fn.num_parameters == 1:
         return "leaky_relu", float(mod_or_fn.weight.detach().reshape(()))
+    more = {nn.SELU: ("selu", None), nn.Softsign: ("softsign", None),
+            nn.LogSigmoid: ("logsigmoid", None), nn.Tanhshrink: ("tanhshrink", None)}
+    if type(mod_or_fn) in more:
+        return more[type(mod_or_fn)]
+    if isinstance(mod_or_fn, nn.CELU):
+        return "celu", float(mod_or_fn.alpha)
+    if isinstance(mod_or_fn, nn.Softplus):
+        return "softplus", [float(mod_or_fn.beta), float(mod_or_fn.threshold)]
+    if isinstance(mod_or_fn, (nn.Hardshrink, nn.Softshrink)):
+        return type(mod_or_fn).__name__.lower(), float(mod_or_fn.lambd)
     fns = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid",
            torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", F.hardswish: "hardswish",
            F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.mish: "mish", torch.erf: "erf",
-           "erf": "erf"}
+           "erf": "erf", F.selu: "selu", torch.selu: "selu", F.softsign: "softsign",
+           F.logsigmoid: "logsigmoid", F.tanhshrink: "tanhshrink", torch.abs: "abs",
+           "abs": "abs", torch.exp: "exp", "exp": "exp"}
     if mod_or_fn in fns:
         return fns[mod_or_fn], None
     if mod_or_fn is F.gelu:
@@ -124,6 +143,12 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
         return "elu", float(arg(node, 1, "alpha", 1.0))
     if mod_or_fn is F.leaky_relu:
         return "leaky_relu", float(arg(node, 1, "negative_slope", 0.01))
+    if mod_or_fn is F.celu:
+        return "celu", float(arg(node, 1, "alpha", 1.0))
+    if mod_or_fn is F.softplus:
+        return "softplus", [float(arg(node, 1, "beta", 1.0)), float(arg(node, 2, "threshold", 20.0))]
+    if mod_or_fn in (F.hardshrink, F.softshrink):
+        return mod_or_fn.__name__, float(arg(node, 1, "lambd", 0.5))
     return None
 
 
@@ -251,7 +276,7 @@ class IRNet(nn.Module):
 
 # --- extraction ---------------------------------------------------------------------------
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 
 
 def _activation_of(mod_or_fn, node) -> tuple | None:
@@ -617,6 +642,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
                              "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
                              "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
+                             "SELU, CELU, softplus, softsign, logsigmoid, tanhshrink, "
+                             "hard/softshrink, abs, exp, "
                              "softmax, log_softmax, add, mul, cat, MaxPool2d, AvgPool2d, "
                              "AdaptiveAvgPool2d, AdaptiveMaxPool2d, mean, amax, flatten/view, "
                              "permute)")
