@@ -41,8 +41,8 @@ PASSTHROUGH_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish,
     nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
     nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
-    nn.Softshrink, nn.Dropout1d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
-    nn.ConstantPad2d,
+    nn.Softshrink, nn.Dropout1d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d,
 )
 # ... of those, the ones that work on the H, W axes of NCHW (not on channels-last tensors)
 SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,

@@ -146,7 +146,8 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
     if mod_or_fn is F.celu:
         return "celu", float(arg(node, 1, "alpha", 1.0))
     if mod_or_fn is F.softplus:
-        return "softplus", [float(arg(node, 1, "beta", 1.0)), float(arg(node, 2, "threshold", 20.0))]
+        return "softplus", [float(arg(node, 1, "beta", 1.0)),
+                            float(arg(node, 2, "threshold", 20.0))]
     if mod_or_fn in (F.hardshrink, F.softshrink):
         return mod_or_fn.__name__, float(arg(node, 1, "lambd", 0.5))
     return None
