@@ -145,7 +145,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     import torch
 
     from . import data as datasets
-    from .compile import atomic_out_dir, compile_model
+    from .compile import atomic_out_dir, check_fits, compile_model
     from .load import load_torch, save_torch
     from .targets import load_target
     from .data import fit_data
@@ -246,15 +246,19 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             base_q, base_report = quantize_for_target(model, shape, data, target, cfg, "ptq",
                                                       log=lambda *_: None)
             base_q.save(tmp / "work" / "baseline_qmodel")
-            try:
-                compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
-                              tmp / "work" / "baseline_build", log=lambda *_: None)
+            baseline = {}
+            try:   # measured even where it exceeds the chip (QEMU's board has room)
+                base_build = compile_model(str(tmp / "work" / "baseline_qmodel"), target.name,
+                                           tmp / "work" / "baseline_build", log=lambda *_: None,
+                                           check_chip=False)
                 baseline = measure(tmp / "work" / "baseline_build")
                 baseline.pop("firmware", None)   # work/ is removed below: no path to it
-            except EdgepruneError as e:   # e.g. too big for the chip: what pruning is for
+                check_fits(target, base_build["memory"]["weights_bytes"],
+                           base_build["arena_bytes"], "the unpruned model")
+            except EdgepruneError as e:   # too big for the chip: what pruning is for
                 why = str(e).replace(f"{tmp / 'work' / 'baseline_qmodel'}: ", "")
-                log(f"the unpruned model does not run on {target.name}: {why}")
-                baseline = {"error": why}
+                log(f"the unpruned model does not fit {target.name}: {why}")
+                baseline["error"] = why
             baseline["accuracy"] = base_report["accuracy"]["quantized"]
 
         met, violations = check_budget(cfg.budget, profile)

@@ -47,14 +47,22 @@ def compiler_flags(target: Target) -> list[str]:
             "-Wall", "-Wno-unused-variable", "-Wno-unused-parameter", "-Wno-unused-but-set-variable"]
 
 
-def link_flags(target: Target, out_dir: Path) -> list[str]:
+def memory_limits(target: Target, chip: bool = True) -> tuple[int, int]:
+    """(flash, RAM) bytes the firmware is linked into: the chip's, or with chip=False the QEMU
+    board's (room to measure a model that does not fit the chip yet)."""
+    q = target.qemu
+    if not chip:
+        return q["flash_size"], q["ram_size"]
+    return min(q["flash_size"], target.flash_bytes), min(q["ram_size"], target.sram_bytes)
+
+
+def link_flags(target: Target, out_dir: Path, chip: bool = True) -> list[str]:
     """The C library and memory layout: picolibc on the board's linker script (bare metal, sizes
     from the target file), or a static glibc binary (Linux user mode, the kernel lays it out)."""
     if target.toolchain.get("libc", "picolibc") == "glibc":
         return ["-static", "-Wl,--gc-sections", f"-Wl,-Map={out_dir / 'firmware.map'}", "-lm"]
     q = target.qemu
-    flash = min(q["flash_size"], target.flash_bytes)
-    ram = min(q["ram_size"], target.sram_bytes)
+    flash, ram = memory_limits(target, chip)
     return ["--specs=picolibc.specs", "-nostartfiles", f"-T{target.board_dir / 'link.ld'}",
             "-Wl,--gc-sections", f"-Wl,-Map={out_dir / 'firmware.map'}",
             f"-Wl,--defsym=__flash_origin={q['flash_origin']},--defsym=__flash_size={flash}",
@@ -63,8 +71,10 @@ def link_flags(target: Target, out_dir: Path) -> list[str]:
 
 
 def build_firmware(target: Target, lib_dir: Path, manifest: dict, out_dir: Path,
-                   harness: str = "sim_main.c", defines: dict[str, str] | None = None) -> Path:
-    """Compile and link one firmware ELF for `target`'s QEMU board; returns its path."""
+                   harness: str = "sim_main.c", defines: dict[str, str] | None = None,
+                   chip: bool = True) -> Path:
+    """Compile and link one firmware ELF for `target`'s QEMU board; returns its path. chip:
+    within the chip's flash and SRAM (else the board's, see memory_limits)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_glue(manifest, out_dir)
     board, common = target.board_dir, FIRMWARE_DIR / "common"
@@ -79,7 +89,7 @@ def build_firmware(target: Target, lib_dir: Path, manifest: dict, out_dir: Path,
     cmd = [target.toolchain["cc"], *compiler_flags(target),
            *[f"-D{k}={v}" for k, v in defs.items()],
            f"-I{lib_dir}", f"-I{lib_dir / 'include'}", f"-I{out_dir}", f"-I{common}", f"-I{board}",
-           *map(str, sources), *link_flags(target, out_dir), "-o", str(elf)]
+           *map(str, sources), *link_flags(target, out_dir, chip), "-o", str(elf)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:
@@ -87,9 +97,9 @@ def build_firmware(target: Target, lib_dir: Path, manifest: dict, out_dir: Path,
     if r.returncode != 0:
         overflow = [l for l in r.stderr.splitlines() if "overflowed by" in l]
         if overflow:
-            raise EdgepruneError(f"the firmware does not fit {target.name} (flash "
-                                 f"{min(q['flash_size'], target.flash_bytes)} B, SRAM "
-                                 f"{min(q['ram_size'], target.sram_bytes)} B): {overflow[0].strip()}")
+            flash, ram = memory_limits(target, chip)
+            raise EdgepruneError(f"the firmware does not fit {target.name} (flash {flash} B, "
+                                 f"SRAM {ram} B): {overflow[0].strip()}")
         raise EdgepruneError(f"cross compilation for {target.name} failed:\n{r.stderr[-4000:]}")
     return elf
 

@@ -144,7 +144,8 @@ def profile_firmware(build_dir: Path, defines: dict | None = None, out_dir: Path
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_firmware(target, build_dir / "c_library", build, tmp, harness=HARNESS, defines=defs)
+        build_firmware(target, build_dir / "c_library", build, tmp, harness=HARNESS, defines=defs,
+                       chip=not build.get("beyond_chip"))
         (tmp / "model_hash").write_text(digest)
         if out.exists():
             shutil.rmtree(out)

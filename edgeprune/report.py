@@ -40,7 +40,7 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         ("arena", kb(get(b, "memory", "arena_bytes")), kb(report["memory"]["arena_bytes"])),
     ]
     if b.get("error"):
-        rows.append(("unpruned model", "does not run on the target", b["error"]))
+        rows.append(("unpruned model", "does not fit the chip", b["error"]))
     if report.get("budget"):
         rows.append(("budget", ", ".join(f"{k}={v:g}" for k, v in report["budget"].items()),
                      "met" if report["met"] else "NOT met: " + "; ".join(report["violations"])))

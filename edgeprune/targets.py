@@ -64,6 +64,11 @@ def target_names() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
 
 
+def target_ref(target: Target) -> str:
+    """What load_target takes back: the name of a target in targets/, else its file's path."""
+    return target.name if Path(target.path).resolve().parent == TARGETS_DIR else str(target.path)
+
+
 def load_target(name_or_path: str) -> Target:
     path = Path(name_or_path)
     if path.suffix != ".toml":

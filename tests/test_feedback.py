@@ -165,6 +165,36 @@ def test_flash_budget_only_fewer_bits_can_meet(tmp_path_factory, tmp_path):
     assert by_layer["fc1"]["weight_bits"] == r.bits["fc1"]
 
 
+def test_a_model_larger_than_the_chip_is_pruned_until_it_fits(tmp_path):
+    """The unpruned MLP (~34 kB of flash) does not fit a chip of 28 kB (the M7's target file
+    with less flash). The search measures it all the same (QEMU's board has room), takes the
+    chip's flash as a budget beside the user's latency one and prunes until it fits; deploy's
+    own compile (which checks the chip) then accepts the result."""
+    from edgeprune.compile import compile_model
+    from edgeprune.quantize.ptq import quantize_ptq
+
+    chip = (load_target("cortex-m7").path.read_text()
+            .replace("flash_bytes = 1_048_576", "flash_bytes = 28_672")
+            .replace('name = "cortex-m7"', 'name = "small-m7"'))
+    (tmp_path / "small-m7.toml").write_text(chip)
+    target = str(tmp_path / "small-m7.toml")
+    data = datasets.load("fashion-mnist")
+    torch.manual_seed(0)
+    model = TinyMLP()
+    train(model, data, epochs=0.3, lr=0.05, max_samples=2000)
+    example = torch.from_numpy(data.x_train[:1])
+    with pytest.raises(EdgepruneError, match="does not fit small-m7 .flash 28672 B"):
+        compile_model(str(quantize_ptq(model, (1, 1, 28, 28), data.x_train[:16])
+                          .save(tmp_path / "q")), target, tmp_path / "b", log=lambda *a: None)
+    r = search(model, example, data, target, {"latency_ms": 1e3}, cache_dir=tmp_path / "c",
+               log=lambda *a: None, word_lengths=(8,), **SETTINGS)
+    assert r.met, r.message
+    assert r.budget == {"latency_ms": 1e3, "flash_kb": 28.0}
+    assert r.trajectory[0]["measured"]["flash_kb"] > 28 >= r.measured["flash_kb"]
+    qm = quantize_ptq(r.model, (1, 1, 28, 28), data.x_train[:16])
+    compile_model(str(qm.save(tmp_path / "q2")), target, tmp_path / "b2", log=lambda *a: None)
+
+
 @pytest.mark.parametrize("option, message", [
     ({"port": "/dev/ttyACM0"}, "only run them in QEMU"),
     ({"step_schedule": "halving"}, "step schedule 'halving'"),

@@ -257,6 +257,14 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         base_costs, min_costs = measure([base, at_widths(lowest)], "unpruned and smallest (QEMU)")
         log(f"feedback: unpruned {_fmt(base_costs)}; smallest (every group at its minimum) "
             f"{_fmt(min_costs)}")
+        # the chip's own flash and SRAM are budgets too, where the unpruned model exceeds them
+        for metric, size in (("flash_kb", target.flash_bytes), ("sram_kb", target.sram_bytes)):
+            chip = size / 1024
+            if base_costs[metric] > chip and budget.get(metric, float("inf")) > chip:
+                budget[metric] = chip
+                log(f"feedback: the unpruned model needs {base_costs[metric]:.1f} kB of "
+                    f"{metric[:-3]}, {target.name} has {chip:.0f} kB: {metric}={chip:g} joins "
+                    "the budget")
         fewest = {n: min(layer_options[n] or [8]) for n in wlayers}
         corners = [(min_costs, eight)]
         if options and violations(min_costs, budget):
