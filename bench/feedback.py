@@ -310,6 +310,62 @@ def equal_training_control(seed_results: list[dict]) -> dict:
             "runs": runs}
 
 
+class _Study:
+    """What the studies run on one seed's result (its trained model, data, budget and settings):
+    `measure` (cached, in a worker process) and `finish` (the final fine-tune every method gets,
+    then the test accuracy). Close it when done."""
+
+    def __init__(self, seed_result: dict):
+        import torch
+
+        from edgeprune import data as datasets
+        from edgeprune.deploy import trained_zoo_model
+        from edgeprune.feedback.measure import toolchain_fingerprint
+        from edgeprune.feedback.search import default_cache_dir
+        from edgeprune.feedback.worker import JobData, Runner
+        from edgeprune.targets import load_target
+
+        torch.set_num_threads(1)
+        self.result, self.cfg = seed_result, seed_result["config"]
+        self.seed, cfg = self.cfg["seed"], self.cfg
+        self.data = data = datasets.fashion_mnist()
+        self.target = load_target(seed_result["target"])
+        self.model, self.shape = trained_zoo_model(seed_result["model"], data, None,
+                                                   cfg["train_epochs"], 0, print)
+        self.example = torch.from_numpy(data.x_train[:1])
+        n_train = len(data.x_train) - cfg["val_samples"]
+        self.train_set = datasets.Dataset(data.name, data.x_train[:n_train],
+                                          data.y_train[:n_train], data.x_test, data.y_test)
+        self.batches = [(torch.from_numpy(data.x_train[i:i + 128]),
+                         torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
+        self.runner = Runner(JobData(data.x_train[:8], data.y_train[:8], data.x_test[:8],
+                                     data.y_test[:8], data.x_train[:64]),
+                             default_cache_dir() / self.target.name / "bench", 1)
+        self.fingerprint = toolchain_fingerprint(self.target)
+        self.limit = seed_result["budget"]["latency_instructions"]
+
+    def prune(self, model, ratios):
+        from edgeprune.prune import prune
+        return prune(model, self.example, criterion=self.result["criterion"], ratios=ratios,
+                     data=self.batches, meta_batch=self.batches[-1])[0]
+
+    def measure(self, m) -> dict:
+        return self.runner.measure([m], self.shape, self.target, self.fingerprint,
+                                   bits=[None])[0]
+
+    def finish(self, cut) -> float:
+        from edgeprune.feedback.worker import finetune
+        from edgeprune.train import evaluate
+        cfg = self.cfg
+        finetune(cut, self.train_set, cfg["finetune_epochs"], 0.01, self.seed, self.model,
+                 cfg["distill"])
+        return evaluate(cut, self.data.x_test[:cfg["eval_samples"]],
+                        self.data.y_test[:cfg["eval_samples"]])
+
+    def close(self):
+        self.runner.close()
+
+
 def allocation_sweep(seed_result: dict, count: int) -> dict:
     """How much can any per-group allocation gain over uniform at this budget? `count` random
     allocations (each group's share of the cut drawn from [0.3, 1.7], one seeded draw per
@@ -318,36 +374,9 @@ def allocation_sweep(seed_result: dict, count: int) -> dict:
     chooses from, not of its result."""
     import random
 
-    import torch
-
-    from edgeprune import data as datasets
-    from edgeprune.deploy import trained_zoo_model
-    from edgeprune.feedback.measure import toolchain_fingerprint
-    from edgeprune.feedback.search import default_cache_dir
-    from edgeprune.feedback.worker import JobData, Runner, finetune
-    from edgeprune.prune import prune
-    from edgeprune.targets import load_target
-    from edgeprune.train import evaluate
-
-    torch.set_num_threads(1)
-    cfg, seed, r = seed_result["config"], seed_result["config"]["seed"], seed_result
-    data = datasets.fashion_mnist()
-    target = load_target(r["target"])
-    model, shape = trained_zoo_model(r["model"], data, None, cfg["train_epochs"], 0, print)
-    example = torch.from_numpy(data.x_train[:1])
-    n_train = len(data.x_train) - cfg["val_samples"]
-    train_set = datasets.Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
-                                 data.x_test, data.y_test)
-    batches = [(torch.from_numpy(data.x_train[i:i + 128]),
-                torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
-    runner = Runner(JobData(data.x_train[:8], data.y_train[:8], data.x_test[:8], data.y_test[:8],
-                            data.x_train[:64]), default_cache_dir() / target.name / "bench", 1)
-    fingerprint = toolchain_fingerprint(target)
-    limit = r["budget"]["latency_instructions"]
+    study = _Study(seed_result)
+    r, seed, limit = seed_result, study.seed, study.limit
     groups = sorted(r["feedback"]["widths"])
-
-    def measure(m):
-        return runner.measure([m], shape, target, fingerprint, bits=[None])[0]
 
     runs = []
     for i in range(count):
@@ -355,21 +384,18 @@ def allocation_sweep(seed_result: dict, count: int) -> dict:
         share = {g: rng.uniform(0.3, 1.7) for g in groups}
 
         def make(x):  # x: the uniform-equivalent ratio, each group's ratio x * its share
-            return prune(model, example, criterion=r["criterion"],
-                         ratios={g: min(0.95, x * share[g]) for g in groups}, data=batches,
-                         meta_batch=batches[-1])[0]
-        x, costs, _ = bisect_measured(make, measure, limit, cfg["bisect_steps"],
+            return study.prune(study.model, {g: min(0.95, x * share[g]) for g in groups})
+        x, costs, _ = bisect_measured(make, study.measure, limit, study.cfg["bisect_steps"],
                                       hi=0.95 / min(share.values()))
         cut = make(x)
-        finetune(cut, train_set, cfg["finetune_epochs"], 0.01, seed, model, cfg["distill"])
-        acc = evaluate(cut, data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]])
+        acc = study.finish(cut)
         widths = {n: m.out_channels for n, m in cut.named_modules() if n in share}
         runs.append({"widths": widths, "accuracy": round(acc, 3),
                      "latency_instructions": costs["instructions"],
                      "met": costs["instructions"] <= limit})
         print(f"bench feedback: allocation {i} {list(widths.values())}: {acc:.2f} % at "
               f"{costs['instructions']:,} instructions", flush=True)
-    runner.close()
+    study.close()
     accs = [x["accuracy"] for x in runs]
     return {"note": allocation_sweep.__doc__.split("\n\n")[0].replace("\n    ", " "),
             "seed": seed, "uniform": r["uniform"]["accuracy"],
@@ -406,56 +432,26 @@ def block_removal(seed_result: dict) -> dict:
     bisection, then the same final fine-tune as every method."""
     import copy
 
-    import torch
-
-    from edgeprune import data as datasets
-    from edgeprune.deploy import trained_zoo_model
-    from edgeprune.feedback.measure import toolchain_fingerprint
-    from edgeprune.feedback.search import default_cache_dir
-    from edgeprune.feedback.worker import JobData, Runner, finetune
-    from edgeprune.prune import prune
-    from edgeprune.targets import load_target
-    from edgeprune.train import evaluate
-
-    torch.set_num_threads(1)
-    cfg, seed, r = seed_result["config"], seed_result["config"]["seed"], seed_result
-    data = datasets.fashion_mnist()
-    target = load_target(r["target"])
-    model, shape = trained_zoo_model(r["model"], data, None, cfg["train_epochs"], 0, print)
-    example = torch.from_numpy(data.x_train[:1])
-    n_train = len(data.x_train) - cfg["val_samples"]
-    train_set = datasets.Dataset(data.name, data.x_train[:n_train], data.y_train[:n_train],
-                                 data.x_test, data.y_test)
-    batches = [(torch.from_numpy(data.x_train[i:i + 128]),
-                torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 512, 128)]
-    runner = Runner(JobData(data.x_train[:8], data.y_train[:8], data.x_test[:8], data.y_test[:8],
-                            data.x_train[:64]), default_cache_dir() / target.name / "bench", 1)
-    fingerprint = toolchain_fingerprint(target)
-    limit = r["budget"]["latency_instructions"]
-
-    def measure(m):
-        return runner.measure([m], shape, target, fingerprint, bits=[None])[0]
+    study = _Study(seed_result)
+    limit = study.limit
 
     runs = []
     for block in ("layer1", "layer2", "layer3"):
-        base = copy.deepcopy(model)
+        base = copy.deepcopy(study.model)
         setattr(base, block, _branch_removed(getattr(base, block)))
 
         def make(x, base=base):
-            return prune(base, example, criterion=r["criterion"], ratios=x, data=batches,
-                         meta_batch=batches[-1])[0]
-        x, costs, _ = bisect_measured(make, measure, limit, cfg["bisect_steps"])
-        cut = make(x)
-        finetune(cut, train_set, cfg["finetune_epochs"], 0.01, seed, model, cfg["distill"])
-        acc = evaluate(cut, data.x_test[:cfg["eval_samples"]], data.y_test[:cfg["eval_samples"]])
+            return study.prune(base, x)
+        x, costs, _ = bisect_measured(make, study.measure, limit, study.cfg["bisect_steps"])
+        acc = study.finish(make(x))
         runs.append({"removed": block, "ratio_of_the_rest": x, "accuracy": round(acc, 3),
                      "latency_instructions": costs["instructions"],
                      "met": costs["instructions"] <= limit})
         print(f"bench feedback: {block} removed, the rest cut by {x}: {acc:.2f} % at "
               f"{costs['instructions']:,} instructions", flush=True)
-    runner.close()
+    study.close()
     return {"note": block_removal.__doc__.split("\n\n")[0].replace("\n    ", " "),
-            "seed": seed, "uniform": r["uniform"]["accuracy"], "runs": runs}
+            "seed": study.seed, "uniform": seed_result["uniform"]["accuracy"], "runs": runs}
 
 
 if __name__ == "__main__":
