@@ -111,23 +111,28 @@ def _tones(n, length, seed):
     return x[:, None, :].astype(np.float32), y.astype(np.int64)
 
 
-def test_conv1d_onnx_model_deploys_bit_exact_on_signal_data(tmp_path):
-    """A Conv1d model exported to ONNX, with (N, C, L) .npz data, deploys: pruned, int8,
-    bit-exact in QEMU, its C input the same bytes as the signal."""
+def _train_and_deploy(model, layout, tmp_path) -> dict:
+    """Train `model` on tones (samples made by `layout` from (N, 1, L)), export it to ONNX,
+    deploy it on the tones as .npz (cut by half); deploy's report."""
     from edgeprune import data
     from edgeprune.quantize.train_utils import quick_train
 
-    x_train, y_train = _tones(2000, 160, 0)
-    x_test, y_test = _tones(200, 160, 1)
+    (x_train, y_train), (x_test, y_test) = _tones(2000, 160, 0), _tones(200, 160, 1)
+    x_train, x_test = layout(x_train), layout(x_test)
     np.savez(tmp_path / "tones.npz", x_train=x_train, y_train=y_train, x_test=x_test,
              y_test=y_test)
-    torch.manual_seed(0)
-    model = Signal1d()
     quick_train(model, data.Dataset("tones", x_train, y_train, x_test, y_test), samples=2000,
                 epochs=2.0, lr=0.05)
-    torch.onnx.export(model.eval(), (torch.zeros(1, 1, 160),), str(tmp_path / "m.onnx"),
-                      dynamo=False)
-    report = deploy_user_model(tmp_path / "m.onnx", tmp_path / "tones.npz", tmp_path, "0.5", 10)
+    torch.onnx.export(model.eval(), (torch.zeros(1, *x_train.shape[1:]),),
+                      str(tmp_path / "m.onnx"), dynamo=False)
+    return deploy_user_model(tmp_path / "m.onnx", tmp_path / "tones.npz", tmp_path, "0.5", 10)
+
+
+def test_conv1d_onnx_model_deploys_bit_exact_on_signal_data(tmp_path):
+    """A Conv1d model exported to ONNX, with (N, C, L) .npz data, deploys: pruned, int8,
+    bit-exact in QEMU, its C input the same bytes as the signal."""
+    torch.manual_seed(0)
+    report = _train_and_deploy(Signal1d(), lambda x: x, tmp_path)
     assert report["input_shape"] == [1, 1, 1, 160]
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["quantized"] > 60
@@ -138,9 +143,6 @@ def test_keras_style_conv1d_onnx_model_deploys_bit_exact(tmp_path):
     last feature map transposed back to (N, L, C) before Flatten. Lifted with its permutes
     around the unit height, pruned through the channels-last flatten, bit-exact on the target
     on (L, C) .npz signals."""
-    from edgeprune import data
-    from edgeprune.quantize.train_utils import quick_train
-
     class KerasConv1d(nn.Module):
         def __init__(self):
             super().__init__()
@@ -155,18 +157,8 @@ def test_keras_style_conv1d_onnx_model_deploys_bit_exact(tmp_path):
     def two_channels(x):   # (N, 1, L) tones -> (N, L, 2)
         return np.ascontiguousarray(np.concatenate([x, x * x], 1).transpose(0, 2, 1))
 
-    x_train, y_train = _tones(2000, 160, 0)
-    x_test, y_test = _tones(200, 160, 1)
-    x_train, x_test = two_channels(x_train), two_channels(x_test)
-    np.savez(tmp_path / "tones.npz", x_train=x_train, y_train=y_train, x_test=x_test,
-             y_test=y_test)
     torch.manual_seed(0)
-    model = KerasConv1d()
-    quick_train(model, data.Dataset("tones", x_train, y_train, x_test, y_test), samples=2000,
-                epochs=2.0, lr=0.05)
-    torch.onnx.export(model.eval(), (torch.zeros(1, 160, 2),), str(tmp_path / "k.onnx"),
-                      dynamo=False)
-    report = deploy_user_model(tmp_path / "k.onnx", tmp_path / "tones.npz", tmp_path, "0.5", 10)
+    report = _train_and_deploy(KerasConv1d(), two_channels, tmp_path)
     assert report["input_shape"] == [1, 160, 1, 2]
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["quantized"] > 60

@@ -60,6 +60,19 @@ def _check(qm, x):
     return want
 
 
+def _onnx_round_trip(model, tmp_path, fmnist):
+    """`model` exported to ONNX at (1, 1, 28, 28) and read back: the same outputs."""
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    torch.onnx.export(model.eval(), (torch.zeros(1, 1, 28, 28),), str(tmp_path / "m.onnx"),
+                      dynamo=False)
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    x = torch.from_numpy(fmnist.x_test[:N])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    return back
+
+
 def _kernels(qm):
     fused = to_relax.legalize_and_fuse(to_relax.to_relax(qm))
     return [b.value.args[0].name_hint for blk in fused["main"].body.blocks for b in blk.bindings]
@@ -220,7 +233,6 @@ def test_table_activations_bit_exact(fmnist):
 def test_onnx_activations_convert_and_quantize(fmnist, tmp_path):
     """What exporters write for these activations (HardSwish, LeakyRelu, PRelu, Elu, Tanh,
     HardSigmoid, Sigmoid, Gelu, and x * Sigmoid(x) for SiLU) comes back as torch modules."""
-    from edgeprune.onnx_to_torch import onnx_to_torch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Hardswish(), nn.MaxPool2d(2),
@@ -229,16 +241,12 @@ def test_onnx_activations_convert_and_quantize(fmnist, tmp_path):
                           nn.Hardsigmoid(), nn.Linear(8, 10), nn.GELU(), nn.Linear(10, 10),
                           nn.Sigmoid()).eval()
     quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "a.onnx"), dynamo=False)
-    back, shape = onnx_to_torch(tmp_path / "a.onnx")
+    back = _onnx_round_trip(model, tmp_path, fmnist)
     kinds = [type(m).__name__ for m in back.modules() if not list(m.children())]
     for k in ("Hardswish", "LeakyReLU", "SiLU", "PReLU", "Tanh", "ELU", "Hardsigmoid", "GELU",
               "Sigmoid"):
         assert k in kinds, (k, kinds)
-    x = torch.from_numpy(fmnist.x_test[:N])
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
-    qm = ptq.quantize_ptq(back, shape, fmnist.x_train[:200])
+    qm = ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200])
     assert len([o for o in qm.ops if o.kind == "lut"]) == 9    # none is a clamp: 9 tables
     _check(qm, fmnist.x_test[:N])
 
@@ -247,7 +255,6 @@ def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
     """SELU, CELU, Softplus, Softsign, LogSigmoid, Tanhshrink, Hard/Softshrink, abs, exp and
     negation are elementwise: each becomes a 256-entry table, from torch modules, functions and
     the ONNX ops exporters write for them."""
-    from edgeprune.onnx_to_torch import onnx_to_torch
 
     class Mix(nn.Module):
         def __init__(self):
@@ -278,13 +285,8 @@ def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
         def forward(self, x):
             return torch.exp(-torch.abs(x))
     onnx_model.insert(5, AbsExpNeg())
-    torch.onnx.export(onnx_model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "a.onnx"),
-                      dynamo=False)
-    back, shape = onnx_to_torch(tmp_path / "a.onnx")
-    x = torch.from_numpy(fmnist.x_test[:N])
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), onnx_model(x), atol=1e-5, rtol=1e-4)
-    qm = ptq.quantize_ptq(back, shape, fmnist.x_train[:200])
+    back = _onnx_round_trip(onnx_model, tmp_path, fmnist)
+    qm = ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200])
     assert len([o for o in qm.ops if o.kind == "lut"]) == 7
     _check(qm, fmnist.x_test[:N])
 
@@ -397,16 +399,13 @@ class SamePad(nn.Module):
 
 
 def test_same_padding_folds_into_convs_and_pools(fmnist, tmp_path):
-    from edgeprune.onnx_to_torch import onnx_to_torch
 
     torch.manual_seed(0)
     model = SamePad().eval()
     quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "p.onnx"), dynamo=False)
-    back, shape = onnx_to_torch(tmp_path / "p.onnx")
+    back = _onnx_round_trip(model, tmp_path, fmnist)
     x = torch.from_numpy(fmnist.x_test[:N])
     with torch.no_grad():
-        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
         want = model(x).argmax(1).numpy()
     for m in (model, back):
         qm = ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200])
@@ -450,7 +449,6 @@ def test_ceil_mode_and_global_max_pools_bit_exact(fmnist, tmp_path):
     average pool's uneven zero-point pad fuses into the max pool's kernel: the RAM schedule
     must not move a pad that writes more than the pool's outputs, edgeprune.schedule.)"""
     from edgeprune.compile import compile_model
-    from edgeprune.onnx_to_torch import onnx_to_torch
     from edgeprune.simulate import simulate
 
     class Pools(nn.Module):
@@ -472,12 +470,8 @@ def test_ceil_mode_and_global_max_pools_bit_exact(fmnist, tmp_path):
     torch.manual_seed(0)
     model = Pools().eval()
     quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "p.onnx"),
-                      dynamo=False)
-    back, shape = onnx_to_torch(tmp_path / "p.onnx")
+    back = _onnx_round_trip(model, tmp_path, fmnist)
     x = torch.from_numpy(fmnist.x_test[:N])
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
     for m in (model, back):
         qm = ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200])
         pools = [o for o in qm.ops if o.kind in ("maxpool", "avgpool")]
@@ -516,7 +510,6 @@ def test_padding_modules_fold_into_the_layer_after_them(fmnist):
 def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
     """x * relu6(x + 3) / 6 as MobileNetV3 code writes it: the scalar steps become tables, the
     product an int8 mul; the same from ONNX (Add, Clip, Mul, Div, Sub)."""
-    from edgeprune.onnx_to_torch import onnx_to_torch
 
     class HSwish(nn.Module):
         def __init__(self):
@@ -540,9 +533,5 @@ def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
     assert np.mean(out.argmax(1) == want) >= 0.9
-    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "h.onnx"), dynamo=False)
-    back, shape = onnx_to_torch(tmp_path / "h.onnx")
-    x = torch.from_numpy(fmnist.x_test[:N])
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
-    _check(ptq.quantize_ptq(back, shape, fmnist.x_train[:200]), fmnist.x_test[:N])
+    back = _onnx_round_trip(model, tmp_path, fmnist)
+    _check(ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200]), fmnist.x_test[:N])
