@@ -45,13 +45,15 @@ def nearest_level(v: np.ndarray, lv: np.ndarray) -> np.ndarray:
     return np.where(pick_hi, lv[idx], lv[idx - 1])
 
 
-def project(w: np.ndarray, fmt: str, bits: int, iters: int = 10,
+def project(w: np.ndarray, fmt: str, bits: int, iters: int = 100,
             scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(Q int8 same shape as w, a float64 (O,)) minimising ||w - a*Q||^2 per output channel.
 
     Alternates Q <- nearest(w / a) and a <- <w,Q>/<Q,Q>, starting from a = max|w| / max level
-    (or `scale` when given, e.g. the previous ADMM iterate).  Several starting clip ratios are
-    tried and the lowest error kept, since the alternation only finds a local optimum.
+    (or `scale` when given, e.g. the previous ADMM iterate), until a stops changing (`iters` at
+    most; 10 was too few for some channels: the result was not yet a fixed point).  Several
+    starting clip ratios are tried and the lowest error kept, since the alternation only finds
+    a local optimum.
     """
     lv = levels(fmt, bits)
     o = w.shape[0]
