@@ -277,3 +277,24 @@ def test_a_peak_budget_also_proposes_shrinking_every_group_together():
     assert all(p.kind == "width" for p in _propose(*args))
     joint = [p for p in _propose(*args, joint=True) if p.kind == "joint"]
     assert len(joint) == 1 and joint[0].widths == {"a": 15, "b": 30}
+
+
+@pytest.mark.parametrize("predicted,goal,expected", [
+    (9, 720, 8),     # the table's line put 9 within 720; measured at 730, it walks down
+    (8, 790, 10),    # 8 undershoots: 9 and 10 reach 790 too, 11 does not
+    (11, 400, 6),    # nothing reaches: the lowest width, the largest cut
+    (12, 2000, 15),  # every width below the current one reaches: the widest of them
+])
+def test_a_step_settles_on_the_widest_width_that_measures_within_its_goal(predicted, goal,
+                                                                           expected):
+    from edgeprune.feedback.search import _walk_measured
+    # a staircase like the M7's 28x28 convs: pairs of input channels, blocks of 4 outputs
+    cost = {6: 450, 7: 500, 8: 504, 9: 730, 10: 769, 11: 1000, 12: 1047, 13: 1300, 14: 1350,
+            15: 1500, 16: 1550}
+    asked = []
+
+    def reaches(k):
+        asked.append(k)
+        return cost[k] <= goal
+    assert _walk_measured(predicted, cost[predicted] <= goal, 16, 6, reaches) == expected
+    assert len(set(asked)) == len(asked)   # no width measured twice
