@@ -345,24 +345,46 @@ class _Builder:
         return self._fn(operator.truediv, [x[0], y[0]], [x[1], y[1]])
 
     def op_ReduceMean(self, node, a):
-        axes = self._axes(node, a)
-        x = self._in(node.input[0])
-        if axes is None:
-            raise _err(f"ONNX node '{node.name}' (ReduceMean): a mean over every axis is not "
-                       "supported")
-        dims = tuple(sorted(int(d) % x[1].dim() for d in np.asarray(axes).reshape(-1)))
-        keep = bool(a.get("keepdims", 1))
-        return self._fn(torch.mean, [x[0], dims], [x[1], dims], {"keepdim": keep})
+        return self._reduce(node, a, torch.mean, "mean")
 
     def op_ReduceMax(self, node, a):
+        return self._reduce(node, a, torch.amax, "max")
+
+    def _reduce(self, node, a, fn, what: str):
         axes = self._axes(node, a)
         x = self._in(node.input[0])
         if axes is None:
-            raise _err(f"ONNX node '{node.name}' (ReduceMax): a max over every axis is not "
-                       "supported")
-        dims = tuple(sorted(int(d) % x[1].dim() for d in np.asarray(axes).reshape(-1)))
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): a {what} over every axis is "
+                       "not supported")
+        rank = x[1].dim()
+        dims = tuple(sorted(int(d) % rank for d in np.asarray(axes).reshape(-1)))
         keep = bool(a.get("keepdims", 1))
-        return self._fn(torch.amax, [x[0], dims], [x[1], dims], {"keepdim": keep})
+        if rank >= 3 and dims == tuple(range(1, rank - 1)):
+            return self._reduce_channels_last(node, x, fn, keep)
+        return self._fn(fn, [x[0], dims], [x[1], dims], {"keepdim": keep})
+
+    def _reduce_channels_last(self, node, x, fn, keep: bool):
+        """A reduction over every axis but the first and the last: a global pool of a
+        channels-last tensor (Keras' GlobalAveragePooling2D/1D as tf2onnx may leave it). Done
+        on the channels-first tensor, so the pruner and the int8 pools see the usual global
+        pool; the transpose that made the tensor channels-last cancels when nothing else
+        reads it."""
+        rank = x[1].dim()
+        to_last = (0, *range(2, rank), 1)
+        to_first = (0, rank - 1, *range(1, rank - 1))
+        src = x[0]
+        if (src.op == "call_function" and src.target is torch.permute
+                and tuple(src.args[1]) == to_last and self.users.get(node.input[0], 0) == 1
+                and not src.users):
+            first = (src.args[0], x[1].permute(*to_first))
+            self.graph.erase_node(src)
+        else:
+            first = self._fn(torch.permute, [src, to_first], [x[1], to_first])
+        dims = tuple(range(2, rank))
+        out = self._fn(fn, [first[0], dims], [first[1], dims], {"keepdim": keep})
+        if keep:   # back to the channels-last shape the graph expects (N, 1, ..., 1, C)
+            out = self._fn(torch.permute, [out[0], to_last], [out[1], to_last])
+        return out
 
     def op_Clip(self, node, a):
         lo, hi = a.get("min"), a.get("max")

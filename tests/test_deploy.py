@@ -201,6 +201,50 @@ def test_keras_style_nhwc_onnx_model_deploys_bit_exact(tmp_path):
                                                                               [0, 2, 3, 1]]
 
 
+def test_keras_style_global_average_pool_over_nhwc_deploys_bit_exact(tmp_path):
+    """Keras' GlobalAveragePooling2D as tf2onnx may leave it: ReduceMean over axes 1, 2 of the
+    NHWC feature map. It imports as the usual global pool of the NCHW map (the transpose
+    cancels), so the conv before it prunes, and runs bit-exact on the target."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeprune import data
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.standard_normal((8, 1, 3, 3)) * 0.3, "b1": rng.standard_normal(8) * 0.1,
+               "w2": rng.standard_normal((16, 8, 3, 3)) * 0.2, "b2": rng.standard_normal(16) * 0.1,
+               "m": rng.standard_normal((16, 10)) * 0.3, "mb": rng.standard_normal(10) * 0.1}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes"))
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t0"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Transpose", ["r2"], ["t1"], perm=[0, 2, 3, 1]),
+        helper.make_node("ReduceMean", ["t1", "axes"], ["gap"], keepdims=0),
+        helper.make_node("MatMul", ["gap", "m"], ["mm"]),
+        helper.make_node("Add", ["mm", "mb"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "keras_gap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 28, 28, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "gap.onnx")
+    fm = data.load("fashion-mnist")
+    nhwc = lambda x: np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # noqa: E731
+    np.savez(tmp_path / "d.npz", x_train=nhwc(fm.x_train[:500]), y_train=fm.y_train[:500],
+             x_test=nhwc(fm.x_test[:200]), y_test=fm.y_test[:200])
+    report = deploy_user_model(tmp_path / "gap.onnx", tmp_path / "d.npz", tmp_path, "0", 4)
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
+    assert widths[16] == 12, widths          # the conv before the global pool
+    ops = json.loads((tmp_path / "out" / "qmodel" / "qmodel.json").read_text())["ops"]
+    assert [o["attrs"]["perm"] for o in ops if o["kind"] == "transpose"] == [[0, 3, 1, 2]]
+
+
 def test_pytorch_mnist_example_too_big_unpruned_deploys_pruned(tmp_path):
     """The PyTorch examples' MNIST net (log_softmax head, F.max_pool2d, dropout): its 1.2 MB of
     int8 weights do not fit the M7's 1 MB of flash. Pruned by half it does: the deploy goes on,

@@ -381,6 +381,43 @@ def test_channels_last_flatten_prunes_equivalently_also_from_onnx(tmp_path):
         _check_equivalent(m, pruned, record, x)
 
 
+class ChannelsLastGlobalPool(nn.Module):
+    """A Keras head as tf2onnx may leave it: the last feature map made NHWC, then a global
+    pool over its spatial axes (axes 1, 2), with or without keepdims."""
+
+    def __init__(self, pool: str, keep: bool):
+        super().__init__()
+        self.pool, self.keep = pool, keep
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.b(F.relu(self.a(x.permute(0, 3, 1, 2))))).permute(0, 2, 3, 1)
+        reduce = torch.mean if self.pool == "mean" else torch.amax
+        return self.fc(reduce(x, (1, 2), keepdim=self.keep).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("pool,keep", [("mean", False), ("mean", True), ("max", False)])
+def test_onnx_global_pool_of_a_channels_last_map_prunes_equivalently(tmp_path, pool, keep):
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = ChannelsLastGlobalPool(pool, keep).eval()
+    torch.onnx.export(model, (torch.zeros(1, 8, 8, 3),), str(tmp_path / "gap.onnx"),
+                      dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "gap.onnx")
+    x = torch.randn(3, 8, 8, 3)
+    torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    # the pool runs on the channels-first map: the transpose to NHWC cancels (kept: it moves
+    # the pooled 1x1 map back to the shape the graph expects)
+    permutes = [n for n in back.graph.nodes if n.target is torch.permute]
+    assert len(permutes) == (2 if keep else 1)
+    pruned, record = prune(back, torch.randn(shape), criterion="l1", ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 3]
+    _check_equivalent(back, pruned, record, x)
+
+
 def test_permute_that_the_analysis_cannot_follow_names_the_node():
     class ChannelsToHeight(nn.Module):
         def __init__(self):

@@ -307,9 +307,10 @@ class DepGraph:
         in_shape = self._shape(node.args[0])
         if start != 1 or end not in (-1, len(in_shape) - 1):
             self._fail(node, "only flatten(x, 1) (all dims after the batch) is supported")
-        spatial = in_shape[1:-1] if lay.channels_last else in_shape[2:]
-        return Layout(lay.ids, lay.repeat * int(np.prod(spatial, dtype=np.int64)),
-                      lay.channels_last)
+        spatial = int(np.prod(in_shape[1:-1] if lay.channels_last else in_shape[2:],
+                              dtype=np.int64))
+        # with one position (a global pool kept as N,1,1,C) the order is the channels' own
+        return Layout(lay.ids, lay.repeat * spatial, lay.channels_last and spatial > 1)
 
     def _permute(self, node: fx.Node, shape):
         """A permute that keeps the batch axis: channels move to dim 1 or to the last axis
