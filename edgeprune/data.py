@@ -30,6 +30,10 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
+        """Classes of the labels; the values per sample of regression targets (the size of a
+        zoo model's head either way)."""
+        if np.issubdtype(self.y_test.dtype, np.floating):
+            return int(np.prod(self.y_test.shape[1:], dtype=np.int64))
         return int(self.y_test.max()) + 1
 
     @property
@@ -140,13 +144,15 @@ LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist_test, "ecg200": ecg200
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 HELP = ("fashion-mnist, mnist, ecg200, or a .npz file with x_train, y_train, x_test, y_test "
-        "(samples shaped like the model input without the batch axis, integer labels)")
+        "(samples shaped like the model input without the batch axis; integer labels, or float "
+        "regression targets shaped like the model output without the batch axis)")
 
 
 def from_npz(path: Path) -> Dataset:
     """A user's dataset: x_* float samples shaped like the model's input without the batch
-    (N, C, H, W), y_* integer class labels 0..K-1. The name carries a hash of the file, since
-    it keys caches (trained models, search candidates)."""
+    (N, C, H, W), y_* integer class labels 0..K-1, or float regression targets (N, ...) shaped
+    like the model's output (an autoencoder's: the input itself; edgeprune.task). The name
+    carries a hash of the file, since it keys caches (trained models, search candidates)."""
     if not path.is_file():
         raise EdgepruneError(f"dataset file {path} does not exist")
     raw = path.read_bytes()
@@ -165,16 +171,23 @@ def from_npz(path: Path) -> Dataset:
         if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
             raise EdgepruneError(f"{path}: x_{split} must be numeric samples (N, C, ...), "
                                  f"got {x.dtype} {list(x.shape)}")
-        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-            raise EdgepruneError(f"{path}: y_{split} must be {len(x)} integer labels (one per "
-                                 f"x_{split} sample), got {y.dtype} {list(y.shape)}")
-        if len(x) == 0 or not np.all(np.isfinite(x)) or y.min() < 0:
+        regression = np.issubdtype(y.dtype, np.floating)
+        if len(y) != len(x) or not (regression or (y.ndim == 1 and np.issubdtype(
+                y.dtype, np.integer))):
+            raise EdgepruneError(f"{path}: y_{split} must be {len(x)} integer labels or {len(x)} "
+                                 f"float regression targets (one per x_{split} sample), got "
+                                 f"{y.dtype} {list(y.shape)}")
+        if len(x) == 0 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)) or (
+                not regression and y.min() < 0):
             raise EdgepruneError(f"{path}: {split} split is empty, has non-finite samples or "
-                                 "negative labels")
-        out[split] = (x.astype(np.float32), y.astype(np.int64))
-    if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
-        raise EdgepruneError(f"{path}: x_train samples are {list(out['train'][0].shape[1:])} but "
-                             f"x_test samples are {list(out['test'][0].shape[1:])}")
+                                 "targets, or negative labels")
+        out[split] = (x.astype(np.float32), y.astype(np.float32 if regression else np.int64))
+    for a, what in ((0, "x"), (1, "y")):
+        tr, te = out["train"][a], out["test"][a]
+        if tr.shape[1:] != te.shape[1:] or tr.dtype != te.dtype:
+            raise EdgepruneError(f"{path}: {what}_train samples are {list(tr.shape[1:])} "
+                                 f"({tr.dtype}) but {what}_test samples are "
+                                 f"{list(te.shape[1:])} ({te.dtype})")
     name = f"{path.stem}-{hashlib.sha256(raw).hexdigest()[:10]}"
     return Dataset(name, *out["train"], *out["test"])
 

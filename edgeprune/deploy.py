@@ -135,10 +135,14 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     return model.eval(), shape
 
 
-def _accuracy_of_outputs(outputs: list[np.ndarray], labels: np.ndarray, batch: int) -> float:
-    """Top-1 accuracy of per-call outputs, each holding `batch` samples' scores."""
-    pred = np.concatenate([o.reshape(batch, -1).argmax(1) for o in outputs])
-    return float(100.0 * np.mean(pred == labels[:len(pred)]))
+def _accuracy_of_outputs(outputs: list[np.ndarray], labels: np.ndarray, batch: int,
+                         qmodel) -> float:
+    """Top-1 accuracy (R² on regression targets) of the target's per-call integer outputs,
+    each holding `batch` samples."""
+    from .quantize.reference import dequantize_output
+    from .task import score
+    return score(np.concatenate([dequantize_output(qmodel, o).reshape(batch, -1)
+                                 for o in outputs]), labels)
 
 
 def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
@@ -148,6 +152,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     from .compile import atomic_out_dir, check_fits, compile_model
     from .load import load_torch, save_torch
     from .targets import load_target
+    from .task import check_outputs, metric_name
     from .data import fit_data
     from .train import evaluate, train
 
@@ -169,6 +174,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             else:
                 model, shape = load_torch(name, cfg.input_shape, data.num_classes)
             data = fit_data(shape, data, name, train_to="calibrate on")
+            with torch.no_grad():
+                check_outputs(tuple(model.eval()(torch.zeros(shape)).shape), data)
             x_eval, y_eval = data.x_test[:cfg.eval_samples], data.y_test[:cfg.eval_samples]
             acc_float = evaluate(model, x_eval, y_eval)
             log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
@@ -235,7 +242,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             if not sim["outputs_match"]:
                 raise EdgepruneError(f"the target's outputs differ from the golden model in "
                                      f"{sim['mismatches']} values over {n} samples", stage="simulate")
-            acc_target = _accuracy_of_outputs([o[0] for o in outputs], data.y_test[:n], batch)
+            acc_target = _accuracy_of_outputs([o[0] for o in outputs], data.y_test[:n], batch,
+                                              qmodel)
             log(f"on target ({target.name}, QEMU): {acc_target:.2f} % on {n} samples, bit-exact")
 
         with stage("profile", progress):
@@ -266,7 +274,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             **profile,
             "model": name, "data": data.name, "input_shape": list(shape),
             "accuracy": {"float": acc_float, "pruned": acc_pruned, "quantized": acc_quant,
-                         "on_target": acc_target, "samples": len(x_eval), "on_target_samples": n},
+                         "on_target": acc_target, "samples": len(x_eval), "on_target_samples": n,
+                         "metric": metric_name(data.y_test)},
             "pruning": {"criterion": cfg.criterion,
                         "ratio": None if (cfg.per_layer or cfg.budget) else cfg.ratio,
                         "per_layer": per_layer_summary(record)},

@@ -15,6 +15,7 @@ BEFORE, AFTER = "#9aa5b1", "#1f77b4"
 def summary_rows(report: dict) -> list[tuple[str, str, str]]:
     """(what, before = unpruned int8, after = deployed) rows for the terminal table."""
     b, acc = report.get("baseline") or {}, report["accuracy"]
+    metric = acc.get("metric", "accuracy")   # R² for regression targets (edgeprune.task)
 
     def kb(n):
         return f"{n / 1024:.1f} KiB" if n is not None else "-"
@@ -28,8 +29,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str]]:
         return d
 
     rows = [
-        ("accuracy (host, %)", f"{acc['float']:.2f} float", f"{acc['quantized']:.2f} int8"),
-        ("accuracy on target (%)", f"{b.get('accuracy', float('nan')):.2f} (host int8)",
+        (f"{metric} (host, %)", f"{acc['float']:.2f} float", f"{acc['quantized']:.2f} int8"),
+        (f"{metric} on target (%)", f"{b.get('accuracy', float('nan')):.2f} (host int8)",
          f"{acc['on_target']:.2f} ({acc['on_target_samples']} samples)"),
         ("latency (ms)", num(get(b, "latency", "ms"), ".3f"), f"{report['latency']['ms']:.3f}"),
         ("instructions", num(get(b, "latency", "instructions"), ","),
@@ -168,6 +169,7 @@ def write_html(report: dict, path: Path) -> None:
     except Exception:  # a report from a target file that is gone: charts without capacities
         flash_total = sram_total = None
     acc, base = report["accuracy"], report.get("baseline") or {}
+    metric = acc.get("metric", "accuracy")
     points = []
     if base.get("latency"):
         points.append((base["latency"]["ms"], base.get("accuracy", acc["float"]),
@@ -192,8 +194,8 @@ energy source: {html.escape(report['energy']['source'])}. Outputs on the target
 {'match' if report['check']['outputs_match'] else 'DO NOT match'} the golden model
 ({report['check']['mismatches']} mismatches over {report['check']['samples']} samples).</p>
 <table><tr><th></th><th>before (unpruned int8)</th><th>after (deployed)</th></tr>{rows}</table>
-<h2>Accuracy vs latency</h2>
-{_scatter('Accuracy vs measured latency', points, 'latency (ms)', 'accuracy (%)')}
+<h2>{metric.capitalize()} vs latency</h2>
+{_scatter(f'{metric.capitalize()} vs measured latency', points, 'latency (ms)', f'{metric} (%)')}
 <h2>Per layer</h2>
 {_per_layer(report, 'ms', 'ms', 'Latency per layer (ms)')}
 {_per_layer(report, 'uj', 'uJ', 'Energy per layer (uJ)')}

@@ -6,8 +6,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import task
 from .data import Dataset
 
 
@@ -19,13 +19,13 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: 
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (R² in percent on regression targets: edgeprune.task)."""
     model.eval()
-    correct = 0
+    outs = []
     with torch.no_grad():
-        for xb, yb in batches(x, y, batch_size, shuffle=False):
-            correct += int((model(xb).argmax(1) == yb).sum())
-    return 100.0 * correct / max(1, len(x))
+        for xb, _ in batches(x, y, batch_size, shuffle=False):
+            outs.append(model(xb).reshape(len(xb), -1).numpy())
+    return task.score(np.concatenate(outs) if outs else np.zeros((0, 1)), y)
 
 
 def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01,
@@ -44,7 +44,8 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
 
     `extra_loss` adds a regulariser (sparsity penalties, ADMM terms); `after_step` runs after
     each optimiser step (masking, projection); `progress(fraction, loss)` reports progress.
-    `loss(logits, x, y)` replaces the cross-entropy (e.g. distillation from a teacher).
+    `loss(logits, x, y)` replaces task.loss (cross-entropy, or MSE on regression targets),
+    e.g. distillation from a teacher.
     """
     was = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = onednn
@@ -53,16 +54,6 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
                       after_step, progress, loss)
     finally:
         torch.backends.mkldnn.enabled = was
-
-
-def cross_entropy(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of a model's class scores: logits, or the probabilities of a model that
-    ends in a softmax (every row non-negative and summing to 1), whose log is taken instead
-    (cross-entropy on probabilities as logits barely trains)."""
-    if out.dim() == 2 and out.shape[1] > 1 and bool((out >= 0).all()) and torch.allclose(
-            out.detach().sum(1), torch.ones((), dtype=out.dtype), atol=1e-4):
-        return F.nll_loss(torch.log(out.clamp_min(1e-12)), y, reduction=reduction)
-    return F.cross_entropy(out, y, reduction=reduction)
 
 
 def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, after_step,
@@ -75,7 +66,7 @@ def _train(model, data, epochs, lr, batch_size, seed, max_samples, extra_loss, a
     total = max(1, int(round(epochs * steps_per_epoch)))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    loss_fn = loss_of or (lambda out, xb, yb: cross_entropy(out, yb))
+    loss_fn = loss_of or (lambda out, xb, yb: task.loss(out, yb))
     step, epoch = 0, 0
     model.train()
     while step < total:

@@ -25,10 +25,49 @@ def test_npz_loads_like_a_named_dataset(tmp_path):
     assert d.name.startswith("mine-") and other.name != d.name
 
 
+def test_float_targets_make_a_regression_dataset(tmp_path):
+    """An autoencoder's data: float targets (here the input itself) instead of labels."""
+    from edgeprune import task
+
+    rng = np.random.default_rng(0)
+    x, xt = rng.random((20, 2, 6, 5), np.float32), rng.random((8, 2, 6, 5), np.float32)
+    d = data.load(_save(tmp_path / "ae.npz", x_train=x, y_train=x.astype(np.float64),
+                        x_test=xt, y_test=xt))
+    assert d.y_train.dtype == np.float32 and d.y_test.shape == (8, 2, 6, 5)
+    assert task.is_regression(d.y_test) and task.metric_name(d.y_test) == "R²"
+    assert d.num_classes == 60          # values per sample: a zoo model's head size
+    task.check_outputs((1, 60), d)
+    with pytest.raises(EdgepruneError, match=r"output is \[1, 10\].*\[2, 6, 5\] per sample"):
+        task.check_outputs((1, 10), d)
+
+
+def test_scores_are_accuracy_for_labels_and_r2_for_targets():
+    import torch
+
+    from edgeprune import task
+
+    logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    assert task.score(logits, np.array([0, 1, 1, 1])) == 75.0
+    y = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]], np.float32)
+    assert task.score(y, y) == 100.0
+    assert abs(task.score(np.broadcast_to(y.mean(0), y.shape), y)) < 1e-9  # the mean: R² 0
+    half = y + 0.5 * (y.mean(0) - y)           # a quarter of the variance left: R² 75 %
+    assert abs(task.score(half, y) - 75.0) < 1e-9
+    assert abs(task.numpy_loss(half, y) - 8.5 / 6) < 1e-6   # (1 + 2.25 + 0 + 0.25 + 1 + 4) / 6
+    loss = task.loss(torch.from_numpy(half.astype(np.float32)), torch.from_numpy(y))
+    assert abs(float(loss) - task.numpy_loss(half, y)) < 1e-6
+    z, labels = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    torch.testing.assert_close(task.loss(z, labels), torch.nn.functional.cross_entropy(z, labels))
+
+
 @pytest.mark.parametrize("arrays, words", [
     ({"y_test": None}, ["missing", "y_test"]),
     ({"y_train": np.arange(19)}, ["y_train", "20 integer labels"]),
-    ({"y_train": np.zeros(20, np.float32)}, ["y_train", "integer"]),
+    ({"y_train": np.zeros(20, np.float32)},   # regression targets for integer test labels
+     ["y_train samples are [] (float32)", "y_test samples are [] (int64)"]),
+    ({"y_train": np.zeros((20, 3), np.int64)}, ["y_train", "20 integer labels or 20 float"]),
+    ({"y_train": np.full((20, 4), np.nan, np.float32), "y_test": np.zeros((8, 4), np.float32)},
+     ["train split", "non-finite"]),
     ({"x_test": np.zeros((8, 2, 6, 4), np.float32)},
      ["x_train samples are [2, 6, 5]", "[2, 6, 4]"]),
     ({"x_train": np.full((20, 2, 6, 5), np.nan, np.float32)}, ["train split", "non-finite"]),

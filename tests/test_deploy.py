@@ -245,6 +245,53 @@ def test_keras_style_global_average_pool_over_nhwc_deploys_bit_exact(tmp_path):
     assert [o["attrs"]["perm"] for o in ops if o["kind"] == "transpose"] == [[0, 3, 1, 2]]
 
 
+def test_autoencoder_on_regression_targets_deploys_bit_exact(tmp_path):
+    """An anomaly-detection autoencoder (dense, MLPerf Tiny's kind) on a .npz whose targets are
+    the inputs themselves: pruned and fine-tuned on the squared error, judged by R² on the host
+    and on the target (its dequantized outputs), bit-exact; targets of the wrong size are
+    refused before anything is written."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    from edgeprune import data
+    from edgeprune.train import evaluate, train
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((3, 64)).astype(np.float32) / 2
+
+    def draw(n):   # 64 values with 3 degrees of freedom: a 4-wide bottleneck can hold them
+        return np.tanh(rng.standard_normal((n, 3)).astype(np.float32) @ mix)
+
+    x, xt = draw(2000), draw(200)
+    np.savez(tmp_path / "ae.npz", x_train=x, y_train=x, x_test=xt, y_test=xt)
+
+    def block(i, o):
+        return [nn.Linear(i, o), nn.BatchNorm1d(o), nn.ReLU()]
+    torch.manual_seed(0)
+    model = nn.Sequential(*block(64, 32), *block(32, 4), *block(4, 32), nn.Linear(32, 64))
+    ds = data.Dataset("ae", x, x, xt, xt)
+    train(model, ds, epochs=8, lr=0.05)
+    assert evaluate(model, xt, xt) > 80
+    torch.onnx.export(model.eval(), (torch.zeros(1, 64),), str(tmp_path / "ae.onnx"),
+                      dynamo=False)
+    report = deploy_user_model(tmp_path / "ae.onnx", tmp_path / "ae.npz", tmp_path, "2", 8)
+    acc = report["accuracy"]
+    assert acc["metric"] == "R²"
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert acc["quantized"] > 50 and acc["on_target"] > 50, acc
+    widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
+    assert widths == {32: 24, 4: 3, 64: 64}, widths
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "R² (host, %)" in html
+
+    np.savez(tmp_path / "bad.npz", x_train=x, y_train=x[:, :10], x_test=xt, y_test=xt[:, :10])
+    r = edgeprune("deploy", "--model", tmp_path / "ae.onnx", "--data", tmp_path / "bad.npz",
+                  "--out", tmp_path / "bad", cache=tmp_path / "cache")
+    assert r.returncode == 2 and "regression targets" in r.stderr and "[10] per sample" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_pytorch_mnist_example_too_big_unpruned_deploys_pruned(tmp_path):
     """The PyTorch examples' MNIST net (log_softmax head, F.max_pool2d, dropout): its 1.2 MB of
     int8 weights do not fit the M7's 1 MB of flash. Pruned by half it does: the deploy goes on,

@@ -70,7 +70,7 @@ def test_training_methods_need_data():
 def test_loss_of_a_softmax_model_is_the_cross_entropy_of_its_logits():
     """Fine-tuning a model that ends in a softmax trains on log-probabilities, not on the
     probabilities taken as logits (which barely moves it)."""
-    from edgeprune.train import cross_entropy
+    from edgeprune.task import loss as cross_entropy
 
     z, y = torch.randn(16, 10) * 3, torch.randint(0, 10, (16,))
     want = torch.nn.functional.cross_entropy(z, y)

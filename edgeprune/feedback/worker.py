@@ -99,18 +99,17 @@ def quantized_scores(model, input_shape: tuple[int, ...], calib: np.ndarray, x: 
                      y: np.ndarray, bits: dict[str, int] | None = None) -> tuple[float, float]:
     """(accuracy in percent, mean cross-entropy) of the PTQ model the target runs (weights at
     `bits`, default int8), by the numpy integer reference: bit-exact with the firmware, no
-    compile needed. The loss is on the dequantized outputs (monotone: same argmax)."""
+    compile needed. The loss is on the dequantized outputs (monotone: same argmax). On
+    regression targets: (R² in percent, mean squared error), edgeprune.task."""
     from ..quantize import reference
     from ..quantize.ptq import quantize_ptq
     from .measure import weight_cfg
 
     qm = quantize_ptq(model, tuple(input_shape), calib, weight_cfg=weight_cfg(model, bits or {}))
-    logits = reference.predict(qm, x).reshape(len(x), -1).astype(np.float64)
-    shifted = logits - logits.max(1, keepdims=True)
-    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-    y = np.asarray(y, np.int64)
-    return (100.0 * float((logits.argmax(1) == y).mean()),
-            float(-log_p[np.arange(len(y)), y].mean()))
+    from ..task import numpy_loss, score
+
+    outputs = reference.predict(qm, x).reshape(len(x), -1).astype(np.float64)
+    return score(outputs, y), numpy_loss(outputs, y)
 
 
 def quantized_accuracy(model, input_shape: tuple[int, ...], calib: np.ndarray, x: np.ndarray,

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..train import cross_entropy
+from .. import task
 from .graph import DepGraph, Group
 
 
@@ -161,9 +161,9 @@ class Context:
 
     # ---- gradients × activations
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss == "mse":
+        if self.loss == "mse" and not task.is_regression(y):
             return ((logits - F.one_hot(y, logits.shape[1]).to(logits.dtype)) ** 2).sum()
-        return cross_entropy(logits, y, reduction="sum")
+        return task.loss(logits, y, reduction="sum")
 
     def taylor_terms(self, group: Group) -> torch.Tensor:
         """[samples, units]: per sample, d loss / d (scale of unit u) = sum of
@@ -290,8 +290,8 @@ class Context:
                 logits = self.model(x)
         finally:
             self.model.train(was)
-        loss = float(cross_entropy(logits, y))
-        return loss, float((logits.argmax(1) != y).float().mean())
+        loss = float(task.loss(logits, y))
+        return loss, 1.0 - task.score(logits.numpy(), y.numpy()) / 100.0
 
     def rng(self, group: Group) -> np.random.Generator:
         return np.random.default_rng([self.seed, group.index])

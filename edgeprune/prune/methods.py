@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from ..data import Dataset
 from ..errors import EdgepruneError
-from ..train import cross_entropy, train
+from .. import task
+from ..train import train
 from . import patterns
 from .context import UnitGate
 from .criteria import Fixed
@@ -103,7 +104,8 @@ def recalibrate_bn(model: nn.Module, data: Dataset | None, batches: int = BN_BAT
 
 
 def distill_loss(teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.0):
-    """train()'s `loss`: alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE."""
+    """train()'s `loss`: alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE;
+    on regression targets alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, target)."""
     teacher.eval()
     t2 = temperature * temperature
 
@@ -114,12 +116,16 @@ def distill_loss(teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.
         torch.backends.mkldnn.enabled = True
         try:
             with torch.no_grad():
-                soft = F.log_softmax(teacher(x) / temperature, 1)
+                t_out = teacher(x)
         finally:
             torch.backends.mkldnn.enabled = was
-        kd = F.kl_div(F.log_softmax(out / temperature, 1), soft, reduction="batchmean",
-                      log_target=True) * t2
-        return alpha * kd + (1 - alpha) * cross_entropy(out, y) if alpha < 1 else kd
+        if task.is_regression(y):
+            kd = task.loss(out, t_out.reshape(y.shape))
+        else:
+            kd = F.kl_div(F.log_softmax(out / temperature, 1),
+                          F.log_softmax(t_out / temperature, 1), reduction="batchmean",
+                          log_target=True) * t2
+        return alpha * kd + (1 - alpha) * task.loss(out, y) if alpha < 1 else kd
     return loss
 
 
@@ -531,7 +537,9 @@ def _aux_heads(model, example, graph: DepGraph, data: Dataset, seed: int,
         model.eval()(example)
     for h in hooks:
         h.remove()
-    classes = int(data.y_train.max()) + 1
+    # one output per class, or per regression target value
+    classes = (int(np.prod(data.y_train.shape[1:])) if task.is_regression(data.y_train)
+               else int(data.y_train.max()) + 1)
     heads = {gi: nn.Sequential(*([nn.AdaptiveAvgPool2d(1)] if len(shapes[gi]) == 4 else []),
                                nn.Flatten(), nn.Linear(shapes[gi][1], classes))
              for gi in readers}
@@ -547,7 +555,7 @@ def _aux_heads(model, example, graph: DepGraph, data: Dataset, seed: int,
             x, y = torch.from_numpy(data.x_train[j]), torch.from_numpy(data.y_train[j])
             with torch.no_grad():
                 model(x)
-            loss = sum(F.cross_entropy(heads[gi](feats[gi]), y) for gi in heads)
+            loss = sum(task.loss(heads[gi](feats[gi]), y) for gi in heads)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import task
 from ..data import Dataset
 from ..errors import EdgepruneError
 from ..train import batches
@@ -85,12 +86,11 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
         x, y = x[:max_samples], y[:max_samples]
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     total = max(1, int(round(epochs * steps_per_epoch)))
-    loss_fn = nn.CrossEntropyLoss()
     step, epoch = 0, 0
     cur_rho = rho
 
     def grads(xb, yb):
-        loss = loss_fn(net(xb), yb)
+        loss = task.loss(net(xb), yb)
         for k in constrained:
             loss = loss + cur_rho / 2 * ((net.weight[k] - G[k] + U[k]) ** 2).sum()
         net.zero_grad()

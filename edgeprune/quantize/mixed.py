@@ -71,7 +71,8 @@ def _distortion(y: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _accuracy_of(y: np.ndarray, labels: np.ndarray) -> float:
-    return 100.0 * float((y.argmax(1) == labels).mean())
+    from ..task import score
+    return score(y, labels)
 
 
 def _try_export(net, ranges, weight_cfg, act_dtypes, quantized_weights=None

@@ -41,18 +41,17 @@ def fake_quant_accuracy(net: IRNet, ranges, x: np.ndarray, y: np.ndarray,
                         act_dtypes: dict[str, str] | None = None, weight_bits: int | None = 8,
                         batch_size: int = 500) -> float:
     """Accuracy of the fake-quantized float network (a fast stand-in for the integer model)."""
+    from ..task import score
     saved = net.qconfig
     net.qconfig = qconfig_for(net, ranges, act_dtypes, weight_bits)
     try:
-        correct = 0
         net.eval()
         with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                out = net(torch.from_numpy(x[i:i + batch_size]))
-                correct += int((out.argmax(1).numpy() == y[i:i + batch_size]).sum())
+            outs = [net(torch.from_numpy(x[i:i + batch_size])).reshape(
+                min(batch_size, len(x) - i), -1).numpy() for i in range(0, len(x), batch_size)]
     finally:
         net.qconfig = saved
-    return 100.0 * correct / max(1, len(x))
+    return score(np.concatenate(outs) if outs else np.zeros((0, 1)), y)
 
 
 def quantize_qat(model: nn.Module, input_shape: tuple[int, ...], data: Dataset,

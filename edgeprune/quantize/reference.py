@@ -205,9 +205,7 @@ def predict(qm: QuantModel, x_float: np.ndarray, batch_size: int = 256) -> np.nd
 
 
 def accuracy(qm: QuantModel, x_float: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy (percent) of the integer model, argmax of the integer outputs."""
-    correct = 0
-    for i in range(0, len(x_float), batch_size):
-        out = run(qm, quantize_input(qm, x_float[i:i + batch_size]))
-        correct += int((out.reshape(len(out), -1).argmax(1) == y[i:i + batch_size]).sum())
-    return 100.0 * correct / max(1, len(x_float))
+    """Top-1 accuracy (percent) of the integer model (R² on regression targets: its dequantized
+    outputs, edgeprune.task)."""
+    from ..task import score
+    return score(predict(qm, x_float, batch_size).reshape(len(x_float), -1), y)

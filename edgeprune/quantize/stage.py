@@ -147,6 +147,7 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
 
     from .admm import admm_train, default_layer_formats
     from .ptq import calibrate, extract, to_qmodel
+    from ..task import check_outputs, metric_name
     from .qat import qat_finetune
 
     check_config(cfg, target)
@@ -162,9 +163,7 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     x_tune, y_tune = data.x_test[n:n + cfg.tune_samples], data.y_test[n:n + cfg.tune_samples]
     net = extract(model, shape)
     out_shape = tuple(net.nodes[-1].out_shape)
-    if len(out_shape) != 2 or out_shape[1] < data.num_classes:
-        raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
-                             f"needs class scores (N, {data.num_classes})")
+    check_outputs(out_shape, data)
     acc_float = float_accuracy(model, x_eval, y_eval)
     log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
     ranges = calibrate(net, calib, cfg.calib_method, seed=cfg.seed)
@@ -232,6 +231,7 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
         "method": method, "requested_method": cfg.method, "target": target.name,
         "data": data.name, "input_shape": list(shape),
         "accuracy": {"float": acc_float, "quantized": acc_q, "samples": int(len(x_eval)),
+                     "metric": metric_name(y_eval),
                      "by_method": report_methods, "source": "numpy integer reference"},
         "weight_bytes": qm.total_weight_bytes(), "weight_bytes_int8": int8_bytes,
         "layers": qm.layer_table(),

@@ -1,0 +1,80 @@
+"""What a model is judged on, read from its labels: integer class labels (top-1 accuracy,
+cross-entropy) or float regression targets shaped like the model's output (an autoencoder's
+reconstruction, a regressor's values: R² in percent, mean squared error).
+
+Every stage asks here, so "accuracy" in reports, the quantizer's --max-drop, the mixed-precision
+sensitivity and the feedback search's ranking all read a higher-is-better percentage either way:
+top-1 accuracy, or R² = 1 - SSE / the targets' total variance (100 is exact, 0 is no better
+than predicting the mean).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def is_regression(y) -> bool:
+    if isinstance(y, torch.Tensor):
+        return y.is_floating_point()
+    return np.issubdtype(np.asarray(y).dtype, np.floating)
+
+
+def metric_name(y) -> str:
+    return "R²" if is_regression(y) else "accuracy"
+
+
+def score(outputs: np.ndarray, y: np.ndarray) -> float:
+    """Higher-is-better percentage of `outputs` (one row per sample) against `y`: top-1
+    accuracy of the class scores, or R² of the regression targets over the whole set."""
+    y = np.asarray(y)
+    n = len(outputs)
+    if n == 0:
+        return 0.0
+    out = np.asarray(outputs, np.float64).reshape(n, -1)
+    if not is_regression(y):
+        return 100.0 * float((out.argmax(1) == y[:n]).mean())
+    target = y[:n].reshape(n, -1).astype(np.float64)
+    total = float(((target - target.mean(0)) ** 2).sum())
+    return 100.0 * (1.0 - float(((out - target) ** 2).sum()) / max(total, 1e-30))
+
+
+def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The training loss: mean squared error on regression targets, else cross-entropy (on
+    logits, or on the probabilities of a model that ends in a softmax)."""
+    if y.is_floating_point():
+        per = F.mse_loss(out.reshape(len(y), -1), y.reshape(len(y), -1), reduction="none")
+        per = per.mean(1)
+        return per.sum() if reduction == "sum" else per if reduction == "none" else per.mean()
+    if out.dim() == 2 and out.shape[1] > 1 and bool((out >= 0).all()) and torch.allclose(
+            out.detach().sum(1), torch.ones((), dtype=out.dtype), atol=1e-4):
+        return F.nll_loss(torch.log(out.clamp_min(1e-12)), y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+def numpy_loss(outputs: np.ndarray, y: np.ndarray) -> float:
+    """`loss` (mean) of float outputs in numpy: what ranks quantized candidates."""
+    n = len(outputs)
+    out = np.asarray(outputs, np.float64).reshape(n, -1)
+    if is_regression(y):
+        return float(((out - np.asarray(y, np.float64).reshape(n, -1)) ** 2).mean())
+    shifted = out - out.max(1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    return float(-log_p[np.arange(n), np.asarray(y, np.int64)].mean())
+
+
+def check_outputs(out_shape: tuple[int, ...], data) -> None:
+    """The model's output fits what `data` judges it on: class scores (N, K) for K classes, or
+    as many values per sample as the regression targets have."""
+    from .errors import EdgepruneError
+    y = data.y_test
+    if is_regression(y):
+        want = int(np.prod(y.shape[1:], dtype=np.int64))
+        if int(np.prod(out_shape[1:], dtype=np.int64)) != want:
+            raise EdgepruneError(f"the model's output is {list(out_shape)}; the regression "
+                                 f"targets of {data.name} are {list(y.shape[1:])} per sample "
+                                 f"({want} values)")
+    elif len(out_shape) != 2 or out_shape[1] < data.num_classes:
+        raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
+                             f"needs class scores (N, {data.num_classes})")
