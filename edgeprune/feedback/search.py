@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import EdgepruneError
+from ..task import metric_name
 from .costs import INSTRUCTION_METRICS, Predictor, grid_widths, min_width
 from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_fingerprint
 from .worker import JobData, Runner, candidate_job, finetune, job_key, quantized_accuracy
@@ -443,7 +444,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         if met:
             low = {n: b for n, b in cur_bits.items() if b != 8}
             message = (f"every budget met as measured on {target.name}: {_fmt(final_costs)}; "
-                       f"test accuracy {test_acc:.2f} % quantized ({float_acc:.2f} % float)"
+                       f"test {metric_name(y_test)} {test_acc:.2f} % quantized "
+                       f"({float_acc:.2f} % float)"
                        + (f"; weights below 8 bits: " + ", ".join(f"{n} {b}"
                                                                    for n, b in low.items())
                           if low else ""))
