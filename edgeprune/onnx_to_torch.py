@@ -7,7 +7,8 @@ Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, Global
 GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
 models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant, H
 and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
-Softplus, Softsign, Abs, Exp and Neg (table activations later). The file
+Softplus, Softsign, Abs, Exp and Neg (table activations later); Resize (nearest
+upsampling by whole factors). The file
 is first simplified by onnxsim at its static input shape (shape arithmetic folded into
 constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
@@ -34,13 +35,37 @@ from .errors import EdgepruneError
 SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
              "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
              "Gelu", "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze",
-             "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+             "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
              "Constant", "Selu", "Celu", "Softplus", "Softsign", "Abs", "Exp", "Neg")
 
 
 def _err(msg: str) -> EdgepruneError:
     return EdgepruneError(msg, stage="onnx")
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _nearest_picks_repeat(n: int, f: int, ctm: str, rounding: str) -> bool:
+    """Whether ONNX Resize (nearest) upsampling an axis of n by whole factor f picks input
+    o // f for every output o: the coordinate transformation, then the rounding, of the ONNX
+    operator's definition."""
+    out = np.arange(n * f, dtype=np.float64)
+    if ctm in ("half_pixel", "pytorch_half_pixel"):
+        x = (out + 0.5) / f - 0.5
+    elif ctm == "asymmetric":
+        x = out / f
+    elif ctm == "tf_half_pixel_for_nn":
+        x = (out + 0.5) / f
+    elif ctm == "align_corners":
+        x = out * (n - 1) / max(n * f - 1, 1)
+    else:
+        return False
+    pick = {"round_prefer_floor": np.ceil(x - 0.5), "round_prefer_ceil": np.floor(x + 0.5),
+            "floor": np.floor(x), "ceil": np.ceil(x)}.get(rounding)
+    return pick is not None and bool(np.array_equal(np.clip(pick, 0, n - 1), out // f))
 
 
 def _attrs(node) -> dict:
@@ -523,6 +548,35 @@ class _Builder:
         dims = [d % x[1].dim() for d in axes] if axes else \
             [d for d, n in enumerate(x[1].shape) if n == 1 and d > 0]
         return self._reshape_to(x, tuple(n for d, n in enumerate(x[1].shape) if d not in dims))
+
+    def op_Resize(self, node, a):
+        """Nearest-neighbour resizing of H and W by whole factors, where the ONNX coordinate
+        rule picks input pixel o // s for output pixel o (every value repeated s times, what
+        nn.Upsample(mode="nearest") does); anything else (linear, cubic, fractional factors,
+        other pickings) is refused by name."""
+        x = self._in(node.input[0])
+        mode = _text(a.get("mode", b"nearest"))
+        ctm = _text(a.get("coordinate_transformation_mode", b"half_pixel"))
+        rounding = _text(a.get("nearest_mode", b"round_prefer_floor"))
+        shape = tuple(x[1].shape)
+        given = [n for n in node.input[2:4] if n and np.asarray(self.consts.get(n, [])).size]
+        if len(shape) != 4 or len(given) != 1:
+            raise _err(f"ONNX node '{node.name}' (Resize): only NCHW tensors resized by constant "
+                       "scales or sizes are supported")
+        v = np.asarray(self._const(given[0], node, "scales or sizes"), np.float64).reshape(-1)
+        out = [int(round(d * f)) for d, f in zip(shape, v)] if given[0] == node.input[2] \
+            else [int(s) for s in v]
+        factors = [o // i for i, o in zip(shape[2:], out[2:])]
+        ok = (mode == "nearest" and out[:2] == list(shape[:2]) and all(f >= 1 for f in factors)
+              and out[2:] == [i * f for i, f in zip(shape[2:], factors)]
+              and all(_nearest_picks_repeat(n, f, ctm, rounding)
+                      for n, f in zip(shape[2:], factors)))
+        if not ok:
+            raise _err(f"ONNX node '{node.name}' (Resize): {mode} resize of {list(shape)} to "
+                       f"{out} ({ctm}, {rounding}) is not supported; only nearest upsampling "
+                       "of H and W by whole factors that repeats every value")
+        up = nn.Upsample(scale_factor=tuple(float(f) for f in factors), mode="nearest")
+        return self._module(node, "Resize", up, x)
 
     def op_Transpose(self, node, a):
         x = self._in(node.input[0])

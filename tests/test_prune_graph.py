@@ -418,6 +418,28 @@ def test_onnx_global_pool_of_a_channels_last_map_prunes_equivalently(tmp_path, p
     _check_equivalent(back, pruned, record, x)
 
 
+def test_nearest_upsampling_passes_channels_through():
+    """A U-Net-like decoder: upsampled features (module and function) concatenated with a
+    skip connection; every conv prunes and the cut model equals the masked original."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 3, 1, 1), nn.Conv2d(8, 12, 3, 2, 1)
+            self.up = nn.Upsample(scale_factor=2)
+            self.c, self.d = nn.Conv2d(20, 6, 3, 1, 1), nn.Conv2d(6, 1, 1)
+
+        def forward(self, x):
+            skip = F.relu(self.a(x))
+            h = F.interpolate(F.relu(self.b(skip)), scale_factor=2)
+            return self.d(self.up(F.max_pool2d(F.relu(self.c(torch.cat([h, skip], 1))), 2)))
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    pruned, record = prune(model, torch.randn(1, 1, 16, 16), criterion="l1", ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 6, 3, 1]
+    _check_equivalent(model, pruned, record, torch.randn(2, 1, 16, 16))
+
+
 def test_permute_that_the_analysis_cannot_follow_names_the_node():
     class ChannelsToHeight(nn.Module):
         def __init__(self):

@@ -535,3 +535,67 @@ def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
     assert np.mean(out.argmax(1) == want) >= 0.9
     back = _onnx_round_trip(model, tmp_path, fmnist)
     _check(ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200]), fmnist.x_test[:N])
+
+
+def test_nearest_upsampling_bit_exact_from_torch_and_onnx(fmnist, tmp_path):
+    """A conv autoencoder's decoder: nearest upsampling by whole factors (nn.Upsample,
+    F.interpolate, ONNX Resize) repeats int8 values, keeping their scale; bit-exact on the host
+    for both, and in QEMU on the RISC-V target."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv2d(1, 6, 3, 2, 1)                  # 14 x 14
+            self.enc2 = nn.Conv2d(6, 8, 3, 2, 1)                 # 7 x 7
+            self.up = nn.Upsample(scale_factor=2)                # 14 x 14
+            self.dec = nn.Conv2d(8, 4, 3, 1, 1)
+            self.out = nn.Conv2d(4, 1, 3, 1, 1)
+
+        def forward(self, x):
+            h = self.dec(self.up(torch.relu(self.enc2(torch.relu(self.enc(x))))))
+            return torch.sigmoid(self.out(F.interpolate(torch.relu(h), scale_factor=(2, 2))))
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    back = _onnx_round_trip(model, tmp_path, fmnist)
+    assert sum(isinstance(m, nn.Upsample) for m in back.modules()) == 2
+    for m in (model, back):
+        qm = ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200])
+        ups = [o for o in qm.ops if o.kind == "upsample"]
+        assert [o.attrs["factors"] for o in ups] == [[2, 2], [2, 2]]
+        assert all(qm.tensors[o.output].scale == qm.tensors[o.inputs[0]].scale for o in ups)
+        out = _check(qm, fmnist.x_test[:N])
+        assert out.shape == (N, 1, 28, 28)
+    compile_model(str(qm.save(tmp_path / "q")), "riscv32", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+@pytest.mark.parametrize("ctm,rounding,factor,repeats", [
+    ("asymmetric", "floor", 3, True),                 # torch's export of nearest upsampling
+    ("half_pixel", "round_prefer_floor", 3, True),    # ONNX's defaults
+    ("pytorch_half_pixel", "round_prefer_ceil", 2, True),
+    ("asymmetric", "round_prefer_floor", 3, False),   # output 2 picks input 1, not 0
+    ("align_corners", "round_prefer_floor", 3, False),
+    ("half_pixel", "floor", 2, False),
+])
+def test_onnx_nearest_resize_is_taken_only_where_it_repeats_values(ctm, rounding, factor,
+                                                                   repeats):
+    from edgeprune.onnx_to_torch import _nearest_picks_repeat
+    assert _nearest_picks_repeat(7, factor, ctm, rounding) == repeats
+
+
+def test_bilinear_resize_and_upsample_are_refused_by_name(tmp_path):
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.Upsample(scale_factor=2, mode="bilinear"),
+                          nn.Conv2d(4, 2, 3, 1, 1)).eval()
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "b.onnx"),
+                      dynamo=False)
+    with pytest.raises(EdgepruneError, match=r"Resize.*linear resize of \[1, 4, 14, 14\] to "
+                                             r"\[1, 4, 28, 28\].*only nearest"):
+        onnx_to_torch(tmp_path / "b.onnx")
+    with pytest.raises(EdgepruneError, match="upsampling mode 'bilinear' is not supported"):
+        ptq.quantize_ptq(model, (1, 1, 28, 28), np.zeros((2, 1, 28, 28), np.float32))

@@ -42,18 +42,19 @@ PASSTHROUGH_MODULES = (
     nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
     nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
     nn.Softshrink, nn.Dropout1d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
 )
 # ... of those, the ones that work on the H, W axes of NCHW (not on channels-last tensors)
 SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                   nn.ZeroPad2d, nn.ConstantPad2d)
-SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+                   nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample)
+SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+                     F.interpolate}
 PASSTHROUGH_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
     F.elu, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
     torch.erf, F.selu, torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
-    F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg,
+    F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg, F.interpolate,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
                        "clamp_", "float", "detach", "abs", "exp", "erf", "neg"}

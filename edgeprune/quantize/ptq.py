@@ -263,6 +263,9 @@ class IRNet(nn.Module):
                 y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))
             elif n.kind == "transpose":
                 y = xs[0].permute(a["perm"])
+            elif n.kind == "upsample":
+                y = xs[0].repeat_interleave(a["factors"][0], 2).repeat_interleave(
+                    a["factors"][1], 3)
             else:
                 raise EdgepruneError(f"IRNet: unknown node kind {n.kind}")
             if n.act is not None:
@@ -533,6 +536,12 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("concat", node.name, [src(t) for t in parts], node.name,
                            out_shape=shape))
             continue
+        if isinstance(target, nn.Upsample) or target is F.interpolate:
+            factors = nearest_factors(where, shape_of(node.args[0]), shape, target if isinstance(
+                target, nn.Upsample) else arg(node, 3, "mode", "nearest"))
+            add_node(FNode("upsample", node.name, [src(node.args[0])], node.name,
+                           {"factors": factors}, out_shape=shape))
+            continue
         if isinstance(target, nn.MaxPool2d) or target is F.max_pool2d:
             if isinstance(target, nn.MaxPool2d):
                 k, s, p, d, ceil = (target.kernel_size, target.stride, target.padding,
@@ -647,6 +656,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                              "hard/softshrink, abs, exp, "
                              "softmax, log_softmax, add, mul, cat, MaxPool2d, AvgPool2d, "
                              "AdaptiveAvgPool2d, AdaptiveMaxPool2d, mean, amax, flatten/view, "
+                             "nearest Upsample/interpolate by whole factors, "
                              "permute)")
     else:
         raise EdgepruneError("traced graph has no output")
@@ -655,6 +665,21 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     if final != nodes[-1].output:
         raise EdgepruneError(f"the model output '{final}' is not the last op's output")
     return IRNet(nodes, input_shape, weights, biases)
+
+
+def nearest_factors(where: str, ishape, oshape, mode) -> list[int]:
+    """The whole (H, W) factors of a nearest-neighbour upsampling of an NCHW tensor, which
+    repeats every value (interpolation between values, or fractional factors, are refused)."""
+    if isinstance(mode, nn.Upsample):
+        mode = mode.mode
+    if mode != "nearest":
+        raise EdgepruneError(f"{where}: upsampling mode '{mode}' is not supported; only "
+                             "'nearest' by whole factors")
+    if len(ishape) != 4 or len(oshape) != 4 or any(
+            o % i for i, o in zip(ishape[2:], oshape[2:])):
+        raise EdgepruneError(f"{where}: upsampling {list(ishape)} to {list(oshape)}: only NCHW "
+                             "by whole factors of H and W is supported")
+    return [oshape[2] // ishape[2], oshape[3] // ishape[3]]
 
 
 def _reach_last_window(ishape, oshape, attrs) -> bool:

@@ -74,10 +74,10 @@ from ..errors import EdgepruneError
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
 OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "log_softmax",
-            "maxpool", "avgpool", "reshape", "transpose")
+            "maxpool", "avgpool", "reshape", "transpose", "upsample")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
-SAME_QPARAMS = ("maxpool", "reshape", "transpose")
+SAME_QPARAMS = ("maxpool", "reshape", "transpose", "upsample")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -334,6 +334,10 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"transpose '{op.name}': perm {perm} is not a permutation of "
                                  f"{len(ins[0])} axes that keeps the batch axis first")
         return [ins[0][d] for d in perm]
+    if op.kind == "upsample":   # nearest neighbour by whole factors: each value repeated
+        n, c, h, w = ins[0]
+        sh, sw = (int(f) for f in a["factors"])
+        return [n, c, h * sh, w * sw]
     raise EdgepruneError(f"op '{op.name}': unknown kind '{op.kind}' (known: {OP_KINDS})")
 
 

@@ -170,6 +170,9 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return x.reshape([int(s) for s in a["shape"]])
     if op.kind == "transpose":
         return np.ascontiguousarray(x.transpose([int(d) for d in a["perm"]]))
+    if op.kind == "upsample":
+        sh, sw = (int(f) for f in a["factors"])
+        return np.repeat(np.repeat(x, sh, axis=2), sw, axis=3)
     raise EdgepruneError(f"reference: op '{op.name}' has unknown kind '{op.kind}'")
 
 

@@ -351,6 +351,10 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "transpose":
                     y = bb.emit(relax.op.permute_dims(env[op.inputs[0]], op.attrs["perm"]),
                                 name_hint=_ident(op.output))
+                elif op.kind == "upsample":
+                    sh, sw = (int(f) for f in op.attrs["factors"])
+                    rows = bb.emit(relax.op.repeat(env[op.inputs[0]], sh, axis=2))
+                    y = bb.emit(relax.op.repeat(rows, sw, axis=3), name_hint=_ident(op.output))
                 else:
                     raise EdgepruneError(f"to_relax: op '{op.name}' kind '{op.kind}' unsupported")
                 env[op.output] = y
