@@ -92,6 +92,15 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
                 raise _refuse(where, "flattens other than from the channel axis")
         elif _is(node, torch.permute, "permute"):
             _permute_dims(node, where)
+        elif node.target in _POOL_FUNCTIONS_1D:
+            _pool_function_2d(node, where)
+        elif node.target is F.interpolate and _arg(node, 3, "mode", "nearest") == "nearest":
+            size, factor = _arg(node, 1, "size", None), _arg(node, 2, "scale_factor", None)
+            node.args = (node.args[0],)
+            length = _first(size)   # a constant, or computed from a shape in the graph
+            node.kwargs = ({"size": (1, length if isinstance(length, fx.Node) else int(length))}
+                           if size is not None else
+                           {"scale_factor": (1.0, float(_first(factor)))})
         elif _is(node, torch.cat, None):
             _set_dim(node, 1, "dim", 0, where)
         elif _is(node, None, "size") and _arg(node, 1, "dim", None) is not None:
@@ -119,6 +128,35 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
     return gm.eval(), tuple(shape)
 
 
+# functional 1-D pools: their 2-D function and argument names (after the input), in order
+_POOL_FUNCTIONS_1D = {
+    F.max_pool1d: (F.max_pool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+    F.avg_pool1d: (F.avg_pool2d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                  "count_include_pad")),
+    F.adaptive_avg_pool1d: (F.adaptive_avg_pool2d, ("output_size",)),
+    F.adaptive_max_pool1d: (F.adaptive_max_pool2d, ("output_size",)),
+}
+
+
+def _pool_function_2d(node: fx.Node, where: str) -> None:
+    """F.max_pool1d(x, 3, 2) -> F.max_pool2d(x, (1, 3), (1, 2), (0, 0), ...): the window along
+    L only (a padding of 0 and a dilation of 1 over the unit height)."""
+    fn, names = _POOL_FUNCTIONS_1D[node.target]
+    if _arg(node, len(names) + 1, "return_indices", False):
+        raise _refuse(where, "returns indices")
+    kw = {}
+    for i, name in enumerate(names, start=1):
+        v = _arg(node, i, name, None)
+        if v is None:
+            continue
+        if name in ("kernel_size", "stride", "dilation", "output_size"):
+            v = (1, _one(v))
+        elif name == "padding":
+            v = (0, _one(v))
+        kw[name] = v
+    node.target, node.args, node.kwargs = fn, (node.args[0],), kw
+
+
 def _add_height_after(gm: fx.GraphModule, node: fx.Node) -> None:
     with gm.graph.inserting_after(node):
         lifted = gm.graph.call_function(torch.unsqueeze, (node, 2))
@@ -127,7 +165,7 @@ def _add_height_after(gm: fx.GraphModule, node: fx.Node) -> None:
 
 def _map_shape_reads(node: fx.Node, where: str) -> None:
     """x.shape[i] of a signal: the axis i of its 2-D form."""
-    for user in node.users:
+    for user in list(node.users):   # (rewriting a user's args edits node.users)
         if not (user.op == "call_function" and user.target is operator.getitem
                 and isinstance(user.args[1], int)):
             raise _refuse(where, "uses the whole shape of a signal")
@@ -199,6 +237,10 @@ def _module_2d(mod: nn.Module, where: str) -> nn.Module:
         return nn.AdaptiveAvgPool2d((1, _one(mod.output_size)))
     if isinstance(mod, nn.AdaptiveMaxPool1d):
         return nn.AdaptiveMaxPool2d((1, _one(mod.output_size)))
+    if isinstance(mod, nn.Upsample) and mod.mode == "nearest":   # along L only
+        if mod.size is not None:
+            return nn.Upsample(size=(1, _one(mod.size)), mode="nearest")
+        return nn.Upsample(scale_factor=(1.0, float(_first(mod.scale_factor))), mode="nearest")
     if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
         return mod
     if isinstance(mod, nn.Softmax):
@@ -250,8 +292,12 @@ def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, mod)
 
 
+def _first(v):
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
 def _one(v) -> int:
-    return int(v[0] if isinstance(v, (tuple, list)) else v)
+    return int(_first(v))
 
 
 def _describe(node: fx.Node, modules: dict) -> str:

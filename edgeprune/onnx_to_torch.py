@@ -550,19 +550,19 @@ class _Builder:
         return self._reshape_to(x, tuple(n for d, n in enumerate(x[1].shape) if d not in dims))
 
     def op_Resize(self, node, a):
-        """Nearest-neighbour resizing of H and W by whole factors, where the ONNX coordinate
-        rule picks input pixel o // s for output pixel o (every value repeated s times, what
-        nn.Upsample(mode="nearest") does); anything else (linear, cubic, fractional factors,
-        other pickings) is refused by name."""
+        """Nearest-neighbour resizing of the spatial axes (H, W, or L of a 1-D signal) by whole
+        factors, where the ONNX coordinate rule picks input pixel o // s for output pixel o
+        (every value repeated s times, what nn.Upsample(mode="nearest") does); anything else
+        (linear, cubic, fractional factors, other pickings) is refused by name."""
         x = self._in(node.input[0])
         mode = _text(a.get("mode", b"nearest"))
         ctm = _text(a.get("coordinate_transformation_mode", b"half_pixel"))
         rounding = _text(a.get("nearest_mode", b"round_prefer_floor"))
         shape = tuple(x[1].shape)
         given = [n for n in node.input[2:4] if n and np.asarray(self.consts.get(n, [])).size]
-        if len(shape) != 4 or len(given) != 1:
-            raise _err(f"ONNX node '{node.name}' (Resize): only NCHW tensors resized by constant "
-                       "scales or sizes are supported")
+        if len(shape) not in (3, 4) or len(given) != 1:
+            raise _err(f"ONNX node '{node.name}' (Resize): only (N, C, H, W) or (N, C, L) "
+                       "tensors resized by constant scales or sizes are supported")
         v = np.asarray(self._const(given[0], node, "scales or sizes"), np.float64).reshape(-1)
         out = [int(round(d * f)) for d, f in zip(shape, v)] if given[0] == node.input[2] \
             else [int(s) for s in v]
@@ -574,7 +574,7 @@ class _Builder:
         if not ok:
             raise _err(f"ONNX node '{node.name}' (Resize): {mode} resize of {list(shape)} to "
                        f"{out} ({ctm}, {rounding}) is not supported; only nearest upsampling "
-                       "of H and W by whole factors that repeats every value")
+                       "of the spatial axes by whole factors that repeats every value")
         up = nn.Upsample(scale_factor=tuple(float(f) for f in factors), mode="nearest")
         return self._module(node, "Resize", up, x)
 

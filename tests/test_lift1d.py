@@ -69,8 +69,24 @@ class Transposed(nn.Module):
         return self.c(x).transpose(1, 2)
 
 
+class Functional1d(nn.Module):
+    """1-D pools written as functions, and nearest upsampling (module, function, by size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(2, 6, 5, padding=2), nn.Conv1d(6, 4, 3)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        h = F.max_pool1d(torch.relu(self.a(x)), 3, 2, 1, ceil_mode=True)
+        h = F.avg_pool1d(self.up(h), kernel_size=2, count_include_pad=False)
+        h = F.interpolate(self.b(h), scale_factor=2)
+        h = F.interpolate(h, size=h.shape[-1] * 3)
+        return torch.cat([F.adaptive_avg_pool1d(h, 1), F.adaptive_max_pool1d(h, 1)], 1).flatten(1)
+
+
 @pytest.mark.parametrize("model, shape", [(Signal1d(), (2, 1, 160)), (Head1d(), (3, 2, 50)),
-                                          (FromVector(), (2, 64))])
+                                          (FromVector(), (2, 64)), (Functional1d(), (2, 2, 30))])
 def test_a_1d_model_lifts_to_the_same_function(model, shape):
     torch.manual_seed(0)
     for m in model.modules():   # BN statistics that are not the identity
@@ -193,5 +209,22 @@ def test_global_max_over_time_quantizes_bit_exact():
     qm = ptq.quantize_ptq(lifted, shape, x.view(8, 2, 1, 50).numpy())
     assert [o.kind for o in qm.ops].count("maxpool") == 3
     xq = reference.quantize_input(qm, x.view(8, 2, 1, 50).numpy())
+    got = to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq)
+    assert np.array_equal(got, reference.run(qm, xq))
+
+
+def test_functional_pools_and_upsampling_quantize_bit_exact():
+    """The functional 1-D pools and the nearest upsampling of Functional1d, lifted: upsampling
+    along L only (factors [1, s]), and the host build of the integer model equals the golden
+    model."""
+    from edgeprune.quantize import ptq, reference, to_relax
+
+    torch.manual_seed(0)
+    lifted, shape = lift_1d(Functional1d().eval(), (1, 2, 30))
+    x = torch.randn(8, 2, 1, 30)
+    qm = ptq.quantize_ptq(lifted, shape, x.numpy())
+    assert [o.attrs["factors"] for o in qm.ops if o.kind == "upsample"] == [[1, 2], [1, 2],
+                                                                           [1, 3]]
+    xq = reference.quantize_input(qm, x.numpy())
     got = to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq)
     assert np.array_equal(got, reference.run(qm, xq))
