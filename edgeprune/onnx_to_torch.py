@@ -1,7 +1,8 @@
 """An ONNX model as a torch.fx GraphModule with the same outputs, so ONNX input can be pruned,
 fine-tuned and exported back.
 
-Supported ops: Conv (2-D), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
+Supported ops: Conv (2-D), ConvTranspose (2-D, group 1: as the convolution it equals,
+edgeprune.layers), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf, Gelu,
 Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, GlobalAveragePool,
 GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
@@ -31,8 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdgepruneError
+from .layers import ConvTransposeAsConv
 
-SUPPORTED = ("Conv", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
+SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
              "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
              "Gelu", "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze",
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
@@ -245,6 +247,41 @@ class _Builder:
         if b is not None:
             conv.bias.data.copy_(torch.as_tensor(b))
         return self._module(node, "Conv", conv, x)
+
+    def op_ConvTranspose(self, node, a):
+        """As the convolution it equals (edgeprune.layers.ConvTransposeAsConv): 2-D, group 1,
+        dilation 1; pads explicit, from auto_pad, or from output_shape."""
+        w = self._const(node.input[1], node, "weight")
+        b = self._const(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
+        x = self._in(node.input[0])
+        where = f"ONNX node '{node.name}' (ConvTranspose)"
+        if w.ndim != 4 or int(a.get("group", 1)) != 1 or any(
+                int(d) != 1 for d in a.get("dilations", (1, 1))):
+            raise _err(f"{where}: only 2-D transposed convolutions with group 1 and dilation 1 "
+                       f"are supported (weight {list(w.shape)}, group {a.get('group', 1)}, "
+                       f"dilations {list(a.get('dilations', (1, 1)))})")
+        strides = [int(s) for s in a.get("strides", (1, 1))]
+        out_pad = [int(p) for p in a.get("output_padding", (0, 0))]
+        size, kernel = tuple(x[1].shape[2:]), tuple(w.shape[2:])
+        mode = _text(a.get("auto_pad", b"NOTSET"))
+        if "output_shape" in a or mode in ("SAME_UPPER", "SAME_LOWER"):
+            want = ([int(o) for o in a["output_shape"]][-2:] if "output_shape" in a
+                    else [i * s for i, s in zip(size, strides)])
+            total = [s * (i - 1) + o + k - n
+                     for i, s, o, k, n in zip(size, strides, out_pad, kernel, want)]
+            if min(total) < 0:
+                raise _err(f"{where}: output shape {want} needs negative padding {total}")
+            small = [t // 2 for t in total]
+            big = [t - t // 2 for t in total]
+            pads = small + big if mode != "SAME_LOWER" else big + small
+        else:
+            pads = [int(p) for p in a.get("pads", (0, 0, 0, 0))] if mode != "VALID" else [0] * 4
+        try:
+            layer = ConvTransposeAsConv(torch.as_tensor(w), None if b is None else
+                                        torch.as_tensor(b), strides, pads, out_pad)
+        except EdgepruneError as e:
+            raise _err(f"{where}: {e}") from None
+        return self._module(node, "ConvTranspose", layer, x)
 
     def op_BatchNormalization(self, node, a):
         scale, bias, mean, var = (self._const(n, node, "parameter") for n in node.input[1:5])

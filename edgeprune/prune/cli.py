@@ -117,6 +117,7 @@ def run(args) -> int:
     from ..compile import atomic_out_dir
     from ..frontend import to_onnx
     from ..load import is_zoo_name, load_torch, parse_shape, save_torch
+    from ..task import metric_name
     from ..train import evaluate
     from . import allocate, methods
 
@@ -155,14 +156,15 @@ def run(args) -> int:
             "ratios": per_layer if per_layer is not None else ratio,
             "flops_target": args.flops_target, "params_target": args.params_target,
             "kernel_ratio": args.kernel_ratio, "intra_stride": args.intra_stride}
-    score = None
+    score, metric = None, "accuracy"
     if data is not None:
         x_eval, y_eval = data.x_test[:args.eval_samples], data.y_test[:args.eval_samples]
         score = lambda m: round(evaluate(m, x_eval, y_eval), 3)  # noqa: E731
+        metric = metric_name(y_eval)   # R² on regression targets
 
     acc_original = score(model) if score else None
     log(f"{args.model}: criterion {args.criterion}, method {args.method}"
-        + (f", accuracy {acc_original:.2f} % on {len(x_eval)} test samples" if score else ""))
+        + (f", {metric} {acc_original:.2f} % on {len(x_eval)} test samples" if score else ""))
     extra = {"rewind_state": read_rewind_state(args.rewind_from)} if args.rewind_from else {}
     if args.distill and args.finetune <= 0:
         raise EdgepruneError("--distill acts while fine-tuning: give --finetune EPOCHS",
@@ -179,7 +181,7 @@ def run(args) -> int:
                               "before_finetune": before,
                               "after": score(pruned) if args.finetune > 0 or before is None
                               else before, "samples": len(x_eval),
-                              "dataset": data.name}
+                              "dataset": data.name, "metric": metric}
     record["model"] = args.model
 
     with atomic_out_dir(out, args.force) as tmp:
@@ -202,7 +204,7 @@ def run(args) -> int:
             a = record["accuracy"]
             recal = (f" -> {a['before_finetune']:.2f} % with re-estimated BatchNorm statistics"
                      if a["after_cut"] != a["before_finetune"] else "")
-            log(f"accuracy {a['original']:.2f} % -> {a['after_cut']:.2f} % after the cut{recal}"
+            log(f"{metric} {a['original']:.2f} % -> {a['after_cut']:.2f} % after the cut{recal}"
                 f" -> {a['after']:.2f} % after {args.finetune:g} epoch(s) of fine-tuning")
         log(f"wrote {out}/model.onnx, model.pt, pruning.json")
     return 0

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import EdgepruneError
+from ..layers import zero_insert
 
 STAGE = "prune"
 
@@ -48,13 +49,14 @@ PASSTHROUGH_MODULES = (
 SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
                    nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample)
 SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-                     F.interpolate}
+                     F.interpolate, zero_insert}
 PASSTHROUGH_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu,
     F.elu, F.sigmoid, F.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
     torch.erf, F.selu, torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
     F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg, F.interpolate,
+    zero_insert,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
                        "clamp_", "float", "detach", "abs", "exp", "erf", "neg"}

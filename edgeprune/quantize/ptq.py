@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EdgepruneError
+from ..layers import zero_insert
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, SAME_QPARAMS, Op, QuantModel, TensorInfo,
                      window_counts)
 from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
@@ -263,6 +264,8 @@ class IRNet(nn.Module):
                 y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))
             elif n.kind == "transpose":
                 y = xs[0].permute(a["perm"])
+            elif n.kind == "dilate":
+                y = zero_insert(xs[0], *a["strides"])
             elif n.kind == "upsample":
                 y = xs[0].repeat_interleave(a["factors"][0], 2).repeat_interleave(
                     a["factors"][1], 3)
@@ -534,6 +537,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                      f"{len(shape)}-D tensor; only the channel axis (1) is "
                                      "supported")
             add_node(FNode("concat", node.name, [src(t) for t in parts], node.name,
+                           out_shape=shape))
+            continue
+        if target is zero_insert:   # a transposed conv's stride (edgeprune.layers)
+            add_node(FNode("dilate", node.name, [src(node.args[0])], node.name,
+                           {"strides": [int(arg(node, 1, "sh")), int(arg(node, 2, "sw"))]},
                            out_shape=shape))
             continue
         if isinstance(target, nn.Upsample) or target is F.interpolate:

@@ -74,10 +74,10 @@ from ..errors import EdgepruneError
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
 OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "log_softmax",
-            "maxpool", "avgpool", "reshape", "transpose", "upsample")
+            "maxpool", "avgpool", "reshape", "transpose", "upsample", "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
-SAME_QPARAMS = ("maxpool", "reshape", "transpose", "upsample")
+SAME_QPARAMS = ("maxpool", "reshape", "transpose", "upsample", "dilate")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -338,6 +338,10 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         n, c, h, w = ins[0]
         sh, sw = (int(f) for f in a["factors"])
         return [n, c, h * sh, w * sw]
+    if op.kind == "dilate":     # zero points between pixels: a transposed conv's stride
+        n, c, h, w = ins[0]
+        sh, sw = (int(s) for s in a["strides"])
+        return [n, c, (h - 1) * sh + 1, (w - 1) * sw + 1]
     raise EdgepruneError(f"op '{op.name}': unknown kind '{op.kind}' (known: {OP_KINDS})")
 
 

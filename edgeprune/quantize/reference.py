@@ -173,6 +173,12 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
     if op.kind == "upsample":
         sh, sw = (int(f) for f in a["factors"])
         return np.repeat(np.repeat(x, sh, axis=2), sw, axis=3)
+    if op.kind == "dilate":   # the inserted values are zeros: the zero point
+        sh, sw = (int(s) for s in a["strides"])
+        n, c, h, w = x.shape
+        y = np.full((n, c, (h - 1) * sh + 1, (w - 1) * sw + 1), out.zero_point, x.dtype)
+        y[:, :, ::sh, ::sw] = x
+        return y
     raise EdgepruneError(f"reference: op '{op.name}' has unknown kind '{op.kind}'")
 
 

@@ -111,6 +111,21 @@ def _pad_zp(bb, x, padding, zp: int):
     return bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, pt, pb, pl, pr], pad_value=float(zp))), [0, 0, 0, 0]
 
 
+def _dilate(bb, x, in_shape, strides, zp: int, name: str):
+    """Zero points between pixels (the int8 `dilate` op): each pixel padded by s - 1 zero
+    points after it along a new axis, the axes merged, the trailing ones cut."""
+    from tvm import relax
+    n, c, h, w = (int(d) for d in in_shape)
+    sh, sw = (int(s) for s in strides)
+    six = bb.emit(relax.op.reshape(x, (n, c, h, 1, w, 1)))
+    padded = bb.emit(relax.op.nn.pad(six, [0, 0, 0, 0, 0, 0, 0, sh - 1, 0, 0, 0, sw - 1],
+                                     pad_value=float(zp)))
+    flat = bb.emit(relax.op.reshape(padded, (n, c, h * sh, w * sw)))
+    return bb.emit(relax.op.strided_slice(flat, axes=[2, 3], begin=[0, 0],
+                                          end=[(h - 1) * sh + 1, (w - 1) * sw + 1]),
+                   name_hint=name)
+
+
 SPLIT_GROUPS_MAX = 16  # more groups than this stay one kernel (code size)
 
 
@@ -351,6 +366,9 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "transpose":
                     y = bb.emit(relax.op.permute_dims(env[op.inputs[0]], op.attrs["perm"]),
                                 name_hint=_ident(op.output))
+                elif op.kind == "dilate":
+                    y = _dilate(bb, env[op.inputs[0]], shape(op.inputs[0]), op.attrs["strides"],
+                                qm.tensors[op.output].zero_point, _ident(op.output))
                 elif op.kind == "upsample":
                     sh, sw = (int(f) for f in op.attrs["factors"])
                     rows = bb.emit(relax.op.repeat(env[op.inputs[0]], sh, axis=2))
