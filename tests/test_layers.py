@@ -88,3 +88,43 @@ def test_transposed_convs_without_a_conv_form_are_named(layer, words):
         lower_transposed_convs(model)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("attrs,size", [
+    ({"strides": [2, 2], "pads": [0, 1, 1, 0]}, (14, 14)),                    # uneven pads
+    ({"strides": [3, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 0]}, (20, 13)),
+    ({"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (14, 14)),               # Keras 'same'
+    ({"strides": [2, 2], "output_shape": [15, 15]}, (15, 15)),
+])
+def test_onnx_transposed_conv_padding_forms(tmp_path, attrs, size):
+    """ONNX ConvTranspose pads, output_padding, auto_pad and output_shape, against the full
+    transposed convolution cropped by the pads ONNX defines."""
+    import onnx
+    import torch.nn.functional as F
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs)], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "t.onnx")
+    x = torch.from_numpy(rng.standard_normal((1, 4, 7, 7)).astype(np.float32))
+    with torch.no_grad():
+        got = onnx_to_torch(tmp_path / "t.onnx")[0](x)
+        s = attrs["strides"]
+        full = F.conv_transpose2d(x, torch.from_numpy(w), stride=s)   # (7 - 1) * s + 3
+        op = attrs.get("output_padding", [0, 0])
+        full = F.pad(full, (0, op[1], 0, op[0]))
+        total = [f - n for f, n in zip(full.shape[2:], size)]
+        t, l, b, r = attrs.get("pads") or [total[0] // 2, total[1] // 2,
+                                           total[0] - total[0] // 2, total[1] - total[1] // 2]
+        want = full[:, :, t:full.shape[2] - b, l:full.shape[3] - r]
+    assert tuple(got.shape[2:]) == size
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
