@@ -109,10 +109,10 @@ def test_cli_refuses_bad_input_and_keeps_existing_out(tmp_path, capsys, cnn):
           match="4-bit weights are not among its [quant] weight_bits [8]")
     assert not out.exists()
     assert not list(tmp_path.glob(".*tmp*"))     # nothing half-written left behind
-    bad = tmp_path / "upsample.pt"
-    save_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Upsample(scale_factor=2)),
+    bad = tmp_path / "shuffle.pt"
+    save_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.PixelShuffle(2)),
                shape, bad)
-    fails(bad, "--out", out, match="(call_module Upsample): not supported by the quantizer")
+    fails(bad, "--out", out, match="(call_module PixelShuffle): not supported by the quantizer")
     assert not out.exists()
 
 

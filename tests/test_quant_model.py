@@ -139,9 +139,9 @@ def test_extract_rejects_unsupported_with_node_name():
     class Bad(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c = nn.Conv2d(1, 2, 3)
+            self.c = nn.Conv2d(1, 4, 3)
 
         def forward(self, x):
-            return nn.functional.interpolate(self.c(x), scale_factor=2)
-    with pytest.raises(EdgepruneError, match="interpolate"):
+            return nn.functional.pixel_shuffle(self.c(x), 2)
+    with pytest.raises(EdgepruneError, match="pixel_shuffle"):
         ptq.extract(Bad().eval(), (1, 1, 8, 8))
