@@ -41,8 +41,10 @@ def score(outputs: np.ndarray, y: np.ndarray) -> float:
 
 
 def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The training loss: mean squared error on regression targets, else cross-entropy (on
-    logits, or on the probabilities of a model that ends in a softmax)."""
+    """The training loss: mean squared error on regression targets, else cross-entropy of the
+    class scores: logits, or the probabilities of a model that ends in a softmax (every row
+    non-negative and summing to 1), whose log is taken instead (cross-entropy on probabilities
+    as logits barely trains)."""
     if y.is_floating_point():
         per = F.mse_loss(out.reshape(len(y), -1), y.reshape(len(y), -1), reduction="none")
         per = per.mean(1)
