@@ -90,6 +90,8 @@ def main(quick: bool = False, seeds: list[int] | None = None, **overrides) -> di
         path = RESULT.parent / "feedback" / f"seed{s}.json"
         per_seed.append(run_seed(quick, path, **{**overrides, "seed": s}))
     result = combine(per_seed)
+    if RESULT.exists():   # the studies recorded beside the acceptance entry stay
+        result["other_runs"] = json.loads(RESULT.read_text()).get("other_runs", {})
     write_result(RESULT, result)
     return {k: result[k] for k in ("seeds", "uniform", "global", "feedback", "goal")}
 
