@@ -89,11 +89,16 @@ def main(quick: bool = False, seeds: list[int] | None = None, **overrides) -> di
     for s in seeds if seeds is not None else range(cfg["seeds"]):
         path = RESULT.parent / "feedback" / f"seed{s}.json"
         per_seed.append(run_seed(quick, path, **{**overrides, "seed": s}))
-    result = combine(per_seed)
-    if RESULT.exists():   # the studies recorded beside the acceptance entry stay
-        result["other_runs"] = json.loads(RESULT.read_text()).get("other_runs", {})
+    result = _keep_other_runs(combine(per_seed))
     write_result(RESULT, result)
     return {k: result[k] for k in ("seeds", "uniform", "global", "feedback", "goal")}
+
+
+def _keep_other_runs(result: dict) -> dict:
+    """`result` with the studies recorded beside the acceptance entry in RESULT."""
+    if RESULT.exists():
+        result["other_runs"] = json.loads(RESULT.read_text()).get("other_runs", {})
+    return result
 
 
 def combine(per_seed: list[dict]) -> dict:
@@ -514,7 +519,8 @@ if __name__ == "__main__":
             blocks
         write_result(RESULT, summary)
     elif files:
-        write_result(RESULT, combine([json.loads(f.read_text()) for f in files]))
+        write_result(RESULT, _keep_other_runs(combine([json.loads(f.read_text())
+                                                        for f in files])))
     else:
         a.pop("control"), a.pop("sweep"), a.pop("blocks")
         main(a.pop("quick"), a.pop("seeds"), **a)
