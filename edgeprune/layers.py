@@ -20,11 +20,12 @@ from .errors import EdgepruneError
 
 def zero_insert(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, (H - 1) * sh + 1, (W - 1) * sw + 1): sh - 1 rows and sw - 1
-    columns of zeros between neighbouring pixels. (Pad and reshape, so that it exports to
-    ONNX as standard ops.)"""
-    n, c, h, w = x.shape
-    y = F.pad(x.reshape(n, c, h, 1, w, 1), (0, sw - 1, 0, 0, 0, sh - 1))
-    return y.reshape(n, c, h * sh, w * sw)[:, :, :(h - 1) * sh + 1, :(w - 1) * sw + 1]
+    columns of zeros between neighbouring pixels. Written as the transposed convolution it
+    is (1x1 kernels of ones, one per channel), so that it exports to one ONNX node that
+    edgeprune reads back as this function."""
+    c = int(x.shape[1])   # static: the ONNX exporter needs the kernel's shape
+    return F.conv_transpose2d(x, torch.ones(c, 1, 1, 1, dtype=x.dtype), stride=(sh, sw),
+                              groups=c)
 
 
 fx.wrap("zero_insert")   # one node in traced graphs (the pruner and quantizer know it)

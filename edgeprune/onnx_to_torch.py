@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdgepruneError
-from .layers import ConvTransposeAsConv
+from .layers import ConvTransposeAsConv, zero_insert
 
 SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
              "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
@@ -255,12 +255,21 @@ class _Builder:
         b = self._const(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
         x = self._in(node.input[0])
         where = f"ONNX node '{node.name}' (ConvTranspose)"
+        strides = [int(s) for s in a.get("strides", (1, 1))]
+        if (w.ndim == 4 and w.shape[1:] == (1, 1, 1) and int(a.get("group", 1)) == w.shape[0]
+                and np.all(w == 1) and b is None and not any(a.get("pads", ()))
+                and not any(a.get("output_padding", ())) and "output_shape" not in a
+                and len(strides) == 2):
+            # 1x1 kernels of ones, one per channel: zeros between pixels (edgeprune.layers
+            # exports its zero insertion this way)
+            n, v = self._fn(zero_insert, [x[0], *strides], [x[1], *strides])
+            n.meta["is_wrapped"] = True   # stays one node when the module is traced again
+            return n, v
         if w.ndim != 4 or int(a.get("group", 1)) != 1 or any(
                 int(d) != 1 for d in a.get("dilations", (1, 1))):
             raise _err(f"{where}: only 2-D transposed convolutions with group 1 and dilation 1 "
                        f"are supported (weight {list(w.shape)}, group {a.get('group', 1)}, "
                        f"dilations {list(a.get('dilations', (1, 1)))})")
-        strides = [int(s) for s in a.get("strides", (1, 1))]
         out_pad = [int(p) for p in a.get("output_padding", (0, 0))]
         size, kernel = tuple(x[1].shape[2:]), tuple(w.shape[2:])
         mode = _text(a.get("auto_pad", b"NOTSET"))

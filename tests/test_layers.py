@@ -6,11 +6,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from edgeprune import data
 from edgeprune.errors import EdgepruneError
-from edgeprune.layers import ConvTransposeAsConv, lower_transposed_convs
+from edgeprune.layers import ConvTransposeAsConv, lower_transposed_convs, zero_insert
 
 
 @pytest.mark.parametrize("k,s,p,op", [(3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (2, 2, 0, 0),
@@ -62,6 +63,13 @@ def test_conv_autoencoder_from_torch_and_onnx_prunes_and_runs_bit_exact(tmp_path
             [4, 8, 4, 1]
         with torch.no_grad(), masked_reference(m, record["layers"]):
             torch.testing.assert_close(pruned(x), m(x), atol=1e-5, rtol=1e-4)
+        # the pruned model's ONNX (what prune and deploy write) reads back: the zero insertion
+        # exports as a 1x1 transposed conv of ones per channel and returns as zero_insert
+        torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "p.onnx"), dynamo=False)
+        again, _ = onnx_to_torch(tmp_path / "p.onnx")
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), pruned(x), atol=1e-5, rtol=1e-4)
+        assert sum(n.target is zero_insert for n in fx.symbolic_trace(again).graph.nodes) == 2
         qm = ptq.quantize_ptq(pruned, shape, x.numpy())
         dilates = [o for o in qm.ops if o.kind == "dilate"]
         assert [o.attrs["strides"] for o in dilates] == [[2, 2], [2, 2]]
