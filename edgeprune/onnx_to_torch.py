@@ -78,8 +78,7 @@ def _attrs(node) -> dict:
 def _auto_pads(a: dict, size: tuple, kernel: tuple) -> list[int] | None:
     """Explicit [t, l, b, r] pads (or [l, r] in 1-D) for a Conv's or pool's auto_pad
     (TensorFlow's SAME), else None."""
-    mode = a.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = _text(a.get("auto_pad", b"NOTSET"))
     if mode in ("NOTSET", ""):
         return None
     if mode == "VALID":
@@ -387,8 +386,7 @@ class _Builder:
         return self._fn(operator.mul, [x[0], y[0]], [x[1], y[1]])
 
     def op_Gelu(self, node, a):
-        approximate = a.get("approximate", b"none")
-        approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+        approximate = _text(a.get("approximate", b"none"))
         return self._module(node, "Gelu", nn.GELU(approximate), self._in(node.input[0]))
 
     def op_Erf(self, node, a):   # exporters spell GELU as x * 0.5 * (1 + erf(x / sqrt 2))
@@ -640,8 +638,7 @@ class _Builder:
         return self._fn(torch.reshape, [x[0], tuple(target)], [x[1], tuple(shape)])
 
     def op_Pad(self, node, a):
-        mode = a.get("mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = _text(a.get("mode", b"constant"))
         pads = a.get("pads")
         if pads is None:
             pads = self._const(node.input[1], node, "pads")
