@@ -3,7 +3,8 @@
 A transposed convolution (nn.ConvTranspose2d, ONNX ConvTranspose: the upsampling layer of conv
 autoencoders and decoders) is the convolution it equals: zeros inserted between the input's
 pixels (its stride), padded by k - 1 - p on each side (plus output_padding at the end), then a
-stride-1 Conv2d with the kernel flipped and its in/out axes swapped. After the rewrite the
+stride-1 Conv2d with the kernel flipped and its in/out axes swapped per group (the same groups
+and dilation; the padding is that of the dilated kernel). After the rewrite the
 pruner cuts a real Conv2d, fine-tuning trains it, and the int8 stages run it in their conv
 kernels; only the zero insertion is new (the int8 `dilate` op, which inserts the zero point).
 """
@@ -32,38 +33,52 @@ fx.wrap("zero_insert")   # one node in traced graphs (the pruner and quantizer k
 
 
 class ConvTransposeAsConv(nn.Module):
-    """A 2-D transposed convolution (groups 1, dilation 1) as zero insertion, padding and a
-    stride-1 Conv2d (`conv`) with the same function."""
+    """A 2-D transposed convolution as zero insertion, padding and a stride-1 Conv2d (`conv`,
+    with the same groups and dilation) with the same function."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride, pads,
-                 output_padding=(0, 0)):
-        """weight: the transposed convolution's (in, out, kh, kw); pads: its (top, left,
-        bottom, right) input padding, each at most the kernel size - 1."""
+                 output_padding=(0, 0), groups: int = 1, dilation=(1, 1)):
+        """weight: the transposed convolution's (in, out / groups, kh, kw); pads: its (top,
+        left, bottom, right) input padding, each at most the dilated kernel's size - 1."""
         super().__init__()
-        c_in, c_out, kh, kw = weight.shape
+        c_in, c_out_g, kh, kw = weight.shape
+        dh, dw = (int(d) for d in dilation)
+        eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1   # the dilated kernel's extent
         t, l, b, r = (int(p) for p in pads)
         oph, opw = (int(p) for p in output_padding)
-        if max(t, b) > kh - 1 or max(l, r) > kw - 1:
+        if max(t, b) > eh - 1 or max(l, r) > ew - 1:
             raise EdgepruneError(f"a transposed convolution with padding {[t, l, b, r]} larger "
-                                 f"than its kernel {[kh, kw]} - 1 is not supported")
+                                 f"than its dilated kernel {[eh, ew]} - 1 is not supported")
         self.stride = (int(stride[0]), int(stride[1]))
-        self.pads = (kw - 1 - l, kw - 1 - r + opw, kh - 1 - t, kh - 1 - b + oph)
-        self.conv = nn.Conv2d(c_in, c_out, (kh, kw), bias=bias is not None)
+        self.pads = (ew - 1 - l, ew - 1 - r + opw, eh - 1 - t, eh - 1 - b + oph)
+        self.conv = nn.Conv2d(c_in, c_out_g * groups, (kh, kw), dilation=(dh, dw),
+                              groups=groups, bias=bias is not None)
+        # per group, (in_g, out_g) -> (out_g, in_g), kernels flipped
+        w = weight.reshape(groups, c_in // groups, c_out_g, kh, kw).transpose(1, 2)
         with torch.no_grad():
-            self.conv.weight.copy_(weight.transpose(0, 1).flip(2, 3))
+            self.conv.weight.copy_(w.reshape(c_out_g * groups, c_in // groups, kh, kw)
+                                   .flip(2, 3))
             if bias is not None:
                 self.conv.bias.copy_(bias)
 
     @classmethod
-    def from_module(cls, m: nn.ConvTranspose2d, where: str) -> ConvTransposeAsConv:
-        if m.groups != 1 or tuple(m.dilation) != (1, 1) or m.padding_mode != "zeros":
-            raise EdgepruneError(f"{where}: ConvTranspose2d with groups {m.groups}, dilation "
-                                 f"{tuple(m.dilation)}, padding mode '{m.padding_mode}' is not "
-                                 "supported (groups 1, dilation 1, zero padding)")
-        ph, pw = m.padding
+    def from_module(cls, m: nn.ConvTranspose2d | nn.ConvTranspose1d, where: str
+                    ) -> ConvTransposeAsConv:
+        """The module's equal; a 1-D one's works on (N, C, 1, L) maps (edgeprune.lift1d)."""
+        if m.padding_mode != "zeros":
+            raise EdgepruneError(f"{where}: {type(m).__name__} with padding mode "
+                                 f"'{m.padding_mode}' is not supported (zero padding)")
+        w = m.weight.detach()
+        if isinstance(m, nn.ConvTranspose1d):   # along W of a one-row map
+            p = m.padding[0]
+            w, stride, pads = w.unsqueeze(2), (1, m.stride[0]), (0, p, 0, p)
+            out_pad, dilation = (0, m.output_padding[0]), (1, m.dilation[0])
+        else:
+            (ph, pw), stride, out_pad, dilation = m.padding, m.stride, m.output_padding, m.dilation
+            pads = (ph, pw, ph, pw)
         try:
-            return cls(m.weight.detach(), None if m.bias is None else m.bias.detach(), m.stride,
-                       (ph, pw, ph, pw), m.output_padding)
+            return cls(w, None if m.bias is None else m.bias.detach(), stride, pads, out_pad,
+                       m.groups, dilation)
         except EdgepruneError as e:
             raise EdgepruneError(f"{where}: {e}") from None
 
@@ -74,11 +89,9 @@ class ConvTransposeAsConv(nn.Module):
 
 
 def lower_transposed_convs(model: nn.Module) -> nn.Module:
-    """`model` with every nn.ConvTranspose2d replaced (in place) by its ConvTransposeAsConv;
-    a 1-D one is refused by name."""
+    """`model` with every nn.ConvTranspose2d replaced (in place) by its ConvTransposeAsConv
+    (a 1-D one is replaced when edgeprune.lift1d lifts the model to 2-D)."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, nn.ConvTranspose1d):
-            raise EdgepruneError(f"layer '{name}': ConvTranspose1d is not supported")
         if isinstance(m, nn.ConvTranspose2d):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdgepruneError
+from .layers import ConvTransposeAsConv
 
 STAGE = "load"
 
@@ -42,7 +43,7 @@ _DIM_OPS = {"mean", "sum", "amax", "softmax", "log_softmax"}   # (x, dim=...) al
 
 
 def is_1d(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv1d) for m in model.modules())
+    return any(isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) for m in model.modules())
 
 
 def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
@@ -94,13 +95,16 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
             _permute_dims(node, where)
         elif node.target in _POOL_FUNCTIONS_1D:
             _pool_function_2d(node, where)
-        elif node.target is F.interpolate and _arg(node, 3, "mode", "nearest") == "nearest":
+        elif node.target is F.interpolate and _arg(node, 3, "mode", "nearest") in _RESIZE_2D:
             size, factor = _arg(node, 1, "size", None), _arg(node, 2, "scale_factor", None)
+            mode = _RESIZE_2D[_arg(node, 3, "mode", "nearest")]
+            kept = {k: _arg(node, i, k, None) for i, k in ((4, "align_corners"), (6, "antialias"))}
             node.args = (node.args[0],)
             length = _first(size)   # a constant, or computed from a shape in the graph
             node.kwargs = ({"size": (1, length if isinstance(length, fx.Node) else int(length))}
                            if size is not None else
-                           {"scale_factor": (1.0, float(_first(factor)))})
+                           {"scale_factor": (1.0, float(_first(factor)))}) | {
+                "mode": mode, **{k: v for k, v in kept.items() if v is not None}}
         elif _is(node, torch.cat, None):
             _set_dim(node, 1, "dim", 0, where)
         elif _is(node, None, "size") and _arg(node, 1, "dim", None) is not None:
@@ -219,6 +223,8 @@ def _module_2d(mod: nn.Module, where: str) -> nn.Module:
         if mod.bias is not None:
             out.bias.data.copy_(mod.bias.data)
         return out
+    if isinstance(mod, nn.ConvTranspose1d):
+        return ConvTransposeAsConv.from_module(mod, where)
     if isinstance(mod, nn.BatchNorm1d):
         out = nn.BatchNorm2d(mod.num_features, mod.eps, mod.momentum, mod.affine,
                              mod.track_running_stats)
@@ -237,10 +243,11 @@ def _module_2d(mod: nn.Module, where: str) -> nn.Module:
         return nn.AdaptiveAvgPool2d((1, _one(mod.output_size)))
     if isinstance(mod, nn.AdaptiveMaxPool1d):
         return nn.AdaptiveMaxPool2d((1, _one(mod.output_size)))
-    if isinstance(mod, nn.Upsample) and mod.mode == "nearest":   # along L only
+    if isinstance(mod, nn.Upsample) and mod.mode in _RESIZE_2D:   # along L only
+        how = {"mode": _RESIZE_2D[mod.mode], "align_corners": mod.align_corners}
         if mod.size is not None:
-            return nn.Upsample(size=(1, _one(mod.size)), mode="nearest")
-        return nn.Upsample(scale_factor=(1.0, float(_first(mod.scale_factor))), mode="nearest")
+            return nn.Upsample(size=(1, _one(mod.size)), **how)
+        return nn.Upsample(scale_factor=(1.0, float(_first(mod.scale_factor))), **how)
     if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
         return mod
     if isinstance(mod, nn.Softmax):
@@ -290,6 +297,11 @@ def _set_dim(node: fx.Node, pos: int, key: str, default, where: str) -> None:
 def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
     parent, _, name = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, mod)
+
+
+# 1-D resizing modes and their 2-D forms on a (N, C, 1, L) map: linear interpolation along L
+# alone is bilinear with one row (its coordinate along H is always 0).
+_RESIZE_2D = {"nearest": "nearest", "nearest-exact": "nearest-exact", "linear": "bilinear"}
 
 
 def _first(v):

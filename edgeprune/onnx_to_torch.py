@@ -1,8 +1,8 @@
 """An ONNX model as a torch.fx GraphModule with the same outputs, so ONNX input can be pruned,
 fine-tuned and exported back.
 
-Supported ops: Conv (2-D), ConvTranspose (2-D, group 1: as the convolution it equals,
-edgeprune.layers), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
+Supported ops: Conv (1-D, 2-D), ConvTranspose (1-D, 2-D, any group and dilation: as the
+convolution it equals, edgeprune.layers), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf, Gelu,
 Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, GlobalAveragePool,
 GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
@@ -248,8 +248,9 @@ class _Builder:
         return self._module(node, "Conv", conv, x)
 
     def op_ConvTranspose(self, node, a):
-        """As the convolution it equals (edgeprune.layers.ConvTransposeAsConv): 2-D, group 1,
-        dilation 1; pads explicit, from auto_pad, or from output_shape."""
+        """As the convolution it equals (edgeprune.layers.ConvTransposeAsConv), any group and
+        dilation; pads explicit, from auto_pad, or from output_shape. A 1-D one becomes
+        nn.ConvTranspose1d, lifted to that form with the rest of the 1-D model."""
         w = self._const(node.input[1], node, "weight")
         b = self._const(node.input[2], node, "bias") if len(node.input) > 2 and node.input[2] else None
         x = self._in(node.input[0])
@@ -264,29 +265,45 @@ class _Builder:
             n, v = self._fn(zero_insert, [x[0], *strides], [x[1], *strides])
             n.meta["is_wrapped"] = True   # stays one node when the module is traced again
             return n, v
-        if w.ndim != 4 or int(a.get("group", 1)) != 1 or any(
-                int(d) != 1 for d in a.get("dilations", (1, 1))):
-            raise _err(f"{where}: only 2-D transposed convolutions with group 1 and dilation 1 "
-                       f"are supported (weight {list(w.shape)}, group {a.get('group', 1)}, "
-                       f"dilations {list(a.get('dilations', (1, 1)))})")
-        out_pad = [int(p) for p in a.get("output_padding", (0, 0))]
+        group = int(a.get("group", 1))
+        dilations = [int(d) for d in a.get("dilations", [1] * (w.ndim - 2))]
+        if w.ndim not in (3, 4):
+            raise _err(f"{where}: only 1-D and 2-D transposed convolutions are supported "
+                       f"(weight {list(w.shape)})")
+        out_pad = [int(p) for p in a.get("output_padding", [0] * (w.ndim - 2))]
         size, kernel = tuple(x[1].shape[2:]), tuple(w.shape[2:])
         mode = _text(a.get("auto_pad", b"NOTSET"))
         if "output_shape" in a or mode in ("SAME_UPPER", "SAME_LOWER"):
-            want = ([int(o) for o in a["output_shape"]][-2:] if "output_shape" in a
+            want = ([int(o) for o in a["output_shape"]][-len(size):] if "output_shape" in a
                     else [i * s for i, s in zip(size, strides)])
-            total = [s * (i - 1) + o + k - n
-                     for i, s, o, k, n in zip(size, strides, out_pad, kernel, want)]
+            total = [s * (i - 1) + o + d * (k - 1) + 1 - n
+                     for i, s, o, k, d, n in zip(size, strides, out_pad, kernel, dilations, want)]
             if min(total) < 0:
                 raise _err(f"{where}: output shape {want} needs negative padding {total}")
             small = [t // 2 for t in total]
             big = [t - t // 2 for t in total]
             pads = small + big if mode != "SAME_LOWER" else big + small
         else:
-            pads = [int(p) for p in a.get("pads", (0, 0, 0, 0))] if mode != "VALID" else [0] * 4
+            pads = ([int(p) for p in a.get("pads", [0] * 2 * len(size))] if mode != "VALID"
+                    else [0] * 2 * len(size))
+        if w.ndim == 3:   # as torch's module, which edgeprune.lift1d lifts with the model
+            (begin, end), op = pads, out_pad[0]
+            if begin < end or begin - end + op >= max(strides[0], dilations[0]):
+                raise _err(f"{where}: 1-D pads {pads} with output_padding {op} are not "
+                           "supported (equal pads, or more at the start than output_padding "
+                           "can make up)")
+            layer = nn.ConvTranspose1d(w.shape[0], w.shape[1] * group, kernel[0], strides[0],
+                                       begin, begin - end + op, group, b is not None,
+                                       dilations[0])
+            with torch.no_grad():
+                layer.weight.copy_(torch.as_tensor(w))
+                if b is not None:
+                    layer.bias.copy_(torch.as_tensor(b))
+            return self._module(node, "ConvTranspose", layer, x)
         try:
             layer = ConvTransposeAsConv(torch.as_tensor(w), None if b is None else
-                                        torch.as_tensor(b), strides, pads, out_pad)
+                                        torch.as_tensor(b), strides, pads, out_pad, group,
+                                        dilations)
         except EdgepruneError as e:
             raise _err(f"{where}: {e}") from None
         return self._module(node, "ConvTranspose", layer, x)
@@ -594,10 +611,11 @@ class _Builder:
         return self._reshape_to(x, tuple(n for d, n in enumerate(x[1].shape) if d not in dims))
 
     def op_Resize(self, node, a):
-        """Nearest-neighbour resizing of the spatial axes (H, W, or L of a 1-D signal) by whole
-        factors, where the ONNX coordinate rule picks input pixel o // s for output pixel o
-        (every value repeated s times, what nn.Upsample(mode="nearest") does); anything else
-        (linear, cubic, fractional factors, other pickings) is refused by name."""
+        """Resizing of the spatial axes (H, W, or L of a 1-D signal) to a constant size:
+        nearest by whole factors where the ONNX coordinate rule picks input pixel o // s for
+        output pixel o (every value repeated, what nn.Upsample(mode="nearest") does), or linear
+        with torch's coordinate rules (half_pixel, pytorch_half_pixel, align_corners); anything
+        else (cubic, other pickings, fractional nearest factors) is refused by name."""
         x = self._in(node.input[0])
         mode = _text(a.get("mode", b"nearest"))
         ctm = _text(a.get("coordinate_transformation_mode", b"half_pixel"))
@@ -608,19 +626,29 @@ class _Builder:
             raise _err(f"ONNX node '{node.name}' (Resize): only (N, C, H, W) or (N, C, L) "
                        "tensors resized by constant scales or sizes are supported")
         v = np.asarray(self._const(given[0], node, "scales or sizes"), np.float64).reshape(-1)
-        out = [int(round(d * f)) for d, f in zip(shape, v)] if given[0] == node.input[2] \
-            else [int(s) for s in v]
+        scales = given[0] == node.input[2]
+        out = [int(round(d * f)) for d, f in zip(shape, v)] if scales else [int(s) for s in v]
         factors = [o // i for i, o in zip(shape[2:], out[2:])]
-        ok = (mode == "nearest" and out[:2] == list(shape[:2]) and all(f >= 1 for f in factors)
-              and out[2:] == [i * f for i, f in zip(shape[2:], factors)]
-              and all(_nearest_picks_repeat(n, f, ctm, rounding)
-                      for n, f in zip(shape[2:], factors)))
-        if not ok:
+        if mode == "nearest":
+            ok = (all(f >= 1 for f in factors)
+                  and out[2:] == [i * f for i, f in zip(shape[2:], factors)]
+                  and all(_nearest_picks_repeat(n, f, ctm, rounding)
+                          for n, f in zip(shape[2:], factors)))
+            how = {"scale_factor": tuple(float(f) for f in factors), "mode": "nearest"}
+        else:
+            # torch samples at (o + 0.5) * n / N - 0.5: ONNX's half_pixel where the scale is N / n
+            ok = (mode == "linear" and int(a.get("antialias", 0)) == 0 and (
+                ctm == "align_corners" or ctm in ("half_pixel", "pytorch_half_pixel") and (
+                    not scales or all(abs(n * f - o) < 1e-9 for n, f, o in zip(shape, v, out)))
+                and (ctm == "half_pixel" or min(out[2:]) > 1)))
+            how = {"size": tuple(out[2:]), "mode": "bilinear" if len(shape) == 4 else "linear",
+                   "align_corners": ctm == "align_corners"}
+        if not ok or out[:2] != list(shape[:2]):
             raise _err(f"ONNX node '{node.name}' (Resize): {mode} resize of {list(shape)} to "
                        f"{out} ({ctm}, {rounding}) is not supported; only nearest upsampling "
-                       "of the spatial axes by whole factors that repeats every value")
-        up = nn.Upsample(scale_factor=tuple(float(f) for f in factors), mode="nearest")
-        return self._module(node, "Resize", up, x)
+                       "of the spatial axes by whole factors that repeats every value, or "
+                       "linear resizing with the half_pixel or align_corners coordinates")
+        return self._module(node, "Resize", nn.Upsample(**how), x)
 
     def op_Transpose(self, node, a):
         x = self._in(node.input[0])

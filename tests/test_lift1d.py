@@ -85,8 +85,22 @@ class Functional1d(nn.Module):
         return torch.cat([F.adaptive_avg_pool1d(h, 1), F.adaptive_max_pool1d(h, 1)], 1).flatten(1)
 
 
+class Linear1d(nn.Module):
+    """Linear interpolation along L: a module by factor, a function to a size (align_corners)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(2, 6, 5, 2, 2), nn.Conv1d(6, 3, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="linear")
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.a(x)))
+        return self.b(F.interpolate(h, size=45, mode="linear", align_corners=True)).flatten(1)
+
+
 @pytest.mark.parametrize("model, shape", [(Signal1d(), (2, 1, 160)), (Head1d(), (3, 2, 50)),
-                                          (FromVector(), (2, 64)), (Functional1d(), (2, 2, 30))])
+                                          (FromVector(), (2, 64)), (Functional1d(), (2, 2, 30)),
+                                          (Linear1d(), (2, 2, 30))])
 def test_a_1d_model_lifts_to_the_same_function(model, shape):
     torch.manual_seed(0)
     for m in model.modules():   # BN statistics that are not the identity
@@ -228,3 +242,24 @@ def test_functional_pools_and_upsampling_quantize_bit_exact():
     xq = reference.quantize_input(qm, x.numpy())
     got = to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq)
     assert np.array_equal(got, reference.run(qm, xq))
+
+
+def test_linear_interpolation_along_l_quantizes_bit_exact():
+    """Linear 1-D resizing becomes bilinear resizing of a one-row map: the int8 model is
+    bit-exact on the host and close to the float model."""
+    from edgeprune.quantize import ptq, reference, to_relax
+
+    torch.manual_seed(0)
+    model = Linear1d().eval()
+    lifted, shape = lift_1d(model, (1, 2, 30))
+    x = torch.randn(8, 2, 1, 30)
+    qm = ptq.quantize_ptq(lifted, shape, x.numpy())
+    assert [o.attrs for o in qm.ops if o.kind == "upsample"] == [
+        {"mode": "bilinear", "align_corners": False, "size": [1, 30]},
+        {"mode": "bilinear", "align_corners": True, "size": [1, 45]}]
+    xq = reference.quantize_input(qm, x.numpy())
+    want = reference.run(qm, xq)
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq), want)
+    with torch.no_grad():
+        y = model(x[:, :, 0]).numpy()
+    assert np.abs(reference.dequantize_output(qm, want) - y).max() < 0.05 * np.abs(y).max()

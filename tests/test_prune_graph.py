@@ -418,19 +418,20 @@ def test_onnx_global_pool_of_a_channels_last_map_prunes_equivalently(tmp_path, p
     _check_equivalent(back, pruned, record, x)
 
 
-def test_nearest_upsampling_passes_channels_through():
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_upsampling_passes_channels_through(mode):
     """A U-Net-like decoder: upsampled features (module and function) concatenated with a
     skip connection; every conv prunes and the cut model equals the masked original."""
     class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Conv2d(1, 8, 3, 1, 1), nn.Conv2d(8, 12, 3, 2, 1)
-            self.up = nn.Upsample(scale_factor=2)
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
             self.c, self.d = nn.Conv2d(20, 6, 3, 1, 1), nn.Conv2d(6, 1, 1)
 
         def forward(self, x):
             skip = F.relu(self.a(x))
-            h = F.interpolate(F.relu(self.b(skip)), scale_factor=2)
+            h = F.interpolate(F.relu(self.b(skip)), scale_factor=2, mode=mode)
             return self.d(self.up(F.max_pool2d(F.relu(self.c(torch.cat([h, skip], 1))), 2)))
 
     torch.manual_seed(0)

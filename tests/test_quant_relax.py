@@ -587,15 +587,95 @@ def test_onnx_nearest_resize_is_taken_only_where_it_repeats_values(ctm, rounding
     assert _nearest_picks_repeat(7, factor, ctm, rounding) == repeats
 
 
-def test_bilinear_resize_and_upsample_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize("n_in,n_out,align_corners", [
+    (7, 14, False), (7, 14, True), (7, 10, False), (6, 13, True), (5, 3, False), (1, 4, False),
+    (4, 1, True), (4, 1, False)])
+def test_linear_taps_are_torchs_weights(n_in, n_out, align_corners):
+    """The integer taps of bilinear resizing, as a matrix, equal torch's interpolation of a
+    one-hot basis (to the weights' rounding)."""
+    from edgeprune.quantize.requant import linear_taps
+
+    i0, i1, w1 = linear_taps(n_in, n_out, align_corners, 20)
+    ours = np.zeros((n_out, n_in))
+    np.add.at(ours, (np.arange(n_out), i0), 1 - w1 / 2**20)
+    np.add.at(ours, (np.arange(n_out), i1), w1 / 2**20)
+    theirs = F.interpolate(torch.eye(n_in)[None, None], size=(n_in, n_out), mode="bilinear",
+                           align_corners=align_corners)[0, 0].numpy().T
+    assert np.abs(ours - theirs).max() < 2**-19
+
+
+def test_bilinear_resizing_bit_exact_from_torch_and_onnx(fmnist, tmp_path):
+    """A decoder that resizes bilinearly: by a module's factor, and by a function to a size
+    that is no multiple of the input's (align_corners).  From torch and from its ONNX export,
+    int8 and int16 activations are bit-exact on the host and close to the float model; the
+    int8 model is bit-exact in QEMU on the Cortex-M7."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv2d(1, 6, 3, 2, 1)                         # 14 x 14
+            self.enc2 = nn.Conv2d(6, 8, 3, 2, 1)                        # 7 x 7
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear")      # 14 x 14
+            self.dec = nn.Conv2d(8, 4, 3, 1, 1)
+            self.out = nn.Conv2d(4, 2, 3, 1, 1)
+
+        def forward(self, x):
+            h = self.dec(self.up(torch.relu(self.enc2(torch.relu(self.enc(x))))))
+            h = F.interpolate(torch.relu(h), size=(25, 30), mode="bilinear", align_corners=True)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    back = _onnx_round_trip(model, tmp_path, fmnist)
+    with torch.no_grad():
+        y = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
+    for m in (model, back):
+        names = [n.output for n in ptq.extract(m, (1, 1, 28, 28)).nodes]
+        for act_dtypes in (None, {"input": "int16"} | {n: "int16" for n in names}):
+            qm = ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200], act_dtypes=act_dtypes)
+            ups = [o for o in qm.ops if o.kind == "upsample"]
+            assert [o.attrs for o in ups] == [
+                {"mode": "bilinear", "align_corners": False, "size": [14, 14]},
+                {"mode": "bilinear", "align_corners": True, "size": [25, 30]}]
+            out = reference.dequantize_output(qm, _check(qm, fmnist.x_test[:N]))
+            assert np.abs(out - y).max() < 0.03 * np.abs(y).max()
+    qm = ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200])
+    compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_resizing_that_is_not_supported_is_refused_by_name(tmp_path):
+    """Bicubic resizing, ONNX's asymmetric linear coordinates, and a bilinear scale factor that
+    torch does not sample at the output size's coordinates are refused, naming what."""
+    from onnx import TensorProto, helper, save
+
     from edgeprune.onnx_to_torch import onnx_to_torch
 
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.Upsample(scale_factor=2, mode="bilinear"),
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.Upsample(scale_factor=2, mode="bicubic"),
                           nn.Conv2d(4, 2, 3, 1, 1)).eval()
     torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "b.onnx"),
                       dynamo=False)
-    with pytest.raises(EdgepruneError, match=r"Resize.*linear resize of \[1, 4, 14, 14\] to "
-                                             r"\[1, 4, 28, 28\].*only nearest"):
+    with pytest.raises(EdgepruneError, match=r"Resize.*cubic resize of \[1, 4, 14, 14\] to "
+                                             r"\[1, 4, 28, 28\].*not supported"):
         onnx_to_torch(tmp_path / "b.onnx")
-    with pytest.raises(EdgepruneError, match="upsampling mode 'bilinear' is not supported"):
+    with pytest.raises(EdgepruneError, match="resizing mode 'bicubic' is not supported"):
         ptq.quantize_ptq(model, (1, 1, 28, 28), np.zeros((2, 1, 28, 28), np.float32))
+    fractional = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Upsample(scale_factor=1.3, mode="bilinear"))
+    with pytest.raises(EdgepruneError, match=r"scale factors \[1.3, 1.3\] do not give the "
+                                             r"output size \[33, 33\] of input \[26, 26\]"):
+        ptq.quantize_ptq(fractional, (1, 1, 28, 28), np.zeros((2, 1, 28, 28), np.float32))
+
+    resize = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="linear",
+                              coordinate_transformation_mode="asymmetric")
+    graph = helper.make_graph(
+        [resize], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 12, 12])],
+        [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+         str(tmp_path / "a.onnx"))
+    with pytest.raises(EdgepruneError, match=r"node 'up' \(Resize\): linear resize.*"
+                                             r"asymmetric.*not supported"):
+        onnx_to_torch(tmp_path / "a.onnx")

@@ -2,8 +2,8 @@
 
 Each seed draws a network from the ops the pipeline supports (convs of any kernel, stride and
 dilation, grouped and depthwise convs, residual adds, channel concats, max and average pools
-with ceil_mode and uncounted padding, table activations, global pools, an NCHW or NHWC
-flatten), a batch, word lengths per layer and int16 activations. It is pruned (checked against
+with ceil_mode and uncounted padding, nearest and bilinear upsampling, transposed convs of
+any groups and dilation, table activations, global pools, an NCHW or NHWC flatten), a batch, word lengths per layer and int16 activations. It is pruned (checked against
 the original with the same channels zeroed), exported to ONNX and read back, quantized, and run
 on a target in QEMU, where it must equal the golden model bit for bit.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from edgeprune.compile import compile_model
 from edgeprune.errors import EdgepruneError
+from edgeprune.layers import lower_transposed_convs
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.prune import masked_reference, prune
 from edgeprune.quantize import ptq
@@ -31,7 +32,8 @@ POOLS = [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True), (2, 1, 0, False)]
 class Block(nn.Module):
     def __init__(self, rng: random.Random, c: int, h: int):
         super().__init__()
-        self.kind = rng.choice(["conv", "depthwise", "residual", "concat", "pool", "grouped"])
+        self.kind = rng.choice(["conv", "depthwise", "residual", "concat", "pool", "grouped"]
+                               + (["upsample", "transposed"] if h <= 9 else []))
         k, co = rng.choice([1, 3, 5]), rng.choice([3, 4, 5, 8, 12, 16])
         s = rng.choice([1, 1, 2]) if h >= 6 else 1
         d = rng.choice([1, 1, 2]) if k == 3 and h >= 8 else 1
@@ -50,6 +52,16 @@ class Block(nn.Module):
             self.a, self.bn = nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c)
         elif self.kind == "concat":
             self.a, self.b = nn.Conv2d(c, co, 1), nn.Conv2d(c, 4, 3, 1, 1)
+        elif self.kind == "upsample":
+            mode = rng.choice(["nearest", "bilinear"])
+            self.a = nn.Upsample(scale_factor=2, mode=mode, align_corners=(
+                rng.random() < 0.5 if mode == "bilinear" else None))
+        elif self.kind == "transposed":   # lowered to a conv by edgeprune.layers
+            g = rng.choice([1, 2 if c % 2 == 0 else 1, c])
+            kt = rng.choice([2, 3, 4])
+            self.a = nn.ConvTranspose2d(c, c if g == c else max(g, co // g * g), kt, 2,
+                                        rng.choice([0, kt // 2]), groups=g,
+                                        dilation=rng.choice([1, 2]) if kt == 3 else 1)
         else:
             pk, ps, pp, ceil = rng.choice(POOLS)
             self.a = (nn.MaxPool2d(pk, ps, pp, ceil_mode=ceil) if rng.random() < 0.5 else
@@ -61,7 +73,7 @@ class Block(nn.Module):
             return self.act(x + self.bn(self.a(x)))
         if self.kind == "concat":
             return self.act(torch.cat([self.a(x), self.b(x)], 1))
-        if self.kind == "pool":
+        if self.kind in ("pool", "upsample"):
             return self.a(x)
         return self.act(self.bn(self.a(x)))
 
@@ -112,12 +124,15 @@ TARGETS = ["cortex-m7", "cortex-m55", "riscv32", "cortex-a53", "cortex-m4", "cor
            "riscv64", "cortex-a72"]
 
 
-@pytest.mark.parametrize("seed, target", [(s, TARGETS[s % len(TARGETS)]) for s in range(12)])
+SEEDS = [*range(12), 20, 23]   # 20 and 23 draw bilinear upsampling
+
+
+@pytest.mark.parametrize("seed, target", [(s, TARGETS[s % len(TARGETS)]) for s in SEEDS])
 def test_random_network_prunes_quantizes_and_runs_bit_exact(seed, target, tmp_path):
     rng = random.Random(seed)
     cin, h, batch = rng.choice([1, 2, 3]), rng.choice([7, 9, 12, 16]), rng.choice([1, 2])
     torch.manual_seed(seed)
-    model = RandomNet(rng, cin, h).eval()
+    model = lower_transposed_convs(RandomNet(rng, cin, h).eval())
     _random_bn(model, torch.Generator().manual_seed(seed))
     shape = (batch, cin, h, h)
     x = torch.randn(4, cin, h, h)

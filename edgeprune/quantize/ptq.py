@@ -266,9 +266,12 @@ class IRNet(nn.Module):
                 y = xs[0].permute(a["perm"])
             elif n.kind == "dilate":
                 y = zero_insert(xs[0], *a["strides"])
-            elif n.kind == "upsample":
+            elif n.kind == "upsample" and a["mode"] == "nearest":
                 y = xs[0].repeat_interleave(a["factors"][0], 2).repeat_interleave(
                     a["factors"][1], 3)
+            elif n.kind == "upsample":
+                y = F.interpolate(xs[0], size=tuple(n.out_shape[2:]), mode="bilinear",
+                                  align_corners=a["align_corners"])
             else:
                 raise EdgepruneError(f"IRNet: unknown node kind {n.kind}")
             if n.act is not None:
@@ -545,10 +548,14 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                            out_shape=shape))
             continue
         if isinstance(target, nn.Upsample) or target is F.interpolate:
-            factors = nearest_factors(where, shape_of(node.args[0]), shape, target if isinstance(
-                target, nn.Upsample) else arg(node, 3, "mode", "nearest"))
+            if isinstance(target, nn.Upsample):
+                how = (target.mode, target.scale_factor, target.align_corners, False)
+            else:
+                how = (arg(node, 3, "mode", "nearest"), arg(node, 2, "scale_factor"),
+                       arg(node, 4, "align_corners"), arg(node, 6, "antialias", False))
             add_node(FNode("upsample", node.name, [src(node.args[0])], node.name,
-                           {"factors": factors}, out_shape=shape))
+                           resize_attrs(where, shape_of(node.args[0]), shape, *how),
+                           out_shape=shape))
             continue
         if isinstance(target, nn.MaxPool2d) or target is F.max_pool2d:
             if isinstance(target, nn.MaxPool2d):
@@ -675,19 +682,33 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     return IRNet(nodes, input_shape, weights, biases)
 
 
-def nearest_factors(where: str, ishape, oshape, mode) -> list[int]:
-    """The whole (H, W) factors of a nearest-neighbour upsampling of an NCHW tensor, which
-    repeats every value (interpolation between values, or fractional factors, are refused)."""
-    if isinstance(mode, nn.Upsample):
-        mode = mode.mode
-    if mode != "nearest":
-        raise EdgepruneError(f"{where}: upsampling mode '{mode}' is not supported; only "
-                             "'nearest' by whole factors")
-    if len(ishape) != 4 or len(oshape) != 4 or any(
-            o % i for i, o in zip(ishape[2:], oshape[2:])):
-        raise EdgepruneError(f"{where}: upsampling {list(ishape)} to {list(oshape)}: only NCHW "
-                             "by whole factors of H and W is supported")
-    return [oshape[2] // ishape[2], oshape[3] // ishape[3]]
+def resize_attrs(where: str, ishape, oshape, mode: str, scale_factor, align_corners,
+                 antialias: bool) -> dict:
+    """The `upsample` op's attrs for torch's resizing of an NCHW tensor from ishape to oshape:
+    nearest by whole factors (every value repeated), or bilinear to any size.  A bilinear
+    scale_factor must give the output size exactly: torch then samples at the same
+    coordinates as with that size."""
+    if len(ishape) != 4 or len(oshape) != 4:
+        raise EdgepruneError(f"{where}: resizing {list(ishape)} to {list(oshape)}: only NCHW "
+                             "tensors (or 1-D signals) are supported")
+    if mode in ("nearest", "nearest-exact"):   # both repeat values at whole factors
+        if any(o % i for i, o in zip(ishape[2:], oshape[2:])):
+            raise EdgepruneError(f"{where}: nearest upsampling {list(ishape)} to "
+                                 f"{list(oshape)}: only whole factors of H and W are supported")
+        return {"mode": "nearest", "factors": [oshape[2] // ishape[2], oshape[3] // ishape[3]]}
+    if mode != "bilinear":
+        raise EdgepruneError(f"{where}: resizing mode '{mode}' is not supported; only "
+                             "'nearest' by whole factors and 'bilinear'")
+    if antialias:
+        raise EdgepruneError(f"{where}: bilinear resizing with antialias is not supported")
+    factors = [scale_factor] * 2 if isinstance(scale_factor, (int, float)) else scale_factor
+    if factors is not None and not align_corners and any(
+            abs(i * float(f) - o) > 1e-9 for i, o, f in zip(ishape[2:], oshape[2:], factors)):
+        raise EdgepruneError(f"{where}: bilinear scale factors {list(factors)} do not give the "
+                             f"output size {list(oshape[2:])} of input {list(ishape[2:])} "
+                             "exactly; give the size instead")
+    return {"mode": "bilinear", "align_corners": bool(align_corners),
+            "size": [int(oshape[2]), int(oshape[3])]}
 
 
 def _reach_last_window(ishape, oshape, attrs) -> bool:

@@ -49,6 +49,12 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   Global average pooling is kernel = full spatial size.  With count_include_pad false (padding
   does not count: TensorFlow's SAME average pooling) the divisor is each window's count of
   real taps: params multiplier and shift (OH, OW) per output position instead of the attrs.
+* ``upsample`` attrs: mode "nearest" (factors [FH, FW]: each value repeated) or "bilinear"
+  (size [OH, OW], align_corners): per axis, output o reads inputs i0, i1 with integer weights
+  (2**f - w1, w1) of requant.linear_taps (f = 11 for int8, 7 for int16);
+  y = (sum over the 2 x 2 taps of wy * wx * x + 2**(2f-1)) >> 2f.  Same scale/zero point.
+* ``dilate`` attrs: strides: s - 1 zero points between pixels (a transposed conv's stride).
+  Same scale/zero point.
 * ``reshape`` attrs: shape (the output shape).  Same scale/zero point (flatten is a reshape).
 * ``transpose`` attrs: perm (axis 0, the batch, stays first).  Same scale/zero point (a Keras
   model's NHWC input turned NCHW, or NCHW features turned NHWC before its Flatten).
@@ -334,6 +340,8 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"transpose '{op.name}': perm {perm} is not a permutation of "
                                  f"{len(ins[0])} axes that keeps the batch axis first")
         return [ins[0][d] for d in perm]
+    if op.kind == "upsample" and a.get("mode", "nearest") == "bilinear":
+        return [*ins[0][:2], *(int(d) for d in a["size"])]
     if op.kind == "upsample":   # nearest neighbour by whole factors: each value repeated
         n, c, h, w = ins[0]
         sh, sw = (int(f) for f in a["factors"])

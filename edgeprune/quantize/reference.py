@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import EdgepruneError
 from .qmodel import Op, QuantModel, TensorInfo
-from .requant import requantize, rounding_shift
+from .requant import linear_frac_bits, linear_taps, requantize, rounding_shift
 
 
 def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
@@ -170,9 +170,19 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return x.reshape([int(s) for s in a["shape"]])
     if op.kind == "transpose":
         return np.ascontiguousarray(x.transpose([int(d) for d in a["perm"]]))
-    if op.kind == "upsample":
+    if op.kind == "upsample" and a.get("mode", "nearest") == "nearest":
         sh, sw = (int(f) for f in a["factors"])
         return np.repeat(np.repeat(x, sh, axis=2), sw, axis=3)
+    if op.kind == "upsample":   # bilinear: integer weights per axis, one rounding at the end
+        f = linear_frac_bits(tin.dtype)
+        y = x.astype(np.int64)
+        for axis, n_out in ((2, out.shape[2]), (3, out.shape[3])):
+            i0, i1, w1 = linear_taps(y.shape[axis], n_out, bool(a["align_corners"]), f)
+            shape = [1, 1, 1, 1]
+            shape[axis] = n_out
+            y = (np.take(y, i0, axis) * ((1 << f) - w1).reshape(shape)
+                 + np.take(y, i1, axis) * w1.reshape(shape))
+        return rounding_shift(y, 2 * f).astype(out.dtype)
     if op.kind == "dilate":   # the inserted values are zeros: the zero point
         sh, sw = (int(s) for s in a["strides"])
         n, c, h, w = x.shape

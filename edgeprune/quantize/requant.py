@@ -107,3 +107,26 @@ def requantize(acc: np.ndarray, M: np.ndarray | int, shift: np.ndarray | int, zp
                              f"{np.unique(s).tolist()}")
     y = rounding_shift(acc * m, s) + np.int64(zp)
     return np.clip(y, lo, hi)
+
+
+def linear_frac_bits(dtype: str) -> int:
+    """Fraction bits of a linear-interpolation weight per axis: the two axes' product times a
+    value of `dtype` stays inside int32 (int8: 2**22 * 2**7; int16: 2**14 * 2**15)."""
+    return 11 if dtype == "int8" else 7
+
+
+def linear_taps(n_in: int, n_out: int, align_corners: bool, frac_bits: int):
+    """Linear interpolation of one axis from n_in to n_out samples, as torch's
+    ``interpolate(mode="bilinear")`` defines it: output o reads input i0 and i1 with weights
+    (2**frac_bits - w1, w1).  The source coordinate is (o + 0.5) * n_in / n_out - 0.5 clamped
+    at 0 (align_corners false) or o * (n_in - 1) / (n_out - 1); both are the exact fractions
+    P / Q below, and w1 is their fractional part rounded half up to frac_bits.  Returns int64
+    arrays i0, i1, w1 of length n_out."""
+    o = np.arange(n_out, dtype=np.int64)
+    if align_corners:
+        p, q = o * (n_in - 1), max(n_out - 1, 1)
+    else:
+        p, q = np.maximum((2 * o + 1) * n_in - n_out, 0), 2 * n_out
+    i0 = p // q
+    w1 = ((p - i0 * q) * (1 << (frac_bits + 1)) + q) // (2 * q)
+    return np.minimum(i0, n_in - 1), np.minimum(i0 + 1, n_in - 1), w1

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import EdgepruneError
 from .qmodel import Op, QuantModel, validate
+from .requant import linear_frac_bits, linear_taps
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -124,6 +125,28 @@ def _dilate(bb, x, in_shape, strides, zp: int, name: str):
     return bb.emit(relax.op.strided_slice(flat, axes=[2, 3], begin=[0, 0],
                                           end=[(h - 1) * sh + 1, (w - 1) * sw + 1]),
                    name_hint=name)
+
+
+def _bilinear(bb, x, qm: QuantModel, op: Op):
+    """Bilinear resizing as reference.py computes it: per axis, two gathers weighted by
+    integer taps (requant.linear_taps), in int32; one rounding shift at the end."""
+    from tvm import relax
+    tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
+    f = linear_frac_bits(tin.dtype)
+    y = relax.op.astype(x, "int32")
+    for axis in (2, 3):
+        i0, i1, w1 = linear_taps(int(tin.shape[axis]), int(out.shape[axis]),
+                                 bool(op.attrs["align_corners"]), f)
+        shape = [1, 1, 1, 1]
+        shape[axis] = len(w1)
+        y = relax.op.add(
+            relax.op.multiply(relax.op.take(y, _const(i0, "int32"), axis, mode="clip"),
+                              _const(((1 << f) - w1).reshape(shape), "int32")),
+            relax.op.multiply(relax.op.take(y, _const(i1, "int32"), axis, mode="clip"),
+                              _const(w1.reshape(shape), "int32")))
+    y = relax.op.right_shift(relax.op.add(y, _scalar(1 << (2 * f - 1), "int32")),
+                             _scalar(2 * f, "int32"))
+    return bb.emit(relax.op.astype(y, out.dtype), name_hint=_ident(op.output))
 
 
 SPLIT_GROUPS_MAX = 16  # more groups than this stay one kernel (code size)
@@ -369,10 +392,12 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "dilate":
                     y = _dilate(bb, env[op.inputs[0]], shape(op.inputs[0]), op.attrs["strides"],
                                 qm.tensors[op.output].zero_point, _ident(op.output))
-                elif op.kind == "upsample":
+                elif op.kind == "upsample" and op.attrs.get("mode", "nearest") == "nearest":
                     sh, sw = (int(f) for f in op.attrs["factors"])
                     rows = bb.emit(relax.op.repeat(env[op.inputs[0]], sh, axis=2))
                     y = bb.emit(relax.op.repeat(rows, sw, axis=3), name_hint=_ident(op.output))
+                elif op.kind == "upsample":
+                    y = _bilinear(bb, env[op.inputs[0]], qm, op)
                 else:
                     raise EdgepruneError(f"to_relax: op '{op.name}' kind '{op.kind}' unsupported")
                 env[op.output] = y
