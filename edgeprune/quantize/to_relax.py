@@ -128,25 +128,30 @@ def _dilate(bb, x, in_shape, strides, zp: int, name: str):
 
 
 def _bilinear(bb, x, qm: QuantModel, op: Op):
-    """Bilinear resizing as reference.py computes it: per axis, two gathers weighted by
-    integer taps (requant.linear_taps), in int32; one rounding shift at the end."""
-    from tvm import relax
+    """Bilinear resizing as reference.py computes it, in one kernel that writes the output
+    dtype: per output pixel, the 2 x 2 input taps weighted by the integer weights of
+    requant.linear_taps (tables in flash: rows i0, i1, w1 per axis), one rounding shift."""
+    from tvm import te, tirx
     tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
     f = linear_frac_bits(tin.dtype)
-    y = relax.op.astype(x, "int32")
-    for axis in (2, 3):
-        i0, i1, w1 = linear_taps(int(tin.shape[axis]), int(out.shape[axis]),
-                                 bool(op.attrs["align_corners"]), f)
-        shape = [1, 1, 1, 1]
-        shape[axis] = len(w1)
-        y = relax.op.add(
-            relax.op.multiply(relax.op.take(y, _const(i0, "int32"), axis, mode="clip"),
-                              _const(((1 << f) - w1).reshape(shape), "int32")),
-            relax.op.multiply(relax.op.take(y, _const(i1, "int32"), axis, mode="clip"),
-                              _const(w1.reshape(shape), "int32")))
-    y = relax.op.right_shift(relax.op.add(y, _scalar(1 << (2 * f - 1), "int32")),
-                             _scalar(2 * f, "int32"))
-    return bb.emit(relax.op.astype(y, out.dtype), name_hint=_ident(op.output))
+    tables = [_const(np.stack(linear_taps(int(tin.shape[axis]), int(out.shape[axis]),
+                                          bool(op.attrs["align_corners"]), f)), "int32")
+              for axis in (2, 3)]
+
+    def compute(data, th, tw):
+        one = tirx.const(1 << f, "int32")
+
+        def body(n, c, y, xx):
+            def row(i):   # input row i interpolated along W
+                return ((one - tw[2, xx]) * data[n, c, i, tw[0, xx]].astype("int32")
+                        + tw[2, xx] * data[n, c, i, tw[1, xx]].astype("int32"))
+            acc = (one - th[2, y]) * row(th[0, y]) + th[2, y] * row(th[1, y])
+            return tirx.shift_right(acc + tirx.const(1 << (2 * f - 1), "int32"),
+                                    tirx.const(2 * f, "int32")).astype(out.dtype)
+        return te.compute([data.shape[0], *(int(d) for d in out.shape[1:])], body,
+                          name="bilinear")
+    return bb.emit(bb.call_te(compute, x, *tables, primfunc_name_hint="bilinear_resize"),
+                   name_hint=_ident(op.output))
 
 
 SPLIT_GROUPS_MAX = 16  # more groups than this stay one kernel (code size)
