@@ -111,6 +111,9 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
             _set_dim(node, 1, "dim", None, where)
         elif _is(node, getattr, None) and node.args[1] == "shape":
             _map_shape_reads(node, where)
+        elif _adds_the_height(node):   # (N, C, L) -> (N, C, 1, L): already the lifted form
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
         elif _is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape"):
             if _rank(node) == 3:   # (N, C, L) -> (N, C', L'): the same bytes, then height 1
                 _add_height_after(gm, node)
@@ -261,6 +264,16 @@ def _module_2d(mod: nn.Module, where: str) -> nn.Module:
 def _rank(node: fx.Node) -> int | None:
     meta = node.meta.get("tensor_meta")
     return len(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _adds_the_height(node: fx.Node) -> bool:
+    """A reshape or unsqueeze of an (N, C, L) signal to (N, C, 1, L) (what torch's ONNX
+    exporter writes before a 2-D op on a signal, e.g. a global 1-D pool's ReduceMean)."""
+    if not (_is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape")
+            or _is(node, torch.unsqueeze, "unsqueeze")) or _rank(node.args[0]) != 3:
+        return False
+    n, c, length = node.args[0].meta["tensor_meta"].shape
+    return tuple(node.meta["tensor_meta"].shape) == (n, c, 1, length)
 
 
 def _is(node: fx.Node, fn, method: str | None) -> bool:

@@ -1,0 +1,98 @@
+"""Models exported with torch.onnx.export's default exporter (torch.export + onnxscript, opset
+20: folded BatchNorm, Unsqueeze/ReduceMean for 1-D global pools, Resize for 2-D interpolation)
+import with the same function, quantize bit-exact, and compile and run in QEMU: what a user of
+torch 2.13 gets without asking for the legacy exporter."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeprune import cli, models
+from edgeprune.load import load_torch
+from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.simulate import simulate
+
+
+class Signal1d(nn.Module):
+    """Conv1d + BatchNorm1d, a max pool and a global average pool (exported as Unsqueeze to
+    (N, C, 1, L), ReduceMean, Squeeze)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv1d(2, 8, 5, 2, 2), nn.BatchNorm1d(8)
+        self.b, self.fc = nn.Conv1d(8, 8, 3, 1, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.max_pool1d(F.relu(self.b(F.relu(self.bn(self.a(x))))), 2)
+        return self.fc(F.adaptive_avg_pool1d(h, 1).flatten(1))
+
+
+class Decoder(nn.Module):
+    """A transposed conv, nearest and bilinear upsampling, a U-Net skip resized to its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.t = nn.ConvTranspose2d(8, 4, 4, 2, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.c, self.d = nn.Conv2d(12, 4, 3, 1, 1), nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        a = F.relu(self.a(x))
+        b = F.relu(self.b(a))
+        u = F.interpolate(F.relu(self.t(b)), scale_factor=2, mode="nearest")
+        u = F.interpolate(self.up(F.avg_pool2d(u, 4)), size=a.shape[2:], mode="bilinear",
+                          align_corners=True)
+        return self.d(F.elu(self.c(torch.cat([u, a], 1))))
+
+
+class Decoder1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(2, 8, 5, 2, 2)
+        self.up = nn.ConvTranspose1d(8, 8, 4, 2, 1, groups=8)
+        self.out = nn.ConvTranspose1d(8, 2, 3, 2, 1, output_padding=1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.up(torch.relu(self.a(x))))).flatten(1)
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "signal1d", "decoder", "decoder1d"])
+def test_default_exporter_model_imports_and_quantizes_bit_exact(name, tmp_path):
+    torch.manual_seed(0)
+    model, shape = {"signal1d": (Signal1d(), (1, 2, 40)), "decoder": (Decoder(), (1, 1, 16, 16)),
+                    "decoder1d": (Decoder1d(), (1, 2, 40))}.get(name) or models.build(name)
+    _randomize_bn(model)
+    model.eval()
+    torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"))
+    back, lifted_shape = load_torch(str(tmp_path / "m.onnx"))
+    x = torch.randn((4,) + tuple(shape[1:]))
+    xl = x.reshape((4,) + tuple(lifted_shape[1:]))
+    with torch.no_grad():
+        torch.testing.assert_close(back(xl).reshape(4, -1), model(x).reshape(4, -1), atol=1e-5,
+                                   rtol=1e-4)
+    qm = ptq.quantize_ptq(back, lifted_shape, torch.randn((32,) + tuple(lifted_shape[1:])).numpy())
+    xq = reference.quantize_input(qm, xl.numpy())
+    got = to_relax.build_host(to_relax.to_relax(qm, batch=4))(xq)
+    assert np.array_equal(got, reference.run(qm, xq))
+
+
+def test_default_exporter_model_compiles_and_matches_in_qemu(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Signal1d()
+    _randomize_bn(model)
+    torch.onnx.export(model.eval(), (torch.zeros(1, 2, 40),), str(tmp_path / "m.onnx"))
+    rc = cli.main(["compile", str(tmp_path / "m.onnx"), "--target", "riscv32",
+                   "--out", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    result, _ = simulate(tmp_path / "o", samples=2)
+    assert result["outputs_match"], result
