@@ -8,9 +8,9 @@ Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, Global
 GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
 models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant, H
 and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
-Softplus, Softsign, Abs, Exp and Neg (table activations later); Resize (nearest
-upsampling by whole factors). The file
-is first simplified by onnxsim at its static input shape (shape arithmetic folded into
+Softplus, Softsign, Mish, Abs, Exp and Neg (table activations later); Max and Min with a
+constant number (clamps); Resize (nearest by whole factors, or linear). The file is first
+simplified by onnxsim at its static input shape (shape arithmetic folded into
 constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
 pruning, MAC counting and training see them); everything else becomes a plain fx call. Each
@@ -39,7 +39,8 @@ SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sig
              "Gelu", "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze",
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
-             "Constant", "Selu", "Celu", "Softplus", "Softsign", "Abs", "Exp", "Neg")
+             "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
+             "Max", "Min")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -365,6 +366,9 @@ class _Builder:
     def op_Softsign(self, node, a):
         return self._module(node, "Softsign", nn.Softsign(), self._in(node.input[0]))
 
+    def op_Mish(self, node, a):   # an ONNX op since opset 18 (torch's default exporter)
+        return self._module(node, "Mish", nn.Mish(), self._in(node.input[0]))
+
     def op_Abs(self, node, a):
         return self._fn(torch.abs, [self._in(node.input[0])[0]], [self._in(node.input[0])[1]])
 
@@ -478,7 +482,9 @@ class _Builder:
             lo = float(self._const(node.input[1], node, "min"))
         if len(node.input) > 2 and node.input[2]:
             hi = float(self._const(node.input[2], node, "max"))
-        x = self._in(node.input[0])
+        return self._clamp(node, self._in(node.input[0]), lo, hi)
+
+    def _clamp(self, node, x, lo: float | None, hi: float | None):
         if lo == 0.0 and hi == 6.0:
             return self._module(node, "Clip", nn.ReLU6(), x)
         if lo == 0.0 and hi is None:
@@ -486,6 +492,23 @@ class _Builder:
         if lo is not None and hi is not None:
             return self._module(node, "Clip", nn.Hardtanh(lo, hi), x)
         return self._fn(torch.clamp, [x[0]], [x[1]], {"min": lo, "max": hi})
+
+    def _bound(self, node, op: str):
+        """Max or Min of a tensor and a constant number (how torch's default exporter writes
+        clamp with one bound): a clamp."""
+        consts = [n for n in node.input if n in self.consts]
+        if len(node.input) != 2 or len(consts) != 1 or np.asarray(self.consts[consts[0]]).size != 1:
+            raise _err(f"ONNX node '{node.name}' ({op}): only the {op} of a tensor and one "
+                       "constant number (a clamp) is supported")
+        x = self._in(next(n for n in node.input if n not in self.consts))
+        c = float(np.asarray(self.consts[consts[0]]).reshape(()))
+        return self._clamp(node, x, c, None) if op == "Max" else self._clamp(node, x, None, c)
+
+    def op_Max(self, node, a):
+        return self._bound(node, "Max")
+
+    def op_Min(self, node, a):
+        return self._bound(node, "Min")
 
     def op_Add(self, node, a):
         # MatMul + constant vector = Linear with bias (what exporters emit for nn.Linear)
@@ -636,11 +659,14 @@ class _Builder:
                           for n, f in zip(shape[2:], factors)))
             how = {"scale_factor": tuple(float(f) for f in factors), "mode": "nearest"}
         else:
-            # torch samples at (o + 0.5) * n / N - 0.5: ONNX's half_pixel where the scale is N / n
-            ok = (mode == "linear" and int(a.get("antialias", 0)) == 0 and (
-                ctm == "align_corners" or ctm in ("half_pixel", "pytorch_half_pixel") and (
-                    not scales or all(abs(n * f - o) < 1e-9 for n, f, o in zip(shape, v, out)))
-                and (ctm == "half_pixel" or min(out[2:]) > 1)))
+            # torch samples at (o + 0.5) * n / N - 0.5: ONNX's half_pixel where the scale is
+            # N / n (pytorch_half_pixel differs only for outputs of size 1)
+            half_pixel = (ctm in ("half_pixel", "pytorch_half_pixel")
+                          and (not scales or all(abs(n * f - o) < 1e-9
+                                                 for n, f, o in zip(shape, v, out)))
+                          and (ctm == "half_pixel" or min(out[2:]) > 1))
+            ok = (mode == "linear" and int(a.get("antialias", 0)) == 0
+                  and (ctm == "align_corners" or half_pixel))
             how = {"size": tuple(out[2:]), "mode": "bilinear" if len(shape) == 4 else "linear",
                    "align_corners": ctm == "align_corners"}
         if not ok or out[:2] != list(shape[:2]):

@@ -59,6 +59,25 @@ class Decoder1d(nn.Module):
         return self.out(torch.relu(self.up(torch.relu(self.a(x))))).flatten(1)
 
 
+class MobileBlock(nn.Module):
+    """SiLU, squeeze-excite with hardsigmoid, a depthwise conv, Mish (an ONNX op since opset
+    18), a ceil-mode average pool and clamp(min=0) (exported as Max with a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 16, 3, 2, 1), nn.Linear(16, 3)
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.dw, self.bn = nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.sigmoid(h)
+        w = F.hardsigmoid(self.se2(F.relu(self.se1(torch.mean(h, (2, 3), keepdim=True)))))
+        h = F.mish(self.bn(self.dw(h * w)))
+        h = F.avg_pool2d(h, 3, 2, 1, ceil_mode=True, count_include_pad=False).clamp(min=0)
+        return self.fc(F.adaptive_max_pool2d(h, (1, 1)).view(-1, 16))
+
+
 def _randomize_bn(model):
     for m in model.modules():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -66,11 +85,12 @@ def _randomize_bn(model):
             m.running_var.uniform_(0.5, 2)
 
 
-@pytest.mark.parametrize("name", ["resnet8", "signal1d", "decoder", "decoder1d"])
+@pytest.mark.parametrize("name", ["resnet8", "signal1d", "decoder", "decoder1d", "mobile"])
 def test_default_exporter_model_imports_and_quantizes_bit_exact(name, tmp_path):
     torch.manual_seed(0)
     model, shape = {"signal1d": (Signal1d(), (1, 2, 40)), "decoder": (Decoder(), (1, 1, 16, 16)),
-                    "decoder1d": (Decoder1d(), (1, 2, 40))}.get(name) or models.build(name)
+                    "decoder1d": (Decoder1d(), (1, 2, 40)),
+                    "mobile": (MobileBlock(), (1, 3, 20, 20))}.get(name) or models.build(name)
     _randomize_bn(model)
     model.eval()
     torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"))
