@@ -103,6 +103,15 @@ def check_supported_ops(model: onnx.ModelProto, origin: str) -> None:
                                  f"'{node.op_type}', which the TVM ONNX frontend does not support")
 
 
+def check_one_output(model: onnx.ModelProto, origin: str) -> None:
+    outs = model.graph.output
+    if len(outs) != 1:
+        raise EdgepruneError(f"{origin}: the model has {len(outs)} outputs "
+                             f"({', '.join(o.name for o in outs)}); only models with one output "
+                             "are supported (export the one the chip should compute, or "
+                             "concatenate them)")
+
+
 def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.ModelProto:
     """Any model spec (zoo name, .pt, .onnx) as a simplified, static-shape ONNX model."""
     from .load import is_zoo_name, load_torch
@@ -119,6 +128,7 @@ def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.Model
     shapes = static_input_shapes(model, input_shape, origin)
     model = simplify(model, shapes, origin)
     check_supported_ops(model, origin)
+    check_one_output(model, origin)
     return model
 
 

@@ -48,10 +48,27 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
     from .layers import lower_transposed_convs
     from .lift1d import is_1d, lift_1d
+    _check_one_output(model.eval(), tuple(shape), spec)
     model = lower_transposed_convs(model)   # the convolutions they equal
     if is_1d(model):   # every stage after this one works on 2-D convolutions
         return lift_1d(model, tuple(shape))
     return model.eval(), tuple(shape)
+
+
+def _check_one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> None:
+    """Every stage runs models that return one tensor; say so before one of them trips."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as e:
+        raise EdgepruneError(f"{spec}: the model does not run on an input of shape "
+                             f"{list(shape)} ({type(e).__name__}: {e})") from None
+    if not isinstance(out, torch.Tensor):
+        what = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list, dict))
+                else f"a {type(out).__name__}")
+        raise EdgepruneError(f"{spec}: the model returns {what}, not one tensor; only models "
+                             "with one output are supported (return the one the chip should "
+                             "compute, or concatenate them)")
 
 
 def _torch_load(path: Path) -> nn.Module:
@@ -61,6 +78,11 @@ def _torch_load(path: Path) -> nn.Module:
         # A whole pickled nn.Module cannot load with weights_only; it is the user's own file.
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
+        except (AttributeError, ModuleNotFoundError) as e:   # the pickle names a class
+            raise EdgepruneError(f"{path}: the saved module's class cannot be imported here "
+                                 f"({type(e).__name__}: {e}); define it in a module on "
+                                 "PYTHONPATH (not in the script that saved it), or export the "
+                                 "model to ONNX") from None
         except Exception as e:
             raise EdgepruneError(f"{path}: not a PyTorch model file ({type(e).__name__}: {e})")
     if isinstance(obj, dict) and "zoo" in obj and "state_dict" in obj:

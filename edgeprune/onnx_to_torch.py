@@ -193,12 +193,16 @@ class _Builder:
 
     # ---- ops
     def build(self) -> fx.GraphModule:
+        # what cannot be converted at all is named before any node's details are checked
+        unknown = [n for n in self.g.node if not hasattr(self, f"op_{n.op_type}")]
+        if unknown:
+            raise _err(f"ONNX node '{unknown[0].name}' ({unknown[0].op_type}) is not supported "
+                       f"(unsupported ops in the model: "
+                       f"{', '.join(sorted({n.op_type for n in unknown}))}); supported ops: "
+                       f"{', '.join(SUPPORTED)}")
         for node in self.g.node:
             op = node.op_type
-            handler = getattr(self, f"op_{op}", None)
-            if handler is None:
-                raise _err(f"ONNX node '{node.name}' ({op}) is not supported; supported ops: "
-                           f"{', '.join(SUPPORTED)}")
+            handler = getattr(self, f"op_{op}")
             try:
                 out = handler(node, _attrs(node))
             except EdgepruneError:
@@ -208,8 +212,7 @@ class _Builder:
                            f"{type(e).__name__}: {e}") from None
             if out is not None:
                 self.env[node.output[0]], self.val[node.output[0]] = out
-        outs = [self.env[o.name] for o in self.g.output]
-        self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
+        self.graph.output(self.env[self.g.output[0].name])
         gm = fx.GraphModule(self.root, self.graph)
         gm.graph.lint()
         return gm.eval()
@@ -744,7 +747,8 @@ def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None
         model = onnx.load(str(path))
     except Exception as e:
         raise _err(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
-    from .frontend import graph_inputs, simplify, static_input_shapes
+    from .frontend import check_one_output, graph_inputs, simplify, static_input_shapes
+    check_one_output(model, str(path))
     inputs = graph_inputs(model)
     if input_shape is None and len(inputs) == 1:      # a free batch size: take 1
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None

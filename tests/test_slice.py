@@ -135,6 +135,62 @@ def test_unsupported_op_names_the_op_and_node(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 4), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = x.flatten(1)
+        return self.a(h), self.b(h)
+
+
+def test_a_model_with_two_outputs_is_refused_by_name(tmp_path, capsys):
+    """From ONNX (compile and the int8 path) and from torch: the outputs are counted and
+    named, and nothing is written."""
+    _export(TwoOutputs(), (1, 1, 4, 4), tmp_path / "two.onnx")
+    for argv in (["compile", tmp_path / "two.onnx", "--out", tmp_path / "o"],
+                 ["quantize", tmp_path / "two.onnx", "--out", tmp_path / "o"]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2 and "the model has 2 outputs (output, " in err, err
+    save_torch(TwoOutputs().eval(), (1, 1, 4, 4), tmp_path / "two.pt")
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.pt", "--out", tmp_path / "o")
+    assert rc == 2 and "returns a tuple of 2, not one tensor" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_op_without_a_torch_form_is_named_before_its_neighbours(tmp_path, capsys):
+    """An LSTM's ONNX export starts with a Transpose of the batch axis; the error names the
+    LSTM (the op that cannot be converted), not the Transpose before it."""
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 8, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    _export(Recurrent(), (1, 10, 3), tmp_path / "r.onnx")
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "r.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "(LSTM) is not supported" in err and "LSTM" in err.split("ops in the")[1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_pickled_module_whose_class_is_gone_says_how_to_fix_it(tmp_path, capsys, monkeypatch):
+    import importlib
+    import sys
+    (tmp_path / "gone_module.py").write_text(
+        "import torch.nn as nn\nclass Net(nn.Sequential):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = importlib.import_module("gone_module").Net(nn.Flatten(), nn.Linear(16, 2))
+    save_torch(net.eval(), (1, 1, 4, 4), tmp_path / "m.pt")
+    monkeypatch.delitem(sys.modules, "gone_module")
+    (tmp_path / "gone_module.py").unlink()
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "m.pt", "--out", tmp_path / "o")
+    assert rc == 2 and "class cannot be imported" in err and "gone_module" in err, err
+    assert "PYTHONPATH" in err and "ONNX" in err
+
+
 def test_model_too_big_for_flash_says_both_numbers(tmp_path, capsys):
     big = nn.Sequential(nn.Flatten(), nn.Linear(784, 512))  # 1.6 MB of float weights
     _export(big, (1, 1, 28, 28), tmp_path / "big.onnx")
