@@ -25,6 +25,8 @@ where measured to help (with a latency budget it does not: sub-byte kernels are 
     python -m bench.feedback --control bench/results/feedback/seed*.json   # equal training
     python -m bench.feedback --sweep 12 bench/results/feedback/seed0.json  # random allocations
     python -m bench.feedback --blocks bench/results/feedback/seed0.json    # depth, not width
+    python -m bench.feedback --model unet.onnx --data d.npz --target cortex-m55 --seeds 0 \
+        --result /tmp/unet/feedback.json                  # the same study on a user's model
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
     from edgeprune.feedback.measure import toolchain_fingerprint
     from edgeprune.feedback.search import default_cache_dir
     from edgeprune.feedback.worker import JobData, Runner, finetune, quantized_accuracy
+    from edgeprune.load import is_zoo_name, load_torch
     from edgeprune.prune import prune
     from edgeprune.targets import load_target
     from edgeprune.train import evaluate
@@ -152,9 +155,14 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
     torch.set_num_threads(1)
     cfg = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items() if v is not None}}
     t_start = time.perf_counter()
-    data = datasets.fashion_mnist()
-    target = load_target("cortex-m7")
-    model, shape = trained_zoo_model("resnet8", data, None, cfg["train_epochs"], 0, print)
+    spec = cfg.get("model") or "resnet8"
+    data = datasets.load(cfg.get("data") or "fashion-mnist")
+    target = load_target(cfg.get("target") or "cortex-m7")
+    if is_zoo_name(spec):
+        model, shape = trained_zoo_model(spec, data, None, cfg["train_epochs"], 0, print)
+    else:   # a user's trained model, as deploy takes it
+        model, shape = load_torch(spec)
+        data = datasets.fit_data(shape, data, spec)
     example = torch.from_numpy(data.x_train[:1])
     n_train = len(data.x_train) - cfg["val_samples"]
     if cfg["train_samples"]:
@@ -210,7 +218,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
               f"(met: {entry['met']})", flush=True)
         return entry
 
-    result = {"model": "resnet8", "data": data.name, "target": target.name,
+    result = {"model": spec, "data": data.name, "target": target.name,
               "quick": quick, "config": cfg, "criterion": criterion,
               "float_accuracy": round(acc_float, 3),
               "unpruned": {"latency_instructions": base["instructions"],
@@ -495,6 +503,10 @@ if __name__ == "__main__":
     ap.add_argument("--blocks", action="store_true",
                     help="with one SEED_JSON: only remove each residual block in turn (the rest "
                          "cut uniformly to its budget), into the result file's other_runs")
+    ap.add_argument("--model", help="a zoo name (trained here) or a trained .pt/.onnx model "
+                                    "(default resnet8)")
+    ap.add_argument("--data", help="a dataset name or .npz (default fashion-mnist)")
+    ap.add_argument("--target", help="default cortex-m7")
     ap.add_argument("--result", type=Path, help="write the summary here instead of bench/results/")
     a = vars(ap.parse_args())
     if a.get("result"):
