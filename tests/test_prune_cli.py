@@ -236,3 +236,21 @@ def test_onnx_average_pool_with_pads_it_cannot_place_is_named(tmp_path):
     with pytest.raises(EdgepruneError, match=r"'pool_pads' .AveragePool.: asymmetric pads "
                                              r"\[0, 0, 2, 2\]"):
         onnx_to_torch(tmp_path / "p.onnx")
+
+
+def test_bn_scale_on_a_model_without_batchnorm_says_l1_scored_it(tmp_path, capsys):
+    """An eval-mode ONNX export folds BatchNorm into the convs: bn-scale has nothing to read,
+    falls back to L1 per group (recorded), and the command says so and how to keep it."""
+    import torch.nn as nn
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    torch.onnx.export(model.eval(), (torch.zeros(1, 1, 12, 12),), str(tmp_path / "m.onnx"),
+                      dynamo=False)
+    assert _prune(tmp_path / "m.onnx", "--criterion", "bn-scale", "--ratio", "0.5",
+                  "--out", tmp_path / "p") == 0
+    out = capsys.readouterr()
+    log = out.out + out.err
+    assert "bn-scale: 1 of 1 channel groups have no BatchNorm, L1 scored them" in log, log
+    assert ".pt file" in log
+    rec = json.loads((tmp_path / "p" / "pruning.json").read_text())
+    assert rec["groups"][0]["note"].startswith("no BatchNorm")

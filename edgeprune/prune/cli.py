@@ -200,6 +200,11 @@ def run(args) -> int:
         params = 1 - record["params_after"] / max(1, record["params_before"])
         log(f"MACs {record['macs_before']:,} -> {record['macs_after']:,} (-{macs:.1%}), params "
             f"{record['params_before']:,} -> {record['params_after']:,} (-{params:.1%})")
+        without_bn = [g for g in record["groups"] if (g["note"] or "").startswith("no BatchNorm")]
+        if without_bn:
+            log(f"bn-scale: {len(without_bn)} of {len(record['groups'])} channel groups have no "
+                "BatchNorm, L1 scored them (torch's ONNX export of an eval-mode model folds "
+                "BatchNorm into the convs; give the torch.save .pt file to keep it)")
         if score:
             a = record["accuracy"]
             recal = (f" -> {a['before_finetune']:.2f} % with re-estimated BatchNorm statistics"
