@@ -13,6 +13,7 @@ from edgeprune import cli, models
 from edgeprune.load import load_torch
 from edgeprune.quantize import ptq, reference, to_relax
 from edgeprune.simulate import simulate
+from test_layers import Decoder1d
 
 
 class Signal1d(nn.Module):
@@ -46,17 +47,6 @@ class Decoder(nn.Module):
         u = F.interpolate(self.up(F.avg_pool2d(u, 4)), size=a.shape[2:], mode="bilinear",
                           align_corners=True)
         return self.d(F.elu(self.c(torch.cat([u, a], 1))))
-
-
-class Decoder1d(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv1d(2, 8, 5, 2, 2)
-        self.up = nn.ConvTranspose1d(8, 8, 4, 2, 1, groups=8)
-        self.out = nn.ConvTranspose1d(8, 2, 3, 2, 1, output_padding=1)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.up(torch.relu(self.a(x))))).flatten(1)
 
 
 class MobileBlock(nn.Module):
