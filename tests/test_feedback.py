@@ -279,6 +279,25 @@ def test_a_peak_budget_also_proposes_shrinking_every_group_together():
     assert len(joint) == 1 and joint[0].widths == {"a": 15, "b": 30}
 
 
+def test_a_step_that_would_push_another_budget_over_gives_way_to_a_larger_cut():
+    """Latency and flash budgets at once, with a flash staircase: one channel less (7) reaches
+    the latency step but takes more flash (another kernel), two less (6) take less. The
+    proposal is 6, not nothing (a transposed-conv autoencoder's search on the M4 stalled so,
+    proposing only its other groups until they were at their minimum)."""
+    from edgeprune.feedback.costs import Predictor
+    from edgeprune.feedback.search import _propose
+
+    def costs(ms, flash):
+        return {"instructions": int(ms * 1000), "latency_ms": ms, "energy_uj": 1.0,
+                "flash_kb": flash, "sram_kb": 10.0, "kernels": []}
+    base = costs(10.0, 30.0)
+    tables = {"t": {8: base, 7: costs(9.0, 31.0), 6: costs(8.5, 29.0), 4: costs(7.0, 27.0)}}
+    pred = Predictor(base, tables, {"t": 8})
+    proposals = _propose(pred, base, {"t": 8}, {}, {"t": 1}, {}, "latency_ms", 9.5,
+                         {"flash_kb": 30.0})
+    assert [(p.name, p.widths["t"]) for p in proposals] == [("t", 6)]
+
+
 @pytest.mark.parametrize("predicted,goal,expected", [
     (9, 720, 8),     # the table's line put 9 within 720; measured at 730, it walks down
     (8, 790, 10),    # 8 undershoots: 9 and 10 reach 790 too, 11 does not

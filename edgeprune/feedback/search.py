@@ -386,15 +386,19 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                                     bits=[chosen.bits])[0]
                 if chosen.kind == "width" and metric in INSTRUCTION_METRICS:
                     g, k = chosen.name, chosen.widths[chosen.name]
+
+                    def reaches(c):   # the step's goal, the other budgets not pushed over
+                        return c[metric] <= goal and all(c[m] <= v for m, v in limits.items())
                     settled = _walk_measured(
-                        k, new_costs[metric] <= goal, cur_widths[g], lowest[g],
-                        lambda k2: measure([at_widths({**chosen.widths, g: k2})],
-                                           f"iteration {it}: {g} at {k2} (QEMU)",
-                                           bits=[chosen.bits])[0][metric] <= goal)
+                        k, reaches(new_costs), cur_widths[g], lowest[g],
+                        lambda k2: reaches(measure([at_widths({**chosen.widths, g: k2})],
+                                                   f"iteration {it}: {g} at {k2} (QEMU)",
+                                                   bits=[chosen.bits])[0]))
                     if settled != k:
                         log(f"feedback: iteration {it}: {g} at {k} channels measures "
                             f"{new_costs[metric]:.4g} {metric} for a goal of {goal:.4g}; "
-                            f"{settled} is the widest that reaches it as measured")
+                            f"{settled} is the widest that reaches it within the other budgets, as "
+                            "measured")
                         w = {**chosen.widths, g: settled}
                         blob, acc, rec = runner.map("candidate", candidate_job, [(
                             job_key(parent_hash, g, settled, cur_bits, settings, it_seed),
@@ -514,14 +518,16 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
         return all(p[k] <= v for k, v in limits.items())
 
     def knob(kind: str, name: str, steps: list[tuple[dict, dict]]) -> None:
-        """`steps`: the knob's (widths, bits) settings, smallest change first."""
+        """`steps`: the knob's (widths, bits) settings, smallest change first. A step that
+        reaches the goal but pushes another budget over gives way to a larger one (kernels cost
+        a staircase: one channel less can take more flash, several less take less)."""
         for w, b in steps:
             p = pred(w, b)
-            if p[metric] <= goal:
-                if ok(p):
-                    reach.append(Proposal(kind, name, w, b, p))
+            if p[metric] <= goal and ok(p):
+                reach.append(Proposal(kind, name, w, b, p))
                 return
-        # none reaches the goal: the knob's extreme (the last step, `w, b, p` above), if it helps
+        # none reaches the goal within the other budgets: the extreme (the last `w, b, p`), if
+        # it helps
         if p[metric] < cur_costs[metric] and ok(p):
             partial.append(Proposal(kind, name, w, b, p))
 
