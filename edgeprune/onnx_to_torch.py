@@ -196,9 +196,12 @@ class _Builder:
         # what cannot be converted at all is named before any node's details are checked
         unknown = [n for n in self.g.node if not hasattr(self, f"op_{n.op_type}")]
         if unknown:
+            ops = sorted({n.op_type for n in unknown})
+            hint = (" (torch's default exporter writes a 1-D linear interpolation as GatherND; "
+                    "if this is one, export with dynamo=False, which writes a Resize)"
+                    if "GatherND" in ops else "")
             raise _err(f"ONNX node '{unknown[0].name}' ({unknown[0].op_type}) is not supported "
-                       f"(unsupported ops in the model: "
-                       f"{', '.join(sorted({n.op_type for n in unknown}))}); supported ops: "
+                       f"(unsupported ops in the model: {', '.join(ops)}){hint}; supported ops: "
                        f"{', '.join(SUPPORTED)}")
         for node in self.g.node:
             op = node.op_type

@@ -106,3 +106,20 @@ def test_default_exporter_model_compiles_and_matches_in_qemu(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     result, _ = simulate(tmp_path / "o", samples=2)
     assert result["outputs_match"], result
+
+
+def test_1d_linear_interpolation_names_the_exporter_that_works(tmp_path):
+    """torch's default exporter writes a 1-D linear interpolation as GatherND on a transposed
+    tensor: refused, saying the legacy exporter writes it as a Resize, which imports."""
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.onnx_to_torch import onnx_to_torch
+
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Upsample(scale_factor=2, mode="linear")).eval()
+    torch.onnx.export(model, (torch.zeros(1, 2, 20),), str(tmp_path / "d.onnx"))
+    with pytest.raises(EdgepruneError, match=r"\(GatherND\) is not supported.*dynamo=False"):
+        onnx_to_torch(tmp_path / "d.onnx")
+    torch.onnx.export(model, (torch.zeros(1, 2, 20),), str(tmp_path / "l.onnx"), dynamo=False)
+    back, shape = onnx_to_torch(tmp_path / "l.onnx")
+    x = torch.randn(3, 2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
