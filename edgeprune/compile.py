@@ -30,9 +30,10 @@ def finish_out_dir(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_out_dir(out: Path, force: bool):
+def atomic_out_dir(out: Path | str, force: bool):
     """Write into a temporary sibling of `out`, renamed into place only if the block succeeds;
     on any error nothing is left behind and an existing `out` is untouched."""
+    out = Path(out)
     tmp = prepare_out_dir(out, force)
     try:
         yield tmp

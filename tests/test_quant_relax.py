@@ -378,6 +378,47 @@ def test_squeeze_excite_mul_bit_exact(fmnist):
     assert np.mean(out.argmax(1) == want) >= 0.9
 
 
+class Difference(nn.Module):
+    """Tensor - tensor: a residual that subtracts (with a fused ReLU), and one whose second
+    operand is int16."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.relu(h - self.b(h))
+        h = torch.sub(self.c(h), h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_subtraction_bit_exact_from_torch_and_onnx_and_in_qemu(fmnist, tmp_path):
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    model = Difference().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    for i, source in enumerate((model, _onnx_round_trip(model, tmp_path, fmnist))):
+        qm = ptq.quantize_ptq(source, (1, 1, 28, 28), fmnist.x_train[:200],
+                              act_dtypes={"c": "int16"} if i == 0 else None)
+        subs = [o for o in qm.ops if o.kind == "add"]
+        assert len(subs) == 2 and all(int(o.attrs["multipliers"][1]) < 0 for o in subs)
+        out = _check(qm, fmnist.x_test[:N])
+        with torch.no_grad():
+            want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+        assert np.mean(out.argmax(1) == want) >= 0.9
+    # the M55's vector add and the M7's scalar one, each with a negative multiplier
+    for target in ("cortex-m55", "cortex-m7"):
+        compile_model(str(qm.save(tmp_path / "q")), target, tmp_path / target,
+                      log=lambda *a: None)
+        result, _ = simulate(tmp_path / target, fmnist.x_test[:3])
+        assert result["outputs_match"] and result["mismatches"] == 0, (target, result)
+
+
 class SamePad(nn.Module):
     """TensorFlow's SAME padding: an explicit asymmetric F.pad before stride-2 convs and pools
     (what Keras models carry through ONNX: Pad nodes, or auto_pad)."""

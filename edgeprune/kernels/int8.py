@@ -451,7 +451,7 @@ def _add_chain(end, defs: dict, uses: dict, features=()):
         if _op(mul) != "relax.multiply" or uses.get(y, 0) != 1:
             return None
         m, cast = _const(mul.args[1]), defs.get(mul.args[0])
-        if m is None or m.size != 1 or not 0 <= int(m.reshape(())) < 2 ** 31 \
+        if m is None or m.size != 1 or not abs(int(m.reshape(()))) < 2 ** 31 \
                 or _op(cast) != "relax.astype" or uses.get(mul.args[0], 0) != 1:
             return None
         x = cast.args[0]
@@ -465,7 +465,7 @@ def _add_chain(end, defs: dict, uses: dict, features=()):
         return None
     lo, hi = (int(v.value) for v in clip.args[1:3])
     xmax = max(2 ** (8 * np.dtype(str(x.ty.dtype)).itemsize - 1) for x in inputs)
-    if ((xmax * sum(mults) + abs(rnd)) >> sh) + abs(zp) >= 2 ** 31:  # ep_requant_add's int32
+    if ((xmax * sum(map(abs, mults)) + abs(rnd)) >> sh) + abs(zp) >= 2 ** 31:  # ep_requant_add's int32
         return None
     size = int(np.prod(shape))
     a_t, b_t = (str(x.ty.dtype) for x in inputs)

@@ -237,7 +237,7 @@ class IRNet(nn.Module):
             elif n.kind == "dense":
                 y = F.linear(xs[0], self._w(n.name), self.bias[n.name])
             elif n.kind == "add":
-                y = xs[0] + xs[1]
+                y = xs[0] - xs[1] if a.get("subtract") else xs[0] + xs[1]
             elif n.kind == "mul":
                 y = xs[0] * xs[1]
             elif n.kind == "concat":
@@ -512,11 +512,15 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("lut", node.name, [src(tensor)], node.name,
                            {"function": "affine", "param": list(affine)}, out_shape=shape))
             continue
-        if target in (operator.add, torch.add, "add"):
+        if target in (operator.add, torch.add, "add", operator.sub, torch.sub, "sub"):
             a, b = node.args[0], node.args[1]
+            subtract = target in (operator.sub, torch.sub, "sub")
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node.kwargs.get("alpha"):
-                raise EdgepruneError(f"{where}: only tensor + tensor adds are supported")
-            add_node(FNode("add", node.name, [src(a), src(b)], node.name, out_shape=shape))
+                raise EdgepruneError(f"{where}: only tensor {'-' if subtract else '+'} tensor "
+                                     f"{'differences' if subtract else 'adds'} are supported")
+            # a - b is the add a * 1 + b * (-1): the same op with the second multiplier negated
+            add_node(FNode("add", node.name, [src(a), src(b)], node.name,
+                           {"subtract": True} if subtract else {}, out_shape=shape))
             continue
         if target in (operator.mul, torch.mul, "mul"):
             a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
@@ -877,6 +881,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
         elif n.kind == "add":
             ta, tb = tensors[n.inputs[0]], tensors[n.inputs[1]]
             ms, st = shared_shift_multipliers([ta.scale / out.scale, tb.scale / out.scale])
+            if n.attrs.get("subtract"):
+                ms[1] = -ms[1]
             attrs.update({"multipliers": ms, "shift_total": int(st)})
         elif n.kind == "mul":
             m, sh = quantize_multiplier(tin.scale * tensors[n.inputs[1]].scale / out.scale)
