@@ -56,7 +56,7 @@ def check_fits(target: Target, weights_bytes: int, arena_bytes: int | None, orig
                              f"({target.chip['part']}) has {target.sram_bytes} B of SRAM")
 
 
-def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int, ...] | None = None,
+def compile_model(spec: str | Path, target_name: str, out: Path | str, input_shape: tuple[int, ...] | None = None,
                   prefix: str = "model", force: bool = False, log=print,
                   check_chip: bool = True) -> dict:
     """Lower `spec` with TVM into a C library and firmware in `out`. check_chip=False builds a
@@ -69,7 +69,7 @@ def compile_model(spec: str, target_name: str, out: Path, input_shape: tuple[int
     from .lower import lower_relax
     from .plan import plan_model, reorder_for_memory
 
-    target = load_target(target_name)
+    target, spec = load_target(target_name), str(spec)
     with atomic_out_dir(out, force) as tmp:
         if is_quantized_dir(spec):
             from .quantize.qmodel import load as load_qmodel

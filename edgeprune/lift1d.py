@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import EdgepruneError
 from .layers import ConvTransposeAsConv
+from .slicing import is_split
 
 STAGE = "load"
 
@@ -28,7 +29,7 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn
                         nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardtanh,
                         nn.Dropout, nn.Identity, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign,
                         nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-                        nn.Dropout1d, nn.AlphaDropout)
+                        nn.Dropout1d, nn.AlphaDropout, nn.PReLU)   # PReLU: slopes on axis 1
 _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                           operator.neg, torch.add, torch.sub, torch.mul, torch.relu,
                           torch.sigmoid, torch.tanh, F.relu, F.relu6, F.sigmoid, F.tanh,
@@ -64,6 +65,9 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         where = f"node '{node.name}' ({_describe(node, modules)})"
+        if _is(node, operator.getitem, None) and isinstance(node.args[0], fx.Node) \
+                and is_split(node.args[0]):
+            continue   # a piece of a split: the split's axis is lifted
         if not reads_signal[node]:
             if _rank(node) == 3:   # a signal made from a vector: (N, L) -> (N, 1, L)
                 if not (_is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape")
@@ -107,6 +111,12 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
                 "mode": mode, **{k: v for k, v in kept.items() if v is not None}}
         elif _is(node, torch.cat, None):
             _set_dim(node, 1, "dim", 0, where)
+        elif is_split(node):
+            _set_dim(node, 2, "dim", 0, where)
+        elif _is(node, torch.narrow, "narrow"):
+            _set_dim(node, 1, "dim", None, where)
+        elif _is(node, operator.getitem, None) and isinstance(node.args[1], (slice, tuple)):
+            node.args = (node.args[0], _index_2d(node.args[1], where))
         elif _is(node, None, "size") and _arg(node, 1, "dim", None) is not None:
             _set_dim(node, 1, "dim", None, where)
         elif _is(node, getattr, None) and node.args[1] == "shape":
@@ -283,6 +293,18 @@ def _is(node: fx.Node, fn, method: str | None) -> bool:
 
 def _arg(node: fx.Node, pos: int, key: str, default):
     return node.args[pos] if len(node.args) > pos else node.kwargs.get(key, default)
+
+
+def _index_2d(index, where: str) -> tuple:
+    """x[:, a:b], x[..., 2:] of (N, C, L) as the same slice of (N, C, 1, L)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (3 - len(index) + 1) + index[k + 1:]
+    if len(index) > 3 or not all(isinstance(i, slice) for i in index):
+        raise _refuse(where, "indexes a signal other than by slices of its axes")
+    index = index + (slice(None),) * (3 - len(index))
+    return index[:2] + (slice(None),) + index[2:]
 
 
 def _dim_2d(d: int) -> int:

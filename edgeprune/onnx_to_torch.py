@@ -40,7 +40,7 @@ SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sig
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
              "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
-             "Max", "Min")
+             "Max", "Min", "Slice", "Split")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -537,6 +537,61 @@ class _Builder:
         xs = [self._in(n) for n in node.input]
         n = self.graph.call_function(torch.cat, ([x[0] for x in xs],), {"dim": int(a["axis"])})
         return n, torch.cat([x[1] for x in xs], dim=int(a["axis"]))
+
+    def _slice(self, node, x, axis: int, start, stop, step: int = 1):
+        """x[:, ..., start:stop:step] along one axis: the form edgeprune.slicing reads."""
+        nd = x[1].dim()
+        axis = int(axis) % nd
+        if axis == 0:
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): slicing the batch axis is "
+                       "not supported")
+        if step < 1:
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): step {step}; only forward "
+                       "steps are supported")
+        big = 2 ** 62    # ONNX writes 'to the end' as INT64_MAX
+        index = (slice(None),) * axis + (slice(max(min(int(start), big), -big),
+                                               max(min(int(stop), big), -big), int(step)),)
+        if len(range(*index[-1].indices(x[1].shape[axis]))) == 0:
+            raise _err(f"ONNX node '{node.name}' ({node.op_type}): the slice "
+                       f"[{start}:{stop}:{step}] of axis {axis} (size {x[1].shape[axis]}) is "
+                       "empty")
+        return self._fn(operator.getitem, [x[0], index], [x[1], index])
+
+    def op_Slice(self, node, a):
+        x = self._in(node.input[0])
+        if "starts" in a:   # before opset 10 the bounds were attributes
+            starts, ends = a["starts"], a["ends"]
+            axes, steps = a.get("axes", range(len(starts))), [1] * len(starts)
+        else:
+            const = [self._const(n, node, what) if n else None for n, what in
+                     zip(list(node.input[1:]) + [""] * 4, ("starts", "ends", "axes", "steps"))]
+            starts, ends = const[0], const[1]
+            axes = const[2] if const[2] is not None else range(len(starts))
+            steps = const[3] if const[3] is not None else [1] * len(starts)
+        for axis, start, stop, step in zip(axes, starts, ends, steps):  # one axis at a time
+            x = self._slice(node, x, axis, start, stop, int(step))
+        return x
+
+    def op_Split(self, node, a):
+        """Pieces along an axis (ShuffleNet's channel split): one slice per output."""
+        x = self._in(node.input[0])
+        axis = int(a.get("axis", 0)) % x[1].dim()
+        size, n = x[1].shape[axis], len(node.output)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = [int(v) for v in self._const(node.input[1], node, "split")]
+        elif "split" in a:
+            sizes = [int(v) for v in a["split"]]
+        else:   # equal pieces; with num_outputs (opset 18) the last may be smaller
+            each = -(-size // n)
+            sizes = [min(each, size - i * each) for i in range(n)]
+        if len(sizes) != n or sum(sizes) != size:
+            raise _err(f"ONNX node '{node.name}' (Split): pieces {sizes} do not split axis "
+                       f"{axis} of size {size} into {n} outputs")
+        start = 0
+        for name, k in zip(node.output, sizes):
+            self.env[name], self.val[name] = self._slice(node, x, axis, start, start + k)
+            start += k
+        return self.env[node.output[0]], self.val[node.output[0]]
 
     def _pool_args(self, node, a):
         """(kernel, strides, ceil_mode); auto_pad (TensorFlow's SAME) is made explicit pads."""

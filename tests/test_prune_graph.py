@@ -441,14 +441,23 @@ def test_upsampling_passes_channels_through(mode):
     _check_equivalent(model, pruned, record, torch.randn(2, 1, 16, 16))
 
 
-def test_permute_that_the_analysis_cannot_follow_names_the_node():
+def test_a_permute_that_moves_the_channels_inside_keeps_them():
     class ChannelsToHeight(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(8, 6, 1)
+            self.c = nn.Conv2d(6, 2, 1)
 
         def forward(self, x):
-            return self.b(self.a(x).permute(0, 2, 1, 3))
+            return self.c(torch.relu(self.b(self.a(x).permute(0, 2, 1, 3))))
+
+    model = ChannelsToHeight().eval()
+    pruned, record = prune(model, torch.randn(1, 1, 8, 8), ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 3, 2]
+    _check_equivalent(model, pruned, record, torch.randn(2, 1, 8, 8))
+
+
+def test_a_conv_on_channels_last_names_the_layer():
 
     class ConvOnChannelsLast(nn.Module):
         def __init__(self):
@@ -458,7 +467,5 @@ def test_permute_that_the_analysis_cannot_follow_names_the_node():
         def forward(self, x):
             return self.b(self.a(x).permute(0, 2, 3, 1))
 
-    with pytest.raises(EdgepruneError, match="node 'permute'.*channel axis to axis 2"):
-        prune(ChannelsToHeight(), torch.randn(1, 1, 8, 8))
     with pytest.raises(EdgepruneError, match="layer 'b'.*channels on the last axis"):
         prune(ConvOnChannelsLast(), torch.randn(1, 1, 8, 8))

@@ -34,6 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
+from ..slicing import Slice, is_split, slice_of
 
 STAGE = "prune"
 
@@ -106,7 +107,7 @@ CONST = "const"  # marker layout for get_attr constants
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
     name: str
-    kind: str  # "conv" | "gconv" | "dwconv" | "frozen" | "bn" | "linear"
+    kind: str  # "conv" | "gconv" | "dwconv" | "frozen" | "bn" | "prelu" | "linear"
     module: nn.Module
     node: str
     in_layout: Layout | None
@@ -250,7 +251,7 @@ class DepGraph:
         mod = self.gm.get_submodule(node.target)
         name = node.target
         if name in self.layers and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d,
-                                                     nn.BatchNorm1d)):
+                                                     nn.BatchNorm1d, nn.PReLU)):
             self._fail(node, "a module with weights is called more than once (shared layers "
                        "cannot be resized consistently)")
         if isinstance(mod, nn.Conv2d):
@@ -296,9 +297,13 @@ class DepGraph:
             return self._flatten(node, mod.start_dim, mod.end_dim)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
+        if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:   # a slope per channel
+            lay = self._input_layout(node)
+            if lay.repeat != 1:
+                self._fail(node, "PReLU on flattened conv features is not supported")
+            self.layers[name] = Layer(name, "prelu", mod, node.name, lay, lay)
+            return lay
         if isinstance(mod, PASSTHROUGH_MODULES):
-            if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
-                self._fail(node, "PReLU with per-channel slopes is not supported")
             return self._input_layout(node,
                                       channels_last_ok=not isinstance(mod, SPATIAL_MODULES))
         self._fail(node, f"unsupported module type {type(mod).__name__} (supported: Conv2d, "
@@ -320,10 +325,16 @@ class DepGraph:
         (NHWC, before a flatten). Frozen channels (the input's) may go anywhere: the new
         channel axis is a new frozen space."""
         lay = self._input_layout(node, channels_last_ok=True)
-        rest = node.args[1:] or (node.kwargs.get("dims"),)
-        perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
         nd = len(shape)
-        perm = [int(d) % nd for d in perm]
+        if node.target in (torch.transpose, "transpose"):   # two axes swapped
+            perm = list(range(nd))
+            i, j = (int(d) % nd for d in (node.args[1:3] or (node.kwargs.get("dim0"),
+                                                               node.kwargs.get("dim1"))))
+            perm[i], perm[j] = perm[j], perm[i]
+        else:
+            rest = node.args[1:] or (node.kwargs.get("dims"),)
+            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            perm = [int(d) % nd for d in perm]
         if perm[0] != 0:
             self._fail(node, f"permute {perm} moves the batch axis")
         if lay.repeat != 1:
@@ -335,7 +346,7 @@ class DepGraph:
             return Layout(lay.ids)
         if to == nd - 1:
             return Layout(lay.ids, 1, True)
-        self._fail(node, f"permute {perm} moves the channel axis to axis {to}")
+        return self._kept(lay, shape)   # the channel axis moves inside the tensor
 
     def _softmax(self, node: fx.Node, dim, shape):
         """Elementwise along other axes; along the channels every channel counts in the sum,
@@ -352,7 +363,8 @@ class DepGraph:
             if shape is None:
                 return None
             return self._input_layout(node, channels_last_ok=t not in SPATIAL_FUNCTIONS)
-        if (is_fn and t is torch.permute) or (not is_fn and t == "permute"):
+        if (is_fn and t in (torch.permute, torch.transpose)) or \
+                (not is_fn and t in ("permute", "transpose")):
             return self._permute(node, shape)
         if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS):
             return self._binary(node, shape)
@@ -383,6 +395,11 @@ class DepGraph:
             if shape is not None and dim % len(shape) >= 2:   # new trailing axes
                 return self._input_layout(node)
             self._fail(node, f"unsqueeze at dim {dim} moves the channel axis")
+        if is_split(node):
+            return None      # a tuple: each getitem of it is a slice (below)
+        piece = slice_of(node)
+        if piece is not None:
+            return self._slice(node, piece)
         if (is_fn and t is operator.getitem and isinstance(node.args[0], fx.Node)
                 and _adds_trailing_axes(node.args[1])):
             return self._input_layout(node)             # x[:, :, None, None]
@@ -390,8 +407,25 @@ class DepGraph:
             return None
         if is_fn and t is operator.getitem and self._shape(node.args[0]) is None:
             return None  # indexing a shape tuple
+        if shape is None and not any(isinstance(self._layout_of(a), Layout)
+                                     for a in node.all_input_nodes):
+            return None      # arithmetic on shapes (c // 2 of x.shape)
         name = getattr(t, "__name__", str(t))
         self._fail(node, f"unsupported operation {name}")
+
+    def _slice(self, node: fx.Node, piece: Slice):
+        """Part of a tensor. Along the channels, a pruned channel would move the slice's
+        bounds, so the sliced tensor's channels are kept; along another axis they pass."""
+        lay = self._layout_of(piece.source)
+        if not isinstance(lay, Layout):
+            self._fail(node, "slices a tensor without a tracked channel dimension")
+        channel_axis = len(self._shape(piece.source)) - 1 if lay.channels_last else 1
+        if lay.repeat == 1 and piece.axis != channel_axis:
+            return lay
+        self._freeze(lay)
+        if lay.repeat == 1:
+            return Layout(lay.ids[piece.start:piece.stop:piece.step], 1, lay.channels_last)
+        return self._new_space(self._shape(node)[1], None, True)   # of flattened features
 
     def _binary(self, node: fx.Node, shape):
         a, b = (node.args + (None,))[:2] if len(node.args) >= 2 else (node.args[0],
@@ -465,8 +499,16 @@ class DepGraph:
                 self._fail(node, "reshape of flattened conv features back to channels")
             self.expand_nodes[node.name] = (lay, len(shape))
             return lay
-        self._fail(node, f"reshape {in_shape} -> {tuple(shape)} is not a flatten after the "
-                   "batch dimension")
+        if shape[0] != in_shape[0] or len(shape) < 2:
+            self._fail(node, f"reshape {in_shape} -> {tuple(shape)} changes the batch axis")
+        return self._kept(self._input_layout(node, channels_last_ok=True), shape)
+
+    def _kept(self, lay: Layout, shape) -> Layout:
+        """A reshape or permute that regroups the channels (a channel shuffle's
+        (N, C, H, W) -> (N, G, C/G, H, W)): pruning would change the shapes it is written
+        for, so its input channels are kept and its output is a new space of kept channels."""
+        self._freeze(lay)
+        return self._new_space(shape[1], None, True)
 
     def _mean(self, node: fx.Node, shape):
         in_shape = self._shape(node.args[0])
@@ -559,8 +601,9 @@ class DepGraph:
         roles = []
         if layer.kind in ("conv", "gconv", "linear"):
             roles += [("out", layer.out_layout, False), ("in", layer.in_layout, True)]
-        elif layer.kind in ("bn", "dwconv"):
-            roles += [("bn" if layer.kind == "bn" else "dw", layer.in_layout, False)]
+        elif layer.kind in ("bn", "dwconv", "prelu"):
+            role = {"bn": "bn", "dwconv": "dw", "prelu": "prelu"}[layer.kind]
+            roles += [(role, layer.in_layout, False)]
         for role, lay, expand in roles:
             for gi, units in self._positions(lay, expand).items():
                 g = self.groups[gi]
@@ -704,6 +747,9 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             new = _new_conv(m, rec["in"], rec["in"], True)
         elif layer.kind == "bn":
             new = _new_bn(m, rec["in"])
+        elif layer.kind == "prelu":
+            new = nn.PReLU(len(rec["in"]))
+            new.weight.data.copy_(m.weight.data[_idx(rec["in"])])
         elif layer.kind == "linear":
             new = _new_linear(m, rec["out"], rec["in"])
         else:

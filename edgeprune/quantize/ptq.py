@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
+from ..slicing import is_split, slice_of
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, SAME_QPARAMS, Op, QuantModel, TensorInfo,
                      window_counts)
 from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
@@ -244,6 +245,8 @@ class IRNet(nn.Module):
                 y = torch.cat(xs, 1)
             elif n.kind == "lut":
                 y = lut_apply(a, xs[0])
+            elif n.kind == "prelu":
+                y = F.prelu(xs[0], torch.tensor(a["slopes"], dtype=xs[0].dtype))
             elif n.kind == "softmax":
                 y = torch.softmax(xs[0], a["axis"])
             elif n.kind == "log_softmax":
@@ -264,6 +267,9 @@ class IRNet(nn.Module):
                 y = xs[0].reshape((xs[0].shape[0],) + tuple(a["shape"][1:]))
             elif n.kind == "transpose":
                 y = xs[0].permute(a["perm"])
+            elif n.kind == "slice":
+                index = [slice(None)] * a["axis"] + [slice(a["start"], a["stop"], a["step"])]
+                y = xs[0][tuple(index)]
             elif n.kind == "dilate":
                 y = zero_insert(xs[0], *a["strides"])
             elif n.kind == "upsample" and a["mode"] == "nearest":
@@ -399,6 +405,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             break
         if node.name in static:   # evaluated once here: the shapes are static
             continue
+        if is_split(node):        # a tuple of pieces: each getitem of it is a "slice" node
+            continue
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
         where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
         shape = shape_of(node)
@@ -459,6 +467,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         if lut is not None:
             add_node(FNode("lut", node.name, [src(node.args[0])], node.name,
                            {"function": lut[0], "param": lut[1]}, out_shape=shape))
+            continue
+        if isinstance(target, nn.PReLU):   # a slope per channel (one slope is a "lut")
+            add_node(FNode("prelu", node.name, [src(node.args[0])], node.name,
+                           {"slopes": target.weight.detach().double().tolist()},
+                           out_shape=shape))
             continue
         if isinstance(target, nn.Conv2d):
             if target.padding_mode != "zeros":
@@ -650,6 +663,12 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 add_node(FNode("reshape", node.name, [pname], node.name,
                                {"shape": list(shape)}, out_shape=shape))
             continue
+        piece = slice_of(node)
+        if piece is not None:     # x[:, 8:], x.narrow(1, 0, 8), x.chunk(2, 1)[0]
+            add_node(FNode("slice", node.name, [src(piece.source)], node.name,
+                           {"axis": piece.axis, "start": piece.start, "stop": piece.stop,
+                            "step": piece.step}, out_shape=shape))
+            continue
         adds_axes = target is operator.getitem and all(   # x[:, :, None, None]
             i is None or i == slice(None) for i in (node.args[1] if isinstance(
                 node.args[1], tuple) else (node.args[1],)))
@@ -659,10 +678,15 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("reshape", node.name, [src(node.args[0])], node.name,
                            {"shape": list(shape)}, out_shape=shape))
             continue
-        if target in (torch.permute, "permute"):
-            rest = node.args[1:] or (node.kwargs.get("dims"),)
-            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            perm = [int(d) % len(shape) for d in perm]
+        if target in (torch.permute, "permute", torch.transpose, "transpose"):
+            if target in (torch.transpose, "transpose"):   # two axes swapped (channel shuffle)
+                perm = list(range(len(shape)))
+                i, j = (int(arg(node, k, d)) % len(shape) for k, d in ((1, "dim0"), (2, "dim1")))
+                perm[i], perm[j] = perm[j], perm[i]
+            else:
+                rest = node.args[1:] or (node.kwargs.get("dims"),)
+                perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+                perm = [int(d) % len(shape) for d in perm]
             if perm[0] != 0:
                 raise EdgepruneError(f"{where}: permute {perm} moves the batch axis")
             add_node(FNode("transpose", node.name, [src(node.args[0])], node.name,
@@ -907,6 +931,16 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                 params[f"{n.name}.log2_table"] = np.round(65536 * np.log2(1 + f)).astype(np.int32)
                 attrs.update({"multiplier": int(round(tin.scale / out.scale * 2 ** 28)),
                               "ln2": int(round(np.log(2) / out.scale * 2 ** 12))})
+        elif n.kind == "prelu":
+            # y = x for x >= 0, slope_c * x below: a requantization for each side (the slope's
+            # sign in the multiplier)
+            m, sh = quantize_multiplier(tin.scale / out.scale)
+            slopes = np.asarray(attrs.pop("slopes"), np.float64)
+            ms, shs = quantize_multipliers(np.abs(slopes) * tin.scale / out.scale)
+            attrs.update({"multiplier": int(m), "shift": int(sh),
+                          "clamp": [out.qmin, out.qmax]})
+            params.update({f"{n.name}.multiplier": (np.sign(slopes) * ms).astype(np.int32),
+                           f"{n.name}.shift": shs})
         elif n.kind == "concat":
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],

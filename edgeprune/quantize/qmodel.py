@@ -58,6 +58,10 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``reshape`` attrs: shape (the output shape).  Same scale/zero point (flatten is a reshape).
 * ``transpose`` attrs: perm (axis 0, the batch, stays first).  Same scale/zero point (a Keras
   model's NHWC input turned NCHW, or NCHW features turned NHWC before its Flatten).
+* ``prelu`` (a slope per channel): x >= zero point: requantized by attrs multiplier, shift;
+  below it by params multiplier (C,) (negative for a negative slope) and shift (C,).
+* ``slice`` attrs: axis (>= 1), start, stop, step: x[..., start:stop:step, ...] along that axis
+  (a channel split: x[:, 8:], chunk, split, ONNX Slice/Split).  Same scale/zero point.
 
 Weight bits: weight_bits 8 = values in [-127, 127]; 4 = [-7, 7] (two per byte in flash);
 2 = [-1, 1]; weight_format "pow2" = values in {0, +-1, +-2, +-4, ..., +-2**(2**(bits-1)-2)}
@@ -79,11 +83,11 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "softmax", "log_softmax",
-            "maxpool", "avgpool", "reshape", "transpose", "upsample", "dilate")
+OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "prelu", "softmax", "log_softmax",
+            "maxpool", "avgpool", "reshape", "transpose", "slice", "upsample", "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
-SAME_QPARAMS = ("maxpool", "reshape", "transpose", "upsample", "dilate")
+SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "upsample", "dilate")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -294,6 +298,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"concat '{op.name}': {len(ins)} inputs but "
                                  f"{len(a['multipliers'])} multipliers, {len(a['shifts'])} shifts")
         return [ins[0][0], sum(sh[1] for sh in ins)] + list(ins[0][2:])
+    if op.kind == "prelu":
+        for key in ("multiplier", "shift"):
+            if len(ins[0]) < 2 or list(qm.param(op, key).shape) != [ins[0][1]]:
+                raise EdgepruneError(f"prelu '{op.name}': {key} must hold one value per channel "
+                                     f"of the input {ins[0]}")
+        return list(ins[0])
     if op.kind == "lut":
         table = qm.param(op, "table")
         if qm.tensors[op.inputs[0]].dtype != "int8" or table.shape != (256,):
@@ -340,6 +350,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"transpose '{op.name}': perm {perm} is not a permutation of "
                                  f"{len(ins[0])} axes that keeps the batch axis first")
         return [ins[0][d] for d in perm]
+    if op.kind == "slice":
+        axis, start, stop, step = (int(a[k]) for k in ("axis", "start", "stop", "step"))
+        if not (1 <= axis < len(ins[0]) and 0 <= start < stop <= ins[0][axis] and step >= 1):
+            raise EdgepruneError(f"slice '{op.name}': [{start}:{stop}:{step}] along axis {axis} "
+                                 f"does not fit the input {ins[0]}")
+        return [*ins[0][:axis], len(range(start, stop, step)), *ins[0][axis + 1:]]
     if op.kind == "upsample" and a.get("mode", "nearest") == "bilinear":
         return [*ins[0][:2], *(int(d) for d in a["size"])]
     if op.kind == "upsample":   # nearest neighbour by whole factors: each value repeated

@@ -135,6 +135,14 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
                             out.zero_point, lo, hi)
                  for i, m, sh in zip(op.inputs, a["multipliers"], a["shifts"])]
         return np.concatenate(parts, axis=1).astype(out.dtype)
+    if op.kind == "prelu":
+        xi = x.astype(np.int64) - tin.zero_point
+        lo, hi = a["clamp"]
+        per_channel = (-1,) + (1,) * (x.ndim - 2)
+        pos = requantize(xi, int(a["multiplier"]), int(a["shift"]), out.zero_point, lo, hi)
+        neg = requantize(xi, qm.param(op, "multiplier").reshape(per_channel),
+                         qm.param(op, "shift").reshape(per_channel), out.zero_point, lo, hi)
+        return np.where(xi >= 0, pos, neg).astype(out.dtype)
     if op.kind == "lut":
         return qm.param(op, "table")[x.astype(np.int64) - tin.qmin].astype(out.dtype)
     if op.kind == "softmax":
@@ -170,6 +178,9 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return x.reshape([int(s) for s in a["shape"]])
     if op.kind == "transpose":
         return np.ascontiguousarray(x.transpose([int(d) for d in a["perm"]]))
+    if op.kind == "slice":
+        index = [slice(None)] * int(a["axis"]) + [slice(a["start"], a["stop"], a["step"])]
+        return np.ascontiguousarray(x[tuple(index)])
     if op.kind == "upsample" and a.get("mode", "nearest") == "nearest":
         sh, sw = (int(f) for f in a["factors"])
         return np.repeat(np.repeat(x, sh, axis=2), sw, axis=3)

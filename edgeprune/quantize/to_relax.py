@@ -271,6 +271,20 @@ def _lut(bb, env, qm: QuantModel, op: Op):
     return bb.emit(relax.op.take(table, idx, axis=0, mode="clip"), name_hint=_ident(op.output))
 
 
+def _prelu(bb, env, qm: QuantModel, op: Op):
+    """reference.run_op's prelu: each side requantized, then chosen by the input's sign."""
+    from tvm import relax
+    x = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int64"),
+                          _scalar(qm.tensors[op.inputs[0]].zero_point))
+    rank = len(qm.tensors[op.inputs[0]].shape)
+    cshape = (1, -1) + (1,) * (rank - 2)
+    pos = _requant(bb, x, op, qm, np.array(int(op.attrs["multiplier"])),
+                   np.array(int(op.attrs["shift"])), None)
+    neg = _requant(bb, x, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"), cshape)
+    return bb.emit(relax.op.where(relax.op.greater_equal(x, _scalar(0)), pos, neg),
+                   name_hint=_ident(op.output))
+
+
 def _softmax(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     ax = int(op.attrs["axis"])
@@ -376,6 +390,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _concat(bb, env, qm, op)
                 elif op.kind == "lut":
                     y = _lut(bb, env, qm, op)
+                elif op.kind == "prelu":
+                    y = _prelu(bb, env, qm, op)
                 elif op.kind == "softmax":
                     y = _softmax(bb, env, qm, op)
                 elif op.kind == "log_softmax":
@@ -394,6 +410,11 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "transpose":
                     y = bb.emit(relax.op.permute_dims(env[op.inputs[0]], op.attrs["perm"]),
                                 name_hint=_ident(op.output))
+                elif op.kind == "slice":
+                    a = op.attrs
+                    y = bb.emit(relax.op.strided_slice(
+                        env[op.inputs[0]], axes=[a["axis"]], begin=[a["start"]],
+                        end=[a["stop"]], strides=[a["step"]]), name_hint=_ident(op.output))
                 elif op.kind == "dilate":
                     y = _dilate(bb, env[op.inputs[0]], shape(op.inputs[0]), op.attrs["strides"],
                                 qm.tensors[op.output].zero_point, _ident(op.output))

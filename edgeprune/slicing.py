@@ -1,0 +1,95 @@
+"""Which part of which tensor an fx node reads when it slices one axis.
+
+Models cut tensors along an axis in several spellings: `x[:, 8:]`, `x.narrow(1, 0, 8)`,
+`x.chunk(2, 1)[0]`, `torch.split(x, [4, 12], 1)[1]` (ShuffleNet's and GhostNet's channel
+splits), and our ONNX import writes `Slice` and `Split` as the first. The quantizer and the
+pruning graph both need the same answer, a `Slice`, from the traced shapes (ShapeProp).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .errors import EdgepruneError
+
+# calls that return a tuple of pieces along one axis; an operator.getitem picks a piece
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+
+
+@dataclass(frozen=True)
+class Slice:
+    source: fx.Node
+    axis: int      # >= 1: the batch axis stays whole
+    start: int
+    stop: int
+    step: int = 1
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
+
+
+def is_split(node: fx.Node) -> bool:
+    """A call that returns pieces of one tensor (chunk, split, tensor_split)."""
+    return (node.op == "call_function" and node.target in SPLIT_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in SPLIT_METHODS)
+
+
+def slice_of(node: fx.Node) -> Slice | None:
+    """The slice `node` computes, None if it is no slice; raises naming the node for a slice
+    this pipeline does not take (several axes at once, new axes, integer indices)."""
+    where = f"node '{node.name}'"
+    if node.op == "call_method" and node.target == "narrow" or \
+            node.op == "call_function" and node.target is torch.narrow:
+        x, dim = node.args[0], int(_arg(node, 1, "dim"))
+        start, length = int(_arg(node, 2, "start")), int(_arg(node, 3, "length"))
+        nd = len(_shape(x))
+        return _checked(where, x, dim % nd, start % _shape(x)[dim % nd], length, 1)
+    if not (node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node)):
+        return None
+    x, index = node.args
+    if is_split(x):      # piece i of a chunk/split: where it starts, from the traced shapes
+        pieces, source = x.meta.get("tensor_meta"), x.args[0]
+        dim = int(_arg(x, 2, "dim", 0)) % len(_shape(source))   # chunk, split, tensor_split
+        index %= len(pieces)
+        start = sum(p.shape[dim] for p in pieces[:index])
+        return _checked(where, source, dim, start, pieces[index].shape[dim], 1)
+    shape = _shape(x)
+    if shape is None or not isinstance(index, (slice, tuple)):
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
+    if not all(isinstance(i, slice) for i in index):
+        return None      # x[:, :, None] and friends: not a slice (the callers know them)
+    cuts = [(axis, i) for axis, i in enumerate(index) if i != slice(None)]
+    if not cuts:
+        return None      # x[:, :]: the whole tensor
+    if len(cuts) > 1 or cuts[0][0] == 0:
+        raise EdgepruneError(f"{where}: slicing {index} cuts "
+                             f"{'the batch axis' if cuts[0][0] == 0 else 'several axes'}; "
+                             "only one axis after the batch may be sliced at a time")
+    axis, s = cuts[0]
+    start, stop, step = s.indices(shape[axis])
+    return _checked(where, x, axis, start, len(range(start, stop, step)), step)
+
+
+def _checked(where, x, axis, start, length, step) -> Slice:
+    if axis == 0:
+        raise EdgepruneError(f"{where}: slicing the batch axis is not supported")
+    if length <= 0:
+        raise EdgepruneError(f"{where}: the slice of {tuple(_shape(x))} along axis {axis} "
+                             "is empty")
+    return Slice(x, axis, start, start + (length - 1) * step + 1, step)

@@ -1,0 +1,175 @@
+"""Channel splits (ShuffleNet v2's chunk and shuffle, GhostNet's cat-then-slice, split, narrow,
+x[:, a:b]) through pruning, ONNX (Slice, Split) and int8 on a target."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeprune.compile import compile_model
+from edgeprune.errors import EdgepruneError
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.prune import masked_reference, prune
+from edgeprune.quantize import ptq, reference
+from edgeprune.simulate import simulate
+
+torch.set_num_threads(1)
+
+
+def cbr(i, o, k=1, s=1, g=1, act=True):
+    layers = [nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o)]
+    return nn.Sequential(*layers, *([nn.ReLU()] if act else []))
+
+
+def shuffle(x, groups=2):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet v2: half the channels pass, the other half go through 1x1 - dw 3x3 - 1x1."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.branch = nn.Sequential(cbr(c // 2, c), cbr(c, c, 3, g=c, act=False), cbr(c, c // 2))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return shuffle(torch.cat([a, self.branch(b)], 1))
+
+
+class Ghost(nn.Module):
+    """GhostNet: a primary conv, cheap depthwise 'ghosts' of it, and the first `out` of both."""
+
+    def __init__(self, i, out):
+        super().__init__()
+        self.out = out
+        self.primary = cbr(i, (out + 1) // 2)
+        self.cheap = cbr((out + 1) // 2, (out + 1) // 2, 3, g=(out + 1) // 2)
+
+    def forward(self, x):
+        y = self.primary(x)
+        return torch.cat([y, self.cheap(y)], 1)[:, :self.out]
+
+
+class SplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(1, 16, 3, 2)
+        self.unit = ShuffleUnit(16)
+        self.ghost = Ghost(16, 11)
+        self.a, self.b = cbr(4, 8, 3), cbr(7, 8, 3)
+        self.fc = nn.Linear(17, 10)
+
+    def forward(self, x):
+        x = self.ghost(self.unit(self.stem(x)))
+        p, q = torch.split(x, [4, 7], dim=1)
+        y = self.a(p) + self.b(q)
+        z = torch.cat([y, x.narrow(1, 2, 9)[:, ::2], x[:, -5:-1]], 1)   # 8 + 5 + 4 channels
+        return self.fc(z[:, :, 1:].mean((2, 3)))                   # and a slice of the rows
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g) * 0.3
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+
+
+def test_channel_splits_prune_export_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = SplitNet().eval()
+    _randomize_bn(model)
+    shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
+
+    pruned, record = prune(model, torch.randn(shape), criterion="l1", ratios=0.5)
+    # the shuffle branch's inner convs and the convs after the split are cut; the sliced
+    # tensors' producers (stem, ghost, the branch's last conv) keep their channels
+    widths = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths["unit.branch.0.0"] == 8 and widths["a.0"] == 4 and widths["b.0"] == 4
+    assert widths["stem.0"] == 16 and widths["ghost.primary.0"] == 6
+    with torch.no_grad():
+        with masked_reference(model, record["layers"]):
+            want = model(x)
+        torch.testing.assert_close(pruned(x), want, atol=1e-4, rtol=1e-4)
+
+    torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), atol=1e-5, rtol=1e-4)
+
+    calib = torch.randn(64, 1, 16, 16).numpy()
+    qm = ptq.quantize_ptq(back, shape, calib)
+    assert sum(o.kind == "slice" for o in qm.ops) == 9   # chunk, ghost, split, narrow, 4 more
+    y = reference.dequantize_output(qm, reference.run(qm, reference.quantize_input(qm, x[:1].numpy())))
+    assert np.abs(y - pruned(x[:1]).detach().numpy()).max() < 0.1 * np.abs(y).max()
+    compile_model(qm.save(tmp_path / "q"), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", x[:3].numpy())
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_onnx_split_forms_read_back(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4, 4])
+    nodes = [helper.make_node("Split", ["x"], ["p", "q", "r"], axis=1),      # equal pieces
+             helper.make_node("Concat", ["r", "p", "q"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "split.onnx")
+    back, _ = onnx_to_torch(tmp_path / "split.onnx")
+    t = torch.randn(1, 6, 4, 4)
+    torch.testing.assert_close(back(t), torch.cat([t[:, 4:], t[:, :4]], 1))
+
+
+def test_slices_the_pipeline_does_not_take_are_named():
+    class TwoAxes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.c(x)[:, :2, 1:].mean((2, 3))
+
+    with pytest.raises(EdgepruneError, match="node 'getitem'.*several axes"):
+        ptq.quantize_ptq(TwoAxes().eval(), (1, 1, 8, 8), np.zeros((4, 1, 8, 8), np.float32))
+
+
+class Split1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv1d(1, 8, 3, padding=1), nn.Conv1d(4, 6, 3, padding=1)
+        self.e = nn.Conv1d(10, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c(x)).chunk(2, 1)
+        y = torch.cat([a[..., 2:], torch.relu(self.d(b))[:, :, 2:]], 1)
+        return self.fc(torch.relu(self.e(y)).mean(2))
+
+
+def test_splits_of_a_1d_signal_lift_prune_and_quantize():
+    from edgeprune.lift1d import lift_1d
+
+    torch.manual_seed(0)
+    model = Split1d().eval()
+    lifted, shape = lift_1d(model, (1, 1, 32))
+    x = torch.randn(8, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x[:, :, None]), model(x))
+    pruned, record = prune(lifted, torch.randn(shape), ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [8, 3, 3]
+    with torch.no_grad():
+        with masked_reference(lifted, record["layers"]):
+            want = lifted(x[:, :, None])
+        torch.testing.assert_close(pruned(x[:, :, None]), want, atol=1e-5, rtol=1e-4)
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    assert [(o.attrs["axis"], o.attrs["start"]) for o in qm.ops if o.kind == "slice"] == [
+        (1, 0), (1, 4), (3, 2), (3, 2)]
+    xq = x[:1, :, None].numpy()
+    y = reference.dequantize_output(qm, reference.run(qm, reference.quantize_input(qm, xq)))
+    assert np.abs(y - pruned(x[:1, :, None]).detach().numpy()).max() < 0.1 * np.abs(y).max()

@@ -1,0 +1,59 @@
+"""PReLU with a slope per channel (MTCNN's P-Net and O-Net): pruned with its channels, and in
+int8 a requantization for each side of zero, bit-exact on the host and on a target."""
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgeprune.compile import compile_model
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.prune import masked_reference, prune
+from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.simulate import simulate
+
+torch.set_num_threads(1)
+
+
+class PNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(1, 10, 3), nn.PReLU(10)
+        self.c2, self.a2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.c3, self.a3 = nn.Conv2d(16, 12, 3), nn.PReLU()      # one slope: a table
+        self.fc, self.a4 = nn.Linear(12, 8), nn.PReLU(8)          # per feature of a vector
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.a1(self.c1(x)), 2, ceil_mode=True)
+        x = self.a3(self.c3(self.a2(self.c2(x))))
+        return self.head(self.a4(self.fc(x.mean((2, 3)))))
+
+
+def test_per_channel_prelu_prunes_and_runs_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = PNet().eval()
+    for m in model.modules():
+        if isinstance(m, nn.PReLU):      # slopes of both signs and sizes, as trained ones get
+            m.weight.data = torch.randn(m.num_parameters) * 0.5
+    shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
+
+    pruned, record = prune(model, torch.randn(shape), ratios=0.5)
+    assert [m.num_parameters for m in pruned.modules() if isinstance(m, nn.PReLU)] == [5, 8, 1, 4]
+    with torch.no_grad():
+        with masked_reference(model, record["layers"]):
+            want = model(x)
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-4)
+
+    torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
+    assert [o.kind for o in qm.ops].count("prelu") == 3
+    xq = reference.quantize_input(qm, x[:1].numpy())
+    want = reference.run(qm, xq)
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=1))(xq), want)
+    y = reference.dequantize_output(qm, want)
+    assert np.abs(y - pruned(x[:1]).detach().numpy()).max() < 0.1 * np.abs(y).max()
+
+    compile_model(qm.save(tmp_path / "q"), "cortex-m4", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", x[:3].numpy())
+    assert result["outputs_match"] and result["mismatches"] == 0, result
