@@ -419,6 +419,64 @@ def test_subtraction_bit_exact_from_torch_and_onnx_and_in_qemu(fmnist, tmp_path)
         assert result["outputs_match"] and result["mismatches"] == 0, (target, result)
 
 
+class Normalized(nn.Module):
+    """Constants that vary by channel: (x - mean) / std of an RGB input inside the model, a
+    learnt layer scale of a residual branch, and a bias on pooled features."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).reshape(3, 1, 1))
+        self.a, self.b = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.shift = nn.Parameter(torch.randn(8) * 0.1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a((x - self.mean) / self.std))
+        h = h + self.gamma * torch.relu(self.b(h))
+        return self.fc(h.mean((2, 3)) + self.shift)
+
+
+def test_per_channel_constants_are_depthwise_convs_from_torch_and_onnx(tmp_path):
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    model = Normalized().eval()
+    rgb = np.random.default_rng(0).random((300, 3, 16, 16)).astype(np.float32)
+    torch.onnx.export(model, (torch.zeros(1, 3, 16, 16),), str(tmp_path / "m.onnx"),
+                      dynamo=False)
+    from edgeprune.onnx_to_torch import onnx_to_torch
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    for source in (model, back):
+        qm = ptq.quantize_ptq(source, (1, 3, 16, 16), rgb[:200])
+        dw = [o for o in qm.ops if o.kind == "conv2d" and o.attrs["groups"] > 1]
+        assert len(dw) == 4, [o.name for o in qm.ops]    # sub, div, gamma *, + shift
+        out = _check(qm, rgb[200:240])
+        y = reference.dequantize_output(qm, out)
+        with torch.no_grad():
+            want = model(torch.from_numpy(rgb[200:240])).numpy()
+        assert np.abs(y - want).max() < 0.05 * np.abs(want).max()
+    compile_model(qm.save(tmp_path / "q"), "cortex-m33", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", rgb[:3])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_a_constant_tensor_the_quantizer_cannot_take_is_named():
+    class Offsets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3)
+            self.register_buffer("grid", torch.randn(1, 4, 6, 6))
+
+        def forward(self, x):
+            return (self.c(x) + self.grid).mean((2, 3))
+
+    with pytest.raises(EdgepruneError, match=r"constant tensor 'grid' of shape \(1, 4, 6, 6\)"):
+        ptq.quantize_ptq(Offsets().eval(), (1, 1, 8, 8), np.zeros((4, 1, 8, 8), np.float32))
+
+
 class SamePad(nn.Module):
     """TensorFlow's SAME padding: an explicit asymmetric F.pad before stride-2 convs and pools
     (what Keras models carry through ONNX: Pad nodes, or auto_pad)."""

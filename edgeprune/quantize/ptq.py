@@ -101,6 +101,40 @@ def _scalar_affine(target, node, is_static) -> tuple[float, float] | None:
     return (1.0 / c, 0.0) if not swapped and c != 0 else None   # c / x is not affine
 
 
+def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
+    """(x, a, b) when `node` computes a_c * x + b_c from a tensor x and a constant that varies
+    along the channel axis alone ((x - mean) / std inside a model, a learnt per-channel bias
+    or scale), else None."""
+    try:
+        kind = _SCALAR_OPS.get(target)
+    except TypeError:
+        return None
+    if kind is None or len(node.args) != 2 or node.kwargs or len(shape) < 2:
+        return None
+    x, c = node.args
+    swapped = isinstance(x, torch.fx.Node) and x.name in constants
+    if swapped:
+        x, c = c, x
+    if not (isinstance(x, torch.fx.Node) and isinstance(c, torch.fx.Node)
+            and c.name in constants and x.name not in constants):
+        return None
+    const = constants[c.name].detach().double()
+    lead = (1,) * (len(shape) - const.dim())
+    if const.dim() > len(shape) or any(n != 1 for i, n in enumerate(lead + tuple(const.shape))
+                                       if i != 1) or const.numel() not in (1, shape[1]):
+        return None
+    v = const.reshape(-1).expand(shape[1]).clone()
+    if kind == "add":
+        return x, torch.ones_like(v), v
+    if kind == "sub":
+        return (x, -torch.ones_like(v), v) if swapped else (x, torch.ones_like(v), -v)
+    if kind == "mul":
+        return x, v, torch.zeros_like(v)
+    if swapped or bool((v == 0).any()):   # c / x is not affine
+        return None
+    return x, 1 / v, torch.zeros_like(v)
+
+
 def lut_apply(attrs: dict, x: torch.Tensor) -> torch.Tensor:
     """The float function of a "lut" node (attrs: function, param)."""
     return LUT_FUNCTIONS[attrs["function"]](x, attrs.get("param"))
@@ -317,6 +351,24 @@ def _activation_of(mod_or_fn, node) -> tuple | None:
     return None
 
 
+def _unsupported(where: str, why: str = "") -> EdgepruneError:
+    return EdgepruneError(
+        f"{where}: not supported by the quantizer{' (' + why + ')' if why else ''} (supported: "
+        "Conv2d, Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, PReLU, sigmoid, tanh, "
+        "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, SELU, CELU, softplus, "
+        "softsign, logsigmoid, tanhshrink, hard/softshrink, abs, exp, softmax, log_softmax, "
+        "add, sub, mul, cat, slices and splits, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
+        "AdaptiveMaxPool2d, mean, amax, flatten/view, nearest and bilinear "
+        "Upsample/interpolate, permute/transpose, per-channel constant scales and offsets)")
+
+
+def _fetch_attr(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     """Fold BN and turn `model` into an IRNet (raises naming the first unsupported node)."""
     import torch.fx as fx
@@ -331,6 +383,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
                              "quantize supports traceable conv/linear/pool/add networks") from None
     static: dict[str, object] = {}  # nodes computing no tensor (x.size(0), x.shape[2:]): values
+    constants: dict[str, torch.Tensor] = {}   # get_attr nodes: buffers and parameters
     pads: dict[str, tuple[list[int], float]] = {}   # F.pad nodes: [t, l, b, r], value
 
     def unpadded_shape(node) -> tuple[int, ...]:
@@ -369,6 +422,12 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     def src(a) -> str:
         if not isinstance(a, fx.Node):
             raise EdgepruneError(f"unsupported non-tensor operand {a!r}")
+        if a.name in constants:
+            users = ", ".join(f"'{u.name}'" for u in a.users)
+            raise EdgepruneError(f"constant tensor '{a.target}' of shape "
+                                 f"{tuple(constants[a.name].shape)} is an operand of {users}; "
+                                 "the quantizer takes constants only as a per-channel (or "
+                                 "single) scale or offset of one tensor")
         return alias.get(a.name, a.name)
 
     def shape_of(node) -> tuple[int, ...]:
@@ -405,10 +464,15 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             break
         if node.name in static:   # evaluated once here: the shapes are static
             continue
+        if node.op == "get_attr":   # a constant tensor: read by the op that uses it
+            constants[node.name] = _fetch_attr(gm, node.target)
+            continue
         if is_split(node):        # a tuple of pieces: each getitem of it is a "slice" node
             continue
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
         where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
+        if not hasattr(node.meta.get("tensor_meta"), "shape"):
+            raise _unsupported(where, "it returns several tensors")
         shape = shape_of(node)
 
         if target is F.pad or isinstance(target, (nn.ZeroPad2d, nn.ConstantPad2d)):
@@ -518,6 +582,25 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             biases[node.name] = (target.bias.detach() if target.bias is not None
                                  else torch.zeros(target.out_features))
             add_node(FNode("dense", node.name, [src(node.args[0])], node.name, out_shape=shape))
+            continue
+        affine = _channel_affine(target, node, constants, shape)
+        if affine is not None:      # per-channel a * x + b: a 1x1 depthwise conv, like a BN
+            x, a, b = affine
+            c, flat = shape[1], len(shape) == 2
+            name = node.name + "_nchw" if flat else node.name
+            weights[name], biases[name] = a.float().reshape(c, 1, 1, 1), b.float()
+            attrs = {"strides": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": c}
+            if flat:                # (N, C) features: as (N, C, 1, 1) and back
+                add_node(FNode("reshape", name + "_in", [src(x)], name + "_in",
+                               {"shape": [shape[0], c, 1, 1]}, out_shape=(shape[0], c, 1, 1)))
+            add_node(FNode("conv2d", name, [name + "_in" if flat else src(x)], name, attrs,
+                           out_shape=(shape[0], c, 1, 1) if flat else shape))
+            if flat:
+                add_node(FNode("reshape", node.name, [name], node.name,
+                               {"shape": list(shape)}, out_shape=shape))
+            elif len(shape) != 4:
+                raise EdgepruneError(f"{where}: a per-channel constant on a {len(shape)}-D "
+                                     "tensor; only NCHW maps and (N, C) features are supported")
             continue
         affine = _scalar_affine(target, node, lambda n: n.name in static)
         if affine is not None:      # x + 3, x * 0.5, 6 - x, x / 6: a table like an activation
@@ -692,15 +775,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("transpose", node.name, [src(node.args[0])], node.name,
                            {"perm": perm}, out_shape=shape))
             continue
-        raise EdgepruneError(f"{where}: not supported by the quantizer (supported: Conv2d, "
-                             "Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, sigmoid, tanh, "
-                             "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, "
-                             "SELU, CELU, softplus, softsign, logsigmoid, tanhshrink, "
-                             "hard/softshrink, abs, exp, "
-                             "softmax, log_softmax, add, mul, cat, MaxPool2d, AvgPool2d, "
-                             "AdaptiveAvgPool2d, AdaptiveMaxPool2d, mean, amax, flatten/view, "
-                             "nearest Upsample/interpolate by whole factors, "
-                             "permute)")
+        raise _unsupported(where)
     else:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
