@@ -108,9 +108,11 @@ class _Builder:
         self.val: dict[str, torch.Tensor] = {}
         self.names: set[str] = set()
         self.users: dict[str, int] = {}
+        self.consumers: dict[str, list] = {}
         for n in self.g.node:
             for i in n.input:
                 self.users[i] = self.users.get(i, 0) + 1
+                self.consumers.setdefault(i, []).append(n)
         inputs = [i for i in self.g.input if i.name not in self.consts]
         if len(inputs) != 1:
             raise _err(f"expected one graph input, found {len(inputs)}: "
@@ -671,7 +673,44 @@ class _Builder:
         if not a.get("allowzero", 0):
             shape = [in_shape[i] if d == 0 else d for i, d in enumerate(shape)]
         shape = list(torch.empty(in_shape).reshape(shape).shape)  # resolve -1 statically
+        if len(in_shape) > 2 and shape == [int(np.prod(in_shape[:-1])), in_shape[-1]] \
+                and self._rows_return(node.output[0], in_shape[:-1]):
+            return x   # a Linear over frames, written as rows of (N * T, K): kept (N, T, K)
+        if tuple(shape) == in_shape:
+            return x
         return self._reshape_to(x, tuple(shape))
+
+    # ops that treat each row of a (rows, K) matrix alone, the same on (N, T, K)
+    _ROW_OPS = {"Gemm", "MatMul", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid",
+                "LeakyRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp",
+                "Neg", "Identity", "Dropout", "Erf", "Gelu", "PRelu", "Add", "Sub", "Mul", "Div"}
+
+    def _rows_return(self, name: str, lead: tuple) -> bool:
+        """Whether every path from the rows `name` (onnxsim's Reshape of (N, T, K) to
+        (N * T, K) before a Gemm) runs through row-wise ops to a Reshape back to
+        (N, T, ...): then the rows can stay (N, T, K)."""
+        todo, seen = [name], set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in (o.name for o in self.g.output):
+                return False
+            for n in self.consumers.get(t, []):
+                if n.op_type == "Reshape" and n.input[0] == t and n.input[1] in self.consts:
+                    back = [int(d) for d in np.asarray(self.consts[n.input[1]]).reshape(-1)]
+                    if tuple(back[:len(lead)]) != tuple(lead) or len(back) != len(lead) + 1:
+                        return False
+                    continue
+                if n.op_type not in self._ROW_OPS or (n.op_type == "Gemm" and n.input[0] != t):
+                    return False
+                others = [i for i in n.input if i != t and i]
+                if n.op_type not in ("Gemm", "MatMul", "PRelu", "Clip") and any(
+                        i in self.consts and np.asarray(self.consts[i]).ndim > 1 for i in others):
+                    return False     # a constant with a row axis
+                todo.extend(n.output)
+        return True
 
     def _axes(self, node, a):
         axes = a.get("axes")

@@ -61,14 +61,13 @@ class UnitGate:
             if not active:
                 return None
             per_sample = any(self.values[gi].dim() == 2 for gi, _, _ in active)
-            mask = torch.ones((x.shape[0] if per_sample else 1, x.shape[1]), dtype=x.dtype,
-                              device=x.device)
+            mask = torch.ones((x.shape[0] if per_sample else 1, _features(module, x)),
+                              dtype=x.dtype, device=x.device)
             for gi, p, u in active:
                 v = self.values[gi].to(x.dtype)
                 v = v[:, u] if v.dim() == 2 else v[u].expand(mask.shape[0], -1)
                 mask = mask.index_copy(1, p, v)
-            shape = mask.shape + (1,) * (x.dim() - 2)
-            return (x * mask.view(shape),) + tuple(args[1:])
+            return (x * _per_feature(module, mask, x),) + tuple(args[1:])
         return pre
 
     def __enter__(self):
@@ -81,6 +80,19 @@ class UnitGate:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def _features(module: nn.Module, x: torch.Tensor) -> int:
+    """How many channels `x` has at `module`: a Linear's are its last axis (on (N, T, C)
+    frames too), a conv's axis 1."""
+    return x.shape[-1] if isinstance(module, nn.Linear) else x.shape[1]
+
+
+def _per_feature(module: nn.Module, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, channels) values `v` shaped to multiply `x` channel by channel."""
+    if isinstance(module, nn.Linear):
+        return v.view((v.shape[0],) + (1,) * (x.dim() - 2) + (v.shape[1],))
+    return v.view(v.shape + (1,) * (x.dim() - 2))
 
 
 def masked_reference(model: nn.Module, layers: dict[str, dict]) -> "_LayerMask":
@@ -105,7 +117,7 @@ class _LayerMask:
 
             def pre(module, args, mask=mask):
                 x = args[0]
-                return (x * mask.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2)),)
+                return (x * _per_feature(module, mask.to(x.dtype)[None], x),)
             self._hooks.append(self.model.get_submodule(name).register_forward_pre_hook(pre))
         return self
 
@@ -227,9 +239,9 @@ class Context:
                 hooks = []
                 for name in producers:
                     def fwd(module, args, out, name=name):
-                        s = torch.ones(out.shape[:2], requires_grad=True)
+                        s = torch.ones((out.shape[0], _features(module, out)), requires_grad=True)
                         scales[name] = s
-                        return out * s.view(s.shape + (1,) * (out.dim() - 2))
+                        return out * _per_feature(module, s, out)
                     hooks.append(self.model.get_submodule(name).register_forward_hook(fwd))
                 if self.aux_heads:
                     for gi, (layer, _) in self.aux_heads.items():

@@ -285,6 +285,8 @@ class DepGraph:
                 self._fail(node, "BatchNorm1d on flattened conv features is not supported")
             self.layers[name] = Layer(name, "bn", mod, node.name, lay, lay)
             return lay
+        if isinstance(mod, nn.Linear) and len(self._shape(node.args[0]) or ()) > 2:
+            return self._linear_last_axis(node, mod, name)
         if isinstance(mod, nn.Linear):
             lay = self._input_layout(node, 2)
             if len(lay.ids) * lay.repeat != mod.in_features:
@@ -309,6 +311,22 @@ class DepGraph:
         self._fail(node, f"unsupported module type {type(mod).__name__} (supported: Conv2d, "
                    "BatchNorm2d, Linear, BatchNorm1d after it, pooling, elementwise activations, "
                    "Flatten)")
+
+    def _linear_last_axis(self, node: fx.Node, mod: nn.Linear, name: str) -> Layout:
+        """A Linear on (N, ..., C): over the last axis, the channels of a channels-last tensor
+        (frames of a sequence); its output keeps them last."""
+        lay = self._input_layout(node, channels_last_ok=True)
+        if not lay.unflattened_last:
+            if not set(lay.ids) <= self._frozen_ids:
+                self._fail(node, "a Linear over the last axis of a tensor whose channels are on "
+                           "axis 1")
+            lay = Layout(self._new_space(mod.in_features, None, True).ids, 1, True)  # the input's
+        if len(lay.ids) != mod.in_features:
+            self._fail(node, f"input has {len(lay.ids)} features, layer expects "
+                       f"{mod.in_features}")
+        out = Layout(self._new_space(mod.out_features, name, False).ids, 1, True)
+        self.layers[name] = Layer(name, "linear", mod, node.name, lay, out)
+        return out
 
     def _flatten(self, node: fx.Node, start: int, end: int = -1):
         lay = self._input_layout(node, channels_last_ok=True)
@@ -515,11 +533,17 @@ class DepGraph:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         dims = {d % len(in_shape) for d in dims}
-        if dims and 0 not in dims and 1 not in dims:
-            lay = self._input_layout(node)
+        lay = self._input_layout(node, channels_last_ok=True)
+        channel_axis = len(in_shape) - 1 if lay.channels_last else 1
+        if dims and 0 not in dims and channel_axis not in dims:
             if len(shape) == 2:
                 return Layout(lay.ids, 1) if lay.repeat == 1 else self._fail(node, "mean of "
                                                                             "flattened tensor")
+            if lay.unflattened_last and not node.kwargs.get("keepdim") and \
+                    not (len(node.args) > 2 and node.args[2]):
+                return lay           # the channels stay last
+            if lay.channels_last:
+                self._fail(node, "a mean that keeps the axes of a channels-last tensor")
             return lay
         self._fail(node, "mean over the batch or channel dimension")
 

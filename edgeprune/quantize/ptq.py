@@ -576,8 +576,6 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                            out_shape=shape))
             continue
         if isinstance(target, nn.Linear):
-            if len(shape) != 2:
-                raise EdgepruneError(f"{where}: linear on a {len(shape)}-D tensor; flatten first")
             weights[node.name] = target.weight.detach()
             biases[node.name] = (target.bias.detach() if target.bias is not None
                                  else torch.zeros(target.out_features))
@@ -730,18 +728,35 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             dims = arg(node, 1, "dim")
             if dims is None or dims == ():
                 raise EdgepruneError(f"{where}: a {what} over every axis is not supported")
-            dims = sorted(d % 4 for d in ((dims,) if isinstance(dims, int) else dims))
             ishape = shape_of(node.args[0])
-            if dims == [3] and len(ishape) == 4 and ishape[2] == 1:
+            nd = len(ishape)
+            dims = sorted({d % nd for d in ((dims,) if isinstance(dims, int) else dims)})
+            if dims == [3] and nd == 4 and ishape[2] == 1:
                 dims = [2, 3]   # over time of a lifted 1-D signal: its height is 1
-            if dims != [2, 3] or len(ishape) != 4:
-                raise EdgepruneError(f"{where}: only a {what} over H, W of NCHW is supported")
-            attrs = {"kernel": list(ishape[2:]), "strides": list(ishape[2:]),
-                     "padding": [0, 0, 0, 0], "dilation": [1, 1]}
-            pooled = (ishape[0], ishape[1], 1, 1)
+            if 0 in dims or nd < 2:
+                raise EdgepruneError(f"{where}: a {what} over the batch axis is not supported")
+            # a pool over (N, kept, 1, reduced): NCHW's H, W as they are; other axes (the T of
+            # an (N, T, C) sequence) moved last first
+            kept = [d for d in range(1, nd) if d not in dims]
+            x = src(node.args[0])
+            if kept + dims != list(range(1, nd)):
+                perm = [0] + kept + dims
+                add_node(FNode("transpose", node.name + "_t", [x], node.name + "_t",
+                               {"perm": perm}, out_shape=tuple(ishape[d] for d in perm)))
+                x = node.name + "_t"
+            n, kc = ishape[0], int(np.prod([ishape[d] for d in kept]))
+            window = [ishape[2], ishape[3]] if dims == [2, 3] and nd == 4 else \
+                [1, int(np.prod([ishape[d] for d in dims]))]
+            if dims != [2, 3] or nd != 4:
+                add_node(FNode("reshape", node.name + "_4d", [x], node.name + "_4d",
+                               {"shape": [n, kc, *window]}, out_shape=(n, kc, *window)))
+                x = node.name + "_4d"
+            attrs = {"kernel": window, "strides": window, "padding": [0, 0, 0, 0],
+                     "dilation": [1, 1]}
+            pooled = (n, kc, 1, 1)
             pname = node.name if tuple(shape) == pooled else node.name + "_pool"
             add_node(FNode("avgpool" if what == "mean" else "maxpool", pname,
-                           [src(node.args[0])], pname, attrs, out_shape=pooled))
+                           [x], pname, attrs, out_shape=pooled))
             if pname != node.name:
                 add_node(FNode("reshape", node.name, [pname], node.name,
                                {"shape": list(shape)}, out_shape=shape))

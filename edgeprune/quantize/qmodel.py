@@ -17,7 +17,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   float32 (O,), bias int32 (O,), multiplier int64 (O,), shift int64 (O,).
   acc[o] = bias[o] + sum (x - zp_in) * w over the window, padding contributes 0 (= pads x with
   zp_in); y = requantize(acc, M[o], shift[o], zp_out, lo, hi).
-* ``dense``   input (N, K); params as conv2d with weight (O, K); same arithmetic.
+* ``dense``   input (N, K), or (N, ..., K) row by row; params as conv2d with weight (O, K); same
+  arithmetic.
 * ``add``     two inputs; attrs: multipliers [Ma, Mb] and shift_total s (one shared shift),
   clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
   both inputs are rescaled to the output scale with a single rounding (ties up).
@@ -269,13 +270,13 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
                                  f"{list(wt.shape)} with groups={g} does not fit")
         oh, ow = conv_out_hw(h, w, (kh, kw), a["strides"], a["padding"], a["dilation"])
         return [n, o, oh, ow]
-    if op.kind == "dense":
-        n, k = ins[0]
+    if op.kind == "dense":   # over the last axis: (N, K) or (N, ..., K)
+        *lead, k = ins[0]
         wt = qm.param(op, "weight")
-        if wt.shape[1] != k:
-            raise EdgepruneError(f"dense '{op.name}': input has {k} features, weight is "
-                                 f"{list(wt.shape)}")
-        return [n, int(wt.shape[0])]
+        if wt.shape[1] != k or not lead:
+            raise EdgepruneError(f"dense '{op.name}': input {ins[0]} has {k} features, weight "
+                                 f"is {list(wt.shape)}")
+        return [*lead, int(wt.shape[0])]
     if op.kind == "add":
         if ins[0] != ins[1]:
             raise EdgepruneError(f"add '{op.name}': input shapes {ins[0]} and {ins[1]} differ "

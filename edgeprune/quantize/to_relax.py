@@ -215,14 +215,20 @@ def _dense(bb, env, qm: QuantModel, op: Op, pack_subbyte: bool):
     w = qm.param(op, "weight")
     o = w.shape[0]
     bias = folded_bias(qm, op)
+    x = env[op.inputs[0]]
+    in_shape = [int(d) for d in x.ty.shape.values]   # with the batch being built
+    if len(in_shape) > 2:   # over the last axis of (N, ..., K): as rows of (N * ..., K)
+        x = bb.emit(relax.op.reshape(x, (int(np.prod(in_shape[:-1])), in_shape[-1])))
     if pack_subbyte and int(op.attrs.get("weight_bits", 8)) <= 4:
         from .packing import packed_dense
-        acc = packed_dense(bb, env[op.inputs[0]], qm, op, bias)
+        acc = packed_dense(bb, x, qm, op, bias)
     else:
-        acc = relax.op.matmul(env[op.inputs[0]], _const(np.ascontiguousarray(w.T), "int8"),
-                              out_dtype="int32")
+        acc = relax.op.matmul(x, _const(np.ascontiguousarray(w.T), "int8"), out_dtype="int32")
         acc = relax.op.add(acc, _const(bias.reshape(1, o), "int32"))
-    return _requant(bb, acc, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"), (1, o))
+    y = _requant(bb, acc, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"), (1, o))
+    if len(in_shape) > 2:
+        y = bb.emit(relax.op.reshape(y, (*in_shape[:-1], o)), name_hint=_ident(op.output))
+    return y
 
 
 def _add(bb, env, qm: QuantModel, op: Op):

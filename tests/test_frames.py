@@ -1,0 +1,77 @@
+"""A Linear over the frames of a sequence (N, T, F): one dense per frame, a mean over time and a
+flatten, as small audio models on feature frames are written. From torch and from both of its
+ONNX exporters (onnxsim writes the frames as rows of (N * T, F) around each Gemm), pruned,
+and in int8 bit-exact on a target."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeprune.compile import compile_model
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.prune import CRITERIA, masked_reference, prune
+from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.simulate import simulate
+
+torch.set_num_threads(1)
+SHAPE = (1, 20, 10)    # 20 frames of 10 features
+
+
+class Frames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(10, 24), nn.Linear(24, 16)
+        self.fc, self.fc2 = nn.Linear(16, 4), nn.Linear(20 * 16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(h.mean(1)) + self.fc2(h.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def frames():
+    torch.manual_seed(0)
+    return Frames().eval()
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_linear_over_frames_prunes_equivalently(frames, criterion):
+    data = [(torch.randn(16, *SHAPE[1:]), torch.randint(0, 4, (16,))) for _ in range(2)]
+    pruned, record = prune(frames, torch.randn(SHAPE), criterion=criterion, ratios=0.5,
+                           data=data, meta_batch=data[0])
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == [12, 8, 4, 4]
+    x = torch.randn(8, *SHAPE[1:])
+    with torch.no_grad():
+        with masked_reference(frames, record["layers"]):
+            want = frames(x)
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_linear_over_frames_from_onnx_is_one_dense_per_layer(frames, dynamo, tmp_path):
+    torch.onnx.export(frames, (torch.zeros(SHAPE),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    x = torch.randn(8, *SHAPE[1:])          # any batch: the frames were not folded into rows
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), frames(x), atol=1e-5, rtol=1e-4)
+    assert sum(isinstance(m, nn.Linear) for m in back.modules()) == 4
+    pruned, _ = prune(back, torch.randn(SHAPE), ratios=0.5)
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == [12, 8, 4, 4]
+
+
+def test_linear_over_frames_runs_bit_exact(frames, tmp_path):
+    calib = np.random.default_rng(0).standard_normal((64, *SHAPE[1:])).astype(np.float32)
+    qm = ptq.quantize_ptq(frames, SHAPE, calib)
+    assert [o.kind for o in qm.ops][:2] == ["dense", "dense"]
+    assert qm.tensors[qm.ops[0].output].shape == [1, 20, 24]
+    xq = reference.quantize_input(qm, calib[:4])
+    want = reference.run(qm, xq)
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=4))(xq), want)
+    y = reference.dequantize_output(qm, want)
+    with torch.no_grad():
+        assert np.abs(y - frames(torch.from_numpy(calib[:4])).numpy()).max() < \
+            0.05 * np.abs(y).max()
+    compile_model(qm.save(tmp_path / "q"), "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", calib[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
