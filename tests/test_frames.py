@@ -75,3 +75,24 @@ def test_linear_over_frames_runs_bit_exact(frames, tmp_path):
     compile_model(qm.save(tmp_path / "q"), "cortex-m7", tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", calib[:2])
     assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_image_rows_as_frames_prune():
+    """(N, 1, H, W) squeezed to H frames of W: the squeeze keeps the input's axes."""
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Linear(8, 12), nn.Linear(6 * 12, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.a(x.squeeze(1))).flatten(1))
+
+    torch.manual_seed(0)
+    model = Rows().eval()
+    pruned, record = prune(model, torch.randn(1, 1, 6, 8), ratios=0.5)
+    assert pruned.a.out_features == 6 and pruned.fc.in_features == 36
+    x = torch.randn(4, 1, 6, 8)
+    with torch.no_grad():
+        with masked_reference(model, record["layers"]):
+            want = model(x)
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-4)

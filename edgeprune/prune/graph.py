@@ -412,7 +412,9 @@ class DepGraph:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             if shape is not None and dim % len(shape) >= 2:   # new trailing axes
                 return self._input_layout(node)
-            self._fail(node, f"unsqueeze at dim {dim} moves the channel axis")
+            return self._reshape(node, shape)
+        if (not is_fn and t == "squeeze") or (is_fn and t is torch.squeeze):
+            return self._reshape(node, shape)
         if is_split(node):
             return None      # a tuple: each getitem of it is a slice (below)
         piece = slice_of(node)
