@@ -40,7 +40,7 @@ SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sig
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
              "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
-             "Max", "Min", "Slice", "Split")
+             "Max", "Min", "Slice", "Split", "Upsample", "Sum")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -775,6 +775,30 @@ class _Builder:
                        "of the spatial axes by whole factors that repeats every value, or "
                        "linear resizing with the half_pixel or align_corners coordinates")
         return self._module(node, "Resize", nn.Upsample(**how), x)
+
+    def op_Upsample(self, node, a):
+        """The Resize of opsets 7 to 9 (older exporters, tf2onnx): scales as an attribute or
+        an input; its coordinates are asymmetric, so nearest by whole factors repeats values."""
+        x = self._in(node.input[0])
+        scales = a.get("scales")
+        if scales is None:
+            scales = self._const(node.input[1], node, "scales")
+        v = [float(f) for f in np.asarray(scales).reshape(-1)]
+        mode = _text(a.get("mode", b"nearest"))
+        if mode != "nearest" or v[:2] != [1.0, 1.0] or len(v) not in (3, 4) \
+                or any(f < 1 or f != int(f) for f in v[2:]):
+            raise _err(f"ONNX node '{node.name}' (Upsample): {mode} by scales {v} is not "
+                       "supported; only nearest upsampling of the spatial axes by whole factors")
+        return self._module(node, "Upsample", nn.Upsample(scale_factor=tuple(v[2:]),
+                                                         mode="nearest"), x)
+
+    def op_Sum(self, node, a):
+        """n-ary Add."""
+        xs = [self._in(n) for n in node.input]
+        out = xs[0]
+        for y in xs[1:]:
+            out = self._fn(operator.add, [out[0], y[0]], [out[1], y[1]])
+        return out
 
     def op_Transpose(self, node, a):
         x = self._in(node.input[0])

@@ -110,22 +110,6 @@ def test_channel_splits_prune_export_and_run_bit_exact(tmp_path):
     assert result["outputs_match"] and result["mismatches"] == 0, result
 
 
-def test_onnx_split_forms_read_back(tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4, 4])
-    nodes = [helper.make_node("Split", ["x"], ["p", "q", "r"], axis=1),      # equal pieces
-             helper.make_node("Concat", ["r", "p", "q"], ["y"], axis=1)]
-    graph = helper.make_graph(nodes, "g", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.save(model, tmp_path / "split.onnx")
-    back, _ = onnx_to_torch(tmp_path / "split.onnx")
-    t = torch.randn(1, 6, 4, 4)
-    torch.testing.assert_close(back(t), torch.cat([t[:, 4:], t[:, :4]], 1))
-
-
 def test_slices_the_pipeline_does_not_take_are_named():
     class TwoAxes(nn.Module):
         def __init__(self):
