@@ -56,7 +56,8 @@ def check_fits(target: Target, weights_bytes: int, arena_bytes: int | None, orig
                              f"({target.chip['part']}) has {target.sram_bytes} B of SRAM")
 
 
-def compile_model(spec: str | Path, target_name: str, out: Path | str, input_shape: tuple[int, ...] | None = None,
+def compile_model(spec: str | Path, target_name: str, out: Path | str,
+                  input_shape: tuple[int, ...] | None = None,
                   prefix: str = "model", force: bool = False, log=print,
                   check_chip: bool = True) -> dict:
     """Lower `spec` with TVM into a C library and firmware in `out`. check_chip=False builds a

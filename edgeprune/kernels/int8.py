@@ -465,7 +465,8 @@ def _add_chain(end, defs: dict, uses: dict, features=()):
         return None
     lo, hi = (int(v.value) for v in clip.args[1:3])
     xmax = max(2 ** (8 * np.dtype(str(x.ty.dtype)).itemsize - 1) for x in inputs)
-    if ((xmax * sum(map(abs, mults)) + abs(rnd)) >> sh) + abs(zp) >= 2 ** 31:  # ep_requant_add's int32
+    # ep_requant_add's sum must fit int32 (a difference has a negative multiplier)
+    if ((xmax * sum(map(abs, mults)) + abs(rnd)) >> sh) + abs(zp) >= 2 ** 31:
         return None
     size = int(np.prod(shape))
     a_t, b_t = (str(x.ty.dtype) for x in inputs)
