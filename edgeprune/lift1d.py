@@ -29,7 +29,9 @@ _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn
                         nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardtanh,
                         nn.Dropout, nn.Identity, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign,
                         nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-                        nn.Dropout1d, nn.AlphaDropout, nn.PReLU)   # PReLU: slopes on axis 1
+                        nn.Dropout1d, nn.AlphaDropout,
+                        nn.PReLU,        # slopes on axis 1, the channels in both forms
+                        nn.LayerNorm)    # over the last axis, L in both forms
 _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                           operator.neg, torch.add, torch.sub, torch.mul, torch.relu,
                           torch.sigmoid, torch.tanh, F.relu, F.relu6, F.sigmoid, F.tanh,

@@ -40,7 +40,7 @@ SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sig
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
              "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
-             "Max", "Min", "Slice", "Split", "Upsample", "Sum")
+             "Max", "Min", "Slice", "Split", "Upsample", "Sum", "LayerNormalization")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -775,6 +775,24 @@ class _Builder:
                        "of the spatial axes by whole factors that repeats every value, or "
                        "linear resizing with the half_pixel or align_corners coordinates")
         return self._module(node, "Resize", nn.Upsample(**how), x)
+
+    def op_LayerNormalization(self, node, a):
+        x = self._in(node.input[0])
+        nd = x[1].dim()
+        axis = int(a.get("axis", -1)) % nd
+        if axis != nd - 1:
+            raise _err(f"ONNX node '{node.name}' (LayerNormalization): over axes {axis}.. of a "
+                       f"{nd}-D tensor; only one over the last axis is supported")
+        c = x[1].shape[-1]
+        ln = nn.LayerNorm(c, eps=float(a.get("epsilon", 1e-5)))
+        ln.weight.data.copy_(torch.as_tensor(np.asarray(
+            self._const(node.input[1], node, "scale"), np.float32).reshape(c)))
+        if len(node.input) > 2 and node.input[2]:
+            ln.bias.data.copy_(torch.as_tensor(np.asarray(
+                self._const(node.input[2], node, "bias"), np.float32).reshape(c)))
+        else:
+            ln.bias.data.zero_()
+        return self._module(node, "LayerNorm", ln, x)
 
     def op_Upsample(self, node, a):
         """The Resize of opsets 7 to 9 (older exporters, tf2onnx): scales as an attribute or

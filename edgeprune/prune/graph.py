@@ -299,6 +299,8 @@ class DepGraph:
             return self._flatten(node, mod.start_dim, mod.end_dim)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
+        if isinstance(mod, nn.LayerNorm):
+            return self._layer_norm(node, len(mod.normalized_shape))
         if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:   # a slope per channel
             lay = self._input_layout(node)
             if lay.repeat != 1:
@@ -311,6 +313,17 @@ class DepGraph:
         self._fail(node, f"unsupported module type {type(mod).__name__} (supported: Conv2d, "
                    "BatchNorm2d, Linear, BatchNorm1d after it, pooling, elementwise activations, "
                    "Flatten)")
+
+    def _layer_norm(self, node: fx.Node, n_axes: int) -> Layout:
+        """A LayerNorm over the last axis. Over the channels, every channel counts in the
+        statistics, so they are kept; over another axis (L of (N, C, L)) they pass."""
+        lay = self._input_layout(node, channels_last_ok=True)
+        nd = len(self._shape(node.args[0]))
+        if n_axes != 1:
+            self._fail(node, "a LayerNorm over more than the last axis")
+        if lay.channels_last or nd == 2 or lay.repeat != 1:
+            self._freeze(lay)
+        return lay
 
     def _linear_last_axis(self, node: fx.Node, mod: nn.Linear, name: str) -> Layout:
         """A Linear on (N, ..., C): over the last axis, the channels of a channels-last tensor
@@ -415,6 +428,9 @@ class DepGraph:
             return self._reshape(node, shape)
         if (not is_fn and t == "squeeze") or (is_fn and t is torch.squeeze):
             return self._reshape(node, shape)
+        if is_fn and t is F.layer_norm:
+            shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+            return self._layer_norm(node, len(shape_arg))
         if is_split(node):
             return None      # a tuple: each getitem of it is a slice (below)
         piece = slice_of(node)

@@ -29,7 +29,7 @@ from ..layers import zero_insert
 from ..slicing import is_split, slice_of
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, SAME_QPARAMS, Op, QuantModel, TensorInfo,
                      window_counts)
-from .requant import INT32_MAX, quantize_multiplier, quantize_multipliers, \
+from .requant import INT32_MAX, LAYERNORM_FRAC_BITS, quantize_multiplier, quantize_multipliers, \
     shared_shift_multipliers
 from .wquant import quantize_weights
 
@@ -281,6 +281,10 @@ class IRNet(nn.Module):
                 y = lut_apply(a, xs[0])
             elif n.kind == "prelu":
                 y = F.prelu(xs[0], torch.tensor(a["slopes"], dtype=xs[0].dtype))
+            elif n.kind == "layernorm":
+                t = xs[0].dtype
+                y = F.layer_norm(xs[0], xs[0].shape[-1:], torch.tensor(a["gamma"], dtype=t),
+                                 torch.tensor(a["beta"], dtype=t), a["eps"])
             elif n.kind == "softmax":
                 y = torch.softmax(xs[0], a["axis"])
             elif n.kind == "log_softmax":
@@ -531,6 +535,24 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         if lut is not None:
             add_node(FNode("lut", node.name, [src(node.args[0])], node.name,
                            {"function": lut[0], "param": lut[1]}, out_shape=shape))
+            continue
+        if isinstance(target, nn.LayerNorm) or target is F.layer_norm:
+            if isinstance(target, nn.LayerNorm):
+                dims, eps = tuple(target.normalized_shape), target.eps
+                gamma, beta = target.weight, target.bias
+            else:
+                dims, eps = tuple(arg(node, 1, "normalized_shape")), arg(node, 4, "eps", 1e-5)
+                gamma, beta = (constants.get(getattr(a, "name", None)) for a in
+                               (arg(node, 2, "weight"), arg(node, 3, "bias")))
+            if dims != tuple(shape[-1:]):
+                raise EdgepruneError(f"{where}: a LayerNorm over {list(dims)} of {list(shape)}; "
+                                     "only one over the last axis is supported")
+            c = shape[-1]
+            add_node(FNode("layernorm", node.name, [src(node.args[0])], node.name, {
+                "eps": float(eps),
+                "gamma": (torch.ones(c) if gamma is None else gamma.detach()).double().tolist(),
+                "beta": (torch.zeros(c) if beta is None else beta.detach()).double().tolist()},
+                out_shape=shape))
             continue
         if isinstance(target, nn.PReLU):   # a slope per channel (one slope is a "lut")
             add_node(FNode("prelu", node.name, [src(node.args[0])], node.name,
@@ -1031,6 +1053,19 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                           "clamp": [out.qmin, out.qmax]})
             params.update({f"{n.name}.multiplier": (np.sign(slopes) * ms).astype(np.int32),
                            f"{n.name}.shift": shs})
+        elif n.kind == "layernorm":
+            # reference.run_op: n = (x - mean) / std in fixed point with LAYERNORM_FRAC_BITS,
+            # then gamma_c * n requantized per channel and beta_c added in output steps
+            c = tin.shape[-1]
+            gamma = np.asarray(attrs.pop("gamma"), np.float64)
+            beta = np.asarray(attrs.pop("beta"), np.float64)
+            ms, shs = quantize_multipliers(np.abs(gamma) / (out.scale * 2 ** LAYERNORM_FRAC_BITS))
+            eps_steps = attrs.pop("eps") * c * c / tin.scale ** 2
+            attrs.update({"eps_steps": int(min(round(eps_steps), 2 ** 40)),
+                          "clamp": [out.qmin, out.qmax]})
+            params.update({f"{n.name}.multiplier": (np.sign(gamma) * ms).astype(np.int32),
+                           f"{n.name}.shift": shs,
+                           f"{n.name}.bias": np.round(beta / out.scale).astype(np.int32)})
         elif n.kind == "concat":
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],

@@ -61,6 +61,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   model's NHWC input turned NCHW, or NCHW features turned NHWC before its Flatten).
 * ``prelu`` (a slope per channel): x >= zero point: requantized by attrs multiplier, shift;
   below it by params multiplier (C,) (negative for a negative slope) and shift (C,).
+* ``layernorm`` over the last axis (C): n = requant.layernorm_normalized (attrs eps_steps),
+  y = zp + ((n * multiplier_c + 2**(s-1)) >> s) + bias_c, s = 31 - shift_c (params (C,) each).
 * ``slice`` attrs: axis (>= 1), start, stop, step: x[..., start:stop:step, ...] along that axis
   (a channel split: x[:, 8:], chunk, split, ONNX Slice/Split).  Same scale/zero point.
 
@@ -84,8 +86,8 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "prelu", "softmax", "log_softmax",
-            "maxpool", "avgpool", "reshape", "transpose", "slice", "upsample", "dilate")
+OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "prelu", "layernorm", "softmax",
+            "log_softmax", "maxpool", "avgpool", "reshape", "transpose", "slice", "upsample", "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
 SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "upsample", "dilate")
@@ -299,11 +301,13 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"concat '{op.name}': {len(ins)} inputs but "
                                  f"{len(a['multipliers'])} multipliers, {len(a['shifts'])} shifts")
         return [ins[0][0], sum(sh[1] for sh in ins)] + list(ins[0][2:])
-    if op.kind == "prelu":
-        for key in ("multiplier", "shift"):
-            if len(ins[0]) < 2 or list(qm.param(op, key).shape) != [ins[0][1]]:
-                raise EdgepruneError(f"prelu '{op.name}': {key} must hold one value per channel "
-                                     f"of the input {ins[0]}")
+    if op.kind in ("prelu", "layernorm"):    # per channel: axis 1, or the last for layernorm
+        axis = -1 if op.kind == "layernorm" else 1
+        keys = ("multiplier", "shift") + (("bias",) if op.kind == "layernorm" else ())
+        for key in keys:
+            if len(ins[0]) < 2 or list(qm.param(op, key).shape) != [ins[0][axis]]:
+                raise EdgepruneError(f"{op.kind} '{op.name}': {key} must hold one value per "
+                                     f"channel of the input {ins[0]}")
         return list(ins[0])
     if op.kind == "lut":
         table = qm.param(op, "table")

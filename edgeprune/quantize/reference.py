@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import EdgepruneError
 from .qmodel import Op, QuantModel, TensorInfo
-from .requant import linear_frac_bits, linear_taps, requantize, rounding_shift
+from .requant import (layernorm_normalized, linear_frac_bits, linear_taps, requantize,
+                      rounding_shift)
 
 
 def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
@@ -135,6 +136,13 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
                             out.zero_point, lo, hi)
                  for i, m, sh in zip(op.inputs, a["multipliers"], a["shifts"])]
         return np.concatenate(parts, axis=1).astype(out.dtype)
+    if op.kind == "layernorm":
+        n = layernorm_normalized(x, tin.zero_point, int(a["eps_steps"]))
+        lo, hi = a["clamp"]
+        s = 31 - qm.param(op, "shift").astype(np.int64)
+        y = rounding_shift(n * qm.param(op, "multiplier").astype(np.int64), s) \
+            + qm.param(op, "bias").astype(np.int64) + out.zero_point
+        return np.clip(y, lo, hi).astype(out.dtype)
     if op.kind == "prelu":
         xi = x.astype(np.int64) - tin.zero_point
         lo, hi = a["clamp"]

@@ -84,6 +84,25 @@ def shared_shift_multipliers(real_scales: list[float]) -> tuple[list[int], int]:
     return ms, s
 
 
+LAYERNORM_FRAC_BITS = 16    # a LayerNorm's normalized values, (x - mean) / std, in fixed point
+
+
+def layernorm_normalized(x: np.ndarray, zero_point: int, eps_steps: int) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) over the last axis, times 2**LAYERNORM_FRAC_BITS, from
+    integers alone: with d = x - zp and e = C * d - sum(d) (C times the deviation, exact),
+    the result is e * 2**F / isqrt(sum(e**2) // C + eps_steps) rounded (eps_steps = eps * C**2
+    / scale**2); the square root's floor is exact from a double sqrt corrected by one step."""
+    d = np.asarray(x, np.int64) - np.int64(zero_point)
+    c = d.shape[-1]
+    e = d * c - d.sum(-1, keepdims=True)
+    v = (e * e).sum(-1, keepdims=True) // c + np.int64(eps_steps)
+    r = np.sqrt(v.astype(np.float64)).astype(np.int64)
+    r = np.where(r * r > v, r - 1, r)
+    r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
+    r = np.maximum(r, 1)
+    return (e * (1 << LAYERNORM_FRAC_BITS) + r // 2) // r
+
+
 def rounding_shift(x: np.ndarray, s: np.ndarray | int) -> np.ndarray:
     """``(x + 2**(s-1)) >> s`` in int64 (floor shift): x / 2**s rounded half up."""
     x = np.asarray(x, np.int64)

@@ -291,6 +291,36 @@ def _prelu(bb, env, qm: QuantModel, op: Op):
                    name_hint=_ident(op.output))
 
 
+def _layernorm(bb, env, qm: QuantModel, op: Op):
+    """reference.run_op's layernorm (requant.layernorm_normalized, then per channel)."""
+    from tvm import relax
+
+    from .requant import LAYERNORM_FRAC_BITS
+    tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
+    c = int(tin.shape[-1])
+    i64 = lambda v: _scalar(int(v))      # noqa: E731
+    d = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int64"), i64(tin.zero_point))
+    e = relax.op.subtract(relax.op.multiply(d, i64(c)), relax.op.sum(d, axis=[-1], keepdims=True))
+    v = relax.op.add(relax.op.floor_divide(relax.op.sum(relax.op.multiply(e, e), axis=[-1],
+                                                        keepdims=True), i64(c)),
+                     i64(op.attrs["eps_steps"]))
+    r = relax.op.astype(relax.op.sqrt(relax.op.astype(v, "float64")), "int64")
+    r = relax.op.where(relax.op.greater(relax.op.multiply(r, r), v), relax.op.subtract(r, i64(1)), r)
+    r1 = relax.op.add(r, i64(1))
+    r = relax.op.where(relax.op.less_equal(relax.op.multiply(r1, r1), v), r1, r)
+    r = relax.op.maximum(r, i64(1))
+    n = relax.op.floor_divide(relax.op.add(relax.op.multiply(e, i64(1 << LAYERNORM_FRAC_BITS)),
+                                           relax.op.floor_divide(r, i64(2))), r)
+    s = 31 - qm.param(op, "shift").astype(np.int64)
+    y = relax.op.multiply(n, _const(qm.param(op, "multiplier").astype(np.int64), "int64"))
+    y = relax.op.add(y, _const(np.left_shift(np.int64(1), s - 1), "int64"))
+    y = relax.op.right_shift(y, _const(s, "int64"))
+    y = relax.op.add(y, _const(qm.param(op, "bias").astype(np.int64) + out.zero_point, "int64"))
+    lo, hi = op.attrs["clamp"]
+    return bb.emit(relax.op.astype(relax.op.clip(y, int(lo), int(hi)), out.dtype),
+                   name_hint=_ident(op.output))
+
+
 def _softmax(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     ax = int(op.attrs["axis"])
@@ -398,6 +428,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _lut(bb, env, qm, op)
                 elif op.kind == "prelu":
                     y = _prelu(bb, env, qm, op)
+                elif op.kind == "layernorm":
+                    y = _layernorm(bb, env, qm, op)
                 elif op.kind == "softmax":
                     y = _softmax(bb, env, qm, op)
                 elif op.kind == "log_softmax":

@@ -1,0 +1,98 @@
+"""LayerNorm over the last axis in integers (requant.layernorm_normalized: an exact integer
+square root, then a requantization per channel): frames of a sequence, and ConvNeXt's
+channels-last LayerNorm of a conv map. From torch and ONNX, pruned around it, bit-exact on
+targets without (M4) and with a double-precision FPU (M7)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeprune.compile import compile_model
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.prune import masked_reference, prune
+from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.quantize.requant import LAYERNORM_FRAC_BITS, layernorm_normalized
+from edgeprune.simulate import simulate
+
+torch.set_num_threads(1)
+
+
+class Frames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.n = nn.Linear(10, 16), nn.LayerNorm(16)
+        self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.n2, self.fc = nn.LayerNorm(16, elementwise_affine=False), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.n(self.a(x))
+        h = h + self.c(torch.relu(self.b(h)))     # the block's hidden width prunes
+        return self.fc(self.n2(h).mean(1))
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dw = nn.Conv2d(1, 12, 3, 2, 1), nn.Conv2d(12, 12, 5, 1, 2, groups=12)
+        self.norm, self.up, self.down = nn.LayerNorm(12, eps=1e-6), nn.Linear(12, 24), \
+            nn.Linear(24, 12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        h = self.down(F.gelu(self.up(h))).permute(0, 3, 1, 2)
+        return self.fc((x + h).mean((2, 3)))
+
+
+def _affine(model):
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            m.weight.data = torch.randn(m.normalized_shape) * 0.8    # both signs
+            m.bias.data = torch.randn(m.normalized_shape) * 0.3
+
+
+def test_integer_normalization_is_exact_to_a_step():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, (50, 7, 24))
+    n = layernorm_normalized(x, 3, 5)
+    d = x - 3.0
+    e = d * 24 - d.sum(-1, keepdims=True)
+    want = e / np.sqrt((e * e).sum(-1, keepdims=True) / 24 + 5) * 2 ** LAYERNORM_FRAC_BITS
+    assert np.abs(n - want).max() < 1 + 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("cls, shape, target", [(Frames, (1, 20, 10), "cortex-m4"),
+                                                (ConvNeXtish, (1, 1, 12, 12), "cortex-m7")])
+def test_layernorm_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
+    torch.manual_seed(0)
+    model = cls().eval()
+    _affine(model)
+    x = torch.randn(8, *shape[1:])
+    pruned, record = prune(model, torch.randn(shape), ratios=0.5)
+    lin = {n: m.out_features for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
+    assert lin[{"Frames": "b", "ConvNeXtish": "up"}[cls.__name__]] < 20   # around the norm
+    with torch.no_grad():
+        with masked_reference(model, record["layers"]):
+            want = model(x)
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-4)
+
+    torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
+    calib = torch.randn(64, *shape[1:]).numpy()
+    qm = ptq.quantize_ptq(back, shape, calib)
+    assert [o.kind for o in qm.ops].count("layernorm") == (2 if cls is Frames else 1)
+    xq = reference.quantize_input(qm, calib[:4])
+    want = reference.run(qm, xq)
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=4))(xq), want)
+    y = reference.dequantize_output(qm, want)
+    with torch.no_grad():
+        f = pruned(torch.from_numpy(calib[:4])).numpy()
+    assert np.abs(y - f).max() < 0.1 * np.abs(f).max()
+    compile_model(qm.save(tmp_path / "q"), target, tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", calib[:3])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
