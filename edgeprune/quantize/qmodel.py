@@ -87,7 +87,8 @@ from ..errors import EdgepruneError
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
 OP_KINDS = ("conv2d", "dense", "add", "mul", "concat", "lut", "prelu", "layernorm", "softmax",
-            "log_softmax", "maxpool", "avgpool", "reshape", "transpose", "slice", "upsample", "dilate")
+            "log_softmax", "maxpool", "avgpool", "reshape", "transpose", "slice", "upsample",
+            "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
 SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "upsample", "dilate")

@@ -305,7 +305,8 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
                                                         keepdims=True), i64(c)),
                      i64(op.attrs["eps_steps"]))
     r = relax.op.astype(relax.op.sqrt(relax.op.astype(v, "float64")), "int64")
-    r = relax.op.where(relax.op.greater(relax.op.multiply(r, r), v), relax.op.subtract(r, i64(1)), r)
+    r = relax.op.where(relax.op.greater(relax.op.multiply(r, r), v),
+                       relax.op.subtract(r, i64(1)), r)
     r1 = relax.op.add(r, i64(1))
     r = relax.op.where(relax.op.less_equal(relax.op.multiply(r1, r1), v), r1, r)
     r = relax.op.maximum(r, i64(1))
