@@ -82,9 +82,10 @@ def simplify(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], origin:
     import onnxsim
 
     try:
+        # fuse_attention would write ONNX Runtime's com.microsoft Attention, not standard ONNX
         simplified, ok = onnxsim.simplify(
             model, overwrite_input_shapes={k: list(v) for k, v in shapes.items()},
-            skip_fuse_bn=keep_bn)
+            skip_fuse_bn=keep_bn, skipped_optimizers=["fuse_attention"])
     except Exception as e:
         raise EdgepruneError(f"{origin}: onnxsim could not simplify the graph: {e}")
     if not ok:

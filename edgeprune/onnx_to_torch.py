@@ -673,9 +673,11 @@ class _Builder:
         if not a.get("allowzero", 0):
             shape = [in_shape[i] if d == 0 else d for i, d in enumerate(shape)]
         shape = list(torch.empty(in_shape).reshape(shape).shape)  # resolve -1 statically
-        if len(in_shape) > 2 and shape == [int(np.prod(in_shape[:-1])), in_shape[-1]] \
-                and self._rows_return(node.output[0], in_shape[:-1]):
-            return x   # a Linear over frames, written as rows of (N * T, K): kept (N, T, K)
+        if len(shape) == 2:   # rows of (N * T, K) around a Gemm: kept (N, T, K) if they return
+            lead = next((in_shape[:k] for k in range(2, len(in_shape))
+                         if int(np.prod(in_shape[:k])) == shape[0]), None)
+            if lead is not None and self._rows_return(node.output[0], lead):
+                shape = [*lead, shape[1]]
         if tuple(shape) == in_shape:
             return x
         return self._reshape_to(x, tuple(shape))
@@ -700,13 +702,18 @@ class _Builder:
             for n in self.consumers.get(t, []):
                 if n.op_type == "Reshape" and n.input[0] == t and n.input[1] in self.consts:
                     back = [int(d) for d in np.asarray(self.consts[n.input[1]]).reshape(-1)]
-                    if tuple(back[:len(lead)]) != tuple(lead) or len(back) != len(lead) + 1:
+                    if tuple(back[:len(lead)]) != tuple(lead):
                         return False
                     continue
-                if n.op_type not in self._ROW_OPS or (n.op_type == "Gemm" and n.input[0] != t):
+                attrs = _attrs(n)
+                last_axis = n.op_type in ("LayerNormalization", "Softmax", "LogSoftmax") and \
+                    int(attrs.get("axis", -1)) in (-1, 1)
+                if (n.op_type not in self._ROW_OPS and not last_axis) or \
+                        (n.op_type == "Gemm" and n.input[0] != t):
                     return False
                 others = [i for i in n.input if i != t and i]
-                if n.op_type not in ("Gemm", "MatMul", "PRelu", "Clip") and any(
+                if n.op_type not in ("Gemm", "MatMul", "PRelu", "Clip",
+                                     "LayerNormalization") and any(
                         i in self.consts and np.asarray(self.consts[i]).ndim > 1 for i in others):
                     return False     # a constant with a row axis
                 todo.extend(n.output)
@@ -868,6 +875,9 @@ class _Builder:
         return self._module(node, "Gemm", lin, self._in(node.input[0]))
 
     def op_MatMul(self, node, a):
+        if node.input[1] not in self.consts:     # two activations (attention)
+            x, y = self._in(node.input[0]), self._in(node.input[1])
+            return self._fn(torch.matmul, [x[0], y[0]], [x[1], y[1]])
         b = np.asarray(self._const(node.input[1], node, "right operand"), dtype=np.float32)
         if b.ndim != 2:
             raise _err(f"ONNX node '{node.name}' (MatMul): only a 2-D constant right operand "

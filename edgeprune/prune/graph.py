@@ -314,6 +314,16 @@ class DepGraph:
                    "BatchNorm2d, Linear, BatchNorm1d after it, pooling, elementwise activations, "
                    "Flatten)")
 
+    def _matmul(self, node: fx.Node, shape) -> Layout:
+        """A product of two activations (attention's scores, their weighted sum): the
+        channels of both operands are kept; the result's last axis is its channels."""
+        for a in node.args[:2]:
+            lay = self._layout_of(a)
+            if not isinstance(lay, Layout):
+                self._fail(node, "multiplies a tensor without a tracked channel dimension")
+            self._freeze(lay)
+        return Layout(self._new_space(shape[-1], None, True).ids, 1, len(shape) > 2)
+
     def _layer_norm(self, node: fx.Node, n_axes: int) -> Layout:
         """A LayerNorm over the last axis. Over the channels, every channel counts in the
         statistics, so they are kept; over another axis (L of (N, C, L)) they pass."""
@@ -382,8 +392,9 @@ class DepGraph:
     def _softmax(self, node: fx.Node, dim, shape):
         """Elementwise along other axes; along the channels every channel counts in the sum,
         so they are kept."""
-        lay = self._input_layout(node)
-        if dim is None or shape is None or dim % len(shape) == 1:
+        lay = self._input_layout(node, channels_last_ok=True)
+        channel_axis = len(shape) - 1 if shape is not None and lay.channels_last else 1
+        if dim is None or shape is None or dim % len(shape) == channel_axis:
             self._freeze(lay)
         return lay
 
@@ -428,6 +439,9 @@ class DepGraph:
             return self._reshape(node, shape)
         if (not is_fn and t == "squeeze") or (is_fn and t is torch.squeeze):
             return self._reshape(node, shape)
+        if (is_fn and t in (operator.matmul, torch.matmul, torch.bmm)) or \
+                (not is_fn and t in ("matmul", "bmm")):
+            return self._matmul(node, shape)
         if is_fn and t is F.layer_norm:
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
@@ -552,6 +566,8 @@ class DepGraph:
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         dims = {d % len(in_shape) for d in dims}
         lay = self._input_layout(node, channels_last_ok=True)
+        if set(lay.ids) <= self._frozen_ids and 0 not in dims and len(shape) >= 2:
+            return self._kept(lay, shape)     # kept channels, wherever they are now
         channel_axis = len(in_shape) - 1 if lay.channels_last else 1
         if dims and 0 not in dims and channel_axis not in dims:
             if len(shape) == 2:

@@ -73,9 +73,11 @@ _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub
                "mul": "mul", operator.truediv: "div", torch.div: "div", "div": "div"}
 
 
-def _scalar_affine(target, node, is_static) -> tuple[float, float] | None:
+def _scalar_affine(target, node, static: dict) -> tuple[float, float] | None:
     """(a, b) when `node` computes a * x + b from one tensor x and a number (x + 3, 6 - x,
-    x * 0.5, x / 6, -x), else None."""
+    x * 0.5, x / 6, -x, x / d ** 0.5 with d from a shape), else None."""
+    def is_static(n):
+        return n.name in static
     try:
         kind = _SCALAR_OPS.get(target)
     except TypeError:   # an unhashable module
@@ -88,6 +90,8 @@ def _scalar_affine(target, node, is_static) -> tuple[float, float] | None:
     swapped = not isinstance(x, torch.fx.Node) or is_static(x)
     if swapped:
         x, c = c, x
+    if isinstance(c, torch.fx.Node) and is_static(c):
+        c = static[c.name]
     if not isinstance(x, torch.fx.Node) or is_static(x) or not isinstance(c, (int, float)) \
             or isinstance(c, bool):
         return None
@@ -275,6 +279,8 @@ class IRNet(nn.Module):
                 y = xs[0] - xs[1] if a.get("subtract") else xs[0] + xs[1]
             elif n.kind == "mul":
                 y = xs[0] * xs[1]
+            elif n.kind == "matmul":
+                y = torch.matmul(xs[0], xs[1])
             elif n.kind == "concat":
                 y = torch.cat(xs, 1)
             elif n.kind == "lut":
@@ -508,7 +514,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             prev = src(node.args[0])
             producer = by_out.get(prev)
             if (producer is not None and producer.act is None
-                    and producer.kind in ("conv2d", "dense", "add", "mul", "concat")
+                    and producer.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat")
                     and users[prev] == 1):
                 producer.act = act      # fused: a clamp in the producer's requantization
                 alias[node.name] = prev
@@ -622,7 +628,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 raise EdgepruneError(f"{where}: a per-channel constant on a {len(shape)}-D "
                                      "tensor; only NCHW maps and (N, C) features are supported")
             continue
-        affine = _scalar_affine(target, node, lambda n: n.name in static)
+        affine = _scalar_affine(target, node, static)
         if affine is not None:      # x + 3, x * 0.5, 6 - x, x / 6: a table like an activation
             tensor = next(t for t in node.args[:2] if isinstance(t, fx.Node))
             add_node(FNode("lut", node.name, [src(tensor)], node.name,
@@ -637,6 +643,18 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             # a - b is the add a * 1 + b * (-1): the same op with the second multiplier negated
             add_node(FNode("add", node.name, [src(a), src(b)], node.name,
                            {"subtract": True} if subtract else {}, out_shape=shape))
+            continue
+        if target in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"):
+            a, b = node.args[0], node.args[1]
+            if not all(isinstance(t, fx.Node) and t.name not in static and t.name not in
+                       constants for t in (a, b)):
+                raise EdgepruneError(f"{where}: only a product of two activations is supported "
+                                     "here (a constant matrix is a Linear)")
+            if len(shape_of(a)) < 3 or shape_of(a)[:-2] != shape_of(b)[:-2]:
+                raise EdgepruneError(f"{where}: matrices {shape_of(a)} @ {shape_of(b)}; only "
+                                     "batches of the same leading shape (N, ..., T, D) are "
+                                     "supported")
+            add_node(FNode("matmul", node.name, [src(a), src(b)], node.name, out_shape=shape))
             continue
         if target in (operator.mul, torch.mul, "mul"):
             a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
@@ -989,7 +1007,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             out = TensorInfo(n.output, list(n.out_shape), dt, s, zp)
         tensors[n.output] = out
         attrs = dict(n.attrs)
-        if n.kind in ("conv2d", "dense", "add", "mul", "concat", "avgpool"):
+        if n.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat", "avgpool"):
             flo, fhi = _act_range(n.act)
             lo = out.qmin if not np.isfinite(flo) else max(out.qmin, out.zero_point +
                                                            int(np.floor(flo / out.scale + 0.5)))
@@ -1020,7 +1038,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             if n.attrs.get("subtract"):
                 ms[1] = -ms[1]
             attrs.update({"multipliers": ms, "shift_total": int(st)})
-        elif n.kind == "mul":
+        elif n.kind in ("mul", "matmul"):
             m, sh = quantize_multiplier(tin.scale * tensors[n.inputs[1]].scale / out.scale)
             attrs.update({"multiplier": int(m), "shift": int(sh)})
         elif n.kind == "lut":

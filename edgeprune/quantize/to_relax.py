@@ -252,6 +252,17 @@ def _mul(bb, env, qm: QuantModel, op: Op):
                     np.array(int(op.attrs["shift"])), None)
 
 
+def _matmul(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    ta, tb = (qm.tensors[i] for i in op.inputs)
+    bound = ta.shape[-1] * (ta.qmax - ta.qmin) * (tb.qmax - tb.qmin)
+    dt = "int32" if bound < 2 ** 31 else "int64"      # int16 operands need 64-bit sums
+    a, b = ((relax.op.subtract(relax.op.astype(env[i], dt),
+                               _scalar(qm.tensors[i].zero_point, dt))) for i in op.inputs)
+    return _requant(bb, relax.op.matmul(a, b, out_dtype=dt), op, qm,
+                    np.array(int(op.attrs["multiplier"])), np.array(int(op.attrs["shift"])), None)
+
+
 def _concat(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     out = qm.tensors[op.output]
@@ -423,6 +434,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _add(bb, env, qm, op)
                 elif op.kind == "mul":
                     y = _mul(bb, env, qm, op)
+                elif op.kind == "matmul":
+                    y = _matmul(bb, env, qm, op)
                 elif op.kind == "concat":
                     y = _concat(bb, env, qm, op)
                 elif op.kind == "lut":

@@ -1,0 +1,94 @@
+"""A small transformer block on frames (keyword spotting on feature frames): multi-head
+self-attention (products of two activations, op matmul), softmax over the keys, LayerNorm,
+a feed-forward block. From torch and both ONNX exporters; pruning cuts the feed-forward width
+and keeps the channels the attention mixes; int8 bit-exact on the host and on targets."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgeprune.compile import compile_model
+from edgeprune.errors import EdgepruneError
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.prune import masked_reference, prune
+from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.simulate import simulate
+
+torch.set_num_threads(1)
+SHAPE = (1, 12, 10)
+
+
+class Block(nn.Module):
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Linear(10, 16)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.norm, self.f1, self.f2 = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.emb(x)
+        n, length, c = t.shape
+        h, d = self.heads, c // self.heads
+
+        def split(y):
+            return y.reshape(n, length, h, d).transpose(1, 2)
+        q, k, v = split(self.q(t)), split(self.k(t)), split(self.v(t))
+        a = torch.softmax(q @ k.transpose(-2, -1) / d ** 0.5, -1)
+        t = self.norm(t + self.o((a @ v).transpose(1, 2).reshape(n, length, c)))
+        t = t + self.f2(torch.relu(self.f1(t)))
+        return self.fc(t.mean(1))
+
+
+def _sources(model, tmp_path):
+    yield model
+    for dynamo in (False, True):
+        path = tmp_path / f"m{int(dynamo)}.onnx"
+        torch.onnx.export(model, (torch.zeros(SHAPE),), str(path), dynamo=dynamo)
+        yield onnx_to_torch(path)[0]
+
+
+@pytest.mark.parametrize("heads, target", [(1, "cortex-m55"), (2, "riscv32")])
+def test_attention_block_prunes_and_runs_bit_exact(heads, target, tmp_path):
+    torch.manual_seed(0)
+    model = Block(heads).eval()
+    x = torch.randn(8, *SHAPE[1:])
+    calib = torch.randn(64, *SHAPE[1:]).numpy()
+    for source in _sources(model, tmp_path):
+        with torch.no_grad():
+            torch.testing.assert_close(source(x), model(x), atol=1e-5, rtol=1e-4)
+        pruned, record = prune(source, torch.randn(SHAPE), ratios=0.5)
+        widths = [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)]
+        assert sorted(widths) == [4] + [16] * 7     # f1: 32 -> 16; the rest mix or are mixed
+        with torch.no_grad():
+            with masked_reference(source, record["layers"]):
+                want = source(x)
+            torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-4)
+        qm = ptq.quantize_ptq(source, SHAPE, calib)
+        assert [o.kind for o in qm.ops].count("matmul") == 2
+        xq = reference.quantize_input(qm, calib[:4])
+        out = reference.run(qm, xq)
+        assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=4))(xq), out)
+        y = reference.dequantize_output(qm, out)
+        with torch.no_grad():
+            f = model(torch.from_numpy(calib[:4])).numpy()
+        assert np.abs(y - f).max() < 0.05 * np.abs(f).max()
+    compile_model(qm.save(tmp_path / "q"), target, tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", calib[:2])
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+def test_a_matrix_product_with_a_broadcast_batch_is_named():
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.a(x)
+            return (y.unsqueeze(1) @ y.transpose(1, 2)).mean((2, 3))   # (N, 1, ..) @ (N, ..)
+
+    with pytest.raises(EdgepruneError, match="node 'matmul'.*same leading shape"):
+        ptq.quantize_ptq(Broadcast().eval(), (2, 3, 4), np.zeros((4, 3, 4), np.float32))
