@@ -85,22 +85,30 @@ def shared_shift_multipliers(real_scales: list[float]) -> tuple[list[int], int]:
 
 
 LAYERNORM_FRAC_BITS = 16    # a LayerNorm's normalized values, (x - mean) / std, in fixed point
+LAYERNORM_RECIP_BITS = 24   # ... computed as e * (2**(F + R) / r) >> R: one division per row
+
+
+def layernorm_row_reciprocal(v: np.ndarray) -> np.ndarray:
+    """round(2**(F + R) / isqrt(v)) for a row's v = sum(e**2) // C + eps_steps; the square
+    root's floor is exact from a double sqrt corrected by one step."""
+    v = np.asarray(v, np.int64)
+    r = np.sqrt(v.astype(np.float64)).astype(np.int64)
+    r = np.where(r * r > v, r - 1, r)
+    r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
+    r = np.maximum(r, 1)
+    return ((np.int64(1) << (LAYERNORM_FRAC_BITS + LAYERNORM_RECIP_BITS)) + r // 2) // r
 
 
 def layernorm_normalized(x: np.ndarray, zero_point: int, eps_steps: int) -> np.ndarray:
     """(x - mean) / sqrt(var + eps) over the last axis, times 2**LAYERNORM_FRAC_BITS, from
     integers alone: with d = x - zp and e = C * d - sum(d) (C times the deviation, exact),
-    the result is e * 2**F / isqrt(sum(e**2) // C + eps_steps) rounded (eps_steps = eps * C**2
-    / scale**2); the square root's floor is exact from a double sqrt corrected by one step."""
+    e / isqrt(sum(e**2) // C + eps_steps) (eps_steps = eps * C**2 / scale**2), through the
+    row's fixed-point reciprocal so that each value costs a multiply and a shift."""
     d = np.asarray(x, np.int64) - np.int64(zero_point)
     c = d.shape[-1]
     e = d * c - d.sum(-1, keepdims=True)
-    v = (e * e).sum(-1, keepdims=True) // c + np.int64(eps_steps)
-    r = np.sqrt(v.astype(np.float64)).astype(np.int64)
-    r = np.where(r * r > v, r - 1, r)
-    r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
-    r = np.maximum(r, 1)
-    return (e * (1 << LAYERNORM_FRAC_BITS) + r // 2) // r
+    inv = layernorm_row_reciprocal((e * e).sum(-1, keepdims=True) // c + np.int64(eps_steps))
+    return (e * inv + (np.int64(1) << (LAYERNORM_RECIP_BITS - 1))) >> LAYERNORM_RECIP_BITS
 
 
 def rounding_shift(x: np.ndarray, s: np.ndarray | int) -> np.ndarray:

@@ -303,34 +303,55 @@ def _prelu(bb, env, qm: QuantModel, op: Op):
 
 
 def _layernorm(bb, env, qm: QuantModel, op: Op):
-    """reference.run_op's layernorm (requant.layernorm_normalized, then per channel)."""
-    from tvm import relax
+    """reference.run_op's layernorm in one kernel: per row the sums, the integer square root
+    and its reciprocal (once per row, not per value), then per value a multiply and a shift
+    (requant.layernorm_normalized) and the per-channel requantization."""
+    from tvm import te, tirx
 
-    from .requant import LAYERNORM_FRAC_BITS
+    from .requant import LAYERNORM_FRAC_BITS, LAYERNORM_RECIP_BITS
     tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
     c = int(tin.shape[-1])
-    i64 = lambda v: _scalar(int(v))      # noqa: E731
-    d = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int64"), i64(tin.zero_point))
-    e = relax.op.subtract(relax.op.multiply(d, i64(c)), relax.op.sum(d, axis=[-1], keepdims=True))
-    v = relax.op.add(relax.op.floor_divide(relax.op.sum(relax.op.multiply(e, e), axis=[-1],
-                                                        keepdims=True), i64(c)),
-                     i64(op.attrs["eps_steps"]))
-    r = relax.op.astype(relax.op.sqrt(relax.op.astype(v, "float64")), "int64")
-    r = relax.op.where(relax.op.greater(relax.op.multiply(r, r), v),
-                       relax.op.subtract(r, i64(1)), r)
-    r1 = relax.op.add(r, i64(1))
-    r = relax.op.where(relax.op.less_equal(relax.op.multiply(r1, r1), v), r1, r)
-    r = relax.op.maximum(r, i64(1))
-    n = relax.op.floor_divide(relax.op.add(relax.op.multiply(e, i64(1 << LAYERNORM_FRAC_BITS)),
-                                           relax.op.floor_divide(r, i64(2))), r)
     s = 31 - qm.param(op, "shift").astype(np.int64)
-    y = relax.op.multiply(n, _const(qm.param(op, "multiplier").astype(np.int64), "int64"))
-    y = relax.op.add(y, _const(np.left_shift(np.int64(1), s - 1), "int64"))
-    y = relax.op.right_shift(y, _const(s, "int64"))
-    y = relax.op.add(y, _const(qm.param(op, "bias").astype(np.int64) + out.zero_point, "int64"))
-    lo, hi = op.attrs["clamp"]
-    return bb.emit(relax.op.astype(relax.op.clip(y, int(lo), int(hi)), out.dtype),
-                   name_hint=_ident(op.output))
+    per_channel = np.stack([qm.param(op, "multiplier").astype(np.int64),
+                            np.left_shift(np.int64(1), s - 1), s,
+                            qm.param(op, "bias").astype(np.int64) + out.zero_point])
+    lo, hi = (int(v) for v in op.attrs["clamp"])
+
+    def i64(v):
+        return tirx.const(int(v), "int64")
+
+    def compute(data, pc):
+        lead = list(data.shape[:-1])
+
+        def dev(i, k):   # C times the deviation from the row's mean: exact
+            return (data[(*i, k)].astype("int64") - i64(tin.zero_point)) * i64(c)
+        k1 = te.reduce_axis((0, c), "k1")
+        total = te.compute(lead, lambda *i: te.sum(
+            data[(*i, k1)].astype("int64") - i64(tin.zero_point), axis=k1), name="ln_sum")
+        k2 = te.reduce_axis((0, c), "k2")
+        sq = te.compute(lead, lambda *i: te.sum(
+            (dev(i, k2) - total[i]) * (dev(i, k2) - total[i]), axis=k2), name="ln_sq")
+
+        def reciprocal(*i):
+            v = tirx.floordiv(sq[i], i64(c)) + i64(op.attrs["eps_steps"])
+            r = tirx.sqrt(v.astype("float64")).astype("int64")
+            r = tirx.Select(r * r > v, r - i64(1), r)
+            r = tirx.Select((r + i64(1)) * (r + i64(1)) <= v, r + i64(1), r)
+            r = tirx.max(r, i64(1))
+            return tirx.floordiv(i64(1 << (LAYERNORM_FRAC_BITS + LAYERNORM_RECIP_BITS))
+                                 + tirx.floordiv(r, i64(2)), r)
+        inv = te.compute(lead, reciprocal, name="ln_inv")
+
+        def value(*idx):
+            i, ch = idx[:-1], idx[-1]
+            n = tirx.shift_right((dev(i, ch) - total[i]) * inv[i]
+                                 + i64(1 << (LAYERNORM_RECIP_BITS - 1)),
+                                 i64(LAYERNORM_RECIP_BITS))
+            y = tirx.shift_right(n * pc[0, ch] + pc[1, ch], pc[2, ch]) + pc[3, ch]
+            return tirx.max(tirx.min(y, i64(hi)), i64(lo)).astype(out.dtype)
+        return te.compute(list(data.shape), value, name="layernorm")
+    return bb.emit(bb.call_te(compute, env[op.inputs[0]], _const(per_channel, "int64"),
+                              primfunc_name_hint="layernorm"), name_hint=_ident(op.output))
 
 
 def _softmax(bb, env, qm: QuantModel, op: Op):
