@@ -15,8 +15,8 @@ import numpy as np
 
 from ..errors import EdgepruneError
 from .qmodel import Op, QuantModel, TensorInfo
-from .requant import (layernorm_normalized, linear_frac_bits, linear_taps, requantize,
-                      rounding_shift)
+from .requant import (SOFTMAX_RECIP_BITS, layernorm_normalized, linear_frac_bits, linear_taps,
+                      requantize, rounding_shift, softmax_row_reciprocal)
 
 
 def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
@@ -163,8 +163,9 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         ax = int(a["axis"])
         d = x.astype(np.int64) - x.max(axis=ax, keepdims=True)
         e = qm.param(op, "table").astype(np.int64)[d + 255]
-        total = e.sum(axis=ax, keepdims=True)
-        return np.clip((256 * e + total // 2) // total - 128, -128, 127).astype(out.dtype)
+        inv = softmax_row_reciprocal(e.sum(axis=ax, keepdims=True))
+        y = ((e * inv + (np.int64(1) << (SOFTMAX_RECIP_BITS - 1))) >> SOFTMAX_RECIP_BITS) - 128
+        return np.clip(y, -128, 127).astype(out.dtype)
     if op.kind == "log_softmax":
         ax = int(a["axis"])
         d = x.astype(np.int64) - x.max(axis=ax, keepdims=True)

@@ -84,6 +84,16 @@ def shared_shift_multipliers(real_scales: list[float]) -> tuple[list[int], int]:
     return ms, s
 
 
+SOFTMAX_RECIP_BITS = 30    # softmax: 256 * e / sum(e) as e * (2**(8 + R) / sum) >> R
+
+
+def softmax_row_reciprocal(total: np.ndarray) -> np.ndarray:
+    """round(2**(8 + R) / total) for a row's sum of exp-table values: one division per row,
+    a multiply and a shift per probability."""
+    total = np.asarray(total, np.int64)
+    return ((np.int64(1) << (8 + SOFTMAX_RECIP_BITS)) + total // 2) // total
+
+
 LAYERNORM_FRAC_BITS = 16    # a LayerNorm's normalized values, (x - mean) / std, in fixed point
 LAYERNORM_RECIP_BITS = 24   # ... computed as e * (2**(F + R) / r) >> R: one division per row
 

@@ -355,18 +355,46 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
 
 
 def _softmax(bb, env, qm: QuantModel, op: Op):
-    from tvm import relax
-    ax = int(op.attrs["axis"])
-    x = relax.op.astype(env[op.inputs[0]], "int32")
-    d = relax.op.subtract(x, relax.op.max(x, axis=[ax], keepdims=True))
-    idx = relax.op.add(d, _scalar(255, "int32"))
-    e = relax.op.astype(relax.op.take(_const(qm.param(op, "table"), "int32"), idx, axis=0,
-                                      mode="clip"), "int64")
-    total = relax.op.sum(e, axis=[ax], keepdims=True)
-    y = relax.op.floor_divide(relax.op.add(relax.op.multiply(e, _scalar(256)),
-                                           relax.op.floor_divide(total, _scalar(2))), total)
-    y = relax.op.clip(relax.op.subtract(y, _scalar(128)), -128, 127)
-    return bb.emit(relax.op.astype(y, "int8"), name_hint=_ident(op.output))
+    """reference.run_op's softmax in one kernel: per row the max, the sum of the exp table and
+    its fixed-point reciprocal (requant.softmax_row_reciprocal), then per value a multiply and
+    a shift."""
+    from tvm import te, tirx
+
+    from .requant import SOFTMAX_RECIP_BITS
+    shape = [int(d) for d in env[op.inputs[0]].ty.shape.values]
+    ax = int(op.attrs["axis"]) % len(shape)
+    n_ax = shape[ax]
+
+    def i64(v):
+        return tirx.const(int(v), "int64")
+
+    def compute(data, table):
+        rows = shape[:ax] + [1] + shape[ax + 1:]
+
+        def at(i, k):        # index i with position k along the axis
+            return (*i[:ax], k, *i[ax + 1:])
+        k1 = te.reduce_axis((0, n_ax), "k1")
+        mx = te.compute(rows, lambda *i: te.max(data[at(i, k1)].astype("int32"), axis=k1),
+                        name="sm_max")
+
+        def exp(i, k):
+            idx = data[at(i, k)].astype("int32") - mx[at(i, 0)] + tirx.const(255, "int32")
+            return table[idx].astype("int64")
+        k2 = te.reduce_axis((0, n_ax), "k2")
+        total = te.compute(rows, lambda *i: te.sum(exp(i, k2), axis=k2), name="sm_sum")
+        inv = te.compute(rows, lambda *i: tirx.floordiv(
+            i64(1 << (8 + SOFTMAX_RECIP_BITS)) + tirx.floordiv(total[i], i64(2)), total[i]),
+            name="sm_inv")
+
+        def value(*i):
+            y = tirx.shift_right(exp(i, i[ax]) * inv[at(i, 0)]
+                                 + i64(1 << (SOFTMAX_RECIP_BITS - 1)),
+                                 i64(SOFTMAX_RECIP_BITS)) - i64(128)
+            return tirx.max(tirx.min(y, i64(127)), i64(-128)).astype("int8")
+        return te.compute(shape, value, name="softmax")
+    return bb.emit(bb.call_te(compute, env[op.inputs[0]],
+                              _const(qm.param(op, "table"), "int32"),
+                              primfunc_name_hint="softmax"), name_hint=_ident(op.output))
 
 
 def _log_softmax(bb, env, qm: QuantModel, op: Op):
