@@ -1,0 +1,33 @@
+"""Checks that many tests make: a pruned model equals the original with the same channels
+zeroed; an integer model computes on the host and on a target exactly what the golden model
+does."""
+
+import numpy as np
+import torch
+
+from edgeprune.compile import compile_model
+from edgeprune.prune import masked_reference, prune
+from edgeprune.quantize import reference, to_relax
+from edgeprune.simulate import simulate
+
+
+def pruned_equivalently(model, shape, x, **prune_args):
+    """prune(model) at `shape`, checked on `x` against the masked original; (pruned, record)."""
+    pruned, record = prune(model, torch.randn(shape), **prune_args)
+    with torch.no_grad():
+        with masked_reference(model, record["layers"]):
+            want = model(x)
+        torch.testing.assert_close(pruned(x), want, atol=1e-4, rtol=1e-4)
+    return pruned, record
+
+
+def bit_exact(qm, x: np.ndarray, target: str, tmp_path, on_target: int = 3) -> np.ndarray:
+    """The golden model's dequantized outputs for float `x`, after checking that TVM's host
+    build and the target in QEMU (its first `on_target` samples) compute them bit for bit."""
+    xq = reference.quantize_input(qm, x)
+    want = reference.run(qm, xq)
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=len(x)))(xq), want)
+    compile_model(qm.save(tmp_path / "q"), target, tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", np.asarray(x[:on_target], np.float32))
+    assert result["outputs_match"] and result["mismatches"] == 0, result
+    return reference.dequantize_output(qm, want)
