@@ -1,6 +1,6 @@
-"""A small transformer block on frames (keyword spotting on feature frames): multi-head
-self-attention (products of two activations, op matmul), softmax over the keys, LayerNorm,
-a feed-forward block. From torch and both ONNX exporters; pruning cuts the feed-forward width
+"""A small transformer block on frames (keyword spotting on feature frames): a positional
+embedding (op addconst), multi-head self-attention (products of two activations, op matmul),
+softmax over the keys, LayerNorm, a feed-forward block. From torch and both ONNX exporters; pruning cuts the feed-forward width
 and keeps the channels the attention mixes; int8 bit-exact on the host and on targets."""
 
 import numpy as np
@@ -22,12 +22,13 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.emb = nn.Linear(10, 16)
+        self.pos = nn.Parameter(torch.randn(1, 12, 16) * 0.5)    # a positional embedding
         self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
         self.norm, self.f1, self.f2 = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
         self.fc = nn.Linear(16, 4)
 
     def forward(self, x):
-        t = self.emb(x)
+        t = self.emb(x) + self.pos
         n, length, c = t.shape
         h, d = self.heads, c // self.heads
 
@@ -62,6 +63,7 @@ def test_attention_block_prunes_and_runs_bit_exact(heads, target, tmp_path):
         assert sorted(widths) == [4] + [16] * 7     # f1: 32 -> 16; the rest mix or are mixed
         qm = ptq.quantize_ptq(source, SHAPE, calib)
         assert [o.kind for o in qm.ops].count("matmul") == 2
+        assert [o.kind for o in qm.ops].count("addconst") == 1
     y = bit_exact(qm, calib[:4], target, tmp_path, on_target=2)   # the last source's
     with torch.no_grad():
         f = model(torch.from_numpy(calib[:4])).numpy()

@@ -471,7 +471,7 @@ def test_a_constant_tensor_the_quantizer_cannot_take_is_named():
             self.register_buffer("grid", torch.randn(1, 4, 6, 6))
 
         def forward(self, x):
-            return (self.c(x) + self.grid).mean((2, 3))
+            return (self.c(x) * self.grid).mean((2, 3))
 
     with pytest.raises(EdgepruneError, match=r"constant tensor 'grid' of shape \(1, 4, 6, 6\)"):
         ptq.quantize_ptq(Offsets().eval(), (1, 1, 8, 8), np.zeros((4, 1, 8, 8), np.float32))

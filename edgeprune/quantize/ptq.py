@@ -139,6 +139,34 @@ def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
     return x, 1 / v, torch.zeros_like(v)
 
 
+def _constant_offset(target, node, constants: dict, shape) -> tuple | None:
+    """(x, sign, P) when `node` computes sign * x + P with a constant P of any shape that
+    broadcasts to one sample (x + pos_embedding, x - P, P - x), else None."""
+    try:
+        kind = _SCALAR_OPS.get(target)
+    except TypeError:
+        return None
+    if kind not in ("add", "sub") or len(node.args) != 2 or node.kwargs:
+        return None
+    x, c = node.args
+    swapped = isinstance(x, torch.fx.Node) and x.name in constants
+    if swapped:
+        x, c = c, x
+    if not (isinstance(x, torch.fx.Node) and isinstance(c, torch.fx.Node)
+            and c.name in constants and x.name not in constants):
+        return None
+    const = constants[c.name].detach().double()
+    try:
+        p = torch.broadcast_to(const, shape)[0].clone()
+    except RuntimeError:
+        return None
+    if const.dim() == len(shape) and const.shape[0] != 1:
+        return None      # varies along the batch
+    if kind == "add":
+        return x, 1, p
+    return (x, -1, p) if swapped else (x, 1, -p)
+
+
 def lut_apply(attrs: dict, x: torch.Tensor) -> torch.Tensor:
     """The float function of a "lut" node (attrs: function, param)."""
     return LUT_FUNCTIONS[attrs["function"]](x, attrs.get("param"))
@@ -287,6 +315,8 @@ class IRNet(nn.Module):
                 y = lut_apply(a, xs[0])
             elif n.kind == "prelu":
                 y = F.prelu(xs[0], torch.tensor(a["slopes"], dtype=xs[0].dtype))
+            elif n.kind == "addconst":
+                y = a["sign"] * xs[0] + a["const"].to(xs[0].dtype)
             elif n.kind == "layernorm":
                 t = xs[0].dtype
                 y = F.layer_norm(xs[0], xs[0].shape[-1:], torch.tensor(a["gamma"], dtype=t),
@@ -627,6 +657,12 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             elif len(shape) != 4:
                 raise EdgepruneError(f"{where}: a per-channel constant on a {len(shape)}-D "
                                      "tensor; only NCHW maps and (N, C) features are supported")
+            continue
+        offset = _constant_offset(target, node, constants, shape)
+        if offset is not None:      # x + P: a positional embedding, a learnt bias map
+            x, a, p = offset
+            add_node(FNode("addconst", node.name, [src(x)], node.name,
+                           {"sign": a, "const": p}, out_shape=shape))
             continue
         affine = _scalar_affine(target, node, static)
         if affine is not None:      # x + 3, x * 0.5, 6 - x, x / 6: a table like an activation
@@ -1071,6 +1107,22 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                           "clamp": [out.qmin, out.qmax]})
             params.update({f"{n.name}.multiplier": (np.sign(slopes) * ms).astype(np.int32),
                            f"{n.name}.shift": shs})
+        elif n.kind == "addconst":
+            # sign * x requantized, then the constant added in output steps
+            m, sh = quantize_multiplier(tin.scale / out.scale)
+            const = attrs.pop("const").numpy()
+            attrs.update({"multiplier": int(attrs.pop("sign")) * int(m), "shift": int(sh),
+                          "clamp": [out.qmin, out.qmax]})
+            params[f"{n.name}.bias"] = np.round(const / out.scale).clip(
+                -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        elif n.kind == "addconst":
+            # sign * x requantized, then the constant added in output steps
+            m, sh = quantize_multiplier(tin.scale / out.scale)
+            const = attrs.pop("const").numpy()
+            attrs.update({"multiplier": int(attrs.pop("sign")) * int(m), "shift": int(sh),
+                          "clamp": [out.qmin, out.qmax]})
+            params[f"{n.name}.bias"] = np.round(const / out.scale).clip(
+                -2 ** 31, 2 ** 31 - 1).astype(np.int32)
         elif n.kind == "layernorm":
             # reference.run_op: n = (x - mean) / std in fixed point with LAYERNORM_FRAC_BITS,
             # then gamma_c * n requantized per channel and beta_c added in output steps

@@ -63,6 +63,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   below it by params multiplier (C,) (negative for a negative slope) and shift (C,).
 * ``layernorm`` over the last axis (C): n = requant.layernorm_normalized (attrs eps_steps),
   y = zp + ((n * multiplier_c + 2**(s-1)) >> s) + bias_c, s = 31 - shift_c (params (C,) each).
+* ``addconst`` x plus a constant of one sample's shape (a positional embedding): y = zp +
+  ((x - zx) * multiplier (signed) + 2**(s-1) >> s) + bias (params, output steps), s = 31 - shift.
 * ``matmul`` two activations (N, ..., T, D) @ (N, ..., D, U) (attention's scores and their
   weighted sum): sum over D of (a - za)(b - zb), requantized like ``mul`` (attrs multiplier,
   shift).
@@ -89,9 +91,9 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "mul", "matmul", "concat", "lut", "prelu", "layernorm",
-            "softmax", "log_softmax", "maxpool", "avgpool", "reshape", "transpose", "slice", "upsample",
-            "dilate")
+OP_KINDS = ("conv2d", "dense", "add", "addconst", "mul", "matmul", "concat", "lut", "prelu",
+            "layernorm", "softmax", "log_softmax", "maxpool", "avgpool", "reshape", "transpose",
+            "slice", "upsample", "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
 SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "upsample", "dilate")
@@ -296,6 +298,11 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         if shape != list(ins[0]):
             raise EdgepruneError(f"mul '{op.name}': {ins[1]} does not broadcast to {ins[0]}")
         return shape
+    if op.kind == "addconst":
+        if list(qm.param(op, "bias").shape) != list(ins[0][1:]):
+            raise EdgepruneError(f"addconst '{op.name}': bias {list(qm.param(op, 'bias').shape)} "
+                                 f"is not one sample of the input {ins[0]}")
+        return list(ins[0])
     if op.kind == "matmul":
         (*lead, t, d), (*lead_b, d_b, u) = ins[0], ins[1]
         if lead != lead_b or d != d_b or not lead:

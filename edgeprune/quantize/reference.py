@@ -125,6 +125,12 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         lo, hi = a["clamp"]
         y = rounding_shift(acc, s) + out.zero_point
         return np.clip(y, lo, hi).astype(out.dtype)
+    if op.kind == "addconst":
+        lo, hi = a["clamp"]
+        y = rounding_shift((x.astype(np.int64) - tin.zero_point) * int(a["multiplier"]),
+                           31 - int(a["shift"]))
+        return np.clip(y + qm.param(op, "bias").astype(np.int64) + out.zero_point, lo,
+                       hi).astype(out.dtype)
     if op.kind == "matmul":
         b = env[op.inputs[1]].astype(np.int64) - qm.tensors[op.inputs[1]].zero_point
         lo, hi = a["clamp"]

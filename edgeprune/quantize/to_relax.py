@@ -252,6 +252,22 @@ def _mul(bb, env, qm: QuantModel, op: Op):
                     np.array(int(op.attrs["shift"])), None)
 
 
+def _addconst(bb, env, qm: QuantModel, op: Op):
+    from tvm import relax
+    out = qm.tensors[op.output]
+    s = 31 - int(op.attrs["shift"])
+    x = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int64"),
+                          _scalar(qm.tensors[op.inputs[0]].zero_point))
+    y = relax.op.add(relax.op.multiply(x, _scalar(int(op.attrs["multiplier"]))),
+                     _scalar(1 << (s - 1)))
+    y = relax.op.right_shift(y, _scalar(s))
+    bias = qm.param(op, "bias").astype(np.int64) + out.zero_point
+    y = relax.op.add(y, _const(bias[None], "int64"))
+    lo, hi = op.attrs["clamp"]
+    return bb.emit(relax.op.astype(relax.op.clip(y, int(lo), int(hi)), out.dtype),
+                   name_hint=_ident(op.output))
+
+
 def _matmul(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     ta, tb = (qm.tensors[i] for i in op.inputs)
@@ -485,6 +501,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _mul(bb, env, qm, op)
                 elif op.kind == "matmul":
                     y = _matmul(bb, env, qm, op)
+                elif op.kind == "addconst":
+                    y = _addconst(bb, env, qm, op)
                 elif op.kind == "concat":
                     y = _concat(bb, env, qm, op)
                 elif op.kind == "lut":
