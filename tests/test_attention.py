@@ -1,7 +1,8 @@
 """A small transformer block on frames (keyword spotting on feature frames): a positional
 embedding (op addconst), multi-head self-attention (products of two activations, op matmul),
-softmax over the keys, LayerNorm, a feed-forward block. From torch and both ONNX exporters; pruning cuts the feed-forward width
-and keeps the channels the attention mixes; int8 bit-exact on the host and on targets."""
+softmax over the keys, LayerNorm, a feed-forward block. From torch and both ONNX exporters;
+pruning cuts the feed-forward width and keeps the channels the attention mixes; int8
+bit-exact on the host and on targets."""
 
 import numpy as np
 import pytest
