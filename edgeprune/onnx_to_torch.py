@@ -40,7 +40,7 @@ SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sig
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
              "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
-             "Max", "Min", "Slice", "Split", "Upsample", "Sum", "LayerNormalization")
+             "Max", "Min", "Slice", "Split", "Upsample", "Sum", "LayerNormalization", "Gather")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -573,6 +573,26 @@ class _Builder:
         for axis, start, stop, step in zip(axes, starts, ends, steps):  # one axis at a time
             x = self._slice(node, x, axis, start, stop, int(step))
         return x
+
+    def op_Gather(self, node, a):
+        """One position (a scalar index: the axis goes, as x[:, -1]) or a run of positions
+        (x[:, 2:5]) of an activation along an axis."""
+        if node.input[0] in self.consts:
+            raise _err(f"ONNX node '{node.name}' (Gather): gathering from a constant table "
+                       "(an embedding) is not supported")
+        x = self._in(node.input[0])
+        idx = np.asarray(self._const(node.input[1], node, "indices")).astype(np.int64)
+        axis = int(a.get("axis", 0)) % x[1].dim()
+        size = x[1].shape[axis]
+        flat = idx.reshape(-1) % size
+        if idx.ndim > 1 or axis == 0 or (flat.size > 1 and np.any(np.diff(flat) != 1)):
+            raise _err(f"ONNX node '{node.name}' (Gather): indices {idx.tolist()} along axis "
+                       f"{axis}; only one position or a run of positions after the batch axis "
+                       "is supported")
+        if idx.ndim == 0:
+            index = (slice(None),) * axis + (int(flat[0]),)
+            return self._fn(operator.getitem, [x[0], index], [x[1], index])
+        return self._slice(node, x, axis, int(flat[0]), int(flat[-1]) + 1)
 
     def op_Split(self, node, a):
         """Pieces along an axis (ShuffleNet's channel split): one slice per output."""

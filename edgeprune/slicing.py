@@ -28,6 +28,7 @@ class Slice:
     start: int
     stop: int
     step: int = 1
+    drops_axis: bool = False   # x[:, 0]: one position, without its axis
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -47,7 +48,7 @@ def is_split(node: fx.Node) -> bool:
 
 def slice_of(node: fx.Node) -> Slice | None:
     """The slice `node` computes, None if it is no slice; raises naming the node for a slice
-    this pipeline does not take (several axes at once, new axes, integer indices)."""
+    this pipeline does not take (several axes at once)."""
     where = f"node '{node.name}'"
     if node.op == "call_method" and node.target == "narrow" or \
             node.op == "call_function" and node.target is torch.narrow:
@@ -72,6 +73,13 @@ def slice_of(node: fx.Node) -> Slice | None:
     if Ellipsis in index:
         k = index.index(Ellipsis)
         index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
+    ints = [axis for axis, i in enumerate(index) if isinstance(i, int) and
+            not isinstance(i, bool)]
+    if len(ints) == 1 and all(isinstance(i, slice) for k, i in enumerate(index)
+                              if k not in ints):
+        axis = ints[0]   # x[:, 0], o[:, -1]: a slice of one that drops its axis
+        i = index[axis] % shape[axis]
+        index = index[:axis] + (slice(i, i + 1),) + index[axis + 1:]
     if not all(isinstance(i, slice) for i in index):
         return None      # x[:, :, None] and friends: not a slice (the callers know them)
     cuts = [(axis, i) for axis, i in enumerate(index) if i != slice(None)]
@@ -83,7 +91,8 @@ def slice_of(node: fx.Node) -> Slice | None:
                              "only one axis after the batch may be sliced at a time")
     axis, s = cuts[0]
     start, stop, step = s.indices(shape[axis])
-    return _checked(where, x, axis, start, len(range(start, stop, step)), step)
+    piece = _checked(where, x, axis, start, len(range(start, stop, step)), step)
+    return Slice(x, axis, piece.start, piece.stop, piece.step, drops_axis=bool(ints))
 
 
 def _checked(where, x, axis, start, length, step) -> Slice:

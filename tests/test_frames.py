@@ -11,7 +11,7 @@ import torch.nn as nn
 from checks import bit_exact, pruned_equivalently
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.prune import CRITERIA, prune
-from edgeprune.quantize import ptq
+from edgeprune.quantize import ptq, reference, to_relax
 
 torch.set_num_threads(1)
 SHAPE = (1, 20, 10)    # 20 frames of 10 features
@@ -80,3 +80,32 @@ def test_image_rows_as_frames_prune():
     model = Rows().eval()
     pruned, _ = pruned_equivalently(model, (1, 1, 6, 8), torch.randn(4, 1, 6, 8), ratios=0.5)
     assert pruned.a.out_features == 6 and pruned.fc.in_features == 36
+
+
+class LastFrame(nn.Module):
+    """A head on one frame (o[:, -1], x[:, 0]): an index that drops the time axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(10, 16), nn.Linear(16, 8), nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(torch.cat([torch.relu(self.b(h))[:, -1], h[:, 0]], 1))
+
+
+@pytest.mark.parametrize("dynamo", [None, False, True])
+def test_one_frame_heads_prune_and_quantize(dynamo, tmp_path):
+    torch.manual_seed(0)
+    model = LastFrame().eval()
+    if dynamo is not None:
+        torch.onnx.export(model, (torch.zeros(SHAPE),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+        model = onnx_to_torch(tmp_path / "m.onnx")[0]
+    x = torch.randn(8, *SHAPE[1:])
+    pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == [8, 4, 4]
+    qm = ptq.quantize_ptq(model, SHAPE, torch.randn(64, *SHAPE[1:]).numpy())
+    assert [o.kind for o in qm.ops].count("slice") == 2
+    xq = reference.quantize_input(qm, x.numpy())
+    want = reference.run(qm, xq)
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq), want)

@@ -469,10 +469,16 @@ class DepGraph:
         lay = self._layout_of(piece.source)
         if not isinstance(lay, Layout):
             self._fail(node, "slices a tensor without a tracked channel dimension")
-        channel_axis = len(self._shape(piece.source)) - 1 if lay.channels_last else 1
+        nd = len(self._shape(piece.source))
+        channel_axis = nd - 1 if lay.channels_last else 1
         if lay.repeat == 1 and piece.axis != channel_axis:
+            if piece.drops_axis and lay.channels_last and nd == 3:
+                return Layout(lay.ids)      # (N, T, C)[:, -1]: the channels of (N, C)
             return lay
         self._freeze(lay)
+        if piece.drops_axis:
+            return self._new_space(self._shape(node)[1], None, True) \
+                if len(self._shape(node)) >= 2 else None
         if lay.repeat == 1:
             return Layout(lay.ids[piece.start:piece.stop:piece.step], 1, lay.channels_last)
         return self._new_space(self._shape(node)[1], None, True)   # of flattened features

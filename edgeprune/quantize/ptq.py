@@ -838,10 +838,16 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                {"shape": list(shape)}, out_shape=shape))
             continue
         piece = slice_of(node)
-        if piece is not None:     # x[:, 8:], x.narrow(1, 0, 8), x.chunk(2, 1)[0]
-            add_node(FNode("slice", node.name, [src(piece.source)], node.name,
+        if piece is not None:     # x[:, 8:], x.narrow(1, 0, 8), x.chunk(2, 1)[0], x[:, -1]
+            kept = list(shape_of(piece.source))
+            kept[piece.axis] = len(range(piece.start, piece.stop, piece.step))
+            name = node.name + "_keep" if piece.drops_axis else node.name
+            add_node(FNode("slice", name, [src(piece.source)], name,
                            {"axis": piece.axis, "start": piece.start, "stop": piece.stop,
-                            "step": piece.step}, out_shape=shape))
+                            "step": piece.step}, out_shape=tuple(kept)))
+            if piece.drops_axis:
+                add_node(FNode("reshape", node.name, [name], node.name,
+                               {"shape": list(shape)}, out_shape=shape))
             continue
         adds_axes = target is operator.getitem and all(   # x[:, :, None, None]
             i is None or i == slice(None) for i in (node.args[1] if isinstance(
