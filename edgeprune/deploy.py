@@ -161,6 +161,10 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     on_step = progress.update if progress is not None else None
     with stage("deploy"):
         target = load_target(cfg.target)
+        if cfg.quant_method == "admm" and not cfg.mixed_precision and not cfg.budget:
+            raise EdgepruneError("--quant-method admm trains low-bit weights: add "
+                                 "--mixed-precision (word lengths per layer), or a --budget "
+                                 "whose search chooses them")
     with atomic_out_dir(cfg.out, cfg.force) as tmp:
         with stage("data", progress):
             data = datasets.load(cfg.data)

@@ -102,6 +102,11 @@ def check_config(cfg: QuantizeConfig, target) -> None:
                     ("--tune-samples", cfg.tune_samples)):
         if v < 1:
             raise EdgepruneError(f"{name} must be at least 1, got {v}")
+    # word lengths chosen per layer (--mixed, the feedback search's) may all come out 8
+    if cfg.method == "admm" and cfg.bits == 8 and cfg.fmt == "int" and not cfg.mixed \
+            and not cfg.layer_bits:
+        raise EdgepruneError("--method admm needs low-bit weights: give --bits 4/2, "
+                             "--format pow2/ternary, or --mixed")
     if cfg.epochs <= 0 and cfg.method in ("qat", "admm"):
         raise EdgepruneError(f"--epochs must be positive for {cfg.method}, got {cfg.epochs}")
     if cfg.max_drop < 0:
@@ -212,9 +217,6 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
                      cfg.max_train_samples, cfg.seed, progress)
         qm = to_qmodel(net, ranges, weight_cfg, act_dtypes)
     else:  # admm
-        if not weight_cfg:
-            raise EdgepruneError("--method admm needs low-bit weights: give --bits 4/2, "
-                                 "--format pow2/ternary, or --mixed")
         log(f"ADMM: {sum(1 for v in weight_cfg.values() if v != ('int', 8))} constrained layers, "
             f"{cfg.epochs:g} epoch(s)")
         qw = admm_train(net, data, weight_cfg, ranges, cfg.epochs, cfg.lr or 0.01,
