@@ -40,7 +40,8 @@ SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sig
              "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
              "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
              "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
-             "Max", "Min", "Slice", "Split", "Upsample", "Sum", "LayerNormalization", "Gather")
+             "Max", "Min", "Slice", "Split", "Upsample", "Sum", "LayerNormalization", "Gather",
+             "InstanceNormalization")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -820,6 +821,22 @@ class _Builder:
         else:
             ln.bias.data.zero_()
         return self._module(node, "LayerNorm", ln, x)
+
+    def op_InstanceNormalization(self, node, a):
+        """Per (sample, channel) statistics over the positions; exporters also write
+        GroupNorm this way, between reshapes to (N, groups, -1)."""
+        x = self._in(node.input[0])
+        if x[1].dim() not in (3, 4):
+            raise _err(f"ONNX node '{node.name}' (InstanceNormalization): a {x[1].dim()}-D "
+                       "input; only (N, C, L) and (N, C, H, W) are supported")
+        c = x[1].shape[1]
+        kind = nn.InstanceNorm1d if x[1].dim() == 3 else nn.InstanceNorm2d
+        norm = kind(c, eps=float(a.get("epsilon", 1e-5)), affine=True)
+        for param, name, what in ((norm.weight, node.input[1], "scale"),
+                                  (norm.bias, node.input[2], "B")):
+            param.data.copy_(torch.as_tensor(np.asarray(
+                self._const(name, node, what), np.float32).reshape(c)))
+        return self._module(node, "InstanceNorm", norm, x)
 
     def op_Upsample(self, node, a):
         """The Resize of opsets 7 to 9 (older exporters, tf2onnx): scales as an attribute or

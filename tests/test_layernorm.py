@@ -1,6 +1,6 @@
 """LayerNorm over the last axis in integers (requant.layernorm_normalized: an exact integer
-square root, then a requantization per channel): frames of a sequence, and ConvNeXt's
-channels-last LayerNorm of a conv map. From torch and ONNX, pruned around it, bit-exact on
+square root, then a requantization per channel): frames of a sequence, ConvNeXt's
+channels-last LayerNorm of a conv map, and GroupNorm / InstanceNorm as LayerNorms of groups. From torch and ONNX, pruned around it, bit-exact on
 targets without (M4) and with a double-precision FPU (M7)."""
 
 import numpy as np
@@ -45,11 +45,28 @@ class ConvNeXtish(nn.Module):
         return self.fc((x + h).mean((2, 3)))
 
 
+class GroupNormed(nn.Module):
+    """GroupNorm, affine and plain InstanceNorm: a LayerNorm over each group's positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.n = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.d, self.i = nn.Conv2d(8, 12, 3, padding=1), nn.InstanceNorm2d(12, affine=True)
+        self.e, self.i2 = nn.Conv2d(12, 8, 1), nn.InstanceNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.n(self.c(x)))
+        h = torch.relu(self.i(self.d(h)))
+        return self.fc(torch.relu(self.i2(self.e(h))).mean((2, 3)))
+
+
 def _affine(model):
     for m in model.modules():
-        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            m.weight.data = torch.randn(m.normalized_shape) * 0.8    # both signs
-            m.bias.data = torch.randn(m.normalized_shape) * 0.3
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine or \
+                isinstance(m, (nn.GroupNorm, nn.InstanceNorm2d)) and m.affine:
+            m.weight.data = torch.randn(m.weight.shape) * 0.8    # both signs
+            m.bias.data = torch.randn(m.bias.shape) * 0.3
 
 
 def test_integer_normalization_is_exact_to_a_step():
@@ -63,15 +80,21 @@ def test_integer_normalization_is_exact_to_a_step():
 
 
 @pytest.mark.parametrize("cls, shape, target", [(Frames, (1, 20, 10), "cortex-m4"),
-                                                (ConvNeXtish, (1, 1, 12, 12), "cortex-m7")])
-def test_layernorm_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
+                                                (ConvNeXtish, (1, 1, 12, 12), "cortex-m7"),
+                                                (GroupNormed, (1, 1, 12, 12), "riscv32")])
+def test_normalization_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
     torch.manual_seed(0)
     model = cls().eval()
     _affine(model)
     x = torch.randn(8, *shape[1:])
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
-    lin = {n: m.out_features for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
-    assert lin[{"Frames": "b", "ConvNeXtish": "up"}[cls.__name__]] < 20   # around the norm
+    width = {n: getattr(m, "out_features", getattr(m, "out_channels", None))
+             for n, m in pruned.named_modules()}
+    # pruned around the norm; the channels a norm with weights or groups sees are kept
+    layer, kept = {Frames: ("b", 16), ConvNeXtish: ("up", 12), GroupNormed: ("e", 4)}[cls]
+    assert width[layer] == kept
+    if cls is GroupNormed:
+        assert (width["c"], width["d"]) == (8, 12)
 
     torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
     back, _ = onnx_to_torch(tmp_path / "m.onnx")
@@ -79,7 +102,8 @@ def test_layernorm_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
         torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
     calib = torch.randn(64, *shape[1:]).numpy()
     qm = ptq.quantize_ptq(back, shape, calib)
-    assert [o.kind for o in qm.ops].count("layernorm") == (2 if cls is Frames else 1)
+    assert [o.kind for o in qm.ops].count("layernorm") == {Frames: 2, ConvNeXtish: 1,
+                                                           GroupNormed: 3}[cls]
     y = bit_exact(qm, calib[:4], target, tmp_path)
     with torch.no_grad():
         f = pruned(torch.from_numpy(calib[:4])).numpy()

@@ -301,6 +301,12 @@ class DepGraph:
             return self._softmax(node, mod.dim, shape)
         if isinstance(mod, nn.LayerNorm):
             return self._layer_norm(node, len(mod.normalized_shape))
+        if isinstance(mod, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
+            if isinstance(mod, nn.GroupNorm) or mod.affine:   # per-channel weights, or groups
+                lay = self._input_layout(node)
+                self._freeze(lay)
+                return lay
+            return self._input_layout(node)     # each channel normalised alone
         if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:   # a slope per channel
             lay = self._input_layout(node)
             if lay.repeat != 1:

@@ -317,10 +317,10 @@ class IRNet(nn.Module):
                 y = F.prelu(xs[0], torch.tensor(a["slopes"], dtype=xs[0].dtype))
             elif n.kind == "addconst":
                 y = a["sign"] * xs[0] + a["const"].to(xs[0].dtype)
-            elif n.kind == "layernorm":
-                t = xs[0].dtype
-                y = F.layer_norm(xs[0], xs[0].shape[-1:], torch.tensor(a["gamma"], dtype=t),
-                                 torch.tensor(a["beta"], dtype=t), a["eps"])
+            elif n.kind == "layernorm":   # gamma and beta: one per channel, or one for all
+                t, c = xs[0].dtype, xs[0].shape[-1]
+                y = F.layer_norm(xs[0], (c,), torch.tensor(a["gamma"], dtype=t).expand(c),
+                                 torch.tensor(a["beta"], dtype=t).expand(c), a["eps"])
             elif n.kind == "softmax":
                 y = torch.softmax(xs[0], a["axis"])
             elif n.kind == "log_softmax":
@@ -578,8 +578,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 gamma, beta = target.weight, target.bias
             else:
                 dims, eps = tuple(arg(node, 1, "normalized_shape")), arg(node, 4, "eps", 1e-5)
-                gamma, beta = (constants.get(getattr(a, "name", None)) for a in
-                               (arg(node, 2, "weight"), arg(node, 3, "bias")))
+                gamma, beta = (constants.get(a.name) if isinstance(a, fx.Node) else None
+                               for a in ((list(node.args) + [None] * 4)[2:4]))
             if dims != tuple(shape[-1:]):
                 raise EdgepruneError(f"{where}: a LayerNorm over {list(dims)} of {list(shape)}; "
                                      "only one over the last axis is supported")
@@ -589,6 +589,43 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 "gamma": (torch.ones(c) if gamma is None else gamma.detach()).double().tolist(),
                 "beta": (torch.zeros(c) if beta is None else beta.detach()).double().tolist()},
                 out_shape=shape))
+            continue
+        if isinstance(target, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
+            # the statistics of each group (each channel for InstanceNorm) over its positions:
+            # a LayerNorm over the last axis of (N, G, C / G * H * W), then the per-channel
+            # affine as a 1x1 depthwise conv
+            if isinstance(target, nn.GroupNorm):
+                groups, affine = target.num_groups, target.affine
+            else:
+                if target.track_running_stats:
+                    raise EdgepruneError(f"{where}: an InstanceNorm with running statistics "
+                                         "is not supported")
+                groups, affine = shape[1], target.affine
+            n, c = shape[0], shape[1]
+            per_group = int(np.prod(shape[1:])) // groups
+            x = src(node.args[0])
+            grouped = (n, groups, per_group)
+            add_node(FNode("reshape", node.name + "_groups", [x], node.name + "_groups",
+                           {"shape": list(grouped)}, out_shape=grouped))
+            normed = node.name + ("_norm" if affine else "_normed")
+            add_node(FNode("layernorm", normed, [node.name + "_groups"], normed,
+                           {"eps": float(target.eps), "gamma": [1.0], "beta": [0.0]},
+                           out_shape=grouped))
+            map4 = (n, c, 1, int(np.prod(shape[2:]))) if len(shape) != 4 else tuple(shape)
+            back = node.name if not affine and map4 == tuple(shape) else node.name + "_map"
+            add_node(FNode("reshape", back, [normed], back, {"shape": list(map4)},
+                           out_shape=map4))
+            if affine:
+                name = node.name if map4 == tuple(shape) else node.name + "_affine"
+                weights[name] = target.weight.detach().reshape(c, 1, 1, 1)
+                biases[name] = target.bias.detach()
+                add_node(FNode("conv2d", name, [back], name, {
+                    "strides": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1],
+                    "groups": c}, out_shape=map4))
+                back = name
+            if back != node.name:
+                add_node(FNode("reshape", node.name, [back], node.name, {"shape": list(shape)},
+                               out_shape=shape))
             continue
         if isinstance(target, nn.PReLU):   # a slope per channel (one slope is a "lut")
             add_node(FNode("prelu", node.name, [src(node.args[0])], node.name,
@@ -1133,6 +1170,10 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             # reference.run_op: n = (x - mean) / std in fixed point with LAYERNORM_FRAC_BITS,
             # then gamma_c * n requantized per channel and beta_c added in output steps
             c = tin.shape[-1]
+            if c ** 3 * (tin.qmax - tin.qmin) ** 2 >= 2 ** 62:    # sum(e ** 2) in int64
+                raise EdgepruneError(f"op '{n.name}': a {tin.dtype} normalization over {c} "
+                                     "values can overflow its 64-bit sums; use int8 for "
+                                     f"'{tin.name}'")
             gamma = np.asarray(attrs.pop("gamma"), np.float64)
             beta = np.asarray(attrs.pop("beta"), np.float64)
             ms, shs = quantize_multipliers(np.abs(gamma) / (out.scale * 2 ** LAYERNORM_FRAC_BITS))

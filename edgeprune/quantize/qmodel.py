@@ -320,8 +320,9 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
     if op.kind in ("prelu", "layernorm"):    # per channel: axis 1, or the last for layernorm
         axis = -1 if op.kind == "layernorm" else 1
         keys = ("multiplier", "shift") + (("bias",) if op.kind == "layernorm" else ())
-        for key in keys:
-            if len(ins[0]) < 2 or list(qm.param(op, key).shape) != [ins[0][axis]]:
+        for key in keys:     # a layernorm's may be one value for every channel
+            ok = [[ins[0][axis]]] + ([[1]] if op.kind == "layernorm" else [])
+            if len(ins[0]) < 2 or list(qm.param(op, key).shape) not in ok:
                 raise EdgepruneError(f"{op.kind} '{op.name}': {key} must hold one value per "
                                      f"channel of the input {ins[0]}")
         return list(ins[0])

@@ -363,7 +363,8 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
             n = tirx.shift_right((dev(i, ch) - total[i]) * inv[i]
                                  + i64(1 << (LAYERNORM_RECIP_BITS - 1)),
                                  i64(LAYERNORM_RECIP_BITS))
-            y = tirx.shift_right(n * pc[0, ch] + pc[1, ch], pc[2, ch]) + pc[3, ch]
+            k = ch if per_channel.shape[1] > 1 else 0     # one value for all channels
+            y = tirx.shift_right(n * pc[0, k] + pc[1, k], pc[2, k]) + pc[3, k]
             return tirx.max(tirx.min(y, i64(hi)), i64(lo)).astype(out.dtype)
         return te.compute(list(data.shape), value, name="layernorm")
     return bb.emit(bb.call_te(compute, env[op.inputs[0]], _const(per_channel, "int64"),
