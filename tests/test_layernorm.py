@@ -1,7 +1,8 @@
 """LayerNorm over the last axis in integers (requant.layernorm_normalized: an exact integer
 square root, then a requantization per channel): frames of a sequence, ConvNeXt's
-channels-last LayerNorm of a conv map, and GroupNorm / InstanceNorm as LayerNorms of groups. From torch and ONNX, pruned around it, bit-exact on
-targets without (M4) and with a double-precision FPU (M7)."""
+channels-last LayerNorm of a conv map, and GroupNorm / InstanceNorm as LayerNorms of groups.
+From torch and ONNX, pruned around them, bit-exact on targets without (M4, riscv32) and with a
+double-precision FPU (M7)."""
 
 import numpy as np
 import pytest
