@@ -7,6 +7,10 @@ stride-1 Conv2d with the kernel flipped and its in/out axes swapped per group (t
 and dilation; the padding is that of the dilated kernel). After the rewrite the
 pruner cuts a real Conv2d, fine-tuning trains it, and the int8 stages run it in their conv
 kernels; only the zero insertion is new (the int8 `dilate` op, which inserts the zero point).
+
+torch's transformer layers (nn.TransformerEncoder, nn.TransformerEncoderLayer,
+nn.MultiheadAttention) are whole modules to torch.fx; written as their Linears, matrix
+products, softmax and LayerNorms, every stage sees inside them.
 """
 
 from __future__ import annotations
@@ -96,4 +100,113 @@ def lower_transposed_convs(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     ConvTransposeAsConv.from_module(m, f"layer '{name}'"))
+    return model
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight.data.copy_(weight.detach())
+    if bias is not None:
+        lin.bias.data.copy_(bias.detach())
+    return lin
+
+
+class AttentionAsOps(nn.Module):
+    """nn.MultiheadAttention (batch_first) as the Linears, matrix products and softmax it
+    computes, so that every stage sees them (torch.fx keeps torch.nn modules whole)."""
+
+    def __init__(self, mha: nn.MultiheadAttention, where: str):
+        super().__init__()
+        if not mha.batch_first:
+            raise EdgepruneError(f"{where}: MultiheadAttention with batch_first=False takes "
+                                 "(T, N, E); edgeprune's batch axis is the first: use "
+                                 "batch_first=True")
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise EdgepruneError(f"{where}: MultiheadAttention with separate key/value sizes, "
+                                 "bias_k/bias_v or add_zero_attn is not supported")
+        e = mha.embed_dim
+        self.heads = mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        self.q, self.k, self.v = (_linear(w[i * e:(i + 1) * e], None if b is None else
+                                          b[i * e:(i + 1) * e]) for i in range(3))
+        self.out = _linear(mha.out_proj.weight, mha.out_proj.bias)
+        self.where = where
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise EdgepruneError(f"{self.where}: attention masks are not supported")
+        n, t, e = query.shape
+        s, h = key.shape[1], self.heads
+        d = e // h
+        q = self.q(query).reshape(n, t, h, d).transpose(1, 2)
+        k = self.k(key).reshape(n, s, h, d).transpose(1, 2)
+        v = self.v(value).reshape(n, s, h, d).transpose(1, 2)
+        a = torch.softmax(q @ k.transpose(-2, -1) * (d ** -0.5), -1)
+        return self.out((a @ v).transpose(1, 2).reshape(n, t, e)), None
+
+
+class EncoderLayerAsOps(nn.Module):
+    """nn.TransformerEncoderLayer (batch_first, ReLU or GELU, either norm order) as its ops."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer, where: str):
+        super().__init__()
+        self.attn = AttentionAsOps(layer.self_attn, f"{where}.self_attn")
+        self.linear1, self.linear2 = layer.linear1, layer.linear2
+        self.norm1, self.norm2 = layer.norm1, layer.norm2
+        act = layer.activation
+        self.activation = {F.relu: nn.ReLU(), F.gelu: nn.GELU()}.get(act, act)
+        if not isinstance(self.activation, nn.Module):
+            raise EdgepruneError(f"{where}: activation {act} is not supported (ReLU, GELU)")
+        self.norm_first, self.where = layer.norm_first, where
+
+    def _block(self, x):
+        return self.attn(x, x, x)[0]
+
+    def _ff(self, x):
+        return self.linear2(self.activation(self.linear1(x)))
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if src_mask is not None or src_key_padding_mask is not None or is_causal:
+            raise EdgepruneError(f"{self.where}: attention masks are not supported")
+        x = src
+        if self.norm_first:
+            x = x + self._block(self.norm1(x))
+            return x + self._ff(self.norm2(x))
+        x = self.norm1(x + self._block(x))
+        return self.norm2(x + self._ff(x))
+
+
+class EncoderAsOps(nn.Module):
+    """nn.TransformerEncoder: its layers in turn, then its norm."""
+
+    def __init__(self, encoder: nn.TransformerEncoder, where: str):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayerAsOps(m, f"{where}.layers.{i}")
+                                    for i, m in enumerate(encoder.layers))
+        self.norm = encoder.norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        for layer in self.layers:
+            src = layer(src, mask, src_key_padding_mask, bool(is_causal))
+        return src if self.norm is None else self.norm(src)
+
+
+def lower_attention(model: nn.Module) -> nn.Module:
+    """`model` with nn.TransformerEncoder, nn.TransformerEncoderLayer and
+    nn.MultiheadAttention replaced (in place) by the same computation in plain ops."""
+    kinds = ((nn.TransformerEncoder, EncoderAsOps),
+             (nn.TransformerEncoderLayer, EncoderLayerAsOps),
+             (nn.MultiheadAttention, AttentionAsOps))
+    lowered: list[str] = []    # a lowered module's torch.nn children are lowered inside it
+    for name, m in list(model.named_modules()):
+        if any(name.startswith(p + ".") for p in lowered):
+            continue
+        for kind, as_ops in kinds:
+            if isinstance(m, kind):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        as_ops(m, f"layer '{name}'"))
+                lowered.append(name)
+                break
     return model

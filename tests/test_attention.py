@@ -83,3 +83,59 @@ def test_a_matrix_product_with_a_broadcast_batch_is_named():
 
     with pytest.raises(EdgepruneError, match="node 'matmul'.*same leading shape"):
         ptq.quantize_ptq(Broadcast().eval(), (2, 3, 4), np.zeros((4, 3, 4), np.float32))
+
+
+class TorchTransformer(nn.Module):
+    """torch's own layers: nn.TransformerEncoder of two post- or pre-norm GELU layers and an
+    nn.MultiheadAttention (edgeprune.layers.lower_attention writes them as plain ops)."""
+
+    def __init__(self, norm_first):
+        super().__init__()
+        self.emb = nn.Linear(10, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first,
+                                           activation="gelu")
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.mha, self.fc = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.enc(self.emb(x))
+        o, _ = self.mha(t, t, t)
+        return self.fc((t + o).mean(1))
+
+
+@pytest.mark.parametrize("norm_first, target", [(False, "cortex-a53"), (True, "cortex-m7")])
+def test_torch_transformer_layers_lower_prune_and_run_bit_exact(norm_first, target, tmp_path):
+    from edgeprune.layers import lower_attention
+
+    torch.manual_seed(0)
+    model = TorchTransformer(norm_first).eval()
+    x = torch.randn(8, *SHAPE[1:])
+    with torch.no_grad():
+        want = model(x)
+        lowered = lower_attention(model)
+        torch.testing.assert_close(lowered(x), want, atol=1e-5, rtol=1e-4)
+    pruned, _ = pruned_equivalently(lowered, SHAPE, x, ratios=0.5)
+    assert sorted(m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)) == \
+        [4] + [16] * 17       # each layer's feed-forward width 32 -> 16
+    calib = torch.randn(64, *SHAPE[1:]).numpy()
+    qm = ptq.quantize_ptq(lowered, SHAPE, calib)
+    assert [o.kind for o in qm.ops].count("layernorm") == 4
+    y = bit_exact(qm, calib[:4], target, tmp_path, on_target=2)
+    with torch.no_grad():
+        f = lowered(torch.from_numpy(calib[:4])).numpy()
+    assert np.abs(y - f).max() < 0.05 * np.abs(f).max()
+
+
+def test_sequence_first_attention_is_refused_by_name():
+    from edgeprune.layers import lower_attention
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    with pytest.raises(EdgepruneError, match="layer 'mha'.*batch_first=True"):
+        lower_attention(SeqFirst())
