@@ -537,6 +537,24 @@ class _Builder:
         return self._fn(operator.add, [x[0], y[0]], [x[1], y[1]])
 
     def op_Concat(self, node, a):
+        first = next((n for n in node.input if n in self.env), None)
+        axis = int(a["axis"]) % self.val[first].dim() if first else int(a["axis"])
+        if first and axis != 0 and any(n in self.consts for n in node.input):
+            # a constant piece (a class token) exported for the static batch: over any batch
+            xs = []
+            for n in node.input:
+                if n not in self.consts or np.asarray(self.consts[n]).ndim == 0:
+                    xs.append(self._in(n))
+                    continue
+                # a parameter, which torch.fx traces (a buffer would be a plain tensor)
+                v = torch.as_tensor(np.array(self.consts[n])).float()
+                name = self._name(type("n", (), {"name": f"token_{n}"})(), "token")
+                self.root.register_parameter(name, nn.Parameter(v))
+                size = self.graph.call_method("size", (self.env[first], 0))
+                xs.append((self.graph.call_method("expand", (self.graph.get_attr(name), size,
+                                                             *(-1,) * (v.dim() - 1))), v))
+            n = self.graph.call_function(torch.cat, ([x[0] for x in xs],), {"dim": axis})
+            return n, torch.cat([x[1] for x in xs], dim=axis)
         xs = [self._in(n) for n in node.input]
         n = self.graph.call_function(torch.cat, ([x[0] for x in xs],), {"dim": int(a["axis"])})
         return n, torch.cat([x[1] for x in xs], dim=int(a["axis"]))

@@ -139,3 +139,38 @@ def test_sequence_first_attention_is_refused_by_name():
 
     with pytest.raises(EdgepruneError, match="layer 'mha'.*batch_first=True"):
         lower_attention(SeqFirst())
+
+
+class ClassToken(nn.Module):
+    """KWT's head: a learnt class token before the frames, a positional embedding, the token's
+    row read out (op pad, then addconst)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.f, self.fc = nn.Linear(10, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos = nn.Parameter(torch.randn(1, 13, 16) * 0.3)
+
+    def forward(self, x):
+        t = self.emb(x)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        return self.fc(torch.relu(self.f(t))[:, 0])
+
+
+def test_class_token_prunes_and_runs_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = ClassToken().eval()
+    x = torch.randn(8, *SHAPE[1:])
+    calib = torch.randn(64, *SHAPE[1:]).numpy()
+    for source in _sources(model, tmp_path):
+        with torch.no_grad():
+            torch.testing.assert_close(source(x), model(x), atol=1e-5, rtol=1e-4)
+        pruned, _ = pruned_equivalently(source, SHAPE, x, ratios=0.5)
+        assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == \
+            [16, 8, 4]                # the token's width is kept; the layer after it is cut
+        qm = ptq.quantize_ptq(source, SHAPE, calib)
+        assert [o.kind for o in qm.ops][:3] == ["dense", "pad", "addconst"]
+    y = bit_exact(qm, calib[:4], "cortex-m4", tmp_path, on_target=2)
+    with torch.no_grad():
+        f = model(torch.from_numpy(calib[:4])).numpy()
+    assert np.abs(y - f).max() < 0.05 * np.abs(f).max()

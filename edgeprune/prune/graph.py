@@ -448,6 +448,8 @@ class DepGraph:
         if (is_fn and t in (operator.matmul, torch.matmul, torch.bmm)) or \
                 (not is_fn and t in ("matmul", "bmm")):
             return self._matmul(node, shape)
+        if not is_fn and t == "expand" and self._layout_of(node.args[0]) is CONST:
+            return CONST          # a constant over the batch (a class token)
         if is_fn and t is F.layer_norm:
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
@@ -528,6 +530,14 @@ class DepGraph:
         nd = len(shape)
         dim = dim % nd
         lays = [self._layout_of(x) for x in tensors]
+        if any(l is CONST for l in lays):     # constant pieces (a class token): their
+            kept = [l for l in lays if isinstance(l, Layout)]   # channels cannot change
+            for l in kept:
+                self._freeze(l)
+            if len(kept) != 1 or dim == (nd - 1 if kept[0].channels_last else 1):
+                self._fail(node, "concatenates constants along the channels, or with more "
+                           "than one tensor")
+            return kept[0]
         if not all(isinstance(l, Layout) for l in lays):
             self._fail(node, "concatenates a tensor without a tracked channel dimension")
         if any(l.channels_last for l in lays):

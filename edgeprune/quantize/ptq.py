@@ -344,6 +344,9 @@ class IRNet(nn.Module):
             elif n.kind == "slice":
                 index = [slice(None)] * a["axis"] + [slice(a["start"], a["stop"], a["step"])]
                 y = xs[0][tuple(index)]
+            elif n.kind == "pad":   # zeros along one axis (before the constant rows land)
+                widths = [0, 0] * (xs[0].dim() - 1 - a["axis"]) + [a["before"], a["after"]]
+                y = F.pad(xs[0], widths)
             elif n.kind == "dilate":
                 y = zero_insert(xs[0], *a["strides"])
             elif n.kind == "upsample" and a["mode"] == "nearest":
@@ -488,6 +491,37 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         nodes.append(fnode)
         by_out[fnode.output] = fnode
 
+    def add_constant_rows(node, parts, axis: int, shape, where: str) -> None:
+        """cat([token, x], axis) with constant pieces (a class token): x padded with zero
+        points along the axis, then the pieces added as a constant (op addconst)."""
+        tensors = [i for i, t in enumerate(parts) if t.name not in constants]
+        if len(tensors) != 1 or axis == 0:
+            raise EdgepruneError(f"{where}: a concatenation of constants with "
+                                 f"{len(tensors)} tensors along axis {axis}; only constant "
+                                 "pieces around one tensor, after the batch axis")
+        rows = []
+        for t in parts:
+            if t.name in constants:
+                c = constants[t.name].detach().double()
+                rows.append(c.reshape(c.shape[-(len(shape) - 1):]) if c.dim() >= len(shape)
+                            else c)
+            else:
+                one = list(shape_of(t)[1:])
+                rows.append(torch.zeros(one, dtype=torch.float64))
+        try:
+            const = torch.cat([r.expand(*[-1 if k == axis - 1 else n for k, n in
+                                          enumerate(shape[1:])]) for r in rows], axis - 1)
+        except RuntimeError as e:
+            raise EdgepruneError(f"{where}: constant pieces do not line up: {e}") from None
+        t = parts[tensors[0]]
+        before = sum(int(r.shape[axis - 1]) for r in rows[:tensors[0]])
+        after = sum(int(r.shape[axis - 1]) for r in rows[tensors[0] + 1:])
+        pad = node.name + "_pad"
+        add_node(FNode("pad", pad, [src(t)], pad, {"axis": axis, "before": before,
+                                                    "after": after}, out_shape=shape))
+        add_node(FNode("addconst", node.name, [pad], node.name, {"sign": 1, "const": const},
+                       out_shape=shape))
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if alias:
@@ -506,6 +540,10 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             continue
         if node.op == "get_attr":   # a constant tensor: read by the op that uses it
             constants[node.name] = _fetch_attr(gm, node.target)
+            continue
+        if node.target == "expand" and \
+                getattr(node.args[0], "name", None) in constants:
+            constants[node.name] = constants[node.args[0].name]   # over the batch: one sample
             continue
         if is_split(node):        # a tuple of pieces: each getitem of it is a "slice" node
             continue
@@ -746,6 +784,9 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             if (not isinstance(parts, (list, tuple)) or not parts
                     or not all(isinstance(t, fx.Node) for t in parts)):
                 raise EdgepruneError(f"{where}: only a concatenation of tensors is supported")
+            if any(t.name in constants for t in parts):
+                add_constant_rows(node, parts, dim % len(shape), shape, where)
+                continue
             if dim % len(shape) != 1:
                 raise EdgepruneError(f"{where}: concatenation along dim {dim} of a "
                                      f"{len(shape)}-D tensor; only the channel axis (1) is "

@@ -68,6 +68,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``matmul`` two activations (N, ..., T, D) @ (N, ..., D, U) (attention's scores and their
   weighted sum): sum over D of (a - za)(b - zb), requantized like ``mul`` (attrs multiplier,
   shift).
+* ``pad`` attrs: axis (>= 1), before, after: zero points added along that axis (where a class
+  token's constant lands, added by a following ``addconst``).  Same scale/zero point.
 * ``slice`` attrs: axis (>= 1), start, stop, step: x[..., start:stop:step, ...] along that axis
   (a channel split: x[:, 8:], chunk, split, ONNX Slice/Split).  Same scale/zero point.
 
@@ -93,10 +95,10 @@ FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
 OP_KINDS = ("conv2d", "dense", "add", "addconst", "mul", "matmul", "concat", "lut", "prelu",
             "layernorm", "softmax", "log_softmax", "maxpool", "avgpool", "reshape", "transpose",
-            "slice", "upsample", "dilate")
+            "slice", "pad", "upsample", "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
-SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "upsample", "dilate")
+SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "pad", "upsample", "dilate")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
 
@@ -372,6 +374,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"transpose '{op.name}': perm {perm} is not a permutation of "
                                  f"{len(ins[0])} axes that keeps the batch axis first")
         return [ins[0][d] for d in perm]
+    if op.kind == "pad":
+        axis, before, after = (int(a[k]) for k in ("axis", "before", "after"))
+        if not 1 <= axis < len(ins[0]) or before < 0 or after < 0:
+            raise EdgepruneError(f"pad '{op.name}': {before}, {after} along axis {axis} of "
+                                 f"{ins[0]}")
+        return [*ins[0][:axis], ins[0][axis] + before + after, *ins[0][axis + 1:]]
     if op.kind == "slice":
         axis, start, stop, step = (int(a[k]) for k in ("axis", "start", "stop", "step"))
         if not (1 <= axis < len(ins[0]) and 0 <= start < stop <= ins[0][axis] and step >= 1):

@@ -199,6 +199,10 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return x.reshape([int(s) for s in a["shape"]])
     if op.kind == "transpose":
         return np.ascontiguousarray(x.transpose([int(d) for d in a["perm"]]))
+    if op.kind == "pad":
+        widths = [(0, 0)] * x.ndim
+        widths[int(a["axis"])] = (int(a["before"]), int(a["after"]))
+        return np.pad(x, widths, constant_values=tin.zero_point)
     if op.kind == "slice":
         index = [slice(None)] * int(a["axis"]) + [slice(a["start"], a["stop"], a["step"])]
         return np.ascontiguousarray(x[tuple(index)])

@@ -530,6 +530,12 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "transpose":
                     y = bb.emit(relax.op.permute_dims(env[op.inputs[0]], op.attrs["perm"]),
                                 name_hint=_ident(op.output))
+                elif op.kind == "pad":
+                    a, nd = op.attrs, len(shape(op.inputs[0]))
+                    widths = [0] * (2 * nd)
+                    widths[2 * a["axis"]:2 * a["axis"] + 2] = [a["before"], a["after"]]
+                    y = bb.emit(relax.op.nn.pad(env[op.inputs[0]], widths, pad_value=float(
+                        qm.tensors[op.inputs[0]].zero_point)), name_hint=_ident(op.output))
                 elif op.kind == "slice":
                     a = op.attrs
                     y = bb.emit(relax.op.strided_slice(
