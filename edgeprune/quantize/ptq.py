@@ -105,15 +105,14 @@ def _scalar_affine(target, node, static: dict) -> tuple[float, float] | None:
     return (1.0 / c, 0.0) if not swapped and c != 0 else None   # c / x is not affine
 
 
-def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
-    """(x, a, b) when `node` computes a_c * x + b_c from a tensor x and a constant that varies
-    along the channel axis alone ((x - mean) / std inside a model, a learnt per-channel bias
-    or scale), else None."""
+def _tensor_and_constant(target, node, constants: dict):
+    """(kind, x, const, swapped) for an add/sub/mul/div of one tensor x and one constant tensor
+    (`swapped`: the constant is the first operand), else None."""
     try:
         kind = _SCALAR_OPS.get(target)
-    except TypeError:
+    except TypeError:   # an unhashable module
         return None
-    if kind is None or len(node.args) != 2 or node.kwargs or len(shape) < 2:
+    if kind is None or len(node.args) != 2 or node.kwargs:
         return None
     x, c = node.args
     swapped = isinstance(x, torch.fx.Node) and x.name in constants
@@ -122,7 +121,17 @@ def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
     if not (isinstance(x, torch.fx.Node) and isinstance(c, torch.fx.Node)
             and c.name in constants and x.name not in constants):
         return None
-    const = constants[c.name].detach().double()
+    return kind, x, constants[c.name].detach().double(), swapped
+
+
+def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
+    """(x, a, b) when `node` computes a_c * x + b_c from a tensor x and a constant that varies
+    along the channel axis alone ((x - mean) / std inside a model, a learnt per-channel bias
+    or scale), else None."""
+    found = _tensor_and_constant(target, node, constants)
+    if found is None or len(shape) < 2:
+        return None
+    kind, x, const, swapped = found
     lead = (1,) * (len(shape) - const.dim())
     if const.dim() > len(shape) or any(n != 1 for i, n in enumerate(lead + tuple(const.shape))
                                        if i != 1) or const.numel() not in (1, shape[1]):
@@ -142,20 +151,10 @@ def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
 def _constant_offset(target, node, constants: dict, shape) -> tuple | None:
     """(x, sign, P) when `node` computes sign * x + P with a constant P of any shape that
     broadcasts to one sample (x + pos_embedding, x - P, P - x), else None."""
-    try:
-        kind = _SCALAR_OPS.get(target)
-    except TypeError:
+    found = _tensor_and_constant(target, node, constants)
+    if found is None or found[0] not in ("add", "sub"):
         return None
-    if kind not in ("add", "sub") or len(node.args) != 2 or node.kwargs:
-        return None
-    x, c = node.args
-    swapped = isinstance(x, torch.fx.Node) and x.name in constants
-    if swapped:
-        x, c = c, x
-    if not (isinstance(x, torch.fx.Node) and isinstance(c, torch.fx.Node)
-            and c.name in constants and x.name not in constants):
-        return None
-    const = constants[c.name].detach().double()
+    kind, x, const, swapped = found
     try:
         p = torch.broadcast_to(const, shape)[0].clone()
     except RuntimeError:
