@@ -1198,14 +1198,6 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                           "clamp": [out.qmin, out.qmax]})
             params[f"{n.name}.bias"] = np.round(const / out.scale).clip(
                 -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-        elif n.kind == "addconst":
-            # sign * x requantized, then the constant added in output steps
-            m, sh = quantize_multiplier(tin.scale / out.scale)
-            const = attrs.pop("const").numpy()
-            attrs.update({"multiplier": int(attrs.pop("sign")) * int(m), "shift": int(sh),
-                          "clamp": [out.qmin, out.qmax]})
-            params[f"{n.name}.bias"] = np.round(const / out.scale).clip(
-                -2 ** 31, 2 ** 31 - 1).astype(np.int32)
         elif n.kind == "layernorm":
             # reference.run_op: n = (x - mean) / std in fixed point with LAYERNORM_FRAC_BITS,
             # then gamma_c * n requantized per channel and beta_c added in output steps
