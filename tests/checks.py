@@ -21,13 +21,20 @@ def pruned_equivalently(model, shape, x, **prune_args):
     return pruned, record
 
 
-def bit_exact(qm, x: np.ndarray, target: str, tmp_path, on_target: int = 3) -> np.ndarray:
+def bit_exact(qm, x: np.ndarray, target: str, tmp_path, on_target: int = 3, like=None,
+              tol: float = 0.05) -> np.ndarray:
     """The golden model's dequantized outputs for float `x`, after checking that TVM's host
-    build and the target in QEMU (its first `on_target` samples) compute them bit for bit."""
+    build and the target in QEMU (its first `on_target` samples) compute them bit for bit,
+    and, given the float model `like`, that they are within `tol` of its largest output."""
     xq = reference.quantize_input(qm, x)
     want = reference.run(qm, xq)
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=len(x)))(xq), want)
     compile_model(qm.save(tmp_path / "q"), target, tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", np.asarray(x[:on_target], np.float32))
     assert result["outputs_match"] and result["mismatches"] == 0, result
-    return reference.dequantize_output(qm, want)
+    y = reference.dequantize_output(qm, want)
+    if like is not None:
+        with torch.no_grad():
+            f = like(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+        assert np.abs(y - f).max() < tol * np.abs(f).max()
+    return y
