@@ -263,6 +263,12 @@ def _module_2d(mod: nn.Module, where: str) -> nn.Module:
         if mod.size is not None:
             return nn.Upsample(size=(1, _one(mod.size)), **how)
         return nn.Upsample(scale_factor=(1.0, float(_first(mod.scale_factor))), **how)
+    pads = {nn.ZeroPad1d: nn.ZeroPad2d, nn.ReflectionPad1d: nn.ReflectionPad2d,
+            nn.ReplicationPad1d: nn.ReplicationPad2d, nn.CircularPad1d: nn.CircularPad2d}
+    if type(mod) in pads:                # along L only
+        return pads[type(mod)]((*mod.padding, 0, 0))
+    if isinstance(mod, nn.ConstantPad1d):
+        return nn.ConstantPad2d((*mod.padding, 0, 0), mod.value)
     if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
         return mod
     if isinstance(mod, nn.Softmax):

@@ -449,6 +449,9 @@ class _Builder:
     def op_ReduceMax(self, node, a):
         return self._reduce(node, a, torch.amax, "max")
 
+    def op_ReduceSum(self, node, a):
+        return self._reduce(node, a, torch.sum, "sum")
+
     def _reduce(self, node, a, fn, what: str):
         axes = self._axes(node, a)
         x = self._in(node.input[0])
@@ -504,11 +507,18 @@ class _Builder:
 
     def _bound(self, node, op: str):
         """Max or Min of a tensor and a constant number (how torch's default exporter writes
-        clamp with one bound): a clamp."""
+        clamp with one bound): a clamp; of two or more tensors: elementwise, pair by pair."""
         consts = [n for n in node.input if n in self.consts]
+        if not consts and len(node.input) >= 2:
+            fn = torch.maximum if op == "Max" else torch.minimum
+            x = self._in(node.input[0])
+            for other in node.input[1:]:
+                y = self._in(other)
+                x = self._fn(fn, [x[0], y[0]], [x[1], y[1]])
+            return x
         if len(node.input) != 2 or len(consts) != 1 or np.asarray(self.consts[consts[0]]).size != 1:
-            raise _err(f"ONNX node '{node.name}' ({op}): only the {op} of a tensor and one "
-                       "constant number (a clamp) is supported")
+            raise _err(f"ONNX node '{node.name}' ({op}): only the {op} of tensors, or of a "
+                       "tensor and one constant number (a clamp), is supported")
         x = self._in(next(n for n in node.input if n not in self.consts))
         c = float(np.asarray(self.consts[consts[0]]).reshape(()))
         return self._clamp(node, x, c, None) if op == "Max" else self._clamp(node, x, None, c)
@@ -888,6 +898,25 @@ class _Builder:
                        "only transposes that keep it first are supported")
         return self._fn(torch.permute, [x[0], tuple(perm)], [x[1], tuple(perm)])
 
+    def op_DepthToSpace(self, node, a):
+        """CRD is torch's pixel_shuffle; DCR (the default) takes the depth blocks first."""
+        r, x = int(a["blocksize"]), self._in(node.input[0])
+        if _text(a.get("mode", b"DCR")) == "CRD":
+            return self._fn(F.pixel_shuffle, [x[0], r], [x[1], r])
+        n, c, h, w = x[1].shape
+        x = self._reshape_to(x, (n, r, r, c // (r * r), h, w))
+        x = self._fn(torch.permute, [x[0], (0, 3, 4, 1, 5, 2)], [x[1], (0, 3, 4, 1, 5, 2)])
+        return self._reshape_to(x, (n, c // (r * r), h * r, w * r))
+
+    def op_SpaceToDepth(self, node, a):
+        """Each r x r block into channels, block offset first (torch's pixel_unshuffle puts
+        the channel first)."""
+        r, x = int(a["blocksize"]), self._in(node.input[0])
+        n, c, h, w = x[1].shape
+        x = self._reshape_to(x, (n, c, h // r, r, w // r, r))
+        x = self._fn(torch.permute, [x[0], (0, 3, 5, 1, 2, 4)], [x[1], (0, 3, 5, 1, 2, 4)])
+        return self._reshape_to(x, (n, c * r * r, h // r, w // r))
+
     def _reshape_to(self, x, shape: tuple):
         """torch.reshape to a static shape; one that keeps the batch axis keeps it free
         (training runs other batch sizes than the model's)."""
@@ -906,12 +935,18 @@ class _Builder:
             value = float(np.asarray(self._const(node.input[2], node, "value")).reshape(()))
         x = self._in(node.input[0])
         rank = x[1].dim()
-        if (mode != "constant" or len(pads) != 2 * rank or rank != 4
+        modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+                 "wrap": "circular"}
+        if (mode not in modes or len(pads) != 2 * rank or rank not in (3, 4)
                 or any(pads[d] or pads[rank + d] for d in (0, 1))):
-            raise _err(f"ONNX node '{node.name}' (Pad): only constant padding of H and W of an "
-                       f"NCHW tensor is supported (mode {mode}, pads {pads})")
-        t, l, b, r = pads[2], pads[3], pads[6], pads[7]
-        return self._fn(F.pad, [x[0], (l, r, t, b)], [x[1], (l, r, t, b)], {"value": value})
+            raise _err(f"ONNX node '{node.name}' (Pad): only padding of the axes after the "
+                       f"channels of an (N, C, L) or NCHW tensor, in modes {', '.join(modes)}, "
+                       f"is supported (mode {mode}, pads {pads})")
+        widths = []           # F.pad's order: the last axis first, (before, after) each
+        for d in reversed(range(2, rank)):
+            widths += [pads[d], pads[rank + d]]
+        kw = {"value": value} if mode == "constant" else {"mode": modes[mode]}
+        return self._fn(F.pad, [x[0], tuple(widths)], [x[1], tuple(widths)], kw)
 
     def op_Gemm(self, node, a):
         if a.get("transA", 0):

@@ -1,9 +1,10 @@
-"""Which part of which tensor an fx node reads when it slices one axis.
+"""Which part of which tensor an fx node reads when it slices axes.
 
 Models cut tensors along an axis in several spellings: `x[:, 8:]`, `x.narrow(1, 0, 8)`,
 `x.chunk(2, 1)[0]`, `torch.split(x, [4, 12], 1)[1]` (ShuffleNet's and GhostNet's channel
-splits), and our ONNX import writes `Slice` and `Split` as the first. The quantizer and the
-pruning graph both need the same answer, a `Slice`, from the traced shapes (ShapeProp).
+splits), `x[:, :, 2:-2, 2:-2]` (a U-Net's crop), and our ONNX import writes `Slice` and
+`Split` as the first. The quantizer and the pruning graph both need the same answer, one `Slice`
+per cut axis, from the traced shapes (ShapeProp).
 """
 
 from __future__ import annotations
@@ -46,16 +47,17 @@ def is_split(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target in SPLIT_METHODS)
 
 
-def slice_of(node: fx.Node) -> Slice | None:
-    """The slice `node` computes, None if it is no slice; raises naming the node for a slice
-    this pipeline does not take (several axes at once)."""
+def slices_of(node: fx.Node) -> list[Slice] | None:
+    """The slices `node` computes, one per cut axis in axis order (each of the same source:
+    they compose), None if it is no slice; raises naming the node for a slice this pipeline
+    does not take (of the batch axis)."""
     where = f"node '{node.name}'"
     if node.op == "call_method" and node.target == "narrow" or \
             node.op == "call_function" and node.target is torch.narrow:
         x, dim = node.args[0], int(_arg(node, 1, "dim"))
         start, length = int(_arg(node, 2, "start")), int(_arg(node, 3, "length"))
         nd = len(_shape(x))
-        return _checked(where, x, dim % nd, start % _shape(x)[dim % nd], length, 1)
+        return [_checked(where, x, dim % nd, start % _shape(x)[dim % nd], length, 1)]
     if not (node.op == "call_function" and node.target is operator.getitem
             and isinstance(node.args[0], fx.Node)):
         return None
@@ -65,7 +67,7 @@ def slice_of(node: fx.Node) -> Slice | None:
         dim = int(_arg(x, 2, "dim", 0)) % len(_shape(source))   # chunk, split, tensor_split
         index %= len(pieces)
         start = sum(p.shape[dim] for p in pieces[:index])
-        return _checked(where, source, dim, start, pieces[index].shape[dim], 1)
+        return [_checked(where, source, dim, start, pieces[index].shape[dim], 1)]
     shape = _shape(x)
     if shape is None or not isinstance(index, (slice, tuple)):
         return None
@@ -85,14 +87,13 @@ def slice_of(node: fx.Node) -> Slice | None:
     cuts = [(axis, i) for axis, i in enumerate(index) if i != slice(None)]
     if not cuts:
         return None      # x[:, :]: the whole tensor
-    if len(cuts) > 1 or cuts[0][0] == 0:
-        raise EdgepruneError(f"{where}: slicing {index} cuts "
-                             f"{'the batch axis' if cuts[0][0] == 0 else 'several axes'}; "
-                             "only one axis after the batch may be sliced at a time")
-    axis, s = cuts[0]
-    start, stop, step = s.indices(shape[axis])
-    piece = _checked(where, x, axis, start, len(range(start, stop, step)), step)
-    return Slice(x, axis, piece.start, piece.stop, piece.step, drops_axis=bool(ints))
+    out = []
+    for axis, s in cuts:
+        start, stop, step = s.indices(shape[axis])
+        piece = _checked(where, x, axis, start, len(range(start, stop, step)), step)
+        out.append(Slice(x, axis, piece.start, piece.stop, piece.step,
+                         drops_axis=axis in ints))
+    return out
 
 
 def _checked(where, x, axis, start, length, step) -> Slice:

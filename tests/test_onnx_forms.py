@@ -46,3 +46,25 @@ def test_opset9_linear_upsample_is_refused_by_name(tmp_path):
     nodes = [helper.make_node("Upsample", ["x", "scales"], ["y"], mode="linear")]
     with pytest.raises(EdgepruneError, match="Upsample.*linear by scales"):
         _read_back(tmp_path, nodes, (1, 2, 3, 4), (1, 2, 6, 8), opset=9, inits=[scales])
+
+
+def test_depth_space_pads_and_extrema_read_back_as_onnx_computes_them(tmp_path):
+    """DepthToSpace in both modes, SpaceToDepth, Pad in reflect/edge/wrap modes, Max and Min
+    of tensors, ReduceSum: compared with ONNX's own reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [helper.make_node("DepthToSpace", ["x"], ["dcr"], blocksize=2, mode="DCR"),
+             helper.make_node("DepthToSpace", ["x"], ["crd"], blocksize=2, mode="CRD"),
+             helper.make_node("Max", ["dcr", "crd"], ["hi"]),
+             helper.make_node("Pad", ["hi", "pads"], ["r"], mode="reflect"),
+             helper.make_node("Pad", ["hi", "pads"], ["e"], mode="edge"),
+             helper.make_node("Pad", ["hi", "pads"], ["w"], mode="wrap"),
+             helper.make_node("Min", ["r", "e", "w"], ["lo"]),
+             helper.make_node("SpaceToDepth", ["lo"], ["s"], blocksize=3),
+             helper.make_node("ReduceSum", ["s", "axes"], ["y"], keepdims=1)]
+    back = _read_back(tmp_path, nodes, (1, 8, 3, 3), (1, 1, 3, 3), opset=18,
+                      inits=[pads, axes])
+    t = np.random.default_rng(0).normal(size=(1, 8, 3, 3)).astype(np.float32)
+    want = ReferenceEvaluator(str(tmp_path / "m.onnx")).run(None, {"x": t})[0]
+    np.testing.assert_allclose(back(torch.from_numpy(t)).numpy(), want, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
-from ..slicing import Slice, is_split, slice_of
+from ..slicing import Slice, is_split, slices_of
 
 STAGE = "prune"
 
@@ -45,10 +45,12 @@ PASSTHROUGH_MODULES = (
     nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
     nn.Softshrink, nn.Dropout1d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
+    nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d,
 )
 # ... of those, the ones that work on the H, W axes of NCHW (not on channels-last tensors)
 SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                   nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample)
+                   nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample, nn.ReflectionPad2d,
+                   nn.ReplicationPad2d, nn.CircularPad2d)
 SPATIAL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
                      F.interpolate, zero_insert}
 PASSTHROUGH_FUNCTIONS = {
@@ -62,12 +64,12 @@ PASSTHROUGH_FUNCTIONS = {
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
                        "clamp_", "float", "detach", "abs", "exp", "erf", "neg"}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv,
-                    torch.add, torch.sub, torch.mul, torch.div}
-BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
+                    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
+BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum"}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 RESHAPE_FUNCTIONS = {torch.reshape}
-MEAN_FUNCTIONS = {torch.mean, torch.amax}   # over spatial axes: channels pass through
+MEAN_FUNCTIONS = {torch.mean, torch.amax, torch.sum}   # over spatial axes: channels pass
 SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
 
 
@@ -297,6 +299,8 @@ class DepGraph:
             return out
         if isinstance(mod, nn.Flatten):
             return self._flatten(node, mod.start_dim, mod.end_dim)
+        if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):   # channels to space, back
+            return self._kept(self._input_layout(node, 4), shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
         if isinstance(mod, nn.LayerNorm):
@@ -414,7 +418,9 @@ class DepGraph:
         if (is_fn and t in (torch.permute, torch.transpose)) or \
                 (not is_fn and t in ("permute", "transpose")):
             return self._permute(node, shape)
-        if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS):
+        if (is_fn and t in BINARY_FUNCTIONS) or (not is_fn and t in BINARY_METHODS) or \
+                (is_fn and t in (torch.max, torch.min) and len(node.args) == 2
+                 and isinstance(node.args[1], fx.Node)):     # torch.max(a, b): elementwise
             return self._binary(node, shape)
         if (is_fn and t in SOFTMAX_FUNCTIONS) or (not is_fn and t in ("softmax", "log_softmax")):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -429,7 +435,7 @@ class DepGraph:
             return self._flatten(node, start, end)
         if (is_fn and t in RESHAPE_FUNCTIONS) or (not is_fn and t in ("view", "reshape")):
             return self._reshape(node, shape)
-        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t in ("mean", "amax")):
+        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t in ("mean", "amax", "sum")):
             return self._mean(node, shape)
         if (not is_fn and t in ("size", "dim")) or (is_fn and t in (getattr, len)):
             return None
@@ -450,14 +456,16 @@ class DepGraph:
             return self._matmul(node, shape)
         if not is_fn and t == "expand" and self._layout_of(node.args[0]) is CONST:
             return CONST          # a constant over the batch (a class token)
+        if is_fn and t in (F.pixel_shuffle, F.pixel_unshuffle):
+            return self._kept(self._input_layout(node, 4), shape)
         if is_fn and t is F.layer_norm:
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
         if is_split(node):
             return None      # a tuple: each getitem of it is a slice (below)
-        piece = slice_of(node)
-        if piece is not None:
-            return self._slice(node, piece)
+        pieces = slices_of(node)
+        if pieces:
+            return self._slice(node, pieces)
         if (is_fn and t is operator.getitem and isinstance(node.args[0], fx.Node)
                 and _adds_trailing_axes(node.args[1])):
             return self._input_layout(node)             # x[:, :, None, None]
@@ -471,24 +479,27 @@ class DepGraph:
         name = getattr(t, "__name__", str(t))
         self._fail(node, f"unsupported operation {name}")
 
-    def _slice(self, node: fx.Node, piece: Slice):
+    def _slice(self, node: fx.Node, pieces: list[Slice]):
         """Part of a tensor. Along the channels, a pruned channel would move the slice's
-        bounds, so the sliced tensor's channels are kept; along another axis they pass."""
-        lay = self._layout_of(piece.source)
+        bounds, so the sliced tensor's channels are kept; along other axes they pass."""
+        source = pieces[0].source
+        lay = self._layout_of(source)
         if not isinstance(lay, Layout):
             self._fail(node, "slices a tensor without a tracked channel dimension")
-        nd = len(self._shape(piece.source))
+        nd = len(self._shape(source))
         channel_axis = nd - 1 if lay.channels_last else 1
-        if lay.repeat == 1 and piece.axis != channel_axis:
-            if piece.drops_axis and lay.channels_last and nd == 3:
+        cut = [p for p in pieces if p.axis == channel_axis]
+        drops = any(p.drops_axis for p in pieces)
+        if lay.repeat == 1 and not cut:
+            if drops and lay.channels_last and nd == 3:
                 return Layout(lay.ids)      # (N, T, C)[:, -1]: the channels of (N, C)
             return lay
         self._freeze(lay)
-        if piece.drops_axis:
+        if drops:
             return self._new_space(self._shape(node)[1], None, True) \
                 if len(self._shape(node)) >= 2 else None
         if lay.repeat == 1:
-            return Layout(lay.ids[piece.start:piece.stop:piece.step], 1, lay.channels_last)
+            return Layout(lay.ids[cut[0].start:cut[0].stop:cut[0].step], 1, lay.channels_last)
         return self._new_space(self._shape(node)[1], None, True)   # of flattened features
 
     def _binary(self, node: fx.Node, shape):
@@ -544,7 +555,11 @@ class DepGraph:
             self._fail(node, "concatenates tensors with the channels on the last axis")
         if dim == 1:
             if len({l.repeat for l in lays}) != 1:
-                self._fail(node, "concatenates flattened features of different spatial sizes")
+                # flattened maps of several sizes (a spatial pyramid's pools): their channels
+                # are kept, the features are a new space
+                for l in lays:
+                    self._freeze(l)
+                return self._new_space(shape[1], None, True)
             return Layout(tuple(i for l in lays for i in l.ids), lays[0].repeat)
         if dim == 0 or nd == 4:  # batch or spatial concat: channels line up one to one
             for l in lays[1:]:
@@ -601,7 +616,11 @@ class DepGraph:
             if lay.channels_last:
                 self._fail(node, "a mean that keeps the axes of a channels-last tensor")
             return lay
-        self._fail(node, "mean over the batch or channel dimension")
+        if dims and 0 not in dims and len(shape) >= 2:
+            # over the channels (CBAM's spatial attention: mean and max of all channels): a
+            # pruned channel would change every value, so they are kept
+            return self._kept(lay, shape)
+        self._fail(node, "a mean or max over the batch axis, or over every axis")
 
     # ---- groups
     def _build_groups(self) -> None:

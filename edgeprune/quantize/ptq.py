@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
-from ..slicing import is_split, slice_of
-from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, SAME_QPARAMS, Op, QuantModel, TensorInfo,
-                     window_counts)
+from ..slicing import is_split, slices_of
+from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, PAD_MODES, SAME_QPARAMS, Op, QuantModel,
+                     TensorInfo, adaptive_windows, window_counts)
 from .requant import INT32_MAX, LAYERNORM_FRAC_BITS, quantize_multiplier, quantize_multipliers, \
     shared_shift_multipliers
 from .wquant import quantize_weights
@@ -309,7 +309,9 @@ class IRNet(nn.Module):
             elif n.kind == "matmul":
                 y = torch.matmul(xs[0], xs[1])
             elif n.kind == "concat":
-                y = torch.cat(xs, 1)
+                y = torch.cat(xs, a.get("axis", 1))
+            elif n.kind in ("maximum", "minimum"):
+                y = getattr(torch, n.kind)(xs[0], xs[1])
             elif n.kind == "lut":
                 y = lut_apply(a, xs[0])
             elif n.kind == "prelu":
@@ -324,6 +326,9 @@ class IRNet(nn.Module):
                 y = torch.softmax(xs[0], a["axis"])
             elif n.kind == "log_softmax":
                 y = torch.log_softmax(xs[0], a["axis"])
+            elif n.kind in ("maxpool", "avgpool") and "output_size" in a:
+                pool = F.adaptive_max_pool2d if n.kind == "maxpool" else F.adaptive_avg_pool2d
+                y = pool(xs[0], a["output_size"])
             elif n.kind == "maxpool":
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb), value=-np.inf) if any(a["padding"]) else xs[0]
@@ -332,6 +337,8 @@ class IRNet(nn.Module):
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb)) if any(a["padding"]) else xs[0]
                 y = F.avg_pool2d(h, a["kernel"], a["strides"], 0)
+                if a.get("sum"):
+                    y = y * (a["kernel"][0] * a["kernel"][1])
                 if not a.get("count_include_pad", True):
                     k = a["kernel"][0] * a["kernel"][1]
                     counts = window_counts(*xs[0].shape[2:], a)
@@ -343,9 +350,8 @@ class IRNet(nn.Module):
             elif n.kind == "slice":
                 index = [slice(None)] * a["axis"] + [slice(a["start"], a["stop"], a["step"])]
                 y = xs[0][tuple(index)]
-            elif n.kind == "pad":   # zeros along one axis (before the constant rows land)
-                widths = [0, 0] * (xs[0].dim() - 1 - a["axis"]) + [a["before"], a["after"]]
-                y = F.pad(xs[0], widths)
+            elif n.kind == "pad":   # along one axis: zeros, or reflect/replicate/circular
+                y = pad_axis(xs[0], a["axis"], a["before"], a["after"], a.get("mode", "constant"))
             elif n.kind == "dilate":
                 y = zero_insert(xs[0], *a["strides"])
             elif n.kind == "upsample" and a["mode"] == "nearest":
@@ -366,7 +372,23 @@ class IRNet(nn.Module):
         return env[self.output]
 
 
+def pad_axis(x: torch.Tensor, axis: int, before: int, after: int, mode: str) -> torch.Tensor:
+    """x padded along one axis (torch pads reflect/replicate/circular only on 3-5-D tensors
+    along their last axes: the axis is moved last and the tensor viewed as 3-D)."""
+    if mode == "constant":
+        return F.pad(x, [0, 0] * (x.dim() - 1 - axis) + [before, after])
+    moved = x.movedim(axis, -1)
+    flat = moved.reshape(1, -1, moved.shape[-1])
+    y = F.pad(flat, [before, after], mode=mode)
+    return y.reshape(*moved.shape[:-1], y.shape[-1]).movedim(-1, axis)
+
+
 # --- extraction ---------------------------------------------------------------------------
+_PAD_MODULES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ConstantPad1d: "constant",
+                nn.ConstantPad2d: "constant", nn.ReflectionPad1d: "reflect",
+                nn.ReflectionPad2d: "reflect", nn.ReplicationPad1d: "replicate",
+                nn.ReplicationPad2d: "replicate", nn.CircularPad1d: "circular",
+                nn.CircularPad2d: "circular"}
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 
@@ -521,6 +543,29 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         add_node(FNode("addconst", node.name, [pad], node.name, {"sign": 1, "const": const},
                        out_shape=shape))
 
+    def add_pads(node, x: str, given: list[int], mode: str, ishape, where: str,
+                 last: str | None = None) -> str:
+        """F.pad's (left, right, top, bottom, ...) widths, last axis first, as one "pad" op per
+        padded axis; the last is named `last` (default: the node). Returns its output."""
+        if mode not in PAD_MODES or any(w < 0 for w in given) or len(given) % 2 \
+                or len(given) // 2 > len(ishape) - 1:
+            raise EdgepruneError(f"{where}: padding {tuple(given)} in mode '{mode}' (only "
+                                 "non-negative widths after the batch axis, in modes "
+                                 f"{', '.join(PAD_MODES)})")
+        axes = [(len(ishape) - 1 - i, given[2 * i], given[2 * i + 1])
+                for i in range(len(given) // 2) if given[2 * i] or given[2 * i + 1]]
+        out = list(ishape)
+        for k, (axis, before, after) in enumerate(axes):
+            out[axis] += before + after
+            name = (last or node.name) if k == len(axes) - 1 else f"{node.name}_pad{axis}"
+            add_node(FNode("pad", name, [x], name, {"axis": axis, "before": before,
+                                                    "after": after, "mode": mode},
+                           out_shape=tuple(out)))
+            x = name
+        if not axes:
+            alias[last or node.name] = x
+        return x
+
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if alias:
@@ -552,24 +597,31 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             raise _unsupported(where, "it returns several tensors")
         shape = shape_of(node)
 
-        if target is F.pad or isinstance(target, (nn.ZeroPad2d, nn.ConstantPad2d)):
-            # TensorFlow's SAME padding: folded into the conv/pool after it
+        if target is F.pad or isinstance(target, tuple(_PAD_MODULES)):
             if isinstance(target, nn.Module):
-                p, mode, value = list(target.padding) + [0] * 4, "constant", target.value
-                given = target.padding
+                given = list(_pair(target.padding) * 2 if isinstance(target.padding, int)
+                             else target.padding)
+                mode = _PAD_MODULES[type(target)]
+                value = getattr(target, "value", 0.0)
             else:
-                p, given = list(arg(node, 1, "pad")) + [0] * 4, arg(node, 1, "pad")
+                given = list(arg(node, 1, "pad"))
                 mode, value = arg(node, 2, "mode", "constant"), arg(node, 3, "value", None)
+            value = float(value or 0.0)
             user = next(iter(node.users)) if len(node.users) == 1 else None
             user = user and (gm.get_submodule(user.target) if user.op == "call_module"
                              else user.target)
-            if (mode != "constant" or len(given) > 4
-                    or not (isinstance(user, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
-                            or user in (F.max_pool2d, F.avg_pool2d))):
-                raise EdgepruneError(f"{where}: only a constant H/W padding read by one conv or "
-                                     "pool is supported")
-            pads[node.name] = ([p[2], p[0], p[3], p[1]], float(value or 0.0))  # t, l, b, r
-            alias[node.name] = src(node.args[0])
+            if (mode == "constant" and len(given) <= 4 and len(shape) == 4
+                    and (isinstance(user, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+                         or user in (F.max_pool2d, F.avg_pool2d))):
+                # TensorFlow's SAME padding: folded into the conv/pool after it
+                p = given + [0] * 4
+                pads[node.name] = ([p[2], p[0], p[3], p[1]], value)  # t, l, b, r
+                alias[node.name] = src(node.args[0])
+                continue
+            if mode == "constant" and value != 0:
+                raise EdgepruneError(f"{where}: padding with {value} that no conv or pool "
+                                     "reads (only zeros, or reflect/replicate/circular)")
+            add_pads(node, src(node.args[0]), given, mode, shape_of(node.args[0]), where)
             continue
 
         # pass-through ops
@@ -581,7 +633,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             prev = src(node.args[0])
             producer = by_out.get(prev)
             if (producer is not None and producer.act is None
-                    and producer.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat")
+                    and producer.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat",
+                                          "maximum", "minimum")
                     and users[prev] == 1):
                 producer.act = act      # fused: a clamp in the producer's requantization
                 alias[node.name] = prev
@@ -664,14 +717,35 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 add_node(FNode("reshape", node.name, [back], node.name, {"shape": list(shape)},
                                out_shape=shape))
             continue
+        shuffle = {nn.PixelShuffle: "shuffle", F.pixel_shuffle: "shuffle",
+                   nn.PixelUnshuffle: "unshuffle", F.pixel_unshuffle: "unshuffle"}.get(
+            type(target) if isinstance(target, nn.Module) else target)
+        if shuffle:   # data movement: (N, C, r, r, H, W) <-> (N, C, H, r, W, r)
+            r = (target.upscale_factor if shuffle == "shuffle" else target.downscale_factor) \
+                if isinstance(target, nn.Module) else int(arg(node, 1, "upscale_factor"
+                                                               if shuffle == "shuffle" else
+                                                               "downscale_factor"))
+            n, c, h, w = shape if shuffle == "shuffle" else shape_of(node.args[0])
+            blocks, spread = (n, c, r, r, h // r, w // r), (n, c, h // r, r, w // r, r)
+            steps = [("reshape", {"shape": list(blocks)}, blocks),
+                     ("transpose", {"perm": [0, 1, 4, 2, 5, 3]}, spread),
+                     ("reshape", {"shape": list(shape)}, tuple(shape))]
+            if shuffle == "unshuffle":
+                steps = [("reshape", {"shape": list(spread)}, spread),
+                         ("transpose", {"perm": [0, 1, 3, 5, 2, 4]}, blocks),
+                         ("reshape", {"shape": list(shape)}, tuple(shape))]
+            x = src(node.args[0])
+            for k, (kind, attrs, out) in enumerate(steps):
+                name = node.name if k == 2 else f"{node.name}_{kind}{k}"
+                add_node(FNode(kind, name, [x], name, attrs, out_shape=out))
+                x = name
+            continue
         if isinstance(target, nn.PReLU):   # a slope per channel (one slope is a "lut")
             add_node(FNode("prelu", node.name, [src(node.args[0])], node.name,
                            {"slopes": target.weight.detach().double().tolist()},
                            out_shape=shape))
             continue
         if isinstance(target, nn.Conv2d):
-            if target.padding_mode != "zeros":
-                raise EdgepruneError(f"{where}: padding_mode '{target.padding_mode}' unsupported")
             if isinstance(target.padding, str):
                 ih, iw = shape_of(node.args[0])[2:]
                 pads = []
@@ -682,13 +756,18 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             else:
                 ph, pw = _pair(target.padding)
                 padding = [ph, pw, ph, pw]
+            x = src(node.args[0])
+            if target.padding_mode != "zeros":   # reflect, replicate, circular: pad ops first
+                t, l, b, r = padding
+                x = add_pads(node, x, [l, r, t, b], target.padding_mode,
+                             shape_of(node.args[0]), where, node.name + "_pad")
+                padding = [0, 0, 0, 0]
             attrs = {"strides": _pair(target.stride), "padding": padding_of(node, padding),
                      "dilation": _pair(target.dilation), "groups": int(target.groups)}
             weights[node.name] = target.weight.detach()
             biases[node.name] = (target.bias.detach() if target.bias is not None
                                  else torch.zeros(target.out_channels))
-            add_node(FNode("conv2d", node.name, [src(node.args[0])], node.name, attrs,
-                           out_shape=shape))
+            add_node(FNode("conv2d", node.name, [x], node.name, attrs, out_shape=shape))
             continue
         if isinstance(target, nn.BatchNorm2d):
             # a BatchNorm fuse() could not fold into a conv (on the input, after an add or a
@@ -766,6 +845,18 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                      "supported")
             add_node(FNode("matmul", node.name, [src(a), src(b)], node.name, out_shape=shape))
             continue
+        extremum = {torch.maximum: "maximum", "maximum": "maximum", torch.minimum: "minimum",
+                    "minimum": "minimum"}.get(target)
+        if extremum or target in (torch.max, torch.min) and len(node.args) == 2 \
+                and isinstance(node.args[1], fx.Node):   # torch.max(a, b): Max-Feature-Map
+            a, b = node.args[0], node.args[1]
+            if not all(isinstance(t, fx.Node) and t.name not in static for t in (a, b)) or \
+                    tuple(shape_of(a)) != tuple(shape_of(b)):
+                raise EdgepruneError(f"{where}: only an elementwise max/min of two tensors of "
+                                     "one shape is supported")
+            kind = extremum or ("maximum" if target is torch.max else "minimum")
+            add_node(FNode(kind, node.name, [src(a), src(b)], node.name, out_shape=shape))
+            continue
         if target in (operator.mul, torch.mul, "mul"):
             a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
             if not all(isinstance(t, fx.Node) and t.name not in static for t in (a, b)):
@@ -786,11 +877,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             if any(t.name in constants for t in parts):
                 add_constant_rows(node, parts, dim % len(shape), shape, where)
                 continue
-            if dim % len(shape) != 1:
-                raise EdgepruneError(f"{where}: concatenation along dim {dim} of a "
-                                     f"{len(shape)}-D tensor; only the channel axis (1) is "
+            if dim % len(shape) == 0:
+                raise EdgepruneError(f"{where}: concatenation along the batch axis is not "
                                      "supported")
             add_node(FNode("concat", node.name, [src(t) for t in parts], node.name,
+                           {"axis": dim % len(shape)} if dim % len(shape) != 1 else {},
                            out_shape=shape))
             continue
         if target is zero_insert:   # a transposed conv's stride (edgeprune.layers)
@@ -868,16 +959,18 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 raise EdgepruneError(f"{where}: pooling that returns indices is not supported")
             ih, iw = shape_of(node.args[0])[2:]
             oh, ow = shape[2:]
-            if ih % oh or iw % ow:
-                raise EdgepruneError(f"{where}: adaptive pooling {ih}x{iw} -> {oh}x{ow} is not a "
-                                     "uniform window")
             attrs = {"kernel": [ih // oh, iw // ow], "strides": [ih // oh, iw // ow],
                      "padding": [0, 0, 0, 0], "dilation": [1, 1]}
+            if ih % oh or iw % ow:    # windows of several sizes: pooled as torch spells them
+                attrs = {"kernel": [max(e - s for s, e in adaptive_windows(n, o))
+                                    for n, o in ((ih, oh), (iw, ow))],
+                         "strides": [1, 1], "padding": [0, 0, 0, 0], "output_size": [oh, ow]}
             add_node(FNode(kind, node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
-        if target in (torch.mean, "mean", torch.amax, "amax"):
-            what = "mean" if target in (torch.mean, "mean") else "max"
+        if target in (torch.mean, "mean", torch.amax, "amax", torch.sum, "sum"):
+            what = {torch.amax: "max", "amax": "max", torch.sum: "sum", "sum": "sum"}.get(
+                target, "mean")
             dims = arg(node, 1, "dim")
             if dims is None or dims == ():
                 raise EdgepruneError(f"{where}: a {what} over every axis is not supported")
@@ -908,22 +1001,28 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                      "dilation": [1, 1]}
             pooled = (n, kc, 1, 1)
             pname = node.name if tuple(shape) == pooled else node.name + "_pool"
-            add_node(FNode("avgpool" if what == "mean" else "maxpool", pname,
+            if what == "sum":     # the window's sum: the pool's requantization without 1/k
+                attrs["sum"] = True
+            add_node(FNode("maxpool" if what == "max" else "avgpool", pname,
                            [x], pname, attrs, out_shape=pooled))
             if pname != node.name:
                 add_node(FNode("reshape", node.name, [pname], node.name,
                                {"shape": list(shape)}, out_shape=shape))
             continue
-        piece = slice_of(node)
-        if piece is not None:     # x[:, 8:], x.narrow(1, 0, 8), x.chunk(2, 1)[0], x[:, -1]
-            kept = list(shape_of(piece.source))
-            kept[piece.axis] = len(range(piece.start, piece.stop, piece.step))
-            name = node.name + "_keep" if piece.drops_axis else node.name
-            add_node(FNode("slice", name, [src(piece.source)], name,
-                           {"axis": piece.axis, "start": piece.start, "stop": piece.stop,
-                            "step": piece.step}, out_shape=tuple(kept)))
-            if piece.drops_axis:
-                add_node(FNode("reshape", node.name, [name], node.name,
+        pieces = slices_of(node)
+        if pieces:     # x[:, 8:], x.narrow(1, 0, 8), x.chunk(2, 1)[0], x[:, -1], a crop
+            x, kept = src(pieces[0].source), list(shape_of(pieces[0].source))
+            drops = any(p.drops_axis for p in pieces)
+            for k, piece in enumerate(pieces):      # one slice op per cut axis
+                kept[piece.axis] = len(range(piece.start, piece.stop, piece.step))
+                name = node.name if k == len(pieces) - 1 and not drops else \
+                    f"{node.name}_keep{piece.axis}"
+                add_node(FNode("slice", name, [x], name,
+                               {"axis": piece.axis, "start": piece.start, "stop": piece.stop,
+                                "step": piece.step}, out_shape=tuple(kept)))
+                x = name
+            if drops:
+                add_node(FNode("reshape", node.name, [x], node.name,
                                {"shape": list(shape)}, out_shape=shape))
             continue
         adds_axes = target is operator.getitem and all(   # x[:, :, None, None]
@@ -1126,7 +1225,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             out = TensorInfo(n.output, list(n.out_shape), dt, s, zp)
         tensors[n.output] = out
         attrs = dict(n.attrs)
-        if n.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat", "avgpool"):
+        if n.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat", "maximum", "minimum",
+                      "avgpool"):
             flo, fhi = _act_range(n.act)
             lo = out.qmin if not np.isfinite(flo) else max(out.qmin, out.zero_point +
                                                            int(np.floor(flo / out.scale + 0.5)))
@@ -1215,12 +1315,13 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             params.update({f"{n.name}.multiplier": (np.sign(gamma) * ms).astype(np.int32),
                            f"{n.name}.shift": shs,
                            f"{n.name}.bias": np.round(beta / out.scale).astype(np.int32)})
-        elif n.kind == "concat":
+        elif n.kind in ("concat", "maximum", "minimum"):
             pairs = [quantize_multiplier(tensors[i].scale / out.scale) for i in n.inputs]
             attrs.update({"multipliers": [int(m) for m, _ in pairs],
                           "shifts": [int(sh) for _, sh in pairs]})
-        elif n.kind == "avgpool" and attrs.get("count_include_pad", True):
-            k = attrs["kernel"][0] * attrs["kernel"][1]
+        elif n.kind == "avgpool" and attrs.get("count_include_pad", True) and \
+                "output_size" not in attrs:
+            k = 1 if attrs.pop("sum", False) else attrs["kernel"][0] * attrs["kernel"][1]
             m, sh = quantize_multiplier(tin.scale / (out.scale * k))
             attrs.update({"multiplier": int(m), "shift": int(sh)})
         elif n.kind == "avgpool":     # a divisor per output position

@@ -25,10 +25,13 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``mul``     two inputs, the second broadcast against the first (e.g. (N, C, 1, 1) channel
   weights of a squeeze-and-excitation block); attrs: multiplier, shift, clamp.
   y = requantize((a - zp_a) * (b - zp_b), M, shift, zp_out, lo, hi) in int64.
-* ``concat``  inputs joined along the channel axis (1); attrs: multipliers [M_i], shifts [s_i]
+* ``concat``  inputs joined along attr axis (default 1, the channels; any after the batch:
+  a crop's or a circular pad's spatial pieces); attrs: multipliers [M_i], shifts [s_i]
   (one per input), clamp.  Each input is requantized to the output's scale:
   y = requantize(x_i - zp_i, M_i, s_i, zp_out, lo, hi), as avgpool does (exact copy when the
   input already has the output's scale and zero point).
+* ``maximum``, ``minimum``  two inputs of one shape, each requantized to the output's scale as
+  for ``concat`` (attrs multipliers, shifts, clamp), then the larger (smaller) of the two.
 * ``lut``     an elementwise function (attrs: function, param; e.g. sigmoid, hardswish,
   leaky_relu 0.1) on an int8 input as a table: params table (256,) of the output dtype,
   y = table[x - qmin_in].
@@ -46,8 +49,12 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   Output scale/zero point equal the input's.
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
   contributes 0), multiplier, shift, clamp.  acc = sum over window of (x - zp_in);
-  y = requantize(acc, M, shift, zp_out, lo, hi) with M*2**(shift-31) ~= s_in / (s_out * KH*KW).
-  Global average pooling is kernel = full spatial size.  With count_include_pad false (padding
+  y = requantize(acc, M, shift, zp_out, lo, hi) with M*2**(shift-31) ~= s_in / (s_out * KH*KW)
+  (s_in / s_out for a sum over the window, x.sum((2, 3))).
+  Global average pooling is kernel = full spatial size.  With attr output_size [OH, OW]
+  (adaptive pooling whose windows are not one size and stride), window (i, j) covers rows
+  [floor(i H / OH), ceil((i+1) H / OH)) and the same for columns (qmodel.adaptive_windows);
+  the divisor is per output position as below; maxpool takes output_size the same way.  With count_include_pad false (padding
   does not count: TensorFlow's SAME average pooling) the divisor is each window's count of
   real taps: params multiplier and shift (OH, OW) per output position instead of the attrs.
 * ``upsample`` attrs: mode "nearest" (factors [FH, FW]: each value repeated) or "bilinear"
@@ -68,8 +75,10 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``matmul`` two activations (N, ..., T, D) @ (N, ..., D, U) (attention's scores and their
   weighted sum): sum over D of (a - za)(b - zb), requantized like ``mul`` (attrs multiplier,
   shift).
-* ``pad`` attrs: axis (>= 1), before, after: zero points added along that axis (where a class
-  token's constant lands, added by a following ``addconst``).  Same scale/zero point.
+* ``pad`` attrs: axis (>= 1), before, after, mode (PAD_MODES; default "constant": zero points,
+  where a class token's constant lands before a following ``addconst``, or nn.ZeroPad2d;
+  "reflect", "replicate", "circular": values copied as numpy's reflect, edge, wrap).  Same
+  scale/zero point.
 * ``slice`` attrs: axis (>= 1), start, stop, step: x[..., start:stop:step, ...] along that axis
   (a channel split: x[:, 8:], chunk, split, ONNX Slice/Split).  Same scale/zero point.
 
@@ -93,11 +102,13 @@ from ..errors import EdgepruneError
 
 FORMAT_VERSION = 1
 DTYPE_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767)}
-OP_KINDS = ("conv2d", "dense", "add", "addconst", "mul", "matmul", "concat", "lut", "prelu",
+OP_KINDS = ("conv2d", "dense", "add", "addconst", "mul", "matmul", "concat", "maximum",
+            "minimum", "lut", "prelu",
             "layernorm", "softmax", "log_softmax", "maxpool", "avgpool", "reshape", "transpose",
             "slice", "pad", "upsample", "dilate")
 LOG_SOFTMAX_OUT = (1 / 16, 127)   # scale, zero point: log-probabilities down to -15.94
 # ops that only move or pick int8 values: their output keeps the input's scale and zero point
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
 SAME_QPARAMS = ("maxpool", "reshape", "transpose", "slice", "pad", "upsample", "dilate")
 WEIGHT_FORMATS = ("int", "pow2", "ternary")
 
@@ -287,10 +298,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"dense '{op.name}': input {ins[0]} has {k} features, weight "
                                  f"is {list(wt.shape)}")
         return [*lead, int(wt.shape[0])]
-    if op.kind == "add":
+    if op.kind in ("add", "maximum", "minimum"):
         if ins[0] != ins[1]:
-            raise EdgepruneError(f"add '{op.name}': input shapes {ins[0]} and {ins[1]} differ "
-                                 "(broadcasting is not supported)")
+            raise EdgepruneError(f"{op.kind} '{op.name}': input shapes {ins[0]} and {ins[1]} "
+                                 "differ (broadcasting is not supported)")
+        if op.kind != "add" and not len(a["multipliers"]) == len(a["shifts"]) == 2:
+            raise EdgepruneError(f"{op.kind} '{op.name}': needs 2 multipliers and shifts")
         return list(ins[0])
     if op.kind == "mul":
         try:
@@ -311,14 +324,15 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"matmul '{op.name}': {ins[0]} @ {ins[1]} do not multiply")
         return [*lead, t, u]
     if op.kind == "concat":
-        rest = {tuple(sh[:1] + sh[2:]) for sh in ins}
-        if len(rest) != 1 or any(len(sh) < 2 for sh in ins):
-            raise EdgepruneError(f"concat '{op.name}': input shapes {ins} differ outside the "
-                                 "channel axis")
+        axis = int(a.get("axis", 1))
+        rest = {tuple(sh[:axis] + sh[axis + 1:]) for sh in ins}
+        if len(rest) != 1 or not all(1 <= axis < len(sh) for sh in ins):
+            raise EdgepruneError(f"concat '{op.name}': input shapes {ins} differ outside "
+                                 f"axis {axis}")
         if not len(a["multipliers"]) == len(a["shifts"]) == len(ins):
             raise EdgepruneError(f"concat '{op.name}': {len(ins)} inputs but "
                                  f"{len(a['multipliers'])} multipliers, {len(a['shifts'])} shifts")
-        return [ins[0][0], sum(sh[1] for sh in ins)] + list(ins[0][2:])
+        return [*ins[0][:axis], sum(sh[axis] for sh in ins), *ins[0][axis + 1:]]
     if op.kind in ("prelu", "layernorm"):    # per channel: axis 1, or the last for layernorm
         axis = -1 if op.kind == "layernorm" else 1
         keys = ("multiplier", "shift") + (("bias",) if op.kind == "layernorm" else ())
@@ -358,6 +372,8 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"log_softmax '{op.name}': axis {a['axis']} of {ins[0]} (at "
                                  "most 32767 values per row)")
         return list(ins[0])
+    if op.kind in ("maxpool", "avgpool") and "output_size" in a:
+        return [*ins[0][:2], *(int(d) for d in a["output_size"])]
     if op.kind in ("maxpool", "avgpool"):
         n, c, h, w = ins[0]
         oh, ow = conv_out_hw(h, w, a["kernel"], a["strides"], a["padding"],
@@ -376,9 +392,10 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         return [ins[0][d] for d in perm]
     if op.kind == "pad":
         axis, before, after = (int(a[k]) for k in ("axis", "before", "after"))
-        if not 1 <= axis < len(ins[0]) or before < 0 or after < 0:
+        if not 1 <= axis < len(ins[0]) or before < 0 or after < 0 or \
+                a.get("mode", "constant") not in PAD_MODES:
             raise EdgepruneError(f"pad '{op.name}': {before}, {after} along axis {axis} of "
-                                 f"{ins[0]}")
+                                 f"{ins[0]} in mode {a.get('mode', 'constant')!r}")
         return [*ins[0][:axis], ins[0][axis] + before + after, *ins[0][axis + 1:]]
     if op.kind == "slice":
         axis, start, stop, step = (int(a[k]) for k in ("axis", "start", "stop", "step"))
@@ -399,8 +416,17 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
     raise EdgepruneError(f"op '{op.name}': unknown kind '{op.kind}' (known: {OP_KINDS})")
 
 
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling windows along one axis: [floor(i n / o), ceil((i+1) n / o))."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
 def window_counts(h: int, w: int, attrs: dict) -> np.ndarray:
     """(OH, OW): how many taps of each pooling window lie inside the unpadded H x W image."""
+    if "output_size" in attrs:
+        oh, ow = attrs["output_size"]
+        return np.outer([e - s for s, e in adaptive_windows(h, oh)],
+                        [e - s for s, e in adaptive_windows(w, ow)]).astype(np.int64)
     t, l, b, r = attrs["padding"]
     kh, kw = attrs["kernel"]
     sh, sw = attrs["strides"]
@@ -464,7 +490,8 @@ def validate(qm: QuantModel) -> None:
             t = qm.param(op, "table")
             if t.size and (int(t.min()) < out.qmin or int(t.max()) > out.qmax):
                 raise EdgepruneError(f"lut '{op.name}': table values outside {out.dtype}")
-        if op.kind == "avgpool" and not op.attrs.get("count_include_pad", True):
+        if op.kind == "avgpool" and (not op.attrs.get("count_include_pad", True)
+                                     or "output_size" in op.attrs):
             for key in ("multiplier", "shift"):
                 if list(qm.param(op, key).shape) != list(out.shape[2:]):
                     raise EdgepruneError(f"avgpool '{op.name}': {key} must hold one value per "

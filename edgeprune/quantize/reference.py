@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgepruneError
-from .qmodel import Op, QuantModel, TensorInfo
+from .qmodel import Op, QuantModel, TensorInfo, adaptive_windows
 from .requant import (SOFTMAX_RECIP_BITS, layernorm_normalized, linear_frac_bits, linear_taps,
                       requantize, rounding_shift, softmax_row_reciprocal)
 
@@ -142,12 +142,14 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         lo, hi = a["clamp"]
         return requantize((x.astype(np.int64) - tin.zero_point) * b, int(a["multiplier"]),
                           int(a["shift"]), out.zero_point, lo, hi).astype(out.dtype)
-    if op.kind == "concat":
+    if op.kind in ("concat", "maximum", "minimum"):   # each input at the output's scale
         lo, hi = a["clamp"]
         parts = [requantize(env[i].astype(np.int64) - qm.tensors[i].zero_point, int(m), int(sh),
                             out.zero_point, lo, hi)
                  for i, m, sh in zip(op.inputs, a["multipliers"], a["shifts"])]
-        return np.concatenate(parts, axis=1).astype(out.dtype)
+        if op.kind != "concat":
+            return getattr(np, op.kind)(*parts).astype(out.dtype)
+        return np.concatenate(parts, axis=int(a.get("axis", 1))).astype(out.dtype)
     if op.kind == "layernorm":
         n = layernorm_normalized(x, tin.zero_point, int(a["eps_steps"]))
         lo, hi = a["clamp"]
@@ -181,6 +183,18 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         lg = 65536 * (msb - 16) + qm.param(op, "log2_table").astype(np.int64)[frac]
         acc = int(a["multiplier"]) * d - int(a["ln2"]) * lg
         return np.clip(127 + ((acc + (1 << 27)) >> 28), -128, 127).astype(out.dtype)
+    if op.kind in ("maxpool", "avgpool") and "output_size" in a:   # adaptive windows
+        xs = x.astype(np.int64) - (tin.zero_point if op.kind == "avgpool" else 0)
+        h, w = x.shape[2:]
+        oh, ow = (int(d) for d in a["output_size"])
+        fold = np.max if op.kind == "maxpool" else np.sum
+        acc = np.stack([np.stack([fold(xs[:, :, hs:he, ws:we], axis=(2, 3))
+                                  for ws, we in adaptive_windows(w, ow)], -1)
+                        for hs, he in adaptive_windows(h, oh)], -2)
+        if op.kind == "maxpool":
+            return acc.astype(out.dtype)
+        m, sh = qm.param(op, "multiplier"), qm.param(op, "shift")
+        return requantize(acc, m, sh, out.zero_point, *a["clamp"]).astype(out.dtype)
     if op.kind == "maxpool":
         win = _windows(x, a["kernel"], a["strides"], a["padding"], a.get("dilation", [1, 1]),
                        tin.qmin)
@@ -202,7 +216,11 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
     if op.kind == "pad":
         widths = [(0, 0)] * x.ndim
         widths[int(a["axis"])] = (int(a["before"]), int(a["after"]))
-        return np.pad(x, widths, constant_values=tin.zero_point)
+        mode = a.get("mode", "constant")
+        if mode == "constant":
+            return np.pad(x, widths, constant_values=tin.zero_point)
+        return np.pad(x, widths, mode={"reflect": "reflect", "replicate": "edge",
+                                       "circular": "wrap"}[mode])
     if op.kind == "slice":
         index = [slice(None)] * int(a["axis"]) + [slice(a["start"], a["stop"], a["step"])]
         return np.ascontiguousarray(x[tuple(index)])

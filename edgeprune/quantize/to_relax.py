@@ -15,7 +15,7 @@ How each op maps (integer identities; the golden model's formulas are in qmodel.
 * add: int64 ((a*Ma + b*Mb + (2**(s-1) - zp_a*Ma - zp_b*Mb)) >> s) + zp_out, clip, cast.
 * mul: int64 (a - zp_a) * (b - zp_b) (broadcast), then requantized like a conv.
 * concat: each input requantized to the output scale like avgpool's sum (skipped where it is
-  the identity), then ``concat`` on the channel axis.
+  the identity), then ``concat`` on its axis; maximum and minimum the same, then the max/min.
 * lut: ``take`` from the 256-entry table at x - qmin (int32 index).
 * softmax: integer max, table, sum and floor divisions, as the golden model spells them.
 * log_softmax: the same max, table and sum, then the sum's top bit (a count of the thresholds
@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgepruneError
-from .qmodel import Op, QuantModel, validate
+from .qmodel import Op, QuantModel, adaptive_windows, validate
 from .requant import linear_frac_bits, linear_taps
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -280,6 +280,7 @@ def _matmul(bb, env, qm: QuantModel, op: Op):
 
 
 def _concat(bb, env, qm: QuantModel, op: Op):
+    """concat, maximum, minimum: each input requantized to the output's scale first."""
     from tvm import relax
     out = qm.tensors[op.output]
     lo, hi = op.attrs["clamp"]
@@ -291,7 +292,10 @@ def _concat(bb, env, qm: QuantModel, op: Op):
         parts.append(env[i] if same else  # identity: M * 2**(shift-31) == 1, no clamp
                      _requant(bb, env[i], op, qm, np.array(int(m)), np.array(int(sh)), None,
                               -t.zero_point * int(m)))
-    return bb.emit(relax.op.concat(parts, axis=1), name_hint=_ident(op.output))
+    if op.kind != "concat":
+        return bb.emit(getattr(relax.op, op.kind)(*parts), name_hint=_ident(op.output))
+    return bb.emit(relax.op.concat(parts, axis=int(op.attrs.get("axis", 1))),
+                   name_hint=_ident(op.output))
 
 
 def _lut(bb, env, qm: QuantModel, op: Op):
@@ -442,6 +446,38 @@ def _log_softmax(bb, env, qm: QuantModel, op: Op):
     return bb.emit(relax.op.astype(y, "int8"), name_hint=_ident(op.output))
 
 
+def _adaptive_pool(bb, x, qm: QuantModel, op: Op):
+    """Adaptive pooling with windows of several sizes (qmodel.adaptive_windows): per output
+    position, the max of its window, or the int32 sum of x - zp for avgpool."""
+    from tvm import te, tirx
+    tin = qm.tensors[op.inputs[0]]
+    h, w = (int(d) for d in tin.shape[2:])
+    oh, ow = (int(d) for d in op.attrs["output_size"])
+    rows, cols = adaptive_windows(h, oh), adaptive_windows(w, ow)
+    kh, kw = max(e - s for s, e in rows), max(e - s for s, e in cols)
+    is_max = op.kind == "maxpool"
+
+    def compute(data):
+        rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+
+        def body(n, c, i, j):
+            hs, ws = tirx.floordiv(i * h, oh), tirx.floordiv(j * w, ow)
+            he, we = tirx.floordiv((i + 1) * h + oh - 1, oh), tirx.floordiv((j + 1) * w + ow - 1, ow)
+            v = data[n, c, tirx.min(hs + rh, h - 1), tirx.min(ws + rw, w - 1)]
+            inside = tirx.all(hs + rh < he, ws + rw < we)
+            # taps past a window's end read as the dtype's lowest value (or add 0): te.max
+            # with a `where` mask took taps outside the window on TVM 0.27
+            if is_max:
+                return te.max(tirx.if_then_else(inside, v, tirx.min_value(tin.dtype)),
+                              axis=[rh, rw])
+            return te.sum(tirx.if_then_else(inside, v.astype("int32") - tin.zero_point, 0),
+                          axis=[rh, rw])
+        return te.compute([data.shape[0], data.shape[1], oh, ow], body,
+                          name="adaptive_max" if is_max else "adaptive_sum")
+    return bb.emit(bb.call_te(compute, x, primfunc_name_hint="adaptive_pool"),
+                   name_hint=_ident(op.output if is_max else op.output + "_sum"))
+
+
 def _avgpool(bb, env, qm: QuantModel, op: Op):
     from tvm import relax
     a = op.attrs
@@ -449,6 +485,9 @@ def _avgpool(bb, env, qm: QuantModel, op: Op):
     n, c, h, w = tin.shape
     kh, kw = a["kernel"]
     x = env[op.inputs[0]]
+    if "output_size" in a:
+        m, sh = qm.param(op, "multiplier"), qm.param(op, "shift")
+        return _requant(bb, _adaptive_pool(bb, x, qm, op), op, qm, m, sh, (1, 1) + m.shape)
     is_global = ([kh, kw] == [h, w] and not any(a["padding"])
                  and qm.tensors[op.output].shape[2:] == [1, 1])
     if is_global:
@@ -504,7 +543,7 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _matmul(bb, env, qm, op)
                 elif op.kind == "addconst":
                     y = _addconst(bb, env, qm, op)
-                elif op.kind == "concat":
+                elif op.kind in ("concat", "maximum", "minimum"):
                     y = _concat(bb, env, qm, op)
                 elif op.kind == "lut":
                     y = _lut(bb, env, qm, op)
@@ -518,6 +557,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     y = _log_softmax(bb, env, qm, op)
                 elif op.kind == "avgpool":
                     y = _avgpool(bb, env, qm, op)
+                elif op.kind == "maxpool" and "output_size" in op.attrs:
+                    y = _adaptive_pool(bb, env[op.inputs[0]], qm, op)
                 elif op.kind == "maxpool":
                     a = op.attrs
                     y = bb.emit(relax.op.nn.max_pool2d(
@@ -534,8 +575,10 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                     a, nd = op.attrs, len(shape(op.inputs[0]))
                     widths = [0] * (2 * nd)
                     widths[2 * a["axis"]:2 * a["axis"] + 2] = [a["before"], a["after"]]
-                    y = bb.emit(relax.op.nn.pad(env[op.inputs[0]], widths, pad_value=float(
-                        qm.tensors[op.inputs[0]].zero_point)), name_hint=_ident(op.output))
+                    y = bb.emit(relax.op.nn.pad(
+                        env[op.inputs[0]], widths, pad_mode=a.get("mode", "constant"),
+                        pad_value=float(qm.tensors[op.inputs[0]].zero_point)),
+                        name_hint=_ident(op.output))
                 elif op.kind == "slice":
                     a = op.attrs
                     y = bb.emit(relax.op.strided_slice(

@@ -1,0 +1,57 @@
+"""Space <-> depth moves (PixelShuffle of a super-resolution head, PixelUnshuffle, YOLOv5's
+Focus slices), crops (a U-Net's x[:, :, 2:-2, 2:-2]) and the elementwise max/min of two
+tensors (LightCNN's Max-Feature-Map): pruned, read back from ONNX, bit-exact in int8 on the
+host and on a target."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checks import bit_exact, pruned_equivalently
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.quantize import ptq
+
+torch.set_num_threads(1)
+
+
+class SpaceAndMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.PixelUnshuffle(2)
+        self.c1 = nn.Conv2d(4, 16, 3, padding=1)
+        self.focus = nn.Conv2d(64, 16, 1)
+        self.c2 = nn.Conv2d(8, 16, 3)
+        self.up = nn.Conv2d(8, 8, 3, padding=1)
+        self.out = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.c1(self.down(x)))                          # (N, 16, 8, 8)
+        y = torch.cat([y[..., ::2, ::2], y[..., 1::2, ::2], y[..., ::2, 1::2],
+                       y[..., 1::2, 1::2]], 1)                      # Focus: (N, 64, 4, 4)
+        y = F.interpolate(self.focus(y), scale_factor=2.0)         # (N, 16, 8, 8)
+        a, b = torch.split(y, 8, 1)
+        m = torch.max(a, b)                                         # Max-Feature-Map
+        z = self.c2(m)                                              # (N, 16, 6, 6)
+        z = torch.minimum(z[:, :8], z[:, 8:]) + m[:, :, 1:-1, 1:-1]   # crop
+        return self.out(F.pixel_shuffle(self.up(z), 2))             # (N, 1, 12, 12)
+
+
+def test_space_moves_crops_and_max_feature_map_prune_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = SpaceAndMax().eval()
+    shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
+    pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    # c1's channels pass the Focus slices; the others feed a channel split, the pixel
+    # shuffle or the output, and are kept
+    assert widths == [8, 16, 16, 8, 1]
+    for dynamo in (False, True):
+        torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"),
+                          dynamo=dynamo)
+        back, _ = onnx_to_torch(tmp_path / "m.onnx")
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), pruned(x), atol=1e-5, rtol=1e-5)
+    qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
+    kinds = [o.kind for o in qm.ops]
+    assert {"maximum", "minimum", "transpose"} <= set(kinds)
+    bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
