@@ -8,8 +8,9 @@ Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, Global
 GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
 models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant, H
 and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
-Softplus, Softsign, Mish, Abs, Exp and Neg (table activations later); Max and Min with a
-constant number (clamps); Resize (nearest by whole factors, or linear). The file is first
+Softplus, Softsign, Mish, Abs, Exp, Neg, Sqrt, Reciprocal, Sign, Log, Sin, Cos and Pow by a
+number (table activations later); Max and Min with a constant number (clamps) or of tensors;
+Resize (nearest by whole factors, or linear); supported_ops() lists every op. The file is first
 simplified by onnxsim at its static input shape (shape arithmetic folded into
 constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
@@ -34,14 +35,6 @@ import torch.nn.functional as F
 from .errors import EdgepruneError
 from .layers import ConvTransposeAsConv, zero_insert
 
-SUPPORTED = ("Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-             "HardSigmoid", "LeakyRelu", "Elu", "PRelu", "Add", "Sub", "Mul", "Div", "Erf",
-             "Gelu", "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "Unsqueeze", "Squeeze",
-             "Resize", "Pad", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-             "Flatten", "Reshape", "Transpose", "Gemm", "MatMul", "Identity", "Dropout",
-             "Constant", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp", "Neg",
-             "Max", "Min", "Slice", "Split", "Upsample", "Sum", "LayerNormalization", "Gather",
-             "InstanceNormalization")
 
 
 def _err(msg: str) -> EdgepruneError:
@@ -94,6 +87,11 @@ def _auto_pads(a: dict, size: tuple, kernel: tuple) -> list[int] | None:
         begin.append(small if mode == "SAME_UPPER" else big)
         end.append(big if mode == "SAME_UPPER" else small)
     return begin + end
+
+
+def supported_ops() -> list[str]:
+    """The ONNX op types the builder converts (its op_* methods)."""
+    return sorted(name[3:] for name in dir(_Builder) if name.startswith("op_"))
 
 
 class _Builder:
@@ -205,7 +203,7 @@ class _Builder:
                     if "GatherND" in ops else "")
             raise _err(f"ONNX node '{unknown[0].name}' ({unknown[0].op_type}) is not supported "
                        f"(unsupported ops in the model: {', '.join(ops)}){hint}; supported ops: "
-                       f"{', '.join(SUPPORTED)}")
+                       f"{', '.join(supported_ops())}")
         for node in self.g.node:
             op = node.op_type
             handler = getattr(self, f"op_{op}")
@@ -383,6 +381,32 @@ class _Builder:
 
     def op_Exp(self, node, a):
         return self._fn(torch.exp, [self._in(node.input[0])[0]], [self._in(node.input[0])[1]])
+
+    def _math(self, node, fn):
+        x = self._in(node.input[0])
+        return self._fn(fn, [x[0]], [x[1]])
+
+    def op_Sqrt(self, node, a):
+        return self._math(node, torch.sqrt)
+
+    def op_Reciprocal(self, node, a):
+        return self._math(node, torch.reciprocal)
+
+    def op_Sign(self, node, a):
+        return self._math(node, torch.sign)
+
+    def op_Log(self, node, a):
+        return self._math(node, torch.log)
+
+    def op_Sin(self, node, a):
+        return self._math(node, torch.sin)
+
+    def op_Cos(self, node, a):
+        return self._math(node, torch.cos)
+
+    def op_Pow(self, node, a):
+        x, y = self._in(node.input[0]), self._in(node.input[1])
+        return self._fn(operator.pow, [x[0], y[0]], [x[1], y[1]])
 
     def op_Neg(self, node, a):
         x = self._in(node.input[0])
@@ -734,7 +758,8 @@ class _Builder:
     # ops that treat each row of a (rows, K) matrix alone, the same on (N, T, K)
     _ROW_OPS = {"Gemm", "MatMul", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid",
                 "LeakyRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Abs", "Exp",
-                "Neg", "Identity", "Dropout", "Erf", "Gelu", "PRelu", "Add", "Sub", "Mul", "Div"}
+                "Neg", "Identity", "Dropout", "Erf", "Gelu", "PRelu", "Add", "Sub", "Mul", "Div",
+                "Sqrt", "Reciprocal", "Sign", "Log", "Sin", "Cos", "Pow", "Max", "Min"}
 
     def _rows_return(self, name: str, lead: tuple) -> bool:
         """Whether every path from the rows `name` (onnxsim's Reshape of (N, T, K) to

@@ -47,6 +47,26 @@ def is_split(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target in SPLIT_METHODS)
 
 
+def returns_indices(node: fx.Node) -> bool:
+    """torch.max(x, dim) / x.max(dim): a (values, indices) pair, read by max_values_of."""
+    dim = _arg(node, 1, "dim")
+    return ((node.op == "call_function" and node.target is torch.max)
+            or (node.op == "call_method" and node.target == "max")) \
+        and isinstance(dim, int) and not isinstance(dim, bool)
+
+
+def max_values_of(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(x, dim) when `node` takes the values of torch.max(x, dim): `[0]` or `.values`."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node) \
+            or not returns_indices(node.args[0]):
+        return None
+    if (node.target is operator.getitem and node.args[1] == 0) or \
+            (node.target is getattr and node.args[1] == "values"):
+        pair = node.args[0]
+        return pair.args[0], int(_arg(pair, 1, "dim"))
+    return None
+
+
 def slices_of(node: fx.Node) -> list[Slice] | None:
     """The slices `node` computes, one per cut axis in axis order (each of the same source:
     they compose), None if it is no slice; raises naming the node for a slice this pipeline

@@ -40,6 +40,15 @@ def score(outputs: np.ndarray, y: np.ndarray) -> float:
     return 100.0 * (1.0 - float(((out - target) ** 2).sum()) / max(total, 1e-30))
 
 
+def constant_score(y: np.ndarray) -> float:
+    """The score of the best constant prediction: the commonest class's share, or 0 (R² of
+    the targets' mean). A model scoring about this has learnt nothing."""
+    y = np.asarray(y)
+    if is_regression(y) or len(y) == 0:
+        return 0.0
+    return 100.0 * float(np.bincount(y.astype(np.int64)).max() / len(y))
+
+
 def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The training loss: mean squared error on regression targets, else cross-entropy of the
     class scores: logits, or the probabilities of a model that ends in a softmax (every row

@@ -231,6 +231,19 @@ def test_short_finetune_distils_from_the_unpruned_model(tiny):
     assert kl_after(1.0) < kl_after(0.0)
 
 
+def test_an_untrained_teacher_is_not_distilled_from(tiny):
+    """The search distils from the unpruned model only when it has learnt something: an
+    untrained CNN does not teach (labels only), the same CNN trained does."""
+    from edgeprune.feedback.search import _useful_distillation
+    _, _, data, _ = tiny
+    torch.manual_seed(0)
+    model, said = SmallCNN(width=4), []
+    assert _useful_distillation(model, data, 500, 0.9, said.append) == 0.0
+    assert len(said) == 1 and "without distilling" in said[0]
+    train(model, data, epochs=2.0, lr=0.05, max_samples=6000)
+    assert _useful_distillation(model, data, 500, 0.9, said.append) == 0.9
+
+
 def test_quantized_scores_agree_with_the_reference_accuracy(tiny):
     """The loss that ranks candidates comes from the same integer outputs as the accuracy."""
     import numpy as np

@@ -121,3 +121,31 @@ def test_adaptive_pools_of_uneven_windows_run_bit_exact(tmp_path):
     pools = [o.attrs["output_size"] for o in qm.ops if "output_size" in o.attrs]
     assert pools == [[3, 4], [5, 7]]
     bit_exact(qm, x[:4].numpy(), "cortex-m7", tmp_path, like=pruned, tol=0.1)
+
+
+class MergedPositions(nn.Module):
+    """Global pools written over merged positions: x.view(n, c, -1).mean(-1), x.flatten(2),
+    and the values of a max with indices (torch.max(x, dim)[0], x.max(dim).values)."""
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3)
+        self.c2 = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))))
+        flat = y.view(y.shape[0], 8, -1)
+        return self.fc(flat.mean(-1) + torch.max(y.flatten(2), dim=2)[0]
+                       + y.flatten(2).max(2).values)
+
+
+def test_pools_over_merged_positions_prune_and_run_bit_exact():
+    torch.manual_seed(0)
+    model, x = MergedPositions().eval(), torch.randn(8, 1, 12, 12)
+    pruned, _ = pruned_equivalently(model, (1, 1, 12, 12), x, ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 4]
+    qm = ptq.quantize_ptq(pruned, (1, 1, 12, 12), x.numpy())
+    assert [o.kind for o in qm.ops].count("maxpool") == 2
+    xq = reference.quantize_input(qm, x[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))

@@ -291,6 +291,34 @@ def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
     _check(qm, fmnist.x_test[:N])
 
 
+def test_math_functions_and_powers_are_tables_from_torch_and_onnx(fmnist, tmp_path):
+    """sqrt, rsqrt, reciprocal, square, sign, log, sin, cos, x ** c and c / x (a norm or a
+    feature written by hand) are elementwise: tables, from torch and from the ONNX ops."""
+
+    class Math(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 6, 3, stride=2)
+            self.fc = nn.Linear(6, 10)
+
+        def forward(self, x):
+            y = self.c(x)
+            p = torch.relu(y) + 0.5
+            h = torch.sqrt(p) + torch.rsqrt(p) + torch.reciprocal(p) + torch.square(y)
+            h = h + torch.sign(y) + torch.log(p) + torch.sin(y) + torch.cos(y) + y ** 3 + 2 / p
+            return self.fc(h.flatten(2).mean(2))
+
+    torch.manual_seed(0)
+    model = Math().eval()
+    every = {"sqrt", "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos", "pow", "rdiv"}
+    onnx = {"sqrt", "reciprocal", "sign", "log", "sin", "cos", "pow"}   # as exporters write them
+    for source, want in ((model, every), (_onnx_round_trip(model, tmp_path, fmnist), onnx)):
+        qm = ptq.quantize_ptq(source, (1, 1, 28, 28), fmnist.x_train[:200])
+        functions = {o.attrs["function"] for o in qm.ops if o.kind == "lut"}
+        assert want <= functions, functions
+        _check(qm, fmnist.x_test[:N])
+
+
 def test_softmax_bit_exact_in_qemu(fmnist, tmp_path):
     """A softmax head (probabilities out, as many deployed models end) and a channel softmax."""
     from edgeprune.compile import compile_model

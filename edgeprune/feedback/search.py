@@ -124,6 +124,23 @@ class _Bar:
             self.p.stop()
 
 
+def _useful_distillation(model: nn.Module, data, val_samples: int, distill: float,
+                         log) -> float:
+    """`distill`, or 0 when the unpruned model (the teacher) has learnt nothing: on the
+    holdout it scores within a quarter of the way from the best constant prediction to 100
+    (an untrained model handed to deploy: distilling from it held a row transformer at 29.7 %
+    against 76 % on labels)."""
+    from .. import task
+    from ..train import evaluate
+    x, y = data.x_train[-val_samples:], data.y_train[-val_samples:]
+    teacher, floor = evaluate(copy.deepcopy(model), x, y), task.constant_score(y)
+    if teacher >= floor + 0.25 * (100.0 - floor):
+        return distill
+    log(f"feedback: the unpruned model scores {teacher:.1f} % on the holdout (a constant "
+        f"prediction: {floor:.1f} %): fine-tuning on labels, without distilling from it")
+    return 0.0
+
+
 def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: dict[str, float],
            criterion: str = "l1", *, seed: int = 0, work_dir: Path | None = None, log=print,
            workers: int | None = None, cache_dir: Path | None = None, step_iterations: int = 12,
@@ -194,6 +211,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                              f"{val_samples} holdout samples the search ranks candidates on",
                              stage=STAGE)
     torch.set_num_threads(1)
+    if distill > 0:
+        distill = _useful_distillation(model, data, val_samples, distill, log)
     shape = tuple(example_input.shape)
     n_train = len(data.x_train) - val_samples
     if train_samples:

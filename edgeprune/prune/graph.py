@@ -34,7 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
-from ..slicing import Slice, is_split, slices_of
+from ..slicing import Slice, is_split, max_values_of, returns_indices, slices_of
 
 STAGE = "prune"
 
@@ -59,13 +59,16 @@ PASSTHROUGH_FUNCTIONS = {
     F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
     torch.erf, F.selu, torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
     F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg, F.interpolate,
-    zero_insert,
+    zero_insert, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.square, torch.sign, torch.log,
+    torch.sin, torch.cos,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
-                       "clamp_", "float", "detach", "abs", "exp", "erf", "neg"}
+                       "clamp_", "float", "detach", "abs", "exp", "erf", "neg", "sqrt",
+                       "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos"}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv,
-                    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
-BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum"}
+                    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+                    operator.pow, torch.pow}
+BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "pow"}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 RESHAPE_FUNCTIONS = {torch.reshape}
@@ -172,7 +175,9 @@ class DepGraph:
         self.layers: dict[str, Layer] = {}
         self.layouts: dict[str, object] = {}
         self.flatten_nodes: list[str] = []
-        self.expand_nodes: dict[str, tuple[Layout, int]] = {}  # (N, C) -> (N, C, 1, 1), rank
+        # reshapes of the axes after the channels ((N, C) -> (N, C, 1, 1), (N, C, H, W) ->
+        # (N, C, H * W)): node -> (channel layout, the new trailing axes)
+        self.expand_nodes: dict[str, tuple[Layout, tuple[int, ...]]] = {}
         self._walk()
         self._build_groups()
 
@@ -364,6 +369,8 @@ class DepGraph:
     def _flatten(self, node: fx.Node, start: int, end: int = -1):
         lay = self._input_layout(node, channels_last_ok=True)
         in_shape = self._shape(node.args[0])
+        if start >= 2 and not lay.channels_last:      # x.flatten(2): the positions merge
+            return lay
         if start != 1 or end not in (-1, len(in_shape) - 1):
             self._fail(node, "only flatten(x, 1) (all dims after the batch) is supported")
         spatial = int(np.prod(in_shape[1:-1] if lay.channels_last else in_shape[2:],
@@ -461,8 +468,11 @@ class DepGraph:
         if is_fn and t is F.layer_norm:
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
-        if is_split(node):
-            return None      # a tuple: each getitem of it is a slice (below)
+        if is_split(node) or returns_indices(node):
+            return None      # a tuple: each getitem of it is a slice, or a max (below)
+        values = max_values_of(node)
+        if values:
+            return self._mean(node, shape, *values)
         pieces = slices_of(node)
         if pieces:
             return self._slice(node, pieces)
@@ -579,12 +589,14 @@ class DepGraph:
         if len(in_shape) >= 3 and len(shape) == 2 and shape[0] == in_shape[0]:
             self.flatten_nodes.append(node.name)
             return self._flatten(node, 1, -1)
-        if (len(in_shape) >= 2 and tuple(shape[:2]) == tuple(in_shape[:2])
-                and set(in_shape[2:]) <= {1} and set(shape[2:]) <= {1}):
-            lay = self._input_layout(node)   # channel weights made broadcastable (SE blocks)
+        lay = self._layout_of(node.args[0])
+        if (len(in_shape) >= 2 and len(shape) >= 2 and tuple(shape[:2]) == tuple(in_shape[:2])
+                and isinstance(lay, Layout) and not lay.channels_last):
+            # channel weights made broadcastable (SE blocks), or the positions merged
+            # (x.view(n, c, -1)): the channels stay on axis 1
             if lay.repeat != 1:
                 self._fail(node, "reshape of flattened conv features back to channels")
-            self.expand_nodes[node.name] = (lay, len(shape))
+            self.expand_nodes[node.name] = (lay, tuple(shape[2:]))
             return lay
         if shape[0] != in_shape[0] or len(shape) < 2:
             self._fail(node, f"reshape {in_shape} -> {tuple(shape)} changes the batch axis")
@@ -597,12 +609,17 @@ class DepGraph:
         self._freeze(lay)
         return self._new_space(shape[1], None, True)
 
-    def _mean(self, node: fx.Node, shape):
-        in_shape = self._shape(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    def _mean(self, node: fx.Node, shape, source: fx.Node | None = None, dims=None):
+        """A mean, max or sum over `dims` of `source` (default: the node's own arguments)."""
+        source = source or node.args[0]
+        in_shape = self._shape(source)
+        if dims is None:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         dims = {d % len(in_shape) for d in dims}
-        lay = self._input_layout(node, channels_last_ok=True)
+        lay = self._layout_of(source)
+        if not isinstance(lay, Layout):
+            self._fail(node, "its input has no channel dimension the analysis understands")
         if set(lay.ids) <= self._frozen_ids and 0 not in dims and len(shape) >= 2:
             return self._kept(lay, shape)     # kept channels, wherever they are now
         channel_axis = len(in_shape) - 1 if lay.channels_last else 1
@@ -610,8 +627,7 @@ class DepGraph:
             if len(shape) == 2:
                 return Layout(lay.ids, 1) if lay.repeat == 1 else self._fail(node, "mean of "
                                                                             "flattened tensor")
-            if lay.unflattened_last and not node.kwargs.get("keepdim") and \
-                    not (len(node.args) > 2 and node.args[2]):
+            if lay.unflattened_last and len(shape) < len(in_shape):   # no keepdim
                 return lay           # the channels stay last
             if lay.channels_last:
                 self._fail(node, "a mean that keeps the axes of a channels-last tensor")
@@ -862,10 +878,10 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             node.op, node.target = "call_function", torch.flatten
             node.args, node.kwargs = (node.args[0], 1), {}
         elif node.name in graph.expand_nodes:
-            layout, rank = graph.expand_nodes[node.name]
+            layout, tail = graph.expand_nodes[node.name]
             kept = sum(graph.alive(cid, keep) for cid in layout.ids)
             node.op, node.target = "call_function", torch.reshape
-            node.args, node.kwargs = (node.args[0], (-1, kept) + (1,) * (rank - 2)), {}
+            node.args, node.kwargs = (node.args[0], (-1, kept, *tail)), {}
     gm.recompile()
     gm.train(graph.model.training)
     return gm, masks

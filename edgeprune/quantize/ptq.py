@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
-from ..slicing import is_split, slices_of
+from ..slicing import is_split, max_values_of, returns_indices, slices_of
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, PAD_MODES, SAME_QPARAMS, Op, QuantModel,
                      TensorInfo, adaptive_windows, window_counts)
 from .requant import INT32_MAX, LAYERNORM_FRAC_BITS, quantize_multiplier, quantize_multipliers, \
@@ -67,7 +67,13 @@ LUT_FUNCTIONS = {
     "logsigmoid": lambda x, a: F.logsigmoid(x), "tanhshrink": lambda x, a: F.tanhshrink(x),
     "hardshrink": lambda x, a: F.hardshrink(x, a), "softshrink": lambda x, a: F.softshrink(x, a),
     "abs": lambda x, a: torch.abs(x), "exp": lambda x, a: torch.exp(x),
+    "sqrt": lambda x, a: torch.sqrt(x), "rsqrt": lambda x, a: torch.rsqrt(x),
+    "reciprocal": lambda x, a: torch.reciprocal(x), "square": lambda x, a: torch.square(x),
+    "sign": lambda x, a: torch.sign(x), "log": lambda x, a: torch.log(x),
+    "sin": lambda x, a: torch.sin(x), "cos": lambda x, a: torch.cos(x),
+    "pow": lambda x, a: torch.pow(x, a), "rdiv": lambda x, a: a / x,
 }
+_MATH = ("sqrt", "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos")
 _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub",
                torch.sub: "sub", "sub": "sub", operator.mul: "mul", torch.mul: "mul",
                "mul": "mul", operator.truediv: "div", torch.div: "div", "div": "div"}
@@ -103,6 +109,21 @@ def _scalar_affine(target, node, static: dict) -> tuple[float, float] | None:
     if kind == "mul":
         return c, 0.0
     return (1.0 / c, 0.0) if not swapped and c != 0 else None   # c / x is not affine
+
+
+def _number_function(target, node, static: dict) -> tuple[str, float, object] | None:
+    """(function, number, tensor) for x ** c and c / x (a table like any function)."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = (static[v.name] if isinstance(v, torch.fx.Node) and v.name in static else v
+            for v in node.args)
+    tensor = (lambda v: isinstance(v, torch.fx.Node))
+    number = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    if target in (operator.pow, torch.pow, "pow") and tensor(a) and number(b):
+        return "pow", float(b), a
+    if target in (operator.truediv, torch.div, "div") and number(a) and tensor(b):
+        return "rdiv", float(a), b
+    return None
 
 
 def _tensor_and_constant(target, node, constants: dict):
@@ -201,7 +222,8 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
            F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.mish: "mish", torch.erf: "erf",
            "erf": "erf", F.selu: "selu", torch.selu: "selu", F.softsign: "softsign",
            F.logsigmoid: "logsigmoid", F.tanhshrink: "tanhshrink", torch.abs: "abs",
-           "abs": "abs", torch.exp: "exp", "exp": "exp"}
+           "abs": "abs", torch.exp: "exp", "exp": "exp",
+           **{getattr(torch, f): f for f in _MATH}, **{f: f for f in _MATH}}
     if mod_or_fn in fns:
         return fns[mod_or_fn], None
     if mod_or_fn is F.gelu:
@@ -589,7 +611,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 getattr(node.args[0], "name", None) in constants:
             constants[node.name] = constants[node.args[0].name]   # over the batch: one sample
             continue
-        if is_split(node):        # a tuple of pieces: each getitem of it is a "slice" node
+        if is_split(node) or returns_indices(node):   # a tuple: its getitems are the ops
             continue
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
         where = f"node '{node.name}' ({node.op} {getattr(target, '__name__', type(target).__name__)})"
@@ -817,6 +839,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("addconst", node.name, [src(x)], node.name,
                            {"sign": a, "const": p}, out_shape=shape))
             continue
+        power = _number_function(target, node, static)
+        if power is not None:       # x ** 2, 1 / x
+            add_node(FNode("lut", node.name, [src(power[2])], node.name,
+                           {"function": power[0], "param": power[1]}, out_shape=shape))
+            continue
         affine = _scalar_affine(target, node, static)
         if affine is not None:      # x + 3, x * 0.5, 6 - x, x / 6: a table like an activation
             tensor = next(t for t in node.args[:2] if isinstance(t, fx.Node))
@@ -968,13 +995,14 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode(kind, node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
-        if target in (torch.mean, "mean", torch.amax, "amax", torch.sum, "sum"):
-            what = {torch.amax: "max", "amax": "max", torch.sum: "sum", "sum": "sum"}.get(
-                target, "mean")
-            dims = arg(node, 1, "dim")
+        values = max_values_of(node)        # torch.max(x, dim)[0]: an amax
+        if values or target in (torch.mean, "mean", torch.amax, "amax", torch.sum, "sum"):
+            what = "max" if values else {torch.amax: "max", "amax": "max", torch.sum: "sum",
+                                         "sum": "sum"}.get(target, "mean")
+            source, dims = values or (node.args[0], arg(node, 1, "dim"))
             if dims is None or dims == ():
                 raise EdgepruneError(f"{where}: a {what} over every axis is not supported")
-            ishape = shape_of(node.args[0])
+            ishape = shape_of(source)
             nd = len(ishape)
             dims = sorted({d % nd for d in ((dims,) if isinstance(dims, int) else dims)})
             if dims == [3] and nd == 4 and ishape[2] == 1:
@@ -984,7 +1012,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             # a pool over (N, kept, 1, reduced): NCHW's H, W as they are; other axes (the T of
             # an (N, T, C) sequence) moved last first
             kept = [d for d in range(1, nd) if d not in dims]
-            x = src(node.args[0])
+            x = src(source)
             if kept + dims != list(range(1, nd)):
                 perm = [0] + kept + dims
                 add_node(FNode("transpose", node.name + "_t", [x], node.name + "_t",
@@ -1267,6 +1295,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             q = torch.arange(tin.qmin, tin.qmax + 1, dtype=torch.float64)
             with torch.no_grad():
                 real = lut_apply(n.attrs, (q - tin.zero_point) * tin.scale).numpy()
+            real = np.nan_to_num(real)    # sqrt, log of grid values below the data's range
             table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin, out.qmax)
             params[f"{n.name}.table"] = table.astype(out.dtype)
         elif n.kind in ("softmax", "log_softmax"):
