@@ -192,6 +192,148 @@ class EncoderAsOps(nn.Module):
         return src if self.norm is None else self.norm(src)
 
 
+class HiddenStates:
+    """The final hidden states of a lowered recurrent layer, one (N, H) tensor per layer and
+    direction: what h_n[-1], h_n[0] or h_n.squeeze(0) read (h_n itself is (L * D, N, H), its
+    batch axis not the first, which no stage takes)."""
+
+    def __init__(self, states: list, where: str):
+        self.states, self.where = states, where
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise EdgepruneError(f"{self.where}: its final hidden states are read by {i!r}; "
+                                 "only h_n[k] (one layer and direction) is supported")
+        return self.states[i]
+
+    def __len__(self):
+        return len(self.states)
+
+    def squeeze(self, dim=None):
+        if len(self.states) != 1 or dim not in (None, 0):
+            raise EdgepruneError(f"{self.where}: h_n.squeeze({dim}) of {len(self.states)} "
+                                 "states; read one as h_n[k]")
+        return self.states[0]
+
+    def __getattr__(self, name):
+        raise EdgepruneError(f"{self.where}: its final hidden states are read by .{name}; only "
+                             "h_n[k] or h_n.squeeze(0) is supported")
+
+
+class RecurrentAsOps(nn.Module):
+    """nn.GRU, nn.LSTM and nn.RNN (batch_first, any layers and directions, no initial state)
+    unrolled over the static sequence length: at each step the gates are Linears of the
+    frame and of the previous hidden state (the same modules at every step: one copy of the
+    weights in flash), then sigmoid/tanh tables, products and sums. The first step starts
+    from zeros, so its hidden-state terms are the biases alone."""
+
+    def __init__(self, rnn: nn.RNNBase, where: str, steps: int):
+        super().__init__()
+        if not rnn.batch_first:
+            raise EdgepruneError(f"{where}: {type(rnn).__name__} with batch_first=False takes "
+                                 "(T, N, F); edgeprune's batch axis is the first: use "
+                                 "batch_first=True")
+        if getattr(rnn, "proj_size", 0):
+            raise EdgepruneError(f"{where}: an LSTM with proj_size is not supported")
+        self.kind = {nn.GRU: "gru", nn.LSTM: "lstm"}.get(type(rnn), rnn.mode.lower())
+        gates = {"gru": 3, "lstm": 4}.get(self.kind, 1)
+        self.layers, self.directions = rnn.num_layers, 2 if rnn.bidirectional else 1
+        self.steps, self.where = steps, where     # the sequence length the model runs at
+        h = rnn.hidden_size
+        self.ih, self.hh = nn.ModuleList(), nn.ModuleList()
+        for layer in range(self.layers):
+            for d in range(self.directions):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                w_ih, w_hh = getattr(rnn, "weight_ih" + sfx), getattr(rnn, "weight_hh" + sfx)
+                b_ih = getattr(rnn, "bias_ih" + sfx, None)
+                b_hh = getattr(rnn, "bias_hh" + sfx, None)
+                self.ih.append(nn.ModuleList(
+                    _linear(w_ih[g * h:(g + 1) * h], None if b_ih is None else
+                            b_ih[g * h:(g + 1) * h]) for g in range(gates)))
+                self.hh.append(nn.ModuleList(
+                    _linear(w_hh[g * h:(g + 1) * h], None if b_hh is None else
+                            b_hh[g * h:(g + 1) * h]) for g in range(gates)))
+
+    def _gates(self, k: int, x, h):
+        """Per gate: (frame term, hidden term); at the first step (h None) the hidden term is
+        the bias of the hidden Linear (a constant), or None."""
+        out = []
+        for ih, hh in zip(self.ih[k], self.hh[k]):
+            hidden = hh(h) if h is not None else hh.bias
+            out.append((ih(x), hidden))
+        return out
+
+    def _step(self, k: int, x, h, c):
+        def total(pair):
+            a, b = pair
+            return a if b is None else a + b
+        g = self._gates(k, x, h)
+        if self.kind == "gru":
+            r, z = torch.sigmoid(total(g[0])), torch.sigmoid(total(g[1]))
+            frame, hidden = g[2]
+            n = torch.tanh(frame if hidden is None else frame + r * hidden)
+            return (1 - z) * n if h is None else (1 - z) * n + z * h, None
+        if self.kind == "lstm":
+            i, f = torch.sigmoid(total(g[0])), torch.sigmoid(total(g[1]))
+            cell, o = torch.tanh(total(g[2])), torch.sigmoid(total(g[3]))
+            c = i * cell if c is None else f * c + i * cell
+            return o * torch.tanh(c), c
+        pre = total(g[0])
+        return (torch.tanh(pre) if self.kind == "rnn_tanh" else torch.relu(pre)), None
+
+    def forward(self, x, hx=None):
+        if hx is not None:
+            raise EdgepruneError(f"{self.where}: an initial hidden state is not supported "
+                                 "(it starts from zeros)")
+        if isinstance(x, torch.Tensor) and x.shape[1] != self.steps:
+            raise EdgepruneError(f"{self.where}: unrolled for {self.steps} steps, given "
+                                 f"{x.shape[1]}")
+        steps, finals_h, finals_c = self.steps, [], []
+        for layer in range(self.layers):
+            outs = []
+            for d in range(self.directions):
+                k = layer * self.directions + d
+                h = c = None
+                seq = [None] * steps
+                for t in (range(steps - 1, -1, -1) if d else range(steps)):
+                    h, c = self._step(k, x[:, t], h, c)
+                    seq[t] = h.unsqueeze(1)
+                outs.append(torch.cat(seq, 1))
+                finals_h.append(h)
+                finals_c.append(c)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        hn = HiddenStates(finals_h, self.where)
+        return x, ((hn, HiddenStates(finals_c, self.where)) if self.kind == "lstm" else hn)
+
+
+def lower_recurrent(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """`model` with nn.GRU, nn.LSTM and nn.RNN replaced (in place) by RecurrentAsOps,
+    unrolled for the sequence length each sees at `input_shape`."""
+    rnns = {name: m for name, m in model.named_modules() if isinstance(m, nn.RNNBase)}
+    if not rnns:
+        return model
+    steps: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, args):
+            steps.setdefault(name, int(args[0].shape[1]))    # returns None: args unchanged
+        return hook
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in rnns.items()]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, m in rnns.items():
+        if name not in steps:
+            continue          # never called
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                RecurrentAsOps(m, f"layer '{name}'", steps[name]))
+    return model
+
+
 def lower_attention(model: nn.Module) -> nn.Module:
     """`model` with nn.TransformerEncoder, nn.TransformerEncoderLayer and
     nn.MultiheadAttention replaced (in place) by the same computation in plain ops."""

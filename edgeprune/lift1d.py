@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdgepruneError
-from .layers import ConvTransposeAsConv
+from .layers import ConvTransposeAsConv, RecurrentAsOps
 from .slicing import is_split
 
 STAGE = "load"
@@ -45,6 +45,14 @@ _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "add", "sub"
 _DIM_OPS = {"mean", "sum", "amax", "softmax", "log_softmax"}   # (x, dim=...) along an axis
 
 
+class _KeepRecurrent(fx.Tracer):
+    """A recurrent layer (already unrolled) stays one call here: it runs on frames, not on
+    the signal, so its input is made (N, T, F) again and its steps are left as they are."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, RecurrentAsOps) or super().is_leaf_module(m, qualname)
+
+
 def is_1d(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) for m in model.modules())
 
@@ -53,7 +61,7 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
     """(the 2-D GraphModule, its input shape) of a 1-D model: an (N, C, L) input becomes
     (N, C, 1, L); an (N, L) one, made a signal inside the model, stays."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _KeepRecurrent().trace(model))
     except Exception as e:
         raise EdgepruneError(f"the 1-D model does not trace with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})", stage=STAGE) from None
@@ -70,6 +78,17 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
         if _is(node, operator.getitem, None) and isinstance(node.args[0], fx.Node) \
                 and is_split(node.args[0]):
             continue   # a piece of a split: the split's axis is lifted
+        if node.op == "call_module" and isinstance(modules[node.target], RecurrentAsOps):
+            if reads_signal[node]:     # frames (N, T, 1, F) -> (N, T, F)
+                with gm.graph.inserting_before(node):
+                    frames = gm.graph.call_function(torch.squeeze, (node.args[0], 2))
+                node.args = (frames, *node.args[1:])
+            continue
+        if _is(node, operator.getitem, None) and node.args[0].op == "call_module" and \
+                isinstance(modules[node.args[0].target], RecurrentAsOps):
+            if node.args[1] == 0:      # its output frames, lifted like any (N, T, H)
+                _add_height_after(gm, node)
+            continue
         if not reads_signal[node]:
             if _rank(node) == 3:   # a signal made from a vector: (N, L) -> (N, 1, L)
                 if not (_is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape")
@@ -99,6 +118,11 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
                 raise _refuse(where, "flattens other than from the channel axis")
         elif _is(node, torch.permute, "permute"):
             _permute_dims(node, where)
+        elif _is(node, torch.transpose, "transpose") and \
+                {_arg(node, 1, "dim0", 0) % 3, _arg(node, 2, "dim1", 0) % 3} == {1, 2}:
+            # (N, C, L) -> (N, L, C), frames: (N, C, 1, L) -> (N, L, 1, C) as permutes do
+            node.target, node.op = torch.permute, "call_function"
+            node.args, node.kwargs = (node.args[0], (0, 3, 2, 1)), {}
         elif node.target in _POOL_FUNCTIONS_1D:
             _pool_function_2d(node, where)
         elif node.target is F.interpolate and _arg(node, 3, "mode", "nearest") in _RESIZE_2D:
@@ -304,15 +328,19 @@ def _arg(node: fx.Node, pos: int, key: str, default):
 
 
 def _index_2d(index, where: str) -> tuple:
-    """x[:, a:b], x[..., 2:] of (N, C, L) as the same slice of (N, C, 1, L)."""
+    """x[:, a:b], x[..., 2:] of (N, C, L) as the same slice of (N, C, 1, L); with one
+    position (o[:, -1] of frames) the unit height goes too: the result is not a signal."""
     index = index if isinstance(index, tuple) else (index,)
     if Ellipsis in index:
         k = index.index(Ellipsis)
         index = index[:k] + (slice(None),) * (3 - len(index) + 1) + index[k + 1:]
-    if len(index) > 3 or not all(isinstance(i, slice) for i in index):
-        raise _refuse(where, "indexes a signal other than by slices of its axes")
+    whole = all(isinstance(i, slice) or isinstance(i, int) and not isinstance(i, bool)
+                for i in index)
+    if len(index) > 3 or not whole:
+        raise _refuse(where, "indexes a signal other than by slices or positions of its axes")
     index = index + (slice(None),) * (3 - len(index))
-    return index[:2] + (slice(None),) + index[2:]
+    height = 0 if any(isinstance(i, int) for i in index) else slice(None)
+    return index[:2] + (height,) + index[2:]
 
 
 def _dim_2d(d: int) -> int:

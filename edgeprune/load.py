@@ -46,11 +46,12 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
         if shape is None:
             raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
-    from .layers import lower_attention, lower_transposed_convs
+    from .layers import lower_attention, lower_recurrent, lower_transposed_convs
     from .lift1d import is_1d, lift_1d
     _check_one_output(model.eval(), tuple(shape), spec)
     model = lower_transposed_convs(model)   # the convolutions they equal
     model = lower_attention(model)          # transformer layers as their Linears and matmuls
+    model = lower_recurrent(model, tuple(shape))   # GRU/LSTM/RNN unrolled over their steps
     if is_1d(model):   # every stage after this one works on 2-D convolutions
         return lift_1d(model, tuple(shape))
     return model.eval(), tuple(shape)

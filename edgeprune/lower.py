@@ -142,15 +142,22 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
                 return n
         raise EdgepruneError(f"internal: variable {var} used before it is defined")
 
+    by_content: dict[tuple, str] = {}
+
     def const_name(c) -> str:
         for obj, n in const_names:
             if obj.same_as(c):
                 return n
-        n = f"w{len(const_names)}"
+        value = c.value.numpy()
+        # equal constants are stored once (a recurrent layer's weights at every step)
+        key = (str(value.dtype), value.shape, value.tobytes())
+        if key in by_content:
+            const_names.append((c, by_content[key]))
+            return by_content[key]
+        n = f"w{len(consts)}"
         const_names.append((c, n))
-        consts[n] = c.value.numpy()
-        shape, dtype = consts[n].shape, str(consts[n].dtype)
-        tensors[n] = TensorInfo(n, tuple(shape), dtype)
+        consts[n], by_content[key] = value, n
+        tensors[n] = TensorInfo(n, tuple(value.shape), str(value.dtype))
         return n
 
     def unique(name: str) -> str:

@@ -97,11 +97,10 @@ def slices_of(node: fx.Node) -> list[Slice] | None:
         index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
     ints = [axis for axis, i in enumerate(index) if isinstance(i, int) and
             not isinstance(i, bool)]
-    if len(ints) == 1 and all(isinstance(i, slice) for k, i in enumerate(index)
-                              if k not in ints):
-        axis = ints[0]   # x[:, 0], o[:, -1]: a slice of one that drops its axis
-        i = index[axis] % shape[axis]
-        index = index[:axis] + (slice(i, i + 1),) + index[axis + 1:]
+    if ints and all(isinstance(i, slice) for k, i in enumerate(index) if k not in ints):
+        for axis in ints:   # x[:, 0], o[:, -1]: slices of one that drop their axes
+            i = index[axis] % shape[axis]
+            index = index[:axis] + (slice(i, i + 1),) + index[axis + 1:]
     if not all(isinstance(i, slice) for i in index):
         return None      # x[:, :, None] and friends: not a slice (the callers know them)
     cuts = [(axis, i) for axis, i in enumerate(index) if i != slice(None)]

@@ -263,17 +263,24 @@ def test_untraceable_model_is_a_clear_error():
         prune(Branchy(), torch.randn(1, 1, 8, 8))
 
 
-def test_shared_layer_is_refused_by_name():
+def test_a_shared_layer_is_kept_whole_and_the_rest_prunes():
+    """A conv run twice (one set of weights, two graphs' channels) keeps every channel it
+    reads and writes; the layers around it still prune."""
+    from checks import pruned_equivalently
+
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
+            self.pre = nn.Conv2d(1, 6, 3, padding=1)
+            self.stem = nn.Conv2d(6, 4, 3, padding=1)
             self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.stem = nn.Conv2d(1, 4, 3, padding=1)
 
         def forward(self, x):
-            return self.conv(self.conv(self.stem(x)))
-    with pytest.raises(EdgepruneError, match="layer 'conv'.*more than once"):
-        prune(Shared(), torch.randn(1, 1, 8, 8))
+            return self.conv(self.conv(self.stem(torch.relu(self.pre(x)))))
+    torch.manual_seed(0)
+    pruned, _ = pruned_equivalently(Shared().eval(), (1, 1, 8, 8), torch.randn(4, 1, 8, 8),
+                                    ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [3, 4, 4]
 
 
 def test_softmax_keeps_the_channels_it_normalises():

@@ -469,7 +469,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
             message = (f"every budget met as measured on {target.name}: {_fmt(final_costs)}; "
                        f"test {metric_name(y_test)} {test_acc:.2f} % quantized "
                        f"({float_acc:.2f} % float)"
-                       + (f"; weights below 8 bits: " + ", ".join(f"{n} {b}"
+                       + ("; weights below 8 bits: " + ", ".join(f"{n} {b}"
                                                                    for n, b in low.items())
                           if low else ""))
         elif not impossible:

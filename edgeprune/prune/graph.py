@@ -259,8 +259,7 @@ class DepGraph:
         name = node.target
         if name in self.layers and isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d,
                                                      nn.BatchNorm1d, nn.PReLU)):
-            self._fail(node, "a module with weights is called more than once (shared layers "
-                       "cannot be resized consistently)")
+            return self._shared(node, mod, shape)
         if isinstance(mod, nn.Conv2d):
             lay = self._input_layout(node, 4)
             if lay.repeat != 1:
@@ -349,6 +348,20 @@ class DepGraph:
         if lay.channels_last or nd == 2 or lay.repeat != 1:
             self._freeze(lay)
         return lay
+
+    def _shared(self, node: fx.Node, mod: nn.Module, shape) -> Layout:
+        """A module with weights called again (a recurrent layer's Linears at every step,
+        siamese branches): one set of weights cannot follow two graphs' pruning, so it is
+        kept whole, with the channels it reads and writes at every call."""
+        first = self.layers[node.target]
+        for lay in (first.in_layout, first.out_layout, self._layout_of(node.args[0])):
+            if isinstance(lay, Layout):
+                self._freeze(lay)
+        lay = self._layout_of(node.args[0])
+        if first.in_layout is first.out_layout and isinstance(lay, Layout):
+            return lay                        # per channel: BatchNorm, PReLU, depthwise
+        size = shape[-1] if first.out_layout.channels_last else shape[1]
+        return Layout(self._new_space(size, None, True).ids, 1, first.out_layout.channels_last)
 
     def _linear_last_axis(self, node: fx.Node, mod: nn.Linear, name: str) -> Layout:
         """A Linear on (N, ..., C): over the last axis, the channels of a channels-last tensor
@@ -561,6 +574,9 @@ class DepGraph:
             return kept[0]
         if not all(isinstance(l, Layout) for l in lays):
             self._fail(node, "concatenates a tensor without a tracked channel dimension")
+        if dim != 0 and all(set(l.ids) <= self._frozen_ids for l in lays) and \
+                (dim != 1 or any(l.channels_last for l in lays)):
+            return self._new_space(shape[1], None, True)   # kept channels, any axis
         if any(l.channels_last for l in lays):
             self._fail(node, "concatenates tensors with the channels on the last axis")
         if dim == 1:

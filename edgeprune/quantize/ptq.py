@@ -281,10 +281,17 @@ class IRNet(nn.Module):
         super().__init__()
         self.nodes = nodes
         self.input_shape = tuple(input_shape)
-        self.weight = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float())
-                                        for k, v in weights.items()})
-        self.bias = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float())
-                                      for k, v in biases.items()})
+        # a module run by several nodes (a recurrent layer's steps) keeps one parameter, so
+        # that QAT trains one matrix and the C library stores it once
+        shared: dict[tuple, nn.Parameter] = {}
+
+        def param(v: torch.Tensor) -> nn.Parameter:
+            key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+            if key not in shared:
+                shared[key] = nn.Parameter(v.detach().clone().float())
+            return shared[key]
+        self.weight = nn.ParameterDict({k: param(v) for k, v in weights.items()})
+        self.bias = nn.ParameterDict({k: param(v) for k, v in biases.items()})
         self.qconfig: dict | None = None
         self.weight_override: dict[str, torch.Tensor] = {}
 

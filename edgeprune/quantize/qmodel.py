@@ -196,8 +196,17 @@ class QuantModel:
                          "bias_bytes": self.param_bytes(o)})
         return rows
 
+    def stored_weight_ops(self) -> list[Op]:
+        """The weight ops whose matrices the C library stores: one of each set of equal ones
+        (a recurrent layer's Linear at every step)."""
+        seen: dict[tuple, Op] = {}
+        for o in self.weight_ops():
+            w = self.param(o, "weight")
+            seen.setdefault((w.shape, int(o.attrs.get("weight_bits", 8)), w.tobytes()), o)
+        return list(seen.values())
+
     def total_weight_bytes(self) -> int:
-        return sum(self.weight_bytes(o) for o in self.weight_ops())
+        return sum(self.weight_bytes(o) for o in self.stored_weight_ops())
 
     # --- persistence --------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -228,7 +228,7 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
         reference.accuracy(qm, x_eval, y_eval)
     qm.meta.update({"method": method, "calibration": cfg.calib_method,
                     "calibration_samples": int(len(calib))})
-    int8_bytes = sum(int(qm.param(o, "weight").size) for o in qm.weight_ops())
+    int8_bytes = sum(int(qm.param(o, "weight").size) for o in qm.stored_weight_ops())
     report = {
         "method": method, "requested_method": cfg.method, "target": target.name,
         "data": data.name, "input_shape": list(shape),

@@ -1,0 +1,145 @@
+"""Recurrent layers (nn.GRU, nn.LSTM, nn.RNN; batch_first) are unrolled over the model's static
+sequence length into their Linears, tables, products and sums (edgeprune.layers.
+lower_recurrent): the same outputs, pruned around, and bit-exact in int8 on the host and on a
+target, with each weight matrix stored once."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checks import bit_exact, pruned_equivalently
+from edgeprune.errors import EdgepruneError
+from edgeprune.layers import lower_recurrent
+from edgeprune.quantize import ptq, reference, to_relax
+
+torch.set_num_threads(1)
+SHAPE = (1, 1, 10, 12)     # a spectrogram: 10 bands, 12 frames
+
+
+class CRNN(nn.Module):
+    """Convs over a spectrogram, its frames through a recurrent layer, a head on the last."""
+    def __init__(self, rnn: nn.Module, head_from_state: bool = False):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=(2, 1), padding=1)
+        self.rnn, self.head_from_state = rnn, head_from_state
+        width = rnn.hidden_size * (2 if rnn.bidirectional else 1)
+        self.fc = nn.Linear(rnn.hidden_size if head_from_state else width, 5)
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))))           # (N, 8, 5, T)
+        out, state = self.rnn(y.permute(0, 3, 1, 2).flatten(2))      # frames: (N, T, 40)
+        if self.head_from_state:
+            h = state[0] if isinstance(state, tuple) else state       # an LSTM's (h_n, c_n)
+            return self.fc(h[-1])
+        return self.fc(out[:, -1])
+
+
+RNNS = {"gru": lambda: nn.GRU(40, 16, batch_first=True),
+        "lstm-2-layers": lambda: nn.LSTM(40, 16, num_layers=2, batch_first=True),
+        "rnn-bidirectional": lambda: nn.RNN(40, 16, batch_first=True, bidirectional=True),
+        "gru-2-bidirectional": lambda: nn.GRU(40, 16, 2, batch_first=True,
+                                              bidirectional=True)}
+
+
+@pytest.mark.parametrize("kind", list(RNNS))
+@pytest.mark.parametrize("head_from_state", [False, True])
+def test_unrolled_recurrent_layers_compute_what_torch_does(kind, head_from_state):
+    torch.manual_seed(0)
+    model = CRNN(RNNS[kind](), head_from_state).eval()
+    x = torch.randn(4, *SHAPE[1:])
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(lower_recurrent(model, SHAPE)(x), want)
+
+
+@pytest.mark.parametrize("kind", list(RNNS)[:3])
+def test_recurrent_models_prune_and_quantize_bit_exact(kind):
+    torch.manual_seed(0)
+    model = lower_recurrent(CRNN(RNNS[kind]()).eval(), SHAPE)
+    x = torch.randn(8, *SHAPE[1:])
+    pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
+    # c2 feeds the recurrent layer (its Linears run at every step: kept whole)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 8]
+    qm = ptq.quantize_ptq(pruned, SHAPE, x.numpy())
+    xq = reference.quantize_input(qm, x[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))
+
+
+def test_a_gru_model_runs_bit_exact_on_a_target_with_its_weights_once(tmp_path):
+    torch.manual_seed(0)
+    model = lower_recurrent(CRNN(RNNS["gru"](), head_from_state=True).eval(), SHAPE)
+    x = torch.randn(8, *SHAPE[1:])
+    qm = ptq.quantize_ptq(model, SHAPE, x.numpy())
+    bit_exact(qm, x[:3].numpy(), "cortex-m7", tmp_path, like=model, tol=0.1)
+    # every step's dense ops hold the same int8 matrices; the C library stores one of each
+    weights = [qm.params[f"{o.name}.weight"] for o in qm.ops if o.kind == "dense"]
+    once = {(w.shape, w.tobytes()) for w in weights}
+    assert len(weights) == 12 * 3 + 11 * 3 + 1 and len(once) == 6 + 1   # no h at step 0
+    stored = json.loads((tmp_path / "b" / "build.json").read_text())["weights_bytes"]
+    assert stored < sum(w.nbytes for w in weights)
+    every = {qm.params[f"{o.name}.weight"].tobytes() for o in qm.weight_ops()}
+    assert qm.total_weight_bytes() == sum(len(w) for w in every)      # what reports count
+
+    # QAT trains one matrix per Linear too (the steps share its parameter)
+    from edgeprune.data import Dataset
+    from edgeprune.quantize.qat import quantize_qat
+    y = torch.randint(0, 5, (8,)).numpy()
+    qm = quantize_qat(model, SHAPE, Dataset("random", x.numpy(), y, x.numpy(), y), x.numpy(),
+                      epochs=1.0, lr=0.05)
+    weights = [qm.params[f"{o.name}.weight"] for o in qm.ops if o.kind == "dense"]
+    assert len({(w.shape, w.tobytes()) for w in weights}) == 6 + 1
+
+
+def test_recurrent_forms_that_cannot_run_are_named():
+    with pytest.raises(EdgepruneError, match="layer 'rnn'.*batch_first=True"):
+        lower_recurrent(CRNN(nn.GRU(40, 16)).eval(), SHAPE)
+
+    class WithState(CRNN):
+        def forward(self, x):
+            y = F.relu(self.c2(F.relu(self.c1(x)))).permute(0, 3, 1, 2).flatten(2)
+            return self.fc(self.rnn(y, torch.zeros(1, len(x), 16))[0][:, -1])
+    with pytest.raises(EdgepruneError, match="layer 'rnn'.*initial hidden state"):
+        lower_recurrent(WithState(nn.GRU(40, 16, batch_first=True)).eval(), SHAPE)(
+            torch.zeros(SHAPE))
+
+
+class Signal(nn.Module):
+    """Conv1d over a signal, then its frames (x.transpose(1, 2)) through a recurrent layer."""
+    def __init__(self, rnn: nn.Module, head_from_state: bool):
+        super().__init__()
+        self.c0, self.c = nn.Conv1d(2, 8, 3, padding=1), nn.Conv1d(8, 8, 5, stride=2)
+        self.rnn, self.head_from_state = rnn, head_from_state
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        out, state = self.rnn(F.relu(self.c(F.relu(self.c0(x)))).transpose(1, 2))
+        if self.head_from_state:
+            return self.fc((state[0] if isinstance(state, tuple) else state)[-1])
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("rnn,head_from_state", [(nn.GRU, True), (nn.LSTM, False)])
+def test_a_1d_model_with_a_recurrent_layer_loads_prunes_and_quantizes(rnn, head_from_state,
+                                                                       tmp_path):
+    from edgeprune.load import load_torch
+    from edgeprune.prune import prune
+    torch.manual_seed(0)
+    model = Signal(rnn(8, 12, batch_first=True), head_from_state).eval()
+    torch.save(model, tmp_path / "m.pt")
+    lifted, shape = load_torch(str(tmp_path / "m.pt"), (1, 2, 30))
+    assert shape == (1, 2, 1, 30)
+    x = torch.randn(8, 2, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x.view(8, 2, 1, 30)), model(x))
+    pruned, _ = prune(lifted, torch.randn(shape), ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 8]
+    qm = ptq.quantize_ptq(pruned, shape, x.view(8, *shape[1:]).numpy())
+    xq = reference.quantize_input(qm, x[:2].view(2, *shape[1:]).numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))
