@@ -10,7 +10,9 @@ models exported with tf2onnx carry around their NHWC input and before Flatten), 
 and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
 Softplus, Softsign, Mish, Abs, Exp, Neg, Sqrt, Reciprocal, Sign, Log, Sin, Cos and Pow by a
 number (table activations later); Max and Min with a constant number (clamps) or of tensors;
-Resize (nearest by whole factors, or linear); supported_ops() lists every op. The file is first
+Resize (nearest by whole factors, or linear); GRU, LSTM and RNN between the Transposes torch
+writes around a batch_first layer (as torch layers, later unrolled); supported_ops() lists
+every op. The file is first
 simplified by onnxsim at its static input shape (shape arithmetic folded into
 constants; BatchNorm kept, pruning reads it). Layers with
 weights become real nn.Conv2d / nn.BatchNorm2d (1d after a Gemm) / nn.Linear modules (so
@@ -108,6 +110,9 @@ class _Builder:
         self.names: set[str] = set()
         self.users: dict[str, int] = {}
         self.consumers: dict[str, list] = {}
+        # values an exporter holds time-first around a recurrent layer ((T, N, F), its Y and
+        # Y_h): the form's name and the batch-first fx value that stands for it
+        self.seq: dict[str, tuple[str, tuple]] = {}
         for n in self.g.node:
             for i in n.input:
                 self.users[i] = self.users.get(i, 0) + 1
@@ -152,6 +157,10 @@ class _Builder:
 
     def _in(self, name: str):
         """An fx argument for an ONNX value: a node, or a constant registered as a buffer."""
+        if name in self.seq:
+            raise _err(f"ONNX value '{name}' has its batch axis moved ({self.seq[name][0]}, "
+                       "time first); only a GRU/LSTM/RNN and the Transpose, Squeeze, Reshape "
+                       "and Gather that exporters write around it may read it")
         if name in self.env:
             return self.env[name], self.val[name]
         c = self.consts[name]
@@ -630,6 +639,10 @@ class _Builder:
     def op_Gather(self, node, a):
         """One position (a scalar index: the axis goes, as x[:, -1]) or a run of positions
         (x[:, 2:5]) of an activation along an axis."""
+        form, h = self.seq.get(node.input[0], (None, None))
+        if form == "DNH" and int(a.get("axis", 0)) == 0:    # Y_h[k]: one direction's state
+            k = int(np.asarray(self._const(node.input[1], node, "indices")).reshape(()))
+            return self._fn(operator.getitem, [h[0], k], [h[1], k])
         if node.input[0] in self.consts:
             raise _err(f"ONNX node '{node.name}' (Gather): gathering from a constant table "
                        "(an embedding) is not supported")
@@ -741,6 +754,10 @@ class _Builder:
 
     def op_Reshape(self, node, a):
         shape = [int(d) for d in self._const(node.input[1], node, "shape").reshape(-1)]
+        form, x = self.seq.get(node.input[0], (None, None))
+        if form == "TNDH" and len(shape) == 3:      # (T, N, D * H): the directions side by side
+            self.seq[node.output[0]] = ("TNF", x)
+            return None
         x = self._in(node.input[0])
         in_shape = tuple(x[1].shape)
         if not a.get("allowzero", 0):
@@ -808,8 +825,14 @@ class _Builder:
         return self._reshape_to(x, tuple(v.shape))
 
     def op_Squeeze(self, node, a):
-        x = self._in(node.input[0])
+        form, x = self.seq.get(node.input[0], (None, None))
         axes = self._axes(node, a)
+        if form == "TDNH" and axes == [1]:     # Y of one direction: (T, N, H)
+            self.seq[node.output[0]] = ("TNF", x)
+            return None
+        if form == "DNH" and axes == [0]:      # Y_h of one direction and layer: (N, H)
+            return self._fn(operator.getitem, [x[0], 0], [x[1], 0])
+        x = self._in(node.input[0])
         dims = [d % x[1].dim() for d in axes] if axes else \
             [d for d, n in enumerate(x[1].shape) if n == 1 and d > 0]
         return self._reshape_to(x, tuple(n for d, n in enumerate(x[1].shape) if d not in dims))
@@ -916,8 +939,24 @@ class _Builder:
         return out
 
     def op_Transpose(self, node, a):
+        perm = [int(d) for d in a.get("perm", [])]
+        form, x = self.seq.get(node.input[0], (None, None))
+        if form == "TNF" and perm == [1, 0, 2]:
+            return x                                # batch first again
+        if form == "TDNH" and perm == [0, 2, 1, 3]:
+            self.seq[node.output[0]] = ("TNDH", x)
+            return None
+        if form is None and len(perm) == 3 and perm[1] == 0 and all(
+                c.op_type in ("GRU", "LSTM", "RNN") for c in self.consumers[node.output[0]]):
+            # into a recurrent layer: time first; the same permute keeping the batch first
+            # holds it ((N, C, L) -> (L, N, C) after a conv is (N, L, C))
+            x, first = self._in(node.input[0]), (0, perm[0], perm[2])
+            if first != (0, 1, 2):
+                x = self._fn(torch.permute, [x[0], first], [x[1], first])
+            self.seq[node.output[0]] = ("TNF", x)
+            return None
         x = self._in(node.input[0])
-        perm = [int(d) for d in a.get("perm", range(x[1].dim() - 1, -1, -1))]
+        perm = perm or list(range(x[1].dim() - 1, -1, -1))
         if perm[0] != 0:
             raise _err(f"ONNX node '{node.name}' (Transpose): perm {perm} moves the batch axis; "
                        "only transposes that keep it first are supported")
@@ -941,6 +980,66 @@ class _Builder:
         x = self._reshape_to(x, (n, c, h // r, r, w // r, r))
         x = self._fn(torch.permute, [x[0], (0, 3, 5, 1, 2, 4)], [x[1], (0, 3, 5, 1, 2, 4)])
         return self._reshape_to(x, (n, c * r * r, h // r, w // r))
+
+    def _recurrent(self, node, a, kind: str):
+        """GRU, LSTM, RNN on a time-first input that a Transpose made of a batch-first one
+        (how torch exports batch_first layers): a torch layer with batch_first=True and the
+        ONNX gate order rearranged; its Y and Y_h stay time-first forms (self.seq)."""
+        where = f"ONNX node '{node.name}' ({node.op_type})"
+        form, x = self.seq.get(node.input[0], (None, None))
+        if form != "TNF":
+            raise _err(f"{where}: only a layer whose input is a batch-first tensor transposed "
+                       "to time first (torch's export of batch_first=True) is supported")
+        direction = _text(a.get("direction", b"forward"))
+        if direction not in ("forward", "bidirectional"):
+            raise _err(f"{where}: direction '{direction}' is not supported")
+        acts = [_text(s).lower() for s in a.get("activations", [])]
+        default = {"GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"],
+                   "RNN": [acts[0] if acts and acts[0] == "relu" else "tanh"]}[kind]
+        custom = acts and acts != default * (2 if direction == "bidirectional" else 1)
+        if any(n for n in node.input[4:]) or a.get("clip") is not None or custom or \
+                int(a.get("layout", 0)) or int(a.get("input_forget", 0)):
+            raise _err(f"{where}: sequence lengths, initial states, peepholes, clip, layout 1, "
+                       "input_forget and activations other than torch's are not supported")
+        if kind == "GRU" and int(a.get("linear_before_reset", 0)) != 1:
+            raise _err(f"{where}: linear_before_reset=0 is not torch's GRU; export from torch")
+        w, r = (np.asarray(self._const(node.input[i], node, n), np.float32)
+                for i, n in ((1, "W"), (2, "R")))
+        d, h = w.shape[0], int(a["hidden_size"])
+        b = (np.asarray(self._const(node.input[3], node, "B"), np.float32)
+             if len(node.input) > 3 and node.input[3] else np.zeros((d, 2 * w.shape[1])))
+        order = {"GRU": [1, 0, 2], "LSTM": [0, 2, 3, 1], "RNN": [0]}[kind]   # torch's gates
+
+        def gates(m):
+            return np.concatenate([m[g * h:(g + 1) * h] for g in order])
+        kw = {"nonlinearity": default[0]} if kind == "RNN" else {}
+        layer = {"GRU": nn.GRU, "LSTM": nn.LSTM, "RNN": nn.RNN}[kind](
+            w.shape[2], h, batch_first=True, bidirectional=d == 2, **kw)
+        for k in range(d):
+            sfx = "_l0" + ("_reverse" if k else "")
+            for name, v in (("weight_ih", gates(w[k])), ("weight_hh", gates(r[k])),
+                            ("bias_ih", gates(b[k][:len(b[k]) // 2])),
+                            ("bias_hh", gates(b[k][len(b[k]) // 2:]))):
+                getattr(layer, name + sfx).data.copy_(torch.from_numpy(np.ascontiguousarray(v)))
+        n, v = self._module(node, kind, layer, x)
+        out = self._fn(operator.getitem, [n, 0], [v, 0])
+        state = self._fn(operator.getitem, [n, 1], [v, 1])
+        self.seq[node.output[0]] = ("TDNH", out)
+        outs = [state] if kind != "LSTM" else [
+            self._fn(operator.getitem, [state[0], i], [state[1], i]) for i in (0, 1)]
+        for name, s in zip(node.output[1:], outs):
+            if name:
+                self.seq[name] = ("DNH", s)
+        return None
+
+    def op_GRU(self, node, a):
+        return self._recurrent(node, a, "GRU")
+
+    def op_LSTM(self, node, a):
+        return self._recurrent(node, a, "LSTM")
+
+    def op_RNN(self, node, a):
+        return self._recurrent(node, a, "RNN")
 
     def _reshape_to(self, x, shape: tuple):
         """torch.reshape to a static shape; one that keeps the batch axis keeps it free

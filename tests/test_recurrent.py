@@ -143,3 +143,40 @@ def test_a_1d_model_with_a_recurrent_layer_loads_prunes_and_quantizes(rnn, head_
     xq = reference.quantize_input(qm, x[:2].view(2, *shape[1:]).numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
                           reference.run(qm, xq))
+
+
+class Exported(nn.Module):
+    def __init__(self, rnn: nn.Module, head_from_state: bool):
+        super().__init__()
+        self.c, self.rnn, self.head_from_state = nn.Conv1d(4, 8, 3, padding=1), rnn, \
+            head_from_state
+        self.fc = nn.Linear(12 if head_from_state else 12 * (1 + rnn.bidirectional), 3)
+
+    def forward(self, x):
+        out, h = self.rnn(torch.relu(self.c(x)).transpose(1, 2))
+        if self.head_from_state:
+            return self.fc((h[0] if isinstance(h, tuple) else h)[-1])
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("rnn,head_from_state,dynamo", [
+    (lambda: nn.GRU(8, 12, batch_first=True), True, False),
+    (lambda: nn.GRU(8, 12, batch_first=True, bidirectional=True), False, True),
+    (lambda: nn.LSTM(8, 12, batch_first=True), False, False),
+    (lambda: nn.LSTM(8, 12, batch_first=True, bidirectional=True), True, True),
+    (lambda: nn.RNN(8, 12, batch_first=True, nonlinearity="relu"), False, False)])
+def test_recurrent_layers_read_back_from_onnx(rnn, head_from_state, dynamo, tmp_path):
+    """torch exports a batch_first layer as Transpose -> GRU/LSTM/RNN -> Squeeze or
+    Transpose/Reshape (Y) and Gather or Squeeze (Y_h), time first: read back batch first."""
+    from edgeprune.load import load_torch
+    torch.manual_seed(0)
+    model = Exported(rnn(), head_from_state).eval()
+    torch.onnx.export(model, (torch.zeros(1, 4, 10),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+    lifted, shape = load_torch(str(tmp_path / "m.onnx"))
+    x = torch.randn(6, 4, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x.view(6, *shape[1:])), model(x))
+    qm = ptq.quantize_ptq(lifted, shape, x.view(6, *shape[1:]).numpy())
+    xq = reference.quantize_input(qm, x[:2].view(2, *shape[1:]).numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))

@@ -55,3 +55,33 @@ def test_space_moves_crops_and_max_feature_map_prune_and_run_bit_exact(tmp_path)
     kinds = [o.kind for o in qm.ops]
     assert {"maximum", "minimum", "transpose"} <= set(kinds)
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
+
+
+class Resized(nn.Module):
+    """A head resized back to another size by nearest neighbours (no whole factor), branches
+    stacked on a new axis, and a gate broadcast with expand_as."""
+    def __init__(self):
+        super().__init__()
+        self.c0, self.a, self.b = nn.Conv2d(1, 6, 3), nn.Conv2d(6, 8, 3), nn.Conv2d(6, 8, 3)
+        self.gate = nn.Linear(8, 8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c0(x))
+        a, b = self.a(x), self.b(x)
+        y = torch.stack([a, b], 1).amax(1) + torch.stack([a, b], 2).mean(2)
+        g = torch.sigmoid(self.gate(y.mean((2, 3)))).view(-1, 8, 1, 1)
+        y = y * g.expand_as(y)
+        return self.out(F.interpolate(y, size=(15, 11), mode="nearest")
+                        + F.interpolate(y, size=(15, 11), mode="nearest-exact"))
+
+
+def test_nearest_to_any_size_stacks_and_expand_as_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model, shape, x = Resized().eval(), (1, 1, 14, 14), torch.randn(8, 1, 14, 14)
+    pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [3, 8, 8, 2]
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    rows = [o.attrs["rows"] for o in qm.ops if "rows" in o.attrs]
+    assert len(rows) == 2 and rows[0] != rows[1]       # floor(o * s) and floor((o + .5) * s)
+    bit_exact(qm, x[:4].numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)

@@ -476,6 +476,15 @@ class DepGraph:
             return self._matmul(node, shape)
         if not is_fn and t == "expand" and self._layout_of(node.args[0]) is CONST:
             return CONST          # a constant over the batch (a class token)
+        if not is_fn and t in ("expand", "expand_as"):     # broadcast for a product
+            lay = self._input_layout(node)
+            if self._shape(node.args[0])[1] == shape[1]:
+                return lay
+            return self._kept(lay, shape)                  # the channel axis grows
+        if is_fn and t is torch.stack:     # a new axis: the pieces' channels are kept
+            for x in node.args[0]:
+                self._freeze(self._layout_of(x))
+            return self._new_space(shape[1], None, True)
         if is_fn and t in (F.pixel_shuffle, F.pixel_unshuffle):
             return self._kept(self._input_layout(node, 4), shape)
         if is_fn and t is F.layer_norm:

@@ -383,6 +383,8 @@ class IRNet(nn.Module):
                 y = pad_axis(xs[0], a["axis"], a["before"], a["after"], a.get("mode", "constant"))
             elif n.kind == "dilate":
                 y = zero_insert(xs[0], *a["strides"])
+            elif n.kind == "upsample" and a["mode"] == "nearest" and "rows" in a:
+                y = xs[0][:, :, a["rows"]][:, :, :, a["cols"]]
             elif n.kind == "upsample" and a["mode"] == "nearest":
                 y = xs[0].repeat_interleave(a["factors"][0], 2).repeat_interleave(
                     a["factors"][1], 3)
@@ -526,6 +528,12 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     def shape_of(node) -> tuple[int, ...]:
         return tuple(node.meta["tensor_meta"].shape)
 
+    def computed_shape(node) -> tuple[int, ...]:
+        """The shape of the tensor the IR computes for `node` (an expand is not one)."""
+        name = src(node)
+        return tuple(by_out[name].out_shape) if name in by_out else \
+            tuple(input_shape) if name == INPUT else shape_of(node)
+
     def arg(node, i: int, name: str, default=None):
         """Positional argument i or keyword `name` of a call, shape arithmetic evaluated."""
         v = node.kwargs.get(name, node.args[i] if len(node.args) > i else default)
@@ -617,6 +625,13 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         if node.target == "expand" and \
                 getattr(node.args[0], "name", None) in constants:
             constants[node.name] = constants[node.args[0].name]   # over the batch: one sample
+            continue
+        if node.target in ("expand", "expand_as") and node.args[0].name not in constants:
+            # g.expand_as(y) for y * g: the product broadcasts g itself
+            if not all(u.target in (operator.mul, torch.mul, "mul") for u in node.users):
+                raise EdgepruneError(f"node '{node.name}' ({node.target}): a tensor expanded "
+                                     "for anything but a product (which broadcasts it)")
+            alias[node.name] = src(node.args[0])
             continue
         if is_split(node) or returns_indices(node):   # a tuple: its getitems are the ops
             continue
@@ -895,12 +910,24 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             a, b = (list(node.args) + [node.kwargs.get("other")])[:2]
             if not all(isinstance(t, fx.Node) and t.name not in static for t in (a, b)):
                 raise EdgepruneError(f"{where}: only tensor * tensor products are supported")
-            if tuple(shape_of(a)) != tuple(shape):      # the full-size operand first
+            if computed_shape(a) != tuple(shape):      # the full-size operand first
                 a, b = b, a
-            if tuple(shape_of(a)) != tuple(shape):
+            if computed_shape(a) != tuple(shape):
                 raise EdgepruneError(f"{where}: neither operand has the product's shape "
                                      f"{tuple(shape)}")
             add_node(FNode("mul", node.name, [src(a), src(b)], node.name, out_shape=shape))
+            continue
+        if target is torch.stack:        # each piece with the new axis, then a concat
+            parts, dim = node.args[0], arg(node, 1, "dim", 0) % len(shape)
+            if dim == 0:
+                raise EdgepruneError(f"{where}: stacking along the batch axis is not supported")
+            one = tuple(shape[:dim]) + (1,) + tuple(shape[dim + 1:])
+            pieces = [f"{node.name}_piece{k}" for k in range(len(parts))]
+            for piece, t in zip(pieces, parts):
+                add_node(FNode("reshape", piece, [src(t)], piece, {"shape": list(one)},
+                               out_shape=one))
+            add_node(FNode("concat", node.name, pieces, node.name,
+                           {"axis": dim} if dim != 1 else {}, out_shape=shape))
             continue
         if target in (torch.cat, torch.concat):
             parts = node.kwargs.get("tensors", node.args[0] if node.args else None)
@@ -929,8 +956,19 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             else:
                 how = (arg(node, 3, "mode", "nearest"), arg(node, 2, "scale_factor"),
                        arg(node, 4, "align_corners"), arg(node, 6, "antialias", False))
-            add_node(FNode("upsample", node.name, [src(node.args[0])], node.name,
-                           resize_attrs(where, shape_of(node.args[0]), shape, *how),
+            attrs = resize_attrs(where, shape_of(node.args[0]), shape, *how)
+            if attrs["mode"] == "nearest" and "factors" not in attrs:
+                # the rows and columns torch reads: its own call on index ramps (its float
+                # rounding of the scale decides them)
+                h, w = shape_of(node.args[0])[2:]
+                rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda n: static[n.name])
+                with torch.no_grad():
+                    for axis, ramp in (("rows", torch.arange(h).view(1, 1, h, 1)),
+                                       ("cols", torch.arange(w).view(1, 1, 1, w))):
+                        out = target(ramp.expand(1, 1, h, w).float(), *rest[0], **rest[1])
+                        attrs[axis] = [int(v) for v in (out[0, 0, :, 0] if axis == "rows"
+                                                        else out[0, 0, 0, :])]
+            add_node(FNode("upsample", node.name, [src(node.args[0])], node.name, attrs,
                            out_shape=shape))
             continue
         if isinstance(target, nn.MaxPool2d) or target is F.max_pool2d:
@@ -1104,8 +1142,7 @@ def resize_attrs(where: str, ishape, oshape, mode: str, scale_factor, align_corn
                              "tensors (or 1-D signals) are supported")
     if mode in ("nearest", "nearest-exact"):   # both repeat values at whole factors
         if any(o % i for i, o in zip(ishape[2:], oshape[2:])):
-            raise EdgepruneError(f"{where}: nearest upsampling {list(ishape)} to "
-                                 f"{list(oshape)}: only whole factors of H and W are supported")
+            return {"mode": "nearest"}    # to any size: the caller finds the rows and columns
         return {"mode": "nearest", "factors": [oshape[2] // ishape[2], oshape[3] // ishape[3]]}
     if mode != "bilinear":
         raise EdgepruneError(f"{where}: resizing mode '{mode}' is not supported; only "

@@ -57,7 +57,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   the divisor is per output position as below; maxpool takes output_size the same way.  With count_include_pad false (padding
   does not count: TensorFlow's SAME average pooling) the divisor is each window's count of
   real taps: params multiplier and shift (OH, OW) per output position instead of the attrs.
-* ``upsample`` attrs: mode "nearest" (factors [FH, FW]: each value repeated) or "bilinear"
+* ``upsample`` attrs: mode "nearest" (factors [FH, FW]: each value repeated; or, to any size,
+  rows [OH] and cols [OW]: the input row and column each output reads) or "bilinear"
   (size [OH, OW], align_corners): per axis, output o reads inputs i0, i1 with integer weights
   (2**f - w1, w1) of requant.linear_taps (f = 11 for int8, 7 for int16);
   y = (sum over the 2 x 2 taps of wy * wx * x + 2**(2f-1)) >> 2f.  Same scale/zero point.
@@ -414,6 +415,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         return [*ins[0][:axis], len(range(start, stop, step)), *ins[0][axis + 1:]]
     if op.kind == "upsample" and a.get("mode", "nearest") == "bilinear":
         return [*ins[0][:2], *(int(d) for d in a["size"])]
+    if op.kind == "upsample" and "rows" in a:   # nearest to any size: the rows/columns read
+        n, c, h, w = ins[0]
+        if not all(0 <= int(i) < size for key, size in (("rows", h), ("cols", w))
+                   for i in a[key]):
+            raise EdgepruneError(f"upsample '{op.name}': rows/cols outside {ins[0]}")
+        return [n, c, len(a["rows"]), len(a["cols"])]
     if op.kind == "upsample":   # nearest neighbour by whole factors: each value repeated
         n, c, h, w = ins[0]
         sh, sw = (int(f) for f in a["factors"])

@@ -224,6 +224,8 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
     if op.kind == "slice":
         index = [slice(None)] * int(a["axis"]) + [slice(a["start"], a["stop"], a["step"])]
         return np.ascontiguousarray(x[tuple(index)])
+    if op.kind == "upsample" and a.get("mode", "nearest") == "nearest" and "rows" in a:
+        return np.ascontiguousarray(x[:, :, a["rows"]][:, :, :, a["cols"]])
     if op.kind == "upsample" and a.get("mode", "nearest") == "nearest":
         sh, sw = (int(f) for f in a["factors"])
         return np.repeat(np.repeat(x, sh, axis=2), sw, axis=3)

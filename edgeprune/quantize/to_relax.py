@@ -587,6 +587,12 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 elif op.kind == "dilate":
                     y = _dilate(bb, env[op.inputs[0]], shape(op.inputs[0]), op.attrs["strides"],
                                 qm.tensors[op.output].zero_point, _ident(op.output))
+                elif op.kind == "upsample" and "rows" in op.attrs:   # nearest, any size
+                    rows = bb.emit(relax.op.take(env[op.inputs[0]], _const(
+                        np.asarray(op.attrs["rows"], np.int32), "int32"), axis=2))
+                    y = bb.emit(relax.op.take(rows, _const(np.asarray(
+                        op.attrs["cols"], np.int32), "int32"), axis=3),
+                        name_hint=_ident(op.output))
                 elif op.kind == "upsample" and op.attrs.get("mode", "nearest") == "nearest":
                     sh, sw = (int(f) for f in op.attrs["factors"])
                     rows = bb.emit(relax.op.repeat(env[op.inputs[0]], sh, axis=2))
