@@ -21,6 +21,11 @@ def pruned_equivalently(model, shape, x, **prune_args):
     return pruned, record
 
 
+def conv_widths(model) -> list[int]:
+    """The output channels of every Conv2d of `model`, in order (what pruning left)."""
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
 def bit_exact(qm, x: np.ndarray, target: str, tmp_path, on_target: int = 3, like=None,
               tol: float = 0.05) -> np.ndarray:
     """The golden model's dequantized outputs for float `x`, after checking that TVM's host

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, pruned_equivalently
+from checks import bit_exact, conv_widths, pruned_equivalently
 from edgeprune.errors import EdgepruneError
 from edgeprune.lift1d import lift_1d
 from edgeprune.onnx_to_torch import onnx_to_torch
@@ -44,7 +44,7 @@ def test_padding_modes_and_channel_reductions_prune_and_run_bit_exact(tmp_path):
     model = Padded().eval()
     shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
-    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    widths = conv_widths(pruned)
     assert widths == [4, 4, 12, 12, 1]    # c3/c4 feed the channel mean and max: kept
 
     calib = torch.randn(64, *shape[1:]).numpy()
@@ -143,7 +143,7 @@ def test_pools_over_merged_positions_prune_and_run_bit_exact():
     torch.manual_seed(0)
     model, x = MergedPositions().eval(), torch.randn(8, 1, 12, 12)
     pruned, _ = pruned_equivalently(model, (1, 1, 12, 12), x, ratios=0.5)
-    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 4]
+    assert conv_widths(pruned) == [4, 4]
     qm = ptq.quantize_ptq(pruned, (1, 1, 12, 12), x.numpy())
     assert [o.kind for o in qm.ops].count("maxpool") == 2
     xq = reference.quantize_input(qm, x[:2].numpy())

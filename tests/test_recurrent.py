@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, pruned_equivalently
+from checks import bit_exact, conv_widths, pruned_equivalently
 from edgeprune.errors import EdgepruneError
 from edgeprune.layers import lower_recurrent
 from edgeprune.quantize import ptq, reference, to_relax
@@ -64,7 +64,7 @@ def test_recurrent_models_prune_and_quantize_bit_exact(kind):
     x = torch.randn(8, *SHAPE[1:])
     pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
     # c2 feeds the recurrent layer (its Linears run at every step: kept whole)
-    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 8]
+    assert conv_widths(pruned) == [4, 8]
     qm = ptq.quantize_ptq(pruned, SHAPE, x.numpy())
     xq = reference.quantize_input(qm, x[:2].numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
@@ -138,7 +138,7 @@ def test_a_1d_model_with_a_recurrent_layer_loads_prunes_and_quantizes(rnn, head_
     with torch.no_grad():
         torch.testing.assert_close(lifted(x.view(8, 2, 1, 30)), model(x))
     pruned, _ = prune(lifted, torch.randn(shape), ratios=0.5)
-    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 8]
+    assert conv_widths(pruned) == [4, 8]
     qm = ptq.quantize_ptq(pruned, shape, x.view(8, *shape[1:]).numpy())
     xq = reference.quantize_input(qm, x[:2].view(2, *shape[1:]).numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),

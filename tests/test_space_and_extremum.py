@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, pruned_equivalently
+from checks import bit_exact, conv_widths, pruned_equivalently
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.quantize import ptq
 
@@ -41,7 +41,7 @@ def test_space_moves_crops_and_max_feature_map_prune_and_run_bit_exact(tmp_path)
     model = SpaceAndMax().eval()
     shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
-    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    widths = conv_widths(pruned)
     # c1's channels pass the Focus slices; the others feed a channel split, the pixel
     # shuffle or the output, and are kept
     assert widths == [8, 16, 16, 8, 1]
@@ -80,7 +80,7 @@ def test_nearest_to_any_size_stacks_and_expand_as_run_bit_exact(tmp_path):
     torch.manual_seed(0)
     model, shape, x = Resized().eval(), (1, 1, 14, 14), torch.randn(8, 1, 14, 14)
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
-    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [3, 8, 8, 2]
+    assert conv_widths(pruned) == [3, 8, 8, 2]
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     rows = [o.attrs["rows"] for o in qm.ops if "rows" in o.attrs]
     assert len(rows) == 2 and rows[0] != rows[1]       # floor(o * s) and floor((o + .5) * s)
