@@ -211,3 +211,37 @@ def test_onnx_1d_transposed_conv_pads(tmp_path, pads, output_padding, ok):
         full = F.pad(F.conv_transpose1d(x, torch.from_numpy(w), stride=2), (0, output_padding))
     torch.testing.assert_close(got, full[:, :, pads[0]:full.shape[2] - pads[1]], atol=1e-5,
                                rtol=1e-4)
+
+
+class DenseDecoder(nn.Module):
+    """An autoencoder whose bottleneck is a Linear unflattened to maps for the decoder."""
+    def __init__(self, view: bool):
+        super().__init__()
+        self.e = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.bottleneck, self.expand = nn.Linear(8 * 7 * 7, 16), nn.Linear(16, 6 * 7 * 7)
+        self.unflatten, self.view = nn.Unflatten(1, (6, 7, 7)), view
+        self.d = nn.ConvTranspose2d(6, 4, 4, 2, 1)
+
+    def forward(self, x):
+        z = torch.relu(self.bottleneck(torch.relu(self.e(x)).flatten(1)))
+        y = torch.relu(self.expand(z))
+        y = y.view(-1, 6, 7, 7) if self.view else self.unflatten(y)
+        return torch.sigmoid(self.d(y))
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_a_linear_unflattened_to_maps_prunes_by_channel(view):
+    """Channel c of the unflattened maps is 49 outputs of the Linear: pruning it removes
+    those rows and the decoder's input channel together."""
+    from checks import pruned_equivalently
+    from edgeprune.layers import lower_transposed_convs
+    from edgeprune.quantize import ptq, reference, to_relax
+    torch.manual_seed(0)
+    model = lower_transposed_convs(DenseDecoder(view).eval())
+    x = torch.rand(8, 1, 14, 14)
+    pruned, _ = pruned_equivalently(model, (1, 1, 14, 14), x, ratios=0.5)
+    assert pruned.expand.out_features == 3 * 49
+    qm = ptq.quantize_ptq(pruned, (1, 1, 14, 14), x.numpy())
+    xq = reference.quantize_input(qm, x[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))

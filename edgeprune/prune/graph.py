@@ -303,6 +303,8 @@ class DepGraph:
             return out
         if isinstance(mod, nn.Flatten):
             return self._flatten(node, mod.start_dim, mod.end_dim)
+        if isinstance(mod, nn.Unflatten):
+            return self._reshape(node, shape)
         if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):   # channels to space, back
             return self._kept(self._input_layout(node, 4), shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
@@ -625,6 +627,17 @@ class DepGraph:
             return lay
         if shape[0] != in_shape[0] or len(shape) < 2:
             self._fail(node, f"reshape {in_shape} -> {tuple(shape)} changes the batch axis")
+        if (len(in_shape) == 2 and len(shape) >= 3 and isinstance(lay, Layout)
+                and lay.repeat == 1 and not lay.channels_last):
+            # features unflattened to maps (a decoder's Linear -> (N, C, H, W)): channel c is
+            # features c*S .. c*S+S-1, one unit of the layer before
+            s = int(np.prod(shape[2:]))
+            for c in range(shape[1]):
+                for k in range(1, s):
+                    self._union(lay.ids[c * s], lay.ids[c * s + k])
+            out = Layout(tuple(lay.ids[c * s] for c in range(shape[1])))
+            self.expand_nodes[node.name] = (out, tuple(shape[2:]))
+            return out
         return self._kept(self._input_layout(node, channels_last_ok=True), shape)
 
     def _kept(self, lay: Layout, shape) -> Layout:

@@ -622,11 +622,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         if node.op == "get_attr":   # a constant tensor: read by the op that uses it
             constants[node.name] = _fetch_attr(gm, node.target)
             continue
-        if node.target == "expand" and \
+        if node.op == "call_method" and node.target == "expand" and \
                 getattr(node.args[0], "name", None) in constants:
             constants[node.name] = constants[node.args[0].name]   # over the batch: one sample
             continue
-        if node.target in ("expand", "expand_as") and node.args[0].name not in constants:
+        if node.op == "call_method" and node.target in ("expand", "expand_as"):
             # g.expand_as(y) for y * g: the product broadcasts g itself
             if not all(u.target in (operator.mul, torch.mul, "mul") for u in node.users):
                 raise EdgepruneError(f"node '{node.name}' ({node.target}): a tensor expanded "
@@ -1101,7 +1101,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         adds_axes = target is operator.getitem and all(   # x[:, :, None, None]
             i is None or i == slice(None) for i in (node.args[1] if isinstance(
                 node.args[1], tuple) else (node.args[1],)))
-        if (isinstance(target, nn.Flatten) or adds_axes
+        if (isinstance(target, (nn.Flatten, nn.Unflatten)) or adds_axes
                 or target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                               "flatten", "view", "reshape", "squeeze", "unsqueeze")):
             add_node(FNode("reshape", node.name, [src(node.args[0])], node.name,
