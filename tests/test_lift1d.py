@@ -263,3 +263,34 @@ def test_linear_interpolation_along_l_quantizes_bit_exact():
     with torch.no_grad():
         y = model(x[:, :, 0]).numpy()
     assert np.abs(reference.dequantize_output(qm, want) - y).max() < 0.05 * np.abs(y).max()
+
+
+class ECA(nn.Module):
+    """ECA-Net's channel attention in a 2-D model: a Conv1d along the pooled channels."""
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3)
+        self.k = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c(torch.relu(self.c0(x))))
+        w = y.mean((2, 3), keepdim=True).squeeze(-1).transpose(-1, -2)     # (N, 1, C)
+        w = self.k(w).transpose(-1, -2).unsqueeze(-1)                       # (N, C, 1, 1)
+        return self.fc((y * torch.sigmoid(w)).mean((2, 3)))
+
+
+def test_a_conv1d_along_the_channels_of_a_2d_model_lifts_prunes_and_quantizes():
+    from checks import conv_widths, pruned_equivalently
+    from edgeprune.quantize import ptq, reference, to_relax
+    torch.manual_seed(0)
+    model, x = ECA().eval(), torch.randn(8, 1, 12, 12)
+    lifted, shape = lift_1d(model, (1, 1, 12, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x), model(x))
+    pruned, _ = pruned_equivalently(lifted, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 16, 1]     # c's channels are what the 1-D conv slides on
+    qm = ptq.quantize_ptq(pruned, shape, x.numpy())
+    xq = reference.quantize_input(qm, x[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))

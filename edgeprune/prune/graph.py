@@ -261,9 +261,17 @@ class DepGraph:
                                                      nn.BatchNorm1d, nn.PReLU)):
             return self._shared(node, mod, shape)
         if isinstance(mod, nn.Conv2d):
-            lay = self._input_layout(node, 4)
+            lay = self._input_layout(node, 4, channels_last_ok=True)
             if lay.repeat != 1:
                 self._fail(node, "conv input is flattened")
+            if lay.channels_last:
+                # a conv along the channels (ECA's 1-D conv over them): they are kept, and so
+                # is what it writes (the channels' positions, wherever they are permuted)
+                self._freeze(lay)
+                lay = self._new_space(mod.in_channels, None, True)
+                out = self._new_space(mod.out_channels, None, True)
+                self.layers[name] = Layer(name, "frozen", mod, node.name, lay, out)
+                return out
             if mod.groups == 1:
                 out = self._new_space(mod.out_channels, name, False)
                 self.layers[name] = Layer(name, "conv", mod, node.name, lay, out)
