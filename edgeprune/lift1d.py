@@ -39,7 +39,7 @@ _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.tru
                           F.mish, F.hardtanh, F.dropout, torch.clamp, torch.clip, F.selu,
                           torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid,
                           F.tanhshrink, F.hardshrink, F.softshrink, torch.abs, torch.exp,
-                          torch.erf}
+                          torch.erf, F.dropout1d, F.alpha_dropout}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "add", "sub", "mul", "div",
                         "contiguous", "abs", "exp"}
 _DIM_OPS = {"mean", "sum", "amax", "softmax", "log_softmax"}   # (x, dim=...) along an axis

@@ -32,7 +32,7 @@ class Padded(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.c2(F.relu(self.c1(x))))
-        x = F.relu(self.c3(self.pad(x)))
+        x = F.relu(self.c3(self.pad(F.dropout2d(x, 0.1, self.training))))
         x = F.relu(self.c4(x)) + F.pad(x[:, :, 1:, :-1], (0, 1, 1, 0))   # zeros no conv reads
         both = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
         x = x * torch.sigmoid(self.gate(both))                             # CBAM

@@ -59,7 +59,8 @@ PASSTHROUGH_FUNCTIONS = {
     F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
     torch.erf, F.selu, torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink,
     F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg, F.interpolate,
-    zero_insert, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.square, torch.sign, torch.log,
+    zero_insert, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.sqrt,
+    torch.rsqrt, torch.reciprocal, torch.square, torch.sign, torch.log,
     torch.sin, torch.cos,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",

@@ -422,6 +422,8 @@ _PAD_MODULES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ConstantP
                 nn.CircularPad2d: "circular"}
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_PASS_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                   "contiguous", "clone")
 
 
 def _activation_of(mod_or_fn, node) -> tuple | None:
@@ -669,7 +671,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             continue
 
         # pass-through ops
-        if isinstance(target, _PASS_MODULES) or target in (F.dropout, "contiguous", "clone"):
+        if isinstance(target, _PASS_MODULES) or target in _PASS_FUNCTIONS:
             alias[node.name] = src(node.args[0])
             continue
         act = _activation_of(target, node)
