@@ -463,15 +463,20 @@ def test_a_permute_that_moves_the_channels_inside_keeps_them():
     _check_equivalent(model, pruned, record, torch.randn(2, 1, 8, 8))
 
 
-def test_a_conv_on_channels_last_names_the_layer():
+def test_a_conv_along_channels_last_keeps_them():
+    """b slides over a's channels (they are its W axis after the permute): a keeps them all,
+    the conv before a still prunes."""
 
     class ConvOnChannelsLast(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.pre = nn.Conv2d(1, 6, 3, padding=1)
+            self.a, self.b = nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
 
         def forward(self, x):
-            return self.b(self.a(x).permute(0, 2, 3, 1))
+            return self.b(self.a(torch.relu(self.pre(x))).permute(0, 2, 3, 1))
 
-    with pytest.raises(EdgepruneError, match="layer 'b'.*channels on the last axis"):
-        prune(ConvOnChannelsLast(), torch.randn(1, 1, 8, 8))
+    torch.manual_seed(0)
+    pruned, _ = pruned_equivalently(ConvOnChannelsLast().eval(), (1, 1, 8, 8),
+                                    torch.randn(4, 1, 8, 8), ratios=0.5)
+    assert conv_widths(pruned) == [3, 4, 2]
