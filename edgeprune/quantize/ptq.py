@@ -767,10 +767,9 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                    nn.PixelUnshuffle: "unshuffle", F.pixel_unshuffle: "unshuffle"}.get(
             type(target) if isinstance(target, nn.Module) else target)
         if shuffle:   # data movement: (N, C, r, r, H, W) <-> (N, C, H, r, W, r)
-            r = (target.upscale_factor if shuffle == "shuffle" else target.downscale_factor) \
-                if isinstance(target, nn.Module) else int(arg(node, 1, "upscale_factor"
-                                                               if shuffle == "shuffle" else
-                                                               "downscale_factor"))
+            factor = "upscale_factor" if shuffle == "shuffle" else "downscale_factor"
+            r = getattr(target, factor) if isinstance(target, nn.Module) else \
+                int(arg(node, 1, factor))
             n, c, h, w = shape if shuffle == "shuffle" else shape_of(node.args[0])
             blocks, spread = (n, c, r, r, h // r, w // r), (n, c, h // r, r, w // r, r)
             steps = [("reshape", {"shape": list(blocks)}, blocks),

@@ -461,8 +461,9 @@ def _adaptive_pool(bb, x, qm: QuantModel, op: Op):
         rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
 
         def body(n, c, i, j):
-            hs, ws = tirx.floordiv(i * h, oh), tirx.floordiv(j * w, ow)
-            he, we = tirx.floordiv((i + 1) * h + oh - 1, oh), tirx.floordiv((j + 1) * w + ow - 1, ow)
+            hs, ws = tirx.floordiv(i * h, oh), tirx.floordiv(j * w, ow)     # the windows of
+            he = tirx.floordiv((i + 1) * h + oh - 1, oh)                   # adaptive_windows
+            we = tirx.floordiv((j + 1) * w + ow - 1, ow)
             v = data[n, c, tirx.min(hs + rh, h - 1), tirx.min(ws + rw, w - 1)]
             inside = tirx.all(hs + rh < he, ws + rw < we)
             # taps past a window's end read as the dtype's lowest value (or add 0): te.max
