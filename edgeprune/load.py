@@ -12,6 +12,10 @@ from .errors import EdgepruneError
 INPUT_SHAPE_ATTR = "edgeprune_input_shape"
 
 
+# what a model argument may name, for the commands' help
+MODEL_FILES = "a torch.save, TorchScript, torch.export (.pt2) or .onnx file"
+
+
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
@@ -40,12 +44,18 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     if path.suffix == ".onnx":
         from .onnx_to_torch import onnx_to_torch
         model, shape = onnx_to_torch(path, input_shape)
+    elif path.suffix == ".pt2":      # torch.export.save: a graph of ATen ops
+        program = torch.export.load(path)
+        shape = input_shape or _example_shape(program, path)
+        model, shape = _via_onnx(program, shape, path, "an exported program")
     else:
         model = _torch_load(path)
         shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None)
         if shape is None:
             raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
+        if isinstance(model, torch.jit.ScriptModule):   # fx cannot trace TorchScript
+            model, shape = _via_onnx(model, shape, path, "a TorchScript module")
     from .layers import lower_attention, lower_recurrent, lower_transposed_convs
     from .lift1d import is_1d, lift_1d
     _check_one_output(model.eval(), tuple(shape), spec)
@@ -55,6 +65,34 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     if is_1d(model):   # every stage after this one works on 2-D convolutions
         return lift_1d(model, tuple(shape))
     return model.eval(), tuple(shape)
+
+
+def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
+    """A TorchScript module or an exported program as the torch model its ONNX export reads
+    back to (torch's exporters read both; fx traces neither)."""
+    import tempfile
+
+    from .onnx_to_torch import onnx_to_torch
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        try:
+            torch.onnx.export(source, (torch.zeros(shape),), str(onnx_path),
+                              dynamo=not isinstance(source, torch.jit.ScriptModule))
+        except Exception as e:
+            raise EdgepruneError(f"{path}: {what} that torch cannot export to ONNX on an "
+                                 f"input of shape {list(shape)} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); save the "
+                                 "nn.Module itself, or its ONNX export") from None
+        return onnx_to_torch(onnx_path, tuple(shape))
+
+
+def _example_shape(program, path: Path) -> tuple[int, ...]:
+    """The shape of an exported program's one example input."""
+    args = (program.example_inputs or ((), {}))[0]
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        raise EdgepruneError(f"{path}: the exported program stores no single example input; "
+                             "pass --input-shape, e.g. --input-shape 1,1,28,28")
+    return tuple(args[0].shape)
 
 
 def _check_one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> None:

@@ -254,3 +254,28 @@ def test_bn_scale_on_a_model_without_batchnorm_says_l1_scored_it(tmp_path, capsy
     assert ".pt file" in log
     rec = json.loads((tmp_path / "p" / "pruning.json").read_text())
     assert rec["groups"][0]["note"].startswith("no BatchNorm")
+
+
+@pytest.mark.parametrize("form", ["script", "trace", "export"])
+def test_torchscript_and_exported_programs_prune(form, tmp_path):
+    """A TorchScript file (scripted or traced) and a torch.export program (.pt2) are read
+    through torch's ONNX export; a .pt2 stores its input shape."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Hardswish(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 4)).eval()
+    x = torch.zeros(1, 1, 12, 12)
+    path = tmp_path / ("m.pt2" if form == "export" else "m.pt")
+    if form == "export":
+        torch.export.save(torch.export.export(model, (x,)), str(path))
+    else:
+        torch.jit.save(torch.jit.script(model) if form == "script" else
+                       torch.jit.trace(model, x), str(path))
+    loaded, shape = load_torch(str(path), None if form == "export" else (1, 1, 12, 12))
+    probe = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe), model(probe), atol=1e-5, rtol=1e-5)
+    shape_args = [] if form == "export" else ["--input-shape", "1,1,12,12"]
+    assert _prune(path, *shape_args, "--ratio", "0.5", "--out", tmp_path / "p") == 0
+    pruned, _ = load_torch(str(tmp_path / "p" / "model.pt"))
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)] == [4, 4]

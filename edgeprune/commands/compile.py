@@ -3,12 +3,13 @@
 import json
 from pathlib import Path
 
-from ..load import parse_shape
+from ..load import MODEL_FILES, parse_shape
 
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="lower a model with TVM into a C library and firmware")
-    p.add_argument("model", help="a .onnx or torch.save file, a quantize output folder, or a zoo name")
+    p.add_argument("model", help=f"{MODEL_FILES}, a quantize output folder, or a "
+                   "zoo name")
     p.add_argument("--target", default="cortex-m7")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--input-shape", help="static input shape where the model's is dynamic, e.g. 1,1,28,28")

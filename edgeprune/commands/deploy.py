@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..data import HELP as DATA_HELP
 from ..errors import EdgepruneError
+from ..load import MODEL_FILES
 from ..qemu import TargetFailure
 
 
@@ -17,7 +18,8 @@ def register(sub) -> None:
     p = sub.add_parser("deploy", help="the whole pipeline: model in, firmware + C library + report out",
                        description=__doc__)
     p.add_argument("--target", default="cortex-m7", help="a target name (edgeprune targets)")
-    p.add_argument("--model", help="a .pt/.onnx path or a zoo name (default: resnet8 trained on --data)")
+    p.add_argument("--model", help=f"{MODEL_FILES}, or a zoo name (default: resnet8 "
+                   "trained on --data)")
     p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--input-shape", help="static input shape when the model has none, e.g. 1,1,28,28")
     p.add_argument("--out", type=Path, default=Path("build/deploy"), help="output folder")

@@ -2,7 +2,6 @@
 keep the fastest per layer shape (used by every later compile for that target)."""
 
 import json
-from pathlib import Path
 
 from ..errors import EdgepruneError
 

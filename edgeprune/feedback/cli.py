@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from ..data import HELP as DATA_HELP
+from ..load import MODEL_FILES
 
 STAGE = "feedback"
 
@@ -23,7 +24,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("feedback", help="search per-layer pruning ratios on measured target costs",
                        description=__doc__)
-    p.add_argument("model", help="a .pt/.onnx file, or a zoo name (trained first, cached)")
+    p.add_argument("model", help=f"{MODEL_FILES}, or a zoo name (trained first, cached)")
     p.add_argument("--target", default="cortex-m7")
     p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--budget", required=True,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..data import HELP as DATA_HELP, fit_data
 from ..errors import EdgepruneError
+from ..load import MODEL_FILES
 
 STAGE = "prune"
 
@@ -21,7 +22,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("prune", help="structured pruning: a physically smaller model",
                        description=__doc__)
-    p.add_argument("model", help="a .onnx or torch.save file, or a zoo name (built untrained)")
+    p.add_argument("model", help=f"{MODEL_FILES}, or a zoo name (built untrained)")
     p.add_argument("--criterion", default="l1", choices=CRITERIA,
                    help="channel importance; l1 l2 fpgm random need no --data")
     amount = p.add_mutually_exclusive_group()

@@ -10,14 +10,15 @@ from pathlib import Path
 
 from ..data import HELP as DATA_HELP
 from ..errors import EdgepruneError
+from ..load import MODEL_FILES
 from .stage import FORMATS, METHODS, QuantizeConfig
 
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="integer-only fixed-point model (PTQ/QAT/ADMM, mixed "
                        "precision) for `edgeprune compile`", description=__doc__)
-    p.add_argument("model", help="a .pt/.onnx file, an `edgeprune prune` output folder, or a "
-                   "zoo name")
+    p.add_argument("model", help=f"{MODEL_FILES}, an `edgeprune prune` output folder, "
+                   "or a zoo name")
     p.add_argument("--target", default="cortex-m7", help="word lengths come from its [quant] table")
     p.add_argument("--data", default="fashion-mnist", help=DATA_HELP)
     p.add_argument("--out", required=True, type=Path, help="output folder")
