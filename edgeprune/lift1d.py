@@ -42,7 +42,7 @@ _ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.tru
                           torch.erf, F.dropout1d, F.alpha_dropout}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "add", "sub", "mul", "div",
                         "contiguous", "abs", "exp"}
-_DIM_OPS = {"mean", "sum", "amax", "softmax", "log_softmax"}   # (x, dim=...) along an axis
+_DIM_OPS = {"mean", "sum", "amax", "amin", "softmax", "log_softmax"}   # (x, dim=...) along an axis
 
 
 class _KeepRecurrent(fx.Tracer):

@@ -4,8 +4,9 @@ fine-tuned and exported back.
 Supported ops: Conv (1-D, 2-D), ConvTranspose (1-D, 2-D, any group and dilation: as the
 convolution it equals, edgeprune.layers), BatchNormalization, Relu, Clip, Sigmoid, Tanh, HardSwish,
 HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU), Div, Erf, Gelu,
-Softmax, LogSoftmax, ReduceMean, ReduceMax, Concat, MaxPool, AveragePool, GlobalAveragePool,
-GlobalMaxPool, Flatten, Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
+Softmax, LogSoftmax, ReduceMean, ReduceMax, ReduceMin, ReduceL2 (in F.normalize's form, with
+Clip, Expand, Div), Concat, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool, Flatten,
+Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
 models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant, H
 and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
 Softplus, Softsign, Mish, Abs, Exp, Neg, Sqrt, Reciprocal, Sign, Log, Sin, Cos and Pow by a
@@ -94,6 +95,11 @@ def _auto_pads(a: dict, size: tuple, kernel: tuple) -> list[int] | None:
 def supported_ops() -> list[str]:
     """The ONNX op types the builder converts (its op_* methods)."""
     return sorted(name[3:] for name in dir(_Builder) if name.startswith("op_"))
+
+
+def _l2_norm(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """ONNX ReduceL2."""
+    return torch.linalg.vector_norm(x, 2, dims, keepdim)
 
 
 class _Builder:
@@ -413,9 +419,70 @@ class _Builder:
     def op_Cos(self, node, a):
         return self._math(node, torch.cos)
 
+    def op_Atan(self, node, a):
+        return self._math(node, torch.atan)
+
+    def op_Tan(self, node, a):
+        return self._math(node, torch.tan)
+
+    def op_Sinh(self, node, a):
+        return self._math(node, torch.sinh)
+
+    def op_Cosh(self, node, a):
+        return self._math(node, torch.cosh)
+
     def op_Pow(self, node, a):
         x, y = self._in(node.input[0]), self._in(node.input[1])
         return self._fn(operator.pow, [x[0], y[0]], [x[1], y[1]])
+
+    # comparisons, logic and Where: how exporters write Softplus's threshold, Hardshrink,
+    # hand-written activations (the quantizer makes each such computation of one tensor a table)
+    def _binary_fn(self, node, fn):
+        x, y = self._in(node.input[0]), self._in(node.input[1])
+        return self._fn(fn, [x[0], y[0]], [x[1], y[1]])
+
+    def op_Greater(self, node, a):
+        return self._binary_fn(node, operator.gt)
+
+    def op_Less(self, node, a):
+        return self._binary_fn(node, operator.lt)
+
+    def op_GreaterOrEqual(self, node, a):
+        return self._binary_fn(node, operator.ge)
+
+    def op_LessOrEqual(self, node, a):
+        return self._binary_fn(node, operator.le)
+
+    def op_Equal(self, node, a):
+        return self._binary_fn(node, operator.eq)
+
+    def op_And(self, node, a):
+        return self._binary_fn(node, torch.logical_and)
+
+    def op_Or(self, node, a):
+        return self._binary_fn(node, torch.logical_or)
+
+    def op_Not(self, node, a):
+        return self._math(node, torch.logical_not)
+
+    def op_Where(self, node, a):
+        c, x, y = (self._in(i) for i in node.input)
+        return self._fn(torch.where, [c[0], x[0], y[0]], [c[1], x[1], y[1]])
+
+    def op_Cast(self, node, a):
+        """A cast of a mask between bool and float; of a constant, done here."""
+        from onnx import TensorProto, helper
+        if node.input[0] in self.consts:
+            self.consts[node.output[0]] = np.asarray(self.consts[node.input[0]]).astype(
+                helper.tensor_dtype_to_np_dtype(a["to"]))
+            return None
+        x = self._in(node.input[0])
+        to = {TensorProto.BOOL: torch.bool, TensorProto.FLOAT: torch.float32}.get(a.get("to"))
+        if to is None:
+            raise _err(f"ONNX node '{node.name}' (Cast): to type {a.get('to')}; only casts of "
+                       "tensors to bool or float are supported")
+        n = self.graph.call_method("to", (x[0], to))
+        return n, x[1].to(to)
 
     def op_Neg(self, node, a):
         x = self._in(node.input[0])
@@ -460,7 +527,51 @@ class _Builder:
         x, y = self._in(node.input[0]), self._in(node.input[1])
         return self._fn(operator.sub, [x[0], y[0]], [x[1], y[1]])
 
+    def op_ReduceL2(self, node, a):    # read by the Div of F.normalize (op_Div)
+        axes, x = self._axes(node, a), self._in(node.input[0])
+        if axes is None:
+            raise _err(f"ONNX node '{node.name}' (ReduceL2): a norm over every axis is not "
+                       "supported")
+        dims = tuple(sorted(int(d) % x[1].dim() for d in axes))
+        return self._fn(_l2_norm, [x[0], dims], [x[1], dims],
+                        {"keepdim": bool(a.get("keepdims", 1))})
+
+    def op_Expand(self, node, a):
+        """A broadcast to a constant shape (F.normalize's norm, before its Div)."""
+        x = self._in(node.input[0])
+        to = torch.broadcast_shapes(tuple(x[1].shape), tuple(
+            int(d) for d in np.asarray(self._const(node.input[1], node, "shape")).reshape(-1)))
+        n = self.graph.call_method("expand", (x[0], *to))
+        return n, x[1].expand(*to)
+
+    def _normalize(self, node):
+        """x / expand(clamp(|x| along one axis, eps)): F.normalize as exporters write it."""
+        x, den = self.env.get(node.input[0]), self.env.get(node.input[1])
+        chain = [den]
+        for want in ("expand", torch.clamp, _l2_norm):
+            n = chain[-1]
+            if n is None or n.target != want or len(n.users) != 1 and n is not den:
+                return None
+            if want == "expand":
+                chain.append(n.args[0])
+            elif want is torch.clamp:
+                if n.kwargs.get("max") is not None or len(n.args) > 1:
+                    return None
+                chain.append(n.args[0])
+        norm, eps = chain[-1], chain[-2].kwargs.get("min") or 0.0
+        dims = norm.args[1] if len(norm.args) > 1 else None
+        if norm.args[0] is not x or len(dims or ()) != 1 or \
+                self.users.get(node.input[1], 0) != 1:
+            return None
+        for n in chain[:3]:
+            self.graph.erase_node(n)
+        return self._fn(F.normalize, [x], [self.val[node.input[0]]],
+                        {"p": 2.0, "dim": int(dims[0]), "eps": float(eps)})
+
     def op_Div(self, node, a):
+        normalized = self._normalize(node)
+        if normalized is not None:
+            return normalized
         # x / (|x| + 1) is how exporters write Softsign
         den, x = self.env.get(node.input[1]), self.env.get(node.input[0])
         if (den is not None and x is not None and den.target is operator.add
@@ -481,6 +592,9 @@ class _Builder:
 
     def op_ReduceMax(self, node, a):
         return self._reduce(node, a, torch.amax, "max")
+
+    def op_ReduceMin(self, node, a):
+        return self._reduce(node, a, torch.amin, "min")
 
     def op_ReduceSum(self, node, a):
         return self._reduce(node, a, torch.sum, "sum")
@@ -884,16 +998,18 @@ class _Builder:
         x = self._in(node.input[0])
         nd = x[1].dim()
         axis = int(a.get("axis", -1)) % nd
-        if axis != nd - 1:
-            raise _err(f"ONNX node '{node.name}' (LayerNormalization): over axes {axis}.. of a "
-                       f"{nd}-D tensor; only one over the last axis is supported")
-        c = x[1].shape[-1]
-        ln = nn.LayerNorm(c, eps=float(a.get("epsilon", 1e-5)))
-        ln.weight.data.copy_(torch.as_tensor(np.asarray(
-            self._const(node.input[1], node, "scale"), np.float32).reshape(c)))
+        if axis == 0:
+            raise _err(f"ONNX node '{node.name}' (LayerNormalization): over every axis of a "
+                       f"{nd}-D tensor, the batch too; only axes after the batch are supported")
+        dims = tuple(x[1].shape[axis:])     # over axes axis.. (ONNX broadcasts scale, bias)
+        ln = nn.LayerNorm(dims, eps=float(a.get("epsilon", 1e-5)))
+
+        def param(name: str, i: int) -> torch.Tensor:
+            v = np.asarray(self._const(node.input[i], node, name), np.float32)
+            return torch.as_tensor(np.broadcast_to(v, dims).copy())
+        ln.weight.data.copy_(param("scale", 1))
         if len(node.input) > 2 and node.input[2]:
-            ln.bias.data.copy_(torch.as_tensor(np.asarray(
-                self._const(node.input[2], node, "bias"), np.float32).reshape(c)))
+            ln.bias.data.copy_(param("bias", 2))
         else:
             ln.bias.data.zero_()
         return self._module(node, "LayerNorm", ln, x)

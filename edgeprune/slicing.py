@@ -48,15 +48,17 @@ def is_split(node: fx.Node) -> bool:
 
 
 def returns_indices(node: fx.Node) -> bool:
-    """torch.max(x, dim) / x.max(dim): a (values, indices) pair, read by max_values_of."""
+    """torch.max(x, dim) / x.max(dim) (or min): a (values, indices) pair, read by
+    max_values_of."""
     dim = _arg(node, 1, "dim")
-    return ((node.op == "call_function" and node.target is torch.max)
-            or (node.op == "call_method" and node.target == "max")) \
+    return ((node.op == "call_function" and node.target in (torch.max, torch.min))
+            or (node.op == "call_method" and node.target in ("max", "min"))) \
         and isinstance(dim, int) and not isinstance(dim, bool)
 
 
 def max_values_of(node: fx.Node) -> tuple[fx.Node, int] | None:
-    """(x, dim) when `node` takes the values of torch.max(x, dim): `[0]` or `.values`."""
+    """(x, dim) when `node` takes the values of torch.max(x, dim) (or torch.min, see
+    is_min_values): `[0]` or `.values`."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node) \
             or not returns_indices(node.args[0]):
         return None
@@ -65,6 +67,11 @@ def max_values_of(node: fx.Node) -> tuple[fx.Node, int] | None:
         pair = node.args[0]
         return pair.args[0], int(_arg(pair, 1, "dim"))
     return None
+
+
+def is_min_values(node: fx.Node) -> bool:
+    """`node` takes the values of torch.min(x, dim) (max_values_of finds x and dim)."""
+    return max_values_of(node) is not None and node.args[0].target in (torch.min, "min")
 
 
 def slices_of(node: fx.Node) -> list[Slice] | None:

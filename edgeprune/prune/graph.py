@@ -45,7 +45,7 @@ PASSTHROUGH_MODULES = (
     nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink,
     nn.Softshrink, nn.Dropout1d, nn.AlphaDropout, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
-    nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d,
+    nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.Threshold,
 )
 # ... of those, the ones that work on the H, W axes of NCHW (not on channels-last tensors)
 SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -61,19 +61,28 @@ PASSTHROUGH_FUNCTIONS = {
     F.hardshrink, F.softshrink, torch.abs, torch.exp, operator.neg, torch.neg, F.interpolate,
     zero_insert, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.sqrt,
     torch.rsqrt, torch.reciprocal, torch.square, torch.sign, torch.log,
-    torch.sin, torch.cos,
+    torch.sin, torch.cos, F.mish, F.threshold, torch.log1p, torch.expm1, torch.log2,
+    torch.log10, torch.atan, torch.tan, torch.sinh, torch.cosh, torch.logical_not,
+    operator.invert,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
                        "clamp_", "float", "detach", "abs", "exp", "erf", "neg", "sqrt",
-                       "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos"}
+                       "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos", "to",
+                       "type_as", "bool", "logical_not", "log1p", "expm1"}
+# elementwise comparisons and logic (the masks of a hand-written activation's torch.where)
+COMPARE_FUNCTIONS = {operator.gt, operator.lt, operator.ge, operator.le, operator.eq,
+                     operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
+                     operator.and_, operator.or_, torch.logical_and, torch.logical_or}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv,
                     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
-                    operator.pow, torch.pow}
-BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "pow"}
+                    operator.pow, torch.pow, *COMPARE_FUNCTIONS}
+BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "pow",
+                  "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or"}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 RESHAPE_FUNCTIONS = {torch.reshape}
-MEAN_FUNCTIONS = {torch.mean, torch.amax, torch.sum}   # over spatial axes: channels pass
+# over spatial axes: channels pass
+MEAN_FUNCTIONS = {torch.mean, torch.amax, torch.amin, torch.sum}
 SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
 
 
@@ -318,14 +327,19 @@ class DepGraph:
             return self._kept(self._input_layout(node, 4), shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
-        if isinstance(mod, nn.LayerNorm):
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             return self._layer_norm(node, len(mod.normalized_shape))
-        if isinstance(mod, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
-            if isinstance(mod, nn.GroupNorm) or mod.affine:   # per-channel weights, or groups
-                lay = self._input_layout(node)
-                self._freeze(lay)
-                return lay
-            return self._input_layout(node)     # each channel normalised alone
+        if isinstance(mod, nn.GroupNorm):       # statistics of groups of channels
+            lay = self._input_layout(node)
+            self._freeze(lay)
+            return lay
+        if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d)):   # each channel alone
+            lay = self._input_layout(node)
+            if mod.affine:       # a weight per channel: pruned like a BatchNorm's
+                if lay.repeat != 1:
+                    self._fail(node, "InstanceNorm on flattened conv features")
+                self.layers[name] = Layer(name, "bn", mod, node.name, lay, lay)
+            return lay
         if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:   # a slope per channel
             lay = self._input_layout(node)
             if lay.repeat != 1:
@@ -350,13 +364,12 @@ class DepGraph:
         return Layout(self._new_space(shape[-1], None, True).ids, 1, len(shape) > 2)
 
     def _layer_norm(self, node: fx.Node, n_axes: int) -> Layout:
-        """A LayerNorm over the last axis. Over the channels, every channel counts in the
-        statistics, so they are kept; over another axis (L of (N, C, L)) they pass."""
+        """A LayerNorm over the last `n_axes` axes. Over the channels, every channel counts in
+        the statistics, so they are kept; over other axes (L of (N, C, L), H and W of maps)
+        they pass."""
         lay = self._input_layout(node, channels_last_ok=True)
         nd = len(self._shape(node.args[0]))
-        if n_axes != 1:
-            self._fail(node, "a LayerNorm over more than the last axis")
-        if lay.channels_last or nd == 2 or lay.repeat != 1:
+        if lay.channels_last or n_axes >= nd - 1 or lay.repeat != 1:
             self._freeze(lay)
         return lay
 
@@ -453,6 +466,10 @@ class DepGraph:
                 (is_fn and t in (torch.max, torch.min) and len(node.args) == 2
                  and isinstance(node.args[1], fx.Node)):     # torch.max(a, b): elementwise
             return self._binary(node, shape)
+        if is_fn and t is torch.where and len(node.args) == 3:   # cond, a, b: elementwise
+            c, a, b = node.args
+            lays = [self._binary(node, shape, pair) for pair in ((c, a), (c, b), (a, b))]
+            return next((lay for lay in lays if isinstance(lay, Layout)), None)
         if (is_fn and t in SOFTMAX_FUNCTIONS) or (not is_fn and t in ("softmax", "log_softmax")):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             return self._softmax(node, dim, shape)
@@ -466,7 +483,7 @@ class DepGraph:
             return self._flatten(node, start, end)
         if (is_fn and t in RESHAPE_FUNCTIONS) or (not is_fn and t in ("view", "reshape")):
             return self._reshape(node, shape)
-        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t in ("mean", "amax", "sum")):
+        if (is_fn and t in MEAN_FUNCTIONS) or (not is_fn and t in ("mean", "amax", "amin", "sum")):
             return self._mean(node, shape)
         if (not is_fn and t in ("size", "dim")) or (is_fn and t in (getattr, len)):
             return None
@@ -498,9 +515,15 @@ class DepGraph:
             return self._new_space(shape[1], None, True)
         if is_fn and t in (F.pixel_shuffle, F.pixel_unshuffle):
             return self._kept(self._input_layout(node, 4), shape)
-        if is_fn and t is F.layer_norm:
+        if is_fn and t in (F.layer_norm, F.rms_norm):
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
+        if is_fn and t is F.normalize:   # along the channels, every channel counts in |x|
+            lay = self._input_layout(node, channels_last_ok=True)
+            dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)) % len(shape)
+            if dim == (len(shape) - 1 if lay.channels_last else 1) or lay.repeat != 1:
+                self._freeze(lay)
+            return lay
         if is_split(node) or returns_indices(node):
             return None      # a tuple: each getitem of it is a slice, or a max (below)
         values = max_values_of(node)
@@ -545,9 +568,10 @@ class DepGraph:
             return Layout(lay.ids[cut[0].start:cut[0].stop:cut[0].step], 1, lay.channels_last)
         return self._new_space(self._shape(node)[1], None, True)   # of flattened features
 
-    def _binary(self, node: fx.Node, shape):
-        a, b = (node.args + (None,))[:2] if len(node.args) >= 2 else (node.args[0],
-                                                                       node.kwargs.get("other"))
+    def _binary(self, node: fx.Node, shape, operands=None):
+        """An elementwise op of two operands (default: the node's): their channels are one."""
+        a, b = operands or ((node.args + (None,))[:2] if len(node.args) >= 2 else
+                            (node.args[0], node.kwargs.get("other")))
         la, lb = self._layout_of(a), self._layout_of(b)
         if shape is None or len(shape) < 2:
             return None

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
-from ..slicing import is_split, max_values_of, returns_indices, slices_of
+from ..slicing import is_min_values, is_split, max_values_of, returns_indices, slices_of
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, PAD_MODES, SAME_QPARAMS, Op, QuantModel,
                      TensorInfo, adaptive_windows, window_counts)
 from .requant import INT32_MAX, LAYERNORM_FRAC_BITS, quantize_multiplier, quantize_multipliers, \
@@ -72,8 +73,13 @@ LUT_FUNCTIONS = {
     "sign": lambda x, a: torch.sign(x), "log": lambda x, a: torch.log(x),
     "sin": lambda x, a: torch.sin(x), "cos": lambda x, a: torch.cos(x),
     "pow": lambda x, a: torch.pow(x, a), "rdiv": lambda x, a: a / x,
+    "threshold": lambda x, a: F.threshold(x, a[0], a[1]),
+    **{f: (lambda f: lambda x, a: getattr(torch, f)(x))(f)
+       for f in ("log1p", "expm1", "log2", "log10", "atan", "tan", "sinh", "cosh")},
+    "region": lambda x, a: a(x),      # a: the fx function of _elementwise_regions
 }
-_MATH = ("sqrt", "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos")
+_MATH = ("sqrt", "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos", "log1p",
+         "expm1", "log2", "log10", "atan", "tan", "sinh", "cosh")
 _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub",
                torch.sub: "sub", "sub": "sub", operator.mul: "mul", torch.mul: "mul",
                "mul": "mul", operator.truediv: "div", torch.div: "div", "div": "div"}
@@ -169,6 +175,54 @@ def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
     return x, 1 / v, torch.zeros_like(v)
 
 
+def _output_scale(target, node, constants: dict, shape, by_out: dict, users: dict,
+                  src) -> tuple[str, torch.Tensor] | None:
+    """(producer, v) when `node` multiplies (or divides) the outputs of a conv2d or dense op
+    that nothing else reads by a constant v per output channel (ConvNeXt's layer scale
+    gamma * Linear(x), a learnt gain), so that v folds into its weights; else None."""
+    found = _tensor_and_constant(target, node, constants)
+    if found is None or found[0] not in ("mul", "div") or (found[0] == "div" and found[3]):
+        return None
+    kind, x, const, _ = found
+    producer = by_out.get(src(x))
+    if producer is None or producer.kind not in ("conv2d", "dense") or producer.act is not None \
+            or users[producer.output] != 1 or tuple(shape) != tuple(producer.out_shape):
+        return None
+    axis = len(shape) - 1 if producer.kind == "dense" else 1
+    lead = (1,) * (len(shape) - const.dim())
+    if const.dim() > len(shape) or any(n != 1 for i, n in enumerate(lead + tuple(const.shape))
+                                       if i != axis):
+        return None
+    v = const.reshape(-1).expand(shape[axis]).clone()
+    if kind == "div":
+        if bool((v == 0).any()):
+            return None
+        v = 1 / v
+    return producer.output, v
+
+
+def _normalization(target, node, arg, constants: dict, shape) -> tuple | None:
+    """(dims, eps, gamma, beta, center) of a LayerNorm or an RMSNorm (module or function; its
+    statistics over the trailing `dims`), else None."""
+    def tensors(first: int, count: int):
+        given = (list(node.args) + [None] * (first + count))[first:first + count]
+        given = [node.kwargs.get(k, v) for k, v in zip(("weight", "bias")[:count], given)]
+        return [constants.get(a.name) if isinstance(a, torch.fx.Node) else None for a in given]
+
+    finfo = torch.finfo(torch.float32).eps      # RMSNorm's eps=None
+    if isinstance(target, nn.LayerNorm):
+        return (tuple(target.normalized_shape), target.eps, target.weight, target.bias, True)
+    if isinstance(target, nn.RMSNorm):
+        return (tuple(target.normalized_shape), target.eps or finfo, target.weight, None, False)
+    if target is F.layer_norm:
+        return (tuple(arg(node, 1, "normalized_shape")), arg(node, 4, "eps", 1e-5),
+                *tensors(2, 2), True)
+    if target is F.rms_norm:
+        return (tuple(arg(node, 1, "normalized_shape")), arg(node, 3, "eps", None) or finfo,
+                *tensors(2, 1), None, False)
+    return None
+
+
 def _constant_offset(target, node, constants: dict, shape) -> tuple | None:
     """(x, sign, P) when `node` computes sign * x + P with a constant P of any shape that
     broadcasts to one sample (x + pos_embedding, x - P, P - x), else None."""
@@ -239,6 +293,10 @@ def _lut_of(mod_or_fn, node, arg) -> tuple[str, object] | None:
                             float(arg(node, 2, "threshold", 20.0))]
     if mod_or_fn in (F.hardshrink, F.softshrink):
         return mod_or_fn.__name__, float(arg(node, 1, "lambd", 0.5))
+    if isinstance(mod_or_fn, nn.Threshold):
+        return "threshold", [float(mod_or_fn.threshold), float(mod_or_fn.value)]
+    if mod_or_fn is F.threshold:
+        return "threshold", [float(arg(node, 1, "threshold")), float(arg(node, 2, "value"))]
     return None
 
 
@@ -349,8 +407,10 @@ class IRNet(nn.Module):
                 y = a["sign"] * xs[0] + a["const"].to(xs[0].dtype)
             elif n.kind == "layernorm":   # gamma and beta: one per channel, or one for all
                 t, c = xs[0].dtype, xs[0].shape[-1]
-                y = F.layer_norm(xs[0], (c,), torch.tensor(a["gamma"], dtype=t).expand(c),
-                                 torch.tensor(a["beta"], dtype=t).expand(c), a["eps"])
+                gamma = torch.tensor(a["gamma"], dtype=t).expand(c)
+                beta = torch.tensor(a["beta"], dtype=t).expand(c)
+                y = F.layer_norm(xs[0], (c,), gamma, beta, a["eps"]) if a.get("center", True) \
+                    else F.rms_norm(xs[0], (c,), gamma, a["eps"]) + beta
             elif n.kind == "softmax":
                 y = torch.softmax(xs[0], a["axis"])
             elif n.kind == "log_softmax":
@@ -448,6 +508,89 @@ def _activation_of(mod_or_fn, node) -> tuple | None:
     return None
 
 
+# Elementwise ops beyond the tables and activations: what a hand-written activation is made of
+# (torch.where(x > 0, x, a * x), x * F.relu6(x + 3) / 6, x * torch.sigmoid(1.702 * x))
+_MASK_OPS = {operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
+             torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne, operator.and_,
+             operator.or_, operator.invert, torch.logical_and, torch.logical_or,
+             torch.logical_not, torch.where, "gt", "lt", "ge", "le", "eq", "ne",
+             "logical_and", "logical_or", "logical_not", "to", "type_as", "bool", "float"}
+_ARITHMETIC = {*_SCALAR_OPS, operator.neg, torch.neg, "neg", operator.pow, torch.pow, "pow",
+               torch.maximum, torch.minimum, "maximum", "minimum"}
+
+
+def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, set]:
+    """Computations of one tensor value by value (a hand-written activation) that need more
+    than one op here (a mask and torch.where, a product of two functions of x): each as one
+    table of its source. Returns ({node: (source, function)}, {names of nodes they absorb})."""
+    def target_of(n):
+        return gm.get_submodule(n.target) if n.op == "call_module" else n.target
+
+    def elementwise(n) -> bool:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            return False
+        t = target_of(n)
+        try:
+            if t in _MASK_OPS or t in _ARITHMETIC:
+                return True
+        except TypeError:      # an unhashable module
+            pass
+        return _activation_of(t, n) is not None or _lut_of(t, n, arg) is not None
+
+    source, tensors_of, masked = {}, {}, {}
+    for n in gm.graph.nodes:
+        if n.name in static or not elementwise(n):
+            continue
+        ins = [a for a in n.all_input_nodes if a.name not in static]
+        if any(a.op == "get_attr" for a in ins):
+            continue                      # a constant tensor varies along an axis
+        roots = {source.get(a.name, a) for a in ins}
+        shape = getattr(n.meta.get("tensor_meta"), "shape", None)
+        if len(roots) != 1 or shape is None:
+            continue
+        root = roots.pop()
+        if tuple(getattr(root.meta.get("tensor_meta"), "shape", ())) != tuple(shape):
+            continue                      # broadcasts
+        source[n.name] = root
+        t = target_of(n)
+        two = len([a for a in ins if a.name in source or a is root]) >= 2
+        try:
+            mask = t in _MASK_OPS and t not in ("to", "float", "type_as")
+        except TypeError:
+            mask = False
+        masked[n.name] = mask or two or any(masked.get(a.name, False) for a in ins)
+        tensors_of[n.name] = ins
+    fused = {}
+    for n in gm.graph.nodes:
+        if not masked.get(n.name):
+            continue
+        inside = all(u.name in source and source[u.name] is source[n.name] for u in n.users)
+        if not inside or not n.users:
+            fused[n.name] = source[n.name]
+    absorbed: set[str] = set()
+    for n in reversed(list(gm.graph.nodes)):   # users first
+        if n.name in source and n.name not in fused and n.users and \
+                all(u.name in absorbed or u.name in fused for u in n.users):
+            absorbed.add(n.name)
+    functions, nodes = {}, {n.name: n for n in gm.graph.nodes}
+    for name, root in fused.items():
+        graph, env = fx.Graph(), {}
+        env[root.name] = graph.placeholder("x")
+
+        def take(n):
+            if n.name in env:
+                return env[n.name]
+            if n.name in static:
+                return static[n.name]
+            for a in tensors_of[n.name]:
+                take(a)
+            env[n.name] = graph.node_copy(n, take)
+            return env[n.name]
+        graph.output(take(nodes[name]))
+        functions[name] = (root, fx.GraphModule(gm, graph))
+    return functions, absorbed
+
+
 def _unsupported(where: str, why: str = "") -> EdgepruneError:
     return EdgepruneError(
         f"{where}: not supported by the quantizer{' (' + why + ')' if why else ''} (supported: "
@@ -468,7 +611,6 @@ def _fetch_attr(gm, target: str) -> torch.Tensor:
 
 def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     """Fold BN and turn `model` into an IRNet (raises naming the first unsupported node)."""
-    import torch.fx as fx
     from torch.fx.experimental.optimization import fuse
     from torch.fx.passes.shape_prop import ShapeProp
     from torch.utils._pytree import tree_leaves
@@ -479,6 +621,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     except Exception as e:
         raise EdgepruneError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
                              "quantize supports traceable conv/linear/pool/add networks") from None
+    gm.graph.eliminate_dead_code()   # `y, _ = torch.min(x, 1)`: the indices nobody reads
+    gm.recompile()
     static: dict[str, object] = {}  # nodes computing no tensor (x.size(0), x.shape[2:]): values
     constants: dict[str, torch.Tensor] = {}   # get_attr nodes: buffers and parameters
     pads: dict[str, tuple[list[int], float]] = {}   # F.pad nodes: [t, l, b, r], value
@@ -513,8 +657,6 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     by_out: dict[str, FNode] = {}
     alias: dict[str, str] = {}
     weights, biases = {}, {}
-    # shape arithmetic on a tensor is not a use of its values (fusing an activation is fine)
-    users = {n.name: len([u for u in n.users if u.name not in static]) for n in gm.graph.nodes}
 
     def src(a) -> str:
         if not isinstance(a, fx.Node):
@@ -605,6 +747,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             alias[last or node.name] = x
         return x
 
+    regions, absorbed = _elementwise_regions(gm, static, arg)
+    # shape arithmetic on a tensor is not a use of its values (fusing an activation is fine),
+    # nor is an op a region's table absorbs
+    users = {n.name: len([u for u in n.users if u.name not in static and u.name not in absorbed])
+             for n in gm.graph.nodes}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if alias:
@@ -619,7 +766,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 out = out[0]
             final = src(out)
             break
-        if node.name in static:   # evaluated once here: the shapes are static
+        if node.name in static or node.name in absorbed:   # static shapes; in a table
             continue
         if node.op == "get_attr":   # a constant tensor: read by the op that uses it
             constants[node.name] = _fetch_attr(gm, node.target)
@@ -643,6 +790,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             raise _unsupported(where, "it returns several tensors")
         shape = shape_of(node)
 
+        if node.name in regions:    # a hand-written activation: one table of its source
+            root, function = regions[node.name]
+            add_node(FNode("lut", node.name, [src(root)], node.name,
+                           {"function": "region", "param": function}, out_shape=shape))
+            continue
         if target is F.pad or isinstance(target, tuple(_PAD_MODULES)):
             if isinstance(target, nn.Module):
                 given = list(_pair(target.padding) * 2 if isinstance(target.padding, int)
@@ -708,23 +860,53 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("lut", node.name, [src(node.args[0])], node.name,
                            {"function": lut[0], "param": lut[1]}, out_shape=shape))
             continue
-        if isinstance(target, nn.LayerNorm) or target is F.layer_norm:
-            if isinstance(target, nn.LayerNorm):
-                dims, eps = tuple(target.normalized_shape), target.eps
-                gamma, beta = target.weight, target.bias
-            else:
-                dims, eps = tuple(arg(node, 1, "normalized_shape")), arg(node, 4, "eps", 1e-5)
-                gamma, beta = (constants.get(a.name) if isinstance(a, fx.Node) else None
-                               for a in ((list(node.args) + [None] * 4)[2:4]))
-            if dims != tuple(shape[-1:]):
-                raise EdgepruneError(f"{where}: a LayerNorm over {list(dims)} of {list(shape)}; "
-                                     "only one over the last axis is supported")
-            c = shape[-1]
-            add_node(FNode("layernorm", node.name, [src(node.args[0])], node.name, {
-                "eps": float(eps),
-                "gamma": (torch.ones(c) if gamma is None else gamma.detach()).double().tolist(),
-                "beta": (torch.zeros(c) if beta is None else beta.detach()).double().tolist()},
-                out_shape=shape))
+        norm = _normalization(target, node, arg, constants, shape)
+        if norm is not None:     # LayerNorm, RMSNorm, F.normalize
+            dims, eps, gamma, beta, center = norm
+            if not dims or dims != tuple(shape[len(shape) - len(dims):]) \
+                    or len(dims) >= len(shape):
+                raise EdgepruneError(f"{where}: a normalization over {list(dims)} of "
+                                     f"{list(shape)}; only one over trailing axes after the "
+                                     "batch is supported")
+            # over several axes ([C, H, W]): over the last axis of the rows they flatten to
+            c, x = int(np.prod(dims)), src(node.args[0])
+            rows = (*shape[:len(shape) - len(dims)], c)
+            if len(dims) > 1:
+                add_node(FNode("reshape", node.name + "_rows", [x], node.name + "_rows",
+                               {"shape": list(rows)}, out_shape=rows))
+                x = node.name + "_rows"
+            normed = node.name if len(dims) == 1 else node.name + "_norm"
+            add_node(FNode("layernorm", normed, [x], normed, {
+                "eps": float(eps), "center": center,
+                "gamma": (torch.ones(c) if gamma is None else gamma.detach()).double()
+                .reshape(-1).tolist(),
+                "beta": (torch.zeros(c) if beta is None else beta.detach()).double()
+                .reshape(-1).tolist()}, out_shape=rows))
+            if len(dims) > 1:
+                add_node(FNode("reshape", node.name, [normed], node.name,
+                               {"shape": list(shape)}, out_shape=shape))
+            continue
+        if target is F.normalize:   # x / max(|x|, eps) along dim: an RMSNorm scaled by 1/sqrt(C)
+            dim = int(arg(node, 2, "dim", 1)) % len(shape)
+            if float(arg(node, 1, "p", 2.0)) != 2.0 or dim == 0:
+                raise EdgepruneError(f"{where}: F.normalize with p={arg(node, 1, 'p', 2.0)} "
+                                     f"along axis {dim}; only p=2 after the batch axis")
+            c, eps = shape[dim], float(arg(node, 3, "eps", 1e-12))
+            perm = [k for k in range(len(shape)) if k != dim] + [dim]   # dim moved last
+            moved = tuple(shape[k] for k in perm)
+            x = src(node.args[0])
+            if dim != len(shape) - 1:
+                add_node(FNode("transpose", node.name + "_last", [x], node.name + "_last",
+                               {"perm": perm}, out_shape=moved))
+                x = node.name + "_last"
+            normed = node.name if dim == len(shape) - 1 else node.name + "_norm"
+            add_node(FNode("layernorm", normed, [x], normed, {
+                "eps": eps * eps / c, "center": False, "gamma": [c ** -0.5], "beta": [0.0]},
+                out_shape=moved))
+            if dim != len(shape) - 1:
+                add_node(FNode("transpose", node.name, [normed], node.name,
+                               {"perm": [perm.index(k) for k in range(len(shape))]},
+                               out_shape=shape))
             continue
         if isinstance(target, (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
             # the statistics of each group (each channel for InstanceNorm) over its positions:
@@ -836,6 +1018,15 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             biases[node.name] = (target.bias.detach() if target.bias is not None
                                  else torch.zeros(target.out_features))
             add_node(FNode("dense", node.name, [src(node.args[0])], node.name, out_shape=shape))
+            continue
+        scale = _output_scale(target, node, constants, shape, by_out, users, src)
+        if scale is not None:   # a learnt scale of a conv's or Linear's outputs: in its weights
+            producer, v = scale
+            weights[producer] = weights[producer] * v.to(weights[producer].dtype).reshape(
+                -1, *[1] * (weights[producer].dim() - 1))
+            biases[producer] = biases[producer] * v.to(biases[producer].dtype)
+            alias[node.name] = producer
+            users[node.name] = users[producer]
             continue
         affine = _channel_affine(target, node, constants, shape)
         if affine is not None:      # per-channel a * x + b: a 1x1 depthwise conv, like a BN
@@ -1042,9 +1233,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                            out_shape=shape))
             continue
         values = max_values_of(node)        # torch.max(x, dim)[0]: an amax
-        if values or target in (torch.mean, "mean", torch.amax, "amax", torch.sum, "sum"):
-            what = "max" if values else {torch.amax: "max", "amax": "max", torch.sum: "sum",
-                                         "sum": "sum"}.get(target, "mean")
+        if values or target in (torch.mean, "mean", torch.amax, "amax", torch.amin, "amin",
+                                torch.sum, "sum"):
+            what = ("min" if is_min_values(node) else "max") if values else {
+                torch.amax: "max", "amax": "max", torch.amin: "min", "amin": "min",
+                torch.sum: "sum", "sum": "sum"}.get(target, "mean")
             source, dims = values or (node.args[0], arg(node, 1, "dim"))
             if dims is None or dims == ():
                 raise EdgepruneError(f"{where}: a {what} over every axis is not supported")
@@ -1058,7 +1251,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             # a pool over (N, kept, 1, reduced): NCHW's H, W as they are; other axes (the T of
             # an (N, T, C) sequence) moved last first
             kept = [d for d in range(1, nd) if d not in dims]
-            x = src(source)
+            x, final = src(source), node.name
+            if what == "min":   # -max(-x): the max pool between two negating tables
+                add_node(FNode("lut", node.name + "_neg", [x], node.name + "_neg",
+                               {"function": "affine", "param": [-1.0, 0.0]}, out_shape=ishape))
+                x, final = node.name + "_neg", node.name + "_negmax"
             if kept + dims != list(range(1, nd)):
                 perm = [0] + kept + dims
                 add_node(FNode("transpose", node.name + "_t", [x], node.name + "_t",
@@ -1074,14 +1271,17 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             attrs = {"kernel": window, "strides": window, "padding": [0, 0, 0, 0],
                      "dilation": [1, 1]}
             pooled = (n, kc, 1, 1)
-            pname = node.name if tuple(shape) == pooled else node.name + "_pool"
+            pname = final if tuple(shape) == pooled else node.name + "_pool"
             if what == "sum":     # the window's sum: the pool's requantization without 1/k
                 attrs["sum"] = True
-            add_node(FNode("maxpool" if what == "max" else "avgpool", pname,
+            add_node(FNode("maxpool" if what in ("max", "min") else "avgpool", pname,
                            [x], pname, attrs, out_shape=pooled))
-            if pname != node.name:
-                add_node(FNode("reshape", node.name, [pname], node.name,
+            if pname != final:
+                add_node(FNode("reshape", final, [pname], final,
                                {"shape": list(shape)}, out_shape=shape))
+            if final != node.name:
+                add_node(FNode("lut", node.name, [final], node.name,
+                               {"function": "affine", "param": [-1.0, 0.0]}, out_shape=shape))
             continue
         pieces = slices_of(node)
         if pieces:     # x[:, 8:], x.narrow(1, 0, 8), x.chunk(2, 1)[0], x[:, -1], a crop
@@ -1343,6 +1543,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             real = np.nan_to_num(real)    # sqrt, log of grid values below the data's range
             table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin, out.qmax)
             params[f"{n.name}.table"] = table.astype(out.dtype)
+            if attrs["function"] == "region":   # the code, for reading (the table is the op)
+                attrs["param"] = attrs["param"].code.strip()
         elif n.kind in ("softmax", "log_softmax"):
             if tin.dtype != "int8":
                 raise EdgepruneError(f"op '{n.name}' ({n.kind}): needs an int8 input, "

@@ -70,7 +70,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   model's NHWC input turned NCHW, or NCHW features turned NHWC before its Flatten).
 * ``prelu`` (a slope per channel): x >= zero point: requantized by attrs multiplier, shift;
   below it by params multiplier (C,) (negative for a negative slope) and shift (C,).
-* ``layernorm`` over the last axis (C): n = requant.layernorm_normalized (attrs eps_steps),
+* ``layernorm`` over the last axis (C): n = requant.layernorm_normalized (attrs eps_steps,
+  center: false for RMSNorm, default true),
   y = zp + ((n * multiplier_c + 2**(s-1)) >> s) + bias_c, s = 31 - shift_c (params (C,) each).
 * ``addconst`` x plus a constant of one sample's shape (a positional embedding): y = zp +
   ((x - zx) * multiplier (signed) + 2**(s-1) >> s) + bias (params, output steps), s = 31 - shift.

@@ -151,7 +151,7 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
             return getattr(np, op.kind)(*parts).astype(out.dtype)
         return np.concatenate(parts, axis=int(a.get("axis", 1))).astype(out.dtype)
     if op.kind == "layernorm":
-        n = layernorm_normalized(x, tin.zero_point, int(a["eps_steps"]))
+        n = layernorm_normalized(x, tin.zero_point, int(a["eps_steps"]), a.get("center", True))
         lo, hi = a["clamp"]
         s = 31 - qm.param(op, "shift").astype(np.int64)
         y = rounding_shift(n * qm.param(op, "multiplier").astype(np.int64), s) \

@@ -109,14 +109,16 @@ def layernorm_row_reciprocal(v: np.ndarray) -> np.ndarray:
     return ((np.int64(1) << (LAYERNORM_FRAC_BITS + LAYERNORM_RECIP_BITS)) + r // 2) // r
 
 
-def layernorm_normalized(x: np.ndarray, zero_point: int, eps_steps: int) -> np.ndarray:
+def layernorm_normalized(x: np.ndarray, zero_point: int, eps_steps: int,
+                         center: bool = True) -> np.ndarray:
     """(x - mean) / sqrt(var + eps) over the last axis, times 2**LAYERNORM_FRAC_BITS, from
     integers alone: with d = x - zp and e = C * d - sum(d) (C times the deviation, exact),
     e / isqrt(sum(e**2) // C + eps_steps) (eps_steps = eps * C**2 / scale**2), through the
-    row's fixed-point reciprocal so that each value costs a multiply and a shift."""
+    row's fixed-point reciprocal so that each value costs a multiply and a shift. Uncentred
+    (RMSNorm: x / sqrt(mean(x**2) + eps)), e = C * d."""
     d = np.asarray(x, np.int64) - np.int64(zero_point)
     c = d.shape[-1]
-    e = d * c - d.sum(-1, keepdims=True)
+    e = d * c - (d.sum(-1, keepdims=True) if center else 0)
     inv = layernorm_row_reciprocal((e * e).sum(-1, keepdims=True) // c + np.int64(eps_steps))
     return (e * inv + (np.int64(1) << (LAYERNORM_RECIP_BITS - 1))) >> LAYERNORM_RECIP_BITS
 

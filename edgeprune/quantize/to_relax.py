@@ -347,7 +347,8 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
             return (data[(*i, k)].astype("int64") - i64(tin.zero_point)) * i64(c)
         k1 = te.reduce_axis((0, c), "k1")
         total = te.compute(lead, lambda *i: te.sum(
-            data[(*i, k1)].astype("int64") - i64(tin.zero_point), axis=k1), name="ln_sum")
+            data[(*i, k1)].astype("int64") - i64(tin.zero_point), axis=k1), name="ln_sum") \
+            if op.attrs.get("center", True) else te.compute(lead, lambda *i: i64(0))
         k2 = te.reduce_axis((0, c), "k2")
         sq = te.compute(lead, lambda *i: te.sum(
             (dev(i, k2) - total[i]) * (dev(i, k2) - total[i]), axis=k2), name="ln_sq")

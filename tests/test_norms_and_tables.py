@@ -1,0 +1,98 @@
+"""Normalizations over several axes (LayerNorm([C, H, W]), RMSNorm, F.normalize), ConvNeXt's
+layer scale, minima, and hand-written activations (torch.where masks, x * sigmoid(1.702 x)):
+pruned, read back from ONNX, bit-exact in int8 on the host and on a target."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checks import bit_exact, conv_widths, pruned_equivalently
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.quantize import ptq
+
+torch.set_num_threads(1)
+
+
+class NormsAndGates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 2, 2)
+        self.dw = nn.Conv2d(16, 16, 5, padding=2, groups=16)      # a ConvNeXt block
+        self.ln = nn.LayerNorm(16)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.gamma = nn.Parameter(torch.full((16,), 0.5))
+        self.c1 = nn.Conv2d(16, 8, 3)
+        self.ln_map = nn.LayerNorm([8, 4, 4])
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc1, self.fc = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)                                           # (N, 16, 6, 6)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.down(F.gelu(self.up(self.ln(y))))
+        x = x + y.permute(0, 3, 1, 2)
+        x = self.ln_map(self.c1(x))                                # over C, H and W
+        a = self.c2(x)
+        a = torch.where(a > 0, a, 0.1 * a)                         # hand-written leaky ReLU
+        b = self.c3(a)
+        b = b * torch.sigmoid(1.702 * b)                           # quick GELU
+        v = self.fc1(b.amin((2, 3)) + b.mean((2, 3)))
+        return self.fc(F.normalize(v, dim=1))
+
+
+def test_norms_layer_scale_minima_and_handwritten_activations_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = NormsAndGates().eval()
+    shape, x = (1, 1, 12, 12), torch.randn(8, 1, 12, 12)
+    pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
+    # the stem feeds the ConvNeXt block's LayerNorm over channels and c1 the LayerNorm over
+    # C, H, W: kept; c2 and c3 prune through the hand-written activations and the minimum
+    assert conv_widths(pruned) == [16, 16, 8, 4, 4]
+    for dynamo in (False, True):
+        torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"),
+                          dynamo=dynamo)
+        back, _ = onnx_to_torch(tmp_path / "m.onnx")
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
+    qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
+    tables = [o for o in qm.ops if o.kind == "lut" and o.attrs["function"] == "region"]
+    assert len(tables) == 2          # the masked leaky ReLU and the quick GELU: one table each
+    assert "where" in tables[0].attrs["param"] and "sigmoid" in tables[1].attrs["param"]
+    # gamma folded into the Linear before it: no op of its own
+    assert [o.kind for o in qm.ops].count("conv2d") == len(conv_widths(pruned))
+    assert sum(o.kind == "layernorm" for o in qm.ops) == 3       # one more in F.normalize
+    bit_exact(qm, x[:4].numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
+
+
+class RmsAndSoftplus(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+        self.norm = nn.RMSNorm([8, 8])
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.softplus(self.c0(x))
+        x = self.norm(self.c1(x))                  # over H and W: channels prune
+        y, _ = torch.min(x.flatten(2), dim=2)
+        return self.fc(y + F.hardshrink(x).mean((2, 3)))
+
+
+def test_rmsnorm_softplus_and_min_from_the_default_exporter_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = RmsAndSoftplus().eval()
+    shape, x = (1, 1, 12, 12), torch.randn(8, 1, 12, 12)
+    pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]
+    # torch's default exporter writes Softplus's threshold and Hardshrink with Where masks
+    torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"))
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
+    qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
+    assert sum(o.kind == "lut" and o.attrs["function"] == "region" for o in qm.ops) == 2
+    for q in (qm, ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())):
+        kinds = [o.kind for o in q.ops]
+        assert "maxpool" in kinds and "where" not in kinds
+    bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
