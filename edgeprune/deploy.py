@@ -176,7 +176,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                 model, shape = trained_zoo_model(name, data, cfg.input_shape, cfg.train_epochs,
                                                  cfg.seed, log, on_step)
             else:
-                model, shape = load_torch(name, cfg.input_shape, data.num_classes)
+                model, shape = load_torch(name, cfg.input_shape, data.num_classes,
+                                          data_shape=data.input_shape)
             data = fit_data(shape, data, name, train_to="calibrate on")
             with torch.no_grad():
                 check_outputs(tuple(model.eval()(torch.zeros(shape)).shape), data)
@@ -204,13 +205,19 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                         "lengths on measured costs")
         else:
             with stage("prune", progress):
-                from .prune import prune
+                from .prune import NothingToPrune, prune
                 ratios = cfg.per_layer if cfg.per_layer is not None else cfg.ratio
                 # Scoring batches for data-driven criteria, and a held-out one for MFP/particle.
                 batches = [(torch.from_numpy(data.x_train[i:i + 128]),
                             torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 640, 128)]
-                pruned, record = prune(model, example, criterion=cfg.criterion, ratios=ratios,
-                                       data=batches[:-1], meta_batch=batches[-1], seed=cfg.seed)
+                try:
+                    pruned, record = prune(model, example, criterion=cfg.criterion,
+                                           ratios=ratios, data=batches[:-1],
+                                           meta_batch=batches[-1], seed=cfg.seed)
+                except NothingToPrune as e:   # deployed as it is: quantized, compiled, run
+                    log(f"not pruned: {e}")
+                    pruned, record = model, {"criterion": cfg.criterion, "layers": {},
+                                             "not_pruned": str(e)}
             with stage("finetune", progress):
                 if cfg.finetune_epochs > 0:
                     log(f"fine-tuning the pruned model for {cfg.finetune_epochs:g} epoch(s)")

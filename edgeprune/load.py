@@ -33,8 +33,11 @@ def is_zoo_name(spec: str) -> bool:
 
 
 def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
-               num_classes: int = 10) -> tuple[nn.Module, tuple[int, ...]]:
-    """A torch module (eval mode) and its input shape from a zoo name or a torch.save file."""
+               num_classes: int = 10, data_shape: tuple[int, ...] | None = None
+               ) -> tuple[nn.Module, tuple[int, ...]]:
+    """A torch module (eval mode) and its input shape from a zoo name or a model file. The
+    shape: `input_shape`, else the one the file stores, else `data_shape` (one sample of the
+    data it will run on)."""
     if is_zoo_name(spec):
         return models.build(spec, input_shape, num_classes=num_classes)
     path = Path(spec)
@@ -50,7 +53,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
         model, shape = _via_onnx(program, shape, path, "an exported program")
     else:
         model = _torch_load(path)
-        shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None)
+        shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None) or data_shape
         if shape is None:
             raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
@@ -59,6 +62,8 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     from .layers import lower_attention, lower_recurrent, lower_transposed_convs
     from .lift1d import is_1d, lift_1d
     _check_one_output(model.eval(), tuple(shape), spec)
+    if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
+        model, shape = _via_onnx(model, tuple(shape), path, "a model torch.fx cannot trace")
     model = lower_transposed_convs(model)   # the convolutions they equal
     model = lower_attention(model)          # transformer layers as their Linears and matmuls
     model = lower_recurrent(model, tuple(shape))   # GRU/LSTM/RNN unrolled over their steps
@@ -76,7 +81,7 @@ def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(source, (torch.zeros(shape),), str(onnx_path),
+            torch.onnx.export(source, (torch.zeros(shape),), str(onnx_path), verbose=False,
                               dynamo=not isinstance(source, torch.jit.ScriptModule))
         except Exception as e:
             raise EdgepruneError(f"{path}: {what} that torch cannot export to ONNX on an "
@@ -84,6 +89,15 @@ def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
                                  f"{str(e).splitlines()[0] if str(e) else ''}); save the "
                                  "nn.Module itself, or its ONNX export") from None
         return onnx_to_torch(onnx_path, tuple(shape))
+
+
+def _traces(model: nn.Module) -> bool:
+    """torch.fx can trace `model` (modules of torch.nn are leaves, as every stage has them)."""
+    try:
+        torch.fx.symbolic_trace(model)
+    except Exception:
+        return False
+    return True
 
 
 def _example_shape(program, path: Path) -> tuple[int, ...]:

@@ -180,3 +180,44 @@ def test_recurrent_layers_read_back_from_onnx(rnn, head_from_state, dynamo, tmp_
     xq = reference.quantize_input(qm, x[:2].view(2, *shape[1:]).numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
                           reference.run(qm, xq))
+
+
+CELL_LOOP = '''
+import torch
+import torch.nn as nn
+
+
+class CellLoop(nn.Module):
+    """A GRUCell stepped over time in Python: torch.fx cannot trace the loop."""
+    def __init__(self):
+        super().__init__()
+        self.cell, self.fc = nn.GRUCell(10, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.fc(h)
+'''
+
+
+def test_a_cell_stepped_in_python_deploys_unpruned_and_bit_exact(tmp_path, monkeypatch):
+    """A model torch.fx cannot trace (a loop over the input's time steps) is read back from
+    torch's ONNX export, unrolled at its static shape; with nothing to prune (the recurrent
+    state keeps its width), deploy quantizes, compiles and runs it as it is."""
+    from test_deploy import deploy_user_model
+    (tmp_path / "cells.py").write_text(CELL_LOOP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    from cells import CellLoop
+    torch.manual_seed(0)
+    torch.save(CellLoop().eval(), tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 6, 10)).astype(np.float32)
+    y = (x[:, -1, :4].argmax(1)).astype(np.int64)
+    np.savez(tmp_path / "seq.npz", x_train=x[:200], y_train=y[:200], x_test=x[200:],
+             y_test=y[200:])
+    report = deploy_user_model(tmp_path / "m.pt", tmp_path / "seq.npz", tmp_path, "0", 3)
+    assert report["input_shape"] == [1, 6, 10]
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    assert report["pruning"]["per_layer"] == []

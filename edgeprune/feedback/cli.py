@@ -80,7 +80,8 @@ def run(args) -> int:
             model, shape = trained_zoo_model(args.model, data, parse_shape(args.input_shape),
                                              args.train_epochs, args.seed, log)
         else:
-            model, shape = load_torch(args.model, parse_shape(args.input_shape), data.num_classes)
+            model, shape = load_torch(args.model, parse_shape(args.input_shape),
+                                      data.num_classes, data_shape=data.input_shape)
         data = datasets.fit_data(shape, data, args.model, STAGE, train_to="fine-tune on")
         example = torch.from_numpy(data.x_train[:shape[0]].reshape(shape))
         result = search(model, example, data, args.target, budget, criterion=args.criterion,

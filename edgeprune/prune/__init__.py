@@ -20,9 +20,10 @@ from .. import flops
 from ..errors import EdgepruneError
 from . import allocate, criteria, patterns
 from .context import Context, masked_reference
-from .graph import DepGraph, GraphError, surgery
+from .graph import DepGraph, GraphError, NothingToPrune, surgery
 
-__all__ = ["prune", "DepGraph", "GraphError", "masked_reference", "criteria", "CRITERIA"]
+__all__ = ["prune", "DepGraph", "GraphError", "NothingToPrune", "masked_reference", "criteria",
+           "CRITERIA"]
 
 CRITERIA = list(criteria.CRITERIA)
 ALLOCATIONS = ("uniform", "global")
@@ -84,8 +85,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
 
     graph = graph or DepGraph(model, example_input)
     if not graph.groups:
-        raise GraphError("the model has no prunable channels (every channel reaches the input "
-                         "or the output)")
+        raise NothingToPrune("the model has no prunable channels (every channel reaches the "
+                             "input or the output, or a layer that keeps them all)")
     shape = tuple(example_input.shape)
     base = flops.count(graph.gm, shape)
 

@@ -91,6 +91,10 @@ class GraphError(EdgepruneError):
         super().__init__(message, stage=STAGE)
 
 
+class NothingToPrune(GraphError):
+    """Every channel reaches the input or the output (or a layer that keeps them all)."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """The channel ids along a tensor's channel dimension; `repeat` > 1 after flatten

@@ -271,7 +271,8 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
         model, shape = trained_zoo_model(spec, data, input_shape, train_epochs, cfg.seed, log,
                                          progress)
     else:
-        model, shape = load_torch(spec, input_shape, data.num_classes)
+        model, shape = load_torch(spec, input_shape, data.num_classes,
+                                  data_shape=data.input_shape)
     data = fit_data(shape, data, spec, train_to="calibrate on")
     with atomic_out_dir(out, force) as tmp:
         qm, report = quantize(model, shape, data, target, cfg, log, progress)
