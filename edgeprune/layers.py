@@ -15,6 +15,8 @@ products, softmax and LayerNorms, every stage sees inside them.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -352,3 +354,143 @@ def lower_attention(model: nn.Module) -> nn.Module:
                 lowered.append(name)
                 break
     return model
+
+
+def fold_constants(model: nn.Module) -> nn.Module:
+    """`model` with every computation on weights alone (w[:, None, None], w.view(-1, 1, 1),
+    log_scale.exp()) done once: a parameter of the result in its place, so the stages see
+    a per-channel constant where the model wrote an expression. `model` itself if there is
+    none (or fx cannot trace it)."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return model
+    constant: dict[str, object] = {}    # node -> its value, for nodes the input never reaches
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            constant[n.name] = operator.attrgetter(n.target)(gm)
+        elif n.op in ("call_function", "call_method") and \
+                all(a.name in constant for a in n.all_input_nodes) and \
+                (n.all_input_nodes or n.op == "call_function"):
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: constant[a.name])
+            with torch.no_grad():
+                constant[n.name] = (n.target(*args, **kwargs) if n.op == "call_function"
+                                    else getattr(args[0], n.target)(*args[1:], **kwargs))
+    folds = [n for n in gm.graph.nodes if n.op != "get_attr" and n.name in constant
+             and isinstance(constant[n.name], torch.Tensor)
+             and any(u.name not in constant for u in n.users)]
+    if not folds:
+        return model
+    for n in folds:
+        value = constant[n.name].detach().clone()
+        name = f"folded_{n.name}"
+        if value.is_floating_point():
+            gm.register_parameter(name, nn.Parameter(value))
+        else:
+            gm.register_buffer(name, value)
+        with gm.graph.inserting_before(n):
+            n.replace_all_uses_with(gm.graph.get_attr(name))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm.train(model.training)
+
+
+def lower_handwritten_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with every layer normalization written out by hand, (x - mean) / sqrt(var +
+    eps) over some axes (ConvNeXt's channels-first LayerNorm, older transformer code), as
+    F.layer_norm over those axes (moved last by a permute when they are not), which every
+    stage knows; the affine after it stays as written. `model` itself if there is none."""
+    try:
+        gm = fx.symbolic_trace(model)
+        from torch.fx.passes.shape_prop import ShapeProp
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(shape))
+    except Exception:
+        return model
+    found = False
+    for node in list(gm.graph.nodes):
+        match = _handwritten_norm(node)
+        if match is None:
+            continue
+        x, dims, eps = match
+        rank = len(x.meta["tensor_meta"].shape)
+        dims = sorted(d % rank for d in dims)
+        if 0 in dims:
+            continue              # over the batch: not a layer norm
+        perm = [k for k in range(rank) if k not in dims] + dims
+        sizes = tuple(int(x.meta["tensor_meta"].shape[k]) for k in dims)
+        with gm.graph.inserting_before(node):
+            y = x if perm == list(range(rank)) else gm.graph.call_method("permute", (x, *perm))
+            y = gm.graph.call_function(F.layer_norm, (y, sizes), {"eps": float(eps)})
+            if perm != list(range(rank)):
+                y = gm.graph.call_method("permute", (y, *[perm.index(k) for k in range(rank)]))
+        node.replace_all_uses_with(y)
+        found = True
+    if not found:
+        return model
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm.train(model.training)
+
+
+def _called(n, functions: tuple, method: str) -> bool:
+    return isinstance(n, fx.Node) and ((n.op == "call_function" and n.target in functions)
+                                       or (n.op == "call_method" and n.target == method))
+
+
+def _reduction(n, functions: tuple, method: str):
+    """(x, dims, keepdim, node) of a reduction `n` (torch.mean(x, dims) / x.mean(dims))."""
+    if not _called(n, functions, method) or not n.args:
+        return None
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 and isinstance(n.args[2], bool) else \
+        n.kwargs.get("keepdim", False)
+    if dims is None or not keep:
+        return None
+    return n.args[0], tuple([dims] if isinstance(dims, int) else dims), n
+
+
+def _centred(n):
+    """(x, dims) when `n` is x - x.mean(dims, keepdim=True)."""
+    if not _called(n, (operator.sub, torch.sub), "sub") or len(n.args) != 2:
+        return None
+    mean = _reduction(n.args[1], (torch.mean,), "mean")
+    if mean is None or mean[0] is not n.args[0]:
+        return None
+    return n.args[0], mean[1]
+
+
+def _handwritten_norm(node):
+    """(x, dims, eps) when `node` computes (x - mean) / sqrt(var + eps) over `dims`."""
+    if not _called(node, (operator.truediv, torch.div), "div") or len(node.args) != 2:
+        return None
+    centred, root = node.args
+    found = _centred(centred)
+    if found is None or not _called(root, (torch.sqrt,), "sqrt"):
+        return None
+    x, dims = found
+    total = root.args[0]
+    if not _called(total, (operator.add, torch.add), "add") or len(total.args) != 2:
+        return None
+    var, eps = total.args if isinstance(total.args[1], (int, float)) else total.args[::-1]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    same = (lambda d: sorted(d) == sorted(dims))
+    variance = _reduction(var, (torch.var,), "var")
+    if variance is not None:     # the population variance only (LayerNorm's)
+        biased = var.kwargs.get("unbiased", True) is False or var.kwargs.get("correction") == 0
+        return (x, dims, eps) if variance[0] is x and same(variance[1]) and biased else None
+    mean = _reduction(var, (torch.mean,), "mean")
+    if mean is None or not same(mean[1]):
+        return None
+    square = mean[0]
+    if _called(square, (operator.pow, torch.pow), "pow") and square.args[1:] == (2,):
+        deviation = square.args[0]
+    elif _called(square, (operator.mul, torch.mul), "mul") and square.args[0] is square.args[1]:
+        deviation = square.args[0]
+    elif _called(square, (torch.square,), "square"):
+        deviation = square.args[0]
+    else:
+        return None
+    again = _centred(deviation)
+    return (x, dims, eps) if again is not None and again[0] is x and same(again[1]) else None

@@ -96,3 +96,62 @@ def test_rmsnorm_softplus_and_min_from_the_default_exporter_run_bit_exact(tmp_pa
         kinds = [o.kind for o in q.ops]
         assert "maxpool" in kinds and "where" not in kinds
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """ConvNeXt's own LayerNorm for NCHW maps, written out by hand."""
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class HandWritten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 8, 3)
+        self.norm = ChannelsFirstLayerNorm(8)
+        self.c1 = nn.Conv2d(8, 8, 3)
+        self.shuffle = nn.ChannelShuffle(2)
+        self.c2 = nn.Conv2d(8, 6, 1)
+        self.proj = nn.Linear(6, 6)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.c1(F.gelu(self.norm(self.c0(x))))
+        x = self.c2(F.relu(self.shuffle(x)))
+        t = self.proj(x.flatten(2).transpose(1, 2))                 # (N, HW, 6)
+        mean = t.mean(-1, keepdim=True)
+        var = t.var(-1, keepdim=True, unbiased=False)
+        t = (t - mean) / torch.sqrt(var + 1e-5) * self.gain + 0.1   # by hand, last axis
+        return self.fc(t.mean(1))
+
+
+def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp_path):
+    """On load, computations on weights alone (w[:, None, None]) become parameters and hand-
+    written normalizations F.layer_norm (the channels-first one between permutes), so they
+    prune, quantize to one integer layernorm each (the affine after the last-axis one
+    folded into it) and run bit-exact on a target."""
+    from edgeprune.load import load_torch
+    torch.manual_seed(0)
+    model = HandWritten().eval()
+    torch.save(model, tmp_path / "m.pt")
+    shape, x = (1, 1, 9, 9), torch.randn(8, 1, 9, 9)
+    loaded, _ = load_torch(str(tmp_path / "m.pt"), shape)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert sum(n.target is F.layer_norm for n in loaded.graph.nodes) == 2
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    # c0's channels are normalized together and c1's shuffled: kept; c2 prunes
+    assert conv_widths(pruned) == [8, 8, 3]
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    kinds = [o.kind for o in qm.ops]
+    assert kinds.count("layernorm") == 2 and kinds.count("conv2d") == 4  # + the affine
+    bit_exact(qm, x[:4].numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)

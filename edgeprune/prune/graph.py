@@ -327,7 +327,7 @@ class DepGraph:
             return self._flatten(node, mod.start_dim, mod.end_dim)
         if isinstance(mod, nn.Unflatten):
             return self._reshape(node, shape)
-        if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):   # channels to space, back
+        if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)):   # regrouped
             return self._kept(self._input_layout(node, 4), shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
@@ -517,7 +517,8 @@ class DepGraph:
             for x in node.args[0]:
                 self._freeze(self._layout_of(x))
             return self._new_space(shape[1], None, True)
-        if is_fn and t in (F.pixel_shuffle, F.pixel_unshuffle):
+        if is_fn and t in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle,
+                           torch.channel_shuffle):   # channels regrouped
             return self._kept(self._input_layout(node, 4), shape)
         if is_fn and t in (F.layer_norm, F.rms_norm):
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]

@@ -175,20 +175,22 @@ def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
     return x, 1 / v, torch.zeros_like(v)
 
 
-def _output_scale(target, node, constants: dict, shape, by_out: dict, users: dict,
-                  src) -> tuple[str, torch.Tensor] | None:
-    """(producer, v) when `node` multiplies (or divides) the outputs of a conv2d or dense op
-    that nothing else reads by a constant v per output channel (ConvNeXt's layer scale
-    gamma * Linear(x), a learnt gain), so that v folds into its weights; else None."""
+def _output_affine(target, node, constants: dict, shape, by_out: dict, users: dict,
+                   src) -> tuple[FNode, str, torch.Tensor] | None:
+    """(producer, "scale" or "offset", v) when `node` multiplies (divides) or offsets the
+    outputs of a conv2d, dense or layernorm op that nothing else reads by a constant v per
+    output channel (ConvNeXt's layer scale gamma * Linear(x), a hand-written LayerNorm's
+    affine), so that v folds into its weights and bias; else None."""
     found = _tensor_and_constant(target, node, constants)
-    if found is None or found[0] not in ("mul", "div") or (found[0] == "div" and found[3]):
+    if found is None or found[3] and found[0] in ("div", "sub"):   # c / x, c - x
         return None
     kind, x, const, _ = found
     producer = by_out.get(src(x))
-    if producer is None or producer.kind not in ("conv2d", "dense") or producer.act is not None \
-            or users[producer.output] != 1 or tuple(shape) != tuple(producer.out_shape):
+    if producer is None or producer.kind not in ("conv2d", "dense", "layernorm") \
+            or producer.act is not None or users[producer.output] != 1 \
+            or tuple(shape) != tuple(producer.out_shape):
         return None
-    axis = len(shape) - 1 if producer.kind == "dense" else 1
+    axis = 1 if producer.kind == "conv2d" else len(shape) - 1
     lead = (1,) * (len(shape) - const.dim())
     if const.dim() > len(shape) or any(n != 1 for i, n in enumerate(lead + tuple(const.shape))
                                        if i != axis):
@@ -198,7 +200,9 @@ def _output_scale(target, node, constants: dict, shape, by_out: dict, users: dic
         if bool((v == 0).any()):
             return None
         v = 1 / v
-    return producer.output, v
+    if kind == "sub":
+        v = -v
+    return producer, "scale" if kind in ("mul", "div") else "offset", v
 
 
 def _normalization(target, node, arg, constants: dict, shape) -> tuple | None:
@@ -967,6 +971,21 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 add_node(FNode(kind, name, [x], name, attrs, out_shape=out))
                 x = name
             continue
+        if isinstance(target, nn.ChannelShuffle) or target in (F.channel_shuffle,
+                                                               torch.channel_shuffle):
+            # (N, G, C / G, ...) with its two group axes swapped
+            g = target.groups if isinstance(target, nn.Module) else int(arg(node, 1, "groups"))
+            grouped = (shape[0], g, shape[1] // g, *shape[2:])
+            swapped = (shape[0], shape[1] // g, g, *shape[2:])
+            x = src(node.args[0])
+            for k, (kind, attrs, out) in enumerate([
+                    ("reshape", {"shape": list(grouped)}, grouped),
+                    ("transpose", {"perm": [0, 2, 1, *range(3, len(grouped))]}, swapped),
+                    ("reshape", {"shape": list(shape)}, tuple(shape))]):
+                name = node.name if k == 2 else f"{node.name}_{kind}{k}"
+                add_node(FNode(kind, name, [x], name, attrs, out_shape=out))
+                x = name
+            continue
         if isinstance(target, nn.PReLU):   # a slope per channel (one slope is a "lut")
             add_node(FNode("prelu", node.name, [src(node.args[0])], node.name,
                            {"slopes": target.weight.detach().double().tolist()},
@@ -1019,14 +1038,26 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                  else torch.zeros(target.out_features))
             add_node(FNode("dense", node.name, [src(node.args[0])], node.name, out_shape=shape))
             continue
-        scale = _output_scale(target, node, constants, shape, by_out, users, src)
-        if scale is not None:   # a learnt scale of a conv's or Linear's outputs: in its weights
-            producer, v = scale
-            weights[producer] = weights[producer] * v.to(weights[producer].dtype).reshape(
-                -1, *[1] * (weights[producer].dim() - 1))
-            biases[producer] = biases[producer] * v.to(biases[producer].dtype)
-            alias[node.name] = producer
-            users[node.name] = users[producer]
+        folded = _output_affine(target, node, constants, shape, by_out, users, src)
+        if folded is not None:   # a learnt scale or offset of an op's outputs: in its weights
+            producer, how, v = folded
+            name = producer.output
+            if producer.kind == "layernorm":
+                a = producer.attrs
+                c = len(v)
+                gamma, beta = (torch.tensor(a[k], dtype=torch.float64).expand(c)
+                               for k in ("gamma", "beta"))
+                a["gamma"], a["beta"] = ((gamma * v, beta * v) if how == "scale" else
+                                         (gamma, beta + v))
+                a["gamma"], a["beta"] = a["gamma"].tolist(), a["beta"].tolist()
+            elif how == "scale":
+                weights[name] = weights[name] * v.to(weights[name].dtype).reshape(
+                    -1, *[1] * (weights[name].dim() - 1))
+                biases[name] = biases[name] * v.to(biases[name].dtype)
+            else:
+                biases[name] = biases[name] + v.to(biases[name].dtype)
+            alias[node.name] = name
+            users[node.name] = users[name]
             continue
         affine = _channel_affine(target, node, constants, shape)
         if affine is not None:      # per-channel a * x + b: a 1x1 depthwise conv, like a BN
