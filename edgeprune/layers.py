@@ -494,3 +494,49 @@ def _handwritten_norm(node):
         return None
     again = _centred(deviation)
     return (x, dims, eps) if again is not None and again[0] is x and same(again[1]) else None
+
+
+def lower_statistics(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each variance or standard deviation over some axes (an x-vector's
+    statistics pooling, x.std(-1)) written as the means, product and square root every stage
+    knows. `model` itself if there is none."""
+    try:
+        gm = fx.symbolic_trace(model)
+        from torch.fx.passes.shape_prop import ShapeProp
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(shape))
+    except Exception:
+        return model
+    found = False
+    for node in list(gm.graph.nodes):
+        kind = next((k for k, f in (("var", torch.var), ("std", torch.std))
+                     if _called(node, (f,), k)), None)
+        if kind is None:
+            continue
+        x = node.args[0]
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        given = node.args[2] if len(node.args) > 2 else None
+        correction = int(given) if isinstance(given, bool) else \
+            int(node.kwargs.get("unbiased", node.kwargs.get("correction", 1)))
+        keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+        if dims is None or not isinstance(x, fx.Node):
+            continue
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        in_shape = x.meta["tensor_meta"].shape
+        count = int(torch.tensor([in_shape[d] for d in dims]).prod())
+        with gm.graph.inserting_before(node):
+            mean = gm.graph.call_method("mean", (x, dims), {"keepdim": True})
+            deviation = gm.graph.call_function(operator.sub, (x, mean))
+            square = gm.graph.call_function(operator.mul, (deviation, deviation))
+            y = gm.graph.call_method("mean", (square, dims), {"keepdim": keep})
+            if correction and count > correction:
+                y = gm.graph.call_function(operator.mul, (y, count / (count - correction)))
+            if kind == "std":
+                y = gm.graph.call_function(torch.sqrt, (y,))
+        node.replace_all_uses_with(y)
+        found = True
+    if not found:
+        return model
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm.train(model.training)

@@ -20,28 +20,20 @@ import torch.nn.functional as F
 
 from .errors import EdgepruneError
 from .layers import ConvTransposeAsConv, RecurrentAsOps
+from .prune.graph import (BINARY_FUNCTIONS, BINARY_METHODS, PASSTHROUGH_FUNCTIONS,
+                          PASSTHROUGH_METHODS, PASSTHROUGH_MODULES, SPATIAL_FUNCTIONS,
+                          SPATIAL_MODULES)
 from .slicing import is_split
 
 STAGE = "load"
 
-# ops that act element by element (or broadcast), the same at any rank
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                        nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Hardtanh,
-                        nn.Dropout, nn.Identity, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign,
-                        nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-                        nn.Dropout1d, nn.AlphaDropout,
-                        nn.PReLU,        # slopes on axis 1, the channels in both forms
-                        nn.LayerNorm)    # over the last axis, L in both forms
-_ELEMENTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
-                          operator.neg, torch.add, torch.sub, torch.mul, torch.relu,
-                          torch.sigmoid, torch.tanh, F.relu, F.relu6, F.sigmoid, F.tanh,
-                          F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.leaky_relu,
-                          F.mish, F.hardtanh, F.dropout, torch.clamp, torch.clip, F.selu,
-                          torch.selu, F.celu, F.softplus, F.softsign, F.logsigmoid,
-                          F.tanhshrink, F.hardshrink, F.softshrink, torch.abs, torch.exp,
-                          torch.erf, F.dropout1d, F.alpha_dropout}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "clip", "add", "sub", "mul", "div",
-                        "contiguous", "abs", "exp"}
+# ops that act element by element (or broadcast), the same at any rank: those the pruning
+# graph passes channels through, less the 2-D spatial ones
+_ELEMENTWISE_MODULES = tuple(m for m in PASSTHROUGH_MODULES if m not in SPATIAL_MODULES) + (
+    nn.LayerNorm,)   # over the last axis, L in both forms
+_ELEMENTWISE_FUNCTIONS = (PASSTHROUGH_FUNCTIONS - SPATIAL_FUNCTIONS - {F.dropout2d, F.dropout3d}
+                          | BINARY_FUNCTIONS | {torch.where})
+_ELEMENTWISE_METHODS = PASSTHROUGH_METHODS | BINARY_METHODS
 _DIM_OPS = {"mean", "sum", "amax", "amin", "softmax", "log_softmax"}   # (x, dim=...) along an axis
 
 
@@ -118,6 +110,10 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
                 raise _refuse(where, "flattens other than from the channel axis")
         elif _is(node, torch.permute, "permute"):
             _permute_dims(node, where)
+        elif _is(node, torch.squeeze, "squeeze") and _rank(node) == 2:
+            # (N, 1, F) or (N, C, 1) to (N, F): the lifted (N, 1, 1, F) or (N, C, 1, 1) alike
+            node.op, node.target, node.args, node.kwargs = \
+                "call_function", torch.flatten, (node.args[0], 1), {}
         elif _is(node, torch.transpose, "transpose") and \
                 {_arg(node, 1, "dim0", 0) % 3, _arg(node, 2, "dim1", 0) % 3} == {1, 2}:
             # (N, C, L) -> (N, L, C), frames: (N, C, 1, L) -> (N, L, 1, C) as permutes do
@@ -379,8 +375,10 @@ def _first(v):
     return v[0] if isinstance(v, (tuple, list)) else v
 
 
-def _one(v) -> int:
-    return int(_first(v))
+def _one(v):
+    """A 1-D layer's size: a number, or a node computing it from a shape (x.shape[-1])."""
+    v = _first(v)
+    return v if isinstance(v, fx.Node) else int(v)
 
 
 def _describe(node: fx.Node, modules: dict) -> str:

@@ -60,7 +60,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
         if isinstance(model, torch.jit.ScriptModule):   # fx cannot trace TorchScript
             model, shape = _via_onnx(model, shape, path, "a TorchScript module")
     from .layers import (fold_constants, lower_attention, lower_handwritten_norms,
-                         lower_recurrent, lower_transposed_convs)
+                         lower_recurrent, lower_statistics, lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
     _check_one_output(model.eval(), tuple(shape), spec)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
@@ -70,6 +70,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     model = lower_recurrent(model, tuple(shape))   # GRU/LSTM/RNN unrolled over their steps
     model = fold_constants(model)           # w[:, None, None]: a parameter of that shape
     model = lower_handwritten_norms(model, tuple(shape))   # (x - mean) / sqrt(var + eps)
+    model = lower_statistics(model, tuple(shape))   # x.std(-1): means, a product, a root
     if is_1d(model):   # every stage after this one works on 2-D convolutions
         return lift_1d(model, tuple(shape))
     return model.eval(), tuple(shape)

@@ -294,3 +294,54 @@ def test_a_conv1d_along_the_channels_of_a_2d_model_lifts_prunes_and_quantizes():
     xq = reference.quantize_input(qm, x[:2].numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
                           reference.run(qm, xq))
+
+
+class M5(nn.Module):
+    """torchaudio's speech-commands tutorial model on raw audio: a pool over the whole
+    remaining length read from the shape, a permute, a log-softmax over the last axis and a
+    squeeze."""
+    def __init__(self, ch: int = 16, classes: int = 5):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(1, ch, 80, stride=16), nn.BatchNorm1d(ch)
+        self.conv2, self.bn2 = nn.Conv1d(ch, ch, 3), nn.BatchNorm1d(ch)
+        self.conv3, self.bn3 = nn.Conv1d(ch, 2 * ch, 3), nn.BatchNorm1d(2 * ch)
+        self.fc1 = nn.Linear(2 * ch, classes)
+
+    def forward(self, x):
+        x = F.max_pool1d(F.relu(self.bn1(self.conv1(x))), 4)
+        x = F.max_pool1d(F.relu(self.bn2(self.conv2(x))), 4)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.avg_pool1d(x, x.shape[-1]).permute(0, 2, 1)
+        return F.log_softmax(self.fc1(x), dim=2).squeeze(1)
+
+
+class StatsPooling(nn.Module):
+    """An x-vector's statistics pooling: the mean and standard deviation over time."""
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(13, 16, 5, dilation=2), nn.Conv1d(16, 16, 3)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc(torch.cat([h.mean(-1), h.std(-1)], 1))
+
+
+@pytest.mark.parametrize("cls, shape", [(M5, (1, 1, 1600)), (StatsPooling, (1, 13, 30))])
+def test_audio_models_load_prune_and_run_bit_exact(cls, shape, tmp_path):
+    from checks import bit_exact, pruned_equivalently
+    from edgeprune.load import load_torch
+    from edgeprune.quantize import ptq
+    torch.manual_seed(0)
+    model = cls().eval()
+    torch.save(model, tmp_path / "m.pt")
+    lifted, lifted_shape = load_torch(str(tmp_path / "m.pt"), shape)
+    x = torch.randn(6, *shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x.reshape(6, *lifted_shape[1:])), model(x),
+                                   atol=1e-4, rtol=1e-4)
+    pruned, _ = pruned_equivalently(lifted, lifted_shape, x.reshape(6, *lifted_shape[1:]),
+                                    ratios=0.5)
+    calib = torch.randn(64, *lifted_shape[1:]).numpy()
+    qm = ptq.quantize_ptq(pruned, lifted_shape, calib)
+    bit_exact(qm, calib[:3], "riscv32", tmp_path, like=pruned, tol=0.15)

@@ -19,8 +19,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   zp_in); y = requantize(acc, M[o], shift[o], zp_out, lo, hi).
 * ``dense``   input (N, K), or (N, ..., K) row by row; params as conv2d with weight (O, K); same
   arithmetic.
-* ``add``     two inputs; attrs: multipliers [Ma, Mb] and shift_total s (one shared shift),
-  clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
+* ``add``     two inputs (one may broadcast to the other: x - x.mean(-1, keepdim=True)); attrs:
+  multipliers [Ma, Mb] and shift_total s (one shared shift), clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
   both inputs are rescaled to the output scale with a single rounding (ties up).
 * ``mul``     two inputs, the second broadcast against the first (e.g. (N, C, 1, 1) channel
   weights of a squeeze-and-excitation block); attrs: multiplier, shift, clamp.
@@ -310,7 +310,16 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
             raise EdgepruneError(f"dense '{op.name}': input {ins[0]} has {k} features, weight "
                                  f"is {list(wt.shape)}")
         return [*lead, int(wt.shape[0])]
-    if op.kind in ("add", "maximum", "minimum"):
+    if op.kind == "add":    # x - x.mean(-1, keepdim=True): one operand may broadcast
+        try:
+            shape = list(np.broadcast_shapes(tuple(ins[0]), tuple(ins[1])))
+        except ValueError:
+            shape = None
+        if shape not in (list(ins[0]), list(ins[1])):
+            raise EdgepruneError(f"add '{op.name}': input shapes {ins[0]} and {ins[1]} do not "
+                                 "broadcast to one of them")
+        return shape
+    if op.kind in ("maximum", "minimum"):
         if ins[0] != ins[1]:
             raise EdgepruneError(f"{op.kind} '{op.name}': input shapes {ins[0]} and {ins[1]} "
                                  "differ (broadcasting is not supported)")
