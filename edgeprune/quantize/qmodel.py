@@ -20,7 +20,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``dense``   input (N, K), or (N, ..., K) row by row; params as conv2d with weight (O, K); same
   arithmetic.
 * ``add``     two inputs (one may broadcast to the other: x - x.mean(-1, keepdim=True)); attrs:
-  multipliers [Ma, Mb] and shift_total s (one shared shift), clamp.  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
+  multipliers [Ma, Mb] and shift_total s (one shared shift), clamp.
+  y = clamp(zp_out + ((Ma*(a-zp_a) + Mb*(b-zp_b) + 2**(s-1)) >> s), lo, hi) in int64:
   both inputs are rescaled to the output scale with a single rounding (ties up).
 * ``mul``     two inputs, the second broadcast against the first (e.g. (N, C, 1, 1) channel
   weights of a squeeze-and-excitation block); attrs: multiplier, shift, clamp.
