@@ -419,6 +419,15 @@ class _Builder:
     def op_Cos(self, node, a):
         return self._math(node, torch.cos)
 
+    def op_Floor(self, node, a):
+        return self._math(node, torch.floor)
+
+    def op_Ceil(self, node, a):
+        return self._math(node, torch.ceil)
+
+    def op_Round(self, node, a):   # half to even, as torch.round
+        return self._math(node, torch.round)
+
     def op_Atan(self, node, a):
         return self._math(node, torch.atan)
 

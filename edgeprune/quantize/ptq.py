@@ -53,6 +53,10 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
 
 
+# torch's one-argument math functions that are tables by their own name
+_MATH = ("sqrt", "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos", "log1p",
+         "expm1", "log2", "log10", "atan", "tan", "sinh", "cosh", "floor", "ceil", "round",
+         "trunc")
 # Elementwise functions an int8 tensor passes through as a 256-entry table (op "lut").
 LUT_FUNCTIONS = {
     "sigmoid": lambda x, a: torch.sigmoid(x), "tanh": lambda x, a: torch.tanh(x),
@@ -68,18 +72,11 @@ LUT_FUNCTIONS = {
     "logsigmoid": lambda x, a: F.logsigmoid(x), "tanhshrink": lambda x, a: F.tanhshrink(x),
     "hardshrink": lambda x, a: F.hardshrink(x, a), "softshrink": lambda x, a: F.softshrink(x, a),
     "abs": lambda x, a: torch.abs(x), "exp": lambda x, a: torch.exp(x),
-    "sqrt": lambda x, a: torch.sqrt(x), "rsqrt": lambda x, a: torch.rsqrt(x),
-    "reciprocal": lambda x, a: torch.reciprocal(x), "square": lambda x, a: torch.square(x),
-    "sign": lambda x, a: torch.sign(x), "log": lambda x, a: torch.log(x),
-    "sin": lambda x, a: torch.sin(x), "cos": lambda x, a: torch.cos(x),
     "pow": lambda x, a: torch.pow(x, a), "rdiv": lambda x, a: a / x,
     "threshold": lambda x, a: F.threshold(x, a[0], a[1]),
-    **{f: (lambda f: lambda x, a: getattr(torch, f)(x))(f)
-       for f in ("log1p", "expm1", "log2", "log10", "atan", "tan", "sinh", "cosh")},
+    **{f: (lambda f: lambda x, a: getattr(torch, f)(x))(f) for f in _MATH},
     "region": lambda x, a: a(x),      # a: the fx function of _elementwise_regions
 }
-_MATH = ("sqrt", "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos", "log1p",
-         "expm1", "log2", "log10", "atan", "tan", "sinh", "cosh")
 _SCALAR_OPS = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub",
                torch.sub: "sub", "sub": "sub", operator.mul: "mul", torch.mul: "mul",
                "mul": "mul", operator.truediv: "div", torch.div: "div", "div": "div"}
