@@ -597,10 +597,13 @@ def _unsupported(where: str, why: str = "") -> EdgepruneError:
         f"{where}: not supported by the quantizer{' (' + why + ')' if why else ''} (supported: "
         "Conv2d, Linear, BatchNorm2d, ReLU/ReLU6/Hardtanh/clamp, PReLU, sigmoid, tanh, "
         "hardswish, hardsigmoid, SiLU, GELU, ELU, Mish, LeakyReLU, erf, SELU, CELU, softplus, "
-        "softsign, logsigmoid, tanhshrink, hard/softshrink, abs, exp, softmax, log_softmax, "
-        "add, sub, mul, cat, slices and splits, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, "
-        "AdaptiveMaxPool2d, mean, amax, flatten/view, nearest and bilinear "
-        "Upsample/interpolate, permute/transpose, per-channel constant scales and offsets)")
+        "softsign, logsigmoid, tanhshrink, hard/softshrink, abs, exp, math functions of one "
+        "tensor, any elementwise computation of one tensor (torch.where of a mask of it), "
+        "softmax, log_softmax, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, F.normalize, "
+        "add, sub, mul, matmul, max/min of two tensors, cat, stack, slices and splits, "
+        "MaxPool2d, AvgPool2d, adaptive pools, mean, sum, amax, amin, var, std, flatten/view, "
+        "nearest and bilinear Upsample/interpolate, pixel and channel shuffles, "
+        "permute/transpose, per-channel constant scales and offsets)")
 
 
 def _fetch_attr(gm, target: str) -> torch.Tensor:
