@@ -601,7 +601,7 @@ def _unsupported(where: str, why: str = "") -> EdgepruneError:
         "tensor, any elementwise computation of one tensor (torch.where of a mask of it), "
         "softmax, log_softmax, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, F.normalize, "
         "add, sub, mul, matmul, max/min of two tensors, cat, stack, slices and splits, "
-        "MaxPool2d, AvgPool2d, adaptive pools, mean, sum, amax, amin, var, std, flatten/view, "
+        "MaxPool2d, AvgPool2d, adaptive pools, mean, sum, amax, amin, flatten/view, "
         "nearest and bilinear Upsample/interpolate, pixel and channel shuffles, "
         "permute/transpose, per-channel constant scales and offsets)")
 
