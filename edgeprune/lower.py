@@ -98,9 +98,11 @@ def fuse(mod):
     import tvm
     from tvm import relax
 
-    seq = tvm.transform.Sequential([
+    legalize = tvm.transform.Sequential([
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+    ])
+    seq = tvm.transform.Sequential([
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
@@ -108,7 +110,19 @@ def fuse(mod):
         relax.transform.DeadCodeElimination(),
     ])
     with tvm.target.Target("c"):
-        return seq(mod)
+        return seq(_unfused_copying_pads(legalize(mod)))
+
+
+def _unfused_copying_pads(mod):
+    """Pads that copy values (reflect, replicate, circular) run as kernels of their own: fused
+    with the index arithmetic of a reshape-transpose (a channel shuffle before a reflecting
+    conv), TVM 0.27's simplifier took minutes to build one kernel."""
+    import tvm
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, tvm.tirx.PrimFunc) and re.fullmatch(
+                r"(reflect|replicate|circular)_pad\d*", gv.name_hint):
+            mod[gv] = f.with_attr("op_pattern", 8)      # kOpaque: FuseOps leaves it alone
+    return mod
 
 
 def _tensor_type(ty, what: str) -> tuple[tuple[int, ...], str]:

@@ -4,7 +4,9 @@ Each seed draws a network from the ops the pipeline supports (convs of any kerne
 dilation, grouped and depthwise convs, residual adds (with a layer scale) and differences,
 per-channel PReLU, channel concats and splits (slice, chunk, split, narrow), convs that pad by
 reflecting, replicating or wrapping, Max-Feature-Map, CBAM's spatial gate (mean and max over
-the channels), max and average pools
+the channels), normalizations (GroupNorm, InstanceNorm, LayerNorm over C, H, W, a layer norm
+written by hand, F.normalize), activations written by hand (one table), channel shuffles,
+max and average pools
 with ceil_mode and uncounted padding, nearest and bilinear upsampling, transposed convs of
 any groups and dilation, table activations, global pools, an NCHW or NHWC flatten), a batch, word lengths per layer and int16 activations. It is pruned (checked against
 the original with the same channels zeroed), exported to ONNX and read back, quantized, and run
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from edgeprune.compile import compile_model
 from edgeprune.errors import EdgepruneError
-from edgeprune.layers import lower_transposed_convs
+from edgeprune.layers import fold_constants, lower_handwritten_norms, lower_transposed_convs
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.prune import masked_reference, prune
 from edgeprune.quantize import ptq
@@ -33,11 +35,25 @@ ACTIVATIONS = [nn.ReLU, nn.ReLU6, nn.Hardswish, lambda: nn.LeakyReLU(0.1), nn.Si
 POOLS = [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True), (2, 1, 0, False)]
 
 
+class HandLayerNorm(nn.Module):
+    """ConvNeXt's channels-first LayerNorm as its code writes it."""
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
 class Block(nn.Module):
     def __init__(self, rng: random.Random, c: int, h: int):
         super().__init__()
         self.kind = rng.choice(["conv", "depthwise", "residual", "concat", "pool", "grouped",
-                                "split", "difference", "padded", "maxout", "gate"]
+                                "split", "difference", "padded", "maxout", "gate", "norm",
+                                "handmade", "shuffle"]
                                + (["upsample", "transposed"] if h <= 9 else []))
         k, co = rng.choice([1, 3, 5]), rng.choice([3, 4, 5, 8, 12, 16])
         s = rng.choice([1, 1, 2]) if h >= 6 else 1
@@ -73,6 +89,18 @@ class Block(nn.Module):
             self.a = nn.Conv2d(c, 2 * co, 3, 1, 1)
         elif self.kind == "gate":      # CBAM's spatial attention
             self.a = nn.Conv2d(2, 1, 3, 1, 1)
+        elif self.kind == "norm":       # a conv, then a normalization
+            self.a = nn.Conv2d(c, co, 3, 1, 1)
+            self.how = rng.choice(["group", "instance", "layer", "by_hand", "l2"])
+            self.n = {"group": lambda: nn.GroupNorm(2 if co % 2 == 0 else 1, co),
+                      "instance": lambda: nn.InstanceNorm2d(co, affine=True),
+                      "layer": lambda: nn.LayerNorm([co, h, h]),
+                      "by_hand": lambda: HandLayerNorm(co), "l2": nn.Identity}[self.how]()
+        elif self.kind == "handmade":   # an activation written out: one table
+            self.a = nn.Conv2d(c, co, k, s, k // 2)
+            self.how = rng.choice(["where", "quick_gelu", "hardswish"])
+        elif self.kind == "shuffle":    # ShuffleNet's channel shuffle, by hand
+            self.a = nn.Conv2d(c, co + co % 2, 1)
         elif self.kind == "upsample":
             mode = rng.choice(["nearest", "bilinear"])
             self.a = nn.Upsample(scale_factor=2, mode=mode, align_corners=(
@@ -115,6 +143,20 @@ class Block(nn.Module):
         if self.kind == "gate":
             both = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
             return x * torch.sigmoid(self.a(both))
+        if self.kind == "norm":
+            y = self.a(x)
+            return self.act(F.normalize(y, dim=1) * 3 if self.how == "l2" else self.n(y))
+        if self.kind == "handmade":
+            y = self.a(x)
+            if self.how == "where":
+                return torch.where(y > 0, y, 0.1 * y)
+            if self.how == "quick_gelu":
+                return y * torch.sigmoid(1.702 * y)
+            return y * F.relu6(y + 3) / 6
+        if self.kind == "shuffle":
+            y = self.act(self.a(x))
+            n, ch, hh, ww = y.shape
+            return y.view(n, 2, ch // 2, hh, ww).transpose(1, 2).reshape(n, ch, hh, ww)
         if self.kind in ("pool", "upsample"):
             return self.a(x)
         return self.act(self.bn(self.a(x)))
@@ -166,9 +208,11 @@ TARGETS = ["cortex-m7", "cortex-m55", "riscv32", "cortex-a53", "cortex-m4", "cor
            "riscv64", "cortex-a72"]
 
 
-# bilinear upsampling: 15, 29; nearest 18; narrow 2, 20; padded convs 0, 2, 3; Max-Feature-Map
-# 2, 9, 10; CBAM gates 3, 10, 11 (40 seeds passed once, with this list edited)
-SEEDS = [*range(12), 15, 18, 20, 29]
+# seeds chosen to draw every block kind and variant at least once: norms 4, 9 (by hand), 12
+# (F.normalize), 15 (LayerNorm over C, H, W), 50 (InstanceNorm), 53 (GroupNorm); upsampling
+# 53 (bilinear), 85 (nearest); hand-written activations 0, 2, 3; pools 4 (140 seeds passed
+# once, with this list edited)
+SEEDS = [*range(13), 15, 50, 53, 85]
 
 
 @pytest.mark.parametrize("seed, target", [(s, TARGETS[s % len(TARGETS)]) for s in SEEDS])
@@ -176,9 +220,10 @@ def test_random_network_prunes_quantizes_and_runs_bit_exact(seed, target, tmp_pa
     rng = random.Random(seed)
     cin, h, batch = rng.choice([1, 2, 3]), rng.choice([7, 9, 12, 16]), rng.choice([1, 2])
     torch.manual_seed(seed)
-    model = lower_transposed_convs(RandomNet(rng, cin, h).eval())
-    _random_bn(model, torch.Generator().manual_seed(seed))
+    original = lower_transposed_convs(RandomNet(rng, cin, h).eval())
+    _random_bn(original, torch.Generator().manual_seed(seed))
     shape = (batch, cin, h, h)
+    model = lower_handwritten_norms(fold_constants(original), shape)   # as loading does
     x = torch.randn(4, cin, h, h)
 
     try:
@@ -201,21 +246,23 @@ def test_random_network_prunes_quantizes_and_runs_bit_exact(seed, target, tmp_pa
     net = ptq.extract(back, shape)
     weights = {n.name: rng.choice([("int", 8), ("int", 4), ("int", 2), ("pow2", 4),
                                    ("ternary", 2)]) for n in net.weight_nodes()}
-    tables = {i for n in net.nodes if n.kind in ("lut", "softmax") for i in n.inputs}
-    # int16 features into a dense of many inputs can overflow its int32 sums (refused by name)
-    by_out, into_dense = {n.output: n for n in net.nodes}, set()
-    for t in (n.inputs[0] for n in net.nodes if n.kind == "dense"):
-        while t in by_out and t not in into_dense:
-            into_dense.add(t)
+    # tables and norms take int8 alone, and int16 features into a dense of many inputs can
+    # overflow its int32 sums (each refused by name): what they read, through the ops that
+    # pass quantization parameters on, stays int8
+    by_out, int8_only = {n.output: n for n in net.nodes}, set()
+    for t in (n.inputs[0] for n in net.nodes
+              if n.kind in ("lut", "softmax", "layernorm", "dense")):
+        while t in by_out and t not in int8_only:
+            int8_only.add(t)
             if by_out[t].kind not in SAME_QPARAMS:
                 break
             t = by_out[t].inputs[0]
     wide = {n.output: "int16" for n in net.nodes if n.kind in ("conv2d", "dense", "add")
-            and n.output not in tables | into_dense and rng.random() < 0.25}
+            and n.output not in int8_only and rng.random() < 0.25}
     qm = ptq.quantize_ptq(back, shape, torch.randn(64, cin, h, h).numpy(), weight_cfg=weights,
                           act_dtypes=wide)
     compile_model(str(qm.save(tmp_path / "q")), target, tmp_path / "b", log=lambda *a: None)
     inputs = np.random.default_rng(seed).standard_normal((2 * batch, cin, h, h))
     result, _ = simulate(tmp_path / "b", inputs.astype(np.float32))
     assert result["outputs_match"] and result["mismatches"] == 0, (
-        [b.kind for b in model.blocks], model.head, weights, wide)
+        [b.kind for b in original.blocks], original.head, weights, wide)
