@@ -379,8 +379,6 @@ def fold_constants(model: nn.Module) -> nn.Module:
     folds = [n for n in gm.graph.nodes if n.op != "get_attr" and n.name in constant
              and isinstance(constant[n.name], torch.Tensor)
              and any(u.name not in constant for u in n.users)]
-    if not folds:
-        return model
     for n in folds:
         value = constant[n.name].detach().clone()
         name = f"folded_{n.name}"
@@ -390,6 +388,24 @@ def fold_constants(model: nn.Module) -> nn.Module:
             gm.register_buffer(name, value)
         with gm.graph.inserting_before(n):
             n.replace_all_uses_with(gm.graph.get_attr(name))
+    return _rewritten(gm, model) if folds else model
+
+
+def _traced(model: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule | None:
+    """`model` traced by torch.fx, each node's shape at input `shape` in its meta; None if
+    it does not trace."""
+    try:
+        gm = fx.symbolic_trace(model)
+        from torch.fx.passes.shape_prop import ShapeProp
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(shape))
+    except Exception:
+        return None
+    return gm
+
+
+def _rewritten(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """`gm` after a rewrite of its graph: what nothing reads dropped, its code regenerated."""
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm.train(model.training)
@@ -400,12 +416,8 @@ def lower_handwritten_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
     eps) over some axes (ConvNeXt's channels-first LayerNorm, older transformer code), as
     F.layer_norm over those axes (moved last by a permute when they are not), which every
     stage knows; the affine after it stays as written. `model` itself if there is none."""
-    try:
-        gm = fx.symbolic_trace(model)
-        from torch.fx.passes.shape_prop import ShapeProp
-        with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(shape))
-    except Exception:
+    gm = _traced(model, shape)
+    if gm is None:
         return model
     found = False
     for node in list(gm.graph.nodes):
@@ -426,11 +438,7 @@ def lower_handwritten_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
                 y = gm.graph.call_method("permute", (y, *[perm.index(k) for k in range(rank)]))
         node.replace_all_uses_with(y)
         found = True
-    if not found:
-        return model
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm.train(model.training)
+    return _rewritten(gm, model) if found else model
 
 
 def _called(n, functions: tuple, method: str) -> bool:
@@ -500,12 +508,8 @@ def lower_statistics(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` with each variance or standard deviation over some axes (an x-vector's
     statistics pooling, x.std(-1)) written as the means, product and square root every stage
     knows. `model` itself if there is none."""
-    try:
-        gm = fx.symbolic_trace(model)
-        from torch.fx.passes.shape_prop import ShapeProp
-        with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(shape))
-    except Exception:
+    gm = _traced(model, shape)
+    if gm is None:
         return model
     found = False
     for node in list(gm.graph.nodes):
@@ -535,8 +539,4 @@ def lower_statistics(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
                 y = gm.graph.call_function(torch.sqrt, (y,))
         node.replace_all_uses_with(y)
         found = True
-    if not found:
-        return model
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm.train(model.training)
+    return _rewritten(gm, model) if found else model
