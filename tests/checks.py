@@ -21,6 +21,18 @@ def pruned_equivalently(model, shape, x, **prune_args):
     return pruned, record
 
 
+def read_back(model, shape, x, tmp_path, exporters=(False, True), tol: float = 1e-4):
+    """`model` exported to ONNX (torch's legacy exporter, then its default one) and read back,
+    checked on `x` each time; the last one read back."""
+    from edgeprune.onnx_to_torch import onnx_to_torch
+    for dynamo in exporters:
+        torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+        back, _ = onnx_to_torch(tmp_path / "m.onnx")
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model(x), atol=tol, rtol=tol)
+    return back
+
+
 def conv_widths(model) -> list[int]:
     """The output channels of every Conv2d of `model`, in order (what pruning left)."""
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

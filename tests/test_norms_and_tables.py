@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, conv_widths, pruned_equivalently
-from edgeprune.onnx_to_torch import onnx_to_torch
+from checks import bit_exact, conv_widths, pruned_equivalently, read_back
 from edgeprune.quantize import ptq
 
 torch.set_num_threads(1)
@@ -49,12 +48,7 @@ def test_norms_layer_scale_minima_and_handwritten_activations_run_bit_exact(tmp_
     # the stem feeds the ConvNeXt block's LayerNorm over channels and c1 the LayerNorm over
     # C, H, W: kept; c2 and c3 prune through the hand-written activations and the minimum
     assert conv_widths(pruned) == [16, 16, 8, 4, 4]
-    for dynamo in (False, True):
-        torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"),
-                          dynamo=dynamo)
-        back, _ = onnx_to_torch(tmp_path / "m.onnx")
-        with torch.no_grad():
-            torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
+    back = read_back(pruned, shape, x, tmp_path)
     qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
     tables = [o for o in qm.ops if o.kind == "lut" and o.attrs["function"] == "region"]
     assert len(tables) == 2          # the masked leaky ReLU and the quick GELU: one table each
@@ -86,10 +80,7 @@ def test_rmsnorm_softplus_and_min_from_the_default_exporter_run_bit_exact(tmp_pa
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
     assert conv_widths(pruned) == [4, 4]
     # torch's default exporter writes Softplus's threshold and Hardshrink with Where masks
-    torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"))
-    back, _ = onnx_to_torch(tmp_path / "m.onnx")
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
+    back = read_back(pruned, shape, x, tmp_path, exporters=(True,))
     qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
     assert sum(o.kind == "lut" and o.attrs["function"] == "region" for o in qm.ops) == 2
     for q in (qm, ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())):
