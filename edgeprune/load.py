@@ -91,7 +91,8 @@ def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
             raise EdgepruneError(f"{path}: {what} that torch cannot export to ONNX on an "
                                  f"input of shape {list(shape)} ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''}); save the "
-                                 "nn.Module itself, or its ONNX export") from None
+                                 "nn.Module itself, a torch.jit.trace of it (loops "
+                                 "unrolled), or its ONNX export") from None
         return onnx_to_torch(onnx_path, tuple(shape))
 
 
