@@ -46,7 +46,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                              f"{', '.join(models.zoo_names())})")
     if path.suffix == ".onnx":
         from .onnx_to_torch import onnx_to_torch
-        model, shape = onnx_to_torch(path, input_shape)
+        model, shape = onnx_to_torch(path, input_shape, data_shape)
     elif path.suffix == ".pt2":      # torch.export.save: a graph of ATen ops
         program = torch.export.load(path)
         shape = input_shape or _example_shape(program, path)

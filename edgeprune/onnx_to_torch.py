@@ -1226,9 +1226,11 @@ class _Builder:
         return self._module(node, "MatMul", lin, self._in(node.input[0]))
 
 
-def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None
-                  ) -> tuple[nn.Module, tuple[int, ...]]:
-    """(GraphModule in eval mode, static input shape) for the ONNX file at `path`."""
+def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None,
+                  data_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """(GraphModule in eval mode, static input shape) for the ONNX file at `path`. The shape:
+    `input_shape`, else the file's (a free batch size taken as 1), else `data_shape` (one
+    sample of the data it will run on) where the file leaves other axes free."""
     import onnx
     path = Path(path)
     try:
@@ -1243,6 +1245,8 @@ def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None
                 for d in inputs[0].type.tensor_type.shape.dim]
         if dims and dims[0] is None and None not in dims[1:]:
             input_shape = (1, *dims[1:])
+        elif None in dims[1:] and data_shape is not None:
+            input_shape = tuple(data_shape)
     if len(inputs) == 1:
         model = simplify(model, static_input_shapes(model, input_shape, str(path)), str(path),
                          keep_bn=True)

@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeprune.errors import EdgepruneError
@@ -68,3 +69,21 @@ def test_depth_space_pads_and_extrema_read_back_as_onnx_computes_them(tmp_path):
     t = np.random.default_rng(0).normal(size=(1, 8, 3, 3)).astype(np.float32)
     want = ReferenceEvaluator(str(tmp_path / "m.onnx")).run(None, {"x": t})[0]
     np.testing.assert_allclose(back(torch.from_numpy(t)).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_onnx_file_with_free_spatial_axes_takes_the_data_shape(tmp_path):
+    """Free H and W (a fully convolutional export): the data's sample shape fixes them; with
+    neither that nor --input-shape, the error says which axes are free."""
+    from edgeprune.load import load_torch
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).eval()
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(tmp_path / "m.onnx"),
+                      dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    with pytest.raises(EdgepruneError, match=r"dynamic shape \('\?', 1, '\?', '\?'\)"):
+        load_torch(str(tmp_path / "m.onnx"))
+    back, shape = load_torch(str(tmp_path / "m.onnx"), data_shape=(1, 1, 20, 20))
+    assert shape == (1, 1, 20, 20)
+    x = torch.randn(2, 1, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-5)
