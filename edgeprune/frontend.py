@@ -5,7 +5,10 @@ ONNX files are checked, given static shapes, and simplified with onnxsim so BN a
 arithmetic are folded before TVM sees them.
 """
 
+import contextlib
 import io
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +20,36 @@ from .errors import EdgepruneError
 OPSET = 17
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 points at stderr meanwhile: what C++ code prints keeps off the
+    standard output (a command's --json)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def export_dynamo(model, x, **kwargs):
+    """torch's default (torch.export) ONNX exporter on input `x`, without its progress lines
+    on stdout or its notes on optional packages (torchvision) in the log; its ONNXProgram."""
+    import logging
+
+    import torch
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return torch.onnx.export(model, (x,), dynamo=True, verbose=False, **kwargs)
+    finally:
+        log.setLevel(level)
+
+
 def export_torch(model, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     import torch
 
@@ -25,10 +58,18 @@ def export_torch(model, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=OPSET,
-                              input_names=["input"], output_names=["output"])
-        except Exception as e:
-            raise EdgepruneError(f"the PyTorch model does not export to ONNX: {e}")
+            with stdout_to_stderr():    # its IR dump when it fails (from C++)
+                torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=OPSET,
+                                  input_names=["input"], output_names=["output"])
+        except Exception as legacy:
+            # ops the legacy exporter lacks (RMSNorm, channel_shuffle): torch's default one
+            try:
+                return export_dynamo(model.eval(), x, input_names=["input"],
+                                     output_names=["output"]).model_proto
+            except Exception as e:
+                raise EdgepruneError("the PyTorch model does not export to ONNX (legacy "
+                                     f"exporter: {str(legacy).splitlines()[0]}; default "
+                                     f"exporter: {str(e).splitlines()[0]})") from None
     return onnx.load_from_string(buf.getvalue())
 
 

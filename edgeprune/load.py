@@ -81,12 +81,17 @@ def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
     back to (torch's exporters read both; fx traces neither)."""
     import tempfile
 
+    from .frontend import export_dynamo, stdout_to_stderr
     from .onnx_to_torch import onnx_to_torch
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(source, (torch.zeros(shape),), str(onnx_path), verbose=False,
-                              dynamo=not isinstance(source, torch.jit.ScriptModule))
+            if isinstance(source, torch.jit.ScriptModule):   # only the legacy exporter reads it
+                with stdout_to_stderr():
+                    torch.onnx.export(source, (torch.zeros(shape),), str(onnx_path),
+                                      dynamo=False)
+            else:
+                export_dynamo(source, torch.zeros(shape)).save(str(onnx_path))
         except Exception as e:
             raise EdgepruneError(f"{path}: {what} that torch cannot export to ONNX on an "
                                  f"input of shape {list(shape)} ({type(e).__name__}: "

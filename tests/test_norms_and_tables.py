@@ -146,3 +146,22 @@ def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp
     kinds = [o.kind for o in qm.ops]
     assert kinds.count("layernorm") == 2 and kinds.count("conv2d") == 4  # + the affine
     bit_exact(qm, x[:4].numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)
+
+
+def test_a_model_the_legacy_exporter_refuses_exports_with_the_default_one(capfd, tmp_path):
+    """deploy writes model.onnx with torch's legacy exporter, and with its default one for the
+    ops the legacy one lacks (RMSNorm, channel_shuffle), printing nothing on stdout."""
+    import onnx
+
+    from edgeprune.frontend import export_torch
+    from edgeprune.onnx_to_torch import onnx_to_torch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ChannelShuffle(2), nn.RMSNorm([4, 6, 6]),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    proto = export_torch(model, (1, 1, 8, 8))
+    assert capfd.readouterr().out == ""
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-4, rtol=1e-4)
