@@ -83,11 +83,12 @@ def test_channel_splits_prune_export_and_run_bit_exact(tmp_path):
     shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
 
     pruned, _ = pruned_equivalently(model, shape, x, criterion="l1", ratios=0.5)
-    # the shuffle branch's inner convs and the convs after the split are cut; the sliced
-    # tensors' producers (stem, ghost, the branch's last conv) keep their channels
+    # the shuffle branch's inner convs and the convs after the split are cut, and the stem's
+    # half that the chunk gives the branch; what the shuffle regroups (the stem's other half,
+    # the branch's last conv) and the ghost's channels (a strided slice reads them) are kept
     widths = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
     assert widths["unit.branch.0.0"] == 8 and widths["a.0"] == 4 and widths["b.0"] == 4
-    assert widths["stem.0"] == 16 and widths["ghost.primary.0"] == 6
+    assert widths["stem.0"] == 12 and widths["ghost.primary.0"] == 6
 
     torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
     back, _ = onnx_to_torch(tmp_path / "m.onnx")
@@ -135,10 +136,12 @@ def test_splits_of_a_1d_signal_lift_prune_and_quantize():
     with torch.no_grad():
         torch.testing.assert_close(lifted(x[:, :, None]), model(x))
     pruned, _ = pruned_equivalently(lifted, shape, x[:, :, None], ratios=0.5)
-    assert conv_widths(pruned) == [8, 3, 3]
+    assert conv_widths(pruned) == [4, 3, 3]     # each half of c prunes: the chunk moves
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    # the chunk's halves as narrows of the channels kept (a keeps 1 of its 4, b 3), then the
+    # crops of the time axis
     assert [(o.attrs["axis"], o.attrs["start"]) for o in qm.ops if o.kind == "slice"] == [
-        (1, 0), (1, 4), (3, 2), (3, 2)]
+        (1, 0), (1, 1), (3, 2), (3, 2)]
     xq = x[:1, :, None].numpy()
     y = reference.dequantize_output(qm, reference.run(qm, reference.quantize_input(qm, xq)))
     assert np.abs(y - pruned(x[:1, :, None]).detach().numpy()).max() < 0.1 * np.abs(y).max()

@@ -41,9 +41,10 @@ def test_space_moves_crops_and_max_feature_map_prune_and_run_bit_exact(tmp_path)
     shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
     widths = conv_widths(pruned)
-    # c1's channels pass the Focus slices; the others feed a channel split, the pixel
-    # shuffle or the output, and are kept
-    assert widths == [8, 16, 16, 8, 1]
+    # c1's channels pass the Focus slices; focus and c2 prune through their channel splits
+    # (the max and the min pair the halves' channels); up feeds the pixel shuffle, out the
+    # output: kept
+    assert widths == [8, 8, 8, 8, 1]
     back = read_back(pruned, shape, x, tmp_path, tol=1e-5)
     qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
     kinds = [o.kind for o in qm.ops]

@@ -127,7 +127,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
         else:
             counts = allocate.global_counts(graph, scores, ratios, min_keep)
 
-    keep = allocate.keep_lowest_removed(graph, scores, counts)
+    keep = graph.with_every_piece(allocate.keep_lowest_removed(graph, scores, counts), scores)
     pruned, masks = surgery(graph, keep)
     after = flops.count(pruned, shape)
     record = _record(graph, crit_name, allocation, scores, keep, masks, ctx.notes)

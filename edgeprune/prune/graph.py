@@ -193,6 +193,9 @@ class DepGraph:
         # reshapes of the axes after the channels ((N, C) -> (N, C, 1, 1), (N, C, H, W) ->
         # (N, C, H * W)): node -> (channel layout, the new trailing axes)
         self.expand_nodes: dict[str, tuple[Layout, tuple[int, ...]]] = {}
+        # contiguous pieces of the channels (x[:, 4:], a chunk's or split's piece, narrow):
+        # node -> (the sliced tensor's layout, the piece), rewritten to the channels kept
+        self.channel_slices: dict[str, tuple[Layout, Slice]] = {}
         self._walk()
         self._build_groups()
 
@@ -552,8 +555,9 @@ class DepGraph:
         self._fail(node, f"unsupported operation {name}")
 
     def _slice(self, node: fx.Node, pieces: list[Slice]):
-        """Part of a tensor. Along the channels, a pruned channel would move the slice's
-        bounds, so the sliced tensor's channels are kept; along other axes they pass."""
+        """Part of a tensor. Along other axes the channels pass. A contiguous piece of the
+        channels alone (a channel split) takes its channels, and surgery moves its bounds to
+        the channels kept; any other cut of the channels keeps the sliced tensor's."""
         source = pieces[0].source
         lay = self._layout_of(source)
         if not isinstance(lay, Layout):
@@ -566,6 +570,9 @@ class DepGraph:
             if drops and lay.channels_last and nd == 3:
                 return Layout(lay.ids)      # (N, T, C)[:, -1]: the channels of (N, C)
             return lay
+        if lay.repeat == 1 and pieces == cut and cut[0].step == 1 and not drops:
+            self.channel_slices[node.name] = (lay, cut[0])
+            return Layout(lay.ids[cut[0].start:cut[0].stop], 1, lay.channels_last)
         self._freeze(lay)
         if drops:
             return self._new_space(self._shape(node)[1], None, True) \
@@ -812,6 +819,20 @@ class DepGraph:
     def layer_names(self) -> list[str]:
         return [n for g in self.groups for n in g.layers]
 
+    def with_every_piece(self, keep: dict[int, list[int] | np.ndarray],
+                         scores: dict[int, torch.Tensor] | None = None) -> dict:
+        """`keep` with one more unit (the best scored; else the first) in each channel piece
+        it would empty: a channel split keeps a channel on every side."""
+        keep = {g: sorted(int(u) for u in us) for g, us in keep.items()}
+        for lay, piece in self.channel_slices.values():
+            ids = lay.ids[piece.start:piece.stop]
+            if any(self.alive(cid, keep) for cid in ids):
+                continue
+            units = sorted({self.unit_of_root[self._find(cid)] for cid in ids})
+            best = max(units, key=lambda gu: float(scores[gu[0]][gu[1]])) if scores else units[0]
+            keep[best[0]] = sorted(set(keep[best[0]]) | {best[1]})
+        return keep
+
     def alive(self, cid: int, keep: dict[int, list[int] | np.ndarray]) -> bool:
         """Whether channel id `cid` survives when `keep` (group -> kept units) is applied."""
         gu = self.unit_of_root.get(self._find(cid))
@@ -922,6 +943,7 @@ def _new_linear(m: nn.Linear, keep_out: list[int], keep_in: list[int]) -> nn.Lin
 def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule, dict]:
     """A new GraphModule with the units not in `keep` (group index -> kept unit indices)
     physically removed, and per-layer kept positions. The input model is left unchanged."""
+    keep = graph.with_every_piece(keep)
     for gi, units in keep.items():
         if len(units) == 0:
             g = graph.groups[gi]
@@ -959,6 +981,15 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             kept = sum(graph.alive(cid, keep) for cid in layout.ids)
             node.op, node.target = "call_function", torch.reshape
             node.args, node.kwargs = (node.args[0], (-1, kept, *tail)), {}
+        elif node.name in graph.channel_slices:   # the piece of the channels kept
+            layout, piece = graph.channel_slices[node.name]
+            alive = [graph.alive(cid, keep) for cid in layout.ids]
+            source = next(n for n in gm.graph.nodes if n.name == piece.source.name)
+            node.op, node.target = "call_function", torch.narrow
+            node.args = (source, piece.axis, sum(alive[:piece.start]),
+                         sum(alive[piece.start:piece.stop]))
+            node.kwargs = {}
+    gm.graph.eliminate_dead_code()      # a split whose pieces are narrows now
     gm.recompile()
     gm.train(graph.model.training)
     return gm, masks
