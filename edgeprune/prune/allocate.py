@@ -35,9 +35,10 @@ def units_removed(ratio: float, units: int) -> int:
 
 
 def uniform(graph: DepGraph, ratio: float) -> dict[int, int]:
-    """Units to remove per group: the same fraction everywhere."""
+    """Units to remove per group: the same fraction everywhere, leaving each group a unit (a
+    GroupNorm of one group is one unit: half of it rounds to all of it)."""
     ratio = check_ratio(ratio)
-    return {g.index: units_removed(ratio, g.units) for g in graph.groups}
+    return {g.index: min(units_removed(ratio, g.units), g.units - 1) for g in graph.groups}
 
 
 def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0,

@@ -127,7 +127,7 @@ CONST = "const"  # marker layout for get_attr constants
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
     name: str
-    kind: str  # "conv" | "gconv" | "dwconv" | "frozen" | "bn" | "prelu" | "linear"
+    kind: str  # "conv" | "gconv" | "dwconv" | "frozen" | "bn" | "gn" | "prelu" | "linear"
     module: nn.Module
     node: str
     in_layout: Layout | None
@@ -337,10 +337,8 @@ class DepGraph:
             return self._softmax(node, mod.dim, shape)
         if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             return self._layer_norm(node, len(mod.normalized_shape))
-        if isinstance(mod, nn.GroupNorm):       # statistics of groups of channels
-            lay = self._input_layout(node)
-            self._freeze(lay)
-            return lay
+        if isinstance(mod, nn.GroupNorm):
+            return self._group_norm(node, mod, name)
         if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d)):   # each channel alone
             lay = self._input_layout(node)
             if mod.affine:       # a weight per channel: pruned like a BatchNorm's
@@ -370,6 +368,20 @@ class DepGraph:
                 self._fail(node, "multiplies a tensor without a tracked channel dimension")
             self._freeze(lay)
         return Layout(self._new_space(shape[-1], None, True).ids, 1, len(shape) > 2)
+
+    def _group_norm(self, node: fx.Node, mod: nn.GroupNorm, name: str) -> Layout:
+        """Statistics over groups of channels: each group's channels are one unit, so a group
+        prunes whole (the others' statistics stay) and the norm keeps fewer groups."""
+        lay = self._input_layout(node)
+        if lay.repeat != 1:
+            self._freeze(lay)
+            return lay
+        per = len(lay.ids) // mod.num_groups
+        for g in range(mod.num_groups):
+            for cid in lay.ids[g * per + 1:(g + 1) * per]:
+                self._union(lay.ids[g * per], cid)
+        self.layers[name] = Layer(name, "gn", mod, node.name, lay, lay)
+        return lay
 
     def _layer_norm(self, node: fx.Node, n_axes: int) -> Layout:
         """A LayerNorm over the last `n_axes` axes. Over the channels, every channel counts in
@@ -800,8 +812,8 @@ class DepGraph:
         roles = []
         if layer.kind in ("conv", "gconv", "linear"):
             roles += [("out", layer.out_layout, False), ("in", layer.in_layout, True)]
-        elif layer.kind in ("bn", "dwconv", "prelu"):
-            role = {"bn": "bn", "dwconv": "dw", "prelu": "prelu"}[layer.kind]
+        elif layer.kind in ("bn", "gn", "dwconv", "prelu"):
+            role = {"bn": "bn", "gn": "gn", "dwconv": "dw", "prelu": "prelu"}[layer.kind]
             roles += [(role, layer.in_layout, False)]
         for role, lay, expand in roles:
             for gi, units in self._positions(lay, expand).items():
@@ -932,6 +944,16 @@ def _new_bn(m: nn.BatchNorm2d | nn.BatchNorm1d, keep: list[int]) -> nn.Module:
     return new
 
 
+def _new_group_norm(m: nn.GroupNorm, keep: list[int]) -> nn.GroupNorm:
+    """`m` over the channels `keep`: whole groups (DepGraph made each group one unit)."""
+    per = m.num_channels // m.num_groups
+    new = nn.GroupNorm(len(keep) // per, len(keep), m.eps, m.affine)
+    if m.affine:
+        new.weight.data.copy_(m.weight.data[_idx(keep)])
+        new.bias.data.copy_(m.bias.data[_idx(keep)])
+    return new
+
+
 def _new_linear(m: nn.Linear, keep_out: list[int], keep_in: list[int]) -> nn.Linear:
     new = nn.Linear(len(keep_in), len(keep_out), bias=m.bias is not None)
     new.weight.data.copy_(m.weight.data[_idx(keep_out)][:, _idx(keep_in)])
@@ -961,6 +983,8 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             new = _new_conv(m, rec["in"], rec["in"], True)
         elif layer.kind == "bn":
             new = _new_bn(m, rec["in"])
+        elif layer.kind == "gn":
+            new = _new_group_norm(m, rec["in"])
         elif layer.kind == "prelu":
             new = nn.PReLU(len(rec["in"]))
             new.weight.data.copy_(m.weight.data[_idx(rec["in"])])
