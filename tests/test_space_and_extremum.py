@@ -42,9 +42,9 @@ def test_space_moves_crops_and_max_feature_map_prune_and_run_bit_exact(tmp_path)
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
     widths = conv_widths(pruned)
     # c1's channels pass the Focus slices; focus and c2 prune through their channel splits
-    # (the max and the min pair the halves' channels); up feeds the pixel shuffle, out the
-    # output: kept
-    assert widths == [8, 8, 8, 8, 1]
+    # (the max and the min pair the halves' channels); up by blocks of 4, each one output
+    # channel of the pixel shuffle; out feeds the output: kept
+    assert widths == [8, 8, 8, 4, 1]
     back = read_back(pruned, shape, x, tmp_path, tol=1e-5)
     qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
     kinds = [o.kind for o in qm.ops]

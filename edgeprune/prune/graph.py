@@ -331,7 +331,9 @@ class DepGraph:
             return self._flatten(node, mod.start_dim, mod.end_dim)
         if isinstance(mod, nn.Unflatten):
             return self._reshape(node, shape)
-        if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)):   # regrouped
+        if isinstance(mod, nn.PixelShuffle):
+            return self._depth_to_space(node, mod.upscale_factor)
+        if isinstance(mod, (nn.PixelUnshuffle, nn.ChannelShuffle)):   # channels regrouped
             return self._kept(self._input_layout(node, 4), shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
@@ -368,6 +370,19 @@ class DepGraph:
                 self._fail(node, "multiplies a tensor without a tracked channel dimension")
             self._freeze(lay)
         return Layout(self._new_space(shape[-1], None, True).ids, 1, len(shape) > 2)
+
+    def _depth_to_space(self, node: fx.Node, r: int) -> Layout:
+        """A pixel shuffle: output channel c is input channels c * r * r .. (c + 1) * r * r - 1
+        spread over space, so those r * r are one unit, and a pruned output channel is a
+        block of its producer's (a super-resolution head prunes)."""
+        lay = self._input_layout(node, 4)
+        if lay.repeat != 1 or lay.channels_last:
+            return self._kept(lay, self._shape(node))
+        block = r * r
+        for c in range(len(lay.ids) // block):
+            for cid in lay.ids[c * block + 1:(c + 1) * block]:
+                self._union(lay.ids[c * block], cid)
+        return Layout(lay.ids[::block])
 
     def _group_norm(self, node: fx.Node, mod: nn.GroupNorm, name: str) -> Layout:
         """Statistics over groups of channels: each group's channels are one unit, so a group
@@ -533,7 +548,10 @@ class DepGraph:
             for x in node.args[0]:
                 self._freeze(self._layout_of(x))
             return self._new_space(shape[1], None, True)
-        if is_fn and t in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle,
+        if is_fn and t is F.pixel_shuffle:
+            factor = node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
+            return self._depth_to_space(node, int(factor))
+        if is_fn and t in (F.pixel_unshuffle, F.channel_shuffle,
                            torch.channel_shuffle):   # channels regrouped
             return self._kept(self._input_layout(node, 4), shape)
         if is_fn and t in (F.layer_norm, F.rms_norm):
