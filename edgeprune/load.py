@@ -77,8 +77,9 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
 
 
 def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
-    """A TorchScript module or an exported program as the torch model its ONNX export reads
-    back to (torch's exporters read both; fx traces neither)."""
+    """A TorchScript module, an exported program or a module fx cannot trace, as the torch
+    model its ONNX export reads back to (torch's exporters read all three, at a static
+    shape)."""
     import tempfile
 
     from .frontend import export_dynamo, stdout_to_stderr
