@@ -366,9 +366,12 @@ def fold_constants(model: nn.Module) -> nn.Module:
     except Exception:
         return model
     constant: dict[str, object] = {}    # node -> its value, for nodes the input never reaches
+    learnt: set[str] = set()            # ... of those, the ones computed from a parameter
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             constant[n.name] = operator.attrgetter(n.target)(gm)
+            if isinstance(constant[n.name], nn.Parameter):
+                learnt.add(n.name)
         elif n.op in ("call_function", "call_method") and \
                 all(a.name in constant for a in n.all_input_nodes) and \
                 (n.all_input_nodes or n.op == "call_function"):
@@ -376,13 +379,15 @@ def fold_constants(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 constant[n.name] = (n.target(*args, **kwargs) if n.op == "call_function"
                                     else getattr(args[0], n.target)(*args[1:], **kwargs))
+            if any(a.name in learnt for a in n.all_input_nodes):
+                learnt.add(n.name)
     folds = [n for n in gm.graph.nodes if n.op != "get_attr" and n.name in constant
              and isinstance(constant[n.name], torch.Tensor)
              and any(u.name not in constant for u in n.users)]
     for n in folds:
         value = constant[n.name].detach().clone()
         name = f"folded_{n.name}"
-        if value.is_floating_point():
+        if n.name in learnt and value.is_floating_point():   # fine-tuning still trains it
             gm.register_parameter(name, nn.Parameter(value))
         else:
             gm.register_buffer(name, value)
