@@ -48,24 +48,31 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _nearest_picks_repeat(n: int, f: int, ctm: str, rounding: str) -> bool:
-    """Whether ONNX Resize (nearest) upsampling an axis of n by whole factor f picks input
-    o // f for every output o: the coordinate transformation, then the rounding, of the ONNX
-    operator's definition."""
-    out = np.arange(n * f, dtype=np.float64)
-    if ctm in ("half_pixel", "pytorch_half_pixel"):
-        x = (out + 0.5) / f - 0.5
+def _nearest_picks(n: int, size: int, ctm: str, rounding: str) -> np.ndarray | None:
+    """The input pixel ONNX Resize (nearest) picks for each output pixel when it resizes an
+    axis of n to `size`: the coordinate transformation, then the rounding, of the operator's
+    definition. None for a rule it does not name."""
+    out = np.arange(size, dtype=np.float64)
+    scale = size / n
+    if ctm == "half_pixel" or (ctm == "pytorch_half_pixel" and size > 1):
+        x = (out + 0.5) / scale - 0.5
     elif ctm == "asymmetric":
-        x = out / f
+        x = out / scale
     elif ctm == "tf_half_pixel_for_nn":
-        x = (out + 0.5) / f
+        x = (out + 0.5) / scale
     elif ctm == "align_corners":
-        x = out * (n - 1) / max(n * f - 1, 1)
+        x = out * (n - 1) / max(size - 1, 1)
     else:
-        return False
+        return None
     pick = {"round_prefer_floor": np.ceil(x - 0.5), "round_prefer_ceil": np.floor(x + 0.5),
             "floor": np.floor(x), "ceil": np.ceil(x)}.get(rounding)
-    return pick is not None and bool(np.array_equal(np.clip(pick, 0, n - 1), out // f))
+    return None if pick is None else np.clip(pick, 0, n - 1).astype(np.int64)
+
+
+def _strided(picks: np.ndarray) -> bool:
+    """Whether the picks are every k-th pixel (k >= 1) from some start."""
+    steps = np.diff(picks)
+    return len(picks) == 1 or (steps[0] >= 1 and bool(np.all(steps == steps[0])))
 
 
 def _attrs(node) -> dict:
@@ -550,7 +557,9 @@ class _Builder:
         x = self._in(node.input[0])
         to = torch.broadcast_shapes(tuple(x[1].shape), tuple(
             int(d) for d in np.asarray(self._const(node.input[1], node, "shape")).reshape(-1)))
-        n = self.graph.call_method("expand", (x[0], *to))
+        # the batch axis as it comes (-1): the exporter wrote the static batch
+        free = (-1, *to[1:]) if x[1].dim() == len(to) and x[1].shape[0] == to[0] else to
+        n = self.graph.call_method("expand", (x[0], *free))
         return n, x[1].expand(*to)
 
     def _normalize(self, node):
@@ -980,10 +989,15 @@ class _Builder:
         out = [int(round(d * f)) for d, f in zip(shape, v)] if scales else [int(s) for s in v]
         factors = [o // i for i, o in zip(shape[2:], out[2:])]
         if mode == "nearest":
-            ok = (all(f >= 1 for f in factors)
-                  and out[2:] == [i * f for i, f in zip(shape[2:], factors)]
-                  and all(_nearest_picks_repeat(n, f, ctm, rounding)
-                          for n, f in zip(shape[2:], factors)))
+            picks = [_nearest_picks(n, o, ctm, rounding) for n, o in zip(shape[2:], out[2:])]
+            ok = all(p is not None and np.array_equal(p, np.arange(o) // max(f, 1))
+                     for p, o, f in zip(picks, out[2:], factors))
+            if not ok and out[:2] == list(shape[:2]) and all(
+                    p is not None and _strided(p) for p in picks):   # every step-th pixel
+                for axis, p in enumerate(picks, 2):
+                    step = int(p[1] - p[0]) if len(p) > 1 else 1
+                    x = self._slice(node, x, axis, int(p[0]), int(p[-1]) + 1, step)
+                return x
             how = {"scale_factor": tuple(float(f) for f in factors), "mode": "nearest"}
         else:
             # torch samples at (o + 0.5) * n / N - 0.5: ONNX's half_pixel where the scale is
@@ -998,9 +1012,10 @@ class _Builder:
                    "align_corners": ctm == "align_corners"}
         if not ok or out[:2] != list(shape[:2]):
             raise _err(f"ONNX node '{node.name}' (Resize): {mode} resize of {list(shape)} to "
-                       f"{out} ({ctm}, {rounding}) is not supported; only nearest upsampling "
-                       "of the spatial axes by whole factors that repeats every value, or "
-                       "linear resizing with the half_pixel or align_corners coordinates")
+                       f"{out} ({ctm}, {rounding}) is not supported; only nearest resizing "
+                       "of the spatial axes by whole factors (repeating every value, or taking "
+                       "every k-th), or linear resizing with the half_pixel or align_corners "
+                       "coordinates")
         return self._module(node, "Resize", nn.Upsample(**how), x)
 
     def op_LayerNormalization(self, node, a):

@@ -714,8 +714,23 @@ def test_nearest_upsampling_bit_exact_from_torch_and_onnx(fmnist, tmp_path):
 ])
 def test_onnx_nearest_resize_is_taken_only_where_it_repeats_values(ctm, rounding, factor,
                                                                    repeats):
-    from edgeprune.onnx_to_torch import _nearest_picks_repeat
-    assert _nearest_picks_repeat(7, factor, ctm, rounding) == repeats
+    from edgeprune.onnx_to_torch import _nearest_picks
+    picks = _nearest_picks(7, 7 * factor, ctm, rounding)
+    assert np.array_equal(picks, np.arange(7 * factor) // factor) == repeats
+
+
+@pytest.mark.parametrize("ctm,rounding,size,picks", [
+    ("asymmetric", "floor", 4, [0, 3, 6, 9]),         # torch's export of scale 1/3
+    ("half_pixel", "round_prefer_floor", 4, [1, 4, 7, 10]),
+    ("align_corners", "round_prefer_floor", 3, [0, 5, 11]),    # not every k-th
+])
+def test_onnx_nearest_downsizing_picks(ctm, rounding, size, picks):
+    """Nearest resizing down picks pixels by the ONNX rule; every k-th reads as a strided
+    slice, anything else is refused."""
+    from edgeprune.onnx_to_torch import _nearest_picks, _strided
+    got = _nearest_picks(12, size, ctm, rounding)
+    assert got.tolist() == picks
+    assert _strided(got) == (ctm != "align_corners")
 
 
 @pytest.mark.parametrize("n_in,n_out,align_corners", [
