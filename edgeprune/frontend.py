@@ -53,6 +53,9 @@ def export_dynamo(model, x, **kwargs):
 def export_torch(model, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     import torch
 
+    from .layers import adaptive_pools_as_windows
+
+    model = adaptive_pools_as_windows(model, tuple(input_shape))   # exporters refuse them
     x = torch.zeros(input_shape)
     buf = io.BytesIO()
     with warnings.catch_warnings():

@@ -446,6 +446,107 @@ def lower_handwritten_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
     return _rewritten(gm, model) if found else model
 
 
+def functional_inplace(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each in-place method whose result goes unused (`y.relu_()`, `y.mul_(2)`)
+    written as its functional form that the later reads of `y` take: in the traced graph such
+    a node has no users, and every rewrite that drops dead code would drop it."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    found = False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        t = node.target
+        if node.op != "call_method" or not t.endswith("_") or t.endswith("__") or node.users \
+                or not hasattr(torch.Tensor, t[:-1]) or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_after(node):
+            y = gm.graph.call_method(t[:-1], node.args, node.kwargs)
+        for user in list(x.users):
+            if user is not node and user is not y and order.get(user, len(order)) > order[node]:
+                user.replace_input_with(x, y)
+        gm.graph.erase_node(node)
+        found = True
+    return _rewritten(gm, model) if found else model
+
+
+def adaptive_pools_as_windows(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each 2-D adaptive pool whose output size does not divide its input's
+    written as the mean (max) of each window, row by row then column by column, joined by
+    concatenation: the same values, in ops ONNX has (torch's exporters refuse such a pool or
+    write it as gathers). `model` itself if there is none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    found = False
+    modules = dict(gm.named_modules())
+    kinds = {nn.AdaptiveAvgPool2d: "mean", F.adaptive_avg_pool2d: "mean",
+             nn.AdaptiveMaxPool2d: "amax", F.adaptive_max_pool2d: "amax"}
+    for node in list(gm.graph.nodes):
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        reduce = kinds.get(type(mod)) if mod is not None else \
+            kinds.get(node.target) if node.op == "call_function" else None
+        if reduce is None or (mod is not None and getattr(mod, "return_indices", False)):
+            continue
+        x = node.args[0]
+        size = mod.output_size if mod is not None else \
+            (node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        in_hw = tuple(x.meta["tensor_meta"].shape[-2:])
+        out_hw = tuple(i if o is None else o for i, o in zip(in_hw, size))
+        if all(i % o == 0 for i, o in zip(in_hw, out_hw)):
+            continue
+        y = x
+        with gm.graph.inserting_before(node):
+            for axis, (i, o) in enumerate(zip(in_hw, out_hw)):
+                if i % o == 0:
+                    continue
+                dim = axis - 2
+                pieces = []
+                for k in range(o):   # window k: [floor(k i / o), ceil((k + 1) i / o))
+                    start, end = k * i // o, -(-(k + 1) * i // o)
+                    part = gm.graph.call_method("narrow", (y, dim, start, end - start))
+                    pieces.append(gm.graph.call_method(reduce, (part, dim), {"keepdim": True}))
+                y = gm.graph.call_function(torch.cat, (pieces, dim))
+            y = gm.graph.call_function(F.adaptive_avg_pool2d if reduce == "mean"
+                                       else F.adaptive_max_pool2d, (y, out_hw))
+        node.replace_all_uses_with(y)
+        found = True
+    return _rewritten(gm, model) if found else model
+
+
+def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each op that is a short composition of ops every stage knows written as
+    that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels.
+    `model` itself if there is none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    found = False
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        is_glu = isinstance(mod, nn.GLU) or (node.op == "call_function" and node.target is F.glu)
+        if not (is_glu or isinstance(mod, nn.Softmax2d)):
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_before(node):
+            if isinstance(mod, nn.Softmax2d):
+                y = gm.graph.call_function(F.softmax, (x,), {"dim": -3})
+            else:      # the first half gated by the sigmoid of the second
+                dim = mod.dim if mod is not None else \
+                    (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1))
+                halves = gm.graph.call_function(torch.chunk, (x, 2, dim))
+                a = gm.graph.call_function(operator.getitem, (halves, 0))
+                b = gm.graph.call_function(operator.getitem, (halves, 1))
+                y = gm.graph.call_function(operator.mul, (a, gm.graph.call_function(
+                    torch.sigmoid, (b,))))
+        node.replace_all_uses_with(y)
+        found = True
+    return _rewritten(gm, model) if found else model
+
+
 def _called(n, functions: tuple, method: str) -> bool:
     return isinstance(n, fx.Node) and ((n.op == "call_function" and n.target in functions)
                                        or (n.op == "call_method" and n.target == method))

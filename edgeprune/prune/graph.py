@@ -63,13 +63,13 @@ PASSTHROUGH_FUNCTIONS = {
     torch.rsqrt, torch.reciprocal, torch.square, torch.sign, torch.log,
     torch.sin, torch.cos, F.mish, F.threshold, torch.log1p, torch.expm1, torch.log2,
     torch.log10, torch.atan, torch.tan, torch.sinh, torch.cosh, torch.logical_not,
-    operator.invert, torch.floor, torch.ceil, torch.round, torch.trunc,
+    operator.invert, torch.floor, torch.ceil, torch.round, torch.trunc, torch.clone,
 }
 PASSTHROUGH_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clip", "contiguous",
                        "clamp_", "float", "detach", "abs", "exp", "erf", "neg", "sqrt",
                        "rsqrt", "reciprocal", "square", "sign", "log", "sin", "cos", "to",
                        "type_as", "bool", "logical_not", "log1p", "expm1", "floor", "ceil",
-                       "round", "trunc"}
+                       "round", "trunc", "clone"}
 # elementwise comparisons and logic (the masks of a hand-written activation's torch.where)
 COMPARE_FUNCTIONS = {operator.gt, operator.lt, operator.ge, operator.le, operator.eq,
                      operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,

@@ -1,0 +1,71 @@
+"""Forms user code writes that every stage reads as ops it knows: in-place methods, F.glu,
+Softmax2d, clone, a squeeze-excitation's expand_as, nearest downsizing and an adaptive pool
+whose output does not divide its input (which torch's ONNX exporters refuse)."""
+
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checks import bit_exact, conv_widths, pruned_equivalently
+from edgeprune.frontend import export_torch
+from edgeprune.load import load_torch, save_torch
+from edgeprune.onnx_to_torch import onnx_to_torch
+from edgeprune.quantize import ptq
+
+torch.set_num_threads(1)
+
+
+class Composites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.c2 = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x):
+        g = F.glu(self.stem(x), 1)                 # the first 8 channels gated by the last 8
+        y = self.c1(g)
+        y += g
+        y.relu_()                                  # in place: its result unused in the graph
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3))))))
+        y = y * s.view(y.size(0), -1, 1, 1).expand_as(y)
+        y = F.interpolate(y, scale_factor=0.5, mode="nearest")       # every other pixel
+        y = self.c2(y).clone()                                       # (N, 8, 4, 4)
+        return self.fc(F.adaptive_avg_pool2d(y, 3).flatten(1))      # windows of 2 and 1
+
+
+def test_composites_load_prune_export_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Composites().eval()
+    shape, x = (1, 1, 10, 10), torch.randn(8, 1, 10, 10)
+    save_torch(model, shape, tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    code = loaded.code
+    assert ".relu_()" not in code and "glu" not in code and "chunk" in code
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [8, 4, 4]       # the GLU's halves prune as pairs
+    onnx.save(export_torch(pruned, shape), str(tmp_path / "p.onnx"))
+    back, _ = onnx_to_torch(tmp_path / "p.onnx")  # at another batch than exported
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned(x), atol=1e-4, rtol=1e-4)
+    qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x[:4].numpy(), "cortex-m7", tmp_path, like=pruned, tol=0.1)
+
+
+def test_softmax2d_is_a_softmax_over_the_channels(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                          nn.Softmax2d()).eval()
+    save_torch(model, (1, 3, 6, 6), tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    assert "softmax" in loaded.code
+    x = torch.randn(4, 3, 6, 6)
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]           # the softmax's channels kept
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    assert any(o.kind == "softmax" for o in qm.ops)
