@@ -362,7 +362,7 @@ def fold_constants(model: nn.Module) -> nn.Module:
     a per-channel constant where the model wrote an expression. `model` itself if there is
     none (or fx cannot trace it)."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, FrameLayersWhole().trace(model))
     except Exception:
         return model
     constant: dict[str, object] = {}    # node -> its value, for nodes the input never reaches
@@ -396,11 +396,21 @@ def fold_constants(model: nn.Module) -> nn.Module:
     return _rewritten(gm, model) if folds else model
 
 
+class FrameLayersWhole(fx.Tracer):
+    """Keeps each lowered recurrent, attention or encoder layer one call: they run on frames
+    (N, T, F), and a rewrite of the model around them (a 1-D model's lifting to 2-D) leaves
+    their own ops as they are."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (RecurrentAsOps, AttentionAsOps, EncoderLayerAsOps,
+                              EncoderAsOps)) or super().is_leaf_module(m, qualname)
+
+
 def _traced(model: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule | None:
-    """`model` traced by torch.fx, each node's shape at input `shape` in its meta; None if
-    it does not trace."""
+    """`model` traced by torch.fx (lowered layers kept whole), each node's shape at input
+    `shape` in its meta; None if it does not trace."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, FrameLayersWhole().trace(model))
         from torch.fx.passes.shape_prop import ShapeProp
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(shape))
@@ -444,6 +454,174 @@ def lower_handwritten_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
         node.replace_all_uses_with(y)
         found = True
     return _rewritten(gm, model) if found else model
+
+
+# modules that take (T, N, ...) unless batch_first: written batch first again by batch_first()
+_SEQUENCE_FIRST = (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                   nn.TransformerEncoder)
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.softmax, F.softmax,
+               torch.log_softmax, F.log_softmax, "mean", "sum", "amax", "amin", "softmax",
+               "log_softmax"}
+_LAST_AXIS_MODULES = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+
+
+def _moved(nd: int, src: int, dst: int) -> list[int]:
+    """The permutation that is movedim(t, src, dst) on a tensor of rank nd."""
+    axes = [k for k in range(nd) if k != src]
+    axes.insert(dst, src)
+    return axes
+
+
+def _sequence_first(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.TransformerEncoder):
+        return not mod.layers[0].self_attn.batch_first
+    if isinstance(mod, nn.TransformerEncoderLayer):
+        return not mod.self_attn.batch_first
+    return isinstance(mod, _SEQUENCE_FIRST) and not mod.batch_first
+
+
+def _as_batch_first(mod: nn.Module) -> nn.Module:
+    import copy
+    mod = copy.deepcopy(mod)
+    for m in mod.modules():
+        if isinstance(m, (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            m.batch_first = True
+    return mod
+
+
+def batch_first(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with the batch axis first in every tensor, where it moved it (a permute to
+    (T, N, C) for a GRU, LSTM or transformer layer without batch_first): each such layer
+    made batch_first and the ops around it written on batch-first tensors, the same values.
+    `model` itself if the batch never moves, or if an op on a moved batch is one this does
+    not know (the stage that meets it names it)."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    modules = dict(gm.named_modules())
+    where: dict[fx.Node, int] = {}      # where the batch axis is in the user's tensor
+    moved = False
+
+    def rank(n) -> int:
+        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+        return len(meta.shape) if hasattr(meta, "shape") else -1
+
+    def axis_of(n, d: int) -> int:      # axis d of the user's tensor n, in its batch-first form
+        return _moved(rank(n), 0, where.get(n, 0))[d % rank(n)]
+
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder":
+            where[node] = 0
+            continue
+        if node in where:             # a sequence-first layer's output, placed with it
+            continue
+        if node.op in ("get_attr", "output"):
+            if node.op == "output" and any(where.get(a, 0) for a in node.all_input_nodes):
+                return model
+            continue
+        t = node.target
+        mod = modules.get(t) if node.op == "call_module" else None
+        tensors = [a for a in node.all_input_nodes if a in where]
+        b = where.get(tensors[0], 0) if tensors else 0
+        if node.op in ("call_method", "call_function") and \
+                (t in ("permute", "transpose") or t in (torch.permute, torch.transpose)):
+            nd, x = rank(node), node.args[0]
+            rest = list(node.args[1:]) or list(node.kwargs.values())
+            if t in ("transpose", torch.transpose):
+                i, j = rest[0] % nd, rest[1] % nd
+                perm = list(range(nd))
+                perm[i], perm[j] = j, i
+            else:
+                perm = [d % nd for d in (rest[0] if len(rest) == 1 else rest)]
+            out = perm.index(b)
+            inner = _moved(nd, 0, b)
+            q = [inner[perm[j]] for j in _moved(nd, out, 0)]
+            node.target, node.op = "permute", "call_method"
+            node.args, node.kwargs = (x, *q), {}
+            where[node] = out
+            moved = moved or out != 0
+            continue
+        if not any(where.get(a, 0) for a in tensors):   # the batch first all along
+            if rank(node) >= 1 and not (mod is not None and _sequence_first(mod)):
+                where[node] = 0
+            continue
+        if mod is not None and _sequence_first(mod):     # its (T, N, ...) inputs: batch first
+            if any(where.get(a, 0) != 1 for a in tensors):
+                return model
+            parent, _, child = t.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, child, _as_batch_first(mod))
+            if isinstance(mod, nn.RNNBase) or isinstance(mod, nn.MultiheadAttention):
+                for user in node.users:     # (output, h_n or weights): h_n stays as it is
+                    if user.target is operator.getitem and user.args[1] == 0:
+                        where[user] = 1
+            else:
+                where[node] = 1
+            continue
+        if node.target is operator.getitem and node.args[0] in where and \
+                isinstance(node.args[1], (int, slice, tuple)):
+            x, index = node.args
+            index = index if isinstance(index, tuple) else (index,)
+            nd = rank(x)
+            if any(i is None or i is Ellipsis for i in index):
+                return model
+            index = list(index) + [slice(None)] * (nd - len(index))
+            if index[b] != slice(None):
+                return model
+            order = _moved(nd, 0, b)
+            node.args = (x, tuple(index[k] for k in order))
+            where[node] = b - sum(isinstance(i, int) for i in index[:b])
+            continue
+        if node.op in ("call_method", "call_function") and t in _REDUCTIONS:
+            x = node.args[0]
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dims is None:
+                return model
+            one = isinstance(dims, int)
+            dims = [d % rank(x) for d in ([dims] if one else dims)]
+            if b in dims:
+                return model
+            new = [axis_of(x, d) for d in dims]
+            node.args = (x, new[0] if one else tuple(new), *node.args[2:])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dim"}
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            kept = keep or "softmax" in getattr(t, "__name__", str(t))
+            where[node] = b if kept else b - sum(d < b for d in dims)
+            continue
+        if mod is not None and isinstance(mod, _LAST_AXIS_MODULES) or t in (F.linear,
+                                                                             F.layer_norm):
+            if b >= rank(node) - (len(mod.normalized_shape) if isinstance(
+                    mod, (nn.LayerNorm, nn.RMSNorm)) else 1):
+                return model
+            where[node] = b
+            continue
+        if _elementwise(node, mod):
+            nd = rank(node)
+            if any(where.get(a, 0) != b for a in tensors if rank(a) == nd):
+                return model
+            for a in node.all_input_nodes:    # constants and lower-rank operands: moved too
+                if a in where and rank(a) == nd:
+                    continue
+                if rank(a) > 0:
+                    with gm.graph.inserting_before(node):
+                        full = a if rank(a) == nd else gm.graph.call_method(
+                            "reshape", (a, *[1] * (nd - rank(a)), *a.meta["tensor_meta"].shape))
+                        node.replace_input_with(a, gm.graph.call_method(
+                            "permute", (full, *_moved(nd, b, 0))))
+            where[node] = b
+            continue
+        return model                  # an op on a moved batch this does not know
+    return _rewritten(gm, model) if moved else model
+
+
+def _elementwise(node: fx.Node, mod: nn.Module | None) -> bool:
+    from .prune.graph import (BINARY_FUNCTIONS, BINARY_METHODS, PASSTHROUGH_FUNCTIONS,
+                              PASSTHROUGH_METHODS, PASSTHROUGH_MODULES, SPATIAL_FUNCTIONS,
+                              SPATIAL_MODULES)
+    if mod is not None:
+        return isinstance(mod, PASSTHROUGH_MODULES) and not isinstance(mod, SPATIAL_MODULES)
+    if node.op == "call_method":
+        return node.target in PASSTHROUGH_METHODS | BINARY_METHODS
+    return node.target in (PASSTHROUGH_FUNCTIONS - SPATIAL_FUNCTIONS) | BINARY_FUNCTIONS
 
 
 def functional_inplace(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:

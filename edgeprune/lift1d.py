@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdgepruneError
-from .layers import ConvTransposeAsConv, RecurrentAsOps
+from .layers import (AttentionAsOps, ConvTransposeAsConv, EncoderAsOps, EncoderLayerAsOps,
+                     FrameLayersWhole, RecurrentAsOps)
 from .prune.graph import (BINARY_FUNCTIONS, BINARY_METHODS, PASSTHROUGH_FUNCTIONS,
                           PASSTHROUGH_METHODS, PASSTHROUGH_MODULES, SPATIAL_FUNCTIONS,
                           SPATIAL_MODULES)
@@ -37,12 +38,9 @@ _ELEMENTWISE_METHODS = PASSTHROUGH_METHODS | BINARY_METHODS
 _DIM_OPS = {"mean", "sum", "amax", "amin", "softmax", "log_softmax"}   # (x, dim=...) along an axis
 
 
-class _KeepRecurrent(fx.Tracer):
-    """A recurrent layer (already unrolled) stays one call here: it runs on frames, not on
-    the signal, so its input is made (N, T, F) again and its steps are left as they are."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, RecurrentAsOps) or super().is_leaf_module(m, qualname)
+# layers (already lowered) that run on frames, not on the signal: each stays one call here,
+# its (N, T, F) inputs made so again and its ops left as they are
+_FRAME_LAYERS = (RecurrentAsOps, AttentionAsOps, EncoderLayerAsOps, EncoderAsOps)
 
 
 def is_1d(model: nn.Module) -> bool:
@@ -53,7 +51,7 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
     """(the 2-D GraphModule, its input shape) of a 1-D model: an (N, C, L) input becomes
     (N, C, 1, L); an (N, L) one, made a signal inside the model, stays."""
     try:
-        gm = fx.GraphModule(model, _KeepRecurrent().trace(model))
+        gm = fx.GraphModule(model, FrameLayersWhole().trace(model))
     except Exception as e:
         raise EdgepruneError(f"the 1-D model does not trace with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})", stage=STAGE) from None
@@ -64,21 +62,24 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
     reads_signal = {n: any(_rank(a) == 3 for a in n.all_input_nodes) for n in gm.graph.nodes}
 
     for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and _rank(node) == 3:   # a constant (1, C, 1), (1, T, F)
+            _lift_constant(gm, node)
+            continue
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         where = f"node '{node.name}' ({_describe(node, modules)})"
         if _is(node, operator.getitem, None) and isinstance(node.args[0], fx.Node) \
                 and is_split(node.args[0]):
             continue   # a piece of a split: the split's axis is lifted
-        if node.op == "call_module" and isinstance(modules[node.target], RecurrentAsOps):
-            if reads_signal[node]:     # frames (N, T, 1, F) -> (N, T, F)
-                with gm.graph.inserting_before(node):
-                    frames = gm.graph.call_function(torch.squeeze, (node.args[0], 2))
-                node.args = (frames, *node.args[1:])
+        if node.op == "call_module" and isinstance(modules[node.target], _FRAME_LAYERS):
+            with gm.graph.inserting_before(node):   # frames (N, T, 1, F) -> (N, T, F)
+                node.args = tuple(_frames(gm, a) for a in node.args)
+            if _rank(node) == 3:       # an encoder's output frames, lifted like any (N, T, H)
+                _add_height_after(gm, node)
             continue
         if _is(node, operator.getitem, None) and node.args[0].op == "call_module" and \
-                isinstance(modules[node.args[0].target], RecurrentAsOps):
-            if node.args[1] == 0:      # its output frames, lifted like any (N, T, H)
+                isinstance(modules[node.args[0].target], _FRAME_LAYERS):
+            if node.args[1] == 0:      # a recurrent layer's or an attention's output frames
                 _add_height_after(gm, node)
             continue
         if not reads_signal[node]:
@@ -196,6 +197,29 @@ def _pool_function_2d(node: fx.Node, where: str) -> None:
     node.target, node.args, node.kwargs = fn, (node.args[0],), kw
 
 
+def _lift_constant(gm: fx.GraphModule, node: fx.Node) -> None:
+    """A 3-D constant that broadcasts against signals, as its 2-D form (N, C, 1, L): a new
+    attribute (trainable if it was), read in the old one's place."""
+    value = getattr(gm.get_submodule(node.target.rpartition(".")[0]),
+                    node.target.rpartition(".")[2])
+    lifted = value.detach().unsqueeze(2).clone()
+    name = node.target.replace(".", "_") + "_2d"
+    setattr(gm, name, nn.Parameter(lifted, value.requires_grad)
+            if isinstance(value, nn.Parameter) else lifted)
+    node.target = name
+
+
+def _frames(gm: fx.GraphModule, arg):
+    """A frame layer's argument as (N, T, F) again: a lifted one squeezed, the frames another
+    such layer made (lifted just now) as they came from it."""
+    if isinstance(arg, fx.Node) and arg.target is torch.unsqueeze and arg.args[1] == 2 and \
+            "tensor_meta" not in arg.meta:
+        return arg.args[0]
+    if isinstance(arg, fx.Node) and _rank(arg) == 3:
+        return gm.graph.call_function(torch.squeeze, (arg, 2))
+    return arg
+
+
 def _add_height_after(gm: fx.GraphModule, node: fx.Node) -> None:
     with gm.graph.inserting_after(node):
         lifted = gm.graph.call_function(torch.unsqueeze, (node, 2))
@@ -212,8 +236,8 @@ def _map_shape_reads(node: fx.Node, where: str) -> None:
 
 
 def _reduce_dims(node: fx.Node, where: str) -> None:
-    """mean/sum/amax/softmax over an axis of (N, C, L): over L of the 2-D form also drops the
-    unit height unless keepdim; a reduction that drops the channel axis has no 2-D form here."""
+    """mean/sum/amax/softmax over axes of (N, C, L): over the same axes of the 2-D form,
+    which also drops the unit height unless keepdim."""
     d = _arg(node, 1, "dim", None)
     if d is None:
         if getattr(node.target, "__name__", node.target) in ("softmax", "log_softmax"):
@@ -225,11 +249,9 @@ def _reduce_dims(node: fx.Node, where: str) -> None:
     dims = [x + 3 if x < 0 else x for x in dims]
     keep = bool(_arg(node, 2, "keepdim", False))
     softmax = getattr(node.target, "__name__", node.target) in ("softmax", "log_softmax")
-    if not softmax and not keep and dims != [2]:
-        raise _refuse(where, "reduces other than the signal axis without keepdim")
     new = [3 if x == 2 else x for x in dims]
-    if not softmax and not keep and dims == [2]:
-        new = [2, 3]
+    if not softmax and not keep:   # the result has no signal axis: the unit height goes too
+        new = sorted({*new, 2})
     new = new[0] if len(new) == 1 and not isinstance(d, (tuple, list)) else tuple(new)
     if len(node.args) > 1:
         node.args = (node.args[0], new, *node.args[2:])

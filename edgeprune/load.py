@@ -59,14 +59,15 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
         if isinstance(model, torch.jit.ScriptModule):   # fx cannot trace TorchScript
             model, shape = _via_onnx(model, shape, path, "a TorchScript module")
-    from .layers import (fold_constants, functional_inplace, lower_attention, lower_composites,
-                         lower_handwritten_norms, lower_recurrent, lower_statistics,
-                         lower_transposed_convs)
+    from .layers import (batch_first, fold_constants, functional_inplace, lower_attention,
+                         lower_composites, lower_handwritten_norms, lower_recurrent,
+                         lower_statistics, lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
     _check_one_output(model.eval(), tuple(shape), spec)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
         model, shape = _via_onnx(model, tuple(shape), path, "a model torch.fx cannot trace")
     model = functional_inplace(model, tuple(shape))   # y.relu_(): y = y.relu()
+    model = batch_first(model, tuple(shape))   # (T, N, C) for a GRU or transformer: (N, T, C)
     model = lower_transposed_convs(model)   # the convolutions they equal
     model = lower_attention(model)          # transformer layers as their Linears and matmuls
     model = lower_recurrent(model, tuple(shape))   # GRU/LSTM/RNN unrolled over their steps

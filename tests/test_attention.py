@@ -137,6 +137,42 @@ def test_sequence_first_attention_is_refused_by_name():
         lower_attention(SeqFirst())
 
 
+class SequenceFirst(nn.Module):
+    """torch's default layout for its sequence layers: frames (T, N, C) from a permute, a
+    positional embedding (T, 1, C), a transformer layer and an LSTM without batch_first, the
+    last step read out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(12, 1, 16) * 0.3)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0),
+                                         1, enable_nested_tensor=False)
+        self.lstm, self.fc = nn.LSTM(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = torch.relu(self.conv(x)).permute(2, 0, 1) + self.pos
+        out, _ = self.lstm(self.enc(t))
+        return self.fc(out[-1])
+
+
+def test_sequence_first_layers_are_written_batch_first_and_run_bit_exact(tmp_path):
+    from edgeprune.load import load_torch, save_torch
+
+    torch.manual_seed(0)
+    model = SequenceFirst().eval()
+    shape, x = (1, 4, 12), torch.randn(8, 4, 12)
+    save_torch(model, shape, tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))     # lifted to 2-D: (N, 4, 1, 12)
+    assert shape == (1, 4, 1, 12) and "permute((0, 3, 2, 1))" in loaded.code
+    x2 = x.unsqueeze(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x2), model(x), atol=1e-5, rtol=1e-4)
+    pruned, _ = pruned_equivalently(loaded, shape, x2, ratios=0.5)
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x2[:4].numpy(), "cortex-m7", tmp_path, on_target=2, like=pruned, tol=0.1)
+
+
 class ClassToken(nn.Module):
     """KWT's head: a learnt class token before the frames, a positional embedding, the token's
     row read out (op pad, then addconst)."""

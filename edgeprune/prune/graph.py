@@ -529,7 +529,9 @@ class DepGraph:
             self._fail(node, f"padding {tuple(pad)} reaches the channel axis")
         if (not is_fn and t == "unsqueeze") or (is_fn and t is torch.unsqueeze):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            if shape is not None and dim % len(shape) >= 2:   # new trailing axes
+            lay = self._layout_of(node.args[0])
+            if shape is not None and dim % len(shape) >= 2 and \
+                    not (isinstance(lay, Layout) and lay.channels_last):   # new trailing axes
                 return self._input_layout(node)
             return self._reshape(node, shape)
         if (not is_fn and t == "squeeze") or (is_fn and t is torch.squeeze):
@@ -693,6 +695,12 @@ class DepGraph:
             self.flatten_nodes.append(node.name)
             return self._flatten(node, 1, -1)
         lay = self._layout_of(node.args[0])
+        if isinstance(lay, Layout) and lay.unflattened_last and len(shape) >= 2 and \
+                [d for d in shape[1:-1] if d != 1] == [d for d in in_shape[1:-1] if d != 1] \
+                and shape[-1] == in_shape[-1] and shape[0] == in_shape[0]:
+            # unit axes in or out before the channels on the last axis (a 1-D model's frames
+            # (N, T, 1, E) <-> (N, T, E)): they stay last
+            return Layout(lay.ids, 1, len(shape) > 2)
         if (len(in_shape) >= 2 and len(shape) >= 2 and tuple(shape[:2]) == tuple(in_shape[:2])
                 and isinstance(lay, Layout) and not lay.channels_last):
             # channel weights made broadcastable (SE blocks), or the positions merged
