@@ -694,6 +694,51 @@ def adaptive_pools_as_windows(model: nn.Module, shape: tuple[int, ...]) -> nn.Mo
     return _rewritten(gm, model) if found else model
 
 
+_FUNCTIONAL_LAYERS = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.linear: nn.Linear}
+_CONV_ARGS = ("stride", "padding", "dilation", "groups")
+
+
+def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each F.conv1d, F.conv2d and F.linear of a constant weight (a parameter,
+    or one computed from parameters alone, as weight standardization does, once
+    fold_constants has run) as the module it equals, which every stage knows. The module's
+    weight is the value; a fixed (buffer) weight stays untrained. `model` itself if there is
+    none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    found = False
+    for node in list(gm.graph.nodes):
+        kind = _FUNCTIONAL_LAYERS.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        args = dict(zip(("input", "weight", "bias", *_CONV_ARGS), node.args)) | node.kwargs
+        w, b = args.get("weight"), args.get("bias")
+        if not (isinstance(w, fx.Node) and w.op == "get_attr") or not (
+                b is None or isinstance(b, fx.Node) and b.op == "get_attr"):
+            continue
+        weight = operator.attrgetter(w.target)(gm).detach()
+        bias = None if b is None else operator.attrgetter(b.target)(gm).detach()
+        if kind is nn.Linear:
+            mod = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+        else:
+            conv = {k: args[k] for k in _CONV_ARGS if k in args}
+            groups = conv.get("groups", 1)
+            mod = kind(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                       bias=bias is not None, **conv)
+        mod.weight.data.copy_(weight)
+        mod.weight.requires_grad_(isinstance(operator.attrgetter(w.target)(gm), nn.Parameter))
+        if bias is not None:
+            mod.bias.data.copy_(bias)
+        name = f"{node.name}_layer"
+        gm.add_submodule(name, mod)
+        with gm.graph.inserting_before(node):
+            layer = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(layer)
+        found = True
+    return _rewritten(gm, model) if found else model
+
+
 def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` with each op that is a short composition of ops every stage knows written as
     that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels.

@@ -60,8 +60,8 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
         if isinstance(model, torch.jit.ScriptModule):   # fx cannot trace TorchScript
             model, shape = _via_onnx(model, shape, path, "a TorchScript module")
     from .layers import (batch_first, fold_constants, functional_inplace, lower_attention,
-                         lower_composites, lower_handwritten_norms, lower_recurrent,
-                         lower_statistics, lower_transposed_convs)
+                         lower_composites, lower_functional_layers, lower_handwritten_norms,
+                         lower_recurrent, lower_statistics, lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
     _check_one_output(model.eval(), tuple(shape), spec)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
@@ -72,6 +72,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     model = lower_attention(model)          # transformer layers as their Linears and matmuls
     model = lower_recurrent(model, tuple(shape))   # GRU/LSTM/RNN unrolled over their steps
     model = fold_constants(model)           # w[:, None, None]: a parameter of that shape
+    model = lower_functional_layers(model, tuple(shape))   # F.conv2d(x, w): a Conv2d
     model = lower_handwritten_norms(model, tuple(shape))   # (x - mean) / sqrt(var + eps)
     model = lower_statistics(model, tuple(shape))   # x.std(-1): means, a product, a root
     model = lower_composites(model, tuple(shape))   # GLU, Softmax2d: what they are made of

@@ -69,3 +69,38 @@ def test_softmax2d_is_a_softmax_over_the_channels(tmp_path):
     assert conv_widths(pruned) == [4, 4]           # the softmax's channels kept
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     assert any(o.kind == "softmax" for o in qm.ops)
+
+
+class Functional(nn.Module):
+    """Layers written as functions of parameters: a weight-standardized conv (the weight
+    computed from its parameter on each call), a plain F.conv2d and an F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 1, 3, 3))
+        self.w2, self.b2 = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2), nn.Parameter(
+            torch.zeros(8))
+        self.lw = nn.Parameter(torch.randn(3, 8) * 0.3)
+
+    def forward(self, x):
+        w = self.w1
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        y = F.relu(F.conv2d(x, w, padding=1))
+        y = F.relu(F.conv2d(y, self.w2, self.b2, stride=2))
+        return F.linear(y.mean((2, 3)), self.lw)
+
+
+def test_functional_layers_of_parameters_become_layers_that_prune(tmp_path):
+    torch.manual_seed(0)
+    model = Functional().eval()
+    save_torch(model, (1, 1, 10, 10), tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    assert not any(n.target in (F.conv2d, F.linear) for n in loaded.graph.nodes)
+    assert conv_widths(loaded) == [8, 8]
+    x = torch.randn(8, 1, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
