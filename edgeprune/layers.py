@@ -741,14 +741,24 @@ def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
 
 def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` with each op that is a short composition of ops every stage knows written as
-    that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels.
-    `model` itself if there is none."""
+    that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels;
+    and `x.squeeze()` as a squeeze of its unit axes after the batch (at the static batch of 1
+    it would drop the batch axis too). `model` itself if there is none."""
     gm = _traced(model, shape)
     if gm is None:
         return model
     found = False
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
+        if ((node.op == "call_method" and node.target == "squeeze") or (
+                node.op == "call_function" and node.target is torch.squeeze)) and \
+                len(node.args) == 1 and not node.kwargs:
+            in_shape = node.args[0].meta["tensor_meta"].shape
+            units = tuple(i for i in range(1, len(in_shape)) if in_shape[i] == 1)
+            node.target, node.op = torch.squeeze, "call_function"
+            node.args = (node.args[0], units)
+            found = True
+            continue
         mod = modules.get(node.target) if node.op == "call_module" else None
         is_glu = isinstance(mod, nn.GLU) or (node.op == "call_function" and node.target is F.glu)
         if not (is_glu or isinstance(mod, nn.Softmax2d)):

@@ -63,7 +63,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                          lower_composites, lower_functional_layers, lower_handwritten_norms,
                          lower_recurrent, lower_statistics, lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
-    _check_one_output(model.eval(), tuple(shape), spec)
+    model = _one_output(model.eval(), tuple(shape), spec)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
         model, shape = _via_onnx(model, tuple(shape), path, "a model torch.fx cannot trace")
     model = functional_inplace(model, tuple(shape))   # y.relu_(): y = y.relu()
@@ -125,20 +125,37 @@ def _example_shape(program, path: Path) -> tuple[int, ...]:
     return tuple(args[0].shape)
 
 
-def _check_one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> None:
-    """Every stage runs models that return one tensor; say so before one of them trips."""
+class OnlyOutput(nn.Module):
+    """A model that returns one tensor in a tuple, list or dict, returning that tensor."""
+
+    def __init__(self, model: nn.Module, key):
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x):
+        return self.model(x)[self.key]
+
+
+def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> nn.Module:
+    """`model`, returning its one tensor: every stage runs models that return one tensor; say
+    so before one of them trips."""
     try:
         with torch.no_grad():
             out = model(torch.zeros(shape))
     except Exception as e:
         raise EdgepruneError(f"{spec}: the model does not run on an input of shape "
                              f"{list(shape)} ({type(e).__name__}: {e})") from None
+    if isinstance(out, (tuple, list, dict)) and len(out) == 1:
+        key = next(iter(out)) if isinstance(out, dict) else 0
+        if isinstance(out[key], torch.Tensor):
+            return OnlyOutput(model, key)
     if not isinstance(out, torch.Tensor):
         what = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list, dict))
                 else f"a {type(out).__name__}")
         raise EdgepruneError(f"{spec}: the model returns {what}, not one tensor; only models "
                              "with one output are supported (return the one the chip should "
                              "compute, or concatenate them)")
+    return model
 
 
 def _torch_load(path: Path) -> nn.Module:

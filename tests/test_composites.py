@@ -104,3 +104,30 @@ def test_functional_layers_of_parameters_become_layers_that_prune(tmp_path):
     assert conv_widths(pruned) == [4, 4]
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
+
+
+class OneValueInADict(nn.Module):
+    """A regression head: one value per sample, x.squeeze() (which at batch 1 would drop the
+    batch axis too), returned in a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return {"value": self.fc(F.relu(self.conv(x)).mean((2, 3))).squeeze()}
+
+
+def test_one_tensor_in_a_container_and_a_squeezed_value_per_sample(tmp_path):
+    torch.manual_seed(0)
+    model = OneValueInADict().eval()
+    save_torch(model, (1, 1, 8, 8), tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert loaded(x).shape == (4,) and loaded(x[:1]).shape == (1,)
+        torch.testing.assert_close(loaded(x), model(x)["value"])
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4]
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.25)   # 4 small values

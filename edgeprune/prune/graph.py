@@ -691,6 +691,10 @@ class DepGraph:
             self._fail(node, "reshape of an unknown shape")
         if tuple(shape) == tuple(in_shape):
             return self._input_layout(node, channels_last_ok=True)
+        lay = self._layout_of(node.args[0])
+        if len(shape) == 1 and shape[0] == in_shape[0] and isinstance(lay, Layout):
+            self._freeze(lay)        # one value per sample ((N, 1) -> (N,)): its channel kept
+            return None
         if len(in_shape) >= 3 and len(shape) == 2 and shape[0] == in_shape[0]:
             self.flatten_nodes.append(node.name)
             return self._flatten(node, 1, -1)
