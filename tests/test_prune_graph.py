@@ -264,22 +264,37 @@ def test_untraceable_model_is_a_clear_error():
         prune(Branchy(), torch.randn(1, 1, 8, 8))
 
 
-def test_a_shared_layer_is_kept_whole_and_the_rest_prunes():
-    """A conv run twice (one set of weights, two graphs' channels) keeps every channel it
-    reads and writes; the layers around it still prune."""
+def test_a_shared_layer_prunes_the_same_channels_at_every_call():
+    """A conv run twice (one set of weights): what it reads at both calls is one set of
+    units, and both calls write the same channels, so it prunes with what feeds it; a
+    siamese pair of branches likewise."""
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
             self.pre = nn.Conv2d(1, 6, 3, padding=1)
             self.stem = nn.Conv2d(6, 4, 3, padding=1)
             self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Conv2d(4, 2, 1)
 
         def forward(self, x):
-            return self.conv(self.conv(self.stem(torch.relu(self.pre(x)))))
+            return self.head(self.conv(self.conv(self.stem(torch.relu(self.pre(x))))))
+
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.fc = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            left = torch.relu(self.bn(self.a(x[..., :8]))).mean((2, 3))
+            right = torch.relu(self.bn(self.a(x[..., 8:]))).mean((2, 3))
+            return self.fc((left - right).abs())
     torch.manual_seed(0)
     pruned, _ = pruned_equivalently(Shared().eval(), (1, 1, 8, 8), torch.randn(4, 1, 8, 8),
                                     ratios=0.5)
-    assert conv_widths(pruned) == [3, 4, 4]
+    assert conv_widths(pruned) == [3, 2, 2, 2]
+    pruned, _ = pruned_equivalently(Siamese().eval(), (1, 1, 8, 16), torch.randn(4, 1, 8, 16),
+                                    ratios=0.5)
+    assert conv_widths(pruned) == [4] and pruned.fc.in_features == 4
 
 
 def test_softmax_keeps_the_channels_it_normalises():

@@ -128,7 +128,6 @@ class Signal(nn.Module):
 def test_a_1d_model_with_a_recurrent_layer_loads_prunes_and_quantizes(rnn, head_from_state,
                                                                        tmp_path):
     from edgeprune.load import load_torch
-    from edgeprune.prune import prune
     torch.manual_seed(0)
     model = Signal(rnn(8, 12, batch_first=True), head_from_state).eval()
     torch.save(model, tmp_path / "m.pt")
@@ -137,8 +136,8 @@ def test_a_1d_model_with_a_recurrent_layer_loads_prunes_and_quantizes(rnn, head_
     x = torch.randn(8, 2, 30)
     with torch.no_grad():
         torch.testing.assert_close(lifted(x.view(8, 2, 1, 30)), model(x))
-    pruned, _ = prune(lifted, torch.randn(shape), ratios=0.5)
-    assert conv_widths(pruned) == [4, 8]
+    pruned, _ = pruned_equivalently(lifted, shape, x.view(8, *shape[1:]), ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]      # the frames' channels prune with the layer's
     qm = ptq.quantize_ptq(pruned, shape, x.view(8, *shape[1:]).numpy())
     xq = reference.quantize_input(qm, x[:2].view(2, *shape[1:]).numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),

@@ -410,9 +410,18 @@ class DepGraph:
 
     def _shared(self, node: fx.Node, mod: nn.Module, shape) -> Layout:
         """A module with weights called again (a recurrent layer's Linears at every step,
-        siamese branches): one set of weights cannot follow two graphs' pruning, so it is
-        kept whole, with the channels it reads and writes at every call."""
+        siamese branches): what it reads at every call is one set of units (one set of
+        weights prunes for all), and every call writes the first one's channels. Calls that
+        read differently laid out inputs keep it whole."""
         first = self.layers[node.target]
+        lay = self._layout_of(node.args[0])
+        if isinstance(lay, Layout) and isinstance(first.in_layout, Layout) and \
+                len(lay.ids) == len(first.in_layout.ids) and \
+                (lay.repeat, lay.channels_last) == (first.in_layout.repeat,
+                                                    first.in_layout.channels_last):
+            for i, j in zip(first.in_layout.ids, lay.ids):
+                self._union(i, j)
+            return lay if first.in_layout is first.out_layout else first.out_layout
         for lay in (first.in_layout, first.out_layout, self._layout_of(node.args[0])):
             if isinstance(lay, Layout):
                 self._freeze(lay)
