@@ -523,7 +523,7 @@ def batch_first(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         mod = modules.get(t) if node.op == "call_module" else None
         tensors = [a for a in node.all_input_nodes if a in where]
         b = where.get(tensors[0], 0) if tensors else 0
-        if node.op in ("call_method", "call_function") and \
+        if node.op in ("call_method", "call_function") and node.args[0] in where and \
                 (t in ("permute", "transpose") or t in (torch.permute, torch.transpose)):
             nd, x = rank(node), node.args[0]
             rest = list(node.args[1:]) or list(node.kwargs.values())
@@ -542,8 +542,8 @@ def batch_first(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
             moved = moved or out != 0
             continue
         if not any(where.get(a, 0) for a in tensors):   # the batch first all along
-            if rank(node) >= 1 and not (mod is not None and _sequence_first(mod)):
-                where[node] = 0
+            if tensors and rank(node) >= 1 and not (mod is not None and _sequence_first(mod)):
+                where[node] = 0       # (what only constants make stays a constant)
             continue
         if mod is not None and _sequence_first(mod):     # its (T, N, ...) inputs: batch first
             if any(where.get(a, 0) != 1 for a in tensors):
@@ -625,9 +625,9 @@ def _elementwise(node: fx.Node, mod: nn.Module | None) -> bool:
 
 
 def functional_inplace(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    """`model` with each in-place method whose result goes unused (`y.relu_()`, `y.mul_(2)`)
-    written as its functional form that the later reads of `y` take: in the traced graph such
-    a node has no users, and every rewrite that drops dead code would drop it."""
+    """`model` with each in-place method (`y.relu_()`, `y.mul_(2)`) written as its
+    functional form, which its own result and every later read of `y` take: the traced
+    graph reads `y` as it was, and a rewrite that drops dead code drops an unused one."""
     gm = _traced(model, shape)
     if gm is None:
         return model
@@ -635,12 +635,13 @@ def functional_inplace(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         t = node.target
-        if node.op != "call_method" or not t.endswith("_") or t.endswith("__") or node.users \
+        if node.op != "call_method" or not t.endswith("_") or t.endswith("__") \
                 or not hasattr(torch.Tensor, t[:-1]) or not isinstance(node.args[0], fx.Node):
             continue
         x = node.args[0]
         with gm.graph.inserting_after(node):
             y = gm.graph.call_method(t[:-1], node.args, node.kwargs)
+        node.replace_all_uses_with(y)
         for user in list(x.users):
             if user is not node and user is not y and order.get(user, len(order)) > order[node]:
                 user.replace_input_with(x, y)

@@ -131,3 +131,28 @@ def test_one_tensor_in_a_container_and_a_squeezed_value_per_sample(tmp_path):
     assert conv_widths(pruned) == [4]
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     bit_exact(qm, x.numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.25)   # 4 small values
+
+
+def test_in_place_results_and_constant_permutes_keep_their_values():
+    """`z = y.mul_(2)` then `z + y` reads the doubled y twice; a permuted constant next to
+    (T, N, C) frames is moved with them, not taken for a batch."""
+    from edgeprune.layers import batch_first, functional_inplace
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pos = nn.Conv2d(1, 4, 3), nn.Parameter(torch.randn(5, 1, 4))
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = y.mul_(2)
+            w = z + y
+            w.relu_()
+            frames = w.flatten(2).permute(2, 0, 1)                  # (T, N, C)
+            return (frames + self.pos.permute(0, 1, 2) * 2).mean(0)
+    model, x = InPlace().eval(), torch.randn(3, 1, 7, 3)
+    with torch.no_grad():
+        want = model(x.clone())
+        rewritten = batch_first(functional_inplace(model, (1, 1, 7, 3)), (1, 1, 7, 3))
+        assert "_(" not in rewritten.code and "mean(1)" in rewritten.code
+        torch.testing.assert_close(rewritten(x), want)
