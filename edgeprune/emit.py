@@ -69,7 +69,7 @@ def _header(lm: LoweredModel, plan: Plan) -> str:
     out += [f"#define {P}_ARENA_BYTES {plan.arena_bytes}",
             f"#define {P}_WEIGHTS_BYTES {lm.weights_bytes}",
             f"#define {P}_NUM_LAYERS {len(lm.calls)}", "",
-            f"/* Kernel names in call order (for per-layer profiles). */",
+            "/* Kernel names in call order (for per-layer profiles). */",
             f"extern const char *const {p}_layer_names[{P}_NUM_LAYERS];", "",
             "/* Run one inference. Inputs are read, outputs written; returns 0, or -(k+1) when",
             "   kernel k failed. Not reentrant: the model owns one static arena. */",
@@ -121,16 +121,22 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
         for n in call.args:
             if n not in used:
                 used.append(n)
+    # Kernels only read their arguments: every DLTensor but the input's and output's (bound
+    # at run time) and every argument list is const, in flash rather than SRAM (an unrolled
+    # recurrent layer makes thousands of them).
     for n in used:
         t = lm.tensors[n]
         dims = ", ".join(str(d) for d in t.shape) or "1"
-        out.append(f"static int64_t {p}_shape_{n}[] = {{{dims}}};")
-        out.append(f"static DLTensor {p}_t_{n} = {{{data_expr(n)}, {{kDLCPU, 0}}, {len(t.shape)}, "
-                   f"{{{DL_TYPES[t.dtype]}, 1}}, {p}_shape_{n}, NULL, 0}};")
+        const = "const " if data_expr(n) != "NULL" else ""
+        out.append(f"static const int64_t {p}_shape_{n}[] = {{{dims}}};")
+        out.append(f"static {const}DLTensor {p}_t_{n} = {{{data_expr(n)}, {{kDLCPU, 0}}, "
+                   f"{len(t.shape)}, {{{DL_TYPES[t.dtype]}, 1}}, (int64_t *){p}_shape_{n}, "
+                   "NULL, 0};")
     out.append("")
     for i, call in enumerate(lm.calls):
-        items = ", ".join(f"{{.type_index = kTVMFFIDLTensorPtr, .v_ptr = &{p}_t_{n}}}" for n in call.args)
-        out.append(f"static TVMFFIAny {p}_args{i}[{len(call.args)}] = {{{items}}};")
+        items = ", ".join(f"{{.type_index = kTVMFFIDLTensorPtr, .v_ptr = (void *)&{p}_t_{n}}}"
+                          for n in call.args)
+        out.append(f"static const TVMFFIAny {p}_args{i}[{len(call.args)}] = {{{items}}};")
     out += ["", f"int {p}_run({signature(lm)}) {{"]
     external = [(n, f"input{i}") for i, n in enumerate(lm.inputs)] + \
                [(n, f"output{i}") for i, n in enumerate(lm.outputs)]
@@ -145,8 +151,8 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
             out.append(f"  ep_workspace_set({p}_arena + {ws_offsets[i]}, {call.workspace_bytes});")
         else:
             out.append("  ep_workspace_set(NULL, 0);")
-        out.append(f"  if (__tvm_ffi_{p}_{call.kernel}(NULL, {p}_args{i}, {len(call.args)}, NULL) != 0) "
-                   f"return -{i + 1};")
+        out.append(f"  if (__tvm_ffi_{p}_{call.kernel}(NULL, (void *){p}_args{i}, "
+                   f"{len(call.args)}, NULL) != 0) return -{i + 1};")
         out.append(f"  EP_LAYER_DONE({i});")
     # Outputs that are views of intermediates (e.g. a final flatten) or of an input: copy out.
     for i, n in enumerate(lm.outputs):
