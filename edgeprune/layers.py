@@ -742,8 +742,9 @@ def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
 
 def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` with each op that is a short composition of ops every stage knows written as
-    that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels;
-    and `x.squeeze()` as a squeeze of its unit axes after the batch (at the static batch of 1
+    that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels,
+    F.scaled_dot_product_attention as its products and softmax, a stack reduced over its new
+    axis as the sum (mean, maximum, minimum) of its pieces; and `x.squeeze()` as a squeeze of its unit axes after the batch (at the static batch of 1
     it would drop the batch axis too). `model` itself if there is none."""
     gm = _traced(model, shape)
     if gm is None:
@@ -759,6 +760,12 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
             node.target, node.op = torch.squeeze, "call_function"
             node.args = (node.args[0], units)
             found = True
+            continue
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            found = _attention_as_ops(gm, node) or found
+            continue
+        if node.op == "call_function" and node.target is torch.stack:
+            found = _stack_reduced_as_ops(gm, node) or found
             continue
         mod = modules.get(node.target) if node.op == "call_module" else None
         is_glu = isinstance(mod, nn.GLU) or (node.op == "call_function" and node.target is F.glu)
@@ -779,6 +786,57 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         node.replace_all_uses_with(y)
         found = True
     return _rewritten(gm, model) if found else model
+
+
+def _attention_as_ops(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """F.scaled_dot_product_attention without a mask or dropout as softmax(q k^T * scale) v;
+    False (left as it is, for the stage that meets it to name) otherwise."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    args = dict(zip(names, node.args)) | node.kwargs
+    if args.get("attn_mask") is not None or args.get("is_causal") or args.get("dropout_p") \
+            or args.get("enable_gqa"):
+        return False
+    q, k, v = args["query"], args["key"], args["value"]
+    scale = args.get("scale") or q.meta["tensor_meta"].shape[-1] ** -0.5
+    g = gm.graph
+    with g.inserting_before(node):
+        scores = g.call_function(operator.matmul, (q, g.call_method("transpose", (k, -2, -1))))
+        weights = g.call_function(torch.softmax, (g.call_function(operator.mul, (scores, scale)),
+                                                  -1))
+        y = g.call_function(operator.matmul, (weights, v))
+    node.replace_all_uses_with(y)
+    return True
+
+
+def _stack_reduced_as_ops(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """torch.stack(xs, d) that is only summed, averaged, maxed or minned over d: the sum
+    (mean, maximum, minimum) of the xs, without the new axis no stage knows."""
+    xs = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(node.meta["tensor_meta"].shape)
+    folds = {"sum": operator.add, "mean": operator.add, "amax": torch.maximum,
+             "amin": torch.minimum}
+
+    def reduced(user):
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        d = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        d = d[0] if isinstance(d, (tuple, list)) and len(d) == 1 else d
+        keep = user.args[2] if len(user.args) > 2 else user.kwargs.get("keepdim", False)
+        ok = user.op in ("call_method", "call_function") and user.args[0] is node and \
+            name in folds and isinstance(d, int) and d % rank == dim % rank and not keep
+        return name if ok else None
+    if not node.users or not all(reduced(u) for u in node.users):
+        return False
+    for user in list(node.users):
+        kind = reduced(user)
+        with gm.graph.inserting_before(user):
+            y = xs[0]
+            for x in xs[1:]:
+                y = gm.graph.call_function(folds[kind], (y, x))
+            if kind == "mean":
+                y = gm.graph.call_function(operator.mul, (y, 1 / len(xs)))
+        user.replace_all_uses_with(y)
+    return True
 
 
 def _called(n, functions: tuple, method: str) -> bool:

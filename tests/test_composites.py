@@ -156,3 +156,36 @@ def test_in_place_results_and_constant_permutes_keep_their_values():
         rewritten = batch_first(functional_inplace(model, (1, 1, 7, 3)), (1, 1, 7, 3))
         assert "_(" not in rewritten.code and "mean(1)" in rewritten.code
         torch.testing.assert_close(rewritten(x), want)
+
+
+class AttentionAndStack(nn.Module):
+    """Newer attention code (F.scaled_dot_product_attention on (N, heads, T, d)) and
+    branches stacked, then averaged over the new axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.qkv = nn.Linear(6, 16), nn.Linear(16, 48)
+        self.out, self.alt, self.fc = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):                                    # (N, T, 6)
+        h = self.emb(x)
+        n, t, _ = h.shape
+        q, k, v = self.qkv(h).reshape(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, 16)
+        h = torch.stack([h + self.out(a), torch.relu(self.alt(h))], dim=1).mean(1)
+        return self.fc(h.mean(1))
+
+
+def test_scaled_dot_product_attention_and_a_reduced_stack_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = AttentionAndStack().eval()
+    save_torch(model, (1, 5, 6), tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    assert "scaled_dot_product" not in loaded.code and "stack" not in loaded.code
+    x = torch.randn(8, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-4)
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    assert sum(o.kind == "matmul" for o in qm.ops) == 2
+    bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
