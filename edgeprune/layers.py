@@ -744,8 +744,9 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` with each op that is a short composition of ops every stage knows written as
     that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels,
     F.scaled_dot_product_attention as its products and softmax, a stack reduced over its new
-    axis as the sum (mean, maximum, minimum) of its pieces; and `x.squeeze()` as a squeeze of its unit axes after the batch (at the static batch of 1
-    it would drop the batch axis too). `model` itself if there is none."""
+    axis as the sum (mean, maximum, minimum) of its pieces; and `x.squeeze()` as a squeeze of
+    its unit axes after the batch (at the static batch of 1 it would drop the batch axis too).
+    `model` itself if there is none."""
     gm = _traced(model, shape)
     if gm is None:
         return model
