@@ -4,6 +4,7 @@ lower_recurrent): the same outputs, pruned around, and bit-exact in int8 on the 
 target, with each weight matrix stored once."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -83,6 +84,12 @@ def test_a_gru_model_runs_bit_exact_on_a_target_with_its_weights_once(tmp_path):
     assert len(weights) == 12 * 3 + 11 * 3 + 1 and len(once) == 6 + 1   # no h at step 0
     stored = json.loads((tmp_path / "b" / "build.json").read_text())["weights_bytes"]
     assert stored < sum(w.nbytes for w in weights)
+    # and one range per role at every step (the hidden state's too): the steps' ops have the
+    # same integer constants, so the C library runs a few kernels many times
+    model_c = (tmp_path / "b" / "c_library" / "model.c").read_text()
+    calls = re.findall(r"__tvm_ffi_model_(\w+)\(NULL", model_c)
+    dense = {c for c in calls if "dense" in c}
+    assert len(set(calls)) < len(calls) / 5 and len(dense) <= 6 + 1     # 27 of 261, 3
     every = {qm.params[f"{o.name}.weight"].tobytes() for o in qm.weight_ops()}
     assert qm.total_weight_bytes() == sum(len(w) for w in every)      # what reports count
 

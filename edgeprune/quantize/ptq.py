@@ -1445,14 +1445,83 @@ def calibrate(net: IRNet, x: np.ndarray, method: str = "minmax", percentile: flo
                     keep.setdefault(k, []).append(rng.choice(v, take, replace=False))
     net.qconfig = saved
     if method == "minmax":
-        return {k: (lo[k], hi[k]) for k in lo}
+        return _tied(net, {k: (lo[k], hi[k]) for k in lo})
     out = {}
     for k, parts in keep.items():
         v = np.concatenate(parts)
         out[k] = (float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile)))
         if k == INPUT:
             out[k] = (lo[k], hi[k])   # inputs are bounded data: never clip them
-    return out
+    return _tied(net, out)
+
+
+def _tied(net: IRNet, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """`ranges` with the tensors that play one role at every call of a shared layer (a
+    recurrent layer's steps, siamese branches) given one range, the union of theirs: their
+    ops then have the same integer constants, and the C library runs one kernel for all steps
+    instead of one per step. The roles: the inputs and the outputs of the calls of one set of
+    weights, then, step by step, the outputs of ops of one kind and attributes whose inputs
+    play one role."""
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    def union(a: str, b: str) -> bool:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+        return ra != rb
+    calls: dict[tuple, FNode] = {}
+    for n in net.weight_nodes():
+        key = (id(net.weight[n.name]), id(net.bias[n.name]) if n.name in net.bias else None)
+        if key in calls:
+            union(calls[key].inputs[0], n.inputs[0])
+            union(calls[key].output, n.output)
+        else:
+            calls[key] = n
+    if not parent:
+        return ranges
+    kinds = {}
+    for n in net.nodes:
+        try:
+            kinds[n.output] = (n.kind, repr(sorted(n.attrs.items())), n.act, tuple(n.out_shape))
+        except TypeError:
+            continue
+    changed = True
+    while changed:
+        changed, seen, alike = False, {}, {}
+        for n in net.nodes:           # same op on inputs of the same roles: the same role
+            if n.output not in kinds:
+                continue
+            key = (kinds[n.output], tuple(find(i) for i in n.inputs))
+            if key in seen:
+                changed = union(seen[key], n.output) or changed
+            else:
+                seen[key] = n.output
+            alike.setdefault((kinds[n.output], len(n.inputs)), []).append(n)
+        sizes: dict[str, int] = {}
+        for t in list(parent):
+            sizes[find(t)] = sizes.get(find(t), 0) + 1
+        for group in alike.values():  # a state carried from step to step (an LSTM's cell):
+            first = group[0]          # the same op, all else in shared roles, but one input
+            for n in group[1:]:
+                differ = [k for k, (a, b) in enumerate(zip(first.inputs, n.inputs))
+                          if find(a) != find(b)]
+                if len(differ) == 1 and all(sizes.get(find(a), 1) > 1 for k, a in
+                                            enumerate(n.inputs) if k != differ[0]):
+                    changed = union(first.inputs[differ[0]], n.inputs[differ[0]]) or changed
+    members: dict[str, list[str]] = {}
+    for t in ranges:
+        members.setdefault(find(t), []).append(t)
+    tied = dict(ranges)
+    for group in members.values():
+        lo, hi = min(ranges[t][0] for t in group), max(ranges[t][1] for t in group)
+        for t in group:
+            tied[t] = (lo, hi)
+    return tied
 
 
 def act_qparams(lo: float, hi: float, dtype: str = "int8") -> tuple[float, int]:
