@@ -56,6 +56,8 @@ def _nearest_picks(n: int, size: int, ctm: str, rounding: str) -> np.ndarray | N
     scale = size / n
     if ctm == "half_pixel" or (ctm == "pytorch_half_pixel" and size > 1):
         x = (out + 0.5) / scale - 0.5
+    elif ctm == "pytorch_half_pixel":      # an output of one pixel reads the first
+        x = np.zeros_like(out)
     elif ctm == "asymmetric":
         x = out / scale
     elif ctm == "tf_half_pixel_for_nn":
