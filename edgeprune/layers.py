@@ -57,6 +57,7 @@ class ConvTransposeAsConv(nn.Module):
                                  f"than its dilated kernel {[eh, ew]} - 1 is not supported")
         self.stride = (int(stride[0]), int(stride[1]))
         self.pads = (ew - 1 - l, ew - 1 - r + opw, eh - 1 - t, eh - 1 - b + oph)
+        self.output_padding = (oph, opw)
         self.conv = nn.Conv2d(c_in, c_out_g * groups, (kh, kw), dilation=(dh, dw),
                               groups=groups, bias=bias is not None)
         # per group, (in_g, out_g) -> (out_g, in_g), kernels flipped
@@ -88,10 +89,18 @@ class ConvTransposeAsConv(nn.Module):
         except EdgepruneError as e:
             raise EdgepruneError(f"{where}: {e}") from None
 
-    def forward(self, x):
+    def forward(self, x, output_size=None):
+        pads = self.pads
+        if output_size is not None:    # (..., H, W) asked for: output padding to reach it
+            (sh, sw), (oph, opw) = self.stride, self.output_padding
+            kh, kw = ((k - 1) * d + 1 for k, d in zip(self.conv.kernel_size, self.conv.dilation))
+            l, r, t, b = pads[0], pads[1] - opw, pads[2], pads[3] - oph
+            h = (x.shape[-2] - 1) * sh + 1 + t + b - kh + 1      # without output padding
+            w = (x.shape[-1] - 1) * sw + 1 + l + r - kw + 1
+            pads = (l, r + output_size[-1] - w, t, b + output_size[-2] - h)
         if self.stride != (1, 1):
             x = zero_insert(x, *self.stride)
-        return self.conv(F.pad(x, self.pads))
+        return self.conv(F.pad(x, pads))
 
 
 def lower_transposed_convs(model: nn.Module) -> nn.Module:

@@ -189,3 +189,34 @@ def test_scaled_dot_product_attention_and_a_reduced_stack_run_bit_exact(tmp_path
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     assert sum(o.kind == "matmul" for o in qm.ops) == 2
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
+
+
+class UpToSize(nn.Module):
+    """A decoder's upsampling to its skip connection's size: a transposed conv called with
+    output_size, a bilinear resize to `skip.shape[2:]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.d1, self.d2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, padding=1)
+        self.up, self.out = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        skip = torch.relu(self.d1(x))
+        low = torch.relu(self.d2(skip))
+        up = self.up(low, output_size=skip.size())
+        up = up + F.interpolate(low, size=skip.shape[2:], mode="bilinear", align_corners=False)
+        return self.out(torch.cat([up, skip], 1))
+
+
+def test_a_transposed_conv_to_an_output_size_prunes_and_runs_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = UpToSize().eval()
+    save_torch(model, (1, 1, 10, 10), tmp_path / "m.pt")   # 10 -> 5 -> 10: output padding 1
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    x = torch.randn(4, 1, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4, 4, 2]
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)
