@@ -450,14 +450,15 @@ class _Builder:
         return self._math(node, torch.cosh)
 
     def op_Pow(self, node, a):
+        return self._binary_fn(node, operator.pow)
+
+    def _binary_fn(self, node, fn):
+        """fn(a, b) of the node's two inputs (tensors or constants)."""
         x, y = self._in(node.input[0]), self._in(node.input[1])
-        return self._fn(operator.pow, [x[0], y[0]], [x[1], y[1]])
+        return self._fn(fn, [x[0], y[0]], [x[1], y[1]])
 
     # comparisons, logic and Where: how exporters write Softplus's threshold, Hardshrink,
     # hand-written activations (the quantizer makes each such computation of one tensor a table)
-    def _binary_fn(self, node, fn):
-        x, y = self._in(node.input[0]), self._in(node.input[1])
-        return self._fn(fn, [x[0], y[0]], [x[1], y[1]])
 
     def op_Greater(self, node, a):
         return self._binary_fn(node, operator.gt)
@@ -530,8 +531,7 @@ class _Builder:
                 self.graph.erase_node(sig)
                 delattr(self.root, sig.target)
                 return self._module(node, "SiLU", nn.SiLU(), (x, self.val[node.input[j]]))
-        x, y = self._in(node.input[0]), self._in(node.input[1])
-        return self._fn(operator.mul, [x[0], y[0]], [x[1], y[1]])
+        return self._binary_fn(node, operator.mul)
 
     def op_Gelu(self, node, a):
         approximate = _text(a.get("approximate", b"none"))
@@ -542,8 +542,7 @@ class _Builder:
         return self._fn(torch.erf, [x[0]], [x[1]])
 
     def op_Sub(self, node, a):
-        x, y = self._in(node.input[0]), self._in(node.input[1])
-        return self._fn(operator.sub, [x[0], y[0]], [x[1], y[1]])
+        return self._binary_fn(node, operator.sub)
 
     def op_ReduceL2(self, node, a):    # read by the Div of F.normalize (op_Div)
         axes, x = self._axes(node, a), self._in(node.input[0])
@@ -604,8 +603,7 @@ class _Builder:
                 self.graph.erase_node(parts[0])
                 return self._module(node, "Softsign", nn.Softsign(),
                                     (x, self.val[node.input[0]]))
-        x, y = self._in(node.input[0]), self._in(node.input[1])
-        return self._fn(operator.truediv, [x[0], y[0]], [x[1], y[1]])
+        return self._binary_fn(node, operator.truediv)
 
     def op_ReduceMean(self, node, a):
         return self._reduce(node, a, torch.mean, "mean")
@@ -710,8 +708,7 @@ class _Builder:
                     with torch.no_grad():
                         v = mod(self.val[n.args[0].name])
                     return n, v
-        x, y = self._in(node.input[0]), self._in(node.input[1])
-        return self._fn(operator.add, [x[0], y[0]], [x[1], y[1]])
+        return self._binary_fn(node, operator.add)
 
     def op_Concat(self, node, a):
         first = next((n for n in node.input if n in self.env), None)
@@ -1232,8 +1229,7 @@ class _Builder:
 
     def op_MatMul(self, node, a):
         if node.input[1] not in self.consts:     # two activations (attention)
-            x, y = self._in(node.input[0]), self._in(node.input[1])
-            return self._fn(torch.matmul, [x[0], y[0]], [x[1], y[1]])
+            return self._binary_fn(node, torch.matmul)
         b = np.asarray(self._const(node.input[1], node, "right operand"), dtype=np.float32)
         if b.ndim != 2:
             raise _err(f"ONNX node '{node.name}' (MatMul): only a 2-D constant right operand "
