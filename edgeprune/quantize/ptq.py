@@ -1460,8 +1460,9 @@ def _tied(net: IRNet, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple
     recurrent layer's steps, siamese branches) given one range, the union of theirs: their
     ops then have the same integer constants, and the C library runs one kernel for all steps
     instead of one per step. The roles: the inputs and the outputs of the calls of one set of
-    weights, then, step by step, the outputs of ops of one kind and attributes whose inputs
-    play one role."""
+    weights; the outputs of ops of one kind and attributes whose inputs play one role; and a
+    state carried from step to step (an LSTM's cell), the one input in which two such ops
+    differ when all they read else plays a shared role."""
     parent: dict[str, str] = {}
 
     def find(t: str) -> str:
