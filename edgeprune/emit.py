@@ -109,11 +109,11 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
             "__attribute__((aligned(16))) EP_ARENA_SECTION;", ""]
 
     def data_expr(name: str) -> str:
-        base = lm.base(name)
+        base, at = lm.base(name), lm.offset(name)
         if base in lm.consts:
-            return f"(void *){p}_{base}"
+            return f"(void *)((const uint8_t *){p}_{base} + {at})" if at else f"(void *){p}_{base}"
         if base in plan.offsets:
-            return f"(void *)({p}_arena + {plan.offsets[base]})"
+            return f"(void *)({p}_arena + {plan.offsets[base] + at})"
         return "NULL"  # an input or output: bound at run time
 
     used = []
@@ -143,7 +143,9 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
     for n, arg in external:
         for alias in used:
             if lm.base(alias) == n:
-                out.append(f"  {p}_t_{alias}.data = (void *){arg};")
+                at = lm.offset(alias)
+                ptr = f"(uint8_t *){arg} + {at}" if at else arg
+                out.append(f"  {p}_t_{alias}.data = (void *)({ptr});")
     ws_offsets = {int(k.removeprefix("__workspace")): v for k, v in plan.offsets.items()
                   if k.startswith("__workspace")}
     for i, call in enumerate(lm.calls):
@@ -158,8 +160,10 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
     for i, n in enumerate(lm.outputs):
         produced = any(lm.base(c.output) == n and c.output == n for c in lm.calls)
         if not produced:
-            out.append(f"  memcpy(output{i}, {data_expr(n) if lm.base(n) not in lm.inputs else 'input' + str(lm.inputs.index(lm.base(n)))}, "
-                       f"{lm.tensors[n].nbytes});")
+            src = data_expr(n)
+            if lm.base(n) in lm.inputs:
+                src = f"(const uint8_t *)input{lm.inputs.index(lm.base(n))} + {lm.offset(n)}"
+            out.append(f"  memcpy(output{i}, {src}, {lm.tensors[n].nbytes});")
     out += ["  return 0;", "}", ""]
     return "\n".join(out)
 

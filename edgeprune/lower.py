@@ -33,6 +33,7 @@ class KernelCall:
     args: list[str]             # tensor names in the kernel's parameter order; the last is the output
     workspace_bytes: int = 0    # scratch the kernel asks TVMBackendAllocWorkspace for (peak)
     macs: int | None = None     # multiply-accumulates of its conv/matmul (None: not one)
+    elementwise: tuple[int, ...] = ()  # inputs read only for the output element at their index
 
     @property
     def output(self) -> str:
@@ -52,12 +53,21 @@ class LoweredModel:
     calls: list[KernelCall]
     inputs: list[str]
     outputs: list[str]
-    views: dict[str, str] = field(default_factory=dict)  # reshape view -> the tensor it aliases
+    views: dict[str, str] = field(default_factory=dict)  # view -> the tensor it aliases
+    view_offsets: dict[str, int] = field(default_factory=dict)  # view -> bytes into that tensor
 
     def base(self, name: str) -> str:
         while name in self.views:
             name = self.views[name]
         return name
+
+    def offset(self, name: str) -> int:
+        """Where `name` starts in its base tensor, in bytes (a contiguous slice's view)."""
+        total = 0
+        while name in self.views:
+            total += self.view_offsets.get(name, 0)
+            name = self.views[name]
+        return total
 
     @property
     def weights_bytes(self) -> int:
@@ -94,7 +104,9 @@ def import_onnx(model, origin: str = "model"):
 
 
 def fuse(mod):
-    """The CPU backend's legalize passes plus reshape-as-view and dead-code elimination."""
+    """The CPU backend's legalize and fusion passes, plus: reshapes and contiguous slices as
+    views, table lookups fused with their index arithmetic, and each fused kernel's
+    elementwise inputs marked for the memory plan (`KernelCall.elementwise`)."""
     import tvm
     from tvm import relax
 
@@ -102,15 +114,68 @@ def fuse(mod):
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
     ])
-    seq = tvm.transform.Sequential([
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
+    group = tvm.transform.Sequential([relax.transform.FoldConstant(), relax.transform.FuseOps()])
+    merge = tvm.transform.Sequential([
         relax.transform.FuseTIR(),
         relax.transform.RewriteDataflowReshape(),
         relax.transform.DeadCodeElimination(),
     ])
     with tvm.target.Target("c"):
-        return seq(_unfused_copying_pads(legalize(mod)))
+        mod = group(_fusable_gathers(_unfused_copying_pads(legalize(_slices_as_views(mod)))))
+        elementwise = _elementwise_inputs(mod)
+        mod = merge(mod)
+    for gv, f in list(mod.functions.items()):
+        if gv.name_hint in elementwise and isinstance(f, tvm.tirx.PrimFunc):
+            mod[gv] = f.with_attr("edgeprune.elementwise", elementwise[gv.name_hint])
+    return mod
+
+
+def _elementwise_inputs(mod) -> dict[str, list[int]]:
+    """Per fused function (FuseOps' groups, before FuseTIR): the positions of the inputs it reads
+    only to compute the output element at the same index (elementwise and broadcasting ops, a
+    table lookup indexed by them). The memory plan may put the output over such an input."""
+    import tvm
+    from tvm import relax
+
+    pattern = {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "op_pattern" in f.attrs}
+    found = {}
+    for gv, f in mod.functions.items():
+        if not (isinstance(f, relax.Function) and f.attrs and "Primitive" in f.attrs
+                and isinstance(f.body, relax.SeqExpr)):
+            continue
+        bindings = [b for block in f.body.blocks for b in block.bindings]
+        keep = []
+        for i, p in enumerate(f.params):
+            reach = {p}
+            for b in bindings:
+                v = b.value
+                if not any(isinstance(a, relax.Var) and a in reach for a in _call_args(v)):
+                    continue
+                kernel = v.args[0].name_hint if _is_call_tir(v) else ""
+                args = list(v.args[1].fields) if _is_call_tir(v) else []
+                lookup = re.fullmatch(r"take\d*", kernel) and args[0] not in reach
+                if pattern.get(kernel, 9) <= 1 or lookup:   # kElemWise, kBroadcast
+                    reach.add(b.var)
+                else:
+                    break
+            else:
+                if f.body.body in reach:
+                    keep.append(i)
+        if keep:
+            found[gv.name_hint] = keep
+    return found
+
+
+def _is_call_tir(v) -> bool:
+    return getattr(getattr(v, "op", None), "name", None) == "relax.call_tir"
+
+
+def _call_args(v) -> list:
+    from tvm import relax
+    if _is_call_tir(v):
+        return list(v.args[1].fields)
+    return list(getattr(v, "args", [])) if isinstance(v, relax.Call) else [v]
 
 
 def _unfused_copying_pads(mod):
@@ -122,6 +187,193 @@ def _unfused_copying_pads(mod):
         if isinstance(f, tvm.tirx.PrimFunc) and re.fullmatch(
                 r"(reflect|replicate|circular)_pad\d*", gv.name_hint):
             mod[gv] = f.with_attr("op_pattern", 8)      # kOpaque: FuseOps leaves it alone
+    return mod
+
+
+def _slice_index(call) -> tuple[list[int], list[slice]] | None:
+    """(input shape, one Python slice per axis) of a `strided_slice` with static bounds and
+    positive strides, else None."""
+    from tvm import relax
+    x = call.args[0]
+    if not isinstance(x, relax.Var):
+        return None
+    try:
+        shape = [int(d) for d in x.ty.shape.values]
+        axes, begin, end = ([int(v.value) for v in t] for t in call.args[1:4])
+        strides = [int(v.value) for v in call.args[4]] if len(call.args) > 4 else [1] * len(axes)
+    except (AttributeError, TypeError, ValueError):
+        return None  # a symbolic shape or bounds
+    if min(strides, default=1) < 1:
+        return None
+    index = [slice(None)] * len(shape)
+    for a, b, e, st in zip(axes, begin, end, strides):
+        index[a % len(shape)] = slice(b, e, st)
+    return shape, index
+
+
+def _contiguous_slice(call) -> tuple[tuple[int, ...], int] | None:
+    """(shape, element offset) of a `strided_slice` whose elements lie in one contiguous run of
+    its input (a time step of (1, T, C), a channel range at batch 1), else None."""
+    parsed = _slice_index(call)
+    if parsed is None or np.prod(parsed[0]) > 1 << 24:
+        return None
+    shape, index = parsed
+    picked = np.arange(int(np.prod(shape))).reshape(shape)[tuple(index)]
+    flat = picked.reshape(-1)
+    if flat.size == 0 or not np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
+        return None
+    return picked.shape, int(flat[0])
+
+
+def _slice_of_concat(call, defs: dict):
+    """A slice of a concatenation that lies within one of its pieces, as a slice of that piece
+    (a recurrent layer's last step out of its whole output sequence), else None."""
+    from tvm import relax
+    parsed = _slice_index(call)
+    src = defs.get(call.args[0])
+    if parsed is None or getattr(getattr(src, "op", None), "name", None) != "relax.concat":
+        return None
+    pieces = src.args[0]
+    pieces = defs.get(pieces, pieces) if isinstance(pieces, relax.Var) else pieces
+    if not isinstance(pieces, relax.Tuple):
+        return None
+    shape, index = parsed
+    axis = int(src.attrs.axis) % len(shape)
+    lo, hi, step = index[axis].indices(shape[axis])
+    start = 0
+    for piece in pieces.fields:
+        size = int(piece.ty.shape.values[axis])
+        if start <= lo and max(lo, hi - 1) < start + size and step > 0:
+            axes = list(range(len(shape)))
+            bounds = [sl.indices(n) for sl, n in zip(index, shape)]
+            begin = [b for b, _, _ in bounds]
+            end = [e for _, e, _ in bounds]
+            begin[axis], end[axis] = lo - start, min(hi, start + size) - start
+            return relax.op.strided_slice(piece, axes, begin, end, [st for *_, st in bounds])
+        start += size
+    return None
+
+
+def _slice_before_reshape(call, defs: dict):
+    """slice(reshape(c)) as slice(c), to be reshaped to the slice's shape, when the reshape
+    only adds or drops unit axes and c is a concatenation (a recurrent layer's output
+    sequence, lifted to 2-D), else None."""
+    from tvm import relax
+    parsed = _slice_index(call)
+    src = defs.get(call.args[0])
+    if parsed is None or getattr(getattr(src, "op", None), "name", None) != "relax.reshape":
+        return None
+    c = src.args[0]
+    if getattr(getattr(defs.get(c), "op", None), "name", None) != "relax.concat":
+        return None
+    shape, index = parsed
+    before = [int(d) for d in c.ty.shape.values]
+    if [d for d in before if d != 1] != [d for d in shape if d != 1]:
+        return None
+    kept = [sl for sl, d in zip(index, shape) if d != 1]
+    if any(len(range(*sl.indices(1))) != 1 for sl, d in zip(index, shape) if d == 1):
+        return None
+    bounds = [kept.pop(0).indices(d) if d != 1 else (0, 1, 1) for d in before]
+    inner = relax.op.strided_slice(c, list(range(len(before))), [b for b, _, _ in bounds],
+                                   [e for _, e, _ in bounds], [st for *_, st in bounds])
+    return inner
+
+
+def _as_view(call):
+    """A contiguous `strided_slice` as a view at its offset; any other call unchanged."""
+    import tvm
+    from tvm import relax
+    view = _contiguous_slice(call)
+    if view is None:
+        return call
+    shape, start = view
+    offset = start * np.dtype(str(call.args[0].ty.dtype)).itemsize
+    return relax.op.memory.view(call.args[0], relax.ShapeExpr(list(shape)),
+                                relative_byte_offset=relax.prim_value(
+                                    tvm.tirx.IntImm("int64", offset)))
+
+
+def _slices_as_views(mod):
+    """Contiguous slices become views at an offset of their input: no kernel, no copy. An
+    unrolled recurrent layer's time steps were a kernel each. A slice within one piece of a
+    concatenation reads that piece (the concatenation may then go unused)."""
+    import tvm
+    from tvm import relax
+
+    func = mod["main"]
+    if not isinstance(func.body, relax.SeqExpr):
+        return mod
+    defs = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    blocks, changed = [], False
+    for block in func.body.blocks:
+        bindings = []
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and getattr(v.op, "name", None) == "relax.strided_slice":
+                piece = _slice_of_concat(v, defs)
+                if piece is not None:
+                    v = _as_view(piece)
+                else:
+                    swapped = _slice_before_reshape(v, defs)
+                    piece = None if swapped is None else _slice_of_concat(swapped, defs)
+                    if piece is not None:
+                        shape = [int(d) for d in b.var.ty.shape.values]
+                        v = relax.op.reshape(_as_view(piece), shape)
+                    else:
+                        v = _as_view(v)
+                if v is not b.value:
+                    b, changed = relax.VarBinding(b.var, v), True
+            bindings.append(b)
+        blocks.append(type(block)(bindings))
+    if not changed:
+        return mod
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    mod["main"] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body),
+                                 func.ret_ty, func.is_pure, func.attrs)
+    return relax.transform.Normalize()(mod)
+
+
+def _fusable_gathers(mod):
+    """A `take` (a table activation's lookup, a gather of rows) is injective: each output
+    element reads one element of the table. TVM marks it opaque, so the int32 index a lookup
+    computes was a kernel and a tensor of its own, four times the size of the int8 activation
+    it indexes, and the arena's peak wherever an activation was largest. A take read by a
+    broadcast (an attention gate of (N, C, 1, 1) times the maps) stays a kernel: fused, it
+    would look up every gate once per pixel."""
+    import tvm
+    from tvm import relax
+
+    pattern = {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "op_pattern" in f.attrs}
+    size, readers, kernel = {}, {}, {}
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            if _is_call_tir(b.value):
+                size[b.var] = int(np.prod([int(d) for d in b.var.ty.shape.values]))
+                kernel[b.var] = b.value.args[0].name_hint
+                for a in b.value.args[1].fields:
+                    if isinstance(a, relax.Var):
+                        readers.setdefault(a, []).append(b.var)
+
+    def spreads(v) -> bool:
+        """Does v reach, through ops FuseOps would fuse, an op that reads its elements more
+        than once (a broadcast, a repeat; a pad or a concat reads each once)?"""
+        todo, seen = [v], set()
+        while todo:
+            for r in readers.get(todo.pop(), ()):
+                if r not in seen and pattern.get(kernel[r], 9) <= 2:
+                    if size[r] > size[v] and not re.fullmatch(r"(pad|concatenate)\d*",
+                                                               kernel[r]):
+                        return True
+                    seen.add(r)
+                    todo.append(r)
+        return False
+
+    spread = {kernel[v] for v in kernel if re.fullmatch(r"take\d*", kernel[v]) and spreads(v)}
+    for gv, f in list(mod.functions.items()):
+        if (isinstance(f, tvm.tirx.PrimFunc) and re.fullmatch(r"take\d*", gv.name_hint)
+                and gv.name_hint not in spread):
+            mod[gv] = f.with_attr("op_pattern", 2)      # kInjective
     return mod
 
 
@@ -149,6 +401,7 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
     names: dict[object, str] = {}
     calls: list[KernelCall] = []
     views: dict[str, str] = {}
+    view_offsets: dict[str, int] = {}
 
     def name_of(var) -> str:
         for v, n in names.items():
@@ -213,13 +466,23 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
                 shape, dtype = _tensor_type(value.ty_args[0], f"output of kernel {kernel}")
                 tensors[out] = TensorInfo(out, shape, dtype)
                 names[var] = out
-                calls.append(KernelCall(kernel, args + [out]))
+                attrs = mod[kernel].attrs or {}
+                calls.append(KernelCall(kernel, args + [out], elementwise=tuple(
+                    int(i) for i in attrs.get("edgeprune.elementwise", ()))))
             elif op_name == "relax.reshape":
                 src = name_of(value.args[0])
                 shape, dtype = _tensor_type(var.ty, f"reshape {var.name}")
                 tensors[out] = TensorInfo(out, shape, dtype)
                 names[var] = out
                 views[out] = src
+            elif op_name == "relax.memory.view":   # a contiguous slice (_slices_as_views)
+                src = name_of(value.args[0])
+                shape, dtype = _tensor_type(var.ty, f"slice {var.name}")
+                tensors[out] = TensorInfo(out, shape, dtype)
+                names[var] = out
+                views[out], view_offsets[out] = src, int(value.args[3].value)
+            elif op_name == "relax.null_value":    # the view's "same dtype"
+                continue
             else:
                 raise EdgepruneError(f"op '{op_name or op}' (binding {var.name}) was not lowered "
                                      "to a TIR kernel; the C target does not support it")
@@ -231,7 +494,7 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
         if not isinstance(o, relax.Var):
             raise EdgepruneError(f"model output {o} is not a tensor computed by a kernel")
         outputs.append(name_of(o))
-    return LoweredModel(prefix, "", tensors, consts, calls, inputs, outputs, views)
+    return LoweredModel(prefix, "", tensors, consts, calls, inputs, outputs, views, view_offsets)
 
 
 def build_kernels(mod, prefix: str) -> str:

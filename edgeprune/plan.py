@@ -217,8 +217,19 @@ def reorder_for_memory(lowered) -> int:
 # Kernels that may overwrite a dying input (kernels/int8.py, kernels/simd.py): a depthwise conv
 # copies each channel's plane into its scratch before writing that channel's outputs, which
 # land on the bytes of planes already copied (an output plane is no larger than an input
-# plane); an add reads a[i] and b[i] before it writes y[i].
+# plane); an add reads a[i] and b[i] before it writes y[i]. TVM's fused elementwise kernels
+# (a requantization, a table activation) read x[i] only for y[i]: with elements of one size
+# y[i] covers x[i] alone, whatever order their loops take (KernelCall.elementwise).
 INPLACE_KERNEL = re.compile(r"ep_int8_(depthwise|add)\d*$")
+
+
+def _inplace_candidates(call) -> tuple[list[str], str]:
+    """(inputs the call's output may overwrite, how they must fit)."""
+    if INPLACE_KERNEL.match(call.kernel):
+        if "depthwise" in call.kernel:
+            return call.inputs[:1], "plane"
+        return call.inputs, "element"
+    return [call.inputs[k] for k in call.elementwise], "same"
 
 
 def inplace_aliases(lowered) -> dict[str, str]:
@@ -233,20 +244,24 @@ def inplace_aliases(lowered) -> dict[str, str]:
     aliases: dict[str, str] = {}
     for i, call in enumerate(lowered.calls):
         out = call.output
-        if not INPLACE_KERNEL.match(call.kernel) or out in external or out in lowered.views:
+        if out in external or out in lowered.views:
             continue
         y = lowered.tensors[out]
-        for name in call.inputs[:1] if "depthwise" in call.kernel else call.inputs:
+        names, fit = _inplace_candidates(call)
+        for name in names:
             t = lowered.base(name)
-            if t in external or last.get(t) != i or t in aliases.values():
+            if (t in external or last.get(t) != i or t in aliases.values()
+                    or lowered.offset(name)):   # a slice: the kernel reads past its output
                 continue
             x = lowered.tensors[t]
-            if "depthwise" in call.kernel:  # same N, C; an output plane within an input plane
+            size_x, size_y = np.dtype(x.dtype).itemsize, np.dtype(y.dtype).itemsize
+            if fit == "plane":  # same N, C; an output plane within an input plane
                 fits = (len(x.shape) == len(y.shape) == 4 and x.shape[:2] == y.shape[:2] and
                         y.nbytes <= x.nbytes)
-            else:  # elementwise, same shape; an output element within its input element
-                fits = (x.shape == y.shape and
-                        np.dtype(y.dtype).itemsize <= np.dtype(x.dtype).itemsize)
+            elif fit == "element":  # same shape; an output element within its input element
+                fits = x.shape == y.shape and size_y <= size_x
+            else:
+                fits = x.shape == y.shape and size_y == size_x
             if fits:
                 aliases[out] = t
                 break

@@ -162,3 +162,86 @@ def test_depthwise_and_add_run_in_place_and_stay_bit_exact(tmp_path):
         compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
         result, _ = simulate(tmp_path / target, samples=3)
         assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+
+
+class _SlicesAndLookups(torch.nn.Module):
+    """Channel halves at batch 1, a slice of the input, a slice within one piece of a
+    concatenation, table activations (SiLU, sigmoid) and an output that is a slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c = torch.nn.Conv2d(16, 8, 1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.nn.functional.silu(self.a(x))
+        z = torch.cat([self.b(y[:, :8]) + x[:, 1:3].sum(1, keepdim=True), y[:, 8:]], 1)
+        w = torch.sigmoid(self.c(z))[:, 2:6] * z[:, 8:12]
+        return self.fc(torch.cat([w, z[:, :4]], 1).mean((2, 3)))[:, 1:4]
+
+
+def test_slices_are_views_and_lookups_fuse_and_stay_bit_exact(tmp_path):
+    """A contiguous slice is a view at an offset (no kernel, no copy); a table activation
+    computes its int32 index inside its lookup (no tensor four times the activation's size)
+    and writes over its dying input; the firmware still matches the integer reference."""
+    from edgeprune.compile import compile_model
+    from edgeprune.lower import lower_relax
+    from edgeprune.plan import inplace_aliases
+    from edgeprune.quantize.ptq import quantize_ptq
+    from edgeprune.quantize.to_relax import to_relax
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(2)
+    shape = (1, 4, 8, 8)
+    qm = quantize_ptq(_SlicesAndLookups().eval(), shape,
+                      np.random.RandomState(2).randn(16, *shape[1:]).astype(np.float32))
+    lowered = lower_relax(to_relax(qm), "model")
+    kernels = [c.kernel for c in lowered.calls]
+    assert not [k for k in kernels if "strided_slice" in k and "sum" not in k], kernels
+    assert len([v for v in lowered.views if lowered.offset(v)]) >= 4, lowered.view_offsets
+    wide = [c.output for c in lowered.calls if lowered.tensors[c.output].dtype == "int32"
+            and np.prod(lowered.tensors[c.output].shape) >= 8 * 8 * 8]
+    assert not wide, wide            # no lookup index tensors (a reduction's sums are small)
+    cat = next(c.output for c in lowered.calls if c.kernel.startswith("concatenate"))
+    assert not [v for v in lowered.views if lowered.base(v) == cat]  # slices read its pieces
+    assert lowered.outputs[0] in lowered.views   # the output slice is copied out
+    in_place = [c.kernel for c in lowered.calls if c.output in inplace_aliases(lowered)]
+    assert any("take" in k for k in in_place), in_place
+
+    qdir = qm.save(tmp_path / "q")
+    for target in ("cortex-m7", "riscv32"):
+        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
+        result, _ = simulate(tmp_path / target, samples=3)
+        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+
+
+def test_only_elementwise_inputs_may_share_the_output():
+    """What the plan may overwrite: the input of a table lookup or a broadcasting add, not the
+    rows a gather picks from or the input of a transpose (same shape, other order)."""
+    from tvm import relax
+
+    from edgeprune.lower import lower_relax
+
+    def one_kernel(body):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 4, 4), "int8"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.add(body(x), relax.const(np.int8(1))))
+            bb.emit_func_output(out)
+        (call,) = lower_relax(bb.get(), "m").calls
+        return call.elementwise
+
+    def lookup(h):
+        idx = relax.op.subtract(relax.op.astype(h, "int32"), relax.const(np.int32(-128)))
+        table = relax.const(np.arange(256).astype(np.int8))
+        return relax.op.take(table, idx, axis=0, mode="clip")
+
+    rows = relax.const(np.array([0, 0, 1, 2], np.int32))
+    scale = relax.const(np.full((1, 1, 4), 3, np.int8))
+    assert 0 in one_kernel(lookup)       # position 0 is x; the others are constants
+    assert 0 in one_kernel(lambda h: relax.op.multiply(h, scale))
+    assert 0 not in one_kernel(lambda h: relax.op.take(h, rows, axis=1))
+    assert 0 not in one_kernel(lambda h: relax.op.permute_dims(h, [0, 2, 1]))

@@ -89,7 +89,9 @@ def test_a_gru_model_runs_bit_exact_on_a_target_with_its_weights_once(tmp_path):
     model_c = (tmp_path / "b" / "c_library" / "model.c").read_text()
     calls = re.findall(r"__tvm_ffi_model_(\w+)\(NULL", model_c)
     dense = {c for c in calls if "dense" in c}
-    assert len(set(calls)) < len(calls) / 5 and len(dense) <= 6 + 1     # 27 of 261, 3
+    assert len(set(calls)) < len(calls) / 8 and len(dense) <= 6 + 1     # 16 of 165, 3
+    # each step's frame is a view of the sequence, not a kernel that copies it out
+    assert not [c for c in set(calls) if "strided_slice" in c], calls
     every = {qm.params[f"{o.name}.weight"].tobytes() for o in qm.weight_ops()}
     assert qm.total_weight_bytes() == sum(len(w) for w in every)      # what reports count
 
