@@ -360,9 +360,10 @@ def _fusable_gathers(mod):
         than once (a broadcast, a repeat; a pad or a concat reads each once)?"""
         todo, seen = [v], set()
         while todo:
-            for r in readers.get(todo.pop(), ()):
+            x = todo.pop()
+            for r in readers.get(x, ()):
                 if r not in seen and pattern.get(kernel[r], 9) <= 2:
-                    if size[r] > size[v] and not re.fullmatch(r"(pad|concatenate)\d*",
+                    if size[r] > size[x] and not re.fullmatch(r"(pad|concatenate)\d*",
                                                                kernel[r]):
                         return True
                     seen.add(r)
@@ -497,6 +498,37 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
     return LoweredModel(prefix, "", tensors, consts, calls, inputs, outputs, views, view_offsets)
 
 
+def _concat_axis(out: TensorInfo, pieces: list[TensorInfo]) -> int | None:
+    for a in range(len(out.shape)):
+        if (all(p.shape[:a] + p.shape[a + 1:] == out.shape[:a] + out.shape[a + 1:]
+                for p in pieces) and sum(p.shape[a] for p in pieces) == out.shape[a]):
+            return a
+    return None
+
+
+def _concats_as_views(lowered: LoweredModel) -> None:
+    """A concatenation whose pieces lie one after another in its output (channels at batch 1,
+    time steps) runs no kernel: each piece's producer writes into its place in the output.
+    Later concatenations first, so that one nested in another (DenseNet) chains its views."""
+    external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
+    produced = {c.output for c in lowered.calls}
+    for call in reversed(list(lowered.calls)):
+        if not re.fullmatch(r"concatenate\d*", call.kernel) or call.output in external:
+            continue
+        out, pieces = lowered.tensors[call.output], call.inputs
+        infos = [lowered.tensors[n] for n in pieces]
+        axis = _concat_axis(out, infos)
+        if (axis is None or int(np.prod(out.shape[:axis])) != 1 or len(set(pieces)) < len(pieces)
+                or any(n not in produced or n in external or n in lowered.views
+                       or i.dtype != out.dtype for n, i in zip(pieces, infos))):
+            continue
+        at = 0
+        for n, info in zip(pieces, infos):
+            lowered.views[n], lowered.view_offsets[n] = call.output, at
+            at += info.nbytes
+        lowered.calls.remove(call)
+
+
 def build_kernels(mod, prefix: str) -> str:
     """C source of every PrimFunc, exported as `__tvm_ffi_<prefix>_<name>`, asserts stripped."""
     import tvm
@@ -594,6 +626,7 @@ def lower_relax(mod, prefix: str = "model", features=()) -> LoweredModel:
     mod = schedule_kernels(mod)
     lowered = collect_calls(mod, prefix)
     assign_macs(lowered.calls, lowered.tensors, ops)
+    _concats_as_views(lowered)
     lowered.kernels_c = build_kernels(mod, prefix)
     ws = workspace_per_kernel(lowered.kernels_c, prefix)
     for call in lowered.calls:

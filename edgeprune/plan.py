@@ -129,17 +129,22 @@ def plan_buffers(buffers: list[Buffer]) -> Plan:
 
 
 def _dependencies(lowered) -> tuple[list[set[int]], dict[str, int], dict[str, set[int]]]:
-    """Per call, the calls it must follow; producer call and reader calls of each base tensor."""
+    """Per call, the calls it must follow; producer call (the first that writes into it) and
+    reader calls of each base tensor."""
     producer: dict[str, int] = {}
+    writers: dict[str, list[int]] = {}
     readers: dict[str, set[int]] = {}
     for i, call in enumerate(lowered.calls):
         for name in call.inputs:
             readers.setdefault(lowered.base(name), set()).add(i)
         producer.setdefault(lowered.base(call.output), i)
-    deps = [{producer[lowered.base(n)] for n in c.inputs if lowered.base(n) in producer} - {i}
+        writers.setdefault(lowered.base(call.output), []).append(i)
+    # a reader follows every call that wrote into what it reads (the pieces of a concatenation)
+    deps = [{w for n in c.inputs for w in writers.get(lowered.base(n), ()) if w < i}
             for i, c in enumerate(lowered.calls)]
-    # A call that writes into a tensor another call produced (in place) keeps its place after
-    # the producer and its readers so far: order those writes as they were.
+    # A call that writes into a tensor another call produced (in place, or the next piece of a
+    # concatenation) keeps its place after the producer and its readers so far: order those
+    # writes as they were.
     for i, call in enumerate(lowered.calls):
         out = lowered.base(call.output)
         if producer[out] != i:

@@ -1445,14 +1445,46 @@ def calibrate(net: IRNet, x: np.ndarray, method: str = "minmax", percentile: flo
                     keep.setdefault(k, []).append(rng.choice(v, take, replace=False))
     net.qconfig = saved
     if method == "minmax":
-        return _tied(net, {k: (lo[k], hi[k]) for k in lo})
+        return _concat_shared(net, _tied(net, {k: (lo[k], hi[k]) for k in lo}))
     out = {}
     for k, parts in keep.items():
         v = np.concatenate(parts)
         out[k] = (float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile)))
         if k == INPUT:
             out[k] = (lo[k], hi[k])   # inputs are bounded data: never clip them
-    return _tied(net, out)
+    return _concat_shared(net, _tied(net, out))
+
+
+def _concat_shared(net: IRNet, ranges: dict[str, tuple[float, float]]
+                   ) -> dict[str, tuple[float, float]]:
+    """`ranges` with a concatenation's pieces and output in one range, the union of theirs,
+    where no piece is the model's input: each piece's op then writes in the concatenation's
+    scale, and the C library writes the pieces into their places in its output, with no
+    concat kernel and no copy (`lower._concats_as_views`). TFLite's int8 spec asks the same.
+    A piece with a narrower range than the others gets coarser steps."""
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    for n in net.nodes:
+        if (n.kind == "concat" and INPUT not in n.inputs
+                and all(t in ranges for t in [*n.inputs, n.output])):
+            for t in n.inputs:
+                if find(t) != find(n.output):
+                    parent[find(t)] = find(n.output)
+    members: dict[str, list[str]] = {}
+    for t in parent:
+        members.setdefault(find(t), []).append(t)
+    shared = dict(ranges)
+    for root, group in members.items():
+        group = [root, *group]
+        lo, hi = min(ranges[t][0] for t in group), max(ranges[t][1] for t in group)
+        for t in group:
+            shared[t] = (lo, hi)
+    return shared
 
 
 def _tied(net: IRNet, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
