@@ -1,7 +1,9 @@
 """Static memory plan: every intermediate tensor and every kernel's scratch in one arena.
 
-Liveness is by call index: a tensor lives from the call that writes it to the last call that
-reads it (directly or through a reshape view); a kernel's workspace lives during its call only.
+Liveness is by call index: a tensor lives from the first call that writes it to the last call
+that reads it (directly or through a view: a reshape, a contiguous slice, a piece of a
+concatenation its producer writes in place; see lower.py); a kernel's workspace lives during its
+call only.
 The lower bound is the largest sum of sizes live at one call; several placement heuristics run
 and the smallest arena wins (equal to the bound on chains, see tests/test_plan.py).
 
@@ -9,9 +11,9 @@ Where the graph branches (a residual block's shortcut, parallel paths before a c
 order of the calls changes what is live at once: `best_order` searches the topological orders
 for the lowest peak before planning.
 
-In place: a depthwise conv or a residual add whose input dies at that call writes its output
-over the input (`inplace_aliases`); both kernels read each input element before they write the
-output bytes that cover it.
+In place: a depthwise conv, a residual add or one of TVM's elementwise kernels whose input dies
+at that call writes its output over the input (`inplace_aliases`); each reads an input element
+before it writes the output bytes that cover it.
 """
 
 import dataclasses
