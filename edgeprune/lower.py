@@ -172,10 +172,17 @@ def _is_call_tir(v) -> bool:
 
 
 def _call_args(v) -> list:
+    """What a binding's value reads (a call's arguments, a tuple's fields, ...)."""
     from tvm import relax
     if _is_call_tir(v):
         return list(v.args[1].fields)
-    return list(getattr(v, "args", [])) if isinstance(v, relax.Call) else [v]
+    if isinstance(v, relax.Call):
+        return list(v.args)
+    if isinstance(v, relax.Tuple):
+        return list(v.fields)
+    if isinstance(v, relax.TupleGetItem):
+        return [v.tuple_value]
+    return [v]
 
 
 def _unfused_copying_pads(mod):
