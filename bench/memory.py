@@ -1,10 +1,11 @@
 """The memory plan on model forms where it matters: SRAM, flash and instructions on the M7.
 
 Views (a contiguous slice, a time step of a sequence), concatenations written in place by their
-pieces' producers, activation tables fused with their index arithmetic and elementwise kernels
-run in place (edgeprune/lower.py, edgeprune/plan.py) change these numbers; ResNet-8 has none of
-those forms and is the reference. The weights are random and calibration uses random inputs:
-the numbers are the models' structure, not their accuracy. Every firmware runs 2 samples in
+pieces' producers, activation tables fused with their index arithmetic, and elementwise kernels
+and convs that copy their input first run in place (edgeprune/lower.py, edgeprune/plan.py)
+change these numbers; ResNet-8's plan keeps none of those and is the reference. The weights
+are random and calibration uses random inputs: the numbers are the models' structure, not their
+accuracy. Every firmware runs 2 samples in
 QEMU, checked bit for bit against the numpy golden model.
 
 Writes bench/results/memory.json: {model: {"calls", "kernels", "arena_bytes", "sram_bytes",
@@ -124,6 +125,7 @@ def main(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     models = {
         "resnet8": (lambda: build("resnet8", (1, 1, 28, 28))[0], (1, 1, 28, 28)),
+        "dscnn": (lambda: build("dscnn")[0], build("dscnn")[1]),
         "mobilenetv3_like_hardswish": (MobileNetV3Like, (1, 1, 28, 28)),
         "mobilenetv3_like_relu6": (lambda: MobileNetV3Like(nn.ReLU6()), (1, 1, 28, 28)),
         "fire_dense": (FireDense, (1, 1, 28, 28)),

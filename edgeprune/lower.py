@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import EdgepruneError
+from .kernels.int8 import OVERWRITES_INPUT
 
 # Bytes the runtime shim rounds every workspace request up to (see codegen/edgeprune_runtime.c).
 WORKSPACE_ALIGN = 16
@@ -34,6 +35,7 @@ class KernelCall:
     workspace_bytes: int = 0    # scratch the kernel asks TVMBackendAllocWorkspace for (peak)
     macs: int | None = None     # multiply-accumulates of its conv/matmul (None: not one)
     elementwise: tuple[int, ...] = ()  # inputs read only for the output element at their index
+    overwrites: bool = False    # reads its whole first input before writing over it (an int8 conv)
 
     @property
     def output(self) -> str:
@@ -476,7 +478,8 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
                 names[var] = out
                 attrs = mod[kernel].attrs or {}
                 calls.append(KernelCall(kernel, args + [out], elementwise=tuple(
-                    int(i) for i in attrs.get("edgeprune.elementwise", ()))))
+                    int(i) for i in attrs.get("edgeprune.elementwise", ())),
+                    overwrites=bool(attrs.get(OVERWRITES_INPUT, 0))))
             elif op_name == "relax.reshape":
                 src = name_of(value.args[0])
                 shape, dtype = _tensor_type(var.ty, f"reshape {var.name}")

@@ -230,8 +230,10 @@ def reorder_for_memory(lowered) -> int:
 INPLACE_KERNEL = re.compile(r"ep_int8_(depthwise|add)\d*$")
 
 
-def _inplace_candidates(call) -> tuple[list[str], str]:
+def _inplace_candidates(call, convs: bool) -> tuple[list[str], str]:
     """(inputs the call's output may overwrite, how they must fit)."""
+    if call.overwrites:      # an int8 conv that copies its input whole or by its own bands
+        return (call.inputs[:1] if convs else []), "any"
     if INPLACE_KERNEL.match(call.kernel):
         if "depthwise" in call.kernel:
             return call.inputs[:1], "plane"
@@ -239,8 +241,9 @@ def _inplace_candidates(call) -> tuple[list[str], str]:
     return [call.inputs[k] for k in call.elementwise], "same"
 
 
-def inplace_aliases(lowered) -> dict[str, str]:
-    """Output tensor -> the dying input tensor whose bytes it reuses (in call order)."""
+def inplace_aliases(lowered, convs: bool = True) -> dict[str, str]:
+    """Output tensor -> the dying input tensor whose bytes it reuses (in call order); with
+    `convs`, also the outputs of the convs that copy their input before writing."""
     external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
     last: dict[str, int] = {}
     for i, call in enumerate(lowered.calls):
@@ -254,7 +257,7 @@ def inplace_aliases(lowered) -> dict[str, str]:
         if out in external or out in lowered.views:
             continue
         y = lowered.tensors[out]
-        names, fit = _inplace_candidates(call)
+        names, fit = _inplace_candidates(call, convs)
         for name in names:
             t = lowered.base(name)
             if (t in external or last.get(t) != i or t in aliases.values()
@@ -267,8 +270,10 @@ def inplace_aliases(lowered) -> dict[str, str]:
                         y.nbytes <= x.nbytes)
             elif fit == "element":  # same shape; an output element within its input element
                 fits = x.shape == y.shape and size_y <= size_x
-            else:
+            elif fit == "same":
                 fits = x.shape == y.shape and size_y == size_x
+            else:
+                fits = True
             if fits:
                 aliases[out] = t
                 break
@@ -283,12 +288,19 @@ def _root(aliases: dict[str, str], name: str) -> str:
 
 def plan_model(lowered) -> Plan:
     """Arena plan for a LoweredModel: intermediates (not inputs/outputs/weights/views) + scratch,
-    in-place outputs sharing their input's bytes."""
-    aliases = inplace_aliases(lowered)
-    plan = plan_buffers(_buffers(lowered, aliases))
-    for name in aliases:
-        plan.offsets[name] = plan.offsets[_root(aliases, name)]
-    return plan
+    in-place outputs sharing their input's bytes. A conv's output over its input is one buffer
+    of the larger size for both lifetimes, which can raise the peak elsewhere (a wide output
+    reserved from when its narrow input was made): the plan with and without those is kept
+    whichever is smaller."""
+    best = None
+    for convs in (True, False):
+        aliases = inplace_aliases(lowered, convs)
+        plan = plan_buffers(_buffers(lowered, aliases))
+        for name in aliases:
+            plan.offsets[name] = plan.offsets[_root(aliases, name)]
+        if best is None or plan.arena_bytes < best.arena_bytes:
+            best = plan
+    return best
 
 
 def _buffers(lowered, aliases: dict[str, str] | None = None) -> list[Buffer]:

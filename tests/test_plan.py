@@ -301,3 +301,46 @@ def test_concatenations_are_written_in_place_and_stay_bit_exact(tmp_path):
         compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
         result, _ = simulate(tmp_path / target, samples=3)
         assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+
+
+class _Pointwise(torch.nn.Module):
+    """Depthwise-separable convs (1x1 stride 1 over a dying input: in place) and a 1x1 stride-2
+    conv on a large image, whose bands of outputs land on input rows not yet read."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = torch.nn.Conv2d(16, 24, 1)
+        self.down = torch.nn.Conv2d(24, 32, 1, stride=2)
+        self.fc = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.stem(x))))))
+        return self.fc(torch.relu(self.down(y)).mean((2, 3)))
+
+
+def test_convs_that_copy_their_input_first_run_in_place_and_stay_bit_exact(tmp_path):
+    from edgeprune.compile import compile_model
+    from edgeprune.lower import lower_relax
+    from edgeprune.plan import inplace_aliases
+    from edgeprune.quantize.ptq import quantize_ptq
+    from edgeprune.quantize.to_relax import to_relax
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(4)
+    shape = (1, 1, 24, 24)
+    qm = quantize_ptq(_Pointwise().eval(), shape,
+                      np.random.RandomState(4).randn(16, *shape[1:]).astype(np.float32))
+    lowered = lower_relax(to_relax(qm), "model")
+    convs = [c for c in lowered.calls if "conv" in c.kernel]
+    aliases = inplace_aliases(lowered)
+    pointwise, down = convs[-2], convs[-1]     # 16 -> 24 at 24 x 24; 24 -> 32, stride 2
+    assert pointwise.overwrites and pointwise.output in aliases
+    assert not down.overwrites and down.output not in aliases
+
+    qdir = qm.save(tmp_path / "q")
+    for target in ("cortex-m7", "cortex-m55", "riscv32"):
+        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
+        result, _ = simulate(tmp_path / target, samples=3)
+        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)

@@ -573,7 +573,15 @@ def _shape(s) -> str:
     return "(" + ", ".join(str(int(d)) for d in s) + ("," if len(s) == 1 else "") + ")"
 
 
-def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str) -> list[str]:
+# A kernel with this attribute reads every input byte (into its scratch) before it writes
+# output bytes over it, whatever the shapes: the memory plan may put its output over its input
+# where the input dies (plan.inplace_aliases).
+OVERWRITES_INPUT = "edgeprune.overwrites_input"
+
+
+def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str,
+            overwrites: bool = False) -> list[str]:
+    extra = f', "{OVERWRITES_INPUT}": 1' if overwrites else ""
     return [
         "@T.prim_func(private=True)",
         f'def main(x: T.Buffer({_shape(layer.x_shape)}, "{layer.x_dtype}"), '
@@ -581,7 +589,8 @@ def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str) -> list[str]:
         f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "int64"), '
         f'shift: T.Buffer(({o},), "int32"), '
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
-        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"}})',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"'
+        f'{extra}}})',
     ]
 
 
@@ -713,7 +722,12 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     pixels = BAND_PIXELS_1X1 if kh * kw == 1 else BAND_PIXELS
     band = oh_n if dense or by_width else min(oh_n, max(1, -(-pixels // ow_n)))
     hb = hs if band == oh_n else (band - 1) * sh + (kh - 1) * dh + 1
-    L = _header(layer, words.shape, "int32", o, layer.kind)
+    # In place (one image): one band fills the scratch with the whole input before any output
+    # is written; a 1x1 stride-1 conv's band of input rows is the band of output rows it writes
+    # (an output byte lands on an input byte of that band, or past the input).
+    overwrites = n == 1 and (band == oh_n or (
+        kh == kw == 1 and tuple(layer.strides) == (1, 1) and not any(layer.padding)))
+    L = _header(layer, words.shape, "int32", o, layer.kind, overwrites)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
         wu_shape = (nred, kh, taps, oc_block + oc_block % 2)
         L.append(f'    wu = T.alloc_buffer({wu_shape}, "int32")')

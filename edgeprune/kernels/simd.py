@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .int8 import KERNEL_ATTR, QLayer, _shape
+from .int8 import KERNEL_ATTR, OVERWRITES_INPUT, QLayer, _shape
 
 MVE_FEATURE = "mve-i"
 # Cortex-A (AArch64 NEON) runs the same kernels: simd_c's EP_NEON branches (conv steps by
@@ -52,15 +52,18 @@ def _requant(layer: QLayer, n_out: int | None = None):
     return consts, mode
 
 
-def _header(layer: QLayer, nw: int, o: int, tag: str, nqp: int = 0) -> list[str]:
+def _header(layer: QLayer, nw: int, o: int, tag: str, nqp: int = 0,
+            overwrites: bool = False) -> list[str]:
     qp = f'qp: T.Buffer(({nqp},), "int32"), ' if nqp else ""
+    extra = f', "{OVERWRITES_INPUT}": 1' if overwrites else ""
     return [
         "@T.prim_func(private=True)",
         f'def main(x: T.Buffer({_shape(layer.x_shape)}, "int8"), w: T.Buffer(({nw},), "int8"), '
         f'bias: T.Buffer(({o},), "int32"), mult: T.Buffer(({o},), "int32"), '
         f'rnd: T.Buffer(({o},), "int64"), shift: T.Buffer(({o},), "int32"), {qp}'
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
-        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"}})',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"'
+        f'{extra}}})',
     ]
 
 
@@ -136,7 +139,8 @@ def conv_kernel(layer: QLayer):
     if patch:
         patch_off = -(-scratch // 16) * 16
         scratch = patch_off + (4 // g) * segp
-    L = _header(layer, wpad.size, ng * g, layer.kind, qp.size)
+    # one image copied whole into the NHWC scratch before any output: in place is safe
+    L = _header(layer, wpad.size, ng * g, layer.kind, qp.size, overwrites=not direct and n == 1)
     xs = "x.data"
     if scratch:
         L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
