@@ -724,9 +724,11 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     hb = hs if band == oh_n else (band - 1) * sh + (kh - 1) * dh + 1
     # In place (one image): one band fills the scratch with the whole input before any output
     # is written; a 1x1 stride-1 conv's band of input rows is the band of output rows it writes
-    # (an output byte lands on an input byte of that band, or past the input).
+    # (with elements of one size an output byte lands on an input byte of that band, or past
+    # the input).
     overwrites = n == 1 and (band == oh_n or (
-        kh == kw == 1 and tuple(layer.strides) == (1, 1) and not any(layer.padding)))
+        kh == kw == 1 and tuple(layer.strides) == (1, 1) and not any(layer.padding)
+        and np.dtype(layer.out_dtype).itemsize == np.dtype(layer.x_dtype).itemsize))
     L = _header(layer, words.shape, "int32", o, layer.kind, overwrites)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
         wu_shape = (nred, kh, taps, oc_block + oc_block % 2)
