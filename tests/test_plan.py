@@ -136,32 +136,43 @@ class _DepthwiseResidual(torch.nn.Module):
         return self.head(torch.relu(self.project(a) + a))
 
 
+def _quantized_and_lowered(model_class, shape, seed: int, samples: int = 16):
+    """The int8 model of a fresh `model_class` (PTQ on random inputs) and its lowering."""
+    from edgeprune.lower import lower_relax
+    from edgeprune.quantize.ptq import quantize_ptq
+    from edgeprune.quantize.to_relax import to_relax
+
+    torch.manual_seed(seed)
+    qm = quantize_ptq(model_class().eval(), shape,
+                      np.random.RandomState(seed).randn(samples, *shape[1:]).astype(np.float32))
+    return qm, lower_relax(to_relax(qm), "model")
+
+
+def _bit_exact_on(qm, targets, tmp_path):
+    """The firmware of `qm` matches the integer reference in QEMU on every target."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    qdir = qm.save(tmp_path / "q")
+    for target in targets:
+        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
+        result, _ = simulate(tmp_path / target, samples=3)
+        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+
+
 def test_depthwise_and_add_run_in_place_and_stay_bit_exact(tmp_path):
     """The depthwise conv and the add overwrite their dying inputs (a smaller arena), and the
     firmware still matches the integer reference on the SMLAD (M7), Helium (M55) and portable
     (RISC-V) kernels."""
-    from edgeprune.compile import compile_model
-    from edgeprune.lower import lower_relax
     from edgeprune.plan import _buffers, inplace_aliases, lower_bound, plan_model
-    from edgeprune.quantize.ptq import quantize_ptq
-    from edgeprune.quantize.to_relax import to_relax
-    from edgeprune.simulate import simulate
 
-    torch.manual_seed(1)
-    shape = (1, 4, 12, 12)
-    qm = quantize_ptq(_DepthwiseResidual().eval(), shape,
-                      np.random.RandomState(1).randn(8, *shape[1:]).astype(np.float32))
-    lowered = lower_relax(to_relax(qm), "model")
+    qm, lowered = _quantized_and_lowered(_DepthwiseResidual, (1, 4, 12, 12), 1, samples=8)
     aliases = inplace_aliases(lowered)
     kinds = {c.kernel.rstrip("0123456789") for c in lowered.calls if c.output in aliases}
     assert kinds == {"ep_int8_depthwise", "ep_int8_add"}, [c.kernel for c in lowered.calls]
     assert plan_model(lowered).arena_bytes < lower_bound(_buffers(lowered))
 
-    qdir = qm.save(tmp_path / "q")
-    for target in ("cortex-m7", "cortex-m55", "riscv32"):
-        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
-        result, _ = simulate(tmp_path / target, samples=3)
-        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+    _bit_exact_on(qm, ("cortex-m7", "cortex-m55", "riscv32"), tmp_path)
 
 
 class _SlicesAndLookups(torch.nn.Module):
@@ -186,18 +197,9 @@ def test_slices_are_views_and_lookups_fuse_and_stay_bit_exact(tmp_path):
     """A contiguous slice is a view at an offset (no kernel, no copy); a table activation
     computes its int32 index inside its lookup (no tensor four times the activation's size)
     and writes over its dying input; the firmware still matches the integer reference."""
-    from edgeprune.compile import compile_model
-    from edgeprune.lower import lower_relax
     from edgeprune.plan import inplace_aliases
-    from edgeprune.quantize.ptq import quantize_ptq
-    from edgeprune.quantize.to_relax import to_relax
-    from edgeprune.simulate import simulate
 
-    torch.manual_seed(2)
-    shape = (1, 4, 8, 8)
-    qm = quantize_ptq(_SlicesAndLookups().eval(), shape,
-                      np.random.RandomState(2).randn(16, *shape[1:]).astype(np.float32))
-    lowered = lower_relax(to_relax(qm), "model")
+    qm, lowered = _quantized_and_lowered(_SlicesAndLookups, (1, 4, 8, 8), 2)
     kernels = [c.kernel for c in lowered.calls]
     assert not [k for k in kernels if "strided_slice" in k and "sum" not in k], kernels
     assert len([v for v in lowered.views if lowered.offset(v)]) >= 4, lowered.view_offsets
@@ -210,11 +212,7 @@ def test_slices_are_views_and_lookups_fuse_and_stay_bit_exact(tmp_path):
     in_place = [c.kernel for c in lowered.calls if c.output in inplace_aliases(lowered)]
     assert any("take" in k for k in in_place), in_place
 
-    qdir = qm.save(tmp_path / "q")
-    for target in ("cortex-m7", "riscv32"):
-        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
-        result, _ = simulate(tmp_path / target, samples=3)
-        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+    _bit_exact_on(qm, ("cortex-m7", "riscv32"), tmp_path)
 
 
 def test_only_elementwise_inputs_may_share_the_output():
@@ -274,18 +272,9 @@ class _Concats(torch.nn.Module):
 def test_concatenations_are_written_in_place_and_stay_bit_exact(tmp_path):
     """Pieces that lie one after another in a concatenation's output are written there by
     their producers: no concat kernel, no copy, a smaller arena."""
-    from edgeprune.compile import compile_model
-    from edgeprune.lower import lower_relax
     from edgeprune.plan import plan_model
-    from edgeprune.quantize.ptq import quantize_ptq
-    from edgeprune.quantize.to_relax import to_relax
-    from edgeprune.simulate import simulate
 
-    torch.manual_seed(3)
-    shape = (1, 3, 8, 8)
-    qm = quantize_ptq(_Concats().eval(), shape,
-                      np.random.RandomState(3).randn(16, *shape[1:]).astype(np.float32))
-    lowered = lower_relax(to_relax(qm), "model")
+    qm, lowered = _quantized_and_lowered(_Concats, (1, 3, 8, 8), 3)
     concats = [c for c in lowered.calls if "concatenate" in c.kernel]
     assert len(concats) == 1 and lowered.tensors[concats[0].output].shape[3] == 6, concats
     # the expands and the DenseNet convs write into the last concatenation, at their offsets
@@ -296,11 +285,7 @@ def test_concatenations_are_written_in_place_and_stay_bit_exact(tmp_path):
     scratch = max(c.workspace_bytes for c in lowered.calls)
     assert plan_model(lowered).arena_bytes <= 24 * 64 + scratch
 
-    qdir = qm.save(tmp_path / "q")
-    for target in ("cortex-m55", "riscv32"):
-        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
-        result, _ = simulate(tmp_path / target, samples=3)
-        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+    _bit_exact_on(qm, ("cortex-m55", "riscv32"), tmp_path)
 
 
 class _Pointwise(torch.nn.Module):
@@ -321,26 +306,13 @@ class _Pointwise(torch.nn.Module):
 
 
 def test_convs_that_copy_their_input_first_run_in_place_and_stay_bit_exact(tmp_path):
-    from edgeprune.compile import compile_model
-    from edgeprune.lower import lower_relax
     from edgeprune.plan import inplace_aliases
-    from edgeprune.quantize.ptq import quantize_ptq
-    from edgeprune.quantize.to_relax import to_relax
-    from edgeprune.simulate import simulate
 
-    torch.manual_seed(4)
-    shape = (1, 1, 24, 24)
-    qm = quantize_ptq(_Pointwise().eval(), shape,
-                      np.random.RandomState(4).randn(16, *shape[1:]).astype(np.float32))
-    lowered = lower_relax(to_relax(qm), "model")
+    qm, lowered = _quantized_and_lowered(_Pointwise, (1, 1, 24, 24), 4)
     convs = [c for c in lowered.calls if "conv" in c.kernel]
     aliases = inplace_aliases(lowered)
     pointwise, down = convs[-2], convs[-1]     # 16 -> 24 at 24 x 24; 24 -> 32, stride 2
     assert pointwise.overwrites and pointwise.output in aliases
     assert not down.overwrites and down.output not in aliases
 
-    qdir = qm.save(tmp_path / "q")
-    for target in ("cortex-m7", "cortex-m55", "riscv32"):
-        compile_model(str(qdir), target, tmp_path / target, log=lambda *a: None)
-        result, _ = simulate(tmp_path / target, samples=3)
-        assert result["mismatches"] == 0 and result["outputs_match"], (target, result)
+    _bit_exact_on(qm, ("cortex-m7", "cortex-m55", "riscv32"), tmp_path)
