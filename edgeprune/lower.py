@@ -136,11 +136,9 @@ def _elementwise_inputs(mod) -> dict[str, list[int]]:
     """Per fused function (FuseOps' groups, before FuseTIR): the positions of the inputs it reads
     only to compute the output element at the same index (elementwise and broadcasting ops, a
     table lookup indexed by them). The memory plan may put the output over such an input."""
-    import tvm
     from tvm import relax
 
-    pattern = {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions.items()
-               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "op_pattern" in f.attrs}
+    pattern = _op_patterns(mod)
     found = {}
     for gv, f in mod.functions.items():
         if not (isinstance(f, relax.Function) and f.attrs and "Primitive" in f.attrs
@@ -167,6 +165,13 @@ def _elementwise_inputs(mod) -> dict[str, list[int]]:
         if keep:
             found[gv.name_hint] = keep
     return found
+
+
+def _op_patterns(mod) -> dict[str, int]:
+    """Each PrimFunc's TVM op pattern (0 elementwise, 1 broadcast, 2 injective, ... 8 opaque)."""
+    import tvm
+    return {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "op_pattern" in f.attrs}
 
 
 def _is_call_tir(v) -> bool:
@@ -352,8 +357,7 @@ def _fusable_gathers(mod):
     import tvm
     from tvm import relax
 
-    pattern = {gv.name_hint: int(f.attrs["op_pattern"]) for gv, f in mod.functions.items()
-               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "op_pattern" in f.attrs}
+    pattern = _op_patterns(mod)
     size, readers, kernel = {}, {}, {}
     for block in mod["main"].body.blocks:
         for b in block.bindings:

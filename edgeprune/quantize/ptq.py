@@ -1463,28 +1463,14 @@ def _concat_shared(net: IRNet, ranges: dict[str, tuple[float, float]]
     concat kernel and no copy (`lower._concats_as_views`). TFLite's int8 spec asks the same.
     A piece with a narrower range than the others gets coarser steps."""
     parent: dict[str, str] = {}
-
-    def find(t: str) -> str:
-        while parent.get(t, t) != t:
-            t = parent[t]
-        return t
-
     for n in net.nodes:
         if (n.kind == "concat" and INPUT not in n.inputs
                 and all(t in ranges for t in [*n.inputs, n.output])):
             for t in n.inputs:
-                if find(t) != find(n.output):
-                    parent[find(t)] = find(n.output)
-    members: dict[str, list[str]] = {}
-    for t in parent:
-        members.setdefault(find(t), []).append(t)
-    shared = dict(ranges)
-    for root, group in members.items():
-        group = [root, *group]
-        lo, hi = min(ranges[t][0] for t in group), max(ranges[t][1] for t in group)
-        for t in group:
-            shared[t] = (lo, hi)
-    return shared
+                a, b = _root(parent, t), _root(parent, n.output)
+                if a != b:
+                    parent[a] = b
+    return _group_ranges(ranges, parent)
 
 
 def _tied(net: IRNet, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -1498,9 +1484,7 @@ def _tied(net: IRNet, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple
     parent: dict[str, str] = {}
 
     def find(t: str) -> str:
-        while parent.get(t, t) != t:
-            t = parent[t]
-        return t
+        return _root(parent, t)
 
     def union(a: str, b: str) -> bool:
         ra, rb = find(a), find(b)
@@ -1546,15 +1530,28 @@ def _tied(net: IRNet, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple
                 if len(differ) == 1 and all(sizes.get(find(a), 1) > 1 for k, a in
                                             enumerate(n.inputs) if k != differ[0]):
                     changed = union(first.inputs[differ[0]], n.inputs[differ[0]]) or changed
+    return _group_ranges(ranges, parent)
+
+
+def _root(parent: dict[str, str], t: str) -> str:
+    """The group of tensor `t` in a union-find forest (`parent`: tensor -> one of its group)."""
+    while parent.get(t, t) != t:
+        t = parent[t]
+    return t
+
+
+def _group_ranges(ranges: dict[str, tuple[float, float]], parent: dict[str, str]
+                  ) -> dict[str, tuple[float, float]]:
+    """`ranges` with every group of `parent` given one range, the union of its members'."""
     members: dict[str, list[str]] = {}
     for t in ranges:
-        members.setdefault(find(t), []).append(t)
-    tied = dict(ranges)
+        members.setdefault(_root(parent, t), []).append(t)
+    grouped = dict(ranges)
     for group in members.values():
         lo, hi = min(ranges[t][0] for t in group), max(ranges[t][1] for t in group)
         for t in group:
-            tied[t] = (lo, hi)
-    return tied
+            grouped[t] = (lo, hi)
+    return grouped
 
 
 def act_qparams(lo: float, hi: float, dtype: str = "int8") -> tuple[float, int]:
