@@ -459,3 +459,43 @@ def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target)
     # bits, 8x8x9 at 2, 12x6 at 4; dense 16x108 at 2 bits, 8x12 at 4; depthwise: 9 taps at 2
     # bits in one word per channel
     assert weights == [216, 28, 144, 36, 432, 48], weights
+
+
+def _zero_taps(qm, op: str, taps) -> None:
+    """Zero window taps (row, column) of op's weights in every filter: an intra-kernel pattern."""
+    w = qm.params[f"{op}.weight"]
+    for i, j in taps:
+        w[:, :, i, j] = 0
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "riscv32"])
+def test_taps_pruned_in_every_filter_are_skipped_bit_exact(tmp_path, target):
+    """Window taps whose weights are zero in every filter (prune/patterns.py's intra-kernel
+    strided pattern) are neither stored nor multiplied: corners and centre of a padded 3x3,
+    one column of a dilated stride-2 5x3 with an odd channel count, a 4-bit 3x3 keeping its
+    edges, a one-pixel-wide output; bit-exact, smaller weights and fewer instructions than the
+    same layers dense."""
+    def net(zero):
+        qm = (Net((1, 6, 11, 9), zp=-7, seed=5)
+              .conv(8, (3, 3), padding=(1, 1, 1, 1))
+              .conv(5, (5, 3), stride=(2, 2), padding=(2, 1, 2, 1), dilation=(1, 2))
+              .conv(6, (3, 3), padding=(1, 1, 1, 1), weight_bits=4)
+              .conv(7, (3, 4))
+              .flatten().dense(4).build())
+        if zero:
+            _zero_taps(qm, "op0", [(0, 1), (1, 0), (1, 2), (2, 1)])
+            _zero_taps(qm, "op1", [(i, j) for i in range(5) for j in (0, 2)])
+            _zero_taps(qm, "op2", [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2)])
+            _zero_taps(qm, "op3", [(i, j) for i in range(3) for j in range(4) if (i + j) % 2])
+        return qm
+
+    build, result = _run(net(True), tmp_path, "taps", target)
+    assert result["mismatches"] == 0 and result["outputs_match"]
+    dense_build, dense_result = _run(net(False), tmp_path, "dense", target)
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 4, kernels
+    assert build["weights_bytes"] < dense_build["weights_bytes"]
+    convs = [(l["instructions"], d["instructions"]) for l, d in
+             zip(result["layers"], dense_result["layers"]) if l["name"].startswith("ep_int8_conv")]
+    print(convs, build["weights_bytes"], dense_build["weights_bytes"])
+    assert all(pruned < dense for pruned, dense in convs), convs

@@ -699,6 +699,14 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         wpad = np.zeros((ob * oc_block, nred * 2, kh, kw), np.int64)
         wpad[:o, :c] = w4
         wpad = wpad.reshape(ob, oc_block, nred, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    # Window taps whose weights are zero in every filter (intra-kernel pattern pruning,
+    # prune/patterns.py) are neither stored nor multiplied: the weights keep one row of the
+    # kept taps, and the MAC loop visits only those.
+    kept = None if dense or by_width else _kept_taps(w4)
+    if kept is not None:
+        rows, cols = zip(*kept)
+        wpad = wpad[:, :, list(rows), list(cols)][:, :, None]
+    wkh, wtaps = (1, len(kept)) if kept is not None else (kh, taps)  # weight tap axes
     # Weights stay int8 in flash: (ob, nred, kh, taps, oc_block / 2) words, each holding the
     # pair of output channel 2q in bytes 0,2 and of channel 2q+1 in bytes 1,3, the lanes that
     # ep_sxtb16 / ep_sxtb16_ror8 (SXTB16, SXTB16 ROR #8) widen to 16-bit halves for SMLAD.
@@ -731,7 +739,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         and np.dtype(layer.out_dtype).itemsize == np.dtype(layer.x_dtype).itemsize))
     L = _header(layer, words.shape, "int32", o, layer.kind, overwrites)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
-        wu_shape = (nred, kh, taps, oc_block + oc_block % 2)
+        wu_shape = (nred, wkh, wtaps, oc_block + oc_block % 2)
         L.append(f'    wu = T.alloc_buffer({wu_shape}, "int32")')
     L += [f'    xs = T.alloc_buffer(({nred}, {hb}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
@@ -795,36 +803,45 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         def a(k, p):
             return f"acc[{p * count + k}]"
 
-        def col(p):
-            return f"({owv} + {p}) * {sw} + rx * {step}"
         lines = [f"{ind}{a(k, p)} = bias[{obv} * {oc_block} + {k}]"
                  for p in range(npx) for k in range(count)]
         # Small windows (1x1) unroll channel pairs too, so the loop overhead is shared.
-        u = next(f for f in (4, 2, 1) if nred % f == 0 and kh * taps * f <= 4 or f == 1)
+        u = next(f for f in (4, 2, 1) if nred % f == 0 and wkh * wtaps * f <= 4 or f == 1)
         lines += [f"{ind}for cco in range({nred // u}):",
-                  f"{ind}    for cci in T.unroll({u}):",
-                  f"{ind}        for ry in {'T.unroll' if dsp else 'range'}({kh}):",
-                  f"{ind}            for rx in T.unroll({taps}):"]
+                  f"{ind}    for cci in T.unroll({u}):"]
         cc = f"cco * {u} + cci"
 
-        def wk(k):  # output channel k's two int16 halves
+        def wk(k, wy, wx):  # output channel k's two int16 halves at weight tap (wy, wx)
             if px_block > 1:  # widened once per channel block (unpack_loops)
-                return f"wu[{cc}, ry, rx, {k}]"
+                return f"wu[{cc}, {wy}, {wx}, {k}]"
             if sub:  # lanes k % 2 and k % 2 + 2 of int8 word k // 2 of this tap, see _pack_lanes
                 b, nw = layer.weight_bits, (oc_block + 1) // 2
-                tap = f"(({cc}) * {kh * taps} + ry * {taps} + rx)"
+                tap = f"(({cc}) * {wkh * wtaps} + {wy} * {wtaps} + {wx})"
                 word = f"w[{obv}, {tap} * {nw // per} + {k // 2 // per}]"
                 return (f'T.call_extern("int32", "ep_sub_pair", {word}, '
                         f"{(k // 2 % per) * 4 * b + k % 2 * b}, {b}, {pow2})")
-            return _unpack(f"w[{obv}, {cc}, ry, rx, {k // 2}]", k)
-        def mac(k, p):
-            x = f"xs[{cc}, ohl * {sh} + ry * {dh}, {col(p)}]"
-            if not dsp and px_block > 1:
-                return (f'T.call_extern("int32", "ep_mac2", T.address_of({x}), '
-                        f"T.address_of({wk(k)}), {a(k, p)})")
-            return f'T.call_extern("int32", "ep_smlad", {x}, {wk(k)}, {a(k, p)})'
-        lines += [f"{ind}                {a(k, p)} = {mac(k, p)}"
-                  for k in range(count) for p in range(npx)]
+            return _unpack(f"w[{obv}, {cc}, {wy}, {wx}, {k // 2}]", k)
+
+        def macs(ry, rx, wy, wx, ind2):
+            """The tile's MACs at window row ry, word column rx (weight tap wy, wx)."""
+            out = []
+            for k in range(count):
+                for p in range(npx):
+                    x = f"xs[{cc}, ohl * {sh} + {ry} * {dh}, ({owv} + {p}) * {sw} + {rx} * {step}]"
+                    if not dsp and px_block > 1:
+                        m = (f'T.call_extern("int32", "ep_mac2", T.address_of({x}), '
+                             f"T.address_of({wk(k, wy, wx)}), {a(k, p)})")
+                    else:
+                        m = f'T.call_extern("int32", "ep_smlad", {x}, {wk(k, wy, wx)}, {a(k, p)})'
+                    out.append(f"{ind2}{a(k, p)} = {m}")
+            return out
+        if kept is None:
+            lines += [f"{ind}        for ry in {'T.unroll' if dsp else 'range'}({kh}):",
+                      f"{ind}            for rx in T.unroll({taps}):"]
+            lines += macs("ry", "rx", "ry", "rx", ind + "                ")
+        else:
+            for t, (ry, rx) in enumerate(kept):
+                lines += macs(ry, rx, 0, t, ind + "        ")
         # All results first, then the stores: an int8 store may alias any constant, which
         # would force the per-channel constants to be reloaded for every pixel.
         for p in range(npx):
@@ -843,7 +860,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         the SXTB16s would need more registers than a Cortex-M has and spill (+30 % on L7)."""
         if px_block == 1:  # one pixel per tile: each weight is used once anyway
             return []
-        n_words = nred * kh * taps * ((oc_block + 1) // 2)
+        n_words = nred * wkh * wtaps * ((oc_block + 1) // 2)
         if sub:
             return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen_sub", '
                     f"T.address_of(w[{obv}, 0]), wu.data, {n_words}, {layer.weight_bits}, "
@@ -878,6 +895,15 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     L.append(f"        for bnd in range({nbands}):")
     L += band_loops("            ", "bnd", rows)
     return "\n".join(L), [words] + consts
+
+
+def _kept_taps(w4: np.ndarray) -> list[tuple[int, int]] | None:
+    """The window taps (row, column) with a non-zero weight in some filter, when some tap has
+    none (else None: the dense loop)."""
+    used = np.any(w4 != 0, axis=(0, 1))
+    if used.all():
+        return None
+    return [(int(i), int(j)) for i, j in zip(*np.nonzero(used))] or [(0, 0)]
 
 
 def _pack_codes(values: np.ndarray, bits: int, fmt: str) -> np.ndarray:
