@@ -44,9 +44,19 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
 
     `extra_loss` adds a regulariser (sparsity penalties, ADMM terms); `after_step` runs after
     each optimiser step (masking, projection); `progress(fraction, loss)` reports progress.
+    Conv window taps that are zero in every filter (an intra-kernel pattern) stay zero.
     `loss(logits, x, y)` replaces task.loss (cross-entropy, or MSE on regression targets),
     e.g. distillation from a teacher.
     """
+    from .prune.patterns import held_taps
+    hold = held_taps(model)   # taps pruned away in every filter stay pruned
+    if hold is not None:
+        user_step = after_step
+
+        def after_step(m):
+            if user_step is not None:
+                user_step(m)
+            hold()
     was = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = onednn
     try:

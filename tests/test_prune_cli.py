@@ -144,14 +144,23 @@ def test_missing_model_file_is_named(tmp_path, capsys):
     assert "nope.pt" in capsys.readouterr().err
 
 
-def test_ratio_is_the_default_for_layers_the_file_does_not_name(tmp_path):
+def test_ratio_is_the_default_for_layers_the_file_does_not_name(tmp_path, capsys):
     ratios = tmp_path / "ratios.json"
-    ratios.write_text(json.dumps({"ratios": {"layer1.conv1": 0.5}}))  # the feedback loop's form
+    ratios.write_text(json.dumps({"ratios": {"layer1.conv1": 0.5},   # the feedback loop's form
+                                  "tap_strides": {"layer2.conv2": 2}}))
     out = tmp_path / "p"
     assert _prune("resnet8", "--per-layer", ratios, "--ratio", "0.25", "--out", out) == 0
     model, _ = load_torch(str(out / "model.pt"))
     assert model.get_submodule("layer1.conv1").out_channels == 8
     assert model.get_submodule("layer2.conv1").out_channels == 24
+    # the loop's intra-kernel pattern comes with the file: 1 in 2 window taps of layer2.conv2
+    taps = model.get_submodule("layer2.conv2").weight.detach().ne(0).any(1).any(0).flatten()
+    assert taps.sum() in (4, 5) and not taps.all()
+    pattern = json.loads((out / "pruning.json").read_text())["patterns"]["layer2.conv2"]
+    assert pattern["intra_kernel"]["stride"] == 2
+    ratios.write_text(json.dumps({"ratios": {"layer1.conv1": 0.5}, "tap_strides": {"x": 0}}))
+    assert _prune("resnet8", "--per-layer", ratios, "--out", tmp_path / "q") == 2
+    assert "tap_strides must be" in capsys.readouterr().err
 
 
 def test_lottery_ticket_rewinds_from_a_file(tmp_path):

@@ -1,6 +1,7 @@
 """Every pruning schedule runs on real data with a tiny budget and returns a smaller model whose
 record says what was removed, in the original model's channel numbering."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -77,3 +78,32 @@ def test_loss_of_a_softmax_model_is_the_cross_entropy_of_its_logits():
     torch.testing.assert_close(cross_entropy(z, y), want)
     torch.testing.assert_close(cross_entropy(torch.softmax(z, 1), y), want, atol=1e-5, rtol=1e-5)
     assert cross_entropy(torch.relu(z), y) != want     # non-negative scores are still logits
+
+
+def test_training_keeps_window_taps_that_every_filter_has_pruned():
+    """stride_layers zeroes all but every s-th tap of a conv for good (the offset keeping the
+    most weight), and fine-tuning keeps those taps zero: the code generator skips them."""
+    from edgeprune.data import Dataset
+    from edgeprune.prune.patterns import stride_layers
+    from edgeprune.train import train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    nn.init.zeros_(model[2].weight)   # a zero-initialised conv is not a pattern: it learns
+    record = stride_layers(model, {"0": 2})
+    kept = record["0"]["intra_kernel"]["kept_positions"]
+    assert kept in ([0, 2, 4, 6, 8], [1, 3, 5, 7])
+    rng = np.random.default_rng(0)
+    data = Dataset("d", rng.standard_normal((64, 2, 6, 6)).astype(np.float32),
+                   rng.integers(0, 3, 64), None, None)
+    before = model[2].weight.detach().clone()
+    train(model, data, epochs=2, lr=0.05)
+    w = model[0].weight.detach().flatten(2)
+    pruned = [p for p in range(9) if p not in kept]
+    assert w[:, :, pruned].abs().max() == 0 and w[:, :, kept].abs().min() > 0
+    assert not torch.equal(model[2].weight, before)   # the zero-initialised conv trains
+    assert model[2].weight.detach().ne(0).flatten(2).any(1).any(0).all()
+    with pytest.raises(EdgepruneError, match="layer 1: an intra-kernel pattern"):
+        stride_layers(model, {"1": 2})
+

@@ -48,6 +48,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
           meta_batch: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
           loss: str = "ce", min_keep: float = 0.1, aux_heads=None,
           kernel_ratio: float = 0.0, intra_stride: int = 1,
+          layer_strides: dict[str, int] | None = None,
           graph: DepGraph | None = None) -> tuple[nn.Module, dict]:
     """Remove channels from `model` and return (smaller model, record).
 
@@ -62,6 +63,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     data: (x, y) batches for data-driven criteria; meta_batch: held-out batch (MFP, particle).
     kernel_ratio / intra_stride: kernel-wise and intra-kernel strided patterns (patterns.py) in
         the kept convs; their masks stay attached for fine-tuning until patterns.finalize().
+    layer_strides: {conv: s}, keep 1 in s window taps of these convs only (the feedback loop's
+        choice, `tap_strides` in its ratios.json); zeroed for good, training keeps them zero.
     """
     t0 = time.perf_counter()
     crit = criteria.get(criterion) if isinstance(criterion, str) else criterion
@@ -132,6 +135,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     after = flops.count(pruned, shape)
     record = _record(graph, crit_name, allocation, scores, keep, masks, ctx.notes)
     record["patterns"] = patterns.apply(pruned, kernel_ratio, intra_stride)
+    record["patterns"].update(patterns.stride_layers(pruned, layer_strides or {}))
     record.update({
         "ratio": None if isinstance(ratios, dict) or target is not None else float(ratios),
         "per_layer": dict(ratios) if isinstance(ratios, dict) else None,

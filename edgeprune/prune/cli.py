@@ -33,8 +33,10 @@ def register(sub) -> None:
     amount.add_argument("--params-target", type=float,
                         help="fraction of parameters to remove; the ratio is searched")
     p.add_argument("--per-layer", type=Path,
-                   help="JSON {layer: ratio, '*': default} (or {'ratios': {...}}); --ratio sets "
-                        "the default; with a target, the ratios are scaled until it is met")
+                   help="JSON {layer: ratio, '*': default} (or {'ratios': {...}}, with "
+                        "'tap_strides' {conv: s} kept too: the feedback loop's ratios.json); "
+                        "--ratio sets the default; with a target, the ratios are scaled until "
+                        "it is met")
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                    help="uniform ratio, or global ranking with a per-layer minimum")
     p.add_argument("--method", default="oneshot", choices=list(METHODS),
@@ -67,6 +69,17 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print pruning.json's summary as JSON")
     p.set_defaults(func=run)
+
+
+def read_tap_strides(path: Path) -> dict[str, int]:
+    """The feedback loop's per-conv intra-kernel strides in a --per-layer file ({} if none)."""
+    obj = json.loads(path.read_text())   # read_per_layer has checked it is JSON
+    strides = obj.get("tap_strides", {}) if isinstance(obj, dict) else {}
+    if not isinstance(strides, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in strides.values()):
+        raise EdgepruneError(f"--per-layer {path}: tap_strides must be {{conv: integer >= 1}}, "
+                             f"not {strides!r}", stage=STAGE)
+    return strides
 
 
 def read_per_layer(path: Path) -> dict[str, float]:
@@ -156,7 +169,8 @@ def run(args) -> int:
     spec = {"criterion": args.criterion, "allocation": args.allocation,
             "ratios": per_layer if per_layer is not None else ratio,
             "flops_target": args.flops_target, "params_target": args.params_target,
-            "kernel_ratio": args.kernel_ratio, "intra_stride": args.intra_stride}
+            "kernel_ratio": args.kernel_ratio, "intra_stride": args.intra_stride,
+            "layer_strides": read_tap_strides(args.per_layer) if args.per_layer else {}}
     score, metric = None, "accuracy"
     if data is not None:
         x_eval, y_eval = data.x_test[:args.eval_samples], data.y_test[:args.eval_samples]

@@ -229,6 +229,7 @@ def iterative(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=Non
         if i < steps:  # kernel patterns belong to the final architecture only
             s.pop("kernel_ratio", None)
             s.pop("intra_stride", None)
+            s.pop("layer_strides", None)
         if exact is not None:
             # per-group ratios for this step, so that rounding never drifts from the final count
             units_now = {g["name"]: len(g["kept"]) for g in record["groups"]} if record else {}

@@ -85,6 +85,50 @@ def apply(model: nn.Module, kernel_ratio: float = 0.0, intra_stride: int = 1) ->
     return out
 
 
+def stride_layers(model: nn.Module, strides: dict[str, int]) -> dict:
+    """Zero, for good, every window tap but every s-th (the offset keeping the most |w|) in each
+    named Conv2d {layer: s} of `model`; returns {layer: pattern} like `apply`. The feedback
+    search sets this per layer where measurement says it pays (training then keeps the zeros:
+    held_taps)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, s in strides.items():
+        m = modules.get(name)
+        if not (isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight[0, 0].numel() > 1):
+            raise EdgepruneError(f"layer {name}: an intra-kernel pattern needs a dense Conv2d "
+                                 "with a window larger than 1x1", stage="prune")
+        check(0.0, s)
+        with torch.no_grad():
+            smask, offset, kept_pos = _strided_mask(m.weight, s)
+            m.weight.mul_(smask.to(m.weight.dtype))
+        out[name] = {"intra_kernel": {"stride": s, "offset": offset,
+                                      "kernel_size": list(m.weight.shape[2:]),
+                                      "kept_positions": kept_pos}}
+    return out
+
+
+def held_taps(model: nn.Module):
+    """A function that zeroes again, in every dense Conv2d of `model`, the window taps that are
+    zero in every filter now (a finalized intra-kernel pattern), or None when there are none.
+    Training calls it after each step, so fine-tuning keeps a pattern that the code generator
+    turns into skipped MACs (kernels/int8.py) without masks attached to the model."""
+    held = []
+    for m in model.modules():
+        if (isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight[0, 0].numel() > 1
+                and not torch_prune.is_pruned(m)):
+            used = m.weight.detach().ne(0).any(dim=1).any(dim=0)
+            if used.any() and not used.all():   # an all-zero conv (zero init) must learn
+                held.append((m, used.to(m.weight.dtype)))
+    if not held:
+        return None
+
+    def zero():
+        with torch.no_grad():
+            for m, keep in held:
+                m.weight.mul_(keep)
+    return zero
+
+
 def finalize(model: nn.Module) -> nn.Module:
     """Make attached pattern masks permanent (plain weights with zeros)."""
     for m in model.modules():
