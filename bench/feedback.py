@@ -25,6 +25,7 @@ where measured to help (with a latency budget it does not: sub-byte kernels are 
     python -m bench.feedback --control bench/results/feedback/seed*.json   # equal training
     python -m bench.feedback --sweep 12 bench/results/feedback/seed0.json  # random allocations
     python -m bench.feedback --blocks bench/results/feedback/seed0.json    # depth, not width
+    python -m bench.feedback --seeds 1 --tap-strides 2,3 --result /tmp/t.json  # + patterns
     python -m bench.feedback --model unet.onnx --data d.npz --target cortex-m55 --seeds 0 \
         --result /tmp/unet/feedback.json                  # the same study on a user's model
 """
@@ -256,7 +257,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
                 eval_samples=cfg["eval_samples"], workers=cfg["workers"],
                 step_iterations=cfg["step_iterations"],
                 step_schedule=cfg["step_schedule"], rank=cfg["rank"],
-                distill=cfg["distill"],
+                distill=cfg["distill"], tap_strides=tuple(cfg.get("tap_strides") or ()),
                 work_dir=path.with_suffix(""), progress=False)
     search_s = time.perf_counter() - t0
     accepted = [p for p in fb.trajectory if p.get("group") not in (None, "final")]
@@ -488,6 +489,9 @@ if __name__ == "__main__":
     ap.add_argument("--distill", type=float,
                     help="distillation weight from the unpruned model in every fine-tune: "
                          "the search's short ones and each method's final one (0: labels)")
+    ap.add_argument("--tap-strides", type=lambda v: [int(x) for x in v.split(",")],
+                    help="let the search give a conv 1 in s window taps, e.g. 2,3 (default: "
+                         "off; other_runs.tap_patterns)")
     ap.add_argument("--metric", choices=("latency_ms", "flash_kb", "sram_kb"),
                     help="what the budget limits (default latency_ms, the acceptance study)")
     ap.add_argument("--fraction", type=float,

@@ -286,7 +286,8 @@ def test_a_peak_budget_also_proposes_shrinking_every_group_together():
     base = costs(60.0)
     tables = {"a": {16: base, 8: costs(58.0)}, "b": {32: base, 16: costs(58.0)}}
     pred = Predictor(base, tables, {"a": 16, "b": 32})
-    args = (pred, base, {"a": 16, "b": 32}, {}, {"a": 2, "b": 4}, {}, "sram_kb", 50.0, {})
+    args = (pred, base, {"a": 16, "b": 32}, {}, {}, {"a": 2, "b": 4}, {}, {}, "sram_kb", 50.0,
+            {})
     assert all(p.kind == "width" for p in _propose(*args))
     joint = [p for p in _propose(*args, joint=True) if p.kind == "joint"]
     assert len(joint) == 1 and joint[0].widths == {"a": 15, "b": 30}
@@ -306,7 +307,7 @@ def test_a_step_that_would_push_another_budget_over_gives_way_to_a_larger_cut():
     base = costs(10.0, 30.0)
     tables = {"t": {8: base, 7: costs(9.0, 31.0), 6: costs(8.5, 29.0), 4: costs(7.0, 27.0)}}
     pred = Predictor(base, tables, {"t": 8})
-    proposals = _propose(pred, base, {"t": 8}, {}, {"t": 1}, {}, "latency_ms", 9.5,
+    proposals = _propose(pred, base, {"t": 8}, {}, {}, {"t": 1}, {}, {}, "latency_ms", 9.5,
                          {"flash_kb": 30.0})
     assert [(p.name, p.widths["t"]) for p in proposals] == [("t", 6)]
 
@@ -330,3 +331,60 @@ def test_a_step_settles_on_the_widest_width_that_measures_within_its_goal(predic
         return cost[k] <= goal
     assert _walk_measured(predicted, cost[predicted] <= goal, 16, 6, reaches) == expected
     assert len(set(asked)) == len(asked)   # no width measured twice
+
+
+def test_a_window_pattern_is_proposed_where_measured_to_cut_the_cost():
+    """A conv whose measured cost with every 2nd window tap reaches the step is proposed beside
+    the widths (kind "taps"), at the densest pattern that reaches it; a layer that already has a
+    pattern is not proposed again, and the prediction multiplies the pattern's factor into the
+    widths' (per kernel)."""
+    from edgeprune.feedback.costs import Predictor
+    from edgeprune.feedback.search import _propose
+
+    def costs(kernels, flash=40.0):
+        return {"instructions": sum(kernels), "latency_ms": sum(kernels) / 1000,
+                "energy_uj": 1.0, "flash_kb": flash, "sram_kb": 10.0, "kernels": kernels}
+    base = costs([6000, 4000])
+    tables = {"g": {8: base, 4: costs([3000, 2000])}}
+    taps = {"conv": {2: costs([3500, 4000], 38.0), 3: costs([2200, 4000], 37.0)}}
+    pred = Predictor(base, tables, {"g": 8}, tap_tables=taps)
+    assert pred.predict({"g": 4}, taps={"conv": 2})["instructions"] == 3500 / 2 + 2000
+    dense, widths = {"conv": 1}, {"g": 8}
+    args = (pred, base, widths, {}, dense, {"g": 2}, {}, {"conv": [2, 3]}, "latency_ms")
+    taps_at = {g: [p for p in _propose(*args, g, {}) if p.kind == "taps"] for g in (8.0, 6.5)}
+    assert [(p.taps, p.label) for p in taps_at[8.0]] == [({"conv": 2}, "conv/2")]
+    assert [p.taps for p in taps_at[6.5]] == [{"conv": 3}]   # 2 (7.5 ms) misses the step
+    assert all(p.kind != "taps" for p in _propose(pred, base, widths, {}, {"conv": 2},
+                                                  {"g": 2}, {}, {"conv": [2, 3]},
+                                                  "latency_ms", 8.0, {}))
+
+
+def test_a_budget_below_the_narrowest_model_is_met_with_window_patterns(tiny, impossible,
+                                                                        tmp_path):
+    """Below what the narrowest model measures, only skipping window taps is left: with
+    tap_strides the search gives a conv 1 in s taps, the int8 kernel skips the others (fewer
+    instructions, measured again from scratch), the fine-tunes keep them zero, and ratios.json
+    names the pattern for `prune --per-layer`."""
+    model, example, data, cache = tiny
+    narrowest = impossible.measured["latency_ms"]   # every group at its minimum, every tap
+    budget = {"latency_ms": 0.95 * narrowest}
+    r = search(model, example, data, "cortex-m7", budget, cache_dir=cache, work_dir=tmp_path,
+               log=lambda *a: None, tap_strides=(2, 3), word_lengths=(8,), **SETTINGS)
+    assert r.met, r.message
+    assert r.taps and set(r.taps) <= {"features.0.0", "features.2.0"}, r.taps
+    for name, s in r.taps.items():
+        w = r.model.get_submodule(name).weight.detach()
+        used = w.ne(0).any(1).any(0).flatten()
+        assert 0 < int(used.sum()) <= -(-9 // s) and not used.all(), (name, used)
+    fresh = Runner(JobData(data.x_train[:16], data.y_train[:16], data.x_test[:16],
+                           data.y_test[:16], data.x_train[:16]), tmp_path / "fresh", 1)
+    target = load_target("cortex-m7")
+    again = fresh.measure([r.model], (1, 1, 28, 28), target, toolchain_fingerprint(target))[0]
+    fresh.close()
+    assert again["instructions"] == r.measured["instructions"]
+    assert again["latency_ms"] <= budget["latency_ms"]
+    saved = json.loads((tmp_path / "ratios.json").read_text())
+    assert saved["tap_strides"] == r.taps and r.record["tap_strides"] == r.taps
+    with pytest.raises(EdgepruneError, match="tap strides \\[1\\]"):
+        search(model, example, data, "cortex-m7", budget, cache_dir=cache, tap_strides=(1,),
+               log=lambda *a: None, **SETTINGS)

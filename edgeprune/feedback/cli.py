@@ -43,11 +43,25 @@ def register(sub) -> None:
     p.add_argument("--word-lengths", default=None,
                    help="weight bits a layer may take, e.g. 8,4,2 (default: the target's "
                         "[quant] weight_bits; 8: prune only)")
+    p.add_argument("--tap-strides", default=None,
+                   help="also let a conv keep 1 in s window taps, e.g. 2,3 (measured like a word "
+                        "length; the int8 kernels skip the other taps; default: widths and bits "
+                        "only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
     p.set_defaults(func=run)
+
+
+def _int_list(text: str | None, option: str, example: str) -> tuple[int, ...] | None:
+    from ..errors import EdgepruneError
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise EdgepruneError(f"{option} {text!r}: give {example}", stage=STAGE) from None
 
 
 def run(args) -> int:
@@ -66,13 +80,8 @@ def run(args) -> int:
     except EdgepruneError as e:
         e.stage = STAGE
         raise
-    word_lengths = None
-    if args.word_lengths:
-        try:
-            word_lengths = tuple(int(b) for b in args.word_lengths.split(","))
-        except ValueError:
-            raise EdgepruneError(f"--word-lengths {args.word_lengths!r}: give bits like 8,4,2",
-                                 stage=STAGE)
+    word_lengths = _int_list(args.word_lengths, "--word-lengths", "bits like 8,4,2")
+    tap_strides = _int_list(args.tap_strides, "--tap-strides", "strides like 2,3") or ()
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, flush=True))
     with atomic_out_dir(args.out, args.force) as tmp:
         data = datasets.load(args.data)
@@ -88,7 +97,8 @@ def run(args) -> int:
                         seed=args.seed, work_dir=tmp, log=log, workers=args.workers,
                         finetune_epochs=args.finetune, train_samples=args.train_samples,
                         short_finetune_samples=args.short_finetune, progress=not args.json,
-                        word_lengths=word_lengths, distill=args.distill)
+                        word_lengths=word_lengths, distill=args.distill,
+                        tap_strides=tap_strides)
         save_torch(result.model, shape, tmp / "model.pt")
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
     summary = result.summary()

@@ -14,6 +14,10 @@ the target offers (every group at full width). Its per-kernel factor multiplies 
 scaled by the fraction of L's weights the widths keep (`keep`): with Δw measured at 8 bits and
 Δb at full width, base + Δw + Δb·keep is exact for the weight bytes of a pruned low-bit layer.
 
+Intra-kernel patterns are a third axis, handled like word lengths: each conv L is measured alone
+with only every s-th window tap kept (prune/patterns.py; the kernels skip the other taps), and its
+per-kernel factor multiplies, its memory difference is scaled by `keep`.
+
 Predictions are always anchored to the last *measured* configuration (see `Predictor.anchored`):
 the model only has to get the difference right, and every accepted step is measured again.
 """
@@ -48,6 +52,7 @@ class Predictor:
     full: dict[str, int]                        # group -> full width
     bit_tables: dict[str, dict[int, dict]] = field(default_factory=dict)  # layer -> bits -> costs
     members: dict[str, list[str]] = field(default_factory=dict)  # layer -> groups of its in/out
+    tap_tables: dict[str, dict[int, dict]] = field(default_factory=dict)  # layer -> stride -> costs
 
     @property
     def per_kernel(self) -> bool:
@@ -55,6 +60,7 @@ class Predictor:
         n = len(self.base["kernels"])
         return n > 0 and all(len(c["kernels"]) == n
                              for t in list(self.tables.values()) + list(self.bit_tables.values())
+                             + list(self.tap_tables.values())
                              for c in t.values())
 
     def _kernels(self, costs: dict) -> np.ndarray:
@@ -80,43 +86,50 @@ class Predictor:
             f *= widths[g] / self.full[g]
         return f
 
-    def instructions(self, widths: dict[str, int], bits: dict[str, int] | None = None) -> float:
+    def _layer_settings(self, bits, taps):
+        """(layer, measured costs) of each word length and tap pattern off the default."""
+        out = [(layer, self.bit_tables[layer][b]) for layer, b in (bits or {}).items() if b != 8]
+        return out + [(layer, self.tap_tables[layer][s]) for layer, s in (taps or {}).items()
+                      if s != 1]
+
+    def instructions(self, widths: dict[str, int], bits: dict[str, int] | None = None,
+                     taps: dict[str, int] | None = None) -> float:
         base = self._kernels(self.base)
         total = base.copy()
         for g, k in widths.items():
             if k != self.full[g]:
                 factor = self._interp(g, k, self._kernels) / np.maximum(base, 1.0)
                 total *= factor
-        for layer, b in (bits or {}).items():
-            if b != 8:
-                total *= self._kernels(self.bit_tables[layer][b]) / np.maximum(base, 1.0)
+        for _, costs in self._layer_settings(bits, taps):
+            total *= self._kernels(costs) / np.maximum(base, 1.0)
         return float(total.sum())
 
     def memory(self, widths: dict[str, int], metric: str,
-               bits: dict[str, int] | None = None) -> float:
+               bits: dict[str, int] | None = None, taps: dict[str, int] | None = None) -> float:
         m = self.base[metric] + sum(self._interp(g, k, lambda c: c[metric]) - self.base[metric]
                                     for g, k in widths.items() if k != self.full[g])
-        return m + sum((self.bit_tables[layer][b][metric] - self.base[metric])
-                       * self.keep(layer, widths)
-                       for layer, b in (bits or {}).items() if b != 8)
+        return m + sum((costs[metric] - self.base[metric]) * self.keep(layer, widths)
+                       for layer, costs in self._layer_settings(bits, taps))
 
-    def predict(self, widths: dict[str, int], bits: dict[str, int] | None = None
-                ) -> dict[str, float]:
+    def predict(self, widths: dict[str, int], bits: dict[str, int] | None = None,
+                taps: dict[str, int] | None = None) -> dict[str, float]:
         """Absolute predicted costs (the model alone; use `anchored` near a measured point)."""
-        i = self.instructions(widths, bits)
+        i = self.instructions(widths, bits, taps)
         ratio = i / max(1.0, self.base["instructions"])
         out = {m: self.base[m] * ratio for m in INSTRUCTION_METRICS}
-        out.update({m: self.memory(widths, m, bits) for m in MEMORY_METRICS})
+        out.update({m: self.memory(widths, m, bits, taps) for m in MEMORY_METRICS})
         out["instructions"] = i
         return out
 
     def anchored(self, measured: dict, measured_widths: dict[str, int],
                  widths: dict[str, int], measured_bits: dict[str, int] | None = None,
-                 bits: dict[str, int] | None = None) -> dict[str, float]:
-        """Costs of (`widths`, `bits`) predicted from a measured neighbour: the model supplies
-        the change (a ratio for instruction-driven metrics, a difference for memory)."""
-        p_new = self.predict(widths, bits if bits is not None else measured_bits)
-        p_old = self.predict(measured_widths, measured_bits)
+                 bits: dict[str, int] | None = None, measured_taps: dict[str, int] | None = None,
+                 taps: dict[str, int] | None = None) -> dict[str, float]:
+        """Costs of (`widths`, `bits`, `taps`) predicted from a measured neighbour: the model
+        supplies the change (a ratio for instruction-driven metrics, a difference for memory)."""
+        p_new = self.predict(widths, bits if bits is not None else measured_bits,
+                             taps if taps is not None else measured_taps)
+        p_old = self.predict(measured_widths, measured_bits, measured_taps)
         ratio = p_new["instructions"] / max(1.0, p_old["instructions"])
         out = {m: measured[m] * ratio for m in INSTRUCTION_METRICS}
         out.update({m: measured[m] + p_new[m] - p_old[m] for m in MEMORY_METRICS})

@@ -1,17 +1,20 @@
-"""NetAdapt-style search driven by measurements on the target, over widths and word lengths.
+"""NetAdapt-style search driven by measurements on the target, over widths, word lengths and
+intra-kernel patterns.
 
-1. Measure the unpruned model, each group alone at a grid of widths and each weight layer alone
-   at each word length the target offers (the cost table, costs.py), and every group at its
-   minimum width (at 8 bits, and at the fewest bits when that misses a budget: if both miss it,
-   no search can meet it: say so).
+1. Measure the unpruned model, each group alone at a grid of widths, each weight layer alone
+   at each word length the target offers and each conv alone keeping 1 in s window taps (the
+   cost table, costs.py), and every group at its minimum width (at 8 bits, and at the fewest
+   bits and taps when that misses a budget: if both miss it, no search can meet it: say so).
 2. While a budget is missed: take the most violated budget; each group proposes the largest width,
-   and each weight layer the most bits, whose predicted cost (anchored to the last measurement)
-   drops by one step; a width proposal is pruned with the criterion and briefly fine-tuned, a
+   each weight layer the most bits, and each conv without a pattern the densest one, whose
+   predicted cost (anchored to the last measurement) drops by one step; a width or pattern
+   proposal is pruned (the criterion; the taps keeping the most weight) and briefly fine-tuned, a
    word-length proposal only re-quantized (in parallel); the one whose quantized model (PTQ at
    its word lengths, as deployed) is most accurate on a holdout split is accepted and measured
    again on the target. Word lengths are chosen only where measurement says they cut the violated
    cost: sub-byte kernels are no faster than int8 (the codes are widened to the same int16
-   pairs), so in practice they cut flash, not latency.
+   pairs), so in practice they cut flash, not latency. The int8 kernels skip window taps that
+   are zero in every filter, so a pattern cuts a conv's MACs while it keeps its channels.
 3. Long fine-tune of the accepted model and a final measurement: the numbers reported are measured.
 """
 
@@ -52,12 +55,14 @@ class FeedbackResult:
     trajectory: list[dict] = field(default_factory=list)
     accuracy: float | None = None     # test accuracy of the final quantized model (at `bits`)
     float_accuracy: float | None = None  # test accuracy of the final float model
+    taps: dict[str, int] = field(default_factory=dict)  # conv -> intra-kernel stride (> 1 only)
     files: dict[str, str] = field(default_factory=dict)  # name -> path from work_dir's parent
     cache: dict = field(default_factory=dict)    # where results are cached; jobs run vs reused
 
     def summary(self) -> dict:
         return {"met": self.met, "message": self.message, "budget": self.budget,
                 "ratios": self.ratios, "bits": self.bits, "widths": self.widths,
+                "tap_strides": self.taps,
                 "measured": {k: v for k, v in self.measured.items() if k in METRICS + ("instructions",)},
                 "accuracy": self.accuracy, "float_accuracy": self.float_accuracy,
                 "trajectory": self.trajectory, "files": self.files,
@@ -150,8 +155,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            val_samples: int = 1000, eval_samples: int = 2000, calib_samples: int = 64,
            lr: float = 0.01, margin: float = 0.002, progress: bool = True,
            word_lengths: tuple[int, ...] | None = None, port: str = "qemu",
-           step_schedule: str = "linear", rank: str = "loss", distill: float = 0.9
-           ) -> FeedbackResult:
+           step_schedule: str = "linear", rank: str = "loss", distill: float = 0.9,
+           tap_strides: tuple[int, ...] = ()) -> FeedbackResult:
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
@@ -182,6 +187,11 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     fine-tunes (0: labels only). On ResNet-8 at 30 % latency the accepted path ended at 89.3 %
     holdout with it, 88.2 % without; one epoch of it after a uniform cut gave 91.06 % against
     90.70 % on labels (bench/results/feedback.json).
+    tap_strides: intra-kernel patterns a conv with a window larger than 1x1 may take, e.g.
+    (2, 3): keep 1 in s taps of its window (prune/patterns.py), which the int8 kernels then
+    skip; measured per layer like a word length and proposed beside widths. Off by default: on
+    ResNet-8 at 30 % latency the search took two patterns early and ended 0.34 pt below its
+    result without them (bench/results/feedback.json, other_runs.tap_patterns).
     port: where candidates are measured; only "qemu" (a board would need each candidate's
     firmware flashed, which edgeprune does not do).
     """
@@ -206,6 +216,10 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     if not 0 <= distill <= 1:
         raise EdgepruneError(f"distillation weight {distill} is outside [0, 1]", stage=STAGE)
     options = _bit_options(word_lengths, target)
+    bad = [t for t in tap_strides if int(t) != t or t < 2]
+    if bad:
+        raise EdgepruneError(f"tap strides {bad}: a conv keeps 1 in s window taps, s an "
+                             "integer >= 2", stage=STAGE)
     if data.x_train is None or len(data.x_train) <= val_samples:
         raise EdgepruneError(f"dataset {data.name} has no training split larger than the "
                              f"{val_samples} holdout samples the search ranks candidates on",
@@ -237,6 +251,11 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 members[mem.layer].append(n)
     eight = {n: 8 for n in wlayers}
     layer_options = {n: list(options) for n in wlayers}
+    # convs that may keep every s-th window tap (1: all taps)
+    dense_taps = {n: 1 for n, m in base.named_modules()
+                  if isinstance(m, nn.Conv2d) and m.groups == 1
+                  and m.weight.shape[2] * m.weight.shape[3] > 1}
+    tap_options = {n: sorted(set(tap_strides)) for n in dense_taps}
     base_hash = model_hash(base)
     fingerprint = toolchain_fingerprint(target)
     cache = Path(cache_dir or default_cache_dir()) / target.name / base_hash
@@ -266,11 +285,14 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     def qacc(m: nn.Module, bits: dict[str, int], x, y) -> float:
         return quantized_accuracy(m, shape, jd.calib, x, y, bits)
 
-    def at_widths(widths: dict[str, int]) -> nn.Module:
-        """The base model cut to `widths` (by L1: cost does not depend on which channels)."""
-        from ..prune import prune
+    def at_widths(widths: dict[str, int], taps: dict[str, int] | None = None) -> nn.Module:
+        """The base model cut to `widths` (by L1: cost does not depend on which channels), with
+        the intra-kernel patterns `taps`."""
+        from ..prune import patterns, prune
         ratios = {n: (full[n] - k) / full[n] for n, k in widths.items() if k < full[n]}
-        return prune(base, example_input, "l1", ratios={"*": 0.0, **ratios}, graph=graph)[0]
+        cut = prune(base, example_input, "l1", ratios={"*": 0.0, **ratios}, graph=graph)[0]
+        patterns.stride_layers(cut, {n: t for n, t in (taps or {}).items() if t > 1})
+        return cut
 
     try:
         # 1. the unpruned and the smallest model; the cost table only if a search is needed
@@ -286,75 +308,92 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                     f"{metric[:-3]}, {target.name} has {chip:.0f} kB: {metric}={chip:g} joins "
                     "the budget")
         fewest = {n: min(layer_options[n] or [8]) for n in wlayers}
-        corners = [(min_costs, eight)]
-        if options and violations(min_costs, budget):
-            # fewer bits may reach what widths alone cannot (flash, SRAM): measure, not assume
-            low_costs = measure([at_widths(lowest)], "smallest at fewest bits (QEMU)",
-                                bits=[fewest], probe=True)[0]
+        sparsest = {n: max(tap_options[n] or [1]) for n in dense_taps}
+        corners = [(min_costs, eight, dense_taps)]
+        if (options or sparsest != dense_taps) and violations(min_costs, budget):
+            # fewer bits and taps may reach what widths alone cannot: measure, not assume
+            low_costs = measure([at_widths(lowest, sparsest)],
+                                "smallest at fewest bits and taps (QEMU)", bits=[fewest],
+                                probe=True)[0]
             if "error" in low_costs:
-                log(f"feedback: the smallest model at {min(options)} bits cannot be built "
-                    f"({low_costs['error']}); judging from 8 bits only")
+                log(f"feedback: the smallest model at the fewest bits and taps cannot be built "
+                    f"({low_costs['error']}); judging from 8 bits and every tap only")
             else:
-                corners.append((low_costs, fewest))
-                log(f"feedback: smallest at {min(options)}-bit weights {_fmt(low_costs)}")
+                corners.append((low_costs, fewest, sparsest))
+                log(f"feedback: smallest at the fewest bits and taps {_fmt(low_costs)}")
         tables: dict[str, dict[int, dict]] = {n: {full[n]: base_costs} for n in groups}
         bit_tables: dict[str, dict[int, dict]] = {n: {} for n in wlayers}
+        tap_tables: dict[str, dict[int, dict]] = {n: {} for n in dense_taps}
         model_err = None
-        # a budget no corner meets: no width and word-length assignment can meet it
-        impossible = [k for k in budget if all(c[k] > budget[k] for c, _ in corners)]
+        # a budget no corner meets: no assignment of widths, word lengths and taps can meet it
+        impossible = [k for k in budget if all(c[k] > budget[k] for c, _, _ in corners)]
         if violations(base_costs, budget) and not impossible:
             table_points = [(n, k) for n in groups for k in grid_widths(full[n], grid, min_keep)
                             if k < full[n]]
             bit_points = [(n, b) for n in wlayers for b in layer_options[n]]
+            tap_points = [(n, t) for n in dense_taps for t in tap_options[n]]
             measured = measure([at_widths({n: k}) for n, k in table_points]
-                               + [base] * len(bit_points), "cost table (QEMU)",
+                               + [base] * len(bit_points)
+                               + [at_widths({}, {n: t}) for n, t in tap_points],
+                               "cost table (QEMU)",
                                bits=[None] * len(table_points)
-                               + [{n: b} for n, b in bit_points], probe=True)
+                               + [{n: b} for n, b in bit_points] + [None] * len(tap_points),
+                               probe=True)
             for (n, k), c in zip(table_points, measured):
                 tables[n][k] = c
+            for (n, t), c in zip(tap_points, measured[len(table_points) + len(bit_points):]):
+                tap_tables[n][t] = c
             for (n, b), c in zip(bit_points, measured[len(table_points):]):
                 if "error" in c:   # this layer's kernel cannot take b bits
                     log(f"feedback: {n} at {b} bits cannot be built; not searched ({c['error']})")
                     layer_options[n].remove(b)
                 else:
                     bit_tables[n][b] = c
-            predictor = Predictor(base_costs, tables, full, bit_tables, members)
+            predictor = Predictor(base_costs, tables, full, bit_tables, members, tap_tables)
             model_err = (predictor.predict(lowest)["instructions"]
                          / max(1, min_costs["instructions"]) - 1)
             log(f"feedback: cost table of {len(table_points)} width and {len(bit_points)} "
-                f"word-length measurements; the model of it predicts the smallest model within "
+                f"word-length and {len(tap_points)} tap-pattern measurements; the model of "
+                f"it predicts the smallest model within "
                 f"{model_err:+.1%}")
-        predictor = Predictor(base_costs, tables, full, bit_tables, members)
+        predictor = Predictor(base_costs, tables, full, bit_tables, members, tap_tables)
         table_json = {"base": _slim(base_costs), "minimum": _slim(min_costs),
                       "minimum_widths": lowest, "model_error_at_minimum": model_err,
                       "groups": {n: {str(k): _slim(c) for k, c in sorted(t.items())}
                                  for n, t in tables.items()},
                       "word_lengths": {n: {str(b): _slim(c) for b, c in sorted(t.items())}
-                                       for n, t in bit_tables.items() if t}}
+                                       for n, t in bit_tables.items() if t},
+                      "tap_patterns": {n: {str(s): _slim(c) for s, c in sorted(t.items())}
+                                       for n, t in tap_tables.items() if t}}
         if len(corners) > 1:
             table_json["minimum_fewest_bits"] = _slim(corners[1][0])
 
         # accuracy of the starting point's int8 PTQ on the holdout split (ranks candidates)
         cur_model, cur_widths, cur_bits, cur_costs = base, dict(full), dict(eight), base_costs
+        cur_taps = dict(dense_taps)
         cur_acc = qacc(cur_model, cur_bits, jd.x_val, jd.y_val)
         trajectory = [_point(0, None, cur_widths, cur_acc, cur_costs, None, bits=cur_bits)]
         composed = _identity_record(graph)
 
         if impossible:
-            # No width and word-length assignment reaches the budget: report the closest corner.
-            costs, bits = min(corners, key=lambda cb: excess(cb[0], budget))
-            what = ("every layer at its minimum width" if bits == eight else
-                    f"every layer at its minimum width and {min(options)}-bit weights")
+            # No assignment reaches the budget: report the closest corner.
+            costs, bits, taps = min(corners, key=lambda cb: excess(cb[0], budget))
+            what = ("every layer at its minimum width" if bits == eight and taps == dense_taps
+                    else "every layer at its minimum width, the fewest bits and window taps")
             message = ("budget cannot be met on " + target.name + ": even the smallest model "
                        f"({what}) measures " + "; ".join(violations(costs, budget)))
             log(f"feedback: {message}")
+            patterned = _changed(dense_taps, taps)
             blob, acc, rec = runner.map("candidate", candidate_job, [(
-                job_key(base_hash, "minimum", lowest, bits, settings),
+                job_key(base_hash, "minimum", lowest, bits, settings,
+                        *([patterned] if patterned else [])),
                 (to_bytes(base), example_input, _removal(groups, full, lowest), criterion, seed,
-                 short_finetune_samples, lr, bits))])[0]
+                 short_finetune_samples, lr, bits, patterned))])[0]
             cur_model, cur_widths, cur_bits, cur_costs = from_bytes(blob), dict(lowest), bits, costs
+            cur_taps = taps
             composed = _compose(composed, rec)
-            trajectory.append(_point(1, "minimum", cur_widths, acc, cur_costs, None, bits=bits))
+            trajectory.append(_point(1, "minimum", cur_widths, acc, cur_costs, None, bits=bits,
+                                     taps=taps))
         else:
             aim = {k: v * (1 - margin) for k, v in budget.items()}
             step = {m: (base_costs[m] - aim[m]) / step_iterations for m in budget
@@ -373,8 +412,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                     goal = cur_costs[metric] - min(step.get(metric) or gap, gap)
                 # other budgets may not be pushed over (a sub-byte kernel is not faster)
                 limits = {k: max(aim[k], cur_costs[k]) for k in budget if k != metric}
-                proposals = _propose(predictor, cur_costs, cur_widths, cur_bits, lowest,
-                                     layer_options, metric, goal, limits,
+                proposals = _propose(predictor, cur_costs, cur_widths, cur_bits, cur_taps, lowest,
+                                     layer_options, tap_options, metric, goal, limits,
                                      joint=metric in PEAK_METRICS)
                 if not proposals:
                     break
@@ -389,6 +428,12 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                                      (parent, example_input, _removal(groups, cur_widths,
                                                                       p.widths),
                                       criterion, it_seed, short_finetune_samples, lr, cur_bits)))
+                    elif p.kind == "taps":  # a window pattern, then the same short fine-tune
+                        jobs.append((job_key(parent_hash, "taps", p.taps, cur_bits, settings,
+                                             it_seed),
+                                     (parent, example_input, {}, criterion, it_seed,
+                                      short_finetune_samples, lr, cur_bits,
+                                      _changed(cur_taps, p.taps))))
                     else:  # word length: the same float model, quantized differently
                         jobs.append((job_key(parent_hash, "bits", p.bits, settings),
                                      (parent, example_input, {}, criterion, seed, 0, lr,
@@ -410,7 +455,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                         return c[metric] <= goal and all(c[m] <= v for m, v in limits.items())
                     settled = _walk_measured(
                         k, reaches(new_costs), cur_widths[g], lowest[g],
-                        lambda k2: reaches(measure([at_widths({**chosen.widths, g: k2})],
+                        lambda k2: reaches(measure([at_widths({**chosen.widths, g: k2},
+                                                              cur_taps)],
                                                    f"iteration {it}: {g} at {k2} (QEMU)",
                                                    bits=[chosen.bits])[0]))
                     if settled != k:
@@ -423,21 +469,25 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                             job_key(parent_hash, g, settled, cur_bits, settings, it_seed),
                             (parent, example_input, _removal(groups, cur_widths, w), criterion,
                              it_seed, short_finetune_samples, lr, cur_bits))])[0]
-                        chosen = Proposal("width", g, w, cur_bits,
-                                          predictor.anchored(cur_costs, cur_widths, w, cur_bits))
+                        chosen = Proposal("width", g, w, cur_bits, cur_taps,
+                                          predictor.anchored(cur_costs, cur_widths, w, cur_bits,
+                                                             measured_taps=cur_taps))
                         new_model = from_bytes(blob)
                         new_costs = measure([new_model], f"iteration {it}: measure",
                                             bits=[chosen.bits])[0]
                 before = len(violations(cur_costs, aim))
                 cur_model, cur_widths, cur_bits, cur_costs = (new_model, chosen.widths,
                                                               chosen.bits, new_costs)
+                cur_taps = chosen.taps
                 composed = _compose(composed, rec)
                 bar.advance(before - len(violations(cur_costs, aim)))
                 trajectory.append(_point(it, chosen.label, cur_widths, acc, cur_costs,
                                          chosen.pred, results, [p.label for p in proposals],
-                                         bits=cur_bits))
+                                         bits=cur_bits, taps=cur_taps))
                 change = (f"{chosen.name} -> {chosen.widths[chosen.name]} channels"
                           if chosen.kind == "width" else
+                          f"{chosen.name} -> 1 in {chosen.taps[chosen.name]} window taps"
+                          if chosen.kind == "taps" else
                           f"every group together -> {chosen.widths}"
                           if chosen.kind == "joint" else
                           f"{chosen.name} -> {chosen.bits[chosen.name]}-bit weights")
@@ -458,7 +508,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         float_acc = evaluate(cur_model, x_test, y_test)
         holdout = qacc(cur_model, cur_bits, jd.x_val, jd.y_val)
         trajectory.append(_point(len(trajectory), "final", cur_widths, holdout, final_costs, None,
-                                 bits=cur_bits))
+                                 bits=cur_bits, taps=cur_taps))
         trajectory[-1]["test_accuracy"] = test_acc
         trajectory[-1]["float_test_accuracy"] = float_acc
 
@@ -489,11 +539,12 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     ratios = {layer: round(1 - cur_widths[n] / full[n], 6) for n, g in groups.items()
               for layer in g.layers}
     bits = {n: int(cur_bits.get(n, 8)) for n in wlayers}
+    taps = {n: t for n, t in cur_taps.items() if t > 1}
     record = {"criterion": criterion, "allocation": "feedback", "layers": composed,
-              "per_layer": ratios, "widths": cur_widths, "bits": bits, "budget": budget,
-              "met": met}
+              "per_layer": ratios, "widths": cur_widths, "bits": bits, "tap_strides": taps,
+              "budget": budget, "met": met}
     result = FeedbackResult(cur_model, record, ratios, bits, cur_widths, final_costs, budget, met,
-                            message, trajectory, test_acc, float_acc,
+                            message, trajectory, test_acc, float_acc, taps,
                             cache={"dir": str(cache), "runs": runner.runs, "hits": runner.hits})
     if work_dir is not None:
         result.files = write_outputs(result, Path(work_dir), target.name, criterion, table_json)
@@ -503,23 +554,28 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
 
 @dataclass
 class Proposal:
-    kind: str                 # "width" | "joint" (every group) | "bits"
-    name: str                 # the group (width), "joint", or the layer (bits)
+    kind: str                 # "width" | "joint" (every group) | "bits" | "taps"
+    name: str                 # the group (width), "joint", or the layer (bits, taps)
     widths: dict[str, int]
     bits: dict[str, int]
+    taps: dict[str, int]      # conv -> intra-kernel stride (1: every tap)
     pred: dict[str, float]
 
     @property
     def label(self) -> str:
+        if self.kind == "taps":
+            return f"{self.name}/{self.taps[self.name]}"
         return self.name if self.kind in ("width", "joint") else \
             f"{self.name}@{self.bits[self.name]}b"
 
 
 def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
-             cur_bits: dict[str, int], lowest: dict[str, int], options: dict[str, list[int]],
+             cur_bits: dict[str, int], cur_taps: dict[str, int], lowest: dict[str, int],
+             options: dict[str, list[int]], tap_options: dict[str, list[int]],
              metric: str, goal: float, limits: dict[str, float],
              joint: bool = False) -> list[Proposal]:
-    """Per group, the largest width, and per weight layer the most bits, whose predicted `metric`
+    """Per group, the largest width, per weight layer the most bits, and per conv without a
+    pattern the densest intra-kernel pattern (every s-th window tap), whose predicted `metric`
     reaches `goal` (NetAdapt's "smallest change that cuts the cost by a step"); knobs that
     cannot reach it alone propose their extreme only when none can, and only if it cuts
     `metric`. A proposal predicted to push another budget over its `limits` is dropped.
@@ -530,42 +586,47 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
     that uniform pruning meets (ResNet-8 at 60 %: 51.2 kB for 40.5)."""
     reach, partial = [], []
 
-    def pred(w, b):
-        return predictor.anchored(cur_costs, cur_widths, w, cur_bits, b)
+    def pred(w, b, t):
+        return predictor.anchored(cur_costs, cur_widths, w, cur_bits, b, cur_taps, t)
 
     def ok(p):
         return all(p[k] <= v for k, v in limits.items())
 
     def knob(kind: str, name: str, steps: list[tuple[dict, dict]]) -> None:
-        """`steps`: the knob's (widths, bits) settings, smallest change first. A step that
+        """`steps`: the knob's (widths, bits, taps) settings, smallest change first. A step that
         reaches the goal but pushes another budget over gives way to a larger one (kernels cost
         a staircase: one channel less can take more flash, several less take less)."""
-        for w, b in steps:
-            p = pred(w, b)
+        for w, b, t in steps:
+            p = pred(w, b, t)
             if p[metric] <= goal and ok(p):
-                reach.append(Proposal(kind, name, w, b, p))
+                reach.append(Proposal(kind, name, w, b, t, p))
                 return
-        # none reaches the goal within the other budgets: the extreme (the last `w, b, p`), if
-        # it helps
+        # none reaches the goal within the other budgets: the extreme (the last `w, b, t, p`),
+        # if it helps
         if p[metric] < cur_costs[metric] and ok(p):
-            partial.append(Proposal(kind, name, w, b, p))
+            partial.append(Proposal(kind, name, w, b, t, p))
 
     for g, k in cur_widths.items():
         if k > lowest[g]:
-            knob("width", g, [({**cur_widths, g: k2}, cur_bits)
+            knob("width", g, [({**cur_widths, g: k2}, cur_bits, cur_taps)
                               for k2 in range(k - 1, lowest[g] - 1, -1)])
     for layer, opts in options.items():
         lower = sorted((b for b in opts if b < cur_bits[layer]), reverse=True)
         if lower:
-            knob("bits", layer, [(cur_widths, {**cur_bits, layer: b}) for b in lower])
+            knob("bits", layer, [(cur_widths, {**cur_bits, layer: b}, cur_taps) for b in lower])
+    for layer, strides in tap_options.items():
+        if strides and cur_taps[layer] == 1:   # one pattern per layer: patterns do not compose
+            knob("taps", layer, [(cur_widths, cur_bits, {**cur_taps, layer: t})
+                                 for t in strides])
     together = []
     if joint:
         steps = _shrink_together(cur_widths, lowest)
         if steps:   # the first share predicted to reach the goal, else the smallest
-            preds = [pred(w, cur_bits) for w in steps]
+            preds = [pred(w, cur_bits, cur_taps) for w in steps]
             i = next((i for i, p in enumerate(preds) if p[metric] <= goal), 0)
             if ok(preds[i]):
-                together.append(Proposal("joint", "joint", steps[i], cur_bits, preds[i]))
+                together.append(Proposal("joint", "joint", steps[i], cur_bits, cur_taps,
+                                         preds[i]))
     return (reach or partial) + together
 
 
@@ -611,6 +672,11 @@ def _bit_options(word_lengths, target) -> list[int]:
     return [b for b in asked if b < 8]
 
 
+def _changed(cur: dict[str, int], new: dict[str, int]) -> dict[str, int]:
+    """The layers whose setting `new` changes from `cur`."""
+    return {n: v for n, v in new.items() if cur.get(n) != v}
+
+
 def _removal(groups, cur: dict[str, int], new: dict[str, int]) -> dict[str, float]:
     """Per-layer ratios that take the current model (widths `cur`) to `new`: prune()'s input."""
     return {groups[g].layers[0]: (cur[g] - new[g]) / cur[g] for g in new if new[g] < cur[g]}
@@ -654,9 +720,10 @@ def _fmt(c: dict) -> str:
 
 
 def _point(it, group, widths, acc, costs, predicted, candidates=None, groups=None,
-           bits=None) -> dict:
+           bits=None, taps=None) -> dict:
     p = {"iteration": it, "group": group, "widths": dict(widths),
-         "bits": {n: b for n, b in (bits or {}).items() if b != 8}, "accuracy": acc,
+         "bits": {n: b for n, b in (bits or {}).items() if b != 8},
+         "tap_strides": {n: t for n, t in (taps or {}).items() if t > 1}, "accuracy": acc,
          "measured": {k: costs[k] for k in ("instructions",) + METRICS},
          **{k: costs[k] for k in METRICS}}
     if predicted is not None:
@@ -676,6 +743,7 @@ def write_outputs(result: FeedbackResult, out: Path, target: str, criterion: str
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "ratios.json": json.dumps({"ratios": result.ratios, "bits": result.bits,
+                                   "tap_strides": result.taps,
                                    "widths": result.widths, "target": target,
                                    "criterion": criterion, "budget": result.budget,
                                    "met": result.met, "measured": _slim_measured(result.measured),

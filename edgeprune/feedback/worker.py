@@ -119,9 +119,11 @@ def quantized_accuracy(model, input_shape: tuple[int, ...], calib: np.ndarray, x
 
 
 def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float], criterion: str,
-                  seed: int, samples: int, lr: float, bits: dict[str, int] | None = None
-                  ) -> tuple[bytes, float, dict]:
-    from ..prune import prune
+                  seed: int, samples: int, lr: float, bits: dict[str, int] | None = None,
+                  taps: dict[str, int] | None = None) -> tuple[bytes, float, dict]:
+    """Prune `removal` (per-layer ratios) and keep every s-th window tap of each conv in `taps`,
+    then fine-tune on `samples` samples; score the PTQ model at `bits` on the holdout."""
+    from ..prune import patterns, prune
     from ..train import evaluate
 
     model = from_bytes(blob)
@@ -131,9 +133,11 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
         model, record = prune(model, example, criterion=criterion, ratios={"*": 0.0, **removal},
                               data=batches, meta_batch=meta, seed=seed)
         layers = record["layers"]
-        if samples > 0:
-            finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed,
-                     _teacher(), _DATA.distill)
+    if taps:
+        patterns.stride_layers(model, taps)
+    if (removal or taps) and samples > 0:
+        finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed,
+                 _teacher(), _DATA.distill)
     acc, loss = quantized_scores(model, tuple(example.shape), _DATA.calib, _DATA.x_val,
                                  _DATA.y_val, bits)
     return to_bytes(model), acc, {"layers": layers, "holdout_loss": loss,
