@@ -37,6 +37,8 @@ class DeployConfig:
     ratio: float = 0.5
     per_layer: dict[str, float] | None = None
     layer_bits: dict[str, int] | None = None  # per-layer weight bits (a feedback ratios.json)
+    layer_strides: dict[str, int] | None = None  # conv -> 1 in s window taps (the same file)
+    tap_strides: tuple[int, ...] = ()  # window patterns the budget search may give a conv
     budget: dict[str, float] = field(default_factory=dict)
     finetune_epochs: float = 1.0
     quant_method: str = "auto"        # ptq, qat, admm or auto (QAT when PTQ loses accuracy)
@@ -197,7 +199,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                                          work_dir=tmp / "feedback", log=log,
                                          finetune_epochs=cfg.finetune_epochs,
                                          eval_samples=cfg.eval_samples,
-                                         calib_samples=cfg.calib_samples, port=cfg.port)
+                                         calib_samples=cfg.calib_samples, port=cfg.port,
+                                         tap_strides=cfg.tap_strides)
                 pruned, record = feedback_result.model, feedback_result.record
                 layer_bits = feedback_result.bits   # the word lengths the search measured
                 if cfg.mixed_precision:
@@ -213,7 +216,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                 try:
                     pruned, record = prune(model, example, criterion=cfg.criterion,
                                            ratios=ratios, data=batches[:-1],
-                                           meta_batch=batches[-1], seed=cfg.seed)
+                                           meta_batch=batches[-1], seed=cfg.seed,
+                                           layer_strides=cfg.layer_strides)
                 except NothingToPrune as e:   # deployed as it is: quantized, compiled, run
                     log(f"not pruned: {e}")
                     pruned, record = model, {"criterion": cfg.criterion, "layers": {},

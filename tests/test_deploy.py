@@ -154,6 +154,28 @@ def test_deploy_with_a_budget_runs_the_measured_search(tmp_path):
         assert (out / "feedback" / name).exists(), name
 
 
+def test_deploy_applies_a_feedback_file_with_its_window_patterns(tmp_path):
+    """--per-layer with the feedback loop's ratios.json: its ratios, word lengths and window
+    patterns; the patterned conv keeps its zero taps through fine-tuning and runs bit-exact."""
+    from edgeprune.load import load_torch
+
+    ratios = tmp_path / "ratios.json"
+    ratios.write_text(json.dumps({"ratios": {"features.2.0": 0.25}, "bits": {"fc": 4},
+                                  "tap_strides": {"features.2.0": 2}}))
+    out = tmp_path / "out"
+    r = edgeprune("deploy", *TINY, "--per-layer", ratios, "--out", out, "--json",
+                  cache=tmp_path / "cache", check=True)
+    report = json.loads(r.stdout)
+    assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
+    model, _ = load_torch(str(out / "model.pt"))
+    conv = model.get_submodule("features.2.0")
+    assert conv.out_channels == 12
+    taps = conv.weight.detach().ne(0).any(1).any(0).flatten()
+    assert int(taps.sum()) in (4, 5) and not bool(taps.all())
+    assert json.loads((out / "pruning.json").read_text())["patterns"]["features.2.0"][
+        "intra_kernel"]["stride"] == 2
+
+
 def test_keras_style_nhwc_onnx_model_deploys_bit_exact(tmp_path):
     """A Keras model as tf2onnx writes it: NHWC input (3 channels) transposed to NCHW, the last
     feature map transposed back to NHWC before Flatten. It prunes through the channels-last

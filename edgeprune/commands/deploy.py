@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--per-layer", type=Path, help="JSON {layer: ratio} (e.g. from the feedback loop)")
     p.add_argument("--budget", help="latency_ms=5,flash_kb=256,sram_kb=64,energy_uj=300: "
                    "search per-layer ratios on the target until every budget holds")
+    p.add_argument("--tap-strides", help="with --budget, also let a conv keep 1 in s window "
+                                          "taps, e.g. 2,3 (see edgeprune feedback --help)")
     p.add_argument("--train-epochs", type=float, default=1.0, help="training of zoo models (cached)")
     p.add_argument("--finetune", type=float, default=1.0, help="fine-tuning epochs after pruning")
     p.add_argument("--quant-method", default="auto", choices=("auto", "ptq", "qat", "admm"),
@@ -76,10 +78,11 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..deploy import DeployConfig, parse_budget, run_deploy
+    from ..feedback.cli import int_list
     from ..load import parse_shape
     from ..report import print_summary
 
-    per_layer = layer_bits = None
+    per_layer = layer_bits = layer_strides = None
     if args.per_layer is not None:
         try:
             per_layer = json.loads(args.per_layer.read_text())
@@ -88,13 +91,18 @@ def run(args) -> int:
                                  stage="deploy")
         if isinstance(per_layer, dict) and isinstance(per_layer.get("bits"), dict):
             layer_bits = per_layer["bits"]  # the feedback loop's chosen word lengths
+        if isinstance(per_layer, dict) and "tap_strides" in per_layer:
+            from ..prune.cli import read_tap_strides
+            layer_strides = read_tap_strides(args.per_layer)   # its window patterns
         per_layer = per_layer.get("ratios", per_layer)  # the feedback loop's file or a plain map
     if not 0 <= args.ratio < 1:
         raise EdgepruneError(f"--ratio must be in [0, 1), got {args.ratio}", stage="deploy")
     cfg = DeployConfig(out=args.out, target=args.target, model=args.model, data=args.data,
                        input_shape=parse_shape(args.input_shape), train_epochs=args.train_epochs,
                        criterion=args.criterion, ratio=args.ratio, per_layer=per_layer,
-                       layer_bits=layer_bits,
+                       layer_bits=layer_bits, layer_strides=layer_strides,
+                       tap_strides=int_list(args.tap_strides, "--tap-strides",
+                                            "strides like 2,3", "deploy") or (),
                        budget=parse_budget(args.budget), finetune_epochs=args.finetune,
                        quant_method=args.quant_method, mixed_precision=args.mixed_precision,
                        calib_samples=args.calib_samples, eval_samples=args.eval_samples,

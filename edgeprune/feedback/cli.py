@@ -54,14 +54,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _int_list(text: str | None, option: str, example: str) -> tuple[int, ...] | None:
+def int_list(text: str | None, option: str, example: str,
+             stage: str = STAGE) -> tuple[int, ...] | None:
+    """An option's comma-separated integers ("8,4,2"), None when not given."""
     from ..errors import EdgepruneError
     if not text:
         return None
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise EdgepruneError(f"{option} {text!r}: give {example}", stage=STAGE) from None
+        raise EdgepruneError(f"{option} {text!r}: give {example}", stage=stage) from None
 
 
 def run(args) -> int:
@@ -80,8 +82,8 @@ def run(args) -> int:
     except EdgepruneError as e:
         e.stage = STAGE
         raise
-    word_lengths = _int_list(args.word_lengths, "--word-lengths", "bits like 8,4,2")
-    tap_strides = _int_list(args.tap_strides, "--tap-strides", "strides like 2,3") or ()
+    word_lengths = int_list(args.word_lengths, "--word-lengths", "bits like 8,4,2")
+    tap_strides = int_list(args.tap_strides, "--tap-strides", "strides like 2,3") or ()
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, flush=True))
     with atomic_out_dir(args.out, args.force) as tmp:
         data = datasets.load(args.data)
