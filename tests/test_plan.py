@@ -316,3 +316,23 @@ def test_convs_that_copy_their_input_first_run_in_place_and_stay_bit_exact(tmp_p
     assert not down.overwrites and down.output not in aliases
 
     _bit_exact_on(qm, ("cortex-m7", "cortex-m55", "riscv32"), tmp_path)
+
+
+def test_a_banded_pointwise_conv_with_wider_outputs_stays_out_of_place(tmp_path):
+    """The same pointwise conv with int16 outputs (mixed precision): a band's outputs would land
+    on input rows not yet read (two bytes each for one), so it is not run in place; bit-exact."""
+    from edgeprune.lower import lower_relax
+    from edgeprune.quantize import ptq
+    from edgeprune.quantize.to_relax import to_relax
+
+    torch.manual_seed(4)
+    model, shape = _Pointwise().eval(), (1, 1, 24, 24)
+    convs = [n for n in ptq.extract(model, shape).nodes if n.kind == "conv2d"]
+    pw = convs[2]                      # stem, depthwise, pointwise, stride-2 1x1
+    calib = np.random.RandomState(4).randn(16, *shape[1:]).astype(np.float32)
+    qm = ptq.quantize_ptq(model, shape, calib, act_dtypes={pw.output: "int16"})
+    assert qm.tensors[pw.output].dtype == "int16"
+    lowered = lower_relax(to_relax(qm), "model")
+    pointwise = [c for c in lowered.calls if "conv" in c.kernel][-2]
+    assert not pointwise.overwrites
+    _bit_exact_on(qm, ("cortex-m7", "riscv32"), tmp_path)
