@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from edgeprune.plan import Buffer, lower_bound, plan_buffers
@@ -286,6 +287,35 @@ def test_concatenations_are_written_in_place_and_stay_bit_exact(tmp_path):
     assert plan_model(lowered).arena_bytes <= 24 * 64 + scratch
 
     _bit_exact_on(qm, ("cortex-m55", "riscv32"), tmp_path)
+
+
+class _TwoPieces(torch.nn.Module):
+    """Two convs of different output ranges, concatenated along `axis`."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis, self.a, self.b = axis, torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 3, 1)
+        with torch.no_grad():
+            self.b.weight.mul_(10)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], self.axis).mean((2, 3))
+
+
+@pytest.mark.parametrize("axis, batch, shared", [(1, 1, True), (1, 2, False), (3, 1, False)])
+def test_a_concatenation_shares_its_range_only_where_written_in_place(axis, batch, shared):
+    """Channels at batch 1 lie one after another in the output: the pieces take its range. At
+    batch 2, or along the width, the concat stays a kernel that requantizes each piece, so
+    each keeps its own (finer) steps."""
+    from edgeprune.quantize.ptq import quantize_ptq
+
+    torch.manual_seed(0)
+    shape = (batch, 2, 5, 5)
+    calib = np.random.RandomState(0).randn(8, *shape[1:]).astype(np.float32)
+    qm = quantize_ptq(_TwoPieces(axis).eval(), shape, calib)
+    concat = next(op for op in qm.ops if op.kind == "concat")
+    scales = {qm.tensors[t].scale for t in [*concat.inputs, concat.output]}
+    assert (len(scales) == 1) == shared, scales
 
 
 class _Pointwise(torch.nn.Module):

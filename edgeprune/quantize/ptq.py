@@ -16,6 +16,7 @@ Pipeline:
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -1458,13 +1459,20 @@ def calibrate(net: IRNet, x: np.ndarray, method: str = "minmax", percentile: flo
 def _concat_shared(net: IRNet, ranges: dict[str, tuple[float, float]]
                    ) -> dict[str, tuple[float, float]]:
     """`ranges` with a concatenation's pieces and output in one range, the union of theirs,
-    where no piece is the model's input: each piece's op then writes in the concatenation's
-    scale, and the C library writes the pieces into their places in its output, with no
-    concat kernel and no copy (`lower._concats_as_views`). TFLite's int8 spec asks the same.
-    A piece with a narrower range than the others gets coarser steps."""
+    where the C library can write the pieces into their places in its output, with no concat
+    kernel and no copy (`lower._concats_as_views`): each piece's op then writes in the
+    concatenation's scale. TFLite's int8 spec asks the same. A piece with a narrower range
+    than the others gets coarser steps, so only where the pieces lie one after another in the
+    output (every axis before the concatenated one is 1: channels at batch 1), none is the
+    model's input or appears twice, and the output is not the model's."""
+    def in_place(n: FNode) -> bool:
+        shape = n.out_shape
+        axis = n.attrs.get("axis", 1) % len(shape) if shape else 0
+        return (bool(shape) and math.prod(shape[:axis]) == 1 and n.output != net.output
+                and INPUT not in n.inputs and len(set(n.inputs)) == len(n.inputs))
     parent: dict[str, str] = {}
     for n in net.nodes:
-        if (n.kind == "concat" and INPUT not in n.inputs
+        if (n.kind == "concat" and in_place(n)
                 and all(t in ranges for t in [*n.inputs, n.output])):
             for t in n.inputs:
                 a, b = _root(parent, t), _root(parent, n.output)
