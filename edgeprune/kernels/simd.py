@@ -9,7 +9,8 @@ calls one C function of simd_c.SIMD_PRELUDE with the layer's shape as literals:
   int8 in flash, OHWI, each run zero-padded to a multiple of 16 bytes. A tile is 4 neighbouring
   output pixels x Q output channels; every 16 bytes of a run cost one weight load per channel,
   one input load per pixel and 4 x Q VMLADAVA (16 MACs each). Where the runs are short (few input
-  channels: a first layer) the tile's windows are first gathered into one contiguous patch.
+  channels: a first layer) the tile's windows are first gathered into one contiguous patch; so
+  are the taps an intra-kernel pattern keeps (taps zero in every filter are not gathered).
 * depthwise: one padded int8 plane per channel, 4 outputs per vector lane group, VMLA by a weight
   held in a core register.
 * requantization on 4 outputs at once (VMULH / VRMULH, see simd_c), else 64-bit per output.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .int8 import KERNEL_ATTR, OVERWRITES_INPUT, QLayer, _shape
+from .int8 import KERNEL_ATTR, OVERWRITES_INPUT, QLayer, _kept_taps, _shape
 
 MVE_FEATURE = "mve-i"
 # Cortex-A (AArch64 NEON) runs the same kernels: simd_c's EP_NEON branches (conv steps by
@@ -53,8 +54,9 @@ def _requant(layer: QLayer, n_out: int | None = None):
 
 
 def _header(layer: QLayer, nw: int, o: int, tag: str, nqp: int = 0,
-            overwrites: bool = False) -> list[str]:
+            overwrites: bool = False, ntab: int = 0) -> list[str]:
     qp = f'qp: T.Buffer(({nqp},), "int32"), ' if nqp else ""
+    qp += f'tab: T.Buffer(({ntab},), "int32"), ' if ntab else ""
     extra = f', "{OVERWRITES_INPUT}": 1' if overwrites else ""
     return [
         "@T.prim_func(private=True)",
@@ -78,11 +80,13 @@ def _plane(layer: QLayer):
     return h + t + b, w + l + r, t, l, h, w, 1, 1, layer.strides
 
 
-def _call(fn: str, layer: QLayer, xs: str, ints: list[int], qp: bool = False) -> str:
+def _call(fn: str, layer: QLayer, xs: str, ints: list[int], qp: bool = False,
+          tab: bool = False) -> str:
     suffix = "16" if layer.out_dtype == "int16" else "8"
     args = ", ".join(str(int(v)) for v in ints)
+    tables = ("qp.data, " if qp else "") + ("tab.data, " if tab else "")
     return (f'    T.evaluate(T.call_extern("int32", "{fn}{suffix}", x.data, {xs}, w.data, bias.data, '
-            f"mult.data, rnd.data, shift.data, {'qp.data, ' if qp else ''}y.data, {args}))")
+            f"mult.data, rnd.data, shift.data, {tables}y.data, {args}))")
 
 
 def conv_kernel(layer: QLayer):
@@ -109,9 +113,21 @@ def conv_kernel(layer: QLayer):
     else:
         nsy, nsx, seg, offy, offx = kh, kw, c, dh * ws * c, dw * c
     k = kh * kw * c
-    patch = -(-k // 16) < nsy * nsx * -(-seg // 16)
-    wo = w4.transpose(0, 2, 3, 1).reshape(o, nsy, nsx, seg)  # OHWI, one run per row
-    piece = (seg, nsy, nsx, offy, offx)
+    kept = None if layer.kind == "dense" or direct else _kept_taps(w4)
+    if kept is not None:
+        # Window taps zero in every filter (an intra-kernel pattern): the patch gathers only
+        # the kept taps' C bytes each, from the offsets in `taps` (pnsx = -1 says so), and the
+        # weights keep only theirs.
+        rows, cols = (list(v) for v in zip(*kept))
+        k = len(kept) * c
+        wo = w4[:, :, rows, cols].transpose(0, 2, 1)
+        taps = np.array([r * offy + q * dw * c for r, q in kept], np.int32)
+        piece, patch = (c, len(kept), -1, 0, 0), True
+    else:
+        taps = np.zeros(1, np.int32)
+        patch = -(-k // 16) < nsy * nsx * -(-seg // 16)
+        wo = w4.transpose(0, 2, 3, 1).reshape(o, nsy, nsx, seg)  # OHWI, one run per row
+        piece = (seg, nsy, nsx, offy, offx)
     if patch:  # the MAC loop sees one run per output: its k bytes, then bytes of no weight
         nsy, nsx, seg, offy, offx = 1, 1, -(-k // 16) * 16, 0, 0
         wo = np.pad(wo.reshape(o, 1, 1, k), ((0, 0), (0, 0), (0, 0), (0, seg - k)))
@@ -140,7 +156,8 @@ def conv_kernel(layer: QLayer):
         patch_off = -(-scratch // 16) * 16
         scratch = patch_off + (4 // g) * segp
     # one image copied whole into the NHWC scratch before any output: in place is safe
-    L = _header(layer, wpad.size, ng * g, layer.kind, qp.size, overwrites=not direct and n == 1)
+    L = _header(layer, wpad.size, ng * g, layer.kind, qp.size, overwrites=not direct and n == 1,
+                ntab=taps.size)
     xs = "x.data"
     if scratch:
         L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
@@ -150,9 +167,9 @@ def conv_kernel(layer: QLayer):
     ints = [n, c, h, wd, hi_n, wi_n, hs, ws, pt, pl, layer.pad_value, fh, fw, direct, patch_off,
             oh, ow, o, sh, sw, nsy, nsx, offy, offx, seg, *piece, mode | w127, zp,
             layer.lo, layer.hi, g]
-    L.append(_call("ep_simd_conv", layer, xs, ints, qp=True))
+    L.append(_call("ep_simd_conv", layer, xs, ints, qp=True, tab=True))
     return "\n".join(L), [np.ascontiguousarray(wpad).reshape(-1)] + consts \
-        + [qp.astype(np.int32).reshape(-1)]
+        + [qp.astype(np.int32).reshape(-1), taps]
 
 
 def _dw_shape(layer: QLayer) -> tuple[list[int], list[int], dict]:

@@ -234,8 +234,9 @@ EP_AI void ep_simd_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
    multiplier, rnd >> 32 and -(s - 32) per lane (lane = pixel * G + channel). */
 EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
                          const int32_t *mult, const int64_t *rnd, const int32_t *shift,
-                         const int32_t *qp, void *y, int32_t C, int32_t Ws, int32_t OH,
-                         int32_t OW, int32_t O, int32_t sh, int32_t sw, int32_t nsy, int32_t nsx,
+                         const int32_t *qp, const int32_t *taps, void *y, int32_t C,
+                         int32_t Ws, int32_t OH, int32_t OW, int32_t O, int32_t sh, int32_t sw,
+                         int32_t nsy, int32_t nsx,
                          int32_t offy, int32_t offx, int32_t seg, int32_t pseg, int32_t pnsy,
                          int32_t pnsx, int32_t poffy, int32_t poffx, int32_t mode, int32_t zp,
                          int32_t lo, int32_t hi, int32_t out16, int32_t G) {
@@ -260,12 +261,13 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
       x1 = xs + ((size_t)oh * sh * Ws + (size_t)ow * sw) * C;
       if (++ow == OW) ow = 0, oh++;
     }
-    if (patch) {  /* gather the windows: pnsy x pnsx pieces of pseg bytes each */
+    if (patch) {  /* gather the windows: pnsy x pnsx pieces of pseg bytes each, or (pnsx < 0)
+                     pnsy pieces at the offsets taps[] (the taps an intra-kernel pattern keeps) */
       for (int p = 0; p < P; p++) {
         int8_t *d = patch + p * segp;
         for (int a = 0; a < pnsy; a++)
-          for (int b = 0; b < pnsx; b++, d += pseg) {
-            const int8_t *src = (p ? x1 : x0) + a * poffy + b * poffx;
+          for (int b = 0; b < (pnsx < 0 ? 1 : pnsx); b++, d += pseg) {
+            const int8_t *src = (p ? x1 : x0) + (pnsx < 0 ? taps[a] : a * poffy + b * poffx);
 #ifdef EP_MVE
             for (int k = 0; k < pseg; k += 16) {
               mve_pred16_t pr = vctp8q(pseg - k);
@@ -425,7 +427,7 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
    a 1x1 image), then the tiles. */
 EP_AI void ep_simd_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
                        const int32_t *mult, const int64_t *rnd, const int32_t *shift,
-                       const int32_t *qp, void *y,
+                       const int32_t *qp, const int32_t *taps, void *y,
                        int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                        int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
                        int32_t fw, int32_t direct, int32_t patch_off, int32_t OH, int32_t OW,
@@ -439,7 +441,7 @@ EP_AI void ep_simd_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int3
       ep_simd_nhwc(img, xs, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
       img = xs;
     }
-    ep_simd_conv_t(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift, qp,
+    ep_simd_conv_t(img, patch_off >= 0 ? xs + patch_off : 0, w, bias, mult, rnd, shift, qp, taps,
                   (char *)y + (size_t)nb * O * OH * OW * (out16 ? 2 : 1), C, Ws, OH, OW, O, sh,
                   sw, nsy, nsx, offy, offx, seg, pseg, pnsy, pnsx, poffy, poffx, mode, zp, lo, hi,
                   out16, G);
@@ -576,12 +578,14 @@ EP_AI void ep_simd_add(const int8_t *a, const int8_t *b, void *y, int32_t n, int
   dh, dw, mode, zp, lo, hi
 #define EP_MVE_PTRS int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult, int64_t *rnd, \
   int32_t *shift
-EP_AI int32_t ep_simd_conv8(EP_MVE_PTRS, int32_t *qp, int8_t *y, EP_MVE_CONV_ARGS) {
-  ep_simd_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 0, G);
+EP_AI int32_t ep_simd_conv8(EP_MVE_PTRS, int32_t *qp, int32_t *taps, int8_t *y,
+                            EP_MVE_CONV_ARGS) {
+  ep_simd_conv(x, xs, w, bias, mult, rnd, shift, qp, taps, y, EP_MVE_CONV_PASS, 0, G);
   return 0;
 }
-EP_AI int32_t ep_simd_conv16(EP_MVE_PTRS, int32_t *qp, int16_t *y, EP_MVE_CONV_ARGS) {
-  ep_simd_conv(x, xs, w, bias, mult, rnd, shift, qp, y, EP_MVE_CONV_PASS, 1, G);
+EP_AI int32_t ep_simd_conv16(EP_MVE_PTRS, int32_t *qp, int32_t *taps, int16_t *y,
+                             EP_MVE_CONV_ARGS) {
+  ep_simd_conv(x, xs, w, bias, mult, rnd, shift, qp, taps, y, EP_MVE_CONV_PASS, 1, G);
   return 0;
 }
 EP_AI int32_t ep_simd_dw8(EP_MVE_PTRS, int32_t *po, int8_t *y, EP_MVE_DW_ARGS) {
