@@ -131,6 +131,8 @@ def test_report_command_prints_the_summary(deployed):
     (["--input-shape", "1,1,32,32"], ["[load]", "32", "28"]),
     (["--target", "cortex-z9"], ["cortex-z9"]),
     (["--quant-method", "admm"], ["[deploy]", "--mixed-precision"]),    # before any training
+    (["--tap-strides", "2"], ["[deploy]", "--budget"]),
+    (["--budget", "latency_ms=5", "--tap-strides", "2,x"], ["[deploy]", "--tap-strides"]),
 ])
 def test_bad_input_names_the_stage(args, words, tmp_path):
     r = edgeprune("deploy", *TINY, *args, "--out", tmp_path / "o", "--quiet", cache=tmp_path / "c")

@@ -95,6 +95,10 @@ def run(args) -> int:
             from ..prune.cli import read_tap_strides
             layer_strides = read_tap_strides(args.per_layer)   # its window patterns
         per_layer = per_layer.get("ratios", per_layer)  # the feedback loop's file or a plain map
+    if args.tap_strides and not args.budget:
+        raise EdgepruneError("--tap-strides is what the --budget search may use: give a --budget "
+                             "(a fixed pattern comes with --per-layer's tap_strides)",
+                             stage="deploy")
     if not 0 <= args.ratio < 1:
         raise EdgepruneError(f"--ratio must be in [0, 1), got {args.ratio}", stage="deploy")
     cfg = DeployConfig(out=args.out, target=args.target, model=args.model, data=args.data,
