@@ -106,4 +106,19 @@ def test_training_keeps_window_taps_that_every_filter_has_pruned():
     assert model[2].weight.detach().ne(0).flatten(2).any(1).any(0).all()
     with pytest.raises(EdgepruneError, match="layer 1: an intra-kernel pattern"):
         stride_layers(model, {"1": 2})
+    # QAT trains the folded graph's weights, not the Conv2d: the pattern holds there too
+    from edgeprune.quantize.ptq import calibrate, extract
+    from edgeprune.quantize.qat import qat_finetune
+    net = extract(model.eval(), (1, 2, 6, 6))
+    qat_finetune(net, data, calibrate(net, data.x_train[:16]), epochs=1, lr=0.05)
+    folded = [w for w in net.parameters() if w.dim() == 4 and w.shape[1] == 2]
+    assert len(folded) == 1
+    assert folded[0].detach().flatten(2)[:, :, pruned].abs().max() == 0
+    # and ADMM's low-bit training, with its own loop
+    from edgeprune.quantize.admm import admm_train, default_layer_formats
+    net = extract(model.eval(), (1, 2, 6, 6))
+    codes = admm_train(net, data, default_layer_formats(net, "int", 4), epochs=20, lr=2.0,
+                       admm_every=2)
+    first = next(q for q, _ in codes.values() if q.shape[1] == 2)
+    assert np.abs(first.reshape(*first.shape[:2], -1)[:, :, pruned]).max() == 0
 

@@ -108,24 +108,25 @@ def stride_layers(model: nn.Module, strides: dict[str, int]) -> dict:
 
 
 def held_taps(model: nn.Module):
-    """A function that zeroes again, in every dense Conv2d of `model`, the window taps that are
-    zero in every filter now (a finalized intra-kernel pattern), or None when there are none.
-    Training calls it after each step, so fine-tuning keeps a pattern that the code generator
-    turns into skipped MACs (kernels/int8.py) without masks attached to the model."""
+    """A function that zeroes again, in every conv weight of `model` (a 4-D parameter: a Conv2d's,
+    or a folded graph's as QAT trains it), the window taps that are zero in every filter now (an
+    intra-kernel pattern), or None when there are none. Training calls it after each step, so
+    fine-tuning keeps a pattern that the code generator turns into skipped MACs
+    (kernels/int8.py) without masks attached to the model. Masked weights (`*_orig`, with
+    torch.nn.utils.prune) are left to their masks."""
     held = []
-    for m in model.modules():
-        if (isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight[0, 0].numel() > 1
-                and not torch_prune.is_pruned(m)):
-            used = m.weight.detach().ne(0).any(dim=1).any(dim=0)
+    for name, w in model.named_parameters():
+        if w.dim() == 4 and w.shape[2] * w.shape[3] > 1 and not name.endswith("_orig"):
+            used = w.detach().ne(0).any(dim=1).any(dim=0)
             if used.any() and not used.all():   # an all-zero conv (zero init) must learn
-                held.append((m, used.to(m.weight.dtype)))
+                held.append((w, used.to(w.dtype)))
     if not held:
         return None
 
     def zero():
         with torch.no_grad():
-            for m, keep in held:
-                m.weight.mul_(keep)
+            for w, keep in held:
+                w.mul_(keep)
     return zero
 
 

@@ -97,6 +97,8 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
         loss.backward()
         return float(loss.detach())
 
+    from ..prune.patterns import held_taps
+    hold = held_taps(net)   # window taps pruned in every filter stay pruned (as in train)
     net.train()
     try:
         while step < total:
@@ -113,6 +115,8 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
                     for p, s in zip(params, saved):
                         if p.grad is not None:
                             p.copy_(s - cur_lr * p.grad)
+                if hold is not None:
+                    hold()
                 step += 1
                 if step % admm_every == 0 or step == total:
                     with torch.no_grad():
