@@ -6,6 +6,7 @@ TVM/DLPack headers the kernels include. A user compiles these files alone: no Py
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -38,9 +39,11 @@ def c_type(dtype: str) -> str:
 def c_array_values(name: str, arr: np.ndarray) -> str:
     flat = arr.reshape(-1)
     if flat.dtype == np.float32:
-        if not np.all(np.isfinite(flat)):
-            raise EdgepruneError(f"weight {name} holds non-finite values (NaN/Inf)")
-        items = [float.hex(v) + "f" for v in flat.tolist()]  # hex floats reproduce bits exactly
+        if np.any(np.isnan(flat)):
+            raise EdgepruneError(f"weight {name} holds NaN values")
+        # hex floats reproduce bits exactly; -inf is an attention mask's removed key
+        items = [float.hex(v) + "f" if math.isfinite(v) else
+                 ("-" if v < 0 else "") + "__builtin_inff()" for v in flat.tolist()]
     elif flat.dtype == np.bool_:
         items = [str(int(v)) for v in flat.tolist()]
     elif np.issubdtype(flat.dtype, np.integer):

@@ -122,6 +122,29 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def attention_bias(attn_mask, key_padding_mask, heads: int) -> torch.Tensor:
+    """What torch's attention adds to its (N, H, T, S) scores for these masks, as one tensor
+    that broadcasts to them: -inf where a boolean mask is True, a float mask as it is;
+    attn_mask (T, S) or (N * H, T, S), key_padding_mask (N, S). One node in traced graphs,
+    so that a constant mask folds into a constant (layers.fold_constants) that the
+    quantizer reads as the keys its softmax skips."""
+    bias = torch.zeros(())
+    for m, padding in ((attn_mask, False), (key_padding_mask, True)):
+        if m is None:
+            continue
+        b = torch.zeros(m.shape).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
+            else m.float()
+        if padding:
+            b = b[:, None, None, :]
+        elif b.dim() == 3:
+            b = b.reshape(-1, heads, *b.shape[1:])
+        bias = bias + b
+    return bias
+
+
+fx.wrap("attention_bias")
+
+
 class AttentionAsOps(nn.Module):
     """nn.MultiheadAttention (batch_first) as the Linears, matrix products and softmax it
     computes, so that every stage sees them (torch.fx keeps torch.nn modules whole)."""
@@ -141,20 +164,28 @@ class AttentionAsOps(nn.Module):
         self.q, self.k, self.v = (_linear(w[i * e:(i + 1) * e], None if b is None else
                                           b[i * e:(i + 1) * e]) for i in range(3))
         self.out = _linear(mha.out_proj.weight, mha.out_proj.bias)
+        self.scale = (e // self.heads) ** -0.5   # torch's: pruning a head's width keeps it
         self.where = where
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise EdgepruneError(f"{self.where}: attention masks are not supported")
-        n, t, e = query.shape
+        if is_causal and attn_mask is None:    # as torch: the flag is a hint about the mask
+            raise EdgepruneError(f"{self.where}: is_causal without the causal mask itself "
+                                 "(pass attn_mask, e.g. nn.Transformer."
+                                 "generate_square_subsequent_mask)")
+        n, t = query.shape[:2]
         s, h = key.shape[1], self.heads
-        d = e // h
-        q = self.q(query).reshape(n, t, h, d).transpose(1, 2)
-        k = self.k(key).reshape(n, s, h, d).transpose(1, 2)
-        v = self.v(value).reshape(n, s, h, d).transpose(1, 2)
-        a = torch.softmax(q @ k.transpose(-2, -1) * (d ** -0.5), -1)
-        return self.out((a @ v).transpose(1, 2).reshape(n, t, e)), None
+        q, k, v = self.q(query), self.k(key), self.v(value)
+        # head widths from the projections, not the embedding: pruning may cut either
+        d, dv = q.shape[-1] // h, v.shape[-1] // h
+        q = q.reshape(n, t, h, d).transpose(1, 2)
+        k = k.reshape(n, s, h, d).transpose(1, 2)
+        v = v.reshape(n, s, h, dv).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) * self.scale
+        if attn_mask is not None or key_padding_mask is not None:
+            scores = scores + attention_bias(attn_mask, key_padding_mask, h)
+        a = torch.softmax(scores, -1)
+        return self.out((a @ v).transpose(1, 2).reshape(n, t, h * dv)), None
 
 
 class EncoderLayerAsOps(nn.Module):
@@ -171,20 +202,21 @@ class EncoderLayerAsOps(nn.Module):
             raise EdgepruneError(f"{where}: activation {act} is not supported (ReLU, GELU)")
         self.norm_first, self.where = layer.norm_first, where
 
-    def _block(self, x):
-        return self.attn(x, x, x)[0]
+    def _block(self, x, mask):
+        attn_mask, key_padding_mask, is_causal = mask
+        return self.attn(x, x, x, key_padding_mask, attn_mask=attn_mask,
+                         is_causal=is_causal)[0]
 
     def _ff(self, x):
         return self.linear2(self.activation(self.linear1(x)))
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-        if src_mask is not None or src_key_padding_mask is not None or is_causal:
-            raise EdgepruneError(f"{self.where}: attention masks are not supported")
+        mask = (src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
-            x = x + self._block(self.norm1(x))
+            x = x + self._block(self.norm1(x), mask)
             return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self._block(x))
+        x = self.norm1(x + self._block(x, mask))
         return self.norm2(x + self._ff(x))
 
 
@@ -799,20 +831,38 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 
 
 def _attention_as_ops(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """F.scaled_dot_product_attention without a mask or dropout as softmax(q k^T * scale) v;
-    False (left as it is, for the stage that meets it to name) otherwise."""
+    """F.scaled_dot_product_attention without dropout as softmax(q k^T * scale + mask) v, the
+    mask (a constant attn_mask, or is_causal) a constant of 0 and -inf; False (left as it is,
+    for the stage that meets it to name) otherwise."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
     args = dict(zip(names, node.args)) | node.kwargs
-    if args.get("attn_mask") is not None or args.get("is_causal") or args.get("dropout_p") \
-            or args.get("enable_gqa"):
+    if args.get("dropout_p") or args.get("enable_gqa"):
         return False
     q, k, v = args["query"], args["key"], args["value"]
     scale = args.get("scale") or q.meta["tensor_meta"].shape[-1] ** -0.5
+    mask = args.get("attn_mask")
+    bias = None
+    if args.get("is_causal"):   # query i sees keys 0 .. i
+        rows, cols = q.meta["tensor_meta"].shape[-2], k.meta["tensor_meta"].shape[-2]
+        bias = torch.zeros(rows, cols).masked_fill(
+            ~torch.ones(rows, cols, dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        if not isinstance(mask, fx.Node) or mask.op != "get_attr":
+            return False        # a mask computed from the input
+        m = operator.attrgetter(mask.target)(gm)     # as SDPA takes it: True takes part
+        m = torch.zeros(m.shape).masked_fill(~m, float("-inf")) if m.dtype == torch.bool \
+            else m.float()
+        bias = m if bias is None else bias + m
     g = gm.graph
     with g.inserting_before(node):
         scores = g.call_function(operator.matmul, (q, g.call_method("transpose", (k, -2, -1))))
-        weights = g.call_function(torch.softmax, (g.call_function(operator.mul, (scores, scale)),
-                                                  -1))
+        scores = g.call_function(operator.mul, (scores, scale))
+        if bias is not None:
+            name = next(f"attention_mask{i}" for i in range(len(gm.graph.nodes) + 1)
+                        if not hasattr(gm, f"attention_mask{i}"))
+            gm.register_buffer(name, bias)
+            scores = g.call_function(operator.add, (scores, g.get_attr(name)))
+        weights = g.call_function(torch.softmax, (scores, -1))
         y = g.call_function(operator.matmul, (weights, v))
     node.replace_all_uses_with(y)
     return True

@@ -182,10 +182,11 @@ class _Builder:
         t = torch.as_tensor(np.array(c))
         if t.numel() == 1:
             return float(t.reshape(())), t.reshape(())
+        t = t if t.dtype == torch.bool else t.float()   # a mask stays a mask (Where, Not)
         bname = self._name(type("n", (), {"name": f"const_{name}"})(), "const")
-        self.root.register_buffer(bname, t.float())
+        self.root.register_buffer(bname, t)
         node = self.graph.get_attr(bname)
-        return node, t.float()
+        return node, t
 
     def _module(self, node, op, mod: nn.Module, x):
         name = self._name(node, op)

@@ -1,8 +1,11 @@
 """A small transformer block on frames (keyword spotting on feature frames): a positional
 embedding (op addconst), multi-head self-attention (products of two activations, op matmul),
-softmax over the keys, LayerNorm, a feed-forward block. From torch and both ONNX exporters;
-pruning cuts the feed-forward width and keeps the channels the attention mixes; int8
-bit-exact on the host and on targets."""
+softmax over the keys (with a causal, band or padding mask: the keys it removes are
+skipped), LayerNorm, a feed-forward block. From torch and both ONNX exporters; pruning cuts
+the feed-forward width and keeps the channels the attention mixes; int8 bit-exact on the host
+and on targets."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch.nn as nn
 from checks import bit_exact, pruned_equivalently
 from edgeprune.errors import EdgepruneError
 from edgeprune.onnx_to_torch import onnx_to_torch
-from edgeprune.quantize import ptq
+from edgeprune.quantize import ptq, reference, to_relax
 
 torch.set_num_threads(1)
 SHAPE = (1, 12, 10)
@@ -201,3 +204,120 @@ def test_class_token_prunes_and_runs_bit_exact(tmp_path):
         qm = ptq.quantize_ptq(source, SHAPE, calib)
         assert [o.kind for o in qm.ops][:3] == ["dense", "pad", "addconst"]
     bit_exact(qm, calib[:4], "cortex-m4", tmp_path, on_target=2, like=model)
+
+
+class Masked(nn.Module):
+    """Attention that may not look everywhere: a causal nn.TransformerEncoder (a float 0/-inf
+    mask and is_causal), an nn.MultiheadAttention with a boolean mask (a band, and the last
+    two frames taken as padding), and a hand-written head that fills its future
+    scores with -inf. Each softmax skips the keys its mask removes (op softmax, params keep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(10, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                                         1, enable_nested_tensor=False)
+        self.mha, self.q, self.k = nn.MultiheadAttention(16, 4, batch_first=True), \
+            nn.Linear(16, 8), nn.Linear(16, 8)
+        self.fc = nn.Linear(16, 4)
+        i = torch.arange(12)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(12))
+        self.register_buffer("band", ((i[:, None] - i[None, :]).abs() > 3) | (i[None, :] >= 10))
+
+    def forward(self, x):
+        t = self.enc(self.emb(x), mask=self.causal, is_causal=True)
+        o, _ = self.mha(t, t, t, attn_mask=self.band)
+        s = (self.q(t) @ self.k(t).transpose(1, 2)).masked_fill(self.causal < 0, float("-inf"))
+        return self.fc((t + o + torch.softmax(s, -1) @ t).mean(1))
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "cortex-a53"])
+def test_attention_masks_prune_quantize_and_run_bit_exact(target, tmp_path):
+    from edgeprune.layers import lower_attention
+
+    torch.manual_seed(0)
+    model = Masked().eval()
+    x = torch.randn(8, *SHAPE[1:])
+    with torch.no_grad():
+        want = model(x)
+        lowered = lower_attention(copy.deepcopy(model))
+        torch.testing.assert_close(lowered(x), want, atol=1e-5, rtol=1e-4)
+    pruned, _ = pruned_equivalently(lowered, SHAPE, x, ratios=0.5)
+    assert sorted(m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)) == \
+        [4] + [8] * 2 + [16] * 11         # the feed-forward width 32 -> 16
+    calib = torch.randn(64, *SHAPE[1:]).numpy()
+    qm = ptq.quantize_ptq(pruned, SHAPE, calib)
+    keep = {k: v for k, v in qm.params.items() if k.endswith(".keep")}
+    assert sorted(v.shape for v in keep.values()) == [(1, 1, 12, 12)] * 2 + [(1, 12, 12)]
+    future = np.triu(np.ones((12, 12), bool), 1)
+    for k, v in keep.items():    # every mask keeps no future key; the band mask and padding less
+        assert not v.reshape(12, 12)[future].any() or not v.reshape(12, 12)[:, 10:].any()
+    bit_exact(qm, calib[:4], target, tmp_path, on_target=2, like=pruned)
+    for dynamo in (False, True):     # the masks as ONNX writes them (Add, Where) read back
+        torch.onnx.export(pruned, (torch.zeros(SHAPE),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+        back = onnx_to_torch(tmp_path / "m.onnx")[0]
+        qm = ptq.quantize_ptq(back, SHAPE, calib)
+        assert len([k for k in qm.params if k.endswith(".keep")]) == 3
+        xq = reference.quantize_input(qm, calib[:4])
+        assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=4))(xq),
+                              reference.run(qm, xq))
+
+
+def test_attention_masks_the_quantizer_cannot_take_are_named():
+    class FromInput(nn.Module):    # padding read from the input itself: not a constant
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(10, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, key_padding_mask=x[:, :, 0] > 5)[0]
+
+    class Bias(nn.Module):         # removed keys and a finite bias in one additive mask
+        def __init__(self, every=False):
+            super().__init__()
+            m = torch.zeros(12, 12)
+            m[:, 6:], m[:, 0] = float("-inf"), 0.5
+            if every:
+                m[3] = float("-inf")
+            self.register_buffer("m", m)
+
+        def forward(self, x):
+            return torch.softmax(x @ x.transpose(1, 2) + self.m, -1)
+
+    from edgeprune.layers import lower_attention
+    calib = np.zeros((4, *SHAPE[1:]), np.float32)
+    for model, match in ((lower_attention(FromInput()), "attention mask computed from the input"),
+                         (Bias(), "finite non-zero entries"),):
+        with pytest.raises(EdgepruneError, match=match):
+            ptq.quantize_ptq(model.eval(), SHAPE, calib)
+    m = Bias()
+    m.m[:, 0] = 0.0
+    m.m[3] = float("-inf")
+    with pytest.raises(EdgepruneError, match="removes every key of some row"):
+        ptq.quantize_ptq(m.eval(), SHAPE, calib)
+
+
+class CausalHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(10, 24)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(12))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return torch.softmax(q @ k.transpose(1, 2) + self.causal, -1) @ v
+
+
+def test_a_float_model_with_a_causal_mask_compiles_and_matches_on_the_target(tmp_path):
+    """The mask's -inf reaches the C library as a constant (no NaN: it is never alone in a
+    row), and the target computes what ONNX's reference does."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    torch.onnx.export(CausalHead().eval(), (torch.zeros(SHAPE),), str(tmp_path / "m.onnx"),
+                      dynamo=False)
+    compile_model(tmp_path / "m.onnx", "cortex-m7", tmp_path / "b", log=lambda *a: None)
+    assert "__builtin_inff()" in (tmp_path / "b" / "c_library" / "model.c").read_text()
+    result, _ = simulate(tmp_path / "b", samples=2)
+    assert result["outputs_match"], result

@@ -3,6 +3,7 @@ Softmax2d, clone, a squeeze-excitation's expand_as, nearest downsizing and an ad
 whose output does not divide its input (which torch's ONNX exporters refuse)."""
 
 import onnx
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -159,26 +160,33 @@ def test_in_place_results_and_constant_permutes_keep_their_values():
 
 
 class AttentionAndStack(nn.Module):
-    """Newer attention code (F.scaled_dot_product_attention on (N, heads, T, d)) and
-    branches stacked, then averaged over the new axis."""
+    """Newer attention code (F.scaled_dot_product_attention on (N, heads, T, d), maybe causal
+    or with a boolean mask of the keys each query sees) and branches stacked, then averaged
+    over the new axis."""
 
-    def __init__(self):
+    def __init__(self, mask=None):
         super().__init__()
         self.emb, self.qkv = nn.Linear(6, 16), nn.Linear(16, 48)
         self.out, self.alt, self.fc = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        i = torch.arange(5)
+        self.causal = mask == "causal"
+        self.register_buffer("band", (i[:, None] - i[None, :]).abs() <= 1 if mask == "band"
+                             else None)
 
     def forward(self, x):                                    # (N, T, 6)
         h = self.emb(x)
         n, t, _ = h.shape
         q, k, v = self.qkv(h).reshape(n, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, 16)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.band, is_causal=self.causal)
+        a = a.transpose(1, 2).reshape(n, t, 16)
         h = torch.stack([h + self.out(a), torch.relu(self.alt(h))], dim=1).mean(1)
         return self.fc(h.mean(1))
 
 
-def test_scaled_dot_product_attention_and_a_reduced_stack_run_bit_exact(tmp_path):
+@pytest.mark.parametrize("mask", [None, "causal", "band"])
+def test_scaled_dot_product_attention_and_a_reduced_stack_run_bit_exact(mask, tmp_path):
     torch.manual_seed(0)
-    model = AttentionAndStack().eval()
+    model = AttentionAndStack(mask).eval()
     save_torch(model, (1, 5, 6), tmp_path / "m.pt")
     loaded, shape = load_torch(str(tmp_path / "m.pt"))
     assert "scaled_dot_product" not in loaded.code and "stack" not in loaded.code
@@ -188,6 +196,8 @@ def test_scaled_dot_product_attention_and_a_reduced_stack_run_bit_exact(tmp_path
     pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     assert sum(o.kind == "matmul" for o in qm.ops) == 2
+    keep = [v for k, v in qm.params.items() if k.endswith(".keep")]
+    assert [v.reshape(5, 5).sum() for v in keep] == {None: [], "causal": [15], "band": [13]}[mask]
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
 
 

@@ -514,6 +514,9 @@ class DepGraph:
             c, a, b = node.args
             lays = [self._binary(node, shape, pair) for pair in ((c, a), (c, b), (a, b))]
             return next((lay for lay in lays if isinstance(lay, Layout)), None)
+        if (is_fn and t is torch.masked_fill) or (not is_fn and t == "masked_fill"):
+            mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("mask")
+            return self._binary(node, shape, (node.args[0], mask))   # x, mask: elementwise
         if (is_fn and t in SOFTMAX_FUNCTIONS) or (not is_fn and t in ("softmax", "log_softmax")):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             return self._softmax(node, dim, shape)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import EdgepruneError
-from ..layers import zero_insert
+from ..layers import attention_bias, fold_constants, zero_insert
 from ..slicing import is_min_values, is_split, max_values_of, returns_indices, slices_of
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, PAD_MODES, SAME_QPARAMS, Op, QuantModel,
                      TensorInfo, adaptive_windows, window_counts)
@@ -225,6 +225,98 @@ def _normalization(target, node, arg, constants: dict, shape) -> tuple | None:
     return None
 
 
+# An additive attention mask this low (or -inf) removes its key: exp underflows to 0 in
+# float32 next to any score, as the -1e4 / -1e9 / finfo.min of hand-written masks intend.
+MASKED_SCORE = -1e4
+
+
+def _attention_mask(target, node, constants: dict) -> tuple | None:
+    """(scores, blocked) when `node` removes keys from the softmax after it with a constant
+    boolean mask: scores.masked_fill(M, -inf), torch.where(M, scores, -inf) (or the other
+    way round), or scores + M with M's entries 0 or -inf (a causal mask,
+    nn.Transformer.generate_square_subsequent_mask). `blocked` is a bool tensor that
+    broadcasts to the scores; None for any other node."""
+    def const(a):
+        return constants[a.name].detach() if isinstance(a, fx.Node) and a.name in constants \
+            else None
+
+    def tensor(a):
+        return isinstance(a, fx.Node) and a.name not in constants
+
+    def removes(v):   # a fill value that takes a key out of the softmax
+        c = const(v)
+        if c is not None and c.numel() == 1:
+            v = float(c)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= MASKED_SCORE
+
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    args = list(node.args) + [None] * 3
+    if name == "masked_fill" and not isinstance(target, nn.Module):
+        x = args[0]
+        m, v = node.kwargs.get("mask", args[1]), node.kwargs.get("value", args[2])
+        if tensor(x) and const(m) is not None and removes(v):
+            return x, const(m).bool()
+        return None
+    if target is torch.where and len(node.args) == 3:
+        c, a, b = node.args
+        if const(c) is not None and tensor(a) and removes(b):
+            return a, ~const(c).bool()
+        if const(c) is not None and tensor(b) and removes(a):
+            return b, const(c).bool()
+        return None
+    found = _tensor_and_constant(target, node, constants)
+    if found is None or found[0] != "add":
+        return None
+    _, x, m, _ = found
+    blocked = m <= MASKED_SCORE
+    if not blocked.any():
+        return None        # a bias (a positional one): an addconst
+    if not ((m == 0) | blocked).all():
+        raise EdgepruneError(f"node '{node.name}': an additive attention mask with finite "
+                             "non-zero entries (a bias) as well as removed keys; only masks "
+                             f"of 0 and -inf (or <= {MASKED_SCORE:g}) are supported")
+    return x, blocked
+
+
+_SOFTMAX = {nn.Softmax: "softmax", torch.softmax: "softmax", F.softmax: "softmax",
+            "softmax": "softmax", nn.LogSoftmax: "log_softmax",
+            torch.log_softmax: "log_softmax", F.log_softmax: "log_softmax",
+            "log_softmax": "log_softmax"}
+
+
+def _softmax_kind(target) -> str | None:
+    try:
+        return _SOFTMAX.get(type(target) if isinstance(target, nn.Module) else target)
+    except TypeError:   # an unhashable target
+        return None
+
+
+def _is_softmax(node, gm) -> bool:
+    target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+    return node.op in ("call_module", "call_function", "call_method") and \
+        _softmax_kind(target) is not None
+
+
+def _softmax_keep(blocked: torch.Tensor, shape, axis: int, kind: str, where: str):
+    """The positions a masked softmax keeps, as a bool tensor of the scores' rank whose axes
+    are 1 where the mask does not vary (a causal mask: (1, 1, T, S) for (N, H, T, S))."""
+    if kind != "softmax":
+        raise EdgepruneError(f"{where}: a {kind} of masked scores; only softmax takes a mask")
+    try:
+        keep = ~torch.broadcast_to(blocked, shape)
+    except RuntimeError:
+        raise EdgepruneError(f"{where}: an attention mask of shape {list(blocked.shape)} does "
+                             f"not broadcast to the scores {list(shape)}") from None
+    if not keep.any(dim=axis).all():
+        raise EdgepruneError(f"{where}: the attention mask removes every key of some row "
+                             "(its softmax is not a number)")
+    for ax in range(len(shape)):
+        first = keep.narrow(ax, 0, 1)
+        if bool((keep == first).all()):
+            keep = first
+    return keep.contiguous()
+
+
 def _constant_offset(target, node, constants: dict, shape) -> tuple | None:
     """(x, sign, P) when `node` computes sign * x + P with a constant P of any shape that
     broadcasts to one sample (x + pos_embedding, x - P, P - x), else None."""
@@ -414,7 +506,9 @@ class IRNet(nn.Module):
                 y = F.layer_norm(xs[0], (c,), gamma, beta, a["eps"]) if a.get("center", True) \
                     else F.rms_norm(xs[0], (c,), gamma, a["eps"]) + beta
             elif n.kind == "softmax":
-                y = torch.softmax(xs[0], a["axis"])
+                keep = a.get("keep")
+                y = torch.softmax(xs[0] if keep is None else
+                                  xs[0].masked_fill(~keep, float("-inf")), a["axis"])
             elif n.kind == "log_softmax":
                 y = torch.log_softmax(xs[0], a["axis"])
             elif n.kind in ("maxpool", "avgpool") and "output_size" in a:
@@ -620,7 +714,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     from torch.fx.passes.shape_prop import ShapeProp
     from torch.utils._pytree import tree_leaves
 
-    model = copy.deepcopy(model).eval()
+    model = fold_constants(copy.deepcopy(model).eval())   # a mask built from buffers: a buffer
     try:
         gm = fuse(model)
     except Exception as e:
@@ -631,6 +725,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     static: dict[str, object] = {}  # nodes computing no tensor (x.size(0), x.shape[2:]): values
     constants: dict[str, torch.Tensor] = {}   # get_attr nodes: buffers and parameters
     pads: dict[str, tuple[list[int], float]] = {}   # F.pad nodes: [t, l, b, r], value
+    masks: dict[str, torch.Tensor] = {}   # attention masks: node -> the keys it removes
 
     def unpadded_shape(node) -> tuple[int, ...]:
         a = node.args[0]
@@ -827,6 +922,18 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_pads(node, src(node.args[0]), given, mode, shape_of(node.args[0]), where)
             continue
 
+        if target is attention_bias:
+            raise EdgepruneError(f"{where}: an attention mask computed from the input; only "
+                                 "constant masks (a buffer, or built from constants) are "
+                                 "supported")
+        masked = _attention_mask(target, node, constants)
+        if masked is not None:   # keys removed before a softmax: the softmax skips them
+            if any(not _is_softmax(u, gm) for u in node.users):
+                raise EdgepruneError(f"{where}: removes entries with a mask (-inf) for "
+                                     "something other than a softmax, which alone can skip them")
+            alias[node.name] = src(masked[0])
+            masks[node.name] = masked[1]
+            continue
         # pass-through ops
         if isinstance(target, _PASS_MODULES) or target in _PASS_FUNCTIONS:
             alias[node.name] = src(node.args[0])
@@ -848,17 +955,17 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             add_node(FNode("lut", node.name, [prev], node.name,
                            {"function": act[0], "param": param}, out_shape=shape))
             continue
-        softmax = {nn.Softmax: "softmax", torch.softmax: "softmax", F.softmax: "softmax",
-                   "softmax": "softmax", nn.LogSoftmax: "log_softmax",
-                   torch.log_softmax: "log_softmax", F.log_softmax: "log_softmax",
-                   "log_softmax": "log_softmax"}
-        kind = softmax.get(type(target) if isinstance(target, nn.Module) else target)
+        kind = _softmax_kind(target)
         if kind:
             dim = target.dim if isinstance(target, nn.Module) else arg(node, 1, "dim")
             if dim is None:
                 raise EdgepruneError(f"{where}: {kind} needs an explicit dim")
-            add_node(FNode(kind, node.name, [src(node.args[0])], node.name,
-                           {"axis": int(dim) % len(shape)}, out_shape=shape))
+            attrs = {"axis": int(dim) % len(shape)}
+            blocked = masks.get(getattr(node.args[0], "name", None))
+            if blocked is not None:
+                attrs["keep"] = _softmax_keep(blocked, shape, attrs["axis"], kind, where)
+            add_node(FNode(kind, node.name, [src(node.args[0])], node.name, attrs,
+                           out_shape=shape))
             continue
         lut = _lut_of(target, node, arg)
         if lut is not None:
@@ -1689,6 +1796,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                                      f"'{tin.name}' is {tin.dtype}")
             d = np.arange(-255, 1, dtype=np.float64)
             params[f"{n.name}.table"] = np.round(65536 * np.exp(tin.scale * d)).astype(np.int32)
+            if "keep" in attrs:   # a masked softmax: the keys it keeps (1) and removes (0)
+                params[f"{n.name}.keep"] = attrs.pop("keep").numpy().astype(np.int8)
             if n.kind == "log_softmax":
                 f = (np.arange(256) + 0.5) / 256
                 params[f"{n.name}.log2_table"] = np.round(65536 * np.log2(1 + f)).astype(np.int32)

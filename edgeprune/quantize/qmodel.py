@@ -39,6 +39,9 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
 * ``softmax`` attrs: axis.  Input int8; output int8 with scale 1/256, zero point -128.
   d = x - max(x) along the axis (in [-255, 0]); e = table[d + 255] (params table (256,) int32:
   round(2**16 * exp(scale_in * d))); y = clamp((256 * e + sum(e) // 2) // sum(e) - 128).
+  A masked softmax (attention with a causal or padding mask) has params keep (int8, the
+  input's rank, each axis the input's or 1; 1 = kept): max and sum run over the kept entries
+  only, and a removed entry has e = 0 (y = -128, probability 0).
 * ``log_softmax`` attrs: axis, multiplier (A = round(s_in / s_out * 2**28)), ln2
   (B = round(ln 2 / s_out * 2**12)).  Input int8; output int8 with scale 1/16, zero point 127
   (log-probabilities in [-15.94, 0]).  d = x - max(x) along the axis; e = table[d + 255] as for
@@ -381,6 +384,12 @@ def infer_shape(qm: QuantModel, op: Op) -> list[int]:
         if not -len(ins[0]) <= int(a["axis"]) < len(ins[0]) or ins[0][int(a["axis"])] > 32767:
             raise EdgepruneError(f"softmax '{op.name}': axis {a['axis']} of {ins[0]} (at most "
                                  "32767 values per row)")
+        keep = qm.params.get(f"{op.name}.keep")
+        if keep is not None and (keep.ndim != len(ins[0]) or any(
+                k not in (1, n) for k, n in zip(keep.shape, ins[0]))
+                or not keep.any(axis=int(a["axis"])).all()):
+            raise EdgepruneError(f"softmax '{op.name}': a mask of shape {list(keep.shape)} for "
+                                 f"{ins[0]} (each axis the input's or 1, a key kept in every row)")
         return list(ins[0])
     if op.kind == "log_softmax":
         out = qm.tensors[op.output]

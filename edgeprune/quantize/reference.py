@@ -169,8 +169,11 @@ def run_op(qm: QuantModel, op: Op, env: dict[str, np.ndarray], exact_int64: bool
         return qm.param(op, "table")[x.astype(np.int64) - tin.qmin].astype(out.dtype)
     if op.kind == "softmax":
         ax = int(a["axis"])
-        d = x.astype(np.int64) - x.max(axis=ax, keepdims=True)
-        e = qm.param(op, "table").astype(np.int64)[d + 255]
+        xi, keep = x.astype(np.int64), qm.params.get(f"{op.name}.keep")
+        kept = np.broadcast_to(True if keep is None else keep != 0, x.shape)
+        mx = np.where(kept, xi, -128).max(axis=ax, keepdims=True)   # over the kept keys
+        d = np.where(kept, xi - mx, -255)
+        e = qm.param(op, "table").astype(np.int64)[d + 255] * kept   # a removed key: e = 0
         inv = softmax_row_reciprocal(e.sum(axis=ax, keepdims=True))
         y = ((e * inv + (np.int64(1) << (SOFTMAX_RECIP_BITS - 1))) >> SOFTMAX_RECIP_BITS) - 128
         return np.clip(y, -128, 127).astype(out.dtype)

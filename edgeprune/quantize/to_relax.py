@@ -379,29 +379,39 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
 def _softmax(bb, env, qm: QuantModel, op: Op):
     """reference.run_op's softmax in one kernel: per row the max, the sum of the exp table and
     its fixed-point reciprocal (requant.softmax_row_reciprocal), then per value a multiply and
-    a shift."""
+    a shift. A mask (params keep) leaves the removed keys out of the max and the sum."""
     from tvm import te, tirx
 
     from .requant import SOFTMAX_RECIP_BITS
     shape = [int(d) for d in env[op.inputs[0]].ty.shape.values]
     ax = int(op.attrs["axis"]) % len(shape)
     n_ax = shape[ax]
+    keep = qm.params.get(f"{op.name}.keep")
 
     def i64(v):
         return tirx.const(int(v), "int64")
 
-    def compute(data, table):
+    def compute(data, table, *mask):
         rows = shape[:ax] + [1] + shape[ax + 1:]
 
         def at(i, k):        # index i with position k along the axis
             return (*i[:ax], k, *i[ax + 1:])
+
+        def kept(i):         # the mask's entry for index i (its axes of size 1 broadcast)
+            return mask[0][tuple(0 if m == 1 else v for m, v in zip(keep.shape, i))] != 0
+
+        def value_at(i, k):
+            v = data[at(i, k)].astype("int32")
+            return tirx.Select(kept(at(i, k)), v, tirx.const(-128, "int32")) if mask else v
         k1 = te.reduce_axis((0, n_ax), "k1")
-        mx = te.compute(rows, lambda *i: te.max(data[at(i, k1)].astype("int32"), axis=k1),
-                        name="sm_max")
+        mx = te.compute(rows, lambda *i: te.max(value_at(i, k1), axis=k1), name="sm_max")
 
         def exp(i, k):
             idx = data[at(i, k)].astype("int32") - mx[at(i, 0)] + tirx.const(255, "int32")
-            return table[idx].astype("int64")
+            if not mask:
+                return table[idx].astype("int64")
+            idx = tirx.min(tirx.max(idx, tirx.const(0, "int32")), tirx.const(255, "int32"))
+            return tirx.Select(kept(at(i, k)), table[idx].astype("int64"), i64(0))  # in bounds
         k2 = te.reduce_axis((0, n_ax), "k2")
         total = te.compute(rows, lambda *i: te.sum(exp(i, k2), axis=k2), name="sm_sum")
         inv = te.compute(rows, lambda *i: tirx.floordiv(
@@ -414,8 +424,9 @@ def _softmax(bb, env, qm: QuantModel, op: Op):
                                  i64(SOFTMAX_RECIP_BITS)) - i64(128)
             return tirx.max(tirx.min(y, i64(127)), i64(-128)).astype("int8")
         return te.compute(shape, value, name="softmax")
+    extra = [] if keep is None else [_const(keep, "int8")]
     return bb.emit(bb.call_te(compute, env[op.inputs[0]],
-                              _const(qm.param(op, "table"), "int32"),
+                              _const(qm.param(op, "table"), "int32"), *extra,
                               primfunc_name_hint="softmax"), name_hint=_ident(op.output))
 
 
