@@ -48,8 +48,8 @@ def train(model: nn.Module, data: Dataset, epochs: float = 1.0, lr: float = 0.01
     `loss(logits, x, y)` replaces task.loss (cross-entropy, or MSE on regression targets),
     e.g. distillation from a teacher.
     """
-    from .prune.patterns import held_taps
-    hold = held_taps(model)   # taps pruned away in every filter stay pruned
+    from .prune.patterns import held_patterns
+    hold = held_patterns(model)   # pruned taps and kernel tiles stay pruned
     if hold is not None:
         user_step = after_step
 

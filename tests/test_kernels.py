@@ -461,6 +461,52 @@ def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target)
     assert weights == [216, 28, 144, 36, 432, 48], weights
 
 
+def _zero_pairs(qm, op: str, pairs: dict, block: int = 4) -> None:
+    """Zero input-channel pairs {filter block: [pair, ...]} of op's weights in every filter
+    of the block: kernel-wise pruning in the SMLAD kernel's tiles."""
+    w = qm.params[f"{op}.weight"]
+    for b, ps in pairs.items():
+        for p in ps:
+            w[b * block:(b + 1) * block, 2 * p:2 * p + 2] = 0
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "riscv32"])
+def test_channel_pairs_pruned_in_a_block_of_filters_are_skipped_bit_exact(tmp_path, target):
+    """Input-channel pairs whose weights are zero in every filter of an output-channel block
+    (prune/patterns.py's kernel-wise tiles) are neither stored nor multiplied: each block
+    loops over its own live pairs, blocks with fewer padded by a dead pair. A padded 3x3 on 6
+    channels, an odd count (5: a last pair of one channel) into a partial block, a 4-bit conv,
+    a conv that also skips taps, and a dense layer (blocks of 8); bit-exact, smaller weights
+    and fewer instructions than the same layers dense."""
+    def net(zero):
+        qm = (Net((1, 6, 9, 8), zp=-5, seed=11)
+              .conv(5, (3, 3), padding=(1, 1, 1, 1))
+              .conv(7, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
+              .conv(8, (3, 3), padding=(1, 1, 1, 1), weight_bits=4)
+              .conv(8, (3, 3))
+              .flatten().dense(9).build())
+        if zero:
+            _zero_pairs(qm, "op0", {0: [1], 1: [0, 2]})
+            _zero_pairs(qm, "op1", {0: [0, 2], 1: [1, 2]})        # pair 2: channel 4 alone
+            _zero_pairs(qm, "op2", {0: [1, 3], 1: [0, 1]})
+            _zero_pairs(qm, "op3", {0: [2], 1: [3]})
+            _zero_taps(qm, "op3", [(0, 0), (2, 2)])
+            _zero_pairs(qm, "op5", {0: list(range(0, 24, 2)), 1: list(range(1, 24, 2))},
+                        block=8)
+        return qm
+
+    build, result = _run(net(True), tmp_path, "pairs", target)
+    assert result["mismatches"] == 0 and result["outputs_match"]
+    dense_build, dense_result = _run(net(False), tmp_path, "dense", target)
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 4, kernels
+    assert build["weights_bytes"] < dense_build["weights_bytes"]
+    layers = [(l["instructions"], d["instructions"]) for l, d in
+              zip(result["layers"], dense_result["layers"])
+              if l["name"].startswith(("ep_int8_conv", "ep_int8_dense"))]
+    assert len(layers) == 5 and all(pruned < dense for pruned, dense in layers), layers
+
+
 def _zero_taps(qm, op: str, taps) -> None:
     """Zero window taps (row, column) of op's weights in every filter: an intra-kernel pattern."""
     w = qm.params[f"{op}.weight"]

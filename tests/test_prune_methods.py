@@ -80,6 +80,35 @@ def test_loss_of_a_softmax_model_is_the_cross_entropy_of_its_logits():
     assert cross_entropy(torch.relu(z), y) != want     # non-negative scores are still logits
 
 
+def test_kernel_wise_pruning_removes_tiles_that_training_keeps_removed():
+    """Kernel-wise pruning removes the same input-channel pairs from each block of 4 filters
+    (the int8 kernel's tile, which it then skips), the same number in every block; after
+    `finalize` (no masks attached) fine-tuning keeps those tiles zero."""
+    from edgeprune.data import Dataset
+    from edgeprune.prune import patterns
+    from edgeprune.train import train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(5, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    record = patterns.apply(model, kernel_ratio=0.5)
+    patterns.finalize(model)
+    assert record["0"]["kernel"]["tile"] == [4, 2] and set(record) == {"0", "2"}
+    rng = np.random.default_rng(0)
+    data = Dataset("d", rng.standard_normal((64, 5, 6, 6)).astype(np.float32),
+                   rng.integers(0, 6, 64), None, None)
+    train(model, data, epochs=2, lr=0.05)
+    for conv, pairs in ((model[0], 3), (model[2], 4)):
+        used = conv.weight.detach().ne(0).flatten(2).any(2)          # [O, I] kernels
+        o, i = used.shape
+        for f0 in range(0, o, 4):
+            block = used[f0:f0 + 4]
+            assert (block == block[0]).all()                          # one set per block
+            kept = [p for p in range(pairs) if block[0, 2 * p:2 * p + 2].any()]
+            assert len(kept) == pairs - pairs // 2
+            assert all(block[0, 2 * p:2 * p + 2].all() for p in kept if 2 * p + 1 < i)
+
+
 def test_training_keeps_window_taps_that_every_filter_has_pruned():
     """stride_layers zeroes all but every s-th tap of a conv for good (the offset keeping the
     most weight), and fine-tuning keeps those taps zero: the code generator skips them."""

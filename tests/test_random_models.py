@@ -9,7 +9,8 @@ written by hand, F.normalize), activations written by hand (one table), channel 
 max and average pools
 with ceil_mode and uncounted padding, nearest and bilinear upsampling, transposed convs of
 any groups and dilation, table activations, global pools, an NCHW or NHWC flatten), a batch, word lengths per layer and int16 activations. It is pruned (checked against
-the original with the same channels zeroed), some convs keep 1 in 2 or 3 window taps, exported to ONNX and read back, quantized, and run
+the original with the same channels zeroed), some convs keep 1 in 2 or 3 window taps and
+some drop kernel tiles, exported to ONNX and read back, quantized, and run
 on a target in QEMU, where it must equal the golden model bit for bit.
 """
 
@@ -26,6 +27,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.layers import fold_constants, lower_handwritten_norms, lower_transposed_convs
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.prune import masked_reference, prune
+from edgeprune.prune import patterns
 from edgeprune.prune.patterns import stride_layers
 from edgeprune.quantize import ptq
 from edgeprune.quantize.qmodel import SAME_QPARAMS
@@ -243,6 +245,12 @@ def test_random_network_prunes_quantizes_and_runs_bit_exact(seed, target, tmp_pa
     stride_layers(pruned, {n: taps.choice([2, 3]) for n, m in pruned.named_modules()
                            if isinstance(m, nn.Conv2d) and m.groups == 1
                            and m.weight[0, 0].numel() > 1 and taps.random() < 0.5})
+    # and kernel-wise tiles on some: the kernels skip the pairs a block of filters dropped
+    tiles = random.Random(seed + 2000)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and tiles.random() < 0.4:
+            patterns.apply(m, kernel_ratio=tiles.choice([0.5, 0.75]))
+            patterns.finalize(m)
 
     torch.onnx.export(pruned.eval(), (torch.zeros(shape),), str(tmp_path / "m.onnx"),
                       dynamo=False)

@@ -18,7 +18,9 @@ the layer's exact shape, with its weights repacked at build time:
   neighbouring pixels (8 sums) in registers, unrolls the kernel window, and does two MACs per
   `ep_smlad` (SMLAD on cores with the DSP extension, portable C elsewhere; see C_PRELUDE).
   Where pairing channels wastes half the SMLADs (one input channel, e.g. a grey image or a
-  spectrogram) the words pair two neighbouring taps of a row instead.
+  spectrogram) the words pair two neighbouring taps of a row instead. Window taps zero in
+  every filter, and channel pairs zero in every filter of a block (prune/patterns.py), are
+  neither stored nor multiplied.
   Measured on the M7 (issue 9 layers L7/L2, instr/MAC): 8x1 1.13/1.26, 4x2 0.90/1.02,
   2x4 1.11/1.24, 4x3 1.12/1.29, 3x3 1.05/1.36.
 * depthwise (groups = channels = outputs): per channel, a zero-point-padded int16 copy of the
@@ -580,14 +582,15 @@ OVERWRITES_INPUT = "edgeprune.overwrites_input"
 
 
 def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str,
-            overwrites: bool = False) -> list[str]:
+            overwrites: bool = False, pairs_shape=None) -> list[str]:
     extra = f', "{OVERWRITES_INPUT}": 1' if overwrites else ""
+    pairs = f'pairs: T.Buffer({_shape(pairs_shape)}, "int32"), ' if pairs_shape else ""
     return [
         "@T.prim_func(private=True)",
         f'def main(x: T.Buffer({_shape(layer.x_shape)}, "{layer.x_dtype}"), '
         f'w: T.Buffer({_shape(wshape)}, "{wdtype}"), bias: T.Buffer(({o},), "int32"), '
         f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "int64"), '
-        f'shift: T.Buffer(({o},), "int32"), '
+        f'shift: T.Buffer(({o},), "int32"), {pairs}'
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
         f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"'
         f'{extra}}})',
@@ -707,7 +710,14 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         rows, cols = zip(*kept)
         wpad = wpad[:, :, list(rows), list(cols)][:, :, None]
     wkh, wtaps = (1, len(kept)) if kept is not None else (kh, taps)  # weight tap axes
-    # Weights stay int8 in flash: (ob, nred, kh, taps, oc_block / 2) words, each holding the
+    # Channel pairs whose weights are zero in every filter of a block (kernel-wise pruning in
+    # the kernel's tiles, prune/patterns.py) are neither stored nor multiplied: each block
+    # loops over its own list of live pairs (`pairs`, padded with a dead one to one length).
+    live = None if by_width else _live_pairs(wpad)
+    if live is not None:
+        wpad = np.take_along_axis(wpad, live.reshape(live.shape + (1,) * 4), axis=1)
+    nlive = nred if live is None else live.shape[1]
+    # Weights stay int8 in flash: (ob, nlive, kh, taps, oc_block / 2) words, each holding the
     # pair of output channel 2q in bytes 0,2 and of channel 2q+1 in bytes 1,3, the lanes that
     # ep_sxtb16 / ep_sxtb16_ror8 (SXTB16, SXTB16 ROR #8) widen to 16-bit halves for SMLAD.
     if oc_block % 2:
@@ -737,9 +747,10 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     overwrites = n == 1 and (band == oh_n or (
         kh == kw == 1 and tuple(layer.strides) == (1, 1) and not any(layer.padding)
         and np.dtype(layer.out_dtype).itemsize == np.dtype(layer.x_dtype).itemsize))
-    L = _header(layer, words.shape, "int32", o, layer.kind, overwrites)
+    L = _header(layer, words.shape, "int32", o, layer.kind, overwrites,
+                None if live is None else live.shape)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
-        wu_shape = (nred, wkh, wtaps, oc_block + oc_block % 2)
+        wu_shape = (nlive, wkh, wtaps, oc_block + oc_block % 2)
         L.append(f'    wu = T.alloc_buffer({wu_shape}, "int32")')
     L += [f'    xs = T.alloc_buffer(({nred}, {hb}, {ws}), "int32")',
           f'    acc = T.alloc_buffer(({oc_block * px_block},), "int32")',
@@ -806,10 +817,11 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         lines = [f"{ind}{a(k, p)} = bias[{obv} * {oc_block} + {k}]"
                  for p in range(npx) for k in range(count)]
         # Small windows (1x1) unroll channel pairs too, so the loop overhead is shared.
-        u = next(f for f in (4, 2, 1) if nred % f == 0 and wkh * wtaps * f <= 4 or f == 1)
-        lines += [f"{ind}for cco in range({nred // u}):",
+        u = next(f for f in (4, 2, 1) if nlive % f == 0 and wkh * wtaps * f <= 4 or f == 1)
+        lines += [f"{ind}for cco in range({nlive // u}):",
                   f"{ind}    for cci in T.unroll({u}):"]
-        cc = f"cco * {u} + cci"
+        cc = f"cco * {u} + cci"   # the weights' pair; the scratch's is xc
+        xc = cc if live is None else f"pairs[{obv}, {cc}]"
 
         def wk(k, wy, wx):  # output channel k's two int16 halves at weight tap (wy, wx)
             if px_block > 1:  # widened once per channel block (unpack_loops)
@@ -827,7 +839,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
             out = []
             for k in range(count):
                 for p in range(npx):
-                    x = f"xs[{cc}, ohl * {sh} + {ry} * {dh}, ({owv} + {p}) * {sw} + {rx} * {step}]"
+                    x = f"xs[{xc}, ohl * {sh} + {ry} * {dh}, ({owv} + {p}) * {sw} + {rx} * {step}]"
                     if not dsp and px_block > 1:
                         m = (f'T.call_extern("int32", "ep_mac2", T.address_of({x}), '
                              f"T.address_of({wk(k, wy, wx)}), {a(k, p)})")
@@ -860,7 +872,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         the SXTB16s would need more registers than a Cortex-M has and spill (+30 % on L7)."""
         if px_block == 1:  # one pixel per tile: each weight is used once anyway
             return []
-        n_words = nred * wkh * wtaps * ((oc_block + 1) // 2)
+        n_words = nlive * wkh * wtaps * ((oc_block + 1) // 2)
         if sub:
             return [f'{ind}T.evaluate(T.call_extern("int32", "ep_widen_sub", '
                     f"T.address_of(w[{obv}, 0]), wu.data, {n_words}, {layer.weight_bits}, "
@@ -894,7 +906,24 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     rows = str(band) if oh_n % band == 0 else f"T.min({band}, {oh_n} - bnd * {band})"
     L.append(f"        for bnd in range({nbands}):")
     L += band_loops("            ", "bnd", rows)
-    return "\n".join(L), [words] + consts
+    return "\n".join(L), [words] + consts + ([] if live is None else [live])
+
+
+def _live_pairs(wpad: np.ndarray) -> np.ndarray | None:
+    """(blocks, K) int32: per block of output channels, the input-channel pairs with a
+    non-zero weight in some of its filters, padded to one length K with a pair that has none
+    (it adds zero); None when every block uses every pair (the dense loop). `wpad` is
+    (blocks, pairs, ...)."""
+    used = np.any(wpad != 0, axis=tuple(range(2, wpad.ndim)))
+    k = max(1, int(used.sum(axis=1).max()))
+    if k == used.shape[1]:   # some block uses every pair: the table would only add loads
+        return None
+    table = np.zeros((len(used), k), np.int32)
+    for b, row in enumerate(used):
+        live = list(np.nonzero(row)[0])
+        dead = int(np.nonzero(~row)[0][0]) if len(live) < k else 0
+        table[b] = live + [dead] * (k - len(live))
+    return table
 
 
 def _kept_taps(w4: np.ndarray) -> list[tuple[int, int]] | None:

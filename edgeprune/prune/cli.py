@@ -56,7 +56,9 @@ def register(sub) -> None:
     p.add_argument("--rewind-from", type=Path,
                    help="--method lth: weights from early in training (state_dict or model file)")
     p.add_argument("--kernel-ratio", type=float, default=0.0,
-                   help="also remove this fraction of k×k kernels per filter (kernel-wise pattern)")
+                   help="also remove this fraction of k×k kernels per filter (kernel-wise "
+                        "pattern; the same input-channel pairs from each block of 4 filters, "
+                        "which the int8 kernels skip)")
     p.add_argument("--intra-stride", type=int, default=1,
                    help="also keep only every Nth tap inside each kernel (intra-kernel strided)")
     p.add_argument("--eval-samples", type=int, default=2000,

@@ -1,9 +1,11 @@
 """Finer structured sparsity inside the convolutions that channel pruning keeps (Anwar et al.,
 "Structured pruning of deep convolutional neural networks", 2017):
 
-* **kernel-wise**: whole k×k kernels (one input channel of one filter) are removed; every filter
-  of a layer keeps the same number of kernels, so the code generator can loop over a fixed-length
-  list of input channels per output channel;
+* **kernel-wise**: whole k×k kernels (one input channel of one filter) are removed, in tiles of
+  the int8 conv kernel (kernels/int8.py): a block of KERNEL_TILE[0] neighbouring filters drops
+  the same pairs of neighbouring input channels, which that kernel's MAC loop then skips (it
+  multiplies one channel pair for a block of filters at a time, so a kernel removed from one
+  filter alone saves nothing on the chip); every block keeps the same number of pairs;
 * **intra-kernel strided**: inside every kernel of a layer only the positions p (row-major over
   k×k) with p % stride == offset are kept; one (stride, offset) per layer, the offset chosen to
   keep the most weight magnitude, so the generator can skip a regular pattern of taps.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 
 from ..errors import EdgepruneError
@@ -31,17 +34,26 @@ def check(kernel_ratio: float, intra_stride: int) -> None:
                              stage="prune")
 
 
+# (filters, input channels) removed together: the int8 conv kernel's block of output channels
+# (int8.OC_BLOCK) and its SMLAD pair of input channels
+KERNEL_TILE = (4, 2)
+
+
 def _kernel_mask(w: torch.Tensor, ratio: float) -> tuple[torch.Tensor, list[list[int]]]:
-    """[O, I] mask removing the floor(ratio * I) lowest-L1 kernels of every filter."""
+    """[O, I] mask removing, in each block of KERNEL_TILE[0] filters, the floor(ratio * P)
+    channel pairs (of P) with the least L1 over the block."""
     o, i = w.shape[:2]
-    drop = int(ratio * i + 1e-9)
-    norms = w.abs().sum((2, 3))
-    mask = torch.ones(o, i)
-    kept = []
-    for f in range(o):
-        order = torch.argsort(norms[f], stable=True)
-        mask[f, order[:drop]] = 0
-        kept.append(sorted(int(j) for j in order[drop:]))
+    fb, cb = KERNEL_TILE
+    pairs = -(-i // cb)
+    drop = int(ratio * pairs + 1e-9)
+    norms = F.pad(w.abs().sum((2, 3)), (0, pairs * cb - i))          # [O, pairs * cb]
+    mask = torch.ones(o, pairs * cb)
+    for f0 in range(0, o, fb):
+        mass = norms[f0:f0 + fb].reshape(-1, pairs, cb).sum((0, 2))
+        for p in torch.argsort(mass, stable=True)[:drop].tolist():
+            mask[f0:f0 + fb, p * cb:(p + 1) * cb] = 0
+    mask = mask[:, :i]
+    kept = [[int(j) for j in torch.nonzero(mask[f]).flatten()] for f in range(o)]
     return mask, kept
 
 
@@ -71,7 +83,8 @@ def apply(model: nn.Module, kernel_ratio: float = 0.0, intra_stride: int = 1) ->
         if kernel_ratio > 0 and w.shape[1] > 1:
             kmask, kept = _kernel_mask(w, kernel_ratio)
             mask *= kmask[:, :, None, None]
-            entry["kernel"] = {"kernels_per_filter": len(kept[0]), "in_channels": w.shape[1],
+            entry["kernel"] = {"kernels_per_filter": min(map(len, kept)),
+                               "in_channels": w.shape[1], "tile": list(KERNEL_TILE),
                                "kept_inputs": kept}
         if intra_stride > 1 and w.shape[2] * w.shape[3] > 1:
             smask, offset, kept_pos = _strided_mask(w * mask, intra_stride)
@@ -89,7 +102,7 @@ def stride_layers(model: nn.Module, strides: dict[str, int]) -> dict:
     """Zero, for good, every window tap but every s-th (the offset keeping the most |w|) in each
     named Conv2d {layer: s} of `model`; returns {layer: pattern} like `apply`. The feedback
     search sets this per layer where measurement says it pays (training then keeps the zeros:
-    held_taps)."""
+    held_patterns)."""
     modules = dict(model.named_modules())
     out = {}
     for name, s in strides.items():
@@ -107,19 +120,32 @@ def stride_layers(model: nn.Module, strides: dict[str, int]) -> dict:
     return out
 
 
-def held_taps(model: nn.Module):
+def _used_tiles(w: torch.Tensor) -> torch.Tensor:
+    """[O, I, 1, 1] mask of w's kernels in KERNEL_TILEs with some non-zero weight."""
+    o, i = w.shape[:2]
+    fb, cb = KERNEL_TILE
+    nz = F.pad(w.detach().ne(0).any(dim=3).any(dim=2), (0, -i % cb, 0, -o % fb))
+    tiles = nz.reshape(-(-o // fb), fb, -(-i // cb), cb).any(dim=3).any(dim=1)
+    return tiles.repeat_interleave(fb, 0).repeat_interleave(cb, 1)[:o, :i, None, None]
+
+
+def held_patterns(model: nn.Module):
     """A function that zeroes again, in every conv weight of `model` (a 4-D parameter: a Conv2d's,
     or a folded graph's as QAT trains it), the window taps that are zero in every filter now (an
-    intra-kernel pattern), or None when there are none. Training calls it after each step, so
-    fine-tuning keeps a pattern that the code generator turns into skipped MACs
-    (kernels/int8.py) without masks attached to the model. Masked weights (`*_orig`, with
-    torch.nn.utils.prune) are left to their masks."""
+    intra-kernel pattern) and the kernel tiles that are all zero (kernel-wise), or None when
+    there are none. Training calls it after each step, so fine-tuning keeps the patterns that
+    the code generator turns into skipped MACs (kernels/int8.py) without masks attached to the
+    model. Masked weights (`*_orig`, with torch.nn.utils.prune) are left to their masks."""
     held = []
     for name, w in model.named_parameters():
-        if w.dim() == 4 and w.shape[2] * w.shape[3] > 1 and not name.endswith("_orig"):
-            used = w.detach().ne(0).any(dim=1).any(dim=0)
-            if used.any() and not used.all():   # an all-zero conv (zero init) must learn
-                held.append((w, used.to(w.dtype)))
+        if w.dim() != 4 or name.endswith("_orig"):
+            continue
+        keep = torch.ones((1, 1) + tuple(w.shape[2:]), dtype=torch.bool)
+        if w.shape[2] * w.shape[3] > 1:
+            keep = w.detach().ne(0).any(dim=1).any(dim=0)[None, None]
+        keep = keep & _used_tiles(w)
+        if keep.any() and not keep.all():   # an all-zero conv (zero init) must learn
+            held.append((w, keep.to(w.dtype)))
     if not held:
         return None
 

@@ -97,8 +97,8 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
         loss.backward()
         return float(loss.detach())
 
-    from ..prune.patterns import held_taps
-    hold = held_taps(net)   # window taps pruned in every filter stay pruned (as in train)
+    from ..prune.patterns import held_patterns
+    hold = held_patterns(net)   # pruned taps and kernel tiles stay pruned (as in train)
     net.train()
     try:
         while step < total:
