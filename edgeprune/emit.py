@@ -126,20 +126,40 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
                 used.append(n)
     # Kernels only read their arguments: every DLTensor but the input's and output's (bound
     # at run time) and every argument list is const, in flash rather than SRAM (an unrolled
-    # recurrent layer makes thousands of them).
+    # recurrent layer makes thousands of them). Equal ones are written once: tensors of one
+    # shape share its dims, tensors at one address with one shape and type (the plan reuses
+    # a step's slots at later steps) one DLTensor, calls with those arguments one list.
+    shapes: dict[str, str] = {}      # dims -> array name
+    tensors: dict[tuple, str] = {}   # a const DLTensor's contents -> its name
+    tensor_of: dict[str, str] = {}   # tensor -> the DLTensor it uses
     for n in used:
         t = lm.tensors[n]
         dims = ", ".join(str(d) for d in t.shape) or "1"
-        const = "const " if data_expr(n) != "NULL" else ""
-        out.append(f"static const int64_t {p}_shape_{n}[] = {{{dims}}};")
-        out.append(f"static {const}DLTensor {p}_t_{n} = {{{data_expr(n)}, {{kDLCPU, 0}}, "
-                   f"{len(t.shape)}, {{{DL_TYPES[t.dtype]}, 1}}, (int64_t *){p}_shape_{n}, "
+        if dims not in shapes:
+            shapes[dims] = f"{p}_shape{len(shapes)}"
+            out.append(f"static const int64_t {shapes[dims]}[] = {{{dims}}};")
+        data = data_expr(n)
+        key = (data, dims, len(t.shape), t.dtype)
+        if data != "NULL" and key in tensors:
+            tensor_of[n] = tensors[key]
+            continue
+        tensor_of[n] = f"{p}_t_{n}"
+        if data != "NULL":
+            tensors[key] = tensor_of[n]
+        const = "const " if data != "NULL" else ""
+        out.append(f"static {const}DLTensor {p}_t_{n} = {{{data}, {{kDLCPU, 0}}, "
+                   f"{len(t.shape)}, {{{DL_TYPES[t.dtype]}, 1}}, (int64_t *){shapes[dims]}, "
                    "NULL, 0};")
     out.append("")
+    arg_lists: dict[str, str] = {}   # items -> array name
+    args_of = []
     for i, call in enumerate(lm.calls):
-        items = ", ".join(f"{{.type_index = kTVMFFIDLTensorPtr, .v_ptr = (void *)&{p}_t_{n}}}"
+        items = ", ".join(f"{{.type_index = kTVMFFIDLTensorPtr, .v_ptr = (void *)&{tensor_of[n]}}}"
                           for n in call.args)
-        out.append(f"static const TVMFFIAny {p}_args{i}[{len(call.args)}] = {{{items}}};")
+        if items not in arg_lists:
+            arg_lists[items] = f"{p}_args{i}"
+            out.append(f"static const TVMFFIAny {p}_args{i}[{len(call.args)}] = {{{items}}};")
+        args_of.append(arg_lists[items])
     out += ["", f"int {p}_run({signature(lm)}) {{"]
     external = [(n, f"input{i}") for i, n in enumerate(lm.inputs)] + \
                [(n, f"output{i}") for i, n in enumerate(lm.outputs)]
@@ -156,7 +176,7 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
             out.append(f"  ep_workspace_set({p}_arena + {ws_offsets[i]}, {call.workspace_bytes});")
         else:
             out.append("  ep_workspace_set(NULL, 0);")
-        out.append(f"  if (__tvm_ffi_{p}_{call.kernel}(NULL, (void *){p}_args{i}, "
+        out.append(f"  if (__tvm_ffi_{p}_{call.kernel}(NULL, (void *){args_of[i]}, "
                    f"{len(call.args)}, NULL) != 0) return -{i + 1};")
         out.append(f"  EP_LAYER_DONE({i});")
     # Outputs that are views of intermediates (e.g. a final flatten) or of an input: copy out.
