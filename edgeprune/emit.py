@@ -209,12 +209,20 @@ def manifest(lm: LoweredModel, plan: Plan) -> dict:
 
 def write_packaging(m: dict, out_dir: Path, quant_note: str = "") -> None:
     """README.md, CMakeLists.txt and model.mk, so the library drops into a user's build."""
-    p, i, o = m["prefix"], m["inputs"][0], m["outputs"][0]
+    p = m["prefix"]
+    decls, names = [], []
+    for kind, tensors in (("input", m["inputs"]), ("output", m["outputs"])):
+        for k, t in enumerate(tensors):
+            name = kind if len(tensors) == 1 else f"{kind}{k}"
+            size = f"{p.upper()}_{kind.upper()}{k}_SIZE"
+            decls.append((f"static {c_type(t['dtype'])} {name}[{size}];",
+                          f"/* '{t['name']}' {t['dtype']} {t['shape']} */"))
+            names.append(name)
+    width = max(len(d) for d, _ in decls)
+    call = "\n".join(f"{d:<{width}} {c}" for d, c in decls)
+    call += f"\n\nint status = {p}_run({', '.join(names)});   /* 0 on success */"
     subst = {"@PREFIX_UPPER@": p.upper(), "@PREFIX@": p, "@ARENA_BYTES@": str(m["arena_bytes"]),
-             "@IN_T@": c_type(i["dtype"]), "@OUT_T@": c_type(o["dtype"]),
-             "@IN_DESC@": f"'{i['name']}' {i['dtype']} {i['shape']}",
-             "@OUT_DESC@": f"'{o['name']}' {o['dtype']} {o['shape']}",
-             "@NUM_LAYERS@": str(len(m["layers"])),
+             "@CALL@": call, "@NUM_LAYERS@": str(len(m["layers"])),
              "@QUANT_NOTE@": f"\n{quant_note}\n" if quant_note else ""}
     for name in ("README.md", "CMakeLists.txt", "model.mk"):
         text = (CODEGEN_DIR / "library" / f"{name}.in").read_text()

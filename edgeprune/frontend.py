@@ -152,9 +152,10 @@ def check_one_output(model: onnx.ModelProto, origin: str) -> None:
     outs = model.graph.output
     if len(outs) != 1:
         raise EdgepruneError(f"{origin}: the model has {len(outs)} outputs "
-                             f"({', '.join(o.name for o in outs)}); only models with one output "
-                             "are supported (export the one the chip should compute, or "
-                             "concatenate them)")
+                             f"({', '.join(o.name for o in outs)}); pruning, quantization and "
+                             "training take models with one output (export the one the chip "
+                             "should compute, or concatenate them); `compile` takes it as it is "
+                             "(float)")
 
 
 def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.ModelProto:
@@ -173,7 +174,6 @@ def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.Model
     shapes = static_input_shapes(model, input_shape, origin)
     model = simplify(model, shapes, origin)
     check_supported_ops(model, origin)
-    check_one_output(model, origin)
     return model
 
 

@@ -154,7 +154,8 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> nn.Modul
                 else f"a {type(out).__name__}")
         raise EdgepruneError(f"{spec}: the model returns {what}, not one tensor; only models "
                              "with one output are supported (return the one the chip should "
-                             "compute, or concatenate them)")
+                             "compute, or concatenate them; `compile` takes an ONNX export "
+                             "with several outputs as it is, in float)")
     return model
 
 

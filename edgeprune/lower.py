@@ -449,6 +449,7 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
             name = f"{base}_{k}"
         return name
 
+    tuples: dict = {}   # a tuple binding -> its fields
     inputs = []
     for p in main.params:
         n = unique(p.name)
@@ -463,6 +464,9 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
             out = unique(var.name)
             if isinstance(value, relax.Var):
                 names[var] = name_of(value)
+                continue
+            if isinstance(value, relax.Tuple):     # the model's outputs, when it has several
+                tuples[var] = list(value.fields)
                 continue
             op = getattr(value, "op", None)
             op_name = getattr(op, "name", None)
@@ -503,7 +507,7 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
                                      "to a TIR kernel; the C target does not support it")
 
     body = main.body.body
-    outs = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+    outs = list(body.fields) if isinstance(body, relax.Tuple) else tuples.get(body, [body])
     outputs = []
     for o in outs:
         if not isinstance(o, relax.Var):

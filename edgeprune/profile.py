@@ -344,10 +344,11 @@ def golden(build_dir: Path, build: dict, x: np.ndarray) -> tuple[np.ndarray, lis
         out = reference.run(qmodel, x_dev[0])
     else:
         import onnx
-        from .frontend import reference_run
+        from .frontend import graph_inputs, reference_run
         x_dev = x.astype(np.float32)
-        out = reference_run(onnx.load(str(build_dir / "model.onnx")),
-                            {build["inputs"][0]["name"]: x_dev[0]})
+        model = onnx.load(str(build_dir / "model.onnx"))
+        # the graph's own input name: the build's is the C identifier ("input.1" -> input_1)
+        out = reference_run(model, {graph_inputs(model)[0].name: x_dev[0]})
     return x_dev, [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 

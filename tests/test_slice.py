@@ -144,14 +144,24 @@ class TwoOutputs(nn.Module):
         return self.a(h), self.b(h)
 
 
-def test_a_model_with_two_outputs_is_refused_by_name(tmp_path, capsys):
-    """From ONNX (compile and the int8 path) and from torch: the outputs are counted and
+def test_a_model_with_two_outputs_compiles_in_float_and_is_refused_where_one_is_needed(
+        tmp_path, capsys):
+    """compile takes an ONNX model with two outputs as it is: the C library writes both (in the
+    graph's order), the target matches the ONNX reference, and simulate saves them as an
+    .npz. Quantization needs one output: from ONNX and from torch the outputs are counted and
     named, and nothing is written."""
     _export(TwoOutputs(), (1, 1, 4, 4), tmp_path / "two.onnx")
-    for argv in (["compile", tmp_path / "two.onnx", "--out", tmp_path / "o"],
-                 ["quantize", tmp_path / "two.onnx", "--out", tmp_path / "o"]):
-        rc, _, err = run_cli(capsys, *argv)
-        assert rc == 2 and "the model has 2 outputs (output, " in err, err
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "two.onnx", "--out", tmp_path / "b")
+    assert rc == 0, err
+    header = (tmp_path / "b" / "c_library" / "model.h").read_text()
+    assert "#define MODEL_OUTPUT1_SIZE 2" in header and "float *output1" in header
+    rc, out, err = run_cli(capsys, "simulate", tmp_path / "b", "--save-outputs",
+                           tmp_path / "y.npz", "--samples", "3")
+    assert rc == 0 and "outputs match" in out, out + err
+    y = np.load(tmp_path / "y.npz")
+    assert y["output0"].shape == (3, 1, 4) and y["output1"].shape == (3, 1, 2)
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.onnx", "--out", tmp_path / "o")
+    assert rc == 2 and "the model has 2 outputs (output, " in err, err
     save_torch(TwoOutputs().eval(), (1, 1, 4, 4), tmp_path / "two.pt")
     rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.pt", "--out", tmp_path / "o")
     assert rc == 2 and "returns a tuple of 2, not one tensor" in err, err

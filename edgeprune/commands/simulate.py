@@ -13,7 +13,9 @@ def register(sub) -> None:
     p = sub.add_parser("simulate", help="boot the compiled firmware in QEMU and check its outputs")
     p.add_argument("build", type=Path, help="a folder written by `edgeprune compile`")
     p.add_argument("--input", type=Path, help=".npy input: the model's shape, or K of them stacked")
-    p.add_argument("--save-outputs", type=Path, help="write what the target computed to this .npy")
+    p.add_argument("--save-outputs", type=Path,
+                   help="write what the target computed to this .npy (a model with several "
+                        "outputs: an .npz of output0, output1, ...)")
     p.add_argument("--samples", type=int, default=4, help="test inputs when --input is not given")
     p.add_argument("--timeout", type=float, default=300, help="wall-clock limit for QEMU (s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -48,7 +50,13 @@ def run(args) -> int:
         from ..compile import load_build
         from ..simulate import outputs_like_input
         in_shape = tuple(load_build(args.build)["inputs"][0]["shape"])
-        np.save(args.save_outputs, outputs_like_input([o[0] for o in outputs], x, in_shape))
+        per_output = [outputs_like_input([o[k] for o in outputs], x, in_shape)
+                      for k in range(len(outputs[0]))]
+        if len(per_output) == 1:
+            np.save(args.save_outputs, per_output[0])
+        else:   # output0, output1, ... in the order of the C library's arguments
+            with open(args.save_outputs, "wb") as f:
+                np.savez(f, **{f"output{k}": y for k, y in enumerate(per_output)})
     if args.json:
         print(json.dumps(result))
     else:
