@@ -142,10 +142,14 @@ def retarget_build(build_dir: Path, target_name: str, out: Path, force: bool = F
 
 def quantization_note(qmodel) -> str:
     """How a user turns real values into the library's integers and back (for its README)."""
-    i, o = qmodel.input_info, qmodel.output_info
+    i = qmodel.input_info
+    means = [f"`y = {o.scale!r} * (q - {o.zero_point})`"
+             for o in (qmodel.tensors[n] for n in qmodel.outputs)]
+    said = (f"the output means {means[0]}" if len(means) == 1 else
+            "the outputs mean " + ", ".join(f"{m} (output{k})" for k, m in enumerate(means)))
     return ("The model is integer-only. Quantize the input as "
             f"`q = clamp(floor(x / {i.scale!r} + 0.5) + {i.zero_point}, {i.qmin}, {i.qmax})`; "
-            f"the output means `y = {o.scale!r} * (q - {o.zero_point})`.")
+            f"{said}.")
 
 
 def _init_bytes(init) -> int:

@@ -152,10 +152,9 @@ def check_one_output(model: onnx.ModelProto, origin: str) -> None:
     outs = model.graph.output
     if len(outs) != 1:
         raise EdgepruneError(f"{origin}: the model has {len(outs)} outputs "
-                             f"({', '.join(o.name for o in outs)}); pruning, quantization and "
-                             "training take models with one output (export the one the chip "
-                             "should compute, or concatenate them); `compile` takes it as it is "
-                             "(float)")
+                             f"({', '.join(o.name for o in outs)}); pruning and training take "
+                             "models with one output (export the one the chip should compute, "
+                             "or concatenate them); `quantize` and `compile` take several")
 
 
 def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.ModelProto:

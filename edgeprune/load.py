@@ -33,11 +33,12 @@ def is_zoo_name(spec: str) -> bool:
 
 
 def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
-               num_classes: int = 10, data_shape: tuple[int, ...] | None = None
-               ) -> tuple[nn.Module, tuple[int, ...]]:
+               num_classes: int = 10, data_shape: tuple[int, ...] | None = None,
+               several_outputs: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
     """A torch module (eval mode) and its input shape from a zoo name or a model file. The
     shape: `input_shape`, else the one the file stores, else `data_shape` (one sample of the
-    data it will run on)."""
+    data it will run on). A model that returns several tensors is refused unless
+    `several_outputs` (quantization takes one; pruning and training need one)."""
     if is_zoo_name(spec):
         return models.build(spec, input_shape, num_classes=num_classes)
     path = Path(spec)
@@ -46,7 +47,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                              f"{', '.join(models.zoo_names())})")
     if path.suffix == ".onnx":
         from .onnx_to_torch import onnx_to_torch
-        model, shape = onnx_to_torch(path, input_shape, data_shape)
+        model, shape = onnx_to_torch(path, input_shape, data_shape, several_outputs)
     elif path.suffix == ".pt2":      # torch.export.save: a graph of ATen ops
         program = torch.export.load(path)
         shape = input_shape or _example_shape(program, path)
@@ -63,7 +64,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                          lower_composites, lower_functional_layers, lower_handwritten_norms,
                          lower_recurrent, lower_statistics, lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
-    model = _one_output(model.eval(), tuple(shape), spec)
+    model = _one_output(model.eval(), tuple(shape), spec, several_outputs)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
         model, shape = _via_onnx(model, tuple(shape), path, "a model torch.fx cannot trace")
     model = functional_inplace(model, tuple(shape))   # y.relu_(): y = y.relu()
@@ -136,9 +137,10 @@ class OnlyOutput(nn.Module):
         return self.model(x)[self.key]
 
 
-def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> nn.Module:
-    """`model`, returning its one tensor: every stage runs models that return one tensor; say
-    so before one of them trips."""
+def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str,
+                several: bool = False) -> nn.Module:
+    """`model`, returning its one tensor (or, if `several`, its tuple of tensors): every stage
+    but quantization runs models that return one tensor; say so before one of them trips."""
     try:
         with torch.no_grad():
             out = model(torch.zeros(shape))
@@ -149,13 +151,16 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str) -> nn.Modul
         key = next(iter(out)) if isinstance(out, dict) else 0
         if isinstance(out[key], torch.Tensor):
             return OnlyOutput(model, key)
+    if several and isinstance(out, (tuple, list)) and \
+            all(isinstance(t, torch.Tensor) for t in out):
+        return model
     if not isinstance(out, torch.Tensor):
         what = (f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list, dict))
                 else f"a {type(out).__name__}")
         raise EdgepruneError(f"{spec}: the model returns {what}, not one tensor; only models "
-                             "with one output are supported (return the one the chip should "
-                             "compute, or concatenate them; `compile` takes an ONNX export "
-                             "with several outputs as it is, in float)")
+                             "with one output are supported here (return the one the chip "
+                             "should compute, or concatenate them; `quantize` and `compile` "
+                             "take several)")
     return model
 
 

@@ -241,7 +241,8 @@ class _Builder:
                            f"{type(e).__name__}: {e}") from None
             if out is not None:
                 self.env[node.output[0]], self.val[node.output[0]] = out
-        self.graph.output(self.env[self.g.output[0].name])
+        outs = [self.env[o.name] for o in self.g.output]
+        self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.root, self.graph)
         gm.graph.lint()
         return gm.eval()
@@ -1241,7 +1242,8 @@ class _Builder:
 
 
 def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None,
-                  data_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+                  data_shape: tuple[int, ...] | None = None, several_outputs: bool = False
+                  ) -> tuple[nn.Module, tuple[int, ...]]:
     """(GraphModule in eval mode, static input shape) for the ONNX file at `path`. The shape:
     `input_shape`, else the file's (a free batch size taken as 1), else `data_shape` (one
     sample of the data it will run on) where the file leaves other axes free."""
@@ -1252,7 +1254,8 @@ def onnx_to_torch(path: str | Path, input_shape: tuple[int, ...] | None = None,
     except Exception as e:
         raise _err(f"{path}: not a readable ONNX file ({type(e).__name__}: {e})") from None
     from .frontend import check_one_output, graph_inputs, simplify, static_input_shapes
-    check_one_output(model, str(path))
+    if not several_outputs:    # a tuple of them otherwise
+        check_one_output(model, str(path))
     inputs = graph_inputs(model)
     if input_shape is None and len(inputs) == 1:      # a free batch size: take 1
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None

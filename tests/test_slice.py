@@ -135,36 +135,52 @@ def test_unsupported_op_names_the_op_and_node(tmp_path, capsys):
 
 
 class TwoOutputs(nn.Module):
+    """Two heads on one trunk: class scores and a map (a detector's box regression)."""
+
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(16, 4), nn.Linear(16, 2)
+        self.c, self.cls, self.box = nn.Conv2d(1, 4, 3, 2), nn.Linear(4, 3), nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
-        h = x.flatten(1)
-        return self.a(h), self.b(h)
+        h = torch.relu(self.c(x))
+        return self.cls(h.mean((2, 3))), self.box(h)
 
 
-def test_a_model_with_two_outputs_compiles_in_float_and_is_refused_where_one_is_needed(
-        tmp_path, capsys):
-    """compile takes an ONNX model with two outputs as it is: the C library writes both (in the
-    graph's order), the target matches the ONNX reference, and simulate saves them as an
-    .npz. Quantization needs one output: from ONNX and from torch the outputs are counted and
-    named, and nothing is written."""
-    _export(TwoOutputs(), (1, 1, 4, 4), tmp_path / "two.onnx")
+def test_a_model_with_two_outputs_compiles_quantizes_and_runs(tmp_path, capsys):
+    """compile and quantize take a model with two outputs (from ONNX and from torch): the C
+    library writes both, in the graph's order; the target matches the ONNX reference (float)
+    and the golden model bit for bit (int8, calibrated PTQ: no accuracy, which scores one
+    output); simulate saves them as an .npz. Pruning needs one output, and QAT trains on one:
+    both are refused by name, and nothing is written."""
+    _export(TwoOutputs(), (1, 1, 28, 28), tmp_path / "two.onnx")
     rc, _, err = run_cli(capsys, "compile", tmp_path / "two.onnx", "--out", tmp_path / "b")
     assert rc == 0, err
     header = (tmp_path / "b" / "c_library" / "model.h").read_text()
-    assert "#define MODEL_OUTPUT1_SIZE 2" in header and "float *output1" in header
+    assert "#define MODEL_OUTPUT1_SIZE 338" in header and "float *output1" in header
     rc, out, err = run_cli(capsys, "simulate", tmp_path / "b", "--save-outputs",
                            tmp_path / "y.npz", "--samples", "3")
     assert rc == 0 and "outputs match" in out, out + err
     y = np.load(tmp_path / "y.npz")
-    assert y["output0"].shape == (3, 1, 4) and y["output1"].shape == (3, 1, 2)
-    rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.onnx", "--out", tmp_path / "o")
+    assert y["output0"].shape == (3, 1, 3) and y["output1"].shape == (3, 1, 2, 13, 13)
+    save_torch(TwoOutputs().eval(), (1, 1, 28, 28), tmp_path / "two.pt")
+    for model in ("two.onnx", "two.pt"):
+        q = tmp_path / f"q-{model}"
+        rc, out, err = run_cli(capsys, "quantize", tmp_path / model, "--data", "fashion-mnist",
+                               "--out", q)
+        assert rc == 0 and "no accuracy (several outputs)" in out, out + err
+        assert json.loads((q / "quantize.json").read_text())["outputs"] == 2
+    rc, _, err = run_cli(capsys, "compile", q, "--out", tmp_path / "bq")
+    assert rc == 0, err
+    assert "(output1)" in (tmp_path / "bq" / "c_library" / "README.md").read_text()
+    rc, out, err = run_cli(capsys, "simulate", tmp_path / "bq", "--samples", "2")
+    assert rc == 0 and "outputs match" in out, out + err
+    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.onnx", "--out", tmp_path / "o")
     assert rc == 2 and "the model has 2 outputs (output, " in err, err
-    save_torch(TwoOutputs().eval(), (1, 1, 4, 4), tmp_path / "two.pt")
-    rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.pt", "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.pt", "--out", tmp_path / "o")
     assert rc == 2 and "returns a tuple of 2, not one tensor" in err, err
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.onnx", "--data", "fashion-mnist",
+                         "--method", "qat", "--out", tmp_path / "o")
+    assert rc == 2 and "2 outputs; --method qat trains" in err, err
     assert not (tmp_path / "o").exists()
 
 

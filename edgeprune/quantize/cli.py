@@ -78,8 +78,10 @@ def run(args) -> int:
             print(f"  {row['layer']:<24} {row['weight_bits']}-bit{fmt:<8} "
                   f"act {row['activation_dtype']:<6} {row['weight_bytes']:>8} B")
         a = report["accuracy"]
-        print(f"quantize: {report['method']}: {a['quantized']:.2f} % (float {a['float']:.2f} %, "
-              f"{a['samples']} samples); weights {report['weight_bytes']} B -> {args.out}")
+        score = "no accuracy (several outputs)" if a is None else \
+            f"{a['quantized']:.2f} % (float {a['float']:.2f} %, {a['samples']} samples)"
+        print(f"quantize: {report['method']}: {score}; weights {report['weight_bytes']} B "
+              f"-> {args.out}")
     return 0
 
 

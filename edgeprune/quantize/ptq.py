@@ -429,9 +429,11 @@ class IRNet(nn.Module):
     """
 
     def __init__(self, nodes: list[FNode], input_shape: tuple[int, ...],
-                 weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]):
+                 weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
+                 outputs: list[str] | None = None):
         super().__init__()
         self.nodes = nodes
+        self.outputs = list(outputs or [nodes[-1].output])   # several: forward returns a tuple
         self.input_shape = tuple(input_shape)
         # a module run by several nodes (a recurrent layer's steps) keeps one parameter, so
         # that QAT trains one matrix and the C library stores it once
@@ -449,7 +451,7 @@ class IRNet(nn.Module):
 
     @property
     def output(self) -> str:
-        return self.nodes[-1].output
+        return self.outputs[0]
 
     def weight_nodes(self) -> list[FNode]:
         return [n for n in self.nodes if n.kind in ("conv2d", "dense")]
@@ -556,7 +558,7 @@ class IRNet(nn.Module):
             env[n.output] = y
             if record is not None:
                 record[n.output] = y
-        return env[self.output]
+        return env[self.output] if len(self.outputs) == 1 else tuple(env[o] for o in self.outputs)
 
 
 def pad_axis(x: torch.Tensor, axis: int, before: int, after: int, mode: str) -> torch.Tensor:
@@ -859,12 +861,8 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             alias[node.name] = INPUT
             continue
         if node.op == "output":
-            out = node.args[0]
-            if isinstance(out, (tuple, list)):
-                if len(out) != 1:
-                    raise EdgepruneError("models with several outputs are not supported")
-                out = out[0]
-            final = src(out)
+            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+            finals = [src(o) for o in outs]
             break
         if node.name in static or node.name in absorbed:   # static shapes; in a table
             continue
@@ -1466,9 +1464,14 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError("traced graph has no output")
     if not nodes:
         raise EdgepruneError("the model has no ops to quantize")
-    if final != nodes[-1].output:
-        raise EdgepruneError(f"the model output '{final}' is not the last op's output")
-    return IRNet(nodes, input_shape, weights, biases)
+    if len(finals) == 1 and finals[0] != nodes[-1].output:
+        raise EdgepruneError(f"the model output '{finals[0]}' is not the last op's output")
+    for k, f in enumerate(finals):
+        if f not in by_out or f in finals[:k]:
+            raise EdgepruneError(f"model output {k} ('{f}') is "
+                                 f"{'the input' if f == INPUT else 'an earlier output'} "
+                                 "itself, not an op's result")
+    return IRNet(nodes, input_shape, weights, biases, finals)
 
 
 def resize_attrs(where: str, ishape, oshape, mode: str, scale_factor, align_corners,
@@ -1575,7 +1578,7 @@ def _concat_shared(net: IRNet, ranges: dict[str, tuple[float, float]]
     def in_place(n: FNode) -> bool:
         shape = n.out_shape
         axis = n.attrs.get("axis", 1) % len(shape) if shape else 0
-        return (bool(shape) and math.prod(shape[:axis]) == 1 and n.output != net.output
+        return (bool(shape) and math.prod(shape[:axis]) == 1 and n.output not in net.outputs
                 and INPUT not in n.inputs and len(set(n.inputs)) == len(n.inputs))
     parent: dict[str, str] = {}
     for n in net.nodes:
@@ -1853,7 +1856,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             params.update({f"{n.name}.multiplier": m.reshape(counts.shape),
                            f"{n.name}.shift": sh.reshape(counts.shape)})
         ops.append(Op(n.kind, n.name, list(n.inputs), n.output, attrs))
-    qm = QuantModel(INPUT, net.output, tensors, ops, params, dict(meta or {}))
+    qm = QuantModel(INPUT, net.output, tensors, ops, params, dict(meta or {}),
+                    net.outputs[1:])
     qm.meta.setdefault("float_ranges", {k: [float(v[0]), float(v[1])] for k, v in ranges.items()})
     from .qmodel import validate
     validate(qm)

@@ -154,6 +154,11 @@ class QuantModel:
     ops: list[Op]
     params: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    more_outputs: list[str] = field(default_factory=list)   # several outputs: the rest, in order
+
+    @property
+    def outputs(self) -> list[str]:
+        return [self.output, *self.more_outputs]
 
     # --- access -------------------------------------------------------------------------
     def param(self, op: Op | str, key: str) -> np.ndarray:
@@ -218,7 +223,7 @@ class QuantModel:
     # --- persistence --------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"format": "edgeprune-qmodel", "version": FORMAT_VERSION,
-                "input": self.input, "output": self.output,
+                "input": self.input, "output": self.output, "more_outputs": self.more_outputs,
                 "tensors": [asdict(t) for t in self.tensors.values()],
                 "ops": [asdict(o) for o in self.ops], "meta": self.meta}
 
@@ -275,7 +280,8 @@ def load(directory: str | Path) -> QuantModel:
     try:
         tensors = {t["name"]: TensorInfo(**t) for t in doc["tensors"]}
         ops = [Op(**o) for o in doc["ops"]]
-        qm = QuantModel(doc["input"], doc["output"], tensors, ops, params, doc.get("meta", {}))
+        qm = QuantModel(doc["input"], doc["output"], tensors, ops, params, doc.get("meta", {}),
+                        list(doc.get("more_outputs", [])))
     except (KeyError, TypeError) as e:
         raise EdgepruneError(f"{jpath}: malformed qmodel ({type(e).__name__}: {e})") from None
     try:
@@ -557,5 +563,6 @@ def validate(qm: QuantModel) -> None:
                 raise EdgepruneError(f"op '{op.name}': worst-case accumulator {bound} overflows "
                                      "int32 (use 8-bit activations or smaller weights here)")
         defined.add(op.output)
-    if qm.output not in defined:
-        raise EdgepruneError(f"output tensor '{qm.output}' is never computed")
+    for out in qm.outputs:
+        if out not in defined:
+            raise EdgepruneError(f"output tensor '{out}' is never computed")

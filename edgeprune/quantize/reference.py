@@ -26,9 +26,12 @@ def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
     return np.clip(q, t.qmin, t.qmax).astype(t.dtype)
 
 
-def dequantize_output(qm: QuantModel, y: np.ndarray) -> np.ndarray:
-    """Integer output -> float: scale * (y - zp)."""
-    t = qm.output_info
+def dequantize_output(qm: QuantModel, y, output: int | None = None):
+    """Integer output -> float: scale * (y - zp); of a model with several outputs, the list
+    `run` returns (or output k's array alone)."""
+    if qm.more_outputs and output is None:
+        return [dequantize_output(qm, v, k) for k, v in enumerate(y)]
+    t = qm.tensors[qm.outputs[output or 0]]
     return (t.scale * (np.asarray(y, np.float64) - t.zero_point)).astype(np.float32)
 
 
@@ -270,11 +273,16 @@ def run(qm: QuantModel, x: np.ndarray, return_all: bool = False, exact_int64: bo
             env[op.output] = env[op.inputs[0]].reshape([n] + [int(s) for s in op.attrs["shape"][1:]])
         else:
             env[op.output] = run_op(qm, op, env, exact_int64)
-    return env if return_all else env[qm.output]
+    if return_all:
+        return env
+    return env[qm.output] if not qm.more_outputs else [env[o] for o in qm.outputs]
 
 
 def predict(qm: QuantModel, x_float: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Dequantized float outputs of the integer model for float inputs (batched)."""
+    if qm.more_outputs:
+        raise EdgepruneError(f"the model has {len(qm.outputs)} outputs; predictions and "
+                             "accuracy are of a model with one")
     outs = []
     for i in range(0, len(x_float), batch_size):
         xq = quantize_input(qm, x_float[i:i + batch_size])

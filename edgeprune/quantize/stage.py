@@ -167,6 +167,8 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     x_eval, y_eval = data.x_test[:n], data.y_test[:n]
     x_tune, y_tune = data.x_test[n:n + cfg.tune_samples], data.y_test[n:n + cfg.tune_samples]
     net = extract(model, shape)
+    if len(net.outputs) > 1:
+        return _quantize_heads(net, model, shape, data, target, cfg, calib, log, t0)
     out_shape = tuple(net.nodes[-1].out_shape)
     check_outputs(out_shape, data)
     acc_float = float_accuracy(model, x_eval, y_eval)
@@ -248,6 +250,39 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     return qm, report
 
 
+def _quantize_heads(net, model, shape, data, target, cfg: QuantizeConfig, calib, log, t0):
+    """A model with several outputs (heads): calibrated PTQ at the configured word lengths.
+    Accuracy is a score of one output against the data's labels, so none is reported, and
+    the methods that train on that score (QAT, ADMM, mixed precision) are refused by name."""
+    from .admm import default_layer_formats
+    from .ptq import calibrate, to_qmodel
+
+    if cfg.method not in ("auto", "ptq") or cfg.mixed:
+        raise EdgepruneError(f"the model has {len(net.outputs)} outputs; "
+                             f"{'--mixed' if cfg.mixed else '--method ' + cfg.method} trains "
+                             "or chooses on the accuracy of one output: use --method ptq")
+    weight_cfg = {}
+    if cfg.layer_bits:
+        weight_cfg = layer_weight_cfg(model, cfg.layer_bits, {n.name for n in net.weight_nodes()})
+    elif cfg.bits < 8 or cfg.fmt != "int":
+        weight_cfg = default_layer_formats(net, cfg.fmt, cfg.bits)
+    qm = to_qmodel(net, calibrate(net, calib, cfg.calib_method, seed=cfg.seed), weight_cfg)
+    qm.meta.update({"method": "ptq", "calibration": cfg.calib_method,
+                    "calibration_samples": int(len(calib))})
+    int8_bytes = sum(int(qm.param(o, "weight").size) for o in qm.stored_weight_ops())
+    log(f"quantized (ptq) {len(qm.outputs)} outputs; no accuracy (it scores one output); "
+        f"weights {qm.total_weight_bytes()} B (int8 would be {int8_bytes} B)")
+    return qm, {
+        "method": "ptq", "requested_method": cfg.method, "target": target.name,
+        "data": data.name, "input_shape": list(shape), "outputs": len(qm.outputs),
+        "accuracy": None, "weight_bytes": qm.total_weight_bytes(),
+        "weight_bytes_int8": int8_bytes, "layers": qm.layer_table(),
+        "activations": {t: qm.tensors[t].dtype for t in qm.tensors},
+        "target_word_lengths": {"weight_bits": target.quant["weight_bits"],
+                                "activation_bits": target.quant["activation_bits"]},
+        "mixed": None, "config": asdict(cfg), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
 def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
                        data_name: str = "fashion-mnist", cfg: QuantizeConfig | None = None,
                        input_shape: tuple[int, ...] | None = None, train_epochs: float = 1.0,
@@ -272,7 +307,7 @@ def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
                                          progress)
     else:
         model, shape = load_torch(spec, input_shape, data.num_classes,
-                                  data_shape=data.input_shape)
+                                  data_shape=data.input_shape, several_outputs=True)
     data = fit_data(shape, data, spec, train_to="calibrate on")
     with atomic_out_dir(out, force) as tmp:
         qm, report = quantize(model, shape, data, target, cfg, log, progress)

@@ -615,7 +615,8 @@ def to_relax(qm: QuantModel, batch: int | None = None, pack_subbyte: bool = True
                 else:
                     raise EdgepruneError(f"to_relax: op '{op.name}' kind '{op.kind}' unsupported")
                 env[op.output] = y
-            out = bb.emit_output(env[qm.output])
+            out = bb.emit_output(env[qm.output] if not qm.more_outputs else
+                                 relax.Tuple([env[o] for o in qm.outputs]))
         bb.emit_func_output(out)
     mod = bb.get()
     return mod
@@ -634,12 +635,14 @@ def legalize_and_fuse(mod, target: str = "c"):
 
 
 def build_host(mod):
-    """Compile for the host CPU (llvm) and return a callable numpy -> numpy (tests, checks)."""
+    """Compile for the host CPU (llvm) and return a callable numpy -> numpy (tests, checks);
+    a model with several outputs returns a list of them."""
     import tvm
     from tvm import relax
     ex = tvm.compile(mod, target="llvm")
     vm = relax.VirtualMachine(ex, tvm.cpu())
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x))).numpy()
+    def run(x: np.ndarray):
+        y = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x)))
+        return y.numpy() if hasattr(y, "numpy") else [t.numpy() for t in y]
     return run
