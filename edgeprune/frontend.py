@@ -152,9 +152,10 @@ def check_one_output(model: onnx.ModelProto, origin: str) -> None:
     outs = model.graph.output
     if len(outs) != 1:
         raise EdgepruneError(f"{origin}: the model has {len(outs)} outputs "
-                             f"({', '.join(o.name for o in outs)}); pruning and training take "
+                             f"({', '.join(o.name for o in outs)}); training and accuracy take "
                              "models with one output (export the one the chip should compute, "
-                             "or concatenate them); `quantize` and `compile` take several")
+                             "or concatenate them); `quantize`, `compile` and `prune` without "
+                             "--data take several")
 
 
 def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.ModelProto:
@@ -166,7 +167,7 @@ def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.Model
         model = load_onnx(path)
         origin = str(path)
     else:
-        module, shape = load_torch(spec, input_shape)
+        module, shape = load_torch(spec, input_shape, several_outputs=True)
         model = export_torch(module, shape)
         origin = spec
         input_shape = shape

@@ -159,8 +159,8 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str,
                 else f"a {type(out).__name__}")
         raise EdgepruneError(f"{spec}: the model returns {what}, not one tensor; only models "
                              "with one output are supported here (return the one the chip "
-                             "should compute, or concatenate them; `quantize` and `compile` "
-                             "take several)")
+                             "should compute, or concatenate them; `quantize`, `compile` and "
+                             "`prune` without --data take several)")
     return model
 
 

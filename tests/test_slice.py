@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -146,12 +147,13 @@ class TwoOutputs(nn.Module):
         return self.cls(h.mean((2, 3))), self.box(h)
 
 
-def test_a_model_with_two_outputs_compiles_quantizes_and_runs(tmp_path, capsys):
+def test_a_model_with_two_outputs_compiles_quantizes_prunes_and_runs(tmp_path, capsys):
     """compile and quantize take a model with two outputs (from ONNX and from torch): the C
     library writes both, in the graph's order; the target matches the ONNX reference (float)
     and the golden model bit for bit (int8, calibrated PTQ: no accuracy, which scores one
-    output); simulate saves them as an .npz. Pruning needs one output, and QAT trains on one:
-    both are refused by name, and nothing is written."""
+    output); simulate saves them as an .npz; prune cuts the trunk by a criterion that needs
+    no data. With data (a data criterion, fine-tuning, accuracy) pruning needs one output,
+    and QAT trains on one: both are refused by name, and nothing is written."""
     _export(TwoOutputs(), (1, 1, 28, 28), tmp_path / "two.onnx")
     rc, _, err = run_cli(capsys, "compile", tmp_path / "two.onnx", "--out", tmp_path / "b")
     assert rc == 0, err
@@ -163,6 +165,8 @@ def test_a_model_with_two_outputs_compiles_quantizes_and_runs(tmp_path, capsys):
     y = np.load(tmp_path / "y.npz")
     assert y["output0"].shape == (3, 1, 3) and y["output1"].shape == (3, 1, 2, 13, 13)
     save_torch(TwoOutputs().eval(), (1, 1, 28, 28), tmp_path / "two.pt")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "two.pt", "--out", tmp_path / "bt")
+    assert rc == 0 and "float *output1" in (tmp_path / "bt" / "c_library" / "model.h").read_text()
     for model in ("two.onnx", "two.pt"):
         q = tmp_path / f"q-{model}"
         rc, out, err = run_cli(capsys, "quantize", tmp_path / model, "--data", "fashion-mnist",
@@ -174,9 +178,17 @@ def test_a_model_with_two_outputs_compiles_quantizes_and_runs(tmp_path, capsys):
     assert "(output1)" in (tmp_path / "bq" / "c_library" / "README.md").read_text()
     rc, out, err = run_cli(capsys, "simulate", tmp_path / "bq", "--samples", "2")
     assert rc == 0 and "outputs match" in out, out + err
-    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.onnx", "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.onnx", "--criterion", "l1",
+                         "--ratio", "0.5", "--out", tmp_path / "p")   # no data: scores no output
+    assert rc == 0, err
+    pruned = onnx.load(str(tmp_path / "p" / "model.onnx"))
+    assert len(pruned.graph.output) == 2
+    assert [i.dims[0] for i in pruned.graph.initializer if len(i.dims) == 4][0] == 2   # c: 4 -> 2
+    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.onnx", "--data", "fashion-mnist",
+                         "--out", tmp_path / "o")
     assert rc == 2 and "the model has 2 outputs (output, " in err, err
-    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.pt", "--out", tmp_path / "o")
+    rc, _, err = run_cli(capsys, "prune", tmp_path / "two.pt", "--data", "fashion-mnist",
+                         "--out", tmp_path / "o")
     assert rc == 2 and "returns a tuple of 2, not one tensor" in err, err
     rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.onnx", "--data", "fashion-mnist",
                          "--method", "qat", "--out", tmp_path / "o")

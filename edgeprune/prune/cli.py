@@ -159,7 +159,9 @@ def run(args) -> int:
                                          parse_shape(args.input_shape), args.train_epochs,
                                          args.seed, log)
     else:
-        model, shape = load_torch(args.model, parse_shape(args.input_shape))
+        # several outputs only without data: criteria, fine-tuning and accuracy score one
+        model, shape = load_torch(args.model, parse_shape(args.input_shape),
+                                  several_outputs=not args.data)
     data = fit_data(shape, datasets.load(args.data), args.model, STAGE) if args.data else None
     if data is not None and data.x_train is None and (args.finetune > 0 or
                                                       args.method != "oneshot"):
