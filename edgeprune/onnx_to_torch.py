@@ -134,8 +134,10 @@ class _Builder:
                 self.consumers.setdefault(i, []).append(n)
         inputs = [i for i in self.g.input if i.name not in self.consts]
         if len(inputs) != 1:
-            raise _err(f"expected one graph input, found {len(inputs)}: "
-                       f"{', '.join(i.name for i in inputs)}")
+            raise _err(f"the model has {len(inputs)} inputs "
+                       f"({', '.join(i.name for i in inputs)}); prune, quantize and deploy "
+                       "take models with one input (compile, simulate and profile take "
+                       "several, in float)")
         inp = inputs[0]
         dims = []
         for k, d in enumerate(inp.type.tensor_type.shape.dim):

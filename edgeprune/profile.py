@@ -234,18 +234,15 @@ def profile(build_dir: Path, port: str = "qemu", baud: int = 115200, runs: int =
             timeout: float = 3.0, retries: int = 5, elf: Path | None = None) -> dict:
     """Profile one build; returns the report dict (see the issue's field list)."""
     from .elfinfo import read_elf
-    from .simulate import as_samples, default_inputs, pack_inputs
+    from .simulate import input_sets, pack_inputs
 
     if runs < 1:
         raise EdgepruneError(f"--runs must be at least 1, got {runs}")
     build = load_build(build_dir)
     target = load_target(build["target"])
-    if len(build["inputs"]) != 1:
-        raise EdgepruneError("profile supports models with one input tensor")
-    shape = tuple(build["inputs"][0]["shape"])
-    x = default_inputs(shape, 1) if inputs is None else as_samples(inputs, shape, "--input")[:1]
-    x_dev, expected = golden(build_dir, build, x)
-    sample = pack_inputs([[x_dev[0]]], build["inputs"])[16:]
+    sets = [x[:1] for x in input_sets(build["inputs"], inputs, 1)]
+    x_dev, expected = golden(build_dir, build, sets)
+    sample = pack_inputs([[x[0] for x in x_dev]], build["inputs"])[16:]
     meter = read_energy_meter(energy_meter, runs) if energy_meter else None
     elf = elf or profile_firmware(build_dir)
     mem = read_elf(elf, build["prefix"])
@@ -334,21 +331,25 @@ def _split_outputs(raw: bytes, tensors: list[dict]) -> list[np.ndarray]:
             for o, t in zip(offsets, tensors)]
 
 
-def golden(build_dir: Path, build: dict, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The device-format input and the golden model's outputs for the first sample."""
+def golden(build_dir: Path, build: dict, sets: list[np.ndarray]
+           ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The device-format inputs (one array of samples per model input) and the golden model's
+    outputs for the first sample."""
     if build["kind"] == "int":
         from .quantize import reference
         from .quantize.qmodel import load as load_qmodel
         qmodel = load_qmodel(build_dir / "qmodel")
-        x_dev = np.stack([reference.quantize_input(qmodel, s) for s in x]) if x.dtype.kind == "f" else x
-        out = reference.run(qmodel, x_dev[0])
+        x = sets[0]
+        x_dev = [np.stack([reference.quantize_input(qmodel, s) for s in x])
+                 if x.dtype.kind == "f" else x]
+        out = reference.run(qmodel, x_dev[0][0])
     else:
         import onnx
         from .frontend import graph_inputs, reference_run
-        x_dev = x.astype(np.float32)
+        x_dev = [x.astype(np.float32) for x in sets]
         model = onnx.load(str(build_dir / "model.onnx"))
-        # the graph's own input name: the build's is the C identifier ("input.1" -> input_1)
-        out = reference_run(model, {graph_inputs(model)[0].name: x_dev[0]})
+        # the graph's own input names: the build's are C identifiers ("input.1" -> input_1)
+        out = reference_run(model, {i.name: x[0] for i, x in zip(graph_inputs(model), x_dev)})
     return x_dev, [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 

@@ -109,37 +109,69 @@ def count_instructions(marks: list[tuple[int, int]], symbols: dict[str, int], la
     return None, []
 
 
-def simulate(build_dir: Path, inputs: np.ndarray | None = None, samples: int = 4,
+def input_sets(in_t: list[dict], inputs, samples: int, seed: int = 0) -> list[np.ndarray]:
+    """One (K,) + shape array per model input: `inputs` as `as_samples` takes it (a model
+    with several inputs: a dict of them by name, or input0, input1, ... as in an .npz), or
+    `samples` default inputs."""
+    shapes = [tuple(t["shape"]) for t in in_t]
+    if inputs is None:
+        return [default_inputs(sh, samples, seed + k) for k, sh in enumerate(shapes)]
+    if len(in_t) == 1:
+        if isinstance(inputs, dict):
+            if len(inputs) != 1:
+                raise EdgepruneError(f"--input holds {len(inputs)} arrays "
+                                     f"({', '.join(inputs)}); the model has one input")
+            inputs = next(iter(inputs.values()))
+        return [as_samples(np.asarray(inputs), shapes[0], "--input")]
+    if not isinstance(inputs, dict):
+        raise EdgepruneError(f"the model has {len(in_t)} inputs "
+                             f"({', '.join(t['name'] for t in in_t)}); give --input an .npz "
+                             "with one array per input, by those names or input0, input1, ...")
+    sets = []
+    for k, (t, sh) in enumerate(zip(in_t, shapes)):
+        x = inputs.get(t["name"], inputs.get(f"input{k}"))
+        if x is None:
+            raise EdgepruneError(f"--input has no array '{t['name']}' (or 'input{k}') for "
+                                 f"input {k}; it has {', '.join(inputs)}")
+        sets.append(as_samples(np.asarray(x), sh, f"--input '{t['name']}'"))
+    if len({len(x) for x in sets}) != 1:
+        raise EdgepruneError(f"--input arrays give {[len(x) for x in sets]} samples for the "
+                             "model's inputs; each input needs as many")
+    return sets
+
+
+def simulate(build_dir: Path, inputs=None, samples: int = 4,
              timeout: float = 300, seed: int = 0) -> tuple[dict, list[list[np.ndarray]]]:
+    """Run `inputs` (or `samples` default ones; see input_sets) in QEMU and check the outputs
+    against the host. Returns (result, per sample the target's outputs)."""
     build = load_build(build_dir)
     target = load_target(build["target"])
     in_t, out_t = build["inputs"], build["outputs"]
-    if len(in_t) != 1:
-        raise EdgepruneError("simulate supports models with one input tensor")
-    shape = tuple(in_t[0]["shape"])
-    if inputs is None:
-        x = default_inputs(shape, samples, seed)
-    else:
-        x = as_samples(inputs, shape, "--input")
+    sets = input_sets(in_t, inputs, samples, seed)
+    x = sets[0]
     if build["kind"] == "int":
         from .quantize import reference
         from .quantize.qmodel import load as load_qmodel
         qmodel = load_qmodel(build_dir / "qmodel")
         x_dev = np.stack([reference.quantize_input(qmodel, s) for s in x]) if x.dtype.kind == "f" else x
         expected = [[np.asarray(o) for o in _as_list(reference.run(qmodel, s))] for s in x_dev]
+        sets = [x_dev]
     else:
         from .frontend import graph_inputs, reference_run
         import onnx
         model = onnx.load(str(build_dir / "model.onnx"))
-        x_dev = x.astype(np.float32)
-        name = graph_inputs(model)[0].name   # the C name is sanitised ("input.1" -> input_1)
-        expected = [reference_run(model, {name: s}) for s in x_dev]
+        sets = [s.astype(np.float32) for s in sets]
+        # the graph's own names: the C names are sanitised ("input.1" -> input_1)
+        names = [i.name for i in graph_inputs(model)]
+        expected = [reference_run(model, dict(zip(names, one))) for one in zip(*sets)]
+        x_dev = sets[0]
 
     elf = build_dir / build["firmware"]
     from .elfinfo import read_elf
     mem = read_elf(elf, build["prefix"])
     marks = [mem.symbols[n] & ~1 for n in ("ep_bench_start", "ep_bench_stop", "ep_layer_mark")]
-    run = run_firmware(target, elf, pack_inputs([[s] for s in x_dev], in_t), timeout, marks)
+    run = run_firmware(target, elf, pack_inputs([list(one) for one in zip(*sets)], in_t),
+                       timeout, marks)
     if run.returncode != 0:
         raise TargetFailure(f"the firmware exited with status {run.returncode}: {run.stdout[-300:]}")
     got = parse_outputs(run.stdout, len(x_dev), out_t)

@@ -269,3 +269,44 @@ def test_broken_target_file_names_the_field(tmp_path):
     bad.write_text(text)
     with pytest.raises(EdgepruneError, match=r"missing field \[chip\] sram_bytes"):
         load_target(str(bad))
+
+
+class TwoInputs(nn.Module):
+    """An image and a vector of side information (sensor fusion)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 + 5, 3)
+
+    def forward(self, img, meta):
+        return self.fc(torch.cat([torch.relu(self.c(img)).mean((2, 3)), meta], 1))
+
+
+def test_a_float_model_with_two_inputs_compiles_simulates_and_profiles(tmp_path, capsys):
+    """compile takes an ONNX model with two inputs; simulate and profile feed default inputs
+    or an .npz of one array per input (by name), and match the ONNX reference; the int8 stages
+    need one input and say so."""
+    torch.onnx.export(TwoInputs().eval(), (torch.zeros(1, 1, 8, 8), torch.zeros(1, 5)),
+                      str(tmp_path / "in2.onnx"), dynamo=False, input_names=["img", "meta"])
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "in2.onnx", "--out", tmp_path / "b")
+    assert rc == 0, err
+    assert "const float *input1" in (tmp_path / "b" / "c_library" / "model.h").read_text()
+    rc, out, err = run_cli(capsys, "simulate", tmp_path / "b")
+    assert rc == 0 and "4 samples, outputs match" in out, out + err
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "x.npz", img=rng.random((3, 1, 1, 8, 8), np.float32),
+             meta=rng.random((3, 1, 5), np.float32))
+    rc, out, err = run_cli(capsys, "simulate", tmp_path / "b", "--input", tmp_path / "x.npz",
+                           "--save-outputs", tmp_path / "y.npy")
+    assert rc == 0 and "3 samples, outputs match" in out, out + err
+    assert np.load(tmp_path / "y.npy").shape == (3, 1, 3)
+    rc, out, err = run_cli(capsys, "profile", tmp_path / "b", "--port", "qemu", "--input",
+                           tmp_path / "x.npz", "--json")
+    assert rc == 0 and json.loads(out)["check"]["outputs_match"], out + err
+    np.save(tmp_path / "one.npy", rng.random((1, 1, 8, 8), np.float32))
+    rc, _, err = run_cli(capsys, "simulate", tmp_path / "b", "--input", tmp_path / "one.npy")
+    assert rc == 2 and "the model has 2 inputs (img, meta); give --input an .npz" in err, err
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "in2.onnx", "--data", "fashion-mnist",
+                         "--out", tmp_path / "q")
+    assert rc == 2 and "the model has 2 inputs (img, meta)" in err, err
+    assert not (tmp_path / "q").exists()

@@ -12,7 +12,9 @@ from ..qemu import TargetFailure
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="boot the compiled firmware in QEMU and check its outputs")
     p.add_argument("build", type=Path, help="a folder written by `edgeprune compile`")
-    p.add_argument("--input", type=Path, help=".npy input: the model's shape, or K of them stacked")
+    p.add_argument("--input", type=Path,
+                   help=".npy input: the model's shape, or K of them stacked (several inputs: "
+                        "an .npz of them by name, or input0, input1, ...)")
     p.add_argument("--save-outputs", type=Path,
                    help="write what the target computed to this .npy (a model with several "
                         "outputs: an .npz of output0, output1, ...)")
@@ -22,14 +24,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_npy(path: Path) -> np.ndarray:
-    """A user's .npy input, or an error that names the file."""
+def load_npy(path: Path):
+    """A user's .npy input (an .npz: {name: array}, a model with several inputs), or an
+    error that names the file."""
     if not path.exists():
         raise EdgepruneError(f"input file {path} does not exist")
     try:
-        return np.load(path)
+        x = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise EdgepruneError(f"{path}: not a .npy array ({e})")
+        raise EdgepruneError(f"{path}: not a .npy array or .npz archive ({e})")
+    if isinstance(x, np.lib.npyio.NpzFile):
+        with x:
+            return {k: x[k] for k in x.files}
+    return x
 
 
 def run(args) -> int:
@@ -49,8 +56,10 @@ def run(args) -> int:
     if args.save_outputs is not None:
         from ..compile import load_build
         from ..simulate import outputs_like_input
-        in_shape = tuple(load_build(args.build)["inputs"][0]["shape"])
-        per_output = [outputs_like_input([o[k] for o in outputs], x, in_shape)
+        input0 = load_build(args.build)["inputs"][0]
+        in_shape = tuple(input0["shape"])
+        first = x.get(input0["name"], x.get("input0")) if isinstance(x, dict) else x
+        per_output = [outputs_like_input([o[k] for o in outputs], first, in_shape)
                       for k in range(len(outputs[0]))]
         if len(per_output) == 1:
             np.save(args.save_outputs, per_output[0])
