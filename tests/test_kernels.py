@@ -495,16 +495,22 @@ def test_channel_pairs_pruned_in_a_block_of_filters_are_skipped_bit_exact(tmp_pa
                         block=8)
         return qm
 
-    build, result = _run(net(True), tmp_path, "pairs", target)
+    layers = _pruned_and_dense(net, tmp_path, target, ("ep_int8_conv", "ep_int8_dense"))
+    assert len(layers) == 5 and all(pruned < dense for pruned, dense in layers), layers
+
+
+def _pruned_and_dense(net, tmp_path, target, kinds=("ep_int8_conv",)) -> list[tuple[int, int]]:
+    """Build net(True) (weights with zeros the kernels skip) and net(False) for `target`; check
+    the first bit-exact with 4 conv kernels and fewer weight bytes; per layer of `kinds`, its
+    instructions and the dense build's."""
+    build, result = _run(net(True), tmp_path, "pruned", target)
     assert result["mismatches"] == 0 and result["outputs_match"]
     dense_build, dense_result = _run(net(False), tmp_path, "dense", target)
     kernels = [l["name"] for l in build["layers"]]
     assert sum(k.startswith("ep_int8_conv") for k in kernels) == 4, kernels
     assert build["weights_bytes"] < dense_build["weights_bytes"]
-    layers = [(l["instructions"], d["instructions"]) for l, d in
-              zip(result["layers"], dense_result["layers"])
-              if l["name"].startswith(("ep_int8_conv", "ep_int8_dense"))]
-    assert len(layers) == 5 and all(pruned < dense for pruned, dense in layers), layers
+    return [(l["instructions"], d["instructions"]) for l, d in
+            zip(result["layers"], dense_result["layers"]) if l["name"].startswith(kinds)]
 
 
 def _zero_taps(qm, op: str, taps) -> None:
@@ -536,12 +542,5 @@ def test_taps_pruned_in_every_filter_are_skipped_bit_exact(tmp_path, target):
             _zero_taps(qm, "op3", [(i, j) for i in range(3) for j in range(4) if (i + j) % 2])
         return qm
 
-    build, result = _run(net(True), tmp_path, "taps", target)
-    assert result["mismatches"] == 0 and result["outputs_match"]
-    dense_build, dense_result = _run(net(False), tmp_path, "dense", target)
-    kernels = [l["name"] for l in build["layers"]]
-    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 4, kernels
-    assert build["weights_bytes"] < dense_build["weights_bytes"]
-    convs = [(l["instructions"], d["instructions"]) for l, d in
-             zip(result["layers"], dense_result["layers"]) if l["name"].startswith("ep_int8_conv")]
+    convs = _pruned_and_dense(net, tmp_path, target)
     assert all(pruned < dense for pruned, dense in convs), convs
