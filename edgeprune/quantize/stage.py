@@ -167,12 +167,18 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     x_eval, y_eval = data.x_test[:n], data.y_test[:n]
     x_tune, y_tune = data.x_test[n:n + cfg.tune_samples], data.y_test[n:n + cfg.tune_samples]
     net = extract(model, shape)
-    if len(net.outputs) > 1:
-        return _quantize_heads(net, model, shape, data, target, cfg, calib, log, t0)
-    out_shape = tuple(net.nodes[-1].out_shape)
-    check_outputs(out_shape, data)
-    acc_float = float_accuracy(model, x_eval, y_eval)
-    log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
+    # A model with several outputs (heads): accuracy scores one output against the labels,
+    # so none is reported, and the methods that train or choose on it are refused.
+    heads = len(net.outputs)
+    if heads > 1 and (cfg.method not in ("auto", "ptq") or cfg.mixed):
+        raise EdgepruneError(f"the model has {heads} outputs; "
+                             f"{'--mixed' if cfg.mixed else '--method ' + cfg.method} trains "
+                             "or chooses on the accuracy of one output: use --method ptq")
+    acc_float = None
+    if heads == 1:
+        check_outputs(tuple(net.nodes[-1].out_shape), data)
+        acc_float = float_accuracy(model, x_eval, y_eval)
+        log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
     ranges = calibrate(net, calib, cfg.calib_method, seed=cfg.seed)
     weight_cfg: dict[str, tuple[str, int]] = {}
     act_dtypes: dict[str, str] = {}
@@ -196,7 +202,9 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
 
     method = cfg.method
     report_methods: dict[str, float] = {}
-    if method in ("ptq", "auto"):
+    if method in ("ptq", "auto") and heads > 1:
+        qm, method = to_qmodel(net, ranges, weight_cfg, act_dtypes), "ptq"
+    elif method in ("ptq", "auto"):
         qm = to_qmodel(net, ranges, weight_cfg, act_dtypes)
         acc = reference.accuracy(qm, x_eval, y_eval)
         report_methods["ptq"] = acc
@@ -226,17 +234,18 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
         ranges = calibrate(net, calib, cfg.calib_method, seed=cfg.seed)
         qm = to_qmodel(net, ranges, weight_cfg, act_dtypes, quantized_weights=qw)
 
-    acc_q = report_methods[method] if method in report_methods else \
+    acc_q = None if heads > 1 else report_methods[method] if method in report_methods else \
         reference.accuracy(qm, x_eval, y_eval)
     qm.meta.update({"method": method, "calibration": cfg.calib_method,
                     "calibration_samples": int(len(calib))})
     int8_bytes = sum(int(qm.param(o, "weight").size) for o in qm.stored_weight_ops())
     report = {
         "method": method, "requested_method": cfg.method, "target": target.name,
-        "data": data.name, "input_shape": list(shape),
-        "accuracy": {"float": acc_float, "quantized": acc_q, "samples": int(len(x_eval)),
-                     "metric": metric_name(y_eval),
-                     "by_method": report_methods, "source": "numpy integer reference"},
+        "data": data.name, "input_shape": list(shape), "outputs": heads,
+        "accuracy": None if heads > 1 else {
+            "float": acc_float, "quantized": acc_q, "samples": int(len(x_eval)),
+            "metric": metric_name(y_eval), "by_method": report_methods,
+            "source": "numpy integer reference"},
         "weight_bytes": qm.total_weight_bytes(), "weight_bytes_int8": int8_bytes,
         "layers": qm.layer_table(),
         "activations": {t: qm.tensors[t].dtype for t in qm.tensors},
@@ -245,42 +254,11 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
         "mixed": mixed_record, "config": asdict(cfg),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    log(f"quantized ({method}): {acc_q:.2f} % vs float {acc_float:.2f} %; weights "
-        f"{report['weight_bytes']} B (int8 would be {int8_bytes} B)")
+    score = f"{heads} outputs, no accuracy" if heads > 1 else \
+        f"{acc_q:.2f} % vs float {acc_float:.2f} %"
+    log(f"quantized ({method}): {score}; weights {report['weight_bytes']} B (int8 would be "
+        f"{int8_bytes} B)")
     return qm, report
-
-
-def _quantize_heads(net, model, shape, data, target, cfg: QuantizeConfig, calib, log, t0):
-    """A model with several outputs (heads): calibrated PTQ at the configured word lengths.
-    Accuracy is a score of one output against the data's labels, so none is reported, and
-    the methods that train on that score (QAT, ADMM, mixed precision) are refused by name."""
-    from .admm import default_layer_formats
-    from .ptq import calibrate, to_qmodel
-
-    if cfg.method not in ("auto", "ptq") or cfg.mixed:
-        raise EdgepruneError(f"the model has {len(net.outputs)} outputs; "
-                             f"{'--mixed' if cfg.mixed else '--method ' + cfg.method} trains "
-                             "or chooses on the accuracy of one output: use --method ptq")
-    weight_cfg = {}
-    if cfg.layer_bits:
-        weight_cfg = layer_weight_cfg(model, cfg.layer_bits, {n.name for n in net.weight_nodes()})
-    elif cfg.bits < 8 or cfg.fmt != "int":
-        weight_cfg = default_layer_formats(net, cfg.fmt, cfg.bits)
-    qm = to_qmodel(net, calibrate(net, calib, cfg.calib_method, seed=cfg.seed), weight_cfg)
-    qm.meta.update({"method": "ptq", "calibration": cfg.calib_method,
-                    "calibration_samples": int(len(calib))})
-    int8_bytes = sum(int(qm.param(o, "weight").size) for o in qm.stored_weight_ops())
-    log(f"quantized (ptq) {len(qm.outputs)} outputs; no accuracy (it scores one output); "
-        f"weights {qm.total_weight_bytes()} B (int8 would be {int8_bytes} B)")
-    return qm, {
-        "method": "ptq", "requested_method": cfg.method, "target": target.name,
-        "data": data.name, "input_shape": list(shape), "outputs": len(qm.outputs),
-        "accuracy": None, "weight_bytes": qm.total_weight_bytes(),
-        "weight_bytes_int8": int8_bytes, "layers": qm.layer_table(),
-        "activations": {t: qm.tensors[t].dtype for t in qm.tensors},
-        "target_word_lengths": {"weight_bits": target.quant["weight_bits"],
-                                "activation_bits": target.quant["activation_bits"]},
-        "mixed": None, "config": asdict(cfg), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
