@@ -229,6 +229,24 @@ def open_port(url: str, baud: int, timeout: float):
         raise EdgepruneError(f"cannot open serial port {url}: {e}")
 
 
+def open_qemu_port(port: int, baud: int, timeout: float):
+    """pyserial's socket:// port to QEMU's UART on 127.0.0.1:`port`. Its close() skips the
+    0.3 s pause pyserial takes so a server can be reconnected at once: QEMU's is not, it exits."""
+    from serial.urlhandler.protocol_socket import Serial
+
+    class QemuUart(Serial):
+        def close(self):
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+            self.is_open = False
+
+    ser = QemuUart(None, baudrate=baud, timeout=timeout)
+    ser.port = f"socket://127.0.0.1:{port}"
+    ser.open()
+    return ser
+
+
 def profile(build_dir: Path, port: str = "qemu", baud: int = 115200, runs: int = 1,
             inputs: np.ndarray | None = None, energy_meter: Path | None = None,
             timeout: float = 3.0, retries: int = 5, elf: Path | None = None) -> dict:
@@ -256,7 +274,7 @@ def profile(build_dir: Path, port: str = "qemu", baud: int = 115200, runs: int =
             marks = [mem.symbols[n] & ~1 for n in ("ep_bench_start", "ep_bench_stop", "ep_layer_mark")]
             plugin_args = ",".join([f"out={log}"] + [f"mark={m:#x}" for m in marks])
             proc, ser = start_qemu_tcp(
-                target, elf, lambda p: open_port(f"socket://127.0.0.1:{p}", baud, timeout), plugin_args)
+                target, elf, lambda p: open_qemu_port(p, baud, timeout), plugin_args)
             try:
                 link = P.Link(ser, timeout, retries, f"QEMU ({target.qemu['machine']}, pid {proc.pid})")
                 session = run_session(link, build, expected_hash, sample, runs, run_timeout)

@@ -49,7 +49,7 @@ def start_qemu_tcp(target: Target, elf: Path, connect, plugin_args: str | None =
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = qemu_command(target, elf, f"tcp:127.0.0.1:{port},server=on,wait=on")
+        cmd = qemu_command(target, elf, f"tcp:127.0.0.1:{port},server=on,wait=on,nodelay=on")
         if plugin_args:
             cmd += ["-plugin", f"{plugin_path()},{plugin_args}"]
         try:

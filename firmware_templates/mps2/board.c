@@ -15,6 +15,9 @@
 void board_init(void) {
   UART_BAUDDIV = 16;
   UART_CTRL = 3; /* TX and RX enabled */
+  /* QEMU's UART refused bytes while RX was off and looks again only when DATA is read (or
+     after about a second): read it once so the host's first request arrives at once. */
+  (void)UART_DATA;
   *(volatile uint32_t *)0xE000EDFCu |= 1u << 24; /* DEMCR.TRCENA: DWT on */
   *(volatile uint32_t *)0xE0001000u |= 1u;       /* DWT_CTRL.CYCCNTENA */
 }
