@@ -59,10 +59,11 @@ def check_fits(target: Target, weights_bytes: int, arena_bytes: int | None, orig
 def compile_model(spec: str | Path, target_name: str, out: Path | str,
                   input_shape: tuple[int, ...] | None = None,
                   prefix: str = "model", force: bool = False, log=print,
-                  check_chip: bool = True) -> dict:
+                  check_chip: bool = True, firmware: bool = True) -> dict:
     """Lower `spec` with TVM into a C library and firmware in `out`. check_chip=False builds a
     model larger than the chip's flash or SRAM all the same (QEMU's board has room: the feedback
-    search measures such models on its way to a budget)."""
+    search measures such models on its way to a budget). firmware=False writes the library only
+    (the search measures with the profiling firmware, which it builds from the library)."""
     from . import frontend
     from .elfinfo import read_elf
     from .emit import write_library
@@ -100,16 +101,14 @@ def compile_model(spec: str | Path, target_name: str, out: Path | str,
         if check_chip:
             check_fits(target, lowered.weights_bytes, plan.arena_bytes, spec)
         manifest = write_library(lowered, plan, tmp / "c_library", quant_note)
-        log(f"cross-compiling for {target.name} ({target.toolchain['cc']})")
-        elf = build_firmware(target, tmp / "c_library", manifest, tmp / "firmware",
-                             chip=check_chip)
-        mem = read_elf(elf, prefix)
-        build = {
-            "target": target_ref(target), "model": spec, "kind": kind, **manifest,
-            "firmware": "firmware/firmware.elf",
-            "memory": memory_summary(mem),
-            **({} if check_chip else {"beyond_chip": True}),   # linked for the board's memory
-        }
+        build = {"target": target_ref(target), "model": spec, "kind": kind, **manifest,
+                 **({} if check_chip else {"beyond_chip": True})}  # linked for the board's memory
+        if firmware:
+            log(f"cross-compiling for {target.name} ({target.toolchain['cc']})")
+            elf = build_firmware(target, tmp / "c_library", manifest, tmp / "firmware",
+                                 chip=check_chip)
+            build.update(firmware="firmware/firmware.elf",
+                         memory=memory_summary(read_elf(elf, prefix)))
         (tmp / BUILD_FILE).write_text(json.dumps(build, indent=2))
         return build
 

@@ -121,7 +121,7 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], target,
         # a candidate may exceed the chip (the unpruned model often does): measured all the
         # same, the search's budgets (and the chip's capacity) judge it
         compile_model(str(Path(tmp) / "q"), str(target.path), Path(tmp) / "b",
-                      log=lambda *a: None, check_chip=False)
+                      log=lambda *a: None, check_chip=False, firmware=False)
         x = calib_x[:input_shape[0]].reshape((1,) + tuple(input_shape))
         prof = profile(Path(tmp) / "b", port="qemu", inputs=x)
         if prof["check"].get("mismatches"):

@@ -47,6 +47,7 @@ else (grouped convs with a channel multiplier, other layouts) keeps TVM's loweri
 
 from __future__ import annotations
 
+import functools
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -498,14 +499,21 @@ def _add_chain(end, defs: dict, uses: dict, features=()):
 
 
 def _parse(src: str, what: str):
-    import tvm
-    from tvm.script import tirx as T  # noqa: F401  (the parsed source refers to T)
-
     try:
-        return tvm.script.from_source(src)
+        return _parsed(src)
     except Exception as e:  # a generator bug: say which layer and show the source
         from ..errors import EdgepruneError
         raise EdgepruneError(f"int8 kernel for {what} did not parse: {e}\n{src}") from None
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed(src: str):
+    """The PrimFunc of a kernel's TVMScript. Kept: a search compiles many models whose layers
+    are mostly the same, and parsing is most of the lowering's time (TVM's IR is immutable)."""
+    import tvm
+    from tvm.script import tirx as T  # noqa: F401  (the parsed source refers to T)
+
+    return tvm.script.from_source(src)
 
 
 def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
