@@ -230,15 +230,15 @@ def reorder_for_memory(lowered) -> int:
 INPLACE_KERNEL = re.compile(r"ep_int8_(depthwise|add)\d*$")
 
 
-def _inplace_candidates(call, convs: bool) -> tuple[list[str], str]:
-    """(inputs the call's output may overwrite, how they must fit)."""
+def _inplace_candidates(call, convs: bool) -> tuple[list[int], str]:
+    """(positions of the inputs the call's output may overwrite, how they must fit)."""
     if call.overwrites:      # an int8 conv that copies its input whole or by its own bands
-        return (call.inputs[:1] if convs else []), "any"
+        return ([0] if convs else []), "any"
     if INPLACE_KERNEL.match(call.kernel):
         if "depthwise" in call.kernel:
-            return call.inputs[:1], "plane"
-        return call.inputs, "element"
-    return [call.inputs[k] for k in call.elementwise], "same"
+            return [0], "plane"
+        return list(range(len(call.inputs))), "element"
+    return list(call.elementwise), "same"
 
 
 def inplace_aliases(lowered, convs: bool = True) -> dict[str, str]:
@@ -257,12 +257,16 @@ def inplace_aliases(lowered, convs: bool = True) -> dict[str, str]:
         if out in external or out in lowered.views:
             continue
         y = lowered.tensors[out]
-        names, fit = _inplace_candidates(call, convs)
-        for name in names:
+        positions, fit = _inplace_candidates(call, convs)
+        for k in positions:
+            name = call.inputs[k]
             t = lowered.base(name)
             if (t in external or last.get(t) != i or t in aliases.values()
                     or lowered.offset(name)):   # a slice: the kernel reads past its output
                 continue
+            if any(lowered.base(n) == t and (n != name or j not in positions)
+                   for j, n in enumerate(call.inputs)):
+                continue   # also read at other elements (a view of it at another channel)
             x = lowered.tensors[t]
             size_x, size_y = np.dtype(x.dtype).itemsize, np.dtype(y.dtype).itemsize
             if fit == "plane":  # same N, C; an output plane within an input plane

@@ -246,6 +246,36 @@ def test_only_elementwise_inputs_may_share_the_output():
     assert 0 not in one_kernel(lambda h: relax.op.permute_dims(h, [0, 2, 1]))
 
 
+class _Shifted(torch.nn.Module):
+    """A tensor added to itself shifted one channel each way (how a local response norm sums
+    its window): one fused kernel reads it whole and through views at other channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        s = torch.relu(self.c1(x)) ** 2
+        pad = torch.nn.functional.pad
+        return self.c2(pad(s[:, :-1], (0, 0, 0, 0, 1, 0)) + s + pad(s[:, 1:], (0, 0, 0, 0, 0, 1)))
+
+
+def test_a_kernel_that_reads_views_of_its_input_does_not_write_over_it(tmp_path):
+    """The kernel reads s[c] for its output at c, but also s[c - 1] and s[c + 1] through the
+    views: its output over s would overwrite channels it has yet to read (it did: 149 %
+    error)."""
+    from edgeprune.compile import compile_model
+    from edgeprune.load import save_torch
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    save_torch(_Shifted().eval(), (1, 1, 6, 6), tmp_path / "m.pt")
+    compile_model(str(tmp_path / "m.pt"), "riscv32", tmp_path / "b", log=lambda *a: None)
+    result, _ = simulate(tmp_path / "b", np.random.default_rng(0).normal(
+        size=(2, 1, 6, 6)).astype(np.float32))
+    assert result["outputs_match"], result["rel_err"]
+
+
 class _Concats(torch.nn.Module):
     """A Fire module (two expands concatenated), a DenseNet pair of concatenations (the first
     inside the second) and a concatenation along the width, which is not contiguous."""
