@@ -145,6 +145,38 @@ def attention_bias(attn_mask, key_padding_mask, heads: int) -> torch.Tensor:
 fx.wrap("attention_bias")
 
 
+def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float,
+                        before: int) -> torch.Tensor:
+    """Local response normalization (AlexNet's LRN): x / (k + alpha / size * S)^beta, S the
+    sum of x^2 over the `size` channels from c - before (zeros past the ends). torch's window
+    has before = size // 2, ONNX's (size - 1) // 2. One node in traced graphs, written out as
+    its ops by `lower_composites`."""
+    return _local_response_norm_ops(x, x.dim(), int(x.shape[1]), size, alpha, beta, k, before)
+
+
+fx.wrap("local_response_norm")
+
+
+def _local_response_norm_ops(x, rank: int, channels: int, size: int, alpha: float,
+                             beta: float, k: float, before: int):
+    """The LRN of `x` (a tensor, or an fx Proxy: then its ops go into the graph) as a square,
+    channel slices shifted by zero padding and added, and x times a power of their sum: one
+    table and one product of activations for the int8 stages."""
+    def pad(front: int, back: int):   # F.pad's pairs run from the last axis to the channels
+        return (0, 0) * (rank - 2) + (front, back)
+    square = x * x
+    total = None
+    for d in range(max(-before, 1 - channels), min(size - before, channels)):
+        if d < 0:      # channel c reads c + d: the first -d channels read zeros
+            term = F.pad(square[:, :d], pad(-d, 0))
+        elif d > 0:
+            term = F.pad(square[:, d:], pad(0, d))
+        else:
+            term = square
+        total = term if total is None else total + term
+    return x * (k + alpha / size * total) ** -beta
+
+
 class AttentionAsOps(nn.Module):
     """nn.MultiheadAttention (batch_first) as the Linears, matrix products and softmax it
     computes, so that every stage sees them (torch.fx keeps torch.nn modules whole)."""
@@ -810,6 +842,10 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
             found = _stack_reduced_as_ops(gm, node) or found
             continue
         mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, nn.LocalResponseNorm) or (
+                node.op == "call_function" and node.target is local_response_norm):
+            found = _local_response_norm_as_ops(gm, node, mod) or found
+            continue
         is_glu = isinstance(mod, nn.GLU) or (node.op == "call_function" and node.target is F.glu)
         if not (is_glu or isinstance(mod, nn.Softmax2d)):
             continue
@@ -828,6 +864,21 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         node.replace_all_uses_with(y)
         found = True
     return _rewritten(gm, model) if found else model
+
+
+def _local_response_norm_as_ops(gm: fx.GraphModule, node: fx.Node, mod) -> bool:
+    x = node.args[0]
+    if mod is not None:
+        args = (mod.size, mod.alpha, mod.beta, mod.k, mod.size // 2)
+    else:
+        names = ("size", "alpha", "beta", "k", "before")
+        given = dict(zip(names, node.args[1:])) | node.kwargs
+        args = tuple(given[n] for n in names)
+    shape = x.meta["tensor_meta"].shape
+    with gm.graph.inserting_before(node):
+        y = _local_response_norm_ops(fx.Proxy(x), len(shape), int(shape[1]), *args)
+    node.replace_all_uses_with(y.node)
+    return True
 
 
 def _attention_as_ops(gm: fx.GraphModule, node: fx.Node) -> bool:

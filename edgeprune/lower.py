@@ -98,6 +98,12 @@ def import_onnx(model, origin: str = "model"):
     import tvm  # noqa: F401  (heavy import, deferred until lowering is needed)
     from tvm.relax.frontend.onnx import from_onnx
 
+    for node in model.graph.node:   # what the frontend takes wrongly: named, not a crash
+        size = next((a.i for a in node.attribute if a.name == "size"), 1)
+        if node.op_type == "LRN" and size % 2 == 0:
+            raise EdgepruneError(f"{origin}: ONNX node '{node.name}' (LRN) has an even size "
+                                 f"{size}; TVM's ONNX frontend takes odd sizes only in float "
+                                 "(quantize the model: the int8 stages take any size)")
     try:
         return from_onnx(model, keep_params_in_input=False)
     except Exception as e:

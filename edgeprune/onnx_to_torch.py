@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import EdgepruneError
-from .layers import ConvTransposeAsConv, zero_insert
+from .layers import ConvTransposeAsConv, local_response_norm, zero_insert
 
 
 
@@ -394,6 +394,14 @@ class _Builder:
     def op_Celu(self, node, a):
         return self._module(node, "Celu", nn.CELU(float(a.get("alpha", 1.0))),
                             self._in(node.input[0]))
+
+    def op_LRN(self, node, a):
+        x, size = self._in(node.input[0]), int(a["size"])
+        args = (size, float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)),
+                float(a.get("bias", 1.0)), (size - 1) // 2)   # ONNX's window
+        n, v = self._fn(local_response_norm, [x[0], *args], [x[1], *args])
+        n.meta["is_wrapped"] = True   # stays one node when the module is traced again
+        return n, v
 
     def op_Softplus(self, node, a):
         return self._module(node, "Softplus", nn.Softplus(), self._in(node.input[0]))
@@ -1204,13 +1212,14 @@ class _Builder:
         rank = x[1].dim()
         modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
                  "wrap": "circular"}
+        channels = pads[1] or pads[rank + 1] if len(pads) == 2 * rank else 0
         if (mode not in modes or len(pads) != 2 * rank or rank not in (3, 4)
-                or any(pads[d] or pads[rank + d] for d in (0, 1))):
+                or pads[0] or pads[rank] or (channels and mode != "constant")):
             raise _err(f"ONNX node '{node.name}' (Pad): only padding of the axes after the "
-                       f"channels of an (N, C, L) or NCHW tensor, in modes {', '.join(modes)}, "
-                       f"is supported (mode {mode}, pads {pads})")
+                       f"batch of an (N, C, L) or NCHW tensor, in modes {', '.join(modes)} "
+                       f"(the channels: constant only), is supported (mode {mode}, pads {pads})")
         widths = []           # F.pad's order: the last axis first, (before, after) each
-        for d in reversed(range(2, rank)):
+        for d in reversed(range(2 if not channels else 1, rank)):
             widths += [pads[d], pads[rank + d]]
         kw = {"value": value} if mode == "constant" else {"mode": modes[mode]}
         return self._fn(F.pad, [x[0], tuple(widths)], [x[1], tuple(widths)], kw)

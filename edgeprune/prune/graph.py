@@ -538,7 +538,11 @@ class DepGraph:
             pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
             if len(pad) <= 4:                                  # H and W only
                 return self._input_layout(node)
-            self._fail(node, f"padding {tuple(pad)} reaches the channel axis")
+            if shape is not None and len(pad) == 2 * (len(shape) - 1):
+                # zero channels added (an LRN's shifted windows): the channels are kept
+                self._freeze(self._input_layout(node))
+                return self._new_space(shape[1], None, True)
+            self._fail(node, f"padding {tuple(pad)} reaches the batch axis")
         if (not is_fn and t == "unsqueeze") or (is_fn and t is torch.unsqueeze):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             lay = self._layout_of(node.args[0])

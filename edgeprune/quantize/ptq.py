@@ -1789,7 +1789,9 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             with torch.no_grad():
                 real = lut_apply(n.attrs, (q - tin.zero_point) * tin.scale).numpy()
             real = np.nan_to_num(real)    # sqrt, log of grid values below the data's range
-            table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin, out.qmax)
+            with np.errstate(over="ignore"):   # a pole past the data's range: clipped
+                table = np.clip(np.floor(real / out.scale + 0.5) + out.zero_point, out.qmin,
+                                out.qmax)
             params[f"{n.name}.table"] = table.astype(out.dtype)
             if attrs["function"] == "region":   # the code, for reading (the table is the op)
                 attrs["param"] = attrs["param"].code.strip()
