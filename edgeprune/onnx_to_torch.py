@@ -204,6 +204,13 @@ class _Builder:
             v = fn(*vals, **(kwargs or {}))
         return n, v
 
+    def _compose(self, fn, *xs):
+        """fn of ONNX values (fx node, value) written as the torch ops it runs: each becomes
+        a node (fn runs once on fx proxies), and the value is computed alongside."""
+        node = fn(*(fx.Proxy(n) for n, _ in xs)).node
+        with torch.no_grad():
+            return node, fn(*(v for _, v in xs))
+
     def _pad_if_asymmetric(self, node, x, pads, value=0.0):
         """ONNX pads [t, l, b, r] ([l, r] in 1-D); torch layers take symmetric padding only."""
         if pads and len(pads) == 2:
@@ -496,6 +503,15 @@ class _Builder:
     def op_Not(self, node, a):
         return self._math(node, torch.logical_not)
 
+    def op_ThresholdedRelu(self, node, a):
+        alpha = float(a.get("alpha", 1.0))
+        return self._compose(lambda x: torch.where(x > alpha, x, 0.0), self._in(node.input[0]))
+
+    def op_Shrink(self, node, a):
+        lambd, bias = float(a.get("lambd", 0.5)), float(a.get("bias", 0.0))
+        return self._compose(lambda x: torch.where(x < -lambd, x + bias, torch.where(
+            x > lambd, x - bias, 0.0)), self._in(node.input[0]))
+
     def op_Where(self, node, a):
         c, x, y = (self._in(i) for i in node.input)
         return self._fn(torch.where, [c[0], x[0], y[0]], [c[1], x[1], y[1]])
@@ -629,9 +645,19 @@ class _Builder:
     def op_ReduceSum(self, node, a):
         return self._reduce(node, a, torch.sum, "sum")
 
-    def _reduce(self, node, a, fn, what: str):
-        axes = self._axes(node, a)
+    def op_ReduceSumSquare(self, node, a):
         x = self._in(node.input[0])
+        return self._reduce(node, a, torch.sum, "sum of squares", self._compose(
+            lambda v: v * v, x))
+
+    def op_ReduceL1(self, node, a):
+        return self._reduce(node, a, torch.sum, "sum", self._compose(
+            torch.abs, self._in(node.input[0])))
+
+    def _reduce(self, node, a, fn, what: str, x=None):
+        """fn over the node's axes of its input (or of `x`, computed from it)."""
+        axes = self._axes(node, a)
+        x = x or self._in(node.input[0])
         if axes is None:
             raise _err(f"ONNX node '{node.name}' ({node.op_type}): a {what} over every axis is "
                        "not supported")
@@ -1088,6 +1114,30 @@ class _Builder:
         for y in xs[1:]:
             out = self._fn(operator.add, [out[0], y[0]], [out[1], y[1]])
         return out
+
+    def op_Mean(self, node, a):
+        """n-ary mean: the Sum's adds, then a product by 1 / n."""
+        n = 1.0 / len(node.input)
+        return self._compose(lambda s: s * n, self.op_Sum(node, a))
+
+    def op_LpNormalization(self, node, a):
+        p, axis = int(a.get("p", 2)), int(a.get("axis", -1))
+        if p != 2:
+            raise _err(f"ONNX node '{node.name}' (LpNormalization): p={p}; only p=2 (x over "
+                       "its Euclidean norm) is supported")
+        x = self._in(node.input[0])
+        return self._fn(F.normalize, [x[0]], [x[1]], {"p": 2.0, "dim": axis})
+
+    def op_GlobalLpPool(self, node, a):
+        """The p-norm of each channel's plane (p = 1 or 2)."""
+        p, x = int(a.get("p", 2)), self._in(node.input[0])
+        dims = tuple(range(2, x[1].dim()))
+        if p == 2:   # a square, a sum and a root: ops the stages know
+            return self._compose(lambda v: (v * v).sum(dims, keepdim=True).sqrt(), x)
+        if p == 1:
+            return self._compose(lambda v: v.abs().sum(dims, keepdim=True), x)
+        raise _err(f"ONNX node '{node.name}' (GlobalLpPool): p={p}; only p=1 and p=2 are "
+                   "supported")
 
     def op_Transpose(self, node, a):
         perm = [int(d) for d in a.get("perm", [])]
