@@ -104,6 +104,10 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
             pass
         elif node.target is F.pad and len(_arg(node, 1, "pad", ())) == 2:
             pass   # pads the last axis (L) alone, at any rank
+        elif node.target is F.pad and len(_arg(node, 1, "pad", ())) == 4 and _rank(node) == 3:
+            l0, l1, c0, c1 = _arg(node, 1, "pad", ())   # and the channels: height 1 unpadded
+            node.args = (node.args[0], (l0, l1, 0, 0, c0, c1), *node.args[2:])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "pad"}
         elif node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
             pass
         elif _is(node, torch.flatten, "flatten"):

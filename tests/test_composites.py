@@ -320,3 +320,19 @@ def test_local_response_norm_from_torch_and_onnx_prunes_and_runs_bit_exact(size,
         with pytest.raises(EdgepruneError, match="'lrn' \\(LRN\\) has an even size 10"):
             compile_model(str(tmp_path / "m.onnx"), "cortex-m7", tmp_path / "f2",
                           log=lambda *a: None)
+
+
+def test_local_response_norm_of_a_signal_runs_bit_exact(tmp_path):
+    """After Conv1d (N, C, L): its channel padding lifts to 2-D with the rest of the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.ReLU(),
+                          nn.LocalResponseNorm(3, 0.05, 0.75, 1.5), nn.Conv1d(6, 8, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14, 3)).eval()
+    save_torch(model, (1, 2, 16), tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    x = torch.randn(4, 2, 16) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.unsqueeze(2)), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x.unsqueeze(2), ratios=0.5)
+    qm = ptq.quantize_ptq(pruned, shape, (torch.randn(64, *shape[1:]) * 2).numpy())
+    bit_exact(qm, x.unsqueeze(2).numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)
