@@ -854,8 +854,11 @@ class _Builder:
         """(kernel, strides, ceil_mode); auto_pad (TensorFlow's SAME) is made explicit pads."""
         k = tuple(a["kernel_shape"])
         if len(k) not in (1, 2):
+            lrn = len(k) == 3 and k[1:] == (1, 1) and node.op_type == "AveragePool"
             raise _err(f"ONNX node '{node.name}' ({node.op_type}): only 1-D and 2-D pooling is "
-                       "supported")
+                       "supported" + ("; torch's exporters write nn.LocalResponseNorm as this "
+                                      "pool over the channels: give edgeprune the torch model "
+                                      "itself, or an ONNX LRN node" if lrn else ""))
         size = tuple(self._in(node.input[0])[1].shape[2:])
         pads = _auto_pads(a, size, k)
         if pads is not None:

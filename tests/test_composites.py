@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checks import bit_exact, conv_widths, pruned_equivalently
+from edgeprune.errors import EdgepruneError
 from edgeprune.frontend import export_torch
 from edgeprune.load import load_torch, save_torch
 from edgeprune.onnx_to_torch import onnx_to_torch
@@ -315,8 +316,10 @@ def test_local_response_norm_from_torch_and_onnx_prunes_and_runs_bit_exact(size,
     back, _ = onnx_to_torch(tmp_path / "p.onnx")
     qm = ptq.quantize_ptq(back, shape, (torch.randn(64, *shape[1:]) * 2).numpy())
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path / "onnx", like=pruned, tol=0.1)
+    torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "t.onnx"), dynamo=False)
+    with pytest.raises(EdgepruneError, match="write nn.LocalResponseNorm as this pool"):
+        load_torch(str(tmp_path / "t.onnx"))      # a 3-D pool over the channels: named
     if model.lrn.size % 2 == 0:   # TVM's float frontend takes odd sizes only: named
-        from edgeprune.errors import EdgepruneError
         with pytest.raises(EdgepruneError, match="'lrn' \\(LRN\\) has an even size 10"):
             compile_model(str(tmp_path / "m.onnx"), "cortex-m7", tmp_path / "f2",
                           log=lambda *a: None)
