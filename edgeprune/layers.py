@@ -841,6 +841,13 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         if node.op == "call_function" and node.target is torch.stack:
             found = _stack_reduced_as_ops(gm, node) or found
             continue
+        if node.op == "call_function" and node.target is torch.einsum:
+            found = _einsum_as_ops(gm, node) or found
+            continue
+        if (node.op == "call_method" and node.target == "repeat") or (
+                node.op == "call_function" and node.target is torch.tile):
+            found = _repeat_as_concat(gm, node) or found
+            continue
         mod = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(mod, nn.LocalResponseNorm) or (
                 node.op == "call_function" and node.target is local_response_norm):
@@ -866,6 +873,114 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     return _rewritten(gm, model) if found else model
 
 
+def _repeat_as_concat(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """x.repeat(r0, r1, ...) or torch.tile(x, dims) as the concatenation of r copies along
+    each axis repeated (a concatenation every stage knows); False for a repeat that adds axes."""
+    x, *reps = node.args
+    reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (list, tuple)) else reps
+    rank = len(x.meta["tensor_meta"].shape)
+    if not all(isinstance(r, int) for r in reps) or len(reps) > rank:
+        return False
+    reps = [1] * (rank - len(reps)) + reps   # torch.tile pads its dims with leading ones
+    y = x
+    with gm.graph.inserting_before(node):
+        for axis, r in enumerate(reps):
+            if r > 1:
+                y = gm.graph.call_function(torch.cat, ([y] * r, axis))
+    y.meta = dict(node.meta)   # its shape, for rewrites after this one
+    node.replace_all_uses_with(y)
+    return True
+
+
+def _einsum_as_ops(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """torch.einsum of two operands as permutes, reshapes and one product: with a constant
+    operand (a weight) an nn.Conv2d/Conv1d of 1x1 kernels when it maps the channels of an NCHW
+    or NCL tensor, else an nn.Linear over the contracted axes moved last; of two activations a
+    torch.matmul. False (left for the stage that meets it to name) for other forms (ellipsis,
+    one operand, an index repeated or summed within one operand, a weight with batch axes)."""
+    equation, *ops = node.args
+    ops = list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+    equation = equation.replace(" ", "") if isinstance(equation, str) else ""
+    if len(ops) != 2 or "->" not in equation or "." in equation:
+        return False
+    ins, out = equation.split("->")
+    a, b = ins.split(",")
+    if any(len(set(t)) != len(t) for t in (a, b, out)) or not set(out) <= set(a + b):
+        return False
+    if any(i not in out and i not in (b if t is a else a) for t in (a, b) for i in t):
+        return False   # an index summed within one operand
+    const = [isinstance(o, fx.Node) and o.op == "get_attr" for o in ops]
+    if const[0]:
+        (a, b), ops, const = (b, a), ops[::-1], const[::-1]
+    if const[0]:
+        return False
+    batch = [i for i in out if i in a and i in b]
+    contract = [i for i in a if i in b and i not in out]
+    a_only, b_only = [i for i in a if i not in b], [i for i in b if i not in a]
+    first = (a_only if const[1] else batch)[:1]
+    if not (contract and a_only and b_only) or first != [a[0]] or out[0] != a[0] or \
+            (not const[1] and b[0] != a[0]):
+        return False      # the batch axis first in the activations and the output
+    shape = dict(zip(a, ops[0].meta["tensor_meta"].shape))
+    g = gm.graph
+
+    def size(idx):
+        return int(torch.tensor([shape[i] for i in idx]).prod())
+
+    def free_batch(idx):     # a static shape but the batch axis (training runs others)
+        return [-1] + [shape[i] for i in idx[1:]]
+
+    with g.inserting_before(node):
+        if const[1]:
+            if batch:
+                return False
+            w = operator.attrgetter(ops[1].target)(gm)
+            shape.update(zip(b, w.shape))
+            w2 = w.detach().permute([b.index(i) for i in contract + b_only]).reshape(
+                size(contract), -1).t().contiguous()           # (N, K)
+            conv = len(a) in (3, 4) and contract == [a[1]] and len(b_only) == 1 and \
+                out == a.replace(a[1], b_only[0])
+            if conv:       # the channels of NCHW (NCL) mapped: 1x1 kernels
+                mod = (nn.Conv2d if len(a) == 4 else nn.Conv1d)(w2.shape[1], w2.shape[0], 1,
+                                                                 bias=False)
+            else:
+                mod = nn.Linear(w2.shape[1], w2.shape[0], bias=False)
+            mod.weight.data.copy_(w2.reshape(mod.weight.shape))
+            mod.weight.requires_grad_(isinstance(w, nn.Parameter))
+            name = next(f"einsum{i}" for i in range(len(g.nodes) + 1)
+                        if not hasattr(gm, f"einsum{i}"))
+            gm.add_submodule(name, mod)
+            if conv:
+                y = g.call_module(name, (ops[0],))
+                y.meta = dict(node.meta)
+                node.replace_all_uses_with(y)
+                return True
+            x = g.call_method("permute", (ops[0], [a.index(i) for i in a_only + contract]))
+            if len(contract) > 1:
+                x = g.call_method("reshape", (x, free_batch(a_only) + [size(contract)]))
+            y, order = g.call_module(name, (x,)), a_only + b_only
+            flat = len(b_only) > 1
+        else:
+            shape.update(zip(b, ops[1].meta["tensor_meta"].shape))
+            x = g.call_method("permute", (ops[0], [a.index(i) for i in batch + a_only + contract]))
+            z = g.call_method("permute", (ops[1], [b.index(i) for i in batch + contract + b_only]))
+            flat = max(len(a_only), len(b_only), len(contract)) > 1
+            if flat:
+                x = g.call_method("reshape", (x, free_batch(batch) + [size(a_only),
+                                                                      size(contract)]))
+                z = g.call_method("reshape", (z, free_batch(batch) + [size(contract),
+                                                                      size(b_only)]))
+            y, order = g.call_function(torch.matmul, (x, z)), batch + a_only + b_only
+        if flat:
+            y = g.call_method("reshape", (y, free_batch(order)))
+        perm = [order.index(i) for i in out]
+        if perm != sorted(perm):
+            y = g.call_method("permute", (y, perm))
+    y.meta = dict(node.meta)
+    node.replace_all_uses_with(y)
+    return True
+
+
 def _local_response_norm_as_ops(gm: fx.GraphModule, node: fx.Node, mod) -> bool:
     x = node.args[0]
     if mod is not None:
@@ -876,8 +991,9 @@ def _local_response_norm_as_ops(gm: fx.GraphModule, node: fx.Node, mod) -> bool:
         args = tuple(given[n] for n in names)
     shape = x.meta["tensor_meta"].shape
     with gm.graph.inserting_before(node):
-        y = _local_response_norm_ops(fx.Proxy(x), len(shape), int(shape[1]), *args)
-    node.replace_all_uses_with(y.node)
+        y = _local_response_norm_ops(fx.Proxy(x), len(shape), int(shape[1]), *args).node
+    y.meta = dict(node.meta)
+    node.replace_all_uses_with(y)
     return True
 
 

@@ -1293,6 +1293,27 @@ class _Builder:
             lin.bias.data.copy_(torch.as_tensor(np.ascontiguousarray(c)))
         return self._module(node, "Gemm", lin, self._in(node.input[0]))
 
+    def op_Einsum(self, node, a):
+        """torch.einsum, which loading writes as permutes and one product (a constant operand
+        of more than one value is a weight: a parameter, trained like a MatMul's)."""
+        equation, ops = _text(a["equation"]), []
+        for name in node.input:
+            if name in self.consts and np.asarray(self.consts[name]).size > 1:
+                t = torch.as_tensor(np.array(self.consts[name], np.float32))
+                pname = self._name(type("n", (), {"name": f"weight_{name}"})(), "weight")
+                self.root.register_parameter(pname, nn.Parameter(t))
+                ops.append((self.graph.get_attr(pname), t))
+            else:
+                ops.append(self._in(name))
+        return self._fn(torch.einsum, [equation, *(o[0] for o in ops)],
+                        [equation, *(o[1] for o in ops)])
+
+    def op_Tile(self, node, a):
+        """torch.tile by constant repeats (loading writes it as concatenations)."""
+        reps = tuple(int(r) for r in np.asarray(self._const(node.input[1], node, "repeats")))
+        x = self._in(node.input[0])
+        return self._fn(torch.tile, [x[0], reps], [x[1], reps])
+
     def op_MatMul(self, node, a):
         if node.input[1] not in self.consts:     # two activations (attention)
             return self._binary_fn(node, torch.matmul)

@@ -339,3 +339,66 @@ def test_local_response_norm_of_a_signal_runs_bit_exact(tmp_path):
     pruned, _ = pruned_equivalently(loaded, shape, x.unsqueeze(2), ratios=0.5)
     qm = ptq.quantize_ptq(pruned, shape, (torch.randn(64, *shape[1:]) * 2).numpy())
     bit_exact(qm, x.unsqueeze(2).numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)
+
+
+class Contractions(nn.Module):
+    """torch.einsum as user code writes it: a 1x1 channel map with a weight, a Linear over
+    each frame's features, attention's two products with heads; and x.repeat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.mix = nn.Parameter(torch.randn(8, 6) * 0.3)          # (c, d)
+        self.proj = nn.Parameter(torch.randn(6, 8) * 0.3)         # (d, e)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x)).repeat(1, 2, 1, 1)          # (N, 8, H, W)
+        y = torch.einsum("nchw,cd->ndhw", y, self.mix)            # (N, 6, H, W)
+        t = y.flatten(2).transpose(1, 2)                          # (N, T, 6)
+        t = torch.einsum("ntd,de->nte", t, self.proj)             # (N, T, 8)
+        q = t.reshape(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)   # (N, 2, T, 4)
+        att = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, q) * 0.5, -1)
+        o = torch.einsum("bhqk,bhkd->bhqd", att, q)
+        return self.fc(o.transpose(1, 2).flatten(2).mean(1))
+
+
+def test_einsum_and_repeat_load_as_products_and_concatenations_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Contractions().eval()
+    shape, x = (1, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    save_torch(model, shape, tmp_path / "m.pt")
+    loaded, _ = load_torch(str(tmp_path / "m.pt"))
+    assert "torch.einsum" not in loaded.code and "repeat" not in loaded.code
+    assert sum(isinstance(m, nn.Conv2d) for m in loaded.modules()) == 2   # the 1x1 map
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [2, 3]         # the stem (repeated: its copies as one)
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    assert sum(o.kind == "matmul" for o in qm.ops) == 2
+    bit_exact(qm, x.numpy(), "cortex-m7", tmp_path / "torch", like=pruned, tol=0.1)
+    torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
+    assert {"Einsum", "Tile"} <= {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    back, _ = load_torch(str(tmp_path / "m.onnx"))      # ONNX Einsum and Tile
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    assert all(p.requires_grad for p in back.parameters())   # the einsum's weights train
+
+
+class PerHead(nn.Module):
+    """An einsum with a weight that has a batch (head) index: no product every stage knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 4, 3))
+
+    def forward(self, x):
+        return torch.einsum("nhtd,hde->nhte", x, self.w)
+
+
+def test_an_einsum_no_stage_knows_is_named(tmp_path):
+    save_torch(PerHead(), (1, 2, 5, 4), tmp_path / "m.pt")
+    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    with pytest.raises(EdgepruneError, match="einsum"):
+        ptq.quantize_ptq(loaded, shape, torch.randn(8, *shape[1:]).numpy())

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from edgeprune.compile import compile_model
 from edgeprune.errors import EdgepruneError
-from edgeprune.layers import fold_constants, lower_handwritten_norms, lower_transposed_convs
+from edgeprune.layers import (fold_constants, lower_composites, lower_handwritten_norms,
+                              lower_transposed_convs)
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.prune import masked_reference, prune
 from edgeprune.prune import patterns
@@ -94,8 +95,9 @@ class Block(nn.Module):
             self.a = nn.Conv2d(2, 1, 3, 1, 1)
         elif self.kind == "norm":       # a conv, then a normalization
             self.a = nn.Conv2d(c, co, 3, 1, 1)
-            self.how = rng.choice(["group", "instance", "layer", "by_hand", "l2"])
-            self.n = {"group": lambda: nn.GroupNorm(2 if co % 2 == 0 else 1, co),
+            self.how = rng.choice(["group", "instance", "layer", "by_hand", "l2", "lrn"])
+            self.n = {"lrn": lambda: nn.LocalResponseNorm(rng.choice([2, 3, 5]), 0.1, 0.75, 1.0),
+                      "group": lambda: nn.GroupNorm(2 if co % 2 == 0 else 1, co),
                       "instance": lambda: nn.InstanceNorm2d(co, affine=True),
                       "layer": lambda: nn.LayerNorm([co, h, h]),
                       "by_hand": lambda: HandLayerNorm(co), "l2": nn.Identity}[self.how]()
@@ -226,7 +228,8 @@ def test_random_network_prunes_quantizes_and_runs_bit_exact(seed, target, tmp_pa
     original = lower_transposed_convs(RandomNet(rng, cin, h).eval())
     _random_bn(original, torch.Generator().manual_seed(seed))
     shape = (batch, cin, h, h)
-    model = lower_handwritten_norms(fold_constants(original), shape)   # as loading does
+    model = lower_composites(lower_handwritten_norms(fold_constants(original), shape),
+                             shape)   # as loading does
     x = torch.randn(4, cin, h, h)
 
     try:
