@@ -28,6 +28,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
 
+    def __post_init__(self):
+        self.x_train, self.x_test = _standard_strides(self.x_train), _standard_strides(self.x_test)
+
     @property
     def num_classes(self) -> int:
         """Classes of the labels; the values per sample of regression targets (the size of a
@@ -39,6 +42,18 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return (1,) + tuple(self.x_test.shape[1:])
+
+
+def _standard_strides(x: np.ndarray | None) -> np.ndarray | None:
+    """`x` with the strides of a fresh C array (copied only where they differ). numpy gives a
+    unit axis (a grey image's channel) any stride, and torch takes a batch whose channel stride
+    is 1 for channels-last: its convs then return channels-last maps, on which a model's own
+    `x.view(n, -1)` fails."""
+    if x is None:
+        return None
+    want = tuple(int(np.prod(x.shape[k + 1:], dtype=np.int64)) * x.itemsize
+                 for k in range(x.ndim))
+    return x if x.strides == want else np.array(x, order="C", copy=True)
 
 
 def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | None = None,
@@ -100,7 +115,7 @@ def _require(path: Path, how: str) -> Path:
 
 
 def _images(x: np.ndarray) -> np.ndarray:
-    return (x.astype(np.float32) / 255.0)[:, None, :, :]
+    return (x.astype(np.float32) / 255.0).reshape(len(x), 1, *x.shape[1:])
 
 
 def fashion_mnist() -> Dataset:

@@ -100,3 +100,22 @@ def test_channels_last_model_gets_its_images_transposed():
     signals = Dataset("s", x[:, :, 0], np.zeros(2, np.int64), x[:, :, 0], np.zeros(2, np.int64))
     lifted = fit_data((1, 5, 1, 3), signals, "k.onnx")    # a Keras Conv1D model's (L, 1, C)
     assert lifted.x_test.shape == (2, 5, 1, 3) and lifted.x_test[1, 4, 0, 2] == x[1, 2, 0, 4]
+
+
+def test_grey_samples_reach_a_model_as_plain_nchw_batches():
+    """numpy gives a unit axis any stride; a grey batch whose channel stride was 1 made torch
+    return channels-last maps from a conv, and a model's own `x.view(n, -1)` (LeNet's) failed.
+    Every dataset's samples now have the strides of a fresh array."""
+    import torch
+
+    from edgeprune.train import batches
+    grey = np.zeros((6, 5, 5), np.float32)
+    d = data.Dataset("grey", grey[:, None], np.zeros(6, np.int64), grey[:, None, None],
+                     np.zeros(6, np.int64))
+    assert d.x_train.strides == (100, 100, 20, 4) and d.x_test.strides == (100, 100, 100, 20, 4)
+    for name in ("fashion-mnist", "ecg200"):
+        d = data.load(name)
+        xb, _ = next(batches(d.x_test[:64], d.y_test[:64], 32, shuffle=True))
+        y = torch.nn.Conv2d(1, 4, (1, 3))(xb)
+        assert y.is_contiguous()
+        y.view(len(y), -1)
