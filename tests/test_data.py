@@ -119,3 +119,17 @@ def test_grey_samples_reach_a_model_as_plain_nchw_batches():
         y = torch.nn.Conv2d(1, 4, (1, 3))(xb)
         assert y.is_contiguous()
         y.view(len(y), -1)
+
+
+def test_samples_that_differ_by_unit_axes_take_the_models_shape():
+    """Grey (H, W) or (H, W, 1) images for a (1, H, W) model, and a signal for a lifted 1-D
+    model: the same bytes in the model's shape. Other shapes are named."""
+    from edgeprune.data import Dataset, fit_data
+    x = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    for grey in (x, x[..., None]):
+        d = fit_data((1, 1, 4, 5), Dataset("g", grey, np.zeros(2, np.int64), grey,
+                                           np.zeros(2, np.int64)), "m.pt")
+        assert d.x_test.shape == (2, 1, 4, 5) and np.array_equal(d.x_test[:, 0], x)
+    with pytest.raises(EdgepruneError, match=r"takes samples of shape \[1, 5, 4\].*\[4, 5\]"):
+        fit_data((1, 1, 5, 4), Dataset("g", x, np.zeros(2, np.int64), x, np.zeros(2, np.int64)),
+                 "m.pt")
