@@ -168,13 +168,15 @@ def _order_peaks(lowered, orders) -> list[int]:
     return peaks
 
 
-def best_order(lowered, max_states: int = 50_000) -> list[int]:
+def best_order(lowered, max_work: int = 2_000_000) -> list[int]:
     """The topological order of `lowered.calls` with the lowest peak of live bytes.
 
     A search over the sets of calls already run (the live tensors depend only on that set),
-    cheapest peak first; ties keep the original order. Graphs with too many such sets (very
-    wide) keep the original order."""
+    cheapest peak first; ties keep the original order. Graphs with too many such sets for
+    `max_work` (each set costs about one step per call: a recurrent layer unrolled over a
+    hundred steps has many hundred calls) keep the original order."""
     n = len(lowered.calls)
+    max_states = min(50_000, max_work // max(n, 1))
     deps, producer, readers = _dependencies(lowered)
     external = set(lowered.inputs) | set(lowered.outputs) | set(lowered.consts)
     final = {lowered.base(o) for o in lowered.outputs if o in lowered.views}
