@@ -232,9 +232,10 @@ class _Builder:
         unknown = [n for n in self.g.node if not hasattr(self, f"op_{n.op_type}")]
         if unknown:
             ops = sorted({n.op_type for n in unknown})
-            hint = (" (torch's default exporter writes a 1-D linear interpolation as GatherND; "
-                    "if this is one, export with dynamo=False, which writes a Resize)"
-                    if "GatherND" in ops else "")
+            hint = (" (torch's default exporter writes a 1-D linear interpolation, or an "
+                    "adaptive pool whose size does not divide its input, as GatherND: give "
+                    "edgeprune the torch model itself, or for an interpolation export with "
+                    "dynamo=False, which writes a Resize)" if "GatherND" in ops else "")
             raise _err(f"ONNX node '{unknown[0].name}' ({unknown[0].op_type}) is not supported "
                        f"(unsupported ops in the model: {', '.join(ops)}){hint}; supported ops: "
                        f"{', '.join(supported_ops())}")
