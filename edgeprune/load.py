@@ -184,9 +184,19 @@ def _torch_load(path: Path) -> nn.Module:
         model.load_state_dict(obj["state_dict"])
         setattr(model, INPUT_SHAPE_ATTR, shape)
         return model
+    if isinstance(obj, dict):   # a training checkpoint: {"model": module, "epoch": ..., ...}
+        held = [k for k, v in obj.items() if isinstance(v, nn.Module)]
+        if len(held) == 1:
+            obj = obj[held[0]]
+        elif held:
+            raise EdgepruneError(f"{path}: holds several modules ({', '.join(map(str, held))}); "
+                                 "save the one to deploy by itself")
     if not isinstance(obj, nn.Module):
-        raise EdgepruneError(f"{path}: holds a {type(obj).__name__}, not an nn.Module "
-                             "(save the module itself, or {'zoo': name, 'state_dict': ...})")
+        what = ("a state_dict (weights without the module)" if isinstance(obj, dict) and obj
+                and all(isinstance(v, torch.Tensor) for v in obj.values())
+                else f"a {type(obj).__name__}")
+        raise EdgepruneError(f"{path}: holds {what}, not an nn.Module (save the module "
+                             "itself, or {'zoo': name, 'state_dict': ...})")
     return obj
 
 

@@ -229,6 +229,22 @@ def test_a_pickled_module_whose_class_is_gone_says_how_to_fix_it(tmp_path, capsy
     assert "PYTHONPATH" in err and "ONNX" in err
 
 
+def test_a_training_checkpoint_loads_its_module_and_a_state_dict_is_named(tmp_path, capsys):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()
+    torch.save({"model": net, "epoch": 3, "best": 0.9}, tmp_path / "ckpt.pt")
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "ckpt.pt", "--out", tmp_path / "o",
+                         "--input-shape", "1,1,4,4")
+    assert rc == 0, err
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    torch.save({"a": net, "b": net[1]}, tmp_path / "two.pt")
+    for f, words in (("sd.pt", "holds a state_dict (weights without the module)"),
+                     ("two.pt", "holds several modules (a, b)")):
+        rc, _, err = run_cli(capsys, "compile", tmp_path / f, "--out", tmp_path / "p",
+                             "--input-shape", "1,1,4,4")
+        assert rc == 2 and words in err, err
+    assert not (tmp_path / "p").exists()
+
+
 def test_model_too_big_for_flash_says_both_numbers(tmp_path, capsys):
     big = nn.Sequential(nn.Flatten(), nn.Linear(784, 512))  # 1.6 MB of float weights
     _export(big, (1, 1, 28, 28), tmp_path / "big.onnx")
