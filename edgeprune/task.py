@@ -58,7 +58,8 @@ def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.T
         per = F.mse_loss(out.reshape(len(y), -1), y.reshape(len(y), -1), reduction="none")
         per = per.mean(1)
         return per.sum() if reduction == "sum" else per if reduction == "none" else per.mean()
-    if out.dim() == 2 and out.shape[1] > 1 and bool((out >= 0).all()) and torch.allclose(
+    out = out.reshape(len(y), -1)   # class scores with trailing unit axes: (N, K, 1, 1)
+    if out.shape[1] > 1 and bool((out >= 0).all()) and torch.allclose(
             out.detach().sum(1), torch.ones((), dtype=out.dtype), atol=1e-4):
         return F.nll_loss(torch.log(out.clamp_min(1e-12)), y, reduction=reduction)
     return F.cross_entropy(out, y, reduction=reduction)
@@ -76,8 +77,9 @@ def numpy_loss(outputs: np.ndarray, y: np.ndarray) -> float:
 
 
 def check_outputs(out_shape: tuple[int, ...], data) -> None:
-    """The model's output fits what `data` judges it on: class scores (N, K) for K classes, or
-    as many values per sample as the regression targets have."""
+    """The model's output fits what `data` judges it on: class scores (N, K) for K classes
+    (K or more; or K with unit axes around, as a conv classifier's (N, K, 1, 1)), or as many
+    values per sample as the regression targets have."""
     from .errors import EdgepruneError
     y = data.y_test
     if is_regression(y):
@@ -86,6 +88,8 @@ def check_outputs(out_shape: tuple[int, ...], data) -> None:
             raise EdgepruneError(f"the model's output is {list(out_shape)}; the regression "
                                  f"targets of {data.name} are {list(y.shape[1:])} per sample "
                                  f"({want} values)")
-    elif len(out_shape) != 2 or out_shape[1] < data.num_classes:
+    elif [d for d in out_shape[1:] if d != 1][:2] not in ([data.num_classes],) and not (
+            len(out_shape) == 2 and out_shape[1] >= data.num_classes):
         raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
-                             f"needs class scores (N, {data.num_classes})")
+                             f"needs class scores (N, {data.num_classes}), or (N, "
+                             f"{data.num_classes}, 1, 1) and the like")

@@ -58,6 +58,20 @@ def test_scores_are_accuracy_for_labels_and_r2_for_targets():
     assert abs(float(loss) - task.numpy_loss(half, y)) < 1e-6
     z, labels = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
     torch.testing.assert_close(task.loss(z, labels), torch.nn.functional.cross_entropy(z, labels))
+    # a conv classifier's (N, K, 1, 1) scores: the same loss and score as (N, K)
+    torch.testing.assert_close(task.loss(z[:, :, None, None], labels), task.loss(z, labels))
+    assert task.score(z[:, :, None, None].numpy(), labels.numpy()) == task.score(z.numpy(),
+                                                                                labels.numpy())
+
+
+def test_class_scores_may_carry_unit_axes():
+    from edgeprune import task
+    d = data.load("fashion-mnist")
+    for shape in ((2, 10), (2, 12), (2, 10, 1, 1), (2, 1, 1, 10)):
+        task.check_outputs(shape, d)
+    for shape in ((2, 8), (2, 10, 2, 1), (2, 12, 1, 1)):
+        with pytest.raises(EdgepruneError, match=r"needs class scores \(N, 10\)"):
+            task.check_outputs(shape, d)
 
 
 @pytest.mark.parametrize("arrays, words", [
