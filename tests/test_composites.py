@@ -18,6 +18,12 @@ from edgeprune.quantize import ptq
 torch.set_num_threads(1)
 
 
+def _saved_and_loaded(model: nn.Module, shape, tmp_path):
+    """`model` saved with its input shape and loaded back as every command loads it."""
+    save_torch(model, shape, tmp_path / "m.pt")
+    return load_torch(str(tmp_path / "m.pt"))[0]
+
+
 class Composites(nn.Module):
     def __init__(self):
         super().__init__()
@@ -43,8 +49,7 @@ def test_composites_load_prune_export_and_run_bit_exact(tmp_path):
     torch.manual_seed(0)
     model = Composites().eval()
     shape, x = (1, 1, 10, 10), torch.randn(8, 1, 10, 10)
-    save_torch(model, shape, tmp_path / "m.pt")
-    loaded, shape = load_torch(str(tmp_path / "m.pt"))
+    loaded = _saved_and_loaded(model, shape, tmp_path)
     code = loaded.code
     assert ".relu_()" not in code and "glu" not in code and "chunk" in code
     with torch.no_grad():
@@ -291,8 +296,7 @@ def test_local_response_norm_from_torch_and_onnx_prunes_and_runs_bit_exact(size,
     torch.manual_seed(0)
     model = Normed(size).eval()
     shape, x = (1, 1, 8, 8), torch.randn(8, 1, 8, 8) * 2
-    save_torch(model, shape, tmp_path / "m.pt")
-    loaded, _ = load_torch(str(tmp_path / "m.pt"))
+    loaded = _saved_and_loaded(model, shape, tmp_path)
     assert "lrn" not in loaded.code and "pad" in loaded.code
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
@@ -367,8 +371,7 @@ def test_einsum_and_repeat_load_as_products_and_concatenations_and_run_bit_exact
     torch.manual_seed(0)
     model = Contractions().eval()
     shape, x = (1, 1, 4, 4), torch.randn(4, 1, 4, 4)
-    save_torch(model, shape, tmp_path / "m.pt")
-    loaded, _ = load_torch(str(tmp_path / "m.pt"))
+    loaded = _saved_and_loaded(model, shape, tmp_path)
     assert "torch.einsum" not in loaded.code and "repeat" not in loaded.code
     assert sum(isinstance(m, nn.Conv2d) for m in loaded.modules()) == 2   # the 1x1 map
     with torch.no_grad():
