@@ -873,11 +873,18 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     return _rewritten(gm, model) if found else model
 
 
+def _has_shape(x) -> bool:
+    """An fx node whose shape the trace recorded (not one an earlier rewrite added)."""
+    return isinstance(x, fx.Node) and "tensor_meta" in x.meta
+
+
 def _repeat_as_concat(gm: fx.GraphModule, node: fx.Node) -> bool:
     """x.repeat(r0, r1, ...) or torch.tile(x, dims) as the concatenation of r copies along
     each axis repeated (a concatenation every stage knows); False for a repeat that adds axes."""
     x, *reps = node.args
     reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (list, tuple)) else reps
+    if not _has_shape(x):
+        return False
     rank = len(x.meta["tensor_meta"].shape)
     if not all(isinstance(r, int) for r in reps) or len(reps) > rank:
         return False
@@ -909,7 +916,9 @@ def _einsum_as_ops(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if any(i not in out and i not in (b if t is a else a) for t in (a, b) for i in t):
         return False   # an index summed within one operand
-    const = [isinstance(o, fx.Node) and o.op == "get_attr" for o in ops]
+    if not all(_has_shape(o) for o in ops):
+        return False
+    const = [o.op == "get_attr" for o in ops]
     if const[0]:
         (a, b), ops, const = (b, a), ops[::-1], const[::-1]
     if const[0]:
@@ -989,6 +998,8 @@ def _local_response_norm_as_ops(gm: fx.GraphModule, node: fx.Node, mod) -> bool:
         names = ("size", "alpha", "beta", "k", "before")
         given = dict(zip(names, node.args[1:])) | node.kwargs
         args = tuple(given[n] for n in names)
+    if not _has_shape(x):
+        return False
     shape = x.meta["tensor_meta"].shape
     with gm.graph.inserting_before(node):
         y = _local_response_norm_ops(fx.Proxy(x), len(shape), int(shape[1]), *args).node
