@@ -109,11 +109,11 @@ def test_cli_refuses_bad_input_and_keeps_existing_out(tmp_path, capsys, cnn):
           match="4-bit weights are not among its [quant] weight_bits [8]")
     assert not out.exists()
     assert not list(tmp_path.glob(".*tmp*"))     # nothing half-written left behind
-    bad = tmp_path / "lrn.pt"
-    save_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.LocalResponseNorm(2)),
+    bad = tmp_path / "lp.pt"
+    save_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.LPPool2d(2, 2)),
                shape, bad)
     fails(bad, "--out", out,
-          match="(call_module LocalResponseNorm): not supported by the quantizer")
+          match="(call_module LPPool2d): not supported by the quantizer")
     assert not out.exists()
 
 
