@@ -61,16 +61,19 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
     """`data` as the model of input `shape` takes it. Samples that differ from the model's only
     by unit axes take its shape, the same bytes: a 1-D model runs as 2-D with a unit height
     (edgeprune.lift1d), so its (C, L) samples become (C, 1, L); grey (H, W) or (H, W, 1) images
-    become (1, H, W). A model that takes
+    become (1, H, W). A model that takes one vector per sample (an MLP's (784,)) gets each
+    sample flattened in C order, as `x.view(n, -1)` flattens it. A model that takes
     channels last (Keras: (H, W, C), or (L, C) lifted to (L, 1, C)) gets (C, H, W) images or
     (C, L) signals transposed. Anything else that
     does not fit is an error naming both sample shapes; so is a missing training split where the
     caller needs one `train_to` (e.g. "calibrate on")."""
     want, have = tuple(shape[1:]), tuple(data.x_test.shape[1:])
-    if want != have and [d for d in want if d != 1] == [d for d in have if d != 1]:
-        def lift(x):
+    model_axes = [d for d in want if d != 1]
+    if want != have and model_axes in ([d for d in have if d != 1], [int(np.prod(have))]):
+        def same_bytes(x):   # unit axes added or dropped, or the sample flattened
             return None if x is None else x.reshape(len(x), *want)
-        data = Dataset(data.name, lift(data.x_train), data.y_train, lift(data.x_test), data.y_test)
+        data = Dataset(data.name, same_bytes(data.x_train), data.y_train,
+                       same_bytes(data.x_test), data.y_test)
     elif want != have and len(want) == 3 and (want == have[1:] + have[:1] or (
             want[1] == 1 and have == (want[2], want[0]))):
         def channels_last(x):  # a Keras model, (H, W, C) or (L, 1, C), on (C, H, W) / (C, L)

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import EdgepruneError
 
@@ -718,6 +719,33 @@ def functional_inplace(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         for user in list(x.users):
             if user is not node and user is not y and order.get(user, len(order)) > order[node]:
                 user.replace_input_with(x, y)
+        gm.graph.erase_node(node)
+        found = True
+    return _rewritten(gm, model) if found else model
+
+
+# Methods that return their input's values (`.to` and `.type` only when the dtype stays).
+_VALUE_COPIES = {"contiguous", "clone", "detach", "cpu", "float", "to", "type", "type_as"}
+
+
+def drop_value_copies(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` without the methods that hand on their input's values (`x.float()` of a float
+    input, `x.contiguous()`, `x.to(device)`, `x.detach()`): later ops read the input itself,
+    and no stage has to know them. `model` itself if there is none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    found = False
+    for node in list(gm.graph.nodes):
+        x = node.args[0] if node.args else None
+        if node.op != "call_method" or node.target not in _VALUE_COPIES \
+                or not isinstance(x, fx.Node):
+            continue
+        have, get = x.meta.get("tensor_meta"), node.meta.get("tensor_meta")
+        if not isinstance(have, TensorMetadata) or not isinstance(get, TensorMetadata) \
+                or (have.dtype, have.shape) != (get.dtype, get.shape):
+            continue
+        node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         found = True
     return _rewritten(gm, model) if found else model

@@ -60,14 +60,16 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
         if isinstance(model, torch.jit.ScriptModule):   # fx cannot trace TorchScript
             model, shape = _via_onnx(model, shape, path, "a TorchScript module")
-    from .layers import (batch_first, fold_constants, functional_inplace, lower_attention,
-                         lower_composites, lower_functional_layers, lower_handwritten_norms,
-                         lower_recurrent, lower_statistics, lower_transposed_convs)
+    from .layers import (batch_first, drop_value_copies, fold_constants, functional_inplace,
+                         lower_attention, lower_composites, lower_functional_layers,
+                         lower_handwritten_norms, lower_recurrent, lower_statistics,
+                         lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
     model = _one_output(model.eval(), tuple(shape), spec, several_outputs)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
         model, shape = _via_onnx(model, tuple(shape), path, "a model torch.fx cannot trace")
     model = functional_inplace(model, tuple(shape))   # y.relu_(): y = y.relu()
+    model = drop_value_copies(model, tuple(shape))    # x.float(), x.contiguous(): x
     model = batch_first(model, tuple(shape))   # (T, N, C) for a GRU or transformer: (N, T, C)
     model = lower_transposed_convs(model)   # the convolutions they equal
     model = lower_attention(model)          # transformer layers as their Linears and matmuls

@@ -165,6 +165,34 @@ def test_in_place_results_and_constant_permutes_keep_their_values():
         torch.testing.assert_close(rewritten(x), want)
 
 
+class Copies(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.clamp(x.float(), 0, 1).contiguous()
+        y = self.conv(x.to(x.device)).detach().type_as(x)
+        y = y * (y > 0).float()
+        return self.fc(y.amax(dim=(2, 3)))
+
+
+def test_methods_that_hand_on_their_values_are_dropped_on_load(tmp_path):
+    """`x.float()` of a float input, `.contiguous()`, `.to(device)`, `.detach()`,
+    `.type_as(x)`: later ops read the input itself, and the model quantizes; a cast that
+    changes the dtype (a mask's `.float()`) stays."""
+    torch.manual_seed(0)
+    model, shape, x = Copies().eval(), (1, 1, 6, 6), torch.rand(4, 1, 6, 6)
+    loaded = _saved_and_loaded(model, shape, tmp_path)
+    code = loaded.code
+    assert "contiguous" not in code and "detach" not in code and "type_as" not in code
+    assert code.count(".float()") == 1 and ".to(" not in code
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    qm = ptq.quantize_ptq(loaded, shape, torch.rand(64, *shape[1:]).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m7", tmp_path, like=loaded, tol=0.1)
+
+
 class AttentionAndStack(nn.Module):
     """Newer attention code (F.scaled_dot_product_attention on (N, heads, T, d), maybe causal
     or with a boolean mask of the keys each query sees) and branches stacked, then averaged
