@@ -15,7 +15,8 @@ BUILD_FILE = "build.json"
 def prepare_out_dir(out: Path, force: bool) -> Path:
     """A fresh temporary sibling of `out`; `finish_out_dir` moves it into place when all went well."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise EdgepruneError(f"output folder {out} exists and is not empty; pass --force to replace it")
+        raise EdgepruneError(f"{out} exists (a file, or a folder that is not empty); pass --force "
+                             "to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

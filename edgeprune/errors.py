@@ -11,3 +11,11 @@ class EdgepruneError(Exception):
     def __str__(self) -> str:
         msg = super().__str__()
         return f"[{self.stage}] {msg}" if self.stage else msg
+
+
+def check_at_least(options, stage: str | None = None) -> None:
+    """Each (flag, value, least) of a command's numeric options: a value below its least is
+    an error naming the flag (a value of None was not given)."""
+    for flag, value, least in options:
+        if value is not None and value < least:
+            raise EdgepruneError(f"{flag} must be at least {least}, got {value}", stage=stage)

@@ -19,8 +19,8 @@ MODEL_FILES = "a torch.save, TorchScript, torch.export (.pt2) or .onnx file"
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    try:   # 1,1,28,28 or 1x1x28x28; an empty or other entry is an error, not skipped
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
     except ValueError:
         raise EdgepruneError(f"--input-shape '{text}' is not a list of integers like 1,1,28,28")
     if not dims or any(d <= 0 for d in dims):

@@ -133,6 +133,9 @@ def test_report_command_prints_the_summary(deployed):
     (["--quant-method", "admm"], ["[deploy]", "--mixed-precision"]),    # before any training
     (["--tap-strides", "2"], ["[deploy]", "--budget"]),
     (["--budget", "latency_ms=5", "--tap-strides", "2,x"], ["[deploy]", "--tap-strides"]),
+    (["--finetune", "-1"], ["[deploy]", "--finetune must be at least 0, got -1"]),
+    (["--target-samples", "0"], ["[deploy]", "--target-samples"]),
+    (["--input-shape", "1,x,28"], ["--input-shape '1,x,28' is not a list of integers"]),
 ])
 def test_bad_input_names_the_stage(args, words, tmp_path):
     r = edgeprune("deploy", *TINY, *args, "--out", tmp_path / "o", "--quiet", cache=tmp_path / "c")

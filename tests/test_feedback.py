@@ -388,3 +388,13 @@ def test_a_budget_below_the_narrowest_model_is_met_with_window_patterns(tiny, im
     with pytest.raises(EdgepruneError, match="tap strides \\[1\\]"):
         search(model, example, data, "cortex-m7", budget, cache_dir=cache, tap_strides=(1,),
                log=lambda *a: None, **SETTINGS)
+
+
+@pytest.mark.parametrize("option, value", [("--finetune", "-1"), ("--short-finetune", "0"),
+                                           ("--workers", "0")])
+def test_the_command_names_a_number_out_of_range(option, value, tmp_path, capsys):
+    from edgeprune.cli import main
+    rc = main(["feedback", "cnn", "--budget", "latency_ms=1", option, value,
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and f"{option} must be at least" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

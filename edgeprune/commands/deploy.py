@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..data import HELP as DATA_HELP
-from ..errors import EdgepruneError
+from ..errors import EdgepruneError, check_at_least
 from ..load import MODEL_FILES
 from ..qemu import TargetFailure
 
@@ -101,6 +101,10 @@ def run(args) -> int:
                              stage="deploy")
     if not 0 <= args.ratio < 1:
         raise EdgepruneError(f"--ratio must be in [0, 1), got {args.ratio}", stage="deploy")
+    check_at_least((("--finetune", args.finetune, 0), ("--train-epochs", args.train_epochs, 0),
+                    ("--calib-samples", args.calib_samples, 1),
+                    ("--eval-samples", args.eval_samples, 1),
+                    ("--target-samples", args.target_samples, 1)), stage="deploy")
     cfg = DeployConfig(out=args.out, target=args.target, model=args.model, data=args.data,
                        input_shape=parse_shape(args.input_shape), train_epochs=args.train_epochs,
                        criterion=args.criterion, ratio=args.ratio, per_layer=per_layer,

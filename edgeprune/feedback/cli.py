@@ -75,13 +75,17 @@ def run(args) -> int:
     from ..load import is_zoo_name, load_torch, parse_shape, save_torch
     from . import search
 
-    from ..errors import EdgepruneError
+    from ..errors import EdgepruneError, check_at_least
 
     try:
         budget = parse_budget(args.budget)
     except EdgepruneError as e:
         e.stage = STAGE
         raise
+    check_at_least((("--finetune", args.finetune, 0), ("--short-finetune", args.short_finetune, 1),
+                    ("--train-samples", args.train_samples, 1),
+                    ("--train-epochs", args.train_epochs, 0), ("--workers", args.workers, 1)),
+                   stage=STAGE)   # --distill: search() checks it is in [0, 1]
     word_lengths = int_list(args.word_lengths, "--word-lengths", "bits like 8,4,2")
     tap_strides = int_list(args.tap_strides, "--tap-strides", "strides like 2,3") or ()
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, flush=True))

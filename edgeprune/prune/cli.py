@@ -149,8 +149,8 @@ def run(args) -> int:
                              stage=STAGE)
     out = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise EdgepruneError(f"output folder {out} exists and is not empty; pass --force to "
-                             "replace it", stage=STAGE)
+        raise EdgepruneError(f"{out} exists (a file, or a folder that is not empty); pass "
+                             "--force to replace it", stage=STAGE)
 
     if is_zoo_name(args.model) and args.data:
         # A zoo name is an architecture: prune the trained network, as quantize and deploy do.

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import fit_data
-from ..errors import EdgepruneError
+from ..errors import EdgepruneError, check_at_least
 from . import reference
 from .qmodel import QuantModel
 
@@ -98,10 +98,9 @@ def check_config(cfg: QuantizeConfig, target) -> None:
     if cfg.mixed and cfg.method == "qat":
         raise EdgepruneError("--mixed with --method qat: QAT keeps 8-bit weights; use ptq, auto "
                              "or admm")
-    for name, v in (("--calib-samples", cfg.calib_samples), ("--eval-samples", cfg.eval_samples),
-                    ("--tune-samples", cfg.tune_samples)):
-        if v < 1:
-            raise EdgepruneError(f"{name} must be at least 1, got {v}")
+    check_at_least((("--calib-samples", cfg.calib_samples, 1),
+                    ("--eval-samples", cfg.eval_samples, 1),
+                    ("--tune-samples", cfg.tune_samples, 1)))
     # word lengths chosen per layer (--mixed, the feedback search's) may all come out 8
     if cfg.method == "admm" and cfg.bits == 8 and cfg.fmt == "int" and not cfg.mixed \
             and not cfg.layer_bits:
