@@ -88,7 +88,7 @@ def test_cli_refuses_bad_input_and_keeps_existing_out(tmp_path, capsys, cnn):
         rc, _, err = _cli(capsys, "quantize", *argv)
         assert rc == 2, err
         assert match in err, err
-    fails(pt, "--out", q, match=r"exists \(a file, or a folder that is not empty\); pass --force")
+    fails(pt, "--out", q, match="exists (a file, or a folder that is not empty); pass --force")
     assert (q / "mine.txt").read_text() == "keep me"
     out = tmp_path / "o"
     fails(tmp_path / "nope.pt", "--out", out, match="nope.pt does not exist")
