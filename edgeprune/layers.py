@@ -845,7 +845,8 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` with each op that is a short composition of ops every stage knows written as
     that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels,
     F.scaled_dot_product_attention as its products and softmax, a stack reduced over its new
-    axis as the sum (mean, maximum, minimum) of its pieces; and `x.squeeze()` as a squeeze of
+    axis as the sum (mean, maximum, minimum) of its pieces, `torch.add(a, b, alpha=k)` as
+    a + k * b; and `x.squeeze()` as a squeeze of
     its unit axes after the batch (at the static batch of 1 it would drop the batch axis too).
     `model` itself if there is none."""
     gm = _traced(model, shape)
@@ -865,6 +866,17 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
             continue
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             found = _attention_as_ops(gm, node) or found
+            continue
+        if "alpha" in node.kwargs and ((node.op == "call_method" and node.target in (
+                "add", "sub")) or (node.op == "call_function" and node.target in (
+                torch.add, torch.sub))) and len(node.args) == 2:   # a + alpha * b
+            name = node.target if isinstance(node.target, str) else node.target.__name__
+            with gm.graph.inserting_before(node):
+                scaled = gm.graph.call_function(operator.mul,
+                                                (node.args[1], node.kwargs["alpha"]))
+                y = gm.graph.call_function(getattr(operator, name), (node.args[0], scaled))
+            node.replace_all_uses_with(y)
+            found = True
             continue
         if node.op == "call_function" and node.target is torch.stack:
             found = _stack_reduced_as_ops(gm, node) or found

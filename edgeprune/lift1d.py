@@ -44,7 +44,11 @@ _FRAME_LAYERS = (RecurrentAsOps, AttentionAsOps, EncoderLayerAsOps, EncoderAsOps
 
 
 def is_1d(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) for m in model.modules())
+    """Whether `model` has a 1-D layer: a conv, or a pool (also after a 2-D model's mean over
+    the height)."""
+    return any(isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d,
+                              nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d))
+               for m in model.modules())
 
 
 def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, tuple[int, ...]]:
@@ -83,10 +87,14 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
                 _add_height_after(gm, node)
             continue
         if not reads_signal[node]:
-            if _rank(node) == 3:   # a signal made from a vector: (N, L) -> (N, 1, L)
+            # a signal made from a vector, (N, L) -> (N, 1, L), or from maps by a reduction
+            # over their height or width, (N, C, H, W) -> (N, C, W)
+            if _rank(node) == 3:
                 if not (_is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape")
                         or _is(node, torch.unsqueeze, "unsqueeze")
-                        or _is(node, torch.squeeze, "squeeze")):
+                        or _is(node, torch.squeeze, "squeeze")
+                        or getattr(node.target, "__name__", node.target) in
+                        _DIM_OPS - {"softmax", "log_softmax"}):
                     raise _refuse(where, "makes a 3-D tensor")
                 _add_height_after(gm, node)
             elif _is(node, getattr, None) and node.args[1] == "shape" and \

@@ -174,19 +174,20 @@ class Copies(nn.Module):
         x = torch.clamp(x.float(), 0, 1).contiguous()
         y = self.conv(x.to(x.device)).detach().type_as(x)
         y = y * (y > 0).float()
+        y = torch.add(y, y.relu(), alpha=0.5).sub(y.sigmoid(), alpha=2)   # y + 0.5 relu(y) ...
         return self.fc(y.amax(dim=(2, 3)))
 
 
-def test_methods_that_hand_on_their_values_are_dropped_on_load(tmp_path):
+def test_value_copies_are_dropped_and_alpha_adds_written_out_on_load(tmp_path):
     """`x.float()` of a float input, `.contiguous()`, `.to(device)`, `.detach()`,
     `.type_as(x)`: later ops read the input itself, and the model quantizes; a cast that
-    changes the dtype (a mask's `.float()`) stays."""
+    changes the dtype (a mask's `.float()`) stays. An add or sub with `alpha` is a + alpha * b."""
     torch.manual_seed(0)
     model, shape, x = Copies().eval(), (1, 1, 6, 6), torch.rand(4, 1, 6, 6)
     loaded = _saved_and_loaded(model, shape, tmp_path)
     code = loaded.code
     assert "contiguous" not in code and "detach" not in code and "type_as" not in code
-    assert code.count(".float()") == 1 and ".to(" not in code
+    assert code.count(".float()") == 1 and ".to(" not in code and "alpha" not in code
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     qm = ptq.quantize_ptq(loaded, shape, torch.rand(64, *shape[1:]).numpy())

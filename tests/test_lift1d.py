@@ -327,7 +327,31 @@ class StatsPooling(nn.Module):
         return self.fc(torch.cat([h.mean(-1), h.std(-1)], 1))
 
 
-@pytest.mark.parametrize("cls, shape", [(M5, (1, 1, 1600)), (StatsPooling, (1, 13, 30))])
+class MapsToSignal(nn.Module):
+    """A 2-D model that averages its maps over the height, then pools the rows it got with a
+    1-D pool (a spectrogram model's frequency-then-time pooling)."""
+    def __init__(self):
+        super().__init__()
+        self.c, self.pool, self.fc = nn.Conv2d(1, 8, 3), nn.AdaptiveAvgPool1d(3), nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(self.c(x)).mean(2)).flatten(1))
+
+
+class RecurrentPool(nn.Module):
+    """The maximum of a GRU's output frames over time by a 1-D pool."""
+    def __init__(self):
+        super().__init__()
+        self.gru, self.pool = nn.GRU(6, 8, batch_first=True), nn.AdaptiveMaxPool1d(1)
+        self.f1, self.f2 = nn.Linear(8, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.pool(self.gru(x)[0].transpose(1, 2)).squeeze(-1)
+        return self.f2(F.relu(self.f1(h)))
+
+
+@pytest.mark.parametrize("cls, shape", [(M5, (1, 1, 1600)), (StatsPooling, (1, 13, 30)),
+                                        (MapsToSignal, (1, 1, 9, 14)), (RecurrentPool, (1, 5, 6))])
 def test_audio_models_load_prune_and_run_bit_exact(cls, shape, tmp_path):
     from checks import bit_exact, pruned_equivalently
     from edgeprune.load import load_torch
