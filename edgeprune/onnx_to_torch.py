@@ -1146,8 +1146,11 @@ class _Builder:
     def op_Transpose(self, node, a):
         perm = [int(d) for d in a.get("perm", [])]
         form, x = self.seq.get(node.input[0], (None, None))
-        if form == "TNF" and perm == [1, 0, 2]:
-            return x                                # batch first again
+        if form == "TNF" and len(perm) == 3 and perm[0] == 1:   # batch first again:
+            to_torch = {0: 1, 1: 0, 2: 2}           # (T, N, F)'s axes in x, (N, T, F)
+            order = [to_torch[p] for p in perm]
+            return x if order == [0, 1, 2] else self._fn(torch.permute, [x[0], order],
+                                                         [x[1], order])
         if form == "TDNH" and perm == [0, 2, 1, 3]:
             self.seq[node.output[0]] = ("TNDH", x)
             return None

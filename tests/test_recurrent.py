@@ -162,10 +162,12 @@ class Exported(nn.Module):
         super().__init__()
         self.c, self.rnn, self.head_from_state = nn.Conv1d(4, 8, 3, padding=1), rnn, \
             head_from_state
-        self.fc = nn.Linear(12 if head_from_state else 12 * (1 + rnn.bidirectional), 3)
+        self.fc = nn.Linear(12 if head_from_state is True else 12 * (1 + rnn.bidirectional), 3)
 
     def forward(self, x):
         out, h = self.rnn(torch.relu(self.c(x)).transpose(1, 2))
+        if self.head_from_state == "pool":   # the maximum over time of (N, F, T)
+            return self.fc(out.transpose(1, 2).amax(-1))
         if self.head_from_state:
             return self.fc((h[0] if isinstance(h, tuple) else h)[-1])
         return self.fc(out[:, -1])
@@ -176,10 +178,13 @@ class Exported(nn.Module):
     (lambda: nn.GRU(8, 12, batch_first=True, bidirectional=True), False, True),
     (lambda: nn.LSTM(8, 12, batch_first=True), False, False),
     (lambda: nn.LSTM(8, 12, batch_first=True, bidirectional=True), True, True),
-    (lambda: nn.RNN(8, 12, batch_first=True, nonlinearity="relu"), False, False)])
+    (lambda: nn.RNN(8, 12, batch_first=True, nonlinearity="relu"), False, False),
+    (lambda: nn.GRU(8, 12, batch_first=True), "pool", False),
+    (lambda: nn.LSTM(8, 12, batch_first=True, bidirectional=True), "pool", True)])
 def test_recurrent_layers_read_back_from_onnx(rnn, head_from_state, dynamo, tmp_path):
     """torch exports a batch_first layer as Transpose -> GRU/LSTM/RNN -> Squeeze or
-    Transpose/Reshape (Y) and Gather or Squeeze (Y_h), time first: read back batch first."""
+    Transpose/Reshape (Y) and Gather or Squeeze (Y_h), time first: read back batch first; a
+    Transpose of the time-first output to (N, F, T) too."""
     from edgeprune.load import load_torch
     torch.manual_seed(0)
     model = Exported(rnn(), head_from_state).eval()
