@@ -66,15 +66,17 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
     by unit axes take its shape, the same bytes: a 1-D model runs as 2-D with a unit height
     (edgeprune.lift1d), so its (C, L) samples become (C, 1, L); grey (H, W) or (H, W, 1) images
     become (1, H, W). A model that takes one vector per sample (an MLP's (784,)) gets each
-    sample flattened in C order, as `x.view(n, -1)` flattens it. A model that takes
+    sample flattened in C order, as `x.view(n, -1)` flattens it, and flat samples (a CSV's
+    rows of 784 pixels) reach a (1, 28, 28) model unflattened. A model that takes
     channels last (Keras: (H, W, C), or (L, C) lifted to (L, 1, C)) gets (C, H, W) images or
     (C, L) signals transposed. Anything else that
     does not fit is an error naming both sample shapes; so is a missing training split where the
     caller needs one `train_to` (e.g. "calibrate on")."""
     want, have = tuple(shape[1:]), tuple(data.x_test.shape[1:])
-    model_axes = [d for d in want if d != 1]
-    if want != have and model_axes in ([d for d in have if d != 1], [int(np.prod(have))]):
-        def same_bytes(x):   # unit axes added or dropped, or the sample flattened
+    model_axes, data_axes = [d for d in want if d != 1], [d for d in have if d != 1]
+    if want != have and (model_axes in (data_axes, [int(np.prod(have))])
+                         or data_axes == [int(np.prod(want))]):
+        def same_bytes(x):   # unit axes added or dropped, or the sample flattened or unflattened
             return None if x is None else x.reshape(len(x), *want)
         data = Dataset(data.name, same_bytes(data.x_train), data.y_train,
                        same_bytes(data.x_test), data.y_test)

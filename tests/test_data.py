@@ -153,11 +153,15 @@ def test_samples_that_differ_by_unit_axes_take_the_models_shape():
 
 def test_a_model_that_takes_one_vector_gets_its_samples_flattened():
     """An MLP on flat (784,) inputs fed (1, 28, 28) images: each image in C order, as the
-    model's own training did with `x.view(n, -1)`. A vector of another length is named."""
+    model's own training did with `x.view(n, -1)`; flat rows for a model of images the other
+    way round. A vector of another length is named."""
     from edgeprune.data import Dataset, fit_data
     x = np.arange(2 * 1 * 4 * 5, dtype=np.float32).reshape(2, 1, 4, 5)
     d = Dataset("g", x, np.zeros(2, np.int64), x, np.zeros(2, np.int64))
     assert np.array_equal(fit_data((3, 20), d, "m.pt").x_train, x.reshape(2, 20))
+    rows = Dataset("r", x.reshape(2, 20), np.zeros(2, np.int64), x.reshape(2, 20),
+                   np.zeros(2, np.int64))     # a CSV's flat rows for a model of images
+    assert np.array_equal(fit_data((1, 1, 4, 5), rows, "m.pt").x_test, x)
     with pytest.raises(EdgepruneError, match=r"takes samples of shape \[21\].*\[1, 4, 5\]"):
         fit_data((1, 21), d, "m.pt")
 
