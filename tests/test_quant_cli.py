@@ -208,6 +208,22 @@ def test_auto_fine_tunes_with_qat_when_ptq_loses_accuracy(fmnist, cnn):
     assert report["method"] == qm.meta["method"] == max(acc["by_method"], key=acc["by_method"].get)
 
 
+def test_mixed_precision_on_a_small_test_split_tunes_on_training_samples(fmnist, cnn):
+    """Every test sample scored (the default --eval-samples exceeds a small set's): the word
+    lengths are chosen on the training split's last samples instead of refusing."""
+    from edgeprune.quantize.stage import QuantizeConfig, quantize
+    from edgeprune.targets import load_target
+
+    model, shape = cnn
+    small = data.Dataset("small", fmnist.x_train[:3000], fmnist.y_train[:3000],
+                         fmnist.x_test[:200], fmnist.y_test[:200])
+    said = []
+    cfg = QuantizeConfig(method="ptq", mixed=True, calib_samples=64, tune_samples=100)
+    qm, report = quantize(model, shape, small, load_target("cortex-m7"), cfg, log=said.append)
+    assert any("tunes on the last 100 training samples" in m for m in said)
+    assert report["accuracy"]["quantized"] > 50
+
+
 def test_int16_activations_and_int4_weights_bit_exact_in_qemu(tmp_path, fmnist, cnn):
     from edgeprune.compile import compile_model
     from edgeprune.simulate import simulate

@@ -185,10 +185,11 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
     if cfg.mixed:
         from .mixed import choose
         fmt = cfg.fmt if cfg.method == "admm" else "int"
-        if len(x_tune) == 0:
-            raise EdgepruneError(f"--mixed tunes on test samples after the first "
-                                 f"--eval-samples {n}, but {data.name} has only "
-                                 f"{len(data.x_test)}; lower --eval-samples")
+        if len(x_tune) == 0:   # a small test split, all of it scored: the training split's
+            # last samples (those calibration reads last, if at all) stand in
+            x_tune, y_tune = data.x_train[-cfg.tune_samples:], data.y_train[-cfg.tune_samples:]
+            log(f"mixed precision: {data.name} has no test samples after the first {n}; it "
+                f"tunes on the last {len(x_tune)} training samples")
         weight_cfg, act_dtypes, mixed_record = choose(
             net, ranges, x_tune, y_tune, float_accuracy(model, x_tune, y_tune),
             target.quant["weight_bits"],
