@@ -107,7 +107,16 @@ def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
                                  f"{str(e).splitlines()[0] if str(e) else ''}); save the "
                                  "nn.Module itself, a torch.jit.trace of it (loops "
                                  "unrolled), or its ONNX export") from None
-        return onnx_to_torch(onnx_path, tuple(shape))
+        try:
+            return onnx_to_torch(onnx_path, tuple(shape))
+        except EdgepruneError as e:   # name the route: the user gave no ONNX file
+            avoid = ("a forward torch.fx can trace (no Python control flow on shapes or values)"
+                     if isinstance(source, nn.Module) and
+                     not isinstance(source, torch.jit.ScriptModule) else
+                     "saving the nn.Module itself (torch.save)")
+            raise EdgepruneError(f"{path}: {what}, read through torch's ONNX export of it: "
+                                 f"{e.args[0]}; {avoid} avoids the export",
+                                 stage=e.stage) from None
 
 
 def _traces(model: nn.Module) -> bool:

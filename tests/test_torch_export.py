@@ -123,3 +123,15 @@ def test_1d_linear_interpolation_names_the_exporter_that_works(tmp_path):
     x = torch.randn(3, 2, 20)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_an_exported_program_that_the_onnx_reader_refuses_names_the_route(tmp_path):
+    """A `.pt2` is read through torch's ONNX export: a refusal there names the file, the
+    route and what avoids it, not an ONNX file the user never gave."""
+    from edgeprune.errors import EdgepruneError
+
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Upsample(scale_factor=2, mode="linear")).eval()
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 2, 20),)), tmp_path / "m.pt2")
+    with pytest.raises(EdgepruneError, match=r"m.pt2: an exported program, read through "
+                       r"torch's ONNX export of it: ONNX node .*GatherND.*saving the nn.Module"):
+        load_torch(str(tmp_path / "m.pt2"))
