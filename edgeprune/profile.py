@@ -306,6 +306,8 @@ def profile(build_dir: Path, port: str = "qemu", baud: int = 115200, runs: int =
     layers = []
     for i, l in enumerate(build["layers"]):
         entry = {"name": session["names"][i], "op": _op_of(l["name"]), "macs": l.get("macs"),
+                 # the model's tensor the call writes: its layer (kernels are shared by shape)
+                 "writes": l["args"][-1] if l.get("args") else None,
                  "instructions": per_layer[i]}
         if cycles:
             entry["cycles"] = session["layer_cycles"][i]

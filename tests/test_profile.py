@@ -66,6 +66,8 @@ def test_qemu_profile_counts_sum_match_simulate_and_repeat(cnn, image, tmp_path,
     # MACs of the convs and the dense layer (28x28 grey input, 8 then 16 3x3 filters, 16 -> 10).
     assert [l["macs"] for l in r["layers"]] == [8 * 28 * 28 * 9, None, 16 * 14 * 14 * 8 * 9,
                                                 None, None, 16 * 10]
+    writes = [l["writes"] for l in r["layers"]]     # each call's model tensor, one per call
+    assert all(writes) and len(set(writes)) == len(writes)
     mem = r["memory"]
     assert 0 < mem["stack_bytes"] < mem["stack_reserved_bytes"] == 16384
     assert mem["arena_bytes"] > 0 and mem["flash_bytes"] > mem["weights_bytes"] > 0
@@ -81,6 +83,7 @@ def test_power_model_energy_and_table(cnn, image, capsys):
     rc, out, err = run_cli(capsys, "profile", cnn, "--port", "qemu", "--input", image)
     assert rc == 0, err
     assert "fused_conv2d_add_relu" in out and "stack high-water" in out and "match" in out
+    assert "layer (tensor written)" in out
     assert "power-model" in out
 
 

@@ -49,11 +49,11 @@ def table(r: dict) -> str:
     total = lat["cycles"] or lat["instructions"]
     lines = [f"profile: {r['target']} over {r['link']['port']} ({r['runs']} run(s), "
              f"{r['link']['retries']} retries)",
-             f"{'layer':<44} {'op':<12} {unit:>12} {'ms':>9} {'uJ':>9}"]
+             f"{'layer (tensor written)':<28} {'kernel':<28} {unit:>12} {'ms':>9} {'uJ':>9}"]
     for l in r["layers"]:
         n = l.get("cycles") if lat["cycles"] else l.get("instructions")
-        lines.append(f"{l['name'][:44]:<44} {l['op'][:12]:<12} {_fmt(n, 'd'):>12} "
-                     f"{_fmt(l['ms'], '.4f'):>9} {_fmt(l['uj'], '.2f'):>9}")
+        lines.append(f"{(l.get('writes') or '-')[:28]:<28} {l['name'][:28]:<28} "
+                     f"{_fmt(n, 'd'):>12} {_fmt(l['ms'], '.4f'):>9} {_fmt(l['uj'], '.2f'):>9}")
     lines.append(f"{'total':<57} {_fmt(total, 'd'):>12} {_fmt(lat['ms'], '.4f'):>9} "
                  f"{_fmt(en['uj'], '.2f'):>9}")
     lines += [f"latency source: {lat['source']}", f"energy source: {en['source']}",
