@@ -7,7 +7,9 @@ HardSigmoid, LeakyRelu, Elu, PRelu, Add, Sub, Mul (x * Sigmoid(x) becomes SiLU),
 Softmax, LogSoftmax, ReduceMean, ReduceMax, ReduceMin, ReduceL2 (in F.normalize's form, with
 Clip, Expand, Div), Concat, MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool, Flatten,
 Reshape, Unsqueeze, Squeeze, Transpose (batch axis in place: what Keras
-models exported with tf2onnx carry around their NHWC input and before Flatten), Pad (constant, H
+models exported with tf2onnx carry around their NHWC input and before Flatten; at a batch of 1
+also one that moves the batch axis, as torch's attention does: such values are held per sample,
+(N, *their shape at batch 1), until the batch is first again), Pad (constant, H
 and W), Gemm, MatMul (constant right operand), plus Identity, Dropout and Constant; Selu, Celu,
 Softplus, Softsign, Mish, Abs, Exp, Neg, Sqrt, Reciprocal, Sign, Log, Sin, Cos and Pow by a
 number (table activations later); Max and Min with a constant number (clamps) or of tensors;
@@ -111,6 +113,63 @@ def _l2_norm(x: torch.Tensor, dims: tuple[int, ...], keepdim: bool = False) -> t
     return torch.linalg.vector_norm(x, 2, dims, keepdim)
 
 
+# ops that act on a per-sample value (edgeprune reads it as (N, *shape at batch 1)) as they
+# act on any tensor once their axes count from the end
+_PER_SAMPLE_OPS = {
+    "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Slice", "Split",
+    "Concat", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where",
+    "Equal", "Greater", "Less", "Not", "And", "Or", "Cast", "Identity", "Dropout", "Softmax",
+    "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
+    "Relu", "Gelu", "Erf", "Sigmoid", "Tanh", "Sqrt", "Reciprocal", "Neg", "Exp", "Abs",
+    "Clip", "LeakyRelu", "Elu", "HardSwish", "HardSigmoid"}
+
+
+def _shape_at_batch_1(node, builder, shape: tuple) -> tuple:
+    """The shape a Transpose, Reshape, Squeeze, Unsqueeze or Flatten gives a tensor of
+    `shape` (what the ONNX file computes at batch 1)."""
+    a, op = _attrs(node), node.op_type
+    if op == "Transpose":
+        perm = [int(d) for d in a.get("perm", [])] or list(range(len(shape) - 1, -1, -1))
+        return tuple(shape[p] for p in perm)
+    if op == "Reshape":
+        target = [int(d) for d in builder._const(node.input[1], node, "shape").reshape(-1)]
+        if not a.get("allowzero", 0):
+            target = [shape[i] if d == 0 else d for i, d in enumerate(target)]
+        return tuple(np.empty(shape).reshape(target).shape)
+    if op == "Flatten":
+        axis = int(a.get("axis", 1)) % (len(shape) + 1)
+        return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
+    axes = builder._axes(node, a)
+    if op == "Unsqueeze":
+        v = np.empty(shape)
+        for d in sorted(d % (len(shape) + len(axes)) for d in axes):
+            v = np.expand_dims(v, d)
+        return v.shape
+    dims = {d % len(shape) for d in axes} if axes else {d for d, n in enumerate(shape) if n == 1}
+    return tuple(n for d, n in enumerate(shape) if d not in dims)
+
+
+def _axes_from_end(node, rank: int, builder):
+    """A copy of `node` whose axis attribute, axes attribute or axes input count from the end
+    of its first input's `rank` axes: the same axes of a per-sample value (N, *shape)."""
+    import onnx
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    for attr in n.attribute:
+        if attr.name == "axis" and node.op_type != "Flatten":
+            attr.i = attr.i - rank if attr.i >= 0 else attr.i
+        elif attr.name == "axes":
+            attr.ints[:] = [d - rank if d >= 0 else d for d in attr.ints]
+    slot = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "ReduceMean": 1, "ReduceSum": 1,
+            "ReduceMax": 1, "ReduceMin": 1}.get(node.op_type)
+    if slot is not None and len(n.input) > slot and n.input[slot] in builder.consts:
+        axes = np.asarray(builder.consts[n.input[slot]]).astype(np.int64)
+        name = f"{n.input[slot]}__from_end"
+        builder.consts[name] = np.where(axes >= 0, axes - rank, axes)
+        n.input[slot] = name
+    return n
+
+
 class _Builder:
     def __init__(self, onnx_model, input_shape):
         from onnx import numpy_helper
@@ -128,6 +187,9 @@ class _Builder:
         # values an exporter holds time-first around a recurrent layer ((T, N, F), its Y and
         # Y_h): the form's name and the batch-first fx value that stands for it
         self.seq: dict[str, tuple[str, tuple]] = {}
+        # values whose batch axis an exporter moved from axis 0 (torch's attention runs time
+        # first: (T, N, E), (T, N * H, d)), each held per sample: (N, *its shape at batch 1)
+        self.per_sample: dict[str, tuple] = {}
         for n in self.g.node:
             for i in n.input:
                 self.users[i] = self.users.get(i, 0) + 1
@@ -178,6 +240,14 @@ class _Builder:
             raise _err(f"ONNX value '{name}' has its batch axis moved ({self.seq[name][0]}, "
                        "time first); only a GRU/LSTM/RNN and the Transpose, Squeeze, Reshape "
                        "and Gather that exporters write around it may read it")
+        if name in self.per_sample and name not in self.env:
+            x = self.per_sample[name]
+            if x[1].shape[1] != 1:
+                raise _err(f"ONNX value '{name}' has its batch axis moved (shape "
+                           f"{list(x[1].shape[1:])} at batch 1); only data movement, "
+                           "elementwise ops, products, softmax, norms and reductions may read "
+                           "it before the batch is first again")
+            self.env[name], self.val[name] = self._fn(torch.squeeze, [x[0], 1], [x[1], 1])
         if name in self.env:
             return self.env[name], self.val[name]
         c = self.consts[name]
@@ -243,6 +313,9 @@ class _Builder:
             op = node.op_type
             handler = getattr(self, f"op_{op}")
             try:
+                if any(i in self.per_sample for i in node.input) and op in _PER_SAMPLE_OPS:
+                    self._per_sample_op(node, handler)
+                    continue
                 out = handler(node, _attrs(node))
             except EdgepruneError:
                 raise
@@ -251,11 +324,77 @@ class _Builder:
                            f"{type(e).__name__}: {e}") from None
             if out is not None:
                 self.env[node.output[0]], self.val[node.output[0]] = out
-        outs = [self.env[o.name] for o in self.g.output]
+        outs = [self._in(o.name)[0] for o in self.g.output]
         self.graph.output(outs[0] if len(outs) == 1 else tuple(outs))
         gm = fx.GraphModule(self.root, self.graph)
         gm.graph.lint()
         return gm.eval()
+
+    # ---- values whose batch axis moved: each sample's ops at batch 1, the batch axis in front
+    def _enter_per_sample(self, node, x, shape_at_1: tuple) -> None:
+        """An ordinary value (batch first) whose next op moves its batch axis: per sample,
+        (N, 1, ...), then that op (a Transpose or Reshape) per sample."""
+        per = self._fn(torch.unsqueeze, [x[0], 1], [x[1], 1])
+        self._store_per_sample(node.output[0], self._per_sample_shape_op(node, per, shape_at_1))
+
+    def _per_sample_shape_op(self, node, x, shape_at_1: tuple):
+        if node.op_type == "Transpose":
+            perm = [int(d) for d in _attrs(node).get("perm", [])] or \
+                list(range(len(shape_at_1) - 1, -1, -1))
+            order = (0, *(p + 1 for p in perm))
+            return self._fn(torch.permute, [x[0], order], [x[1], order])
+        return self._fn(torch.reshape, [x[0], (-1, *shape_at_1)],
+                        [x[1], (x[1].shape[0], *shape_at_1)])
+
+    def _store_per_sample(self, name: str, x) -> None:
+        """A per-sample result: ordinary again when its first axis (at batch 1) is a unit
+        axis, which may be taken for the batch."""
+        if x[1].dim() > 1 and x[1].shape[1] == 1:
+            self.env[name], self.val[name] = self._fn(torch.squeeze, [x[0], 1], [x[1], 1])
+        else:
+            self.per_sample[name] = x
+
+    def _per_sample_op(self, node, handler) -> None:
+        """`node` on per-sample inputs: shape ops at batch 1 behind the batch axis; other ops
+        by their own handler, with every axis counted from the end (the same axes on
+        (N, *shape)) and ordinary inputs made per sample."""
+        ins = [i for i in node.input if i and i not in self.consts]
+        rank = {i: (self.per_sample[i][1].dim() - 1 if i in self.per_sample
+                    else self._in(i)[1].dim()) for i in ins}
+        xs = {i: self.per_sample[i] if i in self.per_sample else
+              self._fn(torch.unsqueeze, [self._in(i)[0], 1], [self._in(i)[1], 1]) for i in ins}
+        first = node.input[0]
+        if node.op_type in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten") and \
+                first in xs:
+            sample = xs[first][1][0]     # the shape op on one sample, at batch 1
+            at_1 = _shape_at_batch_1(node, self, tuple(sample.shape))
+            self._store_per_sample(node.output[0],
+                                   self._per_sample_shape_op(node, xs[first], at_1))
+            return
+        top = max(rank.values())
+        for i in ins:   # broadcast as ONNX does: ranks aligned on the right, batch in front
+            if rank[i] < top:
+                v = xs[i]
+                shape = (*(1,) * (top - rank[i]), *v[1].shape[1:])
+                xs[i] = self._fn(torch.reshape, [v[0], (-1, *shape)],
+                                 [v[1], (v[1].shape[0], *shape)])
+        n = _axes_from_end(node, rank[first] if first in rank else top, self)
+        saved = {i: (self.env.get(i), self.val.get(i)) for i in ins}
+        for i in ins:
+            self.env[i], self.val[i] = xs[i]
+        try:
+            out = handler(n, _attrs(n))
+        finally:
+            for i, (e, v) in saved.items():
+                if e is None:
+                    self.env.pop(i, None), self.val.pop(i, None)
+                else:
+                    self.env[i], self.val[i] = e, v
+        for k, o in enumerate(n.output):   # results the handler returned or wrote (Split)
+            if o in self.env and o not in ins:
+                self._store_per_sample(o, (self.env.pop(o), self.val.pop(o)))
+            elif k == 0 and out is not None:
+                self._store_per_sample(o, out)
 
     def op_Constant(self, node, a):
         from onnx import numpy_helper
@@ -943,6 +1082,9 @@ class _Builder:
                 shape = [*lead, shape[1]]
         if tuple(shape) == in_shape:
             return x
+        if in_shape and in_shape[0] == 1 and shape[0] != 1:   # the batch merged or moved
+            self._enter_per_sample(node, x, tuple(shape))
+            return None
         return self._reshape_to(x, tuple(shape))
 
     # ops that treat each row of a (rows, K) matrix alone, the same on (N, T, K)
@@ -1165,9 +1307,13 @@ class _Builder:
             return None
         x = self._in(node.input[0])
         perm = perm or list(range(x[1].dim() - 1, -1, -1))
+        if perm[0] != 0 and x[1].shape[0] == 1:   # torch's attention: time first
+            self._enter_per_sample(node, x, tuple(x[1].shape[p] for p in perm))
+            return None
         if perm[0] != 0:
-            raise _err(f"ONNX node '{node.name}' (Transpose): perm {perm} moves the batch axis; "
-                       "only transposes that keep it first are supported")
+            raise _err(f"ONNX node '{node.name}' (Transpose): perm {perm} moves the batch axis "
+                       f"of a batch of {x[1].shape[0]}; only transposes that keep it first are "
+                       "supported (at a batch of 1, any)")
         return self._fn(torch.permute, [x[0], tuple(perm)], [x[1], tuple(perm)])
 
     def op_DepthToSpace(self, node, a):

@@ -125,6 +125,27 @@ def test_torch_transformer_layers_lower_prune_and_run_bit_exact(norm_first, targ
     bit_exact(qm, calib[:4], target, tmp_path, on_target=2, like=lowered)
 
 
+@pytest.mark.parametrize("dynamo, target", [(True, "cortex-m7"), (False, "riscv32")])
+def test_torch_transformer_layers_read_back_from_onnx(dynamo, target, tmp_path):
+    """torch's exporters write nn.MultiheadAttention time first ((T, N, E), heads merged with
+    the batch: (T, N * H, d)): those values are read per sample, the batch axis in front;
+    the model prunes and runs bit-exact like the torch one."""
+    torch.manual_seed(0)
+    model = TorchTransformer(norm_first=True).eval()
+    torch.onnx.export(model, (torch.zeros(SHAPE),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+    back, shape = onnx_to_torch(tmp_path / "m.onnx")
+    x = torch.randn(8, *SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    pruned, _ = pruned_equivalently(back, shape, x, ratios=0.5)
+    # each layer's feed-forward width 32 -> 16; the attention's Linears stay whole
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == \
+        [16, 48, 16, 16, 16, 48, 16, 16, 16, 48, 16, 4]
+    calib = torch.randn(64, *SHAPE[1:]).numpy()
+    qm = ptq.quantize_ptq(pruned, shape, calib)
+    bit_exact(qm, calib[:3], target, tmp_path, like=pruned)
+
+
 def test_sequence_first_attention_is_refused_by_name():
     from edgeprune.layers import lower_attention
 
