@@ -159,6 +159,12 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
         elif _adds_the_height(node):   # (N, C, L) -> (N, C, 1, L): already the lifted form
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+        elif (_is(node, torch.unsqueeze, "unsqueeze") or _is(node, torch.reshape, "view")
+              or _is(node, torch.reshape, "reshape")) and (_rank(node) or 0) > 3:
+            # a higher tensor made of a signal (an ONNX attention's per-sample (N, 1, T, E) or
+            # (N, T, H, d)): made of its 3-D form
+            with gm.graph.inserting_before(node):
+                node.args = (_frames(gm, node.args[0]), *node.args[1:])
         elif _is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape"):
             if _rank(node) == 3:   # (N, C, L) -> (N, C', L'): the same bytes, then height 1
                 _add_height_after(gm, node)

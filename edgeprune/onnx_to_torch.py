@@ -334,6 +334,16 @@ class _Builder:
     def _enter_per_sample(self, node, x, shape_at_1: tuple) -> None:
         """An ordinary value (batch first) whose next op moves its batch axis: per sample,
         (N, 1, ...), then that op (a Transpose or Reshape) per sample."""
+        if node.op_type == "Transpose":   # the other axes permuted, then the batch's unit axis
+            perm = [int(d) for d in _attrs(node).get("perm", [])] or \
+                list(range(x[1].dim() - 1, -1, -1))
+            order = (0, *(p for p in perm if p != 0))
+            if order != tuple(range(len(order))):
+                x = self._fn(torch.permute, [x[0], order], [x[1], order])
+            at = perm.index(0) + 1
+            self._store_per_sample(node.output[0],
+                                   self._fn(torch.unsqueeze, [x[0], at], [x[1], at]))
+            return
         per = self._fn(torch.unsqueeze, [x[0], 1], [x[1], 1])
         self._store_per_sample(node.output[0], self._per_sample_shape_op(node, per, shape_at_1))
 

@@ -146,6 +146,39 @@ def test_torch_transformer_layers_read_back_from_onnx(dynamo, target, tmp_path):
     bit_exact(qm, calib[:3], target, tmp_path, like=pruned)
 
 
+class ConvThenTimeFirstAttention(nn.Module):
+    """A Conv1d's features made time first, (T, N, C), for nn.MultiheadAttention without
+    batch_first, then averaged over time: a 1-D model with attention, from ONNX."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mha = nn.Conv1d(10, 12, 3, padding=1), nn.MultiheadAttention(12, 3)
+        self.f1, self.f2 = nn.Linear(12, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = torch.relu(self.conv(x.transpose(1, 2))).permute(2, 0, 1)
+        a, _ = self.mha(t, t, t)
+        return self.f2(torch.relu(self.f1((t + a).mean(0))))
+
+
+def test_time_first_attention_after_a_conv1d_reads_back_from_onnx(tmp_path):
+    from edgeprune.load import load_torch
+    torch.manual_seed(0)
+    model = ConvThenTimeFirstAttention().eval()
+    torch.onnx.export(model, (torch.zeros(SHAPE),), str(tmp_path / "m.onnx"), dynamo=False)
+    lifted, shape = load_torch(str(tmp_path / "m.onnx"))
+    x = torch.randn(6, *SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x.view(6, *shape[1:])), model(x), atol=1e-5,
+                                   rtol=1e-4)
+    xs = x.view(6, *shape[1:])
+    pruned, _ = pruned_equivalently(lifted, shape, xs, ratios=0.5)
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)][-2:] == [8, 4]
+    qm = ptq.quantize_ptq(pruned, shape, xs.numpy())
+    xq = reference.quantize_input(qm, xs[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))
+
+
 def test_sequence_first_attention_is_refused_by_name():
     from edgeprune.layers import lower_attention
 
