@@ -147,17 +147,19 @@ def test_torch_transformer_layers_read_back_from_onnx(dynamo, target, tmp_path):
 
 
 class ConvThenTimeFirstAttention(nn.Module):
-    """A Conv1d's features made time first, (T, N, C), for nn.MultiheadAttention without
-    batch_first, then averaged over time: a 1-D model with attention, from ONNX."""
+    """A Conv1d's features made time first, (T, N, C), for nn.MultiheadAttention and an
+    nn.TransformerEncoderLayer without batch_first, then averaged over time: a 1-D model with
+    attention, from ONNX."""
     def __init__(self):
         super().__init__()
         self.conv, self.mha = nn.Conv1d(10, 12, 3, padding=1), nn.MultiheadAttention(12, 3)
+        self.enc = nn.TransformerEncoderLayer(12, 2, 20, dropout=0.0)
         self.f1, self.f2 = nn.Linear(12, 16), nn.Linear(16, 4)
 
     def forward(self, x):
         t = torch.relu(self.conv(x.transpose(1, 2))).permute(2, 0, 1)
         a, _ = self.mha(t, t, t)
-        return self.f2(torch.relu(self.f1((t + a).mean(0))))
+        return self.f2(torch.relu(self.f1(self.enc(t + a).mean(0))))
 
 
 def test_time_first_attention_after_a_conv1d_reads_back_from_onnx(tmp_path):
@@ -172,7 +174,8 @@ def test_time_first_attention_after_a_conv1d_reads_back_from_onnx(tmp_path):
                                    rtol=1e-4)
     xs = x.view(6, *shape[1:])
     pruned, _ = pruned_equivalently(lifted, shape, xs, ratios=0.5)
-    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)][-2:] == [8, 4]
+    widths = [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)]
+    assert 10 in widths and widths[-2:] == [8, 4]     # feed-forward 20 -> 10, f1 16 -> 8
     qm = ptq.quantize_ptq(pruned, shape, xs.numpy())
     xq = reference.quantize_input(qm, xs[:2].numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
