@@ -151,8 +151,10 @@ def _memory_map(report: dict, flash_total: int | None, sram_total: int | None) -
 def _per_layer(report: dict, key: str, unit: str, title: str) -> str:
     after = report.get("layers", [])
     before = (report.get("baseline") or {}).get("layers", [])
-    labels = [l["name"] for l in after]
-    by_name = {l["name"]: l.get(key) for l in before}
+    def label(l):   # the model's layer (the tensor the call writes), else the kernel
+        return l.get("writes") or l["name"]
+    labels = [label(l) for l in after]
+    by_name = {label(l): l.get(key) for l in before}
     same_shape = len(before) == len(after)
     b_vals = [by_name.get(n, before[i].get(key) if same_shape else None)
               for i, n in enumerate(labels)]

@@ -62,6 +62,8 @@ def test_report_fields(deployed):
     assert sum(l["instructions"] for l in r["layers"]) <= r["latency"]["instructions"]
     html = (deployed[0] / "report.html").read_text()
     assert html.count("<svg") >= 4 and "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    # per-layer charts name the model's layers (the tensor each call writes), not kernels
+    assert all(l["writes"] and l["writes"] in html for l in r["layers"])
 
 
 MAIN_C = r"""
