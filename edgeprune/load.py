@@ -156,6 +156,12 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str,
         with torch.no_grad():
             out = model(torch.zeros(shape))
     except Exception as e:
+        inputs = _required_inputs(model)
+        if len(inputs) > 1:
+            raise EdgepruneError(f"{spec}: the model takes {len(inputs)} inputs "
+                                 f"({', '.join(inputs)}); prune, quantize and deploy take models "
+                                 "with one input (compile, simulate and profile take several, "
+                                 "in float, from its ONNX export)") from None
         raise EdgepruneError(f"{spec}: the model does not run on an input of shape "
                              f"{list(shape)} ({type(e).__name__}: {e})") from None
     if isinstance(out, (tuple, list, dict)) and len(out) == 1:
@@ -173,6 +179,17 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str,
                              "should compute, or concatenate them; `quantize`, `compile` and "
                              "`prune` without --data take several)")
     return model
+
+
+def _required_inputs(model: nn.Module) -> list[str]:
+    """The names of the arguments `model.forward` requires."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is inspect.Parameter.empty and
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _torch_load(path: Path) -> nn.Module:

@@ -245,6 +245,13 @@ def test_a_training_checkpoint_loads_its_module_and_a_state_dict_is_named(tmp_pa
     assert not (tmp_path / "p").exists()
 
 
+def test_a_module_with_two_inputs_is_named_as_such(tmp_path, capsys):
+    torch.save(TwoInputs().eval(), tmp_path / "two.pt")     # TwoInputs: below
+    rc, _, err = run_cli(capsys, "quantize", tmp_path / "two.pt", "--input-shape", "1,1,8,8",
+                         "--out", tmp_path / "o")
+    assert rc == 2 and "takes 2 inputs (img, meta)" in err and "one input" in err, err
+
+
 def test_model_too_big_for_flash_says_both_numbers(tmp_path, capsys):
     big = nn.Sequential(nn.Flatten(), nn.Linear(784, 512))  # 1.6 MB of float weights
     _export(big, (1, 1, 28, 28), tmp_path / "big.onnx")
