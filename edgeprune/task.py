@@ -85,9 +85,12 @@ def check_outputs(out_shape: tuple[int, ...], data) -> None:
     if is_regression(y):
         want = int(np.prod(y.shape[1:], dtype=np.int64))
         if int(np.prod(out_shape[1:], dtype=np.int64)) != want:
+            labels = y.ndim == 1 and bool(np.all(y == np.round(y))) and y.min() >= 0
+            hint = ("; float targets are regression targets: store class labels as integers "
+                    "(y.astype(int))") if labels else ""
             raise EdgepruneError(f"the model's output is {list(out_shape)}; the regression "
                                  f"targets of {data.name} are {list(y.shape[1:])} per sample "
-                                 f"({want} values)")
+                                 f"({want} values){hint}")
     elif [d for d in out_shape[1:] if d != 1][:2] not in ([data.num_classes],) and not (
             len(out_shape) == 2 and out_shape[1] >= data.num_classes):
         raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "

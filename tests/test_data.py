@@ -39,6 +39,11 @@ def test_float_targets_make_a_regression_dataset(tmp_path):
     task.check_outputs((1, 60), d)
     with pytest.raises(EdgepruneError, match=r"output is \[1, 10\].*\[2, 6, 5\] per sample"):
         task.check_outputs((1, 10), d)
+    # class labels saved as floats: named as the likely mistake
+    labels = data.load(_save(tmp_path / "f.npz", y_train=np.arange(20.0) % 3,
+                             y_test=np.arange(8.0) % 3))
+    with pytest.raises(EdgepruneError, match=r"store class labels as integers"):
+        task.check_outputs((1, 3), labels)
 
 
 def test_scores_are_accuracy_for_labels_and_r2_for_targets():
