@@ -69,7 +69,8 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
     sample flattened in C order, as `x.view(n, -1)` flattens it, and flat samples (a CSV's
     rows of 784 pixels) reach a (1, 28, 28) model unflattened. A model that takes
     channels last (Keras: (H, W, C), or (L, C) lifted to (L, 1, C)) gets (C, H, W) images or
-    (C, L) signals transposed. Anything else that
+    (C, L) signals transposed, and the other way round: (H, W, C) images (as PIL and Keras
+    keep them) and (L, C) signals reach a channels-first model transposed. Anything else that
     does not fit is an error naming both sample shapes; so is a missing training split where the
     caller needs one `train_to` (e.g. "calibrate on")."""
     want, have = tuple(shape[1:]), tuple(data.x_test.shape[1:])
@@ -87,6 +88,12 @@ def fit_data(shape: tuple[int, ...], data: Dataset, origin: str, stage: str | No
                 np.moveaxis(x, 1, -1)).reshape(len(x), *want)
         data = Dataset(data.name, channels_last(data.x_train), data.y_train,
                        channels_last(data.x_test), data.y_test)
+    elif want != have and len(want) == len(have) == 3 and want == have[-1:] + have[:-1]:
+        def channels_first(x):  # (H, W, C) images, as PIL and Keras keep them
+            return None if x is None else np.ascontiguousarray(
+                np.moveaxis(x, -1, 1)).reshape(len(x), *want)
+        data = Dataset(data.name, channels_first(data.x_train), data.y_train,
+                       channels_first(data.x_test), data.y_test)
     elif want != have:
         raise EdgepruneError(f"{origin} takes samples of shape {list(want)} (input {list(shape)}) "
                              f"but {data.name} samples are {list(have)}; give --data that fits "

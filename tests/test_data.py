@@ -109,7 +109,8 @@ def test_not_an_npz_and_unknown_names(tmp_path):
 
 
 def test_channels_last_model_gets_its_images_transposed():
-    """A model that takes (H, W, C) (Keras) fed (C, H, W) images: the same pixels, moved."""
+    """A model that takes (H, W, C) (Keras) fed (C, H, W) images, and the other way round:
+    the same pixels, moved."""
     from edgeprune.data import Dataset, fit_data
     x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
     d = Dataset("d", x, np.zeros(2, np.int64), x, np.zeros(2, np.int64))
@@ -119,6 +120,13 @@ def test_channels_last_model_gets_its_images_transposed():
     signals = Dataset("s", x[:, :, 0], np.zeros(2, np.int64), x[:, :, 0], np.zeros(2, np.int64))
     lifted = fit_data((1, 5, 1, 3), signals, "k.onnx")    # a Keras Conv1D model's (L, 1, C)
     assert lifted.x_test.shape == (2, 5, 1, 3) and lifted.x_test[1, 4, 0, 2] == x[1, 2, 0, 4]
+    # the other way round: (H, W, C) images (PIL, Keras datasets) for an NCHW model
+    nhwc = np.ascontiguousarray(np.moveaxis(x, 1, -1))               # (2, 4, 5, 3)
+    d = Dataset("d", nhwc, np.zeros(2, np.int64), nhwc, np.zeros(2, np.int64))
+    assert np.array_equal(fit_data((1, 3, 4, 5), d, "m.pt").x_test, x)
+    rows = np.ascontiguousarray(np.moveaxis(x[:, :, 0], 1, -1))     # (L, C) signals
+    d = Dataset("s", rows, np.zeros(2, np.int64), rows, np.zeros(2, np.int64))
+    assert np.array_equal(fit_data((1, 3, 1, 5), d, "m.pt").x_test, x[:, :, :1])
 
 
 def test_grey_samples_reach_a_model_as_plain_nchw_batches():
