@@ -395,9 +395,9 @@ class _Builder:
         try:
             out = handler(n, _attrs(n))
         finally:
-            for i, (e, v) in saved.items():
+            for i, (e, v) in saved.items():   # each input as it was before
                 if e is None:
-                    self.env.pop(i, None), self.val.pop(i, None)
+                    del self.env[i], self.val[i]
                 else:
                     self.env[i], self.val[i] = e, v
         for k, o in enumerate(n.output):   # results the handler returned or wrote (Split)
