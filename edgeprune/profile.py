@@ -24,7 +24,7 @@ import numpy as np
 
 from . import protocol as P
 from .compile import load_build
-from .errors import EdgepruneError
+from .errors import EdgepruneError, check_at_least
 from .firmware import io_layout
 from .targets import FIRMWARE_DIR as FIRMWARE_TEMPLATES, Target, load_target
 
@@ -254,8 +254,7 @@ def profile(build_dir: Path, port: str = "qemu", baud: int = 115200, runs: int =
     from .elfinfo import read_elf
     from .simulate import input_sets, pack_inputs
 
-    if runs < 1:
-        raise EdgepruneError(f"--runs must be at least 1, got {runs}")
+    check_at_least((("--runs", runs, 1),))
     build = load_build(build_dir)
     target = load_target(build["target"])
     sets = [x[:1] for x in input_sets(build["inputs"], inputs, 1)]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgepruneError
+from ..errors import EdgepruneError, check_at_least
 from ..qemu import TargetFailure
 
 
@@ -43,8 +43,7 @@ def run(args) -> int:
     from ..simulate import simulate
 
     x = load_npy(args.input) if args.input is not None else None
-    if args.samples < 1:
-        raise EdgepruneError(f"--samples must be at least 1, got {args.samples}")
+    check_at_least((("--samples", args.samples, 1),))
     try:
         result, outputs = simulate(args.build, x, args.samples, args.timeout)
     except TargetFailure as e:
