@@ -46,6 +46,9 @@ def test_simulate_json_reports_the_documented_fields(zoo_build, capsys):
                 "arena_bytes", "arena_lower_bound_bytes"):
         assert key in result
     assert result["outputs_match"] is True
+    for command, flag in (("simulate", "--samples"), ("profile", "--runs")):
+        rc, _, err = run_cli(capsys, command, zoo_build("cnn"), flag, "0")
+        assert rc == 2 and f"{flag} must be at least 1, got 0" in err, err
 
 
 class TwoHeads(nn.Module):
