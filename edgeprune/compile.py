@@ -12,11 +12,16 @@ from .targets import Target, load_target, target_ref
 BUILD_FILE = "build.json"
 
 
-def prepare_out_dir(out: Path, force: bool) -> Path:
-    """A fresh temporary sibling of `out`; `finish_out_dir` moves it into place when all went well."""
+def refuse_to_overwrite(out: Path, force: bool, stage: str | None = None) -> None:
+    """An error unless `out` is free (missing or an empty folder) or `force` is given."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise EdgepruneError(f"{out} exists (a file, or a folder that is not empty); pass --force "
-                             "to replace it")
+                             "to replace it", stage=stage)
+
+
+def prepare_out_dir(out: Path, force: bool) -> Path:
+    """A fresh temporary sibling of `out`; `finish_out_dir` moves it into place when all went well."""
+    refuse_to_overwrite(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -130,7 +130,7 @@ def run(args) -> int:
     import torch
 
     from .. import data as datasets
-    from ..compile import atomic_out_dir
+    from ..compile import atomic_out_dir, refuse_to_overwrite
     from ..frontend import to_onnx
     from ..load import is_zoo_name, load_torch, parse_shape, save_torch
     from ..task import metric_name
@@ -148,9 +148,7 @@ def run(args) -> int:
         raise EdgepruneError("--finetune needs training data: pass --data (e.g. fashion-mnist)",
                              stage=STAGE)
     out = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise EdgepruneError(f"{out} exists (a file, or a folder that is not empty); pass "
-                             "--force to replace it", stage=STAGE)
+    refuse_to_overwrite(out, args.force, STAGE)   # before any training, not only when writing
 
     if is_zoo_name(args.model) and args.data:
         # A zoo name is an architecture: prune the trained network, as quantize and deploy do.
