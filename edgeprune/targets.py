@@ -41,6 +41,7 @@ class Target:
     quant: dict
     power: dict
     path: Path = field(default=Path())
+    aliases: list = field(default_factory=list)
 
     @property
     def flash_bytes(self) -> int:
@@ -64,6 +65,18 @@ def target_names() -> list[str]:
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
 
 
+def _alias_paths() -> dict[str, Path]:
+    """Other names a target answers to (its file's `aliases`: "aarch64", "rv32", "m7")."""
+    paths = {}
+    for path in TARGETS_DIR.glob("*.toml"):
+        try:
+            aliases = tomllib.loads(path.read_text()).get("aliases", [])
+        except tomllib.TOMLDecodeError:
+            continue   # load_target names the broken file when it is asked for
+        paths.update({a.lower(): path for a in aliases})
+    return paths
+
+
 def target_ref(target: Target) -> str:
     """What load_target takes back: the name of a target in targets/, else its file's path."""
     return target.name if Path(target.path).resolve().parent == TARGETS_DIR else str(target.path)
@@ -72,9 +85,14 @@ def target_ref(target: Target) -> str:
 def load_target(name_or_path: str) -> Target:
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = TARGETS_DIR / f"{name_or_path}.toml"
+        name = name_or_path.lower()
+        path = TARGETS_DIR / f"{name}.toml"
+        if not path.exists():
+            path = _alias_paths().get(name, path)
     if not path.exists():
-        raise EdgepruneError(f"unknown target '{name_or_path}'; known: {', '.join(target_names())}")
+        aliases = ", ".join(sorted(_alias_paths()))
+        raise EdgepruneError(f"unknown target '{name_or_path}'; known: {', '.join(target_names())}"
+                             f" (also: {aliases})")
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -100,7 +118,7 @@ def load_target(name_or_path: str) -> Target:
         raise EdgepruneError(f"{path}: [toolchain] libc = '{libc}' is not supported ({', '.join(LIBCS)})")
     t = Target(name=raw["name"], description=raw["description"],
                **{k: raw[k] for k in ("chip", "toolchain", "board", "qemu", "counter", "quant", "power")},
-               path=path)
+               path=path, aliases=raw.get("aliases", []))
     if t.name != path.stem:
         raise EdgepruneError(f"{path}: name = '{t.name}' does not match the file name '{path.stem}'")
     if not t.board_dir.is_dir():

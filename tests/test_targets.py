@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from edgeprune.compile import compile_model, retarget_build
+from edgeprune.errors import EdgepruneError
 from edgeprune.firmware import compiler_flags
 from edgeprune.simulate import simulate
 from edgeprune.targets import FIRMWARE_DIR, load_target, target_names
@@ -41,6 +42,15 @@ def test_mission_targets_exist_with_chip_facts():
         t = load_target(name)
         assert t.chip["part"] and t.chip["source"] and t.power["source"]
         assert t.power_mw > 0 and t.chip["clock_hz"] > 0
+
+
+def test_targets_answer_to_the_names_of_their_isa():
+    # the brief's names for the targets: Cortex-A (aarch64), RISC-V (rv32/rv64), M4/M7/M55
+    for alias, name in [("aarch64", "cortex-a53"), ("rv32", "riscv32"), ("RV64", "riscv64"),
+                        ("m7", "cortex-m7"), ("Cortex-M55", "cortex-m55")]:
+        assert load_target(alias).name == name
+    with pytest.raises(EdgepruneError, match="unknown target 'rv128'.*also: .*aarch64"):
+        load_target("rv128")
 
 
 @pytest.mark.parametrize("board", sorted({load_target(n).board["template"] for n in TARGETS}))

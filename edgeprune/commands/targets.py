@@ -14,18 +14,19 @@ def register(sub) -> None:
 def run(args) -> int:
     targets = [load_target(n) for n in target_names()]
     if args.json:
-        print(json.dumps({t.name: {"chip": t.chip, "qemu": t.qemu["machine"],
+        print(json.dumps({t.name: {"aliases": t.aliases, "chip": t.chip, "qemu": t.qemu["machine"],
                                    "counter": t.counter, "quant": t.quant, "power": t.power}
                           for t in targets}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
     table = Table(title="edgeprune targets")
-    for col in ("target", "stands for", "clock", "flash", "SRAM", "QEMU machine", "word lengths"):
+    table.add_column("target", no_wrap=True)   # the name to type: never cut
+    for col in ("stands for", "clock", "flash", "SRAM", "QEMU machine", "word lengths"):
         table.add_column(col)
     for t in targets:
         c = t.chip
-        table.add_row(t.name, f"{c['part']} ({c['core']})", f"{c['clock_hz'] / 1e6:.0f} MHz",
+        table.add_row("\n".join([t.name] + t.aliases), f"{c['part']} ({c['core']})", f"{c['clock_hz'] / 1e6:.0f} MHz",
                       f"{c['flash_bytes'] // 1024} KiB", f"{c['sram_bytes'] // 1024} KiB",
                       t.qemu["machine"], "w" + "/".join(map(str, t.quant["weight_bits"])) +
                       " a" + "/".join(map(str, t.quant["activation_bits"])))
