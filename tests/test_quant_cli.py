@@ -38,11 +38,12 @@ def cnn(fmnist):
 def test_pow2_admm_cli_to_qemu_bit_exact(tmp_path, capsys):
     q, b = tmp_path / "q", tmp_path / "b"
     rc, out, _ = _cli(capsys, "quantize", "cnn", "--target", "cortex-m7", "--data",
-                      "fashion-mnist", "--out", q, "--method", "admm", "--format", "pow2",
+                      "fashion-mnist", "--out", q, "--format", "pow2",   # auto: ADMM
                       "--epochs", "0.05", "--train-samples", "4000", *ZOO_ARGS, "--json")
     assert rc == 0
     report = json.loads(out)
     assert report == json.loads((q / "quantize.json").read_text())
+    assert report["method"] == "admm"
     layers = {r["layer"]: r for r in report["layers"]}
     formats = [(r["weight_format"], r["weight_bits"]) for r in report["layers"]]
     assert formats[0] == formats[-1] == ("int", 8) and ("pow2", 4) in formats
@@ -94,7 +95,7 @@ def test_cli_refuses_bad_input_and_keeps_existing_out(tmp_path, capsys, cnn):
     fails(tmp_path / "nope.pt", "--out", out, match="nope.pt does not exist")
     fails(pt, "--out", out, "--data", "cifar", match="unknown dataset 'cifar'")
     fails(pt, "--out", out, "--bits", "3", match="--bits 3")
-    fails(pt, "--out", out, "--format", "pow2", match="needs --method admm")
+    fails(pt, "--out", out, "--format", "pow2", "--method", "ptq", match="needs --method admm")
     fails(pt, "--out", out, "--format", "pow2", "--bits", "2", "--method", "admm",
           match="pow2 uses 4-bit codes")
     fails(pt, "--out", out, "--bits", "4", "--method", "qat", match="QAT fine-tunes 8-bit")

@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--input-shape", help="static input shape where the model stores none")
     p.add_argument("--method", default="auto", choices=METHODS,
                    help="ptq; qat (straight-through fine-tuning); auto = PTQ, then QAT if PTQ "
-                   "loses more than --max-drop points; admm = low-bit weights trained by ADMM")
+                   "loses more than --max-drop points (admm for --bits 4/2, pow2, ternary); "
+                   "admm = low-bit weights trained by ADMM")
     p.add_argument("--format", dest="fmt", default="int", choices=FORMATS,
                    help="weight levels: int (uniform), pow2 ({0, +-2**k} * a, shifts in C; "
                    "4-bit codes), ternary ({-1, 0, 1} * a)")

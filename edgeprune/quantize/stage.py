@@ -4,7 +4,7 @@ Methods:
 * "ptq": calibrate and export;
 * "qat": PTQ calibration, then straight-through fine-tuning of the weights, then export;
 * "auto" (default): PTQ, and QAT only when PTQ loses more than `max_drop` points against
-  float; the better of the two is kept;
+  float; the better of the two is kept; ADMM for weights below 8 bits or in pow2/ternary;
 * "admm": low-bit weights trained by ADMM (Leng et al. 2018) in `fmt` ("int", "pow2",
   "ternary") at `bits`, first and last layers kept at 8 bits unless `mixed` chooses.
 
@@ -50,6 +50,12 @@ class QuantizeConfig:
     lr: float | None = None            # None: method default (QAT 0.005, ADMM 0.01)
     max_train_samples: int | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        # "auto" is the user not choosing: for low-bit or pow2/ternary weights on every layer,
+        # ADMM is the one method that trains them (QAT keeps 8-bit weights)
+        if self.method == "auto" and (self.fmt != "int" or self.bits < 8) and not self.mixed:
+            self.method = "admm"
 
 
 def slot_bits(fmt: str, bits: int) -> int:
