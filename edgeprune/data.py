@@ -41,7 +41,8 @@ class Dataset:
         zoo model's head either way)."""
         if np.issubdtype(self.y_test.dtype, np.floating):
             return int(np.prod(self.y_test.shape[1:], dtype=np.int64))
-        return int(self.y_test.max()) + 1
+        labels = [y for y in (self.y_train, self.y_test) if y is not None and len(y)]
+        return max(int(y.max()) for y in labels) + 1   # a class seen in one split alone counts
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -23,6 +23,8 @@ def test_npz_loads_like_a_named_dataset(tmp_path):
     # the name keys caches, so it follows the content, not only the file name
     other = data.load(_save(tmp_path / "mine.npz", y_test=np.arange(8) % 2))
     assert d.name.startswith("mine-") and other.name != d.name
+    # a class only the training split holds counts: the model must score it too
+    assert data.load(_save(tmp_path / "more.npz", y_train=np.arange(20) % 5)).num_classes == 5
 
 
 def test_float_targets_make_a_regression_dataset(tmp_path):
