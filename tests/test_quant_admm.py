@@ -71,7 +71,8 @@ class Tiny(nn.Module):
 
 
 @pytest.mark.parametrize("fmt,bits", [("pow2", 4), ("ternary", 2)])
-def test_admm_constrains_only_the_chosen_layers(fmt, bits):
+@pytest.mark.parametrize("straight_through", [0.0, 0.5, 1.0])   # ADMM alone, then half, none
+def test_admm_constrains_only_the_chosen_layers(fmt, bits, straight_through):
     fm = data.load("fashion-mnist")
     model = Tiny().eval()
     net = ptq.extract(model, (1, 1, 28, 28))
@@ -81,7 +82,8 @@ def test_admm_constrains_only_the_chosen_layers(fmt, bits):
     assert {cfg[n] for n in names[1:-1]} == {(fmt, bits)}
     ranges = ptq.calibrate(net, fm.x_train[:64])
     before = {k: v.detach().clone() for k, v in net.weight.items()}
-    qw = admm.admm_train(net, fm, cfg, ranges, epochs=1.0, max_samples=640, admm_every=3)
+    qw = admm.admm_train(net, fm, cfg, ranges, epochs=1.0, max_samples=640, admm_every=3,
+                         straight_through=straight_through)
     assert set(qw) == set(names[1:-1])
     lv = set(levels(fmt, bits).tolist())
     for k, (q, a) in qw.items():

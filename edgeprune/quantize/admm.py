@@ -11,6 +11,13 @@ uniform k-bit.  With the auxiliary G (the projected weights) and the scaled dual
   Q = nearest-level(V / a) (`wquant.project`);
 * dual update: U = U + W - G.
 
+Within a short budget ADMM leaves the weights too far from the level set for the final
+projection (a MobileNet-V2-like net on Fashion-MNIST, ternary, 0.3 epochs: 81.1 % float, 19.7 %
+after ADMM), so the last `straight_through` fraction of the steps (default half) computes each
+gradient at the projected weights and applies it to the latent ones (BinaryConnect, Courbariaux
+et al. 2015): 56.1 % at one epoch with half, 60.9 % with all of them (25.0 % with none; pow2,
+4-bit and other nets: within 0.5 pt either way, or better).
+
 At the end the constrained weights are replaced by their projection (exactly representable), the
 activations are re-calibrated on the quantized network and the QuantModel is exported with
 those (Q, a).  Activation fake quantization is on during the W-step so the network also adapts
@@ -49,12 +56,14 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
                ranges: dict[str, tuple[float, float]] | None = None, epochs: float = 2.0,
                lr: float = 0.01, rho: float = 1e-3, rho_growth: float = 1.3,
                admm_every: int = 100, batch_size: int = 64, max_samples: int | None = None,
-               seed: int = 0, progress: Callable[[float, float], None] | None = None
-               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+               seed: int = 0, progress: Callable[[float, float], None] | None = None,
+               straight_through: float = 0.5) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Run ADMM on `net` in place; returns {layer: (Q int8, a (O,))} for the constrained layers.
 
     Layers whose format is ("int", 8) are trained freely (no constraint).  rho grows by
-    `rho_growth` at every G-step so the weights are driven onto the quantized set.
+    `rho_growth` at every G-step so the weights are driven onto the quantized set.  The last
+    `straight_through` of the steps train at the projected weights instead (see the module
+    docstring).
     """
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -99,26 +108,52 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
 
     from ..prune.patterns import held_patterns
     hold = held_patterns(net)   # pruned taps and kernel tiles stay pruned (as in train)
+    ste_from = int(round(total * (1 - straight_through)))
+
+    def w_step(xb, yb, cur_lr):
+        saved = [p.detach().clone() for p in params]
+        grads(xb, yb)                                          # extra-gradient: predictor
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= cur_lr * p.grad
+        loss = grads(xb, yb)                                   # corrector at W~
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                if p.grad is not None:
+                    p.copy_(s - cur_lr * p.grad)
+        return loss
+
+    def straight_through_step(xb, yb, cur_lr):
+        latent = {k: net.weight[k].detach().clone() for k in constrained}
+        with torch.no_grad():
+            for k, (fmt, bits) in constrained.items():
+                q, a = project(latent[k].double().numpy(), fmt, bits, scale=g_q[k][1])
+                g_q[k] = (q, a)
+                net.weight[k].copy_(torch.from_numpy(
+                    a.reshape((-1,) + (1,) * (q.ndim - 1)) * q).float())
+        loss = task.loss(net(xb), yb)
+        net.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for k in constrained:
+                net.weight[k].copy_(latent[k])
+            for p in params:
+                if p.grad is not None:
+                    p -= cur_lr * p.grad
+        return float(loss.detach())
+
     net.train()
     try:
         while step < total:
             for xb, yb in batches(x, y, batch_size, shuffle=True, seed=seed + epoch):
                 cur_lr = lr * 0.5 * (1 + np.cos(np.pi * step / total))
-                saved = [p.detach().clone() for p in params]
-                grads(xb, yb)                                  # extra-gradient: predictor
-                with torch.no_grad():
-                    for p in params:
-                        if p.grad is not None:
-                            p -= cur_lr * p.grad
-                loss = grads(xb, yb)                           # corrector at W~
-                with torch.no_grad():
-                    for p, s in zip(params, saved):
-                        if p.grad is not None:
-                            p.copy_(s - cur_lr * p.grad)
+                step_fn = w_step if step < ste_from else straight_through_step
+                loss = step_fn(xb, yb, cur_lr)
                 if hold is not None:
                     hold()
                 step += 1
-                if step % admm_every == 0 or step == total:
+                if step <= ste_from and (step % admm_every == 0 or step == ste_from):
                     with torch.no_grad():
                         g_step()
                         for k in constrained:
