@@ -26,7 +26,8 @@ def run(args) -> int:
         table.add_column(col)
     for t in targets:
         c = t.chip
-        table.add_row("\n".join([t.name] + t.aliases), f"{c['part']} ({c['core']})", f"{c['clock_hz'] / 1e6:.0f} MHz",
+        table.add_row("\n".join([t.name] + t.aliases), f"{c['part']} ({c['core']})",
+                      f"{c['clock_hz'] / 1e6:.0f} MHz",
                       f"{c['flash_bytes'] // 1024} KiB", f"{c['sram_bytes'] // 1024} KiB",
                       t.qemu["machine"], "w" + "/".join(map(str, t.quant["weight_bits"])) +
                       " a" + "/".join(map(str, t.quant["activation_bits"])))
