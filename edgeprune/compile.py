@@ -10,6 +10,7 @@ from .errors import EdgepruneError
 from .targets import Target, load_target, target_ref
 
 BUILD_FILE = "build.json"
+DEPLOY_BUILD = "build"        # where `deploy` compiles, inside its output folder
 
 
 def refuse_to_overwrite(out: Path, force: bool, stage: str | None = None) -> None:
@@ -165,9 +166,17 @@ def _init_bytes(init) -> int:
     return n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
 
 
+def build_folder(path: Path) -> Path:
+    """A `compile` output folder as given, or a `deploy` output's (its build/)."""
+    path = Path(path)
+    if not (path / BUILD_FILE).exists() and (path / DEPLOY_BUILD / BUILD_FILE).exists():
+        return path / DEPLOY_BUILD
+    return path
+
+
 def load_build(build_dir: Path) -> dict:
     f = build_dir / BUILD_FILE
     if not f.exists():
         raise EdgepruneError(f"{build_dir} is not an edgeprune build folder (no {BUILD_FILE}); "
-                             "make one with `edgeprune compile`")
+                             "make one with `edgeprune compile` (or `edgeprune deploy`)")
     return json.loads(f.read_text())

@@ -151,7 +151,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     import torch
 
     from . import data as datasets
-    from .compile import atomic_out_dir, check_fits, compile_model
+    from .compile import DEPLOY_BUILD, atomic_out_dir, check_fits, compile_model
     from .load import load_torch, save_torch
     from .targets import load_target
     from .task import check_outputs, metric_name
@@ -242,10 +242,10 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             acc_quant = quant_report["accuracy"]["quantized"]
 
         with stage("compile", progress):
-            build = compile_model(str(tmp / "qmodel"), target.name, tmp / "build", log=log)
-            c_lib = tmp / "build" / "c_library"
+            build = compile_model(str(tmp / "qmodel"), target.name, tmp / DEPLOY_BUILD, log=log)
+            c_lib = tmp / DEPLOY_BUILD / "c_library"
             shutil.copytree(c_lib, tmp / "c_library")
-            elf = tmp / "build" / build["firmware"]
+            elf = tmp / DEPLOY_BUILD / build["firmware"]
             shutil.copy(elf, tmp / "firmware.elf")
             write_bin(target, elf, tmp / "firmware.bin")
 
@@ -253,7 +253,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             from .simulate import simulate
             batch = shape[0]  # the firmware runs the model's static batch per call
             n = max(batch, min(cfg.target_samples, len(data.x_test)) // batch * batch)
-            sim, outputs = simulate(tmp / "build", data.x_test[:n], timeout=600)
+            sim, outputs = simulate(tmp / DEPLOY_BUILD, data.x_test[:n], timeout=600)
             if not sim["outputs_match"]:
                 raise EdgepruneError(f"the target's outputs differ from the golden model in "
                                      f"{sim['mismatches']} values over {n} samples", stage="simulate")
@@ -262,7 +262,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             log(f"on target ({target.name}, QEMU): {acc_target:.2f} % on {n} samples, bit-exact")
 
         with stage("profile", progress):
-            profile = measure(tmp / "build", cfg.port)
+            profile = measure(tmp / DEPLOY_BUILD, cfg.port)
 
         with stage("baseline", progress):
             # The unpruned model through the same quantizer and compiler: the "before" numbers.

@@ -34,7 +34,8 @@ def default_inputs(shape: tuple[int, ...], samples: int, seed: int = 0) -> np.nd
 
 def as_samples(x: np.ndarray, shape: tuple[int, ...], origin: str) -> np.ndarray:
     """Accept one input of the model's shape, or K of them stacked, or rows (samples without
-    the batch axis) whose count is a multiple of the model's batch: K calls of that batch."""
+    the batch axis) whose count is a multiple of the model's batch: K calls of that batch; or,
+    at a batch of 1, one sample without the batch axis."""
     shape = tuple(shape)
     if x.shape == shape:
         return x[None]
@@ -42,6 +43,8 @@ def as_samples(x: np.ndarray, shape: tuple[int, ...], origin: str) -> np.ndarray
         return x
     if x.shape[1:] == shape[1:] and len(x) and len(x) % shape[0] == 0:
         return x.reshape((len(x) // shape[0],) + shape)
+    if x.shape == shape[1:] and shape[0] == 1:      # one sample, without the batch axis
+        return x.reshape((1,) + shape)
     raise EdgepruneError(f"{origin}: input of shape {x.shape} does not fit the model's input "
                          f"{shape} (give {shape}, (K,) + {shape}, or N rows of {shape[1:]} "
                          f"with N a multiple of the batch {shape[0]})")
@@ -55,6 +58,8 @@ def outputs_like_input(outputs: list[np.ndarray], x: np.ndarray | None,
         return y
     if x.shape == tuple(in_shape):
         return y[0]
+    if x.shape == tuple(in_shape[1:]) and in_shape[0] == 1:
+        return y[0, 0]                     # one sample in without a batch axis, one out
     return y.reshape((-1,) + y.shape[2:])  # N rows in (K calls of batch B), N rows out
 
 

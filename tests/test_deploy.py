@@ -127,6 +127,20 @@ def test_report_command_prints_the_summary(deployed):
     assert "instructions" in r.stdout and "cortex-m7" in r.stdout
 
 
+def test_simulate_and_profile_take_the_deploy_folder_and_one_unbatched_sample(deployed):
+    out, _, root = deployed
+    import numpy as np
+    from edgeprune.data import fashion_mnist
+    x = root / "one.npy"
+    np.save(x, fashion_mnist().x_test[0])                 # (1, 28, 28): no batch axis
+    y = root / "y.npy"
+    r = edgeprune("simulate", out, "--input", x, "--save-outputs", y, cache=root / "cache",
+                  check=True)
+    assert "outputs match" in r.stdout and np.load(y).shape == (10,)
+    r = edgeprune("profile", out, "--input", x, cache=root / "cache", check=True)
+    assert "outputs match" in r.stdout
+
+
 @pytest.mark.parametrize("args, words", [
     (["--budget", "latency=5"], ["[deploy]", "latency_ms"]),
     (["--model", "nosuch.onnx"], ["[load]", "nosuch.onnx"]),

@@ -110,6 +110,19 @@ def test_data_criterion_and_finetune_with_real_data(tmp_path):
     assert pat["intra_kernel"]["stride"] == 2 and (taps == 0).all()
 
 
+def test_a_file_without_an_input_shape_takes_the_datas(tmp_path):
+    import torch.nn as nn
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    pt = tmp_path / "bare.pt"
+    torch.save(model, pt)                     # no input shape stored: --data gives one
+    assert _prune(pt, "--ratio", "0.5", "--data", "fashion-mnist", "--eval-samples", "50",
+                  "--out", tmp_path / "p") == 0
+    pruned, shape = load_torch(str(tmp_path / "p" / "model.pt"))
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert shape == (1, 1, 28, 28) and [c.out_channels for c in convs] == [4, 4]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--criterion", "taylor"], "criterion 'taylor' needs data"),
     (["--ratio", "1.0"], r"--ratio 1.0 is outside \[0, 1\)"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("profile", help="per-layer latency, energy and memory over the serial link")
-    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile`")
+    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile` or `edgeprune deploy`")
     p.add_argument("--port", default="qemu",
                    help="'qemu' (start QEMU, UART on a loopback TCP port), socket://HOST:PORT, "
                         "or a serial device such as /dev/ttyACM0 (default: qemu)")
@@ -27,6 +27,8 @@ def run(args) -> int:
 
     from .simulate import load_npy
 
+    from ..compile import build_folder
+    args.build = build_folder(args.build)   # a deploy output: its build/
     x = load_npy(args.input) if args.input is not None else None
     try:
         report = profile(args.build, args.port, args.baud, args.runs, x, args.energy_meter,

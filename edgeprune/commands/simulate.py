@@ -11,7 +11,7 @@ from ..qemu import TargetFailure
 
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="boot the compiled firmware in QEMU and check its outputs")
-    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile`")
+    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile` or `edgeprune deploy`")
     p.add_argument("--input", type=Path,
                    help=".npy input: the model's shape, or K of them stacked (several inputs: "
                         "an .npz of them by name, or input0, input1, ...)")
@@ -42,6 +42,8 @@ def load_npy(path: Path):
 def run(args) -> int:
     from ..simulate import simulate
 
+    from ..compile import build_folder
+    args.build = build_folder(args.build)   # a deploy output: its build/
     x = load_npy(args.input) if args.input is not None else None
     check_at_least((("--samples", args.samples, 1),))
     try:

@@ -150,17 +150,19 @@ def run(args) -> int:
     out = args.out
     refuse_to_overwrite(out, args.force, STAGE)   # before any training, not only when writing
 
-    if is_zoo_name(args.model) and args.data:
+    dataset = datasets.load(args.data) if args.data else None
+    if is_zoo_name(args.model) and dataset is not None:
         # A zoo name is an architecture: prune the trained network, as quantize and deploy do.
         from ..deploy import trained_zoo_model
-        model, shape = trained_zoo_model(args.model, datasets.load(args.data),
-                                         parse_shape(args.input_shape), args.train_epochs,
-                                         args.seed, log)
+        model, shape = trained_zoo_model(args.model, dataset, parse_shape(args.input_shape),
+                                         args.train_epochs, args.seed, log)
     else:
-        # several outputs only without data: criteria, fine-tuning and accuracy score one
+        # several outputs only without data: criteria, fine-tuning and accuracy score one;
+        # a file without a stored input shape takes the data's, as deploy does
         model, shape = load_torch(args.model, parse_shape(args.input_shape),
-                                  several_outputs=not args.data)
-    data = fit_data(shape, datasets.load(args.data), args.model, STAGE) if args.data else None
+                                  data_shape=dataset.input_shape if dataset else None,
+                                  several_outputs=dataset is None)
+    data = fit_data(shape, dataset, args.model, STAGE) if dataset is not None else None
     if data is not None and data.x_train is None and (args.finetune > 0 or
                                                       args.method != "oneshot"):
         raise EdgepruneError(f"dataset {data.name} has no training split to fine-tune on",
