@@ -79,6 +79,8 @@ def compile_model(spec: str | Path, target_name: str, out: Path | str,
     from .plan import plan_model, reorder_for_memory
 
     target, spec = load_target(target_name), str(spec)
+    if not is_quantized_dir(spec) and is_quantized_dir(str(Path(spec) / "qmodel")):
+        spec = str(Path(spec) / "qmodel")   # a deploy or compile output: its integer model
     with atomic_out_dir(out, force) as tmp:
         if is_quantized_dir(spec):
             from .quantize.qmodel import load as load_qmodel

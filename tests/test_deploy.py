@@ -141,6 +141,14 @@ def test_simulate_and_profile_take_the_deploy_folder_and_one_unbatched_sample(de
     assert "outputs match" in r.stdout
 
 
+def test_a_deployed_model_compiles_for_another_target(deployed):
+    out, _, root = deployed
+    rv = root / "rv32"                        # the deploy folder's integer model, retargeted
+    edgeprune("compile", out, "--target", "rv32", "--out", rv, cache=root / "cache", check=True)
+    r = edgeprune("simulate", rv, cache=root / "cache", check=True)
+    assert "riscv32" in r.stdout and "outputs match" in r.stdout
+
+
 @pytest.mark.parametrize("args, words", [
     (["--budget", "latency=5"], ["[deploy]", "latency_ms"]),
     (["--model", "nosuch.onnx"], ["[load]", "nosuch.onnx"]),
