@@ -8,9 +8,10 @@ from ..load import MODEL_FILES, parse_shape
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="lower a model with TVM into a C library and firmware")
-    p.add_argument("model", help=f"{MODEL_FILES}, a quantize output folder, or a "
-                   "zoo name")
-    p.add_argument("--target", default="cortex-m7")
+    p.add_argument("model", help=f"{MODEL_FILES}, a quantize output folder (or a deploy one: "
+                   "its integer model), or a zoo name")
+    p.add_argument("--target", default="cortex-m7",
+                   help="a target name or alias (edgeprune targets)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--input-shape", help="static input shape where the model's is dynamic, e.g. 1,1,28,28")
     p.add_argument("--prefix", default="model", help="C symbol prefix of the generated API")
