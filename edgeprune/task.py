@@ -1,6 +1,8 @@
 """What a model is judged on, read from its labels: integer class labels (top-1 accuracy,
 cross-entropy) or float regression targets shaped like the model's output (an autoencoder's
-reconstruction, a regressor's values: R² in percent, mean squared error).
+reconstruction, a regressor's values: R² in percent, mean squared error). Labels 0/1 against
+one output per sample are a binary classifier's: a logit (or a sigmoid's probability) scored
+at 0 (0.5), trained with binary cross-entropy.
 
 Every stage asks here, so "accuracy" in reports, the quantizer's --max-drop, the mixed-precision
 sensitivity and the feedback search's ranking all read a higher-is-better percentage either way:
@@ -33,6 +35,8 @@ def score(outputs: np.ndarray, y: np.ndarray) -> float:
     if n == 0:
         return 0.0
     out = np.asarray(outputs, np.float64).reshape(n, -1)
+    if not is_regression(y) and out.shape[1] == 1:
+        return 100.0 * float(((binary_logits(out) > 0) == y[:n]).mean())
     if not is_regression(y):
         return 100.0 * float((out.argmax(1) == y[:n]).mean())
     target = y[:n].reshape(n, -1).astype(np.float64)
@@ -59,10 +63,27 @@ def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.T
         per = per.mean(1)
         return per.sum() if reduction == "sum" else per if reduction == "none" else per.mean()
     out = out.reshape(len(y), -1)   # class scores with trailing unit axes: (N, K, 1, 1)
+    if out.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(binary_logits(out), y.to(out.dtype),
+                                                  reduction=reduction)
     if out.shape[1] > 1 and bool((out >= 0).all()) and torch.allclose(
             out.detach().sum(1), torch.ones((), dtype=out.dtype), atol=1e-4):
         return F.nll_loss(torch.log(out.clamp_min(1e-12)), y, reduction=reduction)
     return F.cross_entropy(out, y, reduction=reduction)
+
+
+def binary_logits(out):
+    """(N, 1) outputs of a binary classifier as (N,) logits: a sigmoid's probabilities (every
+    value within [0, 1]) mapped back, so one threshold (0) and one loss serve both."""
+    v = out.reshape(-1)
+    if isinstance(v, torch.Tensor):
+        if bool(((v >= 0) & (v <= 1)).all()):
+            return torch.logit(v.clamp(1e-6, 1 - 1e-6))
+        return v
+    if np.all((v >= 0) & (v <= 1)):
+        v = np.clip(v, 1e-6, 1 - 1e-6)
+        return np.log(v / (1 - v))
+    return v
 
 
 def numpy_loss(outputs: np.ndarray, y: np.ndarray) -> float:
@@ -71,6 +92,9 @@ def numpy_loss(outputs: np.ndarray, y: np.ndarray) -> float:
     out = np.asarray(outputs, np.float64).reshape(n, -1)
     if is_regression(y):
         return float(((out - np.asarray(y, np.float64).reshape(n, -1)) ** 2).mean())
+    if out.shape[1] == 1:
+        z, t = binary_logits(out), np.asarray(y, np.float64)[:n]
+        return float((np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))).mean())
     shifted = out - out.max(1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
     return float(-log_p[np.arange(n), np.asarray(y, np.int64)].mean())
@@ -92,7 +116,8 @@ def check_outputs(out_shape: tuple[int, ...], data) -> None:
                                  f"targets of {data.name} are {list(y.shape[1:])} per sample "
                                  f"({want} values){hint}")
     elif [d for d in out_shape[1:] if d != 1][:2] not in ([data.num_classes],) and not (
-            len(out_shape) == 2 and out_shape[1] >= data.num_classes):
+            len(out_shape) == 2 and out_shape[1] >= data.num_classes) and not (
+            data.num_classes == 2 and int(np.prod(out_shape[1:])) == 1):   # one logit
         raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
                              f"needs class scores (N, {data.num_classes}), or (N, "
                              f"{data.num_classes}, 1, 1) and the like")

@@ -71,6 +71,27 @@ def test_scores_are_accuracy_for_labels_and_r2_for_targets():
                                                                                 labels.numpy())
 
 
+def test_one_output_against_labels_0_1_is_a_binary_classifiers_logit_or_probability():
+    import torch
+
+    from edgeprune import task
+    labels = np.array([0, 1, 1, 0])
+    logits = np.array([[-2.0], [0.5], [-0.1], [-3.0]])
+    probabilities = 1 / (1 + np.exp(-logits))              # a model ending in a sigmoid
+    assert task.score(logits, labels) == task.score(probabilities, labels) == 75.0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(logits[:, 0]), torch.from_numpy(labels).double())
+    for out in (logits, probabilities):
+        assert abs(float(task.loss(torch.from_numpy(out), torch.from_numpy(labels))) -
+                   float(bce)) < 1e-5
+        assert abs(task.numpy_loss(out, labels) - float(bce)) < 1e-5
+    two = data.Dataset("binary", None, None, np.zeros((4, 3), np.float32), labels)
+    task.check_outputs((1, 1), two)
+    three = data.Dataset("three", None, None, np.zeros((4, 3), np.float32), np.arange(4) % 3)
+    with pytest.raises(EdgepruneError, match=r"needs class scores \(N, 3\)"):
+        task.check_outputs((1, 1), three)
+
+
 def test_class_scores_may_carry_unit_axes():
     from edgeprune import task
     d = data.load("fashion-mnist")

@@ -344,6 +344,39 @@ def test_autoencoder_on_regression_targets_deploys_bit_exact(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_binary_classifier_with_one_sigmoid_output_deploys_bit_exact(tmp_path):
+    """A wake-word or anomaly detector's head: one sigmoid output against labels 0/1, trained
+    and scored as a binary classifier (threshold 0.5, binary cross-entropy), bit-exact."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    rng = np.random.default_rng(0)
+
+    def draw(n):   # a tone, faster for class 1, in noise
+        y = rng.integers(0, 2, n)
+        t = np.linspace(0, 1, 32)
+        x = np.sin(2 * np.pi * (2 + 3 * y[:, None]) * t + rng.uniform(0, 6, (n, 1)))
+        return (x + rng.normal(0, 0.5, (n, 32)))[:, None].astype(np.float32), y
+
+    (x, y), (xt, yt) = draw(1500), draw(200)
+    np.savez(tmp_path / "tone.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 5),
+                          nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 1),
+                          nn.Sigmoid())
+    from edgeprune import data
+    from edgeprune.train import evaluate, train
+    train(model, data.Dataset("tone", x, y, xt, yt), epochs=3, lr=0.2)
+    assert evaluate(model, xt, yt) > 80
+    torch.onnx.export(model.eval(), (torch.zeros(1, 1, 32),), str(tmp_path / "tone.onnx"),
+                      dynamo=False)
+    report = deploy_user_model(tmp_path / "tone.onnx", tmp_path / "tone.npz", tmp_path, "1", 20)
+    acc = report["accuracy"]
+    assert acc["metric"] == "accuracy" and report["check"]["mismatches"] == 0
+    assert acc["quantized"] > 75 and acc["on_target"] > 60, acc
+
+
 def test_pytorch_mnist_example_too_big_unpruned_deploys_pruned(tmp_path):
     """The PyTorch examples' MNIST net (log_softmax head, F.max_pool2d, dropout): its 1.2 MB of
     int8 weights do not fit the M7's 1 MB of flash. Pruned by half it does: the deploy goes on,

@@ -104,8 +104,9 @@ def recalibrate_bn(model: nn.Module, data: Dataset | None, batches: int = BN_BAT
 
 
 def distill_loss(teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.0):
-    """train()'s `loss`: alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE;
-    on regression targets alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, target)."""
+    """train()'s `loss`: alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * CE
+    (a binary classifier's one logit: its sigmoid's cross-entropy); on regression targets
+    alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, target)."""
     teacher.eval()
     t2 = temperature * temperature
 
@@ -121,6 +122,10 @@ def distill_loss(teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.
             torch.backends.mkldnn.enabled = was
         if task.is_regression(y):
             kd = task.loss(out, t_out.reshape(y.shape))
+        elif out[0].numel() == 1:   # a binary classifier's one logit: the teacher's soft 0/1
+            soft = torch.sigmoid(task.binary_logits(t_out) / temperature)
+            kd = F.binary_cross_entropy_with_logits(task.binary_logits(out) / temperature,
+                                                    soft) * t2
         else:
             kd = F.kl_div(F.log_softmax(out / temperature, 1),
                           F.log_softmax(t_out / temperature, 1), reduction="batchmean",
