@@ -85,10 +85,10 @@ def check_config(cfg: QuantizeConfig, target) -> None:
     if need not in wb:
         raise EdgepruneError(f"target {target.name}: {need}-bit weights are not among its "
                              f"[quant] weight_bits {wb} ({target.path})")
-    if cfg.fmt != "int" and cfg.method in ("ptq", "qat", "auto") and not cfg.mixed:
+    if cfg.fmt != "int" and cfg.method in ("ptq", "qat") and not cfg.mixed:   # auto: admm
         raise EdgepruneError(f"--format {cfg.fmt} needs --method admm (PTQ/QAT weights are "
                              "uniform integers)")
-    if cfg.bits < 8 and cfg.method in ("qat", "auto") and not cfg.mixed:
+    if cfg.bits < 8 and cfg.method == "qat" and not cfg.mixed:
         raise EdgepruneError(f"--bits {cfg.bits} with --method {cfg.method}: QAT fine-tunes 8-bit "
                              "weights; use --method admm (or ptq) for low-bit weights")
     if cfg.layer_bits:
