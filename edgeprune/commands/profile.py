@@ -5,7 +5,8 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("profile", help="per-layer latency, energy and memory over the serial link")
-    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile` or `edgeprune deploy`")
+    p.add_argument("build", type=Path,
+                   help="a folder written by `edgeprune compile` or `edgeprune deploy`")
     p.add_argument("--port", default="qemu",
                    help="'qemu' (start QEMU, UART on a loopback TCP port), socket://HOST:PORT, "
                         "or a serial device such as /dev/ttyACM0 (default: qemu)")

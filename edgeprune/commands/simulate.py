@@ -11,7 +11,8 @@ from ..qemu import TargetFailure
 
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="boot the compiled firmware in QEMU and check its outputs")
-    p.add_argument("build", type=Path, help="a folder written by `edgeprune compile` or `edgeprune deploy`")
+    p.add_argument("build", type=Path,
+                   help="a folder written by `edgeprune compile` or `edgeprune deploy`")
     p.add_argument("--input", type=Path,
                    help=".npy input: the model's shape, or K of them stacked (several inputs: "
                         "an .npz of them by name, or input0, input1, ...)")

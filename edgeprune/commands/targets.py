@@ -14,8 +14,9 @@ def register(sub) -> None:
 def run(args) -> int:
     targets = [load_target(n) for n in target_names()]
     if args.json:
-        print(json.dumps({t.name: {"aliases": t.aliases, "chip": t.chip, "qemu": t.qemu["machine"],
-                                   "counter": t.counter, "quant": t.quant, "power": t.power}
+        print(json.dumps({t.name: {"aliases": t.aliases, "chip": t.chip,
+                                   "qemu": t.qemu["machine"], "counter": t.counter,
+                                   "quant": t.quant, "power": t.power}
                           for t in targets}, indent=2))
         return 0
     from rich.console import Console
