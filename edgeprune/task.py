@@ -118,6 +118,10 @@ def check_outputs(out_shape: tuple[int, ...], data) -> None:
     elif [d for d in out_shape[1:] if d != 1][:2] not in ([data.num_classes],) and not (
             len(out_shape) == 2 and out_shape[1] >= data.num_classes) and not (
             data.num_classes == 2 and int(np.prod(out_shape[1:])) == 1):   # one logit
+        one = int(np.prod(out_shape[1:])) == 1
+        hint = (f"; one output is a binary classifier on labels 0/1 only (these run "
+                f"{int(y.min())}..{int(y.max())}), or a regressor on float targets "
+                f"(y.astype(np.float32))") if one else ""
         raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
                              f"needs class scores (N, {data.num_classes}), or (N, "
-                             f"{data.num_classes}, 1, 1) and the like")
+                             f"{data.num_classes}, 1, 1) and the like{hint}")

@@ -88,7 +88,8 @@ def test_one_output_against_labels_0_1_is_a_binary_classifiers_logit_or_probabil
     two = data.Dataset("binary", None, None, np.zeros((4, 3), np.float32), labels)
     task.check_outputs((1, 1), two)
     three = data.Dataset("three", None, None, np.zeros((4, 3), np.float32), np.arange(4) % 3)
-    with pytest.raises(EdgepruneError, match=r"needs class scores \(N, 3\)"):
+    with pytest.raises(EdgepruneError, match=r"needs class scores \(N, 3\).*labels 0/1 only "
+                       r"\(these run 0\.\.2\)"):
         task.check_outputs((1, 1), three)
 
 
