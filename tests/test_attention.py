@@ -73,6 +73,35 @@ def test_attention_block_prunes_and_runs_bit_exact(heads, target, tmp_path):
     bit_exact(qm, calib[:4], target, tmp_path, on_target=2, like=model)   # the last source's
 
 
+class Mixer(nn.Module):
+    """MLP-Mixer: a token MLP over the positions, transposed back onto the residual stream."""
+    def __init__(self):
+        super().__init__()
+        self.emb, self.n1, self.n2 = nn.Linear(10, 16), nn.LayerNorm(16), nn.LayerNorm(16)
+        self.tok = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 12))
+        self.ch = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.emb(x)
+        t = t + self.tok(self.n1(t).transpose(1, 2)).transpose(1, 2)
+        t = t + self.ch(self.n2(t))
+        return self.fc(t.mean(1))
+
+
+def test_token_mixing_mlps_prune_their_hidden_widths_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Mixer().eval()
+    x = torch.randn(8, *SHAPE[1:])
+    pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
+    widths = {n: m.out_features for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
+    # the hidden widths halve; the positions and the residual stream's channels stay
+    assert widths == {"emb": 16, "tok.0": 12, "tok.2": 12, "ch.0": 16, "ch.2": 16, "fc": 4}
+    calib = torch.randn(64, *SHAPE[1:]).numpy()
+    bit_exact(ptq.quantize_ptq(pruned, SHAPE, calib), calib[:4], "cortex-m7", tmp_path,
+              on_target=2, like=pruned)
+
+
 def test_a_matrix_product_with_a_broadcast_batch_is_named():
     class Broadcast(nn.Module):
         def __init__(self):

@@ -649,8 +649,14 @@ class DepGraph:
         (xa, la), (xb, lb) = tensors
         sa, sb = self._shape(xa), self._shape(xb)
         if la.channels_last != lb.channels_last or (la.unflattened_last and sa != sb):
-            self._fail(node, f"operands with shapes {sa} and {sb} have their channels on "
-                       "different axes")
+            # Channels on different axes (a token-mixing MLP's output, transposed back onto
+            # the residual stream): one side's channels meet the other's positions, so
+            # neither may change.
+            self._freeze(la)
+            self._freeze(lb)
+            if tuple(shape) == tuple(sa):
+                return la
+            return lb if tuple(shape) == tuple(sb) else self._new_space(shape[1], None, True)
         if len(la.ids) == len(lb.ids) and la.repeat == lb.repeat:
             for i, j in zip(la.ids, lb.ids):
                 self._union(i, j)
