@@ -131,7 +131,7 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     train(model, data, epochs=epochs, lr=0.05, seed=seed, progress=on_step, onednn=True,
           max_samples=n_train - holdout)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # runs may train the same model at once
     torch.save(model.state_dict(), tmp)
     tmp.replace(path)
     return model.eval(), shape

@@ -140,7 +140,7 @@ def tune(spec: str, target_name: str, port: str = "qemu", log=print) -> dict:
         cached[key] = {"tile": [int(t) for t in tile.split("x")], "count": n,
                        "measured": table[key], "port": port}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
+    tmp_path = path.with_suffix(f".{os.getpid()}.tmp")   # runs may tune at once
     tmp_path.write_text(json.dumps(cached, indent=1, sort_keys=True))
     tmp_path.replace(path)
     default = {k: v[next(iter(v))] for k, v in table.items()}
