@@ -209,14 +209,13 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         else:
             with stage("prune", progress):
                 from .prune import NothingToPrune, prune
+                from .prune.methods import scoring_batches
                 ratios = cfg.per_layer if cfg.per_layer is not None else cfg.ratio
-                # Scoring batches for data-driven criteria, and a held-out one for MFP/particle.
-                batches = [(torch.from_numpy(data.x_train[i:i + 128]),
-                            torch.from_numpy(data.y_train[i:i + 128])) for i in range(0, 640, 128)]
+                batches, meta = scoring_batches(data, seed=cfg.seed)
                 try:
                     pruned, record = prune(model, example, criterion=cfg.criterion,
-                                           ratios=ratios, data=batches[:-1],
-                                           meta_batch=batches[-1], seed=cfg.seed,
+                                           ratios=ratios, data=batches,
+                                           meta_batch=meta, seed=cfg.seed,
                                            layer_strides=cfg.layer_strides)
                 except NothingToPrune as e:   # deployed as it is: quantized, compiled, run
                     log(f"not pruned: {e}")

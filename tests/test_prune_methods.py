@@ -37,6 +37,20 @@ def test_method_runs_and_shrinks(method, fmnist):
                 model.get_submodule(name).weight.shape[0]
 
 
+@pytest.mark.parametrize("criterion", ["taylor", "mfp", "particle"])
+def test_data_driven_criteria_score_on_a_training_set_smaller_than_their_batches(criterion,
+                                                                                 fmnist):
+    small = datasets.Dataset("small", fmnist.x_train[:50], fmnist.y_train[:50],
+                             fmnist.x_test[:20], fmnist.y_test[:20])   # ECG200 has 100
+    batches, meta = methods.scoring_batches(small)
+    seen = np.concatenate([x.numpy() for x, _ in batches] + [meta[0].numpy()])
+    assert len(batches) == 4 and len(seen) == 50 and len(np.unique(seen, axis=0)) == 50
+    model, shape = models.build("cnn")
+    pruned, rec = methods.run("oneshot", model, torch.zeros(shape), small,
+                              {"criterion": criterion, "ratios": 0.5}, epochs=0)
+    assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [4, 8]
+
+
 def test_iterative_reaches_the_ratio_in_steps(fmnist):
     model, shape = models.build("cnn")
     pruned, rec = methods.run("iterative", model, torch.zeros(shape), fmnist,

@@ -46,11 +46,6 @@ class JobData:
         from ..data import Dataset
         return Dataset(self.name, self.x_train, self.y_train, self.x_val, self.y_val)
 
-    def criterion_batches(self, n: int = 4, size: int = 128):
-        b = [(torch.from_numpy(self.x_train[i:i + size]), torch.from_numpy(self.y_train[i:i + size]))
-             for i in range(0, min(n * size, len(self.x_train)), size)]
-        return b, b[-1]
-
 
 _DATA: JobData | None = None
 _TEACHER = None
@@ -131,7 +126,8 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
     model = from_bytes(blob)
     layers: dict = {}
     if removal:
-        batches, meta = _DATA.criterion_batches()
+        from ..prune.methods import scoring_batches
+        batches, meta = scoring_batches(_DATA.dataset(), seed=seed)
         model, record = prune(model, example, criterion=criterion, ratios={"*": 0.0, **removal},
                               data=batches, meta_batch=meta, seed=seed)
         layers = record["layers"]

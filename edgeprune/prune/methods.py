@@ -140,8 +140,14 @@ def scoring_batches(data: Dataset | None, batches: int = 4, batch_size: int = 12
     (meta-attribute of MFP, misclassification rate of the particle filter). Never test data."""
     if data is None or data.x_train is None:
         return [], None
+    n = len(data.x_train)
+    if n < 2:
+        return [(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train))], None
+    # a small training set (ECG200 has 100 samples) gives smaller and fewer batches
+    batch_size = max(1, min(batch_size, n // (batches + 1)))
+    batches = max(1, min(batches, n // batch_size - 1))
     rng = np.random.default_rng(seed + 1000)
-    idx = rng.choice(len(data.x_train), (batches + 1) * batch_size, replace=False)
+    idx = rng.choice(n, (batches + 1) * batch_size, replace=False)
     out = []
     for b in range(batches + 1):
         j = np.sort(idx[b * batch_size:(b + 1) * batch_size])
