@@ -2,6 +2,7 @@
 layer scale, minima, and hand-written activations (torch.where masks, x * sigmoid(1.702 x)):
 pruned, read back from ONNX, bit-exact in int8 on the host and on a target."""
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -165,3 +166,44 @@ def test_a_model_the_legacy_exporter_refuses_exports_with_the_default_one(capfd,
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+
+class Repeated(nn.Module):
+    """The same call written out three times; two zero tensors, each filled in."""
+    def __init__(self, fill=True):
+        super().__init__()
+        self.fill = fill
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.c1(x)
+        x = torch.where(self.c2(x) > 0, self.c2(x), 0.1 * self.c2(x))
+        if not self.fill:
+            return self.fc(x.mean((2, 3)))
+        a, b = x.new_zeros(x.shape[0], 8), x.new_zeros(x.shape[0], 8)
+        a[:, :4].copy_(x.mean((2, 3))[:, :4])
+        b.view(-1, 2, 4)[:, 1].copy_(x.amax((2, 3))[:, 4:])
+        return self.fc(a + b)
+
+
+def test_a_call_repeated_on_the_same_inputs_is_computed_once():
+    import torch.fx as fx
+
+    from edgeprune.quantize import reference, to_relax
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 10, 10)
+    model = Repeated().eval()
+    gm = fx.symbolic_trace(model)
+    ptq.merge_repeated_calls(gm)
+    gm.recompile()
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["c1", "c2", "fc"]
+    assert [n.target for n in gm.graph.nodes].count("new_zeros") == 2    # both written into
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    qm = ptq.quantize_ptq(Repeated(fill=False).eval(), (1, 1, 10, 10), x.numpy())
+    assert [o.kind for o in qm.ops].count("conv2d") == 2          # c2 once, then one table
+    xq = reference.quantize_input(qm, x.numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=4))(xq),
+                          reference.run(qm, xq))

@@ -710,6 +710,50 @@ def _fetch_attr(gm, target: str) -> torch.Tensor:
     return obj
 
 
+def _call_key(value):
+    """A hashable form of a node's args (lists, dicts and slices included)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_call_key(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _call_key(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _call_key(value.start), _call_key(value.stop), _call_key(value.step))
+    hash(value)
+    return value
+
+
+def merge_repeated_calls(gm: fx.GraphModule) -> None:
+    """A call repeated on the same inputs (torch.where(c(x) > 0, c(x), 0.1 * c(x))) is computed
+    once, so that what reads it sees one tensor (as onnxsim does for an ONNX file). In-place,
+    random and dropout calls stay, and so do values written into (two torch.zeros filled in)."""
+    def name_of(target) -> str:
+        return getattr(target, "__name__", str(target)).lower()
+
+    views = {operator.getitem, "view", "view_as", "reshape", "narrow", "select", "transpose",
+             "permute", "unsqueeze", "squeeze", "flatten", "expand", "expand_as", "t"}
+
+    def written(n) -> bool:    # an in-place call on it or on a view of it
+        return any(u.op in ("call_function", "call_method") and
+                   (u.target is operator.setitem or name_of(u.target).endswith("_") or
+                    (u.target in views and written(u))) for u in n.users)
+    seen: dict = {}
+    for n in list(gm.graph.nodes):
+        if n.op not in ("call_module", "call_function", "call_method") or written(n):
+            continue
+        name = name_of(type(gm.get_submodule(n.target)) if n.op == "call_module" else n.target)
+        if name.endswith("_") or "rand" in name or "dropout" in name or "bernoulli" in name:
+            continue
+        try:
+            key = (n.op, n.target, _call_key(n.args), _call_key(n.kwargs))
+        except TypeError:        # an unhashable argument (a tensor): left as it is
+            continue
+        if key in seen:
+            n.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(n)
+        else:
+            seen[key] = n
+
+
 def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     """Fold BN and turn `model` into an IRNet (raises naming the first unsupported node)."""
     from torch.fx.experimental.optimization import fuse
@@ -723,6 +767,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         raise EdgepruneError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e}); "
                              "quantize supports traceable conv/linear/pool/add networks") from None
     gm.graph.eliminate_dead_code()   # `y, _ = torch.min(x, 1)`: the indices nobody reads
+    merge_repeated_calls(gm)
     gm.recompile()
     static: dict[str, object] = {}  # nodes computing no tensor (x.size(0), x.shape[2:]): values
     constants: dict[str, torch.Tensor] = {}   # get_attr nodes: buffers and parameters
