@@ -36,9 +36,11 @@ the layer's exact shape, with its weights repacked at build time:
   instructions at 4 bits, 1.80 M at 8 (TVM's lowering of the packed TE conv: 27.9 M); a
   784x128 dense 469 k at 4 bits, 203 k at 8 (TE: 1.26 M). A sub-byte depthwise conv keeps
   each channel's codes in whole words and decodes them once per channel (ep_dw_codes).
-* requantization is fused per output (C helpers ep_requant_hi / ep_requant): acc*M + rnd in
-  one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the high word is
-  kept (exact: floor division composes), then SSAT.
+* requantization is fused per output (C helpers ep_requant_h32 / ep_requant_hi / ep_requant):
+  acc*M + rnd in one 64-bit multiply-accumulate; when every channel's shift is >= 32 only the
+  high word is kept (exact: floor division composes), then SSAT. When rnd's low word is 0 as
+  well (every shift >= 33 and no offset below 2^32: the usual case), flash keeps rnd >> 32 as
+  int32 (4 bytes per channel instead of 8; a depthwise channel's 3x3 weights take 9).
 * requantized residual add (to_relax._add): one pass, two 64-bit multiply-accumulates per
   element, when the shifted sum provably fits 32 bits (then SSAT).
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
@@ -179,6 +181,12 @@ static inline int32_t ep_clamp(int32_t v, int32_t lo, int32_t hi) {
 static inline int32_t ep_requant_hi(int32_t acc, int32_t m, int64_t rnd, int32_t sh, int32_t zp,
                                     int32_t lo, int32_t hi) {
   return ep_clamp(((int32_t)(((int64_t)acc * m + rnd) >> 32) >> sh) + zp, lo, hi);
+}
+/* The same when rnd's low word is 0, given rh = rnd >> 32: (acc * m + rh * 2^32) >> 32 is
+   (acc * m >> 32) + rh exactly (SMMUL, ADD); |rh| < 2^29 keeps the sum within 32 bits. */
+static inline int32_t ep_requant_h32(int32_t acc, int32_t m, int32_t rh, int32_t sh, int32_t zp,
+                                     int32_t lo, int32_t hi) {
+  return ep_clamp((((int32_t)(((int64_t)acc * m) >> 32) + rh) >> sh) + zp, lo, hi);
 }
 /* Requantized residual add: clamp(zp + ((a * ma + b * mb + rnd) >> sh), lo, hi), two 64-bit
    multiply-accumulates; the generator checks that the shifted sum fits 32 bits. */
@@ -566,15 +574,19 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
 # TIR side: the kernels, as TVMScript generated for one shape.
 
 def _requant_consts(layer: QLayer):
-    """(bias, M as int32, rnd, shift) and whether the high-word form is exact for all channels."""
-    hiword = bool(np.all(layer.shift >= 32))
-    shift = layer.shift - 32 if hiword else layer.shift
-    return [layer.bias.astype(np.int32), layer.mult.astype(np.int32),
-            layer.rnd.astype(np.int64), shift.astype(np.int32)], hiword
+    """(bias, M as int32, rnd, shift) and the C helper that is exact for every channel:
+    ep_requant_h32 (rnd as its high word, int32), ep_requant_hi or ep_requant."""
+    rnd = layer.rnd.astype(np.int64)
+    bias, mult = layer.bias.astype(np.int32), layer.mult.astype(np.int32)
+    if not np.all(layer.shift >= 32):
+        return [bias, mult, rnd, layer.shift.astype(np.int32)], "ep_requant"
+    shift = (layer.shift - 32).astype(np.int32)
+    if np.all(rnd & 0xFFFFFFFF == 0) and np.all(np.abs(rnd >> 32) < 2 ** 29):
+        return [bias, mult, (rnd >> 32).astype(np.int32), shift], "ep_requant_h32"
+    return [bias, mult, rnd, shift], "ep_requant_hi"
 
 
-def _requant_expr(acc: str, oc: str, hiword: bool, layer: QLayer) -> str:
-    fn = "ep_requant_hi" if hiword else "ep_requant"
+def _requant_expr(acc: str, oc: str, fn: str, layer: QLayer) -> str:
     return (f'T.Cast("{layer.out_dtype}", T.call_extern("int32", "{fn}", {acc}, mult[{oc}], '
             f"rnd[{oc}], shift[{oc}], {layer.zp_out}, {layer.lo}, {layer.hi}))")
 
@@ -589,7 +601,7 @@ def _shape(s) -> str:
 OVERWRITES_INPUT = "edgeprune.overwrites_input"
 
 
-def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str,
+def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str, rnd_dtype: str,
             overwrites: bool = False, pairs_shape=None) -> list[str]:
     extra = f', "{OVERWRITES_INPUT}": 1' if overwrites else ""
     pairs = f'pairs: T.Buffer({_shape(pairs_shape)}, "int32"), ' if pairs_shape else ""
@@ -597,7 +609,7 @@ def _header(layer: QLayer, wshape, wdtype: str, o: int, tag: str,
         "@T.prim_func(private=True)",
         f'def main(x: T.Buffer({_shape(layer.x_shape)}, "{layer.x_dtype}"), '
         f'w: T.Buffer({_shape(wshape)}, "{wdtype}"), bias: T.Buffer(({o},), "int32"), '
-        f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "int64"), '
+        f'mult: T.Buffer(({o},), "int32"), rnd: T.Buffer(({o},), "{rnd_dtype}"), '
         f'shift: T.Buffer(({o},), "int32"), {pairs}'
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
         f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"'
@@ -692,7 +704,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         oh_n, ow_n = layer.y_shape[2:]
     n = layer.x_shape[0]
     ob = -(-o // oc_block)
-    consts, hiword = _requant_consts(layer)
+    consts, requant = _requant_consts(layer)
     hs, ws, sample, (sh, sw) = _geometry(layer)
     dh, dw = layer.dilation
     pv = layer.pad_value
@@ -755,7 +767,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     overwrites = n == 1 and (band == oh_n or (
         kh == kw == 1 and tuple(layer.strides) == (1, 1) and not any(layer.padding)
         and np.dtype(layer.out_dtype).itemsize == np.dtype(layer.x_dtype).itemsize))
-    L = _header(layer, words.shape, "int32", o, layer.kind, overwrites,
+    L = _header(layer, words.shape, "int32", o, layer.kind, consts[2].dtype.name, overwrites,
                 None if live is None else live.shape)
     if px_block > 1:  # the block's weights widened to int16 pairs (unpack_loops)
         wu_shape = (nlive, wkh, wtaps, oc_block + oc_block % 2)
@@ -867,7 +879,7 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         for p in range(npx):
             for k in range(count):
                 oc = f"{obv} * {oc_block} + {k}"
-                lines.append(f"{ind}res[{p * count + k}] = {_requant_expr(a(k, p), oc, hiword, layer)}")
+                lines.append(f"{ind}res[{p * count + k}] = {_requant_expr(a(k, p), oc, requant, layer)}")
         for p in range(npx):
             for k in range(count):
                 oc = f"{obv} * {oc_block} + {k}"
@@ -971,7 +983,7 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
     after an odd row's last tap)."""
     o, _, kh, kw = layer.weight.shape
     n = layer.x_shape[0]
-    consts, hiword = _requant_consts(layer)
+    consts, requant = _requant_consts(layer)
     hs, ws, sample, (sh, sw) = _geometry(layer)
     dh, dw = layer.dilation
     oh_n, ow_n = layer.y_shape[2:]
@@ -989,7 +1001,7 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
         vals = wd.view(np.int16).reshape(o, -1) if pairs else wd
         m = vals.shape[1]
         wd = _pack_codes(vals, b, layer.weight_format)
-    L = _header(layer, wd.shape, "int32", o, "depthwise")
+    L = _header(layer, wd.shape, "int32", o, "depthwise", consts[2].dtype.name)
     # Flat plane, one element of slack: an odd row's last pair reads one past the plane.
     L += [f'    xs = T.alloc_buffer(({hs * ws + 1},), "int16")',
           f'    wl = T.alloc_buffer(({kh * kq},), "int32")',
@@ -1002,7 +1014,7 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
         L.append(f'        T.evaluate(T.call_extern("int32", "ep_dw_codes", T.address_of(w[c, 0]), '
                  f"wl.data, {m}, {b}, {int(pairs)}, {int(layer.weight_format == 'pow2')}))")
     else:
-        L += [f"        for k in T.unroll({kh * kq}):", f"            wl[k] = w[c, k]"]
+        L += [f"        for k in T.unroll({kh * kq}):", "            wl[k] = w[c, k]"]
     L += _fill_loops(layer, hs, ws, sample, lambda i, j: f"xs[({i}) * {ws} + {j}]",
                      lambda i, j: f'T.Cast("int16", x[nb, c, {i}, {j}])', "        ")
 
@@ -1018,7 +1030,7 @@ def _depthwise_kernel(layer: QLayer, dsp: bool = False):
         else:
             lines += [f'{ind}        acc[{p}] = acc[{p}] + T.Cast("int32", xs[{at.format(p=p)}])'
                       f" * wl[ry * {kw} + rx]" for p in range(npx)]
-        lines += [f"{ind}res[{p}] = {_requant_expr(f'acc[{p}]', 'c', hiword, layer)}"
+        lines += [f"{ind}res[{p}] = {_requant_expr(f'acc[{p}]', 'c', requant, layer)}"
                   for p in range(npx)]
         return lines + [f"{ind}y[nb, c, oh, {owv} + {p}] = res[{p}]" for p in range(npx)]
 
