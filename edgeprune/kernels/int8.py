@@ -879,7 +879,8 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
         for p in range(npx):
             for k in range(count):
                 oc = f"{obv} * {oc_block} + {k}"
-                lines.append(f"{ind}res[{p * count + k}] = {_requant_expr(a(k, p), oc, requant, layer)}")
+                rq = _requant_expr(a(k, p), oc, requant, layer)
+                lines.append(f"{ind}res[{p * count + k}] = {rq}")
         for p in range(npx):
             for k in range(count):
                 oc = f"{obv} * {oc_block} + {k}"
