@@ -213,16 +213,26 @@ LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist, "ecg200": ecg200}
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 HELP = ("fashion-mnist, mnist, ecg200, or a .npz file with x_train, y_train, x_test, y_test "
-        "(samples shaped like the model input without the batch axis; integer labels (0/1 for "
-        "a model with one output: a binary classifier), or float regression targets shaped like "
+        "(samples shaped like the model input without the batch axis; integer labels or one-hot "
+        "rows (0/1 for a model with one output: a binary classifier), or float regression targets shaped like "
         "the model output without the batch axis)")
+
+
+def _labels_of_one_hot(y: np.ndarray) -> np.ndarray:
+    """One-hot rows (Keras' to_categorical: 0/1, one 1 per row) are class labels: their argmax.
+    Anything else is returned as it is."""
+    if y.ndim == 2 and y.shape[1] >= 2 and len(y) and np.issubdtype(y.dtype, np.number) and \
+            np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
+        return y.argmax(1).astype(np.int64)
+    return y
 
 
 def from_npz(path: Path) -> Dataset:
     """A user's dataset: x_* float samples shaped like the model's input without the batch
-    (N, C, H, W), y_* integer class labels 0..K-1, or float regression targets (N, ...) shaped
-    like the model's output (an autoencoder's: the input itself; edgeprune.task). The name
-    carries a hash of the file, since it keys caches (trained models, search candidates)."""
+    (N, C, H, W), y_* integer class labels 0..K-1 (or one-hot rows), or float regression
+    targets (N, ...) shaped like the model's output (an autoencoder's: the input itself;
+    edgeprune.task). The name carries a hash of the file, since it keys caches (trained
+    models, search candidates)."""
     if not path.is_file():
         raise EdgepruneError(f"dataset file {path} does not exist")
     raw = path.read_bytes()
@@ -237,7 +247,7 @@ def from_npz(path: Path) -> Dataset:
                              f"holds {', '.join(NPZ_KEYS)} (has: {', '.join(arrays) or 'none'})")
     out = {}
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        x, y = arrays[f"x_{split}"], _labels_of_one_hot(arrays[f"y_{split}"])
         if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
             raise EdgepruneError(f"{path}: x_{split} must be numeric samples (N, C, ...), "
                                  f"got {x.dtype} {list(x.shape)}")

@@ -54,7 +54,8 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
         model, shape = _via_onnx(program, shape, path, "an exported program")
     else:
         model = _torch_load(path)
-        shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None) or data_shape
+        shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None) or \
+            (data_shape and _shape_it_takes(model, tuple(data_shape)))
         if shape is None:
             raise EdgepruneError(f"{path}: the input shape is not stored in the model; "
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
@@ -82,6 +83,22 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     if is_1d(model):   # every stage after this one works on 2-D convolutions
         return lift_1d(model, tuple(shape))
     return model.eval(), tuple(shape)
+
+
+def _shape_it_takes(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The data's sample shape; for channels-last images (N, H, W, C) that the model does not
+    take, (N, C, H, W) if it takes that (fit_data then moves the pixels)."""
+    def runs(s) -> bool:
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(s))
+        except Exception:
+            return False
+        return True
+    if len(shape) != 4 or shape[3] not in (1, 3, 4) or shape[1] in (1, 3, 4) or runs(shape):
+        return shape
+    first = (shape[0], shape[3], shape[1], shape[2])
+    return first if runs(first) else shape
 
 
 def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
@@ -162,8 +179,13 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str,
                                  f"({', '.join(inputs)}); prune, quantize and deploy take models "
                                  "with one input (compile, simulate and profile take several, "
                                  "in float, from its ONNX export)") from None
+        hint = ""
+        if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
+            hint = ("; channels-last samples? a PyTorch conv takes (N, C, H, W): store them as "
+                    f"x.transpose(0, 3, 1, 2), or pass --input-shape {shape[0]},{shape[3]},"
+                    f"{shape[1]},{shape[2]}")
         raise EdgepruneError(f"{spec}: the model does not run on an input of shape "
-                             f"{list(shape)} ({type(e).__name__}: {e})") from None
+                             f"{list(shape)} ({type(e).__name__}: {e}){hint}") from None
     if isinstance(out, (tuple, list, dict)) and len(out) == 1:
         key = next(iter(out)) if isinstance(out, dict) else 0
         if isinstance(out[key], torch.Tensor):

@@ -25,6 +25,11 @@ def test_npz_loads_like_a_named_dataset(tmp_path):
     assert d.name.startswith("mine-") and other.name != d.name
     # a class only the training split holds counts: the model must score it too
     assert data.load(_save(tmp_path / "more.npz", y_train=np.arange(20) % 5)).num_classes == 5
+    # one-hot rows (Keras' to_categorical), float or integer, are the labels they encode
+    hot = data.load(_save(tmp_path / "hot.npz", y_train=np.eye(3, dtype=np.float32)[d.y_train],
+                          y_test=np.eye(3, dtype=np.uint8)[d.y_test]))
+    assert np.array_equal(hot.y_train, d.y_train) and np.array_equal(hot.y_test, d.y_test)
+    assert hot.y_test.dtype == np.int64 and hot.num_classes == 3
 
 
 def test_float_targets_make_a_regression_dataset(tmp_path):

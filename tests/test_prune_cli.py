@@ -121,6 +121,11 @@ def test_a_file_without_an_input_shape_takes_the_datas(tmp_path):
     pruned, shape = load_torch(str(tmp_path / "p" / "model.pt"))
     convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
     assert shape == (1, 1, 28, 28) and [c.out_channels for c in convs] == [4, 4]
+    # channels-last images (Keras, PIL) for this NCHW model: its shape is theirs, moved
+    _, shape = load_torch(str(pt), data_shape=(1, 28, 28, 1))
+    assert shape == (1, 1, 28, 28)
+    with pytest.raises(EdgepruneError, match=r"channels-last samples\?.*--input-shape 1,1,28,28"):
+        load_torch(str(pt), input_shape=(1, 28, 28, 1))
 
 
 @pytest.mark.parametrize("args, message", [
