@@ -222,10 +222,14 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                     pruned, record = model, {"criterion": cfg.criterion, "layers": {},
                                              "not_pruned": str(e)}
             with stage("finetune", progress):
+                from .prune.methods import BN_BATCHES, FINETUNE_LR, recalibrate_bn
+                if record["layers"]:   # as prune does: the cut layers' BatchNorm statistics anew
+                    recalibrate_bn(pruned, data, BN_BATCHES, seed=cfg.seed)
+                    record["bn_recalibrated_batches"] = BN_BATCHES
                 if cfg.finetune_epochs > 0:
                     log(f"fine-tuning the pruned model for {cfg.finetune_epochs:g} epoch(s)")
-                    train(pruned, data, epochs=cfg.finetune_epochs, lr=0.01, seed=cfg.seed,
-                          progress=on_step)
+                    train(pruned, data, epochs=cfg.finetune_epochs, lr=FINETUNE_LR,
+                          seed=cfg.seed, progress=on_step)
         acc_pruned = evaluate(pruned, x_eval, y_eval)
         log(f"pruned model: {acc_pruned:.2f} %")
         save_torch(pruned, shape, tmp / "model.pt")

@@ -56,6 +56,9 @@ def test_report_fields(deployed):
     assert r["check"]["outputs_match"] and r["check"]["mismatches"] == 0
     assert r["pruning"]["criterion"] == "l1"
     assert any(l["channels_after"] < l["channels_before"] for l in r["pruning"]["per_layer"])
+    # as prune does, BatchNorm statistics are re-estimated after the cut, before fine-tuning
+    pruning = json.loads((deployed[0] / "pruning.json").read_text())
+    assert pruning["bn_recalibrated_batches"] == 20
     assert r["met"] is True and r["budget"] == {}
     # Pruning half the channels must make the measured model cheaper than the unpruned one.
     assert r["latency"]["instructions"] < r["baseline"]["latency"]["instructions"]
