@@ -405,7 +405,7 @@ def test_neon_conv_step_with_minus_128_weights_keeps_int32_sums(tmp_path):
 #include <stdio.h>
 static int8_t x[32], w[128];
 static int32_t bias[4] = {5, 5, 5, 5}, mult[4] = {1, 1, 1, 1}, shift[4] = {13, 13, 13, 13};
-static int64_t rnd[4];
+static int32_t rnd[8];   /* mode 0: the int64 constants, as int32 halves (zero) */
 int main(void) {
   int8_t y[4];
   memset(x, -128, sizeof x);

@@ -39,7 +39,8 @@ def wants_simd(layer: QLayer, features) -> bool:
 def _requant(layer: QLayer, n_out: int | None = None):
     """Per-channel (bias, M, rnd, s), padded with zeros to n_out channels, and the C
     requantization mode: 1 VMULH, exact when every s >= 32 and rnd's low word is 0 (see
-    simd_c; the quantizer's usual s >= 33), else 0: 64-bit per output."""
+    simd_c; the quantizer's usual s >= 33), rnd then kept as its high word, else 0: 64-bit per
+    output, rnd as the int32 halves of its int64 values (simd_c.ep_rnd)."""
     s = layer.shift.astype(np.int64)
     rnd = layer.rnd.astype(np.int64)
     low = rnd & 0xFFFFFFFF
@@ -48,13 +49,17 @@ def _requant(layer: QLayer, n_out: int | None = None):
         mode = int(np.all(low == 0))
     pad = (n_out or len(s)) - len(s)
     consts = [np.pad(a, (0, pad)) for a in (layer.bias.astype(np.int32),
-                                            layer.mult.astype(np.int32), rnd,
+                                            layer.mult.astype(np.int32),
+                                            (rnd >> 32).astype(np.int32) if mode else rnd,
                                             s.astype(np.int32))]
+    if not mode:
+        consts[2] = consts[2].view(np.int32)    # the targets are little-endian, as numpy here
     return consts, mode
 
 
-def _header(layer: QLayer, nw: int, o: int, tag: str, nqp: int = 0,
+def _header(layer: QLayer, nw: int, o: int, tag: str, mode: int, nqp: int = 0,
             overwrites: bool = False, ntab: int = 0) -> list[str]:
+    nrnd = o if mode else 2 * o   # see _requant
     qp = f'qp: T.Buffer(({nqp},), "int32"), ' if nqp else ""
     qp += f'tab: T.Buffer(({ntab},), "int32"), ' if ntab else ""
     extra = f', "{OVERWRITES_INPUT}": 1' if overwrites else ""
@@ -62,7 +67,7 @@ def _header(layer: QLayer, nw: int, o: int, tag: str, nqp: int = 0,
         "@T.prim_func(private=True)",
         f'def main(x: T.Buffer({_shape(layer.x_shape)}, "int8"), w: T.Buffer(({nw},), "int8"), '
         f'bias: T.Buffer(({o},), "int32"), mult: T.Buffer(({o},), "int32"), '
-        f'rnd: T.Buffer(({o},), "int64"), shift: T.Buffer(({o},), "int32"), {qp}'
+        f'rnd: T.Buffer(({nrnd},), "int32"), shift: T.Buffer(({o},), "int32"), {qp}'
         f'y: T.Buffer({_shape(layer.y_shape)}, "{layer.out_dtype}")):',
         f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "{tag}"'
         f'{extra}}})',
@@ -144,7 +149,7 @@ def conv_kernel(layer: QLayer):
     _, m, rnd, sft = consts
     lanes = (np.arange(ng)[:, None] * g + np.arange(4)[None, :] % g)
     t = np.maximum(sft.astype(np.int64) - 32, 0)  # (padding channels: s = 0, never stored)
-    radd, zp = rnd >> 32, layer.zp_out
+    radd, zp = (rnd.astype(np.int64) if mode else rnd.view(np.int64) >> 32), layer.zp_out
     # ((h + radd) >> t) + zp == (h + radd + (zp << t)) >> t: one vector add less, if it fits
     # (|h| <= 2^30, see simd_c); mode 2 tells the vector code (the portable C adds zp itself).
     if mode == 1 and np.all(np.abs(radd + (zp << t)) < 2 ** 30):
@@ -156,8 +161,8 @@ def conv_kernel(layer: QLayer):
         patch_off = -(-scratch // 16) * 16
         scratch = patch_off + (4 // g) * segp
     # one image copied whole into the NHWC scratch before any output: in place is safe
-    L = _header(layer, wpad.size, ng * g, layer.kind, qp.size, overwrites=not direct and n == 1,
-                ntab=taps.size)
+    L = _header(layer, wpad.size, ng * g, layer.kind, mode, qp.size,
+                overwrites=not direct and n == 1, ntab=taps.size)
     xs = "x.data"
     if scratch:
         L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
@@ -195,7 +200,7 @@ def depthwise_kernel(layer: QLayer):
     # channel's padded plane, the gather offsets of the tiles' lanes.
     j = np.minimum(np.arange(-(-oh * ow // 8) * 8), oh * ow - 1)
     po = ((j // ow) * sh * ws + (j % ow) * sw).astype(np.int32)
-    L = _header(layer, o * kh * kw, o, "depthwise", po.size)
+    L = _header(layer, o * kh * kw, o, "depthwise", mode, po.size)
     L.append(f'    xs = T.alloc_buffer(({hs * ws},), "int8")')
     L.append(_call("ep_simd_dw", layer, "xs.data", head + [mode] + clamp, qp=True))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts + [po]
@@ -212,7 +217,7 @@ def neon_depthwise_kernel(layer: QLayer):
     if (c % 16 == 0 and o == c and mode == 1 and layer.out_dtype == "int8"
             and layer.weight.min() > -128):  # channels in lanes (ep_simd_neon_dwc)
         wc = layer.weight.reshape(c // 16, 16, kh * kw).transpose(0, 2, 1)
-        L = _header(layer, o * kh * kw, o, "depthwise")
+        L = _header(layer, o * kh * kw, o, "depthwise", mode)
         L.append(f'    xs = T.alloc_buffer(({hs * ws * c},), "int8")')
         args = ", ".join(str(int(v)) for v in head + clamp)
         L.append('    T.evaluate(T.call_extern("int32", "ep_simd_neon_dwc8", x.data, xs.data, w.data, '
@@ -220,7 +225,7 @@ def neon_depthwise_kernel(layer: QLayer):
         return "\n".join(L), [np.ascontiguousarray(wc).reshape(-1).astype(np.int8)] + consts
     # A tile reads at most 8 * sw bytes past its last output's window: slack past the plane.
     scratch = hs * ws + 8 * sw + 16
-    L = _header(layer, o * kh * kw, o, "depthwise")
+    L = _header(layer, o * kh * kw, o, "depthwise", mode)
     L.append(f'    xs = T.alloc_buffer(({scratch},), "int8")')
     L.append(_call("ep_simd_neon_dw", layer, "xs.data", head + [mode] + clamp))
     return "\n".join(L), [layer.weight.reshape(-1).astype(np.int8)] + consts

@@ -116,6 +116,15 @@ EP_AI void ep_simd_nhwc(const int8_t *x, int8_t *xs, int32_t C, int32_t H, int32
 #endif
 }
 
+/* Channel c's rounding constant. The array is int32: in modes 1 and 2 (its low word 0) its
+   high word per channel (4 bytes of flash, not 8), in mode 0 the int64 values' halves. */
+EP_AI int64_t ep_rnd(const void *rnd, int c, int32_t mode) {
+  int64_t v;
+  if (mode) return (int64_t)((const int32_t *)rnd)[c] * 4294967296LL;
+  memcpy(&v, (const int32_t *)rnd + 2 * c, 8);
+  return v;
+}
+
 EP_AI int32_t ep_simd_rq1(int32_t acc, int32_t m, int64_t rnd, int32_t s, int32_t zp, int32_t lo,
                          int32_t hi) {
   int64_t v = (((int64_t)acc * m + rnd) >> s) + zp;
@@ -233,7 +242,7 @@ EP_AI void ep_simd_store(void *y, int32x4_t v, int32_t npx, int32_t out16) {
    those past the window unwritten, their weights 0). qp[group][3][4]: the requantization
    multiplier, rnd >> 32 and -(s - 32) per lane (lane = pixel * G + channel). */
 EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, const int32_t *bias,
-                         const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                         const int32_t *mult, const void *rnd, const int32_t *shift,
                          const int32_t *qp, const int32_t *taps, void *y, int32_t C,
                          int32_t Ws, int32_t OH, int32_t OW, int32_t O, int32_t sh, int32_t sw,
                          int32_t nsy, int32_t nsx,
@@ -353,7 +362,7 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
         vst1q_s32(r, acc);
         for (int l = 0; l < 4; l++) {
           int c = o + l % G;
-          r[l] = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+          r[l] = ep_simd_rq1(r[l], mult[c], ep_rnd(rnd, c, mode), shift[c], zp, lo, hi);
         }
         h = vld1q_s32(r);
       }
@@ -392,7 +401,7 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
         vst1q_s32(r, acc);
         for (int l = 0; l < 4; l++) {
           int c = o + l % G;
-          r[l] = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+          r[l] = ep_simd_rq1(r[l], mult[c], ep_rnd(rnd, c, mode), shift[c], zp, lo, hi);
         }
         hv = vld1q_s32(r);
       }
@@ -414,7 +423,7 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
 #if defined(EP_NEON) || defined(EP_MVE)
         int32_t v = r[l];
 #else
-        int32_t v = ep_simd_rq1(r[l], mult[c], rnd[c], shift[c], zp, lo, hi);
+        int32_t v = ep_simd_rq1(r[l], mult[c], ep_rnd(rnd, c, mode), shift[c], zp, lo, hi);
 #endif
         size_t at = (size_t)c * ohw + (size_t)i + (size_t)p;
         if (out16) ((int16_t *)y)[at] = (int16_t)v; else ((int8_t *)y)[at] = (int8_t)v;
@@ -426,7 +435,7 @@ EP_AI void ep_simd_conv_t(const int8_t *xs, int8_t *patch, const int8_t *w, cons
 /* One image at a time: the NHWC scratch (unless the input already is one, `direct`: dense, or
    a 1x1 image), then the tiles. */
 EP_AI void ep_simd_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
-                       const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                       const int32_t *mult, const void *rnd, const int32_t *shift,
                        const int32_t *qp, const int32_t *taps, void *y,
                        int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                        int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
@@ -454,7 +463,7 @@ EP_AI void ep_simd_conv(const int8_t *x, int8_t *xs, const int8_t *w, const int3
    NCHW order, across rows (narrow images waste no lanes), gathered with the offsets po[] (per
    output its window's corner in the plane, the last output repeated past the end). */
 EP_AI void ep_simd_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
-                     const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                     const int32_t *mult, const void *rnd, const int32_t *shift,
                      const int32_t *po, void *y, int32_t n, int32_t C, int32_t H, int32_t W,
                      int32_t hi_n, int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt, int32_t pl,
                      int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW, int32_t kh,
@@ -470,7 +479,7 @@ EP_AI void ep_simd_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_
       ep_simd_nhwc(xc, xs, 1, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw);
       const int8_t *wc = w + (size_t)c * kh * kw;
       int32_t m = mult[c], s = shift[c], b0 = bias[c];
-      int64_t r = rnd[c];
+      int64_t r = ep_rnd(rnd, c, mode);
       char *yc = (char *)y + ((size_t)nb * C + c) * ohw * esz;
 #ifdef EP_MVE
       if (OW % 8 == 0 && sw == 1) {  /* whole rows of 8: contiguous loads, no offset table */
@@ -576,7 +585,7 @@ EP_AI void ep_simd_add(const int8_t *a, const int8_t *b, void *y, int32_t n, int
   int32_t zp, int32_t lo, int32_t hi
 #define EP_MVE_DW_PASS n, C, H, W, hi_n, wi_n, Hs, Ws, pt, pl, pad, fh, fw, OH, OW, kh, kw, sh, sw, \
   dh, dw, mode, zp, lo, hi
-#define EP_MVE_PTRS int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult, int64_t *rnd, \
+#define EP_MVE_PTRS int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult, int32_t *rnd, \
   int32_t *shift
 EP_AI int32_t ep_simd_conv8(EP_MVE_PTRS, int32_t *qp, int32_t *taps, int8_t *y,
                             EP_MVE_CONV_ARGS) {
@@ -614,7 +623,7 @@ EP_AI int32_t ep_simd_add16(int8_t *a, int8_t *b, int16_t *y, int32_t n, int32_t
    stride 2: VLD2's even bytes; else lane by lane), SXTL and two SMLALs by the weight. The tile
    may read up to 8 * sw bytes past its row: the scratch has that much slack past the plane. */
 EP_AI void ep_simd_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
-                          const int32_t *mult, const int64_t *rnd, const int32_t *shift, void *y,
+                          const int32_t *mult, const void *rnd, const int32_t *shift, void *y,
                           int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n, int32_t wi_n,
                           int32_t Hs, int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
                           int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw, int32_t sh,
@@ -630,7 +639,7 @@ EP_AI void ep_simd_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const i
                   fh, fw);
       const int8_t *wc = w + (size_t)c * kh * kw;
       int32_t m = mult[c], s = shift[c], b0 = bias[c];
-      int64_t r = rnd[c];
+      int64_t r = ep_rnd(rnd, c, mode);
       char *yc = (char *)y + ((size_t)nb * C + c) * OH * OW * esz;
       for (int oh = 0; oh < OH; oh++)
         for (int ow0 = 0; ow0 < OW; ow0 += 8) {
@@ -712,7 +721,7 @@ EP_AI void ep_simd_neon_dw(const int8_t *x, int8_t *xs, const int8_t *w, const i
    Weights w[C / 16][kh * kw][16]. The image is read whole before any output is written (the
    plan's in-place aliasing stays safe). */
 EP_AI void ep_simd_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const int32_t *bias,
-                           const int32_t *mult, const int64_t *rnd, const int32_t *shift,
+                           const int32_t *mult, const void *rnd, const int32_t *shift,
                            int8_t *y, int32_t n, int32_t C, int32_t H, int32_t W, int32_t hi_n,
                            int32_t wi_n, int32_t Hs, int32_t Ws, int32_t pt, int32_t pl,
                            int32_t pad, int32_t fh, int32_t fw, int32_t OH, int32_t OW,
@@ -731,7 +740,7 @@ EP_AI void ep_simd_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const 
         m[k] = vld1q_s32(mult + c);
         bv[k] = vld1q_s32(bias + c);
         sv[k] = vsubq_s32(vdupq_n_s32(32), vld1q_s32(shift + c));
-        ra[k] = vcombine_s32(vshrn_n_s64(vld1q_s64(rnd + c), 32), vshrn_n_s64(vld1q_s64(rnd + c + 2), 32));
+        ra[k] = vld1q_s32((const int32_t *)rnd + c);
       }
 #endif
       for (int oh = 0; oh < OH; oh++)
@@ -771,7 +780,7 @@ EP_AI void ep_simd_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const 
           for (int l = 0; l < 16; l++) {
             int32_t acc = bias[cb + l];
             for (int t = 0; t < nt; t++) acc += EP_TAP(t)[l] * wb[t * 16 + l];
-            yo[(size_t)l * ohw] = (int8_t)ep_simd_rq1(acc, mult[cb + l], rnd[cb + l],
+            yo[(size_t)l * ohw] = (int8_t)ep_simd_rq1(acc, mult[cb + l], ep_rnd(rnd, cb + l, 1),
                                                      shift[cb + l], zp, lo, hi);
           }
 #endif
@@ -781,7 +790,7 @@ EP_AI void ep_simd_neon_dwc(const int8_t *x, int8_t *xs, const int8_t *w, const 
   }
 }
 EP_AI int32_t ep_simd_neon_dwc8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
-                               int64_t *rnd, int32_t *shift, int8_t *y, int32_t n, int32_t C,
+                               int32_t *rnd, int32_t *shift, int8_t *y, int32_t n, int32_t C,
                                int32_t H, int32_t W, int32_t hi_n, int32_t wi_n, int32_t Hs,
                                int32_t Ws, int32_t pt, int32_t pl, int32_t pad, int32_t fh,
                                int32_t fw, int32_t OH, int32_t OW, int32_t kh, int32_t kw,
@@ -799,12 +808,12 @@ EP_AI int32_t ep_simd_neon_dwc8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias,
   int32_t OW, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t dh, int32_t dw, int32_t mode, \
   int32_t zp, int32_t lo, int32_t hi
 EP_AI int32_t ep_simd_neon_dw8(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
-                              int64_t *rnd, int32_t *shift, int8_t *y, EP_NEON_DW_ARGS) {
+                              int32_t *rnd, int32_t *shift, int8_t *y, EP_NEON_DW_ARGS) {
   EP_NEON_DW(0);
   return 0;
 }
 EP_AI int32_t ep_simd_neon_dw16(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias, int32_t *mult,
-                               int64_t *rnd, int32_t *shift, int16_t *y, EP_NEON_DW_ARGS) {
+                               int32_t *rnd, int32_t *shift, int16_t *y, EP_NEON_DW_ARGS) {
   EP_NEON_DW(1);
   return 0;
 }
