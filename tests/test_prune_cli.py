@@ -179,6 +179,11 @@ def test_ratio_is_the_default_for_layers_the_file_does_not_name(tmp_path, capsys
     ratios.write_text(json.dumps({"ratios": {"layer1.conv1": 0.5}, "tap_strides": {"x": 0}}))
     assert _prune("resnet8", "--per-layer", ratios, "--out", tmp_path / "q") == 2
     assert "tap_strides must be" in capsys.readouterr().err
+    # the same map given inline
+    assert _prune("resnet8", "--per-layer", '{"layer1.conv1": 0.5}', "--ratio", "0", "--out",
+                  tmp_path / "r") == 0
+    model, _ = load_torch(str(tmp_path / "r" / "model.pt"))
+    assert [model.get_submodule(f"layer{i}.conv1").out_channels for i in (1, 2)] == [8, 32]
 
 
 def test_lottery_ticket_rewinds_from_a_file(tmp_path):

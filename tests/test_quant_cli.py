@@ -139,6 +139,11 @@ def test_pt_file_ptq_and_qmodel_loads(tmp_path, capsys, cnn):
                     "--layer-bits", tmp_path / "ratios.json")
     assert rc == 0
     assert [r["weight_bits"] for r in qmodel.load(tmp_path / "q4").layer_table()] == [8, 8, 4]
+    rc, _, _ = _cli(capsys, "quantize", pt, "--out", tmp_path / "q2", "--method", "ptq",
+                    "--eval-samples", 200, "--calib-samples", 200,
+                    "--layer-bits", json.dumps({layer: 2}))     # inline
+    assert rc == 0
+    assert [r["weight_bits"] for r in qmodel.load(tmp_path / "q2").layer_table()] == [8, 8, 2]
     (tmp_path / "bad.json").write_text(json.dumps({layer: "four"}))
     rc, _, err = _cli(capsys, "quantize", pt, "--out", tmp_path / "qb",
                       "--layer-bits", tmp_path / "bad.json")

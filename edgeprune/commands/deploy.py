@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..data import HELP as DATA_HELP
-from ..errors import EdgepruneError, check_at_least
+from ..errors import EdgepruneError, check_at_least, read_json_option
 from ..load import MODEL_FILES
 from ..qemu import TargetFailure
 
@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--criterion", default="l1", help="pruning criterion (see edgeprune prune --help)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per layer")
-    p.add_argument("--per-layer", type=Path, help="JSON {layer: ratio} (e.g. from the feedback loop)")
+    p.add_argument("--per-layer", type=Path,
+                   help="JSON file or inline JSON {layer: ratio} (e.g. the feedback loop's)")
     p.add_argument("--budget", help="latency_ms=5,flash_kb=256,sram_kb=64,energy_uj=300: "
                    "search per-layer ratios on the target until every budget holds")
     p.add_argument("--tap-strides", help="with --budget, also let a conv keep 1 in s window "
@@ -84,11 +85,7 @@ def run(args) -> int:
 
     per_layer = layer_bits = layer_strides = None
     if args.per_layer is not None:
-        try:
-            per_layer = json.loads(args.per_layer.read_text())
-        except (OSError, ValueError) as e:
-            raise EdgepruneError(f"--per-layer {args.per_layer}: not a readable JSON file ({e})",
-                                 stage="deploy")
+        per_layer = read_json_option(args.per_layer, "--per-layer", "deploy")
         if isinstance(per_layer, dict) and isinstance(per_layer.get("bits"), dict):
             layer_bits = per_layer["bits"]  # the feedback loop's chosen word lengths
         if isinstance(per_layer, dict) and "tap_strides" in per_layer:

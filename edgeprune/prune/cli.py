@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..data import HELP as DATA_HELP, fit_data
-from ..errors import EdgepruneError
+from ..errors import EdgepruneError, read_json_option
 from ..load import MODEL_FILES
 
 STAGE = "prune"
@@ -33,7 +33,7 @@ def register(sub) -> None:
     amount.add_argument("--params-target", type=float,
                         help="fraction of parameters to remove; the ratio is searched")
     p.add_argument("--per-layer", type=Path,
-                   help="JSON {layer: ratio, '*': default} (or {'ratios': {...}}, with "
+                   help="JSON file or inline JSON {layer: ratio, '*': default} (or {'ratios': {...}}, with "
                         "'tap_strides' {conv: s} kept too: the feedback loop's ratios.json); "
                         "--ratio sets the default; with a target, the ratios are scaled until "
                         "it is met")
@@ -75,7 +75,7 @@ def register(sub) -> None:
 
 def read_tap_strides(path: Path) -> dict[str, int]:
     """The feedback loop's per-conv intra-kernel strides in a --per-layer file ({} if none)."""
-    obj = json.loads(path.read_text())   # read_per_layer has checked it is JSON
+    obj = read_json_option(path, "--per-layer", STAGE)
     strides = obj.get("tap_strides", {}) if isinstance(obj, dict) else {}
     if not isinstance(strides, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in strides.values()):
@@ -85,13 +85,7 @@ def read_tap_strides(path: Path) -> dict[str, int]:
 
 
 def read_per_layer(path: Path) -> dict[str, float]:
-    try:
-        obj = json.loads(path.read_text())
-    except OSError as e:
-        raise EdgepruneError(f"--per-layer {path}: cannot read it ({e.strerror})",
-                             stage=STAGE) from None
-    except ValueError as e:
-        raise EdgepruneError(f"--per-layer {path}: not valid JSON ({e})", stage=STAGE) from None
+    obj = read_json_option(path, "--per-layer", STAGE)
     if isinstance(obj, dict) and isinstance(obj.get("ratios"), dict):
         obj = obj["ratios"]  # the feedback loop's file
     if not isinstance(obj, dict) or not obj:

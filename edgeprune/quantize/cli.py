@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..data import HELP as DATA_HELP
-from ..errors import EdgepruneError
+from ..errors import EdgepruneError, read_json_option
 from ..load import MODEL_FILES
 from .stage import FORMATS, METHODS, QuantizeConfig
 
@@ -37,8 +37,8 @@ def register(sub) -> None:
                    help="per-layer weight/activation widths among the target's word lengths, "
                    "chosen by sensitivity within --max-drop")
     p.add_argument("--layer-bits", type=Path, default=None,
-                   help="JSON: per-layer weight bits, {layer: bits} or a feedback ratios.json "
-                   "(its \"bits\")")
+                   help="per-layer weight bits: inline JSON {layer: bits}, a JSON file of "
+                        "them, or a feedback ratios.json (its \"bits\")")
     p.add_argument("--max-drop", type=float, default=0.5,
                    help="accuracy points: QAT trigger for auto, loss budget for --mixed")
     p.add_argument("--calib-samples", type=int, default=512)
@@ -90,10 +90,7 @@ def _layer_bits(path: Path | None) -> dict[str, int] | None:
     """--layer-bits: {layer: bits}, or the "bits" of a feedback ratios.json."""
     if path is None:
         return None
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EdgepruneError(f"--layer-bits {path}: not a readable JSON file ({e})")
+    spec = read_json_option(path, "--layer-bits")
     spec = spec.get("bits", spec) if isinstance(spec, dict) else spec
     if not isinstance(spec, dict) or not all(isinstance(b, int) for b in spec.values()):
         raise EdgepruneError(f"--layer-bits {path}: expected {{layer: bits}} with integer bits")
