@@ -33,8 +33,9 @@ def register(sub) -> None:
     amount.add_argument("--params-target", type=float,
                         help="fraction of parameters to remove; the ratio is searched")
     p.add_argument("--per-layer", type=Path,
-                   help="JSON file or inline JSON {layer: ratio, '*': default} (or {'ratios': {...}}, with "
-                        "'tap_strides' {conv: s} kept too: the feedback loop's ratios.json); "
+                   help="JSON file or inline JSON {layer: ratio, '*': default} (or "
+                        "{'ratios': {...}}, with 'tap_strides' {conv: s} kept too: the "
+                        "feedback loop's ratios.json); "
                         "--ratio sets the default; with a target, the ratios are scaled until "
                         "it is met")
     p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
