@@ -214,8 +214,8 @@ LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist, "ecg200": ecg200}
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 HELP = ("fashion-mnist, mnist, ecg200, or a .npz file with x_train, y_train, x_test, y_test "
         "(samples shaped like the model input without the batch axis; integer labels or one-hot "
-        "rows (0/1 for a model with one output: a binary classifier), or float regression targets shaped like "
-        "the model output without the batch axis)")
+        "rows (0/1 for a model with one output: a binary classifier), or float regression "
+        "targets shaped like the model output without the batch axis)")
 
 
 def _labels_of_one_hot(y: np.ndarray) -> np.ndarray:
