@@ -573,6 +573,16 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
 # --------------------------------------------------------------------------------------------
 # TIR side: the kernels, as TVMScript generated for one shape.
 
+def rnd_high_words(layer: QLayer) -> np.ndarray | None:
+    """rnd >> 32 as int32 where that is rnd exactly for every channel (every total shift >= 32,
+    every low word 0) and small enough (< 2^29) for the C to add it in 32 bits; else None."""
+    rnd = layer.rnd.astype(np.int64)
+    if np.all(layer.shift >= 32) and np.all(rnd & 0xFFFFFFFF == 0) and \
+            np.all(np.abs(rnd >> 32) < 2 ** 29):
+        return (rnd >> 32).astype(np.int32)
+    return None
+
+
 def _requant_consts(layer: QLayer):
     """(bias, M as int32, rnd, shift) and the C helper that is exact for every channel:
     ep_requant_h32 (rnd as its high word, int32), ep_requant_hi or ep_requant."""
@@ -581,8 +591,9 @@ def _requant_consts(layer: QLayer):
     if not np.all(layer.shift >= 32):
         return [bias, mult, rnd, layer.shift.astype(np.int32)], "ep_requant"
     shift = (layer.shift - 32).astype(np.int32)
-    if np.all(rnd & 0xFFFFFFFF == 0) and np.all(np.abs(rnd >> 32) < 2 ** 29):
-        return [bias, mult, (rnd >> 32).astype(np.int32), shift], "ep_requant_h32"
+    high = rnd_high_words(layer)
+    if high is not None:
+        return [bias, mult, high, shift], "ep_requant_h32"
     return [bias, mult, rnd, shift], "ep_requant_hi"
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .int8 import KERNEL_ATTR, OVERWRITES_INPUT, QLayer, _kept_taps, _shape
+from .int8 import KERNEL_ATTR, OVERWRITES_INPUT, QLayer, _kept_taps, _shape, rnd_high_words
 
 MVE_FEATURE = "mve-i"
 # Cortex-A (AArch64 NEON) runs the same kernels: simd_c's EP_NEON branches (conv steps by
@@ -42,15 +42,12 @@ def _requant(layer: QLayer, n_out: int | None = None):
     simd_c; the quantizer's usual s >= 33), rnd then kept as its high word, else 0: 64-bit per
     output, rnd as the int32 halves of its int64 values (simd_c.ep_rnd)."""
     s = layer.shift.astype(np.int64)
-    rnd = layer.rnd.astype(np.int64)
-    low = rnd & 0xFFFFFFFF
-    mode = 0
-    if np.all(s >= 32) and np.all(np.abs(rnd >> 32) < 2 ** 29):
-        mode = int(np.all(low == 0))
+    high = rnd_high_words(layer)
+    mode = int(high is not None)
     pad = (n_out or len(s)) - len(s)
     consts = [np.pad(a, (0, pad)) for a in (layer.bias.astype(np.int32),
                                             layer.mult.astype(np.int32),
-                                            (rnd >> 32).astype(np.int32) if mode else rnd,
+                                            layer.rnd.astype(np.int64) if high is None else high,
                                             s.astype(np.int32))]
     if not mode:
         consts[2] = consts[2].view(np.int32)    # the targets are little-endian, as numpy here
