@@ -94,7 +94,8 @@ def test_surgery_is_physical_and_equivalent():
 
 class GroupedNet(nn.Module):
     """Grouped convs (ResNeXt/ShuffleNet style): one reads a concat that straddles its groups,
-    one sits in a residual, and a depthwise multiplier (one input per group) stays whole."""
+    one sits in a residual; a depthwise multiplier (one input per group) and a conv that sums
+    each pair of channels (one output per group) lose whole groups."""
 
     def __init__(self):
         super().__init__()
@@ -104,13 +105,15 @@ class GroupedNet(nn.Module):
         self.r = nn.Conv2d(16, 16, 1, groups=4)                 # residual around it
         self.c = nn.Conv2d(16, 8, 1)
         self.mult = nn.Conv2d(8, 16, 3, padding=1, groups=8)    # 2 outputs per input
-        self.fc = nn.Linear(16, 5)
+        self.pairs = nn.Conv2d(16, 8, 1, groups=8)              # 2 inputs per output
+        self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
         y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
         y = F.relu(self.bn(self.g(y)))
         y = self.c(y + self.r(y))
-        return self.fc(F.adaptive_avg_pool2d(F.relu(self.mult(y)), 1).flatten(1))
+        y = self.pairs(F.relu(self.mult(y)))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(y), 1).flatten(1))
 
 
 def _built(model_class):
@@ -127,13 +130,16 @@ def test_grouped_convs_prune_every_group_alike():
     assert by_layer["a"] is by_layer["b"]          # the concat straddles g's two groups
     assert by_layer["a"].units == 6                # channel j of each group is one unit
     assert by_layer["g"] is by_layer["r"] and by_layer["g"].units == 4  # both tyings at once
-    assert "c" not in by_layer and "mult" not in by_layer  # a depthwise multiplier stays whole
+    # c's channel i, mult's outputs 2i and 2i + 1 and pairs' output i are one unit
+    assert by_layer["c"] is by_layer["mult"] is by_layer["pairs"] and by_layer["c"].units == 8
     pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
     m = dict(pruned.named_modules())
     assert m["g"].groups == 2 and m["g"].in_channels == 6 and m["g"].out_channels == 8
     assert m["r"].groups == 4 and m["r"].in_channels == m["r"].out_channels == 8
     assert m["a"].out_channels + m["b"].out_channels == 6
-    assert m["c"].in_channels == 8 and m["c"].out_channels == m["mult"].in_channels == 8
+    assert m["c"].in_channels == 8 and m["c"].out_channels == m["mult"].groups == 4
+    assert m["mult"].out_channels == m["pairs"].in_channels == 8
+    assert m["pairs"].groups == m["pairs"].out_channels == m["fc"].in_features == 4
     assert record["macs_after"] < 0.5 * record["macs_before"]
     _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))
 

@@ -686,7 +686,7 @@ def _identity_record(graph) -> dict:
     out = {}
     for name, layer in graph.layers.items():
         mod, e = layer.module, {"type": type(layer.module).__name__, "kind": layer.kind}
-        if layer.kind in ("conv", "gconv", "linear"):
+        if layer.kind in ("conv", "gconv", "groupwise", "linear"):
             n_out = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
             n_in = mod.in_channels if hasattr(mod, "in_channels") else mod.in_features
             e.update(out_before=n_out, out_kept=list(range(n_out)),

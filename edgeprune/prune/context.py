@@ -108,7 +108,8 @@ class _LayerMask:
 
     def __enter__(self):
         for name, rec in self.layers.items():
-            if rec.get("kind") not in ("conv", "gconv", "linear"):  # dwconv: in is out
+            # dwconv: its input is its output
+            if rec.get("kind") not in ("conv", "gconv", "groupwise", "linear"):
                 continue
             if len(rec["in_kept"]) == rec["in_before"]:
                 continue

@@ -8,12 +8,14 @@ tensor's channel dimension as a list of *channel ids* (one id per channel a Conv
 produces) and merging ids that an elementwise op combines handles all of these with one rule.
 
 * a **unit** is a set of merged channel ids: it is removed as a whole (e.g. stem channel 3 and
-  the channel 3 of every residual branch added to it);
+  the channel 3 of every residual branch added to it; a depthwise conv's input channel and the
+  outputs its multiplier makes of it);
 * a **group** is the set of units that share producer layers (the units of one conv, or of all
   convs tied by residual adds); criteria score the units of a group, allocation decides how many
   of them to keep;
 * units that reach the graph output or come from the graph input, or pass through a layer whose
-  channels cannot change (grouped conv that is not depthwise, constant operands), are frozen.
+  channels cannot change (a grouped conv that other ties would leave with uneven groups,
+  constant operands), are frozen.
 
 The graph is built once per model; `surgery` then removes units physically (new, smaller
 Conv2d/BatchNorm2d/Linear modules), never by masking.
@@ -127,7 +129,8 @@ CONST = "const"  # marker layout for get_attr constants
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
     name: str
-    kind: str  # "conv" | "gconv" | "dwconv" | "frozen" | "bn" | "gn" | "prelu" | "linear"
+    kind: str  # "conv" | "gconv" | "groupwise" | "dwconv" | "frozen" | "bn" | "gn" | "prelu"
+    #            | "linear"
     module: nn.Module
     node: str
     in_layout: Layout | None
@@ -306,10 +309,16 @@ class DepGraph:
                         for k in range(1, mod.groups):
                             self._union(layout.ids[j], layout.ids[k * per + j])
                 self.layers[name] = Layer(name, "gconv", mod, node.name, lay, out)
-            else:  # one channel per group (a depthwise multiplier): keep its channels
-                self._freeze(lay)
-                out = self._new_space(mod.out_channels, name, True)
-                self.layers[name] = Layer(name, "frozen", mod, node.name, lay, out)
+            else:
+                # one input or one output per group (a depthwise multiplier, as Keras'
+                # depth_multiplier): a unit is a whole group, its inputs with its outputs, so
+                # that pruning removes groups
+                out = self._new_space(mod.out_channels, name, False)
+                ci, co = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+                for k in range(mod.groups):
+                    for cid in lay.ids[k * ci + 1:(k + 1) * ci] + out.ids[k * co:(k + 1) * co]:
+                        self._union(lay.ids[k * ci], cid)
+                self.layers[name] = Layer(name, "groupwise", mod, node.name, lay, out)
             return out
         if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
             lay = self._input_layout(node, 4 if isinstance(mod, nn.BatchNorm2d) else 2)
@@ -864,6 +873,8 @@ class DepGraph:
         roles = []
         if layer.kind in ("conv", "gconv", "linear"):
             roles += [("out", layer.out_layout, False), ("in", layer.in_layout, True)]
+        elif layer.kind == "groupwise":   # its inputs are its units' own, not columns
+            roles += [("out", layer.out_layout, False)]
         elif layer.kind in ("bn", "gn", "dwconv", "prelu"):
             role = {"bn": "bn", "gn": "gn", "dwconv": "dw", "prelu": "prelu"}[layer.kind]
             roles += [(role, layer.in_layout, False)]
@@ -914,8 +925,8 @@ class DepGraph:
             if layer.in_layout is not None:
                 rec["in"] = [p for p, cid in layer.in_layout.positions() if alive(cid)]
                 rec["in_before"] = len(layer.in_layout.ids) * layer.in_layout.repeat
-            if layer.out_layout is not None and layer.kind in ("conv", "gconv", "linear",
-                                                                 "frozen"):
+            if layer.out_layout is not None and layer.kind in ("conv", "gconv", "groupwise",
+                                                                 "linear", "frozen"):
                 rec["out"] = [i for i, cid in enumerate(layer.out_layout.ids) if alive(cid)]
                 rec["out_before"] = len(layer.out_layout.ids)
             out[name] = rec
@@ -983,6 +994,21 @@ def _new_grouped_conv(m: nn.Conv2d, keep_out: list[int], keep_in: list[int]) -> 
     return new.to(m.weight.dtype)
 
 
+def _new_groupwise_conv(m: nn.Conv2d, keep_out: list[int], keep_in: list[int]) -> nn.Conv2d:
+    """The conv on the groups kept whole (the graph made each group one unit)."""
+    ci, co = m.in_channels // m.groups, m.out_channels // m.groups
+    groups = len(keep_out) // co
+    if len(keep_out) % co or len(keep_in) != groups * ci:
+        raise GraphError(f"grouped conv would be left with part of a group ({len(keep_in)} "
+                         f"inputs, {len(keep_out)} outputs; {ci} and {co} per group)")
+    new = nn.Conv2d(len(keep_in), len(keep_out), m.kernel_size, m.stride, m.padding, m.dilation,
+                    groups=groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+    new.weight.data.copy_(m.weight.data[_idx(keep_out)])
+    if m.bias is not None:
+        new.bias.data.copy_(m.bias.data[_idx(keep_out)])
+    return new.to(m.weight.dtype)
+
+
 def _new_bn(m: nn.BatchNorm2d | nn.BatchNorm1d, keep: list[int]) -> nn.Module:
     new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
     i = _idx(keep)
@@ -1031,6 +1057,8 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             new = _new_conv(m, rec["out"], rec["in"], False)
         elif layer.kind == "gconv":
             new = _new_grouped_conv(m, rec["out"], rec["in"])
+        elif layer.kind == "groupwise":
+            new = _new_groupwise_conv(m, rec["out"], rec["in"])
         elif layer.kind == "dwconv":
             new = _new_conv(m, rec["in"], rec["in"], True)
         elif layer.kind == "bn":
