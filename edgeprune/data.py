@@ -213,9 +213,15 @@ LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist, "ecg200": ecg200}
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 HELP = ("fashion-mnist, mnist, ecg200, or a .npz file with x_train, y_train, x_test, y_test "
-        "(samples shaped like the model input without the batch axis; integer labels or one-hot "
+        "(samples shaped like the model input without the batch axis, uint8 ones scaled to "
+        "[0, 1] as image bytes; integer labels or one-hot "
         "rows (0/1 for a model with one output: a binary classifier), or float regression "
         "targets shaped like the model output without the batch axis)")
+
+
+def _bytes_to_unit(a: np.ndarray) -> np.ndarray:
+    """uint8 image bytes as float32 in [0, 1] (as `_images`); anything else as given."""
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a
 
 
 def _labels_of_one_hot(y: np.ndarray) -> np.ndarray:
@@ -229,7 +235,8 @@ def _labels_of_one_hot(y: np.ndarray) -> np.ndarray:
 
 def from_npz(path: Path) -> Dataset:
     """A user's dataset: x_* float samples shaped like the model's input without the batch
-    (N, C, H, W), y_* integer class labels 0..K-1 (or one-hot rows), or float regression
+    (N, C, H, W) (uint8 image bytes: scaled to [0, 1], as the named datasets' images), y_*
+    integer class labels 0..K-1 (or one-hot rows), or float regression
     targets (N, ...) shaped like the model's output (an autoencoder's: the input itself;
     edgeprune.task). The name carries a hash of the file, since it keys caches (trained
     models, search candidates)."""
@@ -248,6 +255,11 @@ def from_npz(path: Path) -> Dataset:
     out = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], _labels_of_one_hot(arrays[f"y_{split}"])
+        # image bytes (Keras' mnist.npz, PIL arrays) read as the named datasets read theirs;
+        # uint8 targets of more than a label per sample are images too (a denoiser's)
+        x = _bytes_to_unit(x)
+        if y.ndim > 1:
+            y = _bytes_to_unit(y)
         if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
             raise EdgepruneError(f"{path}: x_{split} must be numeric samples (N, C, ...), "
                                  f"got {x.dtype} {list(x.shape)}")

@@ -32,6 +32,33 @@ def test_npz_loads_like_a_named_dataset(tmp_path):
     assert hot.y_test.dtype == np.int64 and hot.num_classes == 3
 
 
+def test_image_bytes_are_scaled_as_the_named_datasets_images(tmp_path):
+    """Keras' mnist.npz: uint8 images without a channel axis, uint8 labels; and a denoiser's
+    uint8 target images. The bytes become [0, 1] floats, as Fashion-MNIST's do."""
+    rng = np.random.default_rng(0)
+    x, xt = rng.integers(0, 256, (20, 6, 5), np.uint8), rng.integers(0, 256, (8, 6, 5), np.uint8)
+    d = data.load(_save(tmp_path / "keras.npz", x_train=x, x_test=xt,
+                        y_train=(np.arange(20) % 3).astype(np.uint8),
+                        y_test=(np.arange(8) % 3).astype(np.uint8)))
+    assert d.x_train.dtype == np.float32 and np.array_equal(d.x_train, x / np.float32(255))
+    assert d.y_train.dtype == np.int64 and d.num_classes == 3
+    fitted = data.fit_data((1, 1, 6, 5), d, "keras.npz")
+    assert fitted.x_test.shape == (8, 1, 6, 5) and float(fitted.x_test.max()) <= 1.0
+    den = data.load(_save(tmp_path / "den.npz", x_train=x, x_test=xt, y_train=x, y_test=xt))
+    assert den.y_test.dtype == np.float32 and np.array_equal(den.y_test, xt / np.float32(255))
+
+
+def test_zoo_models_take_samples_without_a_channel_axis():
+    """The zoo's 2-D convnets on a user's samples: (H, W) grey images get a channel axis,
+    (C, L) signals a unit height; flat vectors are refused by name."""
+    from edgeprune import models
+
+    assert models.build("resnet8", (1, 28, 28))[1] == (1, 1, 28, 28)
+    assert models.build("cnn", (1, 2, 128))[1] == (1, 2, 1, 128)
+    with pytest.raises(EdgepruneError, match=r"zoo model 'cnn' takes images .*\[784\]"):
+        models.build("cnn", (1, 784))
+
+
 def test_float_targets_make_a_regression_dataset(tmp_path):
     """An autoencoder's data: float targets (here the input itself) instead of labels."""
     from edgeprune import task

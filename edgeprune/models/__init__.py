@@ -34,6 +34,13 @@ def build(name: str, input_shape: tuple[int, ...] | None = None, num_classes: in
         raise EdgepruneError(f"unknown zoo model '{name}'; known: {', '.join(zoo_names())}")
     ctor, default_shape = ZOO[name]
     shape = tuple(input_shape) if input_shape else default_shape
+    if len(shape) == 3:
+        # the zoo's convs are 2-D: samples without a channel axis are grey images (1, H, W)
+        # (Keras' mnist.npz); a few rows are the channels of signals, lifted to (C, 1, L)
+        shape = (shape[0], 1) + shape[1:] if shape[1] > 4 else shape[:2] + (1, shape[2])
+    if len(shape) != 4:
+        raise EdgepruneError(f"zoo model '{name}' takes images (C, H, W) or signals (C, L); "
+                             f"the data's samples are {list(shape[1:])}")
     torch.manual_seed(seed)
     model = ctor(in_channels=shape[1], num_classes=num_classes)
     return model.eval(), shape
