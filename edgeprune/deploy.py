@@ -156,7 +156,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
     from .targets import load_target
     from .task import check_outputs, metric_name
     from .data import fit_data
-    from .train import evaluate, train
+    from .train import evaluate
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -208,28 +208,19 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                         "lengths on measured costs")
         else:
             with stage("prune", progress):
-                from .prune import NothingToPrune, prune
-                from .prune.methods import scoring_batches
-                ratios = cfg.per_layer if cfg.per_layer is not None else cfg.ratio
-                batches, meta = scoring_batches(data, seed=cfg.seed)
-                try:
-                    pruned, record = prune(model, example, criterion=cfg.criterion,
-                                           ratios=ratios, data=batches,
-                                           meta_batch=meta, seed=cfg.seed,
-                                           layer_strides=cfg.layer_strides)
+                from .prune import NothingToPrune, methods
+                spec = {"criterion": cfg.criterion, "layer_strides": cfg.layer_strides,
+                        "ratios": cfg.per_layer if cfg.per_layer is not None else cfg.ratio}
+                if cfg.finetune_epochs > 0:
+                    log(f"pruning, then fine-tuning for {cfg.finetune_epochs:g} epoch(s)")
+                try:   # as `prune` does: cut, BatchNorm statistics anew, fine-tune
+                    pruned, record = methods.run("oneshot", model, example, data, spec,
+                                                 epochs=cfg.finetune_epochs, seed=cfg.seed,
+                                                 progress=on_step)
                 except NothingToPrune as e:   # deployed as it is: quantized, compiled, run
                     log(f"not pruned: {e}")
                     pruned, record = model, {"criterion": cfg.criterion, "layers": {},
                                              "not_pruned": str(e)}
-            with stage("finetune", progress):
-                from .prune.methods import BN_BATCHES, FINETUNE_LR, recalibrate_bn
-                if record["layers"]:   # as prune does: the cut layers' BatchNorm statistics anew
-                    recalibrate_bn(pruned, data, BN_BATCHES, seed=cfg.seed)
-                    record["bn_recalibrated_batches"] = BN_BATCHES
-                if cfg.finetune_epochs > 0:
-                    log(f"fine-tuning the pruned model for {cfg.finetune_epochs:g} epoch(s)")
-                    train(pruned, data, epochs=cfg.finetune_epochs, lr=FINETUNE_LR,
-                          seed=cfg.seed, progress=on_step)
         acc_pruned = evaluate(pruned, x_eval, y_eval)
         log(f"pruned model: {acc_pruned:.2f} %")
         save_torch(pruned, shape, tmp / "model.pt")

@@ -194,10 +194,10 @@ def _evaluate_into(record: dict, key: str, model: nn.Module, evaluate) -> None:
 # ------------------------------------------------------------------------ schedules
 
 def oneshot(model, example, data, spec, *, epochs=1.0, seed=0, max_samples=None, evaluate=None,
-            lr=FINETUNE_LR, recovery=None, **_):
+            lr=FINETUNE_LR, recovery=None, progress=None, **_):
     pruned, record = _prune(model, example, data, spec, seed)
     pruned = _after_cut(record, pruned, data, recovery, seed, evaluate)
-    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples, recovery)
+    pruned = _finetune(pruned, data, epochs, lr, seed, max_samples, recovery, progress=progress)
     return pruned, record
 
 
