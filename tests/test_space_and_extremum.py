@@ -52,6 +52,30 @@ def test_space_moves_crops_and_max_feature_map_prune_and_run_bit_exact(tmp_path)
     bit_exact(qm, x[:4].numpy(), "riscv32", tmp_path, like=pruned, tol=0.1)
 
 
+class Unshuffled(nn.Module):
+    """Pixel unshuffles after convs (module and function): each producer channel becomes four
+    of the next conv's input columns."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(32, 8, 3, padding=1)
+        self.down, self.out = nn.PixelUnshuffle(2), nn.Conv2d(32, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.b(self.down(F.relu(self.a(x)))))
+        return self.out(F.pixel_unshuffle(y, 2))
+
+
+def test_pixel_unshuffle_prunes_its_producer_by_whole_channels(tmp_path):
+    torch.manual_seed(0)
+    model, shape, x = Unshuffled().eval(), (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
+    pruned, record = pruned_equivalently(model, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4, 3]
+    assert pruned.b.in_channels == pruned.out.in_channels == 16
+    assert len(record["layers"]["b"]["in_kept"]) == 16       # blocks of 4 columns
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x[:4].numpy(), "cortex-m7", tmp_path, like=pruned, tol=0.1)
+
+
 class Resized(nn.Module):
     """A head resized back to another size by nearest neighbours (no whole factor), branches
     stacked on a new axis, and a gate broadcast with expand_as."""

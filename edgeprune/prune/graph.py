@@ -342,7 +342,9 @@ class DepGraph:
             return self._reshape(node, shape)
         if isinstance(mod, nn.PixelShuffle):
             return self._depth_to_space(node, mod.upscale_factor)
-        if isinstance(mod, (nn.PixelUnshuffle, nn.ChannelShuffle)):   # channels regrouped
+        if isinstance(mod, nn.PixelUnshuffle):
+            return self._space_to_depth(node, mod.downscale_factor)
+        if isinstance(mod, nn.ChannelShuffle):   # channels regrouped
             return self._kept(self._input_layout(node, 4), shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
@@ -392,6 +394,15 @@ class DepGraph:
             for cid in lay.ids[c * block + 1:(c + 1) * block]:
                 self._union(lay.ids[c * block], cid)
         return Layout(lay.ids[::block])
+
+    def _space_to_depth(self, node: fx.Node, r: int) -> Layout:
+        """A pixel unshuffle: input channel c becomes output channels c * r * r ..
+        (c + 1) * r * r - 1 (its pixels' phases), all of them its unit, so the consumer's input
+        columns prune in blocks of r * r."""
+        lay = self._input_layout(node, 4)
+        if lay.repeat != 1 or lay.channels_last:
+            return self._kept(lay, self._shape(node))
+        return Layout(tuple(cid for cid in lay.ids for _ in range(r * r)))
 
     def _group_norm(self, node: fx.Node, mod: nn.GroupNorm, name: str) -> Layout:
         """Statistics over groups of channels: each group's channels are one unit, so a group
@@ -578,8 +589,10 @@ class DepGraph:
         if is_fn and t is F.pixel_shuffle:
             factor = node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
             return self._depth_to_space(node, int(factor))
-        if is_fn and t in (F.pixel_unshuffle, F.channel_shuffle,
-                           torch.channel_shuffle):   # channels regrouped
+        if is_fn and t is F.pixel_unshuffle:
+            factor = node.args[1] if len(node.args) > 1 else node.kwargs["downscale_factor"]
+            return self._space_to_depth(node, int(factor))
+        if is_fn and t in (F.channel_shuffle, torch.channel_shuffle):   # channels regrouped
             return self._kept(self._input_layout(node, 4), shape)
         if is_fn and t in (F.layer_norm, F.rms_norm):
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
