@@ -51,10 +51,13 @@ def test_image_bytes_are_scaled_as_the_named_datasets_images(tmp_path):
 def test_zoo_models_take_samples_without_a_channel_axis():
     """The zoo's 2-D convnets on a user's samples: (H, W) grey images get a channel axis,
     (C, L) signals a unit height; flat vectors are refused by name."""
+    import torch
+
     from edgeprune import models
 
     assert models.build("resnet8", (1, 28, 28))[1] == (1, 1, 28, 28)
-    assert models.build("cnn", (1, 2, 128))[1] == (1, 2, 1, 128)
+    cnn, shape = models.build("cnn", (1, 2, 128))
+    assert shape == (1, 2, 1, 128) and tuple(cnn(torch.zeros(shape)).shape) == (1, 10)
     with pytest.raises(EdgepruneError, match=r"zoo model 'cnn' takes images .*\[784\]"):
         models.build("cnn", (1, 784))
 

@@ -14,9 +14,10 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 8):
         super().__init__()
+        # ceil_mode: a signal of height 1 (C, 1, L) pools along L alone
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, width), nn.MaxPool2d(2),
-            conv_bn_relu(width, 2 * width), nn.MaxPool2d(2),
+            conv_bn_relu(in_channels, width), nn.MaxPool2d(2, ceil_mode=True),
+            conv_bn_relu(width, 2 * width), nn.MaxPool2d(2, ceil_mode=True),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(2 * width, num_classes)
