@@ -51,6 +51,19 @@ def test_impossible_budget_says_which_and_gives_the_closest_point(impossible):
     assert r.measured["flash_kb"] > 1.0
 
 
+def test_a_small_training_split_ranks_on_its_last_tenth(tiny, impossible):
+    """150 training samples (a small sensor dataset): the holdout shrinks to 15, the rest
+    fine-tune; the search runs (here to the impossible budget's closest point)."""
+    model, example, data, cache = tiny
+    small = datasets.Dataset("fm-150", data.x_train[:150], data.y_train[:150], data.x_test,
+                             data.y_test)
+    lines = []
+    r = search(model, example, small, "cortex-m7", {"flash_kb": 1.0}, cache_dir=cache,
+               log=lines.append, **SETTINGS)
+    assert not r.met and "closest point" in r.message
+    assert "feedback: candidates ranked on the last 15 of 150 training samples" in lines
+
+
 def test_interrupted_search_resumes_from_its_cache(tiny, impossible):
     model, example, data, cache = tiny
     budget = {"latency_ms": 0.7 * impossible.trajectory[0]["measured"]["latency_ms"]}
