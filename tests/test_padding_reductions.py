@@ -149,3 +149,24 @@ def test_pools_over_merged_positions_prune_and_run_bit_exact():
     xq = reference.quantize_input(qm, x[:2].numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
                           reference.run(qm, xq))
+
+
+class DivisorOverride(nn.Module):
+    """Average pools over a fixed divisor (divisor_override): padded, ceil-mode, functional."""
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3)
+        self.pool = nn.AvgPool2d(3, 2, 1, ceil_mode=True, divisor_override=4)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.pool(F.relu(self.c1(x)))
+        return F.avg_pool2d(self.c2(y), 2, divisor_override=3)
+
+
+def test_an_average_pool_over_a_fixed_divisor_runs_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model, x = DivisorOverride().eval(), torch.randn(8, 1, 12, 12)
+    qm = ptq.quantize_ptq(model, (1, 1, 12, 12), torch.randn(64, 1, 12, 12).numpy())
+    assert [o.kind for o in qm.ops].count("avgpool") == 2
+    bit_exact(qm, x[:4].numpy(), "cortex-m4", tmp_path, like=model, tol=0.05)

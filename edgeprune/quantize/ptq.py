@@ -524,8 +524,8 @@ class IRNet(nn.Module):
                 pt, pl, pb, pr = a["padding"]
                 h = F.pad(xs[0], (pl, pr, pt, pb)) if any(a["padding"]) else xs[0]
                 y = F.avg_pool2d(h, a["kernel"], a["strides"], 0)
-                if a.get("sum"):
-                    y = y * (a["kernel"][0] * a["kernel"][1])
+                if "divisor" in a:    # a window sum over another divisor than its taps
+                    y = y * (a["kernel"][0] * a["kernel"][1] / a["divisor"])
                 if not a.get("count_include_pad", True):
                     k = a["kernel"][0] * a["kernel"][1]
                     counts = window_counts(*xs[0].shape[2:], a)
@@ -1376,17 +1376,17 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 ceil, include_pad = arg(node, 4, "ceil_mode", False), \
                     arg(node, 5, "count_include_pad", True)
                 divisor = arg(node, 6, "divisor_override")
-            if divisor:
-                raise EdgepruneError(f"{where}: divisor_override unsupported")
             p = _pair(p)
             attrs = {"kernel": _pair(k), "strides": _pair(s or k),
                      "padding": padding_of(node, [p[0], p[1], p[0], p[1]]), "dilation": [1, 1]}
+            if divisor:   # divisor_override: every window's sum over it, padding or not
+                attrs["divisor"], include_pad = int(divisor), True
             if any(p) and not include_pad:
                 if attrs["padding"] != [p[0], p[1], p[0], p[1]]:
                     raise EdgepruneError(f"{where}: an explicit pad before a pool that does not "
                                          "count its own padding")
                 attrs["count_include_pad"] = False
-            if ceil and _reach_last_window(unpadded_shape(node), shape, attrs):
+            if ceil and _reach_last_window(unpadded_shape(node), shape, attrs) and not divisor:
                 # torch divides a window that hangs off the end by its taps inside the padded
                 # image: padding that counts would count there but not beyond it
                 if any(p) and include_pad:
@@ -1455,7 +1455,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             pooled = (n, kc, 1, 1)
             pname = final if tuple(shape) == pooled else node.name + "_pool"
             if what == "sum":     # the window's sum: the pool's requantization without 1/k
-                attrs["sum"] = True
+                attrs["divisor"] = 1
             add_node(FNode("maxpool" if what in ("max", "min") else "avgpool", pname,
                            [x], pname, attrs, out_shape=pooled))
             if pname != final:
@@ -1894,7 +1894,7 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                           "shifts": [int(sh) for _, sh in pairs]})
         elif n.kind == "avgpool" and attrs.get("count_include_pad", True) and \
                 "output_size" not in attrs:
-            k = 1 if attrs.pop("sum", False) else attrs["kernel"][0] * attrs["kernel"][1]
+            k = attrs.pop("divisor", attrs["kernel"][0] * attrs["kernel"][1])
             m, sh = quantize_multiplier(tin.scale / (out.scale * k))
             attrs.update({"multiplier": int(m), "shift": int(sh)})
         elif n.kind == "avgpool":     # a divisor per output position

@@ -53,8 +53,8 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   Output scale/zero point equal the input's.
 * ``avgpool`` attrs: kernel, strides, padding (count_include_pad: padding counts as zp_in, i.e.
   contributes 0), multiplier, shift, clamp.  acc = sum over window of (x - zp_in);
-  y = requantize(acc, M, shift, zp_out, lo, hi) with M*2**(shift-31) ~= s_in / (s_out * KH*KW)
-  (s_in / s_out for a sum over the window, x.sum((2, 3))).
+  y = requantize(acc, M, shift, zp_out, lo, hi) with M*2**(shift-31) ~= s_in / (s_out * D),
+  D = KH*KW (1 for a sum over the window, x.sum((2, 3)); torch's divisor_override).
   Global average pooling is kernel = full spatial size.  With attr output_size [OH, OW]
   (adaptive pooling whose windows are not one size and stride), window (i, j) covers rows
   [floor(i H / OH), ceil((i+1) H / OH)) and the same for columns (qmodel.adaptive_windows);
