@@ -124,6 +124,14 @@ def test_a_file_without_an_input_shape_takes_the_datas(tmp_path):
     # channels-last images (Keras, PIL) for this NCHW model: its shape is theirs, moved
     _, shape = load_torch(str(pt), data_shape=(1, 28, 28, 1))
     assert shape == (1, 1, 28, 28)
+    # grey images without a channel axis (Keras' mnist.npz) get one
+    assert load_torch(str(pt), data_shape=(1, 28, 28))[1] == (1, 1, 28, 28)
+    # accelerometer traces as (L, C) rows (TFLite Micro's magic wand) for a Conv1d model,
+    # which runs lifted to 2-D
+    wand = nn.Sequential(nn.Conv1d(3, 8, 4), nn.ReLU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+    torch.save(wand, tmp_path / "wand.pt")
+    assert load_torch(str(tmp_path / "wand.pt"), data_shape=(1, 128, 3))[1] == (1, 3, 1, 128)
     with pytest.raises(EdgepruneError, match=r"channels-last samples\?.*--input-shape 1,1,28,28"):
         load_torch(str(pt), input_shape=(1, 28, 28, 1))
 
