@@ -117,3 +117,30 @@ def test_cli_distill_and_bn_recal_are_recorded(tmp_path, capsys):
     assert main(["prune", "cnn", "--data", "fashion-mnist", "--distill", "--train-epochs",
                  "0.02", "--out", str(tmp_path / "q")]) != 0
     assert "--distill acts while fine-tuning" in capsys.readouterr().err
+
+
+def test_a_fine_tune_that_diverges_is_retried_at_a_tenth_of_the_rate():
+    """TFLite Micro's hello-world sine MLP (1 -> 16 -> 16 -> 1, inputs up to 2 pi): SGD at the
+    fine-tuning rate 0.01 kills its ReLUs (R² ~ 0); the fine-tune goes back to the cut model
+    and trains again at 0.001, ending above where the cut left it."""
+    from edgeprune.train import evaluate, train_or_retry
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 2 * np.pi, (1200, 1)).astype(np.float32)
+    y = (np.sin(x) + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    data = datasets.Dataset("sine", x[:1000], y[:1000], x[1000:], y[1000:])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    X, Y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    for _ in range(2000):
+        j = torch.randint(0, 1000, (32,))
+        loss = nn.functional.mse_loss(model(X[j]), Y[j])
+        opt.zero_grad(), loss.backward(), opt.step()
+    cut, _ = prune(model.eval(), X[:1], "l1", 0.5)
+    at_cut = evaluate(cut, data.x_test, data.y_test)
+    assert train_or_retry(copy.deepcopy(cut), data, 0.01, epochs=1) == pytest.approx(0.001)
+    pruned, _ = methods.run("oneshot", model, X[:1], data, {"criterion": "l1", "ratios": 0.5},
+                            epochs=1)
+    assert evaluate(pruned, data.x_test, data.y_test) > at_cut > 50

@@ -60,18 +60,19 @@ def _teacher():
 
 def finetune(model, dataset, epochs: float, lr: float, seed: int, teacher=None,
              distill: float = 0.0):
-    """edgeprune.train.train with oneDNN off: torch 2.13's oneDNN conv backward aborts the
-    process ("double free or corruption") on some pruned widths (ResNet-8 at 7/15/30 channels,
-    reproduced), which a search visits by design. The native kernels are ~1.5x slower.
-    With a `teacher` and `distill` > 0, distils from it (weight alpha = distill)."""
+    """edgeprune.train.train_or_retry with oneDNN off: torch 2.13's oneDNN conv backward aborts
+    the process ("double free or corruption") on some pruned widths (ResNet-8 at 7/15/30
+    channels, reproduced), which a search visits by design. The native kernels are ~1.5x
+    slower. With a `teacher` and `distill` > 0, distils from it (weight alpha = distill)."""
     from ..prune.methods import distill_loss
-    from ..train import train
+    from ..train import train_or_retry
 
     kw = {"loss": distill_loss(teacher, distill)} if teacher is not None and distill > 0 else {}
     was = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
-        return train(model, dataset, epochs=epochs, lr=lr, seed=seed, **kw)
+        train_or_retry(model, dataset, lr, epochs=epochs, seed=seed, **kw)
+        return model.eval()
     finally:
         torch.backends.mkldnn.enabled = was
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..data import Dataset
 from ..errors import EdgepruneError
 from .. import task
-from ..train import train
+from ..train import train, train_or_retry
 from . import patterns
 from .context import UnitGate
 from .criteria import Fixed
@@ -164,7 +164,10 @@ def _finetune(model: nn.Module, data: Dataset | None, epochs: float, lr: float, 
         raise EdgepruneError("fine-tuning needs training data: pass --data", stage="prune")
     if recovery is not None and recovery.teacher is not None:
         kw["loss"] = distill_loss(recovery.teacher, recovery.alpha, recovery.temperature)
-    return train(model, data, epochs=epochs, lr=lr, seed=seed, max_samples=max_samples, **kw)
+    if "after_step" in kw or "extra_loss" in kw:   # masks and penalties may raise the loss
+        return train(model, data, epochs=epochs, lr=lr, seed=seed, max_samples=max_samples, **kw)
+    train_or_retry(model, data, lr, epochs=epochs, seed=seed, max_samples=max_samples, **kw)
+    return model.eval()
 
 
 def _after_cut(record: dict, model: nn.Module, data, recovery: Recovery | None, seed: int,
