@@ -962,6 +962,11 @@ class _Builder:
         if form == "DNH" and int(a.get("axis", 0)) == 0:    # Y_h[k]: one direction's state
             k = int(np.asarray(self._const(node.input[1], node, "indices")).reshape(()))
             return self._fn(operator.getitem, [h[0], k], [h[1], k])
+        if form == "TNF" and int(a.get("axis", 0)) == 0:    # y[t] of a time-first layer's y
+            idx = np.asarray(self._const(node.input[1], node, "indices")).astype(np.int64)
+            if idx.ndim == 0:                               # held batch first: y[:, t]
+                index = (slice(None), int(idx) % h[1].shape[1])
+                return self._fn(operator.getitem, [h[0], index], [h[1], index])
         if node.input[0] in self.consts:
             raise _err(f"ONNX node '{node.name}' (Gather): gathering from a constant table "
                        "(an embedding) is not supported")

@@ -165,6 +165,9 @@ class Exported(nn.Module):
         self.fc = nn.Linear(12 if head_from_state is True else 12 * (1 + rnn.bidirectional), 3)
 
     def forward(self, x):
+        if self.head_from_state == "time":   # a layer without batch_first: (T, N, F)
+            out, _ = self.rnn(torch.relu(self.c(x)).permute(2, 0, 1))
+            return self.fc(out[-1])
         out, h = self.rnn(torch.relu(self.c(x)).transpose(1, 2))
         if self.head_from_state == "pool":   # the maximum over time of (N, F, T)
             return self.fc(out.transpose(1, 2).amax(-1))
@@ -180,11 +183,13 @@ class Exported(nn.Module):
     (lambda: nn.LSTM(8, 12, batch_first=True, bidirectional=True), True, True),
     (lambda: nn.RNN(8, 12, batch_first=True, nonlinearity="relu"), False, False),
     (lambda: nn.GRU(8, 12, batch_first=True), "pool", False),
-    (lambda: nn.LSTM(8, 12, batch_first=True, bidirectional=True), "pool", True)])
+    (lambda: nn.LSTM(8, 12, batch_first=True, bidirectional=True), "pool", True),
+    (lambda: nn.LSTM(8, 12), "time", False), (lambda: nn.GRU(8, 12), "time", True)])
 def test_recurrent_layers_read_back_from_onnx(rnn, head_from_state, dynamo, tmp_path):
     """torch exports a batch_first layer as Transpose -> GRU/LSTM/RNN -> Squeeze or
     Transpose/Reshape (Y) and Gather or Squeeze (Y_h), time first: read back batch first; a
-    Transpose of the time-first output to (N, F, T) too."""
+    Transpose of the time-first output to (N, F, T) too, and the last step y[-1] of a layer
+    without batch_first (a Gather along time)."""
     from edgeprune.load import load_torch
     torch.manual_seed(0)
     model = Exported(rnn(), head_from_state).eval()
