@@ -252,6 +252,10 @@ def _torch_load(path: Path) -> nn.Module:
                 else f"a {type(obj).__name__}")
         raise EdgepruneError(f"{path}: holds {what}, not an nn.Module (save the module "
                              "itself, or {'zoo': name, 'state_dict': ...})")
+    # a half- or double-precision copy (mixed-precision training): every stage runs float32
+    if any(t.is_floating_point() and t.dtype != torch.float32
+           for t in [*obj.parameters(), *obj.buffers()]):
+        obj = obj.float()
     return obj
 
 

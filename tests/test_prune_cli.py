@@ -136,6 +136,18 @@ def test_a_file_without_an_input_shape_takes_the_datas(tmp_path):
         load_torch(str(pt), input_shape=(1, 28, 28, 1))
 
 
+def test_a_half_precision_model_loads_as_float32(tmp_path):
+    """A model saved after mixed-precision training (.half()) runs in float32 like any other."""
+    import torch.nn as nn
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 26 * 26, 10))
+    torch.save(model.half(), tmp_path / "half.pt")
+    loaded, shape = load_torch(str(tmp_path / "half.pt"), data_shape=(1, 1, 28, 28))
+    assert shape == (1, 1, 28, 28)
+    assert {t.dtype for t in [*loaded.parameters(), *loaded.buffers()]
+            if t.is_floating_point()} == {torch.float32}
+
+
 @pytest.mark.parametrize("args, message", [
     (["--criterion", "taylor"], "criterion 'taylor' needs data"),
     (["--ratio", "1.0"], r"--ratio 1.0 is outside \[0, 1\)"),
