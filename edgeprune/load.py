@@ -87,9 +87,10 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
 
 def _shape_it_takes(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The data's sample shape, or where the model does not run on it, the first other reading
-    of the samples it runs on: channels-last images (N, H, W, C) as (N, C, H, W); (N, A, B) as
-    grey images (N, 1, A, B) or as signals (N, L, C) channels first, (N, C, L) (fit_data then
-    moves the samples' values)."""
+    of the samples it runs on: channels-last images (N, H, W, C) as (N, C, H, W); signals
+    stored lifted (N, C, 1, L) (ecg200) as (N, C, L); (N, A, B) as grey images (N, 1, A, B)
+    or as signals (N, L, C) channels first, (N, C, L) (fit_data then moves the samples'
+    values)."""
     def runs(s) -> bool:
         try:
             with torch.no_grad():
@@ -97,13 +98,16 @@ def _shape_it_takes(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]
         except Exception:
             return False
         return True
+    others = []
     if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
-        others = [(shape[0], shape[3], shape[1], shape[2])]
-    elif len(shape) == 3:
-        others = [(shape[0], 1, shape[1], shape[2]), (shape[0], shape[2], shape[1])]
-    else:
+        others.append((shape[0], shape[3], shape[1], shape[2]))
+    if len(shape) == 4 and shape[2] == 1:
+        others.append((shape[0], shape[1], shape[3]))
+    if len(shape) == 3:
+        others += [(shape[0], 1, shape[1], shape[2]), (shape[0], shape[2], shape[1])]
+    if not others or runs(shape):
         return shape
-    return shape if runs(shape) else next((s for s in others if runs(s)), shape)
+    return next((s for s in others if runs(s)), shape)
 
 
 def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):

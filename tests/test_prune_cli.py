@@ -132,6 +132,8 @@ def test_a_file_without_an_input_shape_takes_the_datas(tmp_path):
                          nn.Linear(8, 4))
     torch.save(wand, tmp_path / "wand.pt")
     assert load_torch(str(tmp_path / "wand.pt"), data_shape=(1, 128, 3))[1] == (1, 3, 1, 128)
+    # and on signals stored lifted, (C, 1, L), as the named ecg200 keeps them
+    assert load_torch(str(tmp_path / "wand.pt"), data_shape=(1, 3, 1, 96))[1] == (1, 3, 1, 96)
     with pytest.raises(EdgepruneError, match=r"channels-last samples\?.*--input-shape 1,1,28,28"):
         load_torch(str(pt), input_shape=(1, 28, 28, 1))
 
