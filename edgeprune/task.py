@@ -119,9 +119,13 @@ def check_outputs(out_shape: tuple[int, ...], data) -> None:
             len(out_shape) == 2 and out_shape[1] >= data.num_classes) and not (
             data.num_classes == 2 and int(np.prod(out_shape[1:])) == 1):   # one logit
         one = int(np.prod(out_shape[1:])) == 1
+        lowest = min(int(v.min()) for v in (data.y_train, y) if v is not None and len(v))
         hint = (f"; one output is a binary classifier on labels 0/1 only (these run "
                 f"{int(y.min())}..{int(y.max())}), or a regressor on float targets "
                 f"(y.astype(np.float32))") if one else ""
+        if not one and lowest >= 1 and int(np.prod(out_shape[1:])) == data.num_classes - 1:
+            hint = (f"; the labels run {lowest}..{data.num_classes - 1} (as the UCR archive "
+                    "numbers classes): classes are 0..K-1, store y - 1")
         raise EdgepruneError(f"the model's output is {list(out_shape)}; accuracy on {data.name} "
                              f"needs class scores (N, {data.num_classes}), or (N, "
                              f"{data.num_classes}, 1, 1) and the like{hint}")

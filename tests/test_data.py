@@ -126,6 +126,11 @@ def test_one_output_against_labels_0_1_is_a_binary_classifiers_logit_or_probabil
     with pytest.raises(EdgepruneError, match=r"needs class scores \(N, 3\).*labels 0/1 only "
                        r"\(these run 0\.\.2\)"):
         task.check_outputs((1, 1), three)
+    # classes numbered from 1 (the UCR archive's ECG5000) for a model of K outputs
+    ucr = data.Dataset("ucr", np.zeros((8, 3), np.float32), np.arange(8) % 5 + 1,
+                       np.zeros((4, 3), np.float32), np.arange(4) % 5 + 1)
+    with pytest.raises(EdgepruneError, match=r"labels run 1\.\.5 .*store y - 1"):
+        task.check_outputs((1, 5), ucr)
 
 
 def test_class_scores_may_carry_unit_axes():
