@@ -225,11 +225,14 @@ def _bytes_to_unit(a: np.ndarray) -> np.ndarray:
 
 
 def _labels_of_one_hot(y: np.ndarray) -> np.ndarray:
-    """One-hot rows (Keras' to_categorical: 0/1, one 1 per row) are class labels: their argmax.
-    Anything else is returned as it is."""
+    """One-hot rows (Keras' to_categorical: 0/1, one 1 per row) are class labels: their argmax;
+    so is a column of integer labels (N, 1), as Keras' cifar10 keeps them. Anything else is
+    returned as it is."""
     if y.ndim == 2 and y.shape[1] >= 2 and len(y) and np.issubdtype(y.dtype, np.number) and \
             np.all((y == 0) | (y == 1)) and np.all(y.sum(1) == 1):
         return y.argmax(1).astype(np.int64)
+    if y.ndim == 2 and y.shape[1] == 1 and np.issubdtype(y.dtype, np.integer):
+        return y[:, 0]
     return y
 
 

@@ -42,6 +42,11 @@ def test_image_bytes_are_scaled_as_the_named_datasets_images(tmp_path):
                         y_test=(np.arange(8) % 3).astype(np.uint8)))
     assert d.x_train.dtype == np.float32 and np.array_equal(d.x_train, x / np.float32(255))
     assert d.y_train.dtype == np.int64 and d.num_classes == 3
+    # Keras' cifar10: labels as a uint8 column (N, 1)
+    col = data.load(_save(tmp_path / "cifar.npz", x_train=x, x_test=xt,
+                          y_train=(np.arange(20) % 3).astype(np.uint8)[:, None],
+                          y_test=(np.arange(8) % 3).astype(np.uint8)[:, None]))
+    assert np.array_equal(col.y_train, d.y_train) and col.y_test.dtype == np.int64
     fitted = data.fit_data((1, 1, 6, 5), d, "keras.npz")
     assert fitted.x_test.shape == (8, 1, 6, 5) and float(fitted.x_test.max()) <= 1.0
     den = data.load(_save(tmp_path / "den.npz", x_train=x, x_test=xt, y_train=x, y_test=xt))
