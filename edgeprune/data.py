@@ -259,9 +259,9 @@ def from_npz(path: Path) -> Dataset:
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], _labels_of_one_hot(arrays[f"y_{split}"])
         # image bytes (Keras' mnist.npz, PIL arrays) read as the named datasets read theirs;
-        # uint8 targets of more than a label per sample are images too (a denoiser's)
+        # uint8 targets with spatial axes are images too (a denoiser's)
         x = _bytes_to_unit(x)
-        if y.ndim > 1:
+        if y.ndim > 2:
             y = _bytes_to_unit(y)
         if x.ndim < 2 or not np.issubdtype(x.dtype, np.number):
             raise EdgepruneError(f"{path}: x_{split} must be numeric samples (N, C, ...), "
