@@ -731,7 +731,9 @@ _VALUE_COPIES = {"contiguous", "clone", "detach", "cpu", "float", "to", "type", 
 def drop_value_copies(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     """`model` without the methods that hand on their input's values (`x.float()` of a float
     input, `x.contiguous()`, `x.to(device)`, `x.detach()`): later ops read the input itself,
-    and no stage has to know them. `model` itself if there is none."""
+    and no stage has to know them. `model` itself if there is none. Without `.contiguous()`
+    a `.view` may meet a transposed layout (ShuffleNet's channel shuffle), so every `.view`
+    then becomes `.reshape`: the same values, copied where the layout needs it."""
     gm = _traced(model, shape)
     if gm is None:
         return model
@@ -748,6 +750,11 @@ def drop_value_copies(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         found = True
+        if node.target == "contiguous":
+            for view in gm.graph.nodes:
+                if view.op == "call_method" and view.target == "view" and not any(
+                        isinstance(a, torch.dtype) for a in view.args[1:]):
+                    view.target = "reshape"
     return _rewritten(gm, model) if found else model
 
 

@@ -145,3 +145,39 @@ def test_splits_of_a_1d_signal_lift_prune_and_quantize():
     xq = x[:1, :, None].numpy()
     y = reference.dequantize_output(qm, reference.run(qm, reference.quantize_input(qm, xq)))
     assert np.abs(y - pruned(x[:1, :, None]).detach().numpy()).max() < 0.1 * np.abs(y).max()
+
+
+class ContiguousShuffle(nn.Module):
+    """torchvision's ShuffleNet v2 shuffle: transpose, `.contiguous()`, then `.view`."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.branch = cbr(1, 8, 3, 2), cbr(4, 4, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        y = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = y.shape
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous()
+        return self.fc(y.view(n, -1, h, w).mean((2, 3)))
+
+
+def test_a_view_after_a_dropped_contiguous_reads_back_as_a_reshape(tmp_path):
+    """The loader drops `.contiguous()` (no stage needs it); the `.view` after it would then
+    meet a transposed layout ("view size is not compatible", every ShuffleNet v2 from
+    torchvision's code failed to load), so it becomes `.reshape`."""
+    from edgeprune.load import load_torch
+
+    torch.manual_seed(0)
+    model = ContiguousShuffle().eval()
+    _randomize_bn(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded, shape = load_torch(tmp_path / "m.pt", (1, 1, 16, 16))
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert not any(n.target in ("contiguous", "view") for n in loaded.graph.nodes)
+    pruned, _ = pruned_equivalently(loaded, shape, x, criterion="l1", ratios=0.5)
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, 1, 16, 16).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
