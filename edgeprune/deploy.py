@@ -129,7 +129,7 @@ def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, lo
     log(f"training {name} on {data.name} for {epochs:g} epoch(s) (cached afterwards)")
     # The zoo's own widths are safe for oneDNN (see train), and this is the longest training.
     train(model, data, epochs=epochs, lr=0.05, seed=seed, progress=on_step, onednn=True,
-          max_samples=n_train - holdout)
+          max_samples=n_train - holdout, from_scratch=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")   # runs may train the same model at once
     torch.save(model.state_dict(), tmp)

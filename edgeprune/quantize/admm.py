@@ -97,9 +97,10 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
     total = max(1, int(round(epochs * steps_per_epoch)))
     step, epoch = 0, 0
     cur_rho = rho
+    scale = task.loss_scale(y)   # as train() fine-tunes: MSE / the targets' variance
 
     def grads(xb, yb):
-        loss = task.loss(net(xb), yb)
+        loss = task.loss(net(xb), yb) * scale
         for k in constrained:
             loss = loss + cur_rho / 2 * ((net.weight[k] - G[k] + U[k]) ** 2).sum()
         net.zero_grad()
@@ -132,7 +133,7 @@ def admm_train(net: IRNet, data: Dataset, layer_formats: dict[str, tuple[str, in
                 g_q[k] = (q, a)
                 net.weight[k].copy_(torch.from_numpy(
                     a.reshape((-1,) + (1,) * (q.ndim - 1)) * q).float())
-        loss = task.loss(net(xb), yb)
+        loss = task.loss(net(xb), yb) * scale
         net.zero_grad()
         loss.backward()
         with torch.no_grad():
