@@ -53,7 +53,9 @@ def register(sub) -> None:
     p.add_argument("--distill-temp", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--bn-recal", type=int, default=methods.BN_BATCHES, metavar="BATCHES",
                    help="re-estimate BatchNorm statistics on this many training batches after "
-                        "the cut (0: keep the stored ones)")
+                        "the cut (0: keep the stored ones); a model without BatchNorm (folded "
+                        "by an ONNX exporter) instead gets each kept channel's mean and "
+                        "deviation from before the cut")
     p.add_argument("--rewind-from", type=Path,
                    help="--method lth: weights from early in training (state_dict or model file)")
     p.add_argument("--kernel-ratio", type=float, default=0.0,
