@@ -1,6 +1,7 @@
 """The feedback search on a tiny CNN with real measurements: PTQ, TVM, the cross compiler and
 QEMU's instruction counts. One cache per module, so the cost table is measured once."""
 
+import copy
 import json
 
 import pytest
@@ -411,3 +412,33 @@ def test_the_command_names_a_number_out_of_range(option, value, tmp_path, capsys
                "--out", str(tmp_path / "o")])
     assert rc == 2 and f"{option} must be at least" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_candidate_without_batchnorm_gets_its_channel_statistics_back(tiny):
+    """A model whose BatchNorm an ONNX exporter folded: each candidate's cut is followed by the
+    channel-statistics correction that prune's schedules apply (prune.methods), before its
+    short fine-tune; a model with BatchNorm is left as the cut made it."""
+    from edgeprune.feedback import worker
+    from edgeprune.feedback.measure import from_bytes, to_bytes
+    from edgeprune.prune import prune
+    from edgeprune.prune.methods import correct_channel_statistics, scoring_batches
+
+    _, example, data, _ = tiny
+    torch.manual_seed(0)
+    folded = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(),
+                                 torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                 torch.nn.Linear(8, 10)).eval()
+    jd = JobData(data.x_train[:512], data.y_train[:512], data.x_train[-100:],
+                 data.y_train[-100:], data.x_train[:16], data.name)
+    worker.init_worker(jd)
+    blob, _, _ = worker.candidate_job(to_bytes(folded), example, {"0": 0.5}, "l1", 0, 0, 0.01)
+    batches, meta = scoring_batches(jd.dataset(), seed=0)
+    cut, record = prune(folded, example, criterion="l1", ratios={"*": 0.0, "0": 0.5},
+                        data=batches, meta_batch=meta, seed=0)
+    plain = copy.deepcopy(cut)
+    assert correct_channel_statistics(cut, folded, record["layers"], jd.dataset()) == ["0", "2"]
+    x = torch.from_numpy(data.x_test[:8])
+    with torch.no_grad():
+        torch.testing.assert_close(from_bytes(blob).eval()(x), cut(x))
+        assert not torch.allclose(plain(x), cut(x))

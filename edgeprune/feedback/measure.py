@@ -39,19 +39,29 @@ CODEGEN_SOURCES = ("compile.py", "lower.py", "emit.py", "plan.py", "schedule.py"
                    "kernels", "quantize", "qemu_plugin")
 
 
+# What a candidate's pruned, fine-tuned and PTQ-scored result depends on besides its arguments.
+CANDIDATE_SOURCES = ("prune", "train.py", "task.py", "data.py", "quantize", "feedback/worker.py")
+
+
 def toolchain_fingerprint(target) -> str:
     """Hash of the code generator, firmware templates and target file (the cache's namespace).
     Taken once per process, like the imports it stands for."""
     return _fingerprint(Path(target.path))
 
 
+def candidate_fingerprint() -> str:
+    """Hash of the code that prunes, fine-tunes and scores a candidate: part of its cache key,
+    so a search after an upgrade does not replay what older code computed."""
+    return _fingerprint(None, CANDIDATE_SOURCES)
+
+
 @functools.lru_cache(maxsize=None)
-def _fingerprint(target_file: Path) -> str:
+def _fingerprint(target_file: Path | None, sources: tuple[str, ...] = CODEGEN_SOURCES) -> str:
     from ..targets import FIRMWARE_DIR
 
     root = Path(__file__).resolve().parent.parent
-    files = [target_file] + sorted(FIRMWARE_DIR.rglob("*"))
-    for name in CODEGEN_SOURCES:
+    files = [target_file] + sorted(FIRMWARE_DIR.rglob("*")) if target_file is not None else []
+    for name in sources:
         p = root / name
         files += sorted(p.rglob("*.[pc]*")) if p.is_dir() else [p]
     h = hashlib.sha256()

@@ -33,7 +33,8 @@ import torch.nn as nn
 from ..errors import EdgepruneError
 from ..task import metric_name
 from .costs import INSTRUCTION_METRICS, Predictor, grid_widths, min_width
-from .measure import METRICS, from_bytes, model_hash, to_bytes, toolchain_fingerprint
+from .measure import (METRICS, candidate_fingerprint, from_bytes, model_hash, to_bytes,
+                      toolchain_fingerprint)
 from .worker import JobData, Runner, candidate_job, finetune, job_key, quantized_accuracy
 
 STAGE = "feedback"
@@ -268,7 +269,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     cache.mkdir(parents=True, exist_ok=True)
     settings = {"criterion": criterion, "seed": seed, "short": short_finetune_samples, "lr": lr,
                 "n_train": n_train, "val": val_samples, "calib": calib_samples,
-                "data": data.name, "rank": f"ptq-{rank}", "distill": distill}
+                "data": data.name, "rank": f"ptq-{rank}", "distill": distill,
+                "code": candidate_fingerprint()}
     workers = workers or min(2, os.cpu_count() or 1)
     bar = _Bar(progress)
     runner = Runner(jd, cache, workers)
@@ -536,7 +538,10 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                        f"closest point: iteration {closest['iteration']} with "
                        f"{_fmt(closest['measured'])}")
         else:
-            message += f"; closest point (smallest model): {_fmt(final_costs)}"
+            # re-measured after fine-tuning: data-dependent kernel paths (saturation, pooling)
+            # move the count a few percent with the weights
+            message += (f"; closest point (the smallest model, fine-tuned and re-measured): "
+                        f"{_fmt(final_costs)}")
         log(f"feedback: {message}")
     finally:
         bar.stop()
