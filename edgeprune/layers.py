@@ -769,7 +769,10 @@ def adaptive_pools_as_windows(model: nn.Module, shape: tuple[int, ...]) -> nn.Mo
     found = False
     modules = dict(gm.named_modules())
     kinds = {nn.AdaptiveAvgPool2d: "mean", F.adaptive_avg_pool2d: "mean",
-             nn.AdaptiveMaxPool2d: "amax", F.adaptive_max_pool2d: "amax"}
+             nn.AdaptiveMaxPool2d: "amax", F.adaptive_max_pool2d: "amax",
+             # an exported program's module (.pt2) calls the ATen op
+             torch.ops.aten.adaptive_avg_pool2d.default: "mean",
+             torch.ops.aten._adaptive_avg_pool2d.default: "mean"}
     for node in list(gm.graph.nodes):
         mod = modules.get(node.target) if node.op == "call_module" else None
         reduce = kinds.get(type(mod)) if mod is not None else \

@@ -51,7 +51,8 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     elif path.suffix == ".pt2":      # torch.export.save: a graph of ATen ops
         program = torch.export.load(path)
         shape = input_shape or _example_shape(program, path)
-        model, shape = _via_onnx(program, shape, path, "an exported program")
+        model, shape = _via_onnx(_pools_as_windows(program, tuple(shape)), shape, path,
+                                 "an exported program")
     else:
         model = _torch_load(path)
         shape = input_shape or getattr(model, INPUT_SHAPE_ATTR, None) or \
@@ -143,6 +144,16 @@ def _via_onnx(source, shape: tuple[int, ...], path: Path, what: str):
             raise EdgepruneError(f"{path}: {what}, read through torch's ONNX export of it: "
                                  f"{e.args[0]}; {avoid} avoids the export",
                                  stage=e.stage) from None
+
+
+def _pools_as_windows(program, shape: tuple[int, ...]):
+    """An exported program, or where it has an adaptive average pool whose size does not
+    divide its input, its module with that pool written as window means (torch's exporter
+    writes such a pool as GatherND, which no stage takes; layers.adaptive_pools_as_windows)."""
+    from .layers import adaptive_pools_as_windows
+    module = program.module()
+    rewritten = adaptive_pools_as_windows(module, shape)
+    return program if rewritten is module else rewritten
 
 
 def _traces(model: nn.Module) -> bool:

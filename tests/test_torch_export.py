@@ -135,3 +135,23 @@ def test_an_exported_program_that_the_onnx_reader_refuses_names_the_route(tmp_pa
     with pytest.raises(EdgepruneError, match=r"m.pt2: an exported program, read through "
                        r"torch's ONNX export of it: ONNX node .*GatherND.*saving the nn.Module"):
         load_torch(str(tmp_path / "m.pt2"))
+
+
+def test_an_exported_program_with_an_adaptive_pool_that_does_not_divide_reads_back(tmp_path):
+    """torch's exporter writes an adaptive average pool of 7 -> 3 as GatherND; a `.pt2` is
+    read through that exporter, so its module's pool is first written as window means, as an
+    nn.Module's is: the same values, and they quantize."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d((3, 3)), nn.Flatten(),
+                          nn.Linear(72, 10)).eval()
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 28, 28),)),
+                      tmp_path / "m.pt2")
+    back, shape = load_torch(str(tmp_path / "m.pt2"))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+    assert shape == (1, 1, 28, 28)
+    qm = ptq.quantize_ptq(back, shape, torch.randn(32, 1, 28, 28).numpy())
+    np.testing.assert_allclose(reference.predict(qm, x.numpy()), model(x).detach().numpy(),
+                               atol=0.15)
