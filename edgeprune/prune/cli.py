@@ -223,7 +223,9 @@ def run(args) -> int:
                 "BatchNorm into the convs; give the torch.save .pt file to keep it)")
         if score:
             a = record["accuracy"]
-            recal = (f" -> {a['before_finetune']:.2f} % with re-estimated BatchNorm statistics"
+            how = ("corrected channel statistics" if "statistics_corrected_layers" in record
+                   else "re-estimated BatchNorm statistics")
+            recal = (f" -> {a['before_finetune']:.2f} % with {how}"
                      if a["after_cut"] != a["before_finetune"] else "")
             log(f"{metric} {a['original']:.2f} % -> {a['after_cut']:.2f} % after the cut{recal}"
                 f" -> {a['after']:.2f} % after {args.finetune:g} epoch(s) of fine-tuning")
