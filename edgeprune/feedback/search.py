@@ -154,7 +154,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            min_keep: float = 0.1, short_finetune_samples: int = 2000,
            finetune_epochs: float = 1.0, train_samples: int | None = None,
            val_samples: int = 1000, eval_samples: int = 2000, calib_samples: int = 64,
-           lr: float = 0.01, margin: float = 0.002, progress: bool = True,
+           lr: float = 0.01, margin: float = 0.01, progress: bool = True,
            word_lengths: tuple[int, ...] | None = None, port: str = "qemu",
            step_schedule: str = "linear", rank: str = "loss", distill: float = 0.9,
            tap_strides: tuple[int, ...] = ()) -> FeedbackResult:
@@ -171,7 +171,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     is left (NetAdapt's decaying schedule: big steps while the model is robust, small ones near
     the budget, where each cut costs more accuracy).
     margin: the loop aims this fraction below each budget, since the final fine-tune moves the
-    measured counts a little (by ~0.02 % observed: requantization constants change).
+    measured counts (requantization constants and data-dependent kernel paths change): ResNet-8
+    at 30 % of its latency measured 0.29 % more after it, over a 0.2 % margin (bench seed 2).
     Results (measurements, candidates) are cached under cache_dir/<target>/<model hash>, so an
     interrupted search resumes. If a budget cannot be met, the result has met=False, the closest
     point reached, and a message naming the budget and the numbers.
