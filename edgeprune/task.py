@@ -35,10 +35,11 @@ def score(outputs: np.ndarray, y: np.ndarray) -> float:
     if n == 0:
         return 0.0
     out = np.asarray(outputs, np.float64).reshape(n, -1)
+    # a count times 100 over n: one rounding, so 1763 of 2000 reads 88.15, not 88.14999999999999
     if not is_regression(y) and out.shape[1] == 1:
-        return 100.0 * float(((binary_logits(out) > 0) == y[:n]).mean())
+        return 100.0 * int(((binary_logits(out) > 0) == y[:n]).sum()) / n
     if not is_regression(y):
-        return 100.0 * float((out.argmax(1) == y[:n]).mean())
+        return 100.0 * int((out.argmax(1) == y[:n]).sum()) / n
     target = y[:n].reshape(n, -1).astype(np.float64)
     total = float(((target - target.mean(0)) ** 2).sum())
     return 100.0 * (1.0 - float(((out - target) ** 2).sum()) / max(total, 1e-30))
