@@ -127,7 +127,7 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
     model = from_bytes(blob)
     layers: dict = {}
     if removal:
-        from ..prune.methods import correct_channel_statistics, scoring_batches
+        from ..prune.methods import correct_channel_statistics, has_batchnorm, scoring_batches
         batches, meta = scoring_batches(_DATA.dataset(), seed=seed)
         before = model
         model, record = prune(model, example, criterion=criterion, ratios={"*": 0.0, **removal},
@@ -136,8 +136,7 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
         # a model without BatchNorm (folded by an ONNX exporter) gets its channels'
         # statistics back (prune.methods); BatchNorm is not re-estimated here: the search's
         # acceptance study (bench/feedback.py) compares arms that all leave it as the cut did
-        if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                   for m in model.modules()):
+        if not has_batchnorm(model):
             correct_channel_statistics(model, before, layers, _DATA.dataset(), seed=seed)
     if taps:
         patterns.stride_layers(model, taps)

@@ -74,6 +74,12 @@ class Recovery:
                                  stage="prune")
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether a cut is recovered by re-estimating BatchNorm statistics (else the channels'
+    statistics are corrected in the convs: correct_channel_statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def recalibrate_bn(model: nn.Module, data: Dataset | None, batches: int = BN_BATCHES,
                    batch_size: int = 128, seed: int = 0) -> nn.Module:
     """Replace every BatchNorm's running mean/variance by their average over `batches` random
@@ -245,7 +251,7 @@ def _after_cut(record: dict, model: nn.Module, data, recovery: Recovery | None, 
     if recovery is not None and recovery.bn_batches > 0 and data is not None \
             and data.x_train is not None:
         _evaluate_into(record, "acc_after_cut", model, evaluate)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if has_batchnorm(model):
             recalibrate_bn(model, data, recovery.bn_batches, seed=seed)
             record["bn_recalibrated_batches"] = recovery.bn_batches
         elif before is not None:
