@@ -233,7 +233,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
     # (a) uniform ratio, measured bisection
     def uniform_model(r):
         return prune(model, example, criterion=criterion, ratios=r, data=batches,
-                     meta_batch=batches[-1])[0]
+                     meta_batch=batches[-1], round_to=target.channel_multiple)[0]
     r, _, tried = bisect_measured(uniform_model, measure, limit, cfg["bisect_steps"], key=key)
     result["uniform"] = finish(uniform_model(r), "uniform",
                                {"ratio": r, "bisection": tried})
@@ -242,7 +242,7 @@ def run_seed(quick: bool, path: Path, **overrides) -> dict:
     # (b) global ranking, measured bisection over the fraction removed
     def global_model(f):
         return prune(model, example, criterion=criterion, ratios=f, allocation="global",
-                     data=batches, meta_batch=batches[-1])[0]
+                     data=batches, meta_batch=batches[-1], round_to=target.channel_multiple)[0]
     f, _, tried = bisect_measured(global_model, measure, limit, cfg["bisect_steps"], key=key)
     result["global"] = finish(global_model(f), "global", {"fraction": f, "bisection": tried})
     write_result(path, result)

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 # Benchmark modules (bench/<name>.py), in the order they run.
-BENCHMARKS: list[str] = ["prune", "kernels", "feedback", "quant", "targets", "memory"]
+BENCHMARKS: list[str] = ["prune", "kernels", "widths", "feedback", "quant", "targets",
+                         "memory"]
 
 
 def write_result(path: Path, result: dict) -> None:

@@ -39,6 +39,7 @@ class DeployConfig:
     layer_bits: dict[str, int] | None = None  # per-layer weight bits (a feedback ratios.json)
     layer_strides: dict[str, int] | None = None  # conv -> 1 in s window taps (the same file)
     tap_strides: tuple[int, ...] = ()  # window patterns the budget search may give a conv
+    round_to: int | None = None       # pruned widths' multiple; None: the target's
     budget: dict[str, float] = field(default_factory=dict)
     finetune_epochs: float = 1.0
     quant_method: str = "auto"        # ptq, qat, admm or auto (QAT when PTQ loses accuracy)
@@ -191,6 +192,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                                    else data.x_train[:shape[0]])
         feedback_result = None
         layer_bits = cfg.layer_bits
+        round_to = cfg.round_to or target.channel_multiple
         if cfg.budget:
             with stage("feedback", progress):
                 from .feedback import search
@@ -200,7 +202,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                                          finetune_epochs=cfg.finetune_epochs,
                                          eval_samples=cfg.eval_samples,
                                          calib_samples=cfg.calib_samples, port=cfg.port,
-                                         tap_strides=cfg.tap_strides)
+                                         tap_strides=cfg.tap_strides,
+                                         channel_multiple=round_to)
                 pruned, record = feedback_result.model, feedback_result.record
                 layer_bits = feedback_result.bits   # the word lengths the search measured
                 if cfg.mixed_precision:
@@ -210,7 +213,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             with stage("prune", progress):
                 from .prune import NothingToPrune, methods
                 spec = {"criterion": cfg.criterion, "layer_strides": cfg.layer_strides,
-                        "ratios": cfg.per_layer if cfg.per_layer is not None else cfg.ratio}
+                        "ratios": cfg.per_layer if cfg.per_layer is not None else cfg.ratio,
+                        "round_to": round_to}
                 if cfg.finetune_epochs > 0:
                     log(f"pruning, then fine-tuning for {cfg.finetune_epochs:g} epoch(s)")
                 try:   # as `prune` does: cut, BatchNorm statistics anew, fine-tune

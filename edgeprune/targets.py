@@ -52,6 +52,12 @@ class Target:
         return self.chip["sram_bytes"]
 
     @property
+    def channel_multiple(self) -> int:
+        """What pruned widths are rounded to a multiple of ([quant] channel_multiple; 1: any):
+        the kernels' channel blocking makes other widths cost more per channel."""
+        return self.quant.get("channel_multiple", 1)
+
+    @property
     def board_dir(self) -> Path:
         return FIRMWARE_DIR / self.board["template"]
 
@@ -113,6 +119,10 @@ def load_target(name_or_path: str) -> Target:
         if not isinstance(q.get(key), int):
             raise EdgepruneError(f"{path}: [qemu] {key} must be an integer address/size "
                                  f"(got {q.get(key)!r})")
+    multiple = raw["quant"].get("channel_multiple", 1)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise EdgepruneError(f"{path}: [quant] channel_multiple must be a positive integer "
+                             f"(got {multiple!r})")
     libc = raw["toolchain"].get("libc", "picolibc")
     if libc not in LIBCS:
         raise EdgepruneError(f"{path}: [toolchain] libc = '{libc}' is not supported ({', '.join(LIBCS)})")

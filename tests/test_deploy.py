@@ -250,7 +250,8 @@ def test_keras_style_nhwc_onnx_model_deploys_bit_exact(tmp_path):
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["quantized"] > 60
     widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
-    assert widths[8] == 6 and widths[12] == 9, widths    # incl. the conv before the NHWC flatten
+    # incl. the conv before the NHWC flatten; 9 rounds to the target's channel multiple, 2
+    assert widths[8] == 6 and widths[12] == 10, widths
     ops = json.loads((tmp_path / "out" / "qmodel" / "qmodel.json").read_text())["ops"]
     assert [o["attrs"]["perm"] for o in ops if o["kind"] == "transpose"] == [[0, 3, 1, 2],
                                                                               [0, 2, 3, 1]]
@@ -336,7 +337,7 @@ def test_autoencoder_on_regression_targets_deploys_bit_exact(tmp_path):
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert acc["quantized"] > 50 and acc["on_target"] > 50, acc
     widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
-    assert widths == {32: 24, 4: 3, 64: 64}, widths
+    assert widths == {32: 24, 4: 4, 64: 64}, widths   # 3 rounds to the channel multiple, 2
     html = (tmp_path / "out" / "report.html").read_text()
     assert "R² (host, %)" in html
 

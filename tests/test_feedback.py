@@ -343,8 +343,34 @@ def test_a_step_settles_on_the_widest_width_that_measures_within_its_goal(predic
     def reaches(k):
         asked.append(k)
         return cost[k] <= goal
-    assert _walk_measured(predicted, cost[predicted] <= goal, 16, 6, reaches) == expected
+    assert _walk_measured(predicted, cost[predicted] <= goal, 16, 6, 1, reaches) == expected
     assert len(set(asked)) == len(asked)   # no width measured twice
+
+
+def test_widths_keep_the_targets_channel_multiple_in_proposals_and_walks():
+    """With a multiple of 2, the width proposed is the largest even one predicted to reach
+    the step (the table's line predicts 9 would), and the walk on measurements steps by 2:
+    a channel that makes a width odd costs the M7 2.5x what one that makes it even does."""
+    from edgeprune.feedback.costs import Predictor, grid_widths, min_width
+    from edgeprune.feedback.search import _propose, _shrink_together, _walk_measured
+
+    def costs(ms):
+        return {"instructions": int(ms * 1000), "latency_ms": ms, "energy_uj": 1.0,
+                "flash_kb": 30.0, "sram_kb": 10.0, "kernels": []}
+    base = costs(16.0)
+    pred = Predictor(base, {"t": {16: base, 8: costs(8.0)}}, {"t": 16})
+    args = (pred, base, {"t": 16}, {}, {}, {"t": 2}, {}, {}, "latency_ms", 9.5, {})
+    assert [p.widths["t"] for p in _propose(*args)] == [9]
+    assert [p.widths["t"] for p in _propose(*args, step_of={"t": 2})] == [8]
+    assert _shrink_together({"a": 16, "b": 9}, {"a": 2, "b": 2}, {"a": 2, "b": 2})[0] == \
+        {"a": 14, "b": 8}
+    cost = {6: 450, 8: 504, 10: 769, 12: 1047, 14: 1350}
+    assert _walk_measured(8, True, 16, 2, 2, lambda k: cost[k] <= 790) == 10
+    assert _walk_measured(12, False, 16, 2, 2, lambda k: cost[k] <= 790) == 10
+    # the measured grid and the minimum are multiples too (the full width may be odd)
+    assert grid_widths(16, (0.75, 0.5, 0.25), 0.1, 2) == [2, 4, 8, 12, 16]
+    assert grid_widths(15, (0.75, 0.5, 0.25), 0.1, 2) == [2, 4, 8, 12, 15]
+    assert min_width(64, 0.1, 2) == 8 and min_width(64, 0.1) == 7 and min_width(3, 0.9, 2) == 3
 
 
 def test_a_window_pattern_is_proposed_where_measured_to_cut_the_cost():

@@ -193,7 +193,7 @@ def test_keras_style_conv1d_onnx_model_deploys_bit_exact(tmp_path):
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
     assert report["accuracy"]["quantized"] > 60
     widths = {l["channels_before"]: l["channels_after"] for l in report["pruning"]["per_layer"]}
-    assert widths[8] == 6 and widths[12] == 9, widths
+    assert widths[8] == 6 and widths[12] == 10, widths   # 9: the target's channel multiple, 2
 
 
 def test_global_max_over_time_quantizes_bit_exact():

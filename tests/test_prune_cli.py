@@ -154,6 +154,7 @@ def test_a_half_precision_model_loads_as_float32(tmp_path):
     (["--criterion", "taylor"], "criterion 'taylor' needs data"),
     (["--ratio", "1.0"], r"--ratio 1.0 is outside \[0, 1\)"),
     (["--finetune", "1"], "--finetune needs training data"),
+    (["--round-to", "0"], "--round-to must be at least 1, got 0"),
     (["--data", "fashion-mnist", "--input-shape", "1,1,32,32"],
      r"cnn takes samples of shape \[1, 32, 32\].*are \[1, 28, 28\]"),
 ])
@@ -206,6 +207,12 @@ def test_ratio_is_the_default_for_layers_the_file_does_not_name(tmp_path, capsys
                   tmp_path / "r") == 0
     model, _ = load_torch(str(tmp_path / "r" / "model.pt"))
     assert [model.get_submodule(f"layer{i}.conv1").out_channels for i in (1, 2)] == [8, 32]
+    # --round-to: 16 channels at 0.3 keep 11 (a fraction rounds to whole channels), or 12
+    for m, want in (("1", 11), ("4", 12)):
+        assert _prune("resnet8", "--ratio", "0.3", "--round-to", m, "--out",
+                      tmp_path / f"s{m}") == 0
+        model, _ = load_torch(str(tmp_path / f"s{m}" / "model.pt"))
+        assert model.get_submodule("layer1.conv1").out_channels == want
 
 
 def test_lottery_ticket_rewinds_from_a_file(tmp_path):

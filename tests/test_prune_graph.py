@@ -501,3 +501,27 @@ def test_a_conv_along_channels_last_keeps_them():
     pruned, _ = pruned_equivalently(ConvOnChannelsLast().eval(), (1, 1, 8, 8),
                                     torch.randn(4, 1, 8, 8), ratios=0.5)
     assert conv_widths(pruned) == [3, 4, 2]
+
+
+def test_round_to_keeps_a_multiple_of_channels_in_every_pruned_layer():
+    """The kernels take channels in pairs (a target's channel_multiple): each pruned group keeps
+    the nearest multiple (halves up), through residual, concat and depthwise ties alike; a
+    group the rounding gives back every channel stays whole."""
+    model = ResidualConcatNet().eval()
+    x = torch.randn(2, 1, 8, 8)
+    widths = {}
+    for m in (1, 2, 4):
+        pruned, record = prune(model, x, criterion="l1", ratios=0.4, round_to=m)
+        _check_equivalent(model, pruned, record, x)
+        widths[m] = conv_widths(pruned)   # stem, a (its residual), b, c, dw (b + c), pw
+        assert record["round_to"] == m
+    assert widths[1] == [5, 5, 4, 2, 6, 7]
+    assert widths[2] == [6, 6, 4, 2, 6, 8]
+    assert widths[4] == [4, 4, 4, 4, 8, 8]
+    # a MACs target is searched with the rounding in place, so it is still met
+    model, shape = models.build("resnet8")
+    _, rec = prune(model, torch.randn(shape), ratios=0.0, flops_target=0.45, round_to=4)
+    assert 1 - rec["macs_after"] / rec["macs_before"] >= 0.45
+    assert all(len(g["kept"]) % 4 == 0 for g in rec["groups"])
+    with pytest.raises(EdgepruneError, match="round_to 0 must be a positive integer"):
+        prune(model, torch.randn(shape), round_to=0)

@@ -53,6 +53,19 @@ def test_targets_answer_to_the_names_of_their_isa():
         load_target("rv128")
 
 
+def test_a_target_names_the_channel_multiple_its_kernels_prefer(tmp_path):
+    # every target measured (bench/results/widths.json): odd widths cost more per channel
+    assert {load_target(n).channel_multiple for n in TARGETS} == {2}
+    text = (load_target("cortex-m7").path).read_text()
+    for bad in ("0", "2.5", "true"):
+        path = tmp_path / "cortex-m7.toml"
+        path.write_text(text.replace("channel_multiple = 2", f"channel_multiple = {bad}"))
+        with pytest.raises(EdgepruneError, match="channel_multiple must be a positive integer"):
+            load_target(str(path))
+    path.write_text(text.replace("channel_multiple = 2\n", ""))
+    assert load_target(str(path)).channel_multiple == 1
+
+
 @pytest.mark.parametrize("board", sorted({load_target(n).board["template"] for n in TARGETS}))
 def test_every_board_implements_board_h(board, tmp_path):
     """Each board folder defines every function common/board.h declares (compiled, then nm)."""

@@ -32,6 +32,8 @@ def register(sub) -> None:
                    "search per-layer ratios on the target until every budget holds")
     p.add_argument("--tap-strides", help="with --budget, also let a conv keep 1 in s window "
                                           "taps, e.g. 2,3 (see edgeprune feedback --help)")
+    p.add_argument("--round-to", type=int, help="pruned layers keep a multiple of this many "
+                   "channels (default: the target's channel_multiple; 1: any width)")
     p.add_argument("--train-epochs", type=float, default=1.0, help="training of zoo models (cached)")
     p.add_argument("--finetune", type=float, default=1.0, help="fine-tuning epochs after pruning")
     p.add_argument("--quant-method", default="auto", choices=("auto", "ptq", "qat", "admm"),
@@ -101,13 +103,15 @@ def run(args) -> int:
     check_at_least((("--finetune", args.finetune, 0), ("--train-epochs", args.train_epochs, 0),
                     ("--calib-samples", args.calib_samples, 1),
                     ("--eval-samples", args.eval_samples, 1),
-                    ("--target-samples", args.target_samples, 1)), stage="deploy")
+                    ("--target-samples", args.target_samples, 1),
+                    ("--round-to", args.round_to, 1)), stage="deploy")
     cfg = DeployConfig(out=args.out, target=args.target, model=args.model, data=args.data,
                        input_shape=parse_shape(args.input_shape), train_epochs=args.train_epochs,
                        criterion=args.criterion, ratio=args.ratio, per_layer=per_layer,
                        layer_bits=layer_bits, layer_strides=layer_strides,
                        tap_strides=int_list(args.tap_strides, "--tap-strides",
                                             "strides like 2,3", "deploy") or (),
+                       round_to=args.round_to,
                        budget=parse_budget(args.budget), finetune_epochs=args.finetune,
                        quant_method=args.quant_method, mixed_precision=args.mixed_precision,
                        calib_samples=args.calib_samples, eval_samples=args.eval_samples,

@@ -47,6 +47,8 @@ def register(sub) -> None:
                    help="also let a conv keep 1 in s window taps, e.g. 2,3 (measured like a word "
                         "length; the int8 kernels skip the other taps; default: widths and bits "
                         "only)")
+    p.add_argument("--round-to", type=int, help="widths searched are multiples of this many "
+                   "channels (default: the target's channel_multiple; 1: any width)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -84,7 +86,8 @@ def run(args) -> int:
         raise
     check_at_least((("--finetune", args.finetune, 0), ("--short-finetune", args.short_finetune, 1),
                     ("--train-samples", args.train_samples, 1),
-                    ("--train-epochs", args.train_epochs, 0), ("--workers", args.workers, 1)),
+                    ("--train-epochs", args.train_epochs, 0), ("--workers", args.workers, 1),
+                    ("--round-to", args.round_to, 1)),
                    stage=STAGE)   # --distill: search() checks it is in [0, 1]
     word_lengths = int_list(args.word_lengths, "--word-lengths", "bits like 8,4,2")
     tap_strides = int_list(args.tap_strides, "--tap-strides", "strides like 2,3") or ()
@@ -104,7 +107,7 @@ def run(args) -> int:
                         finetune_epochs=args.finetune, train_samples=args.train_samples,
                         short_finetune_samples=args.short_finetune, progress=not args.json,
                         word_lengths=word_lengths, distill=args.distill,
-                        tap_strides=tap_strides)
+                        tap_strides=tap_strides, channel_multiple=args.round_to)
         save_torch(result.model, shape, tmp / "model.pt")
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
     summary = result.summary()

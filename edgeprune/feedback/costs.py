@@ -29,19 +29,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..prune.allocate import nearest_multiple
+
 INSTRUCTION_METRICS = ("latency_ms", "energy_uj")   # both proportional to instructions
 MEMORY_METRICS = ("flash_kb", "sram_kb")
 
 
-def grid_widths(units: int, fractions: tuple[float, ...], min_keep: float) -> list[int]:
-    """Widths measured for a group of `units` channels: full, the fractions, and the minimum."""
-    lo = min_width(units, min_keep)
-    ks = {units, lo} | {max(lo, int(round(f * units))) for f in fractions}
+def grid_widths(units: int, fractions: tuple[float, ...], min_keep: float,
+                multiple: int = 1) -> list[int]:
+    """Widths measured for a group of `units` channels: full, the fractions, and the minimum
+    (each a multiple of `multiple`, but the full width)."""
+    lo = min_width(units, min_keep, multiple)
+    ks = {units, lo} | {min(units, max(lo, nearest_multiple(f * units, multiple)))
+                        for f in fractions}
     return sorted(ks)
 
 
-def min_width(units: int, min_keep: float) -> int:
-    return max(1, math.ceil(min_keep * units))
+def min_width(units: int, min_keep: float, multiple: int = 1) -> int:
+    """The fewest units a group keeps: `min_keep` of them, rounded up to a multiple."""
+    return min(units, -(-max(1, math.ceil(min_keep * units)) // multiple) * multiple)
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import EdgepruneError
+from ..prune.allocate import nearest_multiple, unit_multiple
 from ..task import metric_name
 from .costs import INSTRUCTION_METRICS, Predictor, grid_widths, min_width
 from .measure import (METRICS, candidate_fingerprint, from_bytes, model_hash, to_bytes,
@@ -157,7 +158,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            lr: float = 0.01, margin: float = 0.01, progress: bool = True,
            word_lengths: tuple[int, ...] | None = None, port: str = "qemu",
            step_schedule: str = "linear", rank: str = "loss", distill: float = 0.9,
-           tap_strides: tuple[int, ...] = ()) -> FeedbackResult:
+           tap_strides: tuple[int, ...] = (), channel_multiple: int | None = None
+           ) -> FeedbackResult:
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
@@ -196,6 +198,10 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     result without them (bench/results/feedback.json, other_runs.tap_patterns).
     port: where candidates are measured; only "qemu" (a board would need each candidate's
     firmware flashed, which edgeprune does not do).
+    channel_multiple: a pruned group keeps a multiple of this many channels (default: the
+    target's [quant] channel_multiple): a channel that makes a width odd costs the M7 2.5x the
+    instructions of one that makes it even (bench/results/widths.json), a staircase the
+    table, which interpolates between a few widths, does not see.
     """
     from ..prune import DepGraph
     from ..targets import load_target
@@ -249,7 +255,10 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     if not groups:
         raise EdgepruneError("the model has no prunable channel groups", stage=STAGE)
     full = {n: g.units for n, g in groups.items()}
-    lowest = {n: min_width(u, min_keep) for n, u in full.items()}
+    multiple = channel_multiple or target.channel_multiple
+    # per group, the step of its widths: units that keep a multiple of `multiple` channels
+    step_of = {n: unit_multiple(g, multiple) for n, g in groups.items()}
+    lowest = {n: min_width(u, min_keep, step_of[n]) for n, u in full.items()}
     # weight layers (word lengths) and the groups that set their in/out channels (weight counts)
     wlayers = [n for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     members: dict[str, list[str]] = {n: [] for n in wlayers}
@@ -337,7 +346,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
         # a budget no corner meets: no assignment of widths, word lengths and taps can meet it
         impossible = [k for k in budget if all(c[k] > budget[k] for c, _, _ in corners)]
         if violations(base_costs, budget) and not impossible:
-            table_points = [(n, k) for n in groups for k in grid_widths(full[n], grid, min_keep)
+            table_points = [(n, k) for n in groups
+                            for k in grid_widths(full[n], grid, min_keep, step_of[n])
                             if k < full[n]]
             bit_points = [(n, b) for n in wlayers for b in layer_options[n]]
             tap_points = [(n, t) for n in dense_taps for t in tap_options[n]]
@@ -423,7 +433,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 limits = {k: max(aim[k], cur_costs[k]) for k in budget if k != metric}
                 proposals = _propose(predictor, cur_costs, cur_widths, cur_bits, cur_taps, lowest,
                                      layer_options, tap_options, metric, goal, limits,
-                                     joint=metric in PEAK_METRICS)
+                                     joint=metric in PEAK_METRICS, step_of=step_of)
                 if not proposals:
                     break
                 parent = to_bytes(cur_model)
@@ -463,7 +473,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                     def reaches(c):   # the step's goal, the other budgets not pushed over
                         return c[metric] <= goal and all(c[m] <= v for m, v in limits.items())
                     settled = _walk_measured(
-                        k, reaches(new_costs), cur_widths[g], lowest[g],
+                        k, reaches(new_costs), cur_widths[g], lowest[g], step_of[g],
                         lambda k2: reaches(measure([at_widths({**chosen.widths, g: k2},
                                                               cur_taps)],
                                                    f"iteration {it}: {g} at {k2} (QEMU)",
@@ -554,6 +564,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     taps = {n: t for n, t in cur_taps.items() if t > 1}
     record = {"criterion": criterion, "allocation": "feedback", "layers": composed,
               "per_layer": ratios, "widths": cur_widths, "bits": bits, "tap_strides": taps,
+              "round_to": multiple,
               "budget": budget, "met": met}
     result = FeedbackResult(cur_model, record, ratios, bits, cur_widths, final_costs, budget, met,
                             message, trajectory, test_acc, float_acc, taps,
@@ -585,7 +596,7 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
              cur_bits: dict[str, int], cur_taps: dict[str, int], lowest: dict[str, int],
              options: dict[str, list[int]], tap_options: dict[str, list[int]],
              metric: str, goal: float, limits: dict[str, float],
-             joint: bool = False) -> list[Proposal]:
+             joint: bool = False, step_of: dict[str, int] | None = None) -> list[Proposal]:
     """Per group, the largest width, per weight layer the most bits, and per conv without a
     pattern the densest intra-kernel pattern (every s-th window tap), whose predicted `metric`
     reaches `goal` (NetAdapt's "smallest change that cuts the cost by a step"); knobs that
@@ -595,7 +606,9 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
     goal, else the smallest): for a peak like SRAM, set by two live tensors of different
     groups at once, the table (one group at a time) misses what shrinking both does; without
     it, once no single group could make the step, the search stopped short of an SRAM budget
-    that uniform pruning meets (ResNet-8 at 60 %: 51.2 kB for 40.5)."""
+    that uniform pruning meets (ResNet-8 at 60 %: 51.2 kB for 40.5).
+    step_of: per group, the multiple its widths keep (1 where missing)."""
+    step_of = step_of or {}
     reach, partial = [], []
 
     def pred(w, b, t):
@@ -620,8 +633,9 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
 
     for g, k in cur_widths.items():
         if k > lowest[g]:
+            m = step_of.get(g, 1)
             knob("width", g, [({**cur_widths, g: k2}, cur_bits, cur_taps)
-                              for k2 in range(k - 1, lowest[g] - 1, -1)])
+                              for k2 in range(k - 1, lowest[g] - 1, -1) if k2 % m == 0])
     for layer, opts in options.items():
         lower = sorted((b for b in opts if b < cur_bits[layer]), reverse=True)
         if lower:
@@ -632,7 +646,7 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
                                  for t in strides])
     together = []
     if joint:
-        steps = _shrink_together(cur_widths, lowest)
+        steps = _shrink_together(cur_widths, lowest, step_of)
         if steps:   # the first share predicted to reach the goal, else the smallest
             preds = [pred(w, cur_bits, cur_taps) for w in steps]
             i = next((i for i, p in enumerate(preds) if p[metric] <= goal), 0)
@@ -642,31 +656,37 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
     return (reach or partial) + together
 
 
-def _walk_measured(k: int, reaches: bool, current: int, lowest: int, measured_reaches) -> int:
+def _walk_measured(k: int, reaches: bool, current: int, lowest: int, step: int,
+                   measured_reaches) -> int:
     """The widest width of one group, below `current` and not below `lowest`, whose measured cost
     reaches the step's goal, walked from the predicted width `k` (`reaches`: whether k does, as
     measured); `measured_reaches(k2)` measures another width. When even `lowest` misses, it is
     the answer (the largest cut). The table interpolates a few widths, but the kernels cost a
     staircase in the channel count (SMLAD takes input channels in pairs, a tile 4 output
     channels): ResNet-8's 28x28 convs measure 504k instructions at 8 channels, 707k at 9 and
-    769k at 10, so a predicted width can miss its goal, or undershoot it, by a channel."""
+    769k at 10, so a predicted width can miss its goal, or undershoot it, by a channel.
+    `step`: the walk keeps widths a multiple of it (lowest is one)."""
     if reaches:
-        while k + 1 < current and measured_reaches(k + 1):
-            k += 1
+        while k + step < current and measured_reaches(k + step):
+            k += step
         return k
-    while k - 1 >= lowest:
-        k -= 1
+    while k - step >= lowest:
+        k -= step
         if measured_reaches(k):
             break
     return k
 
 
-def _shrink_together(widths: dict[str, int], lowest: dict[str, int]) -> list[dict[str, int]]:
-    """Every group shrunk by 5 %, 10 %, ... of its width (at least one unit, never below its
-    lowest), smallest change first, without repeats."""
+def _shrink_together(widths: dict[str, int], lowest: dict[str, int],
+                     step_of: dict[str, int]) -> list[dict[str, int]]:
+    """Every group shrunk by 5 %, 10 %, ... of its width (at least one step of its multiple,
+    never below its lowest), smallest change first, without repeats."""
     out: list[dict[str, int]] = []
     for i in range(1, 20):
-        w = {g: max(lowest[g], min(k - 1, round(k * (1 - i / 20)))) for g, k in widths.items()}
+        w = {}
+        for g, k in widths.items():
+            m = step_of.get(g, 1)
+            w[g] = max(lowest[g], min((k - 1) // m * m, nearest_multiple(k * (1 - i / 20), m)))
         if w != widths and (not out or w != out[-1]):
             out.append(w)
     return out

@@ -48,7 +48,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
           meta_batch: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
           loss: str = "ce", min_keep: float = 0.1, aux_heads=None,
           kernel_ratio: float = 0.0, intra_stride: int = 1,
-          layer_strides: dict[str, int] | None = None,
+          layer_strides: dict[str, int] | None = None, round_to: int = 1,
           graph: DepGraph | None = None) -> tuple[nn.Module, dict]:
     """Remove channels from `model` and return (smaller model, record).
 
@@ -65,6 +65,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
         the kept convs; their masks stay attached for fine-tuning until patterns.finalize().
     layer_strides: {conv: s}, keep 1 in s window taps of these convs only (the feedback loop's
         choice, `tap_strides` in its ratios.json); zeroed for good, training keeps them zero.
+    round_to: the channels kept in each pruned group are rounded to a multiple of this (the
+        nearest, halves up; a target's [quant] channel_multiple): the kernels take channels in
+        blocks, and other widths cost more per channel (bench/results/widths.json).
     """
     t0 = time.perf_counter()
     crit = criteria.get(criterion) if isinstance(criterion, str) else criterion
@@ -93,22 +96,28 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     shape = tuple(example_input.shape)
     base = flops.count(graph.gm, shape)
 
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise EdgepruneError(f"round_to {round_to!r} must be a positive integer", stage="prune")
+
+    def fit(counts):   # every allocation, searched ones included, is rounded the same way
+        return allocate.rounded(graph, counts, round_to)
+
     search_ratio = None
     if isinstance(ratios, dict) and target is not None:
         # the per-layer ratios give the shape, the target the scale (see allocate.scaled)
         search_ratio = allocate.search(
-            lambda t: _removed_fraction(graph, allocate.per_layer(
-                graph, allocate.scaled(ratios, t), strict=False), shape, base, which), target)
-        counts = allocate.per_layer(graph, allocate.scaled(ratios, search_ratio))
+            lambda t: _removed_fraction(graph, fit(allocate.per_layer(
+                graph, allocate.scaled(ratios, t), strict=False)), shape, base, which), target)
+        counts = fit(allocate.per_layer(graph, allocate.scaled(ratios, search_ratio)))
     elif isinstance(ratios, dict):
-        counts = allocate.per_layer(graph, ratios)
+        counts = fit(allocate.per_layer(graph, ratios))
     elif target is not None:
         search_ratio = allocate.search(
-            lambda r: _removed_fraction(graph, allocate.uniform(graph, r), shape, base, which),
-            target)
-        counts = allocate.uniform(graph, search_ratio)
+            lambda r: _removed_fraction(graph, fit(allocate.uniform(graph, r)), shape, base,
+                                        which), target)
+        counts = fit(allocate.uniform(graph, search_ratio))
     else:
-        counts = allocate.uniform(graph, ratios)
+        counts = fit(allocate.uniform(graph, ratios))
 
     ctx = Context(graph, model, batches=list(data or []), meta_batch=meta_batch, budget=counts,
                   seed=seed, loss=loss, aux_heads=aux_heads)
@@ -123,12 +132,11 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
     if allocation == "global":
         if target is not None:
             search_ratio = allocate.search(
-                lambda f: _removed_fraction(graph, allocate.global_counts(graph, scores, f,
-                                                                          min_keep),
-                                            shape, base, which), target)
-            counts = allocate.global_counts(graph, scores, search_ratio, min_keep)
+                lambda f: _removed_fraction(graph, fit(allocate.global_counts(
+                    graph, scores, f, min_keep)), shape, base, which), target)
+            counts = fit(allocate.global_counts(graph, scores, search_ratio, min_keep))
         else:
-            counts = allocate.global_counts(graph, scores, ratios, min_keep)
+            counts = fit(allocate.global_counts(graph, scores, ratios, min_keep))
 
     keep = graph.with_every_piece(allocate.keep_lowest_removed(graph, scores, counts), scores)
     pruned, masks = surgery(graph, keep)
@@ -140,7 +148,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
         "ratio": None if isinstance(ratios, dict) or target is not None else float(ratios),
         "per_layer": dict(ratios) if isinstance(ratios, dict) else None,
         "flops_target": flops_target, "params_target": params_target,
-        "searched_ratio": search_ratio, "input_shape": list(shape),
+        "searched_ratio": search_ratio, "round_to": round_to, "input_shape": list(shape),
         "macs_before": base[0], "macs_after": after[0],
         "params_before": base[1], "params_after": after[1],
         "seconds": round(time.perf_counter() - t0, 3),

@@ -41,6 +41,39 @@ def uniform(graph: DepGraph, ratio: float) -> dict[int, int]:
     return {g.index: min(units_removed(ratio, g.units), g.units - 1) for g in graph.groups}
 
 
+def rounded(graph: DepGraph, counts: dict[int, int], multiple: int) -> dict[int, int]:
+    """`counts` (units removed per group) with the channels each pruned group keeps rounded to
+    a multiple of `multiple` (the nearest, halves up; at least one multiple, at most all):
+    the int8 kernels take input channels in pairs and output channels in blocks: on ResNet-8 a
+    channel that makes a width odd costs 2.5x the instructions of one that makes it even on
+    the M4, M7, M33 and RISC-V, 4.4x on the A72, and on the M55 and A53 an odd width costs as
+    much as the next even one (bench/results/widths.json). A group whose unit is several
+    channels (a depthwise multiplier, a GroupNorm group) rounds its units to what makes whole
+    multiples."""
+    if multiple <= 1:
+        return counts
+    out = dict(counts)
+    for g in graph.groups:
+        n = counts.get(g.index, 0)
+        if n <= 0 or n >= g.units:   # unpruned stays whole; a collapse is the caller's error
+            continue
+        m = unit_multiple(g, multiple)
+        out[g.index] = g.units - min(g.units, max(m, nearest_multiple(g.units - n, m)))
+    return out
+
+
+def unit_multiple(group, multiple: int) -> int:
+    """The multiple of `group`'s units that keeps a multiple of `multiple` channels."""
+    outs = group.by_role("out")
+    per_unit = len(outs[0].positions[0]) if outs and outs[0].positions else 1
+    return multiple // math.gcd(multiple, per_unit)
+
+
+def nearest_multiple(x: float, m: int) -> int:
+    """The multiple of `m` nearest to `x`, halves up."""
+    return int(math.floor(x / m + 0.5)) * m
+
+
 def per_layer(graph: DepGraph, ratios: dict[str, float], default: float = 0.0,
               strict: bool = True) -> dict[int, int]:
     """Units to remove per group from {layer name: ratio}. A key may name any producer layer of

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..data import HELP as DATA_HELP, fit_data
-from ..errors import EdgepruneError, read_json_option
+from ..errors import EdgepruneError, check_at_least, read_json_option
 from ..load import MODEL_FILES
 
 STAGE = "prune"
@@ -64,6 +64,9 @@ def register(sub) -> None:
                         "which the int8 kernels skip)")
     p.add_argument("--intra-stride", type=int, default=1,
                    help="also keep only every Nth tap inside each kernel (intra-kernel strided)")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="pruned layers keep a multiple of this many channels (the kernels take "
+                        "channels in pairs: deploy uses the target's channel_multiple, 2)")
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="test samples for the accuracies in pruning.json (with --data)")
     p.add_argument("--input-shape", help="static input shape where the model's is not stored")
@@ -134,8 +137,12 @@ def run(args) -> int:
     from ..train import evaluate
     from . import allocate, methods
 
+    # one thread, as deploy: beside another busy process a prune + fine-tune took 672 s on
+    # torch's default threads against 64 s on one
+    torch.set_num_threads(1)
     log = (lambda *a: None) if args.json else (lambda msg: print(f"prune: {msg}", flush=True))
     ratio = 0.5 if args.ratio is None else allocate.check_ratio(args.ratio)
+    check_at_least((("--round-to", args.round_to, 1),), stage=STAGE)
     per_layer = read_per_layer(args.per_layer) if args.per_layer else None
     if per_layer is not None and args.ratio is not None:
         per_layer.setdefault("*", ratio)  # --ratio: the layers the file does not name
@@ -171,6 +178,7 @@ def run(args) -> int:
             "ratios": per_layer if per_layer is not None else ratio,
             "flops_target": args.flops_target, "params_target": args.params_target,
             "kernel_ratio": args.kernel_ratio, "intra_stride": args.intra_stride,
+            "round_to": args.round_to,
             "layer_strides": read_tap_strides(args.per_layer) if args.per_layer else {}}
     score, metric = None, "accuracy"
     if data is not None:

@@ -361,6 +361,7 @@ def _final_counts(model, example, spec) -> dict[str, tuple[int, int]] | None:
     graph = DepGraph(model, example)
     r = spec.get("ratios", 0.5)
     counts = allocate.per_layer(graph, r) if isinstance(r, dict) else allocate.uniform(graph, r)
+    counts = allocate.rounded(graph, counts, spec.get("round_to", 1))
     return {g.name: (g.units, counts[g.index]) for g in graph.groups}
 
 
