@@ -9,7 +9,7 @@ instructions, flash and SRAM from the ELF). Odd d makes every group's width odd.
 Writes bench/results/widths.json: {target: {d: {"widths", "instructions", "flash_kb"}},
 "added_channel_cost": {target: {"odd": mean instructions of a step to an odd width, "even":
 of a step to an even one}}}.
-Run: python -m bench.run widths  (about 6 minutes; --quick: the M7 only).
+Run: python -m bench.run widths  (about 3 minutes; --quick: the M7 only).
 """
 
 from pathlib import Path
