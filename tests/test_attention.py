@@ -6,6 +6,7 @@ the feed-forward width and keeps the channels the attention mixes; int8 bit-exac
 and on targets."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -71,6 +72,11 @@ def test_attention_block_prunes_and_runs_bit_exact(heads, target, tmp_path):
         assert [o.kind for o in qm.ops].count("matmul") == 2
         assert [o.kind for o in qm.ops].count("addconst") == 1
     bit_exact(qm, calib[:4], target, tmp_path, on_target=2, like=model)   # the last source's
+    # the positional constant (12 x 16) and the LayerNorm's per-channel constants sit in
+    # flash in the narrowest integers that hold them, not as int64
+    text = (tmp_path / "b" / "c_library" / "model.c").read_text()
+    wide = [int(n) for n in re.findall(r"static const int64_t \w+\[(\d+)\]", text)]
+    assert max(wide, default=0) < 16, wide
 
 
 class Mixer(nn.Module):

@@ -54,6 +54,17 @@ def _scalar(v: int, dtype: str = "int64"):
     return _const(np.array(v), dtype)
 
 
+def _narrowest(a: np.ndarray) -> str:
+    """The smallest signed integer dtype that holds every value of `a`: a constant stored in
+    flash in it and widened where a kernel reads it (a ViT's positional embedding, 17 x 32
+    values, took 4.3 KiB as int64 and takes 1.1 KiB as int16)."""
+    for dtype in ("int8", "int16", "int32"):
+        info = np.iinfo(dtype)
+        if a.size == 0 or (a.min() >= info.min and a.max() <= info.max):
+            return dtype
+    return "int64"
+
+
 def folded_bias(qm: QuantModel, op: Op) -> np.ndarray:
     """bias - zp_in * sum(w) per output channel (int32; raises if it does not fit)."""
     w = qm.param(op, "weight").astype(np.int64)
@@ -253,16 +264,27 @@ def _mul(bb, env, qm: QuantModel, op: Op):
 
 
 def _addconst(bb, env, qm: QuantModel, op: Op):
-    from tvm import relax
+    from tvm import relax, te
     out = qm.tensors[op.output]
     s = 31 - int(op.attrs["shift"])
     x = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int64"),
                           _scalar(qm.tensors[op.inputs[0]].zero_point))
     y = relax.op.add(relax.op.multiply(x, _scalar(int(op.attrs["multiplier"]))),
                      _scalar(1 << (s - 1)))
-    y = relax.op.right_shift(y, _scalar(s))
-    bias = qm.param(op, "bias").astype(np.int64) + out.zero_point
-    y = relax.op.add(y, _const(bias[None], "int64"))
+    y = bb.emit(relax.op.right_shift(y, _scalar(s)))
+    bias = qm.param(op, "bias").astype(np.int64) + out.zero_point   # one sample's shape
+    tin = qm.tensors[op.inputs[0]]
+    reach = max(abs(tin.qmin - tin.zero_point), abs(tin.qmax - tin.zero_point))
+    shifted = (reach * abs(int(op.attrs["multiplier"])) >> s) + 1
+    # the sum in 32 bits where it fits: a 32-bit core adds a widened int16 to an int64 in
+    # more instructions than it stores int64 constants in bytes
+    wide = "int32" if shifted + int(np.abs(bias).max(initial=0)) <= INT32_MAX else "int64"
+
+    def add_bias(t, b):   # widened as it is read, so that flash keeps the narrow constant
+        return te.compute(t.shape, lambda n, *i: t(n, *i).astype(wide) + b(*i).astype(wide),
+                          name="add_constant")
+    y = bb.emit(bb.call_te(add_bias, y, _const(bias, _narrowest(bias)),
+                           primfunc_name_hint="add_constant"))
     lo, hi = op.attrs["clamp"]
     return bb.emit(relax.op.astype(relax.op.clip(y, int(lo), int(hi)), out.dtype),
                    name_hint=_ident(op.output))
@@ -332,8 +354,8 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
     tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
     c = int(tin.shape[-1])
     s = 31 - qm.param(op, "shift").astype(np.int64)
-    per_channel = np.stack([qm.param(op, "multiplier").astype(np.int64),
-                            np.left_shift(np.int64(1), s - 1), s,
+    # the rounding constant 2**(s-1) is made from s in the kernel: stored, it needs int64
+    per_channel = np.stack([qm.param(op, "multiplier").astype(np.int64), s,
                             qm.param(op, "bias").astype(np.int64) + out.zero_point])
     lo, hi = (int(v) for v in op.attrs["clamp"])
 
@@ -369,10 +391,17 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
                                  + i64(1 << (LAYERNORM_RECIP_BITS - 1)),
                                  i64(LAYERNORM_RECIP_BITS))
             k = ch if per_channel.shape[1] > 1 else 0     # one value for all channels
-            y = tirx.shift_right(n * pc[0, k] + pc[1, k], pc[2, k]) + pc[3, k]
+            m, b = pc[0, k].astype("int64"), pc[2, k].astype("int64")
+            if len(set(s.tolist())) == 1:   # one shift (the usual case): constants in the code
+                sh, rnd = i64(s.flat[0]), i64(1 << int(s.flat[0] - 1))
+            else:
+                sh = pc[1, k].astype("int64")
+                rnd = tirx.shift_left(i64(1), sh - i64(1))
+            y = tirx.shift_right(n * m + rnd, sh) + b
             return tirx.max(tirx.min(y, i64(hi)), i64(lo)).astype(out.dtype)
         return te.compute(list(data.shape), value, name="layernorm")
-    return bb.emit(bb.call_te(compute, env[op.inputs[0]], _const(per_channel, "int64"),
+    return bb.emit(bb.call_te(compute, env[op.inputs[0]],
+                              _const(per_channel, _narrowest(per_channel)),
                               primfunc_name_hint="layernorm"), name_hint=_ident(op.output))
 
 
