@@ -1,5 +1,7 @@
 """to_relax(qmodel) compiled for the host (llvm) is bit-identical to the numpy golden model."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ import torch.nn.functional as F
 from edgeprune import data, models
 from edgeprune.errors import EdgepruneError
 from edgeprune.quantize import ptq, reference, to_relax
+from edgeprune.quantize.qmodel import window_counts
+from edgeprune.quantize.requant import quantize_multipliers
 from edgeprune.quantize.train_utils import quick_train
 
 torch.set_num_threads(1)
@@ -570,6 +574,20 @@ def test_average_pool_that_does_not_count_padding(fmnist, tmp_path):
     compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", fmnist.x_test[:2])
     assert result["outputs_match"] and result["mismatches"] == 0, result
+    # a byte per position indexes the few distinct divisors: no int64 constant per position
+    text = (tmp_path / "b" / "c_library" / "model.c").read_text()
+    wide = [int(n) for n in re.findall(r"static const int64_t \w+\[(\d+)\]", text)]
+    assert max(wide, default=0) < 7 * 7, wide
+    # one shift for every position; a model saved with a shift per position still runs exact
+    assert len(np.unique(qm.param(pools[0], "shift"))) == 1
+    for op in pools:
+        scale = qm.tensors[op.inputs[0]].scale / qm.tensors[op.output].scale
+        counts = window_counts(*qm.tensors[op.inputs[0]].shape[2:], op.attrs)
+        m, sh = quantize_multipliers(scale / counts)
+        qm.params[f"{op.name}.multiplier"] = m.reshape(counts.shape)
+        qm.params[f"{op.name}.shift"] = sh.reshape(counts.shape)
+    assert len(np.unique(qm.param(pools[0], "shift"))) > 1
+    _check(qm, fmnist.x_test[:N])
 
 
 def test_ceil_mode_and_global_max_pools_bit_exact(fmnist, tmp_path):

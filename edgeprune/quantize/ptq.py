@@ -1899,9 +1899,11 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
             attrs.update({"multiplier": int(m), "shift": int(sh)})
         elif n.kind == "avgpool":     # a divisor per output position
             counts = window_counts(*tin.shape[2:], attrs)
-            m, sh = quantize_multipliers(tin.scale / (out.scale * counts))
-            params.update({f"{n.name}.multiplier": m.reshape(counts.shape),
-                           f"{n.name}.shift": sh.reshape(counts.shape)})
+            # one shift for every position: the kernel keeps it a literal and stores an int32
+            # M per position (to_relax._requant_by_position)
+            ms, s = shared_shift_multipliers(list(tin.scale / (out.scale * counts.ravel())))
+            params.update({f"{n.name}.multiplier": np.reshape(ms, counts.shape).astype(np.int64),
+                           f"{n.name}.shift": np.full(counts.shape, 31 - s, np.int64)})
         ops.append(Op(n.kind, n.name, list(n.inputs), n.output, attrs))
     qm = QuantModel(INPUT, net.output, tensors, ops, params, dict(meta or {}),
                     net.outputs[1:])

@@ -61,7 +61,7 @@ Ops (`Op`: kind, name, inputs, output, attrs; arrays in `QuantModel.params["<op>
   the divisor is per output position as below; maxpool takes output_size the same way.
   With count_include_pad false (padding does not count: TensorFlow's SAME average pooling)
   the divisor is each window's count of real taps: params multiplier and shift (OH, OW) per
-  output position instead of the attrs.
+  output position instead of the attrs (the quantizer gives every position the same shift).
 * ``upsample`` attrs: mode "nearest" (factors [FH, FW]: each value repeated; or, to any size,
   rows [OH] and cols [OW]: the input row and column each output reads) or "bilinear"
   (size [OH, OW], align_corners): per axis, output o reads inputs i0, i1 with integer weights
