@@ -107,3 +107,10 @@ def test_normalization_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
     assert [o.kind for o in qm.ops].count("layernorm") == {Frames: 2, ConvNeXtish: 1,
                                                            GroupNormed: 3}[cls]
     bit_exact(qm, calib[:4], target, tmp_path, like=pruned, tol=0.1)
+    # each row's square root taken once, its deviations squared in 32 bits, widened: one
+    # multiply-accumulate on a 32-bit core
+    kernels = (tmp_path / "b" / "c_library" / "kernels.c").read_text()
+    layernorms = kernels.count("int64_t ln_r0 = ")
+    assert layernorms == {Frames: 2, ConvNeXtish: 1, GroupNormed: 3}[cls]
+    assert kernels.count("sqrt(((double)") == layernorms
+    assert kernels.count("((int64_t)ln_d) * ((int64_t)ln_d)") == layernorms

@@ -140,6 +140,16 @@ def _requant_by_position(bb, acc, op: Op, qm: QuantModel, m: np.ndarray, shift: 
                    name_hint=_ident(op.output))
 
 
+def _let(x, use, name: str):
+    """use(v), v a variable bound once to the TIR expression x (tirx.Let). Written inline,
+    TVM's simplifier copies x into every use and pushes a cast of x into x's own terms: a
+    32-bit value widened for a product becomes 64-bit arithmetic, three multiplies on a
+    32-bit core instead of one."""
+    from tvm import tirx
+    v = tirx.Var(name, str(x.ty))
+    return tirx.Let(v, x, use(v))
+
+
 def _ident(name: str) -> str:
     s = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
     return s if s and not s[0].isdigit() else "t_" + s
@@ -389,6 +399,10 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
     per_channel = np.stack([qm.param(op, "multiplier").astype(np.int64), s,
                             qm.param(op, "bias").astype(np.int64) + out.zero_point])
     lo, hi = (int(v) for v in op.attrs["clamp"])
+    # C times a deviation reaches 2 C (qmax - qmin); a normalized value |d| / r stays under
+    # 3 sqrt(C) (r is the root of the mean of d**2, at least 1), times 2**F
+    narrow = "int32" if 2 * c * (tin.qmax - tin.qmin) < INT32_MAX else "int64"
+    normal = "int32" if 3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS < INT32_MAX else "int64"
 
     def i64(v):
         return tirx.const(int(v), "int64")
@@ -396,31 +410,39 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
     def compute(data, pc):
         lead = list(data.shape[:-1])
 
+        def lit(v):
+            return tirx.const(int(v), narrow)
+
         def dev(i, k):   # C times the deviation from the row's mean: exact
-            return (data[(*i, k)].astype("int64") - i64(tin.zero_point)) * i64(c)
+            return (data[(*i, k)].astype(narrow) - lit(tin.zero_point)) * lit(c) - total[i]
         k1 = te.reduce_axis((0, c), "k1")
         total = te.compute(lead, lambda *i: te.sum(
-            data[(*i, k1)].astype("int64") - i64(tin.zero_point), axis=k1), name="ln_sum") \
-            if op.attrs.get("center", True) else te.compute(lead, lambda *i: i64(0))
+            data[(*i, k1)].astype(narrow) - lit(tin.zero_point), axis=k1), name="ln_sum") \
+            if op.attrs.get("center", True) else te.compute(lead, lambda *i: lit(0))
         k2 = te.reduce_axis((0, c), "k2")
-        sq = te.compute(lead, lambda *i: te.sum(
-            (dev(i, k2) - total[i]) * (dev(i, k2) - total[i]), axis=k2), name="ln_sq")
+        def wide(x, use):   # 32-bit x widened where `use` reads it
+            return _let(x, lambda v: use(v.astype("int64")), "ln_d")
+        sq = te.compute(lead, lambda *i: te.sum(wide(dev(i, k2), lambda d: d * d), axis=k2),
+                        name="ln_sq")
 
         def reciprocal(*i):
-            v = tirx.floordiv(sq[i], i64(c)) + i64(op.attrs["eps_steps"])
-            r = tirx.sqrt(v.astype("float64")).astype("int64")
-            r = tirx.Select(r * r > v, r - i64(1), r)
-            r = tirx.Select((r + i64(1)) * (r + i64(1)) <= v, r + i64(1), r)
-            r = tirx.max(r, i64(1))
-            return tirx.floordiv(i64(1 << (LAYERNORM_FRAC_BITS + LAYERNORM_RECIP_BITS))
+            # each step bound once (Let): written as nested expressions, the Selects copied
+            # the root into C 10 times per row, each a double sqrt (soft-float on most
+            # targets)
+            v, r0, r1, r = (tirx.Var(n, "int64") for n in ("ln_v", "ln_r0", "ln_r1", "ln_r"))
+            body = tirx.floordiv(i64(1 << (LAYERNORM_FRAC_BITS + LAYERNORM_RECIP_BITS))
                                  + tirx.floordiv(r, i64(2)), r)
+            body = tirx.Let(r, tirx.max(tirx.Select((r1 + i64(1)) * (r1 + i64(1)) <= v,
+                                                    r1 + i64(1), r1), i64(1)), body)
+            body = tirx.Let(r1, tirx.Select(r0 * r0 > v, r0 - i64(1), r0), body)
+            body = tirx.Let(r0, tirx.sqrt(v.astype("float64")).astype("int64"), body)
+            return tirx.Let(v, tirx.floordiv(sq[i], i64(c)) + i64(op.attrs["eps_steps"]), body)
         inv = te.compute(lead, reciprocal, name="ln_inv")
 
         def value(*idx):
             i, ch = idx[:-1], idx[-1]
-            n = tirx.shift_right((dev(i, ch) - total[i]) * inv[i]
-                                 + i64(1 << (LAYERNORM_RECIP_BITS - 1)),
-                                 i64(LAYERNORM_RECIP_BITS))
+            n = wide(dev(i, ch), lambda d: tirx.shift_right(
+                d * inv[i] + i64(1 << (LAYERNORM_RECIP_BITS - 1)), i64(LAYERNORM_RECIP_BITS)))
             k = ch if per_channel.shape[1] > 1 else 0     # one value for all channels
             m, b = pc[0, k].astype("int64"), pc[2, k].astype("int64")
             if len(set(s.tolist())) == 1:   # one shift (the usual case): constants in the code
@@ -428,7 +450,7 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
             else:
                 sh = pc[1, k].astype("int64")
                 rnd = tirx.shift_left(i64(1), sh - i64(1))
-            y = tirx.shift_right(n * m + rnd, sh) + b
+            y = wide(n.astype(normal), lambda n: tirx.shift_right(n * m + rnd, sh)) + b
             return tirx.max(tirx.min(y, i64(hi)), i64(lo)).astype(out.dtype)
         return te.compute(list(data.shape), value, name="layernorm")
     return bb.emit(bb.call_te(compute, env[op.inputs[0]],
@@ -447,6 +469,7 @@ def _softmax(bb, env, qm: QuantModel, op: Op):
     ax = int(op.attrs["axis"]) % len(shape)
     n_ax = shape[ax]
     keep = qm.params.get(f"{op.name}.keep")
+    sums = "int32" if n_ax << 16 <= INT32_MAX else "int64"
 
     def i64(v):
         return tirx.const(int(v), "int64")
@@ -466,23 +489,31 @@ def _softmax(bb, env, qm: QuantModel, op: Op):
         k1 = te.reduce_axis((0, n_ax), "k1")
         mx = te.compute(rows, lambda *i: te.max(value_at(i, k1), axis=k1), name="sm_max")
 
-        def exp(i, k):
+        def exp(i, k):   # table values are at most 2**16 (exp(0)), sums of them int32
             idx = data[at(i, k)].astype("int32") - mx[at(i, 0)] + tirx.const(255, "int32")
             if not mask:
-                return table[idx].astype("int64")
+                return table[idx]
             idx = tirx.min(tirx.max(idx, tirx.const(0, "int32")), tirx.const(255, "int32"))
-            return tirx.Select(kept(at(i, k)), table[idx].astype("int64"), i64(0))  # in bounds
+            return tirx.Select(kept(at(i, k)), table[idx], tirx.const(0, "int32"))  # in bounds
         k2 = te.reduce_axis((0, n_ax), "k2")
-        total = te.compute(rows, lambda *i: te.sum(exp(i, k2), axis=k2), name="sm_sum")
-        inv = te.compute(rows, lambda *i: tirx.floordiv(
-            i64(1 << (8 + SOFTMAX_RECIP_BITS)) + tirx.floordiv(total[i], i64(2)), total[i]),
-            name="sm_inv")
+        total = te.compute(rows, lambda *i: te.sum(exp(i, k2).astype(sums), axis=k2),
+                           name="sm_sum")
+        # one division per row: the sum is positive (the row's maximum adds 2**16), so C's
+        # division is the floor division, which TVM writes as a division and a remainder,
+        # two 64-bit library calls on a 32-bit core. The reciprocal is at most 2**22, and a
+        # row with every key masked (sum 0) gives -128 whatever it is, as in the reference
+        inv = te.compute(rows, lambda *i: tirx.truncdiv(
+            i64(1 << (8 + SOFTMAX_RECIP_BITS)) + tirx.shift_right(total[i], 1).astype("int64"),
+            tirx.max(total[i].astype("int64"), i64(1))).astype("int32"), name="sm_inv")
 
-        def value(*i):
-            y = tirx.shift_right(exp(i, i[ax]) * inv[at(i, 0)]
+        def value(*i):   # int32 operands widened at the product: one multiply on 32 bits;
+            # the probability, at most 2**38 >> 30, and its clamp back in 32 bits
+            p = tirx.shift_right(exp(i, i[ax]).astype("int64") * inv[at(i, 0)].astype("int64")
                                  + i64(1 << (SOFTMAX_RECIP_BITS - 1)),
-                                 i64(SOFTMAX_RECIP_BITS)) - i64(128)
-            return tirx.max(tirx.min(y, i64(127)), i64(-128)).astype("int8")
+                                 i64(SOFTMAX_RECIP_BITS)).astype("int32")
+            return _let(p, lambda v: tirx.max(tirx.min(v - tirx.const(128, "int32"),
+                                                       tirx.const(127, "int32")),
+                                              tirx.const(-128, "int32")).astype("int8"), "sm_p")
         return te.compute(shape, value, name="softmax")
     extra = [] if keep is None else [_const(keep, "int8")]
     return bb.emit(bb.call_te(compute, env[op.inputs[0]],
