@@ -205,15 +205,22 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
     def word(h0, h1):
         return ((h0 & 0xFFFF) | ((h1 & 0xFFFF) << 16)).astype(np.uint32).view(np.int32)
     a, b = word(halves[:, 0], halves[:, 1]), word(halves[:, 2], halves[:, 3])
-    rows = ",\n".join(f"{{{a[i]}, {b[i]}, {acc[i]}, {m[i]}, {s[i]}, {zp[i]}, {lo[i]}, {hi[i]}}}"
-                      for i in range(n))
+    w8 = rng.integers(-128, 128, (n, 4))   # an int8 weight word: channel k's pair at k, k + 2
+    w8[:2] = [[-128, 127, -128, 127], [127, -128, 127, -128]]
+    wword = (w8.astype(np.uint8).astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)
+             ).sum(1).astype(np.uint32).view(np.int32)
+    rows = ",\n".join(f"{{{a[i]}, {b[i]}, {acc[i]}, {m[i]}, {s[i]}, {zp[i]}, {lo[i]}, {hi[i]}, "
+                      f"{wword[i]}}}" for i in range(n))
     prog = tmp_path / "helpers.c"
     prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
-                    f"static const long long t[{n}][8] = {{\n{rows}\n}};\n"
+                    f"static const long long t[{n}][9] = {{\n{rows}\n}};\n"
                     "int main(void) {\n"
                     f"  for (int i = 0; i < {n}; i++) {{\n"
                     "    int32_t acc = (int32_t)t[i][2], sh = (int32_t)t[i][4];\n"
                     "    int64_t rnd = (int64_t)1 << (sh - 1);\n"
+                    "    int32_t x = (int32_t)t[i][0], w = (int32_t)t[i][8];\n"
+                    "    printf(\"%ld %ld \", (long)ep_mac2_b(&x, &w, 0, acc),\n"
+                    "           (long)ep_mac2_b(&x, &w, 1, acc));\n"
                     "    printf(\"%ld %ld %ld\\n\", (long)ep_smlad((int32_t)t[i][0], (int32_t)t[i][1], acc),\n"
                     "           (long)ep_requant(acc, (int32_t)t[i][3], rnd, sh, (int32_t)t[i][5],\n"
                     "                            (int32_t)t[i][6], (int32_t)t[i][7]),\n"
@@ -227,6 +234,10 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
     mac = acc + halves[:, 0] * halves[:, 2] + halves[:, 1] * halves[:, 3]
     want_mac = ((mac + 2 ** 31) % 2 ** 32) - 2 ** 31  # SMLAD wraps like int32
     want_rq = np.array([requantize(acc[i], m[i], 31 - s[i], zp[i], lo[i], hi[i]) for i in range(n)])
+    for k in (0, 1):   # without SMLAD: channel k's int8 weights against the int16 pair
+        want = acc + halves[:, 0] * w8[:, k] + halves[:, 1] * w8[:, k + 2]
+        assert np.array_equal(got[:, k], want)
+    got = got[:, 2:]
     assert np.array_equal(got[:, 0], want_mac)
     assert np.array_equal(got[:, 1], want_rq)
     assert np.array_equal(got[s >= 32, 2], want_rq[s >= 32])

@@ -102,6 +102,15 @@ static inline int32_t ep_mac2(int32_t *a, int32_t *b, int32_t acc) {
   return (int32_t)((uint32_t)acc + (uint32_t)(x[0] * y[0]) + (uint32_t)(x[1] * y[1]));
 #endif
 }
+/* Without SMLAD, one output channel's pair of int8 weights read where they lie in its weight
+   word (bytes k and k + 2 of the word at w, k = 0 or 1) with sign-extending byte loads,
+   against the int16 pair of x at a: a one-pixel tile (a dense layer) uses each weight once,
+   and extracting the halves (SXTB16 in C) took RISC-V 13 instructions a MAC. */
+static inline int32_t ep_mac2_b(int32_t *a, int32_t *w, int32_t k, int32_t acc) {
+  const ep_i16 *x = (const ep_i16 *)a;
+  const int8_t *b = (const int8_t *)w + k;
+  return (int32_t)((uint32_t)acc + (uint32_t)(x[0] * b[0]) + (uint32_t)(x[1] * b[2]));
+}
 /* Widen n words of int8 weight pairs into 2n int16-pair words (SXTB16, SXTB16 ROR #8). One
    small shared copy: written as a loop in each kernel, GCC unrolled it into ~0.5 KB of flash
    per conv, for a loop that runs once per output-channel block. */
@@ -874,6 +883,10 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
                     if not dsp and px_block > 1:
                         m = (f'T.call_extern("int32", "ep_mac2", T.address_of({x}), '
                              f"T.address_of({wk(k, wy, wx)}), {a(k, p)})")
+                    elif not dsp and not sub:
+                        m = (f'T.call_extern("int32", "ep_mac2_b", T.address_of({x}), '
+                             f"T.address_of(w[{obv}, {cc}, {wy}, {wx}, {k // 2}]), {k % 2}, "
+                             f"{a(k, p)})")
                     else:
                         m = f'T.call_extern("int32", "ep_smlad", {x}, {wk(k, wy, wx)}, {a(k, p)})'
                     out.append(f"{ind2}{a(k, p)} = {m}")
