@@ -420,6 +420,7 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
             data[(*i, k1)].astype(narrow) - lit(tin.zero_point), axis=k1), name="ln_sum") \
             if op.attrs.get("center", True) else te.compute(lead, lambda *i: lit(0))
         k2 = te.reduce_axis((0, c), "k2")
+
         def wide(x, use):   # 32-bit x widened where `use` reads it
             return _let(x, lambda v: use(v.astype("int64")), "ln_d")
         sq = te.compute(lead, lambda *i: te.sum(wide(dev(i, k2), lambda d: d * d), axis=k2),
