@@ -614,17 +614,29 @@ def mac_ops(mod) -> list[tuple[tuple[int, ...], int]]:
     for block in mod["main"].body.blocks:
         for b in block.bindings:
             name = getattr(getattr(b.value, "op", None), "name", None)
-            if name not in MAC_OPS:
+            args = b.value.args if name in MAC_OPS else None
+            if name == "relax.call_tir" and _kernel_of(mod, b.value.args[0]) == "matmul":
+                name, args = "relax.matmul", b.value.args[1].fields   # kernels.matmul_kernel
+            if args is None:
                 continue
             out, _ = _tensor_type(b.var.ty, f"{name} {b.var.name}")
-            a, _ = _tensor_type(b.value.args[0].ty, f"input of {b.var.name}")
-            w, _ = _tensor_type(b.value.args[1].ty, f"weight of {b.var.name}")
+            a, _ = _tensor_type(args[0].ty, f"input of {b.var.name}")
+            w, _ = _tensor_type(args[1].ty, f"weight of {b.var.name}")
             if name == "relax.matmul":
                 per_output = a[-1]
             else:  # weight elements per output channel = (in channels / groups) x window
                 per_output = int(np.prod(w)) // w[str(b.value.attrs.kernel_layout).index("O")]
             found.append((out, int(np.prod(out)) * per_output))
     return found
+
+
+def _kernel_of(mod, gv) -> str | None:
+    """The edgeprune.kernel attribute of the PrimFunc a call_tir calls, if any."""
+    try:
+        attrs = mod[gv].attrs or {}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return str(attrs["edgeprune.kernel"]) if "edgeprune.kernel" in attrs else None
 
 
 def assign_macs(calls: list[KernelCall], tensors: dict, ops: list[tuple[tuple[int, ...], int]]) -> None:

@@ -444,6 +444,51 @@ def _match_packed(core, n_uses: int, mod, consts, clip, end) -> tuple[QLayer, ob
     return (layer, x) if layer else None
 
 
+def matmul_kernel(a_shape, b_shape, zp_a: int, zp_b: int, m: int, sh: int, zp: int, lo: int,
+                  hi: int, out_dtype: str):
+    """An int8 product of two activations, (..., T, D) @ (..., D, U) (attention's q k^T and
+    a v), requantized in the same loop: clamp(zp + (sum (a - zp_a)(b - zp_b) * m +
+    2**(sh-1)) >> sh). Each row of a is widened once, less its zero point, and b's is taken
+    off the row's sum: one multiply-accumulate a MAC. As TVM's matmul on relax casts, both
+    operands were copied to int32 in the arena and the requantization was a kernel of its
+    own. Pure TIR (no C helpers), so that the host's LLVM build runs it too.
+    Returns (PrimFunc, the multiplier array it takes)."""
+    *lead, t, d = (int(v) for v in a_shape)
+    u = int(b_shape[-1])
+    n = int(np.prod(lead)) if lead else 1
+    y_shape = (*lead, t, u)
+    src = "\n".join([
+        "@T.prim_func(private=True)",
+        f'def main(a: T.Buffer({_shape(a_shape)}, "int8"), b: T.Buffer({_shape(b_shape)}, "int8"), '
+        f'm: T.Buffer((1,), "int32"), y: T.Buffer({_shape(y_shape)}, "{out_dtype}")):',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "matmul"}})',
+        f'    af = T.decl_buffer(({n * t * d},), "int8", data=a.data)',
+        f'    bf = T.decl_buffer(({n * d * u},), "int8", data=b.data)',
+        f'    yf = T.decl_buffer(({n * t * u},), "{out_dtype}", data=y.data)',
+        f'    row = T.alloc_buffer(({d},), "int32")',
+        '    acc = T.alloc_buffer((2,), "int32")',
+        '    mr = T.alloc_buffer((1,), "int32")',
+        "    mr[0] = m[0]",   # a local, not a literal: one SMULL (see _add_chain)
+        f"    for l in range({n}):",
+        f"        for i in range({t}):",
+        "            acc[1] = 0",
+        f"            for k in range({d}):",
+        f'                row[k] = T.Cast("int32", af[(l * {t} + i) * {d} + k]) - {zp_a}',
+        "                acc[1] = acc[1] + row[k]",
+        f"            for j in range({u}):",
+        f"                acc[0] = 0 - {zp_b} * acc[1]",
+        f"                for k in range({d}):",
+        f"                    acc[0] = acc[0] + row[k] * "
+        f'T.Cast("int32", bf[(l * {d} + k) * {u} + j])',
+        # ep_requant written out: the host's LLVM build runs this kernel too (to_relax)
+        f'                yf[(l * {t} + i) * {u} + j] = T.Cast("{out_dtype}", T.max(T.min('
+        f'T.shift_right(T.Cast("int64", acc[0]) * T.Cast("int64", mr[0]) '
+        f"+ T.int64({1 << (sh - 1)}), T.int64({sh})) + T.int64({zp}), T.int64({hi})), "
+        f"T.int64({lo})))",
+    ])
+    return _parse(src, f"matmul {tuple(a_shape)} @ {tuple(b_shape)}"), np.array([m], np.int32)
+
+
 def _add_chain(end, defs: dict, uses: dict, features=()):
     """The quantizer's requantized add (to_relax._add) ending in `end`:
     astype(clip(((a*Ma + b*Mb) * 1 + rnd) >> s + zp)) -> (TVMScript, [a, b], [Ma, Mb]) or None."""

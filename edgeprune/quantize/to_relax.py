@@ -336,6 +336,21 @@ def _matmul(bb, env, qm: QuantModel, op: Op):
     ta, tb = (qm.tensors[i] for i in op.inputs)
     bound = ta.shape[-1] * (ta.qmax - ta.qmin) * (tb.qmax - tb.qmin)
     dt = "int32" if bound < 2 ** 31 else "int64"      # int16 operands need 64-bit sums
+    out = qm.tensors[op.output]
+    if (ta.dtype, tb.dtype) == ("int8", "int8"):
+        from ..kernels.int8 import matmul_kernel
+        s = 31 - int(op.attrs["shift"])
+        if not 1 <= s <= 62:
+            raise EdgepruneError(f"op '{op.name}': total shift {s} outside [1, 62]")
+        lo, hi = (int(v) for v in op.attrs["clamp"])
+        a, b = (env[i] for i in op.inputs)
+        sa, sb = ([int(d) for d in v.ty.shape.values] for v in (a, b))  # with the batch built
+        prim, m = matmul_kernel(sa, sb, ta.zero_point, tb.zero_point,
+                                int(op.attrs["multiplier"]), s, out.zero_point, lo, hi,
+                                out.dtype)
+        return bb.emit(relax.call_tir(bb.add_func(prim, "matmul"), [a, b, _const(m, "int32")],
+                                      relax.TensorType([*sa[:-1], sb[-1]], out.dtype)),
+                       name_hint=_ident(op.output))
     a, b = ((relax.op.subtract(relax.op.astype(env[i], dt),
                                _scalar(qm.tensors[i].zero_point, dt))) for i in op.inputs)
     return _requant(bb, relax.op.matmul(a, b, out_dtype=dt), op, qm,
