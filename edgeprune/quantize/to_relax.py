@@ -337,7 +337,7 @@ def _matmul(bb, env, qm: QuantModel, op: Op):
     bound = ta.shape[-1] * (ta.qmax - ta.qmin) * (tb.qmax - tb.qmin)
     dt = "int32" if bound < 2 ** 31 else "int64"      # int16 operands need 64-bit sums
     out = qm.tensors[op.output]
-    if (ta.dtype, tb.dtype) == ("int8", "int8"):
+    if (ta.dtype, tb.dtype, dt) == ("int8", "int8", "int32"):   # its sums are int32
         from ..kernels.int8 import matmul_kernel
         s = 31 - int(op.attrs["shift"])
         if not 1 <= s <= 62:
