@@ -243,6 +243,36 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
     assert np.array_equal(got[s >= 32, 2], want_rq[s >= 32])
 
 
+@pytest.mark.parametrize("a_shape, b_shape, sh, out_dtype", [
+    ((2, 5, 7), (2, 7, 9), 36, "int8"),       # a last band of one row, a last tile of one column
+    ((3, 6), (6, 3), 20, "int16"),            # fewer columns than a tile; requantized in 64 bits
+    ((1, 1, 4, 33), (1, 1, 33, 4), 31, "int8"),   # the smallest shift clamped in 32 bits
+])
+def test_matmul_kernel_tiles_and_tails_match_numpy(a_shape, b_shape, sh, out_dtype):
+    """The int8 product of two activations (attention's q k^T, a v), built for the host as it is
+    for the targets, equals numpy's integer matmul requantized, on every tile and every tail
+    (the on-target check is test_attention's)."""
+    import tvm
+
+    from edgeprune.kernels.int8 import matmul_kernel
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, a_shape).astype(np.int8)
+    b = rng.integers(-128, 128, b_shape).astype(np.int8)
+    info = np.iinfo(out_dtype)
+    m, zp_a, zp_b, zp = int(rng.integers(2 ** 29, 2 ** 31)), 3, -5, 7
+    prim, m_arr = matmul_kernel(a_shape, b_shape, zp_a, zp_b, m, sh, zp, info.min, info.max,
+                                out_dtype)
+    mod = tvm.IRModule({"main": prim.with_attr("global_symbol", "main")})
+    run = tvm.tirx.build(mod, target="llvm")["main"]
+    y = np.zeros(a_shape[:-1] + b_shape[-1:], out_dtype)
+    args = [tvm.runtime.tensor(v) for v in (a, b, m_arr, y)]
+    run(*args)
+    acc = np.matmul(a.astype(np.int64) - zp_a, b.astype(np.int64) - zp_b)
+    want = np.clip(((acc * m + (1 << (sh - 1))) >> sh) + zp, info.min, info.max)
+    np.testing.assert_array_equal(args[3].numpy(), want)
+
+
 def test_sxtb16_portable_fallback_widens_bytes_0_2_and_1_3(tmp_path):
     """Conv weights stay int8 in flash; off DSP cores the portable ep_sxtb16 / ep_sxtb16_ror8
     must widen bytes 0,2 and 1,3 of a word to two int16 halves exactly as SXTB16 does."""
