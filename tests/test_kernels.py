@@ -273,6 +273,37 @@ def test_matmul_kernel_tiles_and_tails_match_numpy(a_shape, b_shape, sh, out_dty
     np.testing.assert_array_equal(args[3].numpy(), want)
 
 
+@pytest.mark.parametrize("shape, axis, sums", [
+    ((3, 5, 7), 1, "int32"),      # rows along a middle axis (a softmax over channels)
+    ((2, 300), 1, "int32"),       # more keys than the stack buffer: the table read again
+    ((4, 9), -1, "int64"),        # 64-bit sums (rows of over 32k keys take them)
+])
+def test_softmax_kernel_matches_the_reference(shape, axis, sums):
+    """The int8 softmax without a mask, built for the host as it is for the targets, equals the
+    golden model's formula (reference.run_op) on rows along any axis."""
+    import tvm
+
+    from edgeprune.kernels.int8 import softmax_kernel
+    from edgeprune.quantize.requant import SOFTMAX_RECIP_BITS, softmax_row_reciprocal
+
+    rng = np.random.default_rng(6)
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    x.flat[:3] = [-128, 127, 0]
+    table = np.round(65536 * np.exp((np.arange(256) - 255) / 16.0)).astype(np.int32)
+    ax = axis % len(shape)
+    prim = softmax_kernel(shape, ax, SOFTMAX_RECIP_BITS, sums)
+    mod = tvm.IRModule({"main": prim.with_attr("global_symbol", "main")})
+    run = tvm.tirx.build(mod, target="llvm")["main"]
+    args = [tvm.runtime.tensor(v) for v in (x, table, np.zeros(shape, np.int8))]
+    run(*args)
+    xi = x.astype(np.int64)
+    e = table.astype(np.int64)[xi - xi.max(axis=ax, keepdims=True) + 255]
+    inv = softmax_row_reciprocal(e.sum(axis=ax, keepdims=True))
+    want = np.clip(((e * inv + (1 << (SOFTMAX_RECIP_BITS - 1))) >> SOFTMAX_RECIP_BITS) - 128,
+                   -128, 127)
+    np.testing.assert_array_equal(args[2].numpy(), want)
+
+
 def test_sxtb16_portable_fallback_widens_bytes_0_2_and_1_3(tmp_path):
     """Conv weights stay int8 in flash; off DSP cores the portable ep_sxtb16 / ep_sxtb16_ror8
     must widen bytes 0,2 and 1,3 of a word to two int16 halves exactly as SXTB16 does."""

@@ -524,6 +524,55 @@ def matmul_kernel(a_shape, b_shape, zp_a: int, zp_b: int, m: int, sh: int, zp: i
             np.array([m], np.int32))
 
 
+SOFTMAX_ROW_BUFFER = 256   # keys whose exp a softmax keeps on the stack between its passes
+
+
+def softmax_kernel(shape, axis: int, recip_bits: int, sums: str):
+    """reference.run_op's softmax over `axis` of an int8 tensor, without a mask: per row the
+    max, the sum of the exp table (`sums`: int32 or int64) and its fixed-point reciprocal
+    (requant.softmax_row_reciprocal), then per value a multiply and a shift. Each row's exps
+    stay in a stack buffer between the passes (rows up to SOFTMAX_ROW_BUFFER keys), and every
+    index is 32-bit: in TE, the table's int64 shape had made its index arithmetic 64-bit.
+    Pure TIR, so that the host's LLVM build runs it too."""
+    shape = [int(v) for v in shape]
+    outer, n = int(np.prod(shape[:axis])), shape[axis]
+    inner = int(np.prod(shape[axis + 1:]))
+    keep = n <= SOFTMAX_ROW_BUFFER
+    at = f"(o * {n} + k) * {inner} + j"
+    look = f'tb[T.Cast("int32", xf[{at}]) - r[0] + 255]'
+    src = [
+        "@T.prim_func(private=True)",
+        f'def main(x: T.Buffer({_shape(shape)}, "int8"), table: T.Buffer((256,), "int32"), '
+        f'y: T.Buffer({_shape(shape)}, "int8")):',
+        f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "softmax"}})',
+        f'    xf = T.decl_buffer(({outer * n * inner},), "int8", data=x.data)',
+        f'    yf = T.decl_buffer(({outer * n * inner},), "int8", data=y.data)',
+        '    tb = T.decl_buffer((256,), "int32", data=table.data)',
+        f'    e = T.alloc_buffer(({n if keep else 1},), "int32")',
+        '    r = T.alloc_buffer((2,), "int32")',      # the row's max, then its reciprocal
+        f'    s = T.alloc_buffer((1,), "{sums}")',
+        f"    for o in range({outer}):",
+        f"        for j in range({inner}):",
+        "            r[0] = -128",
+        f"            for k in range({n}):",
+        f'                r[0] = T.max(r[0], T.Cast("int32", xf[{at}]))',
+        "            s[0] = 0",
+        f"            for k in range({n}):",
+        *([f"                e[k] = {look}", f'                s[0] = s[0] + T.Cast("{sums}", e[k])']
+          if keep else [f'                s[0] = s[0] + T.Cast("{sums}", {look})']),
+        # one division per row (the sum is positive: the row's max adds 2**16); a 64-bit
+        # numerator, the reciprocal at most 2**22
+        f'            r[1] = T.Cast("int32", T.truncdiv(T.int64({1 << (8 + recip_bits)}) + '
+        f'T.Cast("int64", T.shift_right(s[0], T.{sums}(1))), '
+        f'T.max(T.Cast("int64", s[0]), T.int64(1))))',
+        f"            for k in range({n}):",   # the probability is at least 0: no lower clamp
+        f'                yf[{at}] = T.Cast("int8", T.min(T.Cast("int32", T.shift_right('
+        f'T.Cast("int64", {"e[k]" if keep else look}) * T.Cast("int64", r[1]) + '
+        f"T.int64({1 << (recip_bits - 1)}), T.int64({recip_bits}))) - 128, 127))",
+    ]
+    return _parse("\n".join(src), f"softmax over axis {axis} of {tuple(shape)}")
+
+
 def _add_chain(end, defs: dict, uses: dict, features=()):
     """The quantizer's requantized add (to_relax._add) ending in `end`:
     astype(clip(((a*Ma + b*Mb) * 1 + rnd) >> s + zp)) -> (TVMScript, [a, b], [Ma, Mb]) or None."""

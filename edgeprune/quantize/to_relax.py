@@ -477,8 +477,9 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
 def _softmax(bb, env, qm: QuantModel, op: Op):
     """reference.run_op's softmax in one kernel: per row the max, the sum of the exp table and
     its fixed-point reciprocal (requant.softmax_row_reciprocal), then per value a multiply and
-    a shift. A mask (params keep) leaves the removed keys out of the max and the sum."""
-    from tvm import te, tirx
+    a shift. A mask (params keep) leaves the removed keys out of the max and the sum. An int8
+    input without a mask runs kernels.softmax_kernel, the same in 32-bit arithmetic."""
+    from tvm import relax, te, tirx
 
     from .requant import SOFTMAX_RECIP_BITS
     shape = [int(d) for d in env[op.inputs[0]].ty.shape.values]
@@ -486,6 +487,13 @@ def _softmax(bb, env, qm: QuantModel, op: Op):
     n_ax = shape[ax]
     keep = qm.params.get(f"{op.name}.keep")
     sums = "int32" if n_ax << 16 <= INT32_MAX else "int64"
+    if keep is None and str(env[op.inputs[0]].ty.dtype) == "int8":
+        from ..kernels.int8 import softmax_kernel
+        prim = softmax_kernel(shape, ax, SOFTMAX_RECIP_BITS, sums)
+        return bb.emit(relax.call_tir(bb.add_func(prim, "softmax"),
+                                      [env[op.inputs[0]], _const(qm.param(op, "table"), "int32")],
+                                      relax.TensorType(shape, "int8")),
+                       name_hint=_ident(op.output))
 
     def i64(v):
         return tirx.const(int(v), "int64")
