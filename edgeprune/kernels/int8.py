@@ -558,8 +558,9 @@ def softmax_kernel(shape, axis: int, recip_bits: int, sums: str):
         f'                r[0] = T.max(r[0], T.Cast("int32", xf[{at}]))',
         "            s[0] = 0",
         f"            for k in range({n}):",
-        *([f"                e[k] = {look}", f'                s[0] = s[0] + T.Cast("{sums}", e[k])']
-          if keep else [f'                s[0] = s[0] + T.Cast("{sums}", {look})']),
+        *([f"                e[k] = {look}",
+           f'                s[0] = s[0] + T.Cast("{sums}", e[k])'] if keep
+          else [f'                s[0] = s[0] + T.Cast("{sums}", {look})']),
         # one division per row (the sum is positive: the row's max adds 2**16); a 64-bit
         # numerator, the reciprocal at most 2**22
         f'            r[1] = T.Cast("int32", T.truncdiv(T.int64({1 << (8 + recip_bits)}) + '
