@@ -4,6 +4,8 @@ channels-last LayerNorm of a conv map, and GroupNorm / InstanceNorm as LayerNorm
 From torch and ONNX, pruned around them, bit-exact on targets without (M4, riscv32) and with a
 double-precision FPU (M7)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,6 @@ def test_normalization_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
     assert layernorms == {Frames: 2, ConvNeXtish: 1, GroupNormed: 3}[cls]
     assert kernels.count("sqrt(((double)") == layernorms
     assert kernels.count("((int64_t)ln_d) * ((int64_t)ln_d)") == layernorms
+    if cls is GroupNormed:   # one shift of 31 or more: offset and clamp in 32 bits, not 64
+        assert len(re.findall(r"layernorm\w*\[\w+\] = \(\(int8_t\)\(\(\w+\) > \(-128\)",
+                              kernels)) == layernorms

@@ -418,6 +418,10 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
     # 3 sqrt(C) (r is the root of the mean of d**2, at least 1), times 2**F
     narrow = "int32" if 2 * c * (tin.qmax - tin.qmin) < INT32_MAX else "int64"
     normal = "int32" if 3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS < INT32_MAX else "int64"
+    # an int32 normalized value times an int32 multiplier, shifted by 31 or more, fits 32 bits:
+    # add the offset and clamp there (64-bit compares take several instructions on 32-bit cores)
+    clamp32 = (normal == "int32" and len(set(s.tolist())) == 1 and int(s.flat[0]) >= 31
+               and int(np.abs(per_channel[2]).max()) < 2 ** 30)
 
     def i64(v):
         return tirx.const(int(v), "int64")
@@ -466,8 +470,12 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
             else:
                 sh = pc[1, k].astype("int64")
                 rnd = tirx.shift_left(i64(1), sh - i64(1))
-            y = wide(n.astype(normal), lambda n: tirx.shift_right(n * m + rnd, sh)) + b
-            return tirx.max(tirx.min(y, i64(hi)), i64(lo)).astype(out.dtype)
+            y = wide(n.astype(normal), lambda n: tirx.shift_right(n * m + rnd, sh))
+            if clamp32:
+                y = y.astype("int32") + pc[2, k].astype("int32")
+                return tirx.max(tirx.min(y, tirx.const(hi, "int32")),
+                                tirx.const(lo, "int32")).astype(out.dtype)
+            return tirx.max(tirx.min(y + b, i64(hi)), i64(lo)).astype(out.dtype)
         return te.compute(list(data.shape), value, name="layernorm")
     return bb.emit(bb.call_te(compute, env[op.inputs[0]],
                               _const(per_channel, _narrowest(per_channel)),
