@@ -1226,3 +1226,99 @@ def lower_statistics(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         node.replace_all_uses_with(y)
         found = True
     return _rewritten(gm, model) if found else model
+
+
+def _reshape_of(node) -> fx.Node | None:
+    """The input of a reshape/view node (torch.reshape, x.reshape, x.view), else None."""
+    if _called(node, (torch.reshape,), "reshape") or _called(node, (), "view"):
+        x = node.args[0]
+        return x if isinstance(x, fx.Node) else None
+    return None
+
+
+def _channel_constant(gm: fx.GraphModule, node: fx.Node, kind: str, fns: tuple,
+                      shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The constant (per channel of `shape`, or one number) that `node`'s only user multiplies
+    or adds it by, as (C,) values; None if its user is anything else."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if not _called(user, fns, kind) or len(user.args) != 2 or user.kwargs:
+        return None
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if not isinstance(other, fx.Node) or other.op != "get_attr":
+        return None
+    c = gm
+    for part in str(other.target).split("."):
+        c = getattr(c, part)
+    c = torch.as_tensor(c).detach().float()
+    per_channel = (1, shape[1]) + (1,) * (len(shape) - 2)
+    if c.numel() == 1:
+        return c.reshape(()).expand(shape[1]).clone()
+    if c.dim() > len(shape) or (1,) * (len(shape) - c.dim()) + tuple(c.shape) != per_channel:
+        return None
+    return c.reshape(-1)
+
+
+def lower_group_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each GroupNorm that an ONNX exporter wrote as a reshape of (N, C, ...) to
+    (N, G, -1), an InstanceNormalization and a reshape back (what torch's exporters write below
+    opset 18) as the nn.GroupNorm it is, its per-group affine repeated over each group's
+    channels: the pruner prunes a GroupNorm by whole groups, where it must keep an
+    InstanceNorm of reshaped maps whole (with residuals, often the whole model). The Mul and
+    Add by constants per channel after it (its affine, as exported) join its weight and bias:
+    the pruner keeps whole the channels a constant multiplies. `model` itself if there is
+    none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    modules = dict(gm.named_modules())
+    found = False
+    for node in list(gm.graph.nodes):
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(norm, nn.InstanceNorm1d) or norm.track_running_stats \
+                or len(node.args) != 1 or len(node.users) != 1:
+            continue
+        grouped, back = node.args[0], next(iter(node.users))
+        x = _reshape_of(grouped)
+        if x is None or _reshape_of(back) is not node or len(grouped.users) != 1 \
+                or "tensor_meta" not in x.meta or "tensor_meta" not in back.meta:
+            continue
+        x_shape, g_shape = tuple(x.meta["tensor_meta"].shape), \
+            tuple(grouped.meta["tensor_meta"].shape)
+        if len(x_shape) < 3 or tuple(back.meta["tensor_meta"].shape) != x_shape \
+                or len(g_shape) != 3 or g_shape[0] != x_shape[0]:
+            continue
+        channels, groups = int(x_shape[1]), int(g_shape[1])
+        if groups != norm.num_features or channels % groups:
+            continue
+        gn = nn.GroupNorm(groups, channels, eps=norm.eps, affine=True)
+        with torch.no_grad():
+            per = channels // groups
+            gn.weight.copy_(norm.weight.detach().repeat_interleave(per) if norm.affine
+                            else torch.ones(channels))
+            gn.bias.copy_(norm.bias.detach().repeat_interleave(per) if norm.affine
+                          else torch.zeros(channels))
+        last = back
+        for kind, fns in (("mul", (operator.mul, torch.mul)), ("add", (operator.add, torch.add))):
+            c = _channel_constant(gm, last, kind, fns, x_shape)
+            if c is None:
+                continue
+            with torch.no_grad():
+                if kind == "mul":
+                    gn.weight.mul_(c)
+                    gn.bias.mul_(c)
+                else:
+                    gn.bias.add_(c)
+            last = next(iter(last.users))
+        name = f"{str(node.target).replace('.', '_')}_group_norm"
+        gm.add_submodule(name, gn)
+        with gm.graph.inserting_before(back):
+            y = gm.graph.call_module(name, (x,))
+        last.replace_all_uses_with(y)
+        found = True
+    if not found:
+        return model
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()   # the InstanceNorms, that nothing calls now
+    return _rewritten(gm, model)

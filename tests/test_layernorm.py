@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, pruned_equivalently
+from checks import bit_exact, conv_widths, pruned_equivalently
+from edgeprune.load import load_torch
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.quantize import ptq
 from edgeprune.quantize.requant import LAYERNORM_FRAC_BITS, layernorm_normalized
@@ -119,3 +120,25 @@ def test_normalization_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
     if cls is GroupNormed:   # one shift of 31 or more: offset and clamp in 32 bits, not 64
         assert len(re.findall(r"layernorm\w*\[\w+\] = \(\(int8_t\)\(\(\w+\) > \(-128\)",
                               kernels)) == layernorms
+
+
+def test_group_norm_from_onnx_prunes_by_whole_groups(tmp_path):
+    """torch's exporters write a GroupNorm as a reshape to (N, G, -1), an InstanceNormalization
+    and a reshape back, then its affine as a Mul and an Add by constants. Read back as the
+    nn.GroupNorm it is (the affine in its weights), it prunes by whole groups as the torch
+    model does, where the InstanceNorm of reshaped maps and the per-channel constants had kept
+    every channel."""
+    torch.manual_seed(0)
+    model = GroupNormed().eval()
+    _affine(model)
+    x = torch.randn(8, 1, 12, 12)
+    for dynamo in (False, True):
+        torch.onnx.export(model, (torch.zeros(1, 1, 12, 12),), str(tmp_path / "m.onnx"),
+                          dynamo=dynamo)
+        back, shape = load_torch(str(tmp_path / "m.onnx"))
+        assert [type(m) for m in back.modules()].count(nn.GroupNorm) == 1
+        assert nn.InstanceNorm1d not in [type(m) for m in back.modules()]
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
+        pruned, _ = pruned_equivalently(back, shape, x, ratios=0.5)
+        assert conv_widths(pruned) == [4, 6, 4]    # c: one group of two; d, e: by channels
