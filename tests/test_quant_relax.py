@@ -124,8 +124,9 @@ def test_zoo_cnn_bit_exact(fmnist):
 
 
 class Cat(nn.Module):
-    """Concatenations: branches with their own scales, a ReLU after the concat (fused into it),
-    the graph input as a branch, one tensor twice (an exact copy) and dense outputs (2-D)."""
+    """Concatenations: branches with their own scales, a ReLU after the concat (fused into the
+    branches' convs), the graph input as a branch, one tensor twice (an exact copy, its ReLU6
+    fused into the concat) and dense outputs (2-D)."""
 
     def __init__(self):
         super().__init__()
@@ -140,7 +141,7 @@ class Cat(nn.Module):
         h = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
         h = torch.relu(self.c(torch.cat((h, x), dim=1)))
         h = nn.functional.max_pool2d(h, 2)
-        h = nn.functional.adaptive_avg_pool2d(torch.cat([h, h], -3), 1).flatten(1)
+        h = nn.functional.adaptive_avg_pool2d(F.relu6(torch.cat([h, h], -3)), 1).flatten(1)
         return self.fc(torch.cat([self.fa(h), torch.relu(self.fb(h))], -1))
 
 
@@ -154,7 +155,9 @@ def test_concat_bit_exact_on_host_and_in_qemu(fmnist, tmp_path):
     shape = (2, 1, 28, 28)                      # a static batch of 2
     qm = ptq.quantize_ptq(model, shape, fmnist.x_train[:200], act_dtypes={"a": "int16"})
     cats = [o for o in qm.ops if o.kind == "concat"]
-    assert len(cats) == 4 and cats[0].attrs["activation"] == "relu"
+    assert len(cats) == 4 and cats[0].attrs["activation"] is None
+    assert [o.attrs["activation"] for o in qm.ops if o.name in ("a", "b")] == ["relu", "relu"]
+    assert cats[2].attrs["activation"] == "relu6"    # pieces from a pool: on the concat
     assert qm.tensors[cats[0].inputs[0]].dtype == "int16"
     out = _check(qm, fmnist.x_test[:N])
     with torch.no_grad():
@@ -164,6 +167,53 @@ def test_concat_bit_exact_on_host_and_in_qemu(fmnist, tmp_path):
     compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b", log=lambda *a: None)
     result, _ = simulate(tmp_path / "b", fmnist.x_test[:4])
     assert result["outputs_match"] and result["mismatches"] == 0, result
+
+
+class InceptionBN(nn.Module):
+    """Branches concatenated, then one BatchNorm over them all (GoogLeNet's v1 style); `pooled`
+    makes one branch a pool, whose values no conv's weights can scale."""
+
+    def __init__(self, pooled: bool):
+        super().__init__()
+        self.pooled, self.stem = pooled, nn.Conv2d(1, 8, 3, 2, 1)
+        self.b1, self.b3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.b5 = nn.Conv2d(8, 4, 5, padding=2)
+        self.bn, self.fc = nn.BatchNorm2d(22 if pooled else 14), nn.Linear(22 if pooled else 14, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        pieces = [self.b1(x), self.b3(x), self.b5(x)] + ([F.max_pool2d(x, 3, 1, 1)]
+                                                         if self.pooled else [])
+        return self.fc(F.relu(self.bn(torch.cat(pieces, 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_batchnorm_after_a_concat_of_convs_folds_into_them(fmnist, pooled, tmp_path):
+    """A BatchNorm after a concatenation of conv outputs folds into each branch's conv (no op of
+    its own, no requantization per value), and the ReLU after it into their requantizations;
+    with a pool's piece the BatchNorm stays a 1x1 depthwise conv.
+    The integer model computes what the float one does, bit-exact on the host and the M7."""
+    from edgeprune.compile import compile_model
+    from edgeprune.simulate import simulate
+
+    torch.manual_seed(0)
+    model = InceptionBN(pooled).eval()
+    quick_train(model, fmnist, samples=2000, epochs=1.0, lr=0.05)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    convs = [o for o in qm.ops if o.kind == "conv2d"]
+    assert len(convs) == 4 + pooled
+    if not pooled:   # the ReLU too is in the branches: the concat writes no value of its own
+        assert [o.attrs["activation"] for o in qm.ops if o.kind == "concat"] == [None]
+        assert [o.attrs["activation"] for o in convs[1:]] == ["relu"] * 3
+    out = _check(qm, fmnist.x_test[:N])
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()
+    assert np.mean(out.argmax(1) == want) >= 0.9
+    if not pooled:
+        compile_model(str(qm.save(tmp_path / "q")), "cortex-m7", tmp_path / "b",
+                      log=lambda *a: None)
+        result, _ = simulate(tmp_path / "b", fmnist.x_test[:3])
+        assert result["outputs_match"] and result["mismatches"] == 0, result
 
 
 class PreAct(nn.Module):
