@@ -436,7 +436,8 @@ def test_log_softmax_bit_exact_and_close_to_float(fmnist, tmp_path):
 
 
 def test_squeeze_excite_mul_bit_exact(fmnist):
-    """x * sigmoid(fc(pool(x))) broadcast over the map: the quantized product (op mul)."""
+    """x * sigmoid(fc(pool(x))) broadcast over the map: the quantized product (op mul), its
+    product and clamp in 32 bits."""
     class SE(nn.Module):
         def __init__(self):
             super().__init__()
@@ -456,6 +457,10 @@ def test_squeeze_excite_mul_bit_exact(fmnist):
     mul = [o for o in qm.ops if o.kind == "mul"]
     assert len(mul) == 1 and mul[0].attrs["activation"] == "relu"
     assert qm.tensors[mul[0].inputs[1]].shape == [2, 8, 1, 1]
+    # the product of two int8 values and the clamp in 32 bits; widened for the multiplier only
+    script = to_relax.to_relax(qm).script()
+    assert re.search(r'dtype="int32"\) = R\.multiply\(lv\d+, lv\d+\)', script)
+    assert len(re.findall(r'dtype="int32"\) = R\.clip\(', script)) == 1
     out = _check(qm, fmnist.x_test[:N])
     with torch.no_grad():
         want = model(torch.from_numpy(fmnist.x_test[:N])).argmax(1).numpy()

@@ -80,10 +80,13 @@ def folded_bias(qm: QuantModel, op: Op) -> np.ndarray:
 
 
 def _requant(bb, acc, op: Op, qm: QuantModel, m: np.ndarray, shift: np.ndarray, cshape,
-             offset: np.ndarray | int = 0):
+             offset: np.ndarray | int = 0, bound: int | None = None):
     """int32/int64 acc -> clamp(zp + ((acc*M + 2**(s-1) + offset) >> s)) as the output dtype.
 
-    `offset` (int64, broadcastable) is folded into the rounding constant (zero-point terms)."""
+    `offset` (int64, broadcastable) is folded into the rounding constant (zero-point terms).
+    `bound`: the largest |acc| there can be; where the shifted value then fits 32 bits, the
+    zero point and the clamp are added in 32 bits (64-bit compares take several instructions
+    on 32-bit cores)."""
     from tvm import relax
     out = qm.tensors[op.output]
     s = 31 - np.asarray(shift, np.int64)
@@ -103,7 +106,12 @@ def _requant(bb, acc, op: Op, qm: QuantModel, m: np.ndarray, shift: np.ndarray, 
     y = relax.op.multiply(y, c(m))
     y = relax.op.add(y, c(rnd))
     y = relax.op.right_shift(y, c(s))
-    y = relax.op.add(y, _scalar(out.zero_point))
+    shifted = None if bound is None else \
+        ((bound * int(np.abs(m).max()) + int(np.abs(rnd).max())) >> int(s.min())) + 1
+    if shifted is not None and shifted + abs(out.zero_point) <= INT32_MAX:
+        y = relax.op.add(relax.op.astype(y, "int32"), _scalar(out.zero_point, "int32"))
+    else:
+        y = relax.op.add(y, _scalar(out.zero_point))
     lo, hi = op.attrs["clamp"]
     y = relax.op.clip(y, int(lo), int(hi))
     return bb.emit(relax.op.astype(y, out.dtype), name_hint=_ident(op.output))
@@ -297,11 +305,17 @@ def _add(bb, env, qm: QuantModel, op: Op):
 
 
 def _mul(bb, env, qm: QuantModel, op: Op):
+    """A product of two activations (a gate: GLU, squeeze-and-excitation), in 32 bits where it
+    fits (int8 operands) and widened for the requantization."""
     from tvm import relax
-    a, b = ((relax.op.subtract(relax.op.astype(env[i], "int64"),
-                               _scalar(qm.tensors[i].zero_point))) for i in op.inputs)
+    tensors = [qm.tensors[i] for i in op.inputs]
+    bound = int(np.prod([max(abs(t.qmin - t.zero_point), abs(t.qmax - t.zero_point))
+                         for t in tensors]))
+    dt = "int32" if bound <= INT32_MAX else "int64"
+    a, b = ((relax.op.subtract(relax.op.astype(env[i], dt), _scalar(t.zero_point, dt)))
+            for i, t in zip(op.inputs, tensors))
     return _requant(bb, relax.op.multiply(a, b), op, qm, np.array(int(op.attrs["multiplier"])),
-                    np.array(int(op.attrs["shift"])), None)
+                    np.array(int(op.attrs["shift"])), None, bound=bound)
 
 
 def _addconst(bb, env, qm: QuantModel, op: Op):
