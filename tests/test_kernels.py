@@ -245,8 +245,9 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
 
 @pytest.mark.parametrize("a_shape, b_shape, sh, out_dtype", [
     ((2, 5, 7), (2, 7, 9), 36, "int8"),       # a last band of one row, a last tile of one column
-    ((3, 6), (6, 3), 20, "int16"),            # fewer columns than a tile; requantized in 64 bits
-    ((1, 1, 4, 33), (1, 1, 33, 4), 31, "int8"),   # the smallest shift clamped in 32 bits
+    ((3, 6), (6, 3), 20, "int16"),            # fewer columns than a tile
+    ((1, 1, 4, 33), (1, 1, 33, 4), 31, "int8"),
+    ((1, 3, 300), (1, 300, 5), 8, "int16"),   # sums whose shifted value needs a 64-bit clamp
 ])
 def test_matmul_kernel_tiles_and_tails_match_numpy(a_shape, b_shape, sh, out_dtype):
     """The int8 product of two activations (attention's q k^T, a v), built for the host as it is

@@ -464,8 +464,10 @@ def matmul_kernel(a_shape, b_shape, zp_a: int, zp_b: int, m: int, sh: int, zp: i
     n = int(np.prod(lead)) if lead else 1
     y_shape = (*lead, t, u)
     rows, cols = MATMUL_TILE
-    # the shifted product of two int32 values fits int32 from a shift of 31: clamp in 32 bits
-    wide = "int32" if sh >= 31 else "int64"
+    # the zero point and the clamp in 32 bits where the largest sum, shifted, leaves room
+    reach = d * (128 + abs(zp_a)) * (128 + abs(zp_b))
+    wide = "int32" if ((reach * abs(m) + (1 << (sh - 1))) >> sh) + 1 + abs(zp) <= 2 ** 31 - 1 \
+        else "int64"
 
     def tile(pad: str, r_n: int, i0: str, c_n: int, j0: str) -> list[str]:
         """r_n x c_n outputs from row i0 and column j0; acc[r * cols + c] their sums, acc[rows *

@@ -432,10 +432,13 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
     # 3 sqrt(C) (r is the root of the mean of d**2, at least 1), times 2**F
     narrow = "int32" if 2 * c * (tin.qmax - tin.qmin) < INT32_MAX else "int64"
     normal = "int32" if 3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS < INT32_MAX else "int64"
-    # an int32 normalized value times an int32 multiplier, shifted by 31 or more, fits 32 bits:
-    # add the offset and clamp there (64-bit compares take several instructions on 32-bit cores)
-    clamp32 = (normal == "int32" and len(set(s.tolist())) == 1 and int(s.flat[0]) >= 31
-               and int(np.abs(per_channel[2]).max()) < 2 ** 30)
+    # with one shift, where the largest normalized value times the largest multiplier, shifted,
+    # plus the largest offset fits 32 bits, add the offset and clamp there (64-bit compares
+    # take several instructions on 32-bit cores)
+    reach = int(3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS) + 1
+    clamp32 = (len(set(s.tolist())) == 1 and int(s.flat[0]) >= 1
+               and ((reach * int(np.abs(per_channel[0]).max()) + (1 << int(s.flat[0] - 1)))
+                    >> int(s.flat[0])) + 1 + int(np.abs(per_channel[2]).max()) <= INT32_MAX)
 
     def i64(v):
         return tirx.const(int(v), "int64")
