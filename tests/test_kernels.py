@@ -524,7 +524,7 @@ def test_subbyte_convs_run_as_fast_kernels_with_packed_weights(tmp_path, target)
 
     from edgeprune.kernels import specialize_int8
     from edgeprune.quantize.to_relax import to_relax
-    main = specialize_int8(to_relax(qm))["main"]
+    main = specialize_int8(to_relax(qm), features=("dsp",))["main"]   # SMLAD's 4 x 2 tiles
     calls = [b.value for blk in main.body.blocks for b in blk.bindings
              if "ep_int8_" in getattr(getattr(b.value, "args", [None])[0], "name_hint", "")]
     weights = [c.args[1].fields[1].value.numpy().nbytes for c in calls]

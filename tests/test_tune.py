@@ -58,3 +58,15 @@ def test_tune_measures_candidates_caches_the_best_and_compile_uses_it(tmp_path, 
 def test_tune_rejects_a_float_model(tmp_path, capsys):
     assert cli_main(["tune", str(tmp_path), "--target", "cortex-m7"]) == 2
     assert "not a quantized model folder" in capsys.readouterr().err
+
+
+def test_cores_without_smlad_try_their_own_default_row_tile_first():
+    """Without SMLAD (RISC-V) the untuned row tile is int8.ROW_TILE_WITHOUT_DSP, and the tuner
+    measures it as the default, then the same other candidates."""
+    from edgeprune.kernels.int8 import ROW_TILE_WITHOUT_DSP
+    from edgeprune.kernels.tune import ROW_TILES, candidates
+
+    key = "conv|x(1,8,28,28)|w(8,8,3,3)|y(1,8,28,28)|s(1,1)|d(1,1)|p(1,1,1,1)|int8->int8"
+    assert candidates(key)[0] == ROW_TILES[0]
+    assert candidates(key, dsp=False)[0] == ROW_TILE_WITHOUT_DSP != ROW_TILES[0]
+    assert sorted(candidates(key, dsp=False)) == sorted(ROW_TILES)

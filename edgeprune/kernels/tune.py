@@ -23,19 +23,25 @@ import re
 import tempfile
 from pathlib import Path
 
-from .int8 import KERNEL_LAYERS, TUNED_TILES
+from .int8 import KERNEL_LAYERS, ROW_TILE_WITHOUT_DSP, TUNED_TILES
 
-# Candidate tiles, best-known first (the untuned default is the first). A tile's sums live in
-# registers: oc_block * px_block <= 12 leaves room for pointers and loads on a Cortex-M.
+# Candidate tiles, best-known first (the untuned default is the first; see candidates for cores
+# without SMLAD). A tile's sums live in registers: oc_block * px_block <= 12 leaves room for
+# pointers and loads on a Cortex-M.
 ROW_TILES = [(4, 2), (2, 4), (4, 3), (3, 3), (8, 1), (2, 2)]
 ONE_PIXEL_TILES = [(8, 1), (4, 1), (12, 1), (6, 1), (10, 1), (2, 1)]
 
 
-def candidates(key: str) -> list[tuple[int, int]]:
-    """The tiles tried for a layer key: one-pixel rows (dense, width-1 outputs) only vary oc."""
+def candidates(key: str, dsp: bool = True) -> list[tuple[int, int]]:
+    """The tiles tried for a layer key: one-pixel rows (dense, width-1 outputs) only vary oc.
+    The first is the untuned default (without `dsp`, int8.ROW_TILE_WITHOUT_DSP for rows)."""
     y = re.search(r"\|y\(([\d,]+)\)", key)
     one_px = key.startswith("dense") or (y is not None and y.group(1).rstrip(",").split(",")[-1] == "1")
-    return ONE_PIXEL_TILES if one_px else ROW_TILES
+    if one_px:
+        return ONE_PIXEL_TILES
+    if dsp:
+        return ROW_TILES
+    return [ROW_TILE_WITHOUT_DSP] + [t for t in ROW_TILES if t != ROW_TILE_WITHOUT_DSP]
 
 
 def _fingerprint(target) -> str:
@@ -111,12 +117,13 @@ def tune(spec: str, target_name: str, port: str = "qemu", log=print) -> dict:
     from ..targets import load_target
 
     target = load_target(target_name)
+    dsp = "dsp" in tuple(target.chip.get("features", ()))
     table: dict[str, dict[str, int]] = {}   # key -> "OCxPX" -> count
     with tempfile.TemporaryDirectory(prefix="edgeprune-tune-") as tmp:
         keys: list[str] = []
         rounds = len(ROW_TILES)
         for r in range(rounds):
-            tiles = {k: candidates(k)[r] for k in keys}
+            tiles = {k: candidates(k, dsp)[r] for k in keys}
             log(f"tuning round {r + 1}/{rounds}")
             names, counts = _measure_round(spec, target, tiles, Path(tmp) / f"r{r}", port)
             if not names:
@@ -128,7 +135,7 @@ def tune(spec: str, target_name: str, port: str = "qemu", log=print) -> dict:
             for name, key in names.items():
                 per_key[key] = per_key.get(key, 0) + counts.get(name, 0)
             for key, n in per_key.items():
-                tile = tiles.get(key) or candidates(key)[0]  # round 0: the defaults
+                tile = tiles.get(key) or candidates(key, dsp)[0]  # round 0: the defaults
                 table.setdefault(key, {})[f"{tile[0]}x{tile[1]}"] = n
     best = {k: min(v.items(), key=lambda kv: kv[1]) for k, v in table.items()}
     path = cache_file(target)
