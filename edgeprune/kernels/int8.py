@@ -462,6 +462,7 @@ def matmul_kernel(a_shape, b_shape, zp_a: int, zp_b: int, m: int, sh: int, zp: i
     and 7.3 instructions a MAC on the M7 for q k^T and a v of 49 frames of 8). Pure TIR (no
     C helpers), so that the host's LLVM build runs it too.
     Returns (PrimFunc, the multiplier array it takes)."""
+    from ..quantize.requant import shifted_fits_int32
     *lead, t, d = (int(v) for v in a_shape)
     u = int(b_shape[-1])
     n = int(np.prod(lead)) if lead else 1
@@ -469,8 +470,7 @@ def matmul_kernel(a_shape, b_shape, zp_a: int, zp_b: int, m: int, sh: int, zp: i
     rows, cols = MATMUL_TILE
     # the zero point and the clamp in 32 bits where the largest sum, shifted, leaves room
     reach = d * (128 + abs(zp_a)) * (128 + abs(zp_b))
-    wide = "int32" if ((reach * abs(m) + (1 << (sh - 1))) >> sh) + 1 + abs(zp) <= 2 ** 31 - 1 \
-        else "int64"
+    wide = "int32" if shifted_fits_int32(reach, m, 1 << (sh - 1), sh, zp) else "int64"
 
     def tile(pad: str, r_n: int, i0: str, c_n: int, j0: str) -> list[str]:
         """r_n x c_n outputs from row i0 and column j0; acc[r * cols + c] their sums, acc[rows *

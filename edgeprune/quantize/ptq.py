@@ -722,6 +722,10 @@ def _call_key(value):
     return value
 
 
+# ops whose requantization can take an activation's clamp (a ReLU after them fuses into them)
+CLAMPING_KINDS = ("conv2d", "dense", "add", "mul", "matmul", "concat", "maximum", "minimum")
+
+
 def _clamp_over_concat(concat, by_out: dict, users: dict) -> list | None:
     """The producers of a concatenation's pieces when each can take an activation (a clamp) in
     its own requantization: convs, dense layers, adds, products and maxima without one that
@@ -733,7 +737,7 @@ def _clamp_over_concat(concat, by_out: dict, users: dict) -> list | None:
         return None
     pieces = [by_out.get(i) for i in concat.inputs]
     if all(p is not None and p.act is None and users[p.output] == 1
-           and p.kind in ("conv2d", "dense", "add", "mul", "matmul", "maximum", "minimum")
+           and p.kind in CLAMPING_KINDS and p.kind != "concat"
            for p in pieces):
         return pieces
     return None
@@ -1053,8 +1057,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                 users[node.name] = users[prev]
                 continue
             if (producer is not None and producer.act is None
-                    and producer.kind in ("conv2d", "dense", "add", "mul", "matmul", "concat",
-                                          "maximum", "minimum")
+                    and producer.kind in CLAMPING_KINDS
                     and users[prev] == 1):
                 producer.act = act      # fused: a clamp in the producer's requantization
                 alias[node.name] = prev

@@ -130,6 +130,13 @@ def rounding_shift(x: np.ndarray, s: np.ndarray | int) -> np.ndarray:
     return (x + (np.int64(1) << (s - 1))) >> s
 
 
+def shifted_fits_int32(reach: int, m: int, rnd: int, s: int, offset: int) -> bool:
+    """Whether (acc * m + rnd) >> s + offset fits int32 for every |acc| <= reach (|m|, |rnd|,
+    |offset| their largest, s the smallest shift): then a kernel adds the offset and clamps in
+    32 bits, where 64-bit compares take several instructions on 32-bit cores."""
+    return ((reach * abs(m) + abs(rnd)) >> s) + 1 + abs(offset) <= INT32_MAX
+
+
 def requantize(acc: np.ndarray, M: np.ndarray | int, shift: np.ndarray | int, zp: int,
                lo: int, hi: int) -> np.ndarray:
     """``clamp(zp + ((int64(acc) * M + (1 << (s-1))) >> s), lo, hi)`` with ``s = 31 - shift``.

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import EdgepruneError
 from .qmodel import Op, QuantModel, adaptive_windows, validate
-from .requant import linear_frac_bits, linear_taps
+from .requant import linear_frac_bits, linear_taps, shifted_fits_int32
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -85,8 +85,7 @@ def _requant(bb, acc, op: Op, qm: QuantModel, m: np.ndarray, shift: np.ndarray, 
 
     `offset` (int64, broadcastable) is folded into the rounding constant (zero-point terms).
     `bound`: the largest |acc| there can be; where the shifted value then fits 32 bits, the
-    zero point and the clamp are added in 32 bits (64-bit compares take several instructions
-    on 32-bit cores)."""
+    zero point and the clamp are added in 32 bits (requant.shifted_fits_int32)."""
     from tvm import relax
     out = qm.tensors[op.output]
     s = 31 - np.asarray(shift, np.int64)
@@ -106,9 +105,9 @@ def _requant(bb, acc, op: Op, qm: QuantModel, m: np.ndarray, shift: np.ndarray, 
     y = relax.op.multiply(y, c(m))
     y = relax.op.add(y, c(rnd))
     y = relax.op.right_shift(y, c(s))
-    shifted = None if bound is None else \
-        ((bound * int(np.abs(m).max()) + int(np.abs(rnd).max())) >> int(s.min())) + 1
-    if shifted is not None and shifted + abs(out.zero_point) <= INT32_MAX:
+    if bound is not None and shifted_fits_int32(bound, int(np.abs(m).max()),
+                                                int(np.abs(rnd).max()), int(s.min()),
+                                                out.zero_point):
         y = relax.op.add(relax.op.astype(y, "int32"), _scalar(out.zero_point, "int32"))
     else:
         y = relax.op.add(y, _scalar(out.zero_point))
@@ -432,13 +431,11 @@ def _layernorm(bb, env, qm: QuantModel, op: Op):
     # 3 sqrt(C) (r is the root of the mean of d**2, at least 1), times 2**F
     narrow = "int32" if 2 * c * (tin.qmax - tin.qmin) < INT32_MAX else "int64"
     normal = "int32" if 3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS < INT32_MAX else "int64"
-    # with one shift, where the largest normalized value times the largest multiplier, shifted,
-    # plus the largest offset fits 32 bits, add the offset and clamp there (64-bit compares
-    # take several instructions on 32-bit cores)
-    reach = int(3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS) + 1
-    clamp32 = (len(set(s.tolist())) == 1 and int(s.flat[0]) >= 1
-               and ((reach * int(np.abs(per_channel[0]).max()) + (1 << int(s.flat[0] - 1)))
-                    >> int(s.flat[0])) + 1 + int(np.abs(per_channel[2]).max()) <= INT32_MAX)
+    # with one shift, the offset and the clamp in 32 bits where the largest normalized value
+    # leaves room (3 sqrt(C) 2**F, as above)
+    clamp32 = len(set(s.tolist())) == 1 and shifted_fits_int32(
+        int(3 * np.sqrt(c) * 2 ** LAYERNORM_FRAC_BITS) + 1, int(np.abs(per_channel[0]).max()),
+        1 << int(s.flat[0] - 1), int(s.flat[0]), int(np.abs(per_channel[2]).max()))
 
     def i64(v):
         return tirx.const(int(v), "int64")
