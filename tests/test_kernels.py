@@ -74,6 +74,18 @@ class Net:
         self.last = out
         return self
 
+    def maxpool(self, kernel, stride, padding=(0, 0, 0, 0), dilation=(1, 1)):
+        t = self.tensors[self.last]
+        n, c, h, w = t.shape
+        oh, ow = conv_out_hw(h, w, kernel, stride, padding, dilation)
+        name, out = f"op{len(self.ops)}", f"t{len(self.ops)}"
+        self.tensors[out] = TensorInfo(out, [n, c, oh, ow], t.dtype, t.scale, t.zero_point)
+        self.ops.append(Op("maxpool", name, [self.last], out, {
+            "kernel": list(kernel), "strides": list(stride), "padding": list(padding),
+            "dilation": list(dilation)}))
+        self.last = out
+        return self
+
     def flatten(self):
         t = self.tensors[self.last]
         shape = [t.shape[0], int(np.prod(t.shape[1:]))]
@@ -241,6 +253,56 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
     assert np.array_equal(got[:, 0], want_mac)
     assert np.array_equal(got[:, 1], want_rq)
     assert np.array_equal(got[s >= 32, 2], want_rq[s >= 32])
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "riscv32"])
+def test_max_pools_run_as_their_own_kernel_bit_exact(tmp_path, target):
+    """Max pools of any window, stride, padding and dilation run kernels.maxpool_kernel: four
+    int8 lanes a word where the core has SSUB8/SEL (the M7), scalar elsewhere and on int16;
+    rows of odd widths leave tails, and windows of the border rows reach the padding."""
+    qm = (Net((1, 2, 13, 15), zp=5, seed=11)
+          .conv(6, (3, 3), padding=(1, 1, 1, 1))
+          .maxpool((3, 3), (1, 1), (1, 1, 1, 1))            # 4 lanes a word and a tail of 3
+          .maxpool((2, 2), (2, 2))                          # stride 2: two lanes a word
+          .maxpool((3, 2), (1, 3), (1, 0, 1, 1), (2, 1))    # dilated rows, stride 3
+          .conv(4, (1, 1), out_dtype="int16")
+          .maxpool((1, 3), (1, 2), (0, 1, 0, 1))            # int16: scalar
+          .conv(4, (1, 1))
+          .maxpool((3, 3), (2, 2), (1, 1, 1, 1))            # stride 2 over an odd row
+          .flatten().dense(3).build())
+    build, result = _run(qm, tmp_path, "pools", target)
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_maxpool") for k in kernels) == 5, kernels
+    assert result["mismatches"] == 0 and result["outputs_match"], result
+
+
+def test_max4_portable_fallback_is_the_bytewise_signed_max(tmp_path):
+    """ep_max4 without SSUB8/SEL (any host) equals the signed max of each int8 lane."""
+    import subprocess
+
+    from edgeprune.kernels import C_PRELUDE
+
+    rng = np.random.default_rng(5)
+    lanes = rng.integers(-128, 128, (300, 2, 4))
+    lanes[:2] = [[[-128, 127, 0, -1], [127, -128, -1, 0]], [[5, 5, -5, -5], [5, 6, -6, -5]]]
+    words = (lanes.astype(np.uint8).astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)
+             ).sum(-1).astype(np.uint32).view(np.int32)
+    prog = tmp_path / "max4.c"
+    prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
+                    f"static const long long t[{len(words)}][2] = {{"
+                    + ", ".join(f"{{{a}, {b}}}" for a, b in words) + "};\n"
+                    "int main(void) {\n"
+                    f"  for (int i = 0; i < {len(words)}; i++)\n"
+                    "    printf(\"%ld\\n\", (long)ep_max4((int32_t)t[i][0], (int32_t)t[i][1]));\n"
+                    "  return 0;\n}\n")
+    exe = tmp_path / "max4"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
+    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
+                                    check=True).stdout.splitlines(), dtype=np.int64)
+    want = np.maximum(lanes[:, 0], lanes[:, 1])
+    got_lanes = (got.astype(np.int32).view(np.uint32)[:, None] >> np.arange(0, 32, 8,
+                 dtype=np.uint32)).astype(np.uint8).view(np.int8)
+    assert np.array_equal(got_lanes, want)
 
 
 @pytest.mark.parametrize("a_shape, b_shape, sh, out_dtype", [

@@ -43,6 +43,8 @@ the layer's exact shape, with its weights repacked at build time:
   int32 (4 bytes per channel instead of 8; a depthwise channel's 3x3 weights take 9).
 * requantized residual add (to_relax._add): one pass, two 64-bit multiply-accumulates per
   element, when the shifted sum provably fits 32 bits (then SSAT).
+* max pooling (maxpool_kernel): the window's rows, then its columns, through a padded row
+  buffer; four int8 lanes a word (SSUB8 + SEL) on cores with the DSP extension.
 Inputs may be int8 or int16 (both fit SMLAD's 16-bit halves), outputs int8 or int16. Anything
 else (grouped convs with a channel multiplier, other layouts) keeps TVM's lowering.
 """
@@ -179,6 +181,32 @@ static inline int32_t ep_ld2(int16_t *p) {
   __builtin_memcpy(&v, p, 4);
   return v;
 }
+/* Four int8 lanes as one word, and back (v7-M and later allow both unaligned). */
+static inline int32_t ep_ld4(int8_t *p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+static inline int32_t ep_st4(int8_t *p, int32_t v) {
+  __builtin_memcpy(p, &v, 4);
+  return 0;
+}
+/* The signed max of each of four int8 lanes: SSUB8 sets a lane's GE bit where a >= b, SEL
+   takes those lanes from a and the rest from b (one asm: GCC does not track the GE bits). */
+static inline int32_t ep_max4(int32_t a, int32_t b) {
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+  int32_t r;
+  __asm__("ssub8 %0, %1, %2\\n\\tsel %0, %1, %2" : "=&r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  uint32_t r = 0;
+  for (int k = 0; k < 32; k += 8) {
+    int8_t x = (int8_t)(a >> k), y = (int8_t)(b >> k);
+    r |= (uint32_t)(uint8_t)(x > y ? x : y) << k;
+  }
+  return (int32_t)r;
+#endif
+}
 /* clamp(v, lo, hi); one SSAT when [lo, hi] is the whole int8/int16 range. */
 static inline int32_t ep_clamp(int32_t v, int32_t lo, int32_t hi) {
 #if defined(__ARM_FEATURE_SAT) && __ARM_FEATURE_SAT
@@ -221,7 +249,8 @@ KERNEL_ATTR = "edgeprune.kernel"
 TUNED_TILES: ContextVar[dict] = ContextVar("edgeprune_tuned_tiles", default={})
 KERNEL_LAYERS: ContextVar[dict | None] = ContextVar("edgeprune_kernel_layers", default=None)
 # Every kernel here is marked opaque (op_pattern 8) so that FuseOps keeps it a call of its own.
-PRELUDE_FUNCS = ("ep_smlad", "ep_mac2", "ep_sxtb16", "ep_requant", "ep_clamp", "ep_sub_pair")
+PRELUDE_FUNCS = ("ep_smlad", "ep_mac2", "ep_sxtb16", "ep_requant", "ep_clamp", "ep_sub_pair",
+                 "ep_ld4")
 
 
 def with_prelude(c_source: str) -> str:
@@ -579,6 +608,105 @@ def softmax_kernel(shape, axis: int, recip_bits: int, sums: str):
     return _parse("\n".join(src), f"softmax over axis {axis} of {tuple(shape)}")
 
 
+def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_shape,
+                   dsp: bool = False):
+    """max_pool2d (NCHW, padding with the dtype's minimum, as TVM and the golden model do) in
+    two passes per output row: the max over the window's rows into a padded row buffer (`v`,
+    its ends the dtype minimum), then the max over the window's columns. Output rows whose
+    window lies inside the input take no bounds checks; the few others are written out with the
+    rows they reach. With `dsp` (SSUB8 + SEL) int8 rows go four lanes to a word (ep_max4): the
+    vertical pass always, the horizontal one at strides 1 and 2. TVM's lowering had read,
+    compared and written the output for every tap: 27 instructions per 3x3 output, 19 per 2x2
+    stride-2 output on the M7."""
+    n, c, h, w = (int(d) for d in x_shape)
+    oh, ow = (int(d) for d in y_shape[2:])
+    kh, kw = (int(d) for d in kernel)
+    sh, sw = (int(d) for d in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl = int(padding[0]), int(padding[1])
+    qmin = -(1 << (8 * np.dtype(dtype).itemsize - 1))
+    words = dsp and dtype == "int8"
+    # the row buffer: left padding, the input row, and whatever the last window (and a word
+    # load from the last output pair) reaches beyond it
+    size = max(pl + w, (ow - 1) * sw + (kw - 1) * dw + 1) + 4
+    rows_of = [[r for r in (i * sh - pt + k * dh for k in range(kh)) if 0 <= r < h]
+               for i in range(oh)]
+    inner = [i for i in range(oh) if len(rows_of[i]) == kh]
+    i0, i1 = (inner[0], inner[-1] + 1) if inner else (0, 0)
+
+    def cast(v: str) -> str:
+        return f'T.Cast("int32", {v})'
+
+    def ld4(buf: str) -> str:
+        return f'T.call_extern("int32", "ep_ld4", T.address_of({buf}))'
+
+    def vertical(pad: str, rows: list[str]) -> list[str]:
+        """v[pl:pl + w] = the max of input rows `rows` (expressions) of plane (b, ch)."""
+        if not rows:
+            return [f"{pad}for j in range({w}):", f"{pad}    v[{pl} + j] = T.{dtype}({qmin})"]
+        out, full = [], w // 4 if words else 0
+        if full:
+            acc = ld4(f"x[b, ch, {rows[0]}, jb * 4]")
+            for r in rows[1:]:
+                acc = f'T.call_extern("int32", "ep_max4", {acc}, {ld4(f"x[b, ch, {r}, jb * 4]")})'
+            out += [f"{pad}for jb in range({full}):",
+                    f'{pad}    T.evaluate(T.call_extern("int32", "ep_st4", '
+                    f"T.address_of(v[{pl} + jb * 4]), {acc}))"]
+        if w > 4 * full:
+            acc = cast(f"x[b, ch, {rows[0]}, j]")
+            for r in rows[1:]:
+                acc = f"T.max({acc}, {cast(f'x[b, ch, {r}, j]')})"
+            out += [f"{pad}for j in range({4 * full}, {w}):",
+                    f'{pad}    v[{pl} + j] = T.Cast("{dtype}", {acc})']
+        return out
+
+    def horizontal(pad: str, i: str) -> list[str]:
+        """y[b, ch, i, :] = the max over each window's columns of v."""
+        lanes = {1: 4, 2: 2}.get(sw, 1) if words else 1
+        full, out = ow // lanes if lanes > 1 else 0, []
+        if full:
+            acc = ld4("v[jb * 4]")
+            for k in range(1, kw):
+                acc = f'T.call_extern("int32", "ep_max4", {acc}, {ld4(f"v[jb * 4 + {k * dw}]")})'
+            if sw == 1:
+                out += [f"{pad}for jb in range({full}):",
+                        f'{pad}    T.evaluate(T.call_extern("int32", "ep_st4", '
+                        f"T.address_of(y[b, ch, {i}, jb * 4]), {acc}))"]
+            else:   # stride 2: lanes 0 and 2 of the word hold outputs 2 jb and 2 jb + 1
+                out += [f"{pad}for jb in range({full}):", f"{pad}    m[0] = {acc}",
+                        f'{pad}    y[b, ch, {i}, jb * 2] = T.Cast("int8", m[0])',
+                        f'{pad}    y[b, ch, {i}, jb * 2 + 1] = T.Cast("int8", '
+                        f"T.shift_right(m[0], 16))"]
+        if ow > lanes * full:
+            acc = cast(f"v[j * {sw}]")
+            for k in range(1, kw):
+                acc = f"T.max({acc}, {cast(f'v[j * {sw} + {k * dw}]')})"
+            out += [f"{pad}for j in range({lanes * full}, {ow}):",
+                    f'{pad}    y[b, ch, {i}, j] = T.Cast("{dtype}", {acc})']
+        return out
+
+    body = [f'v = T.sblock_alloc_buffer(({size},), "{dtype}")',
+            'm = T.sblock_alloc_buffer((1,), "int32")',
+            f"for j in range({size}):",
+            f"    v[j] = T.{dtype}({qmin})",
+            f"for b, ch in T.grid({n}, {c}):"]
+    for i in range(oh):   # the rows that reach the padding, one by one
+        if not i0 <= i < i1:
+            body += vertical("    ", [str(r) for r in rows_of[i]]) + horizontal("    ", str(i))
+    if i1 > i0:
+        body += [f"    for i in range({i0}, {i1}):"]
+        body += vertical("        ", [f"i * {sh} + {k * dh - pt}" for k in range(kh)])
+        body += horizontal("        ", "i")
+    # an s_tir function with a root block: with one input and an output of its size, Relax's
+    # RewriteDataflowReshape asks whether the kernel is a reshape, which needs one
+    L = ["@T.prim_func(private=True, s_tir=True)",
+         f'def main(x: T.Buffer({_shape(x_shape)}, "{dtype}"), '
+         f'y: T.Buffer({_shape(y_shape)}, "{dtype}")):',
+         f'    T.func_attr({{"tirx.noalias": True, "op_pattern": 8, "{KERNEL_ATTR}": "maxpool"}})',
+         '    with T.sblock("root"):'] + ["        " + line for line in body]
+    return _parse("\n".join(L), f"max pool {kh}x{kw} of {tuple(x_shape)}")
+
+
 def _add_chain(end, defs: dict, uses: dict, features=()):
     """The quantizer's requantized add (to_relax._add) ending in `end`:
     astype(clip(((a*Ma + b*Mb) * 1 + rnd) >> s + zp)) -> (TVMScript, [a, b], [Ma, Mb]) or None."""
@@ -668,6 +796,22 @@ def _parsed(src: str):
     return tvm.script.from_source(src)
 
 
+def _maxpool(value, features):
+    """maxpool_kernel for a quantizer's int8/int16 nn.max_pool2d (NCHW), else None."""
+    if _op(value) != "relax.nn.max_pool2d":
+        return None
+    a, x = value.attrs, value.args[0]
+    dtype = str(x.ty.dtype)
+    if dtype not in ("int8", "int16") or a.layout != "NCHW" or a.out_layout != "NCHW" \
+            or bool(a.ceil_mode) or len(x.ty.shape.values) != 4:
+        return None
+    shape = [int(d.value) for d in x.ty.shape.values]
+    y_shape = [int(d.value) for d in value.ty.shape.values]
+    return maxpool_kernel(shape, dtype, [int(k) for k in a.pool_size], [int(k) for k in a.strides],
+                          [int(k) for k in a.padding], [int(k) for k in a.dilation], y_shape,
+                          dsp="dsp" in tuple(features or ()))
+
+
 def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
     """Replace every recognised quantized conv/dense chain in `main` by one specialized kernel.
     `features`: the target's [chip] features; "mve-i" selects the Helium kernels (simd.py)."""
@@ -684,6 +828,13 @@ def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):
     for block in func.body.blocks:
         bindings = []
         for b in block.bindings:
+            pool = _maxpool(b.value, features)
+            if pool is not None:
+                gv = bb.add_func(pool, f"{prefix_hint}_maxpool{added}")
+                added += 1
+                bindings.append(relax.VarBinding(b.var, relax.call_tir(
+                    gv, relax.Tuple([b.value.args[0]]), b.var.ty)))
+                continue
             if _op(b.value) != "relax.astype":
                 bindings.append(b)
                 continue
