@@ -71,6 +71,7 @@ def test_attention_block_prunes_and_runs_bit_exact(heads, target, tmp_path):
         qm = ptq.quantize_ptq(source, SHAPE, calib)
         assert [o.kind for o in qm.ops].count("matmul") == 2
         assert [o.kind for o in qm.ops].count("addconst") == 1
+        assert "lut" not in [o.kind for o in qm.ops]   # / d ** 0.5: in q k^T's multiplier
     # both products run as the int8 kernel that reads its operands as they are
     assert to_relax.to_relax(qm).script().count('"edgeprune.kernel": "matmul"') == 2
     bit_exact(qm, calib[:4], target, tmp_path, on_target=2, like=model)   # the last source's

@@ -488,9 +488,9 @@ class IRNet(nn.Module):
             elif n.kind == "add":
                 y = xs[0] - xs[1] if a.get("subtract") else xs[0] + xs[1]
             elif n.kind == "mul":
-                y = xs[0] * xs[1]
+                y = xs[0] * xs[1] * a.get("scale", 1.0)
             elif n.kind == "matmul":
-                y = torch.matmul(xs[0], xs[1])
+                y = torch.matmul(xs[0], xs[1]) * a.get("scale", 1.0)
             elif n.kind == "concat":
                 y = torch.cat(xs, a.get("axis", 1))
             elif n.kind in ("maximum", "minimum"):
@@ -1313,6 +1313,16 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
         affine = _scalar_affine(target, node, static)
         if affine is not None:      # x + 3, x * 0.5, 6 - x, x / 6: a table like an activation
             tensor = next(t for t in node.args[:2] if isinstance(t, fx.Node))
+            product = by_out.get(src(tensor))
+            if affine[0] > 0 and affine[1] == 0 and product is not None \
+                    and product.kind in ("matmul", "mul") and product.act is None \
+                    and users[product.output] == 1:
+                # attention's (q k^T) * d ** -0.5: the factor joins the product's requantization
+                # multiplier (a table after it had cost as much as the softmax's first pass)
+                product.attrs["scale"] = product.attrs.get("scale", 1.0) * affine[0]
+                alias[node.name] = product.output
+                users[node.name] = users[product.output]
+                continue
             add_node(FNode("lut", node.name, [src(tensor)], node.name,
                            {"function": "affine", "param": list(affine)}, out_shape=shape))
             continue
@@ -1894,7 +1904,8 @@ def to_qmodel(net: IRNet, ranges: dict[str, tuple[float, float]],
                 ms[1] = -ms[1]
             attrs.update({"multipliers": ms, "shift_total": int(st)})
         elif n.kind in ("mul", "matmul"):
-            m, sh = quantize_multiplier(tin.scale * tensors[n.inputs[1]].scale / out.scale)
+            m, sh = quantize_multiplier(tin.scale * tensors[n.inputs[1]].scale
+                                        * attrs.pop("scale", 1.0) / out.scale)
             attrs.update({"multiplier": int(m), "shift": int(sh)})
         elif n.kind == "lut":
             if tin.dtype != "int8":
