@@ -400,16 +400,31 @@ def _lut(bb, env, qm: QuantModel, op: Op):
 
 
 def _prelu(bb, env, qm: QuantModel, op: Op):
-    """reference.run_op's prelu: each side requantized, then chosen by the input's sign."""
+    """reference.run_op's prelu: each side requantized, then chosen by the input's sign (as
+    kernels.prelu_kernel does, one side per value, where its shifts allow)."""
     from tvm import relax
+    tin, out = qm.tensors[op.inputs[0]], qm.tensors[op.output]
+    pos = (int(op.attrs["multiplier"]), 31 - int(op.attrs["shift"]))
+    neg = (qm.param(op, "multiplier"), 31 - qm.param(op, "shift").astype(np.int64))
+    lo, hi = (int(v) for v in op.attrs["clamp"])
+    shape = [int(d) for d in env[op.inputs[0]].ty.shape.values]   # with the batch built
+    made = None
+    if out.dtype in ("int8", "int16") and all(1 <= v <= 62 for v in [pos[1], *neg[1].flat]):
+        from ..kernels.int8 import prelu_kernel
+        made = prelu_kernel(shape, tin.dtype, out.dtype, tin.zero_point, out.zero_point, lo, hi,
+                            pos, neg)
+    if made is not None:
+        prim, params = made
+        return bb.emit(relax.call_tir(bb.add_func(prim, "prelu"),
+                                      [env[op.inputs[0]], _const(params, "int32")],
+                                      relax.TensorType(shape, out.dtype)),
+                       name_hint=_ident(op.output))
     x = relax.op.subtract(relax.op.astype(env[op.inputs[0]], "int64"),
-                          _scalar(qm.tensors[op.inputs[0]].zero_point))
-    rank = len(qm.tensors[op.inputs[0]].shape)
-    cshape = (1, -1) + (1,) * (rank - 2)
-    pos = _requant(bb, x, op, qm, np.array(int(op.attrs["multiplier"])),
-                   np.array(int(op.attrs["shift"])), None)
-    neg = _requant(bb, x, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"), cshape)
-    return bb.emit(relax.op.where(relax.op.greater_equal(x, _scalar(0)), pos, neg),
+                          _scalar(tin.zero_point))
+    cshape = (1, -1) + (1,) * (len(tin.shape) - 2)
+    pos_y = _requant(bb, x, op, qm, np.array(pos[0]), np.array(int(op.attrs["shift"])), None)
+    neg_y = _requant(bb, x, op, qm, qm.param(op, "multiplier"), qm.param(op, "shift"), cshape)
+    return bb.emit(relax.op.where(relax.op.greater_equal(x, _scalar(0)), pos_y, neg_y),
                    name_hint=_ident(op.output))
 
 
