@@ -276,6 +276,26 @@ def test_max_pools_run_as_their_own_kernel_bit_exact(tmp_path, target):
     assert result["mismatches"] == 0 and result["outputs_match"], result
 
 
+def test_pair_lane_convs_bit_exact_on_rv64(tmp_path):
+    """On 64-bit cores without SIMD (riscv64) a conv multiplies two neighbouring pixels' inputs,
+    as the 32-bit lanes of one int64, by each weight: rows with a pair tail and a single pixel,
+    a tail block of one channel, batch 2, padded (a band of int8 rows) and unpadded (the input
+    itself) convs, stride 2, dilation, int16 in and out, and a dense layer (the int16-pair
+    kernel), bit-exact; extreme inputs give each lane sums of both signs."""
+    qm = (Net((2, 3, 9, 11), zp=-128, seed=12)
+          .conv(6, (3, 3), padding=(1, 1, 1, 1))                  # 11 = 2 x 4 + a pair + 1
+          .conv(5, (3, 3), stride=(2, 2), padding=(1, 0, 1, 1))   # blocks of 4 and 1
+          .conv(4, (2, 3), dilation=(2, 1), out_dtype="int16")    # unpadded: x itself
+          .conv(7, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2))  # int16 input
+          .flatten().dense(3).build())
+    build, result = _run(qm, tmp_path, "pairs", "riscv64")
+    kernels = [l["name"] for l in build["layers"]]
+    assert sum(k.startswith("ep_int8_conv") for k in kernels) == 4, kernels
+    source = (tmp_path / "pairs" / "c_library" / "kernels.c").read_text()
+    assert "4294967297" in source   # sums that start as the bias in both lanes
+    assert result["mismatches"] == 0 and result["outputs_match"], result
+
+
 def test_max4_portable_fallback_is_the_bytewise_signed_max(tmp_path):
     """ep_max4 without SSUB8/SEL (any host) equals the signed max of each int8 lane."""
     import subprocess
@@ -655,7 +675,8 @@ def _zero_taps(qm, op: str, taps) -> None:
         w[:, :, i, j] = 0
 
 
-@pytest.mark.parametrize("target", ["cortex-m7", "riscv32", "cortex-m55", "cortex-a53"])
+@pytest.mark.parametrize("target", ["cortex-m7", "riscv32", "riscv64", "cortex-m55",
+                                    "cortex-a53"])
 def test_taps_pruned_in_every_filter_are_skipped_bit_exact(tmp_path, target):
     """Window taps whose weights are zero in every filter (prune/patterns.py's intra-kernel
     strided pattern) are neither stored nor multiplied: corners and centre of a padded 3x3,

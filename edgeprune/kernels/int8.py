@@ -26,6 +26,9 @@ the layer's exact shape, with its weights repacked at build time:
 * depthwise (groups = channels = outputs): per channel, a zero-point-padded int16 copy of the
   plane; tiles of DW_PX_BLOCK outputs of a row share each weight load; on cores with the DSP
   extension two horizontal taps per SMLAD (one unaligned word load), else scalar MLA.
+* conv on 64-bit cores without SIMD ("xlen64": riscv64): two neighbouring pixels' inputs as
+  the 32-bit lanes of one int64, so one multiply by a weight does both pixels' MACs
+  (_pair_lane_conv_kernel).
 * cores with Helium ("mve-i" in the target's features, Cortex-M55) get the MVE kernels of
   simd.py instead for int8 inputs; so do Cortex-A cores ("neon"), in their NEON form.
 * sub-byte convs (groups 1) and dense layers (4/2-bit two's-complement, ternary or
@@ -289,7 +292,8 @@ class QLayer:
 def _tiled(layer: QLayer, features) -> bool:
     """Whether the layer's kernel is the SMLAD conv/dense whose register tile the tuner picks."""
     from .simd import wants_simd
-    return layer.kind in ("conv", "dense") and not wants_simd(layer, features)
+    return layer.kind in ("conv", "dense") and not wants_simd(layer, features) \
+        and not _pair_lanes(layer, features)
 
 
 def layer_key(layer: QLayer) -> str:
@@ -1297,6 +1301,137 @@ def _conv_kernel(layer: QLayer, oc_block: int | None = None, px_block: int | Non
     return "\n".join(L), [words] + consts + ([] if live is None else [live])
 
 
+# Cores with 64-bit integer registers and no packed SIMD (rv64): two neighbouring output pixels
+# per multiply, as the 32-bit lanes of one 64-bit product (_pair_lane_conv_kernel)
+XLEN64_FEATURE = "xlen64"
+PAIR_LANE_TILE = (4, 2)   # output channels, pixel pairs: 8 int64 sums in registers
+
+
+def _pair_lanes(layer: QLayer, features) -> bool:
+    """Whether the layer runs _pair_lane_conv_kernel: a conv (groups 1) of 8-bit weights whose
+    rows have two pixels or more, on a core with 64-bit registers."""
+    return XLEN64_FEATURE in tuple(features or ()) and layer.kind == "conv" \
+        and layer.weight_bits == 8 and layer.y_shape[3] >= 2
+
+
+def _pair_lane_conv_kernel(layer: QLayer):
+    """conv (groups 1, 8-bit weights) on 64-bit cores without SIMD: the inputs of two
+    neighbouring output pixels at one window tap, x0 and x1, make one int64 word x0 + x1 * 2**32,
+    and word * w adds both pixels' products in one multiply: its low 32 bits hold pixel 0's sum
+    and, less that sum, its high 32 bits pixel 1's (exact while each sum fits int32, as the
+    int32 sums of the other kernels must). A tile keeps PAIR_LANE_TILE output channels x pixel
+    pairs of one row; each tap loads its int8 weights once for the tile, each input byte once
+    per pixel pair. Padded convs read a band of zero-point-padded int8 rows (BAND_PIXELS
+    outputs), others the input itself. Window taps zero in every filter are skipped. ResNet-8's
+    layer1 3x3 conv on rv64: 3.6 instructions a MAC in int16 pairs (a multiply and an add per
+    MAC, and spills), 2.2 so; tiles of (2, 2), (4, 1), (2, 3), (3, 2), (8, 1), (4, 3), (6, 2)
+    and (8, 2) measured slower than (4, 2)."""
+    o, c, kh, kw = layer.weight.shape
+    n, _, h, w = layer.x_shape
+    oh_n, ow_n = layer.y_shape[2:]
+    sh, sw = layer.strides
+    dh, dw = layer.dilation
+    t, l, b, r = layer.padding
+    ocb, npair = PAIR_LANE_TILE
+    ob = -(-o // ocb)
+    consts, requant = _requant_consts(layer)
+    kept = _kept_taps(layer.weight) or [(i, j) for i in range(kh) for j in range(kw)]
+    wt = np.zeros((ob * ocb, c, len(kept)), np.int8)
+    wt[:o] = layer.weight[:, :, [i for i, _ in kept], [j for _, j in kept]]
+    wt = np.ascontiguousarray(wt.reshape(ob, ocb, c, len(kept)).transpose(0, 2, 3, 1))
+    padded = any(layer.padding)
+    band = min(oh_n, max(1, -(-BAND_PIXELS // ow_n))) if padded else oh_n
+    hb, ws = (band - 1) * sh + (kh - 1) * dh + 1, w + l + r
+    L = _header(layer, wt.shape, "int8", o, "conv", consts[2].dtype.name)
+    L += [f'    acc = T.alloc_buffer(({ocb * npair},), "int64")',
+          f'    pw = T.alloc_buffer(({npair},), "int64")',
+          f'    res = T.alloc_buffer(({2 * ocb * npair},), "{layer.out_dtype}")']
+    if padded:
+        L.append(f'    xs = T.alloc_buffer(({c}, {hb}, {ws}), "{layer.x_dtype}")')
+    L.append(f"    for nb in range({n}):")
+
+    def xv(ch: str, row: str, col: str) -> str:   # row: of the band's first output row
+        if padded:
+            return f"xs[{ch}, {row}, {col}]"
+        return f"x[nb, {ch}, bnd * {band * sh} + {row}, {col}]"
+
+    def fill(ind: str) -> list[str]:
+        """The band's rows of the zero-point-padded input (as _conv_kernel's fill, in int8)."""
+        if not padded:
+            return []
+        pv, r0 = f"T.{layer.x_dtype}({layer.pad_value})", f"bnd * {band * sh} + i"
+        return [f"{ind}for cc, i in T.grid({c}, {hb}):",
+                f"{ind}    if {t} <= {r0} and {r0} < {t + h}:",
+                *[f"{ind}        for j in range({k}):\n{ind}            xs[cc, i, j + {j0}] = {pv}"
+                  for j0, k in ((0, l), (l + w, r)) if k],
+                f"{ind}        for j in range({w}):",
+                f"{ind}            xs[cc, i, j + {l}] = x[nb, cc, {r0} - {t}, j]",
+                f"{ind}    else:",
+                f"{ind}        for j in range({ws}):",
+                f"{ind}            xs[cc, i, j] = {pv}"]
+
+    def tile(ind: str, obv: str, count: int, j0: str, pairs: int, single: bool) -> list[str]:
+        """`count` channels of block `obv` x `pairs` pixel pairs (and one more pixel if
+        `single`) from output column j0 of band row ohl."""
+        words = pairs + single
+        lines = [f'{ind}acc[{k * npair + q}] = T.Cast("int64", bias[{obv} * {ocb} + {k}]) * '
+                 f"T.int64({2 ** 32 + 1})" for k in range(count) for q in range(words)]
+        def at(ind2: str, ry: str, rx: int, tap: str) -> list[str]:   # one window tap
+            row, out = f"ohl * {sh} + {ry} * {dh}", []
+            for q in range(words):
+                col = f"({j0} + {2 * q}) * {sw} + {rx * dw}"
+                word = f'T.Cast("int64", {xv("cc", row, col)})'
+                if q < pairs:
+                    word += f' + T.Cast("int64", {xv("cc", row, f"{col} + {sw}")}) * ' \
+                            f"T.int64({2 ** 32})"
+                out.append(f"{ind2}pw[{q}] = {word}")
+            return out + [f"{ind2}acc[{k * npair + q}] = acc[{k * npair + q}] + pw[{q}] * "
+                          f'T.Cast("int64", w[{obv}, cc, {tap}, {k}])'
+                          for k in range(count) for q in range(words)]
+        lines.append(f"{ind}for cc in range({c}):")
+        if len(kept) == kh * kw:   # a loop over the window's rows: unrolled whole, GCC kept
+            lines.append(f"{ind}    for ry in range({kh}):")   # too much live and spilled
+            for rx in range(kw):
+                lines += at(ind + "        ", "ry", rx, f"ry * {kw} + {rx}")
+        else:
+            for tap, (ry, rx) in enumerate(kept):
+                lines += at(ind + "    ", str(ry), rx, str(tap))
+        outs = []   # (result slot, channel k, pixel offset, int32 sum)
+        for k in range(count):
+            for q in range(words):
+                a = f"acc[{k * npair + q}]"
+                low = f'T.Cast("int32", {a})'
+                outs.append((k, 2 * q, low))
+                if q < pairs:
+                    outs.append((k, 2 * q + 1, f'T.Cast("int32", T.shift_right({a} - '
+                                               f'T.Cast("int64", {low}), T.int64(32)))'))
+        # all results first, then the stores (as _conv_kernel's tile)
+        lines += [f"{ind}res[{i}] = {_requant_expr(v, f'{obv} * {ocb} + {k}', requant, layer)}"
+                  for i, (k, _, v) in enumerate(outs)]
+        lines += [f"{ind}y[nb, {obv} * {ocb} + {k}, bnd * {band} + ohl, {j0} + {p}] = res[{i}]"
+                  for i, (k, p, _) in enumerate(outs)]
+        return lines
+
+    nbands = -(-oh_n // band)
+    rows = str(band) if oh_n % band == 0 else f"T.min({band}, {oh_n} - bnd * {band})"
+    L.append(f"        for bnd in range({nbands}):")
+    L += fill("            ")
+    full, rest = divmod(ow_n, 2 * npair)
+    for count, blocks in ((ocb, o // ocb), (o % ocb, 1 if o % ocb else 0)):
+        if not blocks or not count:
+            continue
+        obv, ind = ("ob", " " * 16) if count == ocb else (str(o // ocb), " " * 12)
+        if count == ocb:
+            L.append(f"            for ob in range({blocks}):")
+        L.append(f"{ind}for ohl in range({rows}):")
+        if full:
+            L.append(f"{ind}    for pg in range({full}):")
+            L += tile(ind + "        ", obv, count, f"pg * {2 * npair}", npair, False)
+        if rest:
+            L += tile(ind + "    ", obv, count, str(full * 2 * npair), rest // 2, rest % 2 == 1)
+    return "\n".join(L), [wt] + consts
+
+
 def _live_pairs(wpad: np.ndarray) -> np.ndarray | None:
     """(blocks, K) int32: per block of output channels, the input-channel pairs with a
     non-zero weight in some of its filters, padded to one length K with a pair that has none
@@ -1416,6 +1551,8 @@ def kernel_source(layer: QLayer, features=()) -> tuple[str, list[np.ndarray]]:
     """TVMScript of the layer's kernel and its constant arguments (after the input)."""
     if layer.kind == "depthwise":
         return _depthwise_kernel(layer, dsp="dsp" in tuple(features or ()))
+    if _pair_lanes(layer, features):
+        return _pair_lane_conv_kernel(layer)
     return _conv_kernel(layer, dsp="dsp" in tuple(features or ()))
 
 
