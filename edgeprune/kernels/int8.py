@@ -600,14 +600,16 @@ def softmax_kernel(shape, axis: int, recip_bits: int, sums: str):
            f'                s[0] = s[0] + T.Cast("{sums}", e[k])'] if keep
           else [f'                s[0] = s[0] + T.Cast("{sums}", {look})']),
         # one division per row (the sum is positive: the row's max adds 2**16); a 64-bit
-        # numerator, the reciprocal at most 2**22
+        # numerator, the reciprocal at most 2**22, kept times 2**(32 - recip_bits): then
+        # (e r + 2**(recip_bits-1)) >> recip_bits is the rounded high word of one product
+        # (SMMULR on cores with the DSP extension; it took a 64-bit add and shift)
         f'            r[1] = T.Cast("int32", T.truncdiv(T.int64({1 << (8 + recip_bits)}) + '
         f'T.Cast("int64", T.shift_right(s[0], T.{sums}(1))), '
-        f'T.max(T.Cast("int64", s[0]), T.int64(1))))',
+        f'T.max(T.Cast("int64", s[0]), T.int64(1)))) * {1 << (32 - recip_bits)}',
         f"            for k in range({n}):",   # the probability is at least 0: no lower clamp
         f'                yf[{at}] = T.Cast("int8", T.min(T.Cast("int32", T.shift_right('
         f'T.Cast("int64", {"e[k]" if keep else look}) * T.Cast("int64", r[1]) + '
-        f"T.int64({1 << (recip_bits - 1)}), T.int64({recip_bits}))) - 128, 127))",
+        f"T.int64({1 << 31}), T.int64(32))) - 128, 127))",
     ]
     return _parse("\n".join(src), f"softmax over axis {axis} of {tuple(shape)}")
 
