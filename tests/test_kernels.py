@@ -255,14 +255,15 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
     assert np.array_equal(got[s >= 32, 2], want_rq[s >= 32])
 
 
-@pytest.mark.parametrize("target", ["cortex-m7", "riscv32"])
+@pytest.mark.parametrize("target", ["cortex-m7", "riscv32", "cortex-m55", "cortex-a53"])
 def test_max_pools_run_as_their_own_kernel_bit_exact(tmp_path, target):
     """Max pools of any window, stride, padding and dilation run kernels.maxpool_kernel: four
-    int8 lanes a word where the core has SSUB8/SEL (the M7), scalar elsewhere and on int16;
-    rows of odd widths leave tails, and windows of the border rows reach the padding."""
-    qm = (Net((1, 2, 13, 15), zp=5, seed=11)
+    int8 lanes a word where the core has SSUB8/SEL (the M7), sixteen a vector with Helium or
+    NEON (M55, A53), scalar elsewhere and on int16; rows of odd widths leave tails (a
+    predicated or overlapping last vector), and windows of the border rows reach the padding."""
+    qm = (Net((1, 2, 13, 17), zp=5, seed=11)
           .conv(6, (3, 3), padding=(1, 1, 1, 1))
-          .maxpool((3, 3), (1, 1), (1, 1, 1, 1))            # 4 lanes a word and a tail of 3
+          .maxpool((3, 3), (1, 1), (1, 1, 1, 1))            # rows of 17: a tail after 16 or 4
           .maxpool((2, 2), (2, 2))                          # stride 2: two lanes a word
           .maxpool((3, 2), (1, 3), (1, 0, 1, 1), (2, 1))    # dilated rows, stride 3
           .conv(4, (1, 1), out_dtype="int16")

@@ -671,13 +671,16 @@ def prelu_kernel(shape, in_dtype: str, out_dtype: str, zp_in: int, zp_out: int, 
 
 
 def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_shape,
-                   dsp: bool = False):
+                   dsp: bool = False, simd_rows: int = 0):
     """max_pool2d (NCHW, padding with the dtype's minimum, as TVM and the golden model do) in
     two passes per output row: the max over the window's rows into a padded row buffer (`v`,
     its ends the dtype minimum), then the max over the window's columns. Output rows whose
     window lies inside the input take no bounds checks; the few others are written out with the
     rows they reach. With `dsp` (SSUB8 + SEL) int8 rows go four lanes to a word (ep_max4): the
-    vertical pass always, the horizontal one at strides 1 and 2. TVM's lowering had read,
+    vertical pass always, the horizontal one at strides 1 and 2; with `simd_rows` (Helium: 1,
+    NEON: 8) rows at least that long go sixteen lanes a vector (simd_c's ep_simd_max2) where
+    the pass reads whole rows: the vertical one, and the horizontal one at stride 1 (NEON,
+    without predication, ran shorter rows slower than scalar code). TVM's lowering had read,
     compared and written the output for every tap: 27 instructions per 3x3 output, 19 per 2x2
     stride-2 output on the M7."""
     n, c, h, w = (int(d) for d in x_shape)
@@ -702,10 +705,20 @@ def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_sh
     def ld4(buf: str) -> str:
         return f'T.call_extern("int32", "ep_ld4", T.address_of({buf}))'
 
+    vectors = simd_rows and dtype == "int8"
+
+    def max2(pad: str, dst: str, a: str, b: str, count: int) -> str:   # dst[:count] = max(a, b)
+        return (f'{pad}T.evaluate(T.call_extern("int32", "ep_simd_max2", T.address_of({dst}), '
+                f"T.address_of({a}), T.address_of({b}), {count}))")
+
     def vertical(pad: str, rows: list[str]) -> list[str]:
         """v[pl:pl + w] = the max of input rows `rows` (expressions) of plane (b, ch)."""
         if not rows:
             return [f"{pad}for j in range({w}):", f"{pad}    v[{pl} + j] = T.{dtype}({qmin})"]
+        if vectors and w >= simd_rows:
+            first = [f"x[b, ch, {r}, 0]" for r in rows[:2]]
+            return [max2(pad, f"v[{pl}]", first[0], first[-1], w)] + \
+                [max2(pad, f"v[{pl}]", f"v[{pl}]", f"x[b, ch, {r}, 0]", w) for r in rows[2:]]
         out, full = [], w // 4 if words else 0
         if full:
             acc = ld4(f"x[b, ch, {rows[0]}, jb * 4]")
@@ -724,6 +737,10 @@ def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_sh
 
     def horizontal(pad: str, i: str) -> list[str]:
         """y[b, ch, i, :] = the max over each window's columns of v."""
+        if vectors and sw == 1 and ow >= simd_rows:
+            row = f"y[b, ch, {i}, 0]"
+            return [max2(pad, row, "v[0]", f"v[{dw if kw > 1 else 0}]", ow)] + \
+                [max2(pad, row, row, f"v[{k * dw}]", ow) for k in range(2, kw)]
         lanes = {1: 4, 2: 2}.get(sw, 1) if words else 1
         full, out = ow // lanes if lanes > 1 else 0, []
         if full:
@@ -869,9 +886,12 @@ def _maxpool(value, features):
         return None
     shape = [int(d.value) for d in x.ty.shape.values]
     y_shape = [int(d.value) for d in value.ty.shape.values]
+    from .simd import MVE_FEATURE
+    features = tuple(features or ())
+    simd_rows = 1 if MVE_FEATURE in features else 8 if "neon" in features else 0
     return maxpool_kernel(shape, dtype, [int(k) for k in a.pool_size], [int(k) for k in a.strides],
                           [int(k) for k in a.padding], [int(k) for k in a.dilation], y_shape,
-                          dsp="dsp" in tuple(features or ()))
+                          dsp="dsp" in features, simd_rows=simd_rows)
 
 
 def specialize_int8(mod, prefix_hint: str = "ep_int8", features=()):

@@ -817,4 +817,31 @@ EP_AI int32_t ep_simd_neon_dw16(int8_t *x, int8_t *xs, int8_t *w, int32_t *bias,
   EP_NEON_DW(1);
   return 0;
 }
+/* dst[j] = max(a[j], b[j]) for j < n, 16 int8 lanes a step (max pooling's passes,
+   int8.maxpool_kernel); dst is a or overlaps neither a nor b. */
+EP_AI int32_t ep_simd_max2(int8_t *dst, int8_t *a, int8_t *b, int32_t n) {
+  int32_t j = 0;
+#ifdef EP_MVE
+  for (; j < n; j += 16) {
+    mve_pred16_t p = vctp8q(n - j);
+    vstrbq_p_s8(dst + j, vmaxq_x_s8(vldrbq_z_s8(a + j, p), vldrbq_z_s8(b + j, p), p), p);
+  }
+#else
+#ifdef EP_NEON
+  /* the last vector overlaps the one before it: max is idempotent, and dst is a or apart */
+  if (n >= 16) {
+    for (; j + 16 <= n; j += 16) vst1q_s8(dst + j, vmaxq_s8(vld1q_s8(a + j), vld1q_s8(b + j)));
+    if (j < n) j = n - 16, vst1q_s8(dst + j, vmaxq_s8(vld1q_s8(a + j), vld1q_s8(b + j)));
+    return 0;
+  }
+  if (n >= 8) {
+    vst1_s8(dst, vmax_s8(vld1_s8(a), vld1_s8(b)));
+    j = n - 8, vst1_s8(dst + j, vmax_s8(vld1_s8(a + j), vld1_s8(b + j)));
+    return 0;
+  }
+#endif
+  for (; j < n; j++) dst[j] = a[j] > b[j] ? a[j] : b[j];
+#endif
+  return 0;
+}
 """
