@@ -121,18 +121,19 @@ def _run(qm, tmp_path, name, target="cortex-m7"):
 def test_odd_shapes_bit_exact(tmp_path):
     """Batch 2, zero point -128 (explicit zero-point padding folded into the kernels), 3->5
     channels, stride 2, non-square, asymmetric padding with dilation, a 1x1 stride-2 conv, a
-    depthwise multiplier (channels repeated, then a depthwise kernel), and a dense layer with a
-    partial output-channel block."""
+    depthwise multiplier (channels repeated, then a depthwise kernel), a strided 1x1 depthwise
+    conv (read from the input itself), and a dense layer with a partial output-channel block."""
     qm = (Net((2, 3, 9, 7), zp=-128, seed=1)
           .conv(5, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1))
           .conv(5, (3, 3), padding=(1, 0, 1, 2), dilation=(1, 2), groups=5)
           .conv(10, (1, 1), groups=5)             # channel multiplier 2: repeat, depthwise
+          .conv(10, (1, 1), stride=(2, 1), groups=10)
           .conv(11, (1, 1), stride=(2, 2))
           .flatten().dense(10).build())
     build, result = _run(qm, tmp_path, "odd")
     kernels = [l["name"] for l in build["layers"]]
     assert sum(k.startswith("ep_int8_conv") for k in kernels) == 2, kernels
-    assert sum(k.startswith("ep_int8_depthwise") for k in kernels) == 2, kernels
+    assert sum(k.startswith("ep_int8_depthwise") for k in kernels) == 3, kernels
     assert sum(k.startswith("ep_int8_dense") for k in kernels) == 1, kernels
     assert not any(k == "pad" or k.startswith("pad") for k in kernels), kernels
     assert result["mismatches"] == 0 and result["outputs_match"]
