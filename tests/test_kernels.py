@@ -194,13 +194,25 @@ def test_single_channel_input_pairs_taps_bit_exact(tmp_path):
     assert result["mismatches"] == 0 and result["outputs_match"]
 
 
+def _host_c(tmp_path, name: str, body: str, simd: bool = False) -> np.ndarray:
+    """C_PRELUDE (and with `simd` simd_c's) plus `body` (a main printing numbers), built with
+    the host's gcc (the helpers' portable C) and run: the numbers it prints, a row per line."""
+    import subprocess
+
+    from edgeprune.kernels import C_PRELUDE
+    from edgeprune.kernels.simd_c import SIMD_PRELUDE
+
+    prog, exe = tmp_path / f"{name}.c", tmp_path / name
+    prog.write_text(C_PRELUDE + (SIMD_PRELUDE if simd else "") + "#include <stdio.h>\n" + body)
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
+    return np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
+                                     check=True).stdout.splitlines(), dtype=np.int64)
+
+
 def test_c_helpers_portable_fallback_match_reference(tmp_path):
     """Cores without the DSP extension (and any host) run the portable C of the kernels' helpers:
     two 16-bit MACs, both requantization forms and the clamp agree with numpy on random and
     extreme operands."""
-    import subprocess
-
-    from edgeprune.kernels import C_PRELUDE
     from edgeprune.quantize.requant import requantize
 
     rng = np.random.default_rng(3)
@@ -224,26 +236,21 @@ def test_c_helpers_portable_fallback_match_reference(tmp_path):
              ).sum(1).astype(np.uint32).view(np.int32)
     rows = ",\n".join(f"{{{a[i]}, {b[i]}, {acc[i]}, {m[i]}, {s[i]}, {zp[i]}, {lo[i]}, {hi[i]}, "
                       f"{wword[i]}}}" for i in range(n))
-    prog = tmp_path / "helpers.c"
-    prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
-                    f"static const long long t[{n}][9] = {{\n{rows}\n}};\n"
-                    "int main(void) {\n"
-                    f"  for (int i = 0; i < {n}; i++) {{\n"
-                    "    int32_t acc = (int32_t)t[i][2], sh = (int32_t)t[i][4];\n"
-                    "    int64_t rnd = (int64_t)1 << (sh - 1);\n"
-                    "    int32_t x = (int32_t)t[i][0], w = (int32_t)t[i][8];\n"
-                    "    printf(\"%ld %ld \", (long)ep_mac2_b(&x, &w, 0, acc),\n"
-                    "           (long)ep_mac2_b(&x, &w, 1, acc));\n"
-                    "    printf(\"%ld %ld %ld\\n\", (long)ep_smlad((int32_t)t[i][0], (int32_t)t[i][1], acc),\n"
-                    "           (long)ep_requant(acc, (int32_t)t[i][3], rnd, sh, (int32_t)t[i][5],\n"
-                    "                            (int32_t)t[i][6], (int32_t)t[i][7]),\n"
-                    "           (long)(sh >= 32 ? ep_requant_hi(acc, (int32_t)t[i][3], rnd, sh - 32,\n"
-                    "                  (int32_t)t[i][5], (int32_t)t[i][6], (int32_t)t[i][7]) : 0));\n"
-                    "  }\n  return 0;\n}\n")
-    exe = tmp_path / "helpers"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
-    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
-                                    check=True).stdout.splitlines(), dtype=np.int64)
+    got = _host_c(tmp_path, "helpers",
+                  f"static const long long t[{n}][9] = {{\n{rows}\n}};\n"
+                  "int main(void) {\n"
+                  f"  for (int i = 0; i < {n}; i++) {{\n"
+                  "    int32_t acc = (int32_t)t[i][2], sh = (int32_t)t[i][4];\n"
+                  "    int64_t rnd = (int64_t)1 << (sh - 1);\n"
+                  "    int32_t x = (int32_t)t[i][0], w = (int32_t)t[i][8];\n"
+                  "    printf(\"%ld %ld \", (long)ep_mac2_b(&x, &w, 0, acc),\n"
+                  "           (long)ep_mac2_b(&x, &w, 1, acc));\n"
+                  "    printf(\"%ld %ld %ld\\n\", (long)ep_smlad((int32_t)t[i][0], (int32_t)t[i][1], acc),\n"
+                  "           (long)ep_requant(acc, (int32_t)t[i][3], rnd, sh, (int32_t)t[i][5],\n"
+                  "                            (int32_t)t[i][6], (int32_t)t[i][7]),\n"
+                  "           (long)(sh >= 32 ? ep_requant_hi(acc, (int32_t)t[i][3], rnd, sh - 32,\n"
+                  "                  (int32_t)t[i][5], (int32_t)t[i][6], (int32_t)t[i][7]) : 0));\n"
+                  "  }\n  return 0;\n}\n")
     mac = acc + halves[:, 0] * halves[:, 2] + halves[:, 1] * halves[:, 3]
     want_mac = ((mac + 2 ** 31) % 2 ** 32) - 2 ** 31  # SMLAD wraps like int32
     want_rq = np.array([requantize(acc[i], m[i], 31 - s[i], zp[i], lo[i], hi[i]) for i in range(n)])
@@ -300,27 +307,17 @@ def test_pair_lane_convs_bit_exact_on_rv64(tmp_path):
 
 def test_max4_portable_fallback_is_the_bytewise_signed_max(tmp_path):
     """ep_max4 without SSUB8/SEL (any host) equals the signed max of each int8 lane."""
-    import subprocess
-
-    from edgeprune.kernels import C_PRELUDE
-
     rng = np.random.default_rng(5)
     lanes = rng.integers(-128, 128, (300, 2, 4))
     lanes[:2] = [[[-128, 127, 0, -1], [127, -128, -1, 0]], [[5, 5, -5, -5], [5, 6, -6, -5]]]
     words = (lanes.astype(np.uint8).astype(np.uint32) << np.arange(0, 32, 8, dtype=np.uint32)
              ).sum(-1).astype(np.uint32).view(np.int32)
-    prog = tmp_path / "max4.c"
-    prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
-                    f"static const long long t[{len(words)}][2] = {{"
-                    + ", ".join(f"{{{a}, {b}}}" for a, b in words) + "};\n"
-                    "int main(void) {\n"
-                    f"  for (int i = 0; i < {len(words)}; i++)\n"
-                    "    printf(\"%ld\\n\", (long)ep_max4((int32_t)t[i][0], (int32_t)t[i][1]));\n"
-                    "  return 0;\n}\n")
-    exe = tmp_path / "max4"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
-    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
-                                    check=True).stdout.splitlines(), dtype=np.int64)
+    got = _host_c(tmp_path, "max4", f"static const long long t[{len(words)}][2] = {{"
+                  + ", ".join(f"{{{a}, {b}}}" for a, b in words) + "};\n"
+                  "int main(void) {\n"
+                  f"  for (int i = 0; i < {len(words)}; i++)\n"
+                  "    printf(\"%ld\\n\", (long)ep_max4((int32_t)t[i][0], (int32_t)t[i][1]));\n"
+                  "  return 0;\n}\n")
     want = np.maximum(lanes[:, 0], lanes[:, 1])
     got_lanes = (got.astype(np.int32).view(np.uint32)[:, None] >> np.arange(0, 32, 8,
                  dtype=np.uint32)).astype(np.uint8).view(np.int8)
@@ -392,24 +389,15 @@ def test_softmax_kernel_matches_the_reference(shape, axis, sums):
 def test_sxtb16_portable_fallback_widens_bytes_0_2_and_1_3(tmp_path):
     """Conv weights stay int8 in flash; off DSP cores the portable ep_sxtb16 / ep_sxtb16_ror8
     must widen bytes 0,2 and 1,3 of a word to two int16 halves exactly as SXTB16 does."""
-    import subprocess
-
-    from edgeprune.kernels import C_PRELUDE
-
     words = np.random.default_rng(4).integers(-2 ** 31, 2 ** 31, 300)
     words[:3] = [-2 ** 31, 2 ** 31 - 1, -1]
-    prog = tmp_path / "sxtb16.c"
-    prog.write_text(C_PRELUDE + "#include <stdio.h>\n"
-                    f"static const long long t[] = {{{', '.join(map(str, words))}}};\n"
-                    "int main(void) {\n"
-                    f"  for (int i = 0; i < {len(words)}; i++)\n"
-                    "    printf(\"%lu %lu\\n\", (unsigned long)(uint32_t)ep_sxtb16((int32_t)t[i]),\n"
-                    "           (unsigned long)(uint32_t)ep_sxtb16_ror8((int32_t)t[i]));\n"
-                    "  return 0;\n}\n")
-    exe = tmp_path / "sxtb16"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
-    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
-                                    check=True).stdout.splitlines(), dtype=np.int64)
+    got = _host_c(tmp_path, "sxtb16",
+                  f"static const long long t[] = {{{', '.join(map(str, words))}}};\n"
+                  "int main(void) {\n"
+                  f"  for (int i = 0; i < {len(words)}; i++)\n"
+                  "    printf(\"%lu %lu\\n\", (unsigned long)(uint32_t)ep_sxtb16((int32_t)t[i]),\n"
+                  "           (unsigned long)(uint32_t)ep_sxtb16_ror8((int32_t)t[i]));\n"
+                  "  return 0;\n}\n")
     b = words.astype(np.uint32).view(np.uint8).reshape(-1, 4).view(np.int8).astype(np.int64)
     for col, (lo, hi) in enumerate(((0, 2), (1, 3))):
         assert np.array_equal(got[:, col], (b[:, lo] & 0xFFFF) | ((b[:, hi] & 0xFFFF) << 16))
@@ -450,11 +438,6 @@ def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
     """The Helium residual add computes (a*Ma + b*Mb + rnd) >> s in 32-bit lanes by splitting
     M and rnd at bit 16 (simd_c.ep_simd_add); its portable C is the same formula: check it
     against 64-bit numpy on random and extreme int8 inputs, multipliers and shifts 16..46."""
-    import subprocess
-
-    from edgeprune.kernels import C_PRELUDE
-    from edgeprune.kernels.simd_c import SIMD_PRELUDE
-
     rng = np.random.default_rng(5)
     cases = []
     for _ in range(40):
@@ -471,15 +454,10 @@ def test_helium_add_split_arithmetic_matches_64_bit(tmp_path):
         f"{rnd >> 16}, {rnd & 0xFFFF}, {sh - 16}, {zp}, -128, 127);\n"
         '  for (int i = 0; i < 64; i++) printf("%d ", y[i]);\n  printf("\\n");'
         for ma, mb, sh, rnd, zp in cases)
-    prog = tmp_path / "add.c"
-    prog.write_text(C_PRELUDE + SIMD_PRELUDE + "#include <stdio.h>\n"
-                    f"static int8_t a[64] = {{{', '.join(map(str, a))}}};\n"
-                    f"static int8_t b[64] = {{{', '.join(map(str, b))}}};\n"
-                    "int main(void) {\n  int8_t y[64];\n" + calls + "\n  return 0;\n}\n")
-    exe = tmp_path / "add"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", str(prog), "-o", str(exe)], check=True)
-    got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True,
-                                    check=True).stdout.splitlines(), dtype=np.int64)
+    got = _host_c(tmp_path, "add", f"static int8_t a[64] = {{{', '.join(map(str, a))}}};\n"
+                  f"static int8_t b[64] = {{{', '.join(map(str, b))}}};\n"
+                  "int main(void) {\n  int8_t y[64];\n" + calls + "\n  return 0;\n}\n",
+                  simd=True)
     for row, (ma, mb, sh, rnd, zp) in zip(got, cases):
         want = np.clip(((a * ma + b * mb + rnd) >> sh) + zp, -128, 127)
         assert np.array_equal(row, want), (ma, mb, sh, rnd, zp)
