@@ -1398,6 +1398,7 @@ def _pair_lane_conv_kernel(layer: QLayer):
         words = pairs + single
         lines = [f'{ind}acc[{k * npair + q}] = T.Cast("int64", bias[{obv} * {ocb} + {k}]) * '
                  f"T.int64({2 ** 32 + 1})" for k in range(count) for q in range(words)]
+
         def at(ind2: str, ry: str, rx: int, tap: str) -> list[str]:   # one window tap
             row, out = f"ohl * {sh} + {ry} * {dh}", []
             for q in range(words):
@@ -1418,7 +1419,7 @@ def _pair_lane_conv_kernel(layer: QLayer):
         else:
             for tap, (ry, rx) in enumerate(kept):
                 lines += at(ind + "    ", str(ry), rx, str(tap))
-        outs = []   # (result slot, channel k, pixel offset, int32 sum)
+        outs = []   # per result: (channel k, pixel offset, its int32 sum)
         for k in range(count):
             for q in range(words):
                 a = f"acc[{k * npair + q}]"
