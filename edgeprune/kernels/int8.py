@@ -711,14 +711,15 @@ def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_sh
         return (f'{pad}T.evaluate(T.call_extern("int32", "ep_simd_max2", T.address_of({dst}), '
                 f"T.address_of({a}), T.address_of({b}), {count}))")
 
-    def vertical(pad: str, rows: list[str]) -> list[str]:
-        """v[pl:pl + w] = the max of input rows `rows` (expressions) of plane (b, ch)."""
+    def vertical(pad: str, rows: list[str], vb: int) -> list[str]:
+        """v[vb, pl:pl + w] = the max of input rows `rows` (expressions) of plane (b, ch)."""
         if not rows:
-            return [f"{pad}for j in range({w}):", f"{pad}    v[{pl} + j] = T.{dtype}({qmin})"]
+            return [f"{pad}for j in range({w}):", f"{pad}    v[{vb}, {pl} + j] = T.{dtype}({qmin})"]
         if vectors and w >= simd_rows:
             first = [f"x[b, ch, {r}, 0]" for r in rows[:2]]
-            return [max2(pad, f"v[{pl}]", first[0], first[-1], w)] + \
-                [max2(pad, f"v[{pl}]", f"v[{pl}]", f"x[b, ch, {r}, 0]", w) for r in rows[2:]]
+            return [max2(pad, f"v[{vb}, {pl}]", first[0], first[-1], w)] + \
+                [max2(pad, f"v[{vb}, {pl}]", f"v[{vb}, {pl}]", f"x[b, ch, {r}, 0]", w)
+                 for r in rows[2:]]
         out, full = [], w // 4 if words else 0
         if full:
             acc = ld4(f"x[b, ch, {rows[0]}, jb * 4]")
@@ -726,27 +727,28 @@ def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_sh
                 acc = f'T.call_extern("int32", "ep_max4", {acc}, {ld4(f"x[b, ch, {r}, jb * 4]")})'
             out += [f"{pad}for jb in range({full}):",
                     f'{pad}    T.evaluate(T.call_extern("int32", "ep_st4", '
-                    f"T.address_of(v[{pl} + jb * 4]), {acc}))"]
+                    f"T.address_of(v[{vb}, {pl} + jb * 4]), {acc}))"]
         if w > 4 * full:
             acc = cast(f"x[b, ch, {rows[0]}, j]")
             for r in rows[1:]:
                 acc = f"T.max({acc}, {cast(f'x[b, ch, {r}, j]')})"
             out += [f"{pad}for j in range({4 * full}, {w}):",
-                    f'{pad}    v[{pl} + j] = T.Cast("{dtype}", {acc})']
+                    f'{pad}    v[{vb}, {pl} + j] = T.Cast("{dtype}", {acc})']
         return out
 
-    def horizontal(pad: str, i: str) -> list[str]:
-        """y[b, ch, i, :] = the max over each window's columns of v."""
+    def horizontal(pad: str, i: str, vb: int) -> list[str]:
+        """y[b, ch, i, :] = the max over each window's columns of v[vb]."""
         if vectors and sw == 1 and ow >= simd_rows:
             row = f"y[b, ch, {i}, 0]"
-            return [max2(pad, row, "v[0]", f"v[{dw if kw > 1 else 0}]", ow)] + \
-                [max2(pad, row, row, f"v[{k * dw}]", ow) for k in range(2, kw)]
+            return [max2(pad, row, f"v[{vb}, 0]", f"v[{vb}, {dw if kw > 1 else 0}]", ow)] + \
+                [max2(pad, row, row, f"v[{vb}, {k * dw}]", ow) for k in range(2, kw)]
         lanes = {1: 4, 2: 2}.get(sw, 1) if words else 1
         full, out = ow // lanes if lanes > 1 else 0, []
         if full:
-            acc = ld4("v[jb * 4]")
+            acc = ld4(f"v[{vb}, jb * 4]")
             for k in range(1, kw):
-                acc = f'T.call_extern("int32", "ep_max4", {acc}, {ld4(f"v[jb * 4 + {k * dw}]")})'
+                acc = (f'T.call_extern("int32", "ep_max4", {acc}, '
+                       f'{ld4(f"v[{vb}, jb * 4 + {k * dw}]")})')
             if sw == 1:
                 out += [f"{pad}for jb in range({full}):",
                         f'{pad}    T.evaluate(T.call_extern("int32", "ep_st4", '
@@ -757,25 +759,28 @@ def maxpool_kernel(x_shape, dtype: str, kernel, strides, padding, dilation, y_sh
                         f'{pad}    y[b, ch, {i}, jb * 2 + 1] = T.Cast("int8", '
                         f"T.shift_right(m[0], 16))"]
         if ow > lanes * full:
-            acc = cast(f"v[j * {sw}]")
+            acc = cast(f"v[{vb}, j * {sw}]")
             for k in range(1, kw):
-                acc = f"T.max({acc}, {cast(f'v[j * {sw} + {k * dw}]')})"
+                acc = f"T.max({acc}, {cast(f'v[{vb}, j * {sw} + {k * dw}]')})"
             out += [f"{pad}for j in range({lanes * full}, {ow}):",
                     f'{pad}    y[b, ch, {i}, j] = T.Cast("{dtype}", {acc})']
         return out
 
-    body = [f'v = T.sblock_alloc_buffer(({size},), "{dtype}")',
+    # A row buffer for the interior rows and one for each border row: TIR's common
+    # subexpression elimination does not see the extern calls write a buffer, and had reused
+    # a border row's loads of v in the interior rows.
+    border = [i for i in range(oh) if not i0 <= i < i1]
+    body = [f'v = T.sblock_alloc_buffer(({len(border) + 1}, {size}), "{dtype}")',
             'm = T.sblock_alloc_buffer((1,), "int32")',
-            f"for j in range({size}):",
-            f"    v[j] = T.{dtype}({qmin})",
+            f"for r, j in T.grid({len(border) + 1}, {size}):",
+            f"    v[r, j] = T.{dtype}({qmin})",
             f"for b, ch in T.grid({n}, {c}):"]
-    for i in range(oh):   # the rows that reach the padding, one by one
-        if not i0 <= i < i1:
-            body += vertical("    ", [str(r) for r in rows_of[i]]) + horizontal("    ", str(i))
+    for vb, i in enumerate(border, 1):   # the rows that reach the padding, one by one
+        body += vertical("    ", [str(r) for r in rows_of[i]], vb) + horizontal("    ", str(i), vb)
     if i1 > i0:
         body += [f"    for i in range({i0}, {i1}):"]
-        body += vertical("        ", [f"i * {sh} + {k * dh - pt}" for k in range(kh)])
-        body += horizontal("        ", "i")
+        body += vertical("        ", [f"i * {sh} + {k * dh - pt}" for k in range(kh)], 0)
+        body += horizontal("        ", "i", 0)
     # an s_tir function with a root block: with one input and an output of its size, Relax's
     # RewriteDataflowReshape asks whether the kernel is a reshape, which needs one
     L = ["@T.prim_func(private=True, s_tir=True)",
