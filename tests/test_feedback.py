@@ -115,6 +115,57 @@ def test_search_meets_the_budget_as_re_measured(tiny, impossible, tmp_path):
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r.record["layers"]["features.0.0"]["out_before"] == 4
     assert len(r.record["layers"]["features.0.0"]["out_kept"]) == r.widths["features.0.0"]
+    assert len(r.record["layers"]["features.2.0"]["out_kept"]) == r.widths["features.2.0"]
+
+
+def test_the_slack_a_search_leaves_is_grown_back(tiny, impossible):
+    """At 70 % of the latency the second step cuts features.0.0 to its minimum, well under the
+    budget: the search grows features.2.0 back into that slack, measured within the budget,
+    where without growing it stops at the narrower widths."""
+    model, example, data, cache = tiny
+    budget = {"latency_ms": 0.7 * impossible.trajectory[0]["measured"]["latency_ms"]}
+    kw = dict(cache_dir=cache, log=lambda *a: None, **SETTINGS)
+    grown = search(model, example, data, "cortex-m7", budget, **kw)
+    narrow = search(model, example, data, "cortex-m7", budget, grow_back=False, **kw)
+    assert grown.met and narrow.met
+    assert [p["group"] for p in grown.trajectory if str(p["group"]).endswith(" grown")]
+    assert sum(grown.widths.values()) > sum(narrow.widths.values())
+    assert narrow.measured["latency_ms"] < grown.measured["latency_ms"] <= budget["latency_ms"]
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenet", "dscnn"])
+def test_a_group_grows_back_without_changing_what_the_model_computes(name):
+    """Every group of a pruned zoo model (residual adds, depthwise convs, flatten -> dense)
+    grown by two channels: the grown model computes what the pruned one does (the returned
+    channels' outgoing weights are zero), keeps its weights, and its record names the
+    channels it now keeps."""
+    import torch.fx as fx
+
+    from edgeprune.feedback.grow import GrowError, grow
+    from edgeprune.feedback.search import _compose, _identity_record
+    from edgeprune.models import build
+    from edgeprune.prune import DepGraph, prune
+
+    model, shape = build(name)
+    torch.manual_seed(0)
+    x = torch.randn(2, *shape[1:])
+    base = fx.symbolic_trace(model)
+    graph = DepGraph(base, x[:1])
+    cut, rec = prune(base, x[:1], "l1", ratios=0.5, graph=graph)
+    layers = _compose(_identity_record(graph), rec)
+    with torch.no_grad():   # as if fine-tuned: not the unpruned model's weights any more
+        for p in cut.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cut.eval()
+    for g in rec["groups"]:
+        k = len(g["kept"])
+        wide, record = grow(graph, cut, layers, g["name"], min(g["channels_before"], k + 2))
+        layer = g["layers"][0]
+        assert wide.get_submodule(layer).weight.shape[0] == min(g["channels_before"], k + 2)
+        assert set(layers[layer]["out_kept"]) < set(record[layer]["out_kept"])
+        assert torch.allclose(wide.eval()(x), cut(x), atol=1e-5), g["name"]
+    with pytest.raises(GrowError, match="cannot grow"):
+        grow(graph, cut, layers, rec["groups"][0]["name"], 1)
 
 
 def test_bad_budget_names_the_key(tiny):

@@ -15,6 +15,11 @@ intra-kernel patterns.
    cost: sub-byte kernels are no faster than int8 (the codes are widened to the same int16
    pairs), so in practice they cut flash, not latency. The int8 kernels skip window taps that
    are zero in every filter, so a pattern cuts a conv's MACs while it keeps its channels.
+   Then, with every budget met, the slack the steps left is given back: each group proposes
+   the widest width predicted to stay within the budgets, grown from the unpruned model's
+   channels without changing what the model computes (grow.py); the grown candidate whose
+   short fine-tune ends with the lowest holdout loss is kept if it beats the current model
+   given the same fine-tune and measures within the budgets.
 3. Long fine-tune of the accepted model and a final measurement: the numbers reported are measured.
 """
 
@@ -34,6 +39,7 @@ from ..errors import EdgepruneError
 from ..prune.allocate import nearest_multiple, unit_multiple
 from ..task import metric_name
 from .costs import INSTRUCTION_METRICS, Predictor, grid_widths, min_width
+from .grow import grow
 from .measure import (METRICS, candidate_fingerprint, from_bytes, model_hash, to_bytes,
                       toolchain_fingerprint)
 from .worker import JobData, Runner, candidate_job, finetune, job_key, quantized_accuracy
@@ -158,8 +164,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
            lr: float = 0.01, margin: float = 0.01, progress: bool = True,
            word_lengths: tuple[int, ...] | None = None, port: str = "qemu",
            step_schedule: str = "linear", rank: str = "loss", distill: float = 0.9,
-           tap_strides: tuple[int, ...] = (), channel_multiple: int | None = None
-           ) -> FeedbackResult:
+           tap_strides: tuple[int, ...] = (), channel_multiple: int | None = None,
+           grow_back: bool = True) -> FeedbackResult:
     """The most accurate pruned `model` whose measured costs on `target` meet every `budget`.
 
     budget: {latency_ms, energy_uj, flash_kb, sram_kb: limit}. data: an edgeprune Dataset; the
@@ -202,6 +208,8 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
     target's [quant] channel_multiple): a channel that makes a width odd costs the M7 2.5x the
     instructions of one that makes it even (bench/results/widths.json), a staircase the
     table, which interpolates between a few widths, does not see.
+    grow_back: once every budget is met, grow groups back into the slack left under them
+    (step 2b of the module's docstring; off: the search stops at the first width that fits).
     """
     from ..prune import DepGraph
     from ..targets import load_target
@@ -515,6 +523,56 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                     f"{rec.get('holdout_loss', float('nan')):.4f}, measured "
                     f"{_fmt(cur_costs)} (predicted {metric} {chosen.pred[metric]:.4g})")
 
+            # 2b. Grow back into the slack the steps left under the aim (a step's cut can free
+            # more than asked: a kernel's tile, or the last step's overshoot): each group
+            # proposes the widest width predicted to stay within every aim, grown from the
+            # unpruned model without changing what the model computes (grow.py); the grown
+            # candidates and the current model get the same short fine-tune, and the grown one
+            # with the lowest holdout loss is kept if it beats the current one and measures
+            # within the aim.
+            # (not with window patterns: the returned channels' filters would have every tap)
+            widest = dict(full)   # lowered where a growth measured over the aim
+            patterned = any(t > 1 for t in cur_taps.values())
+            while (grow_back and not patterned and not violations(cur_costs, aim)
+                   and it < max_iterations):
+                offers = _growths(predictor, cur_costs, cur_widths, cur_bits, cur_taps, widest,
+                                  aim, step_of)
+                if not offers:
+                    break
+                it += 1
+                it_seed = seed + 1000 * it
+                grown = [grow(graph, cur_model, composed, g, k) for g, k in offers]
+                models = [cur_model] + [m for m, _ in grown]
+                jobs = [(job_key(model_hash(m), "grow", cur_bits, settings, it_seed),
+                         (to_bytes(m), example_input, {}, criterion, it_seed,
+                          short_finetune_samples, lr, cur_bits)) for m in models]
+                bar.start(f"iteration {it}: {len(offers)} growths and the current model",
+                          len(jobs))
+                results = runner.map("candidate", candidate_job, jobs, done=bar.advance)
+                loss = [r[2]["holdout_loss"] if rank == "loss" else -r[1] for r in results]
+                best = min(range(1, len(results)), key=lambda i: loss[i])
+                g, k = offers[best - 1]
+                if loss[best] >= loss[0]:
+                    log(f"feedback: iteration {it}: no growth helps (best {g} -> {k} channels, "
+                        f"holdout loss {results[best][2]['holdout_loss']:.4f} against "
+                        f"{results[0][2]['holdout_loss']:.4f} for the current widths)")
+                    break
+                blob, acc, _ = results[best]
+                new_model = from_bytes(blob)
+                new_costs = measure([new_model], f"iteration {it}: measure", bits=[cur_bits])[0]
+                if violations(new_costs, aim):
+                    widest[g] = k - step_of[g]
+                    log(f"feedback: iteration {it}: {g} grown to {k} channels measures "
+                        f"{_fmt(new_costs)}, over the aim; it grows to at most {widest[g]}")
+                    continue
+                cur_model, cur_costs, composed = new_model, new_costs, grown[best - 1][1]
+                cur_widths = {**cur_widths, g: k}
+                trajectory.append(_point(it, f"{g} grown", cur_widths, acc, cur_costs,
+                                         None, results[1:], [f"{g2}+" for g2, _ in offers],
+                                         bits=cur_bits, taps=cur_taps))
+                log(f"feedback: iteration {it}: grew {g} to {k} channels ({len(offers)} "
+                    f"candidates), holdout (quantized) {acc:.2f} %, measured {_fmt(cur_costs)}")
+
         # 3. long fine-tune and the final measurement
         if finetune_epochs > 0:
             log(f"feedback: fine-tuning the chosen model for {finetune_epochs:g} epoch(s)")
@@ -654,6 +712,24 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
                 together.append(Proposal("joint", "joint", steps[i], cur_bits, cur_taps,
                                          preds[i]))
     return (reach or partial) + together
+
+
+def _growths(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
+             cur_bits: dict[str, int], cur_taps: dict[str, int], widest: dict[str, int],
+             aim: dict[str, float], step_of: dict[str, int]) -> list[tuple[str, int]]:
+    """Per group below `widest`, the widest width (a multiple of its step, or `widest`)
+    predicted to keep every cost within `aim`: [(group, width)]."""
+    out = []
+    for g, k in cur_widths.items():
+        m = step_of.get(g, 1)
+        for k2 in sorted({w for w in range(k + 1, widest[g] + 1) if w % m == 0 or w == widest[g]},
+                         reverse=True):
+            p = predictor.anchored(cur_costs, cur_widths, {**cur_widths, g: k2}, cur_bits,
+                                   cur_bits, cur_taps, cur_taps)
+            if all(p[b] <= v for b, v in aim.items()):
+                out.append((g, k2))
+                break
+    return out
 
 
 def _walk_measured(k: int, reaches: bool, current: int, lowest: int, step: int,

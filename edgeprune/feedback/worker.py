@@ -119,8 +119,9 @@ def quantized_accuracy(model, input_shape: tuple[int, ...], calib: np.ndarray, x
 def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float], criterion: str,
                   seed: int, samples: int, lr: float, bits: dict[str, int] | None = None,
                   taps: dict[str, int] | None = None) -> tuple[bytes, float, dict]:
-    """Prune `removal` (per-layer ratios) and keep every s-th window tap of each conv in `taps`,
-    then fine-tune on `samples` samples; score the PTQ model at `bits` on the holdout."""
+    """Prune `removal` (per-layer ratios) and keep every s-th window tap of each conv in `taps`
+    (either may be empty), then fine-tune on `samples` samples; score the PTQ model at `bits`
+    on the holdout."""
     from ..prune import patterns, prune
     from ..train import evaluate
 
@@ -140,7 +141,7 @@ def candidate_job(blob: bytes, example: torch.Tensor, removal: dict[str, float],
             correct_channel_statistics(model, before, layers, _DATA.dataset(), seed=seed)
     if taps:
         patterns.stride_layers(model, taps)
-    if (removal or taps) and samples > 0:
+    if samples > 0:   # a word-length move has none; a grown model (grow.py) only fine-tunes
         finetune(model, _DATA.dataset(), samples / len(_DATA.x_train), lr, seed,
                  _teacher(), _DATA.distill)
     acc, loss = quantized_scores(model, tuple(example.shape), _DATA.calib, _DATA.x_val,
