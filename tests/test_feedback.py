@@ -377,6 +377,31 @@ def test_a_step_that_would_push_another_budget_over_gives_way_to_a_larger_cut():
     assert [(p.name, p.widths["t"]) for p in proposals] == [("t", 6)]
 
 
+def test_a_growth_offers_the_widest_width_predicted_within_every_budget():
+    """A group at 4 of 16 channels (step 2) with slack: the widest width predicted within the
+    latency and flash aims, a multiple of its step; below a lowered ceiling (a growth that
+    measured over the aim), the widest multiple under it; none where nothing fits."""
+    from edgeprune.feedback.costs import Predictor
+    from edgeprune.feedback.search import _growths
+
+    def costs(ms, flash):
+        return {"instructions": int(ms * 1000), "latency_ms": ms, "energy_uj": 1.0,
+                "flash_kb": flash, "sram_kb": 10.0, "kernels": []}
+    base = costs(16.0, 40.0)
+    pred = Predictor(base, {"a": {16: base, 8: costs(8.0, 32.0), 4: costs(4.0, 28.0)}},
+                     {"a": 16})
+    now, full = costs(4.0, 28.0), {"a": 16}
+    args = (pred, now, {"a": 4}, {}, {})
+    assert _growths(*args, {"a": 16}, full, {"latency_ms": 11.0, "flash_kb": 40.0},
+                    {"a": 2}) == [("a", 10)]
+    assert _growths(*args, {"a": 16}, full, {"latency_ms": 11.0, "flash_kb": 33.0},
+                    {"a": 2}) == [("a", 8)]
+    assert _growths(*args, {"a": 9}, full, {"latency_ms": 11.0, "flash_kb": 40.0},
+                    {"a": 2}) == [("a", 8)]
+    assert _growths(*args, {"a": 16}, full, {"latency_ms": 4.5, "flash_kb": 40.0},
+                    {"a": 2}) == []
+
+
 @pytest.mark.parametrize("predicted,goal,expected", [
     (9, 720, 8),     # the table's line put 9 within 720; measured at 730, it walks down
     (8, 790, 10),    # 8 undershoots: 9 and 10 reach 790 too, 11 does not

@@ -536,7 +536,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
             while (grow_back and not patterned and not violations(cur_costs, aim)
                    and it < max_iterations):
                 offers = _growths(predictor, cur_costs, cur_widths, cur_bits, cur_taps, widest,
-                                  aim, step_of)
+                                  full, aim, step_of)
                 if not offers:
                     break
                 it += 1
@@ -561,7 +561,7 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                 new_model = from_bytes(blob)
                 new_costs = measure([new_model], f"iteration {it}: measure", bits=[cur_bits])[0]
                 if violations(new_costs, aim):
-                    widest[g] = k - step_of[g]
+                    widest[g] = k - 1
                     log(f"feedback: iteration {it}: {g} grown to {k} channels measures "
                         f"{_fmt(new_costs)}, over the aim; it grows to at most {widest[g]}")
                     continue
@@ -716,13 +716,14 @@ def _propose(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
 
 def _growths(predictor: Predictor, cur_costs: dict, cur_widths: dict[str, int],
              cur_bits: dict[str, int], cur_taps: dict[str, int], widest: dict[str, int],
-             aim: dict[str, float], step_of: dict[str, int]) -> list[tuple[str, int]]:
-    """Per group below `widest`, the widest width (a multiple of its step, or `widest`)
-    predicted to keep every cost within `aim`: [(group, width)]."""
+             full: dict[str, int], aim: dict[str, float],
+             step_of: dict[str, int]) -> list[tuple[str, int]]:
+    """Per group, the widest width up to `widest` (a multiple of its step, or its `full`
+    width) predicted to keep every cost within `aim`: [(group, width)]."""
     out = []
     for g, k in cur_widths.items():
         m = step_of.get(g, 1)
-        for k2 in sorted({w for w in range(k + 1, widest[g] + 1) if w % m == 0 or w == widest[g]},
+        for k2 in sorted((w for w in range(k + 1, widest[g] + 1) if w % m == 0 or w == full[g]),
                          reverse=True):
             p = predictor.anchored(cur_costs, cur_widths, {**cur_widths, g: k2}, cur_bits,
                                    cur_bits, cur_taps, cur_taps)
