@@ -49,6 +49,10 @@ def register(sub) -> None:
                         "only)")
     p.add_argument("--round-to", type=int, help="widths searched are multiples of this many "
                    "channels (default: the target's channel_multiple; 1: any width)")
+    p.add_argument("--no-grow-back", dest="grow_back", action="store_false",
+                   help="stop at the first widths that meet the budgets (default: grow groups "
+                        "back into the slack the steps left, where a short fine-tune says it "
+                        "helps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -107,7 +111,8 @@ def run(args) -> int:
                         finetune_epochs=args.finetune, train_samples=args.train_samples,
                         short_finetune_samples=args.short_finetune, progress=not args.json,
                         word_lengths=word_lengths, distill=args.distill,
-                        tap_strides=tap_strides, channel_multiple=args.round_to)
+                        tap_strides=tap_strides, channel_multiple=args.round_to,
+                        grow_back=args.grow_back)
         save_torch(result.model, shape, tmp / "model.pt")
         (tmp / "pruning.json").write_text(json.dumps(result.record, indent=1))
     summary = result.summary()
