@@ -39,7 +39,7 @@ from ..errors import EdgepruneError
 from ..prune.allocate import nearest_multiple, unit_multiple
 from ..task import metric_name
 from .costs import INSTRUCTION_METRICS, Predictor, grid_widths, min_width
-from .grow import grow
+from .grow import GrowError, grow
 from .measure import (METRICS, candidate_fingerprint, from_bytes, model_hash, to_bytes,
                       toolchain_fingerprint)
 from .worker import JobData, Runner, candidate_job, finetune, job_key, quantized_accuracy
@@ -539,9 +539,13 @@ def search(model: nn.Module, example_input: torch.Tensor, data, target, budget: 
                                   full, aim, step_of)
                 if not offers:
                     break
+                try:
+                    grown = [grow(graph, cur_model, composed, g, k) for g, k in offers]
+                except GrowError as e:   # a graph grow() cannot map back: keep what fits
+                    log(f"feedback: not growing groups back: {e}")
+                    break
                 it += 1
                 it_seed = seed + 1000 * it
-                grown = [grow(graph, cur_model, composed, g, k) for g, k in offers]
                 models = [cur_model] + [m for m, _ in grown]
                 jobs = [(job_key(model_hash(m), "grow", cur_bits, settings, it_seed),
                          (to_bytes(m), example_input, {}, criterion, it_seed,
