@@ -525,3 +525,97 @@ def test_round_to_keeps_a_multiple_of_channels_in_every_pruned_layer():
     assert all(len(g["kept"]) % 4 == 0 for g in rec["groups"])
     with pytest.raises(EdgepruneError, match="round_to 0 must be a positive integer"):
         prune(model, torch.randn(shape), round_to=0)
+
+
+class PerChannelConstants(nn.Module):
+    """Constants with a value per channel on the way: a ConvNeXt-style layer scale on a
+    residual branch, a bias added after a bias-free conv, a learnt map added to every channel
+    alike (its channel axis is 1), and a positional embedding on channels-last frames."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.c = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.shift = nn.Parameter(torch.randn(1, 12, 1, 1))
+        self.spot = nn.Parameter(torch.randn(1, 1, 8, 8))
+        self.d = nn.Linear(12, 6)
+        self.pos = nn.Parameter(torch.randn(1, 64, 6))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y + self.gamma * torch.relu(self.b(y))
+        y = torch.relu(self.c(y) + self.shift) * self.spot
+        t = self.d(y.flatten(2).transpose(1, 2)) + self.pos     # (N, 64, 6)
+        return self.fc(torch.relu(t).mean(1))
+
+
+def test_per_channel_constants_prune_with_their_channels_also_from_onnx(tmp_path):
+    from checks import read_back
+    torch.manual_seed(0)
+    model = PerChannelConstants().eval()
+    x = torch.randn(3, 1, 8, 8)
+    for source in (model, read_back(model, (1, 1, 8, 8), x, tmp_path, exporters=(False,))):
+        graph = DepGraph(source, torch.randn(1, 1, 8, 8))
+        assert sorted(g.units for g in graph.groups) == [6, 8, 12]
+        pruned, record = prune(source, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
+        assert conv_widths(pruned) == [4, 4, 6]
+        # the model's own tensors (ONNX's exporter folds the shift into c's bias)
+        consts = {tuple(t.shape) for n, t in [*pruned.named_parameters(),
+                                               *pruned.named_buffers()] if "." not in n}
+        assert {(4, 1, 1), (1, 1, 8, 8), (1, 64, 3)} <= consts <= {(4, 1, 1), (1, 1, 8, 8),
+                                                                   (1, 64, 3), (1, 6, 1, 1)}
+        _check_equivalent(source, pruned, record, x)
+
+
+class ConstantReadTwice(nn.Module):
+    """One per-channel parameter scales two tensors (their channels prune together), and a
+    bias that a concatenation also reads (it cannot be cut: those channels are kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 6, 3, padding=1)
+        self.c, self.d = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.scale = nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)
+        self.bias = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.fc = nn.Linear(6 + 6 + 4, 3)
+
+    def forward(self, x):
+        u, v = self.a(x) * self.scale, self.b(x) * self.scale
+        w = self.d(self.c(x) + self.bias)
+        w = torch.cat([w, self.bias.expand(x.shape[0], 4, 1, 8)], 2)     # a row more
+        return self.fc(torch.cat([u.mean((2, 3)), v.mean((2, 3)), w.mean((2, 3))], 1))
+
+
+def test_a_constant_read_twice_prunes_both_readers_alike_or_is_kept():
+    model, by_layer = _built(ConstantReadTwice)
+    assert by_layer["a"] is by_layer["b"] and by_layer["a"].units == 6
+    assert "c" not in by_layer
+    pruned, record = prune(model, torch.randn(1, 1, 8, 8), criterion="l1", ratios=0.5)
+    assert conv_widths(pruned) == [3, 3, 4, 4] and pruned.scale.shape == (1, 3, 1, 1)
+    assert pruned.bias.shape == (1, 4, 1, 1)
+    _check_equivalent(model, pruned, record, torch.randn(3, 1, 8, 8))
+
+
+class BiasReadAsAConstant(nn.Module):
+    """A Linear's bias also added on its own (an unrolled recurrent layer's first step reads
+    its hidden Linear's bias so): the tensor it is added to prunes with that Linear's outputs,
+    and surgery cuts the bias once, with the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x) + self.b.bias))))
+
+
+def test_a_layers_bias_read_as_a_constant_prunes_with_the_layer():
+    torch.manual_seed(0)
+    model = BiasReadAsAConstant().eval()
+    graph = DepGraph(model, torch.randn(1, 4))
+    assert [g.layers for g in graph.groups] == [["a", "b"]]
+    pruned, record = prune(model, torch.randn(1, 4), criterion="l1", ratios=0.5)
+    assert (pruned.a.out_features, pruned.b.in_features, pruned.b.bias.shape) == (4, 4, (4,))
+    _check_equivalent(model, pruned, record, torch.randn(3, 4))

@@ -66,6 +66,10 @@ def test_recurrent_models_prune_and_quantize_bit_exact(kind):
     pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
     # c2 feeds the recurrent layer (its Linears run at every step: kept whole)
     assert conv_widths(pruned) == [4, 8]
+    # the recurrent state prunes: every gate's rows and the state's columns, at every step
+    hidden = {n: (m.out_features, m.in_features) for n, m in pruned.named_modules()
+              if isinstance(m, nn.Linear) and ".hh." in n}
+    assert hidden and set(hidden.values()) == {(8, 8)}
     qm = ptq.quantize_ptq(pruned, SHAPE, x.numpy())
     xq = reference.quantize_input(qm, x[:2].numpy())
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
@@ -223,10 +227,11 @@ class CellLoop(nn.Module):
 '''
 
 
-def test_a_cell_stepped_in_python_deploys_unpruned_and_bit_exact(tmp_path, monkeypatch):
+def test_a_cell_stepped_in_python_deploys_pruned_and_bit_exact(tmp_path, monkeypatch):
     """A model torch.fx cannot trace (a loop over the input's time steps) is read back from
-    torch's ONNX export, unrolled at its static shape; with nothing to prune (the recurrent
-    state keeps its width), deploy quantizes, compiles and runs it as it is."""
+    torch's ONNX export, unrolled at its static shape. Its gate biases are per-channel
+    constants that prune with the recurrent state: every step's gate Linear loses the same
+    rows (16 -> 12 a gate), and deploy quantizes, compiles and runs it bit-exact."""
     from test_deploy import deploy_user_model
     (tmp_path / "cells.py").write_text(CELL_LOOP)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -242,4 +247,5 @@ def test_a_cell_stepped_in_python_deploys_unpruned_and_bit_exact(tmp_path, monke
     report = deploy_user_model(tmp_path / "m.pt", tmp_path / "seq.npz", tmp_path, "0", 3)
     assert report["input_shape"] == [1, 6, 10]
     assert report["check"]["outputs_match"] and report["check"]["mismatches"] == 0
-    assert report["pruning"]["per_layer"] == []
+    cuts = {(c["channels_before"], c["channels_after"]) for c in report["pruning"]["per_layer"]}
+    assert len(report["pruning"]["per_layer"]) == 6 + 5 + 1 and cuts == {(48, 36), (4, 4)}

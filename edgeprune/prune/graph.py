@@ -184,6 +184,20 @@ class DepGraph:
         except Exception as e:
             raise GraphError(f"the traced model fails on an input of shape "
                              f"{tuple(example_input.shape)}: {type(e).__name__}: {e}") from None
+        try:
+            self._analyse(fine=True)
+        except GraphError:
+            # the finer reading left channels prunable that the walk cannot follow further
+            # (a (N, C) -> (N, 1, C) that a conv reads as a map): those channels are kept, as
+            # the coarse reading keeps them
+            self._analyse(fine=False)
+        self._build_groups()
+
+    def _analyse(self, fine: bool) -> None:
+        """Walk the graph from scratch, tying channels into units. `fine`: per-channel
+        constants are cut with their channels (else they keep them), and (N, C) -> (N, 1, C)
+        is a frame of a sequence (else a map of one channel)."""
+        self._fine = fine
         self._sizes: list[int] = []        # channels per space
         self._space_frozen: list[bool] = []
         self._space_layer: list[str | None] = []
@@ -199,8 +213,12 @@ class DepGraph:
         # contiguous pieces of the channels (x[:, 4:], a chunk's or split's piece, narrow):
         # node -> (the sliced tensor's layout, the piece), rewritten to the channels kept
         self.channel_slices: dict[str, tuple[Layout, Slice]] = {}
+        # constants with a value per channel (a layer scale, a bias added, a positional
+        # embedding): get_attr target -> (the channels' layout, the constant's channel axis)
+        self.channel_consts: dict[str, tuple[Layout, int]] = {}
+        self._const_reads: dict[str, list[tuple[str, Layout, int]]] = {}   # by elementwise ops
         self._walk()
-        self._build_groups()
+        self._settle_constants()
 
     # ---- union-find over channel ids
     def _new_space(self, size: int, layer: str | None, frozen: bool) -> Layout:
@@ -662,11 +680,9 @@ class DepGraph:
         if not tensors:
             return None
         consts = [x for x, l in ((a, la), (b, lb)) if l is CONST]
-        for c in consts:
-            if _fetch_attr(self.gm, c.target).numel() != 1:  # a per-channel constant: its channels cannot change
-                for _, l in tensors:
-                    self._freeze(l)
         if len(tensors) == 1:
+            for c in consts:
+                self._per_channel_const(node, c, *tensors[0])
             return tensors[0][1]
         (xa, la), (xb, lb) = tensors
         sa, sb = self._shape(xa), self._shape(xb)
@@ -691,6 +707,60 @@ class DepGraph:
             return la
         self._fail(node, f"operands with channel shapes {sa} and {sb} do not line up")
 
+    def _per_channel_const(self, node: fx.Node, const: fx.Node, x: fx.Node,
+                           lay: Layout) -> None:
+        """Constant `const` meets tensor `x` elementwise at `node`. One value for every channel
+        constrains nothing; a value per channel of a parameter or buffer prunes with the
+        channels (surgery slices it); any other constant keeps them."""
+        cs, xs = self._shape(const), self._shape(x)
+        if xs is None:
+            self._freeze(lay)
+            return
+        if cs is None and const.op == "get_attr":
+            cs = tuple(_fetch_attr(self.gm, const.target).shape)
+        channel_axis = len(xs) - 1 if lay.channels_last else 1
+        k = None if cs is None else channel_axis - (len(xs) - len(cs))   # the constant's axis
+        if k is not None and (k < 0 or cs[k] == 1):
+            return                                   # the same for every channel
+        if k is None or const.op != "get_attr" or lay.repeat != 1 or \
+                tuple(self._shape(node) or ()) != tuple(xs) or cs[k] != len(lay.ids):
+            self._freeze(lay)
+            return
+        self._const_reads.setdefault(const.target, []).append((node.name, lay, k))
+        if not self._fine:
+            self._freeze(lay)
+
+    def _settle_constants(self) -> None:
+        """Per-channel constants, once every reader is known. A constant read more than once
+        ties its readers' channels. A pruned layer's own bias read on its own (an unrolled
+        recurrent layer's first step adds its hidden Linear's bias) ties them to the layer's
+        outputs: surgery cuts it with the layer. A constant that anything besides elementwise
+        ops reads (a concatenation, a reshape) cannot be cut: its readers' channels are kept.
+        The rest are cut by surgery along their channel axis."""
+        for node in self.gm.graph.nodes:
+            reads = self._const_reads.get(node.target) if node.op == "get_attr" else None
+            if not reads:
+                continue
+            lays = [lay for _, lay, _ in reads]
+            owner, _, attr = node.target.rpartition(".")
+            layer = self.layers.get(owner)
+            if layer is not None:
+                lays.append(layer.out_layout)
+            sizes = {(len(lay.ids), lay.repeat, lay.channels_last) for lay in lays
+                     if isinstance(lay, Layout)}
+            readers = {name for name, _, _ in reads}
+            if len(sizes) != 1 or len({k for _, _, k in reads}) != 1 or \
+                    (layer is not None and attr != "bias") or \
+                    any(u.name not in readers for u in node.users):
+                for lay in lays:
+                    self._freeze(lay)
+                continue
+            for lay in lays[1:]:
+                for i, j in zip(lays[0].ids, lay.ids):
+                    self._union(i, j)
+            if layer is None and self._fine:
+                self.channel_consts[node.target] = (lays[0], reads[0][2])
+
     def _cat(self, node: fx.Node, shape):
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -710,6 +780,10 @@ class DepGraph:
         if dim != 0 and all(set(l.ids) <= self._frozen_ids for l in lays) and \
                 (dim != 1 or any(l.channels_last for l in lays)):
             return self._new_space(shape[1], None, True)   # kept channels, any axis
+        if self._fine and all(l.unflattened_last for l in lays):
+            if dim == nd - 1:      # the channels of frames (a bidirectional layer's two halves)
+                return Layout(tuple(i for l in lays for i in l.ids), 1, True)
+            return self._lined_up(node, lays)  # frames after frames: the channels line up
         if any(l.channels_last for l in lays):
             self._fail(node, "concatenates tensors with the channels on the last axis")
         if dim == 1:
@@ -721,13 +795,18 @@ class DepGraph:
                 return self._new_space(shape[1], None, True)
             return Layout(tuple(i for l in lays for i in l.ids), lays[0].repeat)
         if dim == 0 or nd == 4:  # batch or spatial concat: channels line up one to one
-            for l in lays[1:]:
-                if len(l.ids) != len(lays[0].ids):
-                    self._fail(node, "concatenated tensors differ in channels")
-                for i, j in zip(lays[0].ids, l.ids):
-                    self._union(i, j)
-            return lays[0]
+            return self._lined_up(node, lays)
         self._fail(node, f"concatenation along dim {dim}")
+
+    def _lined_up(self, node: fx.Node, lays: list[Layout]) -> Layout:
+        """Pieces concatenated along an axis other than the channels: channel i of every piece
+        is one."""
+        for l in lays[1:]:
+            if len(l.ids) != len(lays[0].ids):
+                self._fail(node, "concatenated tensors differ in channels")
+            for i, j in zip(lays[0].ids, l.ids):
+                self._union(i, j)
+        return lays[0]
 
     def _reshape(self, node: fx.Node, shape):
         in_shape = self._shape(node.args[0])
@@ -759,6 +838,10 @@ class DepGraph:
             return lay
         if shape[0] != in_shape[0] or len(shape) < 2:
             self._fail(node, f"reshape {in_shape} -> {tuple(shape)} changes the batch axis")
+        if self._fine and len(in_shape) == 2 and tuple(shape) == (in_shape[0], 1, in_shape[1]) \
+                and isinstance(lay, Layout) and lay.repeat == 1 and not lay.channels_last:
+            return Layout(lay.ids, 1, True)     # h.unsqueeze(1): a sequence's frame, to be
+            #                                     concatenated with the others over time
         if (len(in_shape) == 2 and len(shape) >= 3 and isinstance(lay, Layout)
                 and lay.repeat == 1 and not lay.channels_last):
             # features unflattened to maps (a decoder's Linear -> (N, C, H, W)): channel c is
@@ -1106,10 +1189,26 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             node.args = (source, piece.axis, sum(alive[:piece.start]),
                          sum(alive[piece.start:piece.stop]))
             node.kwargs = {}
+    for target, (layout, axis) in graph.channel_consts.items():
+        kept = [i for i, cid in enumerate(layout.ids) if graph.alive(cid, keep)]
+        _set_tensor(gm, target, _fetch_attr(gm, target).index_select(axis, _idx(kept)))
     gm.graph.eliminate_dead_code()      # a split whose pieces are narrows now
     gm.recompile()
     gm.train(graph.model.training)
     return gm, masks
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the parameter, buffer or plain tensor attribute `name` of `root` by `value`."""
+    parent, _, attr = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(value.detach().clone(), old.requires_grad)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value.detach().clone()
+    else:
+        setattr(owner, attr, value.detach().clone())
 
 
 def _set(root: nn.Module, name: str, new: nn.Module) -> None:
