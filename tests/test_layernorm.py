@@ -1,7 +1,7 @@
 """LayerNorm over the last axis in integers (requant.layernorm_normalized: an exact integer
 square root, then a requantization per channel): frames of a sequence, ConvNeXt's
 channels-last LayerNorm of a conv map, and GroupNorm / InstanceNorm as LayerNorms of groups.
-From torch and ONNX, pruned around them, bit-exact on targets without (M4, riscv32) and with a
+From torch and ONNX, pruned through them, bit-exact on targets without (M4, riscv32) and with a
 double-precision FPU (M7)."""
 
 import re
@@ -94,10 +94,12 @@ def test_normalization_prunes_and_runs_bit_exact(cls, shape, target, tmp_path):
     pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
     width = {n: getattr(m, "out_features", getattr(m, "out_channels", None))
              for n, m in pruned.named_modules()}
-    # pruned around the norm; the channels a LayerNorm sees together are kept, a GroupNorm's
-    # prune by whole groups (one of its two here), an InstanceNorm's weights with their channels
-    layer, kept = {Frames: ("b", 16), ConvNeXtish: ("up", 12), GroupNormed: ("e", 4)}[cls]
-    assert width[layer] == kept
+    # a LayerNorm's channels prune with its weights (the residual stream of Frames, ConvNeXt's
+    # block through its channels-last norm), a GroupNorm's by whole groups (one of its two
+    # here), an InstanceNorm's weights with their channels
+    want = {Frames: {"a": 8, "b": 16, "c": 8}, ConvNeXtish: {"stem": 6, "up": 12, "down": 6},
+            GroupNormed: {"e": 4}}[cls]
+    assert {layer: width[layer] for layer in want} == want
     if cls is GroupNormed:
         assert (width["c"], width["d"]) == (4, 6) and pruned.n.num_groups == 1
 
@@ -142,3 +144,72 @@ def test_group_norm_from_onnx_prunes_by_whole_groups(tmp_path):
             torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
         pruned, _ = pruned_equivalently(back, shape, x, ratios=0.5)
         assert conv_widths(pruned) == [4, 6, 4]    # c: one group of two; d, e: by channels
+
+
+class PreNormBlocks(nn.Module):
+    """Pre-norm residual blocks on frames with a LayerNorm, an RMSNorm, a LayerNorm without
+    bias and one over (N, C) features: the residual stream prunes through all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 16)
+        self.n1, self.n2 = nn.LayerNorm(16), nn.RMSNorm(16)
+        self.f1, self.f2 = nn.Linear(16, 24), nn.Linear(24, 16)
+        self.g1, self.g2 = nn.Linear(16, 24), nn.Linear(24, 16)
+        self.n3, self.n4 = nn.LayerNorm(16, bias=False), nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.emb(x)
+        t = t + self.f2(F.gelu(self.f1(self.n1(t))))
+        t = t + self.g2(F.gelu(self.g1(self.n2(t))))
+        return self.fc(self.n4(self.n3(t).mean(1)))
+
+
+def test_a_layer_norm_prunes_its_channels_with_the_statistics_over_those_kept():
+    torch.manual_seed(0)
+    model = PreNormBlocks().eval()
+    for m in model.modules():
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.weight.data = torch.rand(16) + 0.5
+            if getattr(m, "bias", None) is not None:
+                m.bias.data = torch.randn(16)
+    x = torch.randn(8, 5, 6)
+    # checked against the model whose norms take their statistics over the channels kept
+    pruned, record = pruned_equivalently(model, (1, 5, 6), x, ratios=0.5)
+    norms = [m for m in pruned.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
+    assert [m.normalized_shape for m in norms] == [(8,)] * 4
+    assert (pruned.emb.out_features, pruned.f1.out_features, pruned.g2.out_features) == \
+        (8, 12, 8)
+    assert record["layers"]["n2"]["kind"] == "ln" and len(record["layers"]["n2"]["kept"]) == 8
+    # not what the unpruned model computes with those channels zeroed: a norm's statistics
+    # change, which the fine-tune after pruning takes up
+    from edgeprune.prune import masked_reference
+    with torch.no_grad(), masked_reference(model, {k: v for k, v in record["layers"].items()
+                                                   if v["kind"] != "ln"}):
+        assert not torch.allclose(model(x), pruned(x), atol=1e-3)
+    calib = torch.randn(64, 5, 6).numpy()
+    qm = ptq.quantize_ptq(pruned, (1, 5, 6), calib)
+    assert [o.kind for o in qm.ops].count("layernorm") == 4
+
+
+class NormsThatKeepChannels(nn.Module):
+    """A LayerNorm over a map's (C, H, W) and the functional form with weights of its own:
+    their channels are kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.n = nn.Conv2d(1, 8, 3, padding=1), nn.LayerNorm((8, 6, 6))
+        self.d = nn.Linear(8, 8)
+        self.w, self.b = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.d(self.n(self.c(x)).mean((2, 3)))
+        return self.fc(F.layer_norm(t, (8,), self.w, self.b))
+
+
+def test_norms_over_more_than_the_channels_or_written_as_functions_keep_them():
+    from edgeprune.prune import DepGraph
+    torch.manual_seed(0)
+    assert DepGraph(NormsThatKeepChannels().eval(), torch.randn(1, 1, 6, 6)).groups == []

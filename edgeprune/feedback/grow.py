@@ -5,7 +5,8 @@ the slack left under a budget is accuracy given away. `grow` gives a group of th
 back some of the channels the unpruned model had, without changing what the model computes:
 the returned channels carry the unpruned model's weights and statistics, and the layers that
 read them get zero input columns for them (function-preserving widening, as Net2Net's), so the
-short fine-tune that follows starts from the pruned model and only gains capacity.
+short fine-tune that follows starts from the pruned model and only gains capacity. (A
+LayerNorm over the channels is the exception: its statistics take in the returned channels.)
 """
 
 from __future__ import annotations

@@ -804,8 +804,8 @@ def _identity_record(graph) -> dict:
             n_in = mod.in_channels if hasattr(mod, "in_channels") else mod.in_features
             e.update(out_before=n_out, out_kept=list(range(n_out)),
                      in_before=n_in, in_kept=list(range(n_in)))
-        elif layer.kind in ("bn", "dwconv"):
-            n = mod.num_features if hasattr(mod, "num_features") else mod.out_channels
+        elif layer.kind in ("bn", "dwconv", "gn", "prelu", "ln"):   # a weight per channel
+            n = len(layer.in_layout.ids)
             e.update(channels_before=n, kept=list(range(n)))
         out[name] = e
     return out

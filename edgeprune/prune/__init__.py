@@ -183,7 +183,7 @@ def _record(graph: DepGraph, crit_name: str, allocation: str, scores, keep, mask
             entry["scores"] = unit_score_at.get(name)
         if "in" in rec:
             entry.update(in_before=rec["in_before"], in_kept=rec["in"])
-        if layer.kind in ("bn", "gn", "dwconv", "prelu"):
+        if layer.kind in ("bn", "gn", "dwconv", "prelu", "ln"):
             entry.update(channels_before=rec["in_before"], kept=rec["in"])
         layers[name] = entry
     return {"criterion": crit_name, "allocation": allocation, "groups": groups, "layers": layers}

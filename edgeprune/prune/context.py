@@ -5,7 +5,8 @@ Everything works on the *original* model through temporary hooks, so scoring nev
 user's weights and never needs the pruned model:
 
 * `UnitGate` multiplies the channels a group's units occupy at the **input of every layer that
-  reads them** (dense conv / linear). Zero there is exactly what physical removal does, so the
+  reads them** (dense conv / linear). Zero there is exactly what physical removal does (a
+  LayerNorm's statistics aside: the pruned norm's are over the channels kept), so the
   same mechanism gives the equivalence tests' reference, the meta-criterion's trial masks and the
   differentiable L0 gates.
 * `gate_terms` differentiates the loss with respect to per-sample gates of 1 at those consumer
@@ -95,6 +96,20 @@ def _per_feature(module: nn.Module, v: torch.Tensor, x: torch.Tensor) -> torch.T
     return v.view(v.shape + (1,) * (x.dim() - 2))
 
 
+def _norm_over(kept: torch.Tensor):
+    """A forward hook: a LayerNorm's (RMSNorm's) output recomputed over the last axis'
+    channels `kept` alone, zero in the others."""
+    def hook(module, args, out):
+        x, w, b = args[0][..., kept], module.weight, getattr(module, "bias", None)
+        w, b = (None if w is None else w[kept]), (None if b is None else b[kept])
+        if isinstance(module, nn.RMSNorm):
+            y = F.rms_norm(x, (len(kept),), w, module.eps)
+        else:
+            y = F.layer_norm(x, (len(kept),), w, b, module.eps)
+        return torch.zeros_like(out).index_copy(-1, kept, y)
+    return hook
+
+
 def masked_reference(model: nn.Module, layers: dict[str, dict]) -> "_LayerMask":
     """Hooks that zero, at the input of every conv/linear, the input channels a pruning record
     says were removed (`layers[name]["in_kept"]` out of `in_before`). Used as the reference the
@@ -108,6 +123,10 @@ class _LayerMask:
 
     def __enter__(self):
         for name, rec in self.layers.items():
+            if rec.get("kind") == "ln" and len(rec["kept"]) < rec["channels_before"]:
+                # a pruned LayerNorm's statistics are over the channels it keeps
+                self._hooks.append(self.model.get_submodule(name).register_forward_hook(
+                    _norm_over(torch.as_tensor(rec["kept"], dtype=torch.long))))
             # dwconv: its input is its output
             if rec.get("kind") not in ("conv", "gconv", "groupwise", "linear"):
                 continue

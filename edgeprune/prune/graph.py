@@ -129,7 +129,7 @@ CONST = "const"  # marker layout for get_attr constants
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
     name: str
-    kind: str  # "conv" | "gconv" | "groupwise" | "dwconv" | "frozen" | "bn" | "gn" | "prelu"
+    kind: str  # "conv" | "gconv" | "groupwise" | "dwconv" | "frozen" | "bn" | "gn" | "prelu" | "ln"
     #            | "linear"
     module: nn.Module
     node: str
@@ -213,6 +213,11 @@ class DepGraph:
         # contiguous pieces of the channels (x[:, 4:], a chunk's or split's piece, narrow):
         # node -> (the sliced tensor's layout, the piece), rewritten to the channels kept
         self.channel_slices: dict[str, tuple[Layout, Slice]] = {}
+        # reshapes to the shape they are given (x.reshape(n, t, c)): the input as it is
+        self.same_shape_reshapes: list[str] = []
+        # reshapes of channels on the last axis ((N, T, 1, E) <-> (N, T, E)): node -> (the
+        # channels' layout, the shape), rewritten to the channels kept
+        self.last_axis_reshapes: dict[str, tuple[Layout, tuple[int, ...]]] = {}
         # constants with a value per channel (a layer scale, a bias added, a positional
         # embedding): get_attr target -> (the channels' layout, the constant's channel axis)
         self.channel_consts: dict[str, tuple[Layout, int]] = {}
@@ -367,7 +372,7 @@ class DepGraph:
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
         if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
-            return self._layer_norm(node, len(mod.normalized_shape))
+            return self._layer_norm(node, len(mod.normalized_shape), name, mod)
         if isinstance(mod, nn.GroupNorm):
             return self._group_norm(node, mod, name)
         if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d)):   # each channel alone
@@ -436,13 +441,21 @@ class DepGraph:
         self.layers[name] = Layer(name, "gn", mod, node.name, lay, lay)
         return lay
 
-    def _layer_norm(self, node: fx.Node, n_axes: int) -> Layout:
-        """A LayerNorm over the last `n_axes` axes. Over the channels, every channel counts in
-        the statistics, so they are kept; over other axes (L of (N, C, L), H and W of maps)
-        they pass."""
+    def _layer_norm(self, node: fx.Node, n_axes: int, name: str | None = None,
+                    mod: nn.Module | None = None) -> Layout:
+        """A LayerNorm over the last `n_axes` axes. Over the channels alone (a transformer's
+        residual stream, (N, T, C) or (N, C)), a module's channels prune with their weights:
+        the pruned norm's statistics are over the channels kept (not what the unpruned model
+        computes with those channels zeroed; fine-tuning follows). Over the channels and
+        other axes, or as a function with weights of its own, they are kept; over other axes
+        only (L of (N, C, L), H and W of maps) they pass."""
         lay = self._input_layout(node, channels_last_ok=True)
         nd = len(self._shape(node.args[0]))
-        if lay.channels_last or n_axes >= nd - 1 or lay.repeat != 1:
+        over_channels = lay.channels_last or n_axes >= nd - 1
+        if self._fine and mod is not None and n_axes == 1 and lay.repeat == 1 and \
+                (lay.unflattened_last or nd == 2):
+            self.layers[name] = Layer(name, "ln", mod, node.name, lay, lay)
+        elif over_channels or lay.repeat != 1:
             self._freeze(lay)
         return lay
 
@@ -813,6 +826,7 @@ class DepGraph:
         if in_shape is None:
             self._fail(node, "reshape of an unknown shape")
         if tuple(shape) == tuple(in_shape):
+            self.same_shape_reshapes.append(node.name)
             return self._input_layout(node, channels_last_ok=True)
         lay = self._layout_of(node.args[0])
         if len(shape) == 1 and shape[0] == in_shape[0] and isinstance(lay, Layout):
@@ -827,6 +841,7 @@ class DepGraph:
                 and shape[-1] == in_shape[-1] and shape[0] == in_shape[0]:
             # unit axes in or out before the channels on the last axis (a 1-D model's frames
             # (N, T, 1, E) <-> (N, T, E)): they stay last
+            self.last_axis_reshapes[node.name] = (lay, tuple(shape))
             return Layout(lay.ids, 1, len(shape) > 2)
         if (len(in_shape) >= 2 and len(shape) >= 2 and tuple(shape[:2]) == tuple(in_shape[:2])
                 and isinstance(lay, Layout) and not lay.channels_last):
@@ -881,7 +896,7 @@ class DepGraph:
                 return Layout(lay.ids, 1) if lay.repeat == 1 else self._fail(node, "mean of "
                                                                             "flattened tensor")
             if lay.unflattened_last and len(shape) < len(in_shape):   # no keepdim
-                return lay           # the channels stay last
+                return lay if len(shape) > 2 else Layout(lay.ids)   # the channels stay last
             if lay.channels_last:
                 self._fail(node, "a mean that keeps the axes of a channels-last tensor")
             return lay
@@ -971,8 +986,9 @@ class DepGraph:
             roles += [("out", layer.out_layout, False), ("in", layer.in_layout, True)]
         elif layer.kind == "groupwise":   # its inputs are its units' own, not columns
             roles += [("out", layer.out_layout, False)]
-        elif layer.kind in ("bn", "gn", "dwconv", "prelu"):
-            role = {"bn": "bn", "gn": "gn", "dwconv": "dw", "prelu": "prelu"}[layer.kind]
+        elif layer.kind in ("bn", "gn", "dwconv", "prelu", "ln"):
+            role = {"bn": "bn", "gn": "gn", "dwconv": "dw", "prelu": "prelu", "ln": "ln"}[
+                layer.kind]
             roles += [(role, layer.in_layout, False)]
         for role, lay, expand in roles:
             for gi, units in self._positions(lay, expand).items():
@@ -1128,6 +1144,20 @@ def _new_group_norm(m: nn.GroupNorm, keep: list[int]) -> nn.GroupNorm:
     return new
 
 
+def _new_layer_norm(m: nn.LayerNorm | nn.RMSNorm, keep: list[int]) -> nn.Module:
+    """`m` over the channels `keep` (its statistics over them alone)."""
+    i = _idx(keep)
+    if isinstance(m, nn.RMSNorm):
+        new = nn.RMSNorm(len(keep), m.eps, m.elementwise_affine)
+    else:
+        new = nn.LayerNorm(len(keep), m.eps, m.elementwise_affine, bias=m.bias is not None)
+    if m.weight is not None:
+        new.weight.data.copy_(m.weight.data[i])
+    if getattr(m, "bias", None) is not None:
+        new.bias.data.copy_(m.bias.data[i])
+    return new.to(m.weight.dtype if m.weight is not None else torch.float32)
+
+
 def _new_linear(m: nn.Linear, keep_out: list[int], keep_in: list[int]) -> nn.Linear:
     new = nn.Linear(len(keep_in), len(keep_out), bias=m.bias is not None)
     new.weight.data.copy_(m.weight.data[_idx(keep_out)][:, _idx(keep_in)])
@@ -1161,6 +1191,8 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             new = _new_bn(m, rec["in"])
         elif layer.kind == "gn":
             new = _new_group_norm(m, rec["in"])
+        elif layer.kind == "ln":
+            new = _new_layer_norm(m, rec["in"])
         elif layer.kind == "prelu":
             new = nn.PReLU(len(rec["in"]))
             new.weight.data.copy_(m.weight.data[_idx(rec["in"])])
@@ -1189,6 +1221,14 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             node.args = (source, piece.axis, sum(alive[:piece.start]),
                          sum(alive[piece.start:piece.stop]))
             node.kwargs = {}
+        elif node.name in graph.last_axis_reshapes:
+            layout, shape = graph.last_axis_reshapes[node.name]
+            kept = sum(graph.alive(cid, keep) for cid in layout.ids)
+            node.op, node.target = "call_function", torch.reshape
+            node.args, node.kwargs = (node.args[0], (-1, *shape[1:-1], kept)), {}
+        elif node.name in graph.same_shape_reshapes:
+            node.replace_all_uses_with(node.args[0])
+    _fold_sizes(gm, graph)
     for target, (layout, axis) in graph.channel_consts.items():
         kept = [i for i, cid in enumerate(layout.ids) if graph.alive(cid, keep)]
         _set_tensor(gm, target, _fetch_attr(gm, target).index_select(axis, _idx(kept)))
@@ -1196,6 +1236,35 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
     gm.recompile()
     gm.train(graph.model.training)
     return gm, masks
+
+
+def _fold_sizes(gm: fx.GraphModule, graph: DepGraph) -> None:
+    """Sizes read from tensors (`n, t, c = x.shape`, `x.size(-1)`) become the unpruned model's
+    numbers, but the batch's: what the model derives from them (a head's width `c // h`, a
+    reshape of another tensor, a scale `d ** -0.5`) stays what it was when some tensor it was
+    read from lost channels."""
+    original = {n.name: graph._shape(n) for n in graph.gm.graph.nodes}
+
+    def static(source: fx.Node, axis) -> int | None:
+        shape = original.get(source.name)
+        if not isinstance(axis, int) or shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        axis %= len(shape)
+        return None if axis == 0 else int(shape[axis])
+    for node in list(gm.graph.nodes):
+        value = None
+        if node.op == "call_method" and node.target == "size" and len(node.args) > 1:
+            value = static(node.args[0], node.args[1])
+        elif node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(node.args[0], fx.Node) and len(node.args) == 2:
+            shaped = node.args[0]
+            if (shaped.op == "call_function" and shaped.target is getattr
+                    and shaped.args[1:] == ("shape",)) or \
+                    (shaped.op == "call_method" and shaped.target == "size"
+                     and len(shaped.args) == 1):
+                value = static(shaped.args[0], node.args[1])
+        if value is not None:
+            node.replace_all_uses_with(value)
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
