@@ -110,10 +110,24 @@ def _norm_over(kept: torch.Tensor):
     return hook
 
 
+def _zero_outputs(rec: dict):
+    """A forward hook: a conv's (axis 1) or Linear's (last axis) outputs not in
+    rec["out_kept"] set to zero."""
+    def hook(module, args, out):
+        mask = torch.zeros(rec["out_before"], dtype=out.dtype)
+        mask[torch.as_tensor(rec["out_kept"], dtype=torch.long)] = 1.0
+        if isinstance(module, nn.Linear):
+            return out * mask
+        return out * mask.view(-1, *([1] * (out.dim() - 2)))
+    return hook
+
+
 def masked_reference(model: nn.Module, layers: dict[str, dict]) -> "_LayerMask":
     """Hooks that zero, at the input of every conv/linear, the input channels a pruning record
-    says were removed (`layers[name]["in_kept"]` out of `in_before`). Used as the reference the
-    pruned model must equal: it is built from the record alone, not from the dependency graph."""
+    says were removed (`layers[name]["in_kept"]` out of `in_before`), and its removed outputs
+    where it makes them; a pruned LayerNorm's statistics over the channels kept. Used as the
+    reference the pruned model must equal: it is built from the record alone, not from the
+    dependency graph."""
     return _LayerMask(model, layers)
 
 
@@ -130,6 +144,12 @@ class _LayerMask:
             # dwconv: its input is its output
             if rec.get("kind") not in ("conv", "gconv", "groupwise", "linear"):
                 continue
+            if len(rec["out_kept"]) < rec["out_before"]:
+                # its removed outputs zero where they are made too: what reads them besides
+                # a conv or Linear (q @ k^T contracts the queries' channels with the keys')
+                # sees them gone
+                self._hooks.append(self.model.get_submodule(name).register_forward_hook(
+                    _zero_outputs(rec)))
             if len(rec["in_kept"]) == rec["in_before"]:
                 continue
             mask = torch.zeros(rec["in_before"])

@@ -125,6 +125,13 @@ class Layout:
 CONST = "const"  # marker layout for get_attr constants
 
 
+@dataclass(frozen=True)
+class Transposed:
+    """A channels-last tensor with its last two axes swapped (attention's keys, k.transpose(-2,
+    -1)): only a product that contracts those channels (q @ k^T) may read it."""
+    layout: Layout
+
+
 @dataclass
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
@@ -213,6 +220,10 @@ class DepGraph:
         # contiguous pieces of the channels (x[:, 4:], a chunk's or split's piece, narrow):
         # node -> (the sliced tensor's layout, the piece), rewritten to the channels kept
         self.channel_slices: dict[str, tuple[Layout, Slice]] = {}
+        # attention's heads split ((N, T, C) -> (N, T, h, d)) or merged back: node -> (the
+        # last axis' channels, the shape, heads merged into the last axis (1: split)),
+        # rewritten to the channels kept
+        self.head_reshapes: dict[str, tuple[Layout, tuple[int, ...], int]] = {}
         # reshapes to the shape they are given (x.reshape(n, t, c)): the input as it is
         self.same_shape_reshapes: list[str] = []
         # reshapes of channels on the last axis ((N, T, 1, E) <-> (N, T, E)): node -> (the
@@ -396,10 +407,28 @@ class DepGraph:
                    "Flatten)")
 
     def _matmul(self, node: fx.Node, shape) -> Layout:
-        """A product of two activations (attention's scores, their weighted sum): the
-        channels of both operands are kept; the result's last axis is its channels."""
-        for a in node.args[:2]:
-            lay = self._layout_of(a)
+        """A product of two activations. Attention's scores q @ k^T contract the channels of
+        the queries with the keys': channel j of both is one unit; their weighted sum a @ v
+        contracts the key positions, and carries the values' channels. Any other product
+        keeps the channels of both operands; its result's last axis is a new, kept space."""
+        a, b = (self._layout_of(x) for x in node.args[:2])
+        # the keys with their channels on the second-to-last axis: k^T of (N, h, L, d), or
+        # a (N, L, C) transposed to (N, C, L) (which reads as channels first)
+        keys = b.layout if isinstance(b, Transposed) else b if (
+            isinstance(b, Layout) and not b.channels_last and b.repeat == 1 and
+            len(self._shape(node.args[1])) == 3) else None
+        if self._fine and isinstance(a, Layout) and a.unflattened_last and \
+                keys is not None and len(a.ids) == len(keys.ids):
+            for i, j in zip(a.ids, keys.ids):
+                self._union(i, j)
+            return Layout(self._new_space(shape[-1], None, True).ids, 1, True)
+        if self._fine and isinstance(a, Layout) and set(a.ids) <= self._frozen_ids and \
+                isinstance(b, Layout) and b.unflattened_last and len(shape) >= 3 and \
+                tuple(shape[:-1]) == tuple(self._shape(node.args[0])[:-1]):
+            return b
+        for lay in (a, b):
+            if isinstance(lay, Transposed):
+                lay = lay.layout
             if not isinstance(lay, Layout):
                 self._fail(node, "multiplies a tensor without a tracked channel dimension")
             self._freeze(lay)
@@ -536,7 +565,18 @@ class DepGraph:
             return Layout(lay.ids)
         if to == nd - 1:
             return Layout(lay.ids, 1, True)
+        if self._fine and lay.channels_last and nd >= 3 and perm == \
+                list(range(nd - 2)) + [nd - 1, nd - 2] and all(self._is_matmul(u) and
+                                                                u.args[1] is node and
+                                                                u.args[0] is not node
+                                                                for u in node.users):
+            return Transposed(lay)       # keys for q @ k^T
         return self._kept(lay, shape)   # the channel axis moves inside the tensor
+
+    @staticmethod
+    def _is_matmul(node: fx.Node) -> bool:
+        return (node.op == "call_function" and node.target in (operator.matmul, torch.matmul)) \
+            or (node.op == "call_method" and node.target == "matmul")
 
     def _softmax(self, node: fx.Node, dim, shape):
         """Elementwise along other axes; along the channels every channel counts in the sum,
@@ -851,6 +891,24 @@ class DepGraph:
                 self._fail(node, "reshape of flattened conv features back to channels")
             self.expand_nodes[node.name] = (lay, tuple(shape[2:]))
             return lay
+        if self._fine and isinstance(lay, Layout) and lay.unflattened_last:
+            if len(shape) == len(in_shape) + 1 and tuple(shape[:-2]) == tuple(in_shape[:-1]) \
+                    and shape[-2] * shape[-1] == in_shape[-1]:
+                # (..., C) -> (..., h, d): attention's heads. Channel j of every head is one
+                # unit (each head keeps as many), carried on the last axis
+                h, d = shape[-2], shape[-1]
+                for j in range(d):
+                    for i in range(1, h):
+                        self._union(lay.ids[j], lay.ids[i * d + j])
+                out = Layout(lay.ids[:d], 1, True)
+                self.head_reshapes[node.name] = (out, tuple(shape), 1)
+                return out
+            if len(shape) == len(in_shape) - 1 and tuple(shape[:-1]) == tuple(in_shape[:-2]) \
+                    and shape[-1] == in_shape[-2] * in_shape[-1]:
+                # (..., h, d) -> (..., h * d): the heads merged, unit j at every head
+                h = in_shape[-2]
+                self.head_reshapes[node.name] = (lay, tuple(shape), h)
+                return Layout(lay.ids * h, 1, True)
         if shape[0] != in_shape[0] or len(shape) < 2:
             self._fail(node, f"reshape {in_shape} -> {tuple(shape)} changes the batch axis")
         if self._fine and len(in_shape) == 2 and tuple(shape) == (in_shape[0], 1, in_shape[1]) \
@@ -1226,6 +1284,11 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             kept = sum(graph.alive(cid, keep) for cid in layout.ids)
             node.op, node.target = "call_function", torch.reshape
             node.args, node.kwargs = (node.args[0], (-1, *shape[1:-1], kept)), {}
+        elif node.name in graph.head_reshapes:
+            layout, shape, heads = graph.head_reshapes[node.name]
+            kept = sum(graph.alive(cid, keep) for cid in layout.ids)
+            node.op, node.target = "call_function", torch.reshape
+            node.args, node.kwargs = (node.args[0], (-1, *shape[1:-1], kept * heads)), {}
         elif node.name in graph.same_shape_reshapes:
             node.replace_all_uses_with(node.args[0])
     _fold_sizes(gm, graph)
