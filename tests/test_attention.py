@@ -426,3 +426,18 @@ def test_a_float_model_with_a_causal_mask_compiles_and_matches_on_the_target(tmp
     assert "__builtin_inff()" in (tmp_path / "b" / "c_library" / "model.c").read_text()
     result, _ = simulate(tmp_path / "b", samples=2)
     assert result["outputs_match"], result
+
+
+def test_data_driven_criteria_see_the_queries_and_keys():
+    """No conv or Linear reads a head's queries and keys (q @ k^T alone does): the gates that
+    Taylor's terms and the trial masks use sit where q and k make them, so their units score
+    by what removing them costs, not all alike."""
+    torch.manual_seed(0)
+    model = Block(2).eval()
+    x, y = torch.randn(32, *SHAPE[1:]), torch.randint(0, 4, (32,))
+    from edgeprune.prune import prune
+    for criterion in ("taylor", "mfp"):
+        _, record = prune(model, torch.randn(SHAPE), criterion=criterion, ratios=0.5,
+                          data=[(x, y)], meta_batch=(x, y))
+        scores = record["layers"]["q"]["scores"]
+        assert len(set(scores)) > 2, (criterion, scores)

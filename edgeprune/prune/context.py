@@ -8,7 +8,8 @@ user's weights and never needs the pruned model:
   reads them** (dense conv / linear). Zero there is exactly what physical removal does (a
   LayerNorm's statistics aside: the pruned norm's are over the channels kept), so the
   same mechanism gives the equivalence tests' reference, the meta-criterion's trial masks and the
-  differentiable L0 gates.
+  differentiable L0 gates. A group no conv or Linear reads (attention's queries and keys, read
+  by q @ k^T alone) is gated where its layers make it.
 * `gate_terms` differentiates the loss with respect to per-sample gates of 1 at those consumer
   inputs: activation × gradient of the activation that removal zeroes (Molchanov's Taylor term).
 * `taylor_terms` multiplies each producer's output channels by a ones tensor of shape (N, C) and
@@ -30,19 +31,22 @@ from .graph import DepGraph, Group
 
 
 class UnitGate:
-    """Scale a group's units by `values[u]` wherever a layer reads them (context manager)."""
+    """Scale a group's units by `values[u]` wherever a layer reads them (context manager). A
+    group that no conv or Linear reads (attention's queries and keys, read by q @ k^T alone)
+    is scaled where its layers make it."""
 
     def __init__(self, graph: DepGraph, model: nn.Module):
         self.graph, self.model = graph, model
         self.values: dict[int, torch.Tensor] = {}
         self._hooks = []
-        # consumer layer -> [(group index, position index tensor, unit index tensor)]
-        self._index: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        # (layer, "in" | "out") -> [(group index, position index tensor, unit index tensor)]
+        self._index: dict[tuple[str, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for g in graph.groups:
-            for m in g.by_role("in"):
+            role = "in" if g.by_role("in") else "out"
+            for m in g.by_role(role):
                 pos = [p for u in range(g.units) for p in m.positions[u]]
                 unit = [u for u in range(g.units) for _ in m.positions[u]]
-                self._index.setdefault(m.layer, []).append(
+                self._index.setdefault((m.layer, role), []).append(
                     (g.index, torch.as_tensor(pos, dtype=torch.long),
                      torch.as_tensor(unit, dtype=torch.long)))
 
@@ -53,28 +57,32 @@ class UnitGate:
         else:
             self.values[group_index] = values
 
-    def _hook(self, name: str):
-        entries = self._index[name]
-
-        def pre(module, args):
-            x = args[0]
-            active = [(gi, p, u) for gi, p, u in entries if gi in self.values]
-            if not active:
-                return None
-            per_sample = any(self.values[gi].dim() == 2 for gi, _, _ in active)
-            mask = torch.ones((x.shape[0] if per_sample else 1, _features(module, x)),
-                              dtype=x.dtype, device=x.device)
-            for gi, p, u in active:
-                v = self.values[gi].to(x.dtype)
-                v = v[:, u] if v.dim() == 2 else v[u].expand(mask.shape[0], -1)
-                mask = mask.index_copy(1, p, v)
-            return (x * _per_feature(module, mask, x),) + tuple(args[1:])
-        return pre
+    def _scaled(self, key: tuple[str, str], module: nn.Module, x: torch.Tensor):
+        """`x` (the layer's input or output) with the active groups' units scaled, or None."""
+        active = [(gi, p, u) for gi, p, u in self._index[key] if gi in self.values]
+        if not active:
+            return None
+        per_sample = any(self.values[gi].dim() == 2 for gi, _, _ in active)
+        mask = torch.ones((x.shape[0] if per_sample else 1, _features(module, x)),
+                          dtype=x.dtype, device=x.device)
+        for gi, p, u in active:
+            v = self.values[gi].to(x.dtype)
+            v = v[:, u] if v.dim() == 2 else v[u].expand(mask.shape[0], -1)
+            mask = mask.index_copy(1, p, v)
+        return x * _per_feature(module, mask, x)
 
     def __enter__(self):
-        for name in self._index:
-            self._hooks.append(self.model.get_submodule(name).register_forward_pre_hook(
-                self._hook(name)))
+        for (name, role) in self._index:
+            module = self.model.get_submodule(name)
+            if role == "in":
+                def pre(module, args, key=(name, role)):
+                    x = self._scaled(key, module, args[0])
+                    return None if x is None else (x,) + tuple(args[1:])
+                self._hooks.append(module.register_forward_pre_hook(pre))
+            else:
+                def post(module, args, out, key=(name, role)):
+                    return self._scaled(key, module, out)
+                self._hooks.append(module.register_forward_hook(post))
         return self
 
     def __exit__(self, *exc):
