@@ -127,8 +127,9 @@ CONST = "const"  # marker layout for get_attr constants
 
 @dataclass(frozen=True)
 class Transposed:
-    """A channels-last tensor with its last two axes swapped (attention's keys, k.transpose(-2,
-    -1)): only a product that contracts those channels (q @ k^T) may read it."""
+    """A channels-last tensor with its channels moved to the second-to-last axis (attention's
+    keys, k.transpose(-2, -1)): only a product that contracts those channels (q @ k^T) may read
+    it."""
     layout: Layout
 
 
@@ -565,12 +566,12 @@ class DepGraph:
             return Layout(lay.ids)
         if to == nd - 1:
             return Layout(lay.ids, 1, True)
-        if self._fine and lay.channels_last and nd >= 3 and perm == \
-                list(range(nd - 2)) + [nd - 1, nd - 2] and all(self._is_matmul(u) and
-                                                                u.args[1] is node and
-                                                                u.args[0] is not node
-                                                                for u in node.users):
-            return Transposed(lay)       # keys for q @ k^T
+        if self._fine and lay.channels_last and nd >= 3 and to == nd - 2 and \
+                all(self._is_matmul(u) and u.args[1] is node and u.args[0] is not node
+                    for u in node.users):
+            # keys for q @ k^T: k.transpose(-2, -1), or the heads' split and the transpose in
+            # one permute (0, 2, 3, 1) as ONNX exporters write it
+            return Transposed(lay)
         return self._kept(lay, shape)   # the channel axis moves inside the tensor
 
     @staticmethod
