@@ -183,10 +183,10 @@ def test_torch_transformer_layers_read_back_from_onnx(dynamo, target, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-4)
     pruned, _ = pruned_equivalently(back, shape, x, ratios=0.5)
-    # each layer's feed-forward width 32 -> 16, the residual stream 16 -> 8; the attention's
-    # input projections stay whole
+    # each layer's feed-forward width 32 -> 16, the residual stream 16 -> 8, and the attention's
+    # input projection (queries, keys and values of 2 heads: 3 x 2 x 8) 48 -> 24
     assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == \
-        [8, 48, 8, 16, 8, 48, 8, 16, 8, 48, 8, 4]
+        [8, 24, 8, 16, 8, 24, 8, 16, 8, 24, 8, 4]
     calib = torch.randn(64, *SHAPE[1:]).numpy()
     qm = ptq.quantize_ptq(pruned, shape, calib)
     bit_exact(qm, calib[:3], target, tmp_path, like=pruned)

@@ -84,6 +84,10 @@ BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimu
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 RESHAPE_FUNCTIONS = {torch.reshape}
+# what attention's keys may pass between their transpose and q @ k^T
+SCALE_TARGETS = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
+UNIT_AXIS_TARGETS = {torch.reshape, torch.squeeze, torch.unsqueeze, "view", "reshape", "squeeze",
+                     "unsqueeze"}
 # over spatial axes: channels pass
 MEAN_FUNCTIONS = {torch.mean, torch.amax, torch.amin, torch.sum}
 SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax}
@@ -230,6 +234,8 @@ class DepGraph:
         # reshapes of channels on the last axis ((N, T, 1, E) <-> (N, T, E)): node -> (the
         # channels' layout, the shape), rewritten to the channels kept
         self.last_axis_reshapes: dict[str, tuple[Layout, tuple[int, ...]]] = {}
+        # reshapes of attention's transposed keys (..., C, L): the channels second to last
+        self.key_reshapes: dict[str, tuple[Layout, tuple[int, ...]]] = {}
         # constants with a value per channel (a layer scale, a bias added, a positional
         # embedding): get_attr target -> (the channels' layout, the constant's channel axis)
         self.channel_consts: dict[str, tuple[Layout, int]] = {}
@@ -567,12 +573,30 @@ class DepGraph:
         if to == nd - 1:
             return Layout(lay.ids, 1, True)
         if self._fine and lay.channels_last and nd >= 3 and to == nd - 2 and \
-                all(self._is_matmul(u) and u.args[1] is node and u.args[0] is not node
-                    for u in node.users):
+                self._only_keys(node):
             # keys for q @ k^T: k.transpose(-2, -1), or the heads' split and the transpose in
             # one permute (0, 2, 3, 1) as ONNX exporters write it
             return Transposed(lay)
         return self._kept(lay, shape)   # the channel axis moves inside the tensor
+
+    def _only_keys(self, node: fx.Node) -> bool:
+        """`node` reaches only the right operands of products, through a scale by a number
+        and reshapes that add or drop unit axes (as exporters write q @ k^T)."""
+        def passes(u: fx.Node) -> bool:
+            if u.op not in ("call_function", "call_method") or not u.args or \
+                    u.args[0] is not node:
+                return False
+            if u.target in SCALE_TARGETS:
+                return len(u.args) == 2 and isinstance(u.args[1], (int, float))
+            if u.target not in UNIT_AXIS_TARGETS:
+                return False
+            shape, in_shape = self._shape(u), self._shape(node)
+            return shape is not None and in_shape is not None and len(shape) >= 2 and \
+                tuple(shape[-2:]) == tuple(in_shape[-2:]) and \
+                _non_unit(shape) == _non_unit(in_shape)
+        return bool(node.users) and all(
+            (self._is_matmul(u) and u.args[1] is node and u.args[0] is not node) or
+            (passes(u) and self._only_keys(u)) for u in node.users)
 
     @staticmethod
     def _is_matmul(node: fx.Node) -> bool:
@@ -591,6 +615,13 @@ class DepGraph:
     def _function(self, node: fx.Node, shape):
         t = node.target
         is_fn = node.op == "call_function"
+        keys = self._layout_of(node.args[0]) if node.args else None
+        if isinstance(keys, Transposed) and not self._is_matmul(node):
+            # a scale or a reshape of unit axes between the keys' transpose and q @ k^T
+            # (_only_keys admitted no other op)
+            if t in (torch.reshape, "view", "reshape"):
+                self.key_reshapes[node.name] = (keys.layout, tuple(shape))
+            return keys
         if (is_fn and t in PASSTHROUGH_FUNCTIONS) or (not is_fn and t in PASSTHROUGH_METHODS):
             if shape is None:
                 return None
@@ -892,11 +923,13 @@ class DepGraph:
                 self._fail(node, "reshape of flattened conv features back to channels")
             self.expand_nodes[node.name] = (lay, tuple(shape[2:]))
             return lay
-        if self._fine and isinstance(lay, Layout) and lay.unflattened_last:
-            if len(shape) == len(in_shape) + 1 and tuple(shape[:-2]) == tuple(in_shape[:-1]) \
-                    and shape[-2] * shape[-1] == in_shape[-1]:
-                # (..., C) -> (..., h, d): attention's heads. Channel j of every head is one
-                # unit (each head keeps as many), carried on the last axis
+        if self._fine and isinstance(lay, Layout) and lay.unflattened_last and \
+                shape[0] == in_shape[0]:
+            if _non_unit(shape[1:-2]) == _non_unit(in_shape[1:-1]) and \
+                    shape[-2] * shape[-1] == in_shape[-1]:
+                # (..., C) -> (..., h, d), unit axes aside: attention's heads (or its queries,
+                # keys and values from one projection). Channel j of every head is one unit
+                # (each head keeps as many), carried on the last axis
                 h, d = shape[-2], shape[-1]
                 for j in range(d):
                     for i in range(1, h):
@@ -904,8 +937,8 @@ class DepGraph:
                 out = Layout(lay.ids[:d], 1, True)
                 self.head_reshapes[node.name] = (out, tuple(shape), 1)
                 return out
-            if len(shape) == len(in_shape) - 1 and tuple(shape[:-1]) == tuple(in_shape[:-2]) \
-                    and shape[-1] == in_shape[-2] * in_shape[-1]:
+            if _non_unit(shape[1:-1]) == _non_unit(in_shape[1:-2]) and \
+                    shape[-1] == in_shape[-2] * in_shape[-1]:
                 # (..., h, d) -> (..., h * d): the heads merged, unit j at every head
                 h = in_shape[-2]
                 self.head_reshapes[node.name] = (lay, tuple(shape), h)
@@ -1285,6 +1318,11 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             kept = sum(graph.alive(cid, keep) for cid in layout.ids)
             node.op, node.target = "call_function", torch.reshape
             node.args, node.kwargs = (node.args[0], (-1, *shape[1:-1], kept)), {}
+        elif node.name in graph.key_reshapes:
+            layout, shape = graph.key_reshapes[node.name]
+            kept = sum(graph.alive(cid, keep) for cid in layout.ids)
+            node.op, node.target = "call_function", torch.reshape
+            node.args, node.kwargs = (node.args[0], (-1, *shape[1:-2], kept, shape[-1])), {}
         elif node.name in graph.head_reshapes:
             layout, shape, heads = graph.head_reshapes[node.name]
             kept = sum(graph.alive(cid, keep) for cid in layout.ids)
@@ -1300,6 +1338,10 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
     gm.recompile()
     gm.train(graph.model.training)
     return gm, masks
+
+
+def _non_unit(dims) -> list[int]:
+    return [int(d) for d in dims if d != 1]
 
 
 def _fold_sizes(gm: fx.GraphModule, graph: DepGraph) -> None:
