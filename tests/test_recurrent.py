@@ -64,8 +64,12 @@ def test_recurrent_models_prune_and_quantize_bit_exact(kind):
     model = lower_recurrent(CRNN(RNNS[kind]()).eval(), SHAPE)
     x = torch.randn(8, *SHAPE[1:])
     pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
-    # c2 feeds the recurrent layer (its Linears run at every step: kept whole)
-    assert conv_widths(pruned) == [4, 8]
+    # c2's channels reach the recurrent layer as frames of its bands (permute + flatten):
+    # each channel prunes with its 5 columns of the input weights
+    assert conv_widths(pruned) == [4, 4]
+    inputs = {(m.out_features, m.in_features) for n, m in pruned.named_modules()
+              if isinstance(m, nn.Linear) and ".ih." in n}
+    assert max(i for _, i in inputs) == 20       # the first layer's: 40 -> 20
     # the recurrent state prunes: every gate's rows and the state's columns, at every step
     hidden = {n: (m.out_features, m.in_features) for n, m in pruned.named_modules()
               if isinstance(m, nn.Linear) and ".hh." in n}

@@ -137,6 +137,15 @@ class Transposed:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class Inner:
+    """Channels moved by a permute to an inner axis `axis`, every reader of which merges them
+    with the axes after it (a CRNN's conv maps (N, C, F, T) made frames (N, T, C * F)): channel
+    c becomes features c * S .. c * S + S - 1 of the last axis."""
+    layout: Layout
+    axis: int
+
+
 @dataclass
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
@@ -577,7 +586,34 @@ class DepGraph:
             # keys for q @ k^T: k.transpose(-2, -1), or the heads' split and the transpose in
             # one permute (0, 2, 3, 1) as ONNX exporters write it
             return Transposed(lay)
+        if self._fine and 1 < to < nd - 1 and all(self._merges_from(u, to)
+                                                   for u in node.users):
+            return Inner(lay, to)
         return self._kept(lay, shape)   # the channel axis moves inside the tensor
+
+    def _merges_from(self, node: fx.Node, axis: int) -> bool:
+        """`node` merges axes `axis`.. of its input, its only tensor: x.flatten(axis) or a
+        reshape to x.shape[:axis] + (-1,)."""
+        if node.op not in ("call_function", "call_method") or len(node.all_input_nodes) != 1:
+            return False
+        shape, in_shape = self._shape(node), self._shape(node.args[0])
+        return node.target in {torch.flatten, "flatten"} | UNIT_AXIS_TARGETS and \
+            shape is not None and in_shape is not None and len(shape) == axis + 1 and \
+            tuple(shape[:axis]) == tuple(in_shape[:axis])
+
+    def _merge_inner(self, node: fx.Node, inner: Inner, shape) -> Layout:
+        """The features of `inner`'s channels merged with the axes after them, on the last
+        axis: a new space whose features c * S .. c * S + S - 1 are channel c's."""
+        ids = inner.layout.ids
+        per = int(shape[-1]) // len(ids)
+        features = self._new_space(len(ids) * per, None, False).ids
+        for c, cid in enumerate(ids):
+            for k in range(per):
+                self._union(cid, features[c * per + k])
+        out = Layout(features, 1, True)
+        if node.target in (torch.reshape, "view", "reshape"):
+            self.last_axis_reshapes[node.name] = (out, tuple(shape))
+        return out
 
     def _only_keys(self, node: fx.Node) -> bool:
         """`node` reaches only the right operands of products, through a scale by a number
@@ -616,6 +652,8 @@ class DepGraph:
         t = node.target
         is_fn = node.op == "call_function"
         keys = self._layout_of(node.args[0]) if node.args else None
+        if isinstance(keys, Inner):          # _merges_from admitted only merges
+            return self._merge_inner(node, keys, shape)
         if isinstance(keys, Transposed) and not self._is_matmul(node):
             # a scale or a reshape of unit axes between the keys' transpose and q @ k^T
             # (_only_keys admitted no other op)
