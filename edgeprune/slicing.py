@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import EdgepruneError
 
@@ -30,6 +31,35 @@ class Slice:
     stop: int
     step: int = 1
     drops_axis: bool = False   # x[:, 0]: one position, without its axis
+
+
+class ShapeAndSizeProp(ShapeProp):
+    """ShapeProp that also keeps each size the model reads from a tensor (`n = x.shape[-1]`)
+    as node.meta["value"]: the slices written with it (`y[..., :n]`) are then known."""
+    def run_node(self, n):
+        value = super().run_node(n)
+        if isinstance(value, int) and not isinstance(value, bool):
+            n.meta["value"] = value
+        return value
+
+
+def _known(index):
+    """`index` with the sizes read from tensors in it (`y[..., :n]`) replaced by their traced
+    values; None where one is not known."""
+    unknown = []
+
+    def value(v):
+        if isinstance(v, fx.Node):
+            if "value" not in v.meta:
+                unknown.append(v)
+            return v.meta.get("value")
+        return v
+
+    def one(i):
+        return slice(value(i.start), value(i.stop), value(i.step)) if isinstance(i, slice) \
+            else value(i)
+    known = tuple(one(i) for i in index) if isinstance(index, tuple) else one(index)
+    return None if unknown else known
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -95,8 +125,8 @@ def slices_of(node: fx.Node) -> list[Slice] | None:
         index %= len(pieces)
         start = sum(p.shape[dim] for p in pieces[:index])
         return [_checked(where, source, dim, start, pieces[index].shape[dim], 1)]
-    shape = _shape(x)
-    if shape is None or not isinstance(index, (slice, tuple)):
+    shape, index = _shape(x), _known(index)
+    if shape is None or index is None or not isinstance(index, (slice, tuple)):
         return None
     index = index if isinstance(index, tuple) else (index,)
     if Ellipsis in index:

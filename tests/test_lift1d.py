@@ -350,8 +350,26 @@ class RecurrentPool(nn.Module):
         return self.f2(F.relu(self.f1(h)))
 
 
+class GatedUnits(nn.Module):
+    """WaveNet's gated residual units: dilated causal convs trimmed to the input's length read
+    from its shape (`y[..., :n]`), tanh times sigmoid."""
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Conv1d(1, 8, 1), nn.Linear(8, 3)
+        self.f = nn.ModuleList(nn.Conv1d(8, 8, 2, dilation=d, padding=d) for d in (1, 2))
+        self.g = nn.ModuleList(nn.Conv1d(8, 8, 2, dilation=d, padding=d) for d in (1, 2))
+        self.r = nn.ModuleList(nn.Conv1d(8, 8, 1) for _ in range(2))
+
+    def forward(self, x):
+        h, n = self.inp(x), x.shape[-1]
+        for f, g, r in zip(self.f, self.g, self.r):
+            h = h + r(torch.tanh(f(h)[..., :n]) * torch.sigmoid(g(h)[..., :n]))
+        return self.out(h.mean(-1))
+
+
 @pytest.mark.parametrize("cls, shape", [(M5, (1, 1, 1600)), (StatsPooling, (1, 13, 30)),
-                                        (MapsToSignal, (1, 1, 9, 14)), (RecurrentPool, (1, 5, 6))])
+                                        (MapsToSignal, (1, 1, 9, 14)), (RecurrentPool, (1, 5, 6)),
+                                        (GatedUnits, (1, 1, 40))])
 def test_audio_models_load_prune_and_run_bit_exact(cls, shape, tmp_path):
     from checks import bit_exact, pruned_equivalently
     from edgeprune.load import load_torch

@@ -32,11 +32,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import EdgepruneError
 from ..layers import zero_insert
-from ..slicing import Slice, is_split, max_values_of, returns_indices, slices_of
+from ..slicing import (ShapeAndSizeProp, Slice, is_split, max_values_of, returns_indices,
+                       slices_of)
 
 STAGE = "prune"
 
@@ -200,7 +200,7 @@ class DepGraph:
             with torch.no_grad():
                 was = model.training
                 self.gm.eval()
-                ShapeProp(self.gm).propagate(example_input)
+                ShapeAndSizeProp(self.gm).propagate(example_input)
                 model.train(was)
         except Exception as e:
             raise GraphError(f"the traced model fails on an input of shape "

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..errors import EdgepruneError
 from ..layers import attention_bias, fold_constants, zero_insert
-from ..slicing import is_min_values, is_split, max_values_of, returns_indices, slices_of
+from ..slicing import (ShapeAndSizeProp, is_min_values, is_split, max_values_of,
+                       returns_indices, slices_of)
 from .qmodel import (DTYPE_RANGE, LOG_SOFTMAX_OUT, PAD_MODES, SAME_QPARAMS, Op, QuantModel,
                      TensorInfo, adaptive_windows, window_counts)
 from .requant import INT32_MAX, LAYERNORM_FRAC_BITS, quantize_multiplier, quantize_multipliers, \
@@ -820,7 +821,6 @@ def merge_repeated_calls(gm: fx.GraphModule) -> None:
 def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     """Fold BN and turn `model` into an IRNet (raises naming the first unsupported node)."""
     from torch.fx.experimental.optimization import fuse
-    from torch.fx.passes.shape_prop import ShapeProp
     from torch.utils._pytree import tree_leaves
 
     model = fold_constants(copy.deepcopy(model).eval())   # a mask built from buffers: a buffer
@@ -855,7 +855,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                  f"'{node.name}' (only {want} folds into it)")
         return [o + e for o, e in zip(own, extra)]
 
-    class _Prop(ShapeProp):
+    class _Prop(ShapeAndSizeProp):     # the sizes a slice reads (y[..., :n]) known too
         def run_node(self, n):
             v = super().run_node(n)
             if n.op != "output" and not any(isinstance(t, torch.Tensor) for t in tree_leaves(v)):
