@@ -106,3 +106,26 @@ def test_one_frame_heads_prune_and_quantize(dynamo, tmp_path):
     xq = reference.quantize_input(qm, x.numpy())
     want = reference.run(qm, xq)
     assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq), want)
+
+
+def test_attention_pooling_over_frames_prunes_the_frames_it_weighs():
+    """(w * h).sum(1) with w = softmax over time of one score per frame: the scores' one
+    channel scales every channel of h, which prune."""
+    class AttentionPool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.score, self.fc = nn.Linear(10, 16), nn.Linear(16, 1), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            w = torch.softmax(self.score(h), dim=1)
+            return self.fc((w * h).sum(1))
+
+    torch.manual_seed(0)
+    model, x = AttentionPool().eval(), torch.randn(8, *SHAPE[1:])
+    pruned, _ = pruned_equivalently(model, SHAPE, x, ratios=0.5)
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == [8, 1, 3]
+    qm = ptq.quantize_ptq(pruned, SHAPE, x.numpy())
+    xq = reference.quantize_input(qm, x[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))

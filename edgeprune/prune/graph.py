@@ -809,6 +809,13 @@ class DepGraph:
             return tensors[0][1]
         (xa, la), (xb, lb) = tensors
         sa, sb = self._shape(xa), self._shape(xb)
+        if la.unflattened_last and lb.unflattened_last and len(sa) == len(sb) and \
+                tuple(sa[:-1]) == tuple(sb[:-1]) and min(sa[-1], sb[-1]) == 1 < \
+                max(sa[-1], sb[-1]):
+            # one value per position times every channel (attention pooling's weights)
+            one, other = (la, lb) if sa[-1] == 1 else (lb, la)
+            self._freeze(one)
+            return other
         if la.channels_last != lb.channels_last or (la.unflattened_last and sa != sb):
             # Channels on different axes (a token-mixing MLP's output, transposed back onto
             # the residual stream): one side's channels meet the other's positions, so
