@@ -80,6 +80,22 @@ def test_recurrent_models_prune_and_quantize_bit_exact(kind):
                           reference.run(qm, xq))
 
 
+def test_a_crnn_that_reshapes_its_maps_to_frames_with_sizes_read_from_them_prunes_its_conv():
+    class Reshaped(CRNN):
+        def forward(self, x):
+            y = F.relu(self.c2(F.relu(self.c1(x))))
+            b, c, f, t = y.shape
+            out, _ = self.rnn(y.permute(0, 3, 1, 2).reshape(b, t, c * f))
+            return self.fc(out[:, -1])
+
+    torch.manual_seed(0)
+    model = lower_recurrent(Reshaped(RNNS["gru"]()).eval(), SHAPE)
+    pruned, _ = pruned_equivalently(model, SHAPE, torch.randn(8, *SHAPE[1:]), ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]
+    assert {m.in_features for n, m in pruned.named_modules()
+            if isinstance(m, nn.Linear) and ".ih." in n} == {20}
+
+
 def test_a_gru_model_runs_bit_exact_on_a_target_with_its_weights_once(tmp_path):
     torch.manual_seed(0)
     model = lower_recurrent(CRNN(RNNS["gru"](), head_from_state=True).eval(), SHAPE)

@@ -593,8 +593,9 @@ class DepGraph:
 
     def _merges_from(self, node: fx.Node, axis: int) -> bool:
         """`node` merges axes `axis`.. of its input, its only tensor: x.flatten(axis) or a
-        reshape to x.shape[:axis] + (-1,)."""
-        if node.op not in ("call_function", "call_method") or len(node.all_input_nodes) != 1:
+        reshape to x.shape[:axis] + (-1,) (its sizes may be read from tensors)."""
+        if node.op not in ("call_function", "call_method") or not node.args or \
+                [a for a in node.all_input_nodes if "value" not in a.meta] != [node.args[0]]:
             return False
         shape, in_shape = self._shape(node), self._shape(node.args[0])
         return node.target in {torch.flatten, "flatten"} | UNIT_AXIS_TARGETS and \
