@@ -302,11 +302,15 @@ def test_class_token_prunes_and_runs_bit_exact(tmp_path):
     calib = torch.randn(64, *SHAPE[1:]).numpy()
     for source in _sources(model, x, tmp_path):
         pruned, _ = pruned_equivalently(source, SHAPE, x, ratios=0.5)
+        # the token and the positional embedding are cut with the frames' channels
         assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == \
-            [16, 8, 4]                # the token's width is kept; the layer after it is cut
+            [8, 8, 4]
         qm = ptq.quantize_ptq(source, SHAPE, calib)
         assert [o.kind for o in qm.ops][:3] == ["dense", "pad", "addconst"]
     bit_exact(qm, calib[:4], "cortex-m4", tmp_path, on_target=2, like=model)
+    qm = ptq.quantize_ptq(pruned, SHAPE, calib)     # the last source's, cut
+    assert [o.kind for o in qm.ops][:3] == ["dense", "pad", "addconst"]
+    bit_exact(qm, calib[:4], "cortex-m4", tmp_path / "pruned", on_target=2, like=pruned)
 
 
 class Masked(nn.Module):

@@ -898,13 +898,16 @@ class DepGraph:
         nd = len(shape)
         dim = dim % nd
         lays = [self._layout_of(x) for x in tensors]
-        if any(l is CONST for l in lays):     # constant pieces (a class token): their
-            kept = [l for l in lays if isinstance(l, Layout)]   # channels cannot change
-            for l in kept:
-                self._freeze(l)
+        if any(l is CONST for l in lays):     # constant pieces (a class token)
+            kept = [l for l in lays if isinstance(l, Layout)]
             if len(kept) != 1 or dim == (nd - 1 if kept[0].channels_last else 1):
+                for l in kept:
+                    self._freeze(l)
                 self._fail(node, "concatenates constants along the channels, or with more "
                            "than one tensor")
+            for x, l in zip(tensors, lays):
+                if l is CONST and not self._constant_piece(node, x, kept[0], shape):
+                    self._freeze(kept[0])
             return kept[0]
         if not all(isinstance(l, Layout) for l in lays):
             self._fail(node, "concatenates a tensor without a tracked channel dimension")
@@ -928,6 +931,21 @@ class DepGraph:
         if dim == 0 or nd == 4:  # batch or spatial concat: channels line up one to one
             return self._lined_up(node, lays)
         self._fail(node, f"concatenation along dim {dim}")
+
+    def _constant_piece(self, node: fx.Node, piece: fx.Node, lay: Layout, shape) -> bool:
+        """Whether constant `piece` of concatenation `node` along the frames of `lay` (a class
+        token, or the token expanded over the batch) is a parameter with a value per channel:
+        then it prunes with them (surgery cuts it)."""
+        source = piece.args[0] if piece.op == "call_method" and piece.target == "expand" \
+            else piece
+        if not self._fine or source.op != "get_attr" or not lay.unflattened_last:
+            return False
+        cs = tuple(_fetch_attr(self.gm, source.target).shape)
+        if len(cs) != len(shape) or cs[-1] != len(lay.ids):
+            return False
+        reader = piece.name if source is not piece else node.name
+        self._const_reads.setdefault(source.target, []).append((reader, lay, len(cs) - 1))
+        return True
 
     def _lined_up(self, node: fx.Node, lays: list[Layout]) -> Layout:
         """Pieces concatenated along an axis other than the channels: channel i of every piece
