@@ -359,8 +359,8 @@ class RecurrentAsOps(nn.Module):
 
     def forward(self, x, hx=None):
         if hx is not None:
-            raise EdgepruneError(f"{self.where}: an initial hidden state is not supported "
-                                 "(it starts from zeros)")
+            raise EdgepruneError(f"{self.where}: an initial hidden state other than zeros "
+                                 "is not supported")
         if isinstance(x, torch.Tensor) and x.shape[1] != self.steps:
             raise EdgepruneError(f"{self.where}: unrolled for {self.steps} steps, given "
                                  f"{x.shape[1]}")
@@ -408,6 +408,35 @@ def lower_recurrent(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
         setattr(model.get_submodule(parent) if parent else model, child,
                 RecurrentAsOps(m, f"layer '{name}'", steps[name]))
     return model
+
+
+_ZEROS = {torch.zeros, torch.zeros_like, "new_zeros"}
+
+
+def drop_zero_states(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with an initial state of zeros (`h0 = torch.zeros(...)`, an LSTM's (h0, c0))
+    no longer passed to its GRU, LSTM and RNN layers, which start from zeros without it.
+    `model` itself if there is none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    modules = dict(gm.named_modules())
+
+    def zeros(a) -> bool:
+        if isinstance(a, (tuple, list)):
+            return bool(a) and all(zeros(x) for x in a)
+        return isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and \
+            a.target in _ZEROS
+    found = False
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.RNNBase):
+            continue
+        hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+        if hx is not None and zeros(hx):
+            node.args = node.args[:1]
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "hx"}
+            found = True
+    return _rewritten(gm, model) if found else model
 
 
 def lower_attention(model: nn.Module) -> nn.Module:

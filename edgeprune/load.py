@@ -62,10 +62,10 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
                                  "pass --input-shape, e.g. --input-shape 1,1,28,28")
         if isinstance(model, torch.jit.ScriptModule):   # fx cannot trace TorchScript
             model, shape = _via_onnx(model, shape, path, "a TorchScript module")
-    from .layers import (batch_first, drop_value_copies, fold_constants, functional_inplace,
-                         lower_attention, lower_composites, lower_functional_layers,
-                         lower_group_norms, lower_handwritten_norms, lower_recurrent,
-                         lower_statistics, lower_transposed_convs)
+    from .layers import (batch_first, drop_value_copies, drop_zero_states, fold_constants,
+                         functional_inplace, lower_attention, lower_composites,
+                         lower_functional_layers, lower_group_norms, lower_handwritten_norms,
+                         lower_recurrent, lower_statistics, lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
     model = _one_output(model.eval(), tuple(shape), spec, several_outputs)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
@@ -75,6 +75,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     model = batch_first(model, tuple(shape))   # (T, N, C) for a GRU or transformer: (N, T, C)
     model = lower_transposed_convs(model)   # the convolutions they equal
     model = lower_attention(model)          # transformer layers as their Linears and matmuls
+    model = drop_zero_states(model, tuple(shape))  # h0 = torch.zeros(...): the default
     model = lower_recurrent(model, tuple(shape))   # GRU/LSTM/RNN unrolled over their steps
     model = fold_constants(model)           # w[:, None, None]: a parameter of that shape
     model = lower_functional_layers(model, tuple(shape))   # F.conv2d(x, w): a Conv2d

@@ -146,6 +146,29 @@ def test_recurrent_forms_that_cannot_run_are_named():
             torch.zeros(SHAPE))
 
 
+class ZeroState(CRNN):
+    """The recurrent layer given its initial state: zeros, as without one."""
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x)))).permute(0, 3, 1, 2).flatten(2)
+        h0 = torch.zeros(self.rnn.num_layers, x.shape[0], 16)
+        state = (h0, torch.zeros_like(h0)) if isinstance(self.rnn, nn.LSTM) else h0
+        return self.fc(self.rnn(y, state)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm-2-layers"])
+def test_an_initial_state_of_zeros_loads_as_the_default_one(kind, tmp_path):
+    from edgeprune.load import load_torch
+    torch.manual_seed(0)
+    model = ZeroState(RNNS[kind]()).eval()
+    torch.save(model, tmp_path / "m.pt")
+    lowered, shape = load_torch(str(tmp_path / "m.pt"), SHAPE)
+    x = torch.randn(4, *SHAPE[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), model(x))
+    pruned, _ = pruned_equivalently(lowered, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]
+
+
 class Signal(nn.Module):
     """Conv1d over a signal, then its frames (x.transpose(1, 2)) through a recurrent layer."""
     def __init__(self, rnn: nn.Module, head_from_state: bool):
