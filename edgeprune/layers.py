@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import EdgepruneError
+from .slicing import ShapeAndSizeProp
 
 
 def zero_insert(x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
@@ -514,9 +515,8 @@ def _traced(model: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule | None:
     `shape` in its meta; None if it does not trace."""
     try:
         gm = fx.GraphModule(model, FrameLayersWhole().trace(model))
-        from torch.fx.passes.shape_prop import ShapeProp
         with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(shape))
+            ShapeAndSizeProp(gm).propagate(torch.zeros(shape))
     except Exception:
         return None
     return gm

@@ -24,7 +24,7 @@ from .layers import (AttentionAsOps, ConvTransposeAsConv, EncoderAsOps, EncoderL
 from .prune.graph import (BINARY_FUNCTIONS, BINARY_METHODS, PASSTHROUGH_FUNCTIONS,
                           PASSTHROUGH_METHODS, PASSTHROUGH_MODULES, SPATIAL_FUNCTIONS,
                           SPATIAL_MODULES)
-from .slicing import is_split
+from .slicing import ShapeAndSizeProp, is_split
 
 STAGE = "load"
 
@@ -59,8 +59,7 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
     except Exception as e:
         raise EdgepruneError(f"the 1-D model does not trace with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})", stage=STAGE) from None
-    from torch.fx.passes.shape_prop import ShapeProp
-    ShapeProp(gm).propagate(torch.zeros(shape))
+    ShapeAndSizeProp(gm).propagate(torch.zeros(shape))
     modules = dict(gm.named_modules())
     # which nodes read a signal, decided before the rewrite adds nodes without shapes
     reads_signal = {n: any(_rank(a) == 3 for a in n.all_input_nodes) for n in gm.graph.nodes}

@@ -9,6 +9,8 @@ per cut axis, from the traced shapes (ShapeProp).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from dataclasses import dataclass
 
@@ -35,9 +37,12 @@ class Slice:
 
 class ShapeAndSizeProp(ShapeProp):
     """ShapeProp that also keeps each size the model reads from a tensor (`n = x.shape[-1]`)
-    as node.meta["value"]: the slices written with it (`y[..., :n]`) are then known."""
+    as node.meta["value"]: the slices written with it (`y[..., :n]`) are then known. Quiet:
+    ShapeProp prints the traceback of a node that fails, which its callers name or try
+    another way."""
     def run_node(self, n):
-        value = super().run_node(n)
+        with contextlib.redirect_stderr(io.StringIO()):
+            value = super().run_node(n)
         if isinstance(value, int) and not isinstance(value, bool):
             n.meta["value"] = value
         return value
