@@ -298,8 +298,8 @@ class HiddenStates:
 
 
 class RecurrentAsOps(nn.Module):
-    """nn.GRU, nn.LSTM and nn.RNN (batch_first, any layers and directions, no initial state)
-    unrolled over the static sequence length: at each step the gates are Linears of the
+    """nn.GRU, nn.LSTM (with proj_size too) and nn.RNN (batch_first, any layers and
+    directions, no initial state but zeros) unrolled over the static sequence length: at each step the gates are Linears of the
     frame and of the previous hidden state (the same modules at every step: one copy of the
     weights in flash), then sigmoid/tanh tables, products and sums. The first step starts
     from zeros, so its hidden-state terms are the biases alone."""
@@ -310,14 +310,14 @@ class RecurrentAsOps(nn.Module):
             raise EdgepruneError(f"{where}: {type(rnn).__name__} with batch_first=False takes "
                                  "(T, N, F); edgeprune's batch axis is the first: use "
                                  "batch_first=True")
-        if getattr(rnn, "proj_size", 0):
-            raise EdgepruneError(f"{where}: an LSTM with proj_size is not supported")
         self.kind = {nn.GRU: "gru", nn.LSTM: "lstm"}.get(type(rnn), rnn.mode.lower())
         gates = {"gru": 3, "lstm": 4}.get(self.kind, 1)
         self.layers, self.directions = rnn.num_layers, 2 if rnn.bidirectional else 1
         self.steps, self.where = steps, where     # the sequence length the model runs at
         h = rnn.hidden_size
         self.ih, self.hh = nn.ModuleList(), nn.ModuleList()
+        # an LSTM with proj_size: its hidden state is a Linear (no bias) of o * tanh(c)
+        self.proj = nn.ModuleList() if getattr(rnn, "proj_size", 0) else None
         for layer in range(self.layers):
             for d in range(self.directions):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
@@ -330,6 +330,8 @@ class RecurrentAsOps(nn.Module):
                 self.hh.append(nn.ModuleList(
                     _linear(w_hh[g * h:(g + 1) * h], None if b_hh is None else
                             b_hh[g * h:(g + 1) * h]) for g in range(gates)))
+                if self.proj is not None:
+                    self.proj.append(_linear(getattr(rnn, "weight_hr" + sfx), None))
 
     def _gates(self, k: int, x, h):
         """Per gate: (frame term, hidden term); at the first step (h None) the hidden term is
@@ -354,7 +356,8 @@ class RecurrentAsOps(nn.Module):
             i, f = torch.sigmoid(total(g[0])), torch.sigmoid(total(g[1]))
             cell, o = torch.tanh(total(g[2])), torch.sigmoid(total(g[3]))
             c = i * cell if c is None else f * c + i * cell
-            return o * torch.tanh(c), c
+            h = o * torch.tanh(c)
+            return (h if self.proj is None else self.proj[k](h)), c
         pre = total(g[0])
         return (torch.tanh(pre) if self.kind == "rnn_tanh" else torch.relu(pre)), None
 

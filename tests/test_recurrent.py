@@ -169,6 +169,35 @@ def test_an_initial_state_of_zeros_loads_as_the_default_one(kind, tmp_path):
     assert conv_widths(pruned) == [4, 4]
 
 
+class Projected(nn.Module):
+    """Two LSTM layers with proj_size: each step's state a Linear of o * tanh(c)."""
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(10, 16, num_layers=2, batch_first=True, proj_size=8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0][:, -1])
+
+
+def test_an_lstm_with_a_projection_unrolls_prunes_and_quantizes():
+    torch.manual_seed(0)
+    model, shape = Projected().eval(), (1, 6, 10)
+    x = torch.randn(8, *shape[1:])
+    with torch.no_grad():
+        want = model(x)
+        lowered = lower_recurrent(model, shape)
+        torch.testing.assert_close(lowered(x), want)
+    pruned, _ = pruned_equivalently(lowered, shape, x, ratios=0.5)
+    widths = {(m.out_features, m.in_features) for n, m in pruned.named_modules()
+              if isinstance(m, nn.Linear) and ".proj." in n}
+    assert widths == {(4, 8)}        # the cells 16 -> 8, the projected states 8 -> 4
+    qm = ptq.quantize_ptq(pruned, shape, x.numpy())
+    xq = reference.quantize_input(qm, x[:2].numpy())
+    assert np.array_equal(to_relax.build_host(to_relax.to_relax(qm, batch=2))(xq),
+                          reference.run(qm, xq))
+
+
 class Signal(nn.Module):
     """Conv1d over a signal, then its frames (x.transpose(1, 2)) through a recurrent layer."""
     def __init__(self, rnn: nn.Module, head_from_state: bool):
