@@ -299,10 +299,11 @@ class HiddenStates:
 
 class RecurrentAsOps(nn.Module):
     """nn.GRU, nn.LSTM (with proj_size too) and nn.RNN (batch_first, any layers and
-    directions, no initial state but zeros) unrolled over the static sequence length: at each step the gates are Linears of the
-    frame and of the previous hidden state (the same modules at every step: one copy of the
-    weights in flash), then sigmoid/tanh tables, products and sums. The first step starts
-    from zeros, so its hidden-state terms are the biases alone."""
+    directions, no initial state but zeros) unrolled over the static sequence length: at
+    each step the gates are Linears of the frame and of the previous hidden state (the same
+    modules at every step: one copy of the weights in flash), then sigmoid/tanh tables,
+    products and sums. The first step starts from zeros, so its hidden-state terms are the
+    biases alone."""
 
     def __init__(self, rnn: nn.RNNBase, where: str, steps: int):
         super().__init__()
