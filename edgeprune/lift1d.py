@@ -87,9 +87,11 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
             continue
         if not reads_signal[node]:
             # a signal made from a vector, (N, L) -> (N, 1, L), or from maps by a reduction
-            # over their height or width, (N, C, H, W) -> (N, C, W)
+            # over their height or width, (N, C, H, W) -> (N, C, W), or by their channels and
+            # height merged, x.flatten(1, 2) -> (N, C * H, W)
             if _rank(node) == 3:
                 if not (_is(node, torch.reshape, "view") or _is(node, torch.reshape, "reshape")
+                        or _is(node, torch.flatten, "flatten")
                         or _is(node, torch.unsqueeze, "unsqueeze")
                         or _is(node, torch.squeeze, "squeeze")
                         or getattr(node.target, "__name__", node.target) in

@@ -350,6 +350,42 @@ class RecurrentPool(nn.Module):
         return self.f2(F.relu(self.f1(h)))
 
 
+class RowsAsSignal(nn.Module):
+    """A 2-D front end whose maps' channels and rows become a signal's channels
+    (`y.flatten(1, 2)`: (N, C * H, W)) for Conv1d layers over time."""
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, (2, 1), 1)
+        self.t1, self.t2 = nn.Conv1d(8 * 5, 16, 3, padding=1), nn.Conv1d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc(F.relu(self.t2(F.relu(self.t1(y.flatten(1, 2))))).mean(-1))
+
+
+def test_maps_flattened_into_a_signals_channels_prune_and_run_bit_exact(tmp_path):
+    from checks import bit_exact, conv_widths, pruned_equivalently
+    from edgeprune.load import load_torch
+    from edgeprune.quantize import ptq
+    torch.manual_seed(0)
+    model, shape = RowsAsSignal().eval(), (1, 1, 10, 20)
+    torch.save(model, tmp_path / "m.pt")
+    lifted, lifted_shape = load_torch(str(tmp_path / "m.pt"), shape)
+    x = torch.randn(6, *shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x), model(x))
+    pruned, _ = pruned_equivalently(lifted, lifted_shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4, 8, 8]    # c2's channels go with their rows of t1's
+    qm = ptq.quantize_ptq(pruned, lifted_shape, x.numpy())
+    bit_exact(qm, x[:3].numpy(), "cortex-m4", tmp_path, like=pruned)
+    # ONNX writes the flatten as a Reshape to (N, C * H, W)
+    torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
+    back, back_shape = load_torch(str(tmp_path / "m.onnx"))
+    pruned, _ = pruned_equivalently(back, back_shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4, 8, 8]
+
+
 class GatedUnits(nn.Module):
     """WaveNet's gated residual units: dilated causal convs trimmed to the input's length read
     from its shape (`y[..., :n]`), tanh times sigmoid."""

@@ -548,6 +548,14 @@ class DepGraph:
         in_shape = self._shape(node.args[0])
         if start >= 2 and not lay.channels_last:      # x.flatten(2): the positions merge
             return lay
+        if start == 1 and end % len(in_shape) == 2 and len(in_shape) == 4 and \
+                not lay.channels_last and lay.repeat == 1:
+            # maps' channels and height merged, (N, C * H, W) (a 2-D front end's rows as a
+            # signal for a Conv1d): channel c is channels c * H .. c * H + H - 1
+            if not self._fine:
+                return self._kept(lay, self._shape(node))
+            return self._merge_inner(node, Inner(lay, 1), (len(lay.ids) * in_shape[2],),
+                                     channels_last=False)
         if start != 1 or end not in (-1, len(in_shape) - 1):
             self._fail(node, "only flatten(x, 1) (all dims after the batch) is supported")
         spatial = int(np.prod(in_shape[1:-1] if lay.channels_last else in_shape[2:],
@@ -602,17 +610,19 @@ class DepGraph:
             shape is not None and in_shape is not None and len(shape) == axis + 1 and \
             tuple(shape[:axis]) == tuple(in_shape[:axis])
 
-    def _merge_inner(self, node: fx.Node, inner: Inner, shape) -> Layout:
-        """The features of `inner`'s channels merged with the axes after them, on the last
-        axis: a new space whose features c * S .. c * S + S - 1 are channel c's."""
+    def _merge_inner(self, node: fx.Node, inner: Inner, shape,
+                     channels_last: bool = True) -> Layout:
+        """The features of `inner`'s channels merged with the axes after them (of size
+        shape[-1]), on the last axis (or the channel axis): a new space whose features
+        c * S .. c * S + S - 1 are channel c's."""
         ids = inner.layout.ids
         per = int(shape[-1]) // len(ids)
         features = self._new_space(len(ids) * per, None, False).ids
         for c, cid in enumerate(ids):
             for k in range(per):
                 self._union(cid, features[c * per + k])
-        out = Layout(features, 1, True)
-        if node.target in (torch.reshape, "view", "reshape"):
+        out = Layout(features, 1, channels_last)
+        if channels_last and node.target in (torch.reshape, "view", "reshape"):
             self.last_axis_reshapes[node.name] = (out, tuple(shape))
         return out
 
@@ -972,6 +982,12 @@ class DepGraph:
             self.flatten_nodes.append(node.name)
             return self._flatten(node, 1, -1)
         lay = self._layout_of(node.args[0])
+        if self._fine and len(in_shape) == 4 and tuple(shape) == (
+                in_shape[0], in_shape[1] * in_shape[2], in_shape[3]) and \
+                isinstance(lay, Layout) and not lay.channels_last and lay.repeat == 1:
+            out = self._flatten(node, 1, 2)      # x.flatten(1, 2) as ONNX writes it
+            self.expand_nodes[node.name] = (out, tuple(shape[2:]))
+            return out
         if isinstance(lay, Layout) and lay.unflattened_last and len(shape) >= 2 and \
                 [d for d in shape[1:-1] if d != 1] == [d for d in in_shape[1:-1] if d != 1] \
                 and shape[-1] == in_shape[-1] and shape[0] == in_shape[0]:
