@@ -21,6 +21,17 @@ def pruned_equivalently(model, shape, x, **prune_args):
     return pruned, record
 
 
+def saved_and_loaded(model, shape, x, tmp_path):
+    """`model` saved with torch.save and loaded as the pipeline loads it, checked on `x`;
+    (loaded, its input shape)."""
+    from edgeprune.load import load_torch
+    torch.save(model, tmp_path / "m.pt")
+    loaded, loaded_shape = load_torch(str(tmp_path / "m.pt"), shape)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    return loaded, loaded_shape
+
+
 def read_back(model, shape, x, tmp_path, exporters=(False, True), tol: float = 1e-4):
     """`model` exported to ONNX (torch's legacy exporter, then its default one) and read back,
     checked on `x` each time; the last one read back."""

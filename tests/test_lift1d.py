@@ -365,16 +365,13 @@ class RowsAsSignal(nn.Module):
 
 
 def test_maps_flattened_into_a_signals_channels_prune_and_run_bit_exact(tmp_path):
-    from checks import bit_exact, conv_widths, pruned_equivalently
+    from checks import bit_exact, conv_widths, pruned_equivalently, saved_and_loaded
     from edgeprune.load import load_torch
     from edgeprune.quantize import ptq
     torch.manual_seed(0)
     model, shape = RowsAsSignal().eval(), (1, 1, 10, 20)
-    torch.save(model, tmp_path / "m.pt")
-    lifted, lifted_shape = load_torch(str(tmp_path / "m.pt"), shape)
     x = torch.randn(6, *shape[1:])
-    with torch.no_grad():
-        torch.testing.assert_close(lifted(x), model(x))
+    lifted, lifted_shape = saved_and_loaded(model, shape, x, tmp_path)
     pruned, _ = pruned_equivalently(lifted, lifted_shape, x, ratios=0.5)
     assert conv_widths(pruned) == [4, 4, 8, 8]    # c2's channels go with their rows of t1's
     qm = ptq.quantize_ptq(pruned, lifted_shape, x.numpy())

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, conv_widths, pruned_equivalently
+from checks import bit_exact, conv_widths, pruned_equivalently, saved_and_loaded
 from edgeprune.errors import EdgepruneError
 from edgeprune.layers import lower_recurrent
 from edgeprune.quantize import ptq, reference, to_relax
@@ -157,14 +157,9 @@ class ZeroState(CRNN):
 
 @pytest.mark.parametrize("kind", ["gru", "lstm-2-layers"])
 def test_an_initial_state_of_zeros_loads_as_the_default_one(kind, tmp_path):
-    from edgeprune.load import load_torch
     torch.manual_seed(0)
-    model = ZeroState(RNNS[kind]()).eval()
-    torch.save(model, tmp_path / "m.pt")
-    lowered, shape = load_torch(str(tmp_path / "m.pt"), SHAPE)
-    x = torch.randn(4, *SHAPE[1:])
-    with torch.no_grad():
-        torch.testing.assert_close(lowered(x), model(x))
+    model, x = ZeroState(RNNS[kind]()).eval(), torch.randn(4, *SHAPE[1:])
+    lowered, shape = saved_and_loaded(model, SHAPE, x, tmp_path)
     pruned, _ = pruned_equivalently(lowered, shape, x, ratios=0.5)
     assert conv_widths(pruned) == [4, 4]
 
