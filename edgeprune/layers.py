@@ -415,33 +415,58 @@ def lower_recurrent(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module
     return model
 
 
-_ZEROS = {torch.zeros, torch.zeros_like, "new_zeros"}
-
-
 def drop_zero_states(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    """`model` with an initial state of zeros (`h0 = torch.zeros(...)`, an LSTM's (h0, c0))
-    no longer passed to its GRU, LSTM and RNN layers, which start from zeros without it.
-    `model` itself if there is none."""
+    """`model` with an initial state that is zeros whatever the input (`h0 = torch.zeros(...)`,
+    a buffer of zeros expanded over the batch, an LSTM's (h0, c0)) no longer passed to its
+    GRU, LSTM and RNN layers, which start from zeros without it. `model` itself if there is
+    none. A state of other values is left for lower_recurrent to name."""
     gm = _traced(model, shape)
     if gm is None:
         return model
     modules = dict(gm.named_modules())
-
-    def zeros(a) -> bool:
-        if isinstance(a, (tuple, list)):
-            return bool(a) and all(zeros(x) for x in a)
-        return isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and \
-            a.target in _ZEROS
+    given = [n for n in gm.graph.nodes if n.op == "call_module" and
+             isinstance(modules.get(n.target), nn.RNNBase) and _state_arg(n) is not None]
+    if not given:
+        return model
+    # Judged by value, on two different inputs: however the model wrote its zeros.
+    zero = {n: True for n in given}
+    for seed in (0, 1):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            states = _StatesGiven(gm, given).states(x)
+        for n, state in states.items():
+            parts = state if isinstance(state, (tuple, list)) else (state,)
+            zero[n] = zero[n] and all(isinstance(t, torch.Tensor) and not t.any() for t in parts)
     found = False
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.RNNBase):
-            continue
-        hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
-        if hx is not None and zeros(hx):
-            node.args = node.args[:1]
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "hx"}
+    for n in given:
+        if zero[n]:
+            n.args = n.args[:1]
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "hx"}
             found = True
     return _rewritten(gm, model) if found else model
+
+
+def _state_arg(node: fx.Node):
+    """The initial state a recurrent layer's call passes, or None."""
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+
+
+class _StatesGiven(fx.Interpreter):
+    """Runs a traced model, keeping the initial state each of `nodes` (recurrent layer
+    calls) is given."""
+    def __init__(self, gm: fx.GraphModule, nodes: list[fx.Node]):
+        super().__init__(gm)
+        self.nodes, self.seen = set(nodes), {}
+
+    def states(self, x: torch.Tensor) -> dict:
+        self.run(x)
+        return self.seen
+
+    def run_node(self, n: fx.Node):
+        if n in self.nodes:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.seen[n] = args[1] if len(args) > 1 else kwargs["hx"]
+        return super().run_node(n)
 
 
 def lower_attention(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from checks import bit_exact, conv_widths, pruned_equivalently, saved_and_loaded
 from edgeprune.errors import EdgepruneError
 from edgeprune.layers import lower_recurrent
+from edgeprune.load import load_torch
 from edgeprune.quantize import ptq, reference, to_relax
 
 torch.set_num_threads(1)
@@ -155,13 +156,35 @@ class ZeroState(CRNN):
         return self.fc(self.rnn(y, state)[0][:, -1])
 
 
+class ZeroBuffer(CRNN):
+    """... zeros kept as a buffer and expanded over the batch."""
+    def __init__(self, rnn):
+        super().__init__(rnn)
+        self.register_buffer("h0", torch.zeros(rnn.num_layers, 1, 16))
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x)))).permute(0, 3, 1, 2).flatten(2)
+        h0 = self.h0.expand(-1, x.shape[0], -1).contiguous()
+        state = (h0, h0.clone()) if isinstance(self.rnn, nn.LSTM) else h0
+        return self.fc(self.rnn(y, state)[0][:, -1])
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm-2-layers"])
-def test_an_initial_state_of_zeros_loads_as_the_default_one(kind, tmp_path):
+@pytest.mark.parametrize("form", [ZeroState, ZeroBuffer])
+def test_an_initial_state_of_zeros_loads_as_the_default_one(form, kind, tmp_path):
     torch.manual_seed(0)
-    model, x = ZeroState(RNNS[kind]()).eval(), torch.randn(4, *SHAPE[1:])
+    model, x = form(RNNS[kind]()).eval(), torch.randn(4, *SHAPE[1:])
     lowered, shape = saved_and_loaded(model, SHAPE, x, tmp_path)
     pruned, _ = pruned_equivalently(lowered, shape, x, ratios=0.5)
     assert conv_widths(pruned) == [4, 4]
+
+
+def test_an_initial_state_of_other_values_is_refused_by_name(tmp_path):
+    model = ZeroBuffer(nn.GRU(40, 16, batch_first=True)).eval()
+    model.h0.fill_(0.5)
+    torch.save(model, tmp_path / "m.pt")
+    with pytest.raises(EdgepruneError, match="layer 'rnn'.*initial hidden state"):
+        load_torch(str(tmp_path / "m.pt"), SHAPE)[0](torch.zeros(SHAPE))
 
 
 class Projected(nn.Module):
