@@ -559,30 +559,39 @@ def _rewritten(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
 
 
 def lower_handwritten_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    """`model` with every layer normalization written out by hand, (x - mean) / sqrt(var +
-    eps) over some axes (ConvNeXt's channels-first LayerNorm, older transformer code), as
-    F.layer_norm over those axes (moved last by a permute when they are not), which every
-    stage knows; the affine after it stays as written. `model` itself if there is none."""
+    """`model` with every normalization written out by hand as what every stage knows:
+    (x - mean) / sqrt(var + eps) over some axes (ConvNeXt's channels-first LayerNorm, older
+    transformer code) as F.layer_norm, x * rsqrt(mean(x ** 2) + eps) as F.rms_norm (over
+    those axes, moved last by a permute when they are not), and x / x.norm(dim=d,
+    keepdim=True) (+ eps, .clamp(min=eps), or as a root of a sum of squares) as F.normalize.
+    The affine after it stays as written. `model` itself if there is none."""
     gm = _traced(model, shape)
     if gm is None:
         return model
     found = False
     for node in list(gm.graph.nodes):
-        match = _handwritten_norm(node)
+        match = _handwritten_norm(node) or _handwritten_scaling(node)
         if match is None:
             continue
-        x, dims, eps = match
+        x, dims, eps, kind = match
         rank = len(x.meta["tensor_meta"].shape)
         dims = sorted(d % rank for d in dims)
-        if 0 in dims:
-            continue              # over the batch: not a layer norm
-        perm = [k for k in range(rank) if k not in dims] + dims
-        sizes = tuple(int(x.meta["tensor_meta"].shape[k]) for k in dims)
+        if 0 in dims or (kind == "l2" and len(dims) != 1):
+            continue              # over the batch: not a layer's norm
         with gm.graph.inserting_before(node):
-            y = x if perm == list(range(rank)) else gm.graph.call_method("permute", (x, *perm))
-            y = gm.graph.call_function(F.layer_norm, (y, sizes), {"eps": float(eps)})
-            if perm != list(range(rank)):
-                y = gm.graph.call_method("permute", (y, *[perm.index(k) for k in range(rank)]))
+            if kind == "l2":
+                y = gm.graph.call_function(F.normalize, (x,), {"p": 2.0, "dim": dims[0],
+                                                              "eps": max(eps, 1e-12)})
+            else:
+                perm = [k for k in range(rank) if k not in dims] + dims
+                sizes = tuple(int(x.meta["tensor_meta"].shape[k]) for k in dims)
+                y = x if perm == list(range(rank)) else \
+                    gm.graph.call_method("permute", (x, *perm))
+                y = gm.graph.call_function(F.layer_norm if kind == "layer" else F.rms_norm,
+                                           (y, sizes), {"eps": float(eps)})
+                if perm != list(range(rank)):
+                    y = gm.graph.call_method("permute",
+                                             (y, *[perm.index(k) for k in range(rank)]))
         node.replace_all_uses_with(y)
         found = True
     return _rewritten(gm, model) if found else model
@@ -869,8 +878,8 @@ _CONV_ARGS = ("stride", "padding", "dilation", "groups")
 
 
 def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    """`model` with each F.conv1d, F.conv2d and F.linear of a constant weight (a parameter,
-    or one computed from parameters alone, as weight standardization does, once
+    """`model` with each F.conv1d, F.conv2d, F.linear and x @ W of a constant weight (a
+    parameter, or one computed from parameters alone, as weight standardization does, once
     fold_constants has run) as the module it equals, which every stage knows. The module's
     weight is the value; a fixed (buffer) weight stays untrained. `model` itself if there is
     none."""
@@ -880,14 +889,18 @@ def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
     found = False
     for node in list(gm.graph.nodes):
         kind = _FUNCTIONAL_LAYERS.get(node.target) if node.op == "call_function" else None
-        if kind is None:
+        product = kind is None and _product_with_matrix(gm, node)   # x @ W: weight W^T
+        if kind is None and not product:
             continue
+        kind = nn.Linear if product else kind
         args = dict(zip(("input", "weight", "bias", *_CONV_ARGS), node.args)) | node.kwargs
         w, b = args.get("weight"), args.get("bias")
         if not (isinstance(w, fx.Node) and w.op == "get_attr") or not (
                 b is None or isinstance(b, fx.Node) and b.op == "get_attr"):
             continue
         weight = operator.attrgetter(w.target)(gm).detach()
+        if product:
+            weight = weight.t()
         bias = None if b is None else operator.attrgetter(b.target)(gm).detach()
         if kind is nn.Linear:
             mod = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
@@ -907,6 +920,16 @@ def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
         node.replace_all_uses_with(layer)
         found = True
     return _rewritten(gm, model) if found else model
+
+
+def _product_with_matrix(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` is x @ W for a constant 2-D W (a cosine classifier's prototypes)."""
+    if not (_called(node, (operator.matmul, torch.matmul, torch.mm), "matmul") or
+            _called(node, (), "mm")) or len(node.args) != 2 or node.kwargs:
+        return False
+    x, w = node.args
+    return isinstance(x, fx.Node) and isinstance(w, fx.Node) and w.op == "get_attr" and \
+        operator.attrgetter(w.target)(gm).dim() == 2
 
 
 def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
@@ -1213,7 +1236,8 @@ def _centred(n):
 
 
 def _handwritten_norm(node):
-    """(x, dims, eps) when `node` computes (x - mean) / sqrt(var + eps) over `dims`."""
+    """(x, dims, eps, "layer") when `node` computes (x - mean) / sqrt(var + eps) over
+    `dims`."""
     if not _called(node, (operator.truediv, torch.div), "div") or len(node.args) != 2:
         return None
     centred, root = node.args
@@ -1231,21 +1255,105 @@ def _handwritten_norm(node):
     variance = _reduction(var, (torch.var,), "var")
     if variance is not None:     # the population variance only (LayerNorm's)
         biased = var.kwargs.get("unbiased", True) is False or var.kwargs.get("correction") == 0
-        return (x, dims, eps) if variance[0] is x and same(variance[1]) and biased else None
+        return (x, dims, eps, "layer") if variance[0] is x and same(variance[1]) and biased \
+            else None
     mean = _reduction(var, (torch.mean,), "mean")
     if mean is None or not same(mean[1]):
         return None
-    square = mean[0]
-    if _called(square, (operator.pow, torch.pow), "pow") and square.args[1:] == (2,):
-        deviation = square.args[0]
-    elif _called(square, (operator.mul, torch.mul), "mul") and square.args[0] is square.args[1]:
-        deviation = square.args[0]
-    elif _called(square, (torch.square,), "square"):
-        deviation = square.args[0]
+    again = _centred(_squared(mean[0]))
+    return (x, dims, eps, "layer") if again is not None and again[0] is x and \
+        same(again[1]) else None
+
+
+def _squared(n):
+    """y when `n` is y ** 2, y * y or torch.square(y); else None."""
+    if _called(n, (operator.pow, torch.pow), "pow") and n.args[1:] == (2,):
+        return n.args[0]
+    if _called(n, (operator.mul, torch.mul), "mul") and len(n.args) == 2 and \
+            n.args[0] is n.args[1]:
+        return n.args[0]
+    return n.args[0] if _called(n, (torch.square,), "square") else None
+
+
+def _handwritten_scaling(node):
+    """(x, dims, eps, kind) when `node` divides x by its own 2-norm over `dims` (kind "l2",
+    eps as F.normalize's: x / x.norm(dim=d, keepdim=True), + eps or .clamp(min=eps), or
+    x * rsqrt(sum(x ** 2) + eps)) or by its root mean square (kind "rms", eps as
+    F.rms_norm's: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))."""
+    if _called(node, (operator.truediv, torch.div), "div") and len(node.args) == 2:
+        x, by = node.args
+        root = _rooted(by, False)
+    elif _called(node, (operator.mul, torch.mul), "mul") and len(node.args) == 2:
+        x, by = node.args
+        root = _rooted(by, True)
+        if root is None:
+            by, x = node.args
+            root = _rooted(by, True)
     else:
         return None
-    again = _centred(deviation)
-    return (x, dims, eps) if again is not None and again[0] is x and same(again[1]) else None
+    if root is None or root[0] is not x:
+        return None
+    return root
+
+
+def _rooted(n, inverse: bool):
+    """(x, dims, eps, kind) when `n` is the norm of x `_handwritten_scaling` divides by
+    (its reciprocal when `inverse`)."""
+    if inverse and _called(n, (torch.reciprocal,), "reciprocal"):
+        n, inverse = n.args[0], False
+    elif inverse and _called(n, (operator.truediv, torch.div), "div") and \
+            len(n.args) == 2 and n.args[0] == 1:        # 1 / root, as ONNX writes it
+        n, inverse = n.args[1], False
+    eps, stable = 0.0, n
+    if not inverse:
+        if _plus_constant(n) is not None:
+            stable, eps = _plus_constant(n)
+        elif (_called(n, (torch.clamp,), "clamp") or _called(n, (torch.clamp_min,), "clamp_min")):
+            floor = n.args[1] if len(n.args) > 1 else n.kwargs.get("min")
+            if isinstance(floor, (int, float)) and n.kwargs.get("max") is None and \
+                    (len(n.args) < 3 or n.args[2] is None):
+                stable, eps = n.args[0], floor
+        norm = _two_norm(stable)
+        if norm is not None:
+            return (*norm, float(eps), "l2")
+    if not _called(n, (torch.rsqrt,) if inverse else (torch.sqrt,),
+                   "rsqrt" if inverse else "sqrt"):
+        return None
+    total = n.args[0]
+    if _plus_constant(total) is not None:
+        total, eps = _plus_constant(total)
+    for kind, functions, method in (("l2", (torch.sum,), "sum"), ("rms", (torch.mean,), "mean")):
+        reduced = _reduction(total, functions, method)
+        if reduced is not None and _squared(reduced[0]) is not None:
+            # F.normalize's eps bounds the norm (the root), F.rms_norm's the mean square
+            return (_squared(reduced[0]), reduced[1],
+                    float(eps) ** 0.5 if kind == "l2" else float(eps), kind)
+    return None
+
+
+def _plus_constant(n):
+    """(y, c) when `n` is y + c (or c + y) for a number c."""
+    if not _called(n, (operator.add, torch.add), "add") or len(n.args) != 2:
+        return None
+    y, c = n.args if isinstance(n.args[1], (int, float)) else n.args[::-1]
+    ok = isinstance(c, (int, float)) and not isinstance(c, bool) and isinstance(y, fx.Node)
+    return (y, c) if ok else None
+
+
+def _two_norm(n):
+    """(x, dims) when `n` is x's 2-norm over dims, kept: x.norm(dim=d, keepdim=True),
+    torch.norm, torch.linalg.norm or torch.linalg.vector_norm."""
+    if not _called(n, (torch.norm, torch.linalg.norm, torch.linalg.vector_norm), "norm"):
+        return None
+    names = ("ord", "dim", "keepdim") if n.target in (torch.linalg.norm,
+                                                      torch.linalg.vector_norm) \
+        else ("p", "dim", "keepdim")
+    given = dict(zip(names, n.args[1:]), **n.kwargs)
+    dims = given.get("dim")
+    order = given.get(names[0], 2 if n.target is not torch.linalg.norm else None)
+    if dims is None or not given.get("keepdim", False) or order not in (2, 2.0, None, "fro"):
+        return None
+    return n.args[0], tuple([dims] if isinstance(dims, int) else dims)
 
 
 def lower_statistics(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import bit_exact, conv_widths, pruned_equivalently, read_back
+from checks import bit_exact, conv_widths, pruned_equivalently, read_back, saved_and_loaded
+from edgeprune.load import load_torch
 from edgeprune.quantize import ptq
 
 torch.set_num_threads(1)
@@ -132,7 +133,6 @@ def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp
     written normalizations F.layer_norm (the channels-first one between permutes), so they
     prune, quantize to one integer layernorm each (the affine after the last-axis one
     folded into it) and run bit-exact on a target."""
-    from edgeprune.load import load_torch
     torch.manual_seed(0)
     model = HandWritten().eval()
     torch.save(model, tmp_path / "m.pt")
@@ -148,6 +148,56 @@ def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp
     kinds = [o.kind for o in qm.ops]
     assert kinds.count("layernorm") == 2 and kinds.count("conv2d") == 4  # + the affine
     bit_exact(qm, x[:4].numpy(), "cortex-m55", tmp_path, like=pruned, tol=0.1)
+
+
+class HandScaled(nn.Module):
+    """Scaling to unit length and RMSNorm written by hand, and a cosine classifier: an
+    embedding's dot products with prototypes scaled to unit length, x @ W."""
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 2, 1)
+        self.tok = nn.Linear(16, 16)
+        self.gain = nn.Parameter(torch.rand(16) + 0.5)
+        self.emb = nn.Linear(16, 8)
+        self.protos = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        y = y / y.norm(dim=1, keepdim=True).clamp(min=1e-6)            # each pixel's channels
+        t = self.c2(y).flatten(2).transpose(1, 2)                       # (N, HW, 16)
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
+        e = self.emb(F.relu(self.tok(t)).mean(1))
+        e = e / (torch.linalg.vector_norm(e, dim=1, keepdim=True) + 1e-6)
+        p = self.protos / torch.sqrt((self.protos ** 2).sum(1, keepdim=True))
+        return 10 * e @ p.t()
+
+
+def test_hand_written_unit_length_and_rms_norms_load_as_norms_and_prune(tmp_path):
+    """They load as F.normalize and F.rms_norm (from torch and from both ONNX exporters,
+    which write 1 / sqrt), the product with constant prototypes as a Linear; channels
+    scaled to unit length prune (a pruned channel is a zero in the norm, as masked), and
+    the cut model runs bit-exact on a target."""
+    torch.manual_seed(0)
+    model = HandScaled().eval()
+    shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
+    loaded, _ = saved_and_loaded(model, shape, x, tmp_path)
+    for dynamo in (False, True):
+        torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"),
+                          dynamo=dynamo)
+        back, _ = load_torch(str(tmp_path / "m.onnx"), shape)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), model(x), atol=1e-4, rtol=1e-4)
+        for source in (loaded, back):
+            targets = [n.target for n in source.graph.nodes]
+            assert targets.count(F.normalize) == 2 and targets.count(F.rms_norm) == 1
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    # c1 prunes through the unit length; c2 feeds the RMSNorm: kept
+    assert conv_widths(pruned) == [8, 16]
+    widths = {n: m.out_features for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
+    assert list(widths.values()) == [8, 4, 5]          # tok, emb, the prototypes' Linear
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    assert [o.kind for o in qm.ops].count("layernorm") == 3
+    bit_exact(qm, x[:3].numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
 
 
 def test_a_model_the_legacy_exporter_refuses_exports_with_the_default_one(capfd, tmp_path):

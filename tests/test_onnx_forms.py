@@ -116,7 +116,7 @@ def _sums_of_powers():
     return nodes, dict(w1=(8, 1, 3, 3), w2=(8, 8, 3, 3), fc=(4, 8))
 
 
-@pytest.mark.parametrize("graph, widths", [(_activations_and_norms, [4, 8, 8, 3]),
+@pytest.mark.parametrize("graph, widths", [(_activations_and_norms, [4, 4, 4, 3]),
                                            (_sums_of_powers, [4, 4])])
 def test_onnx_activations_norms_and_reductions_prune_and_run_bit_exact(graph, widths,
                                                                        tmp_path):

@@ -749,10 +749,11 @@ class DepGraph:
         if is_fn and t in (F.layer_norm, F.rms_norm):
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
-        if is_fn and t is F.normalize:   # along the channels, every channel counts in |x|
+        if is_fn and t is F.normalize:
+            # along the channels, a pruned channel is a zero in |x|: the kept ones' values
+            # are the masked model's (unlike a mean's statistics, which count the zeros)
             lay = self._input_layout(node, channels_last_ok=True)
-            dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 1)) % len(shape)
-            if dim == (len(shape) - 1 if lay.channels_last else 1) or lay.repeat != 1:
+            if lay.repeat != 1:
                 self._freeze(lay)
             return lay
         if is_split(node) or returns_indices(node):
