@@ -160,6 +160,17 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
             arg_lists[items] = f"{p}_args{i}"
             out.append(f"static const TVMFFIAny {p}_args{i}[{len(call.args)}] = {{{items}}};")
         args_of.append(arg_lists[items])
+    # One const table entry per call, run by one loop: an unrolled recurrent layer makes
+    # thousands of calls, and an entry (20 bytes on a Cortex-M) is half the code of a call.
+    ws_offsets = {int(k.removeprefix("__workspace")): v for k, v in plan.offsets.items()
+                  if k.startswith("__workspace")}
+    out += ["", "struct ep_call {",
+            "  int32_t (*kernel)(void *self, void *args, int32_t n, void *ret);",
+            "  const TVMFFIAny *args;", "  uint32_t n_args, workspace_offset, workspace_bytes;",
+            "};", f"static const struct ep_call {p}_calls[{len(lm.calls)}] = {{"]
+    out += [f"  {{__tvm_ffi_{p}_{call.kernel}, {args_of[i]}, {len(call.args)}, "
+            f"{ws_offsets[i] if call.workspace_bytes else 0}, {call.workspace_bytes}}},"
+            for i, call in enumerate(lm.calls)] + ["};"]
     out += ["", f"int {p}_run({signature(lm)}) {{"]
     external = [(n, f"input{i}") for i, n in enumerate(lm.inputs)] + \
                [(n, f"output{i}") for i, n in enumerate(lm.outputs)]
@@ -169,16 +180,13 @@ def _source(lm: LoweredModel, plan: Plan) -> str:
                 at = lm.offset(alias)
                 ptr = f"(uint8_t *){arg} + {at}" if at else arg
                 out.append(f"  {p}_t_{alias}.data = (void *)({ptr});")
-    ws_offsets = {int(k.removeprefix("__workspace")): v for k, v in plan.offsets.items()
-                  if k.startswith("__workspace")}
-    for i, call in enumerate(lm.calls):
-        if call.workspace_bytes:
-            out.append(f"  ep_workspace_set({p}_arena + {ws_offsets[i]}, {call.workspace_bytes});")
-        else:
-            out.append("  ep_workspace_set(NULL, 0);")
-        out.append(f"  if (__tvm_ffi_{p}_{call.kernel}(NULL, (void *){args_of[i]}, "
-                   f"{len(call.args)}, NULL) != 0) return -{i + 1};")
-        out.append(f"  EP_LAYER_DONE({i});")
+    out += [f"  for (uint32_t i = 0; i < {len(lm.calls)}u; ++i) {{",
+            f"    const struct ep_call *c = &{p}_calls[i];",
+            f"    ep_workspace_set(c->workspace_bytes ? {p}_arena + c->workspace_offset : NULL,",
+            "                     c->workspace_bytes);",
+            "    if (c->kernel(NULL, (void *)c->args, (int32_t)c->n_args, NULL) != 0)",
+            "      return -(int)(i + 1);",
+            "    EP_LAYER_DONE((int)i);", "  }"]
     # Outputs that are views of intermediates (e.g. a final flatten) or of an input: copy out.
     for i, n in enumerate(lm.outputs):
         produced = any(lm.base(c.output) == n and c.output == n for c in lm.calls)
