@@ -308,7 +308,8 @@ def test_onnx_activations_convert_and_quantize(fmnist, tmp_path):
 def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
     """SELU, CELU, Softplus, Softsign, LogSigmoid, Tanhshrink, Hard/Softshrink, abs, exp and
     negation are elementwise: each becomes a 256-entry table, from torch modules, functions and
-    the ONNX ops exporters write for them."""
+    the ONNX ops exporters write for them (a chain with arithmetic on a number, the negation,
+    one table)."""
 
     class Mix(nn.Module):
         def __init__(self):
@@ -320,15 +321,16 @@ def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
             self.fc = nn.Linear(6 * 13 * 13, 10)
 
         def forward(self, x):
-            h = torch.exp(-torch.abs(self.acts(self.c(x))))
-            return self.fc(F.softplus(F.selu(h), beta=1.5).flatten(1))
+            h = torch.exp(-torch.abs(self.acts(self.c(x)).flatten(1)))
+            return self.fc(F.softplus(F.selu(h), beta=1.5))
 
     torch.manual_seed(0)
     model = Mix().eval()
     qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
-    assert [o.attrs["function"] for o in qm.ops if o.kind == "lut"] == [
-        "selu", "celu", "softplus", "softsign", "logsigmoid", "tanhshrink", "hardshrink",
-        "softshrink", "abs", "affine", "exp", "selu", "softplus"]
+    tables = [o.attrs["function"] for o in qm.ops if o.kind == "lut"]
+    assert tables == ["selu", "celu", "softplus", "softsign", "logsigmoid", "tanhshrink",
+                      "hardshrink", "softshrink", "region"]
+    assert all(f in qm.ops[-2].attrs["param"] for f in ("abs", "exp", "selu", "softplus"))
     _check(qm, fmnist.x_test[:N])
 
     onnx_model = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2), nn.SELU(), nn.CELU(0.5),
@@ -338,10 +340,10 @@ def test_more_table_activations_from_torch_and_onnx(fmnist, tmp_path):
     class AbsExpNeg(nn.Module):
         def forward(self, x):
             return torch.exp(-torch.abs(x))
-    onnx_model.insert(5, AbsExpNeg())
+    onnx_model.insert(6, AbsExpNeg())
     back = _onnx_round_trip(onnx_model, tmp_path, fmnist)
     qm = ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200])
-    assert len([o for o in qm.ops if o.kind == "lut"]) == 7
+    assert len([o for o in qm.ops if o.kind == "lut"]) == 4 + 1
     _check(qm, fmnist.x_test[:N])
 
 
@@ -739,6 +741,40 @@ def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
     assert np.mean(out.argmax(1) == want) >= 0.9
     back = _onnx_round_trip(model, tmp_path, fmnist)
     _check(ptq.quantize_ptq(back, (1, 1, 28, 28), fmnist.x_train[:200]), fmnist.x_test[:N])
+
+
+def test_a_chain_of_functions_and_numbers_is_one_table(fmnist, tmp_path):
+    """Elementwise steps one after another on one tensor (an input normalization, a hard
+    sigmoid written by hand, a scaled sigmoid, a GELU times a number) are each one table, one
+    pass and one rounding; a ReLU that starts a chain stays with the conv before it. The same
+    from ONNX; bit-exact on the host, and within 5 % of the float model's largest output."""
+
+    class Chains(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(1, 6, 3, 2), nn.Conv2d(6, 6, 3)
+            self.c3, self.c4 = nn.Conv2d(6, 6, 3), nn.Conv2d(6, 6, 3)
+            self.fc = nn.Linear(6, 10)
+
+        def forward(self, x):
+            y = self.c1((x - 0.5) / 0.25)
+            y = self.c2(F.relu6(y + 3) / 6)
+            y = self.c3((torch.sigmoid(y) * 2 + 1) / 3)
+            y = self.c4(F.relu(y) * 2 - 1)
+            return self.fc((F.gelu(y) * 1.5).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Chains().eval()
+    quick_train(model, fmnist, samples=1000, epochs=1.0, lr=0.05)
+    for source in (model, _onnx_round_trip(model, tmp_path, fmnist)):
+        qm = ptq.quantize_ptq(source, (1, 1, 28, 28), fmnist.x_train[:200])
+        kinds = [(o.kind, o.attrs.get("activation")) for o in qm.ops]
+        assert [k for k, _ in kinds].count("lut") == 5, kinds
+        assert ("conv2d", "relu") in kinds         # c3's, before the table of 2 x - 1
+        out = reference.dequantize_output(qm, _check(qm, fmnist.x_test[:N]))
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
+    assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_nearest_upsampling_bit_exact_from_torch_and_onnx(fmnist, tmp_path):

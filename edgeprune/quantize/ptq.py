@@ -620,8 +620,12 @@ _ARITHMETIC = {*_SCALAR_OPS, operator.neg, torch.neg, "neg", operator.pow, torch
 
 def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, set]:
     """Computations of one tensor value by value (a hand-written activation) that need more
-    than one op here (a mask and torch.where, a product of two functions of x): each as one
-    table of its source. Returns ({node: (source, function)}, {names of nodes they absorb})."""
+    than one op here (a mask and torch.where, a product of two functions of x, a chain of
+    steps with arithmetic on numbers among them: F.relu6(x + 3) / 6, (x - m) / s): each as
+    one table of its source, so one pass over the tensor and one rounding. A chain that starts
+    with a clamp (a ReLU) starts after it: the clamp stays with the op before it, whose
+    output keeps its range. Returns ({node: (source, function)}, {names of nodes they
+    absorb})."""
     def target_of(n):
         return gm.get_submodule(n.target) if n.op == "call_module" else n.target
 
@@ -637,6 +641,8 @@ def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, s
         return _activation_of(t, n) is not None or _lut_of(t, n, arg) is not None
 
     source, tensors_of, masked = {}, {}, {}
+    # a chain's link: the node it starts from, its ops from there, whether one is arithmetic
+    start, length, arithmetic = {}, {}, {}
     for n in gm.graph.nodes:
         if n.name in static or not elementwise(n):
             continue
@@ -659,17 +665,33 @@ def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, s
             mask = False
         masked[n.name] = mask or two or any(masked.get(a.name, False) for a in ins)
         tensors_of[n.name] = ins
+        if not masked[n.name]:            # one input: a link of a chain
+            (a,) = ins
+            numbers = _scalar_affine(t, n, static) is not None
+            if a.name in start:
+                start[n.name], length[n.name] = start[a.name], length[a.name] + 1
+                arithmetic[n.name] = arithmetic[a.name] or numbers
+            elif _activation_of(t, n) is not None:      # a clamp first: the chain's start
+                start[n.name], length[n.name], arithmetic[n.name] = n, 0, False
+            else:
+                start[n.name], length[n.name], arithmetic[n.name] = root, 1, numbers
     fused = {}
     for n in gm.graph.nodes:
-        if not masked.get(n.name):
-            continue
-        inside = all(u.name in source and source[u.name] is source[n.name] for u in n.users)
-        if not inside or not n.users:
-            fused[n.name] = source[n.name]
+        if masked.get(n.name):
+            inside = all(u.name in source and source[u.name] is source[n.name]
+                         for u in n.users)
+            if not inside or not n.users:
+                fused[n.name] = source[n.name]
+        elif length.get(n.name, 0) >= 2 and arithmetic[n.name]:
+            inside = all(start.get(u.name) is start[n.name] or
+                         u.name in source and masked.get(u.name) for u in n.users)
+            if not inside or not n.users:
+                fused[n.name] = start[n.name]
+    starts = {r.name for r in fused.values()}
     absorbed: set[str] = set()
     for n in reversed(list(gm.graph.nodes)):   # users first
-        if n.name in source and n.name not in fused and n.users and \
-                all(u.name in absorbed or u.name in fused for u in n.users):
+        if n.name in source and n.name not in fused and n.name not in starts and n.users \
+                and all(u.name in absorbed or u.name in fused for u in n.users):
             absorbed.add(n.name)
     functions, nodes = {}, {n.name: n for n in gm.graph.nodes}
     for name, root in fused.items():
