@@ -746,8 +746,9 @@ def test_hand_written_hardswish_with_scalar_arithmetic(fmnist, tmp_path):
 def test_a_chain_of_functions_and_numbers_is_one_table(fmnist, tmp_path):
     """Elementwise steps one after another on one tensor (an input normalization, a hard
     sigmoid written by hand, a scaled sigmoid, a GELU times a number) are each one table, one
-    pass and one rounding; a ReLU that starts a chain stays with the conv before it. The same
-    from ONNX; bit-exact on the host, and within 5 % of the float model's largest output."""
+    pass and one rounding; a ReLU that starts a chain stays with the conv before it, and the
+    numbers a conv's output is scaled and offset by fold into its weights. The same from
+    ONNX; bit-exact on the host, and within 5 % of the float model's largest output."""
 
     class Chains(nn.Module):
         def __init__(self):
@@ -757,7 +758,7 @@ def test_a_chain_of_functions_and_numbers_is_one_table(fmnist, tmp_path):
             self.fc = nn.Linear(6, 10)
 
         def forward(self, x):
-            y = self.c1((x - 0.5) / 0.25)
+            y = self.c1((x - 0.5) / 0.25) * 0.5 + 0.25
             y = self.c2(F.relu6(y + 3) / 6)
             y = self.c3((torch.sigmoid(y) * 2 + 1) / 3)
             y = self.c4(F.relu(y) * 2 - 1)
@@ -771,7 +772,32 @@ def test_a_chain_of_functions_and_numbers_is_one_table(fmnist, tmp_path):
         kinds = [(o.kind, o.attrs.get("activation")) for o in qm.ops]
         assert [k for k, _ in kinds].count("lut") == 5, kinds
         assert ("conv2d", "relu") in kinds         # c3's, before the table of 2 x - 1
+        # c1's * 0.5 + 0.25 + 3 in its weights and bias, then the ReLU6 its clamp
+        assert kinds[1] == ("conv2d", "relu6") and len(qm.ops) == 4 + 5 + 3, kinds
         out = reference.dequantize_output(qm, _check(qm, fmnist.x_test[:N]))
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
+    assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_a_number_folds_into_a_conv_only_where_nothing_else_reads_the_conv(fmnist):
+    """y = conv(x) * 0.5 folds into the conv; y + 4 does not, as y is also read elsewhere."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.c2, self.c3 = (nn.Conv2d(1, 4, 3, 2), nn.Conv2d(4, 4, 3),
+                                        nn.Conv2d(4, 4, 3))
+
+        def forward(self, x):
+            y = self.c(x) * 0.5
+            return (self.c2(y + 4.0) + self.c3(torch.sigmoid(y))).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    assert [o.kind for o in qm.ops][:2] == ["conv2d", "lut"]     # y + 4: a table of y
+    out = reference.dequantize_output(qm, _check(qm, fmnist.x_test[:N]))
     with torch.no_grad():
         want = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
     assert np.abs(out - want).max() < 0.05 * np.abs(want).max()

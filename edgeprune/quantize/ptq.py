@@ -174,13 +174,15 @@ def _channel_affine(target, node, constants: dict, shape) -> tuple | None:
     return x, 1 / v, torch.zeros_like(v)
 
 
-def _output_affine(target, node, constants: dict, shape, by_out: dict, users: dict,
-                   src) -> tuple[FNode, str, torch.Tensor] | None:
+def _output_affine(target, node, constants: dict, static: dict, shape, by_out: dict,
+                   users: dict, src) -> tuple[FNode, str, torch.Tensor] | None:
     """(producer, "scale" or "offset", v) when `node` multiplies (divides) or offsets the
     outputs of a conv2d, dense or layernorm op that nothing else reads by a constant v per
     output channel (ConvNeXt's layer scale gamma * Linear(x), a hand-written LayerNorm's
-    affine), so that v folds into its weights and bias; else None."""
-    found = _tensor_and_constant(target, node, constants)
+    affine) or by a number (y * 0.5, y + 1), so that v folds into its weights and bias; else
+    None."""
+    found = _tensor_and_constant(target, node, constants) or _scaled_or_offset(target, node,
+                                                                               static)
     if found is None or found[3] and found[0] in ("div", "sub"):   # c / x, c - x
         return None
     kind, x, const, _ = found
@@ -202,6 +204,18 @@ def _output_affine(target, node, constants: dict, shape, by_out: dict, users: di
     if kind == "sub":
         v = -v
     return producer, "scale" if kind in ("mul", "div") else "offset", v
+
+
+def _scaled_or_offset(target, node, static: dict):
+    """("mul", x, a, False) or ("add", x, b, False) when `node` is x times a number or x
+    plus one (x / 6, x - 1 too), as _tensor_and_constant gives them; else None."""
+    affine = _scalar_affine(target, node, static)
+    if affine is None or (affine[0] != 1 and affine[1] != 0):       # c - x: both
+        return None
+    x = next(a for a in node.args if isinstance(a, torch.fx.Node) and a.name not in static)
+    a, b = affine
+    return ("mul", x, torch.tensor(a, dtype=torch.float64), False) if b == 0 else \
+        ("add", x, torch.tensor(b, dtype=torch.float64), False)
 
 
 def _normalization(target, node, arg, constants: dict, shape) -> tuple | None:
@@ -624,7 +638,8 @@ def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, s
     steps with arithmetic on numbers among them: F.relu6(x + 3) / 6, (x - m) / s): each as
     one table of its source, so one pass over the tensor and one rounding. A chain that starts
     with a clamp (a ReLU) starts after it: the clamp stays with the op before it, whose
-    output keeps its range. Returns ({node: (source, function)}, {names of nodes they
+    output keeps its range; so do numbers a layer's output is scaled or offset by, which fold
+    into its weights. Returns ({node: (source, function)}, {names of nodes they
     absorb})."""
     def target_of(n):
         return gm.get_submodule(n.target) if n.op == "call_module" else n.target
@@ -642,7 +657,7 @@ def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, s
 
     source, tensors_of, masked = {}, {}, {}
     # a chain's link: the node it starts from, its ops from there, whether one is arithmetic
-    start, length, arithmetic = {}, {}, {}
+    start, length, arithmetic, folds = {}, {}, {}, set()
     for n in gm.graph.nodes:
         if n.name in static or not elementwise(n):
             continue
@@ -668,11 +683,17 @@ def _elementwise_regions(gm: fx.GraphModule, static: dict, arg) -> tuple[dict, s
         if not masked[n.name]:            # one input: a link of a chain
             (a,) = ins
             numbers = _scalar_affine(t, n, static) is not None
-            if a.name in start:
+            if _scaled_or_offset(t, n, static) is not None and len(a.users) == 1 and (
+                    a.name in folds or a.name not in source and a.op == "call_module" and
+                    isinstance(target_of(a), (nn.Conv2d, nn.Linear, nn.LayerNorm))):
+                # y * 0.5, y + 1 on a layer's output: fold into its weights, not a table
+                start[n.name], length[n.name], arithmetic[n.name] = n, 0, False
+                folds.add(n.name)
+            elif _activation_of(t, n) is not None and (a.name in folds or a.name not in start):
+                start[n.name], length[n.name], arithmetic[n.name] = n, 0, False   # a clamp
+            elif a.name in start:
                 start[n.name], length[n.name] = start[a.name], length[a.name] + 1
                 arithmetic[n.name] = arithmetic[a.name] or numbers
-            elif _activation_of(t, n) is not None:      # a clamp first: the chain's start
-                start[n.name], length[n.name], arithmetic[n.name] = n, 0, False
             else:
                 start[n.name], length[n.name], arithmetic[n.name] = root, 1, numbers
     fused = {}
@@ -1281,7 +1302,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
                                  else torch.zeros(target.out_features))
             add_node(FNode("dense", node.name, [src(node.args[0])], node.name, out_shape=shape))
             continue
-        folded = _output_affine(target, node, constants, shape, by_out, users, src)
+        folded = _output_affine(target, node, constants, static, shape, by_out, users, src)
         if folded is not None:   # a learnt scale or offset of an op's outputs: in its weights
             producer, how, v = folded
             name = producer.output
@@ -1300,7 +1321,7 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
             else:
                 biases[name] = biases[name] + v.to(biases[name].dtype)
             alias[node.name] = name
-            users[node.name] = users[name]
+            users[name] = users[node.name]   # its value now: a later fold or act needs 1
             continue
         affine = _channel_affine(target, node, constants, shape)
         if affine is not None:      # per-channel a * x + b: a 1x1 depthwise conv, like a BN
