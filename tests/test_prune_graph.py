@@ -92,6 +92,32 @@ def test_surgery_is_physical_and_equivalent():
     assert model.stem.out_channels == 8
 
 
+class BranchesIntoMultiplier(nn.Module):
+    """Two branches concatenated into a depthwise conv with a channel multiplier: their
+    channels are ranked in one group, and one branch's are all weaker than the other's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b1, self.b2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.dw = nn.Conv2d(8, 16, 3, groups=8)
+        self.fc = nn.Linear(16, 3)
+        with torch.no_grad():    # b1's and what the depthwise conv makes of them
+            self.b1.weight.mul_(1e-3)
+            self.dw.weight[:8].mul_(1e-3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.b1(x)), F.relu(self.b2(x))], 1)
+        return self.fc(F.relu(self.dw(y)).mean((2, 3)))
+
+
+def test_a_layer_whose_channels_all_rank_lowest_in_a_shared_group_keeps_one():
+    torch.manual_seed(0)
+    shape, x = (1, 1, 10, 10), torch.randn(4, 1, 10, 10)
+    pruned, _ = pruned_equivalently(BranchesIntoMultiplier().eval(), shape, x, ratios=0.5)
+    assert conv_widths(pruned)[1:] == [1, 4, 10]    # b1 keeps its best channel, not none
+
+
 class GroupedNet(nn.Module):
     """Grouped convs (ResNeXt/ShuffleNet style): one reads a concat that straddles its groups,
     one sits in a residual; a depthwise multiplier (one input per group) and a conv that sums

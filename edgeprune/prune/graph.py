@@ -1182,10 +1182,15 @@ class DepGraph:
     def with_every_piece(self, keep: dict[int, list[int] | np.ndarray],
                          scores: dict[int, torch.Tensor] | None = None) -> dict:
         """`keep` with one more unit (the best scored; else the first) in each channel piece
-        it would empty: a channel split keeps a channel on every side."""
+        or layer's outputs it would empty: a channel split keeps a channel on every side, a
+        layer whose outputs share a group with other layers' (branches concatenated into a
+        depthwise conv) one output."""
         keep = {g: sorted(int(u) for u in us) for g, us in keep.items()}
-        for lay, piece in self.channel_slices.values():
-            ids = lay.ids[piece.start:piece.stop]
+        pieces = [lay.ids[piece.start:piece.stop] for lay, piece in self.channel_slices.values()]
+        pieces += [layer.out_layout.ids for layer in self.layers.values()
+                   if layer.out_layout is not None and layer.out_layout.ids and
+                   layer.kind in ("conv", "gconv", "groupwise", "linear")]
+        for ids in pieces:
             if any(self.alive(cid, keep) for cid in ids):
                 continue
             units = sorted({self.unit_of_root[self._find(cid)] for cid in ids})
