@@ -491,9 +491,9 @@ def lower_attention(model: nn.Module) -> nn.Module:
 
 def fold_constants(model: nn.Module) -> nn.Module:
     """`model` with every computation on weights alone (w[:, None, None], w.view(-1, 1, 1),
-    log_scale.exp()) done once: a parameter of the result in its place, so the stages see
-    a per-channel constant where the model wrote an expression. `model` itself if there is
-    none (or fx cannot trace it)."""
+    log_scale.exp(), an nn.Embedding of constant indices) done once: a parameter of the
+    result in its place, so the stages see a per-channel constant where the model wrote an
+    expression. `model` itself if there is none (or fx cannot trace it)."""
     try:
         gm = fx.GraphModule(model, FrameLayersWhole().trace(model))
     except Exception:
@@ -505,14 +505,18 @@ def fold_constants(model: nn.Module) -> nn.Module:
             constant[n.name] = operator.attrgetter(n.target)(gm)
             if isinstance(constant[n.name], nn.Parameter):
                 learnt.add(n.name)
-        elif n.op in ("call_function", "call_method") and \
+        elif n.op in ("call_function", "call_method", "call_module") and \
                 all(a.name in constant for a in n.all_input_nodes) and \
                 (n.all_input_nodes or n.op == "call_function"):
+            # a module too: nn.Embedding of constant positions (learnt positional encodings)
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: constant[a.name])
+            module = gm.get_submodule(n.target) if n.op == "call_module" else None
             with torch.no_grad():
                 constant[n.name] = (n.target(*args, **kwargs) if n.op == "call_function"
+                                    else module(*args, **kwargs) if module is not None
                                     else getattr(args[0], n.target)(*args[1:], **kwargs))
-            if any(a.name in learnt for a in n.all_input_nodes):
+            if any(a.name in learnt for a in n.all_input_nodes) or (
+                    module is not None and any(True for _ in module.parameters())):
                 learnt.add(n.name)
     folds = [n for n in gm.graph.nodes if n.op != "get_attr" and n.name in constant
              and isinstance(constant[n.name], torch.Tensor)

@@ -313,6 +313,39 @@ def test_class_token_prunes_and_runs_bit_exact(tmp_path):
     bit_exact(qm, calib[:4], "cortex-m4", tmp_path / "pruned", on_target=2, like=pruned)
 
 
+class LearntPositions(nn.Module):
+    """Positions learnt as an nn.Embedding looked up at constant indices (BERT-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Linear(10, 16), nn.Embedding(12, 16)
+        self.register_buffer("at", torch.arange(12))
+        self.ff, self.fc = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), \
+            nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos(self.at)
+        return self.fc((h + self.ff(h)).mean(1))
+
+
+def test_learnt_positions_looked_up_at_constant_indices_fold_and_prune(tmp_path):
+    """The lookup folds on load into the table it gives (still trained), which prunes with
+    the residual stream; bit-exact on a target."""
+    from checks import saved_and_loaded
+    torch.manual_seed(0)
+    x = torch.randn(8, *SHAPE[1:])
+    loaded, _ = saved_and_loaded(LearntPositions().eval(), SHAPE, x, tmp_path)
+    modules = dict(loaded.named_modules())
+    assert not any(isinstance(modules.get(n.target), nn.Embedding) for n in loaded.graph.nodes
+                   if n.op == "call_module")
+    assert any(p.shape == (12, 16) for p in loaded.parameters())
+    pruned, _ = pruned_equivalently(loaded, SHAPE, x, ratios=0.5)
+    assert [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)] == \
+        [8, 16, 8, 4]
+    qm = ptq.quantize_ptq(pruned, SHAPE, torch.randn(64, *SHAPE[1:]).numpy())
+    bit_exact(qm, x[:3].numpy(), "cortex-m7", tmp_path, on_target=2, like=pruned)
+
+
 class Masked(nn.Module):
     """Attention that may not look everywhere: a causal nn.TransformerEncoder (a float 0/-inf
     mask and is_causal), an nn.MultiheadAttention with a boolean mask (a band, and the last
