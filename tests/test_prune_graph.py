@@ -118,6 +118,37 @@ def test_a_layer_whose_channels_all_rank_lowest_in_a_shared_group_keeps_one():
     assert conv_widths(pruned)[1:] == [1, 4, 10]    # b1 keeps its best channel, not none
 
 
+class CoordConv(nn.Module):
+    """Coordinate channels (a constant) concatenated to the input and to a conv's maps."""
+
+    def __init__(self):
+        super().__init__()
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8),
+                                indexing="ij")
+        self.register_buffer("coords", torch.stack([ys, xs])[None])
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(10, 8, 3, 2, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        c = self.coords.expand(x.shape[0], -1, -1, -1)
+        y = torch.relu(self.c1(torch.cat([x, c], 1)))
+        return self.fc(torch.relu(self.c2(torch.cat([y, c], 1))).mean((2, 3)))
+
+
+def test_constant_channels_concatenated_stay_and_the_rest_prune(tmp_path):
+    """(torch.fx cannot trace the expand over the batch: it loads through ONNX.)"""
+    from checks import bit_exact, saved_and_loaded
+    from edgeprune.quantize import ptq
+    torch.manual_seed(0)
+    shape, x = (1, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    loaded, _ = saved_and_loaded(CoordConv().eval(), shape, x, tmp_path)
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels) for m in convs] == [(3, 4), (4 + 2, 4)]
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x[:3].numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
+
+
 class GroupedNet(nn.Module):
     """Grouped convs (ResNeXt/ShuffleNet style): one reads a concat that straddles its groups,
     one sits in a residual; a depthwise multiplier (one input per group) and a conv that sums

@@ -911,11 +911,16 @@ class DepGraph:
         lays = [self._layout_of(x) for x in tensors]
         if any(l is CONST for l in lays):     # constant pieces (a class token)
             kept = [l for l in lays if isinstance(l, Layout)]
+            if dim == 1 and kept and all(l.repeat == 1 and not l.channels_last for l in kept):
+                # constant channels (CoordConv's coordinates): kept, the tensors' prune
+                return Layout(tuple(i for x, l in zip(tensors, lays) for i in (
+                    self._new_space(self._shape(x)[1], None, True).ids if l is CONST
+                    else l.ids)))
             if len(kept) != 1 or dim == (nd - 1 if kept[0].channels_last else 1):
                 for l in kept:
                     self._freeze(l)
-                self._fail(node, "concatenates constants along the channels, or with more "
-                           "than one tensor")
+                self._fail(node, "concatenates constants with channels last or flattened, "
+                           "or along the frames of more than one tensor")
             for x, l in zip(tensors, lays):
                 if l is CONST and not self._constant_piece(node, x, kept[0], shape):
                     self._freeze(kept[0])
