@@ -93,17 +93,13 @@ def test_surgery_is_physical_and_equivalent():
 
 
 class BranchesIntoMultiplier(nn.Module):
-    """Two branches concatenated into a depthwise conv with a channel multiplier: their
-    channels are ranked in one group, and one branch's are all weaker than the other's."""
+    """Two branches concatenated into a depthwise conv with a channel multiplier."""
 
     def __init__(self):
         super().__init__()
         self.stem, self.b1, self.b2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
         self.dw = nn.Conv2d(8, 16, 3, groups=8)
         self.fc = nn.Linear(16, 3)
-        with torch.no_grad():    # b1's and what the depthwise conv makes of them
-            self.b1.weight.mul_(1e-3)
-            self.dw.weight[:8].mul_(1e-3)
 
     def forward(self, x):
         x = F.relu(self.stem(x))
@@ -111,11 +107,38 @@ class BranchesIntoMultiplier(nn.Module):
         return self.fc(F.relu(self.dw(y)).mean((2, 3)))
 
 
+def test_branches_into_a_depthwise_multiplier_prune_as_groups_apart():
+    torch.manual_seed(0)
+    model, shape, x = BranchesIntoMultiplier().eval(), (1, 1, 10, 10), torch.randn(4, 1, 10, 10)
+    by_layer = {layer: g for g in DepGraph(model, torch.randn(shape)).groups for layer in g.layers}
+    assert by_layer["b1"] is not by_layer["b2"]           # as into a depthwise conv
+    pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 2, 2, 8]            # each branch half, dw 2 per input
+
+
+class BranchesIntoResidual(nn.Module):
+    """Two branches concatenated and added to a third conv's maps: the three rank their
+    channels in one group, and one branch's (with the third's it meets) are the weakest."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b1, self.b2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.c, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+        with torch.no_grad():
+            self.b1.weight.mul_(1e-3)
+            self.c.weight[:4].mul_(1e-3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([self.b1(x), self.b2(x)], 1) + self.c(x)
+        return self.fc(F.relu(y).mean((2, 3)))
+
+
 def test_a_layer_whose_channels_all_rank_lowest_in_a_shared_group_keeps_one():
     torch.manual_seed(0)
     shape, x = (1, 1, 10, 10), torch.randn(4, 1, 10, 10)
-    pruned, _ = pruned_equivalently(BranchesIntoMultiplier().eval(), shape, x, ratios=0.5)
-    assert conv_widths(pruned)[1:] == [1, 4, 10]    # b1 keeps its best channel, not none
+    pruned, _ = pruned_equivalently(BranchesIntoResidual().eval(), shape, x, ratios=0.5)
+    assert conv_widths(pruned)[1:] == [1, 4, 5]     # b1 keeps its best channel, not none
 
 
 class CoordConv(nn.Module):

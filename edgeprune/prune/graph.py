@@ -362,12 +362,16 @@ class DepGraph:
             else:
                 # one input or one output per group (a depthwise multiplier, as Keras'
                 # depth_multiplier): a unit is a whole group, its inputs with its outputs, so
-                # that pruning removes groups
-                out = self._new_space(mod.out_channels, name, False)
+                # that pruning removes groups. Each group's outputs are a space of their own:
+                # branches concatenated before it stay groups apart, as for a depthwise conv
                 ci, co = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+                out_ids = []
                 for k in range(mod.groups):
-                    for cid in lay.ids[k * ci + 1:(k + 1) * ci] + out.ids[k * co:(k + 1) * co]:
+                    made = self._new_space(co, None, False).ids
+                    for cid in lay.ids[k * ci + 1:(k + 1) * ci] + made:
                         self._union(lay.ids[k * ci], cid)
+                    out_ids += made
+                out = Layout(tuple(out_ids))
                 self.layers[name] = Layer(name, "groupwise", mod, node.name, lay, out)
             return out
         if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
@@ -1188,8 +1192,8 @@ class DepGraph:
                          scores: dict[int, torch.Tensor] | None = None) -> dict:
         """`keep` with one more unit (the best scored; else the first) in each channel piece
         or layer's outputs it would empty: a channel split keeps a channel on every side, a
-        layer whose outputs share a group with other layers' (branches concatenated into a
-        depthwise conv) one output."""
+        layer whose outputs share a group with other layers' (branches concatenated, then
+        added to another conv's maps) one output."""
         keep = {g: sorted(int(u) for u in us) for g, us in keep.items()}
         pieces = [lay.ids[piece.start:piece.stop] for lay, piece in self.channel_slices.values()]
         pieces += [layer.out_layout.ids for layer in self.layers.values()
