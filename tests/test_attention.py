@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from checks import bit_exact, pruned_equivalently
+from checks import bit_exact, pruned_equivalently, saved_and_loaded
 from edgeprune.errors import EdgepruneError
 from edgeprune.onnx_to_torch import onnx_to_torch
 from edgeprune.quantize import ptq, reference, to_relax
@@ -331,7 +331,6 @@ class LearntPositions(nn.Module):
 def test_learnt_positions_looked_up_at_constant_indices_fold_and_prune(tmp_path):
     """The lookup folds on load into the table it gives (still trained), which prunes with
     the residual stream; bit-exact on a target."""
-    from checks import saved_and_loaded
     torch.manual_seed(0)
     x = torch.randn(8, *SHAPE[1:])
     loaded, _ = saved_and_loaded(LearntPositions().eval(), SHAPE, x, tmp_path)

@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import conv_widths, pruned_equivalently
+from checks import bit_exact, conv_widths, pruned_equivalently, saved_and_loaded
 from edgeprune import models
 from edgeprune.errors import EdgepruneError
 from edgeprune.prune import DepGraph, masked_reference, prune
+from edgeprune.quantize import ptq
 
 
 class ResidualConcatNet(nn.Module):
@@ -160,8 +161,6 @@ class CoordConv(nn.Module):
 
 def test_constant_channels_concatenated_stay_and_the_rest_prune(tmp_path):
     """(torch.fx cannot trace the expand over the batch: it loads through ONNX.)"""
-    from checks import bit_exact, saved_and_loaded
-    from edgeprune.quantize import ptq
     torch.manual_seed(0)
     shape, x = (1, 1, 8, 8), torch.randn(4, 1, 8, 8)
     loaded, _ = saved_and_loaded(CoordConv().eval(), shape, x, tmp_path)
