@@ -24,7 +24,7 @@ from .layers import (AttentionAsOps, ConvTransposeAsConv, EncoderAsOps, EncoderL
 from .prune.graph import (BINARY_FUNCTIONS, BINARY_METHODS, PASSTHROUGH_FUNCTIONS,
                           PASSTHROUGH_METHODS, PASSTHROUGH_MODULES, SPATIAL_FUNCTIONS,
                           SPATIAL_MODULES)
-from .slicing import ShapeAndSizeProp, is_split
+from .slicing import ShapeAndSizeProp, is_min_values, is_split, max_values_of, returns_indices
 
 STAGE = "load"
 
@@ -59,6 +59,7 @@ def lift_1d(model: nn.Module, shape: tuple[int, ...]) -> tuple[fx.GraphModule, t
     except Exception as e:
         raise EdgepruneError(f"the 1-D model does not trace with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})", stage=STAGE) from None
+    _max_values_as_amax(gm)
     ShapeAndSizeProp(gm).propagate(torch.zeros(shape))
     modules = dict(gm.named_modules())
     # which nodes read a signal, decided before the rewrite adds nodes without shapes
@@ -195,6 +196,24 @@ _POOL_FUNCTIONS_1D = {
     F.adaptive_avg_pool1d: (F.adaptive_avg_pool2d, ("output_size",)),
     F.adaptive_max_pool1d: (F.adaptive_max_pool2d, ("output_size",)),
 }
+
+
+def _max_values_as_amax(gm: fx.GraphModule) -> None:
+    """`x.max(dim).values` (or `[0]`, or min's) as `x.amax(dim)`: one tensor, an axis the
+    lift maps like any reduction's. A max whose indices are read stays, and is refused."""
+    for pair in [n for n in gm.graph.nodes if returns_indices(n)]:
+        if not pair.users or not all(max_values_of(u) for u in pair.users):
+            continue
+        x, dim = max_values_of(next(iter(pair.users)))
+        keepdim = bool(pair.kwargs.get("keepdim", pair.args[2] if len(pair.args) > 2 else False))
+        amax = torch.amin if is_min_values(next(iter(pair.users))) else torch.amax
+        with gm.graph.inserting_before(pair):
+            reduced = gm.graph.call_function(amax, (x, dim, keepdim))
+        for user in list(pair.users):
+            user.replace_all_uses_with(reduced)
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(pair)
+    gm.recompile()
 
 
 def _pool_function_2d(node: fx.Node, where: str) -> None:

@@ -198,8 +198,9 @@ def test_keras_style_conv1d_onnx_model_deploys_bit_exact(tmp_path):
 
 def test_global_max_over_time_quantizes_bit_exact():
     """Global max pooling over time (AdaptiveMaxPool1d, amax over the last axis, with and
-    without keepdim), common in keyword-spotting and ECG heads: lifted, quantized, and the
-    host build of the integer model equals the golden model."""
+    without keepdim, a text CNN's `max(dim).values` and `torch.max(x, dim)[0]`), common in
+    keyword-spotting and ECG heads: lifted, quantized, and the host build of the integer
+    model equals the golden model."""
     from edgeprune.quantize import ptq, reference, to_relax
 
     class GlobalMax1d(nn.Module):
@@ -207,12 +208,13 @@ def test_global_max_over_time_quantizes_bit_exact():
             super().__init__()
             self.c = nn.Conv1d(2, 6, 5, stride=2)
             self.gmp = nn.AdaptiveMaxPool1d(1)
-            self.fc = nn.Linear(18, 3)
+            self.fc = nn.Linear(30, 3)
 
         def forward(self, x):
             h = torch.relu(self.c(x))
             return self.fc(torch.cat([self.gmp(h).flatten(1), h.amax(-1),
-                                      h.amax(2, keepdim=True).flatten(1)], 1))
+                                      h.amax(2, keepdim=True).flatten(1), h.max(dim=2).values,
+                                      torch.max(h, -1, keepdim=True)[0].flatten(1)], 1))
 
     torch.manual_seed(0)
     model = GlobalMax1d().eval()
@@ -221,7 +223,7 @@ def test_global_max_over_time_quantizes_bit_exact():
     with torch.no_grad():
         assert torch.allclose(lifted(x.view(8, 2, 1, 50)), model(x), atol=1e-5)
     qm = ptq.quantize_ptq(lifted, shape, x.view(8, 2, 1, 50).numpy())
-    assert [o.kind for o in qm.ops].count("maxpool") == 3
+    assert [o.kind for o in qm.ops].count("maxpool") == 5
     xq = reference.quantize_input(qm, x.view(8, 2, 1, 50).numpy())
     got = to_relax.build_host(to_relax.to_relax(qm, batch=8))(xq)
     assert np.array_equal(got, reference.run(qm, xq))
