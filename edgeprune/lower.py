@@ -441,7 +441,7 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
         if key in by_content:
             const_names.append((c, by_content[key]))
             return by_content[key]
-        n = f"w{len(consts)}"
+        n = unique(f"w{len(consts)}")   # not a name a tensor before it took (a layer "w21")
         const_names.append((c, n))
         consts[n], by_content[key] = value, n
         tensors[n] = TensorInfo(n, tuple(value.shape), str(value.dtype))
