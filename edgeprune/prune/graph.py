@@ -249,7 +249,12 @@ class DepGraph:
         # embedding): get_attr target -> (the channels' layout, the constant's channel axis)
         self.channel_consts: dict[str, tuple[Layout, int]] = {}
         self._const_reads: dict[str, list[tuple[str, Layout, int]]] = {}   # by elementwise ops
+        # units of Linears over positions (the last axis of (N, C, ..., L)): node -> units,
+        # and (reader, node) pairs that carry or contract them
+        self.position_units: dict[str, Layout] = {}
+        self._units_read: set[tuple[str, str]] = set()
         self._walk()
+        self._settle_position_units()
         self._settle_constants()
 
     # ---- union-find over channel ids
@@ -309,6 +314,8 @@ class DepGraph:
                 self.layouts[node.name] = self._module(node, shape)
             elif node.op in ("call_function", "call_method"):
                 self.layouts[node.name] = self._function(node, shape)
+            if node.op in ("call_module", "call_function", "call_method"):
+                self._pass_position_units(node)
             elif node.op == "output":
                 fx.node.map_arg(node.args, lambda n: self._freeze(self.layouts.get(n.name)))
 
@@ -535,6 +542,8 @@ class DepGraph:
         """A Linear on (N, ..., C): over the last axis, the channels of a channels-last tensor
         (frames of a sequence); its output keeps them last."""
         lay = self._input_layout(node, channels_last_ok=True)
+        if not lay.channels_last and lay.repeat == 1 and not set(lay.ids) <= self._frozen_ids:
+            return self._linear_over_positions(node, mod, name, lay)
         if not lay.unflattened_last:
             if not set(lay.ids) <= self._frozen_ids:
                 self._fail(node, "a Linear over the last axis of a tensor whose channels are on "
@@ -546,6 +555,52 @@ class DepGraph:
         out = Layout(self._new_space(mod.out_features, name, False).ids, 1, True)
         self.layers[name] = Layer(name, "linear", mod, node.name, lay, out)
         return out
+
+    def _linear_over_positions(self, node: fx.Node, mod: nn.Linear, name: str,
+                               lay: Layout) -> Layout:
+        """A Linear over the last axis of (N, C, ..., L) whose channels are on axis 1 (an
+        MLP-Mixer's token mixing, a Linear over time): it maps each channel's positions alike,
+        so the channels pass. Its own units are positions; they prune with the next such
+        Linear's inputs when only elementwise ops come between (_settle_position_units)."""
+        src = node.args[0].name
+        units = self.position_units.get(src)
+        if units is not None and len(units.ids) == mod.in_features:
+            self._units_read.add((node.name, src))
+        else:
+            units = Layout(self._new_space(mod.in_features, None, True).ids, 1, True)
+        out = Layout(self._new_space(mod.out_features, name, False).ids, 1, True)
+        self.layers[name] = Layer(name, "linear", mod, node.name, units, out)
+        self.position_units[node.name] = out
+        return lay
+
+    def _pass_position_units(self, node: fx.Node) -> None:
+        """An elementwise op (the GELU between a token-mixing MLP's Linears, or the ops an
+        exporter writes it as) of tensors with the same units, and numbers, keeps them where
+        they are."""
+        inputs = node.all_input_nodes
+        units = {self.position_units.get(n.name) for n in inputs}
+        if not inputs or len(units) != 1 or None in units:
+            return
+        t = node.target
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(t)
+            passes = isinstance(mod, PASSTHROUGH_MODULES) and not isinstance(mod, SPATIAL_MODULES)
+        elif node.op == "call_function":
+            passes = t in PASSTHROUGH_FUNCTIONS - SPATIAL_FUNCTIONS or t in BINARY_FUNCTIONS
+        else:
+            passes = t in PASSTHROUGH_METHODS or t in BINARY_METHODS
+        if passes:
+            self.position_units[node.name] = units.pop()
+            self._units_read.update((node.name, n.name) for n in inputs)
+
+    def _settle_position_units(self) -> None:
+        """A position Linear's units that anything but elementwise ops and the next such
+        Linear reads (a transpose back, an add, the output) are kept."""
+        for node in self.gm.graph.nodes:
+            units = self.position_units.get(node.name)
+            if units is not None and any((u.name, node.name) not in self._units_read
+                                         for u in node.users):
+                self._freeze(units)
 
     def _flatten(self, node: fx.Node, start: int, end: int = -1):
         lay = self._input_layout(node, channels_last_ok=True)
