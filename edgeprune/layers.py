@@ -926,6 +926,44 @@ def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
     return _rewritten(gm, model) if found else model
 
 
+def lower_functional_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """`model` with each F.layer_norm and F.rms_norm whose weights are constants or None
+    (ConvNeXt's own LayerNorm class, a hand-written norm once lower_handwritten_norms has run)
+    as the module it equals, whose channels prune with their weights. `model` itself if there
+    is none."""
+    gm = _traced(model, shape)
+    if gm is None:
+        return model
+    found = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.layer_norm, F.rms_norm):
+            continue
+        layer_norm = node.target is F.layer_norm
+        names = ("input", "normalized_shape", "weight", *(("bias",) if layer_norm else ()), "eps")
+        args = dict(zip(names, node.args)) | node.kwargs
+        w, b = args.get("weight"), args.get("bias")
+        if any(t is not None and not (isinstance(t, fx.Node) and t.op == "get_attr")
+               for t in (w, b)) or (w is None and b is not None):
+            continue
+        dims = tuple(args["normalized_shape"])
+        if layer_norm:
+            mod = nn.LayerNorm(dims, args.get("eps", 1e-5), w is not None, bias=b is not None)
+        else:
+            mod = nn.RMSNorm(dims, args.get("eps"), w is not None)
+        for attr, t in (("weight", w), ("bias", b)):
+            if t is not None:
+                value = operator.attrgetter(t.target)(gm)
+                getattr(mod, attr).data.copy_(value.detach())
+                getattr(mod, attr).requires_grad_(isinstance(value, nn.Parameter))
+        name = f"{node.name}_layer"
+        gm.add_submodule(name, mod)
+        with gm.graph.inserting_before(node):
+            layer = gm.graph.call_module(name, (args["input"],))
+        node.replace_all_uses_with(layer)
+        found = True
+    return _rewritten(gm, model) if found else model
+
+
 def _product_with_matrix(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` is x @ W for a constant 2-D W (a cosine classifier's prototypes)."""
     if not (_called(node, (operator.matmul, torch.matmul, torch.mm), "matmul") or

@@ -64,8 +64,9 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
             model, shape = _via_onnx(model, shape, path, "a TorchScript module")
     from .layers import (batch_first, drop_value_copies, drop_zero_states, fold_constants,
                          functional_inplace, lower_attention, lower_composites,
-                         lower_functional_layers, lower_group_norms, lower_handwritten_norms,
-                         lower_recurrent, lower_statistics, lower_transposed_convs)
+                         lower_functional_layers, lower_functional_norms, lower_group_norms,
+                         lower_handwritten_norms, lower_recurrent, lower_statistics,
+                         lower_transposed_convs)
     from .lift1d import is_1d, lift_1d
     model = _one_output(model.eval(), tuple(shape), spec, several_outputs)
     if not _traces(model):   # control flow on shapes, a loop over time steps: unrolled
@@ -80,6 +81,7 @@ def load_torch(spec: str, input_shape: tuple[int, ...] | None = None,
     model = fold_constants(model)           # w[:, None, None]: a parameter of that shape
     model = lower_functional_layers(model, tuple(shape))   # F.conv2d(x, w): a Conv2d
     model = lower_handwritten_norms(model, tuple(shape))   # (x - mean) / sqrt(var + eps)
+    model = lower_functional_norms(model, tuple(shape))    # F.layer_norm(x, s, w, b): a module
     model = lower_group_norms(model, tuple(shape))  # ONNX's reshape, InstanceNorm, reshape
     model = lower_statistics(model, tuple(shape))   # x.std(-1): means, a product, a root
     model = lower_composites(model, tuple(shape))   # GLU, Softmax2d: what they are made of

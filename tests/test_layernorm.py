@@ -193,23 +193,70 @@ def test_a_layer_norm_prunes_its_channels_with_the_statistics_over_those_kept():
     assert [o.kind for o in qm.ops].count("layernorm") == 4
 
 
-class NormsThatKeepChannels(nn.Module):
-    """A LayerNorm over a map's (C, H, W) and the functional form with weights of its own:
-    their channels are kept."""
+class NormOverMoreThanTheChannels(nn.Module):
+    """A LayerNorm over a map's (C, H, W): its channels are kept."""
 
     def __init__(self):
         super().__init__()
         self.c, self.n = nn.Conv2d(1, 8, 3, padding=1), nn.LayerNorm((8, 6, 6))
-        self.d = nn.Linear(8, 8)
-        self.w, self.b = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
-        t = self.d(self.n(self.c(x)).mean((2, 3)))
-        return self.fc(F.layer_norm(t, (8,), self.w, self.b))
+        return self.fc(self.n(self.c(x)).mean((2, 3)))
 
 
-def test_norms_over_more_than_the_channels_or_written_as_functions_keep_them():
+def test_a_norm_over_more_than_the_channels_keeps_them():
     from edgeprune.prune import DepGraph
     torch.manual_seed(0)
-    assert DepGraph(NormsThatKeepChannels().eval(), torch.randn(1, 1, 6, 6)).groups == []
+    assert DepGraph(NormOverMoreThanTheChannels().eval(), torch.randn(1, 1, 6, 6)).groups == []
+
+
+class OwnLayerNorm(nn.Module):
+    """ConvNeXt's own LayerNorm class: F.layer_norm with its parameters on channels-last
+    tensors, written out over the channels of NCHW maps."""
+
+    def __init__(self, c, channels_first=False):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+        self.c, self.channels_first = c, channels_first
+
+    def forward(self, x):
+        if not self.channels_first:
+            return F.layer_norm(x, (self.c,), self.weight, self.bias, 1e-6)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNeXtOwnNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(1, 12, 2, 2), OwnLayerNorm(12, channels_first=True)
+        self.dw, self.norm = nn.Conv2d(12, 12, 5, 1, 2, groups=12), OwnLayerNorm(12)
+        self.up, self.down, self.fc = nn.Linear(12, 24), nn.Linear(24, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        h = self.down(F.gelu(self.up(h))).permute(0, 3, 1, 2)
+        return self.fc((x + h).mean((2, 3)))
+
+
+def test_layer_norms_written_as_functions_load_as_modules_and_prune(tmp_path):
+    """Both of ConvNeXt's own LayerNorms load as nn.LayerNorm (the written-out one as a norm
+    without weights, then its scale and offset per channel), so the residual stream prunes
+    through them; before, they kept it whole."""
+    torch.manual_seed(0)
+    shape, x = (1, 1, 12, 12), torch.randn(8, 1, 12, 12)
+    torch.save(ConvNeXtOwnNorms().eval(), tmp_path / "m.pt")
+    loaded, _ = load_torch(str(tmp_path / "m.pt"), shape)
+    assert sum(isinstance(m, nn.LayerNorm) for m in loaded.modules()) == 2
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    widths = {n: getattr(m, "out_features", getattr(m, "out_channels", None))
+              for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert widths == {"stem": 6, "dw": 6, "up": 12, "down": 6, "fc": 4}
+    calib = torch.randn(64, *shape[1:]).numpy()
+    qm = ptq.quantize_ptq(pruned, shape, calib)
+    assert [o.kind for o in qm.ops].count("layernorm") == 2
+    bit_exact(qm, calib[:3], "cortex-m4", tmp_path, like=pruned, tol=0.1)

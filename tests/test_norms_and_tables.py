@@ -131,7 +131,7 @@ class HandWritten(nn.Module):
 
 def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp_path):
     """On load, computations on weights alone (w[:, None, None]) become parameters and hand-
-    written normalizations F.layer_norm (the channels-first one between permutes), so they
+    written normalizations nn.LayerNorm (the channels-first one between permutes), so they
     prune, quantize to one integer layernorm each (the affine after the last-axis one
     folded into it) and run bit-exact on a target."""
     torch.manual_seed(0)
@@ -141,10 +141,10 @@ def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp
     loaded, _ = load_torch(str(tmp_path / "m.pt"), shape)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
-    assert sum(n.target is F.layer_norm for n in loaded.graph.nodes) == 2
+    assert sum(isinstance(m, nn.LayerNorm) for m in loaded.modules()) == 2
     pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
-    # c0's channels are normalized together and c1's shuffled: kept; c2 prunes
-    assert conv_widths(pruned) == [8, 8, 3]
+    # c0's channels prune through their norm, c1's are shuffled: kept; c2 prunes
+    assert conv_widths(pruned) == [4, 8, 3]
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     kinds = [o.kind for o in qm.ops]
     assert kinds.count("layernorm") == 2 and kinds.count("conv2d") == 4  # + the affine
@@ -174,7 +174,7 @@ class HandScaled(nn.Module):
 
 
 def test_hand_written_unit_length_and_rms_norms_load_as_norms_and_prune(tmp_path):
-    """They load as F.normalize and F.rms_norm (from torch and from both ONNX exporters,
+    """They load as F.normalize and nn.RMSNorm (from torch and from both ONNX exporters,
     which write 1 / sqrt), the product with constant prototypes as a Linear; channels
     scaled to unit length prune (a pruned channel is a zero in the norm, as masked), and
     the cut model runs bit-exact on a target."""
@@ -190,10 +190,11 @@ def test_hand_written_unit_length_and_rms_norms_load_as_norms_and_prune(tmp_path
             torch.testing.assert_close(back(x), model(x), atol=1e-4, rtol=1e-4)
         for source in (loaded, back):
             targets = [n.target for n in source.graph.nodes]
-            assert targets.count(F.normalize) == 2 and targets.count(F.rms_norm) == 1
+            assert targets.count(F.normalize) == 2
+            assert sum(isinstance(m, nn.RMSNorm) for m in source.modules()) == 1
     pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
-    # c1 prunes through the unit length; c2 feeds the RMSNorm: kept
-    assert conv_widths(pruned) == [8, 16]
+    # c1 prunes through the unit length, c2 through the RMSNorm
+    assert conv_widths(pruned) == [8, 8]
     widths = {n: m.out_features for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
     assert list(widths.values()) == [8, 4, 5]          # tok, emb, the prototypes' Linear
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
