@@ -83,12 +83,14 @@ def test_channel_splits_prune_export_and_run_bit_exact(tmp_path):
     shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
 
     pruned, _ = pruned_equivalently(model, shape, x, criterion="l1", ratios=0.5)
-    # the shuffle branch's inner convs and the convs after the split are cut, and the stem's
-    # half that the chunk gives the branch; what the shuffle regroups (the stem's other half,
-    # the branch's last conv) and the ghost's channels (a strided slice reads them) are kept
+    # the shuffle branch's convs and the convs after the split are cut, and both halves of
+    # the stem: the shuffle ties channel j of the half that passes to the branch's channel j
+    # (5 of those 8 pairs stay, 3 of the other half's 8); the ghost's channels (a strided
+    # slice reads them) are kept
     widths = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
     assert widths["unit.branch.0.0"] == 8 and widths["a.0"] == 4 and widths["b.0"] == 4
-    assert widths["stem.0"] == 12 and widths["ghost.primary.0"] == 6
+    assert widths["stem.0"] == 8 and widths["unit.branch.2.0"] == 5
+    assert widths["ghost.primary.0"] == 6
 
     torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
     back, _ = onnx_to_torch(tmp_path / "m.onnx")
@@ -145,6 +147,63 @@ def test_splits_of_a_1d_signal_lift_prune_and_quantize():
     xq = x[:1, :, None].numpy()
     y = reference.dequantize_output(qm, reference.run(qm, reference.quantize_input(qm, xq)))
     assert np.abs(y - pruned(x[:1, :, None]).detach().numpy()).max() < 0.1 * np.abs(y).max()
+
+
+class ShuffleV2(nn.Module):
+    """ShuffleNet v2: a unit that halves the maps (two branches) and one that passes half
+    its channels, each followed by a channel shuffle: torchvision's view, transpose,
+    contiguous and view, or nn.ChannelShuffle."""
+
+    def __init__(self, module_shuffle: bool):
+        super().__init__()
+        self.stem = cbr(1, 8, 3, 2)
+        self.left = nn.Sequential(cbr(8, 8, 3, 2, g=8, act=False), cbr(8, 8))
+        self.right = nn.Sequential(cbr(8, 8), cbr(8, 8, 3, 2, g=8, act=False), cbr(8, 8))
+        self.branch = nn.Sequential(cbr(8, 8), cbr(8, 8, 3, g=8, act=False), cbr(8, 8))
+        self.shuffle = nn.ChannelShuffle(2) if module_shuffle else None
+        self.fc = nn.Linear(16, 10)
+
+    def mix(self, x):
+        if self.shuffle is not None:
+            return self.shuffle(x)
+        n, c, h, w = x.shape
+        return torch.transpose(x.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, c, h, w)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.mix(torch.cat([self.left(x), self.right(x)], 1))
+        a, b = x.chunk(2, dim=1)
+        x = self.mix(torch.cat([a, self.branch(b)], 1))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("module_shuffle", [False, True])
+def test_channel_shuffles_prune_their_channels_in_pairs(module_shuffle, tmp_path):
+    """A shuffle moves channel j of each group together: those are one unit, so what it
+    regroups prunes (each branch, the half the chunk passes) and the pruned maps still
+    shuffle as two groups; before, every conv that fed a shuffle kept its channels."""
+    import onnx
+
+    from checks import saved_and_loaded
+    from edgeprune.frontend import export_torch
+
+    torch.manual_seed(0)
+    model = ShuffleV2(module_shuffle).eval()
+    _randomize_bn(model)
+    shape, x = (1, 1, 16, 16), torch.randn(8, 1, 16, 16)
+    loaded, _ = saved_and_loaded(model, shape, x, tmp_path)
+    pruned, _ = pruned_equivalently(loaded, shape, x, criterion="l1", ratios=0.5)
+    # stem, left (dw, 1x1), right (1x1, dw, 1x1), branch (1x1, dw, 1x1): the first
+    # shuffle's 8 pairs keep 4; 3 of them lie in the half that passes, tied to 2 of the last
+    # 1x1's channels each
+    assert conv_widths(pruned) == [4, 4, 4, 4, 4, 4, 4, 4, 6]
+
+    onnx.save(export_torch(pruned, shape), str(tmp_path / "m.onnx"))   # as deploy writes it
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    again, _ = pruned_equivalently(back, shape, x, criterion="l1", ratios=0.5)
+    assert sum(conv_widths(again)) < sum(conv_widths(pruned))   # the ONNX form prunes too
+    qm = ptq.quantize_ptq(back, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x[:3].numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
 
 
 class ContiguousShuffle(nn.Module):

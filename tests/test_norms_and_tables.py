@@ -143,8 +143,9 @@ def test_hand_written_layer_norms_and_weight_expressions_load_as_layer_norms(tmp
         torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
     assert sum(isinstance(m, nn.LayerNorm) for m in loaded.modules()) == 2
     pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
-    # c0's channels prune through their norm, c1's are shuffled: kept; c2 prunes
-    assert conv_widths(pruned) == [4, 8, 3]
+    # c0's channels prune through their norm, c1's through the shuffle (channel j of both
+    # groups together), and c2's
+    assert conv_widths(pruned) == [4, 4, 3]
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     kinds = [o.kind for o in qm.ops]
     assert kinds.count("layernorm") == 2 and kinds.count("conv2d") == 4  # + the affine

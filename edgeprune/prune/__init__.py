@@ -127,7 +127,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, criterion="l1",
         if s.numel() != g.units:
             raise EdgepruneError(f"criterion {crit_name} gave {s.numel()} scores for "
                                  f"{g.units} channels of '{g.name}'", stage="prune")
-        scores[g.index] = torch.nan_to_num(s, nan=0.0)
+        scores[g.index] = _per_producer(g, torch.nan_to_num(s, nan=0.0))
 
     if allocation == "global":
         if target is not None:
@@ -187,3 +187,14 @@ def _record(graph: DepGraph, crit_name: str, allocation: str, scores, keep, mask
             entry.update(channels_before=rec["in_before"], kept=rec["in"])
         layers[name] = entry
     return {"criterion": crit_name, "allocation": allocation, "groups": groups, "layers": layers}
+
+
+def _per_producer(group, scores: torch.Tensor) -> torch.Tensor:
+    """Each unit's score per layer that makes it. A group's units mostly live in as many
+    layers each (a constant factor, which changes no ranking); where a channel shuffle ties
+    some of them to more layers than the rest (ShuffleNet's passed half to its branch), a
+    sum would rank those first and leave the others to be cut."""
+    counts = torch.zeros(group.units)
+    for m in group.by_role("out"):
+        counts += torch.tensor([1.0 if p else 0.0 for p in m.positions])
+    return scores / counts.clamp(min=1)

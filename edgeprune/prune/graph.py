@@ -146,6 +146,16 @@ class Inner:
     axis: int
 
 
+@dataclass(frozen=True)
+class Grouped:
+    """Maps' channels split into groups, (N, C, ...) -> (N, G, C / G, ...), as a channel
+    shuffle writes it, channel j of every group one unit; `swapped`: the two group axes
+    transposed. Only that transpose and the reshape back (_shuffles) read it."""
+    layout: Layout      # the channels before the split, in order
+    groups: int
+    swapped: bool = False
+
+
 @dataclass
 class Layer:
     """A module that pruning may resize, with the channel layout it reads and writes."""
@@ -238,6 +248,9 @@ class DepGraph:
         # last axis' channels, the shape, heads merged into the last axis (1: split)),
         # rewritten to the channels kept
         self.head_reshapes: dict[str, tuple[Layout, tuple[int, ...], int]] = {}
+        # a channel shuffle's reshapes: node -> (one group's channels, the shape, the groups,
+        # whether it splits them), rewritten to the channels kept
+        self.group_reshapes: dict[str, tuple[Layout, tuple[int, ...], int, bool]] = {}
         # reshapes to the shape they are given (x.reshape(n, t, c)): the input as it is
         self.same_shape_reshapes: list[str] = []
         # reshapes of channels on the last axis ((N, T, 1, E) <-> (N, T, E)): node -> (the
@@ -405,8 +418,8 @@ class DepGraph:
             return self._depth_to_space(node, mod.upscale_factor)
         if isinstance(mod, nn.PixelUnshuffle):
             return self._space_to_depth(node, mod.downscale_factor)
-        if isinstance(mod, nn.ChannelShuffle):   # channels regrouped
-            return self._kept(self._input_layout(node, 4), shape)
+        if isinstance(mod, nn.ChannelShuffle):
+            return self._channel_shuffle(node, mod.groups, shape)
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, mod.dim, shape)
         if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
@@ -628,15 +641,7 @@ class DepGraph:
         channel axis is a new frozen space."""
         lay = self._input_layout(node, channels_last_ok=True)
         nd = len(shape)
-        if node.target in (torch.transpose, "transpose"):   # two axes swapped
-            perm = list(range(nd))
-            i, j = (int(d) % nd for d in (node.args[1:3] or (node.kwargs.get("dim0"),
-                                                               node.kwargs.get("dim1"))))
-            perm[i], perm[j] = perm[j], perm[i]
-        else:
-            rest = node.args[1:] or (node.kwargs.get("dims"),)
-            perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            perm = [int(d) % nd for d in perm]
+        perm = _perm(node, nd)
         if perm[0] != 0:
             self._fail(node, f"permute {perm} moves the batch axis")
         if lay.repeat != 1:
@@ -724,6 +729,12 @@ class DepGraph:
         keys = self._layout_of(node.args[0]) if node.args else None
         if isinstance(keys, Inner):          # _merges_from admitted only merges
             return self._merge_inner(node, keys, shape)
+        if isinstance(keys, Grouped):        # _shuffles admitted the swap, copies, the merge
+            if t in (torch.permute, torch.transpose, "permute", "transpose"):
+                return Grouped(keys.layout, keys.groups, not keys.swapped)
+            if t in _COPIES:
+                return keys
+            return self._ungrouped(node, keys, shape)
         if isinstance(keys, Transposed) and not self._is_matmul(node):
             # a scale or a reshape of unit axes between the keys' transpose and q @ k^T
             # (_only_keys admitted no other op)
@@ -803,8 +814,9 @@ class DepGraph:
         if is_fn and t is F.pixel_unshuffle:
             factor = node.args[1] if len(node.args) > 1 else node.kwargs["downscale_factor"]
             return self._space_to_depth(node, int(factor))
-        if is_fn and t in (F.channel_shuffle, torch.channel_shuffle):   # channels regrouped
-            return self._kept(self._input_layout(node, 4), shape)
+        if is_fn and t in (F.channel_shuffle, torch.channel_shuffle):
+            groups = node.args[1] if len(node.args) > 1 else node.kwargs["groups"]
+            return self._channel_shuffle(node, int(groups), shape)
         if is_fn and t in (F.layer_norm, F.rms_norm):
             shape_arg = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
             return self._layer_norm(node, len(shape_arg))
@@ -1040,6 +1052,11 @@ class DepGraph:
             self.same_shape_reshapes.append(node.name)
             return self._input_layout(node, channels_last_ok=True)
         lay = self._layout_of(node.args[0])
+        if isinstance(lay, Layout) and lay.repeat == 1 and not lay.channels_last and \
+                len(shape) == len(in_shape) + 1 >= 4 and tuple(shape[:1]) == in_shape[:1] and \
+                shape[1] * shape[2] == in_shape[1] and tuple(shape[3:]) == in_shape[2:] and \
+                self._shuffles(node):
+            return self._grouped(lay, int(shape[1]), node.name, tuple(shape))
         if len(shape) == 1 and shape[0] == in_shape[0] and isinstance(lay, Layout):
             self._freeze(lay)        # one value per sample ((N, 1) -> (N,)): its channel kept
             return None
@@ -1106,6 +1123,57 @@ class DepGraph:
             self.expand_nodes[node.name] = (out, tuple(shape[2:]))
             return out
         return self._kept(self._input_layout(node, channels_last_ok=True), shape)
+
+    def _grouped(self, lay: Layout, groups: int, split: str | None = None,
+                 shape=None) -> Grouped:
+        """`lay`'s channels as `groups` groups, channel j of every group one unit (a shuffle
+        moves them together); `split`: the reshape that splits them, rewritten by surgery."""
+        d = len(lay.ids) // groups
+        for j in range(d):
+            for i in range(1, groups):
+                self._union(lay.ids[j], lay.ids[i * d + j])
+        if split is not None:
+            self.group_reshapes[split] = (Layout(lay.ids[:d]), shape, groups, True)
+        return Grouped(lay, groups)
+
+    def _ungrouped(self, node: fx.Node, grouped: Grouped, shape) -> Layout:
+        """The groups merged back into (N, C, ...): after the swap, channel j * G + i is
+        channel i * C / G + j."""
+        ids, g = grouped.layout.ids, grouped.groups
+        self.group_reshapes[node.name] = (Layout(ids[:len(ids) // g]), tuple(shape), g, False)
+        return Layout(_shuffled(ids, g)) if grouped.swapped else grouped.layout
+
+    def _channel_shuffle(self, node: fx.Node, groups: int, shape) -> Layout:
+        """nn.ChannelShuffle / F.channel_shuffle: the same permutation, its units whole, so
+        the pruned channels still shuffle as G groups."""
+        lay = self._input_layout(node, 4)
+        if lay.repeat != 1 or lay.channels_last:
+            return self._kept(lay, shape)
+        self._grouped(lay, groups)
+        return Layout(_shuffled(lay.ids, groups))
+
+    def _shuffles(self, node: fx.Node) -> bool:
+        """`node` splits the channels into groups for a channel shuffle: what reads it (past
+        contiguous()) swaps the two group axes and nothing else, and what reads that merges
+        them back into the input's shape."""
+        def readers(n: fx.Node) -> list[fx.Node]:
+            out = []
+            for u in n.users:
+                out += readers(u) if u.target in _COPIES else [u]
+            return out
+
+        swaps = readers(node)
+        nd = len(self._shape(node))
+        if len(swaps) != 1 or swaps[0].target not in (torch.permute, torch.transpose,
+                                                      "permute", "transpose") or \
+                _perm(swaps[0], nd) != [0, 2, 1, *range(3, nd)]:
+            return False
+        merges = readers(swaps[0])
+        in_shape = self._shape(node.args[0])
+        return bool(merges) and all(
+            m.target in (torch.reshape, "view", "reshape", torch.flatten, "flatten")
+            and m.args[0] in (swaps[0], *[u for u in swaps[0].users if u.target in _COPIES])
+            and self._shape(m) == in_shape for m in merges)
 
     def _kept(self, lay: Layout, shape) -> Layout:
         """A reshape or permute that regroups the channels (a channel shuffle's
@@ -1285,6 +1353,29 @@ class DepGraph:
                 rec["out_before"] = len(layer.out_layout.ids)
             out[name] = rec
         return out
+
+
+# calls that copy a tensor as it is (a channel shuffle's transpose(...).contiguous())
+_COPIES = {"contiguous", "clone", torch.clone}
+
+
+def _perm(node: fx.Node, nd: int) -> list[int]:
+    """The axes a permute or transpose of an `nd`-D tensor puts in order."""
+    if node.target in (torch.transpose, "transpose"):   # two axes swapped
+        perm = list(range(nd))
+        i, j = (int(d) % nd for d in (node.args[1:3] or (node.kwargs.get("dim0"),
+                                                           node.kwargs.get("dim1"))))
+        perm[i], perm[j] = perm[j], perm[i]
+        return perm
+    rest = node.args[1:] or (node.kwargs.get("dims"),)
+    perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    return [int(d) % nd for d in perm]
+
+
+def _shuffled(ids: tuple, groups: int) -> tuple:
+    """`ids` after a channel shuffle: channel j * G + i is channel i * C / G + j."""
+    d = len(ids) // groups
+    return tuple(ids[i * d + j] for j in range(d) for i in range(groups))
 
 
 def _adds_trailing_axes(index) -> bool:
@@ -1478,6 +1569,13 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             kept = sum(graph.alive(cid, keep) for cid in layout.ids)
             node.op, node.target = "call_function", torch.reshape
             node.args, node.kwargs = (node.args[0], (-1, *shape[1:-1], kept * heads)), {}
+        elif node.name in graph.group_reshapes:
+            units, shape, groups, split = graph.group_reshapes[node.name]
+            kept = sum(graph.alive(cid, keep) for cid in units.ids)
+            node.op, node.target = "call_function", torch.reshape
+            node.args = (node.args[0], (-1, groups, kept, *shape[3:]) if split else
+                         (-1, groups * kept, *shape[2:]))
+            node.kwargs = {}
         elif node.name in graph.same_shape_reshapes:
             node.replace_all_uses_with(node.args[0])
     _fold_sizes(gm, graph)
