@@ -208,6 +208,11 @@ def _one_output(model: nn.Module, shape: tuple[int, ...], spec: str,
             hint = ("; channels-last samples? a PyTorch conv takes (N, C, H, W): store them as "
                     f"x.transpose(0, 3, 1, 2), or pass --input-shape {shape[0]},{shape[3]},"
                     f"{shape[1]},{shape[2]}")
+        embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        if embeddings and "indices" in str(e):
+            hint = (f"; layer '{embeddings[0]}' (Embedding) reads integer indices (tokens): "
+                    "edgeprune runs models on real-valued samples; look the vectors up "
+                    "before the model and give it those")
         raise EdgepruneError(f"{spec}: the model does not run on an input of shape "
                              f"{list(shape)} ({type(e).__name__}: {e}){hint}") from None
     if isinstance(out, (tuple, list, dict)) and len(out) == 1:

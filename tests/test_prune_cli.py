@@ -138,6 +138,14 @@ def test_a_file_without_an_input_shape_takes_the_datas(tmp_path):
         load_torch(str(pt), input_shape=(1, 28, 28, 1))
 
 
+def test_a_model_on_token_indices_names_its_embedding(tmp_path):
+    import torch.nn as nn
+    torch.save(nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(160, 3)),
+               tmp_path / "text.pt")
+    with pytest.raises(EdgepruneError, match=r"layer '0' \(Embedding\) reads integer indices"):
+        load_torch(str(tmp_path / "text.pt"), input_shape=(1, 20))
+
+
 def test_a_half_precision_model_loads_as_float32(tmp_path):
     """A model saved after mixed-precision training (.half()) runs in float32 like any other."""
     import torch.nn as nn
