@@ -85,11 +85,11 @@ def test_channel_splits_prune_export_and_run_bit_exact(tmp_path):
     pruned, _ = pruned_equivalently(model, shape, x, criterion="l1", ratios=0.5)
     # the shuffle branch's convs and the convs after the split are cut, and both halves of
     # the stem: the shuffle ties channel j of the half that passes to the branch's channel j
-    # (5 of those 8 pairs stay, 3 of the other half's 8); the ghost's channels (a strided
+    # (4 of those 8 pairs stay, 4 of the other half's 8); the ghost's channels (a strided
     # slice reads them) are kept
     widths = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
     assert widths["unit.branch.0.0"] == 8 and widths["a.0"] == 4 and widths["b.0"] == 4
-    assert widths["stem.0"] == 8 and widths["unit.branch.2.0"] == 5
+    assert widths["stem.0"] == 8 and widths["unit.branch.2.0"] == 4
     assert widths["ghost.primary.0"] == 6
 
     torch.onnx.export(pruned, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
@@ -194,9 +194,9 @@ def test_channel_shuffles_prune_their_channels_in_pairs(module_shuffle, tmp_path
     loaded, _ = saved_and_loaded(model, shape, x, tmp_path)
     pruned, _ = pruned_equivalently(loaded, shape, x, criterion="l1", ratios=0.5)
     # stem, left (dw, 1x1), right (1x1, dw, 1x1), branch (1x1, dw, 1x1): the first
-    # shuffle's 8 pairs keep 4; 3 of them lie in the half that passes, tied to 2 of the last
+    # shuffle's 8 pairs keep 4; 2 of them lie in the half that passes, tied to 2 of the last
     # 1x1's channels each
-    assert conv_widths(pruned) == [4, 4, 4, 4, 4, 4, 4, 4, 6]
+    assert conv_widths(pruned) == [4, 4, 4, 4, 4, 4, 4, 4, 4]
 
     onnx.save(export_torch(pruned, shape), str(tmp_path / "m.onnx"))   # as deploy writes it
     back, _ = onnx_to_torch(tmp_path / "m.onnx")

@@ -181,3 +181,32 @@ def test_particle_filter_is_no_worse_than_its_l1_start(trained, fmnist):
         k[torch.argsort(scores)[:6]] = 0
         return ctx.masked_eval(g, k)[1]
     assert keep(pf) <= keep(l1)
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 and a 3x3 branch concatenated, both of the same weight
+    scale, added to a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.squeeze = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.e1, self.e3 = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        s = F.relu(self.squeeze(x))
+        return self.fc((torch.cat([self.e1(s), self.e3(s)], 1) + x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm"])
+def test_branches_of_different_kernels_compare_per_layer(criterion):
+    """Channels of a 1x1 and a 3x3 branch in one group rank by their weights relative to
+    their own layer's: before, the 3x3 filters' nine times as many weights outranked every
+    1x1 filter and the cheap branch was cut to one channel."""
+    torch.manual_seed(0)
+    model = Fire().eval()
+    for conv in (model.e1, model.e3):        # the same scale per weight in both branches
+        nn.init.uniform_(conv.weight, -0.5, 0.5)
+    pruned, _ = prune(model, torch.randn(1, 1, 8, 8), criterion=criterion, ratios=0.5)
+    assert 3 <= pruned.e1.out_channels <= 5 and 3 <= pruned.e3.out_channels <= 5

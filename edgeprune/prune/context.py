@@ -197,16 +197,27 @@ class Context:
                                  "(e.g. --data fashion-mnist)", stage="prune")
 
     # ---- weights
-    def unit_vectors(self, group: Group) -> torch.Tensor:
-        """[units, D]: each unit's filter weights (and bias) over all its producer layers."""
+    def unit_vectors(self, group: Group, p: float = 2) -> torch.Tensor:
+        """[units, D]: each unit's filter weights (and bias) over all its producer layers.
+        Where units live in different layers (branches concatenated), each layer's rows are
+        scaled to a mean p-norm of 1 over the units it holds (Torch-Pruning's "mean"
+        normalizer): a 3x3 branch's channels would otherwise outrank a 1x1 branch's for
+        their kernels' size alone, and the cheap branch would be cut first."""
+        members = group.by_role("out")
+        uneven = len({tuple(bool(m.positions[u]) for m in members)
+                      for u in range(group.units)}) > 1
         parts = []
-        for m in group.by_role("out"):
+        for m in members:
             mod = self.model.get_submodule(m.layer)
             w = mod.weight.detach().flatten(1)
             if getattr(mod, "bias", None) is not None:
                 w = torch.cat([w, mod.bias.detach()[:, None]], 1)
-            parts.append(torch.stack([w[p].sum(0) if p else torch.zeros(w.shape[1])
-                                      for p in m.positions]))
+            rows = torch.stack([w[p].sum(0) if p else torch.zeros(w.shape[1])
+                                for p in m.positions])
+            if uneven:
+                held = [bool(p) for p in m.positions]
+                rows = rows / (rows[held].norm(p=p, dim=1).mean() + 1e-12)
+            parts.append(rows)
         return torch.cat(parts, 1)
 
     def bn_gammas(self, group: Group) -> torch.Tensor | None:

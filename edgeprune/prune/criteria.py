@@ -18,7 +18,7 @@ class L1:
     needs_data = False
 
     def scores(self, group: Group, ctx: Context) -> torch.Tensor:
-        return ctx.unit_vectors(group).abs().sum(1)
+        return ctx.unit_vectors(group, p=1).abs().sum(1)
 
 
 class L2:
