@@ -212,10 +212,10 @@ class Context:
             w = mod.weight.detach().flatten(1)
             if getattr(mod, "bias", None) is not None:
                 w = torch.cat([w, mod.bias.detach()[:, None]], 1)
-            rows = torch.stack([w[p].sum(0) if p else torch.zeros(w.shape[1])
-                                for p in m.positions])
+            rows = torch.stack([w[at].sum(0) if at else torch.zeros(w.shape[1])
+                                for at in m.positions])
             if uneven:
-                held = [bool(p) for p in m.positions]
+                held = [bool(at) for at in m.positions]
                 rows = rows / (rows[held].norm(p=p, dim=1).mean() + 1e-12)
             parts.append(rows)
         return torch.cat(parts, 1)

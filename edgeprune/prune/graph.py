@@ -23,6 +23,7 @@ Conv2d/BatchNorm2d/Linear modules), never by masking.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import operator
 from dataclasses import dataclass, field
@@ -327,10 +328,10 @@ class DepGraph:
                 self.layouts[node.name] = self._module(node, shape)
             elif node.op in ("call_function", "call_method"):
                 self.layouts[node.name] = self._function(node, shape)
-            if node.op in ("call_module", "call_function", "call_method"):
-                self._pass_position_units(node)
             elif node.op == "output":
                 fx.node.map_arg(node.args, lambda n: self._freeze(self.layouts.get(n.name)))
+            if node.op in ("call_module", "call_function", "call_method"):
+                self._pass_position_units(node)
 
     def _input_layout(self, node: fx.Node, ndim: int | None = None,
                       channels_last_ok: bool = False) -> Layout:
@@ -555,7 +556,8 @@ class DepGraph:
         """A Linear on (N, ..., C): over the last axis, the channels of a channels-last tensor
         (frames of a sequence); its output keeps them last."""
         lay = self._input_layout(node, channels_last_ok=True)
-        if not lay.channels_last and lay.repeat == 1 and not set(lay.ids) <= self._frozen_ids:
+        if not lay.channels_last and lay.repeat == 1 and self._made_by_a_layer(lay) and \
+                not set(lay.ids) <= self._frozen_ids:
             return self._linear_over_positions(node, mod, name, lay)
         if not lay.unflattened_last:
             if not set(lay.ids) <= self._frozen_ids:
@@ -568,6 +570,12 @@ class DepGraph:
         out = Layout(self._new_space(mod.out_features, name, False).ids, 1, True)
         self.layers[name] = Layer(name, "linear", mod, node.name, lay, out)
         return out
+
+    def _made_by_a_layer(self, lay: Layout) -> bool:
+        """Whether some of `lay`'s channels are a layer's outputs (not the input's rows, as
+        (N, 1, H, W) squeezed to H frames gives: a Linear over them is one over features)."""
+        return any(self._space_layer[bisect.bisect_right(self._space_start, cid) - 1]
+                   is not None for cid in lay.ids)
 
     def _linear_over_positions(self, node: fx.Node, mod: nn.Linear, name: str,
                                lay: Layout) -> Layout:
@@ -732,7 +740,7 @@ class DepGraph:
         if isinstance(keys, Grouped):        # _shuffles admitted the swap, copies, the merge
             if t in (torch.permute, torch.transpose, "permute", "transpose"):
                 return Grouped(keys.layout, keys.groups, not keys.swapped)
-            if t in _COPIES:
+            if _is_copy(node):
                 return keys
             return self._ungrouped(node, keys, shape)
         if isinstance(keys, Transposed) and not self._is_matmul(node):
@@ -1159,7 +1167,7 @@ class DepGraph:
         def readers(n: fx.Node) -> list[fx.Node]:
             out = []
             for u in n.users:
-                out += readers(u) if u.target in _COPIES else [u]
+                out += readers(u) if _is_copy(u) else [u]
             return out
 
         swaps = readers(node)
@@ -1172,7 +1180,7 @@ class DepGraph:
         in_shape = self._shape(node.args[0])
         return bool(merges) and all(
             m.target in (torch.reshape, "view", "reshape", torch.flatten, "flatten")
-            and m.args[0] in (swaps[0], *[u for u in swaps[0].users if u.target in _COPIES])
+            and m.args[0] in (swaps[0], *[u for u in swaps[0].users if _is_copy(u)])
             and self._shape(m) == in_shape for m in merges)
 
     def _kept(self, lay: Layout, shape) -> Layout:
@@ -1355,8 +1363,10 @@ class DepGraph:
         return out
 
 
-# calls that copy a tensor as it is (a channel shuffle's transpose(...).contiguous())
-_COPIES = {"contiguous", "clone", torch.clone}
+def _is_copy(node: fx.Node) -> bool:
+    """A call that copies a tensor as it is (a channel shuffle's transpose(...).contiguous())."""
+    return (node.op == "call_method" and node.target in ("contiguous", "clone")) or \
+        (node.op == "call_function" and node.target is torch.clone)
 
 
 def _perm(node: fx.Node, nd: int) -> list[int]:
