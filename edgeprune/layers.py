@@ -917,11 +917,7 @@ def lower_functional_layers(model: nn.Module, shape: tuple[int, ...]) -> nn.Modu
         mod.weight.requires_grad_(isinstance(operator.attrgetter(w.target)(gm), nn.Parameter))
         if bias is not None:
             mod.bias.data.copy_(bias)
-        name = f"{node.name}_layer"
-        gm.add_submodule(name, mod)
-        with gm.graph.inserting_before(node):
-            layer = gm.graph.call_module(name, (args["input"],))
-        node.replace_all_uses_with(layer)
+        _called_as(gm, node, mod, args["input"])
         found = True
     return _rewritten(gm, model) if found else model
 
@@ -955,13 +951,18 @@ def lower_functional_norms(model: nn.Module, shape: tuple[int, ...]) -> nn.Modul
                 value = operator.attrgetter(t.target)(gm)
                 getattr(mod, attr).data.copy_(value.detach())
                 getattr(mod, attr).requires_grad_(isinstance(value, nn.Parameter))
-        name = f"{node.name}_layer"
-        gm.add_submodule(name, mod)
-        with gm.graph.inserting_before(node):
-            layer = gm.graph.call_module(name, (args["input"],))
-        node.replace_all_uses_with(layer)
+        _called_as(gm, node, mod, args["input"])
         found = True
     return _rewritten(gm, model) if found else model
+
+
+def _called_as(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, x: fx.Node) -> None:
+    """`node`'s readers read `mod` called on `x` instead (the function call becomes a layer)."""
+    name = f"{node.name}_layer"
+    gm.add_submodule(name, mod)
+    with gm.graph.inserting_before(node):
+        layer = gm.graph.call_module(name, (x,))
+    node.replace_all_uses_with(layer)
 
 
 def _product_with_matrix(gm: fx.GraphModule, node: fx.Node) -> bool:
