@@ -467,7 +467,6 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
     for block in main.body.blocks:
         for binding in block.bindings:
             value, var = binding.value, binding.var
-            out = unique(var.name)
             if isinstance(value, relax.Var):
                 names[var] = name_of(value)
                 continue
@@ -487,6 +486,7 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
                     else:
                         raise EdgepruneError(f"kernel {kernel}: argument {a} of kind "
                                              f"{type(a).__name__} is not supported")
+                out = unique(var.name)   # after its weights took theirs (a layer named "w0")
                 shape, dtype = _tensor_type(value.ty_args[0], f"output of kernel {kernel}")
                 tensors[out] = TensorInfo(out, shape, dtype)
                 names[var] = out
@@ -495,13 +495,13 @@ def collect_calls(mod, prefix: str) -> LoweredModel:
                     int(i) for i in attrs.get("edgeprune.elementwise", ())),
                     overwrites=bool(attrs.get(OVERWRITES_INPUT, 0))))
             elif op_name == "relax.reshape":
-                src = name_of(value.args[0])
+                src, out = name_of(value.args[0]), unique(var.name)
                 shape, dtype = _tensor_type(var.ty, f"reshape {var.name}")
                 tensors[out] = TensorInfo(out, shape, dtype)
                 names[var] = out
                 views[out] = src
             elif op_name == "relax.memory.view":   # a contiguous slice (_slices_as_views)
-                src = name_of(value.args[0])
+                src, out = name_of(value.args[0]), unique(var.name)
                 shape, dtype = _tensor_type(var.ty, f"slice {var.name}")
                 tensors[out] = TensorInfo(out, shape, dtype)
                 names[var] = out

@@ -398,11 +398,12 @@ def test_a_banded_pointwise_conv_with_wider_outputs_stays_out_of_place(tmp_path)
     _bit_exact_on(qm, ("cortex-m7", "riscv32"), tmp_path)
 
 
-def test_a_tensor_named_like_a_weight_keeps_its_own_name():
-    """Weights are named w0, w1, ... as the walk meets them; a layer's output met before them
-    may already hold such a name (a model with layers named w1, w2, or a name TVM derives from
-    them, w21). The weight takes another name: before, it took the tensor's, and the kernel
-    read one for the other on the target."""
+@pytest.mark.parametrize("first, second", [("w1", "y"), ("w0", "w1")])
+def test_a_tensor_named_like_a_weight_keeps_its_own_name(first, second):
+    """Weights are named w0, w1, ... as the walk meets them; a layer's output may hold such a
+    name (a model with layers named w0, w1, or a name TVM derives from them, w21), met before
+    the weight (w1 here) or as the output of the call that reads it (w0). Each takes its own
+    name: before, they shared one, and a kernel read one for the other on the target."""
     from tvm import relax
 
     from edgeprune.lower import lower_relax
@@ -411,13 +412,15 @@ def test_a_tensor_named_like_a_weight_keeps_its_own_name():
     x = relax.Var("x", relax.TensorType((1, 4), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():   # two products: two kernels
-            w1 = bb.emit(relax.op.matmul(x, relax.const(np.full((4, 4), 2, "float32"))),
-                         name_hint="w1")
-            y = bb.emit(relax.op.matmul(w1, relax.const(np.full((4, 4), 3, "float32"))))
+            a = bb.emit(relax.op.matmul(x, relax.const(np.full((4, 4), 2, "float32"))),
+                        name_hint=first)
+            y = bb.emit(relax.op.matmul(a, relax.const(np.full((4, 4), 3, "float32"))),
+                        name_hint=second)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     lowered = lower_relax(bb.get(), "model")
     computed = {c.output for c in lowered.calls}
-    assert "w1" in computed and not computed & set(lowered.consts), (computed, lowered.consts)
+    assert not computed & set(lowered.consts), (computed, lowered.consts)
+    assert lowered.calls[1].args[0] == lowered.calls[0].output
     read = [a for c in lowered.calls for a in c.args[:-1] if a in lowered.consts]
     assert sorted(float(lowered.consts[a][0, 0]) for a in read) == [2.0, 3.0]
