@@ -194,7 +194,5 @@ def _per_producer(group, scores: torch.Tensor) -> torch.Tensor:
     layers each (a constant factor, which changes no ranking); where a channel shuffle ties
     some of them to more layers than the rest (ShuffleNet's passed half to its branch), a
     sum would rank those first and leave the others to be cut."""
-    counts = torch.zeros(group.units)
-    for m in group.by_role("out"):
-        counts += torch.tensor([1.0 if p else 0.0 for p in m.positions])
+    counts = torch.tensor([float(sum(made)) for made in group.makers()])
     return scores / counts.clamp(min=1)

@@ -203,11 +203,9 @@ class Context:
         scaled to a mean p-norm of 1 over the units it holds (Torch-Pruning's "mean"
         normalizer): a 3x3 branch's channels would otherwise outrank a 1x1 branch's for
         their kernels' size alone, and the cheap branch would be cut first."""
-        members = group.by_role("out")
-        uneven = len({tuple(bool(m.positions[u]) for m in members)
-                      for u in range(group.units)}) > 1
+        uneven = len(set(group.makers())) > 1
         parts = []
-        for m in members:
+        for m in group.by_role("out"):
             mod = self.model.get_submodule(m.layer)
             w = mod.weight.detach().flatten(1)
             if getattr(mod, "bias", None) is not None:

@@ -194,6 +194,12 @@ class Group:
         """Producer layers (the convs/linears whose filters the group's units are)."""
         return [m.layer for m in self.members if m.role == "out"]
 
+    def makers(self) -> list[tuple[bool, ...]]:
+        """Per unit, which producer layers make it (in by_role("out") order): the same ones
+        for every unit, except where branches are concatenated or a shuffle ties them."""
+        members = self.by_role("out")
+        return [tuple(bool(m.positions[u]) for m in members) for u in range(self.units)]
+
 
 class DepGraph:
     """Dependency groups of a model at a static input shape. Build once, query many times."""
