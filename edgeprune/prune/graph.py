@@ -251,6 +251,9 @@ class DepGraph:
         # contiguous pieces of the channels (x[:, 4:], a chunk's or split's piece, narrow):
         # node -> (the sliced tensor's layout, the piece), rewritten to the channels kept
         self.channel_slices: dict[str, tuple[Layout, Slice]] = {}
+        # constant channels padded around a tensor's (CIFAR ResNet's "option A" shortcut):
+        # node -> (the channels before, those after), the pad rewritten to the ones kept
+        self.channel_pads: dict[str, tuple[Layout, Layout]] = {}
         # attention's heads split ((N, T, C) -> (N, T, h, d)) or merged back: node -> (the
         # last axis' channels, the shape, heads merged into the last axis (1: split)),
         # rewritten to the channels kept
@@ -795,9 +798,7 @@ class DepGraph:
             if len(pad) <= 4:                                  # H and W only
                 return self._input_layout(node)
             if shape is not None and len(pad) == 2 * (len(shape) - 1):
-                # zero channels added (an LRN's shifted windows): the channels are kept
-                self._freeze(self._input_layout(node))
-                return self._new_space(shape[1], None, True)
+                return self._channel_pad(node, shape, pad[-2], pad[-1])
             self._fail(node, f"padding {tuple(pad)} reaches the batch axis")
         if (not is_fn and t == "unsqueeze") or (is_fn and t is torch.unsqueeze):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -987,6 +988,20 @@ class DepGraph:
                     self._union(i, j)
             if layer is None and self._fine:
                 self.channel_consts[node.target] = (lays[0], reads[0][2])
+
+    def _channel_pad(self, node: fx.Node, shape, before: int, after: int) -> Layout:
+        """Constant channels around the input's (CIFAR ResNet's "option A" shortcut: zeros
+        around the subsampled maps, added to the next stage's): each a unit of its own that
+        prunes with what it is added to (kept where nothing ties it to a layer's channels),
+        the input's channels passing through."""
+        lay = self._input_layout(node)
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant" or lay.repeat != 1 or lay.channels_last or min(before, after) < 0:
+            self._freeze(lay)          # copied edges or cropped channels: kept
+            return self._new_space(shape[1], None, True)
+        sides = (self._new_space(before, None, False), self._new_space(after, None, False))
+        self.channel_pads[node.name] = sides
+        return Layout(sides[0].ids + lay.ids + sides[1].ids)
 
     def _cat(self, node: fx.Node, shape):
         tensors = node.args[0]
@@ -1238,6 +1253,10 @@ class DepGraph:
         for cid in range(len(self._parent)):
             r = self._find(cid)
             unit_spaces.setdefault(r, set()).add(int(space_of[cid]))
+        # padded constant channels that no layer's channels are tied to stay
+        for lay in (side for sides in self.channel_pads.values() for side in sides):
+            roots_frozen.update(r for r in map(self._find, lay.ids)
+                                if not any(self._space_layer[s] for s in unit_spaces[r]))
         # spaces tied by units form a group
         sp_parent = list(range(n_spaces))
 
@@ -1592,6 +1611,12 @@ def surgery(graph: DepGraph, keep: dict[int, list[int]]) -> tuple[fx.GraphModule
             node.args = (node.args[0], (-1, groups, kept, *shape[3:]) if split else
                          (-1, groups * kept, *shape[2:]))
             node.kwargs = {}
+        elif node.name in graph.channel_pads:
+            before, after = (sum(graph.alive(cid, keep) for cid in side.ids)
+                             for side in graph.channel_pads[node.name])
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+            node.args = (node.args[0], (*pad[:-2], before, after), *node.args[2:])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "pad"}
         elif node.name in graph.same_shape_reshapes:
             node.replace_all_uses_with(node.args[0])
     _fold_sizes(gm, graph)
