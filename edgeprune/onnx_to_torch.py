@@ -27,6 +27,7 @@ axis leaves it free (-1), so the model trains and evaluates at any batch size.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from pathlib import Path
@@ -50,12 +51,14 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _nearest_picks(n: int, size: int, ctm: str, rounding: str) -> np.ndarray | None:
+def _nearest_picks(n: int, size: int, ctm: str, rounding: str,
+                   scale: float | None = None) -> np.ndarray | None:
     """The input pixel ONNX Resize (nearest) picks for each output pixel when it resizes an
-    axis of n to `size`: the coordinate transformation, then the rounding, of the operator's
-    definition. None for a rule it does not name."""
+    axis of n to `size` (by `scale` where the node gives scales, else size / n): the
+    coordinate transformation, then the rounding, of the operator's definition. None for a
+    rule it does not name."""
     out = np.arange(size, dtype=np.float64)
-    scale = size / n
+    scale = scale or size / n
     if ctm == "half_pixel" or (ctm == "pytorch_half_pixel" and size > 1):
         x = (out + 0.5) / scale - 0.5
     elif ctm == "pytorch_half_pixel":      # an output of one pixel reads the first
@@ -71,6 +74,31 @@ def _nearest_picks(n: int, size: int, ctm: str, rounding: str) -> np.ndarray | N
     pick = {"round_prefer_floor": np.ceil(x - 0.5), "round_prefer_ceil": np.floor(x + 0.5),
             "floor": np.floor(x), "ceil": np.ceil(x)}.get(rounding)
     return None if pick is None else np.clip(pick, 0, n - 1).astype(np.int64)
+
+
+def _torch_nearest(sizes, out, picks: list[np.ndarray], scales=None) -> dict | None:
+    """nn.Upsample's arguments (nearest, to a size or by a scale: the node's `scales` if it
+    gives them) under which it picks the input pixels `picks` for each axis resized from
+    `sizes` to `out`; None if none does."""
+    index = torch.arange(math.prod(sizes), dtype=torch.float64).reshape(1, 1, *sizes)
+    strides = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+    candidates = [{"size": tuple(out)},
+                  {"scale_factor": tuple(o / n for n, o in zip(sizes, out))}]
+    if scales is not None:
+        candidates.insert(1, {"scale_factor": tuple(float(f) for f in scales)})
+    for how in candidates:
+        got = nn.Upsample(mode="nearest", **how)(index)[0, 0]
+        if list(got.shape) != list(out):
+            continue
+        picked = []
+        for axis, (n, stride) in enumerate(zip(sizes, strides)):
+            line = got      # along `axis`, at pixel 0 of the others
+            for other in reversed(range(len(sizes))):
+                line = line if other == axis else line.select(other, 0)
+            picked.append(line.numpy().astype(np.int64) // stride % n)
+        if all(np.array_equal(a, b) for a, b in zip(picked, picks)):
+            return {**how, "mode": "nearest"}
+    return None
 
 
 def _strided(picks: np.ndarray) -> bool:
@@ -1169,10 +1197,11 @@ class _Builder:
 
     def op_Resize(self, node, a):
         """Resizing of the spatial axes (H, W, or L of a 1-D signal) to a constant size:
-        nearest by whole factors where the ONNX coordinate rule picks input pixel o // s for
-        output pixel o (every value repeated, what nn.Upsample(mode="nearest") does), or linear
-        with torch's coordinate rules (half_pixel, pytorch_half_pixel, align_corners); anything
-        else (cubic, other pickings, fractional nearest factors) is refused by name."""
+        nearest where the ONNX coordinate rule picks the pixels nn.Upsample(mode="nearest")
+        picks (input pixel o // s for output pixel o at whole factors, also fractional factors
+        and sizes) or every k-th pixel, or linear with torch's coordinate rules (half_pixel,
+        pytorch_half_pixel, align_corners); anything else (cubic, other pickings) is refused
+        by name."""
         x = self._in(node.input[0])
         mode = _text(a.get("mode", b"nearest"))
         ctm = _text(a.get("coordinate_transformation_mode", b"half_pixel"))
@@ -1184,10 +1213,13 @@ class _Builder:
                        "tensors resized by constant scales or sizes are supported")
         v = np.asarray(self._const(given[0], node, "scales or sizes"), np.float64).reshape(-1)
         scales = given[0] == node.input[2]
-        out = [int(round(d * f)) for d, f in zip(shape, v)] if scales else [int(s) for s in v]
+        # ONNX's output size is floor(size * scale) (float32 scales: 1/3 of 12 is 4)
+        out = [int(math.floor(d * f + 1e-6)) for d, f in zip(shape, v)] if scales \
+            else [int(s) for s in v]
         factors = [o // i for i, o in zip(shape[2:], out[2:])]
         if mode == "nearest":
-            picks = [_nearest_picks(n, o, ctm, rounding) for n, o in zip(shape[2:], out[2:])]
+            picks = [_nearest_picks(n, o, ctm, rounding, f if scales else None)
+                     for n, o, f in zip(shape[2:], out[2:], v[2:])]
             ok = all(p is not None and np.array_equal(p, np.arange(o) // max(f, 1))
                      for p, o, f in zip(picks, out[2:], factors))
             if not ok and out[:2] == list(shape[:2]) and all(
@@ -1197,6 +1229,9 @@ class _Builder:
                     x = self._slice(node, x, axis, int(p[0]), int(p[-1]) + 1, step)
                 return x
             how = {"scale_factor": tuple(float(f) for f in factors), "mode": "nearest"}
+            if not ok and all(p is not None for p in picks):   # as torch picks, fractional
+                how = _torch_nearest(shape[2:], out[2:], picks, v[2:] if scales else None)
+                ok = how is not None
         else:
             # torch samples at (o + 0.5) * n / N - 0.5: ONNX's half_pixel where the scale is
             # N / n (pytorch_half_pixel differs only for outputs of size 1)
@@ -1211,9 +1246,9 @@ class _Builder:
         if not ok or out[:2] != list(shape[:2]):
             raise _err(f"ONNX node '{node.name}' (Resize): {mode} resize of {list(shape)} to "
                        f"{out} ({ctm}, {rounding}) is not supported; only nearest resizing "
-                       "of the spatial axes by whole factors (repeating every value, or taking "
-                       "every k-th), or linear resizing with the half_pixel or align_corners "
-                       "coordinates")
+                       "of the spatial axes that picks the pixels torch's nearest resizing "
+                       "picks (asymmetric, floor: what torch exports) or every k-th, or linear "
+                       "resizing with the half_pixel or align_corners coordinates")
         return self._module(node, "Resize", nn.Upsample(**how), x)
 
     def op_LayerNormalization(self, node, a):

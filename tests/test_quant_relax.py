@@ -841,6 +841,57 @@ def test_nearest_upsampling_bit_exact_from_torch_and_onnx(fmnist, tmp_path):
     assert result["outputs_match"] and result["mismatches"] == 0, result
 
 
+def test_batch_norms_without_affine_parameters_fold_and_run_bit_exact(fmnist):
+    """BatchNorm with affine=False (no scale, no shift) after a conv, after a Linear and
+    alone: folded like any other, close to the float model."""
+    class NoAffine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 6, 3, 2, bias=False)
+            self.b1 = nn.BatchNorm2d(6, affine=False)
+            self.b2 = nn.BatchNorm2d(6, affine=False)
+            self.fc = nn.Linear(6, 10)
+            self.b3 = nn.BatchNorm1d(10, affine=False)
+
+        def forward(self, x):
+            h = self.b2(torch.relu(self.b1(self.c1(x))))
+            return self.b3(self.fc(h.mean((2, 3))))
+
+    torch.manual_seed(0)
+    model = NoAffine().eval()
+    for bn in (model.b1, model.b2, model.b3):
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+    qm = ptq.quantize_ptq(model, (1, 1, 28, 28), fmnist.x_train[:200])
+    out = reference.dequantize_output(qm, _check(qm, fmnist.x_test[:N]))
+    with torch.no_grad():
+        want = model(torch.from_numpy(fmnist.x_test[:N])).numpy()
+    assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_fractional_nearest_resizing_reads_back_from_onnx_bit_exact(fmnist, tmp_path):
+    """Nearest resizing by a fractional factor or to a size no multiple of the input's
+    (F.interpolate): its ONNX Resize reads back as the torch resize that picks the same
+    pixels, and both forms quantize bit-exact on the host."""
+    class Resized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 4, 3, 3)                      # 10 x 10
+            self.c2 = nn.Conv2d(4, 6, 3, 1, 1)
+
+        def forward(self, x):
+            h = F.interpolate(torch.relu(self.c1(x)), scale_factor=1.7)       # 15 x 15
+            h = F.interpolate(torch.relu(self.c2(h)), size=(7, 11))
+            return h.mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Resized().eval()
+    back = _onnx_round_trip(model, tmp_path, fmnist)
+    assert sum(isinstance(m, nn.Upsample) for m in back.modules()) == 2
+    for m in (model, back):
+        _check(ptq.quantize_ptq(m, (1, 1, 28, 28), fmnist.x_train[:200]), fmnist.x_test[:N])
+
+
 @pytest.mark.parametrize("ctm,rounding,factor,repeats", [
     ("asymmetric", "floor", 3, True),                 # torch's export of nearest upsampling
     ("half_pixel", "round_prefer_floor", 3, True),    # ONNX's defaults

@@ -867,6 +867,11 @@ def extract(model: nn.Module, input_shape: tuple[int, ...]) -> IRNet:
     from torch.utils._pytree import tree_leaves
 
     model = fold_constants(copy.deepcopy(model).eval())   # a mask built from buffers: a buffer
+    for m in model.modules():   # torch's conv-BN fusion reads a scale and a shift
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is None:
+            m.weight, m.bias = nn.Parameter(torch.ones(m.num_features)), \
+                nn.Parameter(torch.zeros(m.num_features))
+            m.affine = True
     try:
         gm = fuse(model)
     except Exception as e:
