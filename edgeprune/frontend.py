@@ -137,6 +137,28 @@ def simplify(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], origin:
     return simplified
 
 
+def celu_as_elu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each Celu node written as alpha * Elu(x / alpha), which it equals: TVM's ONNX frontend
+    has Elu but no Celu."""
+    from onnx import helper, numpy_helper
+
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Celu":
+            nodes.append(node)
+            continue
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
+        k = f"{node.output[0]}_celu"
+        model.graph.initializer.append(numpy_helper.from_array(np.float32(alpha), k + "_alpha"))
+        nodes += [helper.make_node("Div", [node.input[0], k + "_alpha"], [k + "_x"], k + "_div"),
+                  helper.make_node("Elu", [k + "_x"], [k + "_elu"], k + "_elu", alpha=1.0),
+                  helper.make_node("Mul", [k + "_elu", k + "_alpha"], list(node.output),
+                                   k + "_mul")]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def check_supported_ops(model: onnx.ModelProto, origin: str) -> None:
     """Name the first node whose op TVM's ONNX frontend cannot convert, before converting."""
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -172,7 +194,7 @@ def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.Model
         origin = spec
         input_shape = shape
     shapes = static_input_shapes(model, input_shape, origin)
-    model = simplify(model, shapes, origin)
+    model = celu_as_elu(simplify(model, shapes, origin))
     check_supported_ops(model, origin)
     return model
 

@@ -980,7 +980,7 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels,
     F.scaled_dot_product_attention as its products and softmax, a stack reduced over its new
     axis as the sum (mean, maximum, minimum) of its pieces, `torch.add(a, b, alpha=k)` as
-    a + k * b; and `x.squeeze()` as a squeeze of
+    a + k * b, `x.clamp_min(a)` as `torch.clamp(x, min=a)`; and `x.squeeze()` as a squeeze of
     its unit axes after the batch (at the static batch of 1 it would drop the batch axis too).
     `model` itself if there is none."""
     gm = _traced(model, shape)
@@ -1010,6 +1010,15 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
                                                 (node.args[1], node.kwargs["alpha"]))
                 y = gm.graph.call_function(getattr(operator, name), (node.args[0], scaled))
             node.replace_all_uses_with(y)
+            found = True
+            continue
+        if len(node.args) == 2 and not node.kwargs and (
+                (node.op == "call_method" and node.target in ("clamp_min", "clamp_max")) or
+                (node.op == "call_function" and node.target in (torch.clamp_min,
+                                                                 torch.clamp_max))):
+            bound = "min" if "min" in getattr(node.target, "__name__", node.target) else "max"
+            node.op, node.target = "call_function", torch.clamp
+            node.args, node.kwargs = (node.args[0],), {bound: node.args[1]}
             found = True
             continue
         if node.op == "call_function" and node.target is torch.stack:

@@ -434,3 +434,38 @@ def test_an_einsum_no_stage_knows_is_named(tmp_path):
     loaded, shape = load_torch(str(tmp_path / "m.pt"))
     with pytest.raises(EdgepruneError, match="einsum"):
         ptq.quantize_ptq(loaded, shape, torch.randn(8, *shape[1:]).numpy())
+
+
+class Bounds(nn.Module):
+    """One-sided clamps written as their own methods and functions, and CELU (which TVM's
+    ONNX frontend lacks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+        self.celu, self.fc = nn.CELU(0.5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.clamp_max(self.c1(x).clamp_min(-0.5), 2.0)
+        h = F.celu(self.celu(self.c2(h)), 2.0)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_one_sided_clamps_and_celu_prune_lower_and_run_bit_exact(tmp_path):
+    from edgeprune.compile import compile_model
+
+    torch.manual_seed(0)
+    model, shape, x = Bounds().eval(), (1, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    loaded = _saved_and_loaded(model, shape, tmp_path)
+    code = loaded.code
+    assert code.count("torch.clamp(") == 2 and "clamp_min(" not in code and "clamp_max(" not in code
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [4, 4]
+    save_torch(pruned, shape, tmp_path / "p.pt")
+    build = compile_model(str(tmp_path / "p.pt"), "cortex-m7", tmp_path / "float",
+                          log=lambda *a: None, firmware=False)    # the float model, by TVM
+    assert build["kind"] == "float"
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m4", tmp_path / "q", like=pruned, tol=0.1)
