@@ -230,7 +230,8 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
         save_torch(pruned, shape, tmp / "model.pt")
         from .frontend import to_onnx
         import onnx
-        onnx.save(to_onnx(str(tmp / "model.pt"), shape), str(tmp / "model.onnx"))
+        onnx.save(to_onnx(str(tmp / "model.pt"), shape, origin=f"the pruned {name}"),
+                  str(tmp / "model.onnx"))
         (tmp / "pruning.json").write_text(json.dumps(record, indent=1, default=_jsonable))
 
         with stage("quantize", progress):

@@ -180,18 +180,19 @@ def check_one_output(model: onnx.ModelProto, origin: str) -> None:
                              "--data take several")
 
 
-def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None) -> onnx.ModelProto:
-    """Any model spec (zoo name, .pt, .onnx) as a simplified, static-shape ONNX model."""
+def to_onnx(spec: str, input_shape: tuple[int, ...] | None = None,
+            origin: str | None = None) -> onnx.ModelProto:
+    """Any model spec (zoo name, .pt, .onnx) as a simplified, static-shape ONNX model;
+    `origin` names it in errors (else the spec does)."""
     from .load import is_zoo_name, load_torch
 
     path = Path(spec)
+    origin = origin or spec
     if path.suffix == ".onnx" and not is_zoo_name(spec):
         model = load_onnx(path)
-        origin = str(path)
     else:
         module, shape = load_torch(spec, input_shape, several_outputs=True)
         model = export_torch(module, shape)
-        origin = spec
         input_shape = shape
     shapes = static_input_shapes(model, input_shape, origin)
     model = celu_as_elu(simplify(model, shapes, origin))
