@@ -980,7 +980,8 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     that composition: a GLU as its halves' gate, Softmax2d as a softmax over the channels,
     F.scaled_dot_product_attention as its products and softmax, a stack reduced over its new
     axis as the sum (mean, maximum, minimum) of its pieces, `torch.add(a, b, alpha=k)` as
-    a + k * b, `x.clamp_min(a)` as `torch.clamp(x, min=a)`; and `x.squeeze()` as a squeeze of
+    a + k * b, `x.clamp_min(a)` as `torch.clamp(x, min=a)`, `x[:, [0, 3, 4]]` as its runs'
+    slices concatenated; and `x.squeeze()` as a squeeze of
     its unit axes after the batch (at the static batch of 1 it would drop the batch axis too).
     `model` itself if there is none."""
     gm = _traced(model, shape)
@@ -1024,6 +1025,11 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         if node.op == "call_function" and node.target is torch.stack:
             found = _stack_reduced_as_ops(gm, node) or found
             continue
+        if (node.op == "call_function" and node.target in (operator.getitem,
+                                                           torch.index_select)) or (
+                node.op == "call_method" and node.target == "index_select"):
+            found = _picks_as_slices(gm, node) or found
+            continue
         if node.op == "call_function" and node.target is torch.einsum:
             found = _einsum_as_ops(gm, node) or found
             continue
@@ -1059,6 +1065,42 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 def _has_shape(x) -> bool:
     """An fx node whose shape the trace recorded (not one an earlier rewrite added)."""
     return isinstance(x, fx.Node) and "tensor_meta" in x.meta
+
+
+def _picks_as_slices(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """x[:, idx] or x.index_select(axis, idx) with constant indices (a list, or a tensor of
+    integers) along one axis after the batch, as the concatenation of its runs of consecutive
+    indices, each a slice (what every stage knows). False for any other indexing."""
+    from .onnx_to_torch import runs
+
+    if node.target is operator.getitem:
+        x, key = node.args
+        picked = [i for i, k in enumerate(key) if k != slice(None)] \
+            if isinstance(key, tuple) and Ellipsis not in key else []
+        if len(picked) != 1:
+            return False
+        axis, idx = picked[0], key[picked[0]]
+    else:
+        x, axis, idx = (list(node.args) + [node.kwargs.get("dim"), node.kwargs.get("index")])[:3]
+    if isinstance(idx, fx.Node) and idx.op == "get_attr":
+        idx = operator.attrgetter(idx.target)(gm)
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            return False
+        idx = idx.tolist()
+    if not (_has_shape(x) and isinstance(axis, int) and isinstance(idx, (list, tuple)) and idx
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in idx)):
+        return False
+    shape = x.meta["tensor_meta"].shape
+    axis %= len(shape)
+    if axis == 0:
+        return False
+    with gm.graph.inserting_before(node):
+        pieces = [gm.graph.call_function(torch.narrow, (x, axis, a, b - a))
+                  for a, b in runs([i % shape[axis] for i in idx])]
+        y = pieces[0] if len(pieces) == 1 else gm.graph.call_function(torch.cat, (pieces, axis))
+    node.replace_all_uses_with(y)
+    return True
 
 
 def _repeat_as_concat(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -101,6 +101,18 @@ def _torch_nearest(sizes, out, picks: list[np.ndarray], scales=None) -> dict | N
     return None
 
 
+def runs(indices: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive indices, in order: [0, 1, 2, 5, 3] is
+    [(0, 3), (5, 6), (3, 4)]."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]
+
+
 def _strided(picks: np.ndarray) -> bool:
     """Whether the picks are every k-th pixel (k >= 1) from some start."""
     steps = np.diff(picks)
@@ -984,8 +996,9 @@ class _Builder:
         return x
 
     def op_Gather(self, node, a):
-        """One position (a scalar index: the axis goes, as x[:, -1]) or a run of positions
-        (x[:, 2:5]) of an activation along an axis."""
+        """One position (a scalar index: the axis goes, as x[:, -1]) or a list of positions
+        of an activation along an axis after the batch: its runs of consecutive positions
+        (x[:, 2:5]) each a slice, concatenated."""
         form, h = self.seq.get(node.input[0], (None, None))
         if form == "DNH" and int(a.get("axis", 0)) == 0:    # Y_h[k]: one direction's state
             k = int(np.asarray(self._const(node.input[1], node, "indices")).reshape(()))
@@ -1003,14 +1016,17 @@ class _Builder:
         axis = int(a.get("axis", 0)) % x[1].dim()
         size = x[1].shape[axis]
         flat = idx.reshape(-1) % size
-        if idx.ndim > 1 or axis == 0 or (flat.size > 1 and np.any(np.diff(flat) != 1)):
+        if idx.ndim > 1 or axis == 0 or flat.size == 0:
             raise _err(f"ONNX node '{node.name}' (Gather): indices {idx.tolist()} along axis "
-                       f"{axis}; only one position or a run of positions after the batch axis "
-                       "is supported")
+                       f"{axis}; only one position or a list of positions after the batch "
+                       "axis is supported")
         if idx.ndim == 0:
             index = (slice(None),) * axis + (int(flat[0]),)
             return self._fn(operator.getitem, [x[0], index], [x[1], index])
-        return self._slice(node, x, axis, int(flat[0]), int(flat[-1]) + 1)
+        pieces = [self._slice(node, x, axis, a, b) for a, b in runs(flat.tolist())]
+        if len(pieces) == 1:
+            return pieces[0]
+        return self._fn(torch.cat, [[n for n, _ in pieces], axis], [[v for _, v in pieces], axis])
 
     def op_Split(self, node, a):
         """Pieces along an axis (ShuffleNet's channel split): one slice per output."""

@@ -240,3 +240,43 @@ def test_a_view_after_a_dropped_contiguous_reads_back_as_a_reshape(tmp_path):
     pruned, _ = pruned_equivalently(loaded, shape, x, criterion="l1", ratios=0.5)
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, 1, 16, 16).numpy())
     bit_exact(qm, x.numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
+
+
+class Picks(nn.Module):
+    """Channels picked by constant indices: a list, a buffer of integers, index_select (also
+    a repeated index and a pick along the width)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 12, 3, padding=1), nn.Conv2d(4, 8, 3, 2, 1)
+        self.c3, self.fc = nn.Conv2d(13, 6, 3), nn.Linear(6, 3)
+        self.register_buffer("idx", torch.tensor([0, 3, 4, 11]))
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        a = torch.relu(self.c2(h[:, self.idx]))                     # (N, 8, 8, 8)
+        b = h[:, [5, 6, 7, 1, 1]][..., ::2, ::2]                    # (N, 5, 8, 8)
+        y = torch.cat([a, b.index_select(3, torch.tensor([0, 1, 2, 5, 6, 7, 3, 4]))], 1)
+        return self.fc(torch.relu(self.c3(y)).mean((2, 3)))
+
+
+def test_channels_picked_by_constant_indices_prune_export_and_run_bit_exact(tmp_path):
+    """x[:, [5, 6, 7, 1]] and its kin load as the slices of the indices' runs,
+    concatenated; so does the ONNX Gather they export to. Both prune and run bit-exact."""
+    from edgeprune.load import load_torch, save_torch
+
+    torch.manual_seed(0)
+    model, shape, x = Picks().eval(), (1, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    save_torch(model, shape, tmp_path / "m.pt")
+    loaded = load_torch(str(tmp_path / "m.pt"))[0]
+    assert "idx" not in loaded.code and "index_select" not in loaded.code
+    assert loaded.code.count("torch.narrow") == 3 + 3 + 3       # the runs of each pick
+    torch.onnx.export(model, (torch.zeros(shape),), str(tmp_path / "m.onnx"), dynamo=False)
+    back, _ = onnx_to_torch(tmp_path / "m.onnx")
+    for m in (loaded, back):
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), model(x))
+        pruned, _ = pruned_equivalently(m, shape, x, ratios=0.5)
+        assert conv_widths(pruned)[1:] == [4, 3], conv_widths(pruned)
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, 1, 16, 16).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m4", tmp_path, like=pruned, tol=0.1)
