@@ -981,7 +981,7 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     F.scaled_dot_product_attention as its products and softmax, a stack reduced over its new
     axis as the sum (mean, maximum, minimum) of its pieces, `torch.add(a, b, alpha=k)` as
     a + k * b, `x.clamp_min(a)` as `torch.clamp(x, min=a)`, `x[:, [0, 3, 4]]` as its runs'
-    slices concatenated; and `x.squeeze()` as a squeeze of
+    slices concatenated, `x[:, None]` as an unsqueeze; and `x.squeeze()` as a squeeze of
     its unit axes after the batch (at the static batch of 1 it would drop the batch axis too).
     `model` itself if there is none."""
     gm = _traced(model, shape)
@@ -1028,7 +1028,7 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         if (node.op == "call_function" and node.target in (operator.getitem,
                                                            torch.index_select)) or (
                 node.op == "call_method" and node.target == "index_select"):
-            found = _picks_as_slices(gm, node) or found
+            found = _new_axes_as_unsqueezes(gm, node) or _picks_as_slices(gm, node) or found
             continue
         if node.op == "call_function" and node.target is torch.einsum:
             found = _einsum_as_ops(gm, node) or found
@@ -1065,6 +1065,30 @@ def lower_composites(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
 def _has_shape(x) -> bool:
     """An fx node whose shape the trace recorded (not one an earlier rewrite added)."""
     return isinstance(x, fx.Node) and "tensor_meta" in x.meta
+
+
+def _new_axes_as_unsqueezes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """x[:, None] (x[..., None, :], any index of whole axes and Nones) as the unsqueezes it
+    is. False for any other index, or one that adds an axis before the batch."""
+    if node.target is not operator.getitem:
+        return False
+    x, key = node.args
+    key = key if isinstance(key, tuple) else (key,)
+    if not _has_shape(x) or None not in key or key.count(Ellipsis) > 1 or not all(
+            k is None or k is Ellipsis or k == slice(None) for k in key):
+        return False
+    rank = len(x.meta["tensor_meta"].shape) + key.count(None)
+    cut = key.index(Ellipsis) if Ellipsis in key else len(key)
+    axes = [i for i, k in enumerate(key[:cut]) if k is None]
+    axes += [rank - len(key) + i for i in range(cut + 1, len(key)) if key[i] is None]
+    if 0 in axes:
+        return False
+    with gm.graph.inserting_before(node):
+        y = x
+        for axis in sorted(axes):     # the output's axes, lowest first
+            y = gm.graph.call_function(torch.unsqueeze, (y, axis))
+    node.replace_all_uses_with(y)
+    return True
 
 
 def _picks_as_slices(gm: fx.GraphModule, node: fx.Node) -> bool:

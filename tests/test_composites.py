@@ -469,3 +469,32 @@ def test_one_sided_clamps_and_celu_prune_lower_and_run_bit_exact(tmp_path):
     assert build["kind"] == "float"
     qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
     bit_exact(qm, x.numpy(), "cortex-m4", tmp_path / "q", like=pruned, tol=0.1)
+
+
+class NewAxes(nn.Module):
+    """Axes added by indexing with None: a grey (N, H, W) input made a map, a squeeze-
+    excitation's gate made (N, C, 1, 1), a mask over the channels made (N, 1, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.se, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):                                   # (N, H, W)
+        h = torch.relu(self.c1(x[:, None]))
+        h = h * torch.sigmoid(self.se(h.mean((2, 3))))[:, :, None, None]
+        h = torch.relu(self.c2(h * torch.sigmoid(h.mean(1))[:, None, ...]))
+        return self.fc(h.amax((2, 3)))
+
+
+def test_axes_added_by_indexing_with_none_prune_and_run_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model, shape, x = NewAxes().eval(), (1, 10, 10), torch.randn(4, 10, 10)
+    loaded = _saved_and_loaded(model, shape, tmp_path)
+    assert loaded.code.count("torch.unsqueeze") == 4 and "None]" not in loaded.code
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    pruned, _ = pruned_equivalently(loaded, shape, x, ratios=0.5)
+    assert conv_widths(pruned) == [8, 4]       # the mean over c1's channels keeps them
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m7", tmp_path / "q", like=pruned, tol=0.1)
