@@ -43,7 +43,7 @@ def write_glue(manifest: dict, out_dir: Path) -> None:
 
 def compiler_flags(target: Target) -> list[str]:
     tc = target.toolchain
-    return [*tc["cflags"], tc["opt"], "-ffunction-sections", "-fdata-sections", "-std=gnu11",
+    return [*tc["cflags"], *tc["opt"].split(), "-ffunction-sections", "-fdata-sections", "-std=gnu11",
             "-Wall", "-Wno-unused-variable", "-Wno-unused-parameter", "-Wno-unused-but-set-variable"]
 
 
