@@ -483,3 +483,40 @@ def test_data_driven_criteria_see_the_queries_and_keys():
                           data=[(x, y)], meta_batch=(x, y))
         scores = record["layers"]["q"]["scores"]
         assert len(set(scores)) > 2, (criterion, scores)
+
+
+class GlobalContext(nn.Module):
+    """GCNet's global context block: the maps' positions weighed by a softmax over them,
+    (N, C, HW) @ (N, HW, 1), transformed and added back; then positions mixed by a constant
+    matrix, (N, C, HW) @ (HW, HW')."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.mask = nn.Conv2d(1, 16, 3, 2, 1), nn.Conv2d(16, 1, 1)
+        self.t1, self.t2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.mix = nn.Parameter(torch.randn(36, 9) * 0.3)
+        self.c2, self.fc = nn.Conv2d(16, 12, 3, 1, 1), nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        n, c, h, w = x.shape
+        m = torch.softmax(self.mask(x).view(n, 1, h * w), dim=2)
+        ctx = torch.matmul(x.view(n, c, h * w), m.transpose(1, 2)).view(n, c, 1, 1)
+        x = x + self.t2(torch.relu(self.t1(ctx)))
+        x = (x.flatten(2) @ self.mix).view(n, c, 3, 3)
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("from_onnx", [False, True])
+def test_maps_with_their_positions_weighed_prune_and_run_bit_exact(from_onnx, tmp_path):
+    """The channels of (N, C, L) maps pass through a product that weighs their positions, so
+    the maps' producer prunes (it kept all 16 channels before); what weighs them is kept."""
+    torch.manual_seed(0)
+    model, shape, x = GlobalContext().eval(), (1, 1, 12, 12), torch.randn(4, 1, 12, 12)
+    model = read_back(model, shape, x, tmp_path, exporters=(False,)) if from_onnx else \
+        saved_and_loaded(model, shape, x, tmp_path)[0]     # the constant matrix: a Linear
+    pruned, _ = pruned_equivalently(model, shape, x, ratios=0.5)
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [8, 1, 2, 8, 6], widths
+    qm = ptq.quantize_ptq(pruned, shape, torch.randn(64, *shape[1:]).numpy())
+    bit_exact(qm, x.numpy(), "cortex-m4", tmp_path / "q", like=pruned, tol=0.1)

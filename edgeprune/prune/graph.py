@@ -459,8 +459,10 @@ class DepGraph:
     def _matmul(self, node: fx.Node, shape) -> Layout:
         """A product of two activations. Attention's scores q @ k^T contract the channels of
         the queries with the keys': channel j of both is one unit; their weighted sum a @ v
-        contracts the key positions, and carries the values' channels. Any other product
-        keeps the channels of both operands; its result's last axis is a new, kept space."""
+        contracts the key positions, and carries the values' channels, as a product of
+        channels-first (N, C, L) maps with weights of their positions carries theirs. Any other
+        product keeps the channels of both operands; its result's last axis is a new, kept
+        space."""
         a, b = (self._layout_of(x) for x in node.args[:2])
         # the keys with their channels on the second-to-last axis: k^T of (N, h, L, d), or
         # a (N, L, C) transposed to (N, C, L) (which reads as channels first)
@@ -476,6 +478,13 @@ class DepGraph:
                 isinstance(b, Layout) and b.unflattened_last and len(shape) >= 3 and \
                 tuple(shape[:-1]) == tuple(self._shape(node.args[0])[:-1]):
             return b
+        if self._fine and isinstance(a, Layout) and not a.channels_last and a.repeat == 1 and \
+                len(shape) == 3 and len(self._shape(node.args[0])) == 3 and \
+                shape[1] == len(a.ids) and (b is CONST or isinstance(b, Layout)):
+            # each channel's positions weighed ((N, C, L) @ (N, L, K): GCNet's global context,
+            # a constant matrix): the channels pass, what weighs them is kept
+            self._freeze(b)
+            return a
         for lay in (a, b):
             if isinstance(lay, Transposed):
                 lay = lay.layout
