@@ -44,7 +44,8 @@ def write_glue(manifest: dict, out_dir: Path) -> None:
 def compiler_flags(target: Target) -> list[str]:
     tc = target.toolchain
     return [*tc["cflags"], *tc["opt"].split(), "-ffunction-sections", "-fdata-sections",
-            "-std=gnu11", "-Wall", "-Wno-unused-variable", "-Wno-unused-parameter", "-Wno-unused-but-set-variable"]
+            "-std=gnu11", "-Wall", "-Wno-unused-variable", "-Wno-unused-parameter",
+            "-Wno-unused-but-set-variable"]
 
 
 def memory_limits(target: Target, chip: bool = True) -> tuple[int, int]:
