@@ -32,7 +32,8 @@ class DeployConfig:
     model: str | None = None          # path (.pt/.onnx) or zoo name; None: DEFAULT_MODEL
     data: str = "fashion-mnist"
     input_shape: tuple[int, ...] | None = None
-    train_epochs: float = 1.0         # for zoo models (built untrained), cached per settings
+    train_epochs: float | None = None  # for zoo models (built untrained), cached per settings;
+    #                                    None: train.default_epochs
     criterion: str = "l1"
     ratio: float = 0.5
     per_layer: dict[str, float] | None = None
@@ -41,7 +42,7 @@ class DeployConfig:
     tap_strides: tuple[int, ...] = ()  # window patterns the budget search may give a conv
     round_to: int | None = None       # pruned widths' multiple; None: the target's
     budget: dict[str, float] = field(default_factory=dict)
-    finetune_epochs: float = 1.0
+    finetune_epochs: float | None = None  # None: train.default_epochs
     quant_method: str = "auto"        # ptq, qat, admm or auto (QAT when PTQ loses accuracy)
     mixed_precision: bool = False     # per-layer word lengths within the target's
     calib_samples: int = 512
@@ -107,20 +108,21 @@ def zoo_holdout(n_train: int) -> int:
     return min(5000, n_train // 10)
 
 
-def trained_zoo_model(name: str, data, input_shape, epochs: float, seed: int, log,
+def trained_zoo_model(name: str, data, input_shape, epochs: float | None, seed: int, log,
                       on_step=None):
-    """A zoo model trained on `data` except its holdout tail (`zoo_holdout`), cached by
-    (name, data, shape, epochs, seed, holdout)."""
+    """A zoo model trained on `data` except its holdout tail (`zoo_holdout`) for `epochs`
+    (None: train.default_epochs), cached by (name, data, shape, epochs, seed, holdout)."""
     import torch
 
     from . import models
     from .data import fit_data
-    from .train import train
+    from .train import default_epochs, train
 
     model, shape = models.build(name, input_shape or data.input_shape, data.num_classes, seed)
     data = fit_data(shape, data, name, train_to="train on")
     n_train = len(data.x_train)
     holdout = zoo_holdout(n_train)
+    epochs = default_epochs(n_train - holdout) if epochs is None else epochs
     key = f"{name}-{data.name}-{'x'.join(map(str, shape))}-e{epochs:g}-s{seed}-h{holdout}.pt"
     path = cache_dir() / key
     if path.exists():
@@ -188,6 +190,9 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             acc_float = evaluate(model, x_eval, y_eval)
             log(f"float model: {acc_float:.2f} % on {len(x_eval)} {data.name} test samples")
 
+        from .train import default_epochs
+        finetune_epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None \
+            else default_epochs(len(data.x_train))
         example = torch.from_numpy(data.x_train[:1].reshape(shape) if shape[0] == 1
                                    else data.x_train[:shape[0]])
         feedback_result = None
@@ -199,7 +204,7 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                 feedback_result = search(model, example, data, target, cfg.budget,
                                          criterion=cfg.criterion, seed=cfg.seed,
                                          work_dir=tmp / "feedback", log=log,
-                                         finetune_epochs=cfg.finetune_epochs,
+                                         finetune_epochs=finetune_epochs,
                                          eval_samples=cfg.eval_samples,
                                          calib_samples=cfg.calib_samples, port=cfg.port,
                                          tap_strides=cfg.tap_strides,
@@ -215,11 +220,11 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
                 spec = {"criterion": cfg.criterion, "layer_strides": cfg.layer_strides,
                         "ratios": cfg.per_layer if cfg.per_layer is not None else cfg.ratio,
                         "round_to": round_to}
-                if cfg.finetune_epochs > 0:
-                    log(f"pruning, then fine-tuning for {cfg.finetune_epochs:g} epoch(s)")
+                if finetune_epochs > 0:
+                    log(f"pruning, then fine-tuning for {finetune_epochs:g} epoch(s)")
                 try:   # as `prune` does: cut, BatchNorm statistics anew, fine-tune
                     pruned, record = methods.run("oneshot", model, example, data, spec,
-                                                 epochs=cfg.finetune_epochs, seed=cfg.seed,
+                                                 epochs=finetune_epochs, seed=cfg.seed,
                                                  progress=on_step)
                 except NothingToPrune as e:   # deployed as it is: quantized, compiled, run
                     log(f"not pruned: {e}")
@@ -299,7 +304,9 @@ def run_deploy(cfg: DeployConfig, log=print, progress=None) -> dict:
             "feedback": feedback_result.summary() if feedback_result is not None else None,
             "check": {"outputs_match": sim["outputs_match"], "mismatches": sim["mismatches"],
                       "samples": sim["samples"]},
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+            "config": {**{k: (str(v) if isinstance(v, Path) else v)
+                          for k, v in asdict(cfg).items()},
+                       "finetune_epochs": finetune_epochs},   # the default resolved
             "firmware": "firmware.elf",
             "wall_s": round(time.perf_counter() - t_start, 1),
         }

@@ -1,5 +1,6 @@
 """Training and evaluation loops shared by every stage that touches weights."""
 
+import math
 import time
 from collections.abc import Callable
 
@@ -9,6 +10,15 @@ import torch.nn as nn
 
 from . import task
 from .data import Dataset
+
+
+DEFAULT_SAMPLES = 20_000   # what training with no epochs given sees at least
+
+
+def default_epochs(n_samples: int) -> float:
+    """Epochs when none are given: one, or on a small dataset as many as it takes to see
+    DEFAULT_SAMPLES samples (one epoch of 400 ECG beats is 7 steps: nothing is learnt)."""
+    return float(max(1, math.ceil(DEFAULT_SAMPLES / max(n_samples, 1))))
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):

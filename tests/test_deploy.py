@@ -468,3 +468,32 @@ def test_user_onnx_model_with_batch_and_concat_on_npz_data(tmp_path):
     assert len(branches) == 2 and all(l["channels_after"] < 8 for l in branches), branches
     ops = json.loads((tmp_path / "out" / "qmodel" / "qmodel.json").read_text())["ops"]
     assert "concat" in {o["kind"] for o in ops}
+
+
+def test_a_zoo_model_on_a_small_dataset_trains_long_enough_by_default(tmp_path):
+    """No --train-epochs or --finetune on 300 training samples: one epoch would be 5 steps,
+    which learn nothing; the defaults see 20,000 samples (67 epochs) and the model learns."""
+    import numpy as np
+
+    from edgeprune.train import default_epochs
+
+    assert default_epochs(60000) == 1 and default_epochs(400) == 50
+    rng = np.random.default_rng(0)
+
+    def draw(n):   # tones of three speeds in noise
+        y = rng.integers(0, 3, n)
+        t = np.linspace(0, 1, 32)
+        x = np.sin(2 * np.pi * (2 + 3 * y[:, None]) * t + rng.uniform(0, 6, (n, 1)))
+        return (x + rng.normal(0, 0.3, (n, 32)))[:, None].astype(np.float32), y
+
+    (x, y), (xt, yt) = draw(300), draw(200)
+    np.savez(tmp_path / "tones.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    r = edgeprune("deploy", "--model", "cnn", "--data", tmp_path / "tones.npz", "--calib-samples",
+                  "64", "--eval-samples", "200", "--target-samples", "5", "--quant-method", "ptq",
+                  "--out", tmp_path / "out", "--json", cache=tmp_path / "cache", check=True)
+    report = json.loads(r.stdout)
+    assert report["config"]["finetune_epochs"] == 67
+    # one epoch each (the defaults before): 78 % float, 68 % int8
+    assert report["accuracy"]["float"] > 95 and report["accuracy"]["quantized"] > 90, \
+        report["accuracy"]
+    assert report["check"]["mismatches"] == 0

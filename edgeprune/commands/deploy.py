@@ -34,8 +34,11 @@ def register(sub) -> None:
                                           "taps, e.g. 2,3 (see edgeprune feedback --help)")
     p.add_argument("--round-to", type=int, help="pruned layers keep a multiple of this many "
                    "channels (default: the target's channel_multiple; 1: any width)")
-    p.add_argument("--train-epochs", type=float, default=1.0, help="training of zoo models (cached)")
-    p.add_argument("--finetune", type=float, default=1.0, help="fine-tuning epochs after pruning")
+    p.add_argument("--train-epochs", type=float, default=None,
+                   help="training of zoo models (cached; default: 1 epoch, more on a dataset "
+                        "of under 20,000 samples, to see that many)")
+    p.add_argument("--finetune", type=float, default=None,
+                   help="fine-tuning epochs after pruning (default: as --train-epochs')")
     p.add_argument("--quant-method", default="auto", choices=("auto", "ptq", "qat", "admm"),
                    help="auto: PTQ, then QAT fine-tuning if PTQ loses accuracy")
     p.add_argument("--mixed-precision", action="store_true",

@@ -37,7 +37,8 @@ def register(sub) -> None:
                    help="weight of distillation from the unpruned model in every fine-tune "
                         "(0: labels only)")
     p.add_argument("--train-samples", type=int, help="fine-tune on the first N training samples")
-    p.add_argument("--train-epochs", type=float, default=1.0, help="training of a zoo model")
+    p.add_argument("--train-epochs", type=float, default=None,
+                   help="training of a zoo model (default as deploy's)")
     p.add_argument("--workers", type=int, help="parallel candidate evaluations (default 2)")
     p.add_argument("--input-shape", help="static input shape where the model's is not stored")
     p.add_argument("--word-lengths", default=None,

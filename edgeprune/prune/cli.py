@@ -70,8 +70,9 @@ def register(sub) -> None:
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="test samples for the accuracies in pruning.json (with --data)")
     p.add_argument("--input-shape", help="static input shape where the model's is not stored")
-    p.add_argument("--train-epochs", type=float, default=1.0,
-                   help="a zoo model is first trained on --data for this long (cached)")
+    p.add_argument("--train-epochs", type=float, default=None,
+                   help="a zoo model is first trained on --data for this long (cached; "
+                        "default as deploy's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")

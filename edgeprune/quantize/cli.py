@@ -50,8 +50,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--train-samples", type=int, default=None,
                    help="limit QAT/ADMM training to the first N training samples")
-    p.add_argument("--train-epochs", type=float, default=1.0,
-                   help="training of zoo models before quantizing (cached)")
+    p.add_argument("--train-epochs", type=float, default=None,
+                   help="training of zoo models before quantizing (cached; default as deploy's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=run)

@@ -269,9 +269,9 @@ def quantize(model, shape: tuple[int, ...], data, target, cfg: QuantizeConfig,
 
 def quantize_to_folder(spec: str, out: Path, target_name: str = "cortex-m7",
                        data_name: str = "fashion-mnist", cfg: QuantizeConfig | None = None,
-                       input_shape: tuple[int, ...] | None = None, train_epochs: float = 1.0,
-                       force: bool = False, log: Callable[[str], None] = print,
-                       progress=None) -> dict:
+                       input_shape: tuple[int, ...] | None = None,
+                       train_epochs: float | None = None, force: bool = False,
+                       log: Callable[[str], None] = print, progress=None) -> dict:
     """Load `spec` (a .pt/.onnx path, a prune output folder or a zoo name, zoo models trained on
     `data_name` and cached), quantize it, write qmodel.json + weights.npz + quantize.json to `out` atomically."""
     from .. import data as datasets
