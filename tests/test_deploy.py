@@ -348,6 +348,17 @@ def test_autoencoder_on_regression_targets_deploys_bit_exact(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def tones(rng, n: int, classes: int, noise: float):
+    """n signals of 32 samples and their labels: a tone at a random phase, faster by class,
+    in Gaussian noise."""
+    import numpy as np
+
+    y = rng.integers(0, classes, n)
+    t = np.linspace(0, 1, 32)
+    x = np.sin(2 * np.pi * (2 + 3 * y[:, None]) * t + rng.uniform(0, 6, (n, 1)))
+    return (x + rng.normal(0, noise, (n, 32)))[:, None].astype(np.float32), y
+
+
 def test_binary_classifier_with_one_sigmoid_output_deploys_bit_exact(tmp_path):
     """A wake-word or anomaly detector's head: one sigmoid output against labels 0/1, trained
     and scored as a binary classifier (threshold 0.5, binary cross-entropy), bit-exact."""
@@ -356,14 +367,7 @@ def test_binary_classifier_with_one_sigmoid_output_deploys_bit_exact(tmp_path):
     import torch.nn as nn
 
     rng = np.random.default_rng(0)
-
-    def draw(n):   # a tone, faster for class 1, in noise
-        y = rng.integers(0, 2, n)
-        t = np.linspace(0, 1, 32)
-        x = np.sin(2 * np.pi * (2 + 3 * y[:, None]) * t + rng.uniform(0, 6, (n, 1)))
-        return (x + rng.normal(0, 0.5, (n, 32)))[:, None].astype(np.float32), y
-
-    (x, y), (xt, yt) = draw(1500), draw(200)
+    (x, y), (xt, yt) = tones(rng, 1500, 2, 0.5), tones(rng, 200, 2, 0.5)
     np.savez(tmp_path / "tone.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 5),
@@ -479,14 +483,7 @@ def test_a_zoo_model_on_a_small_dataset_trains_long_enough_by_default(tmp_path):
 
     assert default_epochs(60000) == 1 and default_epochs(400) == 50
     rng = np.random.default_rng(0)
-
-    def draw(n):   # tones of three speeds in noise
-        y = rng.integers(0, 3, n)
-        t = np.linspace(0, 1, 32)
-        x = np.sin(2 * np.pi * (2 + 3 * y[:, None]) * t + rng.uniform(0, 6, (n, 1)))
-        return (x + rng.normal(0, 0.3, (n, 32)))[:, None].astype(np.float32), y
-
-    (x, y), (xt, yt) = draw(300), draw(200)
+    (x, y), (xt, yt) = tones(rng, 300, 3, 0.3), tones(rng, 200, 3, 0.3)
     np.savez(tmp_path / "tones.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
     r = edgeprune("deploy", "--model", "cnn", "--data", tmp_path / "tones.npz", "--calib-samples",
                   "64", "--eval-samples", "200", "--target-samples", "5", "--quant-method", "ptq",
